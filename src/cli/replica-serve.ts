@@ -1,0 +1,98 @@
+/**
+ * `zebu replica serve`: one replica process. Creates the replica when DIR is empty, opens it
+ * otherwise, serves it, prints one JSON line with "ready":true once listening, and on SIGTERM
+ * drains, flushes, marks the replica clean and exits 0.
+ */
+import fs from 'node:fs';
+import pino from 'pino';
+import { ZebuError, ErrorCode } from '../errors.ts';
+import { Replica } from '../replica/replica.ts';
+import { ReplicaServer } from '../replica/server.ts';
+import { NodeDisk, type Disk } from '../replica/disk.ts';
+import { FaultyDisk } from '../replica/faulty-disk.ts';
+import { readSecretFile } from '../protocol/auth.ts';
+import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
+
+export interface ReplicaServeArgs {
+  dir: string;
+  size: string;
+  listen: string;
+  secretFile: string;
+  backing?: string;
+  maxLayers?: string;
+  faultInjection?: boolean;
+}
+
+export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
+  const log = pino({ name: 'zebu-replica', base: { pid: process.pid, dir: args.dir } }, pino.destination(2));
+  const sizeBytes = parseBytes(args.size);
+  const { host, port } = parseHostPort(args.listen);
+  const secret = readSecretFile(args.secretFile);
+  const faultDisk = args.faultInjection ? new FaultyDisk(new NodeDisk()) : undefined;
+  const disk: Disk = faultDisk ?? new NodeDisk();
+
+  const isEmpty = !fs.existsSync(args.dir) || fs.readdirSync(args.dir).filter((f) => !f.startsWith('.')).length === 0;
+  let replica: Replica;
+  if (isEmpty) {
+    replica = await Replica.create(args.dir, {
+      sizeBytes,
+      disk,
+      backingFile: args.backing,
+      maxLayers: args.maxLayers !== undefined ? parsePositiveInt(args.maxLayers, '--max-layers') : undefined,
+    });
+    log.info({ sizeBytes }, 'replica created');
+  } else {
+    replica = await Replica.open(args.dir, { disk });
+    if (replica.sizeBytes !== sizeBytes) {
+      await replica.close();
+      throw new ZebuError(ErrorCode.EINVAL, `replica in ${args.dir} has size ${replica.sizeBytes} bytes, but --size says ${sizeBytes}`);
+    }
+    log.info({ info: replica.info() }, 'replica opened');
+  }
+
+  const server = new ReplicaServer(replica, {
+    secret,
+    faultDisk,
+    log: (event) => log.warn(event, String(event.event)),
+  });
+  let address;
+  try {
+    address = await server.listen(host, port);
+  } catch (err) {
+    await replica.close();
+    throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.listen}: ${(err as Error).message}`);
+  }
+  const info = replica.info();
+  process.stdout.write(
+    JSON.stringify({
+      ready: true,
+      listen: `${address.address}:${address.port}`,
+      port: address.port,
+      dir: args.dir,
+      sizeBytes: info.sizeBytes,
+      epoch: info.epoch,
+      cleanShutdown: info.cleanShutdown,
+      pid: process.pid,
+    }) + '\n',
+  );
+
+  let stopping = false;
+  const stop = async (signal: string): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'stopping');
+    try {
+      await server.close();
+      await replica.close();
+      log.info('stopped cleanly');
+      log.flush();
+      process.exit(0);
+    } catch (err) {
+      log.error({ err }, 'clean stop failed');
+      log.flush();
+      process.exit(1);
+    }
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+}

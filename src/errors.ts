@@ -1,0 +1,79 @@
+/**
+ * The one catalogue of Zebu errors. Every error that crosses a process boundary has a stable
+ * string code and a stable wire number; numbers are never reused for a different meaning.
+ */
+
+export const ErrorCode = {
+  EIO: 'ZEBU_ERR_EIO',
+  ENOSPC: 'ZEBU_ERR_ENOSPC',
+  EINVAL: 'ZEBU_ERR_EINVAL',
+  NOT_FOUND: 'ZEBU_ERR_NOT_FOUND',
+  FENCED: 'ZEBU_ERR_FENCED',
+  LEASE_REVOKED: 'ZEBU_ERR_LEASE_REVOKED',
+  EXISTS: 'ZEBU_ERR_EXISTS',
+  BUSY: 'ZEBU_ERR_BUSY',
+  UNSUPPORTED: 'ZEBU_ERR_UNSUPPORTED',
+  PROTOCOL: 'ZEBU_ERR_PROTOCOL',
+  AUTH: 'ZEBU_ERR_AUTH',
+  TIMEOUT: 'ZEBU_ERR_TIMEOUT',
+  DISCONNECTED: 'ZEBU_ERR_DISCONNECTED',
+  CLOSED: 'ZEBU_ERR_CLOSED',
+} as const;
+export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
+
+/** Wire numbers of the data protocol. 0 is success. Never renumber. */
+const wireByCode: Record<ErrorCode, number> = {
+  ZEBU_ERR_EIO: 1,
+  ZEBU_ERR_ENOSPC: 2,
+  ZEBU_ERR_EINVAL: 3,
+  ZEBU_ERR_NOT_FOUND: 4,
+  ZEBU_ERR_FENCED: 5,
+  ZEBU_ERR_LEASE_REVOKED: 6,
+  ZEBU_ERR_EXISTS: 7,
+  ZEBU_ERR_BUSY: 8,
+  ZEBU_ERR_UNSUPPORTED: 9,
+  ZEBU_ERR_PROTOCOL: 10,
+  ZEBU_ERR_AUTH: 11,
+  ZEBU_ERR_TIMEOUT: 12,
+  ZEBU_ERR_DISCONNECTED: 13,
+  ZEBU_ERR_CLOSED: 14,
+};
+const codeByWire = new Map<number, ErrorCode>(
+  Object.entries(wireByCode).map(([code, wire]) => [wire, code as ErrorCode]),
+);
+
+export class ZebuError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ZebuError';
+    this.code = code;
+  }
+}
+
+export function errorToWire(code: ErrorCode): number {
+  return wireByCode[code];
+}
+
+export function errorFromWire(wire: number): ErrorCode {
+  return codeByWire.get(wire) ?? ErrorCode.EIO;
+}
+
+/** Map any thrown value (a Node system error included) onto a ZebuError. */
+export function toZebuError(err: unknown): ZebuError {
+  if (err instanceof ZebuError) return err;
+  const errno = (err as { code?: unknown } | null)?.code;
+  const message = err instanceof Error ? err.message : String(err);
+  if (errno === 'ENOSPC' || errno === 'EDQUOT') return new ZebuError(ErrorCode.ENOSPC, message, { cause: err });
+  if (errno === 'ENOENT') return new ZebuError(ErrorCode.NOT_FOUND, message, { cause: err });
+  return new ZebuError(ErrorCode.EIO, message, { cause: err });
+}
+
+export function invalid(message: string): ZebuError {
+  return new ZebuError(ErrorCode.EINVAL, message);
+}
+
+/** Invariant check for the data path: a failure is a bug, and it must be loud. */
+export function assert(condition: unknown, message: string): asserts condition {
+  if (!condition) throw new Error(`assertion failed: ${message}`);
+}

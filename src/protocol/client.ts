@@ -1,0 +1,271 @@
+/**
+ * Pipelined client of the replica data protocol: any number of requests in flight on one
+ * connection, matched by id, each failed with TIMEOUT when its deadline passes. The connection
+ * authenticates before the first request. Every request carries `epoch`.
+ */
+import net from 'node:net';
+import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
+import { FrameReader } from './frame-reader.ts';
+import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
+import {
+  Op,
+  OpName,
+  RequestFlag,
+  REQUEST_HEADER_BYTES,
+  RESPONSE_HEADER_BYTES,
+  RESPONSE_MAGIC,
+  MAX_IO_BYTES,
+  encodeRequestHeader,
+  decodeExtents,
+  type WireExtent,
+} from './frames.ts';
+import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
+import type { FaultRule } from '../replica/faulty-disk.ts';
+
+export interface ReplicaClientOptions {
+  host?: string;
+  port?: number;
+  /** UNIX socket path instead of host/port. */
+  path?: string;
+  secret: Buffer;
+  epoch?: number;
+  /** Per-request deadline. */
+  requestTimeoutMs?: number;
+  connectTimeoutMs?: number;
+}
+
+export type ResponseCallback = (err: ZebuError | null, payload: Buffer) => void;
+
+interface Pending {
+  callback: ResponseCallback;
+  deadlineMs: number;
+  op: number;
+}
+
+const EMPTY = Buffer.alloc(0);
+const MAX_RESPONSE_BYTES = MAX_IO_BYTES + 1024 * 1024;
+
+export class ReplicaClient {
+  /** Sent with every request; the replica fences lower ones. */
+  epoch: number;
+  readonly address: string;
+  private readonly socket: net.Socket;
+  private readonly reader = new FrameReader();
+  private readonly pending = new Map<number, Pending>();
+  private readonly requestTimeoutMs: number;
+  private readonly sweepTimer: NodeJS.Timeout;
+  private nextId = 1;
+  private closedError: ZebuError | null = null;
+  private responseHeader: { requestId: number; status: number; length: number } | null = null;
+  private closeListeners: ((err: ZebuError) => void)[] = [];
+
+  private constructor(socket: net.Socket, options: ReplicaClientOptions, address: string) {
+    this.socket = socket;
+    this.address = address;
+    this.epoch = options.epoch ?? 0;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 8000;
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: ${err.message}`)));
+    socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: connection closed`)));
+    const sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
+    this.sweepTimer = setInterval(() => this.sweep(), sweepMs);
+    this.sweepTimer.unref();
+  }
+
+  /** Connects and authenticates. */
+  static connect(options: ReplicaClientOptions): Promise<ReplicaClient> {
+    const address = options.path ?? `${options.host ?? '127.0.0.1'}:${options.port}`;
+    const connectTimeoutMs = options.connectTimeoutMs ?? 5000;
+    return new Promise((resolve, reject) => {
+      const socket =
+        options.path !== undefined
+          ? net.createConnection({ path: options.path })
+          : net.createConnection({ host: options.host ?? '127.0.0.1', port: options.port!, noDelay: true });
+      const reader = new FrameReader();
+      let expectedProof: Buffer | null = null;
+      let settled = false;
+      const fail = (err: ZebuError): void => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        socket.destroy();
+        reject(err);
+      };
+      const timer = setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `replica ${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
+      socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: ${err.message}`, { cause: err })));
+      socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: connection closed during handshake`)));
+      const onData = (chunk: Buffer): void => {
+        reader.push(chunk);
+        try {
+          if (expectedProof === null) {
+            const hello = reader.take(HELLO_BYTES);
+            if (hello === null) return;
+            const answer = answerHello(options.secret, hello);
+            expectedProof = answer.expectedServerProof;
+            socket.write(answer.auth);
+          }
+          const result = reader.take(RESULT_BYTES);
+          if (result === null) return;
+          checkResult(result, expectedProof);
+        } catch (err) {
+          return fail(err as ZebuError);
+        }
+        settled = true;
+        clearTimeout(timer);
+        socket.off('data', onData);
+        socket.removeAllListeners('error');
+        socket.removeAllListeners('close');
+        const client = new ReplicaClient(socket, options, address);
+        if (reader.available > 0) client.onData(reader.take(reader.available)!);
+        resolve(client);
+      };
+      socket.on('data', onData);
+    });
+  }
+
+  get inflight(): number {
+    return this.pending.size;
+  }
+
+  get closed(): boolean {
+    return this.closedError !== null;
+  }
+
+  /** Called once when the connection ends, with the reason. */
+  onClose(listener: (err: ZebuError) => void): void {
+    if (this.closedError !== null) listener(this.closedError);
+    else this.closeListeners.push(listener);
+  }
+
+  /** Sends one request; `callback` runs exactly once. The hot path: no promise. */
+  send(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: ResponseCallback): void {
+    if (this.closedError !== null) {
+      const err = this.closedError;
+      process.nextTick(() => callback(err, EMPTY));
+      return;
+    }
+    const requestId = this.nextId;
+    this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1;
+    assert(!this.pending.has(requestId), 'request id in use');
+    this.pending.set(requestId, { callback, deadlineMs: Date.now() + this.requestTimeoutMs, op });
+    const header = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
+    encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length });
+    if (payload.length === 0) {
+      this.socket.write(header);
+      return;
+    }
+    this.socket.cork();
+    this.socket.write(header);
+    this.socket.write(payload);
+    this.socket.uncork();
+  }
+
+  request(op: number, flags: number, offset: number, length: number, payload: Buffer = EMPTY): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      this.send(op, flags, offset, length, payload, (err, data) => (err ? reject(err) : resolve(data)));
+    });
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.request(Op.READ, 0, offset, length);
+  }
+  async write(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
+    await this.request(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, data.length, data);
+  }
+  async trim(offset: number, length: number): Promise<void> {
+    await this.request(Op.TRIM, 0, offset, length);
+  }
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    await this.request(Op.WRITE_ZEROES, 0, offset, length);
+  }
+  async flush(): Promise<void> {
+    await this.request(Op.FLUSH, 0, 0, 0);
+  }
+  async blockStatus(offset: number, length: number): Promise<WireExtent[]> {
+    return decodeExtents(await this.request(Op.BLOCK_STATUS, 0, offset, length));
+  }
+  async ping(): Promise<void> {
+    await this.request(Op.PING, 0, 0, 0);
+  }
+  async info(): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.INFO, 0, 0, 0)).toString('utf8'));
+  }
+  /** Opens the replica for this client's epoch (persisted by the replica; lower epochs are then fenced). */
+  async open(): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.OPEN, 0, 0, 0)).toString('utf8'));
+  }
+  async snapshotCreate(name: string): Promise<SnapshotInfo> {
+    return JSON.parse((await this.request(Op.SNAPSHOT_CREATE, 0, 0, 0, Buffer.from(name))).toString('utf8'));
+  }
+  async snapshotList(): Promise<SnapshotInfo[]> {
+    return JSON.parse((await this.request(Op.SNAPSHOT_LIST, 0, 0, 0)).toString('utf8'));
+  }
+  async snapshotDelete(name: string): Promise<void> {
+    await this.request(Op.SNAPSHOT_DELETE, 0, 0, 0, Buffer.from(name));
+  }
+  async snapshotRevert(name: string): Promise<void> {
+    await this.request(Op.SNAPSHOT_REVERT, 0, 0, 0, Buffer.from(name));
+  }
+  /** Tests only: the replica must run with fault injection enabled. */
+  async injectFaults(spec: { clear?: boolean; rules?: FaultRule[] }): Promise<void> {
+    await this.request(Op.FAULT_INJECT, 0, 0, 0, Buffer.from(JSON.stringify(spec)));
+  }
+
+  close(): void {
+    this.shutDown(new ZebuError(ErrorCode.CLOSED, `replica ${this.address}: client closed`));
+  }
+
+  private onData(chunk: Buffer): void {
+    this.reader.push(chunk);
+    for (;;) {
+      if (this.responseHeader === null) {
+        const raw = this.reader.take(RESPONSE_HEADER_BYTES);
+        if (raw === null) return;
+        const length = raw.readUInt32BE(12);
+        if (raw.readUInt32BE(0) !== RESPONSE_MAGIC || length > MAX_RESPONSE_BYTES) {
+          this.shutDown(new ZebuError(ErrorCode.PROTOCOL, `replica ${this.address}: malformed response`));
+          return;
+        }
+        this.responseHeader = { requestId: raw.readUInt32BE(4), status: raw.readUInt32BE(8), length };
+      }
+      const { requestId, status, length } = this.responseHeader;
+      const payload = this.reader.take(length);
+      if (payload === null) return;
+      this.responseHeader = null;
+      const entry = this.pending.get(requestId);
+      if (entry === undefined) {
+        // Already timed out, or a connection-level error (request id 0) before close.
+        if (status !== 0 && requestId === 0) {
+          this.shutDown(new ZebuError(errorFromWire(status), `replica ${this.address}: ${payload.toString('utf8')}`));
+          return;
+        }
+        continue;
+      }
+      this.pending.delete(requestId);
+      if (status === 0) entry.callback(null, payload);
+      else entry.callback(new ZebuError(errorFromWire(status), `replica ${this.address}: ${OpName[entry.op] ?? entry.op}: ${payload.toString('utf8')}`), EMPTY);
+    }
+  }
+
+  private sweep(): void {
+    const now = Date.now();
+    // Deadlines are added in increasing order, so the expired ones come first.
+    for (const [requestId, entry] of this.pending) {
+      if (entry.deadlineMs > now) break;
+      this.pending.delete(requestId);
+      entry.callback(new ZebuError(ErrorCode.TIMEOUT, `replica ${this.address}: ${OpName[entry.op] ?? entry.op} timed out after ${this.requestTimeoutMs} ms`), EMPTY);
+    }
+  }
+
+  private shutDown(err: ZebuError): void {
+    if (this.closedError !== null) return;
+    this.closedError = err;
+    clearInterval(this.sweepTimer);
+    this.socket.destroy();
+    const pending = [...this.pending.values()];
+    this.pending.clear();
+    for (const entry of pending) entry.callback(err, EMPTY);
+    for (const listener of this.closeListeners) listener(err);
+    this.closeListeners = [];
+  }
+}

@@ -1,0 +1,137 @@
+/**
+ * The engine <-> replica data protocol: binary frames over TCP, many requests in flight per
+ * connection, matched by request id. No JSON on the data path (JSON only in control payloads).
+ *
+ * Request header, 36 bytes, big-endian:
+ *   0 magic u32 "ZBRQ" | 4 op u8 | 5 flags u8 | 6 reserved u16 | 8 requestId u32
+ *  12 epoch u64 (hi, lo) | 20 offset u64 (hi, lo) | 28 length u32 | 32 payloadLength u32
+ * Response header, 16 bytes:
+ *   0 magic u32 "ZBRS" | 4 requestId u32 | 8 status u32 (0 ok, else a wire error) | 12 payloadLength u32
+ * An error response's payload is the UTF-8 message.
+ */
+
+export const REQUEST_MAGIC = 0x5a425251; // ZBRQ
+export const RESPONSE_MAGIC = 0x5a425253; // ZBRS
+export const REQUEST_HEADER_BYTES = 36;
+export const RESPONSE_HEADER_BYTES = 16;
+
+/** Largest READ/WRITE payload (the NBD frontend's maximum block size is 32 MiB). */
+export const MAX_IO_BYTES = 32 * 1024 * 1024;
+/** Largest payload of a control request (snapshot names, fault rules). */
+export const MAX_CONTROL_BYTES = 64 * 1024;
+/** Largest range a BLOCK_STATUS, TRIM or WRITE_ZEROES may cover in one request. */
+export const MAX_RANGE_BYTES = 0xffff_f000;
+
+export const Op = {
+  READ: 1,
+  WRITE: 2,
+  TRIM: 3,
+  WRITE_ZEROES: 4,
+  FLUSH: 5,
+  BLOCK_STATUS: 6,
+  INFO: 7,
+  OPEN: 8,
+  SNAPSHOT_CREATE: 9,
+  SNAPSHOT_LIST: 10,
+  SNAPSHOT_DELETE: 11,
+  SNAPSHOT_REVERT: 12,
+  PING: 13,
+  FAULT_INJECT: 14,
+} as const;
+export type Op = (typeof Op)[keyof typeof Op];
+
+export const OpName: Record<number, string> = Object.fromEntries(Object.entries(Op).map(([k, v]) => [v, k]));
+
+export const RequestFlag = {
+  /** Write: durable before the reply. */
+  FUA: 1,
+} as const;
+
+export interface RequestHeader {
+  op: number;
+  flags: number;
+  requestId: number;
+  epoch: number;
+  offset: number;
+  length: number;
+  payloadLength: number;
+}
+
+const TWO_32 = 2 ** 32;
+
+export function writeU64(buf: Buffer, value: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(value / TWO_32), at);
+  buf.writeUInt32BE(value >>> 0, at + 4);
+}
+
+export function readU64(buf: Buffer, at: number): number {
+  // Above 2^53 the value is not exact: callers range-check it, so it can only be rejected.
+  return buf.readUInt32BE(at) * TWO_32 + buf.readUInt32BE(at + 4);
+}
+
+export function encodeRequestHeader(buf: Buffer, h: RequestHeader): void {
+  buf.writeUInt32BE(REQUEST_MAGIC, 0);
+  buf[4] = h.op;
+  buf[5] = h.flags;
+  buf.writeUInt16BE(0, 6);
+  buf.writeUInt32BE(h.requestId, 8);
+  writeU64(buf, h.epoch, 12);
+  writeU64(buf, h.offset, 20);
+  buf.writeUInt32BE(h.length, 28);
+  buf.writeUInt32BE(h.payloadLength, 32);
+}
+
+export function decodeRequestHeader(buf: Buffer): RequestHeader {
+  return {
+    op: buf[4],
+    flags: buf[5],
+    requestId: buf.readUInt32BE(8),
+    epoch: readU64(buf, 12),
+    offset: readU64(buf, 20),
+    length: buf.readUInt32BE(28),
+    payloadLength: buf.readUInt32BE(32),
+  };
+}
+
+export function encodeResponseHeader(buf: Buffer, requestId: number, status: number, payloadLength: number): void {
+  buf.writeUInt32BE(RESPONSE_MAGIC, 0);
+  buf.writeUInt32BE(requestId, 4);
+  buf.writeUInt32BE(status, 8);
+  buf.writeUInt32BE(payloadLength, 12);
+}
+
+/** Largest payload a request of this op may carry. */
+export function maxPayloadFor(op: number): number {
+  return op === Op.WRITE ? MAX_IO_BYTES : MAX_CONTROL_BYTES;
+}
+
+export interface WireExtent {
+  offset: number;
+  length: number;
+  data: boolean;
+}
+
+const EXTENT_BYTES = 13;
+
+export function encodeExtents(extents: WireExtent[]): Buffer {
+  const buf = Buffer.allocUnsafe(4 + extents.length * EXTENT_BYTES);
+  buf.writeUInt32BE(extents.length, 0);
+  let at = 4;
+  for (const e of extents) {
+    writeU64(buf, e.offset, at);
+    buf.writeUInt32BE(e.length, at + 8);
+    buf[at + 12] = e.data ? 1 : 0;
+    at += EXTENT_BYTES;
+  }
+  return buf;
+}
+
+export function decodeExtents(buf: Buffer): WireExtent[] {
+  const count = buf.readUInt32BE(0);
+  if (buf.length !== 4 + count * EXTENT_BYTES) throw new Error(`extent list of ${count} entries has ${buf.length} bytes`);
+  const out: WireExtent[] = [];
+  for (let i = 0, at = 4; i < count; i++, at += EXTENT_BYTES) {
+    out.push({ offset: readU64(buf, at), length: buf.readUInt32BE(at + 8), data: buf[at + 12] === 1 });
+  }
+  return out;
+}

@@ -1,0 +1,147 @@
+/**
+ * The replica's only door to the file system. Everything the replica persists goes through a
+ * `Disk`, so tests can swap in one that fails (EIO, ENOSPC) or loses unflushed writes.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+
+export interface DiskFile {
+  readonly path: string;
+  /** Reads up to `length` bytes; returns how many were read (short only at end of file). */
+  read(buf: Buffer, bufOffset: number, length: number, position: number): Promise<number>;
+  /** Writes all `length` bytes or throws. */
+  write(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void>;
+  datasync(): Promise<void>;
+  truncate(sizeBytes: number): Promise<void>;
+  sizeBytes(): Promise<number>;
+  close(): Promise<void>;
+}
+
+export type OpenMode = 'read' | 'readwrite' | 'create';
+
+export interface Disk {
+  open(filePath: string, mode: OpenMode): Promise<DiskFile>;
+  readFile(filePath: string): Promise<Buffer>;
+  /** Durable replace: write a temporary file, fsync it, rename over, fsync the directory. */
+  writeFileAtomic(filePath: string, data: Buffer): Promise<void>;
+  unlink(filePath: string): Promise<void>;
+  exists(filePath: string): Promise<boolean>;
+  readdir(dirPath: string): Promise<string[]>;
+  mkdir(dirPath: string): Promise<void>;
+  syncDir(dirPath: string): Promise<void>;
+}
+
+class NodeDiskFile implements DiskFile {
+  readonly path: string;
+  private readonly fd: number;
+  constructor(filePath: string, fd: number) {
+    this.path = filePath;
+    this.fd = fd;
+  }
+
+  read(buf: Buffer, bufOffset: number, length: number, position: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      const fd = this.fd;
+      let done = 0;
+      const step = (): void => {
+        fs.read(fd, buf, bufOffset + done, length - done, position + done, (err, n) => {
+          if (err) return reject(err);
+          done += n;
+          if (n === 0 || done === length) return resolve(done);
+          step();
+        });
+      };
+      step();
+    });
+  }
+
+  write(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const fd = this.fd;
+      let done = 0;
+      const step = (): void => {
+        fs.write(fd, buf, bufOffset + done, length - done, position + done, (err, n) => {
+          if (err) return reject(err);
+          done += n;
+          if (done === length) return resolve();
+          step();
+        });
+      };
+      step();
+    });
+  }
+
+  datasync(): Promise<void> {
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  truncate(sizeBytes: number): Promise<void> {
+    return new Promise((resolve, reject) => fs.ftruncate(this.fd, sizeBytes, (err) => (err ? reject(err) : resolve())));
+  }
+
+  sizeBytes(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st.size))));
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+}
+
+/** The real disk. */
+export class NodeDisk implements Disk {
+  open(filePath: string, mode: OpenMode): Promise<DiskFile> {
+    const flags = mode === 'read' ? 'r' : mode === 'readwrite' ? 'r+' : 'wx+';
+    // Raw descriptors: the callback API costs less per call than FileHandle promises.
+    return new Promise((resolve, reject) =>
+      fs.open(filePath, flags, 0o600, (err, fd) => (err ? reject(err) : resolve(new NodeDiskFile(filePath, fd)))),
+    );
+  }
+
+  readFile(filePath: string): Promise<Buffer> {
+    return fs.promises.readFile(filePath);
+  }
+
+  async writeFileAtomic(filePath: string, data: Buffer): Promise<void> {
+    const tmp = `${filePath}.tmp`;
+    const handle = await fs.promises.open(tmp, 'w', 0o600);
+    try {
+      await handle.writeFile(data);
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+    await fs.promises.rename(tmp, filePath);
+    await this.syncDir(path.dirname(filePath));
+  }
+
+  unlink(filePath: string): Promise<void> {
+    return fs.promises.unlink(filePath);
+  }
+
+  async exists(filePath: string): Promise<boolean> {
+    try {
+      await fs.promises.access(filePath);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  readdir(dirPath: string): Promise<string[]> {
+    return fs.promises.readdir(dirPath);
+  }
+
+  async mkdir(dirPath: string): Promise<void> {
+    await fs.promises.mkdir(dirPath, { recursive: true });
+  }
+
+  async syncDir(dirPath: string): Promise<void> {
+    const handle = await fs.promises.open(dirPath, 'r');
+    try {
+      await handle.sync();
+    } finally {
+      await handle.close();
+    }
+  }
+}

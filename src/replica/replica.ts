@@ -1,0 +1,856 @@
+/**
+ * One replica of one volume: a directory holding a tree of layers (optional read-only base,
+ * immutable snapshots, one writable head). Reads resolve each 4 KiB block to the topmost layer
+ * of the head's chain that has it. See ../../../shared/DESIGN.md §2.
+ *
+ * Durability contract (what is persisted before what is acknowledged):
+ * - A write/trim/zero is acknowledged once its data is in the head's data file (page cache) and
+ *   its presence-map change is queued in memory. Nothing of it is durable yet.
+ * - FLUSH acknowledges after: every data file written before the flush arrived is fdatasync'd,
+ *   then the journal record carrying the matching map pages and counters is fdatasync'd (see
+ *   journal.ts). Map changes whose data was not yet synced never reach the journal.
+ * - Layer-tree changes (snapshot, delete, revert, epoch) are written to replica.json by
+ *   write-temp, fsync, rename, fsync-dir, after everything they depend on is durable.
+ * - After a crash: replica.json is old or new, never torn; the newest intact journal record gives
+ *   the counters and map pages; files replica.json does not name are garbage and removed.
+ */
+import path from 'node:path';
+import { ZebuError, ErrorCode, invalid, assert, toZebuError } from '../errors.ts';
+import { BlockMap, BlockState, BLOCK_SIZE, BLOCK_SHIFT, MAP_PAGE_BYTES } from './block-map.ts';
+import type { Disk, DiskFile } from './disk.ts';
+import { NodeDisk } from './disk.ts';
+import { JOURNAL_SLOTS, encodeRecord, decodeRecord, type JournalPage } from './journal.ts';
+import {
+  META_FILE,
+  META_FORMAT,
+  DEFAULT_MAX_LAYERS,
+  MAX_LAYERS_LIMIT,
+  encodeMeta,
+  decodeMeta,
+  layerIdFor,
+  validateSizeBytes,
+  validateSnapshotName,
+  type LayerMeta,
+  type ReplicaMeta,
+} from './meta.ts';
+import { RangeLock, type RangeLockEntry } from './range-lock.ts';
+
+export interface ReplicaCreateOptions {
+  sizeBytes: number;
+  maxLayers?: number;
+  /** A raw image file used as the read-only bottom layer. */
+  backingFile?: string;
+  disk?: Disk;
+}
+
+export interface ReplicaOpenOptions {
+  disk?: Disk;
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** false: reads as zeros (hole, trimmed or zeroed). */
+  data: boolean;
+}
+
+export interface SnapshotInfo {
+  name: string;
+  id: string;
+  parent: string | null;
+  createdAt: string;
+  /** Bytes of blocks this layer holds (data or zero markers). */
+  sizeBytesUsed: number;
+  /** Whether the snapshot is an ancestor of the current head. */
+  inChain: boolean;
+}
+
+export interface ReplicaInfo {
+  sizeBytes: number;
+  blockSizeBytes: number;
+  epoch: number;
+  revision: number;
+  flushedRevision: number;
+  /** Whether the previous run ended with a clean close. */
+  cleanShutdown: boolean;
+  headId: string;
+  /** Layer ids from the head down to the bottom of its chain. */
+  chain: string[];
+  layerCount: number;
+  maxLayers: number;
+  hasBase: boolean;
+}
+
+interface Layer {
+  meta: LayerMeta;
+  file: DiskFile;
+  /** What reads see. */
+  live: BlockMap | null;
+  /** What the map file plus the latest journal record hold. */
+  durable: BlockMap | null;
+  mapFile: DiskFile | null;
+}
+
+interface PendingChange {
+  layer: Layer;
+  start: number;
+  count: number;
+  state: BlockState;
+}
+
+const WHOLE = Number.MAX_SAFE_INTEGER;
+const MERGE_CHUNK_BLOCKS = 256;
+const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+function dataPath(dir: string, id: string): string {
+  return path.join(dir, `${id}.data`);
+}
+function mapPath(dir: string, id: string): string {
+  return path.join(dir, `${id}.map`);
+}
+
+export class Replica {
+  readonly dir: string;
+  private readonly disk: Disk;
+  private meta: ReplicaMeta;
+  private readonly layers = new Map<string, Layer>();
+  private chain: Layer[] = [];
+  private head!: Layer;
+  private readonly blockCount: number;
+  private readonly lock = new RangeLock();
+
+  private revision = 0;
+  private flushedRevision = 0;
+  private journalSeq = 0;
+  private previousCleanShutdown = false;
+
+  private pending: PendingChange[] = [];
+  private dirtyData = new Set<Layer>();
+  private unsyncedMapFiles = new Set<DiskFile>();
+  private flushing: Promise<void> | null = null;
+  private flushAgain: Promise<void> | null = null;
+  private treeOp: Promise<unknown> = Promise.resolve();
+  private epochAdoption: Promise<void> | null = null;
+
+  /** Set when a flush failed: what the disk holds is unknown, so nothing more is acknowledged. */
+  private failure: ZebuError | null = null;
+  private closed = false;
+
+  private constructor(dir: string, disk: Disk, meta: ReplicaMeta) {
+    this.dir = dir;
+    this.disk = disk;
+    this.meta = meta;
+    this.blockCount = meta.sizeBytes / BLOCK_SIZE;
+  }
+
+  get sizeBytes(): number {
+    return this.meta.sizeBytes;
+  }
+  get epoch(): number {
+    return this.meta.epoch;
+  }
+
+  /** Creates a new replica in an empty (or missing) directory. */
+  static async create(dir: string, options: ReplicaCreateOptions): Promise<Replica> {
+    const disk = options.disk ?? new NodeDisk();
+    validateSizeBytes(options.sizeBytes);
+    const maxLayers = options.maxLayers ?? DEFAULT_MAX_LAYERS;
+    if (!Number.isInteger(maxLayers) || maxLayers < 2 || maxLayers > MAX_LAYERS_LIMIT) {
+      throw invalid(`maxLayers must be an integer from 2 to ${MAX_LAYERS_LIMIT}, got ${maxLayers}`);
+    }
+    await disk.mkdir(dir);
+    const existing = (await disk.readdir(dir)).filter((f) => !f.startsWith('.'));
+    if (existing.length > 0) throw new ZebuError(ErrorCode.EXISTS, `replica directory ${dir} is not empty`);
+
+    const now = new Date().toISOString();
+    const layers: LayerMeta[] = [];
+    let nextLayerId = 1;
+    let parent: string | null = null;
+    if (options.backingFile !== undefined) {
+      const basePath = path.resolve(options.backingFile);
+      const file = await disk.open(basePath, 'read').catch((err) => {
+        throw new ZebuError(ErrorCode.NOT_FOUND, `backing file ${basePath}: ${(err as Error).message}`);
+      });
+      const baseSizeBytes = await file.sizeBytes();
+      await file.close();
+      if (baseSizeBytes > options.sizeBytes) {
+        throw invalid(`backing file ${basePath} (${baseSizeBytes} bytes) is larger than the volume (${options.sizeBytes} bytes)`);
+      }
+      parent = layerIdFor(nextLayerId++);
+      layers.push({ id: parent, kind: 'base', parent: null, name: null, createdAt: now, basePath, baseSizeBytes });
+    }
+    const headId = layerIdFor(nextLayerId++);
+    layers.push({ id: headId, kind: 'head', parent, name: null, createdAt: now });
+    const meta: ReplicaMeta = { format: META_FORMAT, sizeBytes: options.sizeBytes, epoch: 0, maxLayers, nextLayerId, headId, layers };
+
+    await Replica.createLayerFiles(disk, dir, headId, options.sizeBytes);
+    // The first journal record must exist before replica.json: an existing replica.json means
+    // a complete replica.
+    await disk.writeFileAtomic(
+      path.join(dir, JOURNAL_SLOTS[1]),
+      encodeRecord({ seq: 1, revision: 0, flushedRevision: 0, clean: true, pages: [] }),
+    );
+    await disk.writeFileAtomic(path.join(dir, META_FILE), encodeMeta(meta));
+    return Replica.open(dir, { disk });
+  }
+
+  static async exists(dir: string, disk: Disk = new NodeDisk()): Promise<boolean> {
+    return disk.exists(path.join(dir, META_FILE));
+  }
+
+  private static async createLayerFiles(disk: Disk, dir: string, id: string, sizeBytes: number): Promise<void> {
+    for (const p of [dataPath(dir, id), mapPath(dir, id)]) {
+      if (await disk.exists(p)) await disk.unlink(p);
+    }
+    const data = await disk.open(dataPath(dir, id), 'create');
+    await data.truncate(sizeBytes);
+    await data.datasync();
+    await data.close();
+    const map = await disk.open(mapPath(dir, id), 'create');
+    await map.datasync();
+    await map.close();
+    await disk.syncDir(dir);
+  }
+
+  static async open(dir: string, options: ReplicaOpenOptions = {}): Promise<Replica> {
+    const disk = options.disk ?? new NodeDisk();
+    const metaPath = path.join(dir, META_FILE);
+    if (!(await disk.exists(metaPath))) throw new ZebuError(ErrorCode.NOT_FOUND, `no replica in ${dir} (${META_FILE} missing)`);
+    const meta = decodeMeta(await disk.readFile(metaPath), metaPath);
+    const replica = new Replica(dir, disk, meta);
+    try {
+      await replica.load();
+    } catch (err) {
+      await replica.closeFiles();
+      throw err;
+    }
+    return replica;
+  }
+
+  private async load(): Promise<void> {
+    for (const lm of this.meta.layers) {
+      const layer = await this.openLayer(lm);
+      this.layers.set(lm.id, layer);
+    }
+    this.rebuildChain();
+
+    // Newest intact journal record wins.
+    let best: ReturnType<typeof decodeRecord> = null;
+    for (const slot of JOURNAL_SLOTS) {
+      const p = path.join(this.dir, slot);
+      if (!(await this.disk.exists(p))) continue;
+      const record = decodeRecord(await this.disk.readFile(p));
+      if (record !== null && (best === null || record.seq > best.seq)) best = record;
+    }
+    if (best === null) throw new ZebuError(ErrorCode.EIO, `replica ${this.dir}: no intact journal record`);
+    const touched = new Set<Layer>();
+    for (const page of best.pages) {
+      const layer = this.layers.get(page.layerId);
+      if (layer === undefined || layer.durable === null || layer.live === null) continue; // layer since deleted
+      if (page.pageIndex >= layer.durable.pageCount) continue;
+      layer.durable.loadPage(page.pageIndex, page.bytes);
+      layer.live.loadPage(page.pageIndex, page.bytes);
+      assert(layer.mapFile !== null, 'map file open');
+      await layer.mapFile.write(Buffer.from(page.bytes), 0, MAP_PAGE_BYTES, page.pageIndex * MAP_PAGE_BYTES);
+      touched.add(layer);
+    }
+    for (const layer of touched) await layer.mapFile!.datasync();
+    this.journalSeq = best.seq;
+    this.revision = best.revision;
+    this.flushedRevision = best.flushedRevision;
+    this.previousCleanShutdown = best.clean;
+    // From here on the replica may hold unflushed state: record that it is not clean.
+    await this.writeJournal([], false);
+    await this.removeGarbage();
+  }
+
+  private async openLayer(lm: LayerMeta): Promise<Layer> {
+    if (lm.kind === 'base') {
+      assert(lm.basePath !== undefined, 'base path');
+      const file = await this.disk.open(lm.basePath, 'read');
+      const sizeBytes = await file.sizeBytes();
+      if (sizeBytes !== lm.baseSizeBytes) {
+        await file.close();
+        throw new ZebuError(ErrorCode.EIO, `backing file ${lm.basePath} changed size: ${sizeBytes} bytes, expected ${lm.baseSizeBytes}`);
+      }
+      return { meta: lm, file, live: null, durable: null, mapFile: null };
+    }
+    const file = await this.disk.open(dataPath(this.dir, lm.id), 'readwrite');
+    const mapFile = await this.disk.open(mapPath(this.dir, lm.id), 'readwrite');
+    const live = new BlockMap(this.blockCount);
+    const durable = new BlockMap(this.blockCount);
+    const mapBytes = await mapFile.sizeBytes();
+    const page = Buffer.alloc(MAP_PAGE_BYTES);
+    for (let pageIndex = 0; pageIndex * MAP_PAGE_BYTES < mapBytes && pageIndex < live.pageCount; pageIndex++) {
+      page.fill(0);
+      await mapFile.read(page, 0, MAP_PAGE_BYTES, pageIndex * MAP_PAGE_BYTES);
+      live.loadPage(pageIndex, page);
+      durable.loadPage(pageIndex, page);
+    }
+    return { meta: lm, file, live, durable, mapFile };
+  }
+
+  private async removeGarbage(): Promise<void> {
+    const keep = new Set<string>([META_FILE, ...JOURNAL_SLOTS]);
+    for (const lm of this.meta.layers) {
+      if (lm.kind === 'base') continue;
+      keep.add(`${lm.id}.data`);
+      keep.add(`${lm.id}.map`);
+    }
+    for (const name of await this.disk.readdir(this.dir)) {
+      if (keep.has(name) || name.startsWith('.')) continue;
+      if (/^L\d{8}\.(data|map)$/.test(name) || name.endsWith('.tmp')) await this.disk.unlink(path.join(this.dir, name));
+    }
+  }
+
+  private rebuildChain(): void {
+    const chain: Layer[] = [];
+    let id: string | null = this.meta.headId;
+    while (id !== null) {
+      const layer = this.layers.get(id);
+      assert(layer !== undefined, `layer ${id} in chain`);
+      chain.push(layer);
+      id = layer.meta.parent;
+      assert(chain.length <= this.meta.layers.length, 'layer chain has a cycle');
+    }
+    this.chain = chain;
+    this.head = chain[0];
+    assert(this.head.meta.kind === 'head', 'top of chain is the head');
+  }
+
+  // ---- checks -------------------------------------------------------------------------------
+
+  private checkUsable(): void {
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `replica ${this.dir} is closed`);
+    if (this.failure !== null) throw this.failure;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw invalid(`bad range offset=${offset} length=${length}`);
+    }
+    if (offset + length > this.meta.sizeBytes) {
+      throw invalid(`range ${offset}+${length} is beyond the end of the volume (${this.meta.sizeBytes} bytes)`);
+    }
+  }
+
+  /**
+   * Epoch fencing: lower epochs are rejected; a higher one is persisted before any request
+   * carrying it is served.
+   */
+  async checkEpoch(epoch: number): Promise<void> {
+    if (epoch === this.meta.epoch) return;
+    if (!Number.isSafeInteger(epoch) || epoch < 0) throw invalid(`bad epoch ${epoch}`);
+    if (epoch < this.meta.epoch) {
+      throw new ZebuError(ErrorCode.FENCED, `epoch ${epoch} is older than this replica's epoch ${this.meta.epoch}`);
+    }
+    while (this.epochAdoption !== null) await this.epochAdoption;
+    if (epoch <= this.meta.epoch) return this.checkEpoch(epoch);
+    this.epochAdoption = this.writeMeta({ ...this.meta, epoch }).finally(() => {
+      this.epochAdoption = null;
+    });
+    await this.epochAdoption;
+  }
+
+  private async writeMeta(next: ReplicaMeta): Promise<void> {
+    await this.disk.writeFileAtomic(path.join(this.dir, META_FILE), encodeMeta(next));
+    this.meta = next;
+  }
+
+  // ---- data path ------------------------------------------------------------------------------
+
+  /** Reads `length` bytes at `offset` into `out` at `outOffset`. */
+  async read(offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    assert(out.length >= outOffset + length, 'read buffer too small');
+    if (length === 0) return;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const entry = await this.lock.acquireAsync(first, end, true);
+    try {
+      await this.readResolved(offset, length, out, outOffset);
+    } catch (err) {
+      throw toZebuError(err);
+    } finally {
+      this.lock.release(entry);
+    }
+  }
+
+  /** Reads through the chain; the caller holds a lock covering the range. */
+  private async readResolved(offset: number, length: number, out: Buffer, outOffset: number): Promise<void> {
+    const endByte = offset + length;
+    let block = Math.floor(offset / BLOCK_SIZE);
+    const endBlock = Math.ceil(endByte / BLOCK_SIZE);
+    while (block < endBlock) {
+      const [layer, runBlocks] = this.resolveRun(block, endBlock - block);
+      const runStart = Math.max(offset, block * BLOCK_SIZE);
+      const runEnd = Math.min(endByte, (block + runBlocks) * BLOCK_SIZE);
+      const dest = outOffset + (runStart - offset);
+      const want = runEnd - runStart;
+      if (layer === null) {
+        out.fill(0, dest, dest + want);
+      } else {
+        const got = await layer.file.read(out, dest, want, runStart);
+        // Only a base image shorter than the volume reads short; beyond its end is zeros.
+        if (got < want) {
+          assert(layer.meta.kind === 'base', `short read from layer ${layer.meta.id}`);
+          out.fill(0, dest + got, dest + want);
+        }
+      }
+      block += runBlocks;
+    }
+  }
+
+  /** The layer that supplies `block` (null: zeros) and how many following blocks it also supplies. */
+  private resolveRun(block: number, limit: number): [Layer | null, number] {
+    const source = this.resolveBlock(block);
+    if (this.chain.length === 1) {
+      return [source, this.head.live!.runLength(block, limit)];
+    }
+    let n = 1;
+    while (n < limit && this.resolveBlock(block + n) === source) n++;
+    return [source, n];
+  }
+
+  private resolveBlock(block: number): Layer | null {
+    for (const layer of this.chain) {
+      if (layer.live === null) {
+        // Base image: present wherever the file has bytes.
+        return block * BLOCK_SIZE < layer.meta.baseSizeBytes! ? layer : null;
+      }
+      const state = layer.live.get(block);
+      if (state === BlockState.DATA) return layer;
+      if (state === BlockState.ZERO) return null;
+    }
+    return null;
+  }
+
+  /** Writes `length` bytes of `data` from `dataOffset` at volume `offset`. */
+  async write(offset: number, data: Buffer, dataOffset = 0, length = data.length - dataOffset): Promise<void> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    assert(data.length >= dataOffset + length, 'write buffer too small');
+    if (length === 0) return;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const entry = await this.lock.acquireAsync(first, end, false);
+    try {
+      this.checkUsable();
+      await this.writeLocked(offset, data, dataOffset, length);
+      this.revision++;
+    } catch (err) {
+      throw toZebuError(err);
+    } finally {
+      this.lock.release(entry);
+    }
+  }
+
+  private async writeLocked(offset: number, data: Buffer, dataOffset: number, length: number): Promise<void> {
+    const head = this.head;
+    const live = head.live!;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const headPartial = offset % BLOCK_SIZE !== 0 && live.get(first) !== BlockState.DATA;
+    const tailPartial = (offset + length) % BLOCK_SIZE !== 0 && live.get(end - 1) !== BlockState.DATA;
+    if (headPartial || tailPartial) {
+      // A block the head does not hold yet is written whole: read it through the chain, merge.
+      const spanStart = first * BLOCK_SIZE;
+      const span = Buffer.allocUnsafe((end - first) * BLOCK_SIZE);
+      if (headPartial) await this.readResolved(spanStart, BLOCK_SIZE, span, 0);
+      if (tailPartial && (end - 1 !== first || !headPartial)) {
+        await this.readResolved((end - 1) * BLOCK_SIZE, BLOCK_SIZE, span, span.length - BLOCK_SIZE);
+      }
+      data.copy(span, offset - spanStart, dataOffset, dataOffset + length);
+      // Only the blocks that needed merging are written whole; the rest is the caller's bytes.
+      const writeStart = headPartial ? spanStart : offset;
+      const writeEnd = tailPartial ? end * BLOCK_SIZE : offset + length;
+      await head.file.write(span, writeStart - spanStart, writeEnd - writeStart, writeStart);
+    } else {
+      await head.file.write(data, dataOffset, length, offset);
+    }
+    this.markRange(head, first, end - first, BlockState.DATA);
+  }
+
+  private markRange(layer: Layer, start: number, count: number, state: BlockState): void {
+    layer.live!.setRange(start, count, state);
+    this.pending.push({ layer, start, count, state });
+    this.dirtyData.add(layer);
+  }
+
+  /** TRIM and WRITE_ZEROES: the range reads back as zeros, whatever older layers hold. */
+  async zero(offset: number, length: number): Promise<void> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const entry = await this.lock.acquireAsync(first, end, false);
+    try {
+      this.checkUsable();
+      const fullFirst = Math.ceil(offset / BLOCK_SIZE);
+      const fullEnd = Math.floor((offset + length) / BLOCK_SIZE);
+      // Partial blocks at the edges are ordinary writes of zeros.
+      if (fullFirst > fullEnd) {
+        await this.writeZeroBytes(offset, length);
+      } else {
+        if (offset < fullFirst * BLOCK_SIZE) await this.writeZeroBytes(offset, fullFirst * BLOCK_SIZE - offset);
+        if (fullEnd * BLOCK_SIZE < offset + length) await this.writeZeroBytes(fullEnd * BLOCK_SIZE, offset + length - fullEnd * BLOCK_SIZE);
+        if (fullEnd > fullFirst) {
+          // With nothing below the head, "absent" already reads as zeros and costs no map pages.
+          const state = this.chain.length === 1 ? BlockState.ABSENT : BlockState.ZERO;
+          this.markRange(this.head, fullFirst, fullEnd - fullFirst, state);
+        }
+      }
+      this.revision++;
+    } catch (err) {
+      throw toZebuError(err);
+    } finally {
+      this.lock.release(entry);
+    }
+  }
+
+  private writeZeroBytes(offset: number, length: number): Promise<void> {
+    assert(length < BLOCK_SIZE, 'partial zero fits in a block');
+    return this.writeLocked(offset, ZERO_BLOCK, 0, length);
+  }
+
+  /** Extents of data and of zeros (holes, trimmed, zeroed) in the range, in order, merged. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    const extents: Extent[] = [];
+    if (length === 0) return extents;
+    const endByte = offset + length;
+    let block = Math.floor(offset / BLOCK_SIZE);
+    const endBlock = Math.ceil(endByte / BLOCK_SIZE);
+    while (block < endBlock) {
+      const [layer, runBlocks] = this.resolveRun(block, endBlock - block);
+      const start = Math.max(offset, block * BLOCK_SIZE);
+      const stop = Math.min(endByte, (block + runBlocks) * BLOCK_SIZE);
+      const isData = layer !== null;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.data === isData) last.length += stop - start;
+      else extents.push({ offset: start, length: stop - start, data: isData });
+      block += runBlocks;
+    }
+    return extents;
+  }
+
+  // ---- flush --------------------------------------------------------------------------------
+
+  /** Makes every write completed before this call durable. Concurrent calls share work. */
+  flush(): Promise<void> {
+    try {
+      this.checkUsable();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (this.flushing === null) {
+      this.flushing = this.flushOnce().finally(() => {
+        this.flushing = null;
+      });
+      return this.flushing;
+    }
+    // A flush is running, but it may have captured its work before our writes completed:
+    // queue one more that starts after it, shared by everyone who arrives meanwhile.
+    if (this.flushAgain === null) {
+      const running = this.flushing;
+      this.flushAgain = running
+        .catch(() => {})
+        .then(() => {
+          this.flushAgain = null;
+          return this.flush();
+        });
+    }
+    return this.flushAgain;
+  }
+
+  private async flushOnce(): Promise<void> {
+    if (this.pending.length === 0 && this.dirtyData.size === 0 && this.revision === this.flushedRevision) return;
+    const pending = this.pending;
+    const dirty = this.dirtyData;
+    const revision = this.revision;
+    this.pending = [];
+    this.dirtyData = new Set();
+    try {
+      for (const layer of dirty) await layer.file.datasync();
+      const pages = new Map<Layer, Set<number>>();
+      for (const change of pending) {
+        let set = pages.get(change.layer);
+        if (set === undefined) pages.set(change.layer, (set = new Set()));
+        const s = set;
+        change.layer.durable?.setRange(change.start, change.count, change.state, (pageIndex) => s.add(pageIndex));
+      }
+      const journalPages: JournalPage[] = [];
+      for (const [layer, indexes] of pages) {
+        if (!this.layers.has(layer.meta.id)) continue; // deleted meanwhile (revert)
+        for (const pageIndex of indexes) {
+          const bytes = layer.durable!.page(pageIndex) ?? new Uint8Array(MAP_PAGE_BYTES);
+          journalPages.push({ layerId: layer.meta.id, pageIndex, bytes: Uint8Array.from(bytes) });
+        }
+      }
+      await this.writeJournal(journalPages, false, revision);
+      for (const page of journalPages) {
+        const layer = this.layers.get(page.layerId)!;
+        await layer.mapFile!.write(Buffer.from(page.bytes.buffer, page.bytes.byteOffset, MAP_PAGE_BYTES), 0, MAP_PAGE_BYTES, page.pageIndex * MAP_PAGE_BYTES);
+        this.unsyncedMapFiles.add(layer.mapFile!);
+      }
+    } catch (err) {
+      this.failure = new ZebuError(toZebuError(err).code === ErrorCode.ENOSPC ? ErrorCode.ENOSPC : ErrorCode.EIO,
+        `replica ${this.dir}: flush failed, replica refuses further I/O until reopened: ${(err as Error).message}`, { cause: err });
+      throw this.failure;
+    }
+  }
+
+  /** Commits a journal record (see journal.ts for the order of steps). */
+  private async writeJournal(pages: JournalPage[], clean: boolean, flushedRevision = this.flushedRevision): Promise<void> {
+    for (const file of this.unsyncedMapFiles) await file.datasync();
+    this.unsyncedMapFiles.clear();
+    const seq = this.journalSeq + 1;
+    const record = encodeRecord({ seq, revision: flushedRevision, flushedRevision, clean, pages });
+    const slotPath = path.join(this.dir, JOURNAL_SLOTS[seq % 2]);
+    const slot = await this.disk.open(slotPath, (await this.disk.exists(slotPath)) ? 'readwrite' : 'create');
+    try {
+      await slot.write(record, 0, record.length, 0);
+      await slot.datasync();
+    } finally {
+      await slot.close();
+    }
+    this.journalSeq = seq;
+    this.flushedRevision = flushedRevision;
+  }
+
+  // ---- layer tree ---------------------------------------------------------------------------
+
+  /** Runs tree-changing operations one at a time. */
+  private serialTreeOp<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.treeOp.catch(() => {}).then(fn);
+    this.treeOp = run;
+    return run;
+  }
+
+  private async withAllBlocks<T>(fn: () => Promise<T>): Promise<T> {
+    const entry: RangeLockEntry = await this.lock.acquireAsync(0, WHOLE, false);
+    try {
+      return await fn();
+    } finally {
+      this.lock.release(entry);
+    }
+  }
+
+  /** Flushes, freezes the head as snapshot `name` and starts a new empty head. */
+  snapshotCreate(name: string): Promise<SnapshotInfo> {
+    return this.serialTreeOp(async () => {
+      this.checkUsable();
+      validateSnapshotName(name);
+      if (this.meta.layers.some((l) => l.name === name)) throw new ZebuError(ErrorCode.EXISTS, `snapshot ${name} exists`);
+      if (this.meta.layers.length >= this.meta.maxLayers) {
+        throw new ZebuError(ErrorCode.ENOSPC, `replica has ${this.meta.layers.length} layers, the maximum is ${this.meta.maxLayers}; delete snapshots first`);
+      }
+      return this.withAllBlocks(async () => {
+        await this.flush();
+        const newId = layerIdFor(this.meta.nextLayerId);
+        await Replica.createLayerFiles(this.disk, this.dir, newId, this.meta.sizeBytes);
+        const createdAt = new Date().toISOString();
+        const oldHeadId = this.meta.headId;
+        const next: ReplicaMeta = {
+          ...this.meta,
+          nextLayerId: this.meta.nextLayerId + 1,
+          headId: newId,
+          layers: [
+            ...this.meta.layers.map((l) => (l.id === oldHeadId ? { ...l, kind: 'snapshot' as const, name, createdAt } : l)),
+            { id: newId, kind: 'head' as const, parent: oldHeadId, name: null, createdAt },
+          ],
+        };
+        const layer = await this.openLayer(next.layers[next.layers.length - 1]);
+        await this.writeMeta(next).catch(async (err) => {
+          await layer.file.close();
+          await layer.mapFile!.close();
+          throw err;
+        });
+        for (const lm of next.layers) {
+          const existing = this.layers.get(lm.id);
+          if (existing !== undefined) existing.meta = lm;
+        }
+        this.layers.set(newId, layer);
+        this.rebuildChain();
+        return this.snapshotInfo(this.layers.get(oldHeadId)!);
+      });
+    });
+  }
+
+  snapshotList(): SnapshotInfo[] {
+    this.checkUsable();
+    return [...this.layers.values()].filter((l) => l.meta.kind === 'snapshot').map((l) => this.snapshotInfo(l));
+  }
+
+  private snapshotInfo(layer: Layer): SnapshotInfo {
+    let blocks = 0;
+    layer.live?.forEachPresentRun((_s, count) => {
+      blocks += count;
+    });
+    return {
+      name: layer.meta.name!,
+      id: layer.meta.id,
+      parent: layer.meta.parent,
+      createdAt: layer.meta.createdAt,
+      sizeBytesUsed: blocks * BLOCK_SIZE,
+      inChain: this.chain.includes(layer),
+    };
+  }
+
+  private findSnapshot(name: string): Layer {
+    validateSnapshotName(name);
+    for (const layer of this.layers.values()) {
+      if (layer.meta.kind === 'snapshot' && layer.meta.name === name) return layer;
+    }
+    throw new ZebuError(ErrorCode.NOT_FOUND, `snapshot ${name} not found`);
+  }
+
+  /** Deletes a snapshot: its blocks that a child lacks are merged into that child first. */
+  snapshotDelete(name: string): Promise<void> {
+    return this.serialTreeOp(async () => {
+      this.checkUsable();
+      const victim = this.findSnapshot(name);
+      const children = [...this.layers.values()].filter((l) => l.meta.parent === victim.meta.id);
+      for (const child of children) await this.mergeInto(victim, child);
+      await this.flush();
+      await this.withAllBlocks(async () => {
+        const next: ReplicaMeta = {
+          ...this.meta,
+          layers: this.meta.layers
+            .filter((l) => l.id !== victim.meta.id)
+            .map((l) => (l.parent === victim.meta.id ? { ...l, parent: victim.meta.parent } : l)),
+        };
+        await this.writeMeta(next);
+        for (const lm of next.layers) this.layers.get(lm.id)!.meta = lm;
+        this.layers.delete(victim.meta.id);
+        this.rebuildChain();
+      });
+      await this.dropLayerFiles(victim);
+    });
+  }
+
+  private async mergeInto(from: Layer, child: Layer): Promise<void> {
+    const runs: [number, number, BlockState][] = [];
+    from.live!.forEachPresentRun((start, count, state) => runs.push([start, count, state]));
+    const buf = Buffer.allocUnsafe(MERGE_CHUNK_BLOCKS * BLOCK_SIZE);
+    for (const [runStart, runCount, state] of runs) {
+      for (let start = runStart; start < runStart + runCount; start += MERGE_CHUNK_BLOCKS) {
+        const count = Math.min(MERGE_CHUNK_BLOCKS, runStart + runCount - start);
+        // The head takes writes meanwhile: copy each chunk under the range lock so that a block the
+        // head has written is never overwritten with the older snapshot's bytes.
+        const entry = await this.lock.acquireAsync(start, start + count, false);
+        try {
+          let block = start;
+          while (block < start + count) {
+            const childLive = child.live!;
+            const n = childLive.runLength(block, start + count - block);
+            if (childLive.get(block) === BlockState.ABSENT) {
+              if (state === BlockState.DATA) {
+                const bytes = n * BLOCK_SIZE;
+                const got = await from.file.read(buf, 0, bytes, block * BLOCK_SIZE);
+                assert(got === bytes, `short read merging layer ${from.meta.id}`);
+                await child.file.write(buf, 0, bytes, block * BLOCK_SIZE);
+              }
+              this.markRange(child, block, n, state);
+            }
+            block += n;
+          }
+        } finally {
+          this.lock.release(entry);
+        }
+      }
+    }
+  }
+
+  private async dropLayerFiles(layer: Layer): Promise<void> {
+    this.pending = this.pending.filter((c) => c.layer !== layer);
+    this.dirtyData.delete(layer);
+    if (layer.mapFile !== null) this.unsyncedMapFiles.delete(layer.mapFile);
+    await layer.file.close().catch(() => {});
+    await layer.mapFile?.close().catch(() => {});
+    await this.disk.unlink(dataPath(this.dir, layer.meta.id)).catch(() => {});
+    await this.disk.unlink(mapPath(this.dir, layer.meta.id)).catch(() => {});
+  }
+
+  /** Discards the head and starts a new empty head on top of snapshot `name`. */
+  snapshotRevert(name: string): Promise<void> {
+    return this.serialTreeOp(async () => {
+      this.checkUsable();
+      const target = this.findSnapshot(name);
+      await this.withAllBlocks(async () => {
+        const oldHead = this.head;
+        const newId = layerIdFor(this.meta.nextLayerId);
+        await Replica.createLayerFiles(this.disk, this.dir, newId, this.meta.sizeBytes);
+        const next: ReplicaMeta = {
+          ...this.meta,
+          nextLayerId: this.meta.nextLayerId + 1,
+          headId: newId,
+          layers: [
+            ...this.meta.layers.filter((l) => l.id !== oldHead.meta.id),
+            { id: newId, kind: 'head' as const, parent: target.meta.id, name: null, createdAt: new Date().toISOString() },
+          ],
+        };
+        const layer = await this.openLayer(next.layers[next.layers.length - 1]);
+        await this.writeMeta(next);
+        this.layers.delete(oldHead.meta.id);
+        this.layers.set(newId, layer);
+        this.rebuildChain();
+        await this.dropLayerFiles(oldHead);
+        this.revision++;
+        await this.flush();
+      });
+    });
+  }
+
+  // ---- info and lifecycle -------------------------------------------------------------------
+
+  info(): ReplicaInfo {
+    return {
+      sizeBytes: this.meta.sizeBytes,
+      blockSizeBytes: BLOCK_SIZE,
+      epoch: this.meta.epoch,
+      revision: this.revision,
+      flushedRevision: this.flushedRevision,
+      cleanShutdown: this.previousCleanShutdown,
+      headId: this.meta.headId,
+      chain: this.chain.map((l) => l.meta.id),
+      layerCount: this.meta.layers.length,
+      maxLayers: this.meta.maxLayers,
+      hasBase: this.meta.layers.some((l) => l.kind === 'base'),
+    };
+  }
+
+  /** Flushes, marks the replica clean and closes its files. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.treeOp.catch(() => {});
+    if (this.failure === null) {
+      await this.withAllBlocks(async () => {
+        await this.flush();
+        await this.writeJournal([], true);
+        for (const file of this.unsyncedMapFiles) await file.datasync();
+        this.unsyncedMapFiles.clear();
+      });
+    }
+    this.closed = true;
+    await this.closeFiles();
+  }
+
+  /** Closes files without flushing: what a crash leaves behind, minus the page cache loss. */
+  async abandon(): Promise<void> {
+    this.closed = true;
+    await this.closeFiles();
+  }
+
+  private async closeFiles(): Promise<void> {
+    for (const layer of this.layers.values()) {
+      await layer.file.close().catch(() => {});
+      await layer.mapFile?.close().catch(() => {});
+    }
+  }
+}
+
+export { BLOCK_SIZE, BLOCK_SHIFT };
