@@ -1,0 +1,67 @@
+/** Starts `zebu replica serve` as a real child process for tests. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+export const ZEBU_MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
+
+export interface ReplicaProcess {
+  child: ChildProcess;
+  port: number;
+  ready: Record<string, unknown>;
+  stderr: () => string;
+  /** Resolves with the exit code (or signal name) once the process has exited. */
+  exited: Promise<number | string>;
+}
+
+export function writeSecret(dir: string, secret = 'zebu-test-secret-0123456789abcdef'): { file: string; secret: Buffer } {
+  const file = path.join(dir, 'secret');
+  fs.writeFileSync(file, secret + '\n', { mode: 0o600 });
+  return { file, secret: Buffer.from(secret) };
+}
+
+export async function startReplica(options: {
+  dir: string;
+  sizeBytes: number;
+  secretFile: string;
+  port?: number;
+  extraArgs?: string[];
+}): Promise<ReplicaProcess> {
+  const args = [
+    ZEBU_MAIN, 'replica', 'serve',
+    '--dir', options.dir,
+    '--size', String(options.sizeBytes),
+    '--listen', `127.0.0.1:${options.port ?? 0}`,
+    '--secret-file', options.secretFile,
+    ...(options.extraArgs ?? []),
+  ];
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => {
+    stderr += d.toString();
+    if (stderr.length > 200_000) stderr = stderr.slice(-100_000);
+  });
+  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    const lines = readline.createInterface({ input: child.stdout! });
+    const timer = setTimeout(() => reject(new Error(`replica did not become ready in 20 s: ${stderr}`)), 20_000);
+    lines.on('line', (line) => {
+      try {
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (msg.ready === true) {
+          clearTimeout(timer);
+          resolve(msg);
+        }
+      } catch {
+        // not a JSON line
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`replica exited (${code}) before ready: ${stderr}`));
+    });
+  });
+  return { child, port: ready.port as number, ready, stderr: () => stderr, exited };
+}
