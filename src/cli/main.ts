@@ -3,6 +3,10 @@
 import { Command } from 'commander';
 import { ZebuError } from '../errors.ts';
 import { replicaServe } from './replica-serve.ts';
+import { engineServe } from './engine-serve.ts';
+import { frontendServe } from './frontend-serve.ts';
+import { volumeServe } from './volume-serve.ts';
+import { controlRequest } from '../engine/control-server.ts';
 
 function fail(err: unknown): never {
   const message = err instanceof ZebuError ? `${err.message} (${err.code})` : err instanceof Error ? err.message : String(err);
@@ -25,5 +29,85 @@ replica
   .option('--max-layers <N>', 'maximum number of layers (new replicas only)', undefined)
   .option('--fault-injection', 'accept FAULT_INJECT requests (tests only)')
   .action((opts) => replicaServe(opts).catch(fail));
+
+const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+
+const engine = program.command('engine').description('a volume engine (data plane, no manager needed)');
+engine
+  .command('serve')
+  .description('run the engine of one volume over its replicas')
+  .requiredOption('--name <NAME>', 'volume name')
+  .requiredOption('--size <BYTES>', 'volume size')
+  .requiredOption('--replica <HOST:PORT>', 'a replica (repeat for each)', collect)
+  .requiredOption('--socket <PATH>', 'UNIX socket for the frontend')
+  .requiredOption('--control-socket <PATH>', 'UNIX socket of the control interface')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .requiredOption('--epoch <N>', 'this attachment\'s epoch (replicas fence lower ones)')
+  .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .action((opts) => engineServe(opts).catch(fail));
+
+const printJson = (value: unknown): void => {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+};
+engine
+  .command('replicas')
+  .description('replicas of a running volume and their modes')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const list = (await controlRequest(opts.control, 'GET', '/v1/replicas').catch(fail)) as { address: string; mode: string; reason: string | null }[];
+    if (opts.json) return printJson(list);
+    for (const r of list) process.stdout.write(`${r.address.padEnd(24)} ${r.mode.padEnd(4)} ${r.reason ?? ''}\n`);
+  });
+engine
+  .command('stats')
+  .description('I/O counters of a running volume')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => printJson(await controlRequest(opts.control, 'GET', '/v1/stats').catch(fail)));
+const engineSnapshot = engine.command('snapshot').description('snapshots of a running volume');
+engineSnapshot
+  .command('create <NAME>')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .action(async (name, opts) => printJson(await controlRequest(opts.control, 'POST', '/v1/snapshots', { name }).catch(fail)));
+engineSnapshot
+  .command('list')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const list = (await controlRequest(opts.control, 'GET', '/v1/snapshots').catch(fail)) as { name: string; createdAt: string; sizeBytesUsed: number }[];
+    if (opts.json) return printJson(list);
+    for (const s of list) process.stdout.write(`${s.name.padEnd(32)} ${s.createdAt} ${s.sizeBytesUsed}\n`);
+  });
+engineSnapshot
+  .command('delete <NAME>')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .action(async (name, opts) => printJson(await controlRequest(opts.control, 'DELETE', `/v1/snapshots/${encodeURIComponent(name)}`).catch(fail)));
+
+const frontend = program.command('frontend').description('an NBD frontend (data plane)');
+frontend
+  .command('serve')
+  .description('serve one volume over NBD, forwarding to its engine')
+  .requiredOption('--name <NAME>', 'volume (export) name')
+  .requiredOption('--engine-socket <PATH>', 'the engine\'s UNIX socket')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .option('--nbd <HOST:PORT>', 'NBD over TCP')
+  .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .action((opts) => frontendServe(opts).catch(fail));
+
+const volume = program.command('volume').description('volumes');
+volume
+  .command('serve')
+  .description('run one volume (engine + NBD frontend) over replicas that are already running')
+  .requiredOption('--name <NAME>', 'volume name (the NBD export name)')
+  .requiredOption('--size <BYTES>', 'volume size')
+  .requiredOption('--replica <HOST:PORT>', 'a replica (repeat for each)', collect)
+  .option('--nbd <HOST:PORT>', 'NBD over TCP')
+  .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .requiredOption('--epoch <N>', 'this attachment\'s epoch')
+  .option('--run-dir <DIR>', 'directory for the internal sockets')
+  .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .action((opts) => volumeServe(opts).catch(fail));
 
 program.parseAsync(process.argv).catch(fail);

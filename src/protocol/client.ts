@@ -169,6 +169,9 @@ export class ReplicaClient {
   read(offset: number, length: number): Promise<Buffer> {
     return this.request(Op.READ, 0, offset, length);
   }
+  readSnapshot(name: string, offset: number, length: number): Promise<Buffer> {
+    return this.request(Op.READ, 0, offset, length, Buffer.from(name));
+  }
   async write(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
     await this.request(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, data.length, data);
   }

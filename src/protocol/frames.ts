@@ -20,7 +20,7 @@ export const MAX_IO_BYTES = 32 * 1024 * 1024;
 /** Largest payload of a control request (snapshot names, fault rules). */
 export const MAX_CONTROL_BYTES = 64 * 1024;
 /** Largest range a BLOCK_STATUS, TRIM or WRITE_ZEROES may cover in one request. */
-export const MAX_RANGE_BYTES = 0xffff_f000;
+export const MAX_RANGE_BYTES = 0xffff_ffff;
 
 export const Op = {
   READ: 1,

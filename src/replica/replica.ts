@@ -378,12 +378,12 @@ export class Replica {
   }
 
   /** Reads through the chain; the caller holds a lock covering the range. */
-  private async readResolved(offset: number, length: number, out: Buffer, outOffset: number): Promise<void> {
+  private async readResolved(offset: number, length: number, out: Buffer, outOffset: number, chain = this.chain): Promise<void> {
     const endByte = offset + length;
     let block = Math.floor(offset / BLOCK_SIZE);
     const endBlock = Math.ceil(endByte / BLOCK_SIZE);
     while (block < endBlock) {
-      const [layer, runBlocks] = this.resolveRun(block, endBlock - block);
+      const [layer, runBlocks] = this.resolveRun(block, endBlock - block, chain);
       const runStart = Math.max(offset, block * BLOCK_SIZE);
       const runEnd = Math.min(endByte, (block + runBlocks) * BLOCK_SIZE);
       const dest = outOffset + (runStart - offset);
@@ -403,18 +403,18 @@ export class Replica {
   }
 
   /** The layer that supplies `block` (null: zeros) and how many following blocks it also supplies. */
-  private resolveRun(block: number, limit: number): [Layer | null, number] {
-    const source = this.resolveBlock(block);
-    if (this.chain.length === 1) {
-      return [source, this.head.live!.runLength(block, limit)];
+  private resolveRun(block: number, limit: number, chain: Layer[]): [Layer | null, number] {
+    const source = this.resolveBlock(block, chain);
+    if (chain.length === 1 && chain[0].live !== null) {
+      return [source, chain[0].live.runLength(block, limit)];
     }
     let n = 1;
-    while (n < limit && this.resolveBlock(block + n) === source) n++;
+    while (n < limit && this.resolveBlock(block + n, chain) === source) n++;
     return [source, n];
   }
 
-  private resolveBlock(block: number): Layer | null {
-    for (const layer of this.chain) {
+  private resolveBlock(block: number, chain: Layer[]): Layer | null {
+    for (const layer of chain) {
       if (layer.live === null) {
         // Base image: present wherever the file has bytes.
         return block * BLOCK_SIZE < layer.meta.baseSizeBytes! ? layer : null;
@@ -424,6 +424,27 @@ export class Replica {
       if (state === BlockState.ZERO) return null;
     }
     return null;
+  }
+
+  /** Reads the volume as it was when snapshot `name` was taken. */
+  async readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    assert(out.length >= outOffset + length, 'read buffer too small');
+    if (length === 0) return;
+    const entry = await this.lock.acquireAsync(Math.floor(offset / BLOCK_SIZE), Math.ceil((offset + length) / BLOCK_SIZE), true);
+    try {
+      const chain: Layer[] = [];
+      for (let layer: Layer | undefined = this.findSnapshot(name); layer !== undefined; ) {
+        chain.push(layer);
+        layer = layer.meta.parent === null ? undefined : this.layers.get(layer.meta.parent);
+      }
+      await this.readResolved(offset, length, out, outOffset, chain);
+    } catch (err) {
+      throw toZebuError(err);
+    } finally {
+      this.lock.release(entry);
+    }
   }
 
   /** Writes `length` bytes of `data` from `dataOffset` at volume `offset`. */
@@ -525,7 +546,7 @@ export class Replica {
     let block = Math.floor(offset / BLOCK_SIZE);
     const endBlock = Math.ceil(endByte / BLOCK_SIZE);
     while (block < endBlock) {
-      const [layer, runBlocks] = this.resolveRun(block, endBlock - block);
+      const [layer, runBlocks] = this.resolveRun(block, endBlock - block, this.chain);
       const start = Math.max(offset, block * BLOCK_SIZE);
       const stop = Math.min(endByte, (block + runBlocks) * BLOCK_SIZE);
       const isData = layer !== null;

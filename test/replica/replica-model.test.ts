@@ -134,6 +134,11 @@ async function runSequence(dir: string, ops: Op[], withBase: boolean): Promise<v
           break;
       }
       await checkAll(replica, view, step);
+      for (const [name, content] of snapshots) {
+        const got = Buffer.alloc(SIZE);
+        await replica.readSnapshot(name, 0, SIZE, got);
+        assert.ok(got.equals(content), `${step}: snapshot ${name} reads as it was taken`);
+      }
       assert.deepEqual(
         replica.snapshotList().map((s) => s.name).sort(),
         [...snapshots.keys()].sort(),

@@ -1,0 +1,160 @@
+/**
+ * `zebu volume serve`: starts and supervises one volume's engine and frontend processes.
+ * Prints one JSON line with "ready":true and the NBD URI; restarts a crashed child with capped
+ * backoff (the frontend holds and re-issues requests while the engine is away); on SIGTERM
+ * stops the frontend (draining its clients), then the engine (flushing the replicas).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import pino from 'pino';
+import { ZebuError, ErrorCode } from '../errors.ts';
+import { readSecretFile } from '../protocol/auth.ts';
+import { parseBytes, parsePositiveInt } from './units.ts';
+
+const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+const RESTART_BACKOFF_MS_MAX = 5000;
+
+export interface VolumeServeArgs {
+  name: string;
+  size: string;
+  replica: string[];
+  nbd?: string;
+  nbdSocket?: string;
+  secretFile: string;
+  epoch: string;
+  runDir?: string;
+  requestTimeoutMs?: string;
+}
+
+interface Child {
+  role: 'engine' | 'frontend';
+  args: string[];
+  proc: ChildProcess | null;
+  ready: Record<string, unknown> | null;
+  restarts: number;
+}
+
+const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+
+export async function volumeServe(args: VolumeServeArgs): Promise<void> {
+  const log = pino({ name: 'zebu-volume', base: { pid: process.pid, volume: args.name } }, pino.destination(2));
+  if (!VOLUME_NAME.test(args.name)) throw new ZebuError(ErrorCode.EINVAL, `volume name must be 1-63 of [a-z0-9._-] starting with a letter or digit, got ${JSON.stringify(args.name)}`);
+  parseBytes(args.size);
+  parsePositiveInt(args.epoch, '--epoch');
+  readSecretFile(args.secretFile);
+  if (args.replica.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'give at least one --replica HOST:PORT');
+  if (args.nbd === undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT and/or --nbd-socket PATH');
+
+  // UNIX socket paths are limited to 107 bytes: keep the run directory short.
+  const runDir = args.runDir ?? fs.mkdtempSync(path.join(os.tmpdir(), `zv-${args.name.slice(0, 16)}-`));
+  fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
+  const engineSocket = path.join(runDir, 'engine.sock');
+  const controlSocket = path.join(runDir, 'control.sock');
+
+  const engine: Child = {
+    role: 'engine',
+    args: [
+      'engine', 'serve', '--name', args.name, '--size', args.size, '--socket', engineSocket, '--control-socket', controlSocket,
+      '--secret-file', args.secretFile, '--epoch', args.epoch,
+      ...args.replica.flatMap((r) => ['--replica', r]),
+      ...(args.requestTimeoutMs !== undefined ? ['--request-timeout-ms', args.requestTimeoutMs] : []),
+    ],
+    proc: null, ready: null, restarts: 0,
+  };
+  const frontend: Child = {
+    role: 'frontend',
+    args: [
+      'frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile,
+      ...(args.nbd !== undefined ? ['--nbd', args.nbd] : []),
+      ...(args.nbdSocket !== undefined ? ['--nbd-socket', args.nbdSocket] : []),
+    ],
+    proc: null, ready: null, restarts: 0,
+  };
+  let stopping = false;
+
+  const start = (child: Child): Promise<Record<string, unknown>> =>
+    new Promise((resolve, reject) => {
+      const proc = spawn(process.execPath, [MAIN, ...child.args], { stdio: ['ignore', 'pipe', 'inherit'] });
+      child.proc = proc;
+      let settled = false;
+      readline.createInterface({ input: proc.stdout! }).on('line', (line) => {
+        try {
+          const msg = JSON.parse(line) as Record<string, unknown>;
+          if (msg.ready === true && !settled) {
+            settled = true;
+            child.ready = msg;
+            resolve(msg);
+          }
+        } catch {
+          // not a status line
+        }
+      });
+      proc.once('exit', (code, signal) => {
+        child.proc = null;
+        if (!settled) {
+          settled = true;
+          reject(new ZebuError(ErrorCode.EIO, `${child.role} exited (${code ?? signal}) before it was ready`));
+          return;
+        }
+        if (stopping) return;
+        child.restarts++;
+        const delayMs = Math.min(RESTART_BACKOFF_MS_MAX, 100 * 2 ** Math.min(child.restarts, 6));
+        log.warn({ role: child.role, code, signal, restarts: child.restarts, delayMs }, 'child exited; restarting');
+        setTimeout(() => {
+          if (stopping) return;
+          start(child).catch((err) => log.error({ role: child.role, err: (err as Error).message }, 'restart failed'));
+        }, delayMs);
+      });
+    });
+
+  const stopChild = async (child: Child): Promise<void> => {
+    const proc = child.proc;
+    if (proc === null) return;
+    const exited = new Promise((r) => proc.once('exit', r));
+    proc.kill('SIGTERM');
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 30_000);
+    await exited;
+    clearTimeout(timer);
+  };
+
+  const stop = async (signal: string): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'stopping');
+    await stopChild(frontend);
+    await stopChild(engine);
+    if (args.runDir === undefined) fs.rmSync(runDir, { recursive: true, force: true });
+    log.info('stopped');
+    log.flush();
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+
+  try {
+    const engineReady = await start(engine);
+    const frontendReady = await start(frontend);
+    process.stdout.write(
+      JSON.stringify({
+        ready: true,
+        name: args.name,
+        nbd: frontendReady.nbd,
+        nbdUnix: frontendReady.nbdUnix,
+        controlSocket,
+        replicas: engineReady.replicas,
+        enginePid: engine.proc?.pid,
+        frontendPid: frontend.proc?.pid,
+        pid: process.pid,
+      }) + '\n',
+    );
+  } catch (err) {
+    stopping = true;
+    await stopChild(frontend);
+    await stopChild(engine);
+    throw err;
+  }
+}

@@ -1,0 +1,360 @@
+/**
+ * Serves a block backend (a Replica, or an Engine for its frontend) over the data protocol
+ * (src/protocol/frames.ts). Each connection must
+ * authenticate first; then requests run concurrently (the replica orders overlapping ones) and
+ * replies go out as they finish. Bad input gets an error reply; input the framing cannot recover
+ * from (bad magic, oversized payload) gets an error reply and that one connection is closed.
+ */
+import fs from 'node:fs';
+import net from 'node:net';
+import { ZebuError, ErrorCode, errorToWire, toZebuError, invalid } from '../errors.ts';
+import { FrameReader } from './frame-reader.ts';
+import {
+  Op,
+  OpName,
+  RequestFlag,
+  REQUEST_MAGIC,
+  REQUEST_HEADER_BYTES,
+  RESPONSE_HEADER_BYTES,
+  MAX_IO_BYTES,
+  MAX_RANGE_BYTES,
+  decodeRequestHeader,
+  encodeResponseHeader,
+  encodeExtents,
+  maxPayloadFor,
+  type RequestHeader,
+} from './frames.ts';
+import { encodeHello, checkAuth, newNonce, AUTH_BYTES } from './auth.ts';
+import type { FaultyDisk, FaultRule } from '../replica/faulty-disk.ts';
+import type { BlockBackend } from './backend.ts';
+
+export interface DataServerOptions {
+  secret: Buffer;
+  /** When set, FAULT_INJECT requests add rules to this disk (tests only). */
+  faultDisk?: FaultyDisk;
+  handshakeTimeoutMs?: number;
+  maxInflightPerConnection?: number;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+export class DataServer {
+  private readonly backend: BlockBackend;
+  private readonly options: Required<Omit<DataServerOptions, 'faultDisk'>> & { faultDisk?: FaultyDisk };
+  private readonly server: net.Server;
+  private readonly connections = new Set<Connection>();
+  private inflight = 0;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(backend: BlockBackend, options: DataServerOptions) {
+    this.backend = backend;
+    this.options = {
+      handshakeTimeoutMs: 5000,
+      maxInflightPerConnection: 256,
+      log: () => {},
+      ...options,
+    };
+    this.server = net.createServer({ noDelay: true }, (socket) => {
+      const conn = new Connection(this, socket);
+      this.connections.add(conn);
+      socket.once('close', () => this.connections.delete(conn));
+    });
+    this.server.on('error', (err) => this.options.log({ event: 'server-error', error: err.message }));
+  }
+
+  listen(host: string, port: number): Promise<net.AddressInfo> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen({ host, port }, () => {
+        this.server.off('error', reject);
+        resolve(this.server.address() as net.AddressInfo);
+      });
+    });
+  }
+
+  /** Listens on a UNIX socket (an existing stale socket file is replaced). */
+  listenPath(socketPath: string): Promise<void> {
+    try {
+      fs.unlinkSync(socketPath);
+    } catch {
+      // none there
+    }
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen({ path: socketPath }, () => {
+        this.server.off('error', reject);
+        fs.chmodSync(socketPath, 0o600);
+        resolve();
+      });
+    });
+  }
+
+  /** Stops accepting, waits (bounded) for in-flight requests, closes connections. */
+  async close(drainTimeoutMs = 10_000): Promise<void> {
+    this.server.close();
+    if (this.inflight > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, drainTimeoutMs);
+        this.idleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    for (const conn of this.connections) conn.socket.destroy();
+  }
+
+  get backendRef(): BlockBackend {
+    return this.backend;
+  }
+  get opts(): DataServer['options'] {
+    return this.options;
+  }
+
+  requestStarted(): void {
+    this.inflight++;
+  }
+  requestFinished(): void {
+    this.inflight--;
+    if (this.inflight === 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+}
+
+class Connection {
+  readonly socket: net.Socket;
+  private readonly owner: DataServer;
+  private readonly reader = new FrameReader();
+  private readonly serverNonce = newNonce();
+  private authenticated = false;
+  private header: RequestHeader | null = null;
+  /** Bytes of an unwanted payload (unknown op) still to discard. */
+  private discard = 0;
+  private inflight = 0;
+  private paused = false;
+  private closing = false;
+  private readonly handshakeTimer: NodeJS.Timeout;
+
+  constructor(owner: DataServer, socket: net.Socket) {
+    this.owner = owner;
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      this.closing = true;
+      clearTimeout(this.handshakeTimer);
+    });
+    this.handshakeTimer = setTimeout(() => {
+      if (!this.authenticated) {
+        this.log({ event: 'handshake-timeout' });
+        socket.destroy();
+      }
+    }, owner.opts.handshakeTimeoutMs);
+    socket.write(encodeHello(this.serverNonce));
+  }
+
+  private log(event: Record<string, unknown>): void {
+    this.owner.opts.log({ ...event, peer: `${this.socket.remoteAddress}:${this.socket.remotePort}` });
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.closing) return;
+    this.reader.push(chunk);
+    if (!this.authenticated) {
+      const auth = this.reader.take(AUTH_BYTES);
+      if (auth === null) return;
+      const { ok, result } = checkAuth(this.owner.opts.secret, this.serverNonce, auth);
+      this.socket.write(result);
+      if (!ok) {
+        this.log({ event: 'auth-failed' });
+        this.closing = true;
+        this.socket.end();
+        return;
+      }
+      clearTimeout(this.handshakeTimer);
+      this.authenticated = true;
+    }
+    this.parse();
+  }
+
+  private parse(): void {
+    while (!this.closing && !this.paused) {
+      if (this.discard > 0) {
+        this.discard -= this.reader.skip(this.discard);
+        if (this.discard > 0) return;
+      }
+      if (this.header === null) {
+        const raw = this.reader.take(REQUEST_HEADER_BYTES);
+        if (raw === null) return;
+        if (raw.readUInt32BE(0) !== REQUEST_MAGIC) return this.fatal(0, 'bad request magic');
+        this.header = decodeRequestHeader(raw);
+        if (this.header.payloadLength > maxPayloadFor(this.header.op)) {
+          return this.fatal(this.header.requestId, `payload of ${this.header.payloadLength} bytes exceeds the limit for this op`);
+        }
+      }
+      const header = this.header;
+      const payload = this.reader.take(header.payloadLength);
+      if (payload === null) return;
+      this.header = null;
+      this.dispatch(header, payload);
+    }
+  }
+
+  /** The stream cannot be trusted any more: say why, then close this connection only. */
+  private fatal(requestId: number, message: string): void {
+    this.log({ event: 'protocol-error', message });
+    this.reply(requestId, new ZebuError(ErrorCode.PROTOCOL, message), EMPTY);
+    this.closing = true;
+    this.socket.end();
+  }
+
+  private dispatch(h: RequestHeader, payload: Buffer): void {
+    this.inflight++;
+    this.owner.requestStarted();
+    if (this.inflight >= this.owner.opts.maxInflightPerConnection && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    this.execute(h, payload).then(
+      (result) => this.finish(h, null, result),
+      (err) => this.finish(h, err, EMPTY),
+    );
+  }
+
+  private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply): void {
+    this.inflight--;
+    this.owner.requestFinished();
+    this.reply(h.requestId, err === null ? null : toZebuError(err), result);
+    if (this.paused && this.inflight < this.owner.opts.maxInflightPerConnection / 2) {
+      this.paused = false;
+      this.socket.resume();
+      this.parse();
+    }
+  }
+
+  private reply(requestId: number, err: ZebuError | null, result: Buffer | ReadReply): void {
+    if (this.socket.destroyed) return;
+    if (err !== null) {
+      const message = Buffer.from(err.message.slice(0, 4000));
+      const header = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES);
+      encodeResponseHeader(header, requestId, errorToWire(err.code), message.length);
+      this.socket.cork();
+      this.socket.write(header);
+      this.socket.write(message);
+      this.socket.uncork();
+      return;
+    }
+    if (result instanceof ReadReply) {
+      // READ: the data was read straight into the reply buffer, after room for the header.
+      encodeResponseHeader(result.full, requestId, 0, result.full.length - RESPONSE_HEADER_BYTES);
+      this.socket.write(result.full);
+      return;
+    }
+    const header = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES);
+    encodeResponseHeader(header, requestId, 0, result.length);
+    if (result.length === 0) {
+      this.socket.write(header);
+      return;
+    }
+    this.socket.cork();
+    this.socket.write(header);
+    this.socket.write(result);
+    this.socket.uncork();
+  }
+
+  private async execute(h: RequestHeader, payload: Buffer): Promise<Buffer | ReadReply> {
+    const replica = this.owner.backendRef;
+    switch (h.op) {
+      case Op.PING:
+        return EMPTY;
+      case Op.INFO:
+        return json(replica.info());
+      case Op.OPEN:
+        await replica.checkEpoch(h.epoch);
+        return json(replica.info());
+    }
+    if (h.epoch !== replica.epoch) await replica.checkEpoch(h.epoch);
+    switch (h.op) {
+      case Op.READ: {
+        if (h.length > MAX_IO_BYTES) throw invalid(`read of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
+        const full = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES + h.length);
+        // A payload names a snapshot to read instead of the live volume.
+        if (payload.length > 0) await replica.readSnapshot(textArg(payload), h.offset, h.length, full, RESPONSE_HEADER_BYTES);
+        else await replica.read(h.offset, h.length, full, RESPONSE_HEADER_BYTES);
+        return new ReadReply(full);
+      }
+      case Op.WRITE:
+        if (h.length !== payload.length) throw invalid(`write length ${h.length} differs from payload length ${payload.length}`);
+        await replica.write(h.offset, payload);
+        if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
+        return EMPTY;
+      case Op.TRIM:
+      case Op.WRITE_ZEROES:
+        if (h.length > MAX_RANGE_BYTES) throw invalid(`range of ${h.length} bytes exceeds ${MAX_RANGE_BYTES}`);
+        await replica.zero(h.offset, h.length);
+        if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
+        return EMPTY;
+      case Op.FLUSH:
+        await replica.flush();
+        return EMPTY;
+      case Op.BLOCK_STATUS:
+        return encodeExtents(await replica.blockStatus(h.offset, h.length));
+      case Op.SNAPSHOT_CREATE:
+        return json(await replica.snapshotCreate(textArg(payload)));
+      case Op.SNAPSHOT_LIST:
+        return json(replica.snapshotList());
+      case Op.SNAPSHOT_DELETE:
+        await replica.snapshotDelete(textArg(payload));
+        return EMPTY;
+      case Op.SNAPSHOT_REVERT:
+        await replica.snapshotRevert(textArg(payload));
+        return EMPTY;
+      case Op.FAULT_INJECT: {
+        const disk = this.owner.opts.faultDisk;
+        if (disk === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'fault injection is not enabled on this replica');
+        const rules = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[] };
+        if (rules.clear === true) disk.clearRules();
+        for (const rule of rules.rules ?? []) disk.addRule(validateRule(rule));
+        return EMPTY;
+      }
+      default:
+        throw new ZebuError(ErrorCode.UNSUPPORTED, `unknown op ${h.op}${OpName[h.op] ? ` (${OpName[h.op]})` : ''}`);
+    }
+  }
+}
+
+/** A READ reply: header room followed by the data. */
+class ReadReply {
+  readonly full: Buffer;
+  constructor(full: Buffer) {
+    this.full = full;
+  }
+}
+
+function json(value: unknown): Buffer {
+  return Buffer.from(JSON.stringify(value));
+}
+
+function textArg(payload: Buffer): string {
+  return payload.toString('utf8');
+}
+
+function jsonArg(payload: Buffer): unknown {
+  try {
+    return JSON.parse(payload.toString('utf8'));
+  } catch {
+    throw invalid('control payload is not JSON');
+  }
+}
+
+function validateRule(rule: unknown): FaultRule {
+  const r = rule as FaultRule;
+  if (typeof r !== 'object' || r === null) throw invalid('fault rule must be an object');
+  if (!['read', 'write', 'sync', 'meta', 'any'].includes(r.op)) throw invalid(`fault rule op ${String(r.op)}`);
+  if (r.errno !== 'EIO' && r.errno !== 'ENOSPC') throw invalid(`fault rule errno ${String(r.errno)}`);
+  return { op: r.op, errno: r.errno, pathIncludes: r.pathIncludes, afterOps: r.afterOps, count: r.count };
+}
