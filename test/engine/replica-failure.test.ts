@@ -15,7 +15,7 @@ const SIZE = 128 * 1024 * 1024;
 function fioVerifyArgs(uri: string, sizeMiB: number): string[] {
   return [
     '--name=verify', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bsrange=4k-128k', `--size=${sizeMiB}M`,
-    '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--output-format=json',
+    '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
   ];
 }
 

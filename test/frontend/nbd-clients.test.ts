@@ -84,7 +84,7 @@ test('real NBD clients on a 3-replica volume', async (t) => {
   await t.test('fio nbd engine with crc32c verify: 0 errors', () => {
     const r = run('fio', [
       '--name=verify', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bsrange=512-256k', '--size=48M',
-      '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--output-format=json',
+      '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
     ], { timeoutMs: 300_000 });
     assert.equal(r.status, 0, r.stderr);
     const job = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).jobs[0];
