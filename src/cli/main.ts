@@ -1,5 +1,7 @@
 #!/usr/bin/env node
 /** The `zebu` command. */
+// Replica I/O runs on libuv's thread pool; 4 threads starve a disk with many requests in flight.
+process.env.UV_THREADPOOL_SIZE ??= '16';
 import { Command } from 'commander';
 import { ZebuError } from '../errors.ts';
 import { replicaServe } from './replica-serve.ts';

@@ -6,6 +6,7 @@
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
+import { TickBatcher } from './tick-batcher.ts';
 import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
 import {
   Op,
@@ -50,6 +51,7 @@ export class ReplicaClient {
   epoch: number;
   readonly address: string;
   private readonly socket: net.Socket;
+  private readonly out: TickBatcher;
   private readonly reader = new FrameReader();
   private readonly pending = new Map<number, Pending>();
   private readonly requestTimeoutMs: number;
@@ -61,6 +63,7 @@ export class ReplicaClient {
 
   private constructor(socket: net.Socket, options: ReplicaClientOptions, address: string) {
     this.socket = socket;
+    this.out = new TickBatcher(socket);
     this.address = address;
     this.epoch = options.epoch ?? 0;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 8000;
@@ -150,14 +153,8 @@ export class ReplicaClient {
     this.pending.set(requestId, { callback, deadlineMs: Date.now() + this.requestTimeoutMs, op });
     const header = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
     encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length });
-    if (payload.length === 0) {
-      this.socket.write(header);
-      return;
-    }
-    this.socket.cork();
-    this.socket.write(header);
-    this.socket.write(payload);
-    this.socket.uncork();
+    this.out.write(header);
+    if (payload.length > 0) this.out.write(payload);
   }
 
   request(op: number, flags: number, offset: number, length: number, payload: Buffer = EMPTY): Promise<Buffer> {

@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorToWire, toZebuError, invalid } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
+import { TickBatcher } from './tick-batcher.ts';
 import {
   Op,
   OpName,
@@ -127,6 +128,7 @@ export class DataServer {
 
 class Connection {
   readonly socket: net.Socket;
+  private readonly out: TickBatcher;
   private readonly owner: DataServer;
   private readonly reader = new FrameReader();
   private readonly serverNonce = newNonce();
@@ -142,6 +144,7 @@ class Connection {
   constructor(owner: DataServer, socket: net.Socket) {
     this.owner = owner;
     this.socket = socket;
+    this.out = new TickBatcher(socket);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', () => {});
     socket.on('close', () => {
@@ -242,28 +245,20 @@ class Connection {
       const message = Buffer.from(err.message.slice(0, 4000));
       const header = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES);
       encodeResponseHeader(header, requestId, errorToWire(err.code), message.length);
-      this.socket.cork();
-      this.socket.write(header);
-      this.socket.write(message);
-      this.socket.uncork();
+      this.out.write(header);
+      this.out.write(message);
       return;
     }
     if (result instanceof ReadReply) {
       // READ: the data was read straight into the reply buffer, after room for the header.
       encodeResponseHeader(result.full, requestId, 0, result.full.length - RESPONSE_HEADER_BYTES);
-      this.socket.write(result.full);
+      this.out.write(result.full);
       return;
     }
     const header = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES);
     encodeResponseHeader(header, requestId, 0, result.length);
-    if (result.length === 0) {
-      this.socket.write(header);
-      return;
-    }
-    this.socket.cork();
-    this.socket.write(header);
-    this.socket.write(result);
-    this.socket.uncork();
+    this.out.write(header);
+    if (result.length > 0) this.out.write(result);
   }
 
   private async execute(h: RequestHeader, payload: Buffer): Promise<Buffer | ReadReply> {

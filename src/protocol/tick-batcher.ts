@@ -1,0 +1,28 @@
+/**
+ * Coalesces everything written to a socket during one tick of the event loop into one
+ * writev: the first write of a tick corks the socket and a nextTick uncorks it. With many
+ * requests in flight this turns one syscall per frame into one per tick.
+ */
+import type net from 'node:net';
+
+export class TickBatcher {
+  private readonly socket: net.Socket;
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
+
+  constructor(socket: net.Socket) {
+    this.socket = socket;
+  }
+
+  write(buf: Buffer): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    this.socket.write(buf);
+  }
+}
