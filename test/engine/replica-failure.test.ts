@@ -72,3 +72,23 @@ test('all replicas killed: the client gets EIO promptly', async (t) => {
   const info = (await controlRequest(vol.controlSocket, 'GET', '/v1/info')) as { faulted: boolean };
   assert.equal(info.faulted, true);
 });
+
+test('a replica that stops answering (SIGSTOP) goes ERR after the request timeout; I/O continues', async (t) => {
+  const vol = await startVolume(t, { dir: tempDir(t), replicas: 3, sizeBytes: SIZE });
+  const stopped = vol.replicas[0].child;
+  stopped.kill('SIGSTOP');
+  t.after(() => stopped.kill('SIGCONT'));
+  const started = Date.now();
+  const r = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x44 0 1M', '-c', 'flush', '-c', 'read -P 0x44 0 1M', vol.nbd], { timeoutMs: 60_000 });
+  assert.equal(r.status, 0, r.stdout + r.stderr);
+  assert.doesNotMatch(r.stdout, /error|failed/i);
+  const elapsedMs = Date.now() - started;
+  assert.ok(elapsedMs < 15_000, `I/O resumed after ${elapsedMs} ms (request timeout is 3 s)`);
+  const replicas = (await controlRequest(vol.controlSocket, 'GET', '/v1/replicas')) as { mode: string; reason: string }[];
+  assert.deepEqual(replicas.map((x) => x.mode), ['ERR', 'RW', 'RW']);
+  assert.match(replicas[0].reason, /timed out/);
+  stopped.kill('SIGCONT');
+  const survivors = await Promise.all([1, 2].map((i) => replicaDigest(vol.replicas[i].port, vol.secret, vol.epoch, SIZE)));
+  assert.equal(survivors[0], survivors[1]);
+  await vol.stop();
+});
