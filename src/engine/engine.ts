@@ -160,8 +160,16 @@ export class Engine implements BlockBackend {
           if (r.client === client) this.setErr(r, err);
         });
       } else {
-        this.setErr(r, new ZebuError(ErrorCode.EIO, decision.reason));
+        r.mode = ReplicaMode.ERR;
+        r.reason = decision.reason;
+        const client = r.client;
+        r.client = null;
+        client?.close();
       }
+    }
+    if (!this.replicas.some((r) => r.mode === ReplicaMode.RW)) {
+      this.faultedReason = `no replica could be opened: ${this.replicas.map((r) => `${r.address}: ${r.reason}`).join('; ')}`;
+      this.log({ event: 'faulted', reason: this.faultedReason });
     }
     this.log({ event: 'started', replicas: this.replicaStatus() });
   }
