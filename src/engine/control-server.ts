@@ -9,10 +9,10 @@
  *   POST   /v1/snapshots          {"name": "..."}: create (drains, flushes, snapshots every replica)
  *   DELETE /v1/snapshots/NAME     delete
  */
-import fs from 'node:fs';
 import http from 'node:http';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { Engine } from './engine.ts';
+import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 
 const MAX_BODY_BYTES = 64 * 1024;
 
@@ -92,19 +92,7 @@ export class EngineControlServer {
   }
 
   listen(socketPath: string): Promise<void> {
-    try {
-      fs.unlinkSync(socketPath);
-    } catch {
-      // none there
-    }
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(socketPath, () => {
-        this.server.off('error', reject);
-        fs.chmodSync(socketPath, 0o600);
-        resolve();
-      });
-    });
+    return listenOnUnixSocket(this.server, socketPath);
   }
 
   close(): void {

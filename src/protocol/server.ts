@@ -5,11 +5,11 @@
  * replies go out as they finish. Bad input gets an error reply; input the framing cannot recover
  * from (bad magic, oversized payload) gets an error reply and that one connection is closed.
  */
-import fs from 'node:fs';
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorToWire, toZebuError, invalid } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
 import { TickBatcher } from './tick-batcher.ts';
+import { listenOnUnixSocket } from './unix-socket.ts';
 import {
   Op,
   OpName,
@@ -76,19 +76,7 @@ export class DataServer {
 
   /** Listens on a UNIX socket (an existing stale socket file is replaced). */
   listenPath(socketPath: string): Promise<void> {
-    try {
-      fs.unlinkSync(socketPath);
-    } catch {
-      // none there
-    }
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen({ path: socketPath }, () => {
-        this.server.off('error', reject);
-        fs.chmodSync(socketPath, 0o600);
-        resolve();
-      });
-    });
+    return listenOnUnixSocket(this.server, socketPath);
   }
 
   /** Stops accepting, waits (bounded) for in-flight requests, closes connections. */

@@ -360,21 +360,38 @@ export class Replica {
   // ---- data path ------------------------------------------------------------------------------
 
   /** Reads `length` bytes at `offset` into `out` at `outOffset`. */
-  async read(offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+  read(offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+    return this.readChain(null, offset, length, out, outOffset);
+  }
+
+  /** Reads the volume as it was when snapshot `name` was taken. */
+  readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
+    return this.readChain(name, offset, length, out, outOffset);
+  }
+
+  private async readChain(snapshot: string | null, offset: number, length: number, out: Buffer, outOffset: number): Promise<void> {
     this.checkUsable();
     this.checkRange(offset, length);
     assert(out.length >= outOffset + length, 'read buffer too small');
     if (length === 0) return;
-    const first = Math.floor(offset / BLOCK_SIZE);
-    const end = Math.ceil((offset + length) / BLOCK_SIZE);
-    const entry = await this.lock.acquireAsync(first, end, true);
+    const entry = await this.lock.acquireAsync(Math.floor(offset / BLOCK_SIZE), Math.ceil((offset + length) / BLOCK_SIZE), true);
     try {
-      await this.readResolved(offset, length, out, outOffset);
+      // The chain is taken under the lock: a tree change holds every block while it swaps it.
+      await this.readResolved(offset, length, out, outOffset, snapshot === null ? this.chain : this.snapshotChain(snapshot));
     } catch (err) {
       throw toZebuError(err);
     } finally {
       this.lock.release(entry);
     }
+  }
+
+  private snapshotChain(name: string): Layer[] {
+    const chain: Layer[] = [];
+    for (let layer: Layer | undefined = this.findSnapshot(name); layer !== undefined; ) {
+      chain.push(layer);
+      layer = layer.meta.parent === null ? undefined : this.layers.get(layer.meta.parent);
+    }
+    return chain;
   }
 
   /** Reads through the chain; the caller holds a lock covering the range. */
@@ -424,27 +441,6 @@ export class Replica {
       if (state === BlockState.ZERO) return null;
     }
     return null;
-  }
-
-  /** Reads the volume as it was when snapshot `name` was taken. */
-  async readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset = 0): Promise<void> {
-    this.checkUsable();
-    this.checkRange(offset, length);
-    assert(out.length >= outOffset + length, 'read buffer too small');
-    if (length === 0) return;
-    const entry = await this.lock.acquireAsync(Math.floor(offset / BLOCK_SIZE), Math.ceil((offset + length) / BLOCK_SIZE), true);
-    try {
-      const chain: Layer[] = [];
-      for (let layer: Layer | undefined = this.findSnapshot(name); layer !== undefined; ) {
-        chain.push(layer);
-        layer = layer.meta.parent === null ? undefined : this.layers.get(layer.meta.parent);
-      }
-      await this.readResolved(offset, length, out, outOffset, chain);
-    } catch (err) {
-      throw toZebuError(err);
-    } finally {
-      this.lock.release(entry);
-    }
   }
 
   /** Writes `length` bytes of `data` from `dataOffset` at volume `offset`. */
