@@ -451,6 +451,7 @@ class NbdConnection {
     }
   }
 
+  /** Called after the request's reply is written: a pending DISC may close the connection here. */
   private end(): void {
     this.inflight--;
     if (this.paused && this.inflight < this.owner.opts.maxInflightPerConnection / 2) {
@@ -472,9 +473,9 @@ class NbdConnection {
         if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `read ${offset}+${length} beyond the end of the export (${target.sizeBytes})`);
         this.begin();
         target.read(offset, length, (err, data) => {
+          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          else this.replyRead(cookie, offset, data);
           this.end();
-          if (err !== null) return this.replyError(cookie, errnoFor(err), err.message);
-          this.replyRead(cookie, offset, data);
         });
         return;
       }
@@ -483,9 +484,9 @@ class NbdConnection {
         if (length === 0) return this.replyOk(cookie);
         this.begin();
         target.write(offset, payload!, fua, (err) => {
+          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          else this.replyOk(cookie);
           this.end();
-          if (err !== null) return this.replyError(cookie, errnoFor(err), err.message);
-          this.replyOk(cookie);
         });
         return;
       }
@@ -496,18 +497,18 @@ class NbdConnection {
         // FAST_ZERO: zeroing is a presence-map change here, always faster than writing zeros.
         this.begin();
         target.zero(offset, length, type === Cmd.TRIM, fua, (err) => {
+          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          else this.replyOk(cookie);
           this.end();
-          if (err !== null) return this.replyError(cookie, errnoFor(err), err.message);
-          this.replyOk(cookie);
         });
         return;
       }
       case Cmd.FLUSH:
         this.begin();
         target.flush((err) => {
+          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          else this.replyOk(cookie);
           this.end();
-          if (err !== null) return this.replyError(cookie, errnoFor(err), err.message);
-          this.replyOk(cookie);
         });
         return;
       case Cmd.CACHE:
@@ -519,9 +520,9 @@ class NbdConnection {
         this.begin();
         // Answering for less than asked is allowed; it bounds the reply of a fragmented volume.
         target.blockStatus(offset, Math.min(length, MAX_BLOCK_STATUS_BYTES), (err, extents) => {
+          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          else this.replyBlockStatus(cookie, extents, (flags & CmdFlag.REQ_ONE) !== 0);
           this.end();
-          if (err !== null) return this.replyError(cookie, errnoFor(err), err.message);
-          this.replyBlockStatus(cookie, extents, (flags & CmdFlag.REQ_ONE) !== 0);
         });
         return;
       }
