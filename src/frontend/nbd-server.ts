@@ -4,10 +4,11 @@
  * NBD error reply, or, where the stream cannot be parsed any further, a disconnect of that one
  * client. The process never dies of input.
  */
-import fs from 'node:fs';
 import net from 'node:net';
 import { ErrorCode, type ZebuError } from '../errors.ts';
 import { FrameReader } from '../protocol/frame-reader.ts';
+import { TickBatcher } from '../protocol/tick-batcher.ts';
+import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 import {
   NBDMAGIC, IHAVEOPT, HandshakeFlag, ClientFlag, Opt, Rep, Info, TransmissionFlag, Cmd, CmdFlag, ReplyType, ReplyFlag,
   NbdErrno, BASE_ALLOCATION, BASE_ALLOCATION_ID, AllocationFlag, REQUEST_MAGIC, REQUEST_HEADER_BYTES,
@@ -116,19 +117,7 @@ export class NbdServer {
   }
 
   listenUnix(socketPath: string): Promise<void> {
-    try {
-      if (fs.statSync(socketPath).isSocket()) fs.unlinkSync(socketPath);
-    } catch {
-      // nothing there
-    }
-    const server = this.newServer();
-    return new Promise((resolve, reject) => {
-      server.once('error', reject);
-      server.listen({ path: socketPath }, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
+    return listenOnUnixSocket(this.newServer(), socketPath);
   }
 
   get connectionCount(): number {
@@ -150,6 +139,8 @@ type Phase = 'greeting' | 'options' | 'transmission' | 'closed';
 
 class NbdConnection {
   readonly socket: net.Socket;
+  /** Transmission-phase replies, batched per tick. */
+  private readonly out: TickBatcher;
   private readonly owner: NbdServer;
   private readonly reader = new FrameReader();
   private phase: Phase = 'greeting';
@@ -168,6 +159,7 @@ class NbdConnection {
   constructor(owner: NbdServer, socket: net.Socket) {
     this.owner = owner;
     this.socket = socket;
+    this.out = new TickBatcher(socket);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', () => {});
     socket.on('close', () => {
@@ -334,20 +326,8 @@ class NbdConnection {
     writeU64(exportInfo, target.sizeBytes, 2);
     exportInfo.writeUInt16BE(TRANSMISSION_FLAGS, 10);
     this.replyOption(option, Rep.INFO, exportInfo);
-    if (requests.includes(Info.NAME)) {
-      const n = Buffer.from(target.name);
-      const body = Buffer.allocUnsafe(2 + n.length);
-      body.writeUInt16BE(Info.NAME, 0);
-      n.copy(body, 2);
-      this.replyOption(option, Rep.INFO, body);
-    }
-    if (requests.includes(Info.DESCRIPTION)) {
-      const d = Buffer.from(target.description);
-      const body = Buffer.allocUnsafe(2 + d.length);
-      body.writeUInt16BE(Info.DESCRIPTION, 0);
-      d.copy(body, 2);
-      this.replyOption(option, Rep.INFO, body);
-    }
+    if (requests.includes(Info.NAME)) this.replyOption(option, Rep.INFO, infoString(Info.NAME, target.name));
+    if (requests.includes(Info.DESCRIPTION)) this.replyOption(option, Rep.INFO, infoString(Info.DESCRIPTION, target.description));
     const blockSize = Buffer.alloc(14);
     blockSize.writeUInt16BE(Info.BLOCK_SIZE, 0);
     blockSize.writeUInt32BE(MIN_BLOCK_BYTES, 2);
@@ -537,27 +517,25 @@ class NbdConnection {
 
   private replyOk(cookie: Buffer): void {
     if (this.phase === 'closed') return;
-    this.socket.write(this.structured ? structuredNone(cookie) : simpleReplyHeader(0, cookie));
+    this.out.write(this.structured ? structuredNone(cookie) : simpleReplyHeader(0, cookie));
   }
 
   private replyError(cookie: Buffer, errno: number, message: string): void {
     if (this.phase === 'closed') return;
-    this.socket.write(this.structured ? structuredError(cookie, errno, message) : simpleReplyHeader(errno, cookie));
+    this.out.write(this.structured ? structuredError(cookie, errno, message) : simpleReplyHeader(errno, cookie));
   }
 
   private replyRead(cookie: Buffer, offset: number, data: Buffer): void {
     if (this.phase === 'closed') return;
-    this.socket.cork();
     if (this.structured) {
       const header = Buffer.allocUnsafe(28);
       structuredHeader(header, ReplyFlag.DONE, ReplyType.OFFSET_DATA, cookie, 8 + data.length);
       writeU64(header, offset, 20);
-      this.socket.write(header);
+      this.out.write(header);
     } else {
-      this.socket.write(simpleReplyHeader(0, cookie));
+      this.out.write(simpleReplyHeader(0, cookie));
     }
-    this.socket.write(data);
-    this.socket.uncork();
+    this.out.write(data);
   }
 
   private replyBlockStatus(cookie: Buffer, extents: NbdExtent[], one: boolean): void {
@@ -571,11 +549,17 @@ class NbdConnection {
     });
     const header = Buffer.allocUnsafe(20);
     structuredHeader(header, ReplyFlag.DONE, ReplyType.BLOCK_STATUS, cookie, body.length);
-    this.socket.cork();
-    this.socket.write(header);
-    this.socket.write(body);
-    this.socket.uncork();
+    this.out.write(header);
+    this.out.write(body);
   }
+}
+
+function infoString(type: number, text: string): Buffer {
+  const bytes = Buffer.from(text);
+  const body = Buffer.allocUnsafe(2 + bytes.length);
+  body.writeUInt16BE(type, 0);
+  bytes.copy(body, 2);
+  return body;
 }
 
 function writeU64(buf: Buffer, value: number, at: number): void {
