@@ -63,6 +63,7 @@ export class EngineLink implements NbdExport {
   private async connectOnce(): Promise<void> {
     const client = await ReplicaClient.connect({
       path: this.options.socketPath,
+      peerLabel: 'engine',
       secret: this.options.secret,
       requestTimeoutMs: this.options.requestTimeoutMs,
     });
@@ -70,7 +71,7 @@ export class EngineLink implements NbdExport {
     this.sizeBytes = info.sizeBytes;
     this.client = client;
     client.onClose((err) => {
-      if (this.client !== client) return;
+      if (this.client !== client) return; // already replaced (see sendNow)
       this.client = null;
       if (!this.closed) {
         this.options.log({ event: 'engine-disconnected', reason: err.message, outstanding: this.table.size });
@@ -136,6 +137,10 @@ export class EngineLink implements NbdExport {
     client.send(f.op, f.flags, f.offset, f.length, f.payload, (err, data) => {
       if (err !== null && (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) && !this.closed) {
         // The engine went away with this request unanswered: hold it for the next engine.
+        if (this.client === client) {
+          this.client = null;
+          this.options.log({ event: 'engine-disconnected', reason: err.message, outstanding: this.table.size });
+        }
         this.held.push(f);
         void this.reconnect();
         return;

@@ -33,6 +33,8 @@ export interface ReplicaClientOptions {
   /** Per-request deadline. */
   requestTimeoutMs?: number;
   connectTimeoutMs?: number;
+  /** What the peer is, for error messages ("replica", "engine"). */
+  peerLabel?: string;
 }
 
 export type ResponseCallback = (err: ZebuError | null, payload: Buffer) => void;
@@ -68,8 +70,8 @@ export class ReplicaClient {
     this.epoch = options.epoch ?? 0;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 8000;
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: ${err.message}`)));
-    socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: connection closed`)));
+    socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`)));
+    socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed`)));
     const sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
     this.sweepTimer = setInterval(() => this.sweep(), sweepMs);
     this.sweepTimer.unref();
@@ -77,7 +79,7 @@ export class ReplicaClient {
 
   /** Connects and authenticates. */
   static connect(options: ReplicaClientOptions): Promise<ReplicaClient> {
-    const address = options.path ?? `${options.host ?? '127.0.0.1'}:${options.port}`;
+    const address = `${options.peerLabel ?? 'replica'} ${options.path ?? `${options.host ?? '127.0.0.1'}:${options.port}`}`;
     const connectTimeoutMs = options.connectTimeoutMs ?? 5000;
     return new Promise((resolve, reject) => {
       const socket =
@@ -94,9 +96,9 @@ export class ReplicaClient {
         socket.destroy();
         reject(err);
       };
-      const timer = setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `replica ${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
-      socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: ${err.message}`, { cause: err })));
-      socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `replica ${address}: connection closed during handshake`)));
+      const timer = setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
+      socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`, { cause: err })));
+      socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed during handshake`)));
       const onData = (chunk: Buffer): void => {
         reader.push(chunk);
         try {
@@ -212,7 +214,7 @@ export class ReplicaClient {
   }
 
   close(): void {
-    this.shutDown(new ZebuError(ErrorCode.CLOSED, `replica ${this.address}: client closed`));
+    this.shutDown(new ZebuError(ErrorCode.CLOSED, `${this.address}: client closed`));
   }
 
   private onData(chunk: Buffer): void {
@@ -223,7 +225,7 @@ export class ReplicaClient {
         if (raw === null) return;
         const length = raw.readUInt32BE(12);
         if (raw.readUInt32BE(0) !== RESPONSE_MAGIC || length > MAX_RESPONSE_BYTES) {
-          this.shutDown(new ZebuError(ErrorCode.PROTOCOL, `replica ${this.address}: malformed response`));
+          this.shutDown(new ZebuError(ErrorCode.PROTOCOL, `${this.address}: malformed response`));
           return;
         }
         this.responseHeader = { requestId: raw.readUInt32BE(4), status: raw.readUInt32BE(8), length };
@@ -236,14 +238,14 @@ export class ReplicaClient {
       if (entry === undefined) {
         // Already timed out, or a connection-level error (request id 0) before close.
         if (status !== 0 && requestId === 0) {
-          this.shutDown(new ZebuError(errorFromWire(status), `replica ${this.address}: ${payload.toString('utf8')}`));
+          this.shutDown(new ZebuError(errorFromWire(status), `${this.address}: ${payload.toString('utf8')}`));
           return;
         }
         continue;
       }
       this.pending.delete(requestId);
       if (status === 0) entry.callback(null, payload);
-      else entry.callback(new ZebuError(errorFromWire(status), `replica ${this.address}: ${OpName[entry.op] ?? entry.op}: ${payload.toString('utf8')}`), EMPTY);
+      else entry.callback(new ZebuError(errorFromWire(status), `${this.address}: ${OpName[entry.op] ?? entry.op}: ${payload.toString('utf8')}`), EMPTY);
     }
   }
 
@@ -253,7 +255,7 @@ export class ReplicaClient {
     for (const [requestId, entry] of this.pending) {
       if (entry.deadlineMs > now) break;
       this.pending.delete(requestId);
-      entry.callback(new ZebuError(ErrorCode.TIMEOUT, `replica ${this.address}: ${OpName[entry.op] ?? entry.op} timed out after ${this.requestTimeoutMs} ms`), EMPTY);
+      entry.callback(new ZebuError(ErrorCode.TIMEOUT, `${this.address}: ${OpName[entry.op] ?? entry.op} timed out after ${this.requestTimeoutMs} ms`), EMPTY);
     }
   }
 

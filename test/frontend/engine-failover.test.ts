@@ -1,0 +1,52 @@
+/**
+ * The frontend holds the requests it forwarded while the engine is away and re-issues them to
+ * the restarted engine: SIGKILL the engine (twice) during a fio verify run and the client sees
+ * no error; the replicas end identical.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { tempDir } from '../support/tmp.ts';
+import { startVolume, replicaDigest } from '../support/volume-cluster.ts';
+import { controlRequest } from '../../src/engine/control-server.ts';
+
+const SIZE = 128 * 1024 * 1024;
+
+test('SIGKILL the engine during fio verify: no client error, replicas identical', async (t) => {
+  const dir = tempDir(t);
+  const vol = await startVolume(t, { dir, replicas: 3, sizeBytes: SIZE });
+  const fio = spawn('fio', [
+    '--name=verify', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bsrange=4k-64k', '--size=96M',
+    '--iodepth=16', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json',
+  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  fio.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  fio.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const fioExit = new Promise<number | null>((resolve) => fio.once('exit', (code) => resolve(code)));
+  t.after(() => fio.kill('SIGKILL'));
+  let kills = 0;
+  for (const delayMs of [1200, 1500]) {
+    await new Promise((r) => setTimeout(r, delayMs));
+    if (fio.exitCode !== null) break;
+    const r = spawnSync('pkill', ['-9', '-f', `engine serve --name ${vol.name} .*${dir}`]);
+    if (r.status === 0) kills++;
+  }
+  assert.ok(kills >= 1, 'the engine was killed during the run');
+  assert.equal(await fioExit, 0, stderr);
+  const job = JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0];
+  assert.equal(job.error, 0, 'fio saw no error');
+  assert.ok(job.read.io_bytes > 0, 'fio verified');
+  // The restarted engine serves with every replica.
+  let replicas: { mode: string }[] = [];
+  for (let i = 0; i < 50; i++) {
+    replicas = (await controlRequest(vol.controlSocket, 'GET', '/v1/replicas').catch(() => [])) as { mode: string }[];
+    if (replicas.length === 3) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.ok(replicas.filter((r) => r.mode === 'RW').length >= 1, JSON.stringify(replicas));
+  const rw = replicas.map((r, i) => (r.mode === 'RW' ? i : -1)).filter((i) => i >= 0);
+  const digests = await Promise.all(rw.map((i) => replicaDigest(vol.replicas[i].port, vol.secret, vol.epoch, SIZE)));
+  assert.equal(new Set(digests).size, 1, 'RW replicas identical');
+  await vol.stop();
+});
