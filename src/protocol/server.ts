@@ -163,7 +163,7 @@ class Connection {
       if (!ok) {
         this.log({ event: 'auth-failed' });
         this.closing = true;
-        this.socket.end();
+        this.socket.end(() => this.socket.destroy());
         return;
       }
       clearTimeout(this.handshakeTimer);
@@ -200,7 +200,8 @@ class Connection {
     this.log({ event: 'protocol-error', message });
     this.reply(requestId, new ZebuError(ErrorCode.PROTOCOL, message), EMPTY);
     this.closing = true;
-    this.socket.end();
+    // Flush the error reply, then release the socket even if the peer never closes its side.
+    this.socket.end(() => this.socket.destroy());
   }
 
   private dispatch(h: RequestHeader, payload: Buffer): void {

@@ -353,7 +353,20 @@ export class Replica {
   }
 
   private async writeMeta(next: ReplicaMeta): Promise<void> {
-    await this.disk.writeFileAtomic(path.join(this.dir, META_FILE), encodeMeta(next));
+    const metaPath = path.join(this.dir, META_FILE);
+    const before = encodeMeta(this.meta);
+    try {
+      await this.disk.writeFileAtomic(metaPath, encodeMeta(next));
+    } catch (err) {
+      // A failure after the rename (the directory sync) leaves the new tree on disk while memory
+      // holds the old one: serving on would acknowledge writes to a layer the disk no longer
+      // names. Only a failure that provably left the old file in place is harmless.
+      const onDisk = await this.disk.readFile(metaPath).catch(() => null);
+      if (onDisk === null || !onDisk.equals(before)) {
+        this.failure = new ZebuError(ErrorCode.EIO, `replica ${this.dir}: metadata update failed midway, replica refuses I/O until reopened: ${(err as Error).message}`, { cause: err });
+      }
+      throw toZebuError(err);
+    }
     this.meta = next;
   }
 
