@@ -9,6 +9,10 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+command -v nbdfuse >/dev/null 2>&1 || need+=(nbdfuse)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need+=(mount)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if ((${#need[@]} > 0)); then
   sudo=""
