@@ -7,13 +7,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
-import { spawn } from 'node:child_process';
-import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { FrameReader } from '../../src/protocol/frame-reader.ts';
 import { answerHello, checkResult, HELLO_BYTES, HELLO_MAGIC, RESULT_BYTES, RESULT_MAGIC, AUTH_BYTES } from '../../src/protocol/auth.ts';
@@ -29,8 +23,8 @@ import {
 } from '../../src/protocol/frames.ts';
 import { ErrorCode, errorToWire } from '../../src/errors.ts';
 import { pattern } from '../support/tmp.ts';
+import { startTestReplica } from '../support/replica-process.ts';
 
-const ZEBU_MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 const SECRET = Buffer.from('bad-input-test-secret-0123456789');
 const SIZE = 16 * 1024 * 1024;
 const KNOWN_OFFSET = 0;
@@ -42,51 +36,9 @@ const WIRE_UNSUPPORTED = errorToWire(ErrorCode.UNSUPPORTED);
 const WIRE_PROTOCOL = errorToWire(ErrorCode.PROTOCOL);
 const WIRE_FENCED = errorToWire(ErrorCode.FENCED);
 
-interface Spawned {
-  port: number;
-  child: ReturnType<typeof spawn>;
-  stderr: () => string;
-}
-
 /** `zebu replica serve --fault-injection` in a fresh directory; killed (and the directory removed) when the test ends. */
-async function spawnReplica(t: { after: (fn: () => void | Promise<void>) => void }): Promise<Spawned> {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-bad-input-'));
-  const secretFile = path.join(root, 'secret');
-  fs.writeFileSync(secretFile, SECRET.toString() + '\n', { mode: 0o600 });
-  const child = spawn(
-    process.execPath,
-    [ZEBU_MAIN, 'replica', 'serve', '--dir', path.join(root, 'replica'), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile, '--fault-injection'],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  t.after(async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    await exited;
-    fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
-  });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-100_000);
-  });
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`replica not ready in 15 s: ${stderr}`)), 15_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then(() => {
-      clearTimeout(timer);
-      reject(new Error(`replica exited before ready: ${stderr}`));
-    });
-  });
-  return { port: ready.port as number, child, stderr: () => stderr };
+function spawnReplica(t: { after: (fn: () => void | Promise<void>) => void }): ReturnType<typeof startTestReplica> {
+  return startTestReplica(t, { sizeBytes: SIZE, secret: SECRET, extraArgs: ['--fault-injection'] });
 }
 
 interface RawResponse {

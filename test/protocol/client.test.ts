@@ -5,13 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
-import { spawn } from 'node:child_process';
-import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { FrameReader } from '../../src/protocol/frame-reader.ts';
 import { encodeHello, checkAuth, newNonce, AUTH_BYTES, RESULT_BYTES, RESULT_MAGIC } from '../../src/protocol/auth.ts';
@@ -25,52 +19,16 @@ import {
 } from '../../src/protocol/frames.ts';
 import { ErrorCode, errorToWire } from '../../src/errors.ts';
 import { pattern } from '../support/tmp.ts';
+import { startTestReplica } from '../support/replica-process.ts';
 
-const ZEBU_MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 const SECRET = Buffer.from('client-test-secret-0123456789abc');
 const SIZE = 16 * 1024 * 1024;
 
 type After = { after: (fn: () => void | Promise<void>) => void };
 
 /** `zebu replica serve` in a fresh directory; SIGKILLed (and the directory removed) when the test ends. */
-async function spawnReplica(t: After): Promise<{ port: number; child: ReturnType<typeof spawn>; exited: Promise<void> }> {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-client-'));
-  const secretFile = path.join(root, 'secret');
-  fs.writeFileSync(secretFile, SECRET.toString() + '\n', { mode: 0o600 });
-  const child = spawn(
-    process.execPath,
-    [ZEBU_MAIN, 'replica', 'serve', '--dir', path.join(root, 'replica'), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile],
-    { stdio: ['ignore', 'pipe', 'pipe'] },
-  );
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  t.after(async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    await exited;
-    fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
-  });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-100_000);
-  });
-  const port = await new Promise<number>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`replica not ready in 15 s: ${stderr}`)), 15_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as { ready?: boolean; port?: number };
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg.port!);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then(() => {
-      clearTimeout(timer);
-      reject(new Error(`replica exited before ready: ${stderr}`));
-    });
-  });
-  return { port, child, exited };
+function spawnReplica(t: After): ReturnType<typeof startTestReplica> {
+  return startTestReplica(t, { sizeBytes: SIZE, secret: SECRET });
 }
 
 interface FakeConnection {

@@ -1,6 +1,7 @@
 /** Starts `zebu replica serve` as a real child process for tests. */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -64,4 +65,27 @@ export async function startReplica(options: {
     });
   });
   return { child, port: ready.port as number, ready, stderr: () => stderr, exited };
+}
+
+/**
+ * A replica process in its own temporary directory with `secret`; when the test ends it is
+ * SIGKILLed, awaited, and only then is the directory removed.
+ */
+export async function startTestReplica(
+  t: { after: (fn: () => void | Promise<void>) => void },
+  options: { sizeBytes: number; secret: Buffer; extraArgs?: string[] },
+): Promise<ReplicaProcess & { root: string }> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-replica-'));
+  const secretFile = path.join(root, 'secret');
+  fs.writeFileSync(secretFile, options.secret.toString() + '\n', { mode: 0o600 });
+  let proc: ReplicaProcess | null = null;
+  t.after(async () => {
+    if (proc !== null) {
+      if (proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGKILL');
+      await proc.exited;
+    }
+    fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
+  });
+  proc = await startReplica({ dir: path.join(root, 'replica'), sizeBytes: options.sizeBytes, secretFile, extraArgs: options.extraArgs });
+  return { ...proc, root };
 }
