@@ -18,6 +18,12 @@ export const ErrorCode = {
   TIMEOUT: 'ZEBU_ERR_TIMEOUT',
   DISCONNECTED: 'ZEBU_ERR_DISCONNECTED',
   CLOSED: 'ZEBU_ERR_CLOSED',
+  /** Optimistic concurrency: the object changed since it was read (its resource version differs). */
+  CONFLICT: 'ZEBU_ERR_CONFLICT',
+  /** A watch asked for history the store no longer keeps: list again, then watch. */
+  COMPACTED: 'ZEBU_ERR_COMPACTED',
+  /** The caller did not present a valid credential (API token). */
+  UNAUTHORIZED: 'ZEBU_ERR_UNAUTHORIZED',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -37,6 +43,9 @@ const wireByCode: Record<ErrorCode, number> = {
   ZEBU_ERR_TIMEOUT: 12,
   ZEBU_ERR_DISCONNECTED: 13,
   ZEBU_ERR_CLOSED: 14,
+  ZEBU_ERR_CONFLICT: 15,
+  ZEBU_ERR_COMPACTED: 16,
+  ZEBU_ERR_UNAUTHORIZED: 17,
 };
 const codeByWire = new Map<number, ErrorCode>(
   Object.entries(wireByCode).map(([code, wire]) => [wire, code as ErrorCode]),
@@ -44,10 +53,13 @@ const codeByWire = new Map<number, ErrorCode>(
 
 export class ZebuError extends Error {
   readonly code: ErrorCode;
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+  /** For invalid input: the request field at fault ("sizeBytes", "numberOfReplicas"). */
+  readonly field: string | undefined;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; field?: string }) {
     super(message, options);
     this.name = 'ZebuError';
     this.code = code;
+    this.field = options?.field;
   }
 }
 
@@ -69,8 +81,8 @@ export function toZebuError(err: unknown): ZebuError {
   return new ZebuError(ErrorCode.EIO, message, { cause: err });
 }
 
-export function invalid(message: string): ZebuError {
-  return new ZebuError(ErrorCode.EINVAL, message);
+export function invalid(message: string, field?: string): ZebuError {
+  return new ZebuError(ErrorCode.EINVAL, message, { field });
 }
 
 /** Invariant check for the data path: a failure is a bug, and it must be loud. */

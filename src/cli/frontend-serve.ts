@@ -1,52 +1,64 @@
-/** `zebu frontend serve`: the NBD frontend of one volume, joined to its engine by a UNIX socket. */
+/**
+ * `zebu frontend serve`: the node's NBD frontend. One NBD listener serves every volume attached
+ * on the node by export name. Exports come from the control socket (the node agent adds and
+ * removes them at run time) and/or one static export given on the command line (what
+ * `zebu volume serve` uses). The process serves on when whoever started it dies.
+ */
 import pino from 'pino';
+import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
-import { EngineLink } from '../frontend/engine-link.ts';
-import { NbdServer } from '../frontend/nbd-server.ts';
+import { Frontend } from '../frontend/frontend.ts';
+import { FrontendControlServer } from '../frontend/control-server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseHostPort } from './units.ts';
 
 export interface FrontendServeArgs {
-  name: string;
-  engineSocket: string;
   secretFile: string;
+  name?: string;
+  engineSocket?: string;
   nbd?: string;
   nbdSocket?: string;
+  controlSocket?: string;
 }
 
+/** The static export's engine may still be starting (its supervisor starts both at once). */
+const STATIC_ENGINE_CONNECT_TIMEOUT_MS = 30_000;
+
 export async function frontendServe(args: FrontendServeArgs): Promise<void> {
-  const log = pino({ name: 'zebu-frontend', base: { pid: process.pid, volume: args.name } }, pino.destination(2));
+  const log = pino({ name: 'zebu-frontend', base: { pid: process.pid } }, pino.destination(2));
   if (args.nbd === undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT and/or --nbd-socket PATH');
-  const secret = readSecretFile(args.secretFile);
-  let link: EngineLink | null = null;
-  const deadline = Date.now() + 30_000;
-  for (;;) {
-    try {
-      link = await EngineLink.connect({ name: args.name, socketPath: args.engineSocket, secret, log: (e) => log.warn(e, String(e.event)) });
-      break;
-    } catch (err) {
-      if (Date.now() > deadline) throw new ZebuError(ErrorCode.DISCONNECTED, `engine socket ${args.engineSocket}: ${(err as Error).message}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+  if ((args.name === undefined) !== (args.engineSocket === undefined)) throw new ZebuError(ErrorCode.EINVAL, 'give --name and --engine-socket together (or neither)');
+  if (args.name === undefined && args.controlSocket === undefined) {
+    throw new ZebuError(ErrorCode.EINVAL, 'nothing to serve: give --control-socket PATH and/or --name NAME --engine-socket PATH');
   }
-  const exportLink = link;
-  const server = new NbdServer({
-    registry: { get: (name) => (name === exportLink.name ? exportLink : null), list: () => [exportLink] },
-    log: (event) => log.info(event, String(event.event)),
-  });
-  const ready: Record<string, unknown> = { ready: true, name: args.name, sizeBytes: exportLink.sizeBytes, pid: process.pid };
+  const secret = readSecretFile(args.secretFile);
+  // The parent (agent or supervisor) may die and take our stdout/stderr pipes with it: serving
+  // must go on. pino stops logging on EPIPE by itself; stdout is only written once, at ready.
+  process.stdout.on('error', () => {});
+  process.on('SIGHUP', () => log.info('SIGHUP ignored: the frontend outlives its parent'));
+
+  const frontend = new Frontend({ secret, log: (event) => log.info(event, String(event.event)) });
+  const ready: Record<string, unknown> = { ready: true, pid: process.pid, controlSocket: args.controlSocket ?? null, nbdAddress: null };
+  if (args.name !== undefined && args.engineSocket !== undefined) {
+    const engineSocket = path.resolve(args.engineSocket);
+    const view = await frontend.putExport(args.name, engineSocket, { engineConnectTimeoutMs: STATIC_ENGINE_CONNECT_TIMEOUT_MS });
+    ready.name = args.name;
+    ready.sizeBytes = view.sizeBytes;
+  }
   if (args.nbd !== undefined) {
     const { host, port } = parseHostPort(args.nbd);
-    const address = await server.listenTcp(host, port);
-    const shownHost = address.family === 'IPv6' ? `[${address.address}]` : address.address;
-    ready.nbd = `nbd://${shownHost}:${address.port}/${encodeURIComponent(args.name)}`;
-    ready.port = address.port;
+    const nbdAddress = await frontend.listenTcp(host, port);
+    ready.nbdAddress = nbdAddress;
+    ready.port = Number(nbdAddress.slice(nbdAddress.lastIndexOf(':') + 1));
+    if (args.name !== undefined) ready.nbd = `nbd://${nbdAddress}/${encodeURIComponent(args.name)}`;
   }
   if (args.nbdSocket !== undefined) {
-    await server.listenUnix(args.nbdSocket);
+    await frontend.listenUnix(args.nbdSocket);
     ready.nbdSocket = args.nbdSocket;
-    ready.nbdUnix = `nbd+unix:///${encodeURIComponent(args.name)}?socket=${args.nbdSocket}`;
+    if (args.name !== undefined) ready.nbdUnix = `nbd+unix:///${encodeURIComponent(args.name)}?socket=${args.nbdSocket}`;
   }
+  const control = args.controlSocket !== undefined ? new FrontendControlServer(frontend) : null;
+  if (control !== null) await control.listen(args.controlSocket!);
   process.stdout.write(JSON.stringify(ready) + '\n');
 
   let stopping = false;
@@ -54,8 +66,9 @@ export async function frontendServe(args: FrontendServeArgs): Promise<void> {
     if (stopping) return;
     stopping = true;
     log.info({ signal }, 'stopping');
-    await server.close();
-    exportLink.close();
+    control?.close();
+    await frontend.close();
+    log.info('stopped');
     log.flush();
     process.exit(0);
   };

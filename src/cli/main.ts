@@ -89,12 +89,13 @@ engineSnapshot
 const frontend = program.command('frontend').description('an NBD frontend (data plane)');
 frontend
   .command('serve')
-  .description('serve one volume over NBD, forwarding to its engine')
-  .requiredOption('--name <NAME>', 'volume (export) name')
-  .requiredOption('--engine-socket <PATH>', 'the engine\'s UNIX socket')
+  .description('serve volumes over NBD by export name, each forwarding to its engine')
   .requiredOption('--secret-file <FILE>', 'cluster secret file')
-  .option('--nbd <HOST:PORT>', 'NBD over TCP')
+  .option('--nbd <HOST:PORT>', 'NBD over TCP (port 0: any free port)')
   .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .option('--control-socket <PATH>', 'UNIX socket of the control interface (add/remove exports at run time)')
+  .option('--name <NAME>', 'a static export: volume (export) name, with --engine-socket')
+  .option('--engine-socket <PATH>', 'a static export: the engine\'s UNIX socket, with --name')
   .action((opts) => frontendServe(opts).catch(fail));
 
 const volume = program.command('volume').description('volumes');

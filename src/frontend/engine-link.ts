@@ -4,6 +4,9 @@
  * the link reconnects (the supervisor restarts the engine), and they are sent again: reads and
  * writes are idempotent at block level, so the client sees a delay, not an error. Requests
  * still held after `holdTimeoutMs` fail with EIO.
+ *
+ * The size served is the engine's INFO at connect time; `refreshSize` reads it again after the
+ * engine was expanded online (new NBD connections see the new size).
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { ReplicaClient } from '../protocol/client.ts';
@@ -16,6 +19,8 @@ export interface EngineLinkOptions {
   secret: Buffer;
   requestTimeoutMs?: number;
   holdTimeoutMs?: number;
+  /** Bound on one connect + authenticate attempt. */
+  connectTimeoutMs?: number;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -30,6 +35,14 @@ interface Forwarded {
 }
 
 const EMPTY = Buffer.alloc(0);
+
+function sizeFromInfo(info: unknown, socketPath: string): number {
+  const sizeBytes = (info as { sizeBytes?: unknown } | null)?.sizeBytes;
+  if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
+    throw new ZebuError(ErrorCode.PROTOCOL, `engine at ${socketPath} reported no valid sizeBytes in INFO`);
+  }
+  return sizeBytes;
+}
 const MAX_TABLE = 65536;
 
 export class EngineLink implements NbdExport {
@@ -45,7 +58,7 @@ export class EngineLink implements NbdExport {
   private holdTimer: NodeJS.Timeout | null = null;
 
   private constructor(options: EngineLinkOptions) {
-    this.options = { requestTimeoutMs: 60_000, holdTimeoutMs: 60_000, log: () => {}, ...options };
+    this.options = { requestTimeoutMs: 60_000, holdTimeoutMs: 60_000, connectTimeoutMs: 5000, log: () => {}, ...options };
     this.name = options.name;
     this.description = `Zebu volume ${options.name}`;
   }
@@ -60,15 +73,47 @@ export class EngineLink implements NbdExport {
     return this.table.size;
   }
 
+  get socketPath(): string {
+    return this.options.socketPath;
+  }
+
+  /** True while a connection to the engine is up (false while it restarts). */
+  get engineConnected(): boolean {
+    return this.client !== null;
+  }
+
+  /** Reads the engine's size again (after an online expand); returns it. */
+  async refreshSize(): Promise<number> {
+    const client = this.client;
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `export ${this.name} is closed`);
+    if (client === null) throw new ZebuError(ErrorCode.DISCONNECTED, `engine of export ${this.name} is not connected (restarting?); try again`);
+    const sizeBytes = sizeFromInfo(await client.info(), this.options.socketPath);
+    if (sizeBytes !== this.sizeBytes) this.options.log({ event: 'export-size-changed', fromBytes: this.sizeBytes, toBytes: sizeBytes });
+    this.sizeBytes = sizeBytes;
+    return sizeBytes;
+  }
+
   private async connectOnce(): Promise<void> {
     const client = await ReplicaClient.connect({
       path: this.options.socketPath,
       peerLabel: 'engine',
       secret: this.options.secret,
       requestTimeoutMs: this.options.requestTimeoutMs,
+      connectTimeoutMs: this.options.connectTimeoutMs,
     });
-    const info = (await client.info()) as { sizeBytes: number };
-    this.sizeBytes = info.sizeBytes;
+    let sizeBytes: number;
+    try {
+      sizeBytes = sizeFromInfo(await client.info(), this.options.socketPath);
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+    if (this.closed) {
+      // Closed while this attempt was under way: nothing may be left connected.
+      client.close();
+      throw new ZebuError(ErrorCode.CLOSED, `export ${this.name} is closed`);
+    }
+    this.sizeBytes = sizeBytes;
     this.client = client;
     client.onClose((err) => {
       if (this.client !== client) return; // already replaced (see sendNow)
@@ -174,6 +219,7 @@ export class EngineLink implements NbdExport {
   }
 
   close(): void {
+    if (this.closed) return;
     this.closed = true;
     if (this.holdTimer !== null) clearInterval(this.holdTimer);
     for (const f of this.held) f.callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);

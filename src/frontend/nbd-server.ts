@@ -3,9 +3,13 @@
  * to its export's target and answered when the target answers. Every malformed request gets an
  * NBD error reply, or, where the stream cannot be parsed any further, a disconnect of that one
  * client. The process never dies of input.
+ *
+ * The registry may change while clients are connected: a connection is bound to the export object
+ * it negotiated (and to the size it was told), so one export can be drained and its clients
+ * closed (`drainExport`) without touching the others.
  */
 import net from 'node:net';
-import { ErrorCode, type ZebuError } from '../errors.ts';
+import { ErrorCode, assert, type ZebuError } from '../errors.ts';
 import { FrameReader } from '../protocol/frame-reader.ts';
 import { TickBatcher } from '../protocol/tick-batcher.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
@@ -37,6 +41,14 @@ export interface NbdExport {
 export interface ExportRegistry {
   get(name: string): NbdExport | null;
   list(): NbdExport[];
+}
+
+/** What `drainExport` did. */
+export interface DrainResult {
+  /** Connections of the export that were closed. */
+  connections: number;
+  /** False when some requests were still unanswered at the deadline (their clients were cut off). */
+  drained: boolean;
 }
 
 export interface NbdServerOptions {
@@ -124,14 +136,39 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** Open connections in the transmission phase on `target`. */
+  connectionsTo(target: NbdExport): number {
+    let count = 0;
+    for (const c of this.connections) if (c.exportTarget === target) count++;
+    return count;
+  }
+
+  /**
+   * Ends every connection on `target`: requests already in flight are answered (up to
+   * `drainTimeoutMs`), requests that arrive meanwhile get ESHUTDOWN, then each connection is
+   * closed. Remove `target` from the registry first, so that no new client binds to it.
+   */
+  drainExport(target: NbdExport, drainTimeoutMs = 10_000): Promise<DrainResult> {
+    return this.drainConnections([...this.connections].filter((c) => c.exportTarget === target), drainTimeoutMs);
+  }
+
+  private async drainConnections(conns: NbdConnection[], drainTimeoutMs: number): Promise<DrainResult> {
+    const closed = conns.map((c) => c.shutDown());
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<'timeout'>((resolve) => (timer = setTimeout(() => resolve('timeout'), drainTimeoutMs)));
+    const outcome = await Promise.race([Promise.all(closed).then(() => 'drained' as const), deadline]);
+    clearTimeout(timer);
+    if (outcome === 'timeout') {
+      for (const c of conns) c.forceClose('requests still unanswered at the drain deadline');
+      await Promise.all(closed);
+    }
+    return { connections: conns.length, drained: outcome === 'drained' };
+  }
+
   /** Stops listening, lets in-flight requests finish (bounded), then closes every client. */
   async close(drainTimeoutMs = 10_000): Promise<void> {
     for (const s of this.servers) s.close();
-    const deadline = Date.now() + drainTimeoutMs;
-    while ([...this.connections].some((c) => c.inflight > 0) && Date.now() < deadline) {
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    for (const c of this.connections) c.socket.destroy();
+    await this.drainConnections([...this.connections], drainTimeoutMs);
   }
 }
 
@@ -148,7 +185,12 @@ class NbdConnection {
   private structured = false;
   private metaContext = false;
   private target: NbdExport | null = null;
+  /** The size the client was told at the handshake: an open connection keeps it. */
+  private sizeBytes = 0;
   inflight = 0;
+  /** Set by shutDown: answer what is in flight, refuse the rest, then close. */
+  private shuttingDown = false;
+  private readonly closedPromise: Promise<void>;
   private paused = false;
   private disconnectRequested = false;
   private optionHeader: { option: number; length: number } | null = null;
@@ -162,10 +204,13 @@ class NbdConnection {
     this.out = new TickBatcher(socket);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
     socket.on('error', () => {});
-    socket.on('close', () => {
-      this.phase = 'closed';
-      clearTimeout(this.handshakeTimer);
-    });
+    this.closedPromise = new Promise((resolve) =>
+      socket.on('close', () => {
+        this.phase = 'closed';
+        clearTimeout(this.handshakeTimer);
+        resolve();
+      }),
+    );
     this.handshakeTimer = setTimeout(() => {
       if (this.phase !== 'transmission') this.drop('handshake timed out');
     }, owner.opts.handshakeTimeoutMs);
@@ -178,6 +223,31 @@ class NbdConnection {
 
   private log(event: Record<string, unknown>): void {
     this.owner.opts.log({ ...event, peer: this.socket.remoteAddress ?? 'unix' });
+  }
+
+  /** The export this connection is bound to (null before the handshake is done). */
+  get exportTarget(): NbdExport | null {
+    return this.target;
+  }
+
+  /**
+   * Begins a clean end: a connection still in the handshake is closed now; one in transmission
+   * answers its in-flight requests, replies ESHUTDOWN to new ones, and closes when none is left.
+   * Resolves when the socket is closed.
+   */
+  shutDown(): Promise<void> {
+    if (this.phase !== 'transmission') {
+      this.drop('server shutting down');
+    } else if (!this.shuttingDown) {
+      this.shuttingDown = true;
+      if (this.inflight === 0) this.drop('export removed or server stopping');
+    }
+    return this.closedPromise;
+  }
+
+  forceClose(reason: string): void {
+    this.drop(reason);
+    this.socket.destroy();
   }
 
   private drop(reason: string): void {
@@ -263,11 +333,12 @@ class NbdConnection {
       case Opt.EXPORT_NAME: {
         const target = this.lookup(data.toString('utf8'));
         if (target === null) return this.drop(`unknown export ${JSON.stringify(data.toString('utf8'))}`);
+        const sizeBytes = target.sizeBytes;
         const reply = Buffer.alloc(this.noZeroes ? 10 : 134);
-        writeU64(reply, target.sizeBytes, 0);
+        writeU64(reply, sizeBytes, 0);
         reply.writeUInt16BE(TRANSMISSION_FLAGS, 8);
         this.socket.write(reply);
-        return this.enterTransmission(target);
+        return this.enterTransmission(target, sizeBytes);
       }
       case Opt.ABORT:
         this.replyOption(option, Rep.ACK);
@@ -321,9 +392,10 @@ class NbdConnection {
     const target = this.lookup(name);
     if (target === null) return this.replyOption(option, Rep.ERR_UNKNOWN, `no export named ${JSON.stringify(name)}`);
 
+    const sizeBytes = target.sizeBytes;
     const exportInfo = Buffer.alloc(12);
     exportInfo.writeUInt16BE(Info.EXPORT, 0);
-    writeU64(exportInfo, target.sizeBytes, 2);
+    writeU64(exportInfo, sizeBytes, 2);
     exportInfo.writeUInt16BE(TRANSMISSION_FLAGS, 10);
     this.replyOption(option, Rep.INFO, exportInfo);
     if (requests.includes(Info.NAME)) this.replyOption(option, Rep.INFO, infoString(Info.NAME, target.name));
@@ -335,7 +407,7 @@ class NbdConnection {
     blockSize.writeUInt32BE(MAX_BLOCK_BYTES, 10);
     this.replyOption(option, Rep.INFO, blockSize);
     this.replyOption(option, Rep.ACK);
-    if (option === Opt.GO) this.enterTransmission(target);
+    if (option === Opt.GO) this.enterTransmission(target, sizeBytes);
   }
 
   private handleMetaContext(option: number, data: Buffer): void {
@@ -375,8 +447,10 @@ class NbdConnection {
     this.replyOption(option, Rep.ACK);
   }
 
-  private enterTransmission(target: NbdExport): void {
+  private enterTransmission(target: NbdExport, sizeBytes: number): void {
+    assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0, `export size ${sizeBytes}`);
     this.target = target;
+    this.sizeBytes = sizeBytes;
     this.phase = 'transmission';
     clearTimeout(this.handshakeTimer);
     this.log({ event: 'nbd-connected', export: target.name, structured: this.structured, metaContext: this.metaContext });
@@ -440,17 +514,20 @@ class NbdConnection {
       this.pump();
     }
     if (this.disconnectRequested && this.inflight === 0) this.drop('client disconnected (NBD_CMD_DISC)');
+    else if (this.shuttingDown && this.inflight === 0) this.drop('export removed or server stopping');
   }
 
   private execute(flags: number, type: number, cookie: Buffer, offset: number, length: number, payload: Buffer | null): void {
     const target = this.target!;
     if (this.disconnectRequested) return; // nothing after DISC is served
-    const inRange = Number.isSafeInteger(offset + length) && offset + length <= target.sizeBytes;
+    if (this.shuttingDown && type !== Cmd.DISC) return this.replyError(cookie, NbdErrno.ESHUTDOWN, 'export is being removed or the server is stopping');
+    const sizeBytes = this.sizeBytes;
+    const inRange = Number.isSafeInteger(offset + length) && offset + length <= sizeBytes;
     const fua = (flags & CmdFlag.FUA) !== 0;
     switch (type) {
       case Cmd.READ: {
         if (length === 0 || length > MAX_BLOCK_BYTES) return this.replyError(cookie, length === 0 ? NbdErrno.EINVAL : NbdErrno.EOVERFLOW, `read length ${length} outside 1..${MAX_BLOCK_BYTES}`);
-        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `read ${offset}+${length} beyond the end of the export (${target.sizeBytes})`);
+        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `read ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         this.begin();
         target.read(offset, length, (err, data) => {
           if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
@@ -460,7 +537,7 @@ class NbdConnection {
         return;
       }
       case Cmd.WRITE: {
-        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `write ${offset}+${length} beyond the end of the export (${target.sizeBytes})`);
+        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `write ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         if (length === 0) return this.replyOk(cookie);
         this.begin();
         target.write(offset, payload!, fua, (err) => {
@@ -472,7 +549,7 @@ class NbdConnection {
       }
       case Cmd.TRIM:
       case Cmd.WRITE_ZEROES: {
-        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `range ${offset}+${length} beyond the end of the export (${target.sizeBytes})`);
+        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `range ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         if (length === 0) return this.replyOk(cookie);
         // FAST_ZERO: zeroing is a presence-map change here, always faster than writing zeros.
         this.begin();
@@ -492,11 +569,11 @@ class NbdConnection {
         });
         return;
       case Cmd.CACHE:
-        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `range ${offset}+${length} beyond the end of the export (${target.sizeBytes})`);
+        if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `range ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         return this.replyOk(cookie);
       case Cmd.BLOCK_STATUS: {
         if (!this.structured || !this.metaContext) return this.replyError(cookie, NbdErrno.EINVAL, 'BLOCK_STATUS needs structured replies and the base:allocation context');
-        if (length === 0 || !inRange) return this.replyError(cookie, NbdErrno.EINVAL, `block status ${offset}+${length} outside the export (${target.sizeBytes})`);
+        if (length === 0 || !inRange) return this.replyError(cookie, NbdErrno.EINVAL, `block status ${offset}+${length} outside the export (${sizeBytes})`);
         this.begin();
         // Answering for less than asked is allowed; it bounds the reply of a fragmented volume.
         target.blockStatus(offset, Math.min(length, MAX_BLOCK_STATUS_BYTES), (err, extents) => {
