@@ -1,0 +1,557 @@
+/**
+ * The node agent: registers its node and disks, and runs the data-path processes the store
+ * assigns to its node — replica processes (Replica objects), one engine per attached volume
+ * (Engine objects) and the node's NBD frontend — reporting what they do into the objects'
+ * status. Level-triggered like the manager: every object of this node is reconciled on change
+ * and periodically; engines are polled for their replica modes, rebuild progress and I/O stats.
+ *
+ * The processes outlive the agent (see process-supervisor.ts): when the agent (or `zebu up`)
+ * dies, volumes keep serving; a restarted agent re-adopts them.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { ZebuError, ErrorCode } from '../errors.ts';
+import type { Lease, Store, Watch, WatchEvent } from '../store/store.ts';
+import { Kind, Objects, type EngineReplicaStatus, type EngineValue, type ReplicaValue } from '../manager/objects.ts';
+import { Settings } from '../manager/settings.ts';
+import { WorkQueue } from '../manager/work-queue.ts';
+import { REPLICAS_DIR } from '../manager/volume-controller.ts';
+import { controlRequest } from '../engine/control-server.ts';
+import { ProcessSupervisor } from './process-supervisor.ts';
+import { initDisk, probeDisk } from './disks.ts';
+
+export interface AgentOptions {
+  store: Store;
+  nodeId: string;
+  /** Host this node's replicas listen on (and other nodes reach them at). */
+  address: string;
+  /** Where the node's NBD frontend listens. */
+  nbdHost: string;
+  nbdPort: number;
+  /** Disk directories. */
+  disks: string[];
+  /** Process records and logs. */
+  stateDir: string;
+  /** UNIX sockets (kept short: a socket path has at most 107 bytes). */
+  runDir: string;
+  secretFile: string;
+  /** The zebu CLI entry (src/cli/main.ts). */
+  main: string;
+  pollMs?: number;
+  leaseTtlMs?: number;
+  diskProbeMs?: number;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+interface EngineInfo {
+  sizeBytes: number;
+  epoch: number;
+  faulted: boolean;
+  faultedReason: string | null;
+  rebuilding?: boolean;
+  replicas: { address: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null }[];
+  stats: { reads: number; writes: number; readBytes: number; writeBytes: number; errors: number; readLatencyMsTotal: number; writeLatencyMsTotal: number };
+}
+
+const FRONTEND_ID = 'frontend';
+const STATS_WRITE_MS = 5000;
+
+function replicaProcessId(name: string): string {
+  return `r.${name}`;
+}
+function engineProcessId(volume: string): string {
+  return `e.${volume}`;
+}
+
+export class Agent {
+  readonly nodeId: string;
+  private readonly options: Required<Omit<AgentOptions, 'log'>> & { log: (event: Record<string, unknown>) => void };
+  private readonly objects: Objects;
+  private readonly settings: Settings;
+  private readonly supervisor: ProcessSupervisor;
+  private readonly queue: WorkQueue;
+  private watch: Watch | null = null;
+  private lease: Lease | null = null;
+  private timers: NodeJS.Timeout[] = [];
+  private readonly statsWrittenAt = new Map<string, number>();
+  private stopping = false;
+  private boundNbdAddress: string | null = null;
+
+  constructor(options: AgentOptions) {
+    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, log: () => {}, ...options };
+    this.nodeId = options.nodeId;
+    this.objects = new Objects(options.store);
+    this.settings = new Settings(this.objects);
+    fs.mkdirSync(this.engineDir, { recursive: true, mode: 0o700 });
+    this.supervisor = new ProcessSupervisor({
+      recordDir: path.join(options.stateDir, 'procs'),
+      logDir: path.join(options.stateDir, 'logs'),
+      main: options.main,
+      log: this.options.log,
+      onChange: (id) => this.onProcessChange(id),
+    });
+    this.queue = new WorkQueue({ name: 'agent', reconcile: (key) => this.reconcile(key), concurrency: 8, log: this.options.log });
+  }
+
+  private get engineDir(): string {
+    return path.join(this.options.runDir, 'engines');
+  }
+  private engineSocket(volume: string): string {
+    return path.join(this.engineDir, `${volume}.sock`);
+  }
+  private engineControlSocket(volume: string): string {
+    return path.join(this.engineDir, `${volume}.ctl`);
+  }
+  private get frontendControlSocket(): string {
+    return path.join(this.options.runDir, 'frontend.ctl');
+  }
+  /** HOST:PORT of the node's NBD listener (with port 0 asked for: the port the frontend got). */
+  get nbdAddress(): string {
+    return this.boundNbdAddress ?? `${this.options.nbdHost}:${this.options.nbdPort}`;
+  }
+
+  /** Waits until the node's NBD frontend is serving; fails with its error if it cannot start. */
+  async frontendReady(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const view = this.supervisor.get(FRONTEND_ID);
+      if (view?.state === 'running') {
+        await this.noteFrontendAddress(view.ready);
+        return;
+      }
+      if (view?.state === 'error') throw new ZebuError(ErrorCode.EIO, `the NBD frontend on ${this.nbdAddress} does not start: ${view.message}`);
+      if (Date.now() > deadline) throw new ZebuError(ErrorCode.TIMEOUT, `the NBD frontend on ${this.nbdAddress} is not ready after ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  // ---- start and stop --------------------------------------------------------------------------
+
+  async start(): Promise<void> {
+    await this.registerNode();
+    await this.registerDisks();
+    await this.keepLease();
+    const adopted = this.supervisor.adopt();
+    this.options.log({ event: 'agent-started', node: this.nodeId, adopted });
+    const revision = await this.resync();
+    this.watchFrom(revision);
+    this.every(this.options.leaseTtlMs / 3, () => this.keepLease());
+    this.every(this.options.diskProbeMs, () => this.registerDisks());
+    this.every(5000, async () => {
+      await this.resync();
+    });
+  }
+
+  private every(ms: number, fn: () => Promise<unknown>): void {
+    const timer = setInterval(() => {
+      fn().catch((err) => this.options.log({ event: 'agent-task-failed', error: (err as Error).message }));
+    }, ms);
+    timer.unref();
+    this.timers.push(timer);
+  }
+
+  /**
+   * Stops the agent. With `stopProcesses`, the node's data path stops too, in order: the
+   * frontend (clients get their in-flight answers, then a disconnect), the engines (they flush
+   * the replicas), the replicas (they mark themselves clean). Without it they keep running.
+   */
+  async stop(options: { stopProcesses: boolean }): Promise<void> {
+    this.stopping = true;
+    for (const t of this.timers) clearInterval(t);
+    this.watch?.close();
+    await this.queue.stop();
+    if (!options.stopProcesses) {
+      this.supervisor.detach();
+      return;
+    }
+    const ids = this.supervisor.ids();
+    await this.supervisor.stop(FRONTEND_ID);
+    await Promise.all(ids.filter((id) => id.startsWith('e.')).map((id) => this.supervisor.stop(id)));
+    await Promise.all(ids.filter((id) => id.startsWith('r.')).map((id) => this.supervisor.stop(id)));
+    this.supervisor.detach();
+    for (const e of await this.objects.list(Kind.Engine)) {
+      if (e.value.spec.nodeId !== this.nodeId) continue;
+      await this.objects.mutate(Kind.Engine, e.name, (x) => {
+        x.status = { ...x.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null };
+      });
+    }
+    for (const r of await this.objects.list(Kind.Replica)) {
+      if (r.value.spec.nodeId !== this.nodeId) continue;
+      await this.objects.mutate(Kind.Replica, r.name, (x) => {
+        x.status = { ...x.status, state: 'stopped', address: null, pid: null };
+      });
+    }
+    if (this.lease !== null) await this.options.store.revokeLease(this.lease.id).catch(() => {});
+  }
+
+  // ---- node, disks, liveness -------------------------------------------------------------------
+
+  private async registerNode(): Promise<void> {
+    const status = { address: this.options.address, nbdAddress: this.nbdAddress, lastHeartbeatAt: new Date().toISOString() };
+    const updated = await this.objects.mutate(Kind.Node, this.nodeId, (n) => {
+      n.status = status;
+    });
+    if (updated === null) await this.objects.create(Kind.Node, this.nodeId, { spec: { allowScheduling: true }, status });
+  }
+
+  private async keepLease(): Promise<void> {
+    if (this.stopping) return;
+    if (this.lease !== null) {
+      try {
+        await this.options.store.keepAlive(this.lease.id);
+        return;
+      } catch (err) {
+        if ((err as ZebuError).code !== ErrorCode.NOT_FOUND) throw err;
+        this.lease = null;
+      }
+    }
+    // A lease left by an earlier run of this agent is not ours to keep: replace its object.
+    await this.objects.remove(Kind.NodeLease, this.nodeId);
+    const lease = await this.options.store.grantLease(this.options.leaseTtlMs);
+    await this.objects.create(Kind.NodeLease, this.nodeId, { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+    this.lease = lease;
+    await this.objects.mutate(Kind.Node, this.nodeId, (n) => {
+      n.status.lastHeartbeatAt = new Date().toISOString();
+    });
+  }
+
+  private diskName(diskPath: string, uuid: string): string {
+    const base = path.basename(diskPath).replace(/[^A-Za-z0-9._-]/g, '-') || 'disk';
+    return `${this.nodeId}-${base}-${uuid.slice(0, 4)}`;
+  }
+
+  private async registerDisks(): Promise<void> {
+    const known = (await this.objects.list(Kind.Disk)).filter((d) => d.value.spec.nodeId === this.nodeId);
+    for (const diskPath of this.options.disks) {
+      const existing = known.find((d) => d.value.spec.path === diskPath);
+      let uuid = existing?.value.status.diskUuid ?? null;
+      if (existing === undefined) uuid = initDisk(diskPath);
+      const probe = probeDisk(diskPath, uuid);
+      const status = {
+        diskUuid: uuid,
+        storageMaximumBytes: probe.storageMaximumBytes,
+        storageAvailableBytes: probe.storageAvailableBytes,
+        ready: probe.ready,
+        message: probe.message,
+      };
+      if (existing !== undefined) {
+        await this.objects.mutate(Kind.Disk, existing.name, (d) => {
+          d.status = status;
+        });
+      } else {
+        await this.objects.create(Kind.Disk, this.diskName(diskPath, uuid!), {
+          spec: { nodeId: this.nodeId, path: diskPath, allowScheduling: true, storageReservedBytes: 0 },
+          status,
+        });
+      }
+    }
+  }
+
+  // ---- what to reconcile -----------------------------------------------------------------------
+
+  private async resync(): Promise<number> {
+    const revision = await this.options.store.revision();
+    this.queue.add(FRONTEND_ID);
+    for (const r of await this.objects.list(Kind.Replica)) if (r.value.spec.nodeId === this.nodeId) this.queue.add(`replica/${r.name}`);
+    for (const e of await this.objects.list(Kind.Engine)) if (e.value.spec.nodeId === this.nodeId) this.queue.add(`engine/${e.name}`);
+    // Processes whose objects are gone (adopted orphans) are stopped by their reconcile.
+    for (const id of this.supervisor.ids()) {
+      if (id.startsWith('r.')) this.queue.add(`replica/${id.slice(2)}`);
+      if (id.startsWith('e.')) this.queue.add(`engine/${id.slice(2)}`);
+    }
+    return revision;
+  }
+
+  private watchFrom(revision: number): void {
+    if (this.stopping) return;
+    this.watch = this.options.store.watch(
+      { afterRevision: revision },
+      {
+        onEvent: (event: WatchEvent) => this.onChange(event),
+        onError: (err) => {
+          if (this.stopping) return;
+          this.options.log({ event: 'agent-watch-ended', error: err.message });
+          setTimeout(() => {
+            this.resync().then((rev) => this.watchFrom(rev), () => {});
+          }, 500).unref();
+        },
+      },
+    );
+  }
+
+  private onChange(event: WatchEvent): void {
+    if (event.kind === Kind.Volume && event.type === 'delete') {
+      // The volume is gone for good: so are its engine's logs (kept across detach until now).
+      if (this.supervisor.get(engineProcessId(event.name)) === undefined) this.supervisor.removeLogs(engineProcessId(event.name));
+      return;
+    }
+    if (event.kind === Kind.Replica) {
+      const value = event.object.value as ReplicaValue;
+      if (value.spec.nodeId === this.nodeId || this.supervisor.get(replicaProcessId(event.name)) !== undefined) this.queue.add(`replica/${event.name}`);
+    } else if (event.kind === Kind.Engine) {
+      const value = event.object.value as EngineValue;
+      if (value.spec.nodeId === this.nodeId || this.supervisor.get(engineProcessId(event.name)) !== undefined) this.queue.add(`engine/${event.name}`);
+    }
+  }
+
+  private onProcessChange(id: string): void {
+    if (this.stopping) return;
+    if (id === FRONTEND_ID) {
+      this.queue.add(FRONTEND_ID);
+      // A restarted frontend has no exports: the engines put theirs back.
+      for (const other of this.supervisor.ids()) if (other.startsWith('e.')) this.queue.add(`engine/${other.slice(2)}`);
+    } else if (id.startsWith('r.')) {
+      this.queue.add(`replica/${id.slice(2)}`);
+    } else if (id.startsWith('e.')) {
+      this.queue.add(`engine/${id.slice(2)}`);
+    }
+  }
+
+  private reconcile(key: string): Promise<number | null> {
+    if (key === FRONTEND_ID) return this.reconcileFrontend();
+    const slash = key.indexOf('/');
+    const kind = key.slice(0, slash);
+    const name = key.slice(slash + 1);
+    if (kind === 'replica') return this.reconcileReplica(name);
+    if (kind === 'engine') return this.reconcileEngine(name);
+    throw new Error(`unknown agent key ${key}`);
+  }
+
+  // ---- frontend --------------------------------------------------------------------------------
+
+  private async reconcileFrontend(): Promise<number | null> {
+    const view = this.supervisor.ensure(FRONTEND_ID, [
+      'frontend', 'serve', '--nbd', this.nbdAddress, '--control-socket', this.frontendControlSocket, '--secret-file', this.options.secretFile,
+    ]);
+    if (view.state === 'running') {
+      await this.noteFrontendAddress(view.ready);
+      return null;
+    }
+    if (view.state === 'error') this.options.log({ event: 'frontend-down', message: view.message });
+    return 500;
+  }
+
+  /** Port 0 was asked for, or the frontend was adopted: keep the address it really has. */
+  private async noteFrontendAddress(ready: Record<string, unknown> | null): Promise<void> {
+    const bound = ready?.nbdAddress;
+    if (typeof bound !== 'string' || bound === this.boundNbdAddress) return;
+    this.boundNbdAddress = bound;
+    await this.objects.mutate(Kind.Node, this.nodeId, (n) => {
+      n.status.nbdAddress = bound;
+    });
+  }
+
+  private frontendRunning(): boolean {
+    return this.supervisor.get(FRONTEND_ID)?.state === 'running';
+  }
+
+  private async removeExport(volume: string): Promise<void> {
+    if (!this.frontendRunning()) return;
+    try {
+      await controlRequest(this.frontendControlSocket, 'DELETE', `/v1/exports/${encodeURIComponent(volume)}`);
+    } catch (err) {
+      if ((err as ZebuError).code !== ErrorCode.NOT_FOUND) throw err;
+    }
+  }
+
+  // ---- replicas --------------------------------------------------------------------------------
+
+  private async reconcileReplica(name: string): Promise<number | null> {
+    const id = replicaProcessId(name);
+    const obj = await this.objects.get(Kind.Replica, name);
+    if (obj === null || obj.value.spec.nodeId !== this.nodeId) {
+      if (this.supervisor.get(id) !== undefined) await this.supervisor.stop(id);
+      return null;
+    }
+    const spec = obj.value.spec;
+    if (obj.value.deletionRequestedAt !== null) {
+      await this.supervisor.stop(id);
+      this.removeReplicaDirectory(spec.dataPath);
+      this.supervisor.removeLogs(id);
+      await this.objects.remove(Kind.Replica, name);
+      this.options.log({ event: 'replica-deleted', replica: name, dir: spec.dataPath });
+      return null;
+    }
+    if (spec.desireState === 'stopped') {
+      if (this.supervisor.get(id) !== undefined) await this.supervisor.stop(id);
+      await this.setReplicaStatus(name, { state: 'stopped', address: null, pid: null, message: null });
+      return null;
+    }
+    const view = this.supervisor.ensure(id, [
+      'replica', 'serve', '--dir', spec.dataPath, '--size', String(spec.sizeBytes), '--listen', `${this.options.address}:0`,
+      '--secret-file', this.options.secretFile,
+    ]);
+    const address = view.state === 'running' ? String(view.ready?.listen ?? '') || null : null;
+    await this.setReplicaStatus(name, {
+      state: view.state === 'stopped' ? 'starting' : view.state,
+      address,
+      pid: view.pid,
+      restarts: view.restarts,
+      message: view.message,
+    });
+    return view.state === 'running' ? null : 500;
+  }
+
+  /** Removes a replica directory, but only one that is where replica directories live. */
+  private removeReplicaDirectory(dataPath: string): void {
+    const resolved = path.resolve(dataPath);
+    const onDisk = this.options.disks.some((d) => path.dirname(resolved) === path.join(path.resolve(d), REPLICAS_DIR));
+    if (!onDisk) {
+      this.options.log({ event: 'replica-dir-kept', dir: dataPath, reason: 'not under a replicas directory of this node' });
+      return;
+    }
+    fs.rmSync(resolved, { recursive: true, force: true, maxRetries: 3 });
+  }
+
+  private async setReplicaStatus(name: string, status: Partial<ReplicaValue['status']>): Promise<void> {
+    await this.objects.mutate(Kind.Replica, name, (r) => {
+      r.status = { ...r.status, ...status };
+    });
+  }
+
+  // ---- engines ---------------------------------------------------------------------------------
+
+  /** Sends a request to a volume's engine on this node (snapshots, for the manager). */
+  engineRequest(volume: string, method: string, pathName: string, body?: unknown): Promise<unknown> {
+    if (this.supervisor.get(engineProcessId(volume))?.state !== 'running') {
+      return Promise.reject(new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`));
+    }
+    return controlRequest(this.engineControlSocket(volume), method, pathName, body);
+  }
+
+  private async stopEngine(volume: string): Promise<void> {
+    await this.removeExport(volume);
+    const id = engineProcessId(volume);
+    if (this.supervisor.get(id) !== undefined) await this.supervisor.stop(id);
+    fs.rmSync(this.engineSocket(volume), { force: true });
+    fs.rmSync(this.engineControlSocket(volume), { force: true });
+  }
+
+  private async reconcileEngine(volume: string): Promise<number | null> {
+    const id = engineProcessId(volume);
+    const obj = await this.objects.get(Kind.Engine, volume);
+    const mine = obj !== null && obj.value.spec.nodeId === this.nodeId;
+    if (!mine || obj.value.spec.desireState === 'stopped') {
+      await this.stopEngine(volume);
+      this.statsWrittenAt.delete(volume);
+      if (mine) {
+        await this.objects.mutate(Kind.Engine, volume, (e) => {
+          e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null };
+        });
+      } else if ((await this.objects.get(Kind.Volume, volume)) === null) {
+        this.supervisor.removeLogs(id);
+      }
+      return null;
+    }
+    const spec = obj.value.spec;
+    const running = this.supervisor.get(id);
+    if (running !== undefined && epochOf(running.args) !== spec.epoch) {
+      // An engine of an earlier attachment: it must go before the new one starts.
+      await this.stopEngine(volume);
+      return 0;
+    }
+    const timeoutMs = await this.settings.int('engine-replica-timeout-ms');
+    const view = this.supervisor.ensure(id, [
+      'engine', 'serve', '--name', volume, '--size', String(spec.sizeBytes),
+      ...Object.values(spec.replicas).flatMap((address) => ['--replica', address]),
+      '--socket', this.engineSocket(volume), '--control-socket', this.engineControlSocket(volume),
+      '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
+    ]);
+    if (view.state !== 'running') {
+      await this.objects.mutate(Kind.Engine, volume, (e) => {
+        e.status = { ...e.status, state: view.state === 'stopped' ? 'starting' : view.state, pid: view.pid, restarts: view.restarts, message: view.message, endpoint: null };
+      });
+      return 300;
+    }
+
+    const control = this.engineControlSocket(volume);
+    let info: EngineInfo;
+    try {
+      info = (await controlRequest(control, 'GET', '/v1/info')) as EngineInfo;
+    } catch (err) {
+      await this.objects.mutate(Kind.Engine, volume, (e) => {
+        e.status.message = `engine control: ${(err as Error).message}`;
+      });
+      return this.options.pollMs;
+    }
+    let message: string | null = null;
+
+    // The replica set the manager wants.
+    const nameByAddress = new Map(Object.entries(spec.replicas).map(([name, address]) => [address, name]));
+    const inEngine = new Set(info.replicas.map((r) => r.address));
+    for (const [name, address] of Object.entries(spec.replicas)) {
+      if (inEngine.has(address)) continue;
+      try {
+        await controlRequest(control, 'POST', '/v1/replicas', { address });
+        this.options.log({ event: 'replica-added', volume, replica: name, address });
+      } catch (err) {
+        message = `adding replica ${name}: ${(err as Error).message}`;
+      }
+    }
+    for (const r of info.replicas) {
+      if (nameByAddress.has(r.address)) continue;
+      try {
+        await controlRequest(control, 'DELETE', `/v1/replicas/${encodeURIComponent(r.address)}`);
+      } catch (err) {
+        message = `removing replica ${r.address}: ${(err as Error).message}`;
+      }
+    }
+
+    // Online expansion: the engine grows its replicas; new NBD connections see the new size.
+    if (spec.sizeBytes > info.sizeBytes) {
+      try {
+        info = (await controlRequest(control, 'POST', '/v1/expand', { sizeBytes: spec.sizeBytes })) as EngineInfo;
+        if (this.frontendRunning()) await controlRequest(this.frontendControlSocket, 'POST', `/v1/exports/${encodeURIComponent(volume)}/refresh`).catch(() => {});
+      } catch (err) {
+        message = `expanding to ${spec.sizeBytes} bytes: ${(err as Error).message}`;
+      }
+    }
+
+    let endpoint: string | null = null;
+    if (spec.frontend) {
+      if (this.frontendRunning()) {
+        try {
+          await controlRequest(this.frontendControlSocket, 'PUT', `/v1/exports/${encodeURIComponent(volume)}`, { engineSocket: this.engineSocket(volume) });
+          endpoint = `nbd://${this.nbdAddress}/${encodeURIComponent(volume)}`;
+        } catch (err) {
+          message = `NBD export: ${(err as Error).message}`;
+        }
+      }
+    } else {
+      await this.removeExport(volume).catch(() => {});
+    }
+
+    const replicas: Record<string, EngineReplicaStatus> = {};
+    for (const r of info.replicas) {
+      const name = nameByAddress.get(r.address);
+      if (name !== undefined) replicas[name] = { mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null };
+    }
+    const now = Date.now();
+    const writeStats = now - (this.statsWrittenAt.get(volume) ?? 0) >= STATS_WRITE_MS;
+    const updated = await this.objects.mutate(Kind.Engine, volume, (e) => {
+      const next = {
+        ...e.status,
+        state: 'running' as const,
+        pid: view.pid,
+        epoch: epochOf(view.args),
+        sizeBytes: info.sizeBytes,
+        endpoint,
+        faulted: info.faulted,
+        faultedReason: info.faultedReason,
+        replicas,
+        rebuilding: info.rebuilding ?? info.replicas.some((r) => r.mode === 'WO'),
+        restarts: view.restarts,
+        message,
+      };
+      if (writeStats || e.status.stats === null) next.stats = info.stats;
+      e.status = next;
+    });
+    if (updated !== null && writeStats) this.statsWrittenAt.set(volume, now);
+    return this.options.pollMs;
+  }
+}
+
+function epochOf(args: string[]): number {
+  const at = args.indexOf('--epoch');
+  return at >= 0 ? Number(args[at + 1]) : 0;
+}

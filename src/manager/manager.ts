@@ -1,0 +1,122 @@
+/**
+ * The manager: controllers over the store, and the service the API serves. Level-triggered:
+ * every change to a volume, its engine or its replicas wakes the volume's reconcile, and a
+ * periodic resync wakes every volume, so a missed event only delays work.
+ */
+import type { Store, Watch, WatchEvent } from '../store/store.ts';
+import { Kind, Objects, type EngineValue, type ReplicaValue } from './objects.ts';
+import { Settings } from './settings.ts';
+import { EventRecorder } from './events.ts';
+import { VolumeController } from './volume-controller.ts';
+import { ManagerServiceImpl, type NodeAgents } from './service.ts';
+import { WorkQueue } from './work-queue.ts';
+
+export interface ManagerOptions {
+  store: Store;
+  agents: NodeAgents;
+  defaultNodeId: string;
+  resyncMs?: number;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+export class Manager {
+  readonly objects: Objects;
+  readonly settings: Settings;
+  readonly events: EventRecorder;
+  readonly service: ManagerServiceImpl;
+  private readonly controller: VolumeController;
+  private readonly queue: WorkQueue;
+  private readonly options: ManagerOptions;
+  private readonly log: (event: Record<string, unknown>) => void;
+  private watch: Watch | null = null;
+  private resyncTimer: NodeJS.Timeout | null = null;
+  private stopped = false;
+
+  constructor(options: ManagerOptions) {
+    this.options = options;
+    this.log = options.log ?? (() => {});
+    this.objects = new Objects(options.store);
+    this.settings = new Settings(this.objects);
+    this.events = new EventRecorder(this.objects, this.log);
+    this.controller = new VolumeController(this.objects, this.settings, this.events, this.log);
+    this.queue = new WorkQueue({ name: 'volume', reconcile: (name) => this.controller.reconcile(name), log: this.log });
+    this.service = new ManagerServiceImpl({
+      objects: this.objects,
+      settings: this.settings,
+      events: this.events,
+      agents: options.agents,
+      defaultNodeId: options.defaultNodeId,
+      kick: (name) => this.queue.add(name),
+    });
+  }
+
+  async start(): Promise<void> {
+    const revision = await this.resync();
+    this.watchFrom(revision);
+    this.resyncTimer = setInterval(() => {
+      this.resync().catch((err) => this.log({ event: 'resync-failed', error: (err as Error).message }));
+    }, this.options.resyncMs ?? 10_000);
+    this.resyncTimer.unref();
+  }
+
+  /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
+  private async resync(): Promise<number> {
+    const revision = await this.options.store.revision();
+    const names = new Set<string>();
+    for (const v of await this.objects.list(Kind.Volume)) names.add(v.name);
+    for (const e of await this.objects.list(Kind.Engine)) names.add(e.value.spec.volumeName);
+    for (const r of await this.objects.list(Kind.Replica)) names.add(r.value.spec.volumeName);
+    for (const name of names) this.queue.add(name);
+    return revision;
+  }
+
+  private watchFrom(revision: number): void {
+    if (this.stopped) return;
+    this.watch = this.options.store.watch(
+      { afterRevision: revision },
+      {
+        onEvent: (event: WatchEvent) => this.onChange(event),
+        onError: (err) => {
+          if (this.stopped) return;
+          this.log({ event: 'watch-ended', error: err.message });
+          // Start over: list everything, watch from there.
+          setTimeout(() => {
+            this.resync().then((rev) => this.watchFrom(rev), (e) => this.log({ event: 'resync-failed', error: (e as Error).message }));
+          }, 500).unref();
+        },
+      },
+    );
+  }
+
+  private onChange(event: WatchEvent): void {
+    switch (event.kind) {
+      case Kind.Volume:
+        this.queue.add(event.name);
+        break;
+      case Kind.Engine:
+        this.queue.add((event.object.value as EngineValue).spec.volumeName);
+        break;
+      case Kind.Replica:
+        this.queue.add((event.object.value as ReplicaValue).spec.volumeName);
+        break;
+      case Kind.NodeLease:
+      case Kind.Disk:
+      case Kind.Setting:
+        // Placement may be possible now.
+        void this.resync().catch(() => {});
+        break;
+    }
+  }
+
+  /** Resolves when no reconcile is running or queued (tests). */
+  idle(): Promise<void> {
+    return this.queue.idle();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.resyncTimer !== null) clearInterval(this.resyncTimer);
+    this.watch?.close();
+    await this.queue.stop();
+  }
+}

@@ -1,0 +1,237 @@
+/**
+ * The objects the manager and the agents keep in the store, and typed access to them.
+ *
+ * Ownership (who writes what), so that controllers never fight:
+ * - `spec` is written by the manager (service and controllers): what is wanted.
+ * - `status` of Replica, Engine, Node and Disk is written by the agent of the object's node:
+ *   what is. The Volume's status is written by the volume controller.
+ * Every write is a compare-and-swap on the resourceVersion; `mutate` re-reads and retries.
+ */
+import { ZebuError, ErrorCode } from '../errors.ts';
+import type { Store, StoreObject } from '../store/store.ts';
+import type { ProcessState, ReplicaModeName, SnapshotView, VolumeRobustness, VolumeState } from './types.ts';
+
+export const Kind = {
+  Volume: 'Volume',
+  Engine: 'Engine',
+  Replica: 'Replica',
+  Node: 'Node',
+  /** Exists while the node's agent keeps its lease alive: the node is up. */
+  NodeLease: 'NodeLease',
+  Disk: 'Disk',
+  Setting: 'Setting',
+  Event: 'Event',
+} as const;
+export type Kind = (typeof Kind)[keyof typeof Kind];
+
+export interface VolumeValue {
+  spec: {
+    sizeBytes: number;
+    numberOfReplicas: number;
+    /** Where the volume should be attached; null: detached. */
+    nodeId: string | null;
+    /** Attached without an NBD export. */
+    maintenance: boolean;
+  };
+  status: {
+    state: VolumeState;
+    robustness: VolumeRobustness;
+    /** Epoch of the current or last attachment. Only grows. */
+    epoch: number;
+    /** The node of the current attachment; null when detached. */
+    currentNodeId: string | null;
+    /** When the current attachment was asked for. */
+    attachStartedAt: string | null;
+    endpoint: string | null;
+    message: string | null;
+    /** Snapshots as last seen (served while detached). */
+    snapshots: SnapshotView[];
+  };
+  createdAt: string;
+  deletionRequestedAt: string | null;
+}
+
+export interface EngineReplicaStatus {
+  mode: ReplicaModeName;
+  reason: string | null;
+  rebuild: { copiedBytes: number; totalBytes: number } | null;
+}
+
+export interface EngineIoStats {
+  reads: number;
+  writes: number;
+  readBytes: number;
+  writeBytes: number;
+  errors: number;
+  readLatencyMsTotal: number;
+  writeLatencyMsTotal: number;
+}
+
+/** One per attached volume, named after the volume. */
+export interface EngineValue {
+  spec: {
+    volumeName: string;
+    nodeId: string;
+    epoch: number;
+    sizeBytes: number;
+    /** Replica name -> HOST:PORT. */
+    replicas: Record<string, string>;
+    desireState: 'running' | 'stopped';
+    frontend: boolean;
+  };
+  status: {
+    state: ProcessState;
+    pid: number | null;
+    /** The epoch the running process serves. */
+    epoch: number;
+    sizeBytes: number;
+    endpoint: string | null;
+    faulted: boolean;
+    faultedReason: string | null;
+    /** Replica name -> what the engine says of it. */
+    replicas: Record<string, EngineReplicaStatus>;
+    rebuilding: boolean;
+    stats: EngineIoStats | null;
+    restarts: number;
+    message: string | null;
+  };
+}
+
+export interface ReplicaValue {
+  spec: {
+    volumeName: string;
+    nodeId: string;
+    diskId: string;
+    /** The replica's directory (absolute, on its node). */
+    dataPath: string;
+    sizeBytes: number;
+    desireState: 'running' | 'stopped';
+    /** Set by the manager when an engine first reported it RW. */
+    healthyAt: string | null;
+    /** Set by the manager when it went ERR (or could not start): it will be replaced. */
+    failedAt: string | null;
+  };
+  status: {
+    state: ProcessState;
+    address: string | null;
+    pid: number | null;
+    restarts: number;
+    message: string | null;
+  };
+  deletionRequestedAt: string | null;
+}
+
+export interface NodeValue {
+  spec: { allowScheduling: boolean };
+  status: {
+    /** Host the node's replicas and NBD frontend listen on. */
+    address: string;
+    nbdAddress: string | null;
+    lastHeartbeatAt: string | null;
+  };
+}
+
+export interface NodeLeaseValue {
+  startedAt: string;
+}
+
+export interface DiskValue {
+  spec: {
+    nodeId: string;
+    path: string;
+    allowScheduling: boolean;
+    storageReservedBytes: number;
+  };
+  status: {
+    diskUuid: string | null;
+    storageMaximumBytes: number;
+    storageAvailableBytes: number;
+    ready: boolean;
+    message: string | null;
+  };
+}
+
+export interface SettingValue {
+  value: string;
+}
+
+export interface EventValue {
+  time: string;
+  type: 'Normal' | 'Warning';
+  reason: string;
+  message: string;
+  kind: string;
+  object: string;
+  volume: string | null;
+}
+
+export interface KindValues {
+  Volume: VolumeValue;
+  Engine: EngineValue;
+  Replica: ReplicaValue;
+  Node: NodeValue;
+  NodeLease: NodeLeaseValue;
+  Disk: DiskValue;
+  Setting: SettingValue;
+  Event: EventValue;
+}
+
+const MAX_MUTATE_ATTEMPTS = 20;
+
+/** Typed access to the store for the manager and the agents. */
+export class Objects {
+  readonly store: Store;
+
+  constructor(store: Store) {
+    this.store = store;
+  }
+
+  get<K extends Kind>(kind: K, name: string): Promise<StoreObject<KindValues[K]> | null> {
+    return this.store.get<KindValues[K]>(kind, name);
+  }
+
+  async must<K extends Kind>(kind: K, name: string): Promise<StoreObject<KindValues[K]>> {
+    const obj = await this.get(kind, name);
+    if (obj === null) throw new ZebuError(ErrorCode.NOT_FOUND, `${kind.toLowerCase()} ${name} not found`);
+    return obj;
+  }
+
+  async list<K extends Kind>(kind: K): Promise<StoreObject<KindValues[K]>[]> {
+    return (await this.store.list<KindValues[K]>(kind)).items;
+  }
+
+  create<K extends Kind>(kind: K, name: string, value: KindValues[K], options?: { leaseId?: string }): Promise<StoreObject<KindValues[K]>> {
+    return this.store.create(kind, name, value, options);
+  }
+
+  /**
+   * Read-modify-write with compare-and-swap, retried on CONFLICT. `change` edits a copy in place
+   * and returns false to write nothing. Returns the object as stored afterwards, or null when it
+   * does not exist.
+   */
+  async mutate<K extends Kind>(kind: K, name: string, change: (value: KindValues[K]) => boolean | void): Promise<StoreObject<KindValues[K]> | null> {
+    for (let attempt = 0; attempt < MAX_MUTATE_ATTEMPTS; attempt++) {
+      const obj = await this.get(kind, name);
+      if (obj === null) return null;
+      const value = structuredClone(obj.value);
+      if (change(value) === false) return obj;
+      if (JSON.stringify(value) === JSON.stringify(obj.value)) return obj;
+      try {
+        return await this.store.update(kind, name, value, { resourceVersion: obj.resourceVersion });
+      } catch (err) {
+        if ((err as ZebuError).code === ErrorCode.CONFLICT) continue;
+        if ((err as ZebuError).code === ErrorCode.NOT_FOUND) return null;
+        throw err;
+      }
+    }
+    throw new ZebuError(ErrorCode.CONFLICT, `${kind} ${name}: gave up after ${MAX_MUTATE_ATTEMPTS} conflicting updates`);
+  }
+
+  async remove(kind: Kind, name: string): Promise<void> {
+    try {
+      await this.store.delete(kind, name);
+    } catch (err) {
+      if ((err as ZebuError).code !== ErrorCode.NOT_FOUND) throw err;
+    }
+  }
+}

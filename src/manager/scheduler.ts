@@ -1,0 +1,116 @@
+/**
+ * Replica placement. Pure: nodes, disks and the volume's current replicas in, placements out.
+ *
+ * Rules, in order:
+ * 1. Never two replicas of one volume on the same disk (hard).
+ * 2. Prefer nodes that hold no replica of the volume. With soft anti-affinity off this is hard;
+ *    with it on (the `zebu up` default) one machine may hold every replica on different disks.
+ * 3. Only ready, schedulable nodes and disks.
+ * 4. Space: the replicas placed on a disk (thin: their full size) may add up to
+ *    `overProvisioningPercentage` of the disk's usable size (size minus reserved), and a disk
+ *    whose free space is below `minimalAvailablePercentage` of its size takes nothing new.
+ * Among the disks left, the one with the most schedulable room wins (ties: by name), which
+ * spreads volumes over disks.
+ */
+
+export interface SchedulerNode {
+  name: string;
+  ready: boolean;
+  allowScheduling: boolean;
+}
+
+export interface SchedulerDisk {
+  name: string;
+  nodeId: string;
+  ready: boolean;
+  allowScheduling: boolean;
+  storageMaximumBytes: number;
+  storageAvailableBytes: number;
+  storageReservedBytes: number;
+  /** Sum of the sizes of the replicas already placed on this disk. */
+  storageScheduledBytes: number;
+}
+
+export interface SchedulerPolicy {
+  softAntiAffinity: boolean;
+  overProvisioningPercentage: number;
+  minimalAvailablePercentage: number;
+}
+
+export interface Placement {
+  nodeId: string;
+  diskId: string;
+}
+
+export interface ScheduleResult {
+  placements: Placement[];
+  /** Why the rest could not be placed (empty when all were). */
+  reasons: string[];
+}
+
+/** Why this disk cannot take a replica of `sizeBytes`, or null if it can. */
+export function diskRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined, sizeBytes: number, policy: SchedulerPolicy): string | null {
+  if (node === undefined) return `disk ${disk.name}: its node ${disk.nodeId} is unknown`;
+  if (!node.ready) return `disk ${disk.name}: node ${node.name} is down`;
+  if (!node.allowScheduling) return `disk ${disk.name}: scheduling is off on node ${node.name}`;
+  if (!disk.ready) return `disk ${disk.name} is not ready`;
+  if (!disk.allowScheduling) return `disk ${disk.name}: scheduling is off`;
+  const usable = Math.max(0, disk.storageMaximumBytes - disk.storageReservedBytes);
+  const limit = Math.floor((usable * policy.overProvisioningPercentage) / 100);
+  if (disk.storageScheduledBytes + sizeBytes > limit) {
+    return `disk ${disk.name}: ${disk.storageScheduledBytes + sizeBytes} bytes would be placed, over ${policy.overProvisioningPercentage}% of ${usable} usable bytes`;
+  }
+  const free = disk.storageAvailableBytes - disk.storageReservedBytes;
+  if (free < (disk.storageMaximumBytes * policy.minimalAvailablePercentage) / 100) {
+    return `disk ${disk.name}: only ${Math.max(0, free)} bytes free, under ${policy.minimalAvailablePercentage}% of its size`;
+  }
+  return null;
+}
+
+/**
+ * Places `count` new replicas of a volume of `sizeBytes` next to `existing` ones.
+ * Returns as many placements as possible and the reasons for any shortfall.
+ */
+export function scheduleReplicas(
+  count: number,
+  input: { sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy },
+): ScheduleResult {
+  const nodes = new Map(input.nodes.map((n) => [n.name, n]));
+  const usedDisks = new Set(input.existing.map((p) => p.diskId));
+  const usedNodes = new Set(input.existing.map((p) => p.nodeId));
+  // Placements made in this call take space too.
+  const scheduled = new Map(input.disks.map((d) => [d.name, d.storageScheduledBytes]));
+  const placements: Placement[] = [];
+  let reasons: string[] = [];
+
+  for (let i = 0; i < count; i++) {
+    const refusals: string[] = [];
+    const fit: SchedulerDisk[] = [];
+    for (const disk of input.disks) {
+      if (usedDisks.has(disk.name)) {
+        refusals.push(`disk ${disk.name} already holds a replica of this volume`);
+        continue;
+      }
+      const why = diskRefusal({ ...disk, storageScheduledBytes: scheduled.get(disk.name)! }, nodes.get(disk.nodeId), input.sizeBytes, input.policy);
+      if (why !== null) refusals.push(why);
+      else fit.push(disk);
+    }
+    const freshNode = fit.filter((d) => !usedNodes.has(d.nodeId));
+    let candidates = freshNode;
+    if (candidates.length === 0 && input.policy.softAntiAffinity) candidates = fit;
+    if (candidates.length === 0) {
+      if (fit.length > 0) refusals.push(`every fitting disk is on a node that already holds a replica (replica-soft-anti-affinity is off)`);
+      reasons = refusals.length > 0 ? refusals : ['no disks are registered'];
+      break;
+    }
+    const room = (d: SchedulerDisk): number =>
+      (Math.max(0, d.storageMaximumBytes - d.storageReservedBytes) * input.policy.overProvisioningPercentage) / 100 - scheduled.get(d.name)!;
+    candidates.sort((a, b) => room(b) - room(a) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const chosen = candidates[0];
+    placements.push({ nodeId: chosen.nodeId, diskId: chosen.name });
+    usedDisks.add(chosen.name);
+    usedNodes.add(chosen.nodeId);
+    scheduled.set(chosen.name, scheduled.get(chosen.name)! + input.sizeBytes);
+  }
+  return { placements, reasons: placements.length === count ? [] : reasons };
+}

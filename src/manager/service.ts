@@ -1,0 +1,480 @@
+/**
+ * The manager's operations (ManagerService): validates requests against the current state,
+ * records what is wanted in the store, and builds views. It never waits for the world to change:
+ * the controllers do that; clients poll the views.
+ */
+import { ZebuError, ErrorCode, invalid } from '../errors.ts';
+import type { StoreObject } from '../store/store.ts';
+import { Kind, type EngineValue, type Objects, type ReplicaValue, type VolumeValue } from './objects.ts';
+import type { Settings } from './settings.ts';
+import type { EventRecorder } from './events.ts';
+import { clusterView } from './volume-controller.ts';
+import { scheduleReplicas, diskRefusal } from './scheduler.ts';
+import type {
+  DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
+  VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeView,
+} from './types.ts';
+
+export const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+export const MIN_VOLUME_BYTES = 4096;
+export const MAX_VOLUME_BYTES = 2 ** 44;
+const MAX_REPLICAS = 20;
+
+/** How the manager reaches the engine of a volume on a node (the node's agent). */
+export interface NodeAgents {
+  engineRequest(nodeId: string, volume: string, method: string, path: string, body?: unknown): Promise<unknown>;
+}
+
+export interface ManagerServiceOptions {
+  objects: Objects;
+  settings: Settings;
+  events: EventRecorder;
+  agents: NodeAgents;
+  /** The node a volume attaches to when the request names none. */
+  defaultNodeId: string;
+  /** Wakes the volume controller for a volume now. */
+  kick?: (volume: string) => void;
+}
+
+function validateVolumeName(name: unknown, field = 'name'): string {
+  if (typeof name !== 'string' || !VOLUME_NAME.test(name)) {
+    throw invalid(`volume name must be 1-63 characters of [a-z0-9._-] starting with a letter or digit, got ${JSON.stringify(name)}`, field);
+  }
+  return name;
+}
+
+function validateSize(sizeBytes: unknown): number {
+  if (typeof sizeBytes !== 'number' || !Number.isSafeInteger(sizeBytes)) throw invalid(`sizeBytes must be a whole number of bytes, got ${JSON.stringify(sizeBytes)}`, 'sizeBytes');
+  if (sizeBytes % 4096 !== 0) throw invalid(`sizeBytes must be a multiple of 4096, got ${sizeBytes}`, 'sizeBytes');
+  if (sizeBytes < MIN_VOLUME_BYTES || sizeBytes > MAX_VOLUME_BYTES) throw invalid(`sizeBytes must be between ${MIN_VOLUME_BYTES} and ${MAX_VOLUME_BYTES} (16 TiB), got ${sizeBytes}`, 'sizeBytes');
+  return sizeBytes;
+}
+
+function validateSnapshotName(name: unknown, field = 'name'): string {
+  if (typeof name !== 'string' || !SNAPSHOT_NAME.test(name)) {
+    throw invalid(`snapshot name must be 1-63 characters of [A-Za-z0-9._-] starting with a letter or digit, got ${JSON.stringify(name)}`, field);
+  }
+  return name;
+}
+
+function stateConflict(message: string): ZebuError {
+  return new ZebuError(ErrorCode.BUSY, message);
+}
+
+export class ManagerServiceImpl implements ManagerService {
+  private readonly objects: Objects;
+  private readonly settings: Settings;
+  private readonly events: EventRecorder;
+  private readonly agents: NodeAgents;
+  private readonly defaultNodeId: string;
+  private readonly kick: (volume: string) => void;
+
+  constructor(options: ManagerServiceOptions) {
+    this.objects = options.objects;
+    this.settings = options.settings;
+    this.events = options.events;
+    this.agents = options.agents;
+    this.defaultNodeId = options.defaultNodeId;
+    this.kick = options.kick ?? (() => {});
+  }
+
+  // ---- views -----------------------------------------------------------------------------------
+
+  private async volumeReplicas(name: string): Promise<StoreObject<ReplicaValue>[]> {
+    return (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === name);
+  }
+
+  private volumeView(volume: StoreObject<VolumeValue>, engine: StoreObject<EngineValue> | null, replicas: StoreObject<ReplicaValue>[]): VolumeView {
+    const v = volume.value;
+    const summaries: VolumeReplicaSummary[] = replicas
+      .filter((r) => r.value.deletionRequestedAt === null)
+      .map((r) => {
+        const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
+        const rebuild = said?.mode === 'WO' ? said.rebuild : null;
+        return {
+          name: r.name,
+          nodeId: r.value.spec.nodeId,
+          diskId: r.value.spec.diskId,
+          mode: said?.mode ?? null,
+          state: r.value.status.state,
+          rebuildProgress: rebuild != null ? (rebuild.totalBytes > 0 ? Math.min(1, rebuild.copiedBytes / rebuild.totalBytes) : 0) : null,
+          failedAt: r.value.spec.failedAt,
+        };
+      });
+    return {
+      name: volume.name,
+      sizeBytes: v.spec.sizeBytes,
+      numberOfReplicas: v.spec.numberOfReplicas,
+      state: v.status.state,
+      robustness: v.status.robustness,
+      nodeId: v.spec.nodeId ?? v.status.currentNodeId,
+      frontend: !v.spec.maintenance,
+      endpoint: v.status.state === 'attached' ? v.status.endpoint : null,
+      epoch: v.status.epoch,
+      replicas: summaries,
+      rebuilding: summaries.some((s) => s.mode === 'WO'),
+      message: v.status.message,
+      createdAt: v.createdAt,
+    };
+  }
+
+  private async mustVolume(name: string): Promise<StoreObject<VolumeValue>> {
+    validateVolumeName(name);
+    const volume = await this.objects.get(Kind.Volume, name);
+    if (volume === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${name} not found`);
+    return volume;
+  }
+
+  private async view(name: string): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    return this.volumeView(volume, await this.objects.get(Kind.Engine, name), await this.volumeReplicas(name));
+  }
+
+  // ---- volumes ---------------------------------------------------------------------------------
+
+  async createVolume(input: VolumeCreateInput): Promise<VolumeView> {
+    const name = validateVolumeName(input.name);
+    const sizeBytes = validateSize(input.sizeBytes);
+    const count = input.numberOfReplicas ?? (await this.settings.int('default-replica-count'));
+    if (!Number.isSafeInteger(count) || count < 1 || count > MAX_REPLICAS) throw invalid(`numberOfReplicas must be between 1 and ${MAX_REPLICAS}, got ${JSON.stringify(count)}`, 'numberOfReplicas');
+    if ((await this.objects.get(Kind.Volume, name)) !== null) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
+    const view = await clusterView(this.objects);
+    const plan = scheduleReplicas(count, {
+      sizeBytes,
+      existing: [],
+      nodes: view.nodes,
+      disks: view.disks,
+      policy: {
+        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
+        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
+        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
+      },
+    });
+    if (plan.placements.length < count) {
+      throw invalid(`only ${plan.placements.length} of ${count} replicas can be placed: ${plan.reasons.join('; ')}`, 'numberOfReplicas');
+    }
+    try {
+      await this.objects.create(Kind.Volume, name, {
+        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false },
+        status: {
+          state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [],
+        },
+        createdAt: new Date().toISOString(),
+        deletionRequestedAt: null,
+      });
+    } catch (err) {
+      if ((err as ZebuError).code === ErrorCode.EXISTS) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
+      throw err;
+    }
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async listVolumes(): Promise<VolumeView[]> {
+    const [volumes, engines, replicas] = await Promise.all([this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica)]);
+    const engineByName = new Map(engines.map((e) => [e.name, e]));
+    return volumes.map((v) => this.volumeView(v, engineByName.get(v.name) ?? null, replicas.filter((r) => r.value.spec.volumeName === v.name)));
+  }
+
+  getVolume(name: string): Promise<VolumeView> {
+    return this.view(name);
+  }
+
+  async attachVolume(name: string, input: VolumeAttachInput): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    const nodeId = input.nodeId ?? this.defaultNodeId;
+    const maintenance = input.maintenance ?? false;
+    if ((await this.objects.get(Kind.Node, nodeId)) === null) throw invalid(`node ${nodeId} not found`, 'nodeId');
+    const v = volume.value;
+    if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
+    if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
+      throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
+    }
+    if (v.spec.nodeId === null && v.status.state === 'detaching') throw stateConflict(`volume ${name} is still detaching; try again when it is detached`);
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      if (x.spec.nodeId !== null) return false;
+      x.spec.nodeId = nodeId;
+      x.spec.maintenance = maintenance;
+    });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async detachVolume(name: string): Promise<VolumeView> {
+    await this.mustVolume(name);
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      if (x.spec.nodeId === null) return false;
+      x.spec.nodeId = null;
+    });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async deleteVolume(name: string): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    if (volume.value.spec.nodeId !== null) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      if (x.deletionRequestedAt !== null) return false;
+      x.deletionRequestedAt = new Date().toISOString();
+    });
+    await this.events.record({ type: 'Normal', reason: 'Deleting', message: `deleting volume ${name}`, kind: Kind.Volume, object: name, volume: name });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async expandVolume(name: string, sizeBytes: number): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    validateSize(sizeBytes);
+    const v = volume.value;
+    if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
+    if (sizeBytes < v.spec.sizeBytes) throw invalid(`a volume cannot shrink: ${name} has ${v.spec.sizeBytes} bytes, asked ${sizeBytes}`, 'sizeBytes');
+    if (sizeBytes === v.spec.sizeBytes) return this.view(name);
+    // Every disk holding a replica must be able to hold the larger one.
+    const cluster = await clusterView(this.objects);
+    const policy = {
+      softAntiAffinity: true,
+      overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
+      minimalAvailablePercentage: 0,
+    };
+    for (const r of await this.volumeReplicas(name)) {
+      if (r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null) continue;
+      const disk = cluster.disks.find((d) => d.name === r.value.spec.diskId);
+      if (disk === undefined) continue;
+      const grow = sizeBytes - r.value.spec.sizeBytes;
+      const why = diskRefusal({ ...disk, storageScheduledBytes: disk.storageScheduledBytes - r.value.spec.sizeBytes }, cluster.nodes.find((n) => n.name === disk.nodeId), sizeBytes, policy);
+      if (why !== null && grow > 0) throw invalid(`cannot grow replica ${r.name}: ${why}`, 'sizeBytes');
+    }
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      x.spec.sizeBytes = Math.max(x.spec.sizeBytes, sizeBytes);
+    });
+    await this.events.record({ type: 'Normal', reason: 'Expanding', message: `expanding volume ${name} from ${v.spec.sizeBytes} to ${sizeBytes} bytes`, kind: Kind.Volume, object: name, volume: name });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  // ---- snapshots -------------------------------------------------------------------------------
+
+  /** The running engine of an attached volume, or a 409 explaining why there is none. */
+  private async runningEngine(name: string, what: string): Promise<{ volume: StoreObject<VolumeValue>; engine: StoreObject<EngineValue> }> {
+    const volume = await this.mustVolume(name);
+    const engine = await this.objects.get(Kind.Engine, name);
+    if (volume.value.status.state !== 'attached' || engine === null || engine.value.status.state !== 'running') {
+      throw stateConflict(`${what} needs volume ${name} attached (it is ${volume.value.status.state})`);
+    }
+    return { volume, engine };
+  }
+
+  private async engineRequest(engine: StoreObject<EngineValue>, method: string, path: string, body?: unknown): Promise<unknown> {
+    return this.agents.engineRequest(engine.value.spec.nodeId, engine.name, method, path, body);
+  }
+
+  private async refreshSnapshotCache(name: string, engine: StoreObject<EngineValue>): Promise<SnapshotView[]> {
+    const list = (await this.engineRequest(engine, 'GET', '/v1/snapshots')) as SnapshotView[];
+    const snapshots = list
+      .map((s) => ({ name: s.name, createdAt: s.createdAt, parent: s.parent, sizeBytesUsed: s.sizeBytesUsed, inChain: s.inChain }))
+      .sort((a, b) => (a.createdAt < b.createdAt ? -1 : a.createdAt > b.createdAt ? 1 : 0));
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      x.status.snapshots = snapshots;
+    });
+    return snapshots;
+  }
+
+  async listSnapshots(volume: string): Promise<SnapshotView[]> {
+    const v = await this.mustVolume(volume);
+    const engine = await this.objects.get(Kind.Engine, volume);
+    if (v.value.status.state === 'attached' && engine !== null && engine.value.status.state === 'running') {
+      return this.refreshSnapshotCache(volume, engine);
+    }
+    return v.value.status.snapshots;
+  }
+
+  async createSnapshot(volume: string, name?: string): Promise<SnapshotView> {
+    const snapshotName = name === undefined ? `snap-${new Date().toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-')}-${Math.random().toString(16).slice(2, 6)}` : validateSnapshotName(name);
+    const { engine } = await this.runningEngine(volume, 'a snapshot');
+    await this.engineRequest(engine, 'POST', '/v1/snapshots', { name: snapshotName });
+    await this.events.record({ type: 'Normal', reason: 'SnapshotCreated', message: `snapshot ${snapshotName} of volume ${volume} created`, kind: Kind.Volume, object: volume, volume });
+    const list = await this.refreshSnapshotCache(volume, engine);
+    const created = list.find((s) => s.name === snapshotName);
+    if (created === undefined) throw new ZebuError(ErrorCode.EIO, `snapshot ${snapshotName} was created but is not listed`);
+    return created;
+  }
+
+  async deleteSnapshot(volume: string, snapshot: string): Promise<void> {
+    validateSnapshotName(snapshot, 'snapshot');
+    const { engine } = await this.runningEngine(volume, 'deleting a snapshot');
+    await this.engineRequest(engine, 'DELETE', `/v1/snapshots/${encodeURIComponent(snapshot)}`);
+    await this.events.record({ type: 'Normal', reason: 'SnapshotDeleted', message: `snapshot ${snapshot} of volume ${volume} deleted`, kind: Kind.Volume, object: volume, volume });
+    await this.refreshSnapshotCache(volume, engine);
+  }
+
+  async revertSnapshot(volume: string, snapshot: string): Promise<void> {
+    validateSnapshotName(snapshot, 'snapshot');
+    const { volume: v, engine } = await this.runningEngine(volume, 'reverting to a snapshot');
+    if (!v.value.spec.maintenance) {
+      throw stateConflict(`reverting changes the data under a running client: attach volume ${volume} in maintenance mode first (zebu volume detach ${volume}; zebu volume attach ${volume} --maintenance)`);
+    }
+    await this.engineRequest(engine, 'POST', `/v1/snapshots/${encodeURIComponent(snapshot)}/revert`);
+    await this.events.record({ type: 'Normal', reason: 'SnapshotReverted', message: `volume ${volume} reverted to snapshot ${snapshot}`, kind: Kind.Volume, object: volume, volume });
+    await this.refreshSnapshotCache(volume, engine);
+  }
+
+  // ---- replicas --------------------------------------------------------------------------------
+
+  private replicaView(r: StoreObject<ReplicaValue>, engine: StoreObject<EngineValue> | null): ReplicaView {
+    const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
+    return {
+      name: r.name,
+      volumeName: r.value.spec.volumeName,
+      nodeId: r.value.spec.nodeId,
+      diskId: r.value.spec.diskId,
+      dataPath: r.value.spec.dataPath,
+      sizeBytes: r.value.spec.sizeBytes,
+      desireState: r.value.spec.desireState,
+      state: r.value.status.state,
+      mode: said?.mode ?? null,
+      address: r.value.status.address,
+      pid: r.value.status.pid,
+      restarts: r.value.status.restarts,
+      rebuild: said?.mode === 'WO' ? said.rebuild : null,
+      healthyAt: r.value.spec.healthyAt,
+      failedAt: r.value.spec.failedAt,
+      message: r.value.status.message,
+    };
+  }
+
+  async listReplicas(filter: { volume?: string } = {}): Promise<ReplicaView[]> {
+    if (filter.volume !== undefined) await this.mustVolume(filter.volume);
+    const [replicas, engines] = await Promise.all([this.objects.list(Kind.Replica), this.objects.list(Kind.Engine)]);
+    const engineByName = new Map(engines.map((e) => [e.name, e]));
+    return replicas
+      .filter((r) => filter.volume === undefined || r.value.spec.volumeName === filter.volume)
+      .map((r) => this.replicaView(r, engineByName.get(r.value.spec.volumeName) ?? null));
+  }
+
+  async getReplica(name: string): Promise<ReplicaView> {
+    const r = await this.objects.must(Kind.Replica, name);
+    return this.replicaView(r, await this.objects.get(Kind.Engine, r.value.spec.volumeName));
+  }
+
+  // ---- nodes and disks -------------------------------------------------------------------------
+
+  async listNodes(): Promise<NodeView[]> {
+    const [nodes, leases, disks] = await Promise.all([this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease), this.objects.list(Kind.Disk)]);
+    const up = new Set(leases.map((l) => l.name));
+    return nodes.map((n) => ({
+      name: n.name,
+      address: n.value.status.address,
+      allowScheduling: n.value.spec.allowScheduling,
+      ready: up.has(n.name),
+      lastHeartbeatAt: n.value.status.lastHeartbeatAt,
+      nbdAddress: n.value.status.nbdAddress,
+      disks: disks.filter((d) => d.value.spec.nodeId === n.name).map((d) => d.name),
+    }));
+  }
+
+  async getNode(name: string): Promise<NodeView> {
+    const node = (await this.listNodes()).find((n) => n.name === name);
+    if (node === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `node ${name} not found`);
+    return node;
+  }
+
+  async updateNode(name: string, input: NodeUpdateInput): Promise<NodeView> {
+    await this.getNode(name);
+    if (input.allowScheduling !== undefined && typeof input.allowScheduling !== 'boolean') throw invalid('allowScheduling must be true or false', 'allowScheduling');
+    await this.objects.mutate(Kind.Node, name, (n) => {
+      if (input.allowScheduling !== undefined) n.spec.allowScheduling = input.allowScheduling;
+    });
+    return this.getNode(name);
+  }
+
+  async listDisks(): Promise<DiskView[]> {
+    const cluster = await clusterView(this.objects);
+    const disks = await this.objects.list(Kind.Disk);
+    return disks.map((d) => ({
+      name: d.name,
+      nodeId: d.value.spec.nodeId,
+      path: d.value.spec.path,
+      allowScheduling: d.value.spec.allowScheduling,
+      storageReservedBytes: d.value.spec.storageReservedBytes,
+      storageMaximumBytes: d.value.status.storageMaximumBytes,
+      storageAvailableBytes: d.value.status.storageAvailableBytes,
+      storageScheduledBytes: cluster.disks.find((x) => x.name === d.name)?.storageScheduledBytes ?? 0,
+      ready: d.value.status.ready,
+      message: d.value.status.message,
+    }));
+  }
+
+  async getDisk(name: string): Promise<DiskView> {
+    const disk = (await this.listDisks()).find((d) => d.name === name);
+    if (disk === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `disk ${name} not found`);
+    return disk;
+  }
+
+  async updateDisk(name: string, input: DiskUpdateInput): Promise<DiskView> {
+    const disk = await this.getDisk(name);
+    if (input.allowScheduling !== undefined && typeof input.allowScheduling !== 'boolean') throw invalid('allowScheduling must be true or false', 'allowScheduling');
+    if (input.storageReservedBytes !== undefined) {
+      const r = input.storageReservedBytes;
+      if (!Number.isSafeInteger(r) || r < 0) throw invalid(`storageReservedBytes must be a whole number of bytes >= 0, got ${JSON.stringify(r)}`, 'storageReservedBytes');
+      if (disk.storageMaximumBytes > 0 && r > disk.storageMaximumBytes) throw invalid(`storageReservedBytes ${r} exceeds the disk's size ${disk.storageMaximumBytes}`, 'storageReservedBytes');
+    }
+    await this.objects.mutate(Kind.Disk, name, (d) => {
+      if (input.allowScheduling !== undefined) d.spec.allowScheduling = input.allowScheduling;
+      if (input.storageReservedBytes !== undefined) d.spec.storageReservedBytes = input.storageReservedBytes;
+    });
+    return this.getDisk(name);
+  }
+
+  // ---- settings, events, metrics ---------------------------------------------------------------
+
+  listSettings(): Promise<SettingView[]> {
+    return this.settings.list();
+  }
+
+  getSetting(name: string): Promise<SettingView> {
+    return this.settings.get(name);
+  }
+
+  async setSetting(name: string, value: string): Promise<SettingView> {
+    if (typeof value !== 'string') throw invalid('value must be a string', 'value');
+    const before = await this.settings.get(name);
+    const after = await this.settings.set(name, value);
+    if (before.value !== after.value) {
+      await this.events.record({ type: 'Normal', reason: 'SettingChanged', message: `setting ${name}: ${before.value} -> ${after.value}`, kind: Kind.Setting, object: name, volume: null });
+    }
+    return after;
+  }
+
+  listEvents(filter: { volume?: string; limit?: number } = {}): Promise<EventView[]> {
+    if (filter.limit !== undefined && (!Number.isSafeInteger(filter.limit) || filter.limit < 1 || filter.limit > 1000)) throw invalid('limit must be between 1 and 1000', 'limit');
+    return this.events.list(filter);
+  }
+
+  async metrics(): Promise<VolumeMetrics[]> {
+    const [volumes, engines, replicas] = await Promise.all([this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica)]);
+    const engineByName = new Map(engines.map((e) => [e.name, e]));
+    return volumes.map((v) => {
+      const engine = engineByName.get(v.name) ?? null;
+      const stats = engine?.value.status.state === 'running' ? engine.value.status.stats : null;
+      return {
+        name: v.name,
+        state: v.value.status.state,
+        robustness: v.value.status.robustness,
+        sizeBytes: v.value.spec.sizeBytes,
+        replicas: replicas
+          .filter((r) => r.value.spec.volumeName === v.name && r.value.deletionRequestedAt === null)
+          .map((r) => ({ name: r.name, mode: engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name]?.mode ?? null : null })),
+        io: stats === null ? null : {
+          reads: stats.reads,
+          writes: stats.writes,
+          readBytes: stats.readBytes,
+          writeBytes: stats.writeBytes,
+          readLatencySecondsTotal: stats.readLatencyMsTotal / 1000,
+          writeLatencySecondsTotal: stats.writeLatencyMsTotal / 1000,
+          errors: stats.errors,
+        },
+      };
+    });
+  }
+}

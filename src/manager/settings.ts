@@ -1,0 +1,125 @@
+/**
+ * The settings catalogue: every tunable of the manager, its type, range and default. A Setting
+ * object in the store exists only once a user has changed it; absent means default.
+ */
+import { invalid, ZebuError, ErrorCode } from '../errors.ts';
+import { Kind, type Objects } from './objects.ts';
+import type { SettingView } from './types.ts';
+
+interface SettingDefinition {
+  type: 'int' | 'bool' | 'string';
+  default: string;
+  min?: number;
+  max?: number;
+  description: string;
+}
+
+export const SETTINGS = {
+  'default-replica-count': {
+    type: 'int', default: '3', min: 1, max: 20,
+    description: 'Replicas of a new volume when the request does not say.',
+  },
+  'replica-soft-anti-affinity': {
+    type: 'bool', default: 'true',
+    description: 'Allow replicas of one volume on the same node (on different disks) when no other node can take them. Replicas of a volume are never on the same disk.',
+  },
+  'storage-over-provisioning-percentage': {
+    type: 'int', default: '100', min: 1, max: 10000,
+    description: 'Volumes placed on a disk may add up to this percentage of its usable size (size minus reserved). Replicas are thin, so over 100 trades safety for room.',
+  },
+  'storage-minimal-available-percentage': {
+    type: 'int', default: '10', min: 0, max: 100,
+    description: 'No new replica goes to a disk whose free space is below this percentage of its size.',
+  },
+  'engine-replica-timeout-ms': {
+    type: 'int', default: '8000', min: 1000, max: 120000,
+    description: 'A replica that does not answer an engine request in this time is taken out of the volume (applies to engines started afterwards).',
+  },
+  'replica-start-timeout-ms': {
+    type: 'int', default: '30000', min: 1000, max: 600000,
+    description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',
+  },
+} as const satisfies Record<string, SettingDefinition>;
+
+export type SettingName = keyof typeof SETTINGS;
+
+function definition(name: string): SettingDefinition {
+  const def = (SETTINGS as Record<string, SettingDefinition>)[name];
+  if (def === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `setting ${name} not found (known: ${Object.keys(SETTINGS).join(', ')})`);
+  return def;
+}
+
+/** Checks a value against its setting; returns it normalised. */
+export function validateSetting(name: string, value: string): string {
+  const def = definition(name);
+  const text = value.trim();
+  if (def.type === 'bool') {
+    if (text !== 'true' && text !== 'false') throw invalid(`setting ${name} must be true or false, got ${JSON.stringify(value)}`, 'value');
+    return text;
+  }
+  if (def.type === 'int') {
+    if (!/^-?\d+$/.test(text)) throw invalid(`setting ${name} must be a whole number, got ${JSON.stringify(value)}`, 'value');
+    const n = Number(text);
+    if ((def.min !== undefined && n < def.min) || (def.max !== undefined && n > def.max)) {
+      throw invalid(`setting ${name} must be between ${def.min} and ${def.max}, got ${n}`, 'value');
+    }
+    return String(n);
+  }
+  return value;
+}
+
+export function settingView(name: string, stored: string | null): SettingView {
+  const def = definition(name);
+  return { name, value: stored ?? def.default, default: def.default, type: def.type, description: def.description };
+}
+
+/** Current values of every setting. */
+export class Settings {
+  private readonly objects: Objects;
+
+  constructor(objects: Objects) {
+    this.objects = objects;
+  }
+
+  async raw(name: SettingName): Promise<string> {
+    const obj = await this.objects.get(Kind.Setting, name);
+    return obj?.value.value ?? SETTINGS[name].default;
+  }
+
+  async int(name: SettingName): Promise<number> {
+    return Number(await this.raw(name));
+  }
+
+  async bool(name: SettingName): Promise<boolean> {
+    return (await this.raw(name)) === 'true';
+  }
+
+  async list(): Promise<SettingView[]> {
+    const stored = new Map((await this.objects.list(Kind.Setting)).map((o) => [o.name, o.value.value]));
+    return Object.keys(SETTINGS).map((name) => settingView(name, stored.get(name) ?? null));
+  }
+
+  async get(name: string): Promise<SettingView> {
+    definition(name);
+    const obj = await this.objects.get(Kind.Setting, name);
+    return settingView(name, obj?.value.value ?? null);
+  }
+
+  async set(name: string, value: string): Promise<SettingView> {
+    const normalised = validateSetting(name, value);
+    const updated = await this.objects.mutate(Kind.Setting, name, (v) => {
+      v.value = normalised;
+    });
+    if (updated === null) {
+      try {
+        await this.objects.create(Kind.Setting, name, { value: normalised });
+      } catch (err) {
+        if ((err as ZebuError).code !== ErrorCode.EXISTS) throw err;
+        await this.objects.mutate(Kind.Setting, name, (v) => {
+          v.value = normalised;
+        });
+      }
+    }
+    return settingView(name, normalised);
+  }
+}

@@ -1,0 +1,207 @@
+/**
+ * What the manager offers its clients (REST API, CLI, web UI): the views it returns and the
+ * operations it performs. The API layer (src/api) maps HTTP onto `ManagerService`; the service
+ * (service.ts) maps these onto objects in the store and the controllers do the rest.
+ *
+ * Errors are ZebuErrors: EINVAL with `field` naming the bad input (HTTP 400), NOT_FOUND (404),
+ * EXISTS / CONFLICT / BUSY (409: the request clashes with the current state; nothing changed).
+ * Sizes are whole bytes (numbers: 16 TiB fits a JavaScript number exactly).
+ */
+
+export type VolumeState = 'creating' | 'detached' | 'attaching' | 'attached' | 'detaching' | 'deleting';
+export type VolumeRobustness = 'healthy' | 'degraded' | 'faulted' | 'unknown';
+export type ReplicaModeName = 'RW' | 'WO' | 'ERR';
+/** A process the agent runs: where it is in its life. */
+export type ProcessState = 'stopped' | 'starting' | 'running' | 'error';
+
+export interface VolumeReplicaSummary {
+  name: string;
+  nodeId: string;
+  diskId: string;
+  /** The engine's view while attached; null while detached. */
+  mode: ReplicaModeName | null;
+  state: ProcessState;
+  /** 0..1 while this replica is being rebuilt, else null. */
+  rebuildProgress: number | null;
+  failedAt: string | null;
+}
+
+export interface VolumeView {
+  name: string;
+  sizeBytes: number;
+  numberOfReplicas: number;
+  state: VolumeState;
+  robustness: VolumeRobustness;
+  /** Node the volume is attached to (or attaching to); null when detached. */
+  nodeId: string | null;
+  /** false: attached without an NBD export (maintenance: revert, jobs). */
+  frontend: boolean;
+  /** nbd://HOST:PORT/NAME while attached with a frontend. */
+  endpoint: string | null;
+  /** Epoch of the current (or last) attachment; grows at every attach. */
+  epoch: number;
+  replicas: VolumeReplicaSummary[];
+  /** Whether a replica is being rebuilt. */
+  rebuilding: boolean;
+  /** Why the volume is in its state, when it is not the obvious one. */
+  message: string | null;
+  createdAt: string;
+}
+
+export interface VolumeCreateInput {
+  name: string;
+  sizeBytes: number;
+  /** Absent: the `default-replica-count` setting. */
+  numberOfReplicas?: number;
+}
+
+export interface VolumeAttachInput {
+  /** Absent: the manager's own node (`zebu up`: the only node). */
+  nodeId?: string;
+  /** Attach without an NBD export (needed for snapshot revert). */
+  maintenance?: boolean;
+}
+
+export interface SnapshotView {
+  name: string;
+  createdAt: string;
+  parent: string | null;
+  sizeBytesUsed: number;
+  /** Whether it is an ancestor of the volume's current data. */
+  inChain: boolean;
+}
+
+export interface ReplicaView {
+  name: string;
+  volumeName: string;
+  nodeId: string;
+  diskId: string;
+  /** The replica's directory on its node. */
+  dataPath: string;
+  sizeBytes: number;
+  desireState: 'running' | 'stopped';
+  state: ProcessState;
+  mode: ReplicaModeName | null;
+  /** HOST:PORT of the running replica process. */
+  address: string | null;
+  pid: number | null;
+  restarts: number;
+  rebuild: { copiedBytes: number; totalBytes: number } | null;
+  healthyAt: string | null;
+  failedAt: string | null;
+  message: string | null;
+}
+
+export interface NodeView {
+  name: string;
+  address: string;
+  allowScheduling: boolean;
+  ready: boolean;
+  lastHeartbeatAt: string | null;
+  /** NBD endpoint of the node's frontend, HOST:PORT. */
+  nbdAddress: string | null;
+  disks: string[];
+}
+
+export interface NodeUpdateInput {
+  allowScheduling?: boolean;
+}
+
+export interface DiskView {
+  name: string;
+  nodeId: string;
+  path: string;
+  allowScheduling: boolean;
+  storageReservedBytes: number;
+  storageMaximumBytes: number;
+  storageAvailableBytes: number;
+  /** Sum of the sizes of the replicas placed on this disk. */
+  storageScheduledBytes: number;
+  ready: boolean;
+  message: string | null;
+}
+
+export interface DiskUpdateInput {
+  allowScheduling?: boolean;
+  storageReservedBytes?: number;
+}
+
+export interface SettingView {
+  name: string;
+  value: string;
+  default: string;
+  type: 'int' | 'bool' | 'string';
+  description: string;
+}
+
+export interface EventView {
+  time: string;
+  type: 'Normal' | 'Warning';
+  reason: string;
+  message: string;
+  /** The object the event is about. */
+  kind: string;
+  object: string;
+  /** The volume it concerns, when it concerns one. */
+  volume: string | null;
+}
+
+/** Per-volume figures for /metrics; counters since the engine started. */
+export interface VolumeMetrics {
+  name: string;
+  state: VolumeState;
+  robustness: VolumeRobustness;
+  sizeBytes: number;
+  replicas: { name: string; mode: ReplicaModeName | null }[];
+  /** Null while detached. */
+  io: {
+    reads: number;
+    writes: number;
+    readBytes: number;
+    writeBytes: number;
+    readLatencySecondsTotal: number;
+    writeLatencySecondsTotal: number;
+    errors: number;
+  } | null;
+}
+
+export interface ManagerService {
+  createVolume(input: VolumeCreateInput): Promise<VolumeView>;
+  listVolumes(): Promise<VolumeView[]>;
+  getVolume(name: string): Promise<VolumeView>;
+  /** Asks for the attachment and returns at once (state attaching); poll getVolume. */
+  attachVolume(name: string, input: VolumeAttachInput): Promise<VolumeView>;
+  detachVolume(name: string): Promise<VolumeView>;
+  /** Marks the volume deleting and returns; the volume disappears once its replicas are gone. */
+  deleteVolume(name: string): Promise<VolumeView>;
+  /** Grows the volume (attached: online; detached: at the next attach). Never shrinks. */
+  expandVolume(name: string, sizeBytes: number): Promise<VolumeView>;
+
+  listSnapshots(volume: string): Promise<SnapshotView[]>;
+  /** Attached volumes only. A name is generated when absent. */
+  createSnapshot(volume: string, name?: string): Promise<SnapshotView>;
+  deleteSnapshot(volume: string, snapshot: string): Promise<void>;
+  /** Volume attached in maintenance mode only. */
+  revertSnapshot(volume: string, snapshot: string): Promise<void>;
+
+  listReplicas(filter?: { volume?: string }): Promise<ReplicaView[]>;
+  getReplica(name: string): Promise<ReplicaView>;
+
+  listNodes(): Promise<NodeView[]>;
+  getNode(name: string): Promise<NodeView>;
+  updateNode(name: string, input: NodeUpdateInput): Promise<NodeView>;
+
+  listDisks(): Promise<DiskView[]>;
+  getDisk(name: string): Promise<DiskView>;
+  updateDisk(name: string, input: DiskUpdateInput): Promise<DiskView>;
+
+  listSettings(): Promise<SettingView[]>;
+  getSetting(name: string): Promise<SettingView>;
+  /** The value is validated against the setting's type and range. */
+  setSetting(name: string, value: string): Promise<SettingView>;
+
+  /** Newest first. */
+  listEvents(filter?: { volume?: string; limit?: number }): Promise<EventView[]>;
+
+  metrics(): Promise<VolumeMetrics[]>;
+}

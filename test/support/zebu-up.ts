@@ -1,0 +1,164 @@
+/**
+ * `zebu up` as a real process for system tests, with the real CLI to drive it. Everything it
+ * starts is found again by its data directory (the data-path processes outlive `zebu up` on
+ * purpose), so a test can count, kill and clean up all of them.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { ZEBU_MAIN } from './replica-process.ts';
+
+export interface ZebuUp {
+  dataDir: string;
+  api: string;
+  token: string;
+  nbd: string;
+  child: ChildProcess;
+  exited: Promise<number | string>;
+  stderr: () => string;
+}
+
+export interface ZebuUpOptions {
+  dataDir: string;
+  disks?: number;
+  /** Fixed NBD port (default: any free port; a restart then reuses the first one's). */
+  nbdPort?: number;
+  apiPort?: number;
+}
+
+export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
+  const args = [
+    ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `127.0.0.1:${options.apiPort ?? 0}`, '--nbd', `127.0.0.1:${options.nbdPort ?? 0}`,
+    '--disks', String(options.disks ?? 3), '--node', 'node-1',
+  ];
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-400_000);
+  });
+  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`zebu up not ready in 60 s: ${stderr.slice(-5000)}`)), 60_000);
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (msg.ready === true) {
+          clearTimeout(timer);
+          resolve(msg);
+        }
+      } catch {
+        // not JSON
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`zebu up exited (${code}) before ready: ${stderr.slice(-5000)}`));
+    });
+  });
+  const token = fs.readFileSync(String(ready.tokenFile), 'utf8').trim();
+  return { dataDir: options.dataDir, api: String(ready.api), token, nbd: String(ready.nbd), child, exited, stderr: () => stderr };
+}
+
+/** Stops `zebu up` with SIGTERM (a clean stop of everything) and waits. */
+export async function stopZebuUp(up: ZebuUp): Promise<number | string> {
+  if (up.child.exitCode === null && up.child.signalCode === null) up.child.kill('SIGTERM');
+  return up.exited;
+}
+
+/** Runs the zebu CLI against `up`; returns its output and exit status. */
+export function zebu(up: { api: string; token: string }, args: string[], options: { timeoutMs?: number; cwd?: string } = {}): { stdout: string; stderr: string; status: number | null } {
+  const r = spawnSync(process.execPath, [ZEBU_MAIN, ...args], {
+    env: { ...process.env, ZEBU_API: up.api, ZEBU_TOKEN: up.token },
+    timeout: options.timeoutMs ?? 300_000,
+    cwd: options.cwd,
+    maxBuffer: 16 * 1024 * 1024,
+  });
+  return { stdout: r.stdout?.toString() ?? '', stderr: r.stderr?.toString() ?? '', status: r.status };
+}
+
+/** Like zebu(), but throws with the output when the command fails; returns stdout. */
+export function mustZebu(up: { api: string; token: string }, args: string[], options: { timeoutMs?: number } = {}): string {
+  const r = zebu(up, args, options);
+  if (r.status !== 0) throw new Error(`zebu ${args.join(' ')} exited ${r.status}:\n${r.stdout}\n${r.stderr}`);
+  return r.stdout;
+}
+
+export function mustZebuJson<T = any>(up: { api: string; token: string }, args: string[]): T {
+  return JSON.parse(mustZebu(up, [...args, '--json'])) as T;
+}
+
+export interface ProcessInfo {
+  pid: number;
+  role: 'replica' | 'engine' | 'frontend' | 'up' | 'other';
+  cmdline: string[];
+}
+
+/** Every live process whose command line mentions `dir` (zombies excluded). */
+export function processesUnder(dir: string): ProcessInfo[] {
+  const out: ProcessInfo[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (pid === process.pid) continue;
+    let cmdline: string[];
+    let stat: string;
+    try {
+      cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').filter((x) => x !== '');
+      stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+    if (!cmdline.some((a) => a.includes(dir))) continue;
+    const sub = cmdline.slice(cmdline.findIndex((a) => a.endsWith('main.ts')) + 1);
+    const role = sub[0] === 'up' ? 'up' : sub[0] === 'replica' ? 'replica' : sub[0] === 'engine' ? 'engine' : sub[0] === 'frontend' ? 'frontend' : 'other';
+    out.push({ pid, role, cmdline });
+  }
+  return out;
+}
+
+/** SIGKILLs everything started for `dir` and waits until it is gone. */
+export async function killAllUnder(dir: string): Promise<void> {
+  for (let i = 0; i < 50; i++) {
+    const procs = processesUnder(dir);
+    if (procs.length === 0) return;
+    for (const p of procs) {
+      try {
+        process.kill(p.pid, 'SIGKILL');
+      } catch {
+        // gone
+      }
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** A data directory for `zebu up`, with everything started in it killed and removed at the end. */
+export function zebuDataDir(t: { after: (fn: () => void | Promise<void>) => void }): string {
+  // Short: engine sockets live under it.
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zu-'));
+  const dataDir = path.join(root, 'data');
+  t.after(async () => {
+    await killAllUnder(root);
+    fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
+  });
+  return dataDir;
+}
+
+/** Polls `fn` until it returns a value that is not undefined/false, or fails after `timeoutMs`. */
+export async function waitFor<T>(what: string, fn: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 60_000, intervalMs = 200): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v !== undefined && v !== false) return v as T;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${(last as Error).message}` : ''}`);
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
