@@ -74,6 +74,8 @@ export class Agent {
   private lease: Lease | null = null;
   private timers: NodeJS.Timeout[] = [];
   private readonly statsWrittenAt = new Map<string, number>();
+  /** Since when a new engine waits for its replicas to serve at the addresses it names. */
+  private readonly engineWaitSince = new Map<string, number>();
   private stopping = false;
   private boundNbdAddress: string | null = null;
 
@@ -419,6 +421,16 @@ export class Agent {
     return controlRequest(this.engineControlSocket(volume), method, pathName, body);
   }
 
+  /** Replicas of an engine's spec that are not running at the address the spec names. */
+  private async staleReplicaAddresses(addresses: Record<string, string>): Promise<string[]> {
+    const stale: string[] = [];
+    for (const [name, address] of Object.entries(addresses)) {
+      const r = await this.objects.get(Kind.Replica, name);
+      if (r === null || r.value.status.state !== 'running' || r.value.status.address !== address) stale.push(name);
+    }
+    return stale;
+  }
+
   private async stopEngine(volume: string): Promise<void> {
     await this.removeExport(volume);
     const id = engineProcessId(volume);
@@ -449,6 +461,23 @@ export class Agent {
       // An engine of an earlier attachment: it must go before the new one starts.
       await this.stopEngine(volume);
       return 0;
+    }
+    if (running === undefined || running.pid === null) {
+      // A new engine process: its replicas must be serving at the addresses it is given, or it
+      // would find them all gone (a replica listens on a new port after every restart). The
+      // manager refreshes the addresses; wait for it, but not for ever.
+      const stale = await this.staleReplicaAddresses(spec.replicas);
+      const waitingSince = this.engineWaitSince.get(volume) ?? Date.now();
+      if (stale.length > 0 && Date.now() - waitingSince < (await this.settings.int('replica-start-timeout-ms'))) {
+        this.engineWaitSince.set(volume, waitingSince);
+        await this.objects.mutate(Kind.Engine, volume, (e) => {
+          const message = `waiting for replica(s) ${stale.join(', ')} to serve at their addresses`;
+          if (e.status.message === message) return false;
+          e.status = { ...e.status, state: 'starting', message };
+        });
+        return 300;
+      }
+      this.engineWaitSince.delete(volume);
     }
     const timeoutMs = await this.settings.int('engine-replica-timeout-ms');
     const view = this.supervisor.ensure(id, [

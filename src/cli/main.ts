@@ -9,6 +9,7 @@ import { engineServe } from './engine-serve.ts';
 import { frontendServe } from './frontend-serve.ts';
 import { volumeServe } from './volume-serve.ts';
 import { controlRequest } from '../engine/control-server.ts';
+import { registerClientCommands } from './client/register.ts';
 
 function fail(err: unknown): never {
   const message = err instanceof ZebuError ? `${err.message} (${err.code})` : err instanceof Error ? err.message : String(err);
@@ -112,5 +113,20 @@ volume
   .option('--run-dir <DIR>', 'directory for the internal sockets')
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
   .action((opts) => volumeServe(opts).catch(fail));
+
+program
+  .command('up')
+  .description('run Zebu on this machine: manager, REST API, node agent and embedded store')
+  .option('--data-dir <DIR>', 'where Zebu keeps its state, disks and logs', 'zebu-data')
+  .option('--api <HOST:PORT>', 'REST API address', '127.0.0.1:9500')
+  .option('--nbd <HOST:PORT>', 'NBD address shared by all attached volumes', '127.0.0.1:10809')
+  .option('--disks <N>', 'disks to create as directories under the data dir', '3')
+  .option('--node <NAME>', 'this node\'s name (default: the host name)')
+  .option('--address <HOST>', 'address replicas listen on', '127.0.0.1')
+  // Loaded on demand: data-path processes (replica, engine, frontend) need none of it.
+  .action(async (opts) => (await import('./up.ts')).up(opts).catch(fail));
+
+// Client commands (volume create|list|…, snapshot, replica list, node, disk, setting, events): REST API of `zebu up`.
+registerClientCommands(program);
 
 program.parseAsync(process.argv).catch(fail);

@@ -292,6 +292,7 @@ export class VolumeController {
       return (await this.stopAndRemoveEngine(engine)) ? 0 : WAIT_MS;
     }
     if (e.status.state !== 'running' || e.status.epoch !== e.spec.epoch) {
+      await this.refreshReplicaAddresses(engine, replicas);
       await this.setStatus(volume.name, (s) => {
         s.state = 'attaching';
         s.message = e.status.state === 'error' ? `engine: ${e.status.message}` : null;
@@ -299,6 +300,24 @@ export class VolumeController {
       return WAIT_MS;
     }
     return this.reconcileRunning(volume, engine, replicas);
+  }
+
+  /**
+   * While the engine process is down (after a clean stop of the node, say), its replicas may come
+   * back on new ports: the engine must be started with where they are now.
+   */
+  private async refreshReplicaAddresses(engine: Obj<EngineValue>, replicas: Obj<ReplicaValue>[]): Promise<void> {
+    const moved: Record<string, string> = {};
+    for (const [name, address] of Object.entries(engine.value.spec.replicas)) {
+      const r = replicas.find((x) => x.name === name);
+      const now = r !== undefined && r.value.status.state === 'running' ? r.value.status.address : null;
+      if (now !== null && now !== address) moved[name] = now;
+    }
+    if (Object.keys(moved).length === 0) return;
+    await this.objects.mutate(Kind.Engine, engine.name, (x) => {
+      if (x.status.state === 'running') return false; // it came up meanwhile: its own view stands
+      for (const [name, address] of Object.entries(moved)) if (name in x.spec.replicas) x.spec.replicas[name] = address;
+    });
   }
 
   /** Starts the replicas that may serve, then creates the engine over them. */
@@ -375,6 +394,7 @@ export class VolumeController {
     const wanted = v.spec.numberOfReplicas;
 
     // What the engine says of each replica it has.
+    const anyInService = Object.entries(e.status.replicas).some(([name, said]) => name in e.spec.replicas && said.mode === 'RW');
     for (const r of replicas) {
       if (!(r.name in e.spec.replicas)) continue;
       const said = e.status.replicas[r.name];
@@ -386,7 +406,9 @@ export class VolumeController {
         if (r.value.spec.healthyAt === null && Object.keys(e.spec.replicas).length > 0 && replicas.some((o) => o.value.spec.healthyAt !== null)) {
           await this.event(volume.name, 'Normal', 'ReplicaRebuilt', `replica ${r.name} rebuilt and in service (RW)`, Kind.Replica, r.name);
         }
-      } else if (said.mode === 'ERR' && r.value.spec.failedAt === null) {
+      } else if (said.mode === 'ERR' && r.value.spec.failedAt === null && anyInService) {
+        // Only next to a replica still in service: when every replica is ERR the volume is
+        // faulted and they are kept as they are, for a restart or salvage to bring them back.
         await this.failReplica(volume.name, r, said.reason ?? 'engine reported ERR');
       }
     }

@@ -124,3 +124,50 @@ test('agent + manager: create, attach, serve qemu-io, re-adopt after the agent g
   await agent.stop({ stopProcesses: true });
   assert.deepEqual(processesUnder(dataDir), [], 'a clean stop leaves no process');
 });
+
+test('agent: a crashed frontend or engine is restarted and serves again; exactly one of each remains', async (t) => {
+  const dataDir = tempDir(t, 'zebu-agent-');
+  t.after(() => killAllUnder(dataDir));
+  const store = SqliteStore.open(path.join(dataDir, 'store.db'));
+  const { agent, manager } = node(t, dataDir, store);
+  t.after(async () => {
+    await manager.stop();
+    await agent.stop({ stopProcesses: true });
+    await store.close();
+  });
+  await agent.start();
+  await manager.start();
+  await agent.frontendReady(30_000);
+  const service = manager.service;
+  await service.createVolume({ name: 'c1', sizeBytes: 32 * MiB, numberOfReplicas: 2 });
+  await waitFor('detached', async () => (await service.getVolume('c1')).state === 'detached', 30_000);
+  await service.attachVolume('c1', {});
+  const v = await waitFor('attached', async () => {
+    const x = await service.getVolume('c1');
+    return x.state === 'attached' && x.endpoint !== null ? x : undefined;
+  }, 60_000);
+  let r = qemuIo(v.endpoint!, ['write -P 0x11 0 1M', 'flush']);
+  assert.equal(r.status, 0, r.out);
+
+  for (const role of ['frontend', 'engine'] as const) {
+    const victim = processesUnder(dataDir).find((p) => p.role === role)!;
+    process.kill(victim.pid, 'SIGKILL');
+    await waitFor(`${role} restarted`, () => {
+      const now = processesUnder(dataDir).filter((p) => p.role === role);
+      return now.length === 1 && now[0].pid !== victim.pid;
+    }, 30_000);
+    const served = await waitFor(`volume served again after the ${role} crash`, async () => {
+      const x = await service.getVolume('c1');
+      if (x.state !== 'attached' || x.endpoint === null) return undefined;
+      const check = qemuIo(x.endpoint, ['read -P 0x11 0 1M']);
+      return check.status === 0 ? x : undefined;
+    }, 60_000, 500);
+    assert.equal(served.state, 'attached');
+  }
+  r = qemuIo(v.endpoint!, ['write -P 0x22 1M 1M', 'read -P 0x11 0 1M', 'read -P 0x22 1M 1M']);
+  assert.equal(r.status, 0, r.out);
+  const procs = processesUnder(dataDir);
+  assert.equal(procs.filter((p) => p.role === 'replica').length, 2);
+  assert.equal(procs.filter((p) => p.role === 'engine').length, 1);
+  assert.equal(procs.filter((p) => p.role === 'frontend').length, 1);
+});

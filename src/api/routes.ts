@@ -1,0 +1,205 @@
+/**
+ * The REST API as data: one table of routes, each with its input schemas, its answer and its
+ * handler. server.ts registers the table with fastify and openapi.ts describes the same table,
+ * so the document cannot drift from what the server accepts.
+ */
+import type { ManagerService } from '../manager/types.ts';
+import { bodies, listOf, params, queries, ref, type JsonSchema } from './schemas.ts';
+
+export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
+
+export interface RouteInput {
+  params: Record<string, string>;
+  query: Record<string, string | undefined>;
+  body: Record<string, unknown>;
+}
+
+export interface RouteSpec {
+  method: HttpMethod;
+  /** fastify syntax: /v1/volumes/:name */
+  url: string;
+  operationId: string;
+  summary: string;
+  tag: string;
+  /** false: no token needed (only /healthz). */
+  auth: boolean;
+  params?: JsonSchema;
+  querystring?: JsonSchema;
+  body?: JsonSchema;
+  /** The body may be left out entirely (then it is {}). */
+  bodyOptional?: boolean;
+  /** Status of a success; 204 sends no body. */
+  status: 200 | 201 | 204;
+  /** Schema of a success answer (documentation only). */
+  response?: JsonSchema;
+  /** Content type of a success answer other than JSON. */
+  produces?: string;
+  handler: (input: RouteInput) => Promise<unknown>;
+}
+
+export interface RouteExtras {
+  metrics: () => Promise<string>;
+  metricsContentType: string;
+  openapi: () => unknown;
+}
+
+export function apiRoutes(service: ManagerService, extras: RouteExtras): RouteSpec[] {
+  const route = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }): RouteSpec => ({ auth: true, status: 200, ...spec });
+  const limit = (text: string | undefined): number | undefined => (text === undefined ? undefined : Number(text));
+  return [
+    route({
+      method: 'GET', url: '/healthz', operationId: 'health', tag: 'system', auth: false,
+      summary: 'Liveness of the API server (no token needed)',
+      response: ref('Health'),
+      handler: async () => ({ ok: true }),
+    }),
+    route({
+      method: 'GET', url: '/metrics', operationId: 'metrics', tag: 'system',
+      summary: 'Prometheus metrics: volume state and robustness, replica modes, per-volume I/O',
+      produces: extras.metricsContentType,
+      response: { type: 'string' },
+      handler: () => extras.metrics(),
+    }),
+    route({
+      method: 'GET', url: '/v1/openapi.json', operationId: 'openapi', tag: 'system',
+      summary: 'This API as an OpenAPI 3.1 document',
+      response: { type: 'object' },
+      handler: async () => extras.openapi(),
+    }),
+
+    // ---- volumes
+    route({
+      method: 'GET', url: '/v1/volumes', operationId: 'listVolumes', tag: 'volumes', summary: 'List volumes',
+      response: listOf('Volume'),
+      handler: () => service.listVolumes(),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes', operationId: 'createVolume', tag: 'volumes', summary: 'Create a volume (its replicas are placed now)',
+      body: bodies.volumeCreate, status: 201, response: ref('Volume'),
+      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes: number; numberOfReplicas?: number }),
+    }),
+    route({
+      method: 'GET', url: '/v1/volumes/:name', operationId: 'getVolume', tag: 'volumes', summary: 'Get a volume',
+      params: params.volume, response: ref('Volume'),
+      handler: ({ params: p }) => service.getVolume(p.name),
+    }),
+    route({
+      method: 'DELETE', url: '/v1/volumes/:name', operationId: 'deleteVolume', tag: 'volumes',
+      summary: 'Delete a detached volume (state deleting; it disappears once its replicas are removed)',
+      params: params.volume, response: ref('Volume'),
+      handler: ({ params: p }) => service.deleteVolume(p.name),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/attach', operationId: 'attachVolume', tag: 'volumes',
+      summary: 'Attach a volume (returns at once, state attaching: poll the volume)',
+      params: params.volume, body: bodies.volumeAttach, bodyOptional: true, response: ref('Volume'),
+      handler: ({ params: p, body }) => service.attachVolume(p.name, body as { nodeId?: string; maintenance?: boolean }),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/detach', operationId: 'detachVolume', tag: 'volumes',
+      summary: 'Detach a volume (returns at once: poll the volume)',
+      params: params.volume, response: ref('Volume'),
+      handler: ({ params: p }) => service.detachVolume(p.name),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/expand', operationId: 'expandVolume', tag: 'volumes',
+      summary: 'Grow a volume (online when attached, else at the next attach); never shrinks',
+      params: params.volume, body: bodies.volumeExpand, response: ref('Volume'),
+      handler: ({ params: p, body }) => service.expandVolume(p.name, body.sizeBytes as number),
+    }),
+
+    // ---- snapshots
+    route({
+      method: 'GET', url: '/v1/volumes/:name/snapshots', operationId: 'listSnapshots', tag: 'snapshots', summary: 'List the snapshots of a volume',
+      params: params.volume, response: listOf('Snapshot'),
+      handler: ({ params: p }) => service.listSnapshots(p.name),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/snapshots', operationId: 'createSnapshot', tag: 'snapshots', summary: 'Snapshot an attached volume',
+      params: params.volume, body: bodies.snapshotCreate, bodyOptional: true, status: 201, response: ref('Snapshot'),
+      handler: ({ params: p, body }) => service.createSnapshot(p.name, body.name as string | undefined),
+    }),
+    route({
+      method: 'DELETE', url: '/v1/volumes/:name/snapshots/:snapshot', operationId: 'deleteSnapshot', tag: 'snapshots', summary: 'Delete a snapshot of an attached volume',
+      params: params.snapshot, status: 204,
+      handler: ({ params: p }) => service.deleteSnapshot(p.name, p.snapshot),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/snapshots/:snapshot/revert', operationId: 'revertSnapshot', tag: 'snapshots',
+      summary: 'Revert a volume attached in maintenance mode to a snapshot',
+      params: params.snapshot, status: 204,
+      handler: ({ params: p }) => service.revertSnapshot(p.name, p.snapshot),
+    }),
+
+    // ---- replicas
+    route({
+      method: 'GET', url: '/v1/replicas', operationId: 'listReplicas', tag: 'replicas', summary: 'List replicas, optionally of one volume',
+      querystring: queries.replicas, response: listOf('Replica'),
+      handler: ({ query }) => service.listReplicas(query.volume === undefined ? {} : { volume: query.volume }),
+    }),
+    route({
+      method: 'GET', url: '/v1/replicas/:name', operationId: 'getReplica', tag: 'replicas', summary: 'Get a replica',
+      params: params.object, response: ref('Replica'),
+      handler: ({ params: p }) => service.getReplica(p.name),
+    }),
+
+    // ---- nodes and disks
+    route({
+      method: 'GET', url: '/v1/nodes', operationId: 'listNodes', tag: 'nodes', summary: 'List nodes',
+      response: listOf('Node'),
+      handler: () => service.listNodes(),
+    }),
+    route({
+      method: 'GET', url: '/v1/nodes/:name', operationId: 'getNode', tag: 'nodes', summary: 'Get a node',
+      params: params.object, response: ref('Node'),
+      handler: ({ params: p }) => service.getNode(p.name),
+    }),
+    route({
+      method: 'PATCH', url: '/v1/nodes/:name', operationId: 'updateNode', tag: 'nodes', summary: 'Change a node (scheduling on/off)',
+      params: params.object, body: bodies.nodeUpdate, response: ref('Node'),
+      handler: ({ params: p, body }) => service.updateNode(p.name, body as { allowScheduling?: boolean }),
+    }),
+    route({
+      method: 'GET', url: '/v1/disks', operationId: 'listDisks', tag: 'disks', summary: 'List disks',
+      response: listOf('Disk'),
+      handler: () => service.listDisks(),
+    }),
+    route({
+      method: 'GET', url: '/v1/disks/:name', operationId: 'getDisk', tag: 'disks', summary: 'Get a disk',
+      params: params.object, response: ref('Disk'),
+      handler: ({ params: p }) => service.getDisk(p.name),
+    }),
+    route({
+      method: 'PATCH', url: '/v1/disks/:name', operationId: 'updateDisk', tag: 'disks', summary: 'Change a disk (scheduling on/off, reserved bytes)',
+      params: params.object, body: bodies.diskUpdate, response: ref('Disk'),
+      handler: ({ params: p, body }) => service.updateDisk(p.name, body as { allowScheduling?: boolean; storageReservedBytes?: number }),
+    }),
+
+    // ---- settings and events
+    route({
+      method: 'GET', url: '/v1/settings', operationId: 'listSettings', tag: 'settings', summary: 'List settings with their values and defaults',
+      response: listOf('Setting'),
+      handler: () => service.listSettings(),
+    }),
+    route({
+      method: 'GET', url: '/v1/settings/:name', operationId: 'getSetting', tag: 'settings', summary: 'Get a setting',
+      params: params.object, response: ref('Setting'),
+      handler: ({ params: p }) => service.getSetting(p.name),
+    }),
+    route({
+      method: 'PUT', url: '/v1/settings/:name', operationId: 'setSetting', tag: 'settings', summary: 'Set a setting (checked against its type and range)',
+      params: params.object, body: bodies.settingSet, response: ref('Setting'),
+      handler: ({ params: p, body }) => service.setSetting(p.name, body.value as string),
+    }),
+    route({
+      method: 'GET', url: '/v1/events', operationId: 'listEvents', tag: 'events', summary: 'Events, newest first',
+      querystring: queries.events, response: listOf('Event'),
+      handler: ({ query }) => {
+        const filter: { volume?: string; limit?: number } = {};
+        if (query.volume !== undefined) filter.volume = query.volume;
+        if (query.limit !== undefined) filter.limit = limit(query.limit);
+        return service.listEvents(filter);
+      },
+    }),
+  ];
+}

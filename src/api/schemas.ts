@@ -1,0 +1,157 @@
+/**
+ * JSON schemas of the REST API: request inputs (validated by fastify) and the views it returns
+ * (used only for the OpenAPI document: responses are sent as the service builds them, never
+ * filtered through a schema, so a field added to a view is never silently dropped).
+ *
+ * Field `description`s double as the wording of validation errors ("name must be <description>").
+ */
+import { VOLUME_NAME, MIN_VOLUME_BYTES, MAX_VOLUME_BYTES } from '../manager/service.ts';
+
+export type JsonSchema = Record<string, unknown>;
+
+/** The service checks the same limits; the schema rejects earlier and documents them. */
+const MAX_REPLICAS = 20;
+const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+/** Names of nodes, disks, replicas and settings: chosen by Zebu, only bounded here. */
+const OBJECT_NAME_MAX_CHARS = 253;
+
+export const volumeName: JsonSchema = {
+  type: 'string',
+  pattern: VOLUME_NAME.source,
+  description: '1-63 characters of [a-z0-9._-] starting with a letter or digit',
+};
+
+export const snapshotName: JsonSchema = {
+  type: 'string',
+  pattern: SNAPSHOT_NAME.source,
+  description: '1-63 characters of [A-Za-z0-9._-] starting with a letter or digit',
+};
+
+export const objectName: JsonSchema = {
+  type: 'string',
+  minLength: 1,
+  maxLength: OBJECT_NAME_MAX_CHARS,
+  description: `1-${OBJECT_NAME_MAX_CHARS} characters`,
+};
+
+export const sizeBytes: JsonSchema = {
+  type: 'integer',
+  minimum: MIN_VOLUME_BYTES,
+  maximum: MAX_VOLUME_BYTES,
+  multipleOf: 4096,
+  description: `volume size in bytes: a multiple of 4096 between ${MIN_VOLUME_BYTES} and ${MAX_VOLUME_BYTES} (16 TiB)`,
+};
+
+function object(properties: Record<string, JsonSchema>, required: string[] = []): JsonSchema {
+  return { type: 'object', properties, required, additionalProperties: false };
+}
+
+// ---- request parts ------------------------------------------------------------------------------
+
+export const params = {
+  volume: object({ name: volumeName }, ['name']),
+  snapshot: object({ name: volumeName, snapshot: snapshotName }, ['name', 'snapshot']),
+  object: object({ name: objectName }, ['name']),
+};
+
+export const bodies = {
+  volumeCreate: object(
+    {
+      name: volumeName,
+      sizeBytes,
+      numberOfReplicas: {
+        type: 'integer',
+        minimum: 1,
+        maximum: MAX_REPLICAS,
+        description: `number of replicas, 1-${MAX_REPLICAS} (absent: the default-replica-count setting)`,
+      },
+    },
+    ['name', 'sizeBytes'],
+  ),
+  volumeAttach: object({
+    nodeId: objectName,
+    maintenance: { type: 'boolean', description: 'attach without an NBD export (needed for snapshot revert)' },
+  }),
+  volumeExpand: object({ sizeBytes }, ['sizeBytes']),
+  snapshotCreate: object({ name: snapshotName }),
+  nodeUpdate: object({ allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the node' } }),
+  diskUpdate: object({
+    allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the disk' },
+    storageReservedBytes: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'bytes of the disk kept free of replicas' },
+  }),
+  settingSet: object({ value: { type: 'string', maxLength: 4096, description: 'text of at most 4096 characters ("3", "true")' } }, ['value']),
+};
+
+export const queries = {
+  replicas: object({ volume: volumeName }),
+  events: object({
+    volume: volumeName,
+    limit: { type: 'string', pattern: '^[0-9]{1,7}$', description: 'a whole number of events, 1-1000' },
+  }),
+};
+
+// ---- views (responses) --------------------------------------------------------------------------
+
+const nullable = (schema: JsonSchema): JsonSchema => ({ anyOf: [schema, { type: 'null' }] });
+const str: JsonSchema = { type: 'string' };
+const int: JsonSchema = { type: 'integer' };
+const num: JsonSchema = { type: 'number' };
+const bool: JsonSchema = { type: 'boolean' };
+const time: JsonSchema = { type: 'string', format: 'date-time' };
+const replicaMode: JsonSchema = { type: 'string', enum: ['RW', 'WO', 'ERR'] };
+const processState: JsonSchema = { type: 'string', enum: ['stopped', 'starting', 'running', 'error'] };
+const volumeState: JsonSchema = { type: 'string', enum: ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'] };
+const robustness: JsonSchema = { type: 'string', enum: ['healthy', 'degraded', 'faulted', 'unknown'] };
+
+/** A view: every listed property is present (null where the type allows). */
+function view(properties: Record<string, JsonSchema>): JsonSchema {
+  return { type: 'object', properties, required: Object.keys(properties) };
+}
+
+export const views: Record<string, JsonSchema> = {
+  VolumeReplicaSummary: view({
+    name: str, nodeId: str, diskId: str, mode: nullable(replicaMode), state: processState,
+    rebuildProgress: nullable({ type: 'number', minimum: 0, maximum: 1 }), failedAt: nullable(time),
+  }),
+  Volume: view({
+    name: str, sizeBytes: int, numberOfReplicas: int, state: volumeState, robustness, nodeId: nullable(str),
+    frontend: bool, endpoint: nullable({ type: 'string', description: 'nbd://HOST:PORT/NAME while attached with a frontend' }),
+    epoch: int, replicas: { type: 'array', items: { $ref: '#/components/schemas/VolumeReplicaSummary' } },
+    rebuilding: bool, message: nullable(str), createdAt: time,
+  }),
+  Snapshot: view({ name: str, createdAt: time, parent: nullable(str), sizeBytesUsed: int, inChain: bool }),
+  Replica: view({
+    name: str, volumeName: str, nodeId: str, diskId: str, dataPath: str, sizeBytes: int,
+    desireState: { type: 'string', enum: ['running', 'stopped'] }, state: processState, mode: nullable(replicaMode),
+    address: nullable(str), pid: nullable(int), restarts: int,
+    rebuild: nullable(view({ copiedBytes: int, totalBytes: int })),
+    healthyAt: nullable(time), failedAt: nullable(time), message: nullable(str),
+  }),
+  Node: view({
+    name: str, address: str, allowScheduling: bool, ready: bool, lastHeartbeatAt: nullable(time),
+    nbdAddress: nullable(str), disks: { type: 'array', items: str },
+  }),
+  Disk: view({
+    name: str, nodeId: str, path: str, allowScheduling: bool, storageReservedBytes: int, storageMaximumBytes: int,
+    storageAvailableBytes: int, storageScheduledBytes: int, ready: bool, message: nullable(str),
+  }),
+  Setting: view({ name: str, value: str, default: str, type: { type: 'string', enum: ['int', 'bool', 'string'] }, description: str }),
+  Event: view({
+    time, type: { type: 'string', enum: ['Normal', 'Warning'] }, reason: str, message: str, kind: str, object: str, volume: nullable(str),
+  }),
+  Error: view({
+    error: {
+      type: 'object',
+      properties: {
+        code: { type: 'string', description: 'EINVAL, UNAUTHORIZED, NOT_FOUND, EXISTS, CONFLICT, BUSY, ENOSPC, EIO, ...' },
+        message: str,
+        field: { type: 'string', description: 'the request field at fault (400 only)' },
+      },
+      required: ['code', 'message'],
+    },
+  }),
+  Health: view({ ok: { const: true } }),
+};
+
+export const ref = (name: keyof typeof views & string): JsonSchema => ({ $ref: `#/components/schemas/${name}` });
+export const listOf = (name: keyof typeof views & string): JsonSchema => ({ type: 'array', items: ref(name) });

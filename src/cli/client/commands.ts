@@ -1,0 +1,326 @@
+/**
+ * The client commands of `zebu` (volume, snapshot, replica, node, disk, setting, events) over the
+ * REST API. Output contract:
+ * - `--json`: exactly what the API returned (an array for lists, an object for gets), indented.
+ * - without it: aligned tables or "key: value" blocks for people.
+ * - `volume attach` prints the NBD URI alone on stdout (maintenance mode: the state).
+ * - errors: one line `zebu: <message>` on stderr, exit status 1 (see register.ts).
+ */
+import type { DiskView, EventView, NodeView, ReplicaView, SettingView, SnapshotView, VolumeView } from '../../manager/types.ts';
+import { ErrorCode, ZebuError, invalid } from '../../errors.ts';
+import { parseBytes, parsePositiveInt } from '../units.ts';
+import { ApiClient, type ConnectionOptions } from './api-client.ts';
+import { formatBytes, formatPercent, keyValues, printJson, table } from './format.ts';
+import { attachProgress, rebuildProgress, waitForVolume } from './wait.ts';
+
+export interface CommonOptions extends ConnectionOptions {
+  json?: boolean;
+}
+
+interface WaitingOptions extends CommonOptions {
+  /** commander's --no-wait sets wait=false */
+  wait?: boolean;
+  timeout?: string;
+}
+
+const DEFAULT_WAIT_SECONDS = 300;
+const VOLUME_STATES = ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'];
+const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'];
+
+const enc = encodeURIComponent;
+const out = (text: string): void => {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+};
+
+function timeoutMs(options: WaitingOptions): number {
+  if (options.timeout === undefined) return DEFAULT_WAIT_SECONDS * 1000;
+  if (!/^\d+(\.\d+)?$/.test(options.timeout) || Number(options.timeout) <= 0) throw invalid(`--timeout must be a number of seconds > 0, got ${JSON.stringify(options.timeout)}`, 'timeout');
+  return Number(options.timeout) * 1000;
+}
+
+function sizeOption(text: string | undefined): number {
+  if (text === undefined) throw invalid('--size is required', 'size');
+  return parseBytes(text);
+}
+
+/** The size the engine serves, when the manager reports it (a view field newer than this CLI may lack). */
+function servedSizeBytes(volume: VolumeView): number | null {
+  const value = (volume as unknown as Record<string, unknown>).currentSizeBytes;
+  return typeof value === 'number' ? value : null;
+}
+
+// ---- human views ------------------------------------------------------------------------------
+
+function volumeTable(volumes: VolumeView[]): string {
+  return table(
+    ['NAME', 'SIZE', 'REPLICAS', 'STATE', 'ROBUSTNESS', 'NODE', 'ENDPOINT'],
+    volumes.map((v) => [
+      // Attached: replicas in service (RW) of those wanted; else just how many are wanted.
+      v.name, formatBytes(v.sizeBytes), v.state === 'attached' ? `${v.replicas.filter((r) => r.mode === 'RW').length}/${v.numberOfReplicas}` : v.numberOfReplicas,
+      v.state, v.robustness, v.nodeId, v.endpoint ?? (v.state === 'attached' && !v.frontend ? '(maintenance)' : null),
+    ]),
+  );
+}
+
+function volumeDetails(v: VolumeView): string {
+  const head = keyValues([
+    ['name', v.name],
+    ['size', `${formatBytes(v.sizeBytes)} (${v.sizeBytes} bytes)`],
+    ['replicas', v.numberOfReplicas],
+    ['state', v.state],
+    ['robustness', v.robustness],
+    ['node', v.nodeId],
+    ['frontend', v.frontend ? 'nbd' : 'none (maintenance)'],
+    ['endpoint', v.endpoint],
+    ['epoch', v.epoch],
+    ['rebuilding', v.rebuilding],
+    ['message', v.message],
+    ['created', v.createdAt],
+  ]);
+  if (v.replicas.length === 0) return head;
+  const replicas = table(
+    ['REPLICA', 'NODE', 'DISK', 'STATE', 'MODE', 'REBUILD', 'FAILED'],
+    v.replicas.map((r) => [r.name, r.nodeId, r.diskId, r.state, r.mode, r.rebuildProgress === null ? null : formatPercent(r.rebuildProgress), r.failedAt]),
+  );
+  return `${head}\n${replicas}`;
+}
+
+function replicaRows(replicas: ReplicaView[]): string {
+  return table(
+    ['NAME', 'VOLUME', 'NODE', 'DISK', 'STATE', 'MODE', 'ADDRESS', 'PID', 'RESTARTS', 'REBUILD'],
+    replicas.map((r) => [
+      r.name, r.volumeName, r.nodeId, r.diskId, r.state, r.mode, r.address, r.pid, r.restarts,
+      r.rebuild === null ? null : `${formatPercent(r.rebuild.totalBytes > 0 ? r.rebuild.copiedBytes / r.rebuild.totalBytes : 0)} of ${formatBytes(r.rebuild.totalBytes)}`,
+    ]),
+  );
+}
+
+function replicaDetails(r: ReplicaView): string {
+  return keyValues([
+    ['name', r.name],
+    ['volume', r.volumeName],
+    ['node', r.nodeId],
+    ['disk', r.diskId],
+    ['path', r.dataPath],
+    ['size', `${formatBytes(r.sizeBytes)} (${r.sizeBytes} bytes)`],
+    ['desired', r.desireState],
+    ['state', r.state],
+    ['mode', r.mode],
+    ['address', r.address],
+    ['pid', r.pid],
+    ['restarts', r.restarts],
+    ['rebuild', r.rebuild === null ? null : `${formatBytes(r.rebuild.copiedBytes)} of ${formatBytes(r.rebuild.totalBytes)}`],
+    ['healthy at', r.healthyAt],
+    ['failed at', r.failedAt],
+    ['message', r.message],
+  ]);
+}
+
+// ---- volumes ----------------------------------------------------------------------------------
+
+export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string }): Promise<void> {
+  const sizeBytes = sizeOption(options.size);
+  const body: { name: string; sizeBytes: number; numberOfReplicas?: number } = { name, sizeBytes };
+  if (options.replicas !== undefined) body.numberOfReplicas = parsePositiveInt(options.replicas, '--replicas');
+  const volume = await new ApiClient(options).post<VolumeView>('/v1/volumes', body);
+  if (options.json) return printJson(volume);
+  out(`volume ${volume.name} created: ${formatBytes(volume.sizeBytes)}, ${volume.numberOfReplicas} replica(s), ${volume.state}`);
+}
+
+export async function volumeList(options: CommonOptions): Promise<void> {
+  const volumes = await new ApiClient(options).get<VolumeView[]>('/v1/volumes');
+  if (options.json) return printJson(volumes);
+  out(volumeTable(volumes));
+}
+
+export async function volumeGet(name: string, options: CommonOptions): Promise<void> {
+  const volume = await new ApiClient(options).get<VolumeView>(`/v1/volumes/${enc(name)}`);
+  if (options.json) return printJson(volume);
+  out(volumeDetails(volume));
+}
+
+/** What `volume attach` prints: the NBD URI, or the state in maintenance mode (no export). */
+function attachOutput(volume: VolumeView): string {
+  if (volume.endpoint !== null) return volume.endpoint;
+  return volume.state === 'attached' && !volume.frontend ? 'attached (maintenance mode: no NBD export)' : volume.state;
+}
+
+export async function volumeAttach(name: string, options: WaitingOptions & { node?: string; maintenance?: boolean }): Promise<void> {
+  const client = new ApiClient(options);
+  const wait = timeoutMs(options);
+  const body: { nodeId?: string; maintenance?: boolean } = {};
+  if (options.node !== undefined) body.nodeId = options.node;
+  if (options.maintenance === true) body.maintenance = true;
+  let volume: VolumeView | null = await client.post<VolumeView>(`/v1/volumes/${enc(name)}/attach`, body);
+  if (options.wait !== false) {
+    volume = await waitForVolume(client, name, {
+      what: `volume ${name} to be attached`,
+      timeoutMs: wait,
+      done: (v) => v === null || (v.state === 'attached' && (!v.frontend || v.endpoint !== null)),
+      progress: attachProgress,
+    });
+    if (volume === null) throw invalid(`volume ${name} was deleted while attaching`);
+  }
+  if (options.json) return printJson(volume);
+  out(attachOutput(volume));
+}
+
+export async function volumeDetach(name: string, options: WaitingOptions): Promise<void> {
+  const client = new ApiClient(options);
+  const wait = timeoutMs(options);
+  let volume: VolumeView | null = await client.post<VolumeView>(`/v1/volumes/${enc(name)}/detach`);
+  if (options.wait !== false) {
+    volume = await waitForVolume(client, name, {
+      what: `volume ${name} to be detached`,
+      timeoutMs: wait,
+      done: (v) => v === null || v.state === 'detached',
+      progress: (v) => ({ fraction: v.state === 'detached' ? 1 : v.state === 'detaching' ? 0.5 : 0, label: v.state }),
+    });
+  }
+  if (options.json) return printJson(volume);
+  out(volume === null ? `volume ${name} no longer exists` : `volume ${name} ${volume.state}`);
+}
+
+export async function volumeDelete(name: string, options: WaitingOptions): Promise<void> {
+  const client = new ApiClient(options);
+  const wait = timeoutMs(options);
+  const volume = await client.delete<VolumeView>(`/v1/volumes/${enc(name)}`);
+  if (options.wait === false) return out(`volume ${name} ${volume.state}`);
+  await waitForVolume(client, name, {
+    what: `volume ${name} to be deleted`,
+    timeoutMs: wait,
+    done: (v) => v === null,
+    progress: (v) => ({ fraction: 0.5, label: v.state }),
+  });
+  out(`volume ${name} deleted`);
+}
+
+export async function volumeExpand(name: string, options: WaitingOptions & { size?: string }): Promise<void> {
+  const sizeBytes = sizeOption(options.size);
+  const client = new ApiClient(options);
+  const wait = timeoutMs(options);
+  let volume: VolumeView | null = await client.post<VolumeView>(`/v1/volumes/${enc(name)}/expand`, { sizeBytes });
+  // Online: done when the engine serves the new size (when the manager reports that size).
+  if (options.wait !== false && volume.state === 'attached' && servedSizeBytes(volume) !== null) {
+    volume = await waitForVolume(client, name, {
+      what: `volume ${name} to serve ${formatBytes(sizeBytes)}`,
+      timeoutMs: wait,
+      done: (v) => v === null || v.state !== 'attached' || (servedSizeBytes(v) ?? sizeBytes) >= sizeBytes,
+      progress: (v) => ({ fraction: 0.5, label: `expanding to ${formatBytes(sizeBytes)}, ${v.state}` }),
+    });
+    if (volume === null) throw invalid(`volume ${name} was deleted while expanding`);
+  }
+  if (options.json) return printJson(volume);
+  const when = volume.state === 'attached' ? '' : ' (applied at the next attach)';
+  out(`volume ${name}: ${formatBytes(volume.sizeBytes)} (${volume.sizeBytes} bytes)${when}`);
+}
+
+export async function volumeWait(name: string, options: WaitingOptions & { state?: string; robustness?: string }): Promise<void> {
+  const { state, robustness } = options;
+  if (state === undefined && robustness === undefined) throw invalid('say what to wait for: --state STATE and/or --robustness ROBUSTNESS');
+  if (state !== undefined && state !== 'deleted' && !VOLUME_STATES.includes(state)) {
+    throw invalid(`--state must be one of ${[...VOLUME_STATES, 'deleted'].join(', ')}, got ${JSON.stringify(state)}`, 'state');
+  }
+  if (robustness !== undefined && !ROBUSTNESS.includes(robustness)) throw invalid(`--robustness must be one of ${ROBUSTNESS.join(', ')}, got ${JSON.stringify(robustness)}`, 'robustness');
+  const client = new ApiClient(options);
+  const wanted = [state, robustness].filter((x) => x !== undefined).join(' and ');
+  const volume = await waitForVolume(client, name, {
+    what: `volume ${name} to be ${wanted}`,
+    timeoutMs: timeoutMs(options),
+    done: (v) => v === null || ((state === undefined || v.state === state) && (robustness === undefined || v.robustness === robustness)),
+    progress: rebuildProgress,
+  });
+  if (volume === null && state !== 'deleted') throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${name} not found`);
+  if (options.json) return printJson(volume);
+  out(volume === null ? `volume ${name} deleted` : `volume ${name}: ${volume.state}, ${volume.robustness}`);
+}
+
+// ---- snapshots --------------------------------------------------------------------------------
+
+export async function snapshotCreate(volume: string, name: string | undefined, options: CommonOptions): Promise<void> {
+  const snapshot = await new ApiClient(options).post<SnapshotView>(`/v1/volumes/${enc(volume)}/snapshots`, name === undefined ? {} : { name });
+  if (options.json) return printJson(snapshot);
+  out(`snapshot ${snapshot.name} of volume ${volume} created`);
+}
+
+export async function snapshotList(volume: string, options: CommonOptions): Promise<void> {
+  const list = await new ApiClient(options).get<SnapshotView[]>(`/v1/volumes/${enc(volume)}/snapshots`);
+  if (options.json) return printJson(list);
+  out(table(['NAME', 'CREATED', 'PARENT', 'USED', 'IN CHAIN'], list.map((s) => [s.name, s.createdAt, s.parent, formatBytes(s.sizeBytesUsed), s.inChain])));
+}
+
+export async function snapshotDelete(volume: string, name: string, options: CommonOptions): Promise<void> {
+  await new ApiClient(options).delete(`/v1/volumes/${enc(volume)}/snapshots/${enc(name)}`);
+  out(`snapshot ${name} of volume ${volume} deleted`);
+}
+
+export async function snapshotRevert(volume: string, name: string, options: CommonOptions): Promise<void> {
+  await new ApiClient(options).post(`/v1/volumes/${enc(volume)}/snapshots/${enc(name)}/revert`);
+  out(`volume ${volume} reverted to snapshot ${name}`);
+}
+
+// ---- replicas, nodes, disks -------------------------------------------------------------------
+
+export async function replicaList(options: CommonOptions & { volume?: string }): Promise<void> {
+  const query = options.volume === undefined ? '' : `?volume=${enc(options.volume)}`;
+  const list = await new ApiClient(options).get<ReplicaView[]>(`/v1/replicas${query}`);
+  if (options.json) return printJson(list);
+  out(replicaRows(list));
+}
+
+export async function replicaGet(name: string, options: CommonOptions): Promise<void> {
+  const replica = await new ApiClient(options).get<ReplicaView>(`/v1/replicas/${enc(name)}`);
+  if (options.json) return printJson(replica);
+  out(replicaDetails(replica));
+}
+
+export async function nodeList(options: CommonOptions): Promise<void> {
+  const list = await new ApiClient(options).get<NodeView[]>('/v1/nodes');
+  if (options.json) return printJson(list);
+  out(table(
+    ['NAME', 'ADDRESS', 'READY', 'SCHEDULING', 'NBD', 'DISKS', 'HEARTBEAT'],
+    list.map((n) => [n.name, n.address, n.ready, n.allowScheduling ? 'on' : 'off', n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
+  ));
+}
+
+export async function diskList(options: CommonOptions): Promise<void> {
+  const list = await new ApiClient(options).get<DiskView[]>('/v1/disks');
+  if (options.json) return printJson(list);
+  out(table(
+    ['NAME', 'NODE', 'READY', 'SCHEDULING', 'SIZE', 'AVAILABLE', 'SCHEDULED', 'RESERVED', 'PATH'],
+    list.map((d) => [
+      d.name, d.nodeId, d.ready, d.allowScheduling ? 'on' : 'off', formatBytes(d.storageMaximumBytes), formatBytes(d.storageAvailableBytes),
+      formatBytes(d.storageScheduledBytes), formatBytes(d.storageReservedBytes), d.path,
+    ]),
+  ));
+}
+
+// ---- settings and events ----------------------------------------------------------------------
+
+export async function settingList(options: CommonOptions): Promise<void> {
+  const list = await new ApiClient(options).get<SettingView[]>('/v1/settings');
+  if (options.json) return printJson(list);
+  out(table(['NAME', 'VALUE', 'DEFAULT', 'TYPE', 'DESCRIPTION'], list.map((s) => [s.name, s.value, s.default, s.type, s.description])));
+}
+
+export async function settingGet(name: string, options: CommonOptions): Promise<void> {
+  const setting = await new ApiClient(options).get<SettingView>(`/v1/settings/${enc(name)}`);
+  if (options.json) return printJson(setting);
+  out(keyValues([['name', setting.name], ['value', setting.value], ['default', setting.default], ['type', setting.type], ['description', setting.description]]));
+}
+
+export async function settingSet(name: string, value: string, options: CommonOptions): Promise<void> {
+  const setting = await new ApiClient(options).put<SettingView>(`/v1/settings/${enc(name)}`, { value });
+  if (options.json) return printJson(setting);
+  out(`${setting.name} = ${setting.value}`);
+}
+
+export async function events(options: CommonOptions & { volume?: string; limit?: string }): Promise<void> {
+  const query = new URLSearchParams();
+  if (options.volume !== undefined) query.set('volume', options.volume);
+  if (options.limit !== undefined) query.set('limit', String(parsePositiveInt(options.limit, '--limit')));
+  const text = query.toString();
+  const list = await new ApiClient(options).get<EventView[]>(`/v1/events${text === '' ? '' : `?${text}`}`);
+  if (options.json) return printJson(list);
+  out(table(['TIME', 'TYPE', 'REASON', 'OBJECT', 'MESSAGE'], list.map((e) => [e.time, e.type, e.reason, `${e.kind}/${e.object}`, e.message])));
+}

@@ -1,0 +1,120 @@
+/**
+ * Registers the client commands (they talk to `zebu up` over the REST API) on the `zebu` program.
+ * Only commander is loaded here: the implementations (commands.ts, fetch, cli-progress) are
+ * imported when a client command runs, so data-path commands never load them.
+ *
+ * Every client command takes --api URL (or ZEBU_API; default http://127.0.0.1:9500) and
+ * --token TOKEN / --token-file FILE (or ZEBU_TOKEN; default ./zebu-data/token). A failure prints
+ * one line, `zebu: <message>`, on stderr and exits with status 1.
+ */
+import type { Command } from 'commander';
+
+type Commands = typeof import('./commands.ts');
+
+function failOneLine(err: unknown): never {
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`zebu: ${message.replace(/\s*\n\s*/g, ' ').trim()}\n`);
+  process.exit(1);
+}
+
+/** Runs one client command: loads the implementations, then exits 0 (open keep-alive sockets must not hold the process). */
+function run(action: (commands: Commands) => Promise<void>): Promise<void> {
+  return import('./commands.ts')
+    .then(action)
+    .then(() => process.exit(0), failOneLine);
+}
+
+/** A usage error (missing option, unknown flag) in the same one-line form as every other error. */
+function oneLineUsageErrors(cmd: Command): Command {
+  return cmd
+    .showHelpAfterError(false)
+    .configureOutput({
+      outputError: (text, write) => write(`zebu: ${text.replace(/^error: /, '').replace(/\s*\n\s*/g, ' ').trim()}\n`),
+    });
+}
+
+function clientCommand(parent: Command, nameAndArgs: string, description: string, options: { json?: boolean } = {}): Command {
+  const cmd = oneLineUsageErrors(parent.command(nameAndArgs).description(description))
+    .option('--api <URL>', 'API URL (default: $ZEBU_API or http://127.0.0.1:9500)')
+    .option('--token <TOKEN>', 'API token (default: $ZEBU_TOKEN or the file ./zebu-data/token)')
+    .option('--token-file <FILE>', 'file holding the API token');
+  if (options.json !== false) cmd.option('--json', 'print JSON as the API returns it');
+  return cmd;
+}
+
+function waiting(cmd: Command, what: string): Command {
+  return cmd
+    .option('--no-wait', `return at once instead of waiting ${what}`)
+    .option('--timeout <SECONDS>', 'how long to wait (default 300)');
+}
+
+/** The group `name` of the program (created if main.ts has none yet). */
+function group(program: Command, name: string, description: string): Command {
+  return program.commands.find((c) => c.name() === name) ?? oneLineUsageErrors(program.command(name).description(description));
+}
+
+export function registerClientCommands(program: Command): void {
+  const volume = group(program, 'volume', 'volumes');
+  clientCommand(volume, 'create <NAME>', 'create a volume (replicas are placed now; it starts detached)')
+    .requiredOption('--size <SIZE>', 'size: bytes or with a unit (1GiB, 512MiB); a multiple of 4096')
+    .option('--replicas <N>', 'number of replicas (default: the default-replica-count setting)')
+    .action((name: string, opts) => run((c) => c.volumeCreate(name, opts)));
+  clientCommand(volume, 'list', 'list volumes')
+    .action((opts) => run((c) => c.volumeList(opts)));
+  clientCommand(volume, 'get <NAME>', 'show a volume and its replicas')
+    .action((name: string, opts) => run((c) => c.volumeGet(name, opts)));
+  waiting(clientCommand(volume, 'attach <NAME>', 'attach a volume; prints its NBD URI once it is served'), 'until it is attached')
+    .option('--node <NODE>', 'node to attach to (default: the manager\'s own node)')
+    .option('--maintenance', 'attach without an NBD export (for snapshot revert)')
+    .action((name: string, opts) => run((c) => c.volumeAttach(name, opts)));
+  waiting(clientCommand(volume, 'detach <NAME>', 'detach a volume (stops its engine and replicas)'), 'until it is detached')
+    .action((name: string, opts) => run((c) => c.volumeDetach(name, opts)));
+  waiting(clientCommand(volume, 'delete <NAME>', 'delete a detached volume and its replicas', { json: false }), 'until it is gone')
+    .action((name: string, opts) => run((c) => c.volumeDelete(name, opts)));
+  waiting(clientCommand(volume, 'expand <NAME>', 'grow a volume (online when attached)'), 'for the new size')
+    .requiredOption('--size <SIZE>', 'the new size (larger than the current one)')
+    .action((name: string, opts) => run((c) => c.volumeExpand(name, opts)));
+  clientCommand(volume, 'wait <NAME>', 'wait until a volume reaches a state and/or robustness')
+    .option('--state <STATE>', 'creating, detached, attaching, attached, detaching, deleting or deleted')
+    .option('--robustness <R>', 'healthy, degraded, faulted or unknown')
+    .option('--timeout <SECONDS>', 'how long to wait (default 300)')
+    .action((name: string, opts) => run((c) => c.volumeWait(name, opts)));
+
+  const snapshot = group(program, 'snapshot', 'snapshots of volumes');
+  clientCommand(snapshot, 'create <VOLUME> [NAME]', 'snapshot an attached volume (name generated when absent)')
+    .action((volumeName: string, name: string | undefined, opts) => run((c) => c.snapshotCreate(volumeName, name, opts)));
+  clientCommand(snapshot, 'list <VOLUME>', 'list the snapshots of a volume')
+    .action((volumeName: string, opts) => run((c) => c.snapshotList(volumeName, opts)));
+  clientCommand(snapshot, 'delete <VOLUME> <NAME>', 'delete a snapshot of an attached volume', { json: false })
+    .action((volumeName: string, name: string, opts) => run((c) => c.snapshotDelete(volumeName, name, opts)));
+  clientCommand(snapshot, 'revert <VOLUME> <NAME>', 'revert a volume attached with --maintenance to a snapshot', { json: false })
+    .action((volumeName: string, name: string, opts) => run((c) => c.snapshotRevert(volumeName, name, opts)));
+
+  const replica = group(program, 'replica', 'replicas');
+  clientCommand(replica, 'list', 'list replicas')
+    .option('--volume <VOLUME>', 'only the replicas of this volume')
+    .action((opts) => run((c) => c.replicaList(opts)));
+  clientCommand(replica, 'get <NAME>', 'show a replica')
+    .action((name: string, opts) => run((c) => c.replicaGet(name, opts)));
+
+  const node = group(program, 'node', 'nodes');
+  clientCommand(node, 'list', 'list nodes')
+    .action((opts) => run((c) => c.nodeList(opts)));
+
+  const disk = group(program, 'disk', 'disks');
+  clientCommand(disk, 'list', 'list disks')
+    .action((opts) => run((c) => c.diskList(opts)));
+
+  const setting = group(program, 'setting', 'settings of the manager');
+  clientCommand(setting, 'list', 'list settings')
+    .action((opts) => run((c) => c.settingList(opts)));
+  clientCommand(setting, 'get <NAME>', 'show a setting')
+    .action((name: string, opts) => run((c) => c.settingGet(name, opts)));
+  clientCommand(setting, 'set <NAME> <VALUE>', 'change a setting')
+    .action((name: string, value: string, opts) => run((c) => c.settingSet(name, value, opts)));
+
+  clientCommand(program, 'events', 'events, newest first')
+    .option('--volume <VOLUME>', 'only the events of this volume')
+    .option('--limit <N>', 'at most N events (1-1000)')
+    .action((opts) => run((c) => c.events(opts)));
+}

@@ -1,0 +1,172 @@
+/**
+ * `zebu up`: Zebu on one machine. The manager (controllers + REST API) and the node agent run in
+ * this process over the embedded store (node:sqlite); the agent runs the data-path processes
+ * (replicas, engines, the NBD frontend) as separate processes that outlive this one: if `zebu up`
+ * dies, attached volumes keep serving, and the next `zebu up` on the same data directory
+ * re-adopts them. SIGINT/SIGTERM stop everything cleanly (the volumes stay attached in the
+ * store and come back at the next start).
+ *
+ * Data directory:
+ *   token            API bearer token (0600)      secret     data-protocol secret (0600)
+ *   store.db         the state store              disks/     disk-0 .. disk-N-1
+ *   procs/ logs/     process records and logs     run/       UNIX sockets
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import pino from 'pino';
+import { ZebuError, ErrorCode } from '../errors.ts';
+import { SqliteStore } from '../store/sqlite-store.ts';
+import { Manager } from '../manager/manager.ts';
+import { Agent } from '../agent/agent.ts';
+import { procStat } from '../agent/process-supervisor.ts';
+import { buildApiServer } from '../api/server.ts';
+import { parseHostPort, parsePositiveInt } from './units.ts';
+
+export interface UpArgs {
+  dataDir: string;
+  api: string;
+  nbd: string;
+  disks: string;
+  node?: string;
+  address?: string;
+}
+
+const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
+/** Room left in a UNIX socket path (107 bytes) for "engines/<63-char volume>.sock". */
+const RUN_DIR_MAX_BYTES = 107 - '/engines/'.length - 63 - '.sock'.length;
+
+/** A file holding a random secret, created (0600) on first start. */
+function ensureSecretFile(file: string, bytes: number): void {
+  if (fs.existsSync(file)) {
+    const mode = fs.statSync(file).mode & 0o777;
+    if ((mode & 0o077) !== 0) fs.chmodSync(file, 0o600);
+    return;
+  }
+  const tmp = `${file}.tmp`;
+  fs.writeFileSync(tmp, crypto.randomBytes(bytes).toString('hex') + '\n', { mode: 0o600 });
+  fs.renameSync(tmp, file);
+}
+
+/** One `zebu up` per data directory: a lock file naming the running one. */
+function takeLock(dataDir: string): string {
+  const lockFile = path.join(dataDir, 'zebu-up.pid');
+  try {
+    const held = JSON.parse(fs.readFileSync(lockFile, 'utf8')) as { pid: number; startTime: string };
+    const stat = procStat(held.pid);
+    if (stat !== null && stat.startTime === held.startTime && held.pid !== process.pid) {
+      throw new ZebuError(ErrorCode.BUSY, `another zebu up (pid ${held.pid}) is running on ${dataDir}`);
+    }
+  } catch (err) {
+    if (err instanceof ZebuError) throw err;
+  }
+  fs.writeFileSync(lockFile, JSON.stringify({ pid: process.pid, startTime: procStat(process.pid)?.startTime ?? '' }));
+  return lockFile;
+}
+
+function runDirFor(dataDir: string): string {
+  const preferred = path.join(dataDir, 'run');
+  if (Buffer.byteLength(preferred) <= RUN_DIR_MAX_BYTES) return preferred;
+  const hash = crypto.createHash('sha256').update(dataDir).digest('hex').slice(0, 12);
+  return path.join(os.tmpdir(), `zebu-run-${hash}`);
+}
+
+function defaultNodeName(): string {
+  const name = os.hostname().toLowerCase().replace(/[^a-z0-9._-]/g, '-').replace(/^[^a-z0-9]+/, '');
+  return name.slice(0, 63) || 'node-1';
+}
+
+export async function up(args: UpArgs): Promise<void> {
+  const log = pino({ name: 'zebu-up', base: { pid: process.pid } }, pino.destination(2));
+  const dataDir = path.resolve(args.dataDir);
+  const apiAddress = parseHostPort(args.api);
+  const nbdAddress = parseHostPort(args.nbd);
+  const diskCount = parsePositiveInt(args.disks, '--disks');
+  if (diskCount < 1 || diskCount > 64) throw new ZebuError(ErrorCode.EINVAL, `--disks must be between 1 and 64, got ${diskCount}`);
+  const nodeId = args.node ?? defaultNodeName();
+  if (!/^[a-z0-9][a-z0-9._-]{0,62}$/.test(nodeId)) throw new ZebuError(ErrorCode.EINVAL, `node name ${JSON.stringify(nodeId)} must be 1-63 of [a-z0-9._-]`);
+
+  fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
+  const lockFile = takeLock(dataDir);
+  const tokenFile = path.join(dataDir, 'token');
+  const secretFile = path.join(dataDir, 'secret');
+  ensureSecretFile(tokenFile, 32);
+  ensureSecretFile(secretFile, 32);
+  const token = fs.readFileSync(tokenFile, 'utf8').trim();
+  const runDir = runDirFor(dataDir);
+  fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
+  const disks = Array.from({ length: diskCount }, (_, i) => path.join(dataDir, 'disks', `disk-${i}`));
+
+  const store = SqliteStore.open(path.join(dataDir, 'store.db'));
+  const agent = new Agent({
+    store,
+    nodeId,
+    address: args.address ?? '127.0.0.1',
+    nbdHost: nbdAddress.host,
+    nbdPort: nbdAddress.port,
+    disks,
+    stateDir: dataDir,
+    runDir,
+    secretFile,
+    main: MAIN,
+    log: (event) => log.info(event, String(event.event)),
+  });
+  const manager = new Manager({
+    store,
+    defaultNodeId: nodeId,
+    agents: {
+      engineRequest: (node, volume, method, pathName, body) =>
+        node === agent.nodeId
+          ? agent.engineRequest(volume, method, pathName, body)
+          : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+    },
+    log: (event) => log.info(event, String(event.event)),
+  });
+  const api = await buildApiServer({ service: manager.service, token });
+
+  let stopping = false;
+  const stop = async (signal: string): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, 'stopping: API, controllers, then the data path');
+    try {
+      await api.close();
+      await manager.stop();
+      await agent.stop({ stopProcesses: true });
+      await store.close();
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'unclean stop');
+    }
+    fs.rmSync(lockFile, { force: true });
+    log.info('stopped');
+    log.flush();
+    process.exit(0);
+  };
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGINT', () => void stop('SIGINT'));
+
+  await agent.start();
+  await manager.start();
+  try {
+    await api.listen({ host: apiAddress.host, port: apiAddress.port });
+  } catch (err) {
+    throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
+  }
+  await agent.frontendReady(30_000);
+  const bound = api.server.address();
+  const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;
+  const shownHost = apiAddress.host.includes(':') ? `[${apiAddress.host}]` : apiAddress.host;
+  process.stdout.write(
+    JSON.stringify({
+      ready: true,
+      api: `http://${shownHost}:${port}`,
+      tokenFile,
+      dataDir,
+      node: nodeId,
+      nbd: agent.nbdAddress,
+      pid: process.pid,
+    }) + '\n',
+  );
+}
