@@ -114,7 +114,7 @@ export const views: Record<string, JsonSchema> = {
     rebuildProgress: nullable({ type: 'number', minimum: 0, maximum: 1 }), failedAt: nullable(time),
   }),
   Volume: view({
-    name: str, sizeBytes: int, numberOfReplicas: int, state: volumeState, robustness, nodeId: nullable(str),
+    name: str, sizeBytes: int, currentSizeBytes: nullable(int), numberOfReplicas: int, state: volumeState, robustness, nodeId: nullable(str),
     frontend: bool, endpoint: nullable({ type: 'string', description: 'nbd://HOST:PORT/NAME while attached with a frontend' }),
     epoch: int, replicas: { type: 'array', items: { $ref: '#/components/schemas/VolumeReplicaSummary' } },
     rebuilding: bool, message: nullable(str), createdAt: time,

@@ -105,6 +105,7 @@ export class ManagerServiceImpl implements ManagerService {
     return {
       name: volume.name,
       sizeBytes: v.spec.sizeBytes,
+      currentSizeBytes: engine !== null && engine.value.status.state === 'running' && v.status.state === 'attached' ? engine.value.status.sizeBytes : null,
       numberOfReplicas: v.spec.numberOfReplicas,
       state: v.status.state,
       robustness: v.status.robustness,

@@ -29,6 +29,8 @@ export interface VolumeReplicaSummary {
 export interface VolumeView {
   name: string;
   sizeBytes: number;
+  /** The size the engine serves while attached (below sizeBytes while an expansion is under way); null otherwise. */
+  currentSizeBytes: number | null;
   numberOfReplicas: number;
   state: VolumeState;
   robustness: VolumeRobustness;

@@ -43,10 +43,9 @@ function sizeOption(text: string | undefined): number {
   return parseBytes(text);
 }
 
-/** The size the engine serves, when the manager reports it (a view field newer than this CLI may lack). */
+/** The size the engine serves (null while detached). */
 function servedSizeBytes(volume: VolumeView): number | null {
-  const value = (volume as unknown as Record<string, unknown>).currentSizeBytes;
-  return typeof value === 'number' ? value : null;
+  return volume.currentSizeBytes;
 }
 
 // ---- human views ------------------------------------------------------------------------------
