@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import pino from 'pino';
-import { ZebuError, ErrorCode } from '../errors.ts';
+import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { Replica } from '../replica/replica.ts';
 import { ReplicaServer } from '../replica/server.ts';
 import { NodeDisk, type Disk } from '../replica/disk.ts';
@@ -42,11 +42,11 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
     });
     log.info({ sizeBytes }, 'replica created');
   } else {
+    // A larger --size is an offline volume expansion; a smaller one is refused (never shrink).
+    const before = await Replica.expandOnDisk(args.dir, sizeBytes, disk);
+    if (before < sizeBytes) log.info({ fromBytes: before, toBytes: sizeBytes }, 'replica expanded');
     replica = await Replica.open(args.dir, { disk });
-    if (replica.sizeBytes !== sizeBytes) {
-      await replica.close();
-      throw new ZebuError(ErrorCode.EINVAL, `replica in ${args.dir} has size ${replica.sizeBytes} bytes, but --size says ${sizeBytes}`);
-    }
+    assert(replica.sizeBytes === sizeBytes, 'replica size after expansion');
     log.info({ info: replica.info() }, 'replica opened');
   }
 

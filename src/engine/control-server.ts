@@ -2,12 +2,17 @@
  * The running volume's small control interface: HTTP/JSON on a UNIX socket, used by
  * `zebu engine …` commands and later by the manager.
  *
- *   GET    /v1/info               engine, replicas, stats
+ *   GET    /v1/info               engine, size, replicas (modes, rebuild progress), rebuilding, stats
  *   GET    /v1/replicas           replica list with modes
+ *   POST   /v1/replicas           {"address": "HOST:PORT"}: add a new empty replica and rebuild it
+ *                                 (returns at once; progress in /v1/replicas); 409 while one rebuilds
+ *   DELETE /v1/replicas/ADDRESS   take a replica out (not the last RW one)
+ *   POST   /v1/expand             {"sizeBytes": N}: online expansion; returns /v1/info
  *   GET    /v1/stats              I/O counters
  *   GET    /v1/snapshots          snapshots
  *   POST   /v1/snapshots          {"name": "..."}: create (drains, flushes, snapshots every replica)
  *   DELETE /v1/snapshots/NAME     delete
+ *   POST   /v1/snapshots/NAME/revert   revert the volume to the snapshot (drains first)
  */
 import http from 'node:http';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
@@ -24,6 +29,7 @@ function statusFor(err: ZebuError): number {
       return 404;
     case ErrorCode.EXISTS:
     case ErrorCode.BUSY:
+    case ErrorCode.CONFLICT:
       return 409;
     case ErrorCode.ENOSPC:
       return 507;
@@ -82,6 +88,23 @@ export class EngineControlServer {
       const body = (await readBody(req)) as { name?: unknown };
       if (typeof body.name !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "name" must be a string');
       return this.engine.snapshotCreate(body.name);
+    }
+    if (route === 'POST /v1/replicas') {
+      const body = (await readBody(req)) as { address?: unknown };
+      if (typeof body.address !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "address" must be a string HOST:PORT');
+      return this.engine.addReplica(body.address);
+    }
+    const removeReplica = /^DELETE \/v1\/replicas\/([^/]+)$/.exec(route);
+    if (removeReplica) return this.engine.removeReplica(decodeURIComponent(removeReplica[1]));
+    if (route === 'POST /v1/expand') {
+      const body = (await readBody(req)) as { sizeBytes?: unknown };
+      if (typeof body.sizeBytes !== 'number') throw new ZebuError(ErrorCode.EINVAL, 'body field "sizeBytes" must be a number');
+      return this.engine.expand(body.sizeBytes);
+    }
+    const revert = /^POST \/v1\/snapshots\/([^/]+)\/revert$/.exec(route);
+    if (revert) {
+      await this.engine.snapshotRevert(decodeURIComponent(revert[1]));
+      return { reverted: decodeURIComponent(revert[1]) };
     }
     const del = /^DELETE \/v1\/snapshots\/([^/]+)$/.exec(route);
     if (del) {

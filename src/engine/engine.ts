@@ -12,12 +12,13 @@
  *   replica applies overlapping writes in arrival order, so replicas cannot diverge.
  */
 import os from 'node:os';
-import { ZebuError, ErrorCode, assert } from '../errors.ts';
+import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import { ReplicaClient } from '../protocol/client.ts';
 import { Op, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { chooseStartupModes, type StartupCandidate } from './startup.ts';
+import { Rebuild } from './rebuild.ts';
 
 export const ReplicaMode = { RW: 'RW', WO: 'WO', ERR: 'ERR' } as const;
 export type ReplicaMode = (typeof ReplicaMode)[keyof typeof ReplicaMode];
@@ -41,6 +42,13 @@ export interface EngineReplicaStatus {
   local: boolean;
   reason: string | null;
   revision: number | null;
+  /** While this replica is being rebuilt (WO). */
+  rebuild: RebuildProgress | null;
+}
+
+export interface RebuildProgress {
+  copiedBytes: number;
+  totalBytes: number;
 }
 
 export interface EngineStats {
@@ -64,11 +72,16 @@ interface EngineReplica {
   mode: ReplicaMode;
   reason: string | null;
   info: ReplicaInfo | null;
+  rebuild: RebuildProgress | null;
+  /** Whether writes go to it: false for a replica being rebuilt until it joins. */
+  inWriteSet: boolean;
 }
 
 type Done = (err: ZebuError | null) => void;
 
 const EMPTY = Buffer.alloc(0);
+/** A rebuild copies the volume in regions of this size (a multiple of 4 KiB, at most MAX_IO_BYTES). */
+const REBUILD_REGION_BYTES = 4 * 1024 * 1024;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
@@ -90,7 +103,8 @@ function parseAddress(address: string): { host: string; port: number } {
 
 export class Engine implements BlockBackend {
   readonly name: string;
-  readonly sizeBytes: number;
+  /** Grows with an online expansion (expand()). */
+  sizeBytes: number;
   readonly epoch: number;
   private readonly replicas: EngineReplica[];
   private readonly options: Required<Omit<EngineOptions, 'replicas'>>;
@@ -102,6 +116,8 @@ export class Engine implements BlockBackend {
   private drainWaiters: (() => void)[] = [];
   private pingTimer: NodeJS.Timeout | null = null;
   private closed = false;
+  /** The rebuild under way, if any: at most one at a time. */
+  private rebuilding: Rebuild<EngineReplica> | null = null;
   readonly stats: EngineStats = {
     reads: 0, writes: 0, zeroes: 0, flushes: 0, readBytes: 0, writeBytes: 0, errors: 0, readLatencyMsTotal: 0, writeLatencyMsTotal: 0,
   };
@@ -113,7 +129,7 @@ export class Engine implements BlockBackend {
     this.options = { requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, ...options };
     this.replicas = options.replicas.map((address) => {
       const { host, port } = parseAddress(address);
-      return { address, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null };
+      return { address, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
     });
   }
 
@@ -182,6 +198,7 @@ export class Engine implements BlockBackend {
       local: r.local,
       reason: r.reason,
       revision: r.info?.revision ?? null,
+      rebuild: r.rebuild === null ? null : { ...r.rebuild },
     }));
   }
 
@@ -270,10 +287,10 @@ export class Engine implements BlockBackend {
   private fanOut(op: number, flags: number, offset: number, length: number, payload: Buffer, done: Done): void {
     if (this.faultedReason !== null) return done(this.faultError());
     let remaining = 0;
-    for (const r of this.replicas) if (r.mode !== ReplicaMode.ERR && r.client !== null) remaining++;
+    for (const r of this.replicas) if (r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet) remaining++;
     if (remaining === 0) return done(this.faultError());
     let acceptedByRw = 0;
-    const targets = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null);
+    const targets = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet);
     for (const r of targets) {
       const client = r.client!;
       client.send(op, flags, offset, length, payload, (err) => {
@@ -375,16 +392,26 @@ export class Engine implements BlockBackend {
 
   private fanOutPromise(op: number, flags: number, offset: number, length: number, payload: Buffer): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.admit(() =>
-        this.fanOut(op, flags, offset, length, payload, (err) => {
-          this.finished();
-          if (err !== null) {
-            this.stats.errors++;
-            return reject(err);
-          }
-          resolve();
-        }),
-      );
+      const done = (err: ZebuError | null): void => {
+        this.finished();
+        if (err !== null) {
+          this.stats.errors++;
+          return reject(err);
+        }
+        resolve();
+      };
+      this.admit(() => {
+        const rebuild = this.rebuilding;
+        if (rebuild === null || op === Op.FLUSH) return this.fanOut(op, flags, offset, length, payload, done);
+        // A rebuild copies ranges: a write must not fall between a copy's read and its write.
+        rebuild.whenRangeFree(offset, length, () => {
+          const token = rebuild.writeStarted(offset, length);
+          this.fanOut(op, flags, offset, length, payload, (err) => {
+            rebuild.writeDone(token);
+            done(err);
+          });
+        });
+      });
     });
   }
 
@@ -428,14 +455,22 @@ export class Engine implements BlockBackend {
       epoch: this.epoch,
       faulted: this.faulted,
       faultedReason: this.faultedReason,
+      rebuilding: this.rebuilding !== null,
       replicas: this.replicaStatus(),
       stats: this.stats,
     };
   }
 
+  private refuseDuringRebuild(what: string): void {
+    if (this.rebuilding !== null) {
+      throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: cannot ${what} while replica ${this.rebuilding.target.address} is being rebuilt`);
+    }
+  }
+
   /** Drains in-flight I/O, flushes, snapshots every replica with the same name, resumes. */
   async snapshotCreate(name: string): Promise<SnapshotInfo> {
     if (this.faultedReason !== null) throw this.faultError();
+    this.refuseDuringRebuild('create a snapshot');
     await this.pauseAndDrain();
     try {
       await new Promise<void>((resolve, reject) => this.fanOut(Op.FLUSH, 0, 0, 0, EMPTY, (err) => (err ? reject(err) : resolve())));
@@ -454,10 +489,13 @@ export class Engine implements BlockBackend {
   }
 
   async snapshotDelete(name: string): Promise<void> {
+    this.refuseDuringRebuild('delete a snapshot');
     await this.onEveryActive((client) => client.snapshotDelete(name), false);
   }
 
+
   async snapshotRevert(name: string): Promise<void> {
+    this.refuseDuringRebuild('revert to a snapshot');
     await this.pauseAndDrain();
     try {
       await this.onEveryActive((client) => client.snapshotRevert(name), true);
@@ -493,10 +531,211 @@ export class Engine implements BlockBackend {
     return ok;
   }
 
+  // ---- replica set changes: add (rebuild), remove, expand -----------------------------------
+
+  /**
+   * Adds a new, empty replica and starts rebuilding it from the RW replicas; returns at once
+   * (progress is in replicaStatus()). The copy: the snapshots of the current chain, oldest
+   * first, each then snapshotted under the same name on the new replica; then the replica joins
+   * the write set as WO and the live volume is copied region by region, each region claimed
+   * against client writes (rebuild.ts). At the end, with I/O paused: flush, the source's write
+   * counter, RW. A full copy, skipping what the source does not hold.
+   */
+  async addReplica(address: string): Promise<EngineReplicaStatus[]> {
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine is closing`);
+    if (this.faultedReason !== null) throw this.faultError();
+    const { host, port } = parseAddress(address);
+    if (this.replicas.some((r) => r.address === address)) throw new ZebuError(ErrorCode.EXISTS, `replica ${address} is already in volume ${this.name}`);
+    if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: replica ${this.rebuilding.target.address} is being rebuilt; one rebuild at a time`);
+    if (this.paused) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} is busy (snapshot or expansion); try again`);
+    const client = await ReplicaClient.connect({
+      host, port, secret: this.options.secret, epoch: this.epoch,
+      requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
+    });
+    let info: ReplicaInfo;
+    try {
+      info = await client.open();
+      if (info.revision !== 0 || info.layerCount !== 1 || info.hasBase) {
+        throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)): only a new replica can be rebuilt`);
+      }
+      if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
+      if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} has ${info.sizeBytes} bytes, the volume ${this.sizeBytes}`);
+      // Checked again: the awaits above let another request in.
+      if (this.rebuilding !== null || this.replicas.some((r) => r.address === address) || this.closed || this.faultedReason !== null) {
+        throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} changed while replica ${address} was being opened; try again`);
+      }
+    } catch (err) {
+      client.close();
+      throw err;
+    }
+    const snapshots = (await this.snapshotList()).filter((x) => x.inChain);
+    const target: EngineReplica = {
+      address, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
+      rebuild: { copiedBytes: 0, totalBytes: this.sizeBytes * (snapshots.length + 1) },
+    };
+    // Not in the write set until its snapshots are copied: `joined` says when it is.
+    const rebuild = new Rebuild(target, target.rebuild!);
+    this.rebuilding = rebuild;
+    this.replicas.push(target);
+    client.onClose((err) => {
+      if (target.client === client) this.setErr(target, err);
+    });
+    this.log({ event: 'rebuild-started', replica: address, snapshots: snapshots.map((x) => x.name) });
+    void this.runRebuild(rebuild, target, orderChain(snapshots).map((x) => x.name)).then(
+      () => this.log({ event: 'rebuild-done', replica: address }),
+      (err) => {
+        const e = toZebuError(err);
+        this.log({ event: 'rebuild-failed', replica: address, reason: e.message });
+        if (target.mode !== ReplicaMode.ERR) this.setErr(target, new ZebuError(e.code, `rebuild failed: ${e.message}`));
+      },
+    );
+    return this.replicaStatus();
+  }
+
+  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, chain: string[]): Promise<void> {
+    const progress = target.rebuild!;
+    const regionBytes = REBUILD_REGION_BYTES;
+    const check = (): void => {
+      if (target.mode === ReplicaMode.ERR || target.client === null) throw new ZebuError(ErrorCode.EIO, `target failed: ${target.reason}`);
+      if (rebuild.cancelled !== null) throw new ZebuError(ErrorCode.CLOSED, rebuild.cancelled);
+      if (this.faultedReason !== null) throw this.faultError();
+    };
+    /** Reads from a RW replica; a failing source is set ERR and the next one tried. */
+    const readSource = async (fn: (client: ReplicaClient) => Promise<Buffer>): Promise<Buffer> => {
+      for (;;) {
+        check();
+        const source = this.pickReader(new Set([target]));
+        if (source === null) throw this.faultError();
+        const client = source.client!;
+        try {
+          return await fn(client);
+        } catch (err) {
+          const e = toZebuError(err);
+          if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND) throw e;
+          if (source.client === client) this.setErr(source, e);
+        }
+      }
+    };
+    try {
+      // 1. The snapshots, oldest first. Regions that hold data in the previous snapshot must be
+      //    overwritten (zeroed) where the next one reads zeros.
+      const nonZero = new Set<number>();
+      for (const name of chain) {
+        for (let offset = 0; offset < this.sizeBytes; offset += regionBytes) {
+          const length = Math.min(regionBytes, this.sizeBytes - offset);
+          const data = await readSource((c) => c.readSnapshot(name, offset, length));
+          check();
+          const region = offset / regionBytes;
+          if (!isAllZero(data)) {
+            await target.client!.write(offset, data);
+            nonZero.add(region);
+          } else if (nonZero.has(region)) {
+            await target.client!.writeZeroes(offset, length);
+            nonZero.delete(region);
+          }
+          progress.copiedBytes += length;
+        }
+        check();
+        await target.client!.snapshotCreate(name);
+      }
+
+      // 2. Join the write set (no write in flight while it joins), then copy the live volume.
+      await this.pauseAndDrain();
+      try {
+        check();
+        target.inWriteSet = true;
+      } finally {
+        this.resume();
+      }
+      for (let offset = 0; offset < this.sizeBytes; offset += regionBytes) {
+        const length = Math.min(regionBytes, this.sizeBytes - offset);
+        await rebuild.claim(offset, offset + length);
+        try {
+          check();
+          const extents = decodeExtents(await readSource((c) => c.request(Op.BLOCK_STATUS, 0, offset, length)));
+          for (const extent of extents) {
+            if (extent.data) {
+              for (let at = extent.offset; at < extent.offset + extent.length; at += regionBytes) {
+                const n = Math.min(regionBytes, extent.offset + extent.length - at);
+                const data = await readSource((c) => c.read(at, n));
+                check();
+                await target.client!.write(at, data);
+              }
+            } else if (nonZero.has(offset / regionBytes)) {
+              await target.client!.writeZeroes(extent.offset, extent.length);
+            }
+          }
+        } finally {
+          rebuild.release();
+        }
+        progress.copiedBytes += length;
+      }
+
+      // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
+      await this.pauseAndDrain();
+      try {
+        check();
+        await new Promise<void>((resolve, reject) => this.fanOut(Op.FLUSH, 0, 0, 0, EMPTY, (err) => (err ? reject(err) : resolve())));
+        check();
+        const sourceInfo = JSON.parse((await readSource((c) => c.request(Op.INFO, 0, 0, 0))).toString('utf8')) as ReplicaInfo;
+        target.info = await target.client!.setRevision(sourceInfo.revision);
+        check();
+        target.mode = ReplicaMode.RW;
+        target.reason = null;
+        target.rebuild = null;
+      } finally {
+        this.rebuilding = null;
+        this.resume();
+      }
+    } finally {
+      if (this.rebuilding === rebuild) {
+        this.rebuilding = null;
+        rebuild.release();
+      }
+    }
+  }
+
+  /** Takes a replica out of the volume for good (disconnects it). The last RW replica stays. */
+  async removeReplica(address: string): Promise<EngineReplicaStatus[]> {
+    const at = this.replicas.findIndex((r) => r.address === address);
+    if (at < 0) throw new ZebuError(ErrorCode.NOT_FOUND, `replica ${address} is not in volume ${this.name}`);
+    const r = this.replicas[at];
+    if (r.mode === ReplicaMode.RW && !this.replicas.some((x) => x !== r && x.mode === ReplicaMode.RW)) {
+      throw new ZebuError(ErrorCode.BUSY, `replica ${address} is the last RW replica of volume ${this.name}`);
+    }
+    if (this.rebuilding?.target === r) this.rebuilding.cancelled = `replica ${address} was removed`;
+    // ERR first: requests in flight to it no longer count, and its client closes.
+    this.setErr(r, new ZebuError(ErrorCode.CLOSED, 'removed from the volume'));
+    this.replicas.splice(this.replicas.indexOf(r), 1);
+    this.log({ event: 'replica-removed', replica: address });
+    return this.replicaStatus();
+  }
+
+  /** Online expansion: with I/O paused, grows every RW/WO replica, then the volume. */
+  async expand(sizeBytes: number): Promise<unknown> {
+    if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 4096 !== 0 || sizeBytes <= 0) {
+      throw new ZebuError(ErrorCode.EINVAL, `sizeBytes must be a positive multiple of 4096, got ${sizeBytes}`);
+    }
+    if (sizeBytes < this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `volume ${this.name} cannot shrink from ${this.sizeBytes} to ${sizeBytes} bytes`);
+    if (sizeBytes === this.sizeBytes) return this.info();
+    this.refuseDuringRebuild('expand');
+    if (this.faultedReason !== null) throw this.faultError();
+    await this.pauseAndDrain();
+    try {
+      await this.onEveryActive((client) => client.expand(sizeBytes), true);
+      this.sizeBytes = sizeBytes;
+      this.log({ event: 'expanded', sizeBytes });
+    } finally {
+      this.resume();
+    }
+    return this.info();
+  }
+
   /** Flushes what it can and disconnects from the replicas. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
     if (this.pingTimer !== null) clearInterval(this.pingTimer);
     if (this.faultedReason === null) await this.flush().catch(() => {});
     for (const r of this.replicas) {
@@ -505,4 +744,22 @@ export class Engine implements BlockBackend {
       client?.close();
     }
   }
+}
+
+/** Snapshots of one chain, root first (each one's parent is the one before, or outside the list). */
+function orderChain(snapshots: SnapshotInfo[]): SnapshotInfo[] {
+  const byParent = new Map<string | null, SnapshotInfo>();
+  const ids = new Set(snapshots.map((x) => x.id));
+  for (const x of snapshots) byParent.set(x.parent !== null && ids.has(x.parent) ? x.parent : null, x);
+  const out: SnapshotInfo[] = [];
+  for (let x = byParent.get(null); x !== undefined && out.length < snapshots.length; x = byParent.get(x.id)) out.push(x);
+  assert(out.length === snapshots.length, 'the snapshots of the chain form one line');
+  return out;
+}
+
+function isAllZero(data: Buffer): boolean {
+  for (let at = 0; at < data.length; at += 8) {
+    if (at + 8 <= data.length ? data.readBigUInt64LE(at) !== 0n : data.subarray(at).some((b) => b !== 0)) return false;
+  }
+  return true;
 }

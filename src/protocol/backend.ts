@@ -24,5 +24,8 @@ export interface BlockBackend {
   snapshotList(): unknown;
   snapshotDelete(name: string): Promise<void>;
   snapshotRevert(name: string): Promise<void>;
+  /** Replicas: online expansion (EXPAND) and the end of a rebuild (SET_REVISION). */
+  expand?(sizeBytes: number): Promise<unknown>;
+  setRevision?(revision: number): Promise<unknown>;
 }
 

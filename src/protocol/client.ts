@@ -208,6 +208,14 @@ export class ReplicaClient {
   async snapshotRevert(name: string): Promise<void> {
     await this.request(Op.SNAPSHOT_REVERT, 0, 0, 0, Buffer.from(name));
   }
+  /** Grows the replica (online volume expansion); never shrinks. */
+  async expand(sizeBytes: number): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.EXPAND, 0, sizeBytes, 0)).toString('utf8'));
+  }
+  /** The end of a rebuild: the copy takes the source's write counter, durably. */
+  async setRevision(revision: number): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.SET_REVISION, 0, revision, 0)).toString('utf8'));
+  }
   /** Tests only: the replica must run with fault injection enabled. */
   async injectFaults(spec: { clear?: boolean; rules?: FaultRule[] }): Promise<void> {
     await this.request(Op.FAULT_INJECT, 0, 0, 0, Buffer.from(JSON.stringify(spec)));

@@ -37,6 +37,10 @@ export const Op = {
   SNAPSHOT_REVERT: 12,
   PING: 13,
   FAULT_INJECT: 14,
+  /** Grow the replica to `offset` bytes (online volume expansion). */
+  EXPAND: 15,
+  /** Take `offset` as the write counter, durably (the end of a rebuild). */
+  SET_REVISION: 16,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

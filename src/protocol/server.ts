@@ -297,6 +297,12 @@ class Connection {
       case Op.SNAPSHOT_REVERT:
         await replica.snapshotRevert(textArg(payload));
         return EMPTY;
+      case Op.EXPAND:
+        if (replica.expand === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'EXPAND is not served here');
+        return json(await replica.expand(h.offset));
+      case Op.SET_REVISION:
+        if (replica.setRevision === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REVISION is not served here');
+        return json(await replica.setRevision(h.offset));
       case Op.FAULT_INJECT: {
         const disk = this.owner.opts.faultDisk;
         if (disk === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'fault injection is not enabled on this replica');

@@ -15,11 +15,18 @@ export const BlockState = { ABSENT: 0, DATA: 1, ZERO: 2 } as const;
 export type BlockState = (typeof BlockState)[keyof typeof BlockState];
 
 export class BlockMap {
-  readonly blockCount: number;
+  /** Grows with the volume (grow()); never shrinks. */
+  blockCount: number;
   private readonly pages = new Map<number, Uint8Array>();
 
   constructor(blockCount: number) {
     assert(Number.isSafeInteger(blockCount) && blockCount >= 0, 'block count');
+    this.blockCount = blockCount;
+  }
+
+  /** A volume expansion: the new blocks are ABSENT (no page holds them yet, or they are 0 bits). */
+  grow(blockCount: number): void {
+    assert(Number.isSafeInteger(blockCount) && blockCount >= this.blockCount, `grow a block map from ${this.blockCount} to ${blockCount}`);
     this.blockCount = blockCount;
   }
 

@@ -116,7 +116,7 @@ export class Replica {
   private readonly layers = new Map<string, Layer>();
   private chain: Layer[] = [];
   private head!: Layer;
-  private readonly blockCount: number;
+  private blockCount: number;
   private readonly lock = new RangeLock();
 
   private revision = 0;
@@ -192,6 +192,24 @@ export class Replica {
     );
     await disk.writeFileAtomic(path.join(dir, META_FILE), encodeMeta(meta));
     return Replica.open(dir, { disk });
+  }
+
+  /**
+   * Grows a closed replica to `sizeBytes` (an offline volume expansion): only replica.json
+   * changes, atomically. The new blocks are absent in every layer, so they read as zeros; layer
+   * data files grow as blocks are written. Never shrinks. Returns the size before.
+   */
+  static async expandOnDisk(dir: string, sizeBytes: number, disk: Disk = new NodeDisk()): Promise<number> {
+    validateSizeBytes(sizeBytes);
+    const metaPath = path.join(dir, META_FILE);
+    if (!(await disk.exists(metaPath))) throw new ZebuError(ErrorCode.NOT_FOUND, `no replica in ${dir} (${META_FILE} missing)`);
+    const meta = decodeMeta(await disk.readFile(metaPath), metaPath);
+    const before = meta.sizeBytes;
+    if (sizeBytes < before) throw invalid(`replica in ${dir} has ${before} bytes: it cannot shrink to ${sizeBytes}`);
+    if (sizeBytes === before) return before;
+    meta.sizeBytes = sizeBytes;
+    await disk.writeFileAtomic(metaPath, encodeMeta(meta));
+    return before;
   }
 
   static async exists(dir: string, disk: Disk = new NodeDisk()): Promise<boolean> {
@@ -667,6 +685,43 @@ export class Replica {
     } finally {
       this.lock.release(entry);
     }
+  }
+
+  /**
+   * Online expansion: grows the volume to `sizeBytes` (never shrinks). Waits for in-flight I/O
+   * (all blocks locked), flushes, then replaces replica.json; the new blocks read as zeros.
+   */
+  expand(sizeBytes: number): Promise<ReplicaInfo> {
+    return this.serialTreeOp(async () => {
+      this.checkUsable();
+      validateSizeBytes(sizeBytes);
+      if (sizeBytes < this.meta.sizeBytes) throw invalid(`a replica cannot shrink: it has ${this.meta.sizeBytes} bytes, asked ${sizeBytes}`);
+      if (sizeBytes === this.meta.sizeBytes) return this.info();
+      return this.withAllBlocks(async () => {
+        await this.flush();
+        await this.writeMeta({ ...this.meta, sizeBytes });
+        this.blockCount = sizeBytes / BLOCK_SIZE;
+        for (const layer of this.layers.values()) {
+          layer.live?.grow(this.blockCount);
+          layer.durable?.grow(this.blockCount);
+        }
+        return this.info();
+      });
+    });
+  }
+
+  /**
+   * After a rebuild, the copy holds what the source holds: it takes the source's write counter,
+   * durably (a flush writes it to the journal), so that the next engine start sees it up to date.
+   */
+  async setRevision(revision: number): Promise<ReplicaInfo> {
+    this.checkUsable();
+    if (!Number.isSafeInteger(revision) || revision < 0) throw invalid(`revision must be a whole number >= 0, got ${revision}`);
+    // The caller (a rebuild) has quiesced the volume: no write races this.
+    await this.flush();
+    this.revision = revision;
+    await this.writeJournal([], false, revision);
+    return this.info();
   }
 
   /** Flushes, freezes the head as snapshot `name` and starts a new empty head. */

@@ -1,0 +1,57 @@
+/**
+ * Self-healing under load, through `zebu up`: SIGKILL a replica process of an attached volume
+ * while fio writes and verifies; the volume goes degraded, a new replica is scheduled and rebuilt
+ * while fio keeps going, the volume is healthy again, the failed replica is removed, fio saw no
+ * error, and every replica holds the same bytes.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { replicaDigest } from '../support/volume-cluster.ts';
+import { readSecretFile } from '../../src/protocol/auth.ts';
+import { fioVerifyArgs, startFio, fioFigures } from '../support/fio.ts';
+import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
+
+const MiB = 1024 * 1024;
+const SIZE = 256 * MiB;
+
+test('SIGKILL a replica under fio verify: degraded, rebuilt onto a new replica, healthy; fio 0 errors; replicas identical', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  mustZebu(up, ['volume', 'create', 'heal', '--size', String(SIZE), '--replicas', '3']);
+  const uri = mustZebu(up, ['volume', 'attach', 'heal']).trim();
+  const before = mustZebuJson(up, ['replica', 'list', '--volume', 'heal']);
+  assert.equal(before.length, 3);
+
+  const fio = startFio(t, fioVerifyArgs(uri, { sizeMiB: 192 }));
+  await new Promise((r) => setTimeout(r, 2000));
+  const victim = before[1];
+  process.kill(victim.pid, 'SIGKILL');
+
+  await waitFor('degraded', () => mustZebuJson(up, ['volume', 'get', 'heal']).robustness === 'degraded', 30_000, 100);
+  const healthy = await waitFor('healthy again with a new replica', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'heal']);
+    return v.robustness === 'healthy' && !v.replicas.some((r: { name: string }) => r.name === victim.name) ? v : undefined;
+  }, 180_000, 250);
+  assert.equal(healthy.replicas.length, 3);
+  assert.deepEqual(healthy.replicas.map((r: { mode: string }) => r.mode), ['RW', 'RW', 'RW']);
+  assert.ok(!fs.existsSync(victim.dataPath), 'the failed replica directory is removed');
+
+  const result = await fio.exit;
+  assert.equal(result.code, 0, result.stderr);
+  const figures = fioFigures(result.stdout);
+  assert.equal(figures.error, 0, 'fio saw no error');
+  assert.ok(figures.readBytes > 0, 'fio verified');
+
+  // Rebuild progress and the replacement show in the events.
+  const reasons = mustZebuJson(up, ['events', '--volume', 'heal']).map((e: { reason: string }) => e.reason);
+  for (const r of ['ReplicaFailed', 'ReplicaScheduled', 'ReplicaRebuilt', 'ReplicaRemoved', 'Degraded', 'Healthy']) assert.ok(reasons.includes(r), `event ${r}`);
+
+  // Every replica holds the same bytes (read through the replica protocol, same epoch).
+  const secret = readSecretFile(path.join(dataDir, 'secret'));
+  const replicas = mustZebuJson(up, ['replica', 'list', '--volume', 'heal']);
+  const digests = await Promise.all(replicas.map((r: { address: string }) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, SIZE)));
+  assert.equal(new Set(digests).size, 1, `replica digests: ${digests.join(' ')}`);
+});
