@@ -1,8 +1,10 @@
 /**
  * The bookkeeping of one rebuild: which range is being copied right now, and which client
- * writes are in flight, so that a copy (read the source, write the target) and a client write to
- * the same blocks never interleave. Without it a client write could reach the target between the
- * copy's read and its write, and the copy would then overwrite it with older data.
+ * writes are in flight, so that copying a region and a client write to the same blocks never
+ * interleave. Copying a region takes several round trips (ask the source what it holds, read
+ * the data extents, write them, zero on the target what the source reads as zeros); a client
+ * write landing between them would be overwritten on the target with what the copy saw before
+ * it, and the replicas would differ (test/engine/rebuild.test.ts provokes exactly this).
  *
  *   copy of [a, b):  claim(a, b) — new overlapping writes wait — wait for overlapping writes in
  *                    flight — read source — write target — release() — the waiting writes go.
