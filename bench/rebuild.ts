@@ -1,0 +1,155 @@
+/**
+ * Rebuild (self-healing) cost, in one run on this machine:
+ *   - baseline: `cp` of a file holding as many bytes as the volume, then sync (what copying the
+ *     bytes costs on this disk);
+ *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O;
+ *   - the same rebuild while fio writes 4k at random (iodepth 16), and fio's IOPS during it
+ *     against fio's IOPS on the same volume without a rebuild.
+ * Run on demand: `npm run bench:rebuild`.  BENCH_SIZE_MIB (default 1024), BENCH_SECONDS (8).
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { controlRequest } from '../src/engine/control-server.ts';
+
+const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
+const SIZE = SIZE_MIB * 1024 * 1024;
+const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
+
+const children: ChildProcess[] = [];
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+});
+
+function startReady(args: string[]): Promise<Record<string, unknown>> {
+  const child = spawn(process.execPath, [MAIN, ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
+  children.push(child);
+  return new Promise((resolve, reject) => {
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line);
+        if (msg.ready) resolve(msg);
+      } catch {
+        // not JSON
+      }
+    });
+    child.once('exit', (code) => reject(new Error(`${args.slice(0, 2).join(' ')} exited ${code}`)));
+  });
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function mustSpawn(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { maxBuffer: 64 * 1024 * 1024 });
+  if (r.status !== 0) throw new Error(`${cmd} failed: ${r.stderr}`);
+  return r.stdout.toString();
+}
+
+function fioArgs(uri: string, seconds: number): string[] {
+  return ['--name=load', '--ioengine=nbd', `--uri=${uri}`, '--rw=randwrite', '--bs=4k', '--iodepth=16', `--size=${SIZE_MIB}M`,
+    '--time_based', `--runtime=${seconds}`, '--output-format=json'];
+}
+
+function iopsOf(stdout: string): number {
+  return JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0].write.iops;
+}
+
+interface Volume {
+  uri: string;
+  control: string;
+  secretFile: string;
+  dir: string;
+}
+
+async function volume(dir: string): Promise<Volume> {
+  fs.mkdirSync(dir, { recursive: true });
+  const secretFile = path.join(dir, 'secret');
+  fs.writeFileSync(secretFile, 'bench-secret-0123456789abcdef\n');
+  const addrs: string[] = [];
+  for (let i = 0; i < 2; i++) {
+    const ready = await startReady(['replica', 'serve', '--dir', path.join(dir, `r${i}`), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile]);
+    addrs.push(`127.0.0.1:${ready.port}`);
+  }
+  const port = await freePort();
+  const ready = await startReady(['volume', 'serve', '--name', 'bench', '--size', String(SIZE), ...addrs.flatMap((a) => ['--replica', a]),
+    '--nbd', `127.0.0.1:${port}`, '--secret-file', secretFile, '--epoch', '1', '--run-dir', path.join(dir, 'run')]);
+  return { uri: `nbd://127.0.0.1:${port}/bench`, control: String(ready.controlSocket), secretFile, dir };
+}
+
+/** Adds a fresh replica and waits until it is RW; returns the seconds it took. */
+async function rebuild(v: Volume, name: string): Promise<number> {
+  const ready = await startReady(['replica', 'serve', '--dir', path.join(v.dir, name), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', v.secretFile]);
+  const address = `127.0.0.1:${ready.port}`;
+  const started = performance.now();
+  await controlRequest(v.control, 'POST', '/v1/replicas', { address });
+  for (;;) {
+    const list = (await controlRequest(v.control, 'GET', '/v1/replicas')) as { address: string; mode: string; reason: string | null }[];
+    const r = list.find((x) => x.address === address)!;
+    if (r.mode === 'RW') return (performance.now() - started) / 1000;
+    if (r.mode === 'ERR') throw new Error(`rebuild failed: ${r.reason}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+async function main(): Promise<void> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-bench-rebuild-'));
+  const rows: string[][] = [];
+  try {
+    // Baseline: copy SIZE bytes of incompressible data on the same file system.
+    const src = path.join(root, 'src.img');
+    mustSpawn('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', `count=${SIZE_MIB}`, 'status=none']);
+    mustSpawn('sync', []);
+    const cpStarted = performance.now();
+    mustSpawn('cp', [src, path.join(root, 'copy.img')]);
+    mustSpawn('sync', []);
+    const cpSeconds = (performance.now() - cpStarted) / 1000;
+    rows.push(['cp + sync (baseline)', cpSeconds.toFixed(2), (SIZE_MIB / cpSeconds).toFixed(0), '-']);
+    fs.rmSync(path.join(root, 'copy.img'));
+
+    const v = await volume(path.join(root, 'v'));
+    mustSpawn('nbdcopy', [src, v.uri]);
+    fs.rmSync(src);
+    const idleSeconds = await rebuild(v, 'idle');
+    rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-']);
+
+    const alone = iopsOf(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
+    rows.push(['fio 4k randwrite alone (IOPS)', '-', '-', alone.toFixed(0)]);
+
+    // fio runs long enough to cover the rebuild; its IOPS is measured over the whole run.
+    const fio = spawn('fio', fioArgs(v.uri, Math.max(SECONDS, Math.ceil(idleSeconds * 3))), { stdio: ['ignore', 'pipe', 'ignore'] });
+    children.push(fio);
+    let out = '';
+    fio.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    const fioDone = new Promise<void>((resolve) => fio.once('exit', () => resolve()));
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const loadedSeconds = await rebuild(v, 'loaded');
+    await fioDone;
+    rows.push(['zebu rebuild under fio 4k randwrite', loadedSeconds.toFixed(2), (SIZE_MIB / loadedSeconds).toFixed(0), iopsOf(out).toFixed(0)]);
+  } finally {
+    for (const c of children) c.kill('SIGTERM');
+    await new Promise((r) => setTimeout(r, 1000));
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+  const header = ['what', 'seconds', 'MiB/s', 'fio IOPS'];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ');
+  console.log(`${SIZE_MIB} MiB volume, full of data, 2 replicas -> 3, ${os.cpus().length} cores`);
+  console.log(line(header));
+  console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
+  for (const r of rows) console.log(line(r));
+}
+
+await main();
