@@ -82,6 +82,8 @@ type Done = (err: ZebuError | null) => void;
 const EMPTY = Buffer.alloc(0);
 /** A rebuild copies the volume in regions of this size (a multiple of 4 KiB, at most MAX_IO_BYTES). */
 const REBUILD_REGION_BYTES = 4 * 1024 * 1024;
+/** Regions copied at once by a rebuild. */
+const REBUILD_COPIERS = 4;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
@@ -621,8 +623,7 @@ export class Engine implements BlockBackend {
       //    overwritten (zeroed) where the next one reads zeros.
       const nonZero = new Set<number>();
       for (const name of chain) {
-        for (let offset = 0; offset < this.sizeBytes; offset += regionBytes) {
-          const length = Math.min(regionBytes, this.sizeBytes - offset);
+        await this.forEachRegion(regionBytes, async (offset, length) => {
           const data = await readSource((c) => c.readSnapshot(name, offset, length));
           check();
           const region = offset / regionBytes;
@@ -634,7 +635,7 @@ export class Engine implements BlockBackend {
             nonZero.delete(region);
           }
           progress.copiedBytes += length;
-        }
+        });
         check();
         await target.client!.snapshotCreate(name);
       }
@@ -647,29 +648,25 @@ export class Engine implements BlockBackend {
       } finally {
         this.resume();
       }
-      for (let offset = 0; offset < this.sizeBytes; offset += regionBytes) {
-        const length = Math.min(regionBytes, this.sizeBytes - offset);
-        await rebuild.claim(offset, offset + length);
+      await this.forEachRegion(regionBytes, async (offset, length) => {
+        const claim = await rebuild.claim(offset, offset + length);
         try {
           check();
+          // A region the source holds nothing of is skipped (or zeroed over an older snapshot's
+          // data); any other is copied whole: one read and one write, however fragmented.
           const extents = decodeExtents(await readSource((c) => c.request(Op.BLOCK_STATUS, 0, offset, length)));
-          for (const extent of extents) {
-            if (extent.data) {
-              for (let at = extent.offset; at < extent.offset + extent.length; at += regionBytes) {
-                const n = Math.min(regionBytes, extent.offset + extent.length - at);
-                const data = await readSource((c) => c.read(at, n));
-                check();
-                await target.client!.write(at, data);
-              }
-            } else if (nonZero.has(offset / regionBytes)) {
-              await target.client!.writeZeroes(extent.offset, extent.length);
-            }
+          if (extents.some((extent) => extent.data)) {
+            const data = await readSource((c) => c.read(offset, length));
+            check();
+            await target.client!.write(offset, data);
+          } else if (nonZero.has(offset / regionBytes)) {
+            await target.client!.writeZeroes(offset, length);
           }
         } finally {
-          rebuild.release();
+          rebuild.release(claim);
         }
         progress.copiedBytes += length;
-      }
+      });
 
       // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
       await this.pauseAndDrain();
@@ -688,11 +685,31 @@ export class Engine implements BlockBackend {
         this.resume();
       }
     } finally {
-      if (this.rebuilding === rebuild) {
-        this.rebuilding = null;
-        rebuild.release();
-      }
+      if (this.rebuilding === rebuild) this.rebuilding = null;
+      rebuild.releaseAll();
     }
+  }
+
+  /**
+   * Runs `fn` over the volume in regions, REBUILD_COPIERS at a time (a copy is round trips to
+   * two replicas: several in flight keep both busy). The first failure stops the others.
+   */
+  private async forEachRegion(regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+    let next = 0;
+    let failure: unknown = null;
+    const worker = async (): Promise<void> => {
+      while (failure === null && next < this.sizeBytes) {
+        const offset = next;
+        next += regionBytes;
+        try {
+          await fn(offset, Math.min(regionBytes, this.sizeBytes - offset));
+        } catch (err) {
+          failure ??= err;
+        }
+      }
+    };
+    await Promise.all(Array.from({ length: REBUILD_COPIERS }, worker));
+    if (failure !== null) throw failure;
   }
 
   /** Takes a replica out of the volume for good (disconnects it). The last RW replica stays. */

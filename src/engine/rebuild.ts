@@ -19,31 +19,39 @@ interface InFlightWrite {
   end: number;
 }
 
+interface Claim {
+  start: number;
+  end: number;
+  /** Wakes the copy once no write overlapping the claim is in flight. */
+  waiter: (() => void) | null;
+}
+
 export class Rebuild<Target> {
   readonly target: Target;
   readonly progress: RebuildProgress;
   /** Set when the rebuild must stop (target failed or removed, engine closing). */
   cancelled: string | null = null;
-  private claimStart = -1;
-  private claimEnd = -1;
+  private readonly claims = new Map<number, Claim>();
   private readonly writes = new Map<number, InFlightWrite>();
   private nextToken = 1;
-  private waiting: (() => void)[] = [];
-  private claimWaiter: (() => void) | null = null;
+  private waiting: { start: number; end: number; fn: () => void }[] = [];
 
   constructor(target: Target, progress: RebuildProgress) {
     this.target = target;
     this.progress = progress;
   }
 
-  private overlapsClaim(start: number, end: number): boolean {
-    return this.claimStart >= 0 && start < this.claimEnd && this.claimStart < end;
+  private overlapsAnyClaim(start: number, end: number): boolean {
+    for (const c of this.claims.values()) if (start < c.end && c.start < end) return true;
+    return false;
   }
 
-  /** Runs `fn` now, or once the range being copied no longer overlaps [offset, offset+length). */
+  /** Runs `fn` now, or once no range being copied overlaps [offset, offset+length). */
   whenRangeFree(offset: number, length: number, fn: () => void): void {
-    if (!this.overlapsClaim(offset, offset + length)) return fn();
-    this.waiting.push(fn);
+    const end = offset + length;
+    // Behind an earlier waiting write to the same blocks too: overlapping writes keep their order.
+    if (!this.overlapsAnyClaim(offset, end) && !this.waiting.some((w) => offset < w.end && w.start < end)) return fn();
+    this.waiting.push({ start: offset, end, fn });
   }
 
   writeStarted(offset: number, length: number): number {
@@ -56,37 +64,46 @@ export class Rebuild<Target> {
     const w = this.writes.get(token);
     assert(w !== undefined, 'rebuild: a write finished twice');
     this.writes.delete(token);
-    if (this.claimWaiter !== null && this.overlapsClaim(w.start, w.end) && !this.anyWriteOverlapsClaim()) {
-      const wake = this.claimWaiter;
-      this.claimWaiter = null;
-      wake();
+    for (const c of this.claims.values()) {
+      if (c.waiter !== null && w.start < c.end && c.start < w.end && !this.anyWriteOverlaps(c.start, c.end)) {
+        const wake = c.waiter;
+        c.waiter = null;
+        wake();
+      }
     }
   }
 
-  private anyWriteOverlapsClaim(): boolean {
-    for (const w of this.writes.values()) if (this.overlapsClaim(w.start, w.end)) return true;
+  private anyWriteOverlaps(start: number, end: number): boolean {
+    for (const w of this.writes.values()) if (w.start < end && start < w.end) return true;
     return false;
   }
 
-  /** Claims [start, end) for a copy; resolves once no client write to it is in flight. */
-  claim(start: number, end: number): Promise<void> {
-    assert(this.claimStart < 0, 'rebuild: one claimed range at a time');
+  /** Claims [start, end) for a copy; resolves once no client write to it is in flight. Claims do not overlap. */
+  claim(start: number, end: number): Promise<number> {
     assert(start >= 0 && end > start, 'rebuild: claimed range');
-    this.claimStart = start;
-    this.claimEnd = end;
-    if (!this.anyWriteOverlapsClaim()) return Promise.resolve();
+    assert(!this.overlapsAnyClaim(start, end), 'rebuild: claimed ranges do not overlap');
+    const id = this.nextToken++;
+    const claim: Claim = { start, end, waiter: null };
+    this.claims.set(id, claim);
+    if (!this.anyWriteOverlaps(start, end)) return Promise.resolve(id);
     return new Promise((resolve) => {
-      this.claimWaiter = resolve;
+      claim.waiter = () => resolve(id);
     });
   }
 
-  /** Ends the claim; the writes that waited for it go, in the order they arrived. */
-  release(): void {
-    this.claimStart = -1;
-    this.claimEnd = -1;
-    this.claimWaiter = null;
+  /** Ends a claim; the writes that waited for it go, in the order they arrived. */
+  release(id: number): void {
+    this.claims.delete(id);
     const waiting = this.waiting;
     this.waiting = [];
-    for (const fn of waiting) fn();
+    for (const w of waiting) this.whenRangeFree(w.start, w.end - w.start, w.fn);
+  }
+
+  /** Ends every claim (the rebuild stopped): nothing waits any more. */
+  releaseAll(): void {
+    this.claims.clear();
+    const waiting = this.waiting;
+    this.waiting = [];
+    for (const w of waiting) w.fn();
   }
 }

@@ -1,5 +1,5 @@
 /** fio's nbd engine with crc32c verification, run in the background. */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 
 export function fioVerifyArgs(uri: string, options: { sizeMiB: number; seed?: number; blockSizes?: string; iodepth?: number }): string[] {
   return [
@@ -10,6 +10,7 @@ export function fioVerifyArgs(uri: string, options: { sizeMiB: number; seed?: nu
 }
 
 export interface FioRun {
+  child: ChildProcess;
   exit: Promise<{ code: number | null; stdout: string; stderr: string }>;
 }
 
@@ -20,7 +21,7 @@ export function startFio(t: { after: (fn: () => void) => void }, args: string[])
   fio.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   fio.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
   t.after(() => fio.kill('SIGKILL'));
-  return { exit: new Promise((resolve) => fio.once('exit', (code) => resolve({ code, stdout, stderr }))) };
+  return { child: fio, exit: new Promise((resolve) => fio.once('exit', (code) => resolve({ code, stdout, stderr }))) };
 }
 
 export function fioFigures(stdout: string): { error: number; writeBytes: number; readBytes: number } {
