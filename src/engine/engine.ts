@@ -557,7 +557,7 @@ export class Engine implements BlockBackend {
     let info: ReplicaInfo;
     try {
       info = await client.open();
-      if (info.revision !== 0 || info.layerCount !== 1 || info.hasBase) {
+      if (info.revision !== 0 || info.layerCount !== 1 || info.hasBase || info.rebuilding) {
         throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)): only a new replica can be rebuilt`);
       }
       if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
@@ -619,6 +619,8 @@ export class Engine implements BlockBackend {
       }
     };
     try {
+      // 0. From now until the end the copy is incomplete, and says so durably.
+      await target.client!.setRebuilding(true);
       // 1. The snapshots, oldest first. Regions that hold data in the previous snapshot must be
       //    overwritten (zeroed) where the next one reads zeros.
       const nonZero = new Set<number>();
@@ -675,7 +677,8 @@ export class Engine implements BlockBackend {
         await new Promise<void>((resolve, reject) => this.fanOut(Op.FLUSH, 0, 0, 0, EMPTY, (err) => (err ? reject(err) : resolve())));
         check();
         const sourceInfo = JSON.parse((await readSource((c) => c.request(Op.INFO, 0, 0, 0))).toString('utf8')) as ReplicaInfo;
-        target.info = await target.client!.setRevision(sourceInfo.revision);
+        await target.client!.setRevision(sourceInfo.revision);
+        target.info = await target.client!.setRebuilding(false);
         check();
         target.mode = ReplicaMode.RW;
         target.reason = null;

@@ -17,7 +17,7 @@ export interface StartupDecision {
 }
 
 export function chooseStartupModes(sizeBytes: number, candidates: StartupCandidate[]): StartupDecision[] {
-  const usable = candidates.map((c) => c.info !== null && c.info.sizeBytes === sizeBytes);
+  const usable = candidates.map((c) => c.info !== null && c.info.sizeBytes === sizeBytes && !c.info.rebuilding);
   let best: ReplicaInfo | null = null;
   for (const [i, c] of candidates.entries()) {
     if (!usable[i]) continue;
@@ -28,6 +28,7 @@ export function chooseStartupModes(sizeBytes: number, candidates: StartupCandida
   }
   return candidates.map((c, i) => {
     if (c.info === null) return { mode: 'ERR', reason: `cannot open replica: ${c.error}` };
+    if (c.info.rebuilding) return { mode: 'ERR', reason: 'incomplete rebuild: its copy stopped midway' };
     if (!usable[i]) return { mode: 'ERR', reason: `replica size ${c.info.sizeBytes} differs from the volume size ${sizeBytes}` };
     if (c.info.flushedRevision < best!.flushedRevision || c.info.revision < best!.revision) {
       return { mode: 'ERR', reason: `replica is behind (revision ${c.info.revision}, best ${best!.revision})` };

@@ -27,5 +27,6 @@ export interface BlockBackend {
   /** Replicas: online expansion (EXPAND) and the end of a rebuild (SET_REVISION). */
   expand?(sizeBytes: number): Promise<unknown>;
   setRevision?(revision: number): Promise<unknown>;
+  setRebuilding?(rebuilding: boolean): Promise<unknown>;
 }
 

@@ -216,6 +216,10 @@ export class ReplicaClient {
   async setRevision(revision: number): Promise<ReplicaInfo> {
     return JSON.parse((await this.request(Op.SET_REVISION, 0, revision, 0)).toString('utf8'));
   }
+  /** Marks (or clears) the replica as being rebuilt, durably. */
+  async setRebuilding(rebuilding: boolean): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.SET_REBUILDING, 0, rebuilding ? 1 : 0, 0)).toString('utf8'));
+  }
   /** Tests only: the replica must run with fault injection enabled. */
   async injectFaults(spec: { clear?: boolean; rules?: FaultRule[] }): Promise<void> {
     await this.request(Op.FAULT_INJECT, 0, 0, 0, Buffer.from(JSON.stringify(spec)));

@@ -41,6 +41,8 @@ export const Op = {
   EXPAND: 15,
   /** Take `offset` as the write counter, durably (the end of a rebuild). */
   SET_REVISION: 16,
+  /** Mark (offset 1) or clear (offset 0) the replica as being rebuilt, durably. */
+  SET_REBUILDING: 17,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

@@ -303,6 +303,10 @@ class Connection {
       case Op.SET_REVISION:
         if (replica.setRevision === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REVISION is not served here');
         return json(await replica.setRevision(h.offset));
+      case Op.SET_REBUILDING:
+        if (replica.setRebuilding === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REBUILDING is not served here');
+        if (h.offset !== 0 && h.offset !== 1) throw invalid(`SET_REBUILDING takes 0 or 1, got ${h.offset}`);
+        return json(await replica.setRebuilding(h.offset === 1));
       case Op.FAULT_INJECT: {
         const disk = this.owner.opts.faultDisk;
         if (disk === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'fault injection is not enabled on this replica');

@@ -36,6 +36,8 @@ export interface ReplicaMeta {
   nextLayerId: number;
   headId: string;
   layers: LayerMeta[];
+  /** Set while an engine copies the volume into this replica: until cleared it is no source. */
+  rebuilding?: boolean;
 }
 
 export function validateSizeBytes(sizeBytes: number): void {

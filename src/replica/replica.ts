@@ -79,6 +79,8 @@ export interface ReplicaInfo {
   layerCount: number;
   maxLayers: number;
   hasBase: boolean;
+  /** Being rebuilt (or a rebuild stopped midway): its data is incomplete. */
+  rebuilding: boolean;
 }
 
 interface Layer {
@@ -711,6 +713,19 @@ export class Replica {
   }
 
   /**
+   * Marks the replica as being rebuilt (durably, in replica.json) before any data is copied into
+   * it, and clears the mark once the copy is complete: a replica whose rebuild stopped midway
+   * (engine or replica crash) is never taken for a complete one.
+   */
+  setRebuilding(rebuilding: boolean): Promise<ReplicaInfo> {
+    return this.serialTreeOp(async () => {
+      this.checkUsable();
+      if ((this.meta.rebuilding === true) !== rebuilding) await this.writeMeta({ ...this.meta, rebuilding });
+      return this.info();
+    });
+  }
+
+  /**
    * After a rebuild, the copy holds what the source holds: it takes the source's write counter,
    * durably (a flush writes it to the journal), so that the next engine start sees it up to date.
    */
@@ -905,6 +920,7 @@ export class Replica {
       layerCount: this.meta.layers.length,
       maxLayers: this.meta.maxLayers,
       hasBase: this.meta.layers.some((l) => l.kind === 'base'),
+      rebuilding: this.meta.rebuilding === true,
     };
   }
 

@@ -105,6 +105,7 @@ test('rebuild under fio verify copies the live data and every snapshot of the ch
   });
   assert.deepEqual((await client.snapshotList()).map((s) => [s.name, s.inChain]), [['s1', true], ['s2', true]]);
   assert.equal((await client.info()).revision, (await old.info()).revision, 'same write counter: equal at the next start');
+  assert.equal((await client.info()).rebuilding, false, 'the rebuild mark is cleared');
 });
 
 test('copy and client writes to the same blocks never interleave: replicas identical after a rebuild under constant writes', async (t) => {
@@ -150,6 +151,14 @@ test('a rebuild target killed midway goes ERR; the volume keeps serving; another
   await waitFor('copy under way', async () => ((await replicasOf(vol)).find((r) => r.address === address)?.rebuild?.copiedBytes ?? 0) > 0, 60_000, 10);
   victim.child.kill('SIGKILL');
   await waitFor('target ERR', async () => (await replicasOf(vol)).find((r) => r.address === address)?.mode === 'ERR', 30_000, 50);
+  // Restarted, the half-copied replica says so (an engine start takes it for no source) and is
+  // no rebuild target either.
+  const again = await newReplica(t, dir, 'replica-victim', size);
+  const probe = await ReplicaClient.connect({ port: again.port, secret: vol.secret, epoch: vol.epoch });
+  assert.equal((await probe.info()).rebuilding, true);
+  probe.close();
+  await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address: `127.0.0.1:${again.port}` }), /not empty/);
+  again.child.kill('SIGKILL');
   qemuIo(vol.nbd, 'read -P 0x5c 0 192M', 'write -P 0x6d 0 1M', 'read -P 0x6d 0 1M');
   const info = (await controlRequest(vol.controlSocket, 'GET', '/v1/info')) as { rebuilding: boolean; faulted: boolean };
   assert.equal(info.rebuilding, false);
