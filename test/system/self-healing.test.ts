@@ -11,7 +11,8 @@ import path from 'node:path';
 import { replicaDigest } from '../support/volume-cluster.ts';
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import { fioVerifyArgs, startFio, fioFigures } from '../support/fio.ts';
-import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
+import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder } from '../support/zebu-up.ts';
+import { spawnSync } from 'node:child_process';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -54,4 +55,41 @@ test('SIGKILL a replica under fio verify: degraded, rebuilt onto a new replica, 
   const replicas = mustZebuJson(up, ['replica', 'list', '--volume', 'heal']);
   const digests = await Promise.all(replicas.map((r: { address: string }) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, SIZE)));
   assert.equal(new Set(digests).size, 1, `replica digests: ${digests.join(' ')}`);
+});
+
+test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica is never a source; the volume heals', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  const size = 512 * MiB;
+  mustZebu(up, ['volume', 'create', 'mid', '--size', String(size), '--replicas', '3']);
+  const uri = mustZebu(up, ['volume', 'attach', 'mid']).trim();
+  // Few client writes, much data: the copy writes outnumber them (the revision trap).
+  const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 448M', '-c', 'flush', uri], { timeout: 120_000 });
+  assert.equal(fill.status, 0, String(fill.stderr));
+  const before = mustZebuJson(up, ['replica', 'list', '--volume', 'mid']);
+  process.kill(before[0].pid, 'SIGKILL');
+
+  const rebuilding = await waitFor('a replacement being rebuilt', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'mid']);
+    return v.replicas.find((r: { mode: string; rebuildProgress: number | null }) => r.mode === 'WO' && (r.rebuildProgress ?? 0) > 0);
+  }, 60_000, 20);
+  const engine = processesUnder(dataDir).find((p) => p.role === 'engine')!;
+  process.kill(engine.pid, 'SIGKILL');
+
+  const healthy = await waitFor('healthy again', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'mid']);
+    return v.robustness === 'healthy' && v.replicas.every((r: { mode: string }) => r.mode === 'RW') && !v.replicas.some((r: { name: string }) => r.name === rebuilding.name) ? v : undefined;
+  }, 180_000, 250);
+  const events = mustZebuJson(up, ['events', '--volume', 'mid']);
+  const failed = events.find((e: { reason: string; message: string }) => e.reason === 'ReplicaFailed' && e.message.includes(rebuilding.name));
+  assert.ok(failed !== undefined, 'the half-copied replica was failed');
+  assert.match(failed.message, /incomplete rebuild/);
+  const check = spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 448M', uri], { timeout: 120_000 });
+  assert.equal(check.status, 0, String(check.stderr));
+  assert.doesNotMatch(String(check.stdout), /verification failed/);
+  const secret = readSecretFile(path.join(dataDir, 'secret'));
+  const replicas = mustZebuJson(up, ['replica', 'list', '--volume', 'mid']);
+  const digests = await Promise.all(replicas.map((r: { address: string }) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, size)));
+  assert.equal(new Set(digests).size, 1, digests.join(' '));
 });
