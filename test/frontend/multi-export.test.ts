@@ -236,6 +236,8 @@ test('one frontend process serves two volumes by export name; exports come and g
     assert.equal(open.sizeBytes, 8 * MiB, 'the open connection keeps the size it was told');
     assert.equal((await open.read(20 * MiB, 4096)).errno, NbdErrno.EINVAL);
     await open.disconnect();
+    // The frontend sees the close a moment later: count once it has.
+    for (let i = 0; i < 200 && (await control.getExport('mem'))?.connections !== 0; i++) await new Promise((r) => setTimeout(r, 25));
     assert.deepEqual(await control.removeExport('mem'), { removed: 'mem', connections: 0, drained: true });
   });
 
