@@ -570,7 +570,8 @@ export class Engine implements BlockBackend {
       client.close();
       throw err;
     }
-    const snapshots = (await this.snapshotList()).filter((x) => x.inChain);
+    const snapshots = await this.snapshotList();
+    const plan = snapshotCopyPlan(snapshots);
     const target: EngineReplica = {
       address, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
       rebuild: { copiedBytes: 0, totalBytes: this.sizeBytes * (snapshots.length + 1) },
@@ -583,7 +584,7 @@ export class Engine implements BlockBackend {
       if (target.client === client) this.setErr(target, err);
     });
     this.log({ event: 'rebuild-started', replica: address, snapshots: snapshots.map((x) => x.name) });
-    void this.runRebuild(rebuild, target, orderChain(snapshots).map((x) => x.name)).then(
+    void this.runRebuild(rebuild, target, plan).then(
       () => this.log({ event: 'rebuild-done', replica: address }),
       (err) => {
         const e = toZebuError(err);
@@ -594,7 +595,7 @@ export class Engine implements BlockBackend {
     return this.replicaStatus();
   }
 
-  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, chain: string[]): Promise<void> {
+  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
     const progress = target.rebuild!;
     const regionBytes = REBUILD_REGION_BYTES;
     const check = (): void => {
@@ -621,10 +622,20 @@ export class Engine implements BlockBackend {
     try {
       // 0. From now until the end the copy is incomplete, and says so durably.
       await target.client!.setRebuilding(true);
-      // 1. The snapshots, oldest first. Regions that hold data in the previous snapshot must be
-      //    overwritten (zeroed) where the next one reads zeros.
-      const nonZero = new Set<number>();
-      for (const name of chain) {
+      // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
+      //    snapshot's parent, the snapshot's view is written over it — zeroing the regions that
+      //    hold data below but read as zeros in the snapshot — and snapshotted under its name.
+      //    At the end the head goes back onto the live volume's parent snapshot. (A second root —
+      //    its parent deleted — is written over the current tip: same data, another parent.)
+      const nonZeroOf = new Map<string | null, Set<number>>([[null, new Set()]]);
+      let tip: string | null = null;
+      for (const { name, parent } of plan.order) {
+        if (parent !== null && parent !== tip) {
+          await target.client!.snapshotRevert(parent);
+          tip = parent;
+        }
+        const below = nonZeroOf.get(tip)!;
+        const nonZero = new Set<number>();
         await this.forEachRegion(regionBytes, async (offset, length) => {
           const data = await readSource((c) => c.readSnapshot(name, offset, length));
           check();
@@ -632,15 +643,21 @@ export class Engine implements BlockBackend {
           if (!isAllZero(data)) {
             await target.client!.write(offset, data);
             nonZero.add(region);
-          } else if (nonZero.has(region)) {
+          } else if (below.has(region)) {
             await target.client!.writeZeroes(offset, length);
-            nonZero.delete(region);
           }
           progress.copiedBytes += length;
         });
         check();
         await target.client!.snapshotCreate(name);
+        nonZeroOf.set(name, nonZero);
+        tip = name;
       }
+      if (plan.headParent !== null && plan.headParent !== tip) {
+        await target.client!.snapshotRevert(plan.headParent);
+        tip = plan.headParent;
+      }
+      const nonZero = nonZeroOf.get(tip)!;
 
       // 2. Join the write set (no write in flight while it joins), then copy the live volume.
       await this.pauseAndDrain();
@@ -766,15 +783,37 @@ export class Engine implements BlockBackend {
   }
 }
 
-/** Snapshots of one chain, root first (each one's parent is the one before, or outside the list). */
-function orderChain(snapshots: SnapshotInfo[]): SnapshotInfo[] {
-  const byParent = new Map<string | null, SnapshotInfo>();
-  const ids = new Set(snapshots.map((x) => x.id));
-  for (const x of snapshots) byParent.set(x.parent !== null && ids.has(x.parent) ? x.parent : null, x);
-  const out: SnapshotInfo[] = [];
-  for (let x = byParent.get(null); x !== undefined && out.length < snapshots.length; x = byParent.get(x.id)) out.push(x);
-  assert(out.length === snapshots.length, 'the snapshots of the chain form one line');
-  return out;
+interface SnapshotCopyPlan {
+  /** Every snapshot by name with its parent snapshot's name (null: none), parents first. */
+  order: { name: string; parent: string | null }[];
+  /** The snapshot the live volume sits on (the newest of its chain), or null. */
+  headParent: string | null;
+}
+
+/** The order in which a rebuild recreates a snapshot tree: depth first, oldest child first. */
+export function snapshotCopyPlan(snapshots: SnapshotInfo[]): SnapshotCopyPlan {
+  const byId = new Map(snapshots.map((x) => [x.id, x]));
+  const parentOf = (x: SnapshotInfo): string | null => (x.parent !== null ? byId.get(x.parent)?.name ?? null : null);
+  const children = new Map<string | null, SnapshotInfo[]>();
+  for (const x of snapshots) {
+    const p = parentOf(x);
+    if (!children.has(p)) children.set(p, []);
+    children.get(p)!.push(x);
+  }
+  for (const list of children.values()) list.sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.id.localeCompare(b.id));
+  const order: SnapshotCopyPlan['order'] = [];
+  const visit = (parent: string | null): void => {
+    for (const x of children.get(parent) ?? []) {
+      order.push({ name: x.name, parent });
+      visit(x.name);
+    }
+  };
+  visit(null);
+  assert(order.length === snapshots.length, 'every snapshot is reached from a root');
+  // The head's parent is the in-chain snapshot none of whose children is in the chain.
+  const inChain = snapshots.filter((x) => x.inChain);
+  const headParent = inChain.find((x) => !inChain.some((y) => parentOf(y) === x.name))?.name ?? null;
+  return { order, headParent };
 }
 
 function isAllZero(data: Buffer): boolean {

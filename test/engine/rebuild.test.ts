@@ -220,3 +220,49 @@ test('bad replica-set changes are refused and change nothing; online expansion g
     c.close();
   }
 });
+
+test('a snapshot tree with a branch left by a revert is rebuilt whole: same snapshots, same parents, same data', async (t) => {
+  const dir = tempDir(t);
+  const size = 32 * MiB;
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: size });
+  const snap = (name: string) => controlRequest(vol.controlSocket, 'POST', '/v1/snapshots', { name });
+  qemuIo(vol.nbd, 'write -P 0x11 0 4M', 'flush');
+  await snap('s1');
+  qemuIo(vol.nbd, 'write -P 0x22 4M 4M', 'write -z 0 1M', 'flush');
+  await snap('s2');
+  qemuIo(vol.nbd, 'write -P 0x33 8M 4M', 'flush');
+  await controlRequest(vol.controlSocket, 'POST', '/v1/snapshots/s1/revert');
+  qemuIo(vol.nbd, 'write -P 0x44 12M 4M', 'flush');
+  await snap('s3');
+  qemuIo(vol.nbd, 'write -P 0x55 16M 4M', 'write -z 2M 1M', 'flush');
+
+  const fresh = await newReplica(t, dir, 'replica-tree', size);
+  const address = `127.0.0.1:${fresh.port}`;
+  await controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address });
+  await waitFor('rebuilt', async () => {
+    const r = (await replicasOf(vol)).find((x) => x.address === address)!;
+    assert.notEqual(r.mode, 'ERR', r.reason ?? '');
+    return r.mode === 'RW';
+  }, 60_000, 20);
+  qemuIo(vol.nbd, 'read -P 0x11 0 2M', 'read -P 0 2M 1M', 'read -P 0x11 3M 1M', 'read -P 0 4M 8M', 'read -P 0x44 12M 4M', 'read -P 0x55 16M 4M');
+
+  const ports = [...vol.replicas.map((r) => r.port), fresh.port];
+  for (const snapshot of [undefined, 's1', 's2', 's3']) {
+    const digests = await Promise.all(ports.map((p) => replicaDigest(p, vol.secret, vol.epoch, size, snapshot)));
+    assert.equal(new Set(digests).size, 1, `${snapshot ?? 'head'}: ${digests.join(' ')}`);
+  }
+  // The same tree: names, parents by name, which are in the live chain.
+  const shape = async (port: number) => {
+    const c = await ReplicaClient.connect({ port, secret: vol.secret, epoch: vol.epoch });
+    try {
+      const list = await c.snapshotList();
+      const nameOf = new Map(list.map((s) => [s.id, s.name]));
+      return list.map((s) => `${s.name}<-${s.parent === null ? '-' : nameOf.get(s.parent) ?? '?'} ${s.inChain ? 'chain' : 'branch'}`).sort();
+    } finally {
+      c.close();
+    }
+  };
+  const expected = await shape(vol.replicas[0].port);
+  assert.deepEqual(expected, ['s1<-- chain', 's2<-s1 branch', 's3<-s1 chain']);
+  assert.deepEqual(await shape(fresh.port), expected);
+});
