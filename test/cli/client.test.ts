@@ -207,6 +207,18 @@ test('snapshots, replicas, nodes, disks, settings and events: tables and --json'
   assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+SCHEDULING\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+on\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
   assert.deepEqual(await okJson(api, ['disk', 'list']), await apiGet(api, '/v1/disks'));
   assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+\/data\/disks\/disk-0$/m);
+  // Scheduling switches and reserved space.
+  assert.equal((await ok(api, ['node', 'update', 'node-1', '--scheduling', 'off'])).trim(), 'node node-1: scheduling off');
+  assert.equal((await apiGet(api, '/v1/nodes/node-1')).allowScheduling, false);
+  assert.equal((await okJson(api, ['node', 'update', 'node-1', '--scheduling', 'on'])).allowScheduling, true);
+  assert.equal((await ok(api, ['disk', 'update', 'disk-1', '--scheduling', 'off', '--reserved', '10GiB'])).trim(), 'disk disk-1: scheduling off, reserved 10 GiB');
+  const disk1 = await apiGet(api, '/v1/disks/disk-1');
+  assert.equal(disk1.allowScheduling, false);
+  assert.equal(disk1.storageReservedBytes, 10 * 1024 ** 3);
+  await fails(api, ['disk', 'update', 'disk-1', '--scheduling', 'maybe'], /--scheduling must be on or off/);
+  await fails(api, ['disk', 'update', 'disk-1'], /say what to change/);
+  await fails(api, ['disk', 'update', 'disk-1', '--reserved', '1TiB'], /exceeds the disk's size/);
+  await fails(api, ['node', 'update', 'nope', '--scheduling', 'on'], /node nope not found/);
 
   assert.deepEqual(await okJson(api, ['setting', 'list']), await apiGet(api, '/v1/settings'));
   assert.match(await ok(api, ['setting', 'list']), /^default-replica-count\s+3\s+3\s+int\s+Replicas/m);

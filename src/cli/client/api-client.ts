@@ -91,6 +91,10 @@ export class ApiClient {
     return this.request<T>('POST', pathName, body);
   }
 
+  patch<T>(pathName: string, body: unknown): Promise<T> {
+    return this.request<T>('PATCH', pathName, body);
+  }
+
   put<T>(pathName: string, body: unknown): Promise<T> {
     return this.request<T>('PUT', pathName, body);
   }

@@ -282,6 +282,31 @@ export async function nodeList(options: CommonOptions): Promise<void> {
   ));
 }
 
+function schedulingOption(text: string | undefined): boolean | undefined {
+  if (text === undefined) return undefined;
+  if (text === 'on' || text === 'off') return text === 'on';
+  throw invalid(`--scheduling must be on or off, got ${JSON.stringify(text)}`, 'scheduling');
+}
+
+export async function nodeUpdate(name: string, options: CommonOptions & { scheduling?: string }): Promise<void> {
+  const allowScheduling = schedulingOption(options.scheduling);
+  if (allowScheduling === undefined) throw invalid('say what to change: --scheduling on|off', 'scheduling');
+  const node = await new ApiClient(options).patch<NodeView>(`/v1/nodes/${enc(name)}`, { allowScheduling });
+  if (options.json) return printJson(node);
+  out(`node ${node.name}: scheduling ${node.allowScheduling ? 'on' : 'off'}`);
+}
+
+export async function diskUpdate(name: string, options: CommonOptions & { scheduling?: string; reserved?: string }): Promise<void> {
+  const body: { allowScheduling?: boolean; storageReservedBytes?: number } = {};
+  const allowScheduling = schedulingOption(options.scheduling);
+  if (allowScheduling !== undefined) body.allowScheduling = allowScheduling;
+  if (options.reserved !== undefined) body.storageReservedBytes = parseBytes(options.reserved);
+  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off and/or --reserved SIZE', 'scheduling');
+  const disk = await new ApiClient(options).patch<DiskView>(`/v1/disks/${enc(name)}`, body);
+  if (options.json) return printJson(disk);
+  out(`disk ${disk.name}: scheduling ${disk.allowScheduling ? 'on' : 'off'}, reserved ${formatBytes(disk.storageReservedBytes)}`);
+}
+
 export async function diskList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<DiskView[]>('/v1/disks');
   if (options.json) return printJson(list);

@@ -101,9 +101,17 @@ export function registerClientCommands(program: Command): void {
   clientCommand(node, 'list', 'list nodes')
     .action((opts) => run((c) => c.nodeList(opts)));
 
+  clientCommand(node, 'update <NAME>', 'change a node: whether new replicas may be placed on it')
+    .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the node')
+    .action((name: string, opts) => run((c) => c.nodeUpdate(name, opts)));
+
   const disk = group(program, 'disk', 'disks');
   clientCommand(disk, 'list', 'list disks')
     .action((opts) => run((c) => c.diskList(opts)));
+  clientCommand(disk, 'update <NAME>', 'change a disk: scheduling on/off, space kept free')
+    .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the disk')
+    .option('--reserved <SIZE>', 'space the scheduler keeps free on the disk, e.g. 10GiB')
+    .action((name: string, opts) => run((c) => c.diskUpdate(name, opts)));
 
   const setting = group(program, 'setting', 'settings of the manager');
   clientCommand(setting, 'list', 'list settings')
