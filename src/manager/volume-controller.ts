@@ -26,6 +26,8 @@ export const REPLICAS_DIR = 'replicas';
 
 const WAIT_MS = 500;
 const RESYNC_MS = 5000;
+const REPLACEMENT_BACKOFF_MIN_MS = 1000;
+const REPLACEMENT_BACKOFF_MAX_MS = 5 * 60_000;
 
 type Obj<T> = StoreObject<T>;
 
@@ -76,6 +78,11 @@ export class VolumeController {
   private readonly log: (event: Record<string, unknown>) => void;
   /** Last "cannot place" message per volume, so the event is recorded once, not every pass. */
   private readonly lastPlacementProblem = new Map<string, string>();
+  /**
+   * Replacements that failed before they ever served (a rebuild that keeps failing: a bad disk,
+   * a full one): the next one waits, doubling from REPLACEMENT_BACKOFF_MIN_MS up to the max.
+   */
+  private readonly replacementBackoff = new Map<string, { failures: number; notBeforeMs: number }>();
 
   constructor(objects: Objects, settings: Settings, events: EventRecorder, log: (event: Record<string, unknown>) => void = () => {}) {
     this.objects = objects;
@@ -449,9 +456,15 @@ export class VolumeController {
     // Replenish: new replicas for the missing ones (not while faulted: nothing to copy from, nor
     // while an expansion is under way: a new replica must have the size the engine serves).
     let message: string | null = null;
+    const backoff = this.replacementBackoff.get(volume.name);
+    const waitMs = backoff === undefined ? 0 : backoff.notBeforeMs - Date.now();
     if (robustness !== 'faulted' && active.length < wanted && e.status.sizeBytes === e.spec.sizeBytes && sizeBytes === e.spec.sizeBytes) {
-      const added = await this.addReplicas(volume, active, wanted - active.length, e.status.sizeBytes, 'running');
-      if (added < wanted - active.length) message = this.lastPlacementProblem.get(volume.name) ?? null;
+      if (waitMs > 0) {
+        message = `${backoff!.failures} replacement replica(s) failed before serving; the next one in ${Math.ceil(waitMs / 1000)} s`;
+      } else {
+        const added = await this.addReplicas(volume, active, wanted - active.length, e.status.sizeBytes, 'running');
+        if (added < wanted - active.length) message = this.lastPlacementProblem.get(volume.name) ?? null;
+      }
     }
     for (const r of active) {
       if (r.value.spec.desireState !== 'running') {
@@ -461,9 +474,21 @@ export class VolumeController {
       }
       if (r.value.status.state === 'error' && !(r.name in desired)) message = `replica ${r.name}: ${r.value.status.message}`;
     }
+    // A failed replica that never served holds nothing worth keeping (a partial copy): it goes
+    // now, so that failing rebuilds do not pile up; its failure delays the next replacement.
+    for (const r of failed) {
+      if (r.value.spec.healthyAt !== null) continue;
+      await this.requestReplicaDeletion(r.name);
+      const prev = this.replacementBackoff.get(volume.name)?.failures ?? 0;
+      const delayMs = Math.min(REPLACEMENT_BACKOFF_MAX_MS, REPLACEMENT_BACKOFF_MIN_MS * 2 ** Math.min(prev, 16));
+      this.replacementBackoff.set(volume.name, { failures: prev + 1, notBeforeMs: Date.now() + delayMs });
+      await this.event(volume.name, 'Warning', 'ReplicaRemoved', `replica ${r.name} failed before it served and was removed; the next replacement in ${Math.round(delayMs / 1000)} s`, Kind.Replica, r.name);
+    }
+    if (robustness === 'healthy') this.replacementBackoff.delete(volume.name);
     // The failed replicas go once the volume is whole again.
     if (robustness === 'healthy') {
       for (const r of failed) {
+        if (r.value.spec.healthyAt === null) continue; // removed above
         await this.requestReplicaDeletion(r.name);
         await this.event(volume.name, 'Normal', 'ReplicaRemoved', `failed replica ${r.name} removed`, Kind.Replica, r.name);
       }

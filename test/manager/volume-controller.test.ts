@@ -18,6 +18,8 @@ class FakeAgent {
   private timer: NodeJS.Timeout | null = null;
   /** Engine replica modes the test forces (replica name -> mode). */
   readonly forced = new Map<string, 'RW' | 'WO' | 'ERR'>();
+  /** When set, every replica that joins a running engine fails its rebuild. */
+  failRebuilds = false;
   /** Replicas that joined a running engine and are "rebuilding" for one more round. */
   private readonly rebuilding = new Set<string>();
   readonly requests: string[] = [];
@@ -62,6 +64,7 @@ class FakeAgent {
             mode = 'RW';
           }
           mode = this.forced.get(name) ?? mode;
+          if (this.failRebuilds && (mode === 'WO' || this.rebuilding.has(name))) mode = 'ERR';
           replicas[name] = { mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null };
         }
         x.status = {
@@ -251,4 +254,31 @@ test('snapshots need an attached volume; revert needs maintenance mode', async (
   await assert.rejects(service.attachVolume('s', { maintenance: true }), /already attached/);
   await service.deleteSnapshot('s', 'a');
   assert.ok(agent.requests.includes('s DELETE /v1/snapshots/a'));
+});
+
+test('replacements that keep failing before they serve are removed at once, with growing waits; bounded', async (t) => {
+  const { service, objects, agent } = await setup(t, 4);
+  await service.createVolume({ name: 'b', sizeBytes: GiB, numberOfReplicas: 3 });
+  await until('detached', async () => (await service.getVolume('b')).state === 'detached');
+  await service.attachVolume('b', {});
+  await until('healthy', async () => (await service.getVolume('b')).robustness === 'healthy');
+  agent.failRebuilds = true;
+  const victim = (await objects.list(Kind.Replica))[0].name;
+  agent.forced.set(victim, 'ERR');
+  const waiting = await until('a wait before the next replacement', async () => {
+    const v = await service.getVolume('b');
+    return v.message !== null && /replacement replica\(s\) failed before serving/.test(v.message) ? v : undefined;
+  });
+  assert.equal(waiting.robustness, 'degraded');
+  // Over a few seconds: few attempts (1 s, 2 s, ...), and the failed ones do not pile up.
+  let most = 0;
+  for (let i = 0; i < 40; i++) {
+    most = Math.max(most, (await objects.list(Kind.Replica)).length);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.ok(most <= 5, `at most the 3 original + 1 replacement + 1 being removed, saw ${most}`);
+  const removed = (await service.listEvents({ volume: 'b' })).filter((e) => /failed before it served/.test(e.message));
+  assert.ok(removed.length >= 1 && removed.length <= 4, `attempts with backoff: ${removed.length}`);
+  agent.failRebuilds = false;
+  await until('healthy once rebuilds work again', async () => (await service.getVolume('b')).robustness === 'healthy', 30_000);
 });
