@@ -147,14 +147,29 @@ export async function up(args: UpArgs): Promise<void> {
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
 
-  await agent.start();
-  await manager.start();
+  // The API address first: a taken port must fail before any process is started or adopted.
   try {
     await api.listen({ host: apiAddress.host, port: apiAddress.port });
   } catch (err) {
+    await api.close().catch(() => {});
+    await store.close();
+    fs.rmSync(lockFile, { force: true });
     throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
   }
-  await agent.frontendReady(30_000);
+  await agent.start();
+  await manager.start();
+  try {
+    await agent.frontendReady(30_000);
+  } catch (err) {
+    // Without its NBD listener the node serves nothing: stop what was started, leave nothing behind.
+    log.error({ err: (err as Error).message }, 'the NBD frontend does not start: stopping');
+    await api.close().catch(() => {});
+    await manager.stop();
+    await agent.stop({ stopProcesses: true });
+    await store.close();
+    fs.rmSync(lockFile, { force: true });
+    throw err;
+  }
   const bound = api.server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;
   const shownHost = apiAddress.host.includes(':') ? `[${apiAddress.host}]` : apiAddress.host;
