@@ -1,18 +1,31 @@
 /**
  * The running volume's small control interface: HTTP/JSON on a UNIX socket, used by
- * `zebu engine …` commands and later by the manager.
+ * `zebu engine …` commands and by the node agent. Errors: {"error": message, "code": ErrorCode}
+ * with 400 EINVAL, 404 NOT_FOUND, 409 EXISTS/BUSY/CONFLICT, 507 ENOSPC, 500 otherwise.
  *
- *   GET    /v1/info               engine, size, replicas (modes, rebuild progress), rebuilding, stats
- *   GET    /v1/replicas           replica list with modes
- *   POST   /v1/replicas           {"address": "HOST:PORT"}: add a new empty replica and rebuild it
- *                                 (returns at once; progress in /v1/replicas); 409 while one rebuilds
- *   DELETE /v1/replicas/ADDRESS   take a replica out (not the last RW one)
- *   POST   /v1/expand             {"sizeBytes": N}: online expansion; returns /v1/info
- *   GET    /v1/stats              I/O counters
- *   GET    /v1/snapshots          snapshots
- *   POST   /v1/snapshots          {"name": "..."}: create (drains, flushes, snapshots every replica)
- *   DELETE /v1/snapshots/NAME     delete
- *   POST   /v1/snapshots/NAME/revert   revert the volume to the snapshot (drains first)
+ *   GET    /v1/info               {name, sizeBytes, epoch, faulted, faultedReason, rebuilding,
+ *                                  replicas: [ReplicaRow], stats: {reads, writes, zeroes, flushes,
+ *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal}}
+ *                                 ReplicaRow = {address, mode: RW|WO|ERR, reason, inflight, local,
+ *                                  revision, rebuild: {copiedBytes, totalBytes} | null}
+ *   GET    /v1/replicas           [ReplicaRow]
+ *   POST   /v1/replicas           {"address": "HOST:PORT"} -> [ReplicaRow]: adds a new, empty replica
+ *                                 (a smaller one is grown first) as WO and rebuilds it in the
+ *                                 background; returns at once, progress in `rebuild`. 409 EXISTS:
+ *                                 already in the set; 409 BUSY: a rebuild, snapshot or expansion
+ *                                 runs; 400 EINVAL: not empty, larger than the volume, bad address
+ *   DELETE /v1/replicas/ADDRESS   (URL-encoded HOST:PORT) -> [ReplicaRow]: takes a replica out
+ *                                 (stops its rebuild if it is the target); 409 BUSY for the last
+ *                                 RW replica; 404 if not in the set
+ *   POST   /v1/expand             {"sizeBytes": N} -> the /v1/info body: drains I/O, grows every
+ *                                 RW/WO replica, then the volume (multiple of 4096, never shrinks;
+ *                                 the same size is a no-op); 409 BUSY during a rebuild
+ *   GET    /v1/stats              the stats object of /v1/info
+ *   GET    /v1/snapshots          [SnapshotInfo] of a RW replica
+ *   POST   /v1/snapshots          {"name": "..."} -> SnapshotInfo: drains, flushes, snapshots every replica
+ *   DELETE /v1/snapshots/NAME     -> {"deleted": NAME}
+ *   POST   /v1/snapshots/NAME/revert   -> {"reverted": NAME}: drains, reverts every replica
+ *   Snapshot create, delete and revert are 409 BUSY while a rebuild runs.
  */
 import http from 'node:http';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
@@ -35,6 +48,15 @@ function statusFor(err: ZebuError): number {
       return 507;
     default:
       return 500;
+  }
+}
+
+/** A URL path segment, decoded; a malformed escape is the caller's error, not ours. */
+function pathArg(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new ZebuError(ErrorCode.EINVAL, `bad escape in URL path segment ${JSON.stringify(segment)}`);
   }
 }
 
@@ -95,7 +117,7 @@ export class EngineControlServer {
       return this.engine.addReplica(body.address);
     }
     const removeReplica = /^DELETE \/v1\/replicas\/([^/]+)$/.exec(route);
-    if (removeReplica) return this.engine.removeReplica(decodeURIComponent(removeReplica[1]));
+    if (removeReplica) return this.engine.removeReplica(pathArg(removeReplica[1]));
     if (route === 'POST /v1/expand') {
       const body = (await readBody(req)) as { sizeBytes?: unknown };
       if (typeof body.sizeBytes !== 'number') throw new ZebuError(ErrorCode.EINVAL, 'body field "sizeBytes" must be a number');
@@ -103,13 +125,15 @@ export class EngineControlServer {
     }
     const revert = /^POST \/v1\/snapshots\/([^/]+)\/revert$/.exec(route);
     if (revert) {
-      await this.engine.snapshotRevert(decodeURIComponent(revert[1]));
-      return { reverted: decodeURIComponent(revert[1]) };
+      const name = pathArg(revert[1]);
+      await this.engine.snapshotRevert(name);
+      return { reverted: name };
     }
     const del = /^DELETE \/v1\/snapshots\/([^/]+)$/.exec(route);
     if (del) {
-      await this.engine.snapshotDelete(decodeURIComponent(del[1]));
-      return { deleted: decodeURIComponent(del[1]) };
+      const name = pathArg(del[1]);
+      await this.engine.snapshotDelete(name);
+      return { deleted: name };
     }
     throw new ZebuError(ErrorCode.NOT_FOUND, `no route ${route}`);
   }

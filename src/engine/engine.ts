@@ -113,13 +113,16 @@ export class Engine implements BlockBackend {
   private faultedReason: string | null = null;
   private superseded = false;
   private inflight = 0;
-  private paused = false;
+  /** Control operations holding I/O paused (snapshot, revert, expansion, a rebuild's join/end): nested. */
+  private pauseDepth = 0;
   private queued: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
   private pingTimer: NodeJS.Timeout | null = null;
   private closed = false;
   /** The rebuild under way, if any: at most one at a time. */
   private rebuilding: Rebuild<EngineReplica> | null = null;
+  /** Settles (never rejects) when the rebuild's copy has stopped, whether done or failed. */
+  private rebuildRun: Promise<void> = Promise.resolve();
   readonly stats: EngineStats = {
     reads: 0, writes: 0, zeroes: 0, flushes: 0, readBytes: 0, writeBytes: 0, errors: 0, readLatencyMsTotal: 0, writeLatencyMsTotal: 0,
   };
@@ -159,7 +162,17 @@ export class Engine implements BlockBackend {
             requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
           });
           r.client = client;
-          const info = await client.open();
+          let info = await client.open();
+          if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
+            // The volume grew while this replica was away (or offline): grow it before the
+            // modes are chosen, so that a complete replica is not failed for its size alone.
+            try {
+              info = await client.expand(this.sizeBytes);
+            } catch (err) {
+              throw new ZebuError(toZebuError(err).code, `cannot grow from ${info.sizeBytes} to ${this.sizeBytes} bytes: ${(err as Error).message}`);
+            }
+            this.log({ event: 'replica-expanded', replica: r.address, sizeBytes: this.sizeBytes });
+          }
           r.info = info;
           return { address: r.address, info, error: null };
         } catch (err) {
@@ -217,6 +230,11 @@ export class Engine implements BlockBackend {
     const client = r.client;
     r.client = null;
     client?.close();
+    if (this.rebuilding !== null && this.rebuilding.target === r) {
+      // The copy stops at its next step; from now on nothing says it is under way.
+      this.rebuilding.cancelled ??= `target failed: ${err.message}`;
+      r.rebuild = null;
+    }
     if (err.code === ErrorCode.FENCED) {
       // A newer engine owns the volume: stop serving it at all.
       this.superseded = true;
@@ -245,8 +263,12 @@ export class Engine implements BlockBackend {
 
   // ---- request admission (pause for snapshots) ---------------------------------------------
 
+  private get paused(): boolean {
+    return this.pauseDepth > 0;
+  }
+
   private admit(fn: () => void): void {
-    if (!this.paused) {
+    if (this.pauseDepth === 0) {
       this.inflight++;
       fn();
       return;
@@ -271,13 +293,19 @@ export class Engine implements BlockBackend {
     }
   }
 
+  /**
+   * Holds new I/O and waits for what is in flight. Pauses nest: two control operations at once
+   * (a snapshot and an expansion) each get a quiet volume, and I/O resumes after the last one.
+   */
   private async pauseAndDrain(): Promise<void> {
-    this.paused = true;
+    this.pauseDepth++;
     if (this.inflight > 0) await new Promise<void>((resolve) => this.drainWaiters.push(resolve));
   }
 
   private resume(): void {
-    this.paused = false;
+    this.pauseDepth--;
+    assert(this.pauseDepth >= 0, 'engine pause depth');
+    if (this.pauseDepth > 0) return;
     const queued = this.queued;
     this.queued = [];
     for (const fn of queued) fn();
@@ -292,25 +320,32 @@ export class Engine implements BlockBackend {
     for (const r of this.replicas) if (r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet) remaining++;
     if (remaining === 0) return done(this.faultError());
     let acceptedByRw = 0;
+    // Replicas that called the request invalid (error path only: allocated on first use).
+    let refused: { r: EngineReplica; client: ReplicaClient; err: ZebuError }[] | null = null;
     const targets = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet);
     for (const r of targets) {
       const client = r.client!;
       client.send(op, flags, offset, length, payload, (err) => {
         if (err !== null) {
-          if (err.code === ErrorCode.EINVAL) {
-            // The request itself is bad (the replica says so): not the replica's fault.
-            remaining--;
-            if (remaining === 0) done(err);
-            return;
-          }
-          if (r.client === client) this.setErr(r, err);
+          // EINVAL: the request itself is bad (the replica says so), not the replica's fault —
+          // unless another replica took it, which is decided once all have answered.
+          if (err.code === ErrorCode.EINVAL) (refused ??= []).push({ r, client, err });
+          else if (r.client === client) this.setErr(r, err);
         } else if (r.mode === ReplicaMode.RW && r.client === client) {
           acceptedByRw++;
         }
         remaining--;
-        if (remaining === 0) {
-          if (acceptedByRw > 0) done(null);
-          else done(this.faultedReason !== null ? this.faultError() : new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica accepted the request`));
+        if (remaining > 0) return;
+        if (acceptedByRw > 0) {
+          // A replica that refused what a RW replica applied no longer holds the same bytes.
+          for (const x of refused ?? []) {
+            if (x.r.client === x.client) this.setErr(x.r, new ZebuError(ErrorCode.EIO, `refused a request the other replicas applied: ${x.err.message}`));
+          }
+          done(null);
+        } else if (refused !== null) {
+          done(refused[0].err);
+        } else {
+          done(this.faultedReason !== null ? this.faultError() : new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica accepted the request`));
         }
       });
     }
@@ -457,7 +492,7 @@ export class Engine implements BlockBackend {
       epoch: this.epoch,
       faulted: this.faulted,
       faultedReason: this.faultedReason,
-      rebuilding: this.rebuilding !== null,
+      rebuilding: this.rebuilding !== null && this.rebuilding.cancelled === null,
       replicas: this.replicaStatus(),
       stats: this.stats,
     };
@@ -548,6 +583,8 @@ export class Engine implements BlockBackend {
     if (this.faultedReason !== null) throw this.faultError();
     const { host, port } = parseAddress(address);
     if (this.replicas.some((r) => r.address === address)) throw new ZebuError(ErrorCode.EXISTS, `replica ${address} is already in volume ${this.name}`);
+    // A rebuild that was stopped (target failed or removed) ends at its next step: wait for it.
+    if (this.rebuilding !== null && this.rebuilding.cancelled !== null) await this.rebuildRun;
     if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: replica ${this.rebuilding.target.address} is being rebuilt; one rebuild at a time`);
     if (this.paused) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} is busy (snapshot or expansion); try again`);
     const client = await ReplicaClient.connect({
@@ -555,6 +592,7 @@ export class Engine implements BlockBackend {
       requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
     });
     let info: ReplicaInfo;
+    let snapshots: SnapshotInfo[];
     try {
       info = await client.open();
       if (info.revision !== 0 || info.layerCount !== 1 || info.hasBase || info.rebuilding) {
@@ -562,15 +600,17 @@ export class Engine implements BlockBackend {
       }
       if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
       if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} has ${info.sizeBytes} bytes, the volume ${this.sizeBytes}`);
-      // Checked again: the awaits above let another request in.
-      if (this.rebuilding !== null || this.replicas.some((r) => r.address === address) || this.closed || this.faultedReason !== null) {
+      snapshots = await this.snapshotList();
+      // Checked again, with no await until the rebuild is registered: the awaits above let other
+      // control requests in (an expansion or a snapshot would leave the new replica behind).
+      if (this.rebuilding !== null || this.paused || this.replicas.some((r) => r.address === address) || this.closed || this.faultedReason !== null) {
         throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} changed while replica ${address} was being opened; try again`);
       }
+      if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} grew while replica ${address} was being opened; try again`);
     } catch (err) {
       client.close();
       throw err;
     }
-    const snapshots = await this.snapshotList();
     const plan = snapshotCopyPlan(snapshots);
     const target: EngineReplica = {
       address, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
@@ -584,12 +624,13 @@ export class Engine implements BlockBackend {
       if (target.client === client) this.setErr(target, err);
     });
     this.log({ event: 'rebuild-started', replica: address, snapshots: snapshots.map((x) => x.name) });
-    void this.runRebuild(rebuild, target, plan).then(
+    this.rebuildRun = this.runRebuild(rebuild, target, plan).then(
       () => this.log({ event: 'rebuild-done', replica: address }),
       (err) => {
         const e = toZebuError(err);
         this.log({ event: 'rebuild-failed', replica: address, reason: e.message });
         if (target.mode !== ReplicaMode.ERR) this.setErr(target, new ZebuError(e.code, `rebuild failed: ${e.message}`));
+        target.rebuild = null;
       },
     );
     return this.replicaStatus();

@@ -188,6 +188,8 @@ test('bad replica-set changes are refused and change nothing; online expansion g
   await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address: 'no-port' }), /HOST:PORT/);
   await expectError(controlRequest(vol.controlSocket, 'DELETE', `/v1/replicas/${encodeURIComponent(only)}`), /last RW replica/);
   await expectError(controlRequest(vol.controlSocket, 'DELETE', '/v1/replicas/127.0.0.1%3A1'), /not in volume/);
+  await expectError(controlRequest(vol.controlSocket, 'DELETE', '/v1/replicas/%E0%A4%A'), /bad escape/);
+  await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/expand', {}), /"sizeBytes" must be a number/);
   // A replica that holds data is not a rebuild target.
   const used = await newReplica(t, dir, 'replica-used', size);
   const direct = await ReplicaClient.connect({ port: used.port, secret: vol.secret, epoch: vol.epoch });

@@ -1,0 +1,346 @@
+/**
+ * Engine processes (`zebu engine serve`, `zebu frontend serve`) over real replica processes:
+ * online expansion seen by a new NBD connection; an engine start that grows a replica left at the
+ * old size; a rebuild whose target dies (restarted engine: "incomplete rebuild") or whose source
+ * dies (the copy goes on from another RW replica, clients see no error); a rebuild stopped by
+ * removing its target; snapshot changes refused while a rebuild runs.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import path from 'node:path';
+import readline from 'node:readline';
+import { controlRequest } from '../../src/engine/control-server.ts';
+import { FrontendControlClient } from '../../src/frontend/control-client.ts';
+import { ReplicaClient } from '../../src/protocol/client.ts';
+import { startReplica, writeSecret, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
+import { startVolume, replicaDigest, mustRun } from '../support/volume-cluster.ts';
+import { startFio, fioFigures } from '../support/fio.ts';
+import { tempDir, pattern } from '../support/tmp.ts';
+import { waitFor } from '../support/zebu-up.ts';
+
+const MiB = 1024 * 1024;
+
+type After = { after: (fn: () => unknown) => void };
+
+interface ReplicaRow {
+  address: string;
+  mode: 'RW' | 'WO' | 'ERR';
+  reason: string | null;
+  rebuild: { copiedBytes: number; totalBytes: number } | null;
+}
+
+interface EngineInfo {
+  sizeBytes: number;
+  epoch: number;
+  faulted: boolean;
+  faultedReason: string | null;
+  rebuilding: boolean;
+  replicas: ReplicaRow[];
+  stats: Record<string, number>;
+}
+
+interface Spawned {
+  child: ChildProcess;
+  ready: Record<string, unknown>;
+  exited: Promise<number | string>;
+}
+
+/** Runs `zebu ARGS…` until it prints its ready line; SIGKILLed when the test ends. */
+async function spawnReady(t: After, args: string[]): Promise<Spawned> {
+  const child = spawn(process.execPath, [ZEBU_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.after(() => child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-50_000);
+  });
+  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${args[0]} not ready in 30 s: ${stderr}`)), 30_000);
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (msg.ready === true) {
+          clearTimeout(timer);
+          resolve(msg);
+        }
+      } catch {
+        // not JSON
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`${args[0]} exited (${code}) before ready: ${stderr}`));
+    });
+  });
+  return { child, ready, exited };
+}
+
+interface EngineProcess extends Spawned {
+  socket: string;
+  control: string;
+}
+
+function startEngine(t: After, dir: string, options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string }): Promise<EngineProcess> {
+  const socket = path.join(dir, `engine-${options.epoch}.sock`);
+  const control = path.join(dir, `control-${options.epoch}.sock`);
+  return spawnReady(t, [
+    'engine', 'serve', '--name', 'vol', '--size', String(options.sizeBytes), ...options.replicas.flatMap((r) => ['--replica', r]),
+    '--socket', socket, '--control-socket', control, '--secret-file', options.secretFile, '--epoch', String(options.epoch),
+    '--request-timeout-ms', '3000',
+  ]).then((s) => ({ ...s, socket, control }));
+}
+
+async function stopEngine(engine: EngineProcess): Promise<void> {
+  engine.child.kill('SIGTERM');
+  assert.equal(await engine.exited, 0);
+}
+
+function info(control: string): Promise<EngineInfo> {
+  return controlRequest(control, 'GET', '/v1/info') as Promise<EngineInfo>;
+}
+
+function replicasOf(control: string): Promise<ReplicaRow[]> {
+  return controlRequest(control, 'GET', '/v1/replicas') as Promise<ReplicaRow[]>;
+}
+
+function qemuIo(uri: string, ...commands: string[]): string {
+  const out = mustRun('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { timeoutMs: 120_000 });
+  assert.doesNotMatch(out, /verification failed|error/i, out);
+  return out;
+}
+
+function nbdSize(uri: string): number {
+  return Number(mustRun('nbdinfo', ['--size', uri]).trim());
+}
+
+async function expectError(promise: Promise<unknown>, pattern: RegExp): Promise<void> {
+  await assert.rejects(promise, (err: Error) => {
+    assert.match(err.message, pattern);
+    return true;
+  });
+}
+
+/** Writes `pattern(seed)` over [0, bytes) through the engine's own data socket. */
+async function fillThroughEngine(engine: EngineProcess, secret: Buffer, bytes: number, seed: number): Promise<void> {
+  const client = await ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
+  try {
+    const chunk = pattern(seed, 4 * MiB);
+    const writes: Promise<void>[] = [];
+    for (let offset = 0; offset < bytes; offset += 4 * MiB) writes.push(client.write(offset, chunk));
+    await Promise.all(writes);
+    await client.flush();
+  } finally {
+    client.close();
+  }
+}
+
+test('online expansion: a new NBD connection sees the new size; an engine start grows a replica left at the old size', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const OLD = 64 * MiB;
+  const NEW = 128 * MiB;
+  const replicas: ReplicaProcess[] = [];
+  for (const i of [0, 1]) {
+    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: OLD, secretFile });
+    t.after(() => r.child.kill('SIGKILL'));
+    replicas.push(r);
+  }
+  const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
+  let engine = await startEngine(t, dir, { sizeBytes: OLD, replicas: addresses, epoch: 1, secretFile });
+  const nbdSocket = path.join(dir, 'nbd.sock');
+  const frontendControl = path.join(dir, 'frontend.sock');
+  await spawnReady(t, ['frontend', 'serve', '--secret-file', secretFile, '--nbd-socket', nbdSocket, '--control-socket', frontendControl]);
+  const frontend = new FrontendControlClient(frontendControl);
+  await frontend.putExport('vol', engine.socket);
+  const uri = `nbd+unix:///vol?socket=${nbdSocket}`;
+
+  qemuIo(uri, 'write -P 0x31 0 16M', 'write -P 0x32 60M 4M', 'flush');
+  assert.equal(nbdSize(uri), OLD);
+  // Replica 1 goes away (flushed, so it is not behind); the volume grows without it.
+  replicas[1].child.kill('SIGKILL');
+  await replicas[1].exited;
+  await waitFor('replica 1 ERR', async () => (await replicasOf(engine.control))[1].mode === 'ERR', 30_000, 50);
+
+  const grown = (await controlRequest(engine.control, 'POST', '/v1/expand', { sizeBytes: NEW })) as EngineInfo;
+  // The same body as GET /v1/info.
+  assert.equal(grown.sizeBytes, NEW);
+  assert.deepEqual(Object.keys(grown).sort(), Object.keys(await info(engine.control)).sort());
+  for (const key of ['sizeBytes', 'epoch', 'faulted', 'faultedReason', 'rebuilding', 'replicas', 'stats']) assert.ok(key in grown, key);
+  for (const key of ['reads', 'writes', 'readBytes', 'writeBytes', 'errors', 'readLatencyMsTotal', 'writeLatencyMsTotal']) assert.equal(typeof grown.stats[key], 'number', key);
+  assert.deepEqual((await controlRequest(engine.control, 'POST', '/v1/expand', { sizeBytes: NEW })) as EngineInfo, await info(engine.control), 'again: nothing to do');
+  await expectError(controlRequest(engine.control, 'POST', '/v1/expand', { sizeBytes: '1G' }), /must be a number/);
+
+  await frontend.refreshExport('vol');
+  assert.equal(nbdSize(uri), NEW, 'a new NBD connection sees the new size');
+  qemuIo(uri, 'read -P 0x31 0 16M', 'read -P 0x32 60M 4M', 'read -P 0 64M 64M');
+
+  // The engine restarts with the new size; replica 1 comes back at the old one (as a replica
+  // started from an old spec would): the engine grows it before choosing modes.
+  await stopEngine(engine);
+  replicas[1] = await startReplica({ dir: path.join(dir, 'replica-1'), sizeBytes: OLD, secretFile, port: replicas[1].port });
+  t.after(() => replicas[1].child.kill('SIGKILL'));
+  engine = await startEngine(t, dir, { sizeBytes: NEW, replicas: addresses, epoch: 2, secretFile });
+  const after = await info(engine.control);
+  assert.deepEqual(after.replicas.map((r) => [r.mode, r.reason]), [['RW', null], ['RW', null]]);
+  for (const r of replicas) {
+    const c = await ReplicaClient.connect({ port: r.port, secret, epoch: 2 });
+    assert.equal((await c.info()).sizeBytes, NEW);
+    c.close();
+  }
+  await frontend.putExport('vol', engine.socket);
+  await frontend.refreshExport('vol');
+  assert.equal(nbdSize(uri), NEW);
+  qemuIo(uri, 'write -P 0x33 124M 4M', 'flush', 'read -P 0x33 124M 4M', 'read -P 0x31 0 16M');
+  const digests = await Promise.all(replicas.map((r) => replicaDigest(r.port, secret, 2, NEW)));
+  assert.equal(digests[0], digests[1]);
+});
+
+test('a rebuild target SIGKILLed midway: the volume serves on; a restarted engine finds it "incomplete rebuild"', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const size = 256 * MiB;
+  const replicas: ReplicaProcess[] = [];
+  for (const i of [0, 1]) {
+    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
+    t.after(() => r.child.kill('SIGKILL'));
+    replicas.push(r);
+  }
+  const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
+  let engine = await startEngine(t, dir, { sizeBytes: size, replicas: addresses, epoch: 1, secretFile });
+  await fillThroughEngine(engine, secret, 192 * MiB, 5);
+
+  let victim = await startReplica({ dir: path.join(dir, 'victim'), sizeBytes: size, secretFile });
+  t.after(() => victim.child.kill('SIGKILL'));
+  const victimAddress = `127.0.0.1:${victim.port}`;
+  const list = (await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress })) as ReplicaRow[];
+  assert.deepEqual(list.map((r) => r.mode), ['RW', 'RW', 'WO']);
+  assert.equal((await info(engine.control)).rebuilding, true);
+  await waitFor('copy under way', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) > 0, 60_000, 5);
+  victim.child.kill('SIGKILL');
+  await victim.exited;
+  const failed = await waitFor('target ERR', async () => {
+    const row = (await replicasOf(engine.control))[2];
+    return row.mode === 'ERR' ? row : undefined;
+  }, 30_000, 50);
+  assert.equal(failed.rebuild, null);
+  assert.ok(failed.reason !== null && failed.reason.length > 0);
+  const during = await info(engine.control);
+  assert.equal(during.rebuilding, false);
+  assert.equal(during.faulted, false);
+  assert.equal(during.stats.errors, 0);
+
+  // The engine restarts (a new attachment) with the half-copied replica back at its address.
+  await stopEngine(engine);
+  victim = await startReplica({ dir: path.join(dir, 'victim'), sizeBytes: size, secretFile, port: victim.port });
+  t.after(() => victim.child.kill('SIGKILL'));
+  engine = await startEngine(t, dir, { sizeBytes: size, replicas: [...addresses, victimAddress], epoch: 2, secretFile });
+  const restarted = await replicasOf(engine.control);
+  assert.deepEqual(restarted.slice(0, 2).map((r) => r.mode), ['RW', 'RW']);
+  assert.equal(restarted[2].mode, 'ERR');
+  assert.match(restarted[2].reason ?? '', /incomplete rebuild/);
+  // The data is the sources'.
+  const client = await ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine' });
+  assert.deepEqual(await client.read(188 * MiB, 4 * MiB), pattern(5, 4 * MiB));
+  assert.ok((await client.read(192 * MiB, 4 * MiB)).every((b) => b === 0));
+  client.close();
+  // Taken out; the list says so.
+  const removed = (await controlRequest(engine.control, 'DELETE', `/v1/replicas/${encodeURIComponent(victimAddress)}`)) as ReplicaRow[];
+  assert.deepEqual(removed.map((r) => r.address), addresses);
+});
+
+test('a rebuild source SIGKILLed midway: the copy goes on from the other RW replica; fio verify sees no error', async (t) => {
+  const dir = tempDir(t);
+  const size = 256 * MiB;
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: size });
+  qemuIo(vol.nbd, 'write -P 0x7e 0 128M', 'flush');
+  const fio = startFio(t, [
+    '--name=verify', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bsrange=4k-64k', '--offset=128M', '--size=128M',
+    '--iodepth=8', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json', '--randseed=3',
+  ]);
+  await new Promise((r) => setTimeout(r, 300));
+  const fresh = await startReplica({ dir: path.join(dir, 'replica-new'), sizeBytes: size, secretFile: path.join(dir, 'secret') });
+  t.after(() => fresh.child.kill('SIGKILL'));
+  const address = `127.0.0.1:${fresh.port}`;
+  await controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address });
+  await waitFor('copy under way', async () => ((await replicasOf(vol.controlSocket)).find((r) => r.address === address)?.rebuild?.copiedBytes ?? 0) > 0, 60_000, 5);
+  vol.replicas[0].child.kill('SIGKILL');
+  const rows = await waitFor('rebuild over', async () => {
+    const now = await replicasOf(vol.controlSocket);
+    const target = now.find((r) => r.address === address)!;
+    return target.mode !== 'WO' ? now : undefined;
+  }, 120_000, 50);
+  assert.deepEqual(rows.map((r) => r.mode), ['ERR', 'RW', 'RW'], JSON.stringify(rows));
+  const result = await fio.exit;
+  assert.equal(result.code, 0, result.stderr);
+  assert.equal(fioFigures(result.stdout).error, 0);
+  qemuIo(vol.nbd, 'flush', 'read -P 0x7e 0 128M');
+  const digests = await Promise.all([vol.replicas[1].port, fresh.port].map((p) => replicaDigest(p, vol.secret, vol.epoch, size)));
+  assert.equal(digests[0], digests[1]);
+});
+
+test('removing the replica being rebuilt stops the rebuild; snapshot changes wait for a rebuild; then both work', async (t) => {
+  const dir = tempDir(t);
+  const size = 128 * MiB;
+  const vol = await startVolume(t, { dir, replicas: 1, sizeBytes: size });
+  qemuIo(vol.nbd, 'write -P 0x21 0 128M', 'flush');
+  await controlRequest(vol.controlSocket, 'POST', '/v1/snapshots', { name: 's1' });
+  qemuIo(vol.nbd, 'write -P 0x22 0 64M', 'flush');
+  const target = await startReplica({ dir: path.join(dir, 'replica-t'), sizeBytes: size, secretFile: path.join(dir, 'secret') });
+  t.after(() => target.child.kill('SIGKILL'));
+  const address = `127.0.0.1:${target.port}`;
+  await controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address });
+  await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/snapshots/s1/revert'), /being rebuilt/);
+  await expectError(controlRequest(vol.controlSocket, 'DELETE', '/v1/snapshots/s1'), /being rebuilt/);
+  await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/snapshots', { name: 's2' }), /being rebuilt/);
+  await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address }), /already in volume/);
+
+  const left = (await controlRequest(vol.controlSocket, 'DELETE', `/v1/replicas/${encodeURIComponent(address)}`)) as ReplicaRow[];
+  assert.deepEqual(left.map((r) => r.mode), ['RW']);
+  await waitFor('rebuild stopped', async () => !(await info(vol.controlSocket)).rebuilding, 30_000, 20);
+  // The removed replica keeps its mark: it is no source for anyone.
+  const probe = await ReplicaClient.connect({ port: target.port, secret: vol.secret, epoch: vol.epoch });
+  assert.equal((await probe.info()).rebuilding, true);
+  probe.close();
+  qemuIo(vol.nbd, 'read -P 0x22 0 64M', 'read -P 0x21 64M 64M');
+
+  // Afterwards snapshot changes work again, and so does a rebuild onto a fresh replica.
+  await controlRequest(vol.controlSocket, 'POST', '/v1/snapshots/s1/revert');
+  qemuIo(vol.nbd, 'read -P 0x21 0 128M');
+  const fresh = await startReplica({ dir: path.join(dir, 'replica-f'), sizeBytes: size, secretFile: path.join(dir, 'secret') });
+  t.after(() => fresh.child.kill('SIGKILL'));
+  await controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address: `127.0.0.1:${fresh.port}` });
+  await waitFor('rebuilt', async () => (await replicasOf(vol.controlSocket)).every((r) => r.mode === 'RW'), 60_000, 50);
+  const digests = await Promise.all([vol.replicas[0].port, fresh.port].map((p) => replicaDigest(p, vol.secret, vol.epoch, size)));
+  assert.equal(digests[0], digests[1]);
+  const snapshots = await Promise.all([vol.replicas[0].port, fresh.port].map((p) => replicaDigest(p, vol.secret, vol.epoch, size, 's1')));
+  assert.equal(snapshots[0], snapshots[1]);
+});
+
+test('snapshots and an expansion at the same moment under writes: each sees a quiet volume; replicas and snapshots identical', async (t) => {
+  const dir = tempDir(t);
+  const size = 64 * MiB;
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: size });
+  const fio = startFio(t, [
+    '--name=load', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bs=4k', '--size=64M', '--iodepth=16',
+    '--time_based', '--runtime=60', '--randseed=5', '--output-format=json',
+  ]);
+  await new Promise((r) => setTimeout(r, 500));
+  const control = vol.controlSocket;
+  const results = await Promise.allSettled([
+    controlRequest(control, 'POST', '/v1/snapshots', { name: 's1' }),
+    controlRequest(control, 'POST', '/v1/expand', { sizeBytes: 2 * size }),
+    controlRequest(control, 'POST', '/v1/snapshots', { name: 's2' }),
+  ]);
+  assert.deepEqual(results.map((r) => r.status), ['fulfilled', 'fulfilled', 'fulfilled'], JSON.stringify(results));
+  await new Promise((r) => setTimeout(r, 300));
+  fio.child.kill('SIGINT');
+  const result = await fio.exit;
+  assert.equal(fioFigures(result.stdout).error, 0, result.stderr);
+  qemuIo(vol.nbd, 'flush');
+  assert.deepEqual((await info(control)).replicas.map((r) => r.mode), ['RW', 'RW']);
+  for (const snapshot of [undefined, 's1', 's2']) {
+    const digests = await Promise.all(vol.replicas.map((r) => replicaDigest(r.port, vol.secret, vol.epoch, 2 * size, snapshot)));
+    assert.equal(digests[0], digests[1], snapshot ?? 'head');
+  }
+});
