@@ -17,6 +17,7 @@ import { Settings } from '../manager/settings.ts';
 import { WorkQueue } from '../manager/work-queue.ts';
 import { REPLICAS_DIR } from '../manager/volume-controller.ts';
 import { controlRequest } from '../engine/control-server.ts';
+import { recoveryFromEngine, replicaNameOf, verifyFromEngine } from '../manager/engine-reports.ts';
 import { ProcessSupervisor } from './process-supervisor.ts';
 import { initDisk, probeDisk } from './disks.ts';
 
@@ -49,8 +50,19 @@ interface EngineInfo {
   faulted: boolean;
   faultedReason: string | null;
   rebuilding?: boolean;
-  replicas: { address: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null }[];
+  /** `address` is HOST:PORT, or KEY=HOST:PORT; `key` is the replica's key when the engine reports it apart. */
+  replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null }[];
   stats: { reads: number; writes: number; readBytes: number; writeBytes: number; errors: number; readLatencyMsTotal: number; writeLatencyMsTotal: number };
+  recovery?: unknown;
+  lastVerify?: unknown;
+}
+
+/** An engine's row for a replica: its manager name and the HOST:PORT it is at. */
+function engineRow(row: EngineInfo['replicas'][number], wanted: Record<string, string>): { name: string; address: string } {
+  const eq = row.address.indexOf('=');
+  const address = eq > 0 ? row.address.slice(eq + 1) : row.address;
+  const name = row.key !== undefined && row.key !== '' ? row.key : replicaNameOf(row.address, wanted);
+  return { name, address };
 }
 
 const FRONTEND_ID = 'frontend';
@@ -133,7 +145,8 @@ export class Agent {
     await this.registerNode();
     await this.registerDisks();
     await this.keepLease();
-    const adopted = this.supervisor.adopt();
+    // Engines are restarted by their reconcile, never by the supervisor: a new engine process needs a new epoch.
+    const adopted = this.supervisor.adopt({ autoRestart: (id) => !id.startsWith('e.') });
     this.options.log({ event: 'agent-started', node: this.nodeId, adopted });
     const revision = await this.resync();
     this.watchFrom(revision);
@@ -457,15 +470,28 @@ export class Agent {
     }
     const spec = obj.value.spec;
     const running = this.supervisor.get(id);
-    if (running !== undefined && epochOf(running.args) !== spec.epoch) {
-      // An engine of an earlier attachment: it must go before the new one starts.
-      await this.stopEngine(volume);
+    if (running !== undefined && running.pid !== null && epochOf(running.args) !== spec.epoch) {
+      // An engine of an earlier epoch: it must go before the new one starts. Same attachment
+      // (the manager gave it a new epoch: salvage, restart): the NBD export stays, the frontend
+      // holds its clients' requests for the new engine.
+      await this.supervisor.stop(id);
       return 0;
     }
     if (running === undefined || running.pid === null) {
-      // A new engine process: its replicas must be serving at the addresses it is given, or it
-      // would find them all gone (a replica listens on a new port after every restart). The
-      // manager refreshes the addresses; wait for it, but not for ever.
+      // A new engine process. Never a second one with an epoch already used: the manager gives
+      // the engine a new epoch first (the process of this one crashed, or the node restarted).
+      const startedEpoch = obj.value.status.startedEpoch ?? 0;
+      if (spec.epoch <= startedEpoch) {
+        await this.objects.mutate(Kind.Engine, volume, (e) => {
+          const message = `the engine process of epoch ${spec.epoch} is gone${running?.message ? ` (${running.message})` : ''}; waiting for a new epoch`;
+          if (e.status.state === 'error' && e.status.pid === null && e.status.message === message) return false;
+          e.status = { ...e.status, state: 'error', pid: null, endpoint: null, message };
+        });
+        return this.options.pollMs;
+      }
+      // Its replicas must be serving at the addresses it is given, or it would find them all
+      // gone (a replica listens on a new port after every restart). The manager refreshes the
+      // addresses; wait for it, but not for ever.
       const stale = await this.staleReplicaAddresses(spec.replicas);
       const waitingSince = this.engineWaitSince.get(volume) ?? Date.now();
       if (stale.length > 0 && Date.now() - waitingSince < (await this.settings.int('replica-start-timeout-ms'))) {
@@ -480,15 +506,21 @@ export class Agent {
       this.engineWaitSince.delete(volume);
     }
     const timeoutMs = await this.settings.int('engine-replica-timeout-ms');
+    const maxActiveRegions = await this.settings.int('write-intent-max-regions');
     const view = this.supervisor.ensure(id, [
       'engine', 'serve', '--name', volume, '--size', String(spec.sizeBytes),
-      ...Object.values(spec.replicas).flatMap((address) => ['--replica', address]),
+      ...Object.entries(spec.replicas).flatMap(([name, address]) => ['--replica', `${name}=${address}`]),
       '--socket', this.engineSocket(volume), '--control-socket', this.engineControlSocket(volume),
       '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
-    ]);
+      '--max-active-regions', String(maxActiveRegions),
+    ], { autoRestart: false });
+    const processEpoch = view.pid !== null ? epochOf(view.args) : 0;
     if (view.state !== 'running') {
       await this.objects.mutate(Kind.Engine, volume, (e) => {
-        e.status = { ...e.status, state: view.state === 'stopped' ? 'starting' : view.state, pid: view.pid, restarts: view.restarts, message: view.message, endpoint: null };
+        e.status = {
+          ...e.status, state: view.state === 'stopped' ? 'starting' : view.state, pid: view.pid, restarts: view.restarts, message: view.message, endpoint: null,
+          startedEpoch: Math.max(e.status.startedEpoch ?? 0, processEpoch),
+        };
       });
       return 300;
     }
@@ -500,29 +532,46 @@ export class Agent {
     } catch (err) {
       await this.objects.mutate(Kind.Engine, volume, (e) => {
         e.status.message = `engine control: ${(err as Error).message}`;
+        e.status.startedEpoch = Math.max(e.status.startedEpoch ?? 0, processEpoch);
       });
       return this.options.pollMs;
     }
     let message: string | null = null;
 
-    // The replica set the manager wants.
-    const nameByAddress = new Map(Object.entries(spec.replicas).map(([name, address]) => [address, name]));
-    const inEngine = new Set(info.replicas.map((r) => r.address));
-    for (const [name, address] of Object.entries(spec.replicas)) {
-      if (inEngine.has(address)) continue;
+    // The replica set the manager wants, by name. A wanted replica at another address (its process
+    // restarted on a new port) is added again by name: the engine rebuilds it by delta when it can,
+    // and refuses (EINVAL) when it cannot. Entries nobody wants go.
+    const rows = info.replicas.map((r) => ({ row: r, ...engineRow(r, spec.replicas) }));
+    for (const r of rows) {
+      if (spec.replicas[r.name] === r.address) continue;
+      // An ERR entry of a replica wanted elsewhere is replaced by the add below, which keeps what
+      // the engine knows of it (its missed-write maps).
+      if (r.name in spec.replicas && r.row.mode === 'ERR') continue;
       try {
-        await controlRequest(control, 'POST', '/v1/replicas', { address });
-        this.options.log({ event: 'replica-added', volume, replica: name, address });
+        await controlRequest(control, 'DELETE', `/v1/replicas/${encodeURIComponent(r.row.address)}`);
+        this.options.log({ event: 'replica-removed', volume, replica: r.name, address: r.address });
       } catch (err) {
-        message = `adding replica ${name}: ${(err as Error).message}`;
+        message = `removing replica ${r.name} (${r.address}): ${(err as Error).message}`;
       }
     }
-    for (const r of info.replicas) {
-      if (nameByAddress.has(r.address)) continue;
+    const inEngine = new Set(rows.filter((r) => spec.replicas[r.name] === r.address).map((r) => r.name));
+    const addErrors: Record<string, { address: string; code: string; message: string }> = {};
+    for (const [name, address] of Object.entries(spec.replicas)) {
+      if (inEngine.has(name)) continue;
       try {
-        await controlRequest(control, 'DELETE', `/v1/replicas/${encodeURIComponent(r.address)}`);
+        await controlRequest(control, 'POST', '/v1/replicas', { address: `${name}=${address}` });
+        this.options.log({ event: 'replica-added', volume, replica: name, address });
       } catch (err) {
-        message = `removing replica ${r.address}: ${(err as Error).message}`;
+        const e = err as ZebuError;
+        addErrors[name] = { address, code: String(e.code ?? ErrorCode.EIO), message: e.message };
+        message = `adding replica ${name}: ${e.message}`;
+      }
+    }
+    if (Object.keys(addErrors).length > 0 || rows.some((r) => spec.replicas[r.name] !== r.address)) {
+      try {
+        info = (await controlRequest(control, 'GET', '/v1/info')) as EngineInfo;
+      } catch {
+        // keep the earlier answer: the next pass reads again
       }
     }
 
@@ -552,17 +601,22 @@ export class Agent {
 
     const replicas: Record<string, EngineReplicaStatus> = {};
     for (const r of info.replicas) {
-      const name = nameByAddress.get(r.address);
-      if (name !== undefined) replicas[name] = { mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null };
+      const { name, address } = engineRow(r, spec.replicas);
+      if (!(name in spec.replicas)) continue;
+      // An entry at the address the manager wants wins over a stale one of the same replica.
+      if (replicas[name] !== undefined && spec.replicas[name] !== address) continue;
+      replicas[name] = { address, mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null };
     }
+    const recovery = recoveryFromEngine(info.recovery ?? null, spec.replicas);
+    const lastVerify = verifyFromEngine(info.lastVerify ?? null, spec.replicas, null);
     const now = Date.now();
     const writeStats = now - (this.statsWrittenAt.get(volume) ?? 0) >= STATS_WRITE_MS;
     const updated = await this.objects.mutate(Kind.Engine, volume, (e) => {
-      const next = {
+      const next: EngineValue['status'] = {
         ...e.status,
         state: 'running' as const,
         pid: view.pid,
-        epoch: epochOf(view.args),
+        epoch: processEpoch,
         sizeBytes: info.sizeBytes,
         endpoint,
         faulted: info.faulted,
@@ -571,7 +625,13 @@ export class Agent {
         rebuilding: info.rebuilding ?? info.replicas.some((r) => r.mode === 'WO'),
         restarts: view.restarts,
         message,
+        startedEpoch: Math.max(e.status.startedEpoch ?? 0, processEpoch),
+        recovery: recovery ?? e.status.recovery ?? null,
+        lastVerify: lastVerify ?? e.status.lastVerify ?? null,
+        addErrors,
       };
+      // A recovery report belongs to the process that made it: none yet from a new one.
+      if (recovery === null && e.status.epoch !== processEpoch) next.recovery = null;
       if (writeStats || e.status.stats === null) next.stats = info.stats;
       e.status = next;
     });

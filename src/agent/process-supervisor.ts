@@ -9,7 +9,9 @@
  * start time guards against a recycled pid. Adopted processes are not our children, so their
  * exit is noticed by polling /proc.
  *
- * A process that exits while wanted is restarted with capped exponential backoff.
+ * A process that exits while wanted is restarted with capped exponential backoff — by the
+ * supervisor itself, or (`autoRestart: false`) by the caller's next `ensure` once the backoff has
+ * passed, so that the caller can give the new process new arguments (an engine's new epoch).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -68,6 +70,8 @@ interface Managed {
   adopted: boolean;
   /** Restart when it exits. False once a stop was asked for. */
   wanted: boolean;
+  /** Restart by itself after an exit (else the next ensure, after the backoff, starts it). */
+  autoRestart: boolean;
   startedAtMs: number;
   restartTimer: NodeJS.Timeout | null;
   readyTimer: NodeJS.Timeout | null;
@@ -132,7 +136,7 @@ export class ProcessSupervisor {
    * Re-adopts the processes a previous agent left running; forgets records of dead ones.
    * Returns the ids adopted. Call once, before anything is started.
    */
-  adopt(): string[] {
+  adopt(options: { autoRestart?: (id: string) => boolean } = {}): string[] {
     const adopted: string[] = [];
     for (const file of fs.readdirSync(this.options.recordDir)) {
       if (!file.endsWith('.json')) continue;
@@ -151,7 +155,7 @@ export class ProcessSupervisor {
       }
       const m: Managed = {
         id: record.id, args: record.args, pid: record.pid, startTime: record.startTime, child: null, state: 'starting', ready: null,
-        restarts: 0, message: null, adopted: true, wanted: true, startedAtMs: Date.parse(record.startedAt) || Date.now(),
+        restarts: 0, message: null, adopted: true, wanted: true, autoRestart: options.autoRestart?.(record.id) ?? true, startedAtMs: Date.parse(record.startedAt) || Date.now(),
         restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(record.id, m);
@@ -176,19 +180,20 @@ export class ProcessSupervisor {
    * Wants `id` running with `args`. Starts it when it is not running. A running process keeps
    * running; the new arguments are used when it next starts (after a crash).
    */
-  ensure(id: string, args: string[]): ManagedView {
+  ensure(id: string, args: string[], options: { autoRestart?: boolean } = {}): ManagedView {
     if (!ID.test(id)) throw new ZebuError(ErrorCode.EINVAL, `bad process id ${id}`);
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, 'supervisor is closed');
     let m = this.procs.get(id);
     if (m === undefined) {
       m = {
         id, args, pid: null, startTime: null, child: null, state: 'stopped', ready: null, restarts: 0, message: null, adopted: false,
-        wanted: true, startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
+        wanted: true, autoRestart: true, startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(id, m);
     }
     m.args = args;
     m.wanted = true;
+    m.autoRestart = options.autoRestart ?? true;
     if (m.pid === null && m.restartTimer === null) this.start(m);
     return this.get(id)!;
   }
@@ -340,7 +345,9 @@ export class ProcessSupervisor {
     this.options.log({ event: 'process-exited', id: m.id, how, restartInMs: delayMs, restarts: m.restarts });
     m.restartTimer = setTimeout(() => {
       m.restartTimer = null;
-      if (m.wanted && !this.closed && m.pid === null) this.start(m);
+      if (!m.wanted || this.closed || m.pid !== null) return;
+      if (m.autoRestart) this.start(m);
+      else this.options.onChange(m.id); // the caller starts it (with the arguments it wants now)
     }, delayMs);
     m.restartTimer.unref();
     this.options.onChange(m.id);

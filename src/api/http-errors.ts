@@ -109,6 +109,8 @@ export function validationError(errors: SchemaError[], part: string): ZebuError 
     case 'minLength':
     case 'maxLength':
     case 'format':
+    case 'minItems':
+    case 'maxItems':
       return invalidField(`${subject} must be ${description ?? e.message ?? 'valid'}, got ${shown(e.data)}`, field);
     case 'enum':
       return invalidField(`${subject} must be one of ${(e.params.allowedValues as unknown[]).map((v) => JSON.stringify(v)).join(', ')}, got ${shown(e.data)}`, field);

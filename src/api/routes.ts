@@ -107,6 +107,18 @@ export function apiRoutes(service: ManagerService, extras: RouteExtras): RouteSp
       params: params.volume, body: bodies.volumeExpand, response: ref('Volume'),
       handler: ({ params: p, body }) => service.expandVolume(p.name, body.sizeBytes as number),
     }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/salvage', operationId: 'salvageVolume', tag: 'volumes',
+      summary: 'Bring a faulted volume back: a new engine starts on the chosen replicas (default: all) and picks the source (returns at once)',
+      params: params.volume, body: bodies.volumeSalvage, bodyOptional: true, response: ref('Volume'),
+      handler: ({ params: p, body }) => service.salvageVolume(p.name, body as { replicas?: string[] }),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/verify', operationId: 'verifyVolume', tag: 'volumes',
+      summary: 'Compare the replicas of an attached volume region by region (and repair differences when asked); answers when done',
+      params: params.volume, body: bodies.volumeVerify, bodyOptional: true, response: ref('Verify'),
+      handler: ({ params: p, body }) => service.verifyVolume(p.name, body as { repair?: boolean }),
+    }),
 
     // ---- snapshots
     route({

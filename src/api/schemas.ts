@@ -79,6 +79,13 @@ export const bodies = {
     allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the disk' },
     storageReservedBytes: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'bytes of the disk kept free of replicas' },
   }),
+  volumeSalvage: object({
+    replicas: {
+      type: 'array', items: objectName, minItems: 1, maxItems: MAX_REPLICAS * 2,
+      description: 'names of the replicas to bring back (absent: every replica of the volume)',
+    },
+  }),
+  volumeVerify: object({ repair: { type: 'boolean', description: 'copy differing regions from the source replica into the others' } }),
   settingSet: object({ value: { type: 'string', maxLength: 4096, description: 'text of at most 4096 characters ("3", "true")' } }, ['value']),
 };
 
@@ -118,6 +125,20 @@ export const views: Record<string, JsonSchema> = {
     frontend: bool, endpoint: nullable({ type: 'string', description: 'nbd://HOST:PORT/NAME while attached with a frontend' }),
     epoch: int, replicas: { type: 'array', items: { $ref: '#/components/schemas/VolumeReplicaSummary' } },
     rebuilding: bool, message: nullable(str), createdAt: time,
+    lastRecovery: nullable({ $ref: '#/components/schemas/Recovery' }), lastVerify: nullable({ $ref: '#/components/schemas/Verify' }),
+  }),
+  Recovery: view({
+    at: time, clean: bool, source: nullable(str), regions: int, bytes: int, durationMs: num,
+    deltaReplicas: { type: 'array', items: str }, erredReplicas: { type: 'array', items: str },
+  }),
+  VerifyDifference: view({
+    region: int, offset: int, length: int,
+    hashes: { type: 'object', additionalProperties: str, description: 'replica name -> SHA-256 (hex) of the region on it' },
+  }),
+  Verify: view({
+    at: time, repair: bool, regions: int,
+    differing: { type: 'array', items: { $ref: '#/components/schemas/VerifyDifference' } },
+    repaired: int, durationMs: num,
   }),
   Snapshot: view({ name: str, createdAt: time, parent: nullable(str), sizeBytesUsed: int, inChain: bool }),
   Replica: view({

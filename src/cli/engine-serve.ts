@@ -16,6 +16,7 @@ export interface EngineServeArgs {
   secretFile: string;
   epoch: string;
   requestTimeoutMs?: string;
+  maxActiveRegions?: string;
 }
 
 export async function engineServe(args: EngineServeArgs): Promise<void> {
@@ -28,6 +29,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     secret,
     epoch: parsePositiveInt(args.epoch, '--epoch'),
     requestTimeoutMs: args.requestTimeoutMs !== undefined ? parsePositiveInt(args.requestTimeoutMs, '--request-timeout-ms') : undefined,
+    maxActiveRegions: args.maxActiveRegions !== undefined ? parsePositiveInt(args.maxActiveRegions, '--max-active-regions') : undefined,
     log: (event) => log.info(event, String(event.event)),
   });
   const data = new DataServer(engine, { secret, log: (event) => log.warn(event, String(event.event)) });
@@ -39,7 +41,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     await engine.close();
     throw new ZebuError(ErrorCode.EINVAL, `cannot listen: ${(err as Error).message}`);
   }
-  process.stdout.write(JSON.stringify({ ready: true, socket: args.socket, controlSocket: args.controlSocket, replicas: engine.replicaStatus(), pid: process.pid }) + '\n');
+  process.stdout.write(JSON.stringify({ ready: true, socket: args.socket, controlSocket: args.controlSocket, replicas: engine.replicaStatus(), recovery: (engine.info() as { recovery: unknown }).recovery, pid: process.pid }) + '\n');
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

@@ -2,7 +2,7 @@
 /** The `zebu` command. */
 // Replica I/O runs on libuv's thread pool; 4 threads starve a disk with many requests in flight.
 process.env.UV_THREADPOOL_SIZE ??= '16';
-import { Command } from 'commander';
+import { Command, Option } from 'commander';
 import { ZebuError } from '../errors.ts';
 import { replicaServe } from './replica-serve.ts';
 import { engineServe } from './engine-serve.ts';
@@ -31,6 +31,8 @@ replica
   .option('--backing <FILE>', 'raw image used as the read-only base layer (new replicas only)')
   .option('--max-layers <N>', 'maximum number of layers (new replicas only)', undefined)
   .option('--fault-injection', 'accept FAULT_INJECT requests (tests only)')
+  .addOption(new Option('--disk-mode <MODE>', 'normal, or power-loss: simulated power failures via FAULT_INJECT (tests only)').hideHelp())
+  .addOption(new Option('--no-intent-log', 'no write-intent log: benchmark baseline only').hideHelp())
   .action((opts) => replicaServe(opts).catch(fail));
 
 const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
@@ -41,12 +43,13 @@ engine
   .description('run the engine of one volume over its replicas')
   .requiredOption('--name <NAME>', 'volume name')
   .requiredOption('--size <BYTES>', 'volume size')
-  .requiredOption('--replica <HOST:PORT>', 'a replica (repeat for each)', collect)
+  .requiredOption('--replica <[KEY=]HOST:PORT>', 'a replica (repeat for each); KEY names its missed-write maps (default: the address)', collect)
   .requiredOption('--socket <PATH>', 'UNIX socket for the frontend')
   .requiredOption('--control-socket <PATH>', 'UNIX socket of the control interface')
   .requiredOption('--secret-file <FILE>', 'cluster secret file')
   .requiredOption('--epoch <N>', 'this attachment\'s epoch (replicas fence lower ones)')
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
   .action((opts) => engineServe(opts).catch(fail));
 
 const printJson = (value: unknown): void => {

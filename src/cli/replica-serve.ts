@@ -10,6 +10,7 @@ import { Replica } from '../replica/replica.ts';
 import { ReplicaServer } from '../replica/server.ts';
 import { NodeDisk, type Disk } from '../replica/disk.ts';
 import { FaultyDisk } from '../replica/faulty-disk.ts';
+import { PowerLossDisk } from '../replica/power-loss-disk.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
 
@@ -21,6 +22,13 @@ export interface ReplicaServeArgs {
   backing?: string;
   maxLayers?: string;
   faultInjection?: boolean;
+  /**
+   * 'power-loss' (tests only): unsynced writes stay in memory until datasync, and FAULT_INJECT
+   * {"powerLoss": {seed, mode}} loses a seeded part of them and kills the process (exit 137).
+   */
+  diskMode?: string;
+  /** false (--no-intent-log): no write-intent log. Benchmark baseline only. */
+  intentLog?: boolean;
 }
 
 export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
@@ -28,8 +36,14 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
   const sizeBytes = parseBytes(args.size);
   const { host, port } = parseHostPort(args.listen);
   const secret = readSecretFile(args.secretFile);
-  const faultDisk = args.faultInjection ? new FaultyDisk(new NodeDisk()) : undefined;
-  const disk: Disk = faultDisk ?? new NodeDisk();
+  const diskMode = args.diskMode ?? 'normal';
+  if (diskMode !== 'normal' && diskMode !== 'power-loss') throw new ZebuError(ErrorCode.EINVAL, `--disk-mode must be normal or power-loss, got ${diskMode}`);
+  const powerLossDisk = diskMode === 'power-loss' ? new PowerLossDisk(new NodeDisk()) : undefined;
+  const baseDisk: Disk = powerLossDisk ?? new NodeDisk();
+  const faultDisk = args.faultInjection ? new FaultyDisk(baseDisk) : undefined;
+  const disk: Disk = faultDisk ?? baseDisk;
+  const intentLog = args.intentLog ?? true;
+  if (!intentLog) log.warn('write-intent log disabled (--no-intent-log): benchmark baseline only, unsafe after a crash');
 
   const isEmpty = !fs.existsSync(args.dir) || fs.readdirSync(args.dir).filter((f) => !f.startsWith('.')).length === 0;
   let replica: Replica;
@@ -37,6 +51,7 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
     replica = await Replica.create(args.dir, {
       sizeBytes,
       disk,
+      intentLog,
       backingFile: args.backing,
       maxLayers: args.maxLayers !== undefined ? parsePositiveInt(args.maxLayers, '--max-layers') : undefined,
     });
@@ -45,7 +60,7 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
     // A larger --size is an offline volume expansion; a smaller one is refused (never shrink).
     const before = await Replica.expandOnDisk(args.dir, sizeBytes, disk);
     if (before < sizeBytes) log.info({ fromBytes: before, toBytes: sizeBytes }, 'replica expanded');
-    replica = await Replica.open(args.dir, { disk });
+    replica = await Replica.open(args.dir, { disk, intentLog });
     assert(replica.sizeBytes === sizeBytes, 'replica size after expansion');
     log.info({ info: replica.info() }, 'replica opened');
   }
@@ -53,6 +68,15 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
   const server = new ReplicaServer(replica, {
     secret,
     faultDisk,
+    powerLoss:
+      powerLossDisk === undefined
+        ? undefined
+        : (seed, mode) => {
+            // A power cut: no drain, no flush, no clean mark. 137 = what SIGKILL reports.
+            const report = powerLossDisk.powerFail(seed, mode);
+            process.stderr.write(JSON.stringify({ event: 'power-loss', seed, mode, ...report }) + '\n');
+            process.exit(137);
+          },
     log: (event) => log.warn(event, String(event.event)),
   });
   let address;

@@ -3,23 +3,39 @@
  * `zebu engine …` commands and by the node agent. Errors: {"error": message, "code": ErrorCode}
  * with 400 EINVAL, 404 NOT_FOUND, 409 EXISTS/BUSY/CONFLICT, 507 ENOSPC, 500 otherwise.
  *
- *   GET    /v1/info               {name, sizeBytes, epoch, faulted, faultedReason, rebuilding,
+ *   GET    /v1/info               {name, sizeBytes, epoch, faulted, faultedReason, superseded, rebuilding,
+ *                                  verifying, activeRegions, maxActiveRegions, recovery, lastVerify,
  *                                  replicas: [ReplicaRow], stats: {reads, writes, zeroes, flushes,
- *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal}}
- *                                 ReplicaRow = {address, mode: RW|WO|ERR, reason, inflight, local,
- *                                  revision, rebuild: {copiedBytes, totalBytes} | null}
+ *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal,
+ *                                  heldWrites, boundFlushes}}
+ *                                 superseded: a newer engine (epoch) fenced this one; it serves nothing.
+ *                                 recovery (null before start-up ends): {at, clean, source, regions,
+ *                                  bytes, durationMs, deltaReplicas: [address], erredReplicas:
+ *                                  [{address, reason}]}; lastVerify: the last verify report or null.
+ *                                 ReplicaRow = {address, key, mode: RW|WO|ERR, reason, inflight, local,
+ *                                  revision, rebuild: {copiedBytes, totalBytes, delta} | null}
  *   GET    /v1/replicas           [ReplicaRow]
- *   POST   /v1/replicas           {"address": "HOST:PORT"} -> [ReplicaRow]: adds a new, empty replica
- *                                 (a smaller one is grown first) as WO and rebuilds it in the
- *                                 background; returns at once, progress in `rebuild`. 409 EXISTS:
- *                                 already in the set; 409 BUSY: a rebuild, snapshot or expansion
- *                                 runs; 400 EINVAL: not empty, larger than the volume, bad address
- *   DELETE /v1/replicas/ADDRESS   (URL-encoded HOST:PORT) -> [ReplicaRow]: takes a replica out
+ *   POST   /v1/replicas           {"address": "HOST:PORT" | "KEY=HOST:PORT", "key"?: KEY} -> [ReplicaRow]:
+ *                                 adds a replica (a smaller one is grown first) as WO and rebuilds it
+ *                                 in the background; returns at once, progress in `rebuild`. An empty
+ *                                 replica gets a full copy; a non-empty one a delta rebuild (rebuild.delta
+ *                                 true) when a RW replica holds a missed-write map for KEY and its
+ *                                 snapshot chain is the volume's. An ERR entry of the same address or
+ *                                 key is replaced. 409 EXISTS: already in the set (not ERR); 409 BUSY:
+ *                                 a rebuild, snapshot or expansion runs; 400 EINVAL: "not empty and no
+ *                                 delta rebuild is possible: why", larger than the volume, bad address
+ *   DELETE /v1/replicas/ADDRESS   (URL-encoded HOST:PORT or KEY) -> [ReplicaRow]: takes a replica out
  *                                 (stops its rebuild if it is the target); 409 BUSY for the last
  *                                 RW replica; 404 if not in the set
  *   POST   /v1/expand             {"sizeBytes": N} -> the /v1/info body: drains I/O, grows every
  *                                 RW/WO replica, then the volume (multiple of 4096, never shrinks;
  *                                 the same size is a no-op); 409 BUSY during a rebuild
+ *   POST   /v1/verify             {"repair"?: bool} -> {at, repair, regions, replicas: [address], source,
+ *                                  differing: [{region, offset, length, hashes: {address: hex}}],
+ *                                  repaired, durationMs}: compares the RW replicas region by region
+ *                                  (4 MiB) under live I/O; with repair, copies each differing region
+ *                                  from the source into the replicas that differ. 409 BUSY: a verify
+ *                                  runs already; 500 FENCED/EIO when faulted
  *   GET    /v1/stats              the stats object of /v1/info
  *   GET    /v1/snapshots          [SnapshotInfo] of a RW replica
  *   POST   /v1/snapshots          {"name": "..."} -> SnapshotInfo: drains, flushes, snapshots every replica
@@ -112,9 +128,15 @@ export class EngineControlServer {
       return this.engine.snapshotCreate(body.name);
     }
     if (route === 'POST /v1/replicas') {
-      const body = (await readBody(req)) as { address?: unknown };
-      if (typeof body.address !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "address" must be a string HOST:PORT');
-      return this.engine.addReplica(body.address);
+      const body = (await readBody(req)) as { address?: unknown; key?: unknown };
+      if (typeof body.address !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "address" must be a string HOST:PORT or KEY=HOST:PORT');
+      if (body.key !== undefined && typeof body.key !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "key" must be a string');
+      return this.engine.addReplica(body.key !== undefined ? `${body.key}=${body.address}` : body.address);
+    }
+    if (route === 'POST /v1/verify') {
+      const body = (await readBody(req)) as { repair?: unknown };
+      if (body.repair !== undefined && typeof body.repair !== 'boolean') throw new ZebuError(ErrorCode.EINVAL, 'body field "repair" must be a boolean');
+      return this.engine.verify({ repair: body.repair === true });
     }
     const removeReplica = /^DELETE \/v1\/replicas\/([^/]+)$/.exec(route);
     if (removeReplica) return this.engine.removeReplica(pathArg(removeReplica[1]));

@@ -5,20 +5,29 @@
  * - Writes, trims, zeroes and flushes go to every RW and WO replica and succeed when all
  *   succeed. A replica that fails or times out is set ERR, disconnected and never used again by
  *   this engine; the request still succeeds while at least one RW replica took it. With no RW
- *   replica left the volume is faulted and every request fails at once with EIO.
+ *   replica left the volume is faulted and every request fails at once with EIO. The moment a RW
+ *   replica goes ERR the others start a missed-write map for it (a later delta rebuild).
  * - Reads go to one RW replica (a local one first, then least outstanding); on error that
  *   replica is set ERR and the read is retried on another.
  * - Overlapping requests reach every replica in the same order (one connection each), and each
  *   replica applies overlapping writes in arrival order, so replicas cannot diverge.
+ * - Flushes are numbered and carry `confirmed` (every flush up to it completed everywhere): the
+ *   replicas' write-intent logs let regions go with it. The engine keeps the same bookkeeping to
+ *   bound the active regions (maxActiveRegions): a write to a new region over the bound is held
+ *   while the engine flushes until regions leave.
+ * - Start-up: recovery (startup.ts plans it): the union of the replicas' active regions is copied
+ *   from the source into the other RW replicas before the first request is served.
  */
 import os from 'node:os';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import { ReplicaClient } from '../protocol/client.ts';
-import { Op, RequestFlag, decodeExtents } from '../protocol/frames.ts';
+import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
-import { chooseStartupModes, type StartupCandidate } from './startup.ts';
-import { Rebuild } from './rebuild.ts';
+import { INTENT_REGION_BYTES } from '../replica/intent-log.ts';
+import { planStartup, chooseSource, writeEpochOf, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
+import { Rebuild, RangeClaims } from './rebuild.ts';
+import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
 export const ReplicaMode = { RW: 'RW', WO: 'WO', ERR: 'ERR' } as const;
 export type ReplicaMode = (typeof ReplicaMode)[keyof typeof ReplicaMode];
@@ -26,17 +35,23 @@ export type ReplicaMode = (typeof ReplicaMode)[keyof typeof ReplicaMode];
 export interface EngineOptions {
   name: string;
   sizeBytes: number;
-  /** HOST:PORT of each replica. */
+  /**
+   * Each `HOST:PORT` or `KEY=HOST:PORT`; KEY (the manager's replica name, else the address)
+   * names the replica's missed-write maps.
+   */
   replicas: string[];
   secret: Buffer;
   epoch: number;
   requestTimeoutMs?: number;
   pingIntervalMs?: number;
+  /** Bound on the regions written since their confirming flush (default 256 = 1 GiB). */
+  maxActiveRegions?: number;
   log?: (event: Record<string, unknown>) => void;
 }
 
 export interface EngineReplicaStatus {
   address: string;
+  key: string;
   mode: ReplicaMode;
   inflight: number;
   local: boolean;
@@ -49,6 +64,8 @@ export interface EngineReplicaStatus {
 export interface RebuildProgress {
   copiedBytes: number;
   totalBytes: number;
+  /** Only the regions it missed are copied (it was in the volume before). */
+  delta: boolean;
 }
 
 export interface EngineStats {
@@ -61,10 +78,15 @@ export interface EngineStats {
   errors: number;
   readLatencyMsTotal: number;
   writeLatencyMsTotal: number;
+  /** Writes held because the active regions were at the bound. */
+  heldWrites: number;
+  /** Flushes the engine issued itself to let regions leave. */
+  boundFlushes: number;
 }
 
 interface EngineReplica {
   address: string;
+  key: string;
   host: string;
   port: number;
   local: boolean;
@@ -77,16 +99,26 @@ interface EngineReplica {
   inWriteSet: boolean;
 }
 
+/** A write waiting for the active regions to drop below the bound. */
+interface HeldWrite {
+  offset: number;
+  length: number;
+  send: () => void;
+}
+
 type Done = (err: ZebuError | null) => void;
 
 const EMPTY = Buffer.alloc(0);
-/** A rebuild copies the volume in regions of this size (a multiple of 4 KiB, at most MAX_IO_BYTES). */
-const REBUILD_REGION_BYTES = 4 * 1024 * 1024;
-/** Regions copied at once by a rebuild. */
-const REBUILD_COPIERS = 4;
+/** Rebuilds, recovery and verify work in the write-intent log's regions. */
+const REGION_BYTES = INTENT_REGION_BYTES;
+/** Regions copied (or compared) at once. */
+const COPIERS = 4;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
+const DEFAULT_MAX_ACTIVE_REGIONS = 256;
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
+/** At most this many differences are kept in a verify report. */
+const MAX_REPORTED_DIFFERENCES = 1000;
 
 function isLocalHost(host: string): boolean {
   if (host === 'localhost' || host.startsWith('127.') || host === '::1') return true;
@@ -101,6 +133,21 @@ function parseAddress(address: string): { host: string; port: number } {
   const port = Number(address.slice(at + 1));
   if (at <= 0 || !Number.isInteger(port) || port <= 0 || port > 65535) throw new ZebuError(ErrorCode.EINVAL, `replica address must be HOST:PORT, got ${address}`);
   return { host: address.slice(0, at).replace(/^\[|\]$/g, ''), port };
+}
+
+/** `HOST:PORT` or `KEY=HOST:PORT`; a plain address is its own key. */
+export function parseReplicaEntry(entry: string): { key: string; address: string; host: string; port: number } {
+  const eq = entry.lastIndexOf('=');
+  const address = eq < 0 ? entry : entry.slice(eq + 1);
+  const { host, port } = parseAddress(address);
+  const key = eq < 0 ? address.replace(/[^A-Za-z0-9._:@=-]/g, '_') : entry.slice(0, eq);
+  if (!MISSED_KEY.test(key)) throw new ZebuError(ErrorCode.EINVAL, `replica key must be 1..200 of [A-Za-z0-9._:@=-], got ${JSON.stringify(key)}`);
+  return { key, address, host, port };
+}
+
+/** An error from a replica that does not know a write-intent op (an older replica). */
+function isUnsupported(err: ZebuError): boolean {
+  return err.code === ErrorCode.UNSUPPORTED;
 }
 
 export class Engine implements BlockBackend {
@@ -123,29 +170,64 @@ export class Engine implements BlockBackend {
   private rebuilding: Rebuild<EngineReplica> | null = null;
   /** Settles (never rejects) when the rebuild's copy has stopped, whether done or failed. */
   private rebuildRun: Promise<void> = Promise.resolve();
+  /** Ranges being copied or compared (rebuild, verify): writes to them wait. Null: none. */
+  private claims: RangeClaims | null = null;
+  private claimUsers = 0;
+  private verifying = false;
+  /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
+  private pendingDeltas: EngineReplica[] = [];
+  private recoveryReport: RecoveryReport | null = null;
+  private lastVerify: VerifyReport | null = null;
+  private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null } | null = null;
+
+  // Flush numbering: the last number sent, and `confirmed` (every flush <= it completed).
+  private flushSeq = 0;
+  private confirmedSeq = 0;
+  /** Flushes completed out of order, above confirmedSeq. */
+  private readonly flushesDoneAhead = new Set<number>();
+
+  // Active regions as the replicas count them (same rule, conservative stamps), to bound them.
+  private readonly maxActiveRegions: number;
+  private regionActive = new Uint8Array(0);
+  private regionWrites = new Uint32Array(0);
+  /** Flush number sent last when the region's latest write completed. */
+  private regionStamp = new Float64Array(0);
+  private readonly activeRegions = new Set<number>();
+  private held: HeldWrite[] = [];
+  private boundFlushRunning = false;
+
   readonly stats: EngineStats = {
     reads: 0, writes: 0, zeroes: 0, flushes: 0, readBytes: 0, writeBytes: 0, errors: 0, readLatencyMsTotal: 0, writeLatencyMsTotal: 0,
+    heldWrites: 0, boundFlushes: 0,
   };
 
   private constructor(options: EngineOptions) {
     this.name = options.name;
     this.sizeBytes = options.sizeBytes;
     this.epoch = options.epoch;
-    this.options = { requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, ...options };
-    this.replicas = options.replicas.map((address) => {
-      const { host, port } = parseAddress(address);
-      return { address, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
+    this.options = { requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, ...options };
+    // An explicit `undefined` in options (an absent CLI flag) means the default too.
+    this.maxActiveRegions = options.maxActiveRegions ?? DEFAULT_MAX_ACTIVE_REGIONS;
+    if (!Number.isInteger(this.maxActiveRegions) || this.maxActiveRegions < 1) {
+      throw new ZebuError(ErrorCode.EINVAL, `maxActiveRegions must be a positive integer, got ${this.maxActiveRegions}`);
+    }
+    this.resizeRegionTables();
+    this.replicas = options.replicas.map((entry) => {
+      const { key, address, host, port } = parseReplicaEntry(entry);
+      return { address, key, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
     });
   }
 
-  /** Connects to every replica with the volume's epoch and decides their modes. */
+  /** Connects to every replica with the volume's epoch, recovers, and decides their modes. */
   static async start(options: EngineOptions): Promise<Engine> {
     if (options.replicas.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'a volume needs at least one replica');
-    if (new Set(options.replicas).size !== options.replicas.length) throw new ZebuError(ErrorCode.EINVAL, 'replica addresses must be distinct');
     const engine = new Engine(options);
+    if (new Set(engine.replicas.map((r) => r.address)).size !== engine.replicas.length) throw new ZebuError(ErrorCode.EINVAL, 'replica addresses must be distinct');
+    if (new Set(engine.replicas.map((r) => r.key)).size !== engine.replicas.length) throw new ZebuError(ErrorCode.EINVAL, 'replica keys must be distinct');
     await engine.connectAll();
     engine.pingTimer = setInterval(() => engine.pingAll(), engine.options.pingIntervalMs);
     engine.pingTimer.unref();
+    if (engine.pendingDeltas.length > 0) void engine.runPendingDeltas();
     return engine;
   }
 
@@ -153,47 +235,91 @@ export class Engine implements BlockBackend {
     this.options.log({ volume: this.name, ...event });
   }
 
-  private async connectAll(): Promise<void> {
-    const candidates: StartupCandidate[] = await Promise.all(
-      this.replicas.map(async (r) => {
+  private connect(host: string, port: number): Promise<ReplicaClient> {
+    return ReplicaClient.connect({
+      host, port, secret: this.options.secret, epoch: this.epoch,
+      requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
+    });
+  }
+
+  /** What start-up needs of one replica: opened (grown if the volume grew), its log and chain. */
+  private async probe(r: EngineReplica): Promise<StartupCandidate> {
+    try {
+      const client = await this.connect(r.host, r.port);
+      r.client = client;
+      let info = await client.open();
+      if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
+        // The volume grew while this replica was away (or offline): grow it before the
+        // modes are chosen, so that a complete replica is not failed for its size alone.
         try {
-          const client = await ReplicaClient.connect({
-            host: r.host, port: r.port, secret: this.options.secret, epoch: this.epoch,
-            requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
-          });
-          r.client = client;
-          let info = await client.open();
-          if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
-            // The volume grew while this replica was away (or offline): grow it before the
-            // modes are chosen, so that a complete replica is not failed for its size alone.
-            try {
-              info = await client.expand(this.sizeBytes);
-            } catch (err) {
-              throw new ZebuError(toZebuError(err).code, `cannot grow from ${info.sizeBytes} to ${this.sizeBytes} bytes: ${(err as Error).message}`);
-            }
-            this.log({ event: 'replica-expanded', replica: r.address, sizeBytes: this.sizeBytes });
-          }
-          r.info = info;
-          return { address: r.address, info, error: null };
+          info = await client.expand(this.sizeBytes);
         } catch (err) {
-          return { address: r.address, info: null, error: (err as Error).message };
+          throw new ZebuError(toZebuError(err).code, `cannot grow from ${info.sizeBytes} to ${this.sizeBytes} bytes: ${(err as Error).message}`);
         }
+        this.log({ event: 'replica-expanded', replica: r.address, sizeBytes: this.sizeBytes });
+      }
+      r.info = info;
+      let active: number[] | null = null;
+      try {
+        const intent = await client.intentGet();
+        if (intent.regionBytes !== REGION_BYTES) throw new ZebuError(ErrorCode.EINVAL, `write-intent regions of ${intent.regionBytes} bytes, the engine uses ${REGION_BYTES}`);
+        active = intent.active;
+      } catch (err) {
+        if (!isUnsupported(toZebuError(err))) throw err;
+      }
+      const chain = chainNames(await client.snapshotList());
+      return { key: r.key, info, error: null, chain, active };
+    } catch (err) {
+      return { key: r.key, info: null, error: (err as Error).message, chain: null, active: null };
+    }
+  }
+
+  private async connectAll(): Promise<void> {
+    const started = Date.now();
+    const candidates = await Promise.all(this.replicas.map((r) => this.probe(r)));
+    // The missed-write maps the others hold say which replicas went out, and what they missed.
+    const sourceIndex = chooseSource(this.sizeBytes, candidates);
+    const holders = candidates.flatMap((c, i) => (c.info !== null && !c.info.rebuilding && this.replicas[i].client !== null ? [i] : []));
+    const missed: MissedStatus[] = await Promise.all(
+      candidates.map(async (c, i) => {
+        if (sourceIndex === null || i === sourceIndex || c.info === null) return NO_MISSED;
+        const status: MissedStatus = { invalid: false, regions: null };
+        await Promise.all(holders.filter((h) => h !== i).map(async (h) => {
+          try {
+            const regions = await this.replicas[h].client!.missedGet(c.key);
+            status.regions = [...new Set([...(status.regions ?? []), ...regions])];
+          } catch (err) {
+            // NOT_FOUND: none; UNSUPPORTED: an older replica; CONFLICT: invalidated.
+            if (toZebuError(err).code === ErrorCode.CONFLICT) status.invalid = true;
+          }
+        }));
+        return status;
       }),
     );
-    const decisions = chooseStartupModes(this.sizeBytes, candidates);
+    const plan = planStartup(this.sizeBytes, REGION_BYTES, candidates, (i) => missed[i]);
     for (const [i, r] of this.replicas.entries()) {
-      const decision = decisions[i];
-      if (decision.mode === ReplicaMode.RW) {
+      const decision = plan.decisions[i];
+      const client = r.client;
+      if (decision.mode === 'RW') {
         r.mode = ReplicaMode.RW;
         r.reason = null;
-        const client = r.client!;
-        client.onClose((err) => {
+        client!.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
+        });
+      } else if (decision.mode === 'DELTA') {
+        // Out of the write set, connection kept: its delta rebuild starts once serving.
+        r.mode = ReplicaMode.ERR;
+        r.reason = `waiting for a delta rebuild: ${decision.reason}`;
+        this.pendingDeltas.push(r);
+        client!.onClose((err) => {
+          if (r.client === client) {
+            r.client = null;
+            r.reason = `disconnected before its delta rebuild: ${err.message}`;
+          }
         });
       } else {
         r.mode = ReplicaMode.ERR;
         r.reason = decision.reason;
-        const client = r.client;
         r.client = null;
         client?.close();
       }
@@ -201,13 +327,139 @@ export class Engine implements BlockBackend {
     if (!this.replicas.some((r) => r.mode === ReplicaMode.RW)) {
       this.faultedReason = `no replica could be opened: ${this.replicas.map((r) => `${r.address}: ${r.reason}`).join('; ')}`;
       this.log({ event: 'faulted', reason: this.faultedReason });
+    } else {
+      await this.recover(plan, started);
     }
     this.log({ event: 'started', replicas: this.replicaStatus() });
+  }
+
+  /**
+   * Before the first request: missed-write maps for the replicas that are out, then the union of
+   * active regions copied from the source into the other RW replicas, then two numbered flushes
+   * (the second confirms the first) so the regions leave the logs again.
+   */
+  private async recover(plan: StartupPlan, started: number): Promise<void> {
+    const source = this.replicas[plan.source!];
+    const keys = this.replicas.map((r) => r.key);
+    const healthy = (): EngineReplica[] => this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+    // Maps first, while the sources' active sets still hold the regions of the last run: a map
+    // starts from them.
+    await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.missedPrune(keys))));
+    const out = this.replicas.filter((r) => r.mode !== ReplicaMode.RW);
+    for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
+
+    let bytes = 0;
+    const regions = plan.resyncRegions;
+    if (healthy().length > 1 && regions.length > 0) {
+      try {
+        await forEachIndex(regions.length, COPIERS, async (i) => {
+          const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
+          const sourceClient = source.client;
+          if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+          const data = await sourceClient.read(offset, length);
+          await Promise.all(healthy().filter((r) => r !== source).map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+          bytes += length;
+        });
+      } catch (err) {
+        // The others may now differ from each other in these regions, and no one holds the
+        // answer: serve nothing (salvage restarts the volume; their logs still name the regions).
+        const e = toZebuError(err);
+        if (source.mode === ReplicaMode.RW) this.setErr(source, e);
+        this.faultedReason = `recovery failed: ${e.message}`;
+        for (const r of healthy()) this.setErr(r, new ZebuError(ErrorCode.EIO, `recovery failed: ${e.message}`));
+        this.log({ event: 'faulted', reason: this.faultedReason });
+      }
+    }
+    // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
+    for (const region of regions) this.markRegionActive(region, 0);
+    if (this.faultedReason === null) {
+      await this.flushNumbered().catch(() => {});
+      await this.alignCounters().catch((err) => this.log({ event: 'align-counters-failed', reason: (err as Error).message }));
+      await this.flushNumbered().catch(() => {});
+    }
+    const report: RecoveryReport = {
+      at: new Date().toISOString(),
+      clean: plan.clean,
+      source: source.address,
+      regions: bytes === 0 ? 0 : regions.length,
+      bytes,
+      durationMs: Date.now() - started,
+      deltaReplicas: this.pendingDeltas.map((r) => r.address),
+      erredReplicas: this.replicas.filter((r) => r.mode === ReplicaMode.ERR && !this.pendingDeltas.includes(r)).map((r) => ({ address: r.address, reason: r.reason ?? '' })),
+    };
+    this.recoveryReport = report;
+    this.log({ event: 'recovery', ...report });
+  }
+
+  /**
+   * Gives every RW/WO replica of the write set the same counters and this epoch as writeEpoch
+   * (SET_REVISION flushes, then takes the revision and the epoch durably): start-up compares them,
+   * and a resync or a rebuild copy counts as writes on some replicas only. It is also the mark
+   * that the replica is a member in sync in this epoch (see startup.ts). Call with client I/O
+   * quiet (paused, or before serving), after a flush.
+   */
+  private async alignCounters(): Promise<void> {
+    const active = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet);
+    const infos = await Promise.all(active.map((r) => r.client!.info()));
+    const highest = Math.max(0, ...infos.map((info) => info.revision));
+    await Promise.all(active.map(async (r) => {
+      r.info = await r.client!.setRevision(highest);
+    }));
+  }
+
+  /**
+   * Hands the missed-write maps of the RW replicas over to a replica about to become RW (the end
+   * of a rebuild, I/O paused): it may be the source of a later start-up, and must know who went
+   * out before it joined, or it would take them for replicas that never left.
+   */
+  private async handOverMissedMaps(target: EngineReplica): Promise<void> {
+    const holders = this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW && r.client !== null);
+    const maps = new Map<string, Set<number>>();
+    const invalid = new Set<string>();
+    for (const h of holders) {
+      let summary;
+      try {
+        summary = await h.client!.intentGet();
+      } catch (err) {
+        if (isUnsupported(toZebuError(err))) continue;
+        throw err;
+      }
+      for (const key of summary.invalidMissed ?? []) if (key !== target.key) invalid.add(key);
+      for (const key of Object.keys(summary.missed)) {
+        if (key === target.key) continue;
+        const regions = await h.client!.missedGet(key).catch((err) => {
+          if (toZebuError(err).code === ErrorCode.CONFLICT) invalid.add(key);
+          return [] as number[];
+        });
+        let set = maps.get(key);
+        if (set === undefined) maps.set(key, (set = new Set()));
+        for (const region of regions) set.add(region);
+      }
+    }
+    for (const key of invalid) await target.client!.missedMerge(key, [], true);
+    for (const [key, regions] of maps) if (!invalid.has(key)) await target.client!.missedMerge(key, [...regions], false);
+  }
+
+  /**
+   * Runs a control request on one replica; an older replica that does not know it is left alone,
+   * any other failure takes the replica out.
+   */
+  private async controlOn(r: EngineReplica, fn: (client: ReplicaClient) => Promise<unknown>): Promise<void> {
+    const client = r.client;
+    if (client === null) return;
+    try {
+      await fn(client);
+    } catch (err) {
+      const e = toZebuError(err);
+      if (isUnsupported(e)) return;
+      if (r.client === client) this.setErr(r, e);
+    }
   }
 
   replicaStatus(): EngineReplicaStatus[] {
     return this.replicas.map((r) => ({
       address: r.address,
+      key: r.key,
       mode: r.mode,
       inflight: r.client?.inflight ?? 0,
       local: r.local,
@@ -221,10 +473,16 @@ export class Engine implements BlockBackend {
     return this.faultedReason !== null;
   }
 
-  /** Takes a replica out for good: ERR, disconnected, never used again by this engine. */
-  private setErr(r: EngineReplica, err: ZebuError): void {
+  /**
+   * Takes a replica out for good: ERR, disconnected, never used again by this engine. When it was
+   * RW, the remaining RW/WO replicas start a missed-write map for it at once (same tick: before
+   * any later flush lets a region it missed leave their active sets). Not when it was removed
+   * (`missed` false) or when a newer engine fenced us.
+   */
+  private setErr(r: EngineReplica, err: ZebuError, missed = true): void {
     if (r.mode === ReplicaMode.ERR && r.client === null) return;
     const wasActive = r.mode !== ReplicaMode.ERR;
+    const wasRw = r.mode === ReplicaMode.RW;
     r.mode = ReplicaMode.ERR;
     r.reason = err.message;
     const client = r.client;
@@ -239,11 +497,28 @@ export class Engine implements BlockBackend {
       // A newer engine owns the volume: stop serving it at all.
       this.superseded = true;
       this.faultedReason = `superseded by a newer epoch: ${err.message}`;
+      this.log({ event: 'superseded', replica: r.address, reason: err.message });
+    } else if (wasRw && missed && !this.closed) {
+      this.startMissedMaps(r.key);
     }
     if (wasActive) this.log({ event: 'replica-error', replica: r.address, reason: err.message });
     if (!this.replicas.some((x) => x.mode === ReplicaMode.RW) && this.faultedReason === null) {
       this.faultedReason = `no healthy replica left (last: ${r.address}: ${err.message})`;
       this.log({ event: 'faulted', reason: this.faultedReason });
+    }
+  }
+
+  /** MISSED_START(key) to every RW/WO replica in the write set, sent now. */
+  private startMissedMaps(key: string): void {
+    const payload = Buffer.from(key);
+    for (const x of this.replicas) {
+      if (x.mode === ReplicaMode.ERR || x.client === null || !x.inWriteSet) continue;
+      const client = x.client;
+      client.send(Op.MISSED_START, 0, 0, 0, payload, (err) => {
+        if (err === null || isUnsupported(err)) return;
+        // Without the map a later delta rebuild from it would miss writes: it must not serve.
+        if (x.client === client) this.setErr(x, new ZebuError(err.code, `cannot start the missed-write map of ${key}: ${err.message}`));
+      });
     }
   }
 
@@ -309,6 +584,141 @@ export class Engine implements BlockBackend {
     const queued = this.queued;
     this.queued = [];
     for (const fn of queued) fn();
+  }
+
+  /** Range claims for a copy or a compare; call with I/O paused and drained, so every write from now on is tracked. */
+  private useClaims(): RangeClaims {
+    this.claims ??= new RangeClaims();
+    this.claimUsers++;
+    return this.claims;
+  }
+
+  private dropClaims(): void {
+    this.claimUsers--;
+    assert(this.claimUsers >= 0, 'engine claim users');
+    if (this.claimUsers > 0 || this.claims === null) return;
+    const claims = this.claims;
+    this.claims = null;
+    claims.releaseAll();
+  }
+
+  // ---- active regions (the write-intent bound) -----------------------------------------------
+
+  private resizeRegionTables(): void {
+    const count = Math.ceil(this.sizeBytes / REGION_BYTES);
+    if (count === this.regionActive.length) return;
+    const active = new Uint8Array(count);
+    const writes = new Uint32Array(count);
+    const stamps = new Float64Array(count);
+    active.set(this.regionActive.subarray(0, count));
+    writes.set(this.regionWrites.subarray(0, count));
+    stamps.set(this.regionStamp.subarray(0, count));
+    this.regionActive = active;
+    this.regionWrites = writes;
+    this.regionStamp = stamps;
+  }
+
+  private markRegionActive(region: number, stamp: number): void {
+    if (region >= this.regionActive.length) return;
+    if (this.regionActive[region] === 0) {
+      this.regionActive[region] = 1;
+      this.activeRegions.add(region);
+    }
+    this.regionStamp[region] = Math.max(this.regionStamp[region], stamp);
+  }
+
+  /** Whether a write to these bytes may go now without the active regions passing the bound. */
+  private regionsFit(offset: number, length: number): boolean {
+    if (length === 0 || this.activeRegions.size === 0) return true;
+    // Per write: plain arithmetic, no objects.
+    const first = Math.floor(offset / REGION_BYTES);
+    const last = Math.floor((offset + length - 1) / REGION_BYTES);
+    let fresh = 0;
+    for (let region = first; region <= last; region++) if (this.regionActive[region] === 0) fresh++;
+    return fresh === 0 || this.activeRegions.size + fresh <= this.maxActiveRegions;
+  }
+
+  private regionsStarted(offset: number, length: number): void {
+    const first = Math.floor(offset / REGION_BYTES);
+    const last = Math.floor((offset + length - 1) / REGION_BYTES);
+    for (let region = first; region <= last; region++) {
+      if (this.regionActive[region] === 0) {
+        this.regionActive[region] = 1;
+        this.activeRegions.add(region);
+      }
+      this.regionWrites[region]++;
+    }
+  }
+
+  private regionsWritten(offset: number, length: number): void {
+    const first = Math.floor(offset / REGION_BYTES);
+    const last = Math.floor((offset + length - 1) / REGION_BYTES);
+    for (let region = first; region <= last; region++) {
+      this.regionWrites[region]--;
+      this.regionStamp[region] = this.flushSeq;
+    }
+  }
+
+  /** The rule of the replicas' logs: a region leaves once a flush confirming its stamp + 1 goes out. */
+  private pruneRegions(confirmed: number): void {
+    for (const region of this.activeRegions) {
+      if (this.regionWrites[region] === 0 && this.regionStamp[region] + 1 <= confirmed) {
+        this.regionActive[region] = 0;
+        this.activeRegions.delete(region);
+      }
+    }
+  }
+
+  /** Sends the held writes that fit now (all of them with `force`), in arrival order. */
+  private admitHeld(force: boolean): void {
+    while (this.held.length > 0) {
+      const h = this.held[0];
+      if (!force && !this.regionsFit(h.offset, h.length)) return;
+      this.held.shift();
+      h.send();
+    }
+  }
+
+  /** While writes are held: one engine flush at a time, each letting the regions the previous confirmed go. */
+  private pumpFlushes(): void {
+    if (this.boundFlushRunning || this.held.length === 0) return;
+    this.boundFlushRunning = true;
+    this.inflight++;
+    this.stats.boundFlushes++;
+    this.fanOutFlush((err) => {
+      this.boundFlushRunning = false;
+      // Faulted: the held writes fail at once in fanOut.
+      if (err !== null) this.admitHeld(true);
+      this.finished();
+      this.pumpFlushes();
+    });
+  }
+
+  private flushCompleted(seq: number): void {
+    if (seq !== this.confirmedSeq + 1) {
+      this.flushesDoneAhead.add(seq);
+      return;
+    }
+    this.confirmedSeq = seq;
+    while (this.flushesDoneAhead.delete(this.confirmedSeq + 1)) this.confirmedSeq++;
+  }
+
+  /** A numbered FLUSH to the write set, carrying `confirmed`; regions it lets go leave here too. */
+  private fanOutFlush(done: Done): void {
+    const seq = ++this.flushSeq;
+    const confirmed = this.confirmedSeq;
+    if (confirmed > 0) this.pruneRegions(confirmed);
+    this.fanOut(Op.FLUSH, 0, seq, 0, confirmed > 0 ? encodeFlushConfirmed(confirmed) : EMPTY, (err) => {
+      if (err === null) this.flushCompleted(seq);
+      done(err);
+    });
+    // Regions just left: held writes that fit go now, behind the flush on every connection.
+    if (this.held.length > 0) this.admitHeld(false);
+  }
+
+  /** fanOutFlush as a promise, for control paths that hold I/O themselves. */
+  private flushNumbered(): Promise<void> {
+    return new Promise<void>((resolve, reject) => this.fanOutFlush((err) => (err ? reject(err) : resolve())));
   }
 
   // ---- fan-out -------------------------------------------------------------------------------
@@ -429,7 +839,10 @@ export class Engine implements BlockBackend {
 
   private fanOutPromise(op: number, flags: number, offset: number, length: number, payload: Buffer): Promise<void> {
     return new Promise((resolve, reject) => {
+      // Zero-length requests touch no region; flushes none either.
+      const tracked = op !== Op.FLUSH && length > 0;
       const done = (err: ZebuError | null): void => {
+        if (tracked) this.regionsWritten(offset, length);
         this.finished();
         if (err !== null) {
           this.stats.errors++;
@@ -438,16 +851,29 @@ export class Engine implements BlockBackend {
         resolve();
       };
       this.admit(() => {
-        const rebuild = this.rebuilding;
-        if (rebuild === null || op === Op.FLUSH) return this.fanOut(op, flags, offset, length, payload, done);
-        // A rebuild copies ranges: a write must not fall between a copy's read and its write.
-        rebuild.whenRangeFree(offset, length, () => {
-          const token = rebuild.writeStarted(offset, length);
-          this.fanOut(op, flags, offset, length, payload, (err) => {
-            rebuild.writeDone(token);
-            done(err);
-          });
-        });
+        if (op === Op.FLUSH) return this.fanOutFlush(done);
+        if (tracked && (this.held.length > 0 || !this.regionsFit(offset, length))) {
+          // Over the bound (or behind a held write: writes keep their order): wait for regions to leave.
+          this.stats.heldWrites++;
+          this.held.push({ offset, length, send: () => this.sendWrite(op, flags, offset, length, payload, tracked, done) });
+          this.pumpFlushes();
+          return;
+        }
+        this.sendWrite(op, flags, offset, length, payload, tracked, done);
+      });
+    });
+  }
+
+  private sendWrite(op: number, flags: number, offset: number, length: number, payload: Buffer, tracked: boolean, done: Done): void {
+    if (tracked) this.regionsStarted(offset, length);
+    const claims = this.claims;
+    if (claims === null) return this.fanOut(op, flags, offset, length, payload, done);
+    // A rebuild or verify works on ranges: a write must not fall between a copy's read and its write.
+    claims.whenRangeFree(offset, length, () => {
+      const token = claims.writeStarted(offset, length);
+      this.fanOut(op, flags, offset, length, payload, (err) => {
+        claims.writeDone(token);
+        done(err);
       });
     });
   }
@@ -492,7 +918,14 @@ export class Engine implements BlockBackend {
       epoch: this.epoch,
       faulted: this.faulted,
       faultedReason: this.faultedReason,
+      superseded: this.superseded,
       rebuilding: this.rebuilding !== null && this.rebuilding.cancelled === null,
+      verifying: this.verifying,
+      activeRegions: this.activeRegions.size,
+      maxActiveRegions: this.maxActiveRegions,
+      recovery: this.recoveryReport,
+      lastVerify: this.lastVerify,
+      lastRebuild: this.lastRebuild,
       replicas: this.replicaStatus(),
       stats: this.stats,
     };
@@ -510,7 +943,7 @@ export class Engine implements BlockBackend {
     this.refuseDuringRebuild('create a snapshot');
     await this.pauseAndDrain();
     try {
-      await new Promise<void>((resolve, reject) => this.fanOut(Op.FLUSH, 0, 0, 0, EMPTY, (err) => (err ? reject(err) : resolve())));
+      await this.flushNumbered();
       const results = await this.onEveryActive((client) => client.snapshotCreate(name), true);
       return results[0];
     } finally {
@@ -530,9 +963,10 @@ export class Engine implements BlockBackend {
     await this.onEveryActive((client) => client.snapshotDelete(name), false);
   }
 
-
   async snapshotRevert(name: string): Promise<void> {
     this.refuseDuringRebuild('revert to a snapshot');
+    // A verify compares the live volume region by region: a revert under it is a false difference.
+    if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: cannot revert to a snapshot while a verify runs`);
     await this.pauseAndDrain();
     try {
       await this.onEveryActive((client) => client.snapshotRevert(name), true);
@@ -571,95 +1005,212 @@ export class Engine implements BlockBackend {
   // ---- replica set changes: add (rebuild), remove, expand -----------------------------------
 
   /**
-   * Adds a new, empty replica and starts rebuilding it from the RW replicas; returns at once
-   * (progress is in replicaStatus()). The copy: the snapshots of the current chain, oldest
-   * first, each then snapshotted under the same name on the new replica; then the replica joins
-   * the write set as WO and the live volume is copied region by region, each region claimed
-   * against client writes (rebuild.ts). At the end, with I/O paused: flush, the source's write
-   * counter, RW. A full copy, skipping what the source does not hold.
+   * Adds a replica (`HOST:PORT` or `KEY=HOST:PORT`) and starts rebuilding it from the RW
+   * replicas; returns at once (progress is in replicaStatus()). A replica entry of the same
+   * address or key that is ERR is replaced (a replica coming back).
+   *
+   * - An empty replica gets a full copy: the snapshots of the current chain, oldest first, each
+   *   then snapshotted under the same name on the new replica; then the replica joins the write
+   *   set as WO and the live volume is copied region by region, each region claimed against
+   *   client writes (rebuild.ts).
+   * - A non-empty one gets a delta rebuild when a RW replica holds a missed-write map for its key
+   *   and its chain is the volume's: it joins as WO and only the regions of the map, its own active
+   *   regions and the source's are copied. Otherwise EINVAL "not empty".
+   * At the end, with I/O paused: flush, the source's write counter, RW.
    */
-  async addReplica(address: string): Promise<EngineReplicaStatus[]> {
+  async addReplica(entry: string): Promise<EngineReplicaStatus[]> {
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine is closing`);
     if (this.faultedReason !== null) throw this.faultError();
-    const { host, port } = parseAddress(address);
-    if (this.replicas.some((r) => r.address === address)) throw new ZebuError(ErrorCode.EXISTS, `replica ${address} is already in volume ${this.name}`);
+    const { key, address, host, port } = parseReplicaEntry(entry);
+    const previous = (): EngineReplica | undefined => this.replicas.find((r) => r.address === address || r.key === key);
+    const replaceable = (r: EngineReplica | undefined): boolean => r === undefined || (r.mode === ReplicaMode.ERR && r.client === null);
+    if (!replaceable(previous())) throw new ZebuError(ErrorCode.EXISTS, `replica ${address} is already in volume ${this.name}`);
     // A rebuild that was stopped (target failed or removed) ends at its next step: wait for it.
     if (this.rebuilding !== null && this.rebuilding.cancelled !== null) await this.rebuildRun;
     if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: replica ${this.rebuilding.target.address} is being rebuilt; one rebuild at a time`);
     if (this.paused) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} is busy (snapshot or expansion); try again`);
-    const client = await ReplicaClient.connect({
-      host, port, secret: this.options.secret, epoch: this.epoch,
-      requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
-    });
+    const client = await this.connect(host, port);
     let info: ReplicaInfo;
-    let snapshots: SnapshotInfo[];
+    let snapshots: SnapshotInfo[] = [];
+    let mapHolder: EngineReplica | null = null;
     try {
       info = await client.open();
-      if (info.revision !== 0 || info.layerCount !== 1 || info.hasBase || info.rebuilding) {
-        throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)): only a new replica can be rebuilt`);
+      const empty = info.revision === 0 && info.layerCount === 1 && !info.hasBase && !info.rebuilding;
+      if (!empty) {
+        const delta = await this.deltaSource(key, info, client);
+        if (typeof delta === 'string') {
+          throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
+        }
+        mapHolder = delta;
       }
       if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
       if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} has ${info.sizeBytes} bytes, the volume ${this.sizeBytes}`);
-      snapshots = await this.snapshotList();
+      if (mapHolder === null) snapshots = await this.snapshotList();
       // Checked again, with no await until the rebuild is registered: the awaits above let other
       // control requests in (an expansion or a snapshot would leave the new replica behind).
-      if (this.rebuilding !== null || this.paused || this.replicas.some((r) => r.address === address) || this.closed || this.faultedReason !== null) {
+      if (this.rebuilding !== null || this.paused || !replaceable(previous()) || this.closed || this.faultedReason !== null) {
         throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} changed while replica ${address} was being opened; try again`);
       }
-      if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name} grew while replica ${address} was being opened; try again`);
+      if (mapHolder !== null && (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null)) {
+        throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: replica ${mapHolder.address} failed while replica ${address} was being opened; try again`);
+      }
     } catch (err) {
       client.close();
       throw err;
     }
-    const plan = snapshotCopyPlan(snapshots);
     const target: EngineReplica = {
-      address, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
-      rebuild: { copiedBytes: 0, totalBytes: this.sizeBytes * (snapshots.length + 1) },
+      address, key, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
+      rebuild: { copiedBytes: 0, totalBytes: mapHolder === null ? this.sizeBytes * (snapshots.length + 1) : 0, delta: mapHolder !== null },
     };
-    // Not in the write set until its snapshots are copied: `joined` says when it is.
-    const rebuild = new Rebuild(target, target.rebuild!);
-    this.rebuilding = rebuild;
-    this.replicas.push(target);
+    const old = previous();
+    if (old !== undefined) this.replicas[this.replicas.indexOf(old)] = target;
+    else this.replicas.push(target);
     client.onClose((err) => {
       if (target.client === client) this.setErr(target, err);
     });
-    this.log({ event: 'rebuild-started', replica: address, snapshots: snapshots.map((x) => x.name) });
-    this.rebuildRun = this.runRebuild(rebuild, target, plan).then(
-      () => this.log({ event: 'rebuild-done', replica: address }),
-      (err) => {
-        const e = toZebuError(err);
-        this.log({ event: 'rebuild-failed', replica: address, reason: e.message });
-        if (target.mode !== ReplicaMode.ERR) this.setErr(target, new ZebuError(e.code, `rebuild failed: ${e.message}`));
-        target.rebuild = null;
-      },
-    );
+    if (mapHolder === null) this.beginRebuild(target, (rebuild) => this.runRebuild(rebuild, target, snapshotCopyPlan(snapshots)), { snapshots: snapshots.map((x) => x.name) });
+    else this.beginRebuild(target, (rebuild) => this.runDeltaRebuild(rebuild, target, mapHolder), { delta: true, mapHolder: mapHolder.address });
     return this.replicaStatus();
   }
 
-  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
+  /** Registers the rebuild of `target` (already in the list, WO) and runs it in the background. */
+  private beginRebuild(target: EngineReplica, run: (rebuild: Rebuild<EngineReplica>) => Promise<void>, details: Record<string, unknown>): void {
+    // Not in the write set until it joins: `inWriteSet` says when it does.
+    const rebuild = new Rebuild(target, target.rebuild!);
+    this.rebuilding = rebuild;
+    const started = Date.now();
     const progress = target.rebuild!;
-    const regionBytes = REBUILD_REGION_BYTES;
-    const check = (): void => {
+    const record = (error: string | null): void => {
+      this.lastRebuild = { at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: Date.now() - started, error };
+    };
+    this.log({ event: 'rebuild-started', replica: target.address, ...details });
+    this.rebuildRun = run(rebuild).then(
+      () => {
+        record(null);
+        this.log({ event: 'rebuild-done', ...this.lastRebuild });
+      },
+      (err) => {
+        const e = toZebuError(err);
+        record(e.message);
+        this.log({ event: 'rebuild-failed', replica: target.address, reason: e.message });
+        if (target.mode !== ReplicaMode.ERR) this.setErr(target, new ZebuError(e.code, `rebuild failed: ${e.message}`), false);
+        target.rebuild = null;
+      },
+    );
+  }
+
+  /**
+   * The RW replica to copy a delta from for replica `key`, or why there is none: the replica must
+   * have finished its last rebuild, and have the volume's chain; a RW replica must hold a map for it.
+   */
+  private async deltaSource(key: string, info: ReplicaInfo, client: ReplicaClient): Promise<EngineReplica | string> {
+    if (info.rebuilding) return 'its last rebuild stopped midway';
+    const rw = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null && r.key !== key);
+    if (rw.length === 0) return 'no RW replica';
+    const [ours, theirs] = await Promise.all([rw[0].client!.snapshotList(), client.snapshotList()]);
+    const a = chainNames(ours);
+    const b = chainNames(theirs);
+    if (a.length !== b.length || a.some((name, i) => name !== b[i])) return `its snapshot chain [${b.join(', ')}] is not the volume's [${a.join(', ')}]`;
+    if (info.hasBase !== (rw[0].info?.hasBase ?? info.hasBase)) return 'its backing image differs';
+    for (const r of rw) {
+      try {
+        await r.client!.missedGet(key);
+        return r;
+      } catch {
+        // NOT_FOUND (no map), an older replica, or a failure: ask the next one.
+      }
+    }
+    return `no RW replica holds a missed-write map for ${key}`;
+  }
+
+  /** Reads from a RW replica (not the target); a failing one is set ERR and the next one tried. */
+  private async readSource<T>(target: EngineReplica, check: () => void, fn: (client: ReplicaClient) => Promise<T>): Promise<T> {
+    for (;;) {
+      check();
+      const source = this.pickReader(new Set([target]));
+      if (source === null) throw this.faultError();
+      const client = source.client!;
+      try {
+        return await fn(client);
+      } catch (err) {
+        const e = toZebuError(err);
+        if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND || isUnsupported(e)) throw e;
+        if (source.client === client) this.setErr(source, e);
+      }
+    }
+  }
+
+  private rebuildCheck(rebuild: Rebuild<EngineReplica>, target: EngineReplica): () => void {
+    return () => {
       if (target.mode === ReplicaMode.ERR || target.client === null) throw new ZebuError(ErrorCode.EIO, `target failed: ${target.reason}`);
       if (rebuild.cancelled !== null) throw new ZebuError(ErrorCode.CLOSED, rebuild.cancelled);
       if (this.faultedReason !== null) throw this.faultError();
     };
-    /** Reads from a RW replica; a failing source is set ERR and the next one tried. */
-    const readSource = async (fn: (client: ReplicaClient) => Promise<Buffer>): Promise<Buffer> => {
-      for (;;) {
+  }
+
+  /** The target joins the write set (no write in flight while it does); claims start with it. */
+  private async joinWriteSet(target: EngineReplica, check: () => void): Promise<void> {
+    await this.pauseAndDrain();
+    try {
+      check();
+      target.inWriteSet = true;
+      this.useClaims();
+    } finally {
+      this.resume();
+    }
+  }
+
+  /**
+   * Copies region [offset, offset+length) from a RW replica to the target under a claim. A region
+   * the source holds nothing of is skipped when the target holds nothing there either (`zeroIfEmpty`
+   * false), else zeroed; any other is copied whole: one read and one write, however fragmented.
+   */
+  private async copyRegion(target: EngineReplica, check: () => void, offset: number, length: number, zeroIfEmpty: boolean): Promise<void> {
+    const claims = this.claims!;
+    const claim = await claims.claim(offset, offset + length);
+    try {
+      check();
+      const extents = decodeExtents(await this.readSource(target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)));
+      if (extents.some((extent) => extent.data)) {
+        const data = await this.readSource(target, check, (c) => c.read(offset, length));
         check();
-        const source = this.pickReader(new Set([target]));
-        if (source === null) throw this.faultError();
-        const client = source.client!;
-        try {
-          return await fn(client);
-        } catch (err) {
-          const e = toZebuError(err);
-          if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND) throw e;
-          if (source.client === client) this.setErr(source, e);
-        }
+        await target.client!.write(offset, data);
+      } else if (zeroIfEmpty) {
+        await target.client!.writeZeroes(offset, length);
       }
-    };
+    } finally {
+      claims.release(claim);
+    }
+  }
+
+  /** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */
+  private async finishRebuild(target: EngineReplica, check: () => void): Promise<void> {
+    await this.pauseAndDrain();
+    try {
+      check();
+      await this.flushNumbered();
+      check();
+      await this.handOverMissedMaps(target);
+      check();
+      await this.alignCounters();
+      check();
+      target.info = await target.client!.setRebuilding(false);
+      check();
+      target.mode = ReplicaMode.RW;
+      target.reason = null;
+      target.rebuild = null;
+    } finally {
+      this.rebuilding = null;
+      this.resume();
+    }
+  }
+
+  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
+    const progress = target.rebuild!;
+    const regionBytes = REGION_BYTES;
+    const check = this.rebuildCheck(rebuild, target);
+    const readSource = <T>(fn: (client: ReplicaClient) => Promise<T>): Promise<T> => this.readSource(target, check, fn);
+    let joined = false;
     try {
       // 0. From now until the end the copy is incomplete, and says so durably.
       await target.client!.setRebuilding(true);
@@ -700,92 +1251,227 @@ export class Engine implements BlockBackend {
       }
       const nonZero = nonZeroOf.get(tip)!;
 
-      // 2. Join the write set (no write in flight while it joins), then copy the live volume.
-      await this.pauseAndDrain();
-      try {
-        check();
-        target.inWriteSet = true;
-      } finally {
-        this.resume();
-      }
+      // 2. Join the write set, then copy the live volume.
+      await this.joinWriteSet(target, check);
+      joined = true;
       await this.forEachRegion(regionBytes, async (offset, length) => {
-        const claim = await rebuild.claim(offset, offset + length);
-        try {
-          check();
-          // A region the source holds nothing of is skipped (or zeroed over an older snapshot's
-          // data); any other is copied whole: one read and one write, however fragmented.
-          const extents = decodeExtents(await readSource((c) => c.request(Op.BLOCK_STATUS, 0, offset, length)));
-          if (extents.some((extent) => extent.data)) {
-            const data = await readSource((c) => c.read(offset, length));
-            check();
-            await target.client!.write(offset, data);
-          } else if (nonZero.has(offset / regionBytes)) {
-            await target.client!.writeZeroes(offset, length);
-          }
-        } finally {
-          rebuild.release(claim);
-        }
+        await this.copyRegion(target, check, offset, length, nonZero.has(offset / regionBytes));
         progress.copiedBytes += length;
       });
 
       // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
-      await this.pauseAndDrain();
-      try {
-        check();
-        await new Promise<void>((resolve, reject) => this.fanOut(Op.FLUSH, 0, 0, 0, EMPTY, (err) => (err ? reject(err) : resolve())));
-        check();
-        const sourceInfo = JSON.parse((await readSource((c) => c.request(Op.INFO, 0, 0, 0))).toString('utf8')) as ReplicaInfo;
-        await target.client!.setRevision(sourceInfo.revision);
-        target.info = await target.client!.setRebuilding(false);
-        check();
-        target.mode = ReplicaMode.RW;
-        target.reason = null;
-        target.rebuild = null;
-      } finally {
-        this.rebuilding = null;
-        this.resume();
-      }
+      await this.finishRebuild(target, check);
     } finally {
       if (this.rebuilding === rebuild) this.rebuilding = null;
-      rebuild.releaseAll();
+      if (joined) this.dropClaims();
     }
   }
 
   /**
-   * Runs `fn` over the volume in regions, REBUILD_COPIERS at a time (a copy is round trips to
-   * two replicas: several in flight keep both busy). The first failure stops the others.
+   * A delta rebuild: the target held the volume until it went out; since then the RW replicas
+   * recorded in a missed-write map which regions were written. Copied: the map (read once the
+   * target is in the write set: nothing it misses from then on), the target's own active regions
+   * (its writes that the others may not have) and the source's. Then MISSED_DROP everywhere.
    */
-  private async forEachRegion(regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
-    let next = 0;
-    let failure: unknown = null;
-    const worker = async (): Promise<void> => {
-      while (failure === null && next < this.sizeBytes) {
-        const offset = next;
-        next += regionBytes;
-        try {
-          await fn(offset, Math.min(regionBytes, this.sizeBytes - offset));
-        } catch (err) {
-          failure ??= err;
-        }
-      }
-    };
-    await Promise.all(Array.from({ length: REBUILD_COPIERS }, worker));
-    if (failure !== null) throw failure;
+  private async runDeltaRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, mapHolder: EngineReplica): Promise<void> {
+    const progress = target.rebuild!;
+    const check = this.rebuildCheck(rebuild, target);
+    let joined = false;
+    try {
+      await target.client!.setRebuilding(true);
+      // Before it joins: once it takes this engine's flushes its old active regions may leave.
+      const targetActive = (await target.client!.intentGet()).active;
+      // Maps it kept from before it went out missed writes: only maps started from now are whole.
+      await target.client!.missedPrune([]);
+      await this.joinWriteSet(target, check);
+      joined = true;
+      check();
+      if (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null) throw new ZebuError(ErrorCode.EIO, `replica ${mapHolder.address} holding the missed-write map failed`);
+      const [missed, holderIntent] = await Promise.all([mapHolder.client.missedGet(target.key), mapHolder.client.intentGet()]);
+      const regionCount = this.regionActive.length;
+      const regions = [...new Set([...missed, ...targetActive, ...holderIntent.active])].filter((x) => x < regionCount).sort((a, b) => a - b);
+      for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, this.sizeBytes).length;
+      this.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
+      await forEachIndex(regions.length, COPIERS, async (i) => {
+        const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
+        // The target may hold anything there: a region the source holds nothing of is zeroed.
+        await this.copyRegion(target, check, offset, length, true);
+        progress.copiedBytes += length;
+      });
+      await this.finishRebuild(target, check);
+    } finally {
+      if (this.rebuilding === rebuild) this.rebuilding = null;
+      if (joined) this.dropClaims();
+    }
+    // Whole again: nobody needs its map any more.
+    await Promise.all(this.replicas.filter((r) => r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
   }
 
-  /** Takes a replica out of the volume for good (disconnects it). The last RW replica stays. */
+  /** The delta rebuilds start-up decided, one after another, in the background. */
+  private async runPendingDeltas(): Promise<void> {
+    while (this.pendingDeltas.length > 0) {
+      const r = this.pendingDeltas.shift()!;
+      const client = r.client;
+      if (client === null || this.closed) continue;
+      try {
+        await this.rebuildRun;
+        if (this.closed || this.faultedReason !== null) throw new ZebuError(ErrorCode.CLOSED, 'the volume stopped serving');
+        if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'another rebuild started first');
+        const holder = await this.deltaSource(r.key, r.info!, client);
+        if (typeof holder === 'string') throw new ZebuError(ErrorCode.EINVAL, `no delta rebuild is possible: ${holder}`);
+        if (r.client !== client || this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'the replica or the volume changed');
+        r.mode = ReplicaMode.WO;
+        r.reason = 'rebuilding';
+        r.inWriteSet = false;
+        r.rebuild = { copiedBytes: 0, totalBytes: 0, delta: true };
+        client.onClose((err) => {
+          if (r.client === client) this.setErr(r, err);
+        });
+        this.beginRebuild(r, (rebuild) => this.runDeltaRebuild(rebuild, r, holder), { delta: true, mapHolder: holder.address, atStart: true });
+        await this.rebuildRun;
+      } catch (err) {
+        r.reason = `delta rebuild not started: ${(err as Error).message}`;
+        if (r.client === client) {
+          r.client = null;
+          client.close();
+        }
+        this.log({ event: 'rebuild-failed', replica: r.address, reason: r.reason });
+      }
+    }
+  }
+
+  /**
+   * Runs `fn` over the volume in regions, COPIERS at a time (a copy is round trips to two
+   * replicas: several in flight keep both busy). The first failure stops the others.
+   */
+  private async forEachRegion(regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+    const count = Math.ceil(this.sizeBytes / regionBytes);
+    await forEachIndex(count, COPIERS, (i) => {
+      const { offset, length } = regionRange(i, regionBytes, this.sizeBytes);
+      return fn(offset, length);
+    });
+  }
+
+  // ---- verify --------------------------------------------------------------------------------
+
+  /**
+   * Compares the RW replicas region by region by hash (REGION_HASH), each region claimed against
+   * client writes while it is compared (so it runs under live I/O). With `repair`, a region that
+   * differs is copied from the source (a local RW replica, else the first) into the replicas that
+   * differ, under the same claim.
+   */
+  async verify(options: { repair?: boolean } = {}): Promise<VerifyReport> {
+    const repair = options.repair === true;
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine is closing`);
+    if (this.faultedReason !== null) throw this.faultError();
+    if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: a verify is already running`);
+    this.verifying = true;
+    const started = Date.now();
+    let claimed = false;
+    try {
+      await this.pauseAndDrain();
+      try {
+        this.useClaims();
+        claimed = true;
+      } finally {
+        this.resume();
+      }
+      const claims = this.claims!;
+      const source = this.pickReader(new Set());
+      if (source === null) throw this.faultError();
+      const compared = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+      const differing: VerifyDifference[] = [];
+      let differingCount = 0;
+      let repaired = 0;
+      const regionCount = Math.ceil(this.sizeBytes / REGION_BYTES);
+      await forEachIndex(regionCount, COPIERS, async (region) => {
+        const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
+        const claim = await claims.claim(offset, offset + length);
+        try {
+          if (this.faultedReason !== null) throw this.faultError();
+          if (source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
+          const now = compared.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+          const hashes = await Promise.all(now.map((r) => this.regionHashOn(r, offset, length)));
+          const sourceHash = hashes[now.indexOf(source)];
+          if (sourceHash === null || sourceHash === undefined) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
+          const bad = now.filter((r, i) => hashes[i] !== null && hashes[i] !== sourceHash);
+          if (bad.length === 0) return;
+          differingCount++;
+          if (differing.length < MAX_REPORTED_DIFFERENCES) {
+            const byAddress: Record<string, string> = {};
+            for (const [i, r] of now.entries()) if (hashes[i] !== null) byAddress[r.address] = hashes[i]!;
+            differing.push({ region, offset, length, hashes: byAddress });
+          }
+          this.log({ event: 'verify-difference', region, offset, length, replicas: bad.map((r) => r.address) });
+          if (!repair) return;
+          const data = await source.client!.read(offset, length);
+          // Counted as a write to the region, as the replicas count it.
+          this.regionsStarted(offset, length);
+          try {
+            await Promise.all(bad.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+          } finally {
+            this.regionsWritten(offset, length);
+          }
+          repaired++;
+        } finally {
+          claims.release(claim);
+        }
+      });
+      if (repaired > 0) await this.flushNumbered();
+      differing.sort((a, b) => a.region - b.region);
+      const report: VerifyReport = {
+        at: new Date().toISOString(), repair, regions: regionCount, replicas: compared.map((r) => r.address), source: source.address,
+        differing, repaired, durationMs: Date.now() - started,
+      };
+      this.lastVerify = report;
+      this.log({ event: 'verify', repair, regions: regionCount, differing: differingCount, repaired, durationMs: report.durationMs });
+      return report;
+    } finally {
+      if (claimed) this.dropClaims();
+      this.verifying = false;
+    }
+  }
+
+  /** REGION_HASH on one replica (hex), null when the replica failed (it is set ERR). */
+  private async regionHashOn(r: EngineReplica, offset: number, length: number): Promise<string | null> {
+    const client = r.client;
+    if (client === null) return null;
+    try {
+      return (await client.regionHash(offset, length)).toString('hex');
+    } catch (err) {
+      const e = toZebuError(err);
+      if (isUnsupported(e) || e.code === ErrorCode.EINVAL) throw new ZebuError(e.code, `replica ${r.address} cannot hash regions: ${e.message}`);
+      if (r.client === client) this.setErr(r, e);
+      return null;
+    }
+  }
+
+  /** Takes a replica (by address, key or KEY=ADDRESS) out of the volume for good (disconnects it). The last RW replica stays. */
   async removeReplica(address: string): Promise<EngineReplicaStatus[]> {
-    const at = this.replicas.findIndex((r) => r.address === address);
+    // KEY=HOST:PORT (as it was added) names it too.
+    const eq = address.lastIndexOf('=');
+    const wanted = eq > 0 && address.lastIndexOf(':') > eq ? address.slice(eq + 1) : address;
+    const at = this.replicas.findIndex((r) => r.address === wanted || r.key === address);
     if (at < 0) throw new ZebuError(ErrorCode.NOT_FOUND, `replica ${address} is not in volume ${this.name}`);
     const r = this.replicas[at];
     if (r.mode === ReplicaMode.RW && !this.replicas.some((x) => x !== r && x.mode === ReplicaMode.RW)) {
       throw new ZebuError(ErrorCode.BUSY, `replica ${address} is the last RW replica of volume ${this.name}`);
     }
-    if (this.rebuilding?.target === r) this.rebuilding.cancelled = `replica ${address} was removed`;
+    if (this.rebuilding?.target === r) {
+      // The copy stops at its next step; its request in flight (its durable "rebuilding" mark
+      // first of all) completes before the connection goes.
+      this.rebuilding.cancelled = `replica ${address} was removed`;
+      await this.rebuildRun;
+      if (!this.replicas.includes(r)) return this.replicaStatus();
+    }
+    this.pendingDeltas = this.pendingDeltas.filter((x) => x !== r);
     // ERR first: requests in flight to it no longer count, and its client closes.
-    this.setErr(r, new ZebuError(ErrorCode.CLOSED, 'removed from the volume'));
+    this.setErr(r, new ZebuError(ErrorCode.CLOSED, 'removed from the volume'), false);
     this.replicas.splice(this.replicas.indexOf(r), 1);
-    this.log({ event: 'replica-removed', replica: address });
+    // Out of the set, and not by a fault that a delta could repair: should it come back, only a
+    // full rebuild will do (an invalid map says so; the next start-up prunes it if it is gone).
+    for (const x of this.replicas) if (x.mode === ReplicaMode.RW) void this.controlOn(x, (c) => c.missedMerge(r.key, [], true));
+    this.log({ event: 'replica-removed', replica: r.address });
     return this.replicaStatus();
   }
 
@@ -797,11 +1483,13 @@ export class Engine implements BlockBackend {
     if (sizeBytes < this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `volume ${this.name} cannot shrink from ${this.sizeBytes} to ${sizeBytes} bytes`);
     if (sizeBytes === this.sizeBytes) return this.info();
     this.refuseDuringRebuild('expand');
+    if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: cannot expand while a verify runs`);
     if (this.faultedReason !== null) throw this.faultError();
     await this.pauseAndDrain();
     try {
       await this.onEveryActive((client) => client.expand(sizeBytes), true);
       this.sizeBytes = sizeBytes;
+      this.resizeRegionTables();
       this.log({ event: 'expanded', sizeBytes });
     } finally {
       this.resume();
@@ -815,7 +1503,9 @@ export class Engine implements BlockBackend {
     this.closed = true;
     if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
     if (this.pingTimer !== null) clearInterval(this.pingTimer);
-    if (this.faultedReason === null) await this.flush().catch(() => {});
+    // Two flushes: the second confirms the first, so the replicas' active regions leave and the
+    // next start has (almost) nothing to resync.
+    if (this.faultedReason === null) await this.flush().then(() => this.flush()).catch(() => {});
     for (const r of this.replicas) {
       const client = r.client;
       r.client = null;

@@ -1,15 +1,18 @@
 /**
- * The bookkeeping of one rebuild: which range is being copied right now, and which client
- * writes are in flight, so that copying a region and a client write to the same blocks never
+ * Range claims: which ranges are being copied or compared right now, and which client writes are
+ * in flight, so that copying (or hashing) a region and a client write to the same blocks never
  * interleave. Copying a region takes several round trips (ask the source what it holds, read
  * the data extents, write them, zero on the target what the source reads as zeros); a client
  * write landing between them would be overwritten on the target with what the copy saw before
- * it, and the replicas would differ (test/engine/rebuild.test.ts provokes exactly this).
+ * it, and the replicas would differ (test/engine/rebuild.test.ts provokes exactly this). A verify
+ * hashes a region on every replica: a write landing between two of the hashes would look like a
+ * difference.
  *
  *   copy of [a, b):  claim(a, b) — new overlapping writes wait — wait for overlapping writes in
  *                    flight — read source — write target — release() — the waiting writes go.
  *
- * Writes that do not overlap the claimed range never wait. Only one range is claimed at a time.
+ * Writes that do not overlap a claimed range never wait. Claims never overlap each other: a
+ * claim overlapping another one (a rebuild and a verify at once) waits for it.
  */
 import { assert } from '../errors.ts';
 import type { RebuildProgress } from './engine.ts';
@@ -22,31 +25,24 @@ interface InFlightWrite {
 interface Claim {
   start: number;
   end: number;
-  /** Wakes the copy once no write overlapping the claim is in flight. */
+  /** Wakes the claimer once no write overlapping the claim is in flight. */
   waiter: (() => void) | null;
 }
 
-export class Rebuild<Target> {
-  readonly target: Target;
-  readonly progress: RebuildProgress;
-  /** Set when the rebuild must stop (target failed or removed, engine closing). */
-  cancelled: string | null = null;
+export class RangeClaims {
   private readonly claims = new Map<number, Claim>();
   private readonly writes = new Map<number, InFlightWrite>();
   private nextToken = 1;
   private waiting: { start: number; end: number; fn: () => void }[] = [];
-
-  constructor(target: Target, progress: RebuildProgress) {
-    this.target = target;
-    this.progress = progress;
-  }
+  /** Claims waiting for an overlapping claim to end, in arrival order. */
+  private waitingClaims: { start: number; end: number; grant: () => void }[] = [];
 
   private overlapsAnyClaim(start: number, end: number): boolean {
     for (const c of this.claims.values()) if (start < c.end && c.start < end) return true;
     return false;
   }
 
-  /** Runs `fn` now, or once no range being copied overlaps [offset, offset+length). */
+  /** Runs `fn` now, or once no range being claimed overlaps [offset, offset+length). */
   whenRangeFree(offset: number, length: number, fn: () => void): void {
     const end = offset + length;
     // Behind an earlier waiting write to the same blocks too: overlapping writes keep their order.
@@ -62,7 +58,7 @@ export class Rebuild<Target> {
 
   writeDone(token: number): void {
     const w = this.writes.get(token);
-    assert(w !== undefined, 'rebuild: a write finished twice');
+    assert(w !== undefined, 'range claims: a write finished twice');
     this.writes.delete(token);
     for (const c of this.claims.values()) {
       if (c.waiter !== null && w.start < c.end && c.start < w.end && !this.anyWriteOverlaps(c.start, c.end)) {
@@ -78,10 +74,14 @@ export class Rebuild<Target> {
     return false;
   }
 
-  /** Claims [start, end) for a copy; resolves once no client write to it is in flight. Claims do not overlap. */
+  /** Claims [start, end); resolves once no other claim and no client write overlaps it. */
   claim(start: number, end: number): Promise<number> {
-    assert(start >= 0 && end > start, 'rebuild: claimed range');
-    assert(!this.overlapsAnyClaim(start, end), 'rebuild: claimed ranges do not overlap');
+    assert(start >= 0 && end > start, 'range claims: claimed range');
+    if (this.overlapsAnyClaim(start, end) || this.waitingClaims.some((w) => start < w.end && w.start < end)) {
+      return new Promise((resolve) => {
+        this.waitingClaims.push({ start, end, grant: () => void this.claim(start, end).then(resolve) });
+      });
+    }
     const id = this.nextToken++;
     const claim: Claim = { start, end, waiter: null };
     this.claims.set(id, claim);
@@ -91,19 +91,38 @@ export class Rebuild<Target> {
     });
   }
 
-  /** Ends a claim; the writes that waited for it go, in the order they arrived. */
+  /** Ends a claim; the writes (and claims) that waited for it go, in the order they arrived. */
   release(id: number): void {
     this.claims.delete(id);
+    const waitingClaims = this.waitingClaims;
+    this.waitingClaims = [];
+    for (const w of waitingClaims) w.grant();
     const waiting = this.waiting;
     this.waiting = [];
     for (const w of waiting) this.whenRangeFree(w.start, w.end - w.start, w.fn);
   }
 
-  /** Ends every claim (the rebuild stopped): nothing waits any more. */
+  /** Ends every claim (nobody claims any more): nothing waits any more. */
   releaseAll(): void {
     this.claims.clear();
+    const waitingClaims = this.waitingClaims;
+    this.waitingClaims = [];
+    for (const w of waitingClaims) w.grant();
     const waiting = this.waiting;
     this.waiting = [];
     for (const w of waiting) w.fn();
+  }
+}
+
+/** The state of one rebuild: its target, its progress, and whether it must stop. */
+export class Rebuild<Target> {
+  readonly target: Target;
+  readonly progress: RebuildProgress;
+  /** Set when the rebuild must stop (target failed or removed, engine closing). */
+  cancelled: string | null = null;
+
+  constructor(target: Target, progress: RebuildProgress) {
+    this.target = target;
+    this.progress = progress;
   }
 }

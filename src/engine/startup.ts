@@ -1,38 +1,141 @@
 /**
- * Which replicas start RW. Pure: replica infos in, modes out. The full recovery story
- * (write-intent logs, delta rebuilds, salvage) replaces the body of this function later; the
- * engine depends only on its signature.
+ * The start-up decision (DESIGN.md §3 "Start-up"). Pure: what the replicas said in, a plan out.
+ *
+ * - The source is the best usable replica by (writeEpoch, flushedRevision, revision): the one that
+ *   last made writes durable in the newest epoch. Unusable: unopenable, wrong size, or a rebuild
+ *   that stopped midway (its counters say nothing about its data).
+ * - A replica that made the same writes durable as the source (same writeEpoch and
+ *   flushedRevision, same chain) starts RW: it can differ from the source only in regions some
+ *   replica logged as active, and the union of those is resynced from the source before the first
+ *   request. (A replica without a write-intent log gives no such bound: it must also have the same
+ *   revision.)
+ * - writeEpoch is also a membership mark: every replica that is RW after a start-up or at the end
+ *   of a rebuild is given the engine's epoch (SET_REVISION). Within that epoch, a replica that
+ *   went out got a missed-write map on the others (at once, before any later flush; at start-up,
+ *   before serving; and a rebuild hands the maps over to the replica it makes).
+ * - So for a replica with the source's chain that is not equal to it:
+ *   - some replica holds an *invalid* map for it (a snapshot changed while it was out): ERR;
+ *   - some replica holds a map for it: delta rebuild of the maps ∪ its active ∪ the source's;
+ *   - nobody holds one and its writeEpoch is the source's: it never left the write set of that
+ *     epoch (it only missed the unflushed tail), and the union resync is all it needs: RW;
+ *   - nobody holds one and its writeEpoch is older: it missed a whole epoch: ERR (full rebuild).
  */
 import type { ReplicaInfo } from '../replica/replica.ts';
 
 export interface StartupCandidate {
-  address: string;
+  /** The replica's key (missed-write maps are kept per key). */
+  key: string;
   info: ReplicaInfo | null;
   error: string | null;
+  /** Snapshot names of the live chain, oldest first (null when unknown). */
+  chain: string[] | null;
+  /** Active regions of its write-intent log; null when it has none (an older replica). */
+  active: number[] | null;
 }
+
+export type StartupMode = 'RW' | 'DELTA' | 'ERR';
 
 export interface StartupDecision {
-  mode: 'RW' | 'ERR';
+  mode: StartupMode;
   reason: string;
+  /** DELTA: the regions to copy from the source. */
+  regions: number[];
 }
 
-export function chooseStartupModes(sizeBytes: number, candidates: StartupCandidate[]): StartupDecision[] {
-  const usable = candidates.map((c) => c.info !== null && c.info.sizeBytes === sizeBytes && !c.info.rebuilding);
-  let best: ReplicaInfo | null = null;
+/** What the other replicas hold for a replica's key. */
+export interface MissedStatus {
+  /** Some replica's map for it was invalidated by a snapshot create, delete or revert. */
+  invalid: boolean;
+  /** The union of the valid maps held for it; null when nobody holds one. */
+  regions: number[] | null;
+}
+
+export const NO_MISSED: MissedStatus = { invalid: false, regions: null };
+
+export interface StartupPlan {
+  /** Index of the source, null when no replica is usable. */
+  source: number | null;
+  decisions: StartupDecision[];
+  /** Regions to copy from the source into every other RW replica before serving, ascending. */
+  resyncRegions: number[];
+  /** Every replica opened, closed cleanly, and equal to the source (revision included). */
+  clean: boolean;
+}
+
+/** writeEpoch came with the write-intent log; a replica without it last wrote in "epoch 0". */
+export function writeEpochOf(info: ReplicaInfo): number {
+  return (info as ReplicaInfo & { writeEpoch?: number }).writeEpoch ?? 0;
+}
+
+function unusableReason(sizeBytes: number, c: StartupCandidate): string | null {
+  if (c.info === null) return `cannot open replica: ${c.error}`;
+  if (c.info.rebuilding) return 'incomplete rebuild: its copy stopped midway';
+  if (c.info.sizeBytes !== sizeBytes) return `replica size ${c.info.sizeBytes} differs from the volume size ${sizeBytes}`;
+  return null;
+}
+
+/** -1, 0, 1 as `a` is behind, equal to, ahead of `b` by (writeEpoch, flushedRevision, revision). */
+function compareCounters(a: ReplicaInfo, b: ReplicaInfo): number {
+  return Math.sign(writeEpochOf(a) - writeEpochOf(b) || a.flushedRevision - b.flushedRevision || a.revision - b.revision);
+}
+
+/** The best usable replica, or null. Ties go to the first. */
+export function chooseSource(sizeBytes: number, candidates: StartupCandidate[]): number | null {
+  let best: number | null = null;
   for (const [i, c] of candidates.entries()) {
-    if (!usable[i]) continue;
-    const info = c.info!;
-    if (best === null || info.flushedRevision > best.flushedRevision || (info.flushedRevision === best.flushedRevision && info.revision > best.revision)) {
-      best = info;
-    }
+    if (unusableReason(sizeBytes, c) !== null) continue;
+    if (best === null || compareCounters(c.info!, candidates[best].info!) > 0) best = i;
   }
-  return candidates.map((c, i) => {
-    if (c.info === null) return { mode: 'ERR', reason: `cannot open replica: ${c.error}` };
-    if (c.info.rebuilding) return { mode: 'ERR', reason: 'incomplete rebuild: its copy stopped midway' };
-    if (!usable[i]) return { mode: 'ERR', reason: `replica size ${c.info.sizeBytes} differs from the volume size ${sizeBytes}` };
-    if (c.info.flushedRevision < best!.flushedRevision || c.info.revision < best!.revision) {
-      return { mode: 'ERR', reason: `replica is behind (revision ${c.info.revision}, best ${best!.revision})` };
+  return best;
+}
+
+function sameChain(a: string[] | null, b: string[] | null): boolean {
+  return a !== null && b !== null && a.length === b.length && a.every((name, i) => name === b[i]);
+}
+
+/** `missedFor(i)`: the missed-write maps the other usable replicas hold for candidate i's key. */
+export function planStartup(sizeBytes: number, regionBytes: number, candidates: StartupCandidate[], missedFor: (i: number) => MissedStatus): StartupPlan {
+  const regionCount = Math.ceil(sizeBytes / regionBytes);
+  const source = chooseSource(sizeBytes, candidates);
+  const union = new Set<number>();
+  for (const c of candidates) {
+    if (c.info === null || c.active === null) continue;
+    for (const region of c.active) if (region < regionCount) union.add(region);
+  }
+  const src = source === null ? null : candidates[source];
+  let clean = src !== null;
+  const decisions = candidates.map((c, i): StartupDecision => {
+    const unusable = unusableReason(sizeBytes, c);
+    if (unusable !== null) {
+      clean = false;
+      return { mode: 'ERR', reason: unusable, regions: [] };
     }
-    return { mode: 'RW', reason: 'up to date' };
+    const info = c.info!;
+    const best = src!.info!;
+    if (!info.cleanShutdown || info.revision !== best.revision) clean = false;
+    if (i === source) return { mode: 'RW', reason: 'source', regions: [] };
+    // Without a write-intent log on both sides the unflushed tail is not bounded: the counters
+    // must match exactly.
+    const bounded = c.active !== null && src!.active !== null;
+    const sameEpoch = writeEpochOf(info) === writeEpochOf(best);
+    const equal = sameEpoch && info.flushedRevision === best.flushedRevision && (bounded || info.revision === best.revision);
+    const chainMatches = sameChain(c.chain, src!.chain) && info.hasBase === best.hasBase;
+    const missed = missedFor(i);
+    if (equal && chainMatches && missed.regions === null && !missed.invalid) return { mode: 'RW', reason: 'up to date', regions: [] };
+    clean = false;
+    const behind = `replica is behind (writeEpoch ${writeEpochOf(info)}, flushed revision ${info.flushedRevision}, revision ${info.revision}; source ${writeEpochOf(best)}, ${best.flushedRevision}, ${best.revision})`;
+    if (!chainMatches) return { mode: 'ERR', reason: `${equal ? 'replica' : behind}: its snapshot chain differs from the source's`, regions: [] };
+    if (!bounded) return { mode: 'ERR', reason: `${behind}; no write-intent log to bound the difference`, regions: [] };
+    if (missed.invalid) return { mode: 'ERR', reason: `${behind}; its missed-write map was invalidated by a snapshot change while it was out`, regions: [] };
+    if (missed.regions === null) {
+      // Never out in its writeEpoch (it would have a map): only the unflushed tail differs, and
+      // that is in the union of the active sets, resynced before serving.
+      if (sameEpoch) return { mode: 'RW', reason: 'in the write set until the stop; resynced from the write-intent logs', regions: [] };
+      return { mode: 'ERR', reason: `${behind}; it missed epoch ${writeEpochOf(best)} and no replica kept a missed-write map for it`, regions: [] };
+    }
+    const regions = new Set<number>();
+    for (const list of [missed.regions, c.active!, src!.active!]) for (const region of list) if (region < regionCount) regions.add(region);
+    return { mode: 'DELTA', reason: `${behind}; delta rebuild of ${regions.size} region(s)`, regions: [...regions].sort((a, b) => a - b) };
   });
+  return { source, decisions, resyncRegions: [...union].sort((a, b) => a - b), clean };
 }

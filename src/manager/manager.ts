@@ -10,12 +10,15 @@ import { EventRecorder } from './events.ts';
 import { VolumeController } from './volume-controller.ts';
 import { ManagerServiceImpl, type NodeAgents } from './service.ts';
 import { WorkQueue } from './work-queue.ts';
+import { Scrubber } from './scrubber.ts';
 
 export interface ManagerOptions {
   store: Store;
   agents: NodeAgents;
   defaultNodeId: string;
   resyncMs?: number;
+  /** How often the scrub schedule is looked at (default 1 s). */
+  scrubPollMs?: number;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -26,6 +29,7 @@ export class Manager {
   readonly service: ManagerServiceImpl;
   private readonly controller: VolumeController;
   private readonly queue: WorkQueue;
+  readonly scrubber: Scrubber;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -48,6 +52,9 @@ export class Manager {
       defaultNodeId: options.defaultNodeId,
       kick: (name) => this.queue.add(name),
     });
+    this.scrubber = new Scrubber({
+      objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
+    });
   }
 
   async start(): Promise<void> {
@@ -57,6 +64,7 @@ export class Manager {
       this.resync().catch((err) => this.log({ event: 'resync-failed', error: (err as Error).message }));
     }, this.options.resyncMs ?? 10_000);
     this.resyncTimer.unref();
+    this.scrubber.start();
   }
 
   /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
@@ -117,6 +125,7 @@ export class Manager {
     this.stopped = true;
     if (this.resyncTimer !== null) clearInterval(this.resyncTimer);
     this.watch?.close();
+    await this.scrubber.stop();
     await this.queue.stop();
   }
 }

@@ -9,7 +9,7 @@
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
-import type { ProcessState, ReplicaModeName, SnapshotView, VolumeRobustness, VolumeState } from './types.ts';
+import type { ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
 export const Kind = {
   Volume: 'Volume',
@@ -32,6 +32,11 @@ export interface VolumeValue {
     nodeId: string | null;
     /** Attached without an NBD export. */
     maintenance: boolean;
+    /**
+     * A salvage asked for (API or auto-salvage) and not yet begun by the controller. Absent in
+     * objects written before salvage existed: same as null.
+     */
+    salvage?: SalvageRequest | null;
   };
   status: {
     state: VolumeState;
@@ -46,12 +51,28 @@ export interface VolumeValue {
     message: string | null;
     /** Snapshots as last seen (served while detached). */
     snapshots: SnapshotView[];
+    /** The engine's last start-up recovery (replica names, not addresses). */
+    lastRecovery?: RecoveryView | null;
+    /** The last verify (manual or scheduled scrub). */
+    lastVerify?: VerifyView | null;
+    /** A salvage under way: the engine of `epoch` is starting on `replicas`. */
+    salvage?: { startedAt: string; epoch: number; replicas: string[]; auto: boolean } | null;
   };
   createdAt: string;
   deletionRequestedAt: string | null;
 }
 
+export interface SalvageRequest {
+  requestedAt: string;
+  /** Replicas to salvage from; null: every replica not being deleted. */
+  replicas: string[] | null;
+  /** Started by the auto-salvage setting, not by a user. */
+  auto: boolean;
+}
+
 export interface EngineReplicaStatus {
+  /** The address the engine has it at (absent in older objects). */
+  address?: string;
   mode: ReplicaModeName;
   reason: string | null;
   rebuild: { copiedBytes: number; totalBytes: number } | null;
@@ -94,6 +115,18 @@ export interface EngineValue {
     stats: EngineIoStats | null;
     restarts: number;
     message: string | null;
+    /**
+     * The highest epoch any process of this engine was started with. The agent never starts a
+     * second process with an epoch already used: when the process is gone (crash, node restart)
+     * the controller gives the engine a new epoch first. Absent in older objects: 0.
+     */
+    startedEpoch?: number;
+    /** The running engine's start-up recovery, with replica names. */
+    recovery?: RecoveryView | null;
+    /** The running engine's last verify, with replica names (when it reports one). */
+    lastVerify?: VerifyView | null;
+    /** Replicas the agent could not add to the engine in its last pass (name -> why). */
+    addErrors?: Record<string, { address: string; code: string; message: string }>;
   };
 }
 

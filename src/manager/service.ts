@@ -12,8 +12,9 @@ import { clusterView } from './volume-controller.ts';
 import { scheduleReplicas, diskRefusal } from './scheduler.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
-  VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeView,
+  VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
+import { unrepairedRegions, verifyFromEngine } from './engine-reports.ts';
 
 export const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -117,6 +118,8 @@ export class ManagerServiceImpl implements ManagerService {
       rebuilding: summaries.some((s) => s.mode === 'WO'),
       message: v.status.message,
       createdAt: v.createdAt,
+      lastRecovery: v.status.lastRecovery ?? null,
+      lastVerify: v.status.lastVerify ?? null,
     };
   }
 
@@ -252,6 +255,57 @@ export class ManagerServiceImpl implements ManagerService {
     await this.events.record({ type: 'Normal', reason: 'Expanding', message: `expanding volume ${name} from ${v.spec.sizeBytes} to ${sizeBytes} bytes`, kind: Kind.Volume, object: name, volume: name });
     this.kick(name);
     return this.view(name);
+  }
+
+  async salvageVolume(name: string, input: VolumeSalvageInput): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    const v = volume.value;
+    let chosen: string[] | null = null;
+    if (input.replicas !== undefined) {
+      if (!Array.isArray(input.replicas) || input.replicas.length === 0 || input.replicas.some((r) => typeof r !== 'string')) {
+        throw invalid('replicas must be a non-empty list of replica names', 'replicas');
+      }
+      const own = new Set((await this.volumeReplicas(name)).filter((r) => r.value.deletionRequestedAt === null).map((r) => r.name));
+      const unknown = input.replicas.filter((r) => !own.has(r));
+      if (unknown.length > 0) {
+        throw invalid(`not replicas of volume ${name}: ${unknown.join(', ')} (its replicas: ${[...own].join(', ') || 'none'})`, 'replicas');
+      }
+      chosen = [...new Set(input.replicas)];
+    }
+    if (v.spec.nodeId === null || v.status.robustness !== 'faulted') {
+      const why = v.spec.nodeId === null ? 'it is detached (attach it: a faulted volume shows at attach)' : `it is ${v.status.state} and ${v.status.robustness}`;
+      throw stateConflict(`volume ${name} is not faulted: ${why}; salvage is for a volume whose replicas are all out`);
+    }
+    if ((v.spec.salvage ?? null) !== null || (v.status.salvage ?? null) !== null) throw stateConflict(`a salvage of volume ${name} is already under way`);
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      x.spec.salvage = { requestedAt: new Date().toISOString(), replicas: chosen, auto: false };
+    });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async verifyVolume(name: string, input: VolumeVerifyInput): Promise<VerifyView> {
+    if (input.repair !== undefined && typeof input.repair !== 'boolean') throw invalid('repair must be true or false', 'repair');
+    const repair = input.repair ?? false;
+    const { engine } = await this.runningEngine(name, 'verify');
+    const raw = await this.engineRequest(engine, 'POST', '/v1/verify', { repair });
+    const report = verifyFromEngine(raw, engine.value.spec.replicas, repair);
+    if (report === null) throw new ZebuError(ErrorCode.PROTOCOL, `the engine of volume ${name} answered verify with something else than a report`);
+    await this.recordVerify(name, report);
+    return report;
+  }
+
+  /** Keeps a verify's report in the volume's status, with an event (a warning when regions still differ). */
+  async recordVerify(name: string, report: VerifyView): Promise<void> {
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      x.status.lastVerify = report;
+    });
+    const left = unrepairedRegions(report);
+    const found = report.differing.length;
+    const message = found === 0
+      ? `verify of volume ${name}: ${report.regions} region(s) compared, replicas identical (${report.durationMs} ms)`
+      : `verify of volume ${name}: ${found} of ${report.regions} region(s) differ (${report.differing.slice(0, 5).map((d) => d.region).join(', ')}${found > 5 ? ', ...' : ''})${report.repair ? `, ${report.repaired} repaired` : ', not repaired'} (${report.durationMs} ms)`;
+    await this.events.record({ type: left > 0 ? 'Warning' : 'Normal', reason: 'VerifyDone', message, kind: Kind.Volume, object: name, volume: name });
   }
 
   // ---- snapshots -------------------------------------------------------------------------------

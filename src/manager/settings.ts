@@ -2,6 +2,7 @@
  * The settings catalogue: every tunable of the manager, its type, range and default. A Setting
  * object in the store exists only once a user has changed it; absent means default.
  */
+import { Cron } from 'croner';
 import { invalid, ZebuError, ErrorCode } from '../errors.ts';
 import { Kind, type Objects } from './objects.ts';
 import type { SettingView } from './types.ts';
@@ -12,6 +13,22 @@ interface SettingDefinition {
   min?: number;
   max?: number;
   description: string;
+  /** Extra check of a string value; throws a message when it is wrong. */
+  check?: (value: string) => void;
+}
+
+/** Longest cron expression accepted (a real one is a few dozen characters). */
+const CRON_MAX_CHARS = 200;
+
+/** "" (off) or a cron expression croner accepts (5 fields, or 6 with seconds first). */
+export function checkCronExpression(value: string): void {
+  if (value === '') return;
+  if (value.length > CRON_MAX_CHARS) throw new Error(`at most ${CRON_MAX_CHARS} characters`);
+  try {
+    new Cron(value, { paused: true }).stop();
+  } catch (err) {
+    throw new Error(`not a cron expression: ${(err as Error).message}`);
+  }
 }
 
 export const SETTINGS = {
@@ -39,6 +56,23 @@ export const SETTINGS = {
     type: 'int', default: '30000', min: 1000, max: 600000,
     description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',
   },
+  'write-intent-max-regions': {
+    type: 'int', default: '256', min: 1, max: 65536,
+    description: 'Regions (4 MiB each) an engine lets be written between flushes before it flushes by itself: bounds what recovery resyncs after a crash (applies to engines started afterwards).',
+  },
+  'auto-salvage': {
+    type: 'bool', default: 'true',
+    description: 'When every replica of an attached volume is out (faulted), restart its engine on them at once, as `zebu volume salvage` does.',
+  },
+  'replica-replenishment-wait-seconds': {
+    type: 'int', default: '60', min: 0, max: 86400,
+    description: 'A failed replica whose process comes back within this time is rebuilt by delta (only the regions written meanwhile); after it, or when no delta is possible, a new replica replaces it. 0: replace at once.',
+  },
+  'scrub-schedule': {
+    type: 'string', default: '',
+    description: 'Cron expression (5 fields, or 6 with seconds first) at which every attached volume is verified (replicas compared region by region; no repair); "" = never.',
+    check: checkCronExpression,
+  },
 } as const satisfies Record<string, SettingDefinition>;
 
 export type SettingName = keyof typeof SETTINGS;
@@ -65,7 +99,15 @@ export function validateSetting(name: string, value: string): string {
     }
     return String(n);
   }
-  return value;
+  const trimmed = value.trim();
+  if (def.check !== undefined) {
+    try {
+      def.check(trimmed);
+    } catch (err) {
+      throw invalid(`setting ${name}: ${(err as Error).message}, got ${JSON.stringify(value)}`, 'value');
+    }
+  }
+  return trimmed;
 }
 
 export function settingView(name: string, stored: string | null): SettingView {
@@ -88,6 +130,10 @@ export class Settings {
 
   async int(name: SettingName): Promise<number> {
     return Number(await this.raw(name));
+  }
+
+  async string(name: SettingName): Promise<string> {
+    return this.raw(name);
   }
 
   async bool(name: SettingName): Promise<boolean> {

@@ -48,6 +48,61 @@ export interface VolumeView {
   /** Why the volume is in its state, when it is not the obvious one. */
   message: string | null;
   createdAt: string;
+  /** The engine's last start-up recovery; null before the first. */
+  lastRecovery: RecoveryView | null;
+  /** The last verify (scrub) of the replicas; null before the first. */
+  lastVerify: VerifyView | null;
+}
+
+/**
+ * What an engine did at start-up before serving: resynced the regions where replicas may
+ * differ (the union of their write-intent logs) from the source, delta-rebuilt replicas that
+ * were behind, put out (ERR) those it could not bring back.
+ */
+export interface RecoveryView {
+  at: string;
+  /** Every replica had shut down cleanly: nothing to resync. */
+  clean: boolean;
+  /** The replica the engine copied from (name); null when it had none to choose. */
+  source: string | null;
+  regions: number;
+  bytes: number;
+  durationMs: number;
+  /** Replicas brought up to date by a delta rebuild. */
+  deltaReplicas: string[];
+  /** Replicas the engine could not bring back (the manager replaces them). */
+  erredReplicas: string[];
+}
+
+export interface VerifyDifference {
+  region: number;
+  offset: number;
+  length: number;
+  /** Replica name -> SHA-256 (hex) of the region on it. */
+  hashes: Record<string, string>;
+}
+
+/** A comparison of the replicas of an attached volume, region by region. */
+export interface VerifyView {
+  at: string;
+  /** Whether differing regions were copied from the source into the others. */
+  repair: boolean;
+  /** Regions compared. */
+  regions: number;
+  differing: VerifyDifference[];
+  /** Differing regions repaired (0 without repair). */
+  repaired: number;
+  durationMs: number;
+}
+
+export interface VolumeSalvageInput {
+  /** Replicas to bring back; absent: every replica of the volume not being deleted. */
+  replicas?: string[];
+}
+
+export interface VolumeVerifyInput {
+  /** Copy differing regions from the source replica into the others. */
+  repair?: boolean;
 }
 
 export interface VolumeCreateInput {
@@ -178,6 +233,13 @@ export interface ManagerService {
   deleteVolume(name: string): Promise<VolumeView>;
   /** Grows the volume (attached: online; detached: at the next attach). Never shrinks. */
   expandVolume(name: string, sizeBytes: number): Promise<VolumeView>;
+  /**
+   * Brings a faulted volume back: the chosen replicas are taken out of failure and a new engine
+   * (new epoch) starts on them; its start-up rule picks the source. Returns at once.
+   */
+  salvageVolume(name: string, input: VolumeSalvageInput): Promise<VolumeView>;
+  /** Compares the replicas of an attached volume (and repairs, when asked); waits for the answer. */
+  verifyVolume(name: string, input: VolumeVerifyInput): Promise<VerifyView>;
 
   listSnapshots(volume: string): Promise<SnapshotView[]>;
   /** Attached volumes only. A name is generated when absent. */

@@ -8,18 +8,32 @@
  * any -> deleting. Robustness (attached): healthy (as many RW replicas as wanted), degraded
  * (fewer; a rebuild is under way or scheduled), faulted (none).
  *
- * Self-healing: a replica the engine reports ERR gets `failedAt` and is stopped; a new replica is
- * scheduled, started, and added to the engine, which rebuilds it (WO) and promotes it (RW); once
- * the volume is healthy again the failed replica is deleted (its directory removed).
+ * Self-healing: a replica the engine reports ERR gets `failedAt`. For up to
+ * `replica-replenishment-wait-seconds` it is kept: when its process comes back (the agent restarts
+ * it, on a new port) the engine is asked to add it again, which it does by a delta rebuild (only
+ * the regions written while it was out) or refuses (EINVAL: no delta possible). On refusal, or
+ * after the wait, a new replica is scheduled, started, and added to the engine, which rebuilds it
+ * (WO) and promotes it (RW); once the volume is healthy again the failed replica is deleted.
+ *
+ * Epochs: every attach, and every new engine process, gets a new epoch. The agent never starts a
+ * second process with an epoch already used (Engine status `startedEpoch`); when an engine process
+ * is gone (crash, node restart) this controller bumps the epoch and the agent starts the new one.
+ * A replica fences writes of lower epochs, and the engine's start-up picks its source by the epoch
+ * replicas last wrote in — so a newer engine is always told apart from an older one.
+ *
+ * Salvage: when every replica is out (faulted), a salvage (API, or the `auto-salvage` setting)
+ * clears `failedAt` on the chosen replicas and starts a new engine (new epoch) on them; its
+ * start-up rule picks the source, and the replicas it puts out are replaced as usual.
  */
 import crypto from 'node:crypto';
 import path from 'node:path';
+import { ErrorCode } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type Objects, type ReplicaValue, type VolumeValue } from './objects.ts';
+import { Kind, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { scheduleReplicas, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
-import type { VolumeRobustness } from './types.ts';
+import type { RecoveryView, VolumeRobustness } from './types.ts';
 
 /** Replica directories live under <disk>/replicas/. */
 export const REPLICAS_DIR = 'replicas';
@@ -28,8 +42,26 @@ const WAIT_MS = 500;
 const RESYNC_MS = 5000;
 const REPLACEMENT_BACKOFF_MIN_MS = 1000;
 const REPLACEMENT_BACKOFF_MAX_MS = 5 * 60_000;
+/** Automatic salvages of one volume that do not bring it back wait 5 s, doubling up to 5 min. */
+const AUTO_SALVAGE_BACKOFF_MIN_MS = 5000;
+const AUTO_SALVAGE_BACKOFF_MAX_MS = 5 * 60_000;
+/** Delta re-adds of one failed replica before it is given up for a new one. */
+const MAX_DELTA_ATTEMPTS = 3;
 
 type Obj<T> = StoreObject<T>;
+
+interface DeltaDecision {
+  /** It holds its place in the volume: no new replica for it yet. */
+  holds: boolean;
+  /** Where the engine should have it (null: not in the engine's set). */
+  engineAt: string | null;
+  /** This pass asks the engine to add it again (a delta rebuild attempt). */
+  attempt: boolean;
+  /** When its wait ends (look again then). */
+  wakeInMs: number | null;
+  /** Given up now, and why. */
+  gaveUp: string | null;
+}
 
 export interface ClusterView {
   nodes: SchedulerNode[];
@@ -83,6 +115,14 @@ export class VolumeController {
    * a full one): the next one waits, doubling from REPLACEMENT_BACKOFF_MIN_MS up to the max.
    */
   private readonly replacementBackoff = new Map<string, { failures: number; notBeforeMs: number }>();
+  /** Automatic salvages per volume, so that a volume that cannot come back is not restarted in a loop. */
+  private readonly salvageBackoff = new Map<string, { failures: number; notBeforeMs: number }>();
+  /**
+   * Failed replicas being brought back by delta: the address the engine was last asked to add
+   * them at, attempts so far, and whether the engine refused (then a new replica replaces it).
+   * In memory: after a manager restart a returning replica simply gets its attempts afresh.
+   */
+  private readonly deltaState = new Map<string, { address: string | null; attempts: number; refused: boolean; givenUp: boolean }>();
 
   constructor(objects: Objects, settings: Settings, events: EventRecorder, log: (event: Record<string, unknown>) => void = () => {}) {
     this.objects = objects;
@@ -292,11 +332,17 @@ export class VolumeController {
       return 0;
     }
 
+    const salvage = v.spec.salvage ?? null;
+    if (salvage !== null) return this.beginSalvage(volume, engine, replicas, salvage);
+
     if (engine === null) return this.startEngine(volume, replicas);
 
     const e = engine.value;
     if (e.spec.epoch !== v.status.epoch || e.spec.nodeId !== nodeId) {
       return (await this.stopAndRemoveEngine(engine)) ? 0 : WAIT_MS;
+    }
+    if (e.spec.desireState === 'running' && e.status.state !== 'running' && e.status.pid === null && (e.status.startedEpoch ?? 0) >= e.spec.epoch) {
+      return this.newEngineEpoch(volume, engine);
     }
     if (e.status.state !== 'running' || e.status.epoch !== e.spec.epoch) {
       await this.refreshReplicaAddresses(engine, replicas);
@@ -307,6 +353,94 @@ export class VolumeController {
       return WAIT_MS;
     }
     return this.reconcileRunning(volume, engine, replicas);
+  }
+
+  /**
+   * The engine's process is gone (it crashed, or the node stopped) and a process already ran
+   * with its epoch: the next one gets a new epoch, so that replicas tell its writes apart from
+   * those of the one before (and fence the old one, should it still be alive somewhere).
+   */
+  private async newEngineEpoch(volume: Obj<VolumeValue>, engine: Obj<EngineValue>): Promise<number> {
+    const before = engine.value.spec.epoch;
+    const epoch = volume.value.status.epoch + 1;
+    await this.setStatus(volume.name, (s) => {
+      s.epoch = Math.max(s.epoch, epoch);
+      s.state = 'attaching';
+    });
+    await this.objects.mutate(Kind.Engine, engine.name, (x) => {
+      x.spec.epoch = Math.max(x.spec.epoch, epoch);
+    });
+    const why = engine.value.status.message !== null ? ` (${engine.value.status.message})` : '';
+    await this.event(volume.name, 'Normal', 'EngineRestarting', `the engine process of volume ${volume.name} (epoch ${before}) is gone${why}: starting a new one with epoch ${epoch}`, Kind.Engine, engine.name);
+    return 0;
+  }
+
+  // ---- salvage --------------------------------------------------------------------------------
+
+  /**
+   * Starts a salvage: the faulted engine goes, the chosen replicas are taken out of failure (the
+   * others are failed: they get replaced), and a new engine with a new epoch starts on the chosen
+   * ones. The engine's start-up rule picks the source among them.
+   */
+  private async beginSalvage(volume: Obj<VolumeValue>, engine: Obj<EngineValue> | null, replicas: Obj<ReplicaValue>[], request: SalvageRequest): Promise<number | null> {
+    if (engine !== null && !(await this.stopAndRemoveEngine(engine))) {
+      await this.setStatus(volume.name, (s) => {
+        s.message = 'salvage: stopping the faulted engine';
+      });
+      return WAIT_MS;
+    }
+    const candidates = replicas.filter((r) => r.value.deletionRequestedAt === null);
+    const wanted = request.replicas;
+    const chosen = wanted === null ? candidates : candidates.filter((r) => wanted.includes(r.name));
+    const how = request.auto ? ' (automatic: setting auto-salvage)' : '';
+    if (chosen.length === 0) {
+      await this.objects.mutate(Kind.Volume, volume.name, (x) => {
+        x.spec.salvage = null;
+        x.status.message = 'salvage: no replica left to salvage from';
+      });
+      await this.event(volume.name, 'Warning', 'SalvageFailed', `salvage of volume ${volume.name}${how}: no replica left to salvage from`);
+      return 2000;
+    }
+    for (const r of chosen) {
+      this.deltaState.delete(r.name);
+      await this.objects.mutate(Kind.Replica, r.name, (x) => {
+        x.spec.failedAt = null;
+        x.spec.desireState = 'running';
+      });
+    }
+    for (const r of candidates) {
+      if (!chosen.includes(r)) await this.failReplica(volume.name, r, `left out of the salvage of volume ${volume.name}`, false);
+    }
+    const epoch = volume.value.status.epoch + 1;
+    const names = chosen.map((r) => r.name);
+    await this.objects.mutate(Kind.Volume, volume.name, (x) => {
+      x.spec.salvage = null;
+      x.status.epoch = Math.max(x.status.epoch, epoch);
+      x.status.state = 'attaching';
+      x.status.attachStartedAt = new Date().toISOString();
+      x.status.endpoint = null;
+      x.status.message = `salvaging from ${names.join(', ')}`;
+      x.status.salvage = { startedAt: new Date().toISOString(), epoch: x.status.epoch, replicas: names, auto: request.auto };
+    });
+    await this.event(volume.name, 'Warning', 'SalvageStarted',
+      `salvaging volume ${volume.name}${how} from replica(s) ${names.join(', ')}: a new engine (epoch ${epoch}) starts on them and picks the source`);
+    return 0;
+  }
+
+  /** Asks for a salvage when the setting allows and the last one is not too recent. */
+  private async autoSalvage(volume: Obj<VolumeValue>): Promise<{ started: boolean; message: string | null }> {
+    if (!(await this.settings.bool('auto-salvage'))) return { started: false, message: 'auto-salvage is off: `zebu volume salvage` brings the volume back' };
+    const backoff = this.salvageBackoff.get(volume.name);
+    const waitMs = backoff === undefined ? 0 : backoff.notBeforeMs - Date.now();
+    if (waitMs > 0) return { started: false, message: `automatic salvage #${backoff!.failures + 1} in ${Math.ceil(waitMs / 1000)} s` };
+    const failures = backoff?.failures ?? 0;
+    const delayMs = Math.min(AUTO_SALVAGE_BACKOFF_MAX_MS, AUTO_SALVAGE_BACKOFF_MIN_MS * 2 ** Math.min(failures, 16));
+    this.salvageBackoff.set(volume.name, { failures: failures + 1, notBeforeMs: Date.now() + delayMs });
+    await this.objects.mutate(Kind.Volume, volume.name, (x) => {
+      if ((x.spec.salvage ?? null) !== null) return false;
+      x.spec.salvage = { requestedAt: new Date().toISOString(), replicas: null, auto: true };
+    });
+    return { started: true, message: null };
   }
 
   /**
@@ -336,12 +470,13 @@ export class VolumeController {
     const everHealthy = usable.some((r) => r.value.spec.healthyAt !== null);
     const startSet = everHealthy ? usable.filter((r) => r.value.spec.healthyAt !== null) : usable;
     if (startSet.length === 0) {
+      const auto = await this.autoSalvage(volume);
       await this.setStatus(volume.name, (s) => {
         s.state = 'attaching';
         s.robustness = 'faulted';
-        s.message = 'no healthy replica to attach from';
+        s.message = `no healthy replica to attach from${auto.message !== null ? `; ${auto.message}` : ''}`;
       });
-      return 5000;
+      return auto.started ? 0 : 5000;
     }
     for (const r of startSet) {
       if (r.value.spec.desireState !== 'running' || r.value.spec.sizeBytes < v.spec.sizeBytes) {
@@ -358,13 +493,17 @@ export class VolumeController {
       const waitedMs = Date.now() - Date.parse(v.status.attachStartedAt ?? new Date().toISOString());
       if (waitedMs < (await this.settings.int('replica-start-timeout-ms'))) return WAIT_MS;
       if (ready.length === 0) {
+        const why = `no replica could be started: ${notReady.map((r) => `${r.name}: ${r.value.status.message ?? r.value.status.state}`).join('; ')}`;
+        // A salvage under way failed to start anything: say so once; a new one waits its backoff.
+        if ((v.status.salvage ?? null) !== null) await this.endSalvage(volume, `still faulted: ${why}`, true);
+        const auto = await this.autoSalvage(volume);
         await this.setStatus(volume.name, (s) => {
           s.robustness = 'faulted';
-          s.message = `no replica could be started: ${notReady.map((r) => `${r.name}: ${r.value.status.message ?? r.value.status.state}`).join('; ')}`;
+          s.message = `${why}${auto.message !== null ? `; ${auto.message}` : ''}`;
         });
-        return 2000;
+        return auto.started ? 0 : 2000;
       }
-      for (const r of notReady) await this.failReplica(volume.name, r, `did not start in time: ${r.value.status.message ?? r.value.status.state}`);
+      for (const r of notReady) await this.failReplica(volume.name, r, `did not start in time: ${r.value.status.message ?? r.value.status.state}`, false);
     }
     const replicaAddresses: Record<string, string> = {};
     for (const r of ready) replicaAddresses[r.name] = r.value.status.address!;
@@ -386,19 +525,42 @@ export class VolumeController {
     return WAIT_MS;
   }
 
-  private async failReplica(volume: string, r: Obj<ReplicaValue>, reason: string): Promise<void> {
+  /**
+   * Marks a replica failed. With `mayReturn` (it served before, and the replenishment wait is not
+   * 0) its process keeps running — restarted by its agent when it died — so that it can come back
+   * by a delta rebuild; else it stops and will be replaced.
+   */
+  private async failReplica(volume: string, r: Obj<ReplicaValue>, reason: string, mayReturn: boolean): Promise<void> {
+    const waitS = mayReturn && r.value.spec.healthyAt !== null ? await this.settings.int('replica-replenishment-wait-seconds') : 0;
+    let marked = false;
     await this.objects.mutate(Kind.Replica, r.name, (x) => {
       if (x.spec.failedAt !== null) return false;
       x.spec.failedAt = new Date().toISOString();
-      x.spec.desireState = 'stopped';
+      if (waitS === 0) x.spec.desireState = 'stopped';
+      marked = true;
     });
-    await this.event(volume, 'Warning', 'ReplicaFailed', `replica ${r.name} failed: ${reason}`, Kind.Replica, r.name);
+    if (!marked) return;
+    if (waitS === 0) this.deltaState.set(r.name, { address: null, attempts: 0, refused: false, givenUp: true });
+    else this.deltaState.delete(r.name);
+    const next = waitS === 0 ? 'a new replica replaces it' : `waiting up to ${waitS} s for it to come back (delta rebuild), else a new replica replaces it`;
+    await this.event(volume, 'Warning', 'ReplicaFailed', `replica ${r.name} failed: ${reason}; ${next}`, Kind.Replica, r.name);
+  }
+
+  /** Ends the salvage under way with an event saying how it went. */
+  private async endSalvage(volume: Obj<VolumeValue>, outcome: string, failed: boolean): Promise<void> {
+    const salvage = volume.value.status.salvage ?? null;
+    await this.setStatus(volume.name, (s) => {
+      s.salvage = null;
+    });
+    if (salvage === null) return;
+    await this.event(volume.name, failed ? 'Warning' : 'Normal', failed ? 'SalvageFailed' : 'Salvaged', `salvage of volume ${volume.name} (epoch ${salvage.epoch}) ${outcome}`);
   }
 
   private async reconcileRunning(volume: Obj<VolumeValue>, engine: Obj<EngineValue>, replicas: Obj<ReplicaValue>[]): Promise<number | null> {
     const v = volume.value;
     const e = engine.value;
     const wanted = v.spec.numberOfReplicas;
+    const now = Date.now();
 
     // What the engine says of each replica it has.
     const anyInService = Object.entries(e.status.replicas).some(([name, said]) => name in e.spec.replicas && said.mode === 'RW');
@@ -406,29 +568,72 @@ export class VolumeController {
       if (!(r.name in e.spec.replicas)) continue;
       const said = e.status.replicas[r.name];
       if (said === undefined) continue;
-      if (said.mode === 'RW' && r.value.spec.healthyAt === null) {
+      // The engine's view of this replica at the address it has now (an older entry may linger for a pass).
+      const current = said.address === undefined || said.address === e.spec.replicas[r.name];
+      if (said.mode === 'RW' && r.value.spec.failedAt !== null && current) {
+        // A failed replica the engine took back (delta rebuild done, or its start-up recovery): in service again.
+        await this.objects.mutate(Kind.Replica, r.name, (x) => {
+          x.spec.failedAt = null;
+          x.spec.desireState = 'running';
+          x.spec.healthyAt ??= new Date().toISOString();
+        });
+        const attempts = this.deltaState.get(r.name)?.attempts ?? 0;
+        this.deltaState.delete(r.name);
+        await this.event(volume.name, 'Normal', 'ReplicaRebuilt', `replica ${r.name} is back in service (RW)${attempts > 0 ? ' after a delta rebuild' : ''}`, Kind.Replica, r.name);
+      } else if (said.mode === 'RW' && r.value.spec.healthyAt === null) {
         await this.objects.mutate(Kind.Replica, r.name, (x) => {
           x.spec.healthyAt ??= new Date().toISOString();
         });
-        if (r.value.spec.healthyAt === null && Object.keys(e.spec.replicas).length > 0 && replicas.some((o) => o.value.spec.healthyAt !== null)) {
+        if (Object.keys(e.spec.replicas).length > 0 && replicas.some((o) => o.value.spec.healthyAt !== null)) {
           await this.event(volume.name, 'Normal', 'ReplicaRebuilt', `replica ${r.name} rebuilt and in service (RW)`, Kind.Replica, r.name);
         }
       } else if (said.mode === 'ERR' && r.value.spec.failedAt === null && anyInService) {
         // Only next to a replica still in service: when every replica is ERR the volume is
         // faulted and they are kept as they are, for a restart or salvage to bring them back.
-        await this.failReplica(volume.name, r, said.reason ?? 'engine reported ERR');
+        await this.failReplica(volume.name, r, said.reason ?? 'engine reported ERR', true);
       }
     }
+    // The engine refused to take a returning replica back (no delta possible): a new one replaces it.
+    for (const [name, err] of Object.entries(e.status.addErrors ?? {})) {
+      const st = this.deltaState.get(name);
+      if (st === undefined || st.refused || st.address !== err.address || err.code !== ErrorCode.EINVAL) continue;
+      st.refused = true;
+      await this.event(volume.name, 'Warning', 'DeltaRefused', `the engine cannot rebuild replica ${name} by delta (${err.message}): a new replica replaces it`, Kind.Replica, name);
+    }
+
     const fresh = (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === volume.name);
     const failed = fresh.filter((r) => r.value.spec.failedAt !== null && r.value.deletionRequestedAt === null);
     const active = fresh.filter((r) => r.value.spec.failedAt === null && r.value.deletionRequestedAt === null);
 
-    // The engine's replica set: the active replicas that are running. Failed ones leave it.
+    // The engine's replica set: the active replicas that are running, and the failed ones that
+    // may still come back by delta. Failed ones past hope leave it.
     const desired: Record<string, string> = {};
     for (const r of active) {
       const current = e.spec.replicas[r.name];
       if (current !== undefined) desired[r.name] = current;
       else if (r.value.status.state === 'running' && r.value.status.address !== null && r.value.spec.desireState === 'running') desired[r.name] = r.value.status.address;
+    }
+    const waitMs = (await this.settings.int('replica-replenishment-wait-seconds')) * 1000;
+    let againMs: number | null = null;
+    const returning: Obj<ReplicaValue>[] = [];
+    for (const r of failed) {
+      const decision = this.deltaDecision(r, e, waitMs, now);
+      if (decision.holds) {
+        if (decision.engineAt !== null) desired[r.name] = decision.engineAt;
+        returning.push(r);
+        if (decision.wakeInMs !== null) againMs = Math.min(againMs ?? decision.wakeInMs, decision.wakeInMs);
+        if (decision.attempt) {
+          await this.event(volume.name, 'Normal', 'ReplicaReturning', `replica ${r.name} is back at ${decision.engineAt}: asking the engine for a delta rebuild of ${r.name} (attempt ${this.deltaState.get(r.name)!.attempts} of ${MAX_DELTA_ATTEMPTS})`, Kind.Replica, r.name);
+        }
+      } else {
+        // Out for good: its process stops (it is deleted once the volume is whole again).
+        if (r.value.spec.desireState !== 'stopped') {
+          await this.objects.mutate(Kind.Replica, r.name, (x) => {
+            x.spec.desireState = 'stopped';
+          });
+        }
+        if (decision.gaveUp !== null) await this.event(volume.name, 'Warning', 'ReplicaReplacing', `replica ${r.name} ${decision.gaveUp}: a new replica replaces it`, Kind.Replica, r.name);
+      }
     }
     let sizeBytes = e.spec.sizeBytes;
     if (v.spec.sizeBytes > e.spec.sizeBytes) sizeBytes = v.spec.sizeBytes;
@@ -455,16 +660,21 @@ export class VolumeController {
 
     // Replenish: new replicas for the missing ones (not while faulted: nothing to copy from, nor
     // while an expansion is under way: a new replica must have the size the engine serves).
+    // A failed replica that may still come back by delta holds its place until it is given up.
     let message: string | null = null;
     const backoff = this.replacementBackoff.get(volume.name);
-    const waitMs = backoff === undefined ? 0 : backoff.notBeforeMs - Date.now();
-    if (robustness !== 'faulted' && active.length < wanted && e.status.sizeBytes === e.spec.sizeBytes && sizeBytes === e.spec.sizeBytes) {
-      if (waitMs > 0) {
-        message = `${backoff!.failures} replacement replica(s) failed before serving; the next one in ${Math.ceil(waitMs / 1000)} s`;
+    const backoffMs = backoff === undefined ? 0 : backoff.notBeforeMs - Date.now();
+    const missing = wanted - active.length - returning.length;
+    if (robustness !== 'faulted' && missing > 0 && e.status.sizeBytes === e.spec.sizeBytes && sizeBytes === e.spec.sizeBytes) {
+      if (backoffMs > 0) {
+        message = `${backoff!.failures} replacement replica(s) failed before serving; the next one in ${Math.ceil(backoffMs / 1000)} s`;
       } else {
-        const added = await this.addReplicas(volume, active, wanted - active.length, e.status.sizeBytes, 'running');
-        if (added < wanted - active.length) message = this.lastPlacementProblem.get(volume.name) ?? null;
+        const added = await this.addReplicas(volume, active, missing, e.status.sizeBytes, 'running');
+        if (added < missing) message = this.lastPlacementProblem.get(volume.name) ?? null;
       }
+    }
+    if (message === null && returning.length > 0 && robustness !== 'healthy') {
+      message = `waiting for failed replica(s) ${returning.map((r) => r.name).join(', ')} to come back for a delta rebuild`;
     }
     for (const r of active) {
       if (r.value.spec.desireState !== 'running') {
@@ -479,21 +689,42 @@ export class VolumeController {
     for (const r of failed) {
       if (r.value.spec.healthyAt !== null) continue;
       await this.requestReplicaDeletion(r.name);
+      this.deltaState.delete(r.name);
       const prev = this.replacementBackoff.get(volume.name)?.failures ?? 0;
       const delayMs = Math.min(REPLACEMENT_BACKOFF_MAX_MS, REPLACEMENT_BACKOFF_MIN_MS * 2 ** Math.min(prev, 16));
       this.replacementBackoff.set(volume.name, { failures: prev + 1, notBeforeMs: Date.now() + delayMs });
       await this.event(volume.name, 'Warning', 'ReplicaRemoved', `replica ${r.name} failed before it served and was removed; the next replacement in ${Math.round(delayMs / 1000)} s`, Kind.Replica, r.name);
     }
     if (robustness === 'healthy') this.replacementBackoff.delete(volume.name);
+    if (robustness !== 'faulted') this.salvageBackoff.delete(volume.name);
     // The failed replicas go once the volume is whole again.
     if (robustness === 'healthy') {
       for (const r of failed) {
         if (r.value.spec.healthyAt === null) continue; // removed above
         await this.requestReplicaDeletion(r.name);
+        this.deltaState.delete(r.name);
         await this.event(volume.name, 'Normal', 'ReplicaRemoved', `failed replica ${r.name} removed`, Kind.Replica, r.name);
       }
     }
-    if (e.status.faulted) message = `faulted: ${e.status.faultedReason}`;
+
+    // What the engine found and did at start-up, and a salvage it completes.
+    await this.noteEngineReports(volume, engine);
+    if ((v.status.salvage ?? null) !== null && v.status.salvage!.epoch === e.spec.epoch) {
+      if (robustness === 'faulted') {
+        await this.endSalvage(volume, `did not bring it back: still faulted${e.status.faultedReason !== null ? ` (${e.status.faultedReason})` : ''}`, true);
+      } else {
+        await this.endSalvage(volume, `brought it back: ${salvageOutcome(e, rw, wanted)}`, false);
+      }
+    }
+    let salvageStarted = false;
+    if (robustness === 'faulted') {
+      message = `faulted: ${e.status.faultedReason ?? 'no replica in service'}`;
+      if (e.status.faulted || Object.keys(e.status.replicas).length > 0) {
+        const auto = await this.autoSalvage(volume);
+        salvageStarted = auto.started;
+        if (auto.message !== null) message = `${message}; ${auto.message}`;
+      }
+    }
 
     const wasState = v.status.state;
     const wasRobustness = v.status.robustness;
@@ -510,7 +741,91 @@ export class VolumeController {
       await this.event(volume.name, robustness === 'healthy' ? 'Normal' : 'Warning', robustness === 'healthy' ? 'Healthy' : robustness === 'degraded' ? 'Degraded' : 'Faulted',
         `volume ${volume.name} is ${robustness} (${rw} of ${wanted} replicas in service${rebuilding ? ', rebuilding' : ''})`);
     }
+    if (salvageStarted) return 0;
     if (e.spec.frontend && e.status.endpoint === null) return WAIT_MS;
-    return robustness === 'healthy' ? RESYNC_MS : 1000;
+    const baseMs = robustness === 'healthy' ? RESYNC_MS : 1000;
+    return againMs === null ? baseMs : Math.max(50, Math.min(baseMs, againMs));
   }
+
+  /**
+   * What to do with a failed replica that served before: hold its place (no new replica yet) and
+   * keep it in the engine's set at the address the engine has; or, when its process is back on a
+   * new address, put it in the set at that address, which makes the agent ask the engine to add
+   * it again (a delta rebuild); or give it up (then a new replica replaces it).
+   */
+  private deltaDecision(r: Obj<ReplicaValue>, e: EngineValue, waitMs: number, nowMs: number): DeltaDecision {
+    const st = this.deltaState.get(r.name) ?? { address: null, attempts: 0, refused: false, givenUp: false };
+    this.deltaState.set(r.name, st);
+    const none: DeltaDecision = { holds: false, engineAt: null, attempt: false, wakeInMs: null, gaveUp: null };
+    if (r.value.spec.healthyAt === null || st.givenUp) return none;
+    if (waitMs === 0 && st.attempts === 0) {
+      // No waiting for failed replicas: replaced at once (ReplicaFailed said so).
+      st.givenUp = true;
+      return none;
+    }
+    const giveUp = (why: string): DeltaDecision => {
+      st.givenUp = true;
+      return { ...none, gaveUp: why };
+    };
+    if (st.refused) return giveUp('cannot be rebuilt by delta');
+    const inEngineAt = e.spec.replicas[r.name] ?? null;
+    // A delta rebuild under way runs to its end, wait or not.
+    if (inEngineAt !== null && st.address === inEngineAt && e.status.replicas[r.name]?.mode === 'WO') return { ...none, holds: true, engineAt: inEngineAt };
+    const leftMs = Date.parse(r.value.spec.failedAt!) + waitMs - nowMs;
+    if (leftMs <= 0) return giveUp(st.attempts > 0 ? `was not rebuilt by delta within ${waitMs / 1000} s` : `did not come back within ${waitMs / 1000} s`);
+    const address = r.value.status.state === 'running' && r.value.spec.desireState === 'running' ? r.value.status.address : null;
+    if (address !== null && address !== inEngineAt && st.address !== address) {
+      if (st.attempts >= MAX_DELTA_ATTEMPTS) return giveUp(`failed again after ${st.attempts} delta rebuild attempt(s)`);
+      st.attempts++;
+      st.address = address;
+      return { holds: true, engineAt: address, attempt: true, wakeInMs: leftMs, gaveUp: null };
+    }
+    return { ...none, holds: true, engineAt: inEngineAt, wakeInMs: leftMs };
+  }
+
+  /** Copies the engine's recovery and verify reports into the volume's status, with an event for a recovery that did work. */
+  private async noteEngineReports(volume: Obj<VolumeValue>, engine: Obj<EngineValue>): Promise<void> {
+    const recovery = engine.value.status.recovery ?? null;
+    const known = volume.value.status.lastRecovery ?? null;
+    if (recovery !== null && (known === null || known.at !== recovery.at)) {
+      await this.setStatus(volume.name, (s) => {
+        s.lastRecovery = recovery;
+      });
+      if (recoveryDidWork(recovery)) {
+        await this.event(volume.name, recovery.erredReplicas.length > 0 ? 'Warning' : 'Normal', 'Recovery', `engine of volume ${volume.name} (epoch ${engine.value.spec.epoch}) recovered: ${describeRecovery(recovery)}`, Kind.Engine, engine.name);
+      }
+    }
+    const verify = engine.value.status.lastVerify ?? null;
+    const lastVerify = volume.value.status.lastVerify ?? null;
+    if (verify !== null && (lastVerify === null || verify.at > lastVerify.at)) {
+      await this.setStatus(volume.name, (s) => {
+        s.lastVerify = verify;
+      });
+    }
+  }
+}
+
+function recoveryDidWork(r: RecoveryView): boolean {
+  return r.regions > 0 || r.deltaReplicas.length > 0 || r.erredReplicas.length > 0;
+}
+
+export function describeRecovery(r: RecoveryView): string {
+  const parts = [
+    r.clean ? 'clean shutdown' : 'unclean shutdown',
+    `${r.regions} region(s) (${r.bytes} bytes) resynced${r.source !== null ? ` from ${r.source}` : ''} in ${r.durationMs} ms`,
+  ];
+  if (r.deltaReplicas.length > 0) parts.push(`delta rebuild of ${r.deltaReplicas.join(', ')}`);
+  if (r.erredReplicas.length > 0) parts.push(`out (to be replaced): ${r.erredReplicas.join(', ')}`);
+  return parts.join('; ');
+}
+
+function salvageOutcome(e: EngineValue, rw: number, wanted: number): string {
+  const inService = Object.entries(e.status.replicas).filter(([, s]) => s.mode === 'RW').map(([name]) => name);
+  const out = Object.entries(e.status.replicas).filter(([, s]) => s.mode === 'ERR').map(([name]) => name);
+  const recovery = e.status.recovery ?? null;
+  const parts = [`${rw} of ${wanted} replica(s) in service (${inService.join(', ')})`];
+  if (recovery !== null) parts.push(`source ${recovery.source ?? 'none'}`, `${recovery.regions} region(s) resynced`);
+  if (recovery !== null && recovery.deltaReplicas.length > 0) parts.push(`delta rebuild of ${recovery.deltaReplicas.join(', ')}`);
+  if (out.length > 0) parts.push(`out, to be replaced: ${out.join(', ')}`);
+  return parts.join('; ');
 }

@@ -28,5 +28,37 @@ export interface BlockBackend {
   expand?(sizeBytes: number): Promise<unknown>;
   setRevision?(revision: number): Promise<unknown>;
   setRebuilding?(rebuilding: boolean): Promise<unknown>;
+
+  // ---- write-intent log (replicas; a backend without these answers UNSUPPORTED) ---------------
+  /**
+   * FLUSH bookkeeping, called synchronously when the FLUSH arrives (before anything is awaited,
+   * so that it is ordered with the writes of the same connection): `seq` = the engine's flush
+   * number (0: unnumbered), `confirmed` = every FLUSH <= it completed on every replica.
+   */
+  flushArrived?(seq: number, confirmed: number): void;
+  /** A new engine opened the replica (OPEN, after its epoch was adopted). */
+  engineOpened?(): void;
+  intentGet?(): IntentSummary;
+  /** Synchronous at arrival (ordered with FLUSH); the promise resolves once it is durable. */
+  missedStart?(key: string): Promise<void>;
+  /** The regions of key's missed-write map; throws NOT_FOUND when there is none. */
+  missedGet?(key: string): number[];
+  missedDrop?(key: string): Promise<void>;
+  /** Adds regions to key's map, or marks it invalid (a rebuild hands the source's maps over). */
+  missedMerge?(key: string, regions: number[], invalid: boolean): Promise<void>;
+  missedPrune?(keep: string[]): Promise<void>;
+  /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */
+  regionHash?(offset: number, length: number): Promise<Buffer>;
+}
+
+export interface IntentSummary {
+  regionBytes: number;
+  /** In-memory active regions (pinned ones included), ascending. */
+  active: number[];
+  pinned: number[];
+  /** Missed-write map key -> number of regions. */
+  missed: Record<string, number>;
+  /** Keys whose maps a snapshot create/delete/revert invalidated: those replicas need a full rebuild. */
+  invalidMissed: string[];
 }
 

@@ -17,10 +17,12 @@ import {
   RESPONSE_MAGIC,
   MAX_IO_BYTES,
   encodeRequestHeader,
+  encodeFlushConfirmed,
   decodeExtents,
   type WireExtent,
 } from './frames.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
+import type { IntentSummary } from './backend.ts';
 import type { FaultRule } from '../replica/faulty-disk.ts';
 
 export interface ReplicaClientOptions {
@@ -180,8 +182,12 @@ export class ReplicaClient {
   async writeZeroes(offset: number, length: number): Promise<void> {
     await this.request(Op.WRITE_ZEROES, 0, offset, length);
   }
-  async flush(): Promise<void> {
-    await this.request(Op.FLUSH, 0, 0, 0);
+  /**
+   * `seq`: the engine's flush number (0: unnumbered); `confirmed`: every FLUSH numbered <= it
+   * has completed on every replica (the replica's write-intent log lets regions go on it).
+   */
+  async flush(seq = 0, confirmed = 0): Promise<void> {
+    await this.request(Op.FLUSH, 0, seq, 0, confirmed === 0 ? EMPTY : encodeFlushConfirmed(confirmed));
   }
   async blockStatus(offset: number, length: number): Promise<WireExtent[]> {
     return decodeExtents(await this.request(Op.BLOCK_STATUS, 0, offset, length));
@@ -219,6 +225,39 @@ export class ReplicaClient {
   /** Marks (or clears) the replica as being rebuilt, durably. */
   async setRebuilding(rebuilding: boolean): Promise<ReplicaInfo> {
     return JSON.parse((await this.request(Op.SET_REBUILDING, 0, rebuilding ? 1 : 0, 0)).toString('utf8'));
+  }
+  async intentGet(): Promise<IntentSummary> {
+    return JSON.parse((await this.request(Op.INTENT_GET, 0, 0, 0)).toString('utf8'));
+  }
+  /** Starts (or extends) the missed-write map of replica `key`; resolves once it is durable. */
+  async missedStart(key: string): Promise<void> {
+    await this.request(Op.MISSED_START, 0, 0, 0, Buffer.from(key));
+  }
+  /** The regions written since MISSED_START(key); NOT_FOUND when there is no such map. */
+  async missedGet(key: string): Promise<number[]> {
+    return (JSON.parse((await this.request(Op.MISSED_GET, 0, 0, 0, Buffer.from(key))).toString('utf8')) as { regions: number[] }).regions;
+  }
+  /** Adds regions to key's missed-write map, or (invalid) marks it invalid. */
+  async missedMerge(key: string, regions: number[], invalid = false): Promise<void> {
+    await this.request(Op.MISSED_MERGE, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions, invalid })));
+  }
+  async missedDrop(key: string): Promise<void> {
+    await this.request(Op.MISSED_DROP, 0, 0, 0, Buffer.from(key));
+  }
+  /** Drops every missed-write map whose key is not in `keep`. */
+  async missedPrune(keep: string[]): Promise<void> {
+    await this.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from(JSON.stringify(keep)));
+  }
+  /** SHA-256 of the live volume's bytes in the range (at most MAX_IO_BYTES). */
+  async regionHash(offset: number, length: number): Promise<Buffer> {
+    return this.request(Op.REGION_HASH, 0, offset, length);
+  }
+  /**
+   * Tests only, replica started with `--disk-mode power-loss`: loses a seeded part of the
+   * unsynced writes and kills the replica process (exit 137); the request never gets a reply.
+   */
+  powerFail(seed: number, mode: 'drop' | 'tear'): void {
+    this.send(Op.FAULT_INJECT, 0, 0, 0, Buffer.from(JSON.stringify({ powerLoss: { seed, mode } })), () => {});
   }
   /** Tests only: the replica must run with fault injection enabled. */
   async injectFaults(spec: { clear?: boolean; rules?: FaultRule[] }): Promise<void> {

@@ -43,10 +43,40 @@ export const Op = {
   SET_REVISION: 16,
   /** Mark (offset 1) or clear (offset 0) the replica as being rebuilt, durably. */
   SET_REBUILDING: 17,
+  /** The write-intent log: JSON {regionBytes, active, pinned, missed: {key: count}}. */
+  INTENT_GET: 18,
+  /** Start (or extend) the missed-write map of replica key = payload (utf8). */
+  MISSED_START: 19,
+  /** Payload key -> JSON {regions: number[]}, or NOT_FOUND. */
+  MISSED_GET: 20,
+  /** Drop the missed-write map of key = payload. */
+  MISSED_DROP: 21,
+  /** Payload JSON string[]: drop every missed-write map whose key is not listed. */
+  MISSED_PRUNE: 22,
+  /** SHA-256 (32 bytes) of the live volume's bytes at offset/length (length <= MAX_IO_BYTES). */
+  REGION_HASH: 23,
+  /** Payload JSON {key, regions: number[], invalid?: boolean}: add to (or invalidate) a missed-write map. */
+  MISSED_MERGE: 24,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
 export const OpName: Record<number, string> = Object.fromEntries(Object.entries(Op).map(([k, v]) => [v, k]));
+
+/**
+ * FLUSH carries the engine's flush sequence number in `offset` (0: unnumbered) and, optionally,
+ * an 8-byte payload (u64) `confirmed`: every FLUSH numbered <= confirmed has completed on every
+ * replica of the write set. The write-intent log uses both (src/replica/intent-log.ts).
+ */
+export const FLUSH_CONFIRMED_BYTES = 8;
+
+export function encodeFlushConfirmed(confirmed: number): Buffer {
+  const buf = Buffer.allocUnsafe(FLUSH_CONFIRMED_BYTES);
+  writeU64(buf, confirmed, 0);
+  return buf;
+}
+
+/** Replica keys of missed-write maps (the manager's replica names, or host:port). */
+export const MISSED_KEY = /^[A-Za-z0-9._:@=-]{1,200}$/;
 
 export const RequestFlag = {
   /** Write: durable before the reply. */

@@ -23,16 +23,25 @@ import {
   encodeResponseHeader,
   encodeExtents,
   maxPayloadFor,
+  readU64,
+  FLUSH_CONFIRMED_BYTES,
+  MISSED_KEY,
   type RequestHeader,
 } from './frames.ts';
 import { encodeHello, checkAuth, newNonce, AUTH_BYTES } from './auth.ts';
 import type { FaultyDisk, FaultRule } from '../replica/faulty-disk.ts';
 import type { BlockBackend } from './backend.ts';
+import type { PowerLossMode } from '../replica/power-loss-disk.ts';
 
 export interface DataServerOptions {
   secret: Buffer;
   /** When set, FAULT_INJECT requests add rules to this disk (tests only). */
   faultDisk?: FaultyDisk;
+  /**
+   * When set, FAULT_INJECT {"powerLoss": {seed, mode}} calls it (tests only): it simulates a
+   * power failure and ends the process, so it does not return.
+   */
+  powerLoss?: (seed: number, mode: PowerLossMode) => void;
   handshakeTimeoutMs?: number;
   maxInflightPerConnection?: number;
   log?: (event: Record<string, unknown>) => void;
@@ -42,7 +51,7 @@ const EMPTY = Buffer.alloc(0);
 
 export class DataServer {
   private readonly backend: BlockBackend;
-  private readonly options: Required<Omit<DataServerOptions, 'faultDisk'>> & { faultDisk?: FaultyDisk };
+  private readonly options: Required<Omit<DataServerOptions, 'faultDisk' | 'powerLoss'>> & Pick<DataServerOptions, 'faultDisk' | 'powerLoss'>;
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   private inflight = 0;
@@ -259,8 +268,11 @@ class Connection {
         return json(replica.info());
       case Op.OPEN:
         await replica.checkEpoch(h.epoch);
+        replica.engineOpened?.();
         return json(replica.info());
     }
+    // Everything up to the first await below runs at arrival, in request order: FLUSH bookkeeping
+    // and MISSED_START rely on it (they must be ordered with the writes of this connection).
     if (h.epoch !== replica.epoch) await replica.checkEpoch(h.epoch);
     switch (h.op) {
       case Op.READ: {
@@ -282,9 +294,51 @@ class Connection {
         await replica.zero(h.offset, h.length);
         if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
         return EMPTY;
-      case Op.FLUSH:
+      case Op.FLUSH: {
+        if (payload.length !== 0 && payload.length !== FLUSH_CONFIRMED_BYTES) {
+          throw invalid(`FLUSH payload must be empty or ${FLUSH_CONFIRMED_BYTES} bytes, got ${payload.length}`);
+        }
+        const confirmed = payload.length === 0 ? 0 : readU64(payload, 0);
+        if (!Number.isSafeInteger(h.offset) || !Number.isSafeInteger(confirmed)) throw invalid('FLUSH sequence numbers out of range');
+        replica.flushArrived?.(h.offset, confirmed);
         await replica.flush();
         return EMPTY;
+      }
+      case Op.INTENT_GET:
+        if (replica.intentGet === undefined) throw unsupported(h.op);
+        return json(replica.intentGet());
+      case Op.MISSED_START:
+        if (replica.missedStart === undefined) throw unsupported(h.op);
+        await replica.missedStart(missedKey(payload));
+        return EMPTY;
+      case Op.MISSED_GET:
+        if (replica.missedGet === undefined) throw unsupported(h.op);
+        return json({ regions: replica.missedGet(missedKey(payload)) });
+      case Op.MISSED_DROP:
+        if (replica.missedDrop === undefined) throw unsupported(h.op);
+        await replica.missedDrop(missedKey(payload));
+        return EMPTY;
+      case Op.MISSED_MERGE: {
+        if (replica.missedMerge === undefined) throw unsupported(h.op);
+        const arg = jsonArg(payload) as { key?: unknown; regions?: unknown; invalid?: unknown };
+        if (typeof arg !== 'object' || arg === null) throw invalid('MISSED_MERGE takes a JSON object {key, regions, invalid}');
+        const regions = arg.regions ?? [];
+        if (!Array.isArray(regions) || !regions.every((r) => Number.isSafeInteger(r) && r >= 0)) throw invalid('MISSED_MERGE regions must be whole numbers >= 0');
+        if (arg.invalid !== undefined && typeof arg.invalid !== 'boolean') throw invalid('MISSED_MERGE invalid must be a boolean');
+        await replica.missedMerge(checkMissedKey(arg.key), regions as number[], arg.invalid === true);
+        return EMPTY;
+      }
+      case Op.MISSED_PRUNE: {
+        if (replica.missedPrune === undefined) throw unsupported(h.op);
+        const keep = jsonArg(payload);
+        if (!Array.isArray(keep)) throw invalid('MISSED_PRUNE takes a JSON array of replica keys');
+        await replica.missedPrune(keep.map((k) => checkMissedKey(k)));
+        return EMPTY;
+      }
+      case Op.REGION_HASH:
+        if (replica.regionHash === undefined) throw unsupported(h.op);
+        if (h.length > MAX_IO_BYTES) throw invalid(`REGION_HASH of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
+        return replica.regionHash(h.offset, h.length);
       case Op.BLOCK_STATUS:
         return encodeExtents(await replica.blockStatus(h.offset, h.length));
       case Op.SNAPSHOT_CREATE:
@@ -308,9 +362,20 @@ class Connection {
         if (h.offset !== 0 && h.offset !== 1) throw invalid(`SET_REBUILDING takes 0 or 1, got ${h.offset}`);
         return json(await replica.setRebuilding(h.offset === 1));
       case Op.FAULT_INJECT: {
+        const spec = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[]; powerLoss?: { seed?: unknown; mode?: unknown } };
+        if (typeof spec !== 'object' || spec === null) throw invalid('FAULT_INJECT takes a JSON object');
+        if (spec.powerLoss !== undefined) {
+          const powerLoss = this.owner.opts.powerLoss;
+          if (powerLoss === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'power-loss simulation is not enabled on this replica');
+          const { seed, mode } = spec.powerLoss ?? {};
+          if (!Number.isSafeInteger(seed)) throw invalid('powerLoss.seed must be an integer');
+          if (mode !== 'drop' && mode !== 'tear') throw invalid('powerLoss.mode must be "drop" or "tear"');
+          powerLoss(seed as number, mode);
+          return EMPTY;
+        }
         const disk = this.owner.opts.faultDisk;
         if (disk === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'fault injection is not enabled on this replica');
-        const rules = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[] };
+        const rules = spec;
         if (rules.clear === true) disk.clearRules();
         for (const rule of rules.rules ?? []) disk.addRule(validateRule(rule));
         return EMPTY;
@@ -343,6 +408,21 @@ function jsonArg(payload: Buffer): unknown {
   } catch {
     throw invalid('control payload is not JSON');
   }
+}
+
+function unsupported(op: number): ZebuError {
+  return new ZebuError(ErrorCode.UNSUPPORTED, `${OpName[op]} is not served here`);
+}
+
+function checkMissedKey(key: unknown): string {
+  if (typeof key !== 'string' || !MISSED_KEY.test(key)) {
+    throw invalid(`replica key must be 1-200 characters of [A-Za-z0-9._:@=-], got ${JSON.stringify(key)?.slice(0, 220)}`);
+  }
+  return key;
+}
+
+function missedKey(payload: Buffer): string {
+  return checkMissedKey(payload.toString('utf8'));
 }
 
 function validateRule(rule: unknown): FaultRule {

@@ -23,6 +23,8 @@ export interface JournalCounters {
   revision: number;
   flushedRevision: number;
   clean: boolean;
+  /** The epoch when a record last advanced flushedRevision (absent in old records: 0). */
+  writeEpoch: number;
 }
 
 export interface JournalPage {
@@ -42,6 +44,7 @@ export function encodeRecord(record: JournalRecord): Buffer {
       revision: record.revision,
       flushedRevision: record.flushedRevision,
       clean: record.clean,
+      writeEpoch: record.writeEpoch,
       pages: record.pages.map((p) => [p.layerId, p.pageIndex]),
     }),
   );
@@ -81,6 +84,7 @@ export function decodeRecord(buf: Buffer): JournalRecord | null {
     revision: number;
     flushedRevision: number;
     clean: boolean;
+    writeEpoch?: number;
     pages: [string, number][];
   };
   let at = 4 + headLength;
@@ -90,5 +94,5 @@ export function decodeRecord(buf: Buffer): JournalRecord | null {
     at += MAP_PAGE_BYTES;
   }
   assert(at === body.length, 'journal record length');
-  return { seq, revision: head.revision, flushedRevision: head.flushedRevision, clean: head.clean, pages };
+  return { seq, revision: head.revision, flushedRevision: head.flushedRevision, clean: head.clean, writeEpoch: head.writeEpoch ?? 0, pages };
 }

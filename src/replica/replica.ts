@@ -15,6 +15,7 @@
  *   the counters and map pages; files replica.json does not name are garbage and removed.
  */
 import path from 'node:path';
+import { createHash } from 'node:crypto';
 import { ZebuError, ErrorCode, invalid, assert, toZebuError } from '../errors.ts';
 import { BlockMap, BlockState, BLOCK_SIZE, BLOCK_SHIFT, MAP_PAGE_BYTES } from './block-map.ts';
 import type { Disk, DiskFile } from './disk.ts';
@@ -34,6 +35,8 @@ import {
   type ReplicaMeta,
 } from './meta.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
+import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
+import type { IntentSummary } from '../protocol/backend.ts';
 
 export interface ReplicaCreateOptions {
   sizeBytes: number;
@@ -45,6 +48,11 @@ export interface ReplicaCreateOptions {
 
 export interface ReplicaOpenOptions {
   disk?: Disk;
+  /**
+   * The write-intent log (default true). false = no log at all: ONLY for a benchmark baseline
+   * (after an unclean stop nobody knows where replicas may differ).
+   */
+  intentLog?: boolean;
 }
 
 export interface Extent {
@@ -81,6 +89,14 @@ export interface ReplicaInfo {
   hasBase: boolean;
   /** Being rebuilt (or a rebuild stopped midway): its data is incomplete. */
   rebuilding: boolean;
+  /** Size of the in-memory write-intent active set (regions). */
+  activeRegions: number;
+  intentRegionBytes: number;
+  /**
+   * The epoch when a journal record last advanced flushedRevision, or when an engine declared the
+   * replica in sync (SET_REVISION): 0 for never, or an old replica. Start-up compares it first.
+   */
+  writeEpoch: number;
 }
 
 interface Layer {
@@ -125,6 +141,9 @@ export class Replica {
   private flushedRevision = 0;
   private journalSeq = 0;
   private previousCleanShutdown = false;
+  private writeEpoch = 0;
+  /** null: opened with intentLog false (benchmark baseline). */
+  private intent: IntentLog | null = null;
 
   private pending: PendingChange[] = [];
   private dirtyData = new Set<Layer>();
@@ -153,7 +172,7 @@ export class Replica {
   }
 
   /** Creates a new replica in an empty (or missing) directory. */
-  static async create(dir: string, options: ReplicaCreateOptions): Promise<Replica> {
+  static async create(dir: string, options: ReplicaCreateOptions & Pick<ReplicaOpenOptions, 'intentLog'>): Promise<Replica> {
     const disk = options.disk ?? new NodeDisk();
     validateSizeBytes(options.sizeBytes);
     const maxLayers = options.maxLayers ?? DEFAULT_MAX_LAYERS;
@@ -190,10 +209,10 @@ export class Replica {
     // a complete replica.
     await disk.writeFileAtomic(
       path.join(dir, JOURNAL_SLOTS[1]),
-      encodeRecord({ seq: 1, revision: 0, flushedRevision: 0, clean: true, pages: [] }),
+      encodeRecord({ seq: 1, revision: 0, flushedRevision: 0, clean: true, writeEpoch: 0, pages: [] }),
     );
     await disk.writeFileAtomic(path.join(dir, META_FILE), encodeMeta(meta));
-    return Replica.open(dir, { disk });
+    return Replica.open(dir, { disk, intentLog: options.intentLog });
   }
 
   /**
@@ -239,7 +258,7 @@ export class Replica {
     const meta = decodeMeta(await disk.readFile(metaPath), metaPath);
     const replica = new Replica(dir, disk, meta);
     try {
-      await replica.load();
+      await replica.load(options.intentLog ?? true);
     } catch (err) {
       await replica.closeFiles();
       throw err;
@@ -247,7 +266,7 @@ export class Replica {
     return replica;
   }
 
-  private async load(): Promise<void> {
+  private async load(withIntentLog: boolean): Promise<void> {
     for (const lm of this.meta.layers) {
       const layer = await this.openLayer(lm);
       this.layers.set(lm.id, layer);
@@ -279,9 +298,15 @@ export class Replica {
     this.revision = best.revision;
     this.flushedRevision = best.flushedRevision;
     this.previousCleanShutdown = best.clean;
+    this.writeEpoch = best.writeEpoch;
     // From here on the replica may hold unflushed state: record that it is not clean.
     await this.writeJournal([], false);
     await this.removeGarbage();
+    if (withIntentLog) {
+      this.intent = await IntentLog.open(this.dir, this.disk, (err) => {
+        this.failure ??= new ZebuError(err.code, `${err.message}; replica refuses further I/O until reopened`, { cause: err });
+      });
+    }
   }
 
   private async openLayer(lm: LayerMeta): Promise<Layer> {
@@ -311,7 +336,7 @@ export class Replica {
   }
 
   private async removeGarbage(): Promise<void> {
-    const keep = new Set<string>([META_FILE, ...JOURNAL_SLOTS]);
+    const keep = new Set<string>([META_FILE, ...JOURNAL_SLOTS, ...INTENT_SLOTS]);
     for (const lm of this.meta.layers) {
       if (lm.kind === 'base') continue;
       keep.add(`${lm.id}.data`);
@@ -484,15 +509,25 @@ export class Replica {
     if (length === 0) return;
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
-    const entry = await this.lock.acquireAsync(first, end, false);
+    const intent = this.intent;
+    // Regions already active (the common case) cost no promise here.
+    const activation = intent === null ? null : intent.enter(offset, length);
+    let ok = false;
     try {
-      this.checkUsable();
-      await this.writeLocked(offset, data, dataOffset, length);
-      this.revision++;
+      if (activation !== null) await activation;
+      const entry = await this.lock.acquireAsync(first, end, false);
+      try {
+        this.checkUsable();
+        await this.writeLocked(offset, data, dataOffset, length);
+        this.revision++;
+        ok = true;
+      } finally {
+        this.lock.release(entry);
+      }
     } catch (err) {
       throw toZebuError(err);
     } finally {
-      this.lock.release(entry);
+      intent?.exit(offset, length, ok);
     }
   }
 
@@ -535,8 +570,13 @@ export class Replica {
     if (length === 0) return;
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
-    const entry = await this.lock.acquireAsync(first, end, false);
+    const intent = this.intent;
+    const activation = intent === null ? null : intent.enter(offset, length);
+    let ok = false;
+    let entry: RangeLockEntry | null = null;
     try {
+      if (activation !== null) await activation;
+      entry = await this.lock.acquireAsync(first, end, false);
       this.checkUsable();
       const fullFirst = Math.ceil(offset / BLOCK_SIZE);
       const fullEnd = Math.floor((offset + length) / BLOCK_SIZE);
@@ -553,10 +593,12 @@ export class Replica {
         }
       }
       this.revision++;
+      ok = true;
     } catch (err) {
       throw toZebuError(err);
     } finally {
-      this.lock.release(entry);
+      if (entry !== null) this.lock.release(entry);
+      intent?.exit(offset, length, ok);
     }
   }
 
@@ -654,11 +696,12 @@ export class Replica {
   }
 
   /** Commits a journal record (see journal.ts for the order of steps). */
-  private async writeJournal(pages: JournalPage[], clean: boolean, flushedRevision = this.flushedRevision): Promise<void> {
+  private async writeJournal(pages: JournalPage[], clean: boolean, flushedRevision = this.flushedRevision, epochInSync?: number): Promise<void> {
     for (const file of this.unsyncedMapFiles) await file.datasync();
     this.unsyncedMapFiles.clear();
     const seq = this.journalSeq + 1;
-    const record = encodeRecord({ seq, revision: flushedRevision, flushedRevision, clean, pages });
+    const writeEpoch = epochInSync ?? (flushedRevision !== this.flushedRevision ? this.meta.epoch : this.writeEpoch);
+    const record = encodeRecord({ seq, revision: flushedRevision, flushedRevision, clean, writeEpoch, pages });
     const slotPath = path.join(this.dir, JOURNAL_SLOTS[seq % 2]);
     const slot = await this.disk.open(slotPath, (await this.disk.exists(slotPath)) ? 'readwrite' : 'create');
     try {
@@ -669,6 +712,7 @@ export class Replica {
     }
     this.journalSeq = seq;
     this.flushedRevision = flushedRevision;
+    this.writeEpoch = writeEpoch;
   }
 
   // ---- layer tree ---------------------------------------------------------------------------
@@ -735,7 +779,8 @@ export class Replica {
     // The caller (a rebuild) has quiesced the volume: no write races this.
     await this.flush();
     this.revision = revision;
-    await this.writeJournal([], false, revision);
+    // The engine says: in sync as of this epoch (start-up compares writeEpoch first).
+    await this.writeJournal([], false, revision, this.meta.epoch);
     return this.info();
   }
 
@@ -748,6 +793,8 @@ export class Replica {
       if (this.meta.layers.length >= this.meta.maxLayers) {
         throw new ZebuError(ErrorCode.ENOSPC, `replica has ${this.meta.layers.length} layers, the maximum is ${this.meta.maxLayers}; delete snapshots first`);
       }
+      // Maps go (durably) before the tree changes: a crash between leaves no map for a changed chain.
+      await this.intent?.invalidateAllMissed();
       return this.withAllBlocks(async () => {
         await this.flush();
         const newId = layerIdFor(this.meta.nextLayerId);
@@ -813,6 +860,7 @@ export class Replica {
     return this.serialTreeOp(async () => {
       this.checkUsable();
       const victim = this.findSnapshot(name);
+      await this.intent?.invalidateAllMissed();
       const children = [...this.layers.values()].filter((l) => l.meta.parent === victim.meta.id);
       for (const child of children) await this.mergeInto(victim, child);
       await this.flush();
@@ -880,6 +928,7 @@ export class Replica {
     return this.serialTreeOp(async () => {
       this.checkUsable();
       const target = this.findSnapshot(name);
+      await this.intent?.invalidateAllMissed();
       await this.withAllBlocks(async () => {
         const oldHead = this.head;
         const newId = layerIdFor(this.meta.nextLayerId);
@@ -921,7 +970,79 @@ export class Replica {
       maxLayers: this.meta.maxLayers,
       hasBase: this.meta.layers.some((l) => l.kind === 'base'),
       rebuilding: this.meta.rebuilding === true,
+      activeRegions: this.intent?.activeCount ?? 0,
+      intentRegionBytes: INTENT_REGION_BYTES,
+      writeEpoch: this.writeEpoch,
     };
+  }
+
+  // ---- write-intent log (see intent-log.ts) ---------------------------------------------------
+
+  /** FLUSH bookkeeping at its arrival, before flush() (the data server calls both in order). */
+  flushArrived(seq: number, confirmed: number): void {
+    this.intent?.flushArrived(seq, confirmed);
+  }
+
+  /** A new engine opened the replica (OPEN). */
+  engineOpened(): void {
+    this.intent?.engineOpened();
+  }
+
+  /** Without a log (benchmark baseline) the log reads empty and holds no missed-write maps. */
+  intentGet(): IntentSummary {
+    this.checkUsable();
+    return this.intent?.summary() ?? { regionBytes: INTENT_REGION_BYTES, active: [], pinned: [], missed: {}, invalidMissed: [] };
+  }
+
+  /** Synchronous in memory at the call (ordered with FLUSH); resolves once durable. */
+  missedStart(key: string): Promise<void> {
+    try {
+      this.checkUsable();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.intent?.missedStart(key) ?? Promise.resolve();
+  }
+
+  /** Hands a map over (a rebuild copies the source's maps): see IntentLog.missedMerge. */
+  async missedMerge(key: string, regions: number[], invalidated: boolean): Promise<void> {
+    this.checkUsable();
+    const regionCount = Math.ceil(this.meta.sizeBytes / INTENT_REGION_BYTES);
+    for (const r of regions) {
+      if (!Number.isSafeInteger(r) || r < 0 || r >= regionCount) throw invalid(`region ${r} is outside the volume (${regionCount} regions)`);
+    }
+    await this.intent?.missedMerge(key, regions, invalidated);
+  }
+
+  missedGet(key: string): number[] {
+    this.checkUsable();
+    if (this.intent === null) throw new ZebuError(ErrorCode.NOT_FOUND, `no missed-write map for ${key} (no write-intent log)`);
+    return this.intent.missedGet(key);
+  }
+
+  async missedDrop(key: string): Promise<void> {
+    this.checkUsable();
+    await this.intent?.missedDrop(key);
+  }
+
+  async missedPrune(keep: string[]): Promise<void> {
+    this.checkUsable();
+    await this.intent?.missedPrune(keep);
+  }
+
+  /** SHA-256 of the live volume's bytes in the range, read through the chain (holes as zeros). */
+  async regionHash(offset: number, length: number): Promise<Buffer> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    const hash = createHash('sha256');
+    const chunk = Buffer.allocUnsafe(Math.min(length, INTENT_REGION_BYTES));
+    for (let at = offset; at < offset + length; ) {
+      const n = Math.min(chunk.length, offset + length - at);
+      await this.read(at, n, chunk, 0);
+      hash.update(chunk.subarray(0, n));
+      at += n;
+    }
+    return hash.digest();
   }
 
   /** Flushes, marks the replica clean and closes its files. */
@@ -935,6 +1056,7 @@ export class Replica {
         for (const file of this.unsyncedMapFiles) await file.datasync();
         this.unsyncedMapFiles.clear();
       });
+      await this.intent?.close();
     }
     this.closed = true;
     await this.closeFiles();
@@ -947,6 +1069,7 @@ export class Replica {
   }
 
   private async closeFiles(): Promise<void> {
+    await this.intent?.abandon();
     for (const layer of this.layers.values()) {
       await layer.file.close().catch(() => {});
       await layer.mapFile?.close().catch(() => {});

@@ -8,7 +8,7 @@
 import { ZebuError, ErrorCode, invalid } from '../../src/errors.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
-  VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeView,
+  VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from '../../src/manager/types.ts';
 
 const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -22,7 +22,12 @@ interface FakeVolume {
   maintenance: boolean;
   snapshots: SnapshotView[];
   io: NonNullable<VolumeMetrics['io']>;
+  /** Regions whose replicas differ (what the next verify finds). */
+  differing: number[];
 }
+
+/** Regions of the fake volumes (4 MiB each). */
+const REGION_BYTES = 4 * 2 ** 20;
 
 export class FakeManagerService implements ManagerService {
   readonly volumes = new Map<string, FakeVolume>();
@@ -123,9 +128,12 @@ export class FakeManagerService implements ManagerService {
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
-      rebuilding: false, message: null, createdAt: this.now(),
+      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null,
     };
-    this.volumes.set(name, { view, pendingReads: null, maintenance: false, snapshots: [], io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0 } });
+    this.volumes.set(name, {
+      view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
+      io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0 },
+    });
     this.event(name, 'Created', `volume ${name} created with ${count} replica(s)`);
     return structuredClone(view);
   }
@@ -192,6 +200,53 @@ export class FakeManagerService implements ManagerService {
     if (v.view.state === 'attached') v.view.currentSizeBytes = sizeBytes;
     this.event(name, 'Expanding', `expanding volume ${name} to ${sizeBytes} bytes`);
     return structuredClone(v.view);
+  }
+
+  async salvageVolume(name: string, input: VolumeSalvageInput): Promise<VolumeView> {
+    this.enter('salvageVolume');
+    const v = this.must(name);
+    const own = v.view.replicas.map((r) => r.name);
+    const unknown = (input.replicas ?? []).filter((r) => !own.includes(r));
+    if (unknown.length > 0) throw invalid(`not replicas of volume ${name}: ${unknown.join(', ')}`, 'replicas');
+    if (v.view.robustness !== 'faulted') throw new ZebuError(ErrorCode.BUSY, `volume ${name} is not faulted: it is ${v.view.state} and ${v.view.robustness}`);
+    const chosen = input.replicas ?? own;
+    for (const r of v.view.replicas) r.failedAt = chosen.includes(r.name) ? null : r.failedAt ?? this.now();
+    v.view.state = 'attaching';
+    v.view.epoch++;
+    v.view.message = `salvaging from ${chosen.join(', ')}`;
+    this.begin(v);
+    this.event(name, 'SalvageStarted', `salvaging volume ${name} from replica(s) ${chosen.join(', ')}`);
+    return structuredClone(v.view);
+  }
+
+  async verifyVolume(name: string, input: VolumeVerifyInput): Promise<VerifyView> {
+    this.enter('verifyVolume');
+    const v = this.attached(name, 'verify');
+    const regions = Math.ceil(v.view.sizeBytes / REGION_BYTES);
+    const repair = input.repair ?? false;
+    const report: VerifyView = {
+      at: this.now(), repair, regions, repaired: repair ? v.differing.length : 0, durationMs: 12,
+      differing: v.differing.map((region) => ({
+        region, offset: region * REGION_BYTES, length: REGION_BYTES,
+        hashes: Object.fromEntries(v.view.replicas.map((r, i) => [r.name, (i === 0 ? 'a' : 'b').repeat(64)])),
+      })),
+    };
+    if (repair) v.differing = [];
+    v.view.lastVerify = report;
+    this.event(name, 'VerifyDone', `verify of volume ${name}: ${report.differing.length} of ${regions} region(s) differ`);
+    return structuredClone(report);
+  }
+
+  /** Test hook: every replica of an attached volume goes out (the engine is faulted). */
+  fault(volume: string): void {
+    const v = this.must(volume);
+    v.view.robustness = 'faulted';
+    for (const r of v.view.replicas) r.mode = 'ERR';
+  }
+
+  /** Test hook: regions the next verify finds differing. */
+  setDiffering(volume: string, regions: number[]): void {
+    this.must(volume).differing = [...regions];
   }
 
   async listSnapshots(volume: string): Promise<SnapshotView[]> {

@@ -70,6 +70,7 @@ const ROUTES = [
   'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json',
   'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}',
   'POST /v1/volumes/{name}/attach', 'POST /v1/volumes/{name}/detach', 'POST /v1/volumes/{name}/expand',
+  'POST /v1/volumes/{name}/salvage', 'POST /v1/volumes/{name}/verify',
   'GET /v1/volumes/{name}/snapshots', 'POST /v1/volumes/{name}/snapshots', 'DELETE /v1/volumes/{name}/snapshots/{snapshot}',
   'POST /v1/volumes/{name}/snapshots/{snapshot}/revert',
   'GET /v1/replicas', 'GET /v1/replicas/{name}',
@@ -441,6 +442,8 @@ test('/v1/openapi.json: an OpenAPI 3.1 document of exactly the routes served, wi
     ['Volume', (await call(app, 'GET', '/v1/volumes/v1')).body],
     ['VolumeReplicaSummary', (await call(app, 'GET', '/v1/volumes/v1')).body.replicas[0]],
     ['Snapshot', (await call(app, 'GET', '/v1/volumes/v1/snapshots')).body[0]],
+    ['Verify', (await call(app, 'POST', '/v1/volumes/v1/verify')).body],
+    ['VerifyDifference', (service.setDiffering('v1', [3]), (await call(app, 'POST', '/v1/volumes/v1/verify')).body.differing[0])],
     ['Replica', (await call(app, 'GET', '/v1/replicas')).body[0]],
     ['Node', (await call(app, 'GET', '/v1/nodes')).body[0]],
     ['Disk', (await call(app, 'GET', '/v1/disks')).body[0]],
@@ -454,4 +457,57 @@ test('/v1/openapi.json: an OpenAPI 3.1 document of exactly the routes served, wi
     assert.deepEqual(Object.keys(sample as object).sort(), Object.keys(schema.properties).sort(), name);
   }
   assert.ok(service.calls.get('getVolume')! > 0);
+});
+
+test('salvage and verify: validation, 404, 409 when not faulted / not attached, the reports', async (t) => {
+  const { app, service } = await server(t);
+  await call(app, 'POST', '/v1/volumes', { body: { name: 'v1', sizeBytes: GiB, numberOfReplicas: 3 } });
+  // Validation first (400 naming the field), then existence (404), then state (409).
+  const bad: [string, unknown, string, RegExp][] = [
+    ['/v1/volumes/v1/salvage', { replicas: [] }, 'replicas', /replicas must/],
+    ['/v1/volumes/v1/salvage', { replicas: 'v1-r-0' }, 'replicas', /must be an array/],
+    ['/v1/volumes/v1/salvage', { replicas: [7] }, 'replicas.0', /must be a string/],
+    ['/v1/volumes/v1/salvage', { replica: ['v1-r-0'] }, 'replica', /unknown field replica/],
+    ['/v1/volumes/v1/verify', { repair: 'yes' }, 'repair', /true or false/],
+    ['/v1/volumes/v1/verify', { fix: true }, 'fix', /unknown field fix/],
+  ];
+  for (const [url, body, field, pattern] of bad) {
+    const a = await call(app, 'POST', url, { body });
+    assertError(a, 400, 'EINVAL', field);
+    assert.match(a.body.error.message, pattern, a.text);
+  }
+  assertError(await call(app, 'POST', '/v1/volumes/nope/salvage'), 404, 'NOT_FOUND');
+  assertError(await call(app, 'POST', '/v1/volumes/nope/verify'), 404, 'NOT_FOUND');
+  assertError(await call(app, 'POST', '/v1/volumes/v1/verify'), 409, 'BUSY');
+  assertError(await call(app, 'POST', '/v1/volumes/v1/salvage'), 409, 'BUSY');
+  await call(app, 'POST', '/v1/volumes/v1/attach');
+  await pollVolume(app, 'v1', (a) => a.body.state === 'attached');
+  assertError(await call(app, 'POST', '/v1/volumes/v1/salvage', { body: {} }), 409, 'BUSY', undefined);
+  assert.match((await call(app, 'POST', '/v1/volumes/v1/salvage')).body.error.message, /not faulted/);
+
+  // Verify: no difference, then differences without and with repair.
+  const clean = await call(app, 'POST', '/v1/volumes/v1/verify');
+  assert.equal(clean.status, 200);
+  assert.deepEqual([clean.body.regions, clean.body.differing.length, clean.body.repaired, clean.body.repair], [256, 0, 0, false]);
+  service.setDiffering('v1', [5, 9]);
+  const found = await call(app, 'POST', '/v1/volumes/v1/verify', { body: { repair: false } });
+  assert.deepEqual(found.body.differing.map((d: { region: number }) => d.region), [5, 9]);
+  assert.equal(found.body.differing[0].offset, 5 * 4 * 2 ** 20);
+  assert.deepEqual(Object.keys(found.body.differing[0].hashes).sort(), ['v1-r-0', 'v1-r-1', 'v1-r-2']);
+  const repaired = await call(app, 'POST', '/v1/volumes/v1/verify', { body: { repair: true } });
+  assert.equal(repaired.body.repaired, 2);
+  assert.equal((await call(app, 'GET', '/v1/volumes/v1')).body.lastVerify.repaired, 2, 'the volume keeps its last verify');
+
+  // Salvage of a faulted volume: unknown replica names are refused, then it starts.
+  service.fault('v1');
+  const unknown = await call(app, 'POST', '/v1/volumes/v1/salvage', { body: { replicas: ['v1-r-0', 'other-r-9'] } });
+  assertError(unknown, 400, 'EINVAL', 'replicas');
+  assert.match(unknown.body.error.message, /other-r-9/);
+  const started = await call(app, 'POST', '/v1/volumes/v1/salvage', { body: { replicas: ['v1-r-0', 'v1-r-1'] } });
+  assert.equal(started.status, 200);
+  assert.equal(started.body.state, 'attaching');
+  assert.equal(started.body.replicas.find((r: { name: string }) => r.name === 'v1-r-2').failedAt !== null, true);
+  const back = await pollVolume(app, 'v1', (a) => a.body.state === 'attached');
+  assert.equal(back.body.robustness, 'healthy');
+  assert.equal(service.calls.get('salvageVolume'), 6, 'only what the schema lets through reaches the service: 404, three 409s, the unknown names, the salvage');
 });

@@ -181,8 +181,15 @@ test('online expansion: a new NBD connection sees the new size; an engine start 
   replicas[1] = await startReplica({ dir: path.join(dir, 'replica-1'), sizeBytes: OLD, secretFile, port: replicas[1].port });
   t.after(() => replicas[1].child.kill('SIGKILL'));
   engine = await startEngine(t, dir, { sizeBytes: NEW, replicas: addresses, epoch: 2, secretFile });
+  // Replica 0 kept a missed-write map for it (it went out): a delta rebuild of the few regions
+  // that map names brings it back, not a full one.
+  const control = engine.control;
+  await waitFor('replica 1 RW again', async () => (await replicasOf(control))[1].mode === 'RW', 30_000, 50);
   const after = await info(engine.control);
   assert.deepEqual(after.replicas.map((r) => [r.mode, r.reason]), [['RW', null], ['RW', null]]);
+  const lastRebuild = (after as unknown as { lastRebuild: { delta: boolean; copiedBytes: number } | null }).lastRebuild;
+  // At most the 5 regions written before it went out (still active: no later flush confirmed them).
+  assert.ok(lastRebuild !== null && lastRebuild.delta && lastRebuild.copiedBytes <= 20 * MiB, JSON.stringify(lastRebuild));
   for (const r of replicas) {
     const c = await ReplicaClient.connect({ port: r.port, secret, epoch: 2 });
     assert.equal((await c.info()).sizeBytes, NEW);

@@ -1,41 +1,94 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { chooseStartupModes, type StartupCandidate } from '../../src/engine/startup.ts';
+import { planStartup, chooseSource, NO_MISSED, type MissedStatus, type StartupCandidate } from '../../src/engine/startup.ts';
 import type { ReplicaInfo } from '../../src/replica/replica.ts';
 
-function info(revision: number, flushedRevision = revision, sizeBytes = 1 << 20, rebuilding = false): ReplicaInfo {
+const SIZE = 64 << 20;
+const REGION = 4 << 20;
+
+function info(revision: number, options: { flushed?: number; writeEpoch?: number; sizeBytes?: number; rebuilding?: boolean; clean?: boolean } = {}): ReplicaInfo {
   return {
-    sizeBytes, blockSizeBytes: 4096, epoch: 1, revision, flushedRevision, cleanShutdown: true,
-    headId: 'L00000001', chain: ['L00000001'], layerCount: 1, maxLayers: 250, hasBase: false, rebuilding,
-  };
+    sizeBytes: options.sizeBytes ?? SIZE, blockSizeBytes: 4096, epoch: 1, revision, flushedRevision: options.flushed ?? revision,
+    cleanShutdown: options.clean ?? true, headId: 'L00000001', chain: ['L00000001'], layerCount: 1, maxLayers: 250, hasBase: false,
+    rebuilding: options.rebuilding ?? false, writeEpoch: options.writeEpoch ?? 1,
+  } as ReplicaInfo;
 }
-const c = (address: string, i: ReplicaInfo | null, error: string | null = null): StartupCandidate => ({ address, info: i, error });
 
-test('equal replicas all start RW', () => {
-  const d = chooseStartupModes(1 << 20, [c('a', info(5)), c('b', info(5)), c('c', info(5))]);
-  assert.deepEqual(d.map((x) => x.mode), ['RW', 'RW', 'RW']);
+function c(key: string, i: ReplicaInfo | null, options: { active?: number[] | null; chain?: string[]; error?: string } = {}): StartupCandidate {
+  return { key, info: i, error: options.error ?? (i === null ? 'down' : null), chain: i === null ? null : options.chain ?? [], active: options.active === undefined ? [] : options.active };
+}
+
+const noMaps = (): MissedStatus => NO_MISSED;
+
+test('equal replicas all start RW; a clean shutdown with nothing active is "clean" with nothing to resync', () => {
+  const plan = planStartup(SIZE, REGION, [c('a', info(5)), c('b', info(5)), c('c', info(5))], noMaps);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'RW', 'RW']);
+  assert.equal(plan.source, 0);
+  assert.equal(plan.clean, true);
+  assert.deepEqual(plan.resyncRegions, []);
 });
 
-test('a replica behind the best starts ERR, with the reason', () => {
-  const d = chooseStartupModes(1 << 20, [c('a', info(5)), c('b', info(7)), c('c', info(7, 6))]);
-  assert.deepEqual(d.map((x) => x.mode), ['ERR', 'RW', 'ERR']);
-  assert.match(d[0].reason, /behind/);
+test('the source is chosen by writeEpoch first, then flushed revision, then revision', () => {
+  assert.equal(chooseSource(SIZE, [c('a', info(9, { writeEpoch: 2 })), c('b', info(3, { writeEpoch: 3 }))]), 1);
+  assert.equal(chooseSource(SIZE, [c('a', info(9, { flushed: 5 })), c('b', info(7, { flushed: 7 }))]), 1);
+  assert.equal(chooseSource(SIZE, [c('a', info(6, { flushed: 5 })), c('b', info(8, { flushed: 5 }))]), 1);
+  assert.equal(chooseSource(SIZE, [c('a', null), c('b', info(1, { rebuilding: true })), c('c', info(1, { sizeBytes: 2 * SIZE }))]), null);
 });
 
-test('unreachable and wrong-size replicas start ERR; none usable means all ERR', () => {
-  const d = chooseStartupModes(1 << 20, [c('a', null, 'ECONNREFUSED'), c('b', info(1, 1, 2 << 20)), c('c', info(0))]);
-  assert.deepEqual(d.map((x) => x.mode), ['ERR', 'ERR', 'RW']);
-  assert.match(d[0].reason, /ECONNREFUSED/);
-  assert.match(d[1].reason, /size/);
-  const none = chooseStartupModes(1 << 20, [c('a', null, 'down')]);
-  assert.deepEqual(none.map((x) => x.mode), ['ERR']);
+test('unflushed differences (revision) are covered by the union of active regions: RW, resynced, not clean', () => {
+  const plan = planStartup(SIZE, REGION, [c('a', info(7, { flushed: 5 }), { active: [3, 1] }), c('b', info(6, { flushed: 5 }), { active: [1, 9, 99] })], noMaps);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'RW']);
+  assert.equal(plan.source, 0);
+  assert.deepEqual(plan.resyncRegions, [1, 3, 9], 'regions past the end of the volume are dropped');
+  assert.equal(plan.clean, false);
 });
 
-test('a replica whose rebuild stopped midway starts ERR and is never the source, whatever its counters', () => {
-  // Copy writes count too: a half-copied replica can have the highest revision.
-  const d = chooseStartupModes(1 << 20, [c('a', info(5)), c('b', info(900, 900, 1 << 20, true)), c('c', info(5))]);
-  assert.deepEqual(d.map((x) => x.mode), ['RW', 'ERR', 'RW']);
-  assert.match(d[1].reason, /incomplete rebuild/);
-  const alone = chooseStartupModes(1 << 20, [c('b', info(900, 900, 1 << 20, true))]);
-  assert.deepEqual(alone.map((x) => x.mode), ['ERR']);
+test('without a write-intent log the revision must match too', () => {
+  const plan = planStartup(SIZE, REGION, [c('a', info(7, { flushed: 5 }), { active: null }), c('b', info(6, { flushed: 5 }), { active: null })], noMaps);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'ERR']);
+  assert.match(plan.decisions[1].reason, /behind/);
+});
+
+test('a replica behind the source: delta when a replica holds a map for it, ERR when a map was invalidated or it missed an epoch without one', () => {
+  const candidates = [
+    c('a', info(10, { writeEpoch: 3 }), { active: [2], chain: ['s1'] }),
+    c('b', info(4, { writeEpoch: 2 }), { active: [7], chain: ['s1'] }),
+    c('c', info(4, { writeEpoch: 2 }), { active: [], chain: ['s1'] }),
+    c('d', info(4, { writeEpoch: 2 }), { active: [], chain: ['s0', 's1'] }),
+    c('e', info(4, { writeEpoch: 3 }), { active: [], chain: ['s1'] }),
+    c('f', info(4, { writeEpoch: 3 }), { active: [], chain: ['s1'] }),
+  ];
+  const maps: Record<string, MissedStatus> = { b: { invalid: false, regions: [5, 2] }, d: { invalid: false, regions: [1] }, f: { invalid: true, regions: null } };
+  const plan = planStartup(SIZE, REGION, candidates, (i) => maps[candidates[i].key] ?? NO_MISSED);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'DELTA', 'ERR', 'ERR', 'RW', 'ERR']);
+  assert.deepEqual(plan.decisions[1].regions, [2, 5, 7], 'map ∪ its active ∪ the source\'s active');
+  assert.match(plan.decisions[2].reason, /missed epoch 3 and no replica kept a missed-write map/);
+  assert.match(plan.decisions[3].reason, /chain differs/);
+  assert.match(plan.decisions[4].reason, /resynced from the write-intent logs/, 'same epoch, no map: never left, only the unflushed tail differs');
+  assert.match(plan.decisions[5].reason, /invalidated/);
+  assert.equal(plan.clean, false);
+});
+
+test('equal counters but a map held for it (it went out after the last flush): delta, not RW', () => {
+  const candidates = [c('a', info(5), { active: [1] }), c('b', info(5), { active: [] })];
+  const plan = planStartup(SIZE, REGION, candidates, (i) => (i === 1 ? { invalid: false, regions: [4] } : NO_MISSED));
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'DELTA']);
+  assert.deepEqual(plan.decisions[1].regions, [1, 4]);
+});
+
+test('equal counters but another snapshot chain is ERR (a snapshot that reached only some replicas)', () => {
+  const plan = planStartup(SIZE, REGION, [c('a', info(5), { chain: ['s1'] }), c('b', info(5), { chain: [] })], noMaps);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'ERR']);
+  assert.match(plan.decisions[1].reason, /chain differs/);
+});
+
+test('unreachable, wrong-size and half-rebuilt replicas start ERR and are never the source; none usable: all ERR', () => {
+  const plan = planStartup(SIZE, REGION, [c('a', null, { error: 'ECONNREFUSED' }), c('b', info(1, { sizeBytes: 2 * SIZE })), c('c', info(900, { rebuilding: true })), c('d', info(0))], noMaps);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['ERR', 'ERR', 'ERR', 'RW']);
+  assert.match(plan.decisions[0].reason, /ECONNREFUSED/);
+  assert.match(plan.decisions[1].reason, /size/);
+  assert.match(plan.decisions[2].reason, /incomplete rebuild/);
+  const none = planStartup(SIZE, REGION, [c('a', null)], noMaps);
+  assert.equal(none.source, null);
+  assert.deepEqual(none.decisions.map((x) => x.mode), ['ERR']);
 });

@@ -20,6 +20,18 @@ class FakeAgent {
   readonly forced = new Map<string, 'RW' | 'WO' | 'ERR'>();
   /** When set, every replica that joins a running engine fails its rebuild. */
   failRebuilds = false;
+  /** When set, the engine refuses a replica that comes back (no delta possible: EINVAL). */
+  refuseDelta = false;
+  /** Engines whose process is "killed" at the next step (volume names). */
+  readonly crash = new Set<string>();
+  /** Engines that report every replica ERR and faulted, as long as they run with this epoch or below. */
+  readonly faultedUpTo = new Map<string, number>();
+  /** Epochs every engine process was started with, in order (volume -> epochs). */
+  readonly started = new Map<string, number[]>();
+  /** Where each engine has each replica (volume -> name -> address). */
+  private readonly engineAt = new Map<string, Map<string, string>>();
+  /** Verify answers of the engines (volume -> regions differing). */
+  readonly differing = new Map<string, number[]>();
   /** Replicas that joined a running engine and are "rebuilding" for one more round. */
   private readonly rebuilding = new Set<string>();
   readonly requests: string[] = [];
@@ -50,13 +62,37 @@ class FakeAgent {
     for (const e of await this.objects.list(Kind.Engine)) {
       await this.objects.mutate(Kind.Engine, e.name, (x) => {
         if (x.spec.desireState === 'stopped') {
-          x.status = { ...x.status, state: 'stopped', replicas: {}, endpoint: null };
+          x.status = { ...x.status, state: 'stopped', pid: null, replicas: {}, endpoint: null };
           return;
         }
-        const fresh = x.status.state !== 'running';
+        if (this.crash.delete(e.name)) {
+          x.status = { ...x.status, state: 'error', pid: null, endpoint: null, message: 'crashed: killed by SIGKILL' };
+          return;
+        }
+        // The agent's rule: a process per epoch, never two with the same one.
+        let fresh = false;
+        if (x.status.pid === null) {
+          if ((x.status.startedEpoch ?? 0) >= x.spec.epoch) return;
+          fresh = true;
+          x.status.startedEpoch = x.spec.epoch;
+          this.started.set(e.name, [...(this.started.get(e.name) ?? []), x.spec.epoch]);
+          this.engineAt.set(e.name, new Map());
+        }
+        const at = this.engineAt.get(e.name) ?? new Map<string, string>();
+        this.engineAt.set(e.name, at);
+        const faulted = x.spec.epoch <= (this.faultedUpTo.get(e.name) ?? 0);
         const replicas: EngineValue['status']['replicas'] = {};
-        for (const name of Object.keys(x.spec.replicas)) {
-          const known = x.status.replicas[name];
+        const addErrors: NonNullable<EngineValue['status']['addErrors']> = {};
+        for (const [name, address] of Object.entries(x.spec.replicas)) {
+          const known = at.get(name) === address ? x.status.replicas[name] : undefined;
+          const returning = !fresh && at.has(name) && at.get(name) !== address;
+          if (returning && this.refuseDelta) {
+            addErrors[name] = { address, code: 'ZEBU_ERR_EINVAL', message: 'not empty and no delta possible' };
+            at.delete(name);
+            continue;
+          }
+          if (returning) this.forced.delete(name);
+          at.set(name, address);
           let mode: 'RW' | 'WO' | 'ERR' = known?.mode ?? (fresh ? 'RW' : 'WO');
           if (known === undefined && !fresh) this.rebuilding.add(name);
           else if (mode === 'WO' && this.rebuilding.has(name)) {
@@ -64,15 +100,28 @@ class FakeAgent {
             mode = 'RW';
           }
           mode = this.forced.get(name) ?? mode;
+          if (faulted) mode = 'ERR';
           if (this.failRebuilds && (mode === 'WO' || this.rebuilding.has(name))) mode = 'ERR';
-          replicas[name] = { mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null };
+          replicas[name] = { address, mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null };
         }
         x.status = {
-          ...x.status, state: 'running', epoch: x.spec.epoch, sizeBytes: x.spec.sizeBytes, replicas,
+          ...x.status, state: 'running', pid: 4242, epoch: x.spec.epoch, sizeBytes: x.spec.sizeBytes, replicas, addErrors,
+          faulted, faultedReason: faulted ? 'no replica left in service' : null,
           endpoint: x.spec.frontend ? `nbd://127.0.0.1:10809/${e.name}` : null,
+          recovery: fresh ? {
+            at: new Date().toISOString(), clean: false, source: Object.keys(x.spec.replicas)[0] ?? null, regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 7,
+            deltaReplicas: [], erredReplicas: [],
+          } : x.status.recovery,
         };
       });
     }
+  }
+
+  /** The replica process dies and its agent restarts it on a new port. */
+  async restartReplica(name: string): Promise<void> {
+    await this.objects.mutate(Kind.Replica, name, (x) => {
+      x.status = { ...x.status, state: 'running', address: `127.0.0.1:${this.port++}`, pid: 2 };
+    });
   }
 }
 
@@ -93,8 +142,19 @@ async function setup(t: { after: (fn: () => unknown) => void }, disks = 3) {
     store,
     defaultNodeId: 'n1',
     resyncMs: 100,
-    agents: { engineRequest: async (_node, volume, method, path) => {
-      agent.requests.push(`${volume} ${method} ${path}`);
+    scrubPollMs: 50,
+    agents: { engineRequest: async (_node, volume, method, path, body) => {
+      agent.requests.push(`${volume} ${method} ${path}${body !== undefined ? ` ${JSON.stringify(body)}` : ''}`);
+      if (path === '/v1/verify') {
+        const engine = await objects.must(Kind.Engine, volume);
+        const [first, second] = Object.entries(engine.value.spec.replicas);
+        return {
+          regions: 256, repaired: (body as { repair: boolean }).repair ? (agent.differing.get(volume) ?? []).length : 0, durationMs: 5,
+          differing: (agent.differing.get(volume) ?? []).map((region) => ({
+            region, offset: region * 4 * 2 ** 20, length: 4 * 2 ** 20, hashes: { [`${first[0]}=${first[1]}`]: 'aa', [second[1]]: 'bb' },
+          })),
+        };
+      }
       return path === '/v1/snapshots' && method === 'GET' ? [] : {};
     } },
   });
@@ -156,6 +216,7 @@ test('create -> detached -> attach (epoch 1) -> attached healthy -> detach -> at
 
 test('a replica ERR is replaced: failed, new one scheduled, added to the engine, rebuilt, failed one deleted', async (t) => {
   const { service, objects, agent } = await setup(t, 4);
+  await service.setSetting('replica-replenishment-wait-seconds', '0');
   await service.createVolume({ name: 'h', sizeBytes: GiB, numberOfReplicas: 3 });
   await until('detached', async () => (await service.getVolume('h')).state === 'detached');
   await service.attachVolume('h', {});
@@ -185,6 +246,7 @@ test('a replica ERR is replaced: failed, new one scheduled, added to the engine,
 
 test('no room for a replacement: stays degraded with a clear message; room later heals it', async (t) => {
   const { service, objects, agent } = await setup(t, 3);
+  await service.setSetting('replica-replenishment-wait-seconds', '0');
   await service.createVolume({ name: 'd', sizeBytes: GiB, numberOfReplicas: 3 });
   await until('detached', async () => (await service.getVolume('d')).state === 'detached');
   await service.attachVolume('d', {});
@@ -258,6 +320,7 @@ test('snapshots need an attached volume; revert needs maintenance mode', async (
 
 test('replacements that keep failing before they serve are removed at once, with growing waits; bounded', async (t) => {
   const { service, objects, agent } = await setup(t, 4);
+  await service.setSetting('replica-replenishment-wait-seconds', '0');
   await service.createVolume({ name: 'b', sizeBytes: GiB, numberOfReplicas: 3 });
   await until('detached', async () => (await service.getVolume('b')).state === 'detached');
   await service.attachVolume('b', {});
@@ -281,4 +344,177 @@ test('replacements that keep failing before they serve are removed at once, with
   assert.ok(removed.length >= 1 && removed.length <= 4, `attempts with backoff: ${removed.length}`);
   agent.failRebuilds = false;
   await until('healthy once rebuilds work again', async () => (await service.getVolume('b')).robustness === 'healthy', 30_000);
+});
+
+async function attachedHealthy(service: Awaited<ReturnType<typeof setup>>['service'], name: string, replicas = 3): Promise<void> {
+  await service.createVolume({ name, sizeBytes: GiB, numberOfReplicas: replicas });
+  await until('detached', async () => (await service.getVolume(name)).state === 'detached');
+  await service.attachVolume(name, {});
+  await until('healthy', async () => (await service.getVolume(name)).robustness === 'healthy');
+}
+
+test('epochs: a crashed engine process comes back with a new epoch; so does one gone with its node; never one epoch twice', async (t) => {
+  const { service, objects, agent } = await setup(t);
+  await attachedHealthy(service, 'ep');
+  assert.deepEqual(agent.started.get('ep'), [1]);
+  agent.crash.add('ep');
+  const back = await until('running again under epoch 2', async () => {
+    const e = await objects.must(Kind.Engine, 'ep');
+    const v = await service.getVolume('ep');
+    return e.value.status.state === 'running' && e.value.status.epoch === 2 && v.state === 'attached' ? v : undefined;
+  });
+  assert.equal(back.epoch, 2);
+  // The node stopped cleanly (zebu up SIGTERM): the agent recorded the engine stopped; the next process gets epoch 3.
+  await objects.mutate(Kind.Engine, 'ep', (x) => {
+    x.status = { ...x.status, state: 'stopped', pid: null, replicas: {}, endpoint: null };
+  });
+  await until('epoch 3', async () => (await objects.must(Kind.Engine, 'ep')).value.status.epoch === 3);
+  assert.deepEqual(agent.started.get('ep'), [1, 2, 3], 'one process per epoch');
+  assert.equal((await service.getVolume('ep')).epoch, 3);
+  const events = (await service.listEvents({ volume: 'ep' })).filter((e) => e.reason === 'EngineRestarting');
+  assert.equal(events.length, 2);
+  assert.match(events.at(-1)!.message, /epoch 1\) is gone \(crashed: killed by SIGKILL\): starting a new one with epoch 2/);
+  // The engine's start-up recovery shows in the volume, with an event (it resynced regions).
+  const v = await service.getVolume('ep');
+  assert.equal(v.lastRecovery?.regions, 3);
+  assert.ok((await service.listEvents({ volume: 'ep' })).some((e) => e.reason === 'Recovery' && /3 region\(s\) .* resynced from ep-r-/.test(e.message)));
+});
+
+test('delta reuse: a failed replica whose process comes back within the wait is added again, no new replica', async (t) => {
+  const { service, objects, agent } = await setup(t, 4);
+  await attachedHealthy(service, 'dr');
+  const original = (await objects.list(Kind.Replica)).map((r) => r.name).sort();
+  const victim = original[1];
+  agent.forced.set(victim, 'ERR');
+  await until('failed and kept running', async () => {
+    const r = await objects.must(Kind.Replica, victim);
+    return r.value.spec.failedAt !== null && r.value.spec.desireState === 'running';
+  });
+  const waiting = await until('degraded, waiting for it', async () => {
+    const v = await service.getVolume('dr');
+    return v.robustness === 'degraded' && v.message !== null && /to come back for a delta rebuild/.test(v.message) ? v : undefined;
+  });
+  assert.deepEqual(waiting.replicas.map((r) => r.name).sort(), original, 'no new replica while it may come back');
+  await agent.restartReplica(victim);
+  const healed = await until('healthy with the same replicas', async () => {
+    const v = await service.getVolume('dr');
+    return v.robustness === 'healthy' ? v : undefined;
+  });
+  assert.deepEqual(healed.replicas.map((r) => r.name).sort(), original);
+  assert.equal((await objects.must(Kind.Replica, victim)).value.spec.failedAt, null);
+  const engine = await objects.must(Kind.Engine, 'dr');
+  assert.equal(engine.value.spec.replicas[victim], (await objects.must(Kind.Replica, victim)).value.status.address, 'the engine has it at its new address');
+  const events = await service.listEvents({ volume: 'dr' });
+  assert.ok(events.some((e) => e.reason === 'ReplicaReturning' && e.message.includes(`delta rebuild of ${victim}`)));
+  assert.ok(events.some((e) => e.reason === 'ReplicaRebuilt' && e.message.includes(`${victim} is back in service (RW) after a delta rebuild`)));
+  assert.ok(!events.some((e) => e.reason === 'ReplicaScheduled' && e.object !== victim && !original.includes(e.object)), 'no new replica scheduled');
+});
+
+test('delta reuse: refused by the engine, or not back within the wait -> a new replica replaces it', async (t) => {
+  const { service, objects, agent } = await setup(t, 5);
+  await attachedHealthy(service, 'rf');
+  const original = (await objects.list(Kind.Replica)).map((r) => r.name);
+  agent.refuseDelta = true;
+  const refused = original[0];
+  agent.forced.set(refused, 'ERR');
+  await until('failed', async () => (await objects.must(Kind.Replica, refused)).value.spec.failedAt !== null);
+  await agent.restartReplica(refused);
+  await until('replaced and removed', async () => {
+    const v = await service.getVolume('rf');
+    return v.robustness === 'healthy' && !v.replicas.some((r) => r.name === refused);
+  });
+  const events = await service.listEvents({ volume: 'rf' });
+  assert.ok(events.some((e) => e.reason === 'DeltaRefused' && e.message.includes(`cannot rebuild replica ${refused} by delta (not empty and no delta possible): a new replica replaces it`)));
+
+  // The wait ends before the replica is back.
+  await service.setSetting('replica-replenishment-wait-seconds', '1');
+  const late = original[1];
+  agent.forced.set(late, 'ERR');
+  const started = Date.now();
+  await until('replaced after the wait', async () => {
+    const v = await service.getVolume('rf');
+    return v.robustness === 'healthy' && !v.replicas.some((r) => r.name === late);
+  });
+  assert.ok(Date.now() - started >= 900, 'not before the wait');
+  assert.ok((await service.listEvents({ volume: 'rf' })).some((e) => e.reason === 'ReplicaReplacing' && e.message.includes(`${late} did not come back within 1 s: a new replica replaces it`)));
+});
+
+test('salvage: 409 unless faulted, 400 for unknown replicas; the chosen replicas come back under a new engine and epoch; the others are replaced', async (t) => {
+  const { service, objects, agent } = await setup(t, 4);
+  await service.setSetting('auto-salvage', 'false');
+  await attachedHealthy(service, 'sv');
+  const names = (await objects.list(Kind.Replica)).map((r) => r.name).sort();
+  await assert.rejects(service.salvageVolume('sv', {}), (err: { code: string; message: string }) => err.code === 'ZEBU_ERR_BUSY' && /not faulted/.test(err.message));
+  await assert.rejects(service.salvageVolume('nope', {}), /volume nope not found/);
+  agent.faultedUpTo.set('sv', 1);
+  const faulted = await until('faulted', async () => {
+    const v = await service.getVolume('sv');
+    return v.robustness === 'faulted' ? v : undefined;
+  });
+  assert.match(faulted.message!, /auto-salvage is off/);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(agent.started.get('sv'), [1], 'no automatic salvage when the setting is off');
+  await assert.rejects(service.salvageVolume('sv', { replicas: [names[0], 'sv-r-nothere'] }), (err: { field?: string; message: string }) => err.field === 'replicas' && /sv-r-nothere/.test(err.message));
+  await service.salvageVolume('sv', { replicas: [names[0], names[1]] });
+  const back = await until('healthy again', async () => {
+    const v = await service.getVolume('sv');
+    return v.robustness === 'healthy' && v.state === 'attached' ? v : undefined;
+  });
+  assert.equal(back.epoch, 2);
+  assert.deepEqual(agent.started.get('sv'), [1, 2]);
+  assert.ok(!back.replicas.some((r) => r.name === names[2]), 'the one left out was replaced');
+  assert.ok(back.replicas.some((r) => r.name === names[0]) && back.replicas.some((r) => r.name === names[1]));
+  const events = await service.listEvents({ volume: 'sv' });
+  assert.ok(events.some((e) => e.reason === 'SalvageStarted' && e.message.includes(`from replica(s) ${names[0]}, ${names[1]}`)));
+  assert.ok(events.some((e) => e.reason === 'Salvaged' && /brought it back: 2 of 3 replica\(s\) in service/.test(e.message)), JSON.stringify(events.map((e) => e.message)));
+});
+
+test('auto-salvage: a faulted volume is salvaged by itself; one that stays faulted is retried with a growing wait', async (t) => {
+  const { service, agent } = await setup(t);
+  await attachedHealthy(service, 'as');
+  agent.faultedUpTo.set('as', 2); // the first salvage does not help, the second does
+  const back = await until('healthy after two salvages', async () => {
+    const v = await service.getVolume('as');
+    return v.robustness === 'healthy' && v.epoch === 3 ? v : undefined;
+  }, 20_000);
+  assert.equal(back.state, 'attached');
+  assert.deepEqual(agent.started.get('as'), [1, 2, 3]);
+  const events = await service.listEvents({ volume: 'as' });
+  assert.equal(events.filter((e) => e.reason === 'SalvageStarted' && /automatic/.test(e.message)).length, 2);
+  assert.ok(events.some((e) => e.reason === 'SalvageFailed' && /still faulted/.test(e.message)));
+  assert.ok(events.some((e) => e.reason === 'Salvaged'));
+});
+
+test('verify: the engine report in replica names, kept as lastVerify with an event; scrub-schedule runs it; a bad schedule is refused', async (t) => {
+  const { service, objects, agent } = await setup(t);
+  await service.createVolume({ name: 'vf', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('vf')).state === 'detached');
+  await assert.rejects(service.verifyVolume('vf', {}), /verify needs volume vf attached/);
+  await service.attachVolume('vf', {});
+  await until('healthy', async () => (await service.getVolume('vf')).robustness === 'healthy');
+  const clean = await service.verifyVolume('vf', {});
+  assert.deepEqual([clean.regions, clean.differing.length, clean.repaired, clean.repair], [256, 0, 0, false]);
+  agent.differing.set('vf', [7]);
+  const found = await service.verifyVolume('vf', { repair: false });
+  const names = Object.keys((await objects.must(Kind.Engine, 'vf')).value.spec.replicas).sort();
+  assert.deepEqual(Object.keys(found.differing[0].hashes).sort(), names, 'keys and addresses become replica names');
+  assert.equal(found.differing[0].offset, 7 * 4 * 2 ** 20);
+  assert.deepEqual((await service.getVolume('vf')).lastVerify, found);
+  const warning = (await service.listEvents({ volume: 'vf' })).find((e) => e.reason === 'VerifyDone');
+  assert.equal(warning?.type, 'Warning');
+  assert.match(warning!.message, /1 of 256 region\(s\) differ \(7\), not repaired/);
+  const repaired = await service.verifyVolume('vf', { repair: true });
+  assert.equal(repaired.repaired, 1);
+  assert.ok(agent.requests.includes('vf POST /v1/verify {"repair":true}'));
+  await assert.rejects(service.verifyVolume('vf', { repair: 'yes' as unknown as boolean }), (err: { field?: string }) => err.field === 'repair');
+
+  await assert.rejects(service.setSetting('scrub-schedule', 'every day'), (err: { field?: string; message: string }) => err.field === 'value' && /not a cron expression/.test(err.message));
+  agent.requests.length = 0;
+  await service.setSetting('scrub-schedule', '* * * * * *');
+  await until('two scheduled verifies', async () => agent.requests.filter((r) => r === 'vf POST /v1/verify {"repair":false}').length >= 2, 5000);
+  await service.setSetting('scrub-schedule', '');
+  await new Promise((r) => setTimeout(r, 1200));
+  const count = agent.requests.length;
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(agent.requests.length, count, 'off: no more scheduled verifies');
 });

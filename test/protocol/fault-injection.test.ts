@@ -134,7 +134,8 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
   await client.flush();
 
   await t.test('write EIO: that WRITE fails with ZEBU_ERR_EIO, the next one succeeds', async () => {
-    await client.injectFaults({ rules: [{ op: 'write', errno: 'EIO', count: 1 }] });
+    // Data files only: a failed write-intent record poisons the replica (intent-log.test.ts).
+    await client.injectFaults({ rules: [{ op: 'write', errno: 'EIO', count: 1, pathIncludes: '.data' }] });
     await assert.rejects(client.write(MiB, B), hasCode(ErrorCode.EIO));
     await client.ping();
     assert.equal(first.child.exitCode, null, 'process alive');
@@ -145,14 +146,14 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
   });
 
   await t.test('write ENOSPC: that WRITE fails with ZEBU_ERR_ENOSPC, the next one succeeds', async () => {
-    await client.injectFaults({ rules: [{ op: 'write', errno: 'ENOSPC', count: 1 }] });
+    await client.injectFaults({ rules: [{ op: 'write', errno: 'ENOSPC', count: 1, pathIncludes: '.data' }] });
     // Unaligned: the write merges partial blocks; the failure must leave the old contents.
     await assert.rejects(client.write(2 * MiB + 100, C), hasCode(ErrorCode.ENOSPC));
     assert.ok((await client.read(2 * MiB, 4 * 4096)).equals(Buffer.alloc(4 * 4096)), 'the failed write left the range as it was');
     await client.write(2 * MiB + 100, C);
     assert.ok((await client.read(2 * MiB + 100, C.length)).equals(C));
     // A FUA write whose data write fails.
-    await client.injectFaults({ rules: [{ op: 'write', errno: 'ENOSPC', count: 1 }] });
+    await client.injectFaults({ rules: [{ op: 'write', errno: 'ENOSPC', count: 1, pathIncludes: '.data' }] });
     await assert.rejects(client.write(5 * MiB, pattern(9, 4096), { fua: true }), hasCode(ErrorCode.ENOSPC));
     await client.ping();
   });

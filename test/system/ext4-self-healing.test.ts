@@ -1,7 +1,7 @@
 /**
  * A real file system on a `zebu up` volume (ext4 on an nbdfuse file through a loop device):
- * files are written while a replica process is SIGKILLed; the volume heals itself; the file
- * system checks clean, every file reads back as written, and the replicas are identical.
+ * files are written while a replica process is SIGKILLed; the volume heals itself (a delta
+ * rebuild of the same replica once the agent restarted it); the file system checks clean, every file reads back as written, and the replicas are identical.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -52,10 +52,16 @@ test('ext4 on a zebu up volume: a replica SIGKILLed while files are written; hea
       if (i % 10 === 9) mustRun('sync', []);
     }
     mustRun('sync', []);
-    await waitFor('healthy with a new replica', () => {
+    // The agent restarts the killed replica process; the engine brings it back by a delta
+    // rebuild (the default replica-replenishment-wait-seconds keeps it): the same replica, RW.
+    await waitFor('the delta rebuild reported', () => {
+      const events = mustZebuJson(up, ['events', '--volume', 'fs']);
+      return events.some((e: { reason: string; message: string }) => e.reason === 'ReplicaRebuilt' && /delta/.test(e.message)) ? true : undefined;
+    }, 120_000, 250);
+    await waitFor('healthy with the same replicas', () => {
       const v = mustZebuJson(up, ['volume', 'get', 'fs']);
-      return v.robustness === 'healthy' && !v.replicas.some((r: { name: string }) => r.name === victim.name)
-        && v.replicas.every((r: { mode: string }) => r.mode === 'RW') ? v : undefined;
+      return v.robustness === 'healthy' && v.replicas.some((r: { name: string }) => r.name === victim.name)
+        && v.replicas.every((r: { mode: string; failedAt: string | null }) => r.mode === 'RW' && r.failedAt === null) ? v : undefined;
     }, 120_000, 250);
 
     mustRun('umount', [mnt]);

@@ -21,6 +21,8 @@ test('SIGKILL a replica under fio verify: degraded, rebuilt onto a new replica, 
   const dataDir = zebuDataDir(t);
   const up = await startZebuUp({ dataDir });
   t.after(() => stopZebuUp(up));
+  // The new-replica path (a killed replica coming back is rebuilt by delta: test/system/recovery.test.ts).
+  mustZebu(up, ['setting', 'set', 'replica-replenishment-wait-seconds', '0']);
   mustZebu(up, ['volume', 'create', 'heal', '--size', String(SIZE), '--replicas', '3']);
   const uri = mustZebu(up, ['volume', 'attach', 'heal']).trim();
   const before = mustZebuJson(up, ['replica', 'list', '--volume', 'heal']);
@@ -61,6 +63,7 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
   const dataDir = zebuDataDir(t);
   const up = await startZebuUp({ dataDir });
   t.after(() => stopZebuUp(up));
+  mustZebu(up, ['setting', 'set', 'replica-replenishment-wait-seconds', '0']);
   const size = 512 * MiB;
   mustZebu(up, ['volume', 'create', 'mid', '--size', String(size), '--replicas', '3']);
   const uri = mustZebu(up, ['volume', 'attach', 'mid']).trim();

@@ -87,8 +87,8 @@ export class ApiClient {
     return this.request<T>('GET', pathName);
   }
 
-  post<T>(pathName: string, body?: unknown): Promise<T> {
-    return this.request<T>('POST', pathName, body);
+  post<T>(pathName: string, body?: unknown, options: { timeoutMs?: number } = {}): Promise<T> {
+    return this.request<T>('POST', pathName, body, options);
   }
 
   patch<T>(pathName: string, body: unknown): Promise<T> {
@@ -103,7 +103,9 @@ export class ApiClient {
     return this.request<T>('DELETE', pathName);
   }
 
-  async request<T>(method: string, pathName: string, body?: unknown): Promise<T> {
+  /** `timeoutMs`: for the few requests that answer only when long work is done (verify). */
+  async request<T>(method: string, pathName: string, body?: unknown, options: { timeoutMs?: number } = {}): Promise<T> {
+    const timeoutMs = options.timeoutMs ?? REQUEST_TIMEOUT_MS;
     this.token ??= resolveToken(this.options);
     const url = `${this.baseUrl}${pathName}`;
     const headers: Record<string, string> = { authorization: `Bearer ${this.token}`, accept: 'application/json' };
@@ -114,16 +116,16 @@ export class ApiClient {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+        signal: AbortSignal.timeout(timeoutMs),
       });
     } catch (err) {
-      throw this.transportError(err);
+      throw this.transportError(err, timeoutMs);
     }
     let text: string;
     try {
       text = await response.text();
     } catch (err) {
-      throw this.transportError(err);
+      throw this.transportError(err, timeoutMs);
     }
     if (response.status === 204) return undefined as T;
     let parsed: unknown;
@@ -137,10 +139,10 @@ export class ApiClient {
     return parsed as T;
   }
 
-  private transportError(err: unknown): ZebuError {
+  private transportError(err: unknown, timeoutMs: number): ZebuError {
     const e = err as Error & { cause?: { code?: string; message?: string } };
     if (e.name === 'TimeoutError' || e.name === 'AbortError') {
-      return new ZebuError(ErrorCode.TIMEOUT, `the Zebu API at ${this.baseUrl} did not answer within ${REQUEST_TIMEOUT_MS / 1000} s`);
+      return new ZebuError(ErrorCode.TIMEOUT, `the Zebu API at ${this.baseUrl} did not answer within ${timeoutMs / 1000} s`);
     }
     const why = e.cause?.code ?? e.cause?.message ?? e.message;
     return new ZebuError(

@@ -6,7 +6,7 @@
  * - `volume attach` prints the NBD URI alone on stdout (maintenance mode: the state).
  * - errors: one line `zebu: <message>` on stderr, exit status 1 (see register.ts).
  */
-import type { DiskView, EventView, NodeView, ReplicaView, SettingView, SnapshotView, VolumeView } from '../../manager/types.ts';
+import type { DiskView, EventView, NodeView, RecoveryView, ReplicaView, SettingView, SnapshotView, VerifyView, VolumeView } from '../../manager/types.ts';
 import { ErrorCode, ZebuError, invalid } from '../../errors.ts';
 import { parseBytes, parsePositiveInt } from '../units.ts';
 import { ApiClient, type ConnectionOptions } from './api-client.ts';
@@ -24,6 +24,8 @@ interface WaitingOptions extends CommonOptions {
 }
 
 const DEFAULT_WAIT_SECONDS = 300;
+/** A verify answers when every region is compared: minutes for a large volume. */
+const VERIFY_TIMEOUT_MS = 6 * 3600 * 1000;
 const VOLUME_STATES = ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'];
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'];
 
@@ -75,6 +77,8 @@ function volumeDetails(v: VolumeView): string {
     ['rebuilding', v.rebuilding],
     ['message', v.message],
     ['created', v.createdAt],
+    ['last recovery', v.lastRecovery === null ? null : recoveryLine(v.lastRecovery)],
+    ['last verify', v.lastVerify === null ? null : verifyLine(v.lastVerify)],
   ]);
   if (v.replicas.length === 0) return head;
   const replicas = table(
@@ -82,6 +86,26 @@ function volumeDetails(v: VolumeView): string {
     v.replicas.map((r) => [r.name, r.nodeId, r.diskId, r.state, r.mode, r.rebuildProgress === null ? null : formatPercent(r.rebuildProgress), r.failedAt]),
   );
   return `${head}\n${replicas}`;
+}
+
+function formatDuration(ms: number): string {
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function recoveryLine(r: RecoveryView): string {
+  const parts = [
+    r.at,
+    r.clean ? 'clean' : 'unclean',
+    `${r.regions} region(s) (${formatBytes(r.bytes)}) resynced${r.source !== null ? ` from ${r.source}` : ''} in ${formatDuration(r.durationMs)}`,
+  ];
+  if (r.deltaReplicas.length > 0) parts.push(`delta: ${r.deltaReplicas.join(', ')}`);
+  if (r.erredReplicas.length > 0) parts.push(`out: ${r.erredReplicas.join(', ')}`);
+  return parts.join(', ');
+}
+
+function verifyLine(r: VerifyView): string {
+  const found = r.differing.length;
+  return `${r.at}, ${r.regions} region(s), ${found === 0 ? 'identical' : `${found} differ${r.repair ? `, ${r.repaired} repaired` : ''}`}, ${formatDuration(r.durationMs)}`;
 }
 
 function replicaRows(replicas: ReplicaView[]): string {
@@ -232,6 +256,35 @@ export async function volumeWait(name: string, options: WaitingOptions & { state
   if (volume === null && state !== 'deleted') throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${name} not found`);
   if (options.json) return printJson(volume);
   out(volume === null ? `volume ${name} deleted` : `volume ${name}: ${volume.state}, ${volume.robustness}`);
+}
+
+export async function volumeSalvage(name: string, options: CommonOptions & { replica?: string[] }): Promise<void> {
+  const body: { replicas?: string[] } = {};
+  if (options.replica !== undefined && options.replica.length > 0) body.replicas = options.replica;
+  const volume = await new ApiClient(options).post<VolumeView>(`/v1/volumes/${enc(name)}/salvage`, body);
+  if (options.json) return printJson(volume);
+  out(`volume ${name}: salvage started from ${body.replicas?.join(', ') ?? 'all its replicas'} (${volume.state}); \`zebu volume get ${name}\` and \`zebu events --volume ${name}\` show how it goes`);
+}
+
+/** Prints the report; fails (exit 1) when regions still differ. */
+export async function volumeVerify(name: string, options: CommonOptions & { repair?: boolean }): Promise<void> {
+  const repair = options.repair === true;
+  const report = await new ApiClient(options).post<VerifyView>(`/v1/volumes/${enc(name)}/verify`, { repair }, { timeoutMs: VERIFY_TIMEOUT_MS });
+  if (options.json) printJson(report);
+  else {
+    let text = table(['REGIONS', 'DIFFERING', 'REPAIRED', 'DURATION'], [[report.regions, report.differing.length, report.repaired, formatDuration(report.durationMs)]]);
+    if (report.differing.length > 0) {
+      const replicas = [...new Set(report.differing.flatMap((d) => Object.keys(d.hashes)))].sort();
+      text += `\n${table(['REGION', 'OFFSET', 'LENGTH', ...replicas.map((r) => r.toUpperCase())], report.differing.map((d) => [
+        d.region, d.offset, formatBytes(d.length), ...replicas.map((r) => d.hashes[r]?.slice(0, 12) ?? null),
+      ]))}`;
+    }
+    out(text);
+  }
+  const left = Math.max(0, report.differing.length - report.repaired);
+  if (left > 0) {
+    throw new ZebuError(ErrorCode.EIO, `${left} region(s) of volume ${name} differ between replicas${repair ? ' and were not repaired' : ' (zebu volume verify --repair copies them from the source replica)'}`);
+  }
 }
 
 // ---- snapshots --------------------------------------------------------------------------------

@@ -74,6 +74,12 @@ export function registerClientCommands(program: Command): void {
   waiting(clientCommand(volume, 'expand <NAME>', 'grow a volume (online when attached)'), 'for the new size')
     .requiredOption('--size <SIZE>', 'the new size (larger than the current one)')
     .action((name: string, opts) => run((c) => c.volumeExpand(name, opts)));
+  clientCommand(volume, 'salvage <NAME>', 'bring a faulted volume back: a new engine starts on its replicas and picks the best one as source')
+    .option('--replica <REPLICA>', 'a replica to salvage from (repeat for more; default: all replicas of the volume)', (value: string, previous: string[] = []) => [...previous, value])
+    .action((name: string, opts) => run((c) => c.volumeSalvage(name, opts)));
+  clientCommand(volume, 'verify <NAME>', 'compare the replicas of an attached volume region by region; exit status 1 when regions differ')
+    .option('--repair', 'copy differing regions from the source replica into the others')
+    .action((name: string, opts) => run((c) => c.volumeVerify(name, opts)));
   clientCommand(volume, 'wait <NAME>', 'wait until a volume reaches a state and/or robustness')
     .option('--state <STATE>', 'creating, detached, attaching, attached, detaching, deleting or deleted')
     .option('--robustness <R>', 'healthy, degraded, faulted or unknown')

@@ -1,0 +1,140 @@
+/** `zebu engine serve` over real replica processes, for the engine tests. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
+import path from 'node:path';
+import readline from 'node:readline';
+import { controlRequest } from '../../src/engine/control-server.ts';
+import { ReplicaClient } from '../../src/protocol/client.ts';
+import { startReplica, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
+
+export type After = { after: (fn: () => unknown) => void };
+
+export interface EngineProcess {
+  child: ChildProcess;
+  ready: Record<string, unknown>;
+  exited: Promise<number | string>;
+  socket: string;
+  control: string;
+  stderr: () => string;
+}
+
+export interface ReplicaRow {
+  address: string;
+  key: string;
+  mode: 'RW' | 'WO' | 'ERR';
+  reason: string | null;
+  rebuild: { copiedBytes: number; totalBytes: number; delta: boolean } | null;
+}
+
+export interface RecoveryInfo {
+  clean: boolean;
+  source: string | null;
+  regions: number;
+  bytes: number;
+  durationMs: number;
+  deltaReplicas: string[];
+  erredReplicas: { address: string; reason: string }[];
+}
+
+export interface VerifyInfo {
+  regions: number;
+  replicas: string[];
+  source: string;
+  differing: { region: number; offset: number; length: number; hashes: Record<string, string> }[];
+  repaired: number;
+}
+
+export interface EngineInfo {
+  sizeBytes: number;
+  epoch: number;
+  faulted: boolean;
+  faultedReason: string | null;
+  superseded: boolean;
+  activeRegions: number;
+  maxActiveRegions: number;
+  recovery: RecoveryInfo | null;
+  lastVerify: VerifyInfo | null;
+  lastRebuild: { replica: string; delta: boolean; copiedBytes: number; totalBytes: number; error: string | null } | null;
+  replicas: ReplicaRow[];
+  stats: Record<string, number>;
+}
+
+export async function startEngine(
+  t: After,
+  dir: string,
+  options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; maxActiveRegions?: number },
+): Promise<EngineProcess> {
+  const socket = path.join(dir, `engine-${options.epoch}.sock`);
+  const control = path.join(dir, `control-${options.epoch}.sock`);
+  const args = [
+    ZEBU_MAIN, 'engine', 'serve', '--name', 'vol', '--size', String(options.sizeBytes), ...options.replicas.flatMap((r) => ['--replica', r]),
+    '--socket', socket, '--control-socket', control, '--secret-file', options.secretFile, '--epoch', String(options.epoch),
+    '--request-timeout-ms', '3000',
+    ...(options.maxActiveRegions !== undefined ? ['--max-active-regions', String(options.maxActiveRegions)] : []),
+  ];
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.after(() => child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-200_000);
+  });
+  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`engine not ready in 30 s: ${stderr}`)), 30_000);
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (msg.ready === true) {
+          clearTimeout(timer);
+          resolve(msg);
+        }
+      } catch {
+        // not JSON
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`engine exited (${code}) before ready: ${stderr}`));
+    });
+  });
+  return { child, ready, exited, socket, control, stderr: () => stderr };
+}
+
+export function engineInfo(control: string): Promise<EngineInfo> {
+  return controlRequest(control, 'GET', '/v1/info') as Promise<EngineInfo>;
+}
+
+export function verify(control: string, repair = false): Promise<VerifyInfo> {
+  return controlRequest(control, 'POST', '/v1/verify', { repair }) as Promise<VerifyInfo>;
+}
+
+export function engineClient(engine: EngineProcess, secret: Buffer): Promise<ReplicaClient> {
+  return ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
+}
+
+export async function startReplicas(t: After, dir: string, count: number, sizeBytes: number, secretFile: string): Promise<ReplicaProcess[]> {
+  const replicas: ReplicaProcess[] = [];
+  for (let i = 0; i < count; i++) replicas.push(await restartReplica(t, dir, i, sizeBytes, secretFile));
+  return replicas;
+}
+
+/** Starts replica `i` in dir/replica-i (on `port` when given: a replica coming back). */
+export async function restartReplica(t: After, dir: string, i: number, sizeBytes: number, secretFile: string, port?: number): Promise<ReplicaProcess> {
+  const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes, secretFile, port });
+  t.after(() => r.child.kill('SIGKILL'));
+  return r;
+}
+
+/** SHA-256 of each 4 MiB region of a replica's live volume, read through its protocol. */
+export async function regionDigests(port: number, secret: Buffer, epoch: number, sizeBytes: number): Promise<string[]> {
+  const client = await ReplicaClient.connect({ port, secret, epoch, requestTimeoutMs: 30_000 });
+  try {
+    const out: string[] = [];
+    for (let off = 0; off < sizeBytes; off += 4 << 20) {
+      out.push(crypto.createHash('sha256').update(await client.read(off, Math.min(4 << 20, sizeBytes - off))).digest('hex'));
+    }
+    return out;
+  } finally {
+    client.close();
+  }
+}

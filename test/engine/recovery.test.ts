@@ -1,0 +1,167 @@
+/**
+ * Start-up recovery and delta rebuilds, with real processes: an engine SIGKILLed while replicas
+ * differ in a region comes back with that region (and only the active ones) resynced; a replica
+ * that was out comes back by copying the regions written meanwhile, whether it is added again to
+ * the running engine or found behind at the next start.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { controlRequest } from '../../src/engine/control-server.ts';
+import { ReplicaClient } from '../../src/protocol/client.ts';
+import { writeSecret } from '../support/replica-process.ts';
+import { tempDir, pattern } from '../support/tmp.ts';
+import { waitFor } from '../support/zebu-up.ts';
+import { startEngine, startReplicas, restartReplica, engineInfo, engineClient, verify, regionDigests, type ReplicaRow } from './engine-process.ts';
+
+const MiB = 1024 * 1024;
+const REGION = 4 * MiB;
+const SIZE = 64 * MiB;
+
+async function writeThrough(client: ReplicaClient, offset: number, length: number, seed: number): Promise<void> {
+  const chunk = pattern(seed, Math.min(length, REGION));
+  const writes: Promise<void>[] = [];
+  for (let at = offset; at < offset + length; at += chunk.length) writes.push(client.write(at, chunk.subarray(0, Math.min(chunk.length, offset + length - at))));
+  await Promise.all(writes);
+  // Two flushes: the second confirms the first, so the regions leave the write-intent logs.
+  await client.flush();
+  await client.flush();
+  // The replicas persist regions leaving their logs lazily (within 100 ms): let them.
+  await new Promise((resolve) => setTimeout(resolve, 300));
+}
+
+test('engine SIGKILLed while the replicas differ in a region: the next start resyncs the active regions only; verify finds 0 differences', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 2, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  assert.equal((first.ready.recovery as { regions: number }).regions, 0, 'new replicas: nothing to resync');
+  const client = await engineClient(first, secret);
+  await writeThrough(client, 0, 32 * MiB, 1);
+
+  // A write only replica 1 took (the engine died between sending it to the two replicas).
+  const direct = await ReplicaClient.connect({ port: replicas[1].port, secret, epoch: 1 });
+  await direct.write(5 * REGION + 4096, pattern(2, MiB));
+  direct.close();
+  assert.notEqual((await regionDigests(replicas[0].port, secret, 1, SIZE))[5], (await regionDigests(replicas[1].port, secret, 1, SIZE))[5], 'the replicas differ in region 5');
+  // And writes in flight when it dies.
+  for (let i = 0; i < 8; i++) client.write(12 * REGION + i * MiB, pattern(3 + i, MiB)).catch(() => {});
+  first.child.kill('SIGKILL');
+  await first.exited;
+  client.close();
+
+  const second = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 2, secretFile });
+  const info = await engineInfo(second.control);
+  assert.deepEqual(info.replicas.map((r) => [r.key, r.mode]), [['r0', 'RW'], ['r1', 'RW']]);
+  const recovery = info.recovery!;
+  assert.equal(recovery.clean, false);
+  assert.ok(recovery.regions >= 1, JSON.stringify(recovery));
+  assert.ok(recovery.bytes >= REGION && recovery.bytes <= SIZE / 4, `resynced ${recovery.bytes} bytes: the active regions, not the volume`);
+  assert.equal(recovery.source, `127.0.0.1:${replicas[1].port}`, 'the replica with the most writes is the source');
+  const report = await verify(second.control);
+  assert.equal(report.regions, SIZE / REGION);
+  assert.deepEqual(report.differing, []);
+  const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 2, SIZE)));
+  assert.deepEqual(digests[0], digests[1]);
+  // Equal counters again (the resync wrote to one replica only): both start RW next time.
+  const counters = await Promise.all(replicas.map(async (r) => {
+    const c = await ReplicaClient.connect({ port: r.port, secret, epoch: 2 });
+    const i = await c.info();
+    c.close();
+    return [i.writeEpoch, i.flushedRevision, i.revision];
+  }));
+  assert.deepEqual(counters[0], counters[1]);
+  assert.equal(counters[0][0], 2, 'written in epoch 2');
+  // The region holds the source's bytes.
+  const reader = await engineClient(second, secret);
+  assert.ok((await reader.read(5 * REGION + 4096, MiB)).equals(pattern(2, MiB)));
+  assert.ok((await reader.read(0, MiB)).equals(pattern(1, REGION).subarray(0, MiB)));
+  reader.close();
+
+  // A clean stop leaves nothing active: the next start resyncs nothing.
+  second.child.kill('SIGTERM');
+  assert.equal(await second.exited, 0);
+  const third = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 3, secretFile });
+  const after = await engineInfo(third.control);
+  assert.equal(after.recovery!.regions, 0, JSON.stringify(after.recovery));
+  assert.deepEqual(after.replicas.map((r) => r.mode), ['RW', 'RW']);
+});
+
+test('a replica that was out comes back by a delta rebuild: only the regions written meanwhile are copied', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 2, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const engine = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(engine, secret);
+  t.after(() => client.close());
+  await writeThrough(client, 0, SIZE, 5);
+
+  replicas[1].child.kill('SIGKILL');
+  await replicas[1].exited;
+  await waitFor('replica 1 ERR', async () => (await engineInfo(engine.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  await writeThrough(client, 3 * REGION, REGION, 6);
+  await writeThrough(client, 10 * REGION + MiB, 2 * MiB, 7);
+  const source = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 1 });
+  t.after(() => source.close());
+  assert.deepEqual((await source.missedGet('r1')).sort((a, b) => a - b), [3, 10], 'the map holds the two regions written');
+
+  // Back at its address: added again under its key, it is refused nothing and copies 2 regions.
+  replicas[1] = await restartReplica(t, dir, 1, SIZE, secretFile, replicas[1].port);
+  const rows = (await controlRequest(engine.control, 'POST', '/v1/replicas', { address: entries[1] })) as ReplicaRow[];
+  assert.equal(rows.length, 2, 'the ERR entry is replaced');
+  assert.equal(rows[1].key, 'r1');
+  assert.ok(rows[1].mode === 'WO' || rows[1].mode === 'RW');
+  await waitFor('replica 1 RW', async () => {
+    const row = (await engineInfo(engine.control)).replicas[1];
+    assert.notEqual(row.mode, 'ERR', row.reason ?? '');
+    return row.mode === 'RW';
+  }, 30_000, 20);
+  const rebuilt = (await engineInfo(engine.control)).lastRebuild!;
+  assert.equal(rebuilt.delta, true);
+  assert.equal(rebuilt.error, null);
+  assert.equal(rebuilt.copiedBytes, rebuilt.totalBytes);
+  assert.ok(rebuilt.copiedBytes >= 2 * REGION && rebuilt.copiedBytes <= 4 * REGION, `copied ${rebuilt.copiedBytes} bytes: 2 regions and the active ones`);
+  assert.equal((await verify(engine.control)).differing.length, 0);
+  const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 1, SIZE)));
+  assert.deepEqual(digests[0], digests[1]);
+  await waitFor('map dropped', async () => !('r1' in (await source.intentGet()).missed), 10_000, 20);
+  source.close();
+
+  // A non-empty replica with no map is refused.
+  await assert.rejects(controlRequest(engine.control, 'DELETE', `/v1/replicas/${encodeURIComponent(entries[1])}`).then(() =>
+    controlRequest(engine.control, 'POST', '/v1/replicas', { address: entries[1].replace('r1=', 'other=') })), /not empty .*no delta rebuild is possible: no RW replica holds a missed-write map for other/);
+});
+
+test('a replica behind at start-up with a missed-write map comes back by a delta rebuild before it serves reads', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  await writeThrough(client, 0, 16 * MiB, 8);
+  replicas[1].child.kill('SIGKILL');
+  await replicas[1].exited;
+  await waitFor('replica 1 ERR', async () => (await engineInfo(first.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  await writeThrough(client, 7 * REGION, REGION, 9);
+  client.close();
+  first.child.kill('SIGTERM');
+  assert.equal(await first.exited, 0);
+
+  replicas[1] = await restartReplica(t, dir, 1, SIZE, secretFile, replicas[1].port);
+  const second = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 2, secretFile });
+  const info = await engineInfo(second.control);
+  assert.deepEqual(info.recovery!.deltaReplicas, [`127.0.0.1:${replicas[1].port}`], JSON.stringify(info.recovery));
+  await waitFor('replica 1 RW', async () => {
+    const row = (await engineInfo(second.control)).replicas[1];
+    return row.mode === 'RW';
+  }, 30_000, 20);
+  const rebuilt = (await engineInfo(second.control)).lastRebuild!;
+  assert.equal(rebuilt.delta, true);
+  assert.ok(rebuilt.copiedBytes >= REGION && rebuilt.copiedBytes <= 3 * REGION, `copied ${rebuilt.copiedBytes} bytes`);
+  assert.equal((await verify(second.control)).differing.length, 0);
+  const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 2, SIZE)));
+  assert.deepEqual(digests[0], digests[1]);
+  assert.deepEqual(digests[0], digests[2]);
+});
