@@ -24,7 +24,7 @@ import { ReplicaClient } from '../protocol/client.ts';
 import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
-import { INTENT_REGION_BYTES } from '../replica/intent-log.ts';
+import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
 import { planStartup, chooseSource, writeEpochOf, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims } from './rebuild.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
@@ -192,6 +192,8 @@ export class Engine implements BlockBackend {
   private regionWrites = new Uint32Array(0);
   /** Flush number sent last when the region's latest write completed. */
   private regionStamp = new Float64Array(0);
+  /** performance.now() when the region's latest write completed (the replicas' idle rule). */
+  private regionDoneAt = new Float64Array(0);
   private readonly activeRegions = new Set<number>();
   private held: HeldWrite[] = [];
   private boundFlushRunning = false;
@@ -610,12 +612,15 @@ export class Engine implements BlockBackend {
     const active = new Uint8Array(count);
     const writes = new Uint32Array(count);
     const stamps = new Float64Array(count);
+    const doneAt = new Float64Array(count);
+    doneAt.set(this.regionDoneAt.subarray(0, count));
     active.set(this.regionActive.subarray(0, count));
     writes.set(this.regionWrites.subarray(0, count));
     stamps.set(this.regionStamp.subarray(0, count));
     this.regionActive = active;
     this.regionWrites = writes;
     this.regionStamp = stamps;
+    this.regionDoneAt = doneAt;
   }
 
   private markRegionActive(region: number, stamp: number): void {
@@ -653,16 +658,23 @@ export class Engine implements BlockBackend {
   private regionsWritten(offset: number, length: number): void {
     const first = Math.floor(offset / REGION_BYTES);
     const last = Math.floor((offset + length - 1) / REGION_BYTES);
+    const now = performance.now();
     for (let region = first; region <= last; region++) {
       this.regionWrites[region]--;
       this.regionStamp[region] = this.flushSeq;
+      this.regionDoneAt[region] = now;
     }
   }
 
-  /** The rule of the replicas' logs: a region leaves once a flush confirming its stamp + 1 goes out. */
-  private pruneRegions(confirmed: number): void {
+  /**
+   * The rule of the replicas' logs: a region leaves once a flush confirming its stamp + 1 goes
+   * out and it has been idle for INTENT_IDLE_MS (any idle time with `evict`). The replicas finish
+   * their writes before the engine hears of them, so they never keep a region the engine let go.
+   */
+  private pruneRegions(confirmed: number, evict: boolean): void {
+    const idleBefore = evict ? Infinity : performance.now() - INTENT_IDLE_MS;
     for (const region of this.activeRegions) {
-      if (this.regionWrites[region] === 0 && this.regionStamp[region] + 1 <= confirmed) {
+      if (this.regionWrites[region] === 0 && this.regionStamp[region] + 1 <= confirmed && this.regionDoneAt[region] <= idleBefore) {
         this.regionActive[region] = 0;
         this.activeRegions.delete(region);
       }
@@ -707,8 +719,11 @@ export class Engine implements BlockBackend {
   private fanOutFlush(done: Done): void {
     const seq = ++this.flushSeq;
     const confirmed = this.confirmedSeq;
-    if (confirmed > 0) this.pruneRegions(confirmed);
-    this.fanOut(Op.FLUSH, 0, seq, 0, confirmed > 0 ? encodeFlushConfirmed(confirmed) : EMPTY, (err) => {
+    // Writes held at the bound: let every confirmed region go, idle or not. (Not sooner: a working
+    // set as large as the bound would then leave and come back at every flush.)
+    const evict = this.held.length > 0;
+    if (confirmed > 0) this.pruneRegions(confirmed, evict);
+    this.fanOut(Op.FLUSH, evict ? RequestFlag.EVICT : 0, seq, 0, confirmed > 0 ? encodeFlushConfirmed(confirmed) : EMPTY, (err) => {
       if (err === null) this.flushCompleted(seq);
       done(err);
     });

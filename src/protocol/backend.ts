@@ -35,7 +35,7 @@ export interface BlockBackend {
    * so that it is ordered with the writes of the same connection): `seq` = the engine's flush
    * number (0: unnumbered), `confirmed` = every FLUSH <= it completed on every replica.
    */
-  flushArrived?(seq: number, confirmed: number): void;
+  flushArrived?(seq: number, confirmed: number, evict: boolean): void;
   /** A new engine opened the replica (OPEN, after its epoch was adopted). */
   engineOpened?(): void;
   intentGet?(): IntentSummary;

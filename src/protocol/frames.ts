@@ -81,6 +81,12 @@ export const MISSED_KEY = /^[A-Za-z0-9._:@=-]{1,200}$/;
 export const RequestFlag = {
   /** Write: durable before the reply. */
   FUA: 1,
+  /**
+   * FLUSH: every confirmed region leaves the write-intent log now, however recently written (the
+   * engine is at its bound of active regions). Without it, a confirmed region stays until it has
+   * been idle for INTENT_IDLE_MS, so a hot region is not activated again and again.
+   */
+  EVICT: 2,
 } as const;
 
 export interface RequestHeader {

@@ -300,7 +300,7 @@ class Connection {
         }
         const confirmed = payload.length === 0 ? 0 : readU64(payload, 0);
         if (!Number.isSafeInteger(h.offset) || !Number.isSafeInteger(confirmed)) throw invalid('FLUSH sequence numbers out of range');
-        replica.flushArrived?.(h.offset, confirmed);
+        replica.flushArrived?.(h.offset, confirmed, (h.flags & RequestFlag.EVICT) !== 0);
         await replica.flush();
         return EMPTY;
       }

@@ -33,6 +33,20 @@ import type { Disk, DiskFile } from './disk.ts';
 import type { IntentSummary } from '../protocol/backend.ts';
 
 export const INTENT_REGION_BYTES = 4 * 1024 * 1024;
+/**
+ * A confirmed region leaves only after this long without a write (or at once on an EVICT flush):
+ * a hot region would otherwise leave and be activated again (a durable record) at every flush.
+ * The engine applies the same rule to count active regions against its bound, so both read it
+ * from here; ZEBU_INTENT_IDLE_MS overrides it (tests that watch regions leave set it to 0).
+ */
+export const INTENT_IDLE_MS = idleMsFromEnv(process.env.ZEBU_INTENT_IDLE_MS, 2000);
+
+function idleMsFromEnv(raw: string | undefined, fallback: number): number {
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isSafeInteger(value) || value < 0) throw new Error(`ZEBU_INTENT_IDLE_MS must be a whole number of milliseconds, got ${JSON.stringify(raw)}`);
+  return value;
+}
 export const INTENT_SLOTS = ['intent.0', 'intent.1'] as const;
 
 const MAGIC = 0x5a494e54; // "ZINT"
@@ -61,6 +75,8 @@ interface RegionState {
   target: number;
   /** `target` is taken from the numbered FLUSH whose arrival count reaches this. */
   needArrival: number;
+  /** performance.now() when its last write completed. */
+  doneAt: number;
 }
 
 interface Waiter {
@@ -142,6 +158,7 @@ export class IntentLog {
   private readonly dir: string;
   private readonly slots: DiskFile[];
   private readonly onFailure: (err: ZebuError) => void;
+  private readonly idleMs: number;
   private seq: number;
   /** In-memory active set (regions being activated included: their writes wait). */
   private readonly active = new Map<number, RegionState>();
@@ -166,14 +183,15 @@ export class IntentLog {
   /** Records written since open (tests: batching). */
   recordWrites = 0;
 
-  private constructor(dir: string, slots: DiskFile[], record: IntentRecord | null, onFailure: (err: ZebuError) => void) {
+  private constructor(dir: string, slots: DiskFile[], record: IntentRecord | null, onFailure: (err: ZebuError) => void, idleMs: number) {
     this.dir = dir;
+    this.idleMs = idleMs;
     this.slots = slots;
     this.onFailure = onFailure;
     this.seq = record?.seq ?? 0;
     const active = record?.active ?? [];
     this.persisted = new Set(active);
-    for (const r of active) this.active.set(r, { inflight: 0, pinned: false, target: 0, needArrival: 1 });
+    for (const r of active) this.active.set(r, { inflight: 0, pinned: false, target: 0, needArrival: 1, doneAt: 0 });
     for (const [key, regions] of record?.missed ?? []) this.missed.set(key, new Set(regions));
     for (const key of record?.invalid ?? []) {
       this.missed.delete(key);
@@ -186,7 +204,7 @@ export class IntentLog {
    * of the previous format). `onFailure` is told when a record cannot be written: the replica
    * must then refuse further I/O, as after a failed flush.
    */
-  static async open(dir: string, disk: Disk, onFailure: (err: ZebuError) => void): Promise<IntentLog> {
+  static async open(dir: string, disk: Disk, onFailure: (err: ZebuError) => void, idleMs = INTENT_IDLE_MS): Promise<IntentLog> {
     let best: IntentRecord | null = null;
     let created = false;
     for (const slot of INTENT_SLOTS) {
@@ -209,7 +227,7 @@ export class IntentLog {
       for (const file of slots) await file.close().catch(() => {});
       throw err;
     }
-    return new IntentLog(dir, slots, best, onFailure);
+    return new IntentLog(dir, slots, best, onFailure, idleMs);
   }
 
   // ---- data path ------------------------------------------------------------------------------
@@ -226,7 +244,7 @@ export class IntentLog {
     for (let r = first; r <= last; r++) {
       let state = this.active.get(r);
       if (state === undefined) {
-        state = { inflight: 0, pinned: false, target: 0, needArrival: 0 };
+        state = { inflight: 0, pinned: false, target: 0, needArrival: 0, doneAt: 0 };
         this.active.set(r, state);
       }
       state.inflight++;
@@ -239,12 +257,14 @@ export class IntentLog {
   exit(offset: number, length: number, ok: boolean): void {
     const first = Math.floor(offset / INTENT_REGION_BYTES);
     const last = Math.floor((offset + length - 1) / INTENT_REGION_BYTES);
+    const now = performance.now();
     for (let r = first; r <= last; r++) {
       const state = this.active.get(r)!;
       state.inflight--;
       if (ok) {
         state.target = 0;
         state.needArrival = this.arrivals + 1;
+        state.doneAt = now;
       } else {
         state.pinned = true;
       }
@@ -252,7 +272,7 @@ export class IntentLog {
   }
 
   /** At the arrival of a FLUSH (see the header comment), before it runs. */
-  flushArrived(seq: number, confirmed: number): void {
+  flushArrived(seq: number, confirmed: number, evict = false): void {
     if (seq > 0) {
       this.arrivals++;
       for (const state of this.active.values()) {
@@ -261,8 +281,9 @@ export class IntentLog {
     }
     if (confirmed <= 0) return;
     let left = false;
+    const idleBefore = evict ? Infinity : performance.now() - this.idleMs;
     for (const [region, state] of this.active) {
-      if (state.inflight === 0 && !state.pinned && state.target !== 0 && confirmed >= state.target) {
+      if (state.inflight === 0 && !state.pinned && state.target !== 0 && confirmed >= state.target && state.doneAt <= idleBefore) {
         this.active.delete(region);
         left = true;
       }

@@ -979,8 +979,8 @@ export class Replica {
   // ---- write-intent log (see intent-log.ts) ---------------------------------------------------
 
   /** FLUSH bookkeeping at its arrival, before flush() (the data server calls both in order). */
-  flushArrived(seq: number, confirmed: number): void {
-    this.intent?.flushArrived(seq, confirmed);
+  flushArrived(seq: number, confirmed: number, evict = false): void {
+    this.intent?.flushArrived(seq, confirmed, evict);
   }
 
   /** A new engine opened the replica (OPEN). */

@@ -4,6 +4,7 @@
  * that was out comes back by copying the regions written meanwhile, whether it is added again to
  * the running engine or found behind at the next start.
  */
+import '../support/intent-idle-zero.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { controlRequest } from '../../src/engine/control-server.ts';

@@ -4,6 +4,7 @@
  * numbering, arrival ordering on one connection, argument checks, and UNSUPPORTED from a
  * backend without a log.
  */
+import '../support/intent-idle-zero.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';

@@ -4,6 +4,7 @@
  * maps across reopen, tree ops dropping maps, batching of activations, torn slots, EIO on the
  * log, replicas of the previous format, writeEpoch.
  */
+import '../support/intent-idle-zero.ts';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -14,7 +15,7 @@ import { Replica } from '../../src/replica/replica.ts';
 import { NodeDisk, type Disk, type DiskFile, type OpenMode } from '../../src/replica/disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { PowerLossDisk } from '../../src/replica/power-loss-disk.ts';
-import { INTENT_REGION_BYTES, INTENT_SLOTS, decodeIntentRecord } from '../../src/replica/intent-log.ts';
+import { INTENT_REGION_BYTES, INTENT_SLOTS, IntentLog, decodeIntentRecord } from '../../src/replica/intent-log.ts';
 import { JOURNAL_SLOTS, decodeRecord } from '../../src/replica/journal.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { pattern } from '../support/tmp.ts';
@@ -482,4 +483,32 @@ test('intentLog: false (benchmark baseline) keeps no log at all', async (t) => {
   assert.equal(replica.info().activeRegions, 0);
   for (const slot of INTENT_SLOTS) assert.equal(fs.existsSync(path.join(dir, slot)), false);
   assert.throws(() => replica.missedGet('b'), isZebu(ErrorCode.NOT_FOUND));
+});
+
+test('a confirmed region stays until it has been idle for the idle time; an EVICT flush lets it go at once', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-intent-idle-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const failures: unknown[] = [];
+  const log = await IntentLog.open(dir, new NodeDisk(), (err) => failures.push(err), 150);
+  t.after(() => log.close());
+  const written = async (region: number): Promise<void> => {
+    await log.enter(region * R, 4096);
+    log.exit(region * R, 4096, true);
+  };
+  await written(1);
+  await written(2);
+  log.flushArrived(1, 0);
+  log.flushArrived(2, 1); // confirms flush 1, which covers both writes: but they are not idle yet
+  assert.deepEqual(log.summary().active, [1, 2]);
+  log.flushArrived(3, 2, true); // the engine is at its bound: every confirmed region goes
+  assert.deepEqual(log.summary().active, []);
+
+  await written(3);
+  log.flushArrived(4, 3);
+  log.flushArrived(5, 4);
+  assert.deepEqual(log.summary().active, [3], 'written just now: stays');
+  await new Promise((resolve) => setTimeout(resolve, 200));
+  log.flushArrived(6, 5);
+  assert.deepEqual(log.summary().active, [], 'idle for longer than the idle time: leaves');
+  assert.deepEqual(failures, []);
 });

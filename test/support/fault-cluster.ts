@@ -18,7 +18,7 @@ import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import { controlRequest } from '../../src/engine/control-server.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { ZEBU_MAIN, writeSecret } from './replica-process.ts';
-import { freePort } from './volume-cluster.ts';
+import net from 'node:net';
 import { BlackholeProxy } from './fault-proxy.ts';
 import { FaultNbdClient, type NbdTarget } from './fault-nbd.ts';
 import { compareReplicasOnline, type OfflineDifference } from './fault-checker.ts';
@@ -129,7 +129,7 @@ export class FaultCluster {
   static async start(t: { after: (fn: () => unknown) => void }, options: FaultClusterOptions): Promise<FaultCluster> {
     const n = options.replicas ?? 3;
     const ports: number[] = [];
-    for (let i = 0; i < n; i++) ports.push(await freePort());
+    for (let i = 0; i < n; i++) ports.push(await fixedPort(ports));
     const proxies: (BlackholeProxy | null)[] = [];
     for (let i = 0; i < n; i++) proxies.push(options.proxied?.includes(i) ? await BlackholeProxy.start(ports[i]) : null);
     const cluster = new FaultCluster(options, ports, proxies);
@@ -414,5 +414,22 @@ export class FaultCluster {
     for (const c of children) c.kill('SIGKILL');
     await Promise.all(children.map((c) => (c.exitCode !== null || c.signalCode !== null ? null : new Promise((r) => c.once('exit', r)))));
     for (const p of this.proxies) await p?.close().catch(() => {});
+  }
+}
+
+/**
+ * A free port below the kernel's ephemeral range (32768+): a replica restarted on its fixed port
+ * must not find it taken by some outgoing connection's ephemeral port meanwhile.
+ */
+async function fixedPort(taken: number[]): Promise<number> {
+  for (;;) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (taken.includes(port)) continue;
+    const free = await new Promise<boolean>((resolve) => {
+      const srv = net.createServer();
+      srv.once('error', () => resolve(false));
+      srv.listen(port, '127.0.0.1', () => srv.close(() => resolve(true)));
+    });
+    if (free) return port;
   }
 }
