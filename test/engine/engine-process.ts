@@ -2,10 +2,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import path from 'node:path';
-import readline from 'node:readline';
 import { controlRequest } from '../../src/engine/control-server.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { startReplica, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
+import { watchChildStart } from '../support/child-ready.ts';
 
 export type After = { after: (fn: () => unknown) => void };
 
@@ -74,30 +74,10 @@ export async function startEngine(
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   t.after(() => child.kill('SIGKILL'));
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-200_000);
-  });
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`engine not ready in 30 s: ${stderr}`)), 30_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`engine exited (${code}) before ready: ${stderr}`));
-    });
-  });
-  return { child, ready, exited, socket, control, stderr: () => stderr };
+  const start = watchChildStart(child, 'engine', 30_000);
+  const { exited, stderr } = start;
+  const ready = await start.ready;
+  return { child, ready, exited, socket, control, stderr };
 }
 
 export function engineInfo(control: string): Promise<EngineInfo> {

@@ -9,7 +9,6 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
-import readline from 'node:readline';
 import { controlRequest } from '../../src/engine/control-server.ts';
 import { FrontendControlClient } from '../../src/frontend/control-client.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
@@ -18,6 +17,7 @@ import { startVolume, replicaDigest, mustRun } from '../support/volume-cluster.t
 import { startFio, fioFigures } from '../support/fio.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
+import { watchChildStart } from '../support/child-ready.ts';
 
 const MiB = 1024 * 1024;
 
@@ -50,30 +50,9 @@ interface Spawned {
 async function spawnReady(t: After, args: string[]): Promise<Spawned> {
   const child = spawn(process.execPath, [ZEBU_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.after(() => child.kill('SIGKILL'));
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-50_000);
-  });
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${args[0]} not ready in 30 s: ${stderr}`)), 30_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`${args[0]} exited (${code}) before ready: ${stderr}`));
-    });
-  });
-  return { child, ready, exited };
+  const start = watchChildStart(child, args[0], 30_000, 50_000);
+  const ready = await start.ready;
+  return { child, ready, exited: start.exited };
 }
 
 interface EngineProcess extends Spawned {

@@ -19,6 +19,7 @@ import { startReplica, writeSecret, ZEBU_MAIN } from '../support/replica-process
 import { run, mustRun } from '../support/volume-cluster.ts';
 import { MemoryBackend } from './memory-backend.ts';
 import { NbdTestClient } from './nbd-test-client.ts';
+import { watchChildStart } from '../support/child-ready.ts';
 
 const MiB = 1024 * 1024;
 type T = { after: (fn: () => unknown) => void };
@@ -33,34 +34,14 @@ interface Proc {
 /** Spawns `zebu ARGS` and waits for its JSON ready line; SIGKILLed when the test ends. */
 async function startZebu(t: T, label: string, args: string[]): Promise<Proc> {
   const child = spawn(process.execPath, [ZEBU_MAIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-200_000);
-  });
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const start = watchChildStart(child, label, 60_000);
+  const { exited, stderr } = start;
   t.after(async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     await exited;
   });
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`${label} not ready in 60 s: ${stderr}`)), 60_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not a status line
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`${label} exited (${code}) before ready: ${stderr}`));
-    });
-  });
-  return { child, ready, exited, stderr: () => stderr };
+  const ready = await start.ready;
+  return { child, ready, exited, stderr };
 }
 
 interface Volume {

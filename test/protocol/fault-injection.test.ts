@@ -13,7 +13,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
-import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { ReplicaServer } from '../../src/replica/server.ts';
@@ -22,6 +21,7 @@ import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { NodeDisk } from '../../src/replica/disk.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { pattern } from '../support/tmp.ts';
+import { watchChildStart } from '../support/child-ready.ts';
 
 const ZEBU_MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 const SECRET = Buffer.from('fault-injection-test-secret-0123');
@@ -69,34 +69,14 @@ async function serve(ws: Workspace, dir: string, secretFile: string): Promise<Ru
     [ZEBU_MAIN, 'replica', 'serve', '--dir', dir, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile, '--fault-injection'],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  const start = watchChildStart(child, 'replica', 15_000, 100_000);
+  const { exited, stderr } = start;
   ws.defer(async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     await exited;
   });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-100_000);
-  });
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`replica not ready in 15 s: ${stderr}`)), 15_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`replica exited (${code}) before ready: ${stderr}`));
-    });
-  });
-  return { port: ready.port as number, ready, child, exited, stderr: () => stderr };
+  const ready = await start.ready;
+  return { port: ready.port as number, ready, child, exited, stderr };
 }
 
 function hasCode(code: string): (err: unknown) => boolean {

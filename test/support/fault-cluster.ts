@@ -13,7 +13,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import { controlRequest } from '../../src/engine/control-server.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
@@ -22,6 +21,7 @@ import net from 'node:net';
 import { BlackholeProxy } from './fault-proxy.ts';
 import { FaultNbdClient, type NbdTarget } from './fault-nbd.ts';
 import { compareReplicasOnline, type OfflineDifference } from './fault-checker.ts';
+import { watchChildStart } from './child-ready.ts';
 
 export type Role = 'replica' | 'engine' | 'frontend';
 
@@ -158,30 +158,12 @@ export class FaultCluster {
     const child = spawn(process.execPath, [ZEBU_MAIN, ...args], { stdio: ['ignore', 'pipe', log] });
     fs.closeSync(log);
     this.all.add(child);
-    const exited = new Promise<number | string>((resolve) =>
-      child.once('exit', (code, signal) => {
-        this.all.delete(child);
-        resolve(code ?? signal ?? -1);
-      }),
-    );
-    const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${logName} not ready in ${READY_TIMEOUT_MS} ms:\n${this.logTail(logName)}`)), READY_TIMEOUT_MS);
-      readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-        try {
-          const msg = JSON.parse(line) as Record<string, unknown>;
-          if (msg.ready === true) {
-            clearTimeout(timer);
-            resolve(msg);
-          }
-        } catch {
-          // not a status line
-        }
-      });
-      void exited.then((code) => {
-        clearTimeout(timer);
-        reject(new Error(`${logName} exited (${code}) before ready:\n${this.logTail(logName)}`));
-      });
+    const start = watchChildStart(child, logName, READY_TIMEOUT_MS, 0, () => `\n${this.logTail(logName)}`);
+    const exited = start.exited.then((code) => {
+      this.all.delete(child);
+      return code;
     });
+    const ready = await start.ready;
     // Keep reading stdout so that a chatty child never blocks on a full pipe.
     child.stdout!.resume();
     return { role, child, ready, exited };

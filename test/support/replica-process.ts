@@ -3,8 +3,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { watchChildStart } from './child-ready.ts';
 
 export const ZEBU_MAIN = fileURLToPath(new URL('../../src/cli/main.ts', import.meta.url));
 
@@ -39,32 +39,10 @@ export async function startReplica(options: {
     ...(options.extraArgs ?? []),
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr += d.toString();
-    if (stderr.length > 200_000) stderr = stderr.slice(-100_000);
-  });
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const lines = readline.createInterface({ input: child.stdout! });
-    const timer = setTimeout(() => reject(new Error(`replica did not become ready in 20 s: ${stderr}`)), 20_000);
-    lines.on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not a JSON line
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`replica exited (${code}) before ready: ${stderr}`));
-    });
-  });
-  return { child, port: ready.port as number, ready, stderr: () => stderr, exited };
+  const start = watchChildStart(child, 'replica', 20_000);
+  const { exited, stderr } = start;
+  const ready = await start.ready;
+  return { child, port: ready.port as number, ready, stderr, exited };
 }
 
 /**

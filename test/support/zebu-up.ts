@@ -7,8 +7,8 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
 import { ZEBU_MAIN } from './replica-process.ts';
+import { watchChildStart } from './child-ready.ts';
 
 export interface ZebuUp {
   dataDir: string;
@@ -34,31 +34,11 @@ export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
     '--disks', String(options.disks ?? 3), '--node', 'node-1',
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stderr = '';
-  child.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-400_000);
-  });
-  const exited = new Promise<number | string>((resolve) => child.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`zebu up not ready in 60 s: ${stderr.slice(-5000)}`)), 60_000);
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
-      try {
-        const msg = JSON.parse(line) as Record<string, unknown>;
-        if (msg.ready === true) {
-          clearTimeout(timer);
-          resolve(msg);
-        }
-      } catch {
-        // not JSON
-      }
-    });
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`zebu up exited (${code}) before ready: ${stderr.slice(-5000)}`));
-    });
-  });
+  const start = watchChildStart(child, 'zebu up', 60_000, 400_000);
+  const { exited, stderr } = start;
+  const ready = await start.ready;
   const token = fs.readFileSync(String(ready.tokenFile), 'utf8').trim();
-  return { dataDir: options.dataDir, api: String(ready.api), token, nbd: String(ready.nbd), child, exited, stderr: () => stderr };
+  return { dataDir: options.dataDir, api: String(ready.api), token, nbd: String(ready.nbd), child, exited, stderr };
 }
 
 /** Stops `zebu up` with SIGTERM (a clean stop of everything) and waits. */
