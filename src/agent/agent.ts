@@ -55,6 +55,16 @@ interface EngineInfo {
   stats: { reads: number; writes: number; readBytes: number; writeBytes: number; errors: number; readLatencyMsTotal: number; writeLatencyMsTotal: number };
   recovery?: unknown;
   lastVerify?: unknown;
+  /** A newer engine (epoch) fenced this one. */
+  superseded?: boolean;
+  /** Write-intent log: regions active now, and the bound. */
+  activeRegions?: number;
+  maxActiveRegions?: number;
+}
+
+/** A count the engine reports; null when it does not (an engine of another version). */
+function countOrNull(value: unknown): number | null {
+  return typeof value === 'number' && Number.isSafeInteger(value) && value >= 0 ? value : null;
 }
 
 /** An engine's row for a replica: its manager name and the HOST:PORT it is at. */
@@ -187,7 +197,7 @@ export class Agent {
     for (const e of await this.objects.list(Kind.Engine)) {
       if (e.value.spec.nodeId !== this.nodeId) continue;
       await this.objects.mutate(Kind.Engine, e.name, (x) => {
-        x.status = { ...x.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null };
+        x.status = { ...x.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, activeRegions: null, superseded: false, exitReason: null };
       });
     }
     for (const r of await this.objects.list(Kind.Replica)) {
@@ -461,7 +471,7 @@ export class Agent {
       this.statsWrittenAt.delete(volume);
       if (mine) {
         await this.objects.mutate(Kind.Engine, volume, (e) => {
-          e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null };
+          e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null, activeRegions: null, superseded: false, exitReason: null };
         });
       } else if ((await this.objects.get(Kind.Volume, volume)) === null) {
         this.supervisor.removeLogs(id);
@@ -483,9 +493,10 @@ export class Agent {
       const startedEpoch = obj.value.status.startedEpoch ?? 0;
       if (spec.epoch <= startedEpoch) {
         await this.objects.mutate(Kind.Engine, volume, (e) => {
-          const message = `the engine process of epoch ${spec.epoch} is gone${running?.message ? ` (${running.message})` : ''}; waiting for a new epoch`;
-          if (e.status.state === 'error' && e.status.pid === null && e.status.message === message) return false;
-          e.status = { ...e.status, state: 'error', pid: null, endpoint: null, message };
+          const exitReason = running?.message || null;
+          const message = `the engine process of epoch ${spec.epoch} is gone${exitReason !== null ? ` (${exitReason})` : ''}; waiting for a new epoch`;
+          if (e.status.state === 'error' && e.status.pid === null && e.status.message === message && e.status.exitReason === exitReason) return false;
+          e.status = { ...e.status, state: 'error', pid: null, endpoint: null, message, exitReason, activeRegions: null, superseded: false };
         });
         return this.options.pollMs;
       }
@@ -629,10 +640,15 @@ export class Agent {
         recovery: recovery ?? e.status.recovery ?? null,
         lastVerify: lastVerify ?? e.status.lastVerify ?? null,
         addErrors,
+        maxActiveRegions: countOrNull(info.maxActiveRegions),
+        superseded: info.superseded === true,
+        exitReason: null,
       };
       // A recovery report belongs to the process that made it: none yet from a new one.
       if (recovery === null && e.status.epoch !== processEpoch) next.recovery = null;
       if (writeStats || e.status.stats === null) next.stats = info.stats;
+      // Changes with every write burst: refreshed with the stats, not at every poll.
+      if (writeStats || e.status.activeRegions === null || e.status.activeRegions === undefined) next.activeRegions = countOrNull(info.activeRegions);
       e.status = next;
     });
     if (updated !== null && writeStats) this.statsWrittenAt.set(volume, now);

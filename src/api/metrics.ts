@@ -6,6 +6,10 @@
  * current one, so `zebu_volume_state{state="attached"} == 1` selects attached volumes. I/O figures
  * are the engines' counters since the engine started (a restarted engine resets them, which
  * Prometheus' rate() handles as a counter reset).
+ *
+ * Crash consistency: the running engine's write-intent log (active regions and their bound) and
+ * whether a newer epoch fenced it (superseded), both absent while detached; the last start-up
+ * recovery and the last verify, kept across detach, absent before the first.
  */
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ManagerService, VolumeMetrics } from '../manager/types.ts';
@@ -46,6 +50,14 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
     ['writeLatencySecondsTotal', new Counter({ name: 'zebu_volume_write_latency_seconds_total', help: 'Sum of write latencies; divide by writes for the mean.', labelNames: volumeLabel, registers })],
     ['errors', new Counter({ name: 'zebu_volume_io_errors_total', help: 'Requests answered with an error.', labelNames: volumeLabel, registers })],
   ];
+  const activeRegions = new Gauge({ name: 'zebu_volume_active_regions', help: 'Regions (4 MiB) in the engine\'s write-intent log: what a crash now would resync.', labelNames: volumeLabel, registers });
+  const activeRegionsMax = new Gauge({ name: 'zebu_volume_active_regions_max', help: 'Bound on the active regions (write-intent-max-regions when the engine started).', labelNames: volumeLabel, registers });
+  const superseded = new Gauge({ name: 'zebu_volume_superseded', help: 'Whether a newer engine (epoch) fenced the running engine: 1 when it serves nothing.', labelNames: volumeLabel, registers });
+  const recoveryBytes = new Gauge({ name: 'zebu_volume_last_recovery_bytes', help: 'Bytes the engine resynced in its last start-up recovery.', labelNames: volumeLabel, registers });
+  const recoveryRegions = new Gauge({ name: 'zebu_volume_last_recovery_regions', help: 'Regions the engine resynced in its last start-up recovery.', labelNames: volumeLabel, registers });
+  const recoveryDuration = new Gauge({ name: 'zebu_volume_last_recovery_duration_seconds', help: 'Duration of the engine\'s last start-up recovery.', labelNames: volumeLabel, registers });
+  const verifyDiffering = new Gauge({ name: 'zebu_volume_last_verify_differing_regions', help: 'Regions found differing between replicas by the last verify (repaired or not).', labelNames: volumeLabel, registers });
+  const verifyTimestamp = new Gauge({ name: 'zebu_volume_last_verify_timestamp_seconds', help: 'When the last verify ran, in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
 
   const render = (list: VolumeMetrics[]): Promise<string> => {
     // Rebuilt from scratch: a deleted volume or replica must not linger as a stale series.
@@ -60,6 +72,21 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
       }
       if (v.io !== null) {
         for (const [field, counter] of io) counter.inc({ volume: v.name }, Math.max(0, v.io[field]));
+      }
+      const labels = { volume: v.name };
+      if (v.intent !== null) {
+        activeRegions.set(labels, v.intent.activeRegions);
+        activeRegionsMax.set(labels, v.intent.maxActiveRegions);
+      }
+      if (v.superseded !== null) superseded.set(labels, v.superseded ? 1 : 0);
+      if (v.lastRecovery !== null) {
+        recoveryBytes.set(labels, v.lastRecovery.bytes);
+        recoveryRegions.set(labels, v.lastRecovery.regions);
+        recoveryDuration.set(labels, v.lastRecovery.durationSeconds);
+      }
+      if (v.lastVerify !== null) {
+        verifyDiffering.set(labels, v.lastVerify.differingRegions);
+        verifyTimestamp.set(labels, v.lastVerify.timestampSeconds);
       }
     }
     return registry.metrics();

@@ -115,6 +115,7 @@ volume
   .requiredOption('--epoch <N>', 'this attachment\'s epoch')
   .option('--run-dir <DIR>', 'directory for the internal sockets')
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
   .action((opts) => volumeServe(opts).catch(fail));
 
 program

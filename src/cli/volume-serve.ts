@@ -11,7 +11,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import pino from 'pino';
-import { ZebuError, ErrorCode } from '../errors.ts';
+import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parsePositiveInt } from './units.ts';
 
@@ -28,6 +28,7 @@ export interface VolumeServeArgs {
   epoch: string;
   runDir?: string;
   requestTimeoutMs?: string;
+  maxActiveRegions?: string;
 }
 
 interface Child {
@@ -45,6 +46,10 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   if (!VOLUME_NAME.test(args.name)) throw new ZebuError(ErrorCode.EINVAL, `volume name must be 1-63 of [a-z0-9._-] starting with a letter or digit, got ${JSON.stringify(args.name)}`);
   parseBytes(args.size);
   parsePositiveInt(args.epoch, '--epoch');
+  // Checked here as the engine checks it: a bad value must not surface as "engine exited before it was ready".
+  if (args.maxActiveRegions !== undefined && parsePositiveInt(args.maxActiveRegions, '--max-active-regions') < 1) {
+    throw invalid(`--max-active-regions must be at least 1, got ${JSON.stringify(args.maxActiveRegions)}`);
+  }
   readSecretFile(args.secretFile);
   if (args.replica.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'give at least one --replica HOST:PORT');
   if (args.nbd === undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT and/or --nbd-socket PATH');
@@ -62,6 +67,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       '--secret-file', args.secretFile, '--epoch', args.epoch,
       ...args.replica.flatMap((r) => ['--replica', r]),
       ...(args.requestTimeoutMs !== undefined ? ['--request-timeout-ms', args.requestTimeoutMs] : []),
+      ...(args.maxActiveRegions !== undefined ? ['--max-active-regions', args.maxActiveRegions] : []),
     ],
     proc: null, ready: null, restarts: 0,
   };

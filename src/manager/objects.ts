@@ -127,6 +127,17 @@ export interface EngineValue {
     lastVerify?: VerifyView | null;
     /** Replicas the agent could not add to the engine in its last pass (name -> why). */
     addErrors?: Record<string, { address: string; code: string; message: string }>;
+    /** The running engine's write-intent log: regions active (refreshed with the stats) and its bound. */
+    activeRegions?: number | null;
+    maxActiveRegions?: number | null;
+    /** The running engine was fenced by a newer epoch (FENCED): it serves nothing. */
+    superseded?: boolean;
+    /**
+     * Why the last process of this engine is gone, in the supervisor's words (e.g. "crashed:
+     * killed by SIGKILL"); null while one runs or when nothing is known. `message` says the same
+     * in a sentence for people; this is the bare cause, for events.
+     */
+    exitReason?: string | null;
   };
 }
 

@@ -511,7 +511,13 @@ export class ManagerServiceImpl implements ManagerService {
     const engineByName = new Map(engines.map((e) => [e.name, e]));
     return volumes.map((v) => {
       const engine = engineByName.get(v.name) ?? null;
-      const stats = engine?.value.status.state === 'running' ? engine.value.status.stats : null;
+      const running = engine?.value.status.state === 'running' ? engine.value.status : null;
+      const stats = running?.stats ?? null;
+      const activeRegions = running?.activeRegions ?? null;
+      const maxActiveRegions = running?.maxActiveRegions ?? null;
+      const recovery = v.value.status.lastRecovery ?? null;
+      const verify = v.value.status.lastVerify ?? null;
+      const verifiedAt = verify !== null ? Date.parse(verify.at) : NaN;
       return {
         name: v.name,
         state: v.value.status.state,
@@ -529,6 +535,10 @@ export class ManagerServiceImpl implements ManagerService {
           writeLatencySecondsTotal: stats.writeLatencyMsTotal / 1000,
           errors: stats.errors,
         },
+        intent: activeRegions === null || maxActiveRegions === null ? null : { activeRegions, maxActiveRegions },
+        superseded: running === null ? null : running.superseded === true,
+        lastRecovery: recovery === null ? null : { regions: recovery.regions, bytes: recovery.bytes, durationSeconds: recovery.durationMs / 1000 },
+        lastVerify: verify === null ? null : { differingRegions: verify.differing.length, timestampSeconds: Number.isNaN(verifiedAt) ? 0 : verifiedAt / 1000 },
       };
     });
   }

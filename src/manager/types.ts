@@ -220,6 +220,14 @@ export interface VolumeMetrics {
     writeLatencySecondsTotal: number;
     errors: number;
   } | null;
+  /** The running engine's write-intent log: regions active now and its bound; null while detached (or not reported). */
+  intent: { activeRegions: number; maxActiveRegions: number } | null;
+  /** Whether the running engine was fenced by a newer epoch (it serves nothing); null while detached. */
+  superseded: boolean | null;
+  /** The engine's last start-up recovery; null before the first. */
+  lastRecovery: { regions: number; bytes: number; durationSeconds: number } | null;
+  /** The last verify; null before the first. */
+  lastVerify: { differingRegions: number; timestampSeconds: number } | null;
 }
 
 export interface ManagerService {

@@ -370,7 +370,9 @@ export class VolumeController {
     await this.objects.mutate(Kind.Engine, engine.name, (x) => {
       x.spec.epoch = Math.max(x.spec.epoch, epoch);
     });
-    const why = engine.value.status.message !== null ? ` (${engine.value.status.message})` : '';
+    // The bare cause (the agent's `message` is a sentence around it, for the volume's status).
+    const cause = engine.value.status.exitReason ?? null;
+    const why = cause !== null ? ` (${cause})` : '';
     await this.event(volume.name, 'Normal', 'EngineRestarting', `the engine process of volume ${volume.name} (epoch ${before}) is gone${why}: starting a new one with epoch ${epoch}`, Kind.Engine, engine.name);
     return 0;
   }

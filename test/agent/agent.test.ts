@@ -75,6 +75,12 @@ test('agent + manager: create, attach, serve qemu-io, re-adopt after the agent g
   assert.equal(before.filter((p) => p.role === 'replica').length, 3);
   assert.equal(before.filter((p) => p.role === 'engine').length, 1);
   assert.equal(before.filter((p) => p.role === 'frontend').length, 1);
+  // The engine's write-intent figures reach the metrics (the bound: the write-intent-max-regions default).
+  const m = await waitFor('write-intent figures', async () => (await service.metrics()).find((x) => x.name === 'a1' && x.intent !== null), 30_000);
+  assert.equal(m.intent!.maxActiveRegions, 256);
+  assert.ok(Number.isInteger(m.intent!.activeRegions) && m.intent!.activeRegions >= 0 && m.intent!.activeRegions <= 256, JSON.stringify(m.intent));
+  assert.equal(m.superseded, false);
+  assert.ok(m.lastRecovery !== null, 'the first start-up recovery');
 
   // The agent and manager go away without stopping the data path: I/O goes on.
   await manager.stop();
@@ -164,6 +170,10 @@ test('agent: a crashed frontend or engine is restarted and serves again; exactly
     }, 60_000, 500);
     assert.equal(served.state, 'attached');
   }
+  // The engine's crash reads once in the event, in the supervisor's words.
+  const restarting = (await service.listEvents({ volume: 'c1' })).find((e) => e.reason === 'EngineRestarting');
+  assert.match(restarting?.message ?? '', /^the engine process of volume c1 \(epoch 1\) is gone \(crashed: killed by SIGKILL.*\): starting a new one with epoch 2$/s);
+  assert.doesNotMatch(restarting!.message, /waiting for a new epoch/);
   r = qemuIo(v.endpoint!, ['write -P 0x22 1M 1M', 'read -P 0x11 0 1M', 'read -P 0x22 1M 1M']);
   assert.equal(r.status, 0, r.out);
   const procs = processesUnder(dataDir);

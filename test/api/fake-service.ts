@@ -24,6 +24,8 @@ interface FakeVolume {
   io: NonNullable<VolumeMetrics['io']>;
   /** Regions whose replicas differ (what the next verify finds). */
   differing: number[];
+  /** What the "engine" reports while attached: its write-intent log and whether it was fenced. */
+  engine: { activeRegions: number; maxActiveRegions: number; superseded: boolean };
 }
 
 /** Regions of the fake volumes (4 MiB each). */
@@ -132,6 +134,7 @@ export class FakeManagerService implements ManagerService {
     };
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
+      engine: { activeRegions: 0, maxActiveRegions: 256, superseded: false },
       io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0 },
     });
     this.event(name, 'Created', `volume ${name} created with ${count} replica(s)`);
@@ -390,7 +393,21 @@ export class FakeManagerService implements ManagerService {
       sizeBytes: v.view.sizeBytes,
       replicas: v.view.replicas.map((r) => ({ name: r.name, mode: r.mode })),
       io: v.view.state === 'attached' ? { ...v.io } : null,
+      intent: v.view.state === 'attached' ? { activeRegions: v.engine.activeRegions, maxActiveRegions: v.engine.maxActiveRegions } : null,
+      superseded: v.view.state === 'attached' ? v.engine.superseded : null,
+      lastRecovery: v.view.lastRecovery === null ? null : { regions: v.view.lastRecovery.regions, bytes: v.view.lastRecovery.bytes, durationSeconds: v.view.lastRecovery.durationMs / 1000 },
+      lastVerify: v.view.lastVerify === null ? null : { differingRegions: v.view.lastVerify.differing.length, timestampSeconds: Date.parse(v.view.lastVerify.at) / 1000 },
     }));
+  }
+
+  /** Test hook: what the "engine" reports of its write-intent log and fencing. */
+  setEngine(volume: string, engine: Partial<FakeVolume['engine']>): void {
+    Object.assign(this.must(volume).engine, engine);
+  }
+
+  /** Test hook: the "engine's" last start-up recovery. */
+  setLastRecovery(volume: string, recovery: NonNullable<VolumeView['lastRecovery']>): void {
+    this.must(volume).view.lastRecovery = structuredClone(recovery);
   }
 
   /** Test hook: I/O figures the "engine" reports. */

@@ -379,6 +379,57 @@ test('/metrics: Prometheus text with volume state, robustness, replica modes and
   assert.equal((await call(app, 'GET', '/metrics')).status, 200);
 });
 
+test('/metrics: crash consistency: write-intent log, fencing, last recovery and last verify per volume', async (t) => {
+  const { app, service } = await server(t);
+  await call(app, 'POST', '/v1/volumes', { body: { name: 'v1', sizeBytes: GiB, numberOfReplicas: 2 } });
+  await call(app, 'POST', '/v1/volumes', { body: { name: 'v2', sizeBytes: GiB, numberOfReplicas: 1 } });
+  await call(app, 'POST', '/v1/volumes/v1/attach');
+  await pollVolume(app, 'v1', (a) => a.body.state === 'attached');
+  // Before any recovery or verify, and while detached (v2): none of those series.
+  const before = await call(app, 'GET', '/metrics');
+  assert.doesNotMatch(before.text, /zebu_volume_last_(recovery|verify)_\w+\{/);
+  assert.doesNotMatch(before.text, /zebu_volume_(active_regions|active_regions_max|superseded)\{volume="v2"\}/, 'a detached volume has no engine series');
+  assert.ok(before.text.split('\n').includes('zebu_volume_superseded{volume="v1"} 0'), before.text);
+
+  service.setEngine('v1', { activeRegions: 17, maxActiveRegions: 256 });
+  service.setLastRecovery('v1', {
+    at: '2024-01-01T00:00:00.000Z', clean: false, source: 'v1-r-0', regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 1250, deltaReplicas: [], erredReplicas: [],
+  });
+  service.setDiffering('v1', [2, 5]);
+  const report = await call(app, 'POST', '/v1/volumes/v1/verify', { body: {} });
+  assert.equal(report.status, 200, report.text);
+  const verifiedAt = Date.parse(report.body.at) / 1000;
+
+  const m = await call(app, 'GET', '/metrics');
+  const expected = [
+    'zebu_volume_active_regions{volume="v1"} 17',
+    'zebu_volume_active_regions_max{volume="v1"} 256',
+    'zebu_volume_superseded{volume="v1"} 0',
+    `zebu_volume_last_recovery_bytes{volume="v1"} ${3 * 4 * 2 ** 20}`,
+    'zebu_volume_last_recovery_regions{volume="v1"} 3',
+    'zebu_volume_last_recovery_duration_seconds{volume="v1"} 1.25',
+    'zebu_volume_last_verify_differing_regions{volume="v1"} 2',
+    `zebu_volume_last_verify_timestamp_seconds{volume="v1"} ${verifiedAt}`,
+    '# TYPE zebu_volume_active_regions gauge',
+    '# TYPE zebu_volume_superseded gauge',
+    '# TYPE zebu_volume_last_verify_differing_regions gauge',
+    '# HELP zebu_volume_last_recovery_duration_seconds Duration of the engine\'s last start-up recovery.',
+  ];
+  const lines = new Set(m.text.split('\n'));
+  for (const line of expected) assert.ok(lines.has(line), `missing ${line} in:\n${m.text}`);
+  assert.doesNotMatch(m.text, /zebu_volume_(active_regions|active_regions_max|superseded|last_recovery_\w+|last_verify_\w+)\{volume="v2"\}/);
+
+  // Fenced by a newer epoch: 1. After a detach, the engine series go; recovery and verify stay.
+  service.setEngine('v1', { superseded: true });
+  assert.ok((await call(app, 'GET', '/metrics')).text.split('\n').includes('zebu_volume_superseded{volume="v1"} 1'));
+  await call(app, 'POST', '/v1/volumes/v1/detach');
+  await pollVolume(app, 'v1', (a) => a.body.state === 'detached');
+  const detached = (await call(app, 'GET', '/metrics')).text;
+  assert.doesNotMatch(detached, /zebu_volume_(active_regions|active_regions_max|superseded)\{/);
+  assert.ok(detached.split('\n').includes('zebu_volume_last_recovery_regions{volume="v1"} 3'), detached);
+  assert.ok(detached.split('\n').includes('zebu_volume_last_verify_differing_regions{volume="v1"} 2'), detached);
+});
+
 test('/v1/openapi.json: an OpenAPI 3.1 document of exactly the routes served, with resolvable schemas', async (t) => {
   const { app, service } = await server(t);
   const a = await call(app, 'GET', '/v1/openapi.json');

@@ -5,14 +5,17 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { buildApiServer } from '../../src/api/server.ts';
 import { FakeManagerService } from '../api/fake-service.ts';
-import { ZEBU_MAIN } from '../support/replica-process.ts';
+import { ZEBU_MAIN, startTestReplica } from '../support/replica-process.ts';
+import { watchChildStart } from '../support/child-ready.ts';
+import { controlRequest } from '../../src/engine/control-server.ts';
 import { tempDir } from '../support/tmp.ts';
 
 const TOKEN = 'cli-test-token-0123456789';
@@ -338,6 +341,41 @@ test('the data-path commands are still there', async () => {
   }
   const help = spawnSync(process.execPath, [ZEBU_MAIN, 'volume', '--help'], { timeout: 60_000 }).stdout.toString();
   for (const sub of ['serve', 'create', 'list', 'get', 'attach', 'detach', 'delete', 'expand', 'wait']) assert.match(help, new RegExp(`^  ${sub} `, 'm'), sub);
+});
+
+test('volume serve --max-active-regions: checked as the engine checks it, and given to the engine', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-test-'));
+  let served: { child: ChildProcess; exited: Promise<unknown> } | null = null;
+  t.after(async () => {
+    // SIGTERM: the supervisor stops its frontend and engine before it exits; then the directory goes.
+    if (served !== null) {
+      if (served.child.exitCode === null && served.child.signalCode === null) served.child.kill('SIGTERM');
+      await served.exited;
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  const secret = 'zebu-test-secret-0123456789abcdef';
+  const secretFile = path.join(dir, 'secret');
+  fs.writeFileSync(secretFile, secret + '\n', { mode: 0o600 });
+  const args = (replica: string, max: string): string[] => [
+    ZEBU_MAIN, 'volume', 'serve', '--name', 'mv', '--size', '64MiB', '--replica', replica, '--nbd-socket', path.join(dir, 'nbd.sock'),
+    '--secret-file', secretFile, '--epoch', '1', '--run-dir', path.join(dir, 'run'), '--max-active-regions', max,
+  ];
+  for (const [max, message] of [['0', /^zebu: --max-active-regions must be at least 1, got "0" \(ZEBU_ERR_EINVAL\)$/], ['lots', /^zebu: --max-active-regions must be a whole number, got "lots" \(ZEBU_ERR_EINVAL\)$/]] as const) {
+    const r = spawnSync(process.execPath, args('127.0.0.1:1', max), { timeout: 60_000 });
+    assert.equal(r.status, 1, max);
+    assert.match(r.stderr.toString().trim(), message);
+  }
+  assert.match(spawnSync(process.execPath, [ZEBU_MAIN, 'volume', 'serve', '--help'], { timeout: 60_000 }).stdout.toString(), /--max-active-regions <N>/);
+
+  const replica = await startTestReplica(t, { sizeBytes: 64 * MiB, secret: Buffer.from(secret) });
+  const child = spawn(process.execPath, args(`127.0.0.1:${replica.port}`, '7'), { stdio: ['ignore', 'pipe', 'pipe'] });
+  const start = watchChildStart(child, 'volume serve', 30_000);
+  served = { child, exited: start.exited };
+  const ready = await start.ready;
+  const info = (await controlRequest(ready.controlSocket as string, 'GET', '/v1/info')) as { maxActiveRegions: number; activeRegions: number };
+  assert.equal(info.maxActiveRegions, 7);
+  assert.equal(info.activeRegions, 0);
 });
 
 test('volume verify (table, --json, exit 1 when regions differ) and volume salvage', async (t) => {

@@ -66,7 +66,9 @@ class FakeAgent {
           return;
         }
         if (this.crash.delete(e.name)) {
-          x.status = { ...x.status, state: 'error', pid: null, endpoint: null, message: 'crashed: killed by SIGKILL' };
+          // As the agent writes it: the cause apart, and a sentence around it.
+          const exitReason = 'crashed: killed by SIGKILL';
+          x.status = { ...x.status, state: 'error', pid: null, endpoint: null, exitReason, message: `the engine process of epoch ${x.spec.epoch} is gone (${exitReason}); waiting for a new epoch` };
           return;
         }
         // The agent's rule: a process per epoch, never two with the same one.
@@ -105,7 +107,8 @@ class FakeAgent {
           replicas[name] = { address, mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null };
         }
         x.status = {
-          ...x.status, state: 'running', pid: 4242, epoch: x.spec.epoch, sizeBytes: x.spec.sizeBytes, replicas, addErrors,
+          ...x.status, state: 'running', pid: 4242, epoch: x.spec.epoch, sizeBytes: x.spec.sizeBytes, replicas, addErrors, exitReason: null,
+          activeRegions: 5, maxActiveRegions: 256, superseded: false,
           faulted, faultedReason: faulted ? 'no replica left in service' : null,
           endpoint: x.spec.frontend ? `nbd://127.0.0.1:10809/${e.name}` : null,
           recovery: fresh ? {
@@ -373,10 +376,17 @@ test('epochs: a crashed engine process comes back with a new epoch; so does one 
   assert.equal((await service.getVolume('ep')).epoch, 3);
   const events = (await service.listEvents({ volume: 'ep' })).filter((e) => e.reason === 'EngineRestarting');
   assert.equal(events.length, 2);
-  assert.match(events.at(-1)!.message, /epoch 1\) is gone \(crashed: killed by SIGKILL\): starting a new one with epoch 2/);
+  assert.match(events.at(-1)!.message, /^the engine process of volume ep \(epoch 1\) is gone \(crashed: killed by SIGKILL\): starting a new one with epoch 2$/);
+  assert.match(events.at(0)!.message, /\(epoch 2\) is gone: starting a new one with epoch 3$/, 'a clean stop has no cause');
   // The engine's start-up recovery shows in the volume, with an event (it resynced regions).
   const v = await service.getVolume('ep');
   assert.equal(v.lastRecovery?.regions, 3);
+  // ... and in the metrics, with the engine's write-intent figures.
+  const m = (await service.metrics()).find((x) => x.name === 'ep')!;
+  assert.deepEqual(m.lastRecovery, { regions: 3, bytes: 3 * 4 * 2 ** 20, durationSeconds: 0.007 });
+  assert.deepEqual(m.intent, { activeRegions: 5, maxActiveRegions: 256 });
+  assert.equal(m.superseded, false);
+  assert.equal(m.lastVerify, null);
   assert.ok((await service.listEvents({ volume: 'ep' })).some((e) => e.reason === 'Recovery' && /3 region\(s\) .* resynced from ep-r-/.test(e.message)));
 });
 
