@@ -19,7 +19,7 @@ import { FaultCluster } from '../test/support/fault-cluster.ts';
 import { renderTable } from '../test/support/fault-table.ts';
 import { BLOCK_BYTES, REGION_BYTES, encodeBlock } from '../test/support/fault-writer.ts';
 import { Prng } from '../test/support/fault-prng.ts';
-import type { FaultNbdClient } from '../test/support/fault-nbd.ts';
+import type { NbdClient } from '../test/support/nbd-client.ts';
 
 const MiB = 1024 * 1024;
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
@@ -43,7 +43,7 @@ async function withCluster<T>(fn: (cluster: FaultCluster) => Promise<T>): Promis
  * Writes 4k blocks at random inside `regions`, `depth` at a time, until stop() — no flush, so
  * the regions stay active. Records the longest time any write waited for its reply.
  */
-function loadRegions(client: FaultNbdClient, regions: number[], random: Prng): { stop: () => Promise<number>; writes: () => number } {
+function loadRegions(client: NbdClient, regions: number[], random: Prng): { stop: () => Promise<number>; writes: () => number } {
   let running = true;
   let writes = 0;
   let maxWaitMs = 0;

@@ -1318,8 +1318,10 @@ export class Engine implements BlockBackend {
       if (this.rebuilding === rebuild) this.rebuilding = null;
       if (joined) this.dropClaims();
     }
-    // Whole again: nobody needs its map any more.
-    await Promise.all(this.replicas.filter((r) => r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
+    // Whole again: nobody needs its map any more. Not awaited: the rebuild is done (and reported)
+    // the moment the target is RW; a drop that fails leaves a map a later start-up merely uses
+    // for a (needless, small) delta.
+    for (const r of this.replicas) if (r.mode === ReplicaMode.RW) void this.controlOn(r, (c) => c.missedDrop(target.key));
   }
 
   /** The delta rebuilds start-up decided, one after another, in the background. */

@@ -16,7 +16,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
-import { FaultNbdClient, parseNbdUri } from '../support/fault-nbd.ts';
+import { NbdClient, parseNbdUri } from '../support/nbd-client.ts';
 import { FaultWriter, Ledger, REGION_BYTES } from '../support/fault-writer.ts';
 import { checkAndRebase, compareReplicasOnline, describeViolations, type CheckMode } from '../support/fault-checker.ts';
 import { emptyFigures, printFigures, type FaultFigures } from '../support/fault-table.ts';
@@ -57,7 +57,7 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
   const secret = readSecretFile(path.join(dataDir, 'secret'));
 
   const ledger = new Ledger(SIZE);
-  const writer = new FaultWriter({ connect: () => FaultNbdClient.connect(target, name, 5000), ledger, prng: random.fork(), hotRegions: [0], regionBytes: REGION_BYTES, depth: 8 });
+  const writer = new FaultWriter({ connect: () => NbdClient.connect(target, name, 5000), ledger, prng: random.fork(), hotRegions: [0], regionBytes: REGION_BYTES, depth: 8 });
   await writer.start();
 
   const figures = new Map<string, FaultFigures>(KINDS.map((k) => [k, emptyFigures(k)]));
@@ -125,7 +125,7 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
 
       await sleep(random.range(100, 500));
       await writer.quiesce();
-      const client = await FaultNbdClient.connect(target, name, 5000);
+      const client = await NbdClient.connect(target, name, 5000);
       const report = await checkAndRebase(client, ledger, mode).finally(() => client.disconnect());
       f.ackedWrites += ledger.ackedWrites - ackedBefore;
       f.lostAcked += report.lost;

@@ -17,7 +17,7 @@ import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import type { DataServer } from '../../src/protocol/server.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { MemoryBackend } from './memory-backend.ts';
-import { NbdTestClient, NbdOptionError, type NbdTarget } from './nbd-test-client.ts';
+import { NbdClient, NbdOptionError, type NbdTarget } from '../support/nbd-client.ts';
 
 const SECRET = Buffer.from('zebu-test-secret-0123456789abcdef');
 const MiB = 1024 * 1024;
@@ -104,8 +104,8 @@ test('exports are added, listed and served side by side; PUT is idempotent', asy
   assert.equal(info.nbdSocket, (node.nbd as { path: string }).path);
   assert.equal(info.nbdAddress, null);
 
-  const ca = await NbdTestClient.connect(node.nbd, 'a');
-  const cb = await NbdTestClient.connect(node.nbd, 'b');
+  const ca = await NbdClient.connect(node.nbd, 'a');
+  const cb = await NbdClient.connect(node.nbd, 'b');
   assert.equal(ca.sizeBytes, 4 * MiB);
   assert.equal(cb.sizeBytes, 8 * MiB);
   assert.equal(await ca.write(0, pattern(1, 64 * 1024)), 0);
@@ -134,8 +134,8 @@ test('DELETE answers in-flight requests first, refuses new ones, then disconnect
   const b = await startEngine(t, node.dir, 'b', 4 * MiB);
   await node.control.putExport('a', a.socket);
   await node.control.putExport('b', b.socket);
-  const ca = await NbdTestClient.connect(node.nbd, 'a');
-  const cb = await NbdTestClient.connect(node.nbd, 'b');
+  const ca = await NbdClient.connect(node.nbd, 'a');
+  const cb = await NbdClient.connect(node.nbd, 'b');
 
   a.backend.hold();
   const writes = Array.from({ length: 16 }, (_, i) => ca.write(i * 4096, pattern(100 + i, 4096)));
@@ -143,7 +143,7 @@ test('DELETE answers in-flight requests first, refuses new ones, then disconnect
   const removal = node.control.removeExport('a');
   // New handshakes for "a" fail at once, while the old connection drains.
   await waitFor('export a gone from the list', async () => (await node.control.listExports()).every((e) => e.name !== 'a'));
-  await assert.rejects(NbdTestClient.connect(node.nbd, 'a'), (err: NbdOptionError) => err.reply === Rep.ERR_UNKNOWN);
+  await assert.rejects(NbdClient.connect(node.nbd, 'a'), (err: NbdOptionError) => err.reply === Rep.ERR_UNKNOWN);
   // A request that arrives during the drain is refused with ESHUTDOWN, not left unanswered.
   assert.equal(await ca.write(0, pattern(9, 4096)), NbdErrno.ESHUTDOWN);
   // The other export is untouched.
@@ -159,7 +159,7 @@ test('DELETE answers in-flight requests first, refuses new ones, then disconnect
 
   // The data reached the engine; a new PUT serves it again.
   await node.control.putExport('a', a.socket);
-  const again = await NbdTestClient.connect(node.nbd, 'a');
+  const again = await NbdClient.connect(node.nbd, 'a');
   for (let i = 0; i < 16; i++) assert.deepEqual((await again.read(i * 4096, 4096)).data, pattern(100 + i, 4096));
   await again.disconnect();
   await cb.disconnect();
@@ -170,7 +170,7 @@ test('DELETE with an engine that never answers: bounded by the drain timeout', a
   const node = await startNode(t, { drainTimeoutMs: 500 });
   const a = await startEngine(t, node.dir, 'a', 4 * MiB);
   await node.control.putExport('a', a.socket);
-  const ca = await NbdTestClient.connect(node.nbd, 'a');
+  const ca = await NbdClient.connect(node.nbd, 'a');
   a.backend.hold();
   const write = ca.write(0, pattern(1, 4096)).catch((err: Error) => err.message);
   await waitFor('write held', () => a.backend.held === 1);
@@ -187,7 +187,7 @@ test('PUT with another engine socket replaces the export: old clients drained, n
   const one = await startEngine(t, node.dir, 'one', 4 * MiB);
   const two = await startEngine(t, node.dir, 'two', 6 * MiB);
   await node.control.putExport('vol', one.socket);
-  const oldClient = await NbdTestClient.connect(node.nbd, 'vol');
+  const oldClient = await NbdClient.connect(node.nbd, 'vol');
   one.backend.hold();
   const writes = [0, 1, 2, 3].map((i) => oldClient.write(i * 4096, pattern(i, 4096)));
   await waitFor('writes held', () => one.backend.held === 4);
@@ -206,10 +206,10 @@ test('PUT with another engine socket replaces the export: old clients drained, n
   await newClient.disconnect();
 });
 
-async function waitForConnect(target: NbdTarget, name: string, accept: (c: NbdTestClient) => boolean): Promise<NbdTestClient> {
+async function waitForConnect(target: NbdTarget, name: string, accept: (c: NbdClient) => boolean): Promise<NbdClient> {
   const deadline = Date.now() + 20_000;
   for (;;) {
-    const c = await NbdTestClient.connect(target, name).catch(() => null);
+    const c = await NbdClient.connect(target, name).catch(() => null);
     if (c !== null && accept(c)) return c;
     if (c !== null) await c.disconnect();
     if (Date.now() > deadline) throw new Error(`no acceptable connection to ${name}`);
@@ -221,13 +221,13 @@ test('refresh: new connections see the grown size, open ones keep theirs', async
   const node = await startNode(t);
   const a = await startEngine(t, node.dir, 'a', 4 * MiB);
   await node.control.putExport('a', a.socket);
-  const before = await NbdTestClient.connect(node.nbd, 'a');
+  const before = await NbdClient.connect(node.nbd, 'a');
   a.backend.resize(12 * MiB);
   // Not refreshed yet: the frontend still says 4 MiB.
-  assert.equal((await NbdTestClient.connect(node.nbd, 'a').then(async (c) => (await c.disconnect(), c))).sizeBytes, 4 * MiB);
+  assert.equal((await NbdClient.connect(node.nbd, 'a').then(async (c) => (await c.disconnect(), c))).sizeBytes, 4 * MiB);
   const view = await node.control.refreshExport('a');
   assert.equal(view.sizeBytes, 12 * MiB);
-  const after = await NbdTestClient.connect(node.nbd, 'a');
+  const after = await NbdClient.connect(node.nbd, 'a');
   assert.equal(after.sizeBytes, 12 * MiB);
   assert.equal(await after.write(10 * MiB, pattern(5, 4096)), 0);
   assert.deepEqual((await after.read(10 * MiB, 4096)).data, pattern(5, 4096));
@@ -309,7 +309,7 @@ test('bad control requests get 400/404/405 with a code, and the frontend keeps s
   // The engine's client works on this socket too; its errors carry the same codes.
   await rejectsWith(controlRequest(node.controlSocket, 'PUT', '/v1/exports/x', { engineSocket: 7 }), ErrorCode.EINVAL, /engineSocket/);
   assert.equal(((await controlRequest(node.controlSocket, 'GET', '/v1/info')) as { exports: number }).exports, 1);
-  const c = await NbdTestClient.connect(node.nbd, 'a');
+  const c = await NbdClient.connect(node.nbd, 'a');
   assert.equal(await c.write(0, pattern(1, 4096)), 0);
   await c.disconnect();
 });
@@ -328,7 +328,7 @@ test('PUT and DELETE of one name are serialized; closing answers in-flight reque
   assert.deepEqual(results.map((r) => r !== null && 'removed' in r ? 'removed' : (r as { name: string }).name), ['a', 'removed', 'a', 'removed', 'a']);
   assert.equal((await node.control.listExports()).length, 1);
 
-  const c = await NbdTestClient.connect(node.nbd, 'a');
+  const c = await NbdClient.connect(node.nbd, 'a');
   a.backend.hold();
   const writes = [0, 1, 2].map((i) => c.write(i * 4096, pattern(i, 4096)));
   await waitFor('writes held', () => a.backend.held === 3);

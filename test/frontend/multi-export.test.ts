@@ -18,7 +18,7 @@ import { tempDir, pattern } from '../support/tmp.ts';
 import { startReplica, writeSecret, ZEBU_MAIN } from '../support/replica-process.ts';
 import { run, mustRun } from '../support/volume-cluster.ts';
 import { MemoryBackend } from './memory-backend.ts';
-import { NbdTestClient } from './nbd-test-client.ts';
+import { NbdClient } from '../support/nbd-client.ts';
 import { watchChildStart } from '../support/child-ready.ts';
 
 const MiB = 1024 * 1024;
@@ -96,7 +96,7 @@ function runAsync(cmd: string, args: string[], timeoutMs = 120_000): Promise<{ c
 }
 
 /** Writes and reads back on one export until stopped; counts errors and mismatches. */
-function startLoad(client: NbdTestClient, seed: number): { stop: () => Promise<{ ops: number; errors: string[] }> } {
+function startLoad(client: NbdClient, seed: number): { stop: () => Promise<{ ops: number; errors: string[] }> } {
   let running = true;
   let ops = 0;
   const errors: string[] = [];
@@ -202,7 +202,7 @@ test('one frontend process serves two volumes by export name; exports come and g
     const server = await backend.serve(memSocket, secret);
     t2.after(() => server.close(1000));
     assert.equal((await control.putExport('mem', memSocket)).sizeBytes, 8 * MiB);
-    const open = await NbdTestClient.connect({ host: '127.0.0.1', port }, 'mem');
+    const open = await NbdClient.connect({ host: '127.0.0.1', port }, 'mem');
     backend.resize(24 * MiB);
     assert.equal((await control.refreshExport('mem')).sizeBytes, 24 * MiB);
     // nbdinfo reads the first sectors (content detection): run it without blocking the stand-in engine.
@@ -259,8 +259,8 @@ test('one frontend process serves two volumes by export name; exports come and g
   });
 
   await t.test('DELETE a while its client has requests in flight: answered, then disconnected; b goes on', async () => {
-    const ca = await NbdTestClient.connect({ host: '127.0.0.1', port }, 'a');
-    const cb = await NbdTestClient.connect({ path: nbdSocket }, 'b');
+    const ca = await NbdClient.connect({ host: '127.0.0.1', port }, 'a');
+    const cb = await NbdClient.connect({ path: nbdSocket }, 'b');
     const load = startLoad(cb, 1000);
     // Stop a's engine so that the writes stay in flight for as long as we need.
     a.engine.child.kill('SIGSTOP');
@@ -294,7 +294,7 @@ test('one frontend process serves two volumes by export name; exports come and g
 
     // The answered writes are on the volume: add a back and read them.
     await control.putExport('a', a.engineSocket);
-    const again = await NbdTestClient.connect({ host: '127.0.0.1', port }, 'a');
+    const again = await NbdClient.connect({ host: '127.0.0.1', port }, 'a');
     for (let i = 0; i < 16; i++) assert.ok((await again.read(i * 64 * 1024, 64 * 1024)).data.equals(pattern(500 + i, 64 * 1024)), `write ${i}`);
     await again.disconnect();
     mustRun('qemu-io', ['-f', 'raw', '-c', 'read 0 1M', uri('b')]);
@@ -348,14 +348,14 @@ test('the frontend keeps serving when the process that started it (the agent) di
   t.after(() => server.close(1000));
   const control = new FrontendControlClient(controlSocket);
   await control.putExport('v', path.join(dir, 'v.engine.sock'));
-  const before = await NbdTestClient.connect({ path: nbdSocket }, 'v');
+  const before = await NbdClient.connect({ path: nbdSocket }, 'v');
   assert.equal(await before.write(0, pattern(1, 4096)), 0);
 
   agent.kill('SIGKILL');
   await agentExited;
   // Its stdout and stderr now lead nowhere: logging (every connection, every change) must not hurt.
   for (let i = 0; i < 20; i++) {
-    const c = await NbdTestClient.connect({ path: nbdSocket }, 'v');
+    const c = await NbdClient.connect({ path: nbdSocket }, 'v');
     assert.equal(await c.write(4096 * (i + 1), pattern(i + 2, 4096)), 0);
     await c.disconnect();
   }

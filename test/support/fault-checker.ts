@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import { Replica } from '../../src/replica/replica.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
-import type { FaultNbdClient } from './fault-nbd.ts';
+import type { NbdClient } from './nbd-client.ts';
 import { BLOCK_BYTES, SECTOR_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
 
 /**
@@ -60,7 +60,7 @@ function sectorsFromCandidates(ledger: Ledger, block: number, slice: Buffer, can
 }
 
 /** Reads the whole volume over `client` (parallel 1 MiB reads); throws on an NBD error. */
-export async function readVolume(client: FaultNbdClient, sizeBytes: number): Promise<Buffer> {
+export async function readVolume(client: NbdClient, sizeBytes: number): Promise<Buffer> {
   const out = Buffer.allocUnsafe(sizeBytes);
   let next = 0;
   const reader = async (): Promise<void> => {
@@ -116,7 +116,7 @@ export function checkContent(ledger: Ledger, volume: Buffer, mode: CheckMode): C
  * Reads the volume, checks it against the ledger, makes what it read durable (FLUSH) and
  * takes it as the new baseline of every block. Returns the report.
  */
-export async function checkAndRebase(client: FaultNbdClient, ledger: Ledger, mode: CheckMode): Promise<CheckReport> {
+export async function checkAndRebase(client: NbdClient, ledger: Ledger, mode: CheckMode): Promise<CheckReport> {
   const volume = await readVolume(client, ledger.blocks * BLOCK_BYTES);
   const report = checkContent(ledger, volume, mode);
   const errno = await client.flush();

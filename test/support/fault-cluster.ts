@@ -19,7 +19,7 @@ import { ReplicaClient } from '../../src/protocol/client.ts';
 import { ZEBU_MAIN, writeSecret } from './replica-process.ts';
 import net from 'node:net';
 import { BlackholeProxy } from './fault-proxy.ts';
-import { FaultNbdClient, type NbdTarget } from './fault-nbd.ts';
+import { NbdClient, type NbdTarget } from './nbd-client.ts';
 import { compareReplicasOnline, type OfflineDifference } from './fault-checker.ts';
 import { watchChildStart } from './child-ready.ts';
 
@@ -144,8 +144,8 @@ export class FaultCluster {
     return { path: this.nbdSocket };
   }
 
-  connectNbd(): Promise<FaultNbdClient> {
-    return FaultNbdClient.connect(this.nbdTarget, this.name, 5000);
+  connectNbd(): Promise<NbdClient> {
+    return NbdClient.connect(this.nbdTarget, this.name, 5000);
   }
 
   /** The address the engine knows replica `i` by (its proxy when proxied). */

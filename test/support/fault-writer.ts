@@ -16,7 +16,7 @@
  * left the replicas' page caches alone, where losing any acknowledged write is a bug).
  */
 import zlib from 'node:zlib';
-import { FaultNbdClient, NbdConnectionLost } from './fault-nbd.ts';
+import { NbdClient, NbdConnectionLost } from './nbd-client.ts';
 import type { Prng } from './fault-prng.ts';
 
 export const BLOCK_BYTES = 4096;
@@ -167,7 +167,7 @@ export class Ledger {
 
 export interface WriterOptions {
   /** Opens a new NBD connection to the volume (the writer reconnects after a connection loss). */
-  connect: () => Promise<FaultNbdClient>;
+  connect: () => Promise<NbdClient>;
   ledger: Ledger;
   prng: Prng;
   /** Requests in flight at most. */
@@ -191,7 +191,7 @@ export interface WriterEvent {
 export class FaultWriter {
   private readonly options: Required<WriterOptions>;
   private readonly ledger: Ledger;
-  private client: FaultNbdClient | null = null;
+  private client: NbdClient | null = null;
   private running = false;
   private paused = false;
   private reconnecting = false;
@@ -235,7 +235,7 @@ export class FaultWriter {
     this.pump();
   }
 
-  private watch(client: FaultNbdClient): void {
+  private watch(client: NbdClient): void {
     void client.closed.then(() => {
       if (this.client !== client) return;
       this.client = null;

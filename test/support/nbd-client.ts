@@ -1,8 +1,9 @@
 /**
- * A small pipelined NBD client for the fault suite (fixed newstyle, NBD_OPT_GO, simple replies):
- * WRITE (optionally FUA), WRITE_ZEROES, TRIM, FLUSH, READ. A request either gets the server's
- * errno (0: success) or rejects with NbdConnectionLost when the connection goes away first — in
- * which case the request's outcome is unknown (it may or may not have been applied).
+ * A small pipelined NBD client for tests (fixed newstyle, NBD_OPT_GO, simple replies): WRITE
+ * (optionally FUA), WRITE_ZEROES, TRIM, FLUSH, READ. It shows exactly which request got which
+ * answer: a request either gets the server's errno (0: success) or rejects with
+ * NbdConnectionLost when the connection goes away first — its outcome is then unknown (it may or
+ * may not have been applied). An error reply to NBD_OPT_GO is an NbdOptionError.
  */
 import net from 'node:net';
 import {
@@ -20,6 +21,15 @@ export function parseNbdUri(uri: string): { target: NbdTarget; name: string } {
 
 export class NbdConnectionLost extends Error {}
 
+/** Replies to NBD_OPT_GO that are errors (ERR_UNKNOWN and so on). */
+export class NbdOptionError extends Error {
+  readonly reply: number;
+  constructor(reply: number, message: string) {
+    super(message);
+    this.reply = reply;
+  }
+}
+
 interface Pending {
   cmd: number;
   length: number;
@@ -29,7 +39,7 @@ interface Pending {
 
 const MAX_PENDING = 1024;
 
-export class FaultNbdClient {
+export class NbdClient {
   readonly sizeBytes: number;
   private readonly socket: net.Socket;
   private buf: Buffer;
@@ -44,7 +54,7 @@ export class FaultNbdClient {
     this.buf = rest;
     this.closed = new Promise((resolve) => {
       socket.once('close', () => {
-        this.lost ??= new NbdConnectionLost('NBD connection lost');
+        this.lost ??= new NbdConnectionLost('NBD connection closed (by the server, or lost)');
         for (const p of this.pending.values()) p.reject(this.lost);
         this.pending.clear();
         resolve();
@@ -66,7 +76,7 @@ export class FaultNbdClient {
     return this.pending.size;
   }
 
-  static connect(target: NbdTarget, name: string, timeoutMs = 10_000): Promise<FaultNbdClient> {
+  static connect(target: NbdTarget, name: string, timeoutMs = 10_000): Promise<NbdClient> {
     return new Promise((resolve, reject) => {
       const socket = 'path' in target ? net.connect({ path: target.path }) : net.connect({ host: target.host, port: target.port, noDelay: true });
       let buf = Buffer.alloc(0);
@@ -110,8 +120,9 @@ export class FaultNbdClient {
           if (buf.length < 20 + length) return;
           const body = buf.subarray(20, 20 + length);
           buf = buf.subarray(20 + length);
-          // An unknown export (the frontend restarting, the export not yet re-added) is worth a retry.
-          if (type >= 2 ** 31) return fail(new NbdConnectionLost(`NBD_OPT_GO ${name}: error reply ${type - 2 ** 31} ${body.toString()}`));
+          // An unknown export (the frontend restarting, the export not yet re-added): the fault
+          // writer retries any failed connect.
+          if (type >= 2 ** 31) return fail(new NbdOptionError(type, `NBD_OPT_GO ${name}: error reply ${type - 2 ** 31} ${body.toString()}`));
           if (type === Rep.INFO && body.readUInt16BE(0) === Info.EXPORT) sizeBytes = Number(body.readBigUInt64BE(2));
           if (type === Rep.ACK) {
             if (sizeBytes < 0) return fail(new Error('no export info before ACK'));
@@ -120,7 +131,7 @@ export class FaultNbdClient {
             socket.removeAllListeners('error');
             socket.removeAllListeners('close');
             socket.off('data', onData);
-            return resolve(new FaultNbdClient(socket, sizeBytes, buf));
+            return resolve(new NbdClient(socket, sizeBytes, buf));
           }
         }
       };
