@@ -107,15 +107,26 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
           return;
         }
         if (stopping) return;
-        child.restarts++;
-        const delayMs = Math.min(RESTART_BACKOFF_MS_MAX, 100 * 2 ** Math.min(child.restarts, 6));
-        log.warn({ role: child.role, code, signal, restarts: child.restarts, delayMs }, 'child exited; restarting');
-        setTimeout(() => {
-          if (stopping) return;
-          start(child).catch((err) => log.error({ role: child.role, err: (err as Error).message }, 'restart failed'));
-        }, delayMs);
+        scheduleRestart(child, { code, signal });
       });
     });
+
+  /**
+   * Starts a child again after a backoff; a restart that fails before the child is ready (killed
+   * again during its start-up, say) is retried the same way: the volume must come back.
+   */
+  const scheduleRestart = (child: Child, why: Record<string, unknown>): void => {
+    child.restarts++;
+    const delayMs = Math.min(RESTART_BACKOFF_MS_MAX, 100 * 2 ** Math.min(child.restarts, 6));
+    log.warn({ role: child.role, ...why, restarts: child.restarts, delayMs }, 'child exited; restarting');
+    setTimeout(() => {
+      if (stopping) return;
+      start(child).catch((err) => {
+        log.error({ role: child.role, err: (err as Error).message }, 'restart failed');
+        if (!stopping) scheduleRestart(child, { failed: (err as Error).message });
+      });
+    }, delayMs);
+  };
 
   const stopChild = async (child: Child): Promise<void> => {
     const proc = child.proc;

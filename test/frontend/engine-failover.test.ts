@@ -50,3 +50,30 @@ test('SIGKILL the engine during fio verify: no client error, replicas identical'
   assert.equal(new Set(digests).size, 1, 'RW replicas identical');
   await vol.stop();
 });
+
+test('the engine SIGKILLed again while it restarts: the supervisor keeps restarting it; a held write completes', async (t) => {
+  const dir = tempDir(t);
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: SIZE });
+  const enginePids = (): number[] => {
+    const r = spawnSync('pgrep', ['-f', `engine serve --name ${vol.name} .*${dir}`]);
+    return r.stdout.toString().split('\n').filter((x) => x !== '').map(Number);
+  };
+  const [first] = enginePids();
+  assert.ok(first > 0, 'an engine runs');
+  process.kill(first, 'SIGKILL');
+  // The next engine process: killed as soon as it exists, long before it can be ready.
+  let second = 0;
+  for (let i = 0; i < 400 && second === 0; i++) {
+    second = enginePids().find((pid) => pid !== first) ?? 0;
+    if (second === 0) await new Promise((r) => setTimeout(r, 10));
+  }
+  assert.ok(second > 0, 'the supervisor started a new engine');
+  process.kill(second, 'SIGKILL');
+  // A client write meanwhile is held by the frontend and completes once an engine serves again.
+  const io = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 1M 64k', '-c', 'read -P 0x5a 1M 64k', vol.nbd], { timeout: 60_000 });
+  assert.equal(io.status, 0, `${io.stdout}${io.stderr}\n${vol.stderr()}`);
+  assert.doesNotMatch(io.stdout.toString(), /error|verification failed/i);
+  const third = enginePids().find((pid) => pid !== first && pid !== second);
+  assert.ok(third !== undefined, 'a third engine serves');
+  await vol.stop();
+});

@@ -20,6 +20,8 @@ export interface VolumeCluster {
   volumeExited: Promise<number | string>;
   secret: Buffer;
   epoch: number;
+  /** The tail of the supervisor's stderr (its children's logs included). */
+  stderr(): string;
   stop(): Promise<void>;
 }
 
@@ -97,6 +99,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
     volumeExited,
     secret,
     epoch,
+    stderr: () => stderr,
     async stop() {
       volume.kill('SIGTERM');
       await volumeExited;
