@@ -307,14 +307,7 @@ export class IntentLog {
 
   /** Creates (or extends) key's map with every region that may be active; synchronous in memory. */
   missedStart(key: string): Promise<void> {
-    // An invalid map stays invalid: the replica is still owed more than any delta.
-    if (this.invalidMissed.has(key)) return Promise.resolve();
-    let map = this.missed.get(key);
-    if (map === undefined) this.missed.set(key, (map = new Set()));
-    for (const r of this.persisted) map.add(r);
-    for (const r of this.active.keys()) map.add(r);
-    for (const r of this.recordInFlight ?? []) map.add(r);
-    return this.requestRecord();
+    return this.missedMerge(key, [], false);
   }
 
   /**

@@ -513,20 +513,18 @@ export class Replica {
     // Regions already active (the common case) cost no promise here.
     const activation = intent === null ? null : intent.enter(offset, length);
     let ok = false;
+    let entry: RangeLockEntry | null = null;
     try {
       if (activation !== null) await activation;
-      const entry = await this.lock.acquireAsync(first, end, false);
-      try {
-        this.checkUsable();
-        await this.writeLocked(offset, data, dataOffset, length);
-        this.revision++;
-        ok = true;
-      } finally {
-        this.lock.release(entry);
-      }
+      entry = await this.lock.acquireAsync(first, end, false);
+      this.checkUsable();
+      await this.writeLocked(offset, data, dataOffset, length);
+      this.revision++;
+      ok = true;
     } catch (err) {
       throw toZebuError(err);
     } finally {
+      if (entry !== null) this.lock.release(entry);
       intent?.exit(offset, length, ok);
     }
   }

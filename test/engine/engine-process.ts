@@ -6,6 +6,7 @@ import { controlRequest } from '../../src/engine/control-server.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
 import { startReplica, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
 import { watchChildStart } from '../support/child-ready.ts';
+import type { RecoveryReport, VerifyReport } from '../../src/engine/recovery.ts';
 
 export type After = { after: (fn: () => unknown) => void };
 
@@ -26,24 +27,6 @@ export interface ReplicaRow {
   rebuild: { copiedBytes: number; totalBytes: number; delta: boolean } | null;
 }
 
-export interface RecoveryInfo {
-  clean: boolean;
-  source: string | null;
-  regions: number;
-  bytes: number;
-  durationMs: number;
-  deltaReplicas: string[];
-  erredReplicas: { address: string; reason: string }[];
-}
-
-export interface VerifyInfo {
-  regions: number;
-  replicas: string[];
-  source: string;
-  differing: { region: number; offset: number; length: number; hashes: Record<string, string> }[];
-  repaired: number;
-}
-
 export interface EngineInfo {
   sizeBytes: number;
   epoch: number;
@@ -52,8 +35,8 @@ export interface EngineInfo {
   superseded: boolean;
   activeRegions: number;
   maxActiveRegions: number;
-  recovery: RecoveryInfo | null;
-  lastVerify: VerifyInfo | null;
+  recovery: RecoveryReport | null;
+  lastVerify: VerifyReport | null;
   lastRebuild: { replica: string; delta: boolean; copiedBytes: number; totalBytes: number; error: string | null } | null;
   replicas: ReplicaRow[];
   stats: Record<string, number>;
@@ -84,8 +67,8 @@ export function engineInfo(control: string): Promise<EngineInfo> {
   return controlRequest(control, 'GET', '/v1/info') as Promise<EngineInfo>;
 }
 
-export function verify(control: string, repair = false): Promise<VerifyInfo> {
-  return controlRequest(control, 'POST', '/v1/verify', { repair }) as Promise<VerifyInfo>;
+export function verify(control: string, repair = false): Promise<VerifyReport> {
+  return controlRequest(control, 'POST', '/v1/verify', { repair }) as Promise<VerifyReport>;
 }
 
 export function engineClient(engine: EngineProcess, secret: Buffer): Promise<ReplicaClient> {

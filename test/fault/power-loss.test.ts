@@ -82,11 +82,7 @@ test('simulated power loss: one replica, and every replica at once', { timeout: 
         if (report.lost > 0) rounds.failures.push(`${kind} (${mode}): replica ${i} on its own, before recovery, lost ${report.lost} flushed block(s):\n${describeViolations(report)}`);
       }
       await sleep(random.range(0, 200));
-      for (let i = 0; i < cluster.replicaDirs.length; i++) await cluster.startReplica(i);
-      await cluster.startEngine();
-      const rebuilds = await cluster.healAll();
-      await cluster.startFrontend();
-      return { engineStarted: true, rebuilds };
+      return { engineStarted: true, rebuilds: await cluster.restartAll() };
     });
     if (!ok) break;
   }

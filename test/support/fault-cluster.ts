@@ -360,6 +360,15 @@ export class FaultCluster {
     return { kind: full || !delta ? 'full' : 'delta', bytes: full || !delta ? Math.max(bytes, this.sizeBytes) : bytes, durationMs: Date.now() - started };
   }
 
+  /** After every process died: replicas, then the engine, then what it could not bring back, then the frontend. */
+  async restartAll(): Promise<RebuildOutcome[]> {
+    for (let i = 0; i < this.replicaDirs.length; i++) await this.startReplica(i);
+    await this.startEngine();
+    const rebuilds = await this.healAll();
+    await this.startFrontend();
+    return rebuilds;
+  }
+
   /** Adds back every replica that is not RW (after an engine start or a fault). */
   async healAll(): Promise<RebuildOutcome[]> {
     const out: RebuildOutcome[] = [];
