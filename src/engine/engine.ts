@@ -25,7 +25,7 @@ import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
-import { planStartup, chooseSource, writeEpochOf, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
+import { planStartup, chooseSource, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims } from './rebuild.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
