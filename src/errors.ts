@@ -24,6 +24,8 @@ export const ErrorCode = {
   COMPACTED: 'ZEBU_ERR_COMPACTED',
   /** The caller did not present a valid credential (API token). */
   UNAUTHORIZED: 'ZEBU_ERR_UNAUTHORIZED',
+  /** The process at an address is not the replica asked for (a stale address, a reused port). */
+  WRONG_REPLICA: 'ZEBU_ERR_WRONG_REPLICA',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -46,6 +48,7 @@ const wireByCode: Record<ErrorCode, number> = {
   ZEBU_ERR_CONFLICT: 15,
   ZEBU_ERR_COMPACTED: 16,
   ZEBU_ERR_UNAUTHORIZED: 17,
+  ZEBU_ERR_WRONG_REPLICA: 18,
 };
 const codeByWire = new Map<number, ErrorCode>(
   Object.entries(wireByCode).map(([code, wire]) => [wire, code as ErrorCode]),

@@ -76,6 +76,9 @@ function engineRow(row: EngineInfo['replicas'][number], wanted: Record<string, s
 }
 
 const FRONTEND_ID = 'frontend';
+/** Bounds on the manager's requests to an engine: a verify, anything else (snapshots). */
+const VERIFY_TIMEOUT_MS = 6 * 3600_000;
+const ENGINE_REQUEST_TIMEOUT_MS = 120_000;
 const STATS_WRITE_MS = 5000;
 
 function replicaProcessId(name: string): string {
@@ -441,7 +444,9 @@ export class Agent {
     if (this.supervisor.get(engineProcessId(volume))?.state !== 'running') {
       return Promise.reject(new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`));
     }
-    return controlRequest(this.engineControlSocket(volume), method, pathName, body);
+    // A verify reads the whole volume (minutes for a large one); anything else answers in seconds.
+    const timeoutMs = pathName === '/v1/verify' ? VERIFY_TIMEOUT_MS : ENGINE_REQUEST_TIMEOUT_MS;
+    return controlRequest(this.engineControlSocket(volume), method, pathName, body, { timeoutMs });
   }
 
   /** Replicas of an engine's spec that are not running at the address the spec names. */

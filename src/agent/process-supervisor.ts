@@ -17,6 +17,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
+import { procStat } from '../os/process-identity.ts';
 
 export type ManagedState = 'starting' | 'running' | 'error' | 'stopped';
 
@@ -82,21 +83,6 @@ const ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$/;
 /** A process that ran this long before exiting starts its backoff afresh. */
 const STABLE_MS = 60_000;
 const LOG_ROTATE_BYTES = 10 * 1024 * 1024;
-
-/** State and start time of a pid from /proc, or null when there is no live process. */
-export function procStat(pid: number): { state: string; startTime: string } | null {
-  let text: string;
-  try {
-    text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return null;
-  }
-  // "pid (comm) S ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
-  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  const state = fields[0];
-  if (state === 'Z' || state === 'X') return null;
-  return { state, startTime: fields[19] };
-}
 
 export class ProcessSupervisor {
   private readonly options: Required<Omit<ProcessSupervisorOptions, 'execPath'>> & { execPath: string };

@@ -5,7 +5,8 @@ import { Engine } from '../engine/engine.ts';
 import { EngineControlServer } from '../engine/control-server.ts';
 import { DataServer } from '../protocol/server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
-import { parseBytes, parsePositiveInt } from './units.ts';
+import { parseBytes, parseNonNegativeInt, parsePositiveInt } from './units.ts';
+import { selfIdentity } from '../os/process-identity.ts';
 
 export interface EngineServeArgs {
   name: string;
@@ -17,12 +18,15 @@ export interface EngineServeArgs {
   epoch: string;
   requestTimeoutMs?: string;
   maxActiveRegions?: string;
+  replicaWaitMs?: string;
+  /** Keys of replicas known to be out: start-up does not wait for them. */
+  replicaOut?: string[];
 }
 
 export async function engineServe(args: EngineServeArgs): Promise<void> {
   const log = pino({ name: 'zebu-engine', base: { pid: process.pid, volume: args.name } }, pino.destination(2));
   const secret = readSecretFile(args.secretFile);
-  const engine = await Engine.start({
+  const engine = Engine.create({
     name: args.name,
     sizeBytes: parseBytes(args.size),
     replicas: args.replica,
@@ -30,20 +34,49 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     epoch: parsePositiveInt(args.epoch, '--epoch'),
     requestTimeoutMs: args.requestTimeoutMs !== undefined ? parsePositiveInt(args.requestTimeoutMs, '--request-timeout-ms') : undefined,
     maxActiveRegions: args.maxActiveRegions !== undefined ? parsePositiveInt(args.maxActiveRegions, '--max-active-regions') : undefined,
+    replicaWaitMs: args.replicaWaitMs !== undefined ? parseNonNegativeInt(args.replicaWaitMs, '--replica-wait-ms') : undefined,
+    outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });
-  const data = new DataServer(engine, { secret, log: (event) => log.warn(event, String(event.event)) });
+  // The control socket answers during start-up (info; the agent hands over replica addresses).
   const control = new EngineControlServer(engine);
   try {
-    await data.listenPath(args.socket);
     await control.listen(args.controlSocket);
+  } catch (err) {
+    throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.controlSocket}: ${(err as Error).message}`);
+  }
+  let stopping = false;
+  const stopDuringStartUp = (signal: string): void => {
+    // Nothing served yet: the replicas keep what they have; the next engine recovers as usual.
+    log.info({ signal }, 'stopping during start-up');
+    stopping = true;
+    control.close();
+    void engine.close().finally(() => {
+      log.flush();
+      process.exit(0);
+    });
+  };
+  process.once('SIGTERM', stopDuringStartUp);
+  process.once('SIGINT', stopDuringStartUp);
+  try {
+    await engine.startUp();
+  } catch (err) {
+    if (stopping) return; // stopDuringStartUp exits
+    throw err;
+  }
+  process.off('SIGTERM', stopDuringStartUp);
+  process.off('SIGINT', stopDuringStartUp);
+  if (stopping) return;
+  // Its identity lets the frontend kill this process should it hang (see frontend/engine-link.ts).
+  const data = new DataServer(engine, { secret, identity: { process: selfIdentity() }, log: (event) => log.warn(event, String(event.event)) });
+  try {
+    await data.listenPath(args.socket);
   } catch (err) {
     await engine.close();
     throw new ZebuError(ErrorCode.EINVAL, `cannot listen: ${(err as Error).message}`);
   }
   process.stdout.write(JSON.stringify({ ready: true, socket: args.socket, controlSocket: args.controlSocket, replicas: engine.replicaStatus(), recovery: (engine.info() as { recovery: unknown }).recovery, pid: process.pid }) + '\n');
 
-  let stopping = false;
   const stop = async (signal: string): Promise<void> => {
     if (stopping) return;
     stopping = true;

@@ -10,7 +10,7 @@ import { ZebuError, ErrorCode } from '../errors.ts';
 import { Frontend } from '../frontend/frontend.ts';
 import { FrontendControlServer } from '../frontend/control-server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
-import { parseHostPort } from './units.ts';
+import { parseHostPort, parsePositiveInt } from './units.ts';
 
 export interface FrontendServeArgs {
   secretFile: string;
@@ -18,7 +18,20 @@ export interface FrontendServeArgs {
   engineSocket?: string;
   nbd?: string;
   nbdSocket?: string;
+  /** An inherited listening TCP socket (kept by the supervisor across frontend restarts). */
+  nbdFd?: string;
+  /** An inherited listening UNIX socket, bound at --nbd-socket. */
+  nbdSocketFd?: string;
   controlSocket?: string;
+  holdTimeoutMs?: string;
+  hangTimeoutMs?: string;
+  stallTimeoutMs?: string;
+}
+
+function parseFd(text: string, what: string): number {
+  const fd = parsePositiveInt(text, what);
+  if (fd < 3 || fd > 1023) throw new ZebuError(ErrorCode.EINVAL, `${what} must be an inherited descriptor from 3 to 1023, got ${fd}`);
+  return fd;
 }
 
 /** The static export's engine may still be starting (its supervisor starts both at once). */
@@ -26,7 +39,16 @@ const STATIC_ENGINE_CONNECT_TIMEOUT_MS = 30_000;
 
 export async function frontendServe(args: FrontendServeArgs): Promise<void> {
   const log = pino({ name: 'zebu-frontend', base: { pid: process.pid } }, pino.destination(2));
-  if (args.nbd === undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT and/or --nbd-socket PATH');
+  if (args.nbd === undefined && args.nbdSocket === undefined && args.nbdFd === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT (or --nbd-fd N) and/or --nbd-socket PATH');
+  if (args.nbd !== undefined && args.nbdFd !== undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd or --nbd-fd, not both');
+  if (args.nbdSocketFd !== undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, '--nbd-socket-fd needs --nbd-socket PATH (where the socket is bound)');
+  const nbdFd = args.nbdFd !== undefined ? parseFd(args.nbdFd, '--nbd-fd') : null;
+  const nbdSocketFd = args.nbdSocketFd !== undefined ? parseFd(args.nbdSocketFd, '--nbd-socket-fd') : null;
+  const linkTimeouts = {
+    holdTimeoutMs: args.holdTimeoutMs !== undefined ? parsePositiveInt(args.holdTimeoutMs, '--hold-timeout-ms') : undefined,
+    hangTimeoutMs: args.hangTimeoutMs !== undefined ? parsePositiveInt(args.hangTimeoutMs, '--hang-timeout-ms') : undefined,
+    stallTimeoutMs: args.stallTimeoutMs !== undefined ? parsePositiveInt(args.stallTimeoutMs, '--stall-timeout-ms') : undefined,
+  };
   if ((args.name === undefined) !== (args.engineSocket === undefined)) throw new ZebuError(ErrorCode.EINVAL, 'give --name and --engine-socket together (or neither)');
   if (args.name === undefined && args.controlSocket === undefined) {
     throw new ZebuError(ErrorCode.EINVAL, 'nothing to serve: give --control-socket PATH and/or --name NAME --engine-socket PATH');
@@ -37,7 +59,7 @@ export async function frontendServe(args: FrontendServeArgs): Promise<void> {
   process.stdout.on('error', () => {});
   process.on('SIGHUP', () => log.info('SIGHUP ignored: the frontend outlives its parent'));
 
-  const frontend = new Frontend({ secret, log: (event) => log.info(event, String(event.event)) });
+  const frontend = new Frontend({ secret, linkTimeouts, log: (event) => log.info(event, String(event.event)) });
   const ready: Record<string, unknown> = { ready: true, pid: process.pid, controlSocket: args.controlSocket ?? null, nbdAddress: null };
   if (args.name !== undefined && args.engineSocket !== undefined) {
     const engineSocket = path.resolve(args.engineSocket);
@@ -45,15 +67,21 @@ export async function frontendServe(args: FrontendServeArgs): Promise<void> {
     ready.name = args.name;
     ready.sizeBytes = view.sizeBytes;
   }
-  if (args.nbd !== undefined) {
-    const { host, port } = parseHostPort(args.nbd);
-    const nbdAddress = await frontend.listenTcp(host, port);
+  if (args.nbd !== undefined || nbdFd !== null) {
+    let nbdAddress: string;
+    if (nbdFd !== null) {
+      nbdAddress = await frontend.listenTcpFd(nbdFd);
+    } else {
+      const { host, port } = parseHostPort(args.nbd!);
+      nbdAddress = await frontend.listenTcp(host, port);
+    }
     ready.nbdAddress = nbdAddress;
     ready.port = Number(nbdAddress.slice(nbdAddress.lastIndexOf(':') + 1));
     if (args.name !== undefined) ready.nbd = `nbd://${nbdAddress}/${encodeURIComponent(args.name)}`;
   }
   if (args.nbdSocket !== undefined) {
-    await frontend.listenUnix(args.nbdSocket);
+    if (nbdSocketFd !== null) await frontend.listenUnixFd(nbdSocketFd, args.nbdSocket);
+    else await frontend.listenUnix(args.nbdSocket);
     ready.nbdSocket = args.nbdSocket;
     if (args.name !== undefined) ready.nbdUnix = `nbd+unix:///${encodeURIComponent(args.name)}?socket=${args.nbdSocket}`;
   }

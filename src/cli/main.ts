@@ -28,6 +28,7 @@ replica
   .requiredOption('--size <BYTES>', 'volume size, e.g. 1073741824 or 1GiB (multiple of 4096)')
   .requiredOption('--listen <HOST:PORT>', 'address to listen on (port 0: any free port)')
   .requiredOption('--secret-file <FILE>', 'file holding the cluster secret (at least 16 bytes)')
+  .option('--name <NAME>', 'the replica\'s name, reported to engines (an engine given NAME=HOST:PORT refuses another replica at that address)')
   .option('--backing <FILE>', 'raw image used as the read-only base layer (new replicas only)')
   .option('--max-layers <N>', 'maximum number of layers (new replicas only)', undefined)
   .option('--fault-injection', 'accept FAULT_INJECT requests (tests only)')
@@ -50,6 +51,8 @@ engine
   .requiredOption('--epoch <N>', 'this attachment\'s epoch (replicas fence lower ones)')
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
   .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
+  .option('--replica-wait-ms <MS>', 'how long start-up waits for replicas not reachable yet (default 30000)')
+  .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 
 const printJson = (value: unknown): void => {
@@ -97,7 +100,12 @@ frontend
   .requiredOption('--secret-file <FILE>', 'cluster secret file')
   .option('--nbd <HOST:PORT>', 'NBD over TCP (port 0: any free port)')
   .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .option('--nbd-fd <N>', 'NBD over an inherited, bound TCP socket (its keeper restarts the frontend on it)')
+  .option('--nbd-socket-fd <N>', 'with --nbd-socket: the inherited socket bound at that path')
   .option('--control-socket <PATH>', 'UNIX socket of the control interface (add/remove exports at run time)')
+  .option('--hold-timeout-ms <MS>', 'requests held with no engine fail with EIO after this long (default 300000)')
+  .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
+  .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')
   .option('--name <NAME>', 'a static export: volume (export) name, with --engine-socket')
   .option('--engine-socket <PATH>', 'a static export: the engine\'s UNIX socket, with --name')
   .action((opts) => frontendServe(opts).catch(fail));
@@ -112,10 +120,14 @@ volume
   .option('--nbd <HOST:PORT>', 'NBD over TCP')
   .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
   .requiredOption('--secret-file <FILE>', 'cluster secret file')
-  .requiredOption('--epoch <N>', 'this attachment\'s epoch')
+  .requiredOption('--epoch <N>', 'the first engine\'s epoch (each restarted engine gets the next one)')
   .option('--run-dir <DIR>', 'directory for the internal sockets')
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
   .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
+  .option('--replica-wait-ms <MS>', 'how long an engine start waits for replicas not reachable yet (default 30000)')
+  .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
+  .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
+  .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')
   .action((opts) => volumeServe(opts).catch(fail));
 
 program

@@ -12,6 +12,7 @@ import { NodeDisk, type Disk } from '../replica/disk.ts';
 import { FaultyDisk } from '../replica/faulty-disk.ts';
 import { PowerLossDisk } from '../replica/power-loss-disk.ts';
 import { readSecretFile } from '../protocol/auth.ts';
+import { MISSED_KEY } from '../protocol/frames.ts';
 import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
 
 export interface ReplicaServeArgs {
@@ -29,13 +30,20 @@ export interface ReplicaServeArgs {
   diskMode?: string;
   /** false (--no-intent-log): no write-intent log. Benchmark baseline only. */
   intentLog?: boolean;
+  /**
+   * The replica's name (the manager's), reported in INFO and OPEN: an engine given NAME=HOST:PORT
+   * refuses a process at that address that is another replica (a stale address, a reused port).
+   */
+  name?: string;
 }
+
 
 export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
   const log = pino({ name: 'zebu-replica', base: { pid: process.pid, dir: args.dir } }, pino.destination(2));
   const sizeBytes = parseBytes(args.size);
   const { host, port } = parseHostPort(args.listen);
   const secret = readSecretFile(args.secretFile);
+  if (args.name !== undefined && !MISSED_KEY.test(args.name)) throw new ZebuError(ErrorCode.EINVAL, `--name must be 1..200 of [A-Za-z0-9._:@=-], got ${JSON.stringify(args.name)}`);
   const diskMode = args.diskMode ?? 'normal';
   if (diskMode !== 'normal' && diskMode !== 'power-loss') throw new ZebuError(ErrorCode.EINVAL, `--disk-mode must be normal or power-loss, got ${diskMode}`);
   const powerLossDisk = diskMode === 'power-loss' ? new PowerLossDisk(new NodeDisk()) : undefined;
@@ -67,6 +75,7 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
 
   const server = new ReplicaServer(replica, {
     secret,
+    identity: args.name !== undefined ? { name: args.name } : undefined,
     faultDisk,
     powerLoss:
       powerLossDisk === undefined

@@ -30,3 +30,10 @@ export function parsePositiveInt(text: string, what: string): number {
   if (!/^\d+$/.test(text)) throw invalid(`${what} must be a whole number, got ${JSON.stringify(text)}`);
   return Number(text);
 }
+
+/** A whole number >= 0 that fits a double exactly (milliseconds, counts). */
+export function parseNonNegativeInt(text: string, what: string): number {
+  const value = parsePositiveInt(text, what);
+  if (!Number.isSafeInteger(value)) throw invalid(`${what} is too large: ${JSON.stringify(text)}`);
+  return value;
+}

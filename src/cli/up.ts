@@ -21,7 +21,7 @@ import { ZebuError, ErrorCode } from '../errors.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
 import { Manager } from '../manager/manager.ts';
 import { Agent } from '../agent/agent.ts';
-import { procStat } from '../agent/process-supervisor.ts';
+import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
 

@@ -3,6 +3,11 @@
  * Prints one JSON line with "ready":true and the NBD URI; restarts a crashed child with capped
  * backoff (the frontend holds and re-issues requests while the engine is away); on SIGTERM
  * stops the frontend (draining its clients), then the engine (flushing the replicas).
+ *
+ * - Every engine process gets a new epoch (--epoch is the first one): the replicas then fence
+ *   whatever a killed engine still had on the wire.
+ * - The NBD listening sockets are bound here and handed to each frontend process
+ *   (kept-listener.ts): while a frontend restarts, new connections wait instead of being refused.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -13,7 +18,8 @@ import { fileURLToPath } from 'node:url';
 import pino from 'pino';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import { readSecretFile } from '../protocol/auth.ts';
-import { parseBytes, parsePositiveInt } from './units.ts';
+import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
+import { keepTcpListener, keepUnixListener, type KeptListener } from '../frontend/kept-listener.ts';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 const RESTART_BACKOFF_MS_MAX = 5000;
@@ -29,11 +35,18 @@ export interface VolumeServeArgs {
   runDir?: string;
   requestTimeoutMs?: string;
   maxActiveRegions?: string;
+  replicaWaitMs?: string;
+  holdTimeoutMs?: string;
+  hangTimeoutMs?: string;
+  stallTimeoutMs?: string;
 }
 
 interface Child {
   role: 'engine' | 'frontend';
-  args: string[];
+  /** The arguments of its next start (an engine's change: a new epoch each time). */
+  args: () => string[];
+  /** Descriptors handed to it as fd 3, 4, ... */
+  fds: number[];
   proc: ChildProcess | null;
   ready: Record<string, unknown> | null;
   restarts: number;
@@ -60,31 +73,53 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   const engineSocket = path.join(runDir, 'engine.sock');
   const controlSocket = path.join(runDir, 'control.sock');
 
+  const firstEpoch = parsePositiveInt(args.epoch, '--epoch');
+  let engineStarts = 0;
   const engine: Child = {
     role: 'engine',
-    args: [
+    args: () => [
       'engine', 'serve', '--name', args.name, '--size', args.size, '--socket', engineSocket, '--control-socket', controlSocket,
-      '--secret-file', args.secretFile, '--epoch', args.epoch,
+      '--secret-file', args.secretFile, '--epoch', String(firstEpoch + engineStarts++),
       ...args.replica.flatMap((r) => ['--replica', r]),
       ...(args.requestTimeoutMs !== undefined ? ['--request-timeout-ms', args.requestTimeoutMs] : []),
       ...(args.maxActiveRegions !== undefined ? ['--max-active-regions', args.maxActiveRegions] : []),
+      ...(args.replicaWaitMs !== undefined ? ['--replica-wait-ms', args.replicaWaitMs] : []),
     ],
-    proc: null, ready: null, restarts: 0,
+    fds: [], proc: null, ready: null, restarts: 0,
   };
+  // Bound here, once: every frontend process listens on the same sockets.
+  const listeners: KeptListener[] = [];
+  const frontendArgs = ['frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile];
+  for (const [flag, value] of [['--hold-timeout-ms', args.holdTimeoutMs], ['--hang-timeout-ms', args.hangTimeoutMs], ['--stall-timeout-ms', args.stallTimeoutMs]] as const) {
+    if (value !== undefined) frontendArgs.push(flag, String(parsePositiveInt(value, flag)));
+  }
+  try {
+    if (args.nbd !== undefined) {
+      const { host, port } = parseHostPort(args.nbd);
+      const tcp = keepTcpListener(host, port);
+      listeners.push(tcp);
+      frontendArgs.push('--nbd-fd', String(2 + listeners.length));
+    }
+    if (args.nbdSocket !== undefined) {
+      const unix = keepUnixListener(args.nbdSocket);
+      listeners.push(unix);
+      frontendArgs.push('--nbd-socket', args.nbdSocket, '--nbd-socket-fd', String(2 + listeners.length));
+    }
+  } catch (err) {
+    for (const l of listeners) l.close();
+    throw err;
+  }
   const frontend: Child = {
     role: 'frontend',
-    args: [
-      'frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile,
-      ...(args.nbd !== undefined ? ['--nbd', args.nbd] : []),
-      ...(args.nbdSocket !== undefined ? ['--nbd-socket', args.nbdSocket] : []),
-    ],
+    args: () => frontendArgs,
+    fds: listeners.map((l) => l.fd),
     proc: null, ready: null, restarts: 0,
   };
   let stopping = false;
 
   const start = (child: Child): Promise<Record<string, unknown>> =>
     new Promise((resolve, reject) => {
-      const proc = spawn(process.execPath, [MAIN, ...child.args], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const proc = spawn(process.execPath, [MAIN, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
       child.proc = proc;
       let settled = false;
       readline.createInterface({ input: proc.stdout! }).on('line', (line) => {
@@ -144,6 +179,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
     log.info({ signal }, 'stopping');
     await stopChild(frontend);
     await stopChild(engine);
+    for (const l of listeners) l.close();
     if (args.runDir === undefined) fs.rmSync(runDir, { recursive: true, force: true });
     log.info('stopped');
     log.flush();
@@ -172,6 +208,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
     stopping = true;
     await stopChild(frontend);
     await stopChild(engine);
+    for (const l of listeners) l.close();
     throw err;
   }
 }

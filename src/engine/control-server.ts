@@ -119,6 +119,15 @@ export class EngineControlServer {
     const url = new URL(req.url ?? '/', 'http://engine');
     const route = `${req.method} ${url.pathname}`;
     if (route === 'GET /v1/info') return this.engine.info();
+    if (route === 'POST /v1/startup/addresses') {
+      const body = (await readBody(req)) as { addresses?: unknown };
+      const addresses = body.addresses;
+      if (addresses === null || typeof addresses !== 'object' || Array.isArray(addresses) || Object.values(addresses).some((a) => typeof a !== 'string')) {
+        throw new ZebuError(ErrorCode.EINVAL, 'body field "addresses" must be an object of replica key -> "HOST:PORT"');
+      }
+      return this.engine.setStartupAddresses(addresses as Record<string, string>);
+    }
+    if (this.engine.currentPhase !== 'serving') throw new ZebuError(ErrorCode.BUSY, `volume ${this.engine.name}: the engine is starting (${route} is served once it runs)`);
     if (route === 'GET /v1/replicas') return this.engine.replicaStatus();
     if (route === 'GET /v1/stats') return this.engine.stats;
     if (route === 'GET /v1/snapshots') return this.engine.snapshotList();
@@ -170,15 +179,33 @@ export class EngineControlServer {
   }
 }
 
-/** Client side of the control interface (for the CLI). */
-export function controlRequest(socketPath: string, method: string, pathName: string, body?: unknown): Promise<unknown> {
+/** A control reply longer than this is refused (a verify report with its differences is the largest). */
+const MAX_REPLY_BYTES = 16 * 1024 * 1024;
+/** Default bound on one control call: a hung process must not hang its caller. */
+const CONTROL_TIMEOUT_MS = 30_000;
+
+/**
+ * Client side of the control interfaces (engine and frontend), for the CLI and the agent. Bounded:
+ * TIMEOUT after `timeoutMs` (default 30 s; long operations such as verify pass more), PROTOCOL
+ * for a reply over 16 MiB.
+ */
+export function controlRequest(socketPath: string, method: string, pathName: string, body?: unknown, options: { timeoutMs?: number } = {}): Promise<unknown> {
+  const timeoutMs = options.timeoutMs ?? CONTROL_TIMEOUT_MS;
   return new Promise((resolve, reject) => {
     const payload = body === undefined ? undefined : JSON.stringify(body);
     const req = http.request(
-      { socketPath, method, path: pathName, headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
+      { socketPath, method, path: pathName, agent: false, headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
       (res) => {
         const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
+        let size = 0;
+        res.on('data', (c: Buffer) => {
+          size += c.length;
+          if (size > MAX_REPLY_BYTES) {
+            req.destroy(new ZebuError(ErrorCode.PROTOCOL, `reply from ${socketPath} over ${MAX_REPLY_BYTES} bytes`));
+            return;
+          }
+          chunks.push(c);
+        });
         res.on('end', () => {
           let parsed: unknown;
           try {
@@ -194,7 +221,8 @@ export function controlRequest(socketPath: string, method: string, pathName: str
         });
       },
     );
-    req.on('error', (err) => reject(new ZebuError(ErrorCode.DISCONNECTED, `cannot reach engine control socket ${socketPath}: ${err.message}`)));
+    req.setTimeout(timeoutMs, () => req.destroy(new ZebuError(ErrorCode.TIMEOUT, `${method} ${pathName} on ${socketPath}: no answer in ${timeoutMs} ms`)));
+    req.on('error', (err) => reject(err instanceof ZebuError ? err : new ZebuError(ErrorCode.DISCONNECTED, `cannot reach control socket ${socketPath}: ${err.message}`)));
     req.end(payload);
   });
 }

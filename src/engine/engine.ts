@@ -1,6 +1,6 @@
 /**
  * The volume controller: one engine per attached volume, over N replica connections.
- * See ../../../shared/DESIGN.md §3.
+ * See docs/architecture.md and docs/crash-consistency.md.
  *
  * - Writes, trims, zeroes and flushes go to every RW and WO replica and succeed when all
  *   succeed. A replica that fails or times out is set ERR, disconnected and never used again by
@@ -15,8 +15,12 @@
  *   replicas' write-intent logs let regions go with it. The engine keeps the same bookkeeping to
  *   bound the active regions (maxActiveRegions): a write to a new region over the bound is held
  *   while the engine flushes until regions leave.
- * - Start-up: recovery (startup.ts plans it): the union of the replicas' active regions is copied
- *   from the source into the other RW replicas before the first request is served.
+ * - Start-up: first every replica is opened, waiting (bounded: replicaWaitMs) for those that do
+ *   not answer yet — after a crash of the whole volume they restart alongside the engine, maybe
+ *   on new addresses that the agent then hands over (setStartupAddresses) — so that a start-up
+ *   race never faults a volume. Then recovery (startup.ts plans it): the union of the replicas'
+ *   active regions is copied from the source into the other RW replicas before the first request
+ *   is served.
  */
 import os from 'node:os';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
@@ -25,7 +29,7 @@ import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
-import { planStartup, chooseSource, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
+import { planStartup, chooseSource, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims } from './rebuild.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
@@ -46,8 +50,18 @@ export interface EngineOptions {
   pingIntervalMs?: number;
   /** Bound on the regions written since their confirming flush (default 256 = 1 GiB). */
   maxActiveRegions?: number;
+  /**
+   * How long start-up waits for replicas that cannot be reached yet (default 30 s; 0: no wait).
+   * Start-up goes on as soon as every replica it waits for answered.
+   */
+  replicaWaitMs?: number;
+  /** Keys of replicas known to be out (the manager failed them): start-up does not wait for them. */
+  outReplicas?: string[];
   log?: (event: Record<string, unknown>) => void;
 }
+
+/** Where the engine is in its life: opening its replicas and recovering, or serving. */
+export type EnginePhase = 'starting' | 'serving';
 
 export interface EngineReplicaStatus {
   address: string;
@@ -87,6 +101,8 @@ export interface EngineStats {
 interface EngineReplica {
   address: string;
   key: string;
+  /** The key was given (KEY=HOST:PORT): a replica that reports another name is the wrong one. */
+  named: boolean;
   host: string;
   port: number;
   local: boolean;
@@ -115,6 +131,11 @@ const REGION_BYTES = INTENT_REGION_BYTES;
 const COPIERS = 4;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
 const DEFAULT_MAX_ACTIVE_REGIONS = 256;
+const DEFAULT_REPLICA_WAIT_MS = 30_000;
+/** Start-up retries unreachable replicas this often at most (it starts faster, then backs off). */
+const REPLICA_RETRY_MS_MAX = 1000;
+/** A start-up still waiting says so in its log this often. */
+const WAIT_LOG_EVERY_MS = 5000;
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
 /** At most this many differences are kept in a verify report. */
@@ -136,13 +157,22 @@ function parseAddress(address: string): { host: string; port: number } {
 }
 
 /** `HOST:PORT` or `KEY=HOST:PORT`; a plain address is its own key. */
-export function parseReplicaEntry(entry: string): { key: string; address: string; host: string; port: number } {
+export function parseReplicaEntry(entry: string): { key: string; named: boolean; address: string; host: string; port: number } {
   const eq = entry.lastIndexOf('=');
   const address = eq < 0 ? entry : entry.slice(eq + 1);
   const { host, port } = parseAddress(address);
   const key = eq < 0 ? address.replace(/[^A-Za-z0-9._:@=-]/g, '_') : entry.slice(0, eq);
   if (!MISSED_KEY.test(key)) throw new ZebuError(ErrorCode.EINVAL, `replica key must be 1..200 of [A-Za-z0-9._:@=-], got ${JSON.stringify(key)}`);
-  return { key, address, host, port };
+  return { key, named: eq >= 0, address, host, port };
+}
+
+/**
+ * Errors after which a replica may still turn up during start-up: nothing listens there yet (its
+ * process is starting), the connection broke, or another replica answered at its address (its
+ * own address is about to be handed over).
+ */
+function mayStillCome(err: ZebuError): boolean {
+  return err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.TIMEOUT || err.code === ErrorCode.CLOSED || err.code === ErrorCode.WRONG_REPLICA;
 }
 
 /** An error from a replica that does not know a write-intent op (an older replica). */
@@ -157,6 +187,10 @@ export class Engine implements BlockBackend {
   readonly epoch: number;
   private readonly replicas: EngineReplica[];
   private readonly options: Required<Omit<EngineOptions, 'replicas'>>;
+  private phase: EnginePhase = 'starting';
+  /** While start-up waits: the keys of the replicas it waits for, and since when. */
+  private waitingFor: string[] = [];
+  private waitingSince: string | null = null;
   private faultedReason: string | null = null;
   private superseded = false;
   private inflight = 0;
@@ -207,7 +241,16 @@ export class Engine implements BlockBackend {
     this.name = options.name;
     this.sizeBytes = options.sizeBytes;
     this.epoch = options.epoch;
-    this.options = { requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, ...options };
+    this.options = {
+      requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, replicaWaitMs: DEFAULT_REPLICA_WAIT_MS, outReplicas: [],
+      ...options,
+    };
+    // Explicit `undefined`s (absent CLI flags) mean the defaults too.
+    this.options.replicaWaitMs = options.replicaWaitMs ?? DEFAULT_REPLICA_WAIT_MS;
+    this.options.outReplicas = options.outReplicas ?? [];
+    if (!Number.isSafeInteger(this.options.replicaWaitMs) || this.options.replicaWaitMs < 0) {
+      throw new ZebuError(ErrorCode.EINVAL, `replicaWaitMs must be a whole number of milliseconds >= 0, got ${this.options.replicaWaitMs}`);
+    }
     // An explicit `undefined` in options (an absent CLI flag) means the default too.
     this.maxActiveRegions = options.maxActiveRegions ?? DEFAULT_MAX_ACTIVE_REGIONS;
     if (!Number.isInteger(this.maxActiveRegions) || this.maxActiveRegions < 1) {
@@ -215,23 +258,71 @@ export class Engine implements BlockBackend {
     }
     this.resizeRegionTables();
     this.replicas = options.replicas.map((entry) => {
-      const { key, address, host, port } = parseReplicaEntry(entry);
-      return { address, key, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
+      const { key, named, address, host, port } = parseReplicaEntry(entry);
+      return { address, key, named, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
     });
   }
 
   /** Connects to every replica with the volume's epoch, recovers, and decides their modes. */
   static async start(options: EngineOptions): Promise<Engine> {
+    const engine = Engine.create(options);
+    await engine.startUp();
+    return engine;
+  }
+
+  /**
+   * An engine in its 'starting' phase: nothing opened yet. startUp() opens the replicas and
+   * recovers; meanwhile info() and setStartupAddresses() work (the control socket serves them).
+   */
+  static create(options: EngineOptions): Engine {
     if (options.replicas.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'a volume needs at least one replica');
     const engine = new Engine(options);
     if (new Set(engine.replicas.map((r) => r.address)).size !== engine.replicas.length) throw new ZebuError(ErrorCode.EINVAL, 'replica addresses must be distinct');
     if (new Set(engine.replicas.map((r) => r.key)).size !== engine.replicas.length) throw new ZebuError(ErrorCode.EINVAL, 'replica keys must be distinct');
-    await engine.connectAll();
-    engine.pingTimer = setInterval(() => engine.pingAll(), engine.options.pingIntervalMs);
-    engine.pingTimer.unref();
-    if (engine.pendingDeltas.length > 0) void engine.runPendingDeltas();
     return engine;
   }
+
+  async startUp(): Promise<void> {
+    assert(this.phase === 'starting' && this.pingTimer === null, 'engine started twice');
+    await this.connectAll();
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
+    this.phase = 'serving';
+    this.pingTimer = setInterval(() => this.pingAll(), this.options.pingIntervalMs);
+    this.pingTimer.unref();
+    if (this.pendingDeltas.length > 0) void this.runPendingDeltas();
+  }
+
+  get currentPhase(): EnginePhase {
+    return this.phase;
+  }
+
+  /**
+   * During start-up: where replicas are now (by key; others are ignored). A replica that restarted
+   * listens on a new port, and its agent learns it after the engine was started. A replica already
+   * opened keeps its connection. After start-up: BUSY (the set changes through addReplica).
+   */
+  setStartupAddresses(addresses: Record<string, string>): { changed: string[] } {
+    if (this.phase !== 'starting') throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: the engine has started; add the replica instead`);
+    // The whole batch at once: two replicas may swap addresses (ports reused after a restart).
+    const next = new Map<EngineReplica, { address: string; host: string; port: number }>();
+    for (const [key, address] of Object.entries(addresses)) {
+      const r = this.replicas.find((x) => x.key === key);
+      if (r === undefined || r.address === address || r.client !== null) continue; // unknown, unchanged, or opened: it is where it was
+      next.set(r, { address, ...parseAddress(address) });
+    }
+    const after = this.replicas.map((r) => next.get(r)?.address ?? r.address);
+    if (new Set(after).size !== after.length) throw new ZebuError(ErrorCode.EINVAL, `replica addresses would not be distinct: ${after.join(', ')}`);
+    for (const [r, to] of next) {
+      r.address = to.address;
+      r.host = to.host;
+      r.port = to.port;
+      r.local = isLocalHost(to.host);
+    }
+    const changed = [...next.keys()].map((r) => r.key);
+    if (changed.length > 0) this.log({ event: 'startup-addresses', changed: Object.fromEntries([...next].map(([r, to]) => [r.key, to.address])) });
+    return { changed };
+  }
+
 
   private log(event: Record<string, unknown>): void {
     this.options.log({ volume: this.name, ...event });
@@ -244,12 +335,32 @@ export class Engine implements BlockBackend {
     });
   }
 
+  /**
+   * Opens a replica and checks it is the one asked for: a replica that reports a name (its
+   * manager's) must report the key it was given as KEY=HOST:PORT.
+   */
+  private async openChecked(client: ReplicaClient, key: string, keyIsName: boolean): Promise<ReplicaInfo> {
+    const info = await client.open();
+    const name = (info as ReplicaInfo & { name?: unknown }).name;
+    if (keyIsName && typeof name === 'string' && name !== key) {
+      throw new ZebuError(ErrorCode.WRONG_REPLICA, `${client.address} is replica ${name}, not ${key} (a stale address?)`);
+    }
+    return info;
+  }
+
   /** What start-up needs of one replica: opened (grown if the volume grew), its log and chain. */
-  private async probe(r: EngineReplica): Promise<StartupCandidate> {
+  private async probe(r: EngineReplica): Promise<StartupCandidate & { retry: boolean }> {
     try {
       const client = await this.connect(r.host, r.port);
       r.client = client;
-      let info = await client.open();
+      let info: ReplicaInfo;
+      try {
+        info = await this.openChecked(client, r.key, r.named);
+      } catch (err) {
+        r.client = null;
+        client.close();
+        throw err;
+      }
       if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
         // The volume grew while this replica was away (or offline): grow it before the
         // modes are chosen, so that a complete replica is not failed for its size alone.
@@ -270,18 +381,71 @@ export class Engine implements BlockBackend {
         if (!isUnsupported(toZebuError(err))) throw err;
       }
       const chain = chainNames(await client.snapshotList());
-      return { key: r.key, info, error: null, chain, active };
+      return { key: r.key, info, error: null, chain, active, retry: false };
     } catch (err) {
-      return { key: r.key, info: null, error: (err as Error).message, chain: null, active: null };
+      const e = toZebuError(err);
+      const client = r.client;
+      r.client = null;
+      client?.close();
+      return { key: r.key, info: null, error: e.message, chain: null, active: null, retry: mayStillCome(e) };
     }
+  }
+
+  /**
+   * Probes every replica; those that cannot be reached yet (mayStillCome) are probed again, a
+   * little less often each time, until every replica start-up waits for has answered or
+   * replicaWaitMs has passed. A replica known to be out (options.outReplicas) is probed along but
+   * not waited for. An opened replica whose connection drops meanwhile is probed again.
+   */
+  private async probeAll(): Promise<StartupCandidate[]> {
+    const out = new Set(this.options.outReplicas);
+    const results: ((StartupCandidate & { retry: boolean }) | null)[] = this.replicas.map(() => null);
+    const deadline = Date.now() + this.options.replicaWaitMs;
+    let delayMs = 50;
+    let loggedAt = 0;
+    for (;;) {
+      await Promise.all(this.replicas.map(async (r, i) => {
+        const known = results[i];
+        if (known !== null && known.info !== null && r.client !== null && !r.client.closed) return;
+        if (known !== null && known.info === null && !known.retry) return;
+        results[i] = await this.probe(r);
+      }));
+      if (this.closed) break;
+      const missing = this.replicas.filter((r, i) => results[i]!.info === null && results[i]!.retry && !out.has(r.key));
+      const leftMs = deadline - Date.now();
+      if (missing.length === 0 || leftMs <= 0) {
+        if (missing.length > 0) this.log({ event: 'replica-wait-over', waitedMs: this.options.replicaWaitMs, missing: missing.map((r) => `${r.key}: ${results[this.replicas.indexOf(r)]!.error}`) });
+        break;
+      }
+      this.waitingFor = missing.map((r) => r.key);
+      this.waitingSince ??= new Date().toISOString();
+      if (Date.now() - loggedAt >= WAIT_LOG_EVERY_MS) {
+        loggedAt = Date.now();
+        this.log({ event: 'waiting-for-replicas', leftMs, missing: missing.map((r) => `${r.key} at ${r.address}: ${results[this.replicas.indexOf(r)]!.error}`) });
+      }
+      await new Promise((resolve) => setTimeout(resolve, Math.min(delayMs, leftMs)));
+      delayMs = Math.min(REPLICA_RETRY_MS_MAX, delayMs * 2);
+    }
+    this.waitingFor = [];
+    this.waitingSince = null;
+    // A connection that dropped after its probe: that replica is out like an unreachable one.
+    return results.map((c, i) => {
+      const r = this.replicas[i];
+      if (c!.info !== null && (r.client === null || r.client.closed)) {
+        r.client = null;
+        return { key: c!.key, info: null, error: 'connection lost during start-up', chain: null, active: null };
+      }
+      return { key: c!.key, info: c!.info, error: c!.error, chain: c!.chain, active: c!.active };
+    });
   }
 
   private async connectAll(): Promise<void> {
     const started = Date.now();
-    const candidates = await Promise.all(this.replicas.map((r) => this.probe(r)));
+    const candidates = await this.probeAll();
+    if (this.closed) return;
     // The missed-write maps the others hold say which replicas went out, and what they missed.
     const sourceIndex = chooseSource(this.sizeBytes, candidates);
-    const holders = candidates.flatMap((c, i) => (c.info !== null && !c.info.rebuilding && this.replicas[i].client !== null ? [i] : []));
+    const holders = mapHolders(this.sizeBytes, candidates).filter((i) => this.replicas[i].client !== null);
     const missed: MissedStatus[] = await Promise.all(
       candidates.map(async (c, i) => {
         if (sourceIndex === null || i === sourceIndex || c.info === null) return NO_MISSED;
@@ -929,6 +1093,10 @@ export class Engine implements BlockBackend {
   info(): unknown {
     return {
       name: this.name,
+      phase: this.phase,
+      /** While start-up waits for replicas: their keys, and since when. */
+      waitingForReplicas: this.waitingFor,
+      waitingSince: this.waitingSince,
       sizeBytes: this.sizeBytes,
       epoch: this.epoch,
       faulted: this.faulted,
@@ -1035,8 +1203,9 @@ export class Engine implements BlockBackend {
    */
   async addReplica(entry: string): Promise<EngineReplicaStatus[]> {
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine is closing`);
+    if (this.phase !== 'serving') throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: the engine is starting; try again`);
     if (this.faultedReason !== null) throw this.faultError();
-    const { key, address, host, port } = parseReplicaEntry(entry);
+    const { key, named, address, host, port } = parseReplicaEntry(entry);
     const previous = (): EngineReplica | undefined => this.replicas.find((r) => r.address === address || r.key === key);
     const replaceable = (r: EngineReplica | undefined): boolean => r === undefined || (r.mode === ReplicaMode.ERR && r.client === null);
     if (!replaceable(previous())) throw new ZebuError(ErrorCode.EXISTS, `replica ${address} is already in volume ${this.name}`);
@@ -1049,7 +1218,7 @@ export class Engine implements BlockBackend {
     let snapshots: SnapshotInfo[] = [];
     let mapHolder: EngineReplica | null = null;
     try {
-      info = await client.open();
+      info = await this.openChecked(client, key, named);
       const empty = info.revision === 0 && info.layerCount === 1 && !info.hasBase && !info.rebuilding;
       if (!empty) {
         const delta = await this.deltaSource(key, info, client);
@@ -1074,7 +1243,7 @@ export class Engine implements BlockBackend {
       throw err;
     }
     const target: EngineReplica = {
-      address, key, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
+      address, key, named, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
       rebuild: { copiedBytes: 0, totalBytes: mapHolder === null ? this.sizeBytes * (snapshots.length + 1) : 0, delta: mapHolder !== null },
     };
     const old = previous();
@@ -1207,6 +1376,10 @@ export class Engine implements BlockBackend {
       check();
       await this.handOverMissedMaps(target);
       check();
+      // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
+      // fail this replica again at every later start-up, and each time cost a full rebuild.
+      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
+      check();
       await this.alignCounters();
       check();
       target.info = await target.client!.setRebuilding(false);
@@ -1286,7 +1459,8 @@ export class Engine implements BlockBackend {
    * A delta rebuild: the target held the volume until it went out; since then the RW replicas
    * recorded in a missed-write map which regions were written. Copied: the map (read once the
    * target is in the write set: nothing it misses from then on), the target's own active regions
-   * (its writes that the others may not have) and the source's. Then MISSED_DROP everywhere.
+   * (its writes that the others may not have) and the source's. Its maps are dropped at the end
+   * (finishRebuild), as after a full rebuild.
    */
   private async runDeltaRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, mapHolder: EngineReplica): Promise<void> {
     const progress = target.rebuild!;
@@ -1318,10 +1492,6 @@ export class Engine implements BlockBackend {
       if (this.rebuilding === rebuild) this.rebuilding = null;
       if (joined) this.dropClaims();
     }
-    // Whole again: nobody needs its map any more. Not awaited: the rebuild is done (and reported)
-    // the moment the target is RW; a drop that fails leaves a map a later start-up merely uses
-    // for a (needless, small) delta.
-    for (const r of this.replicas) if (r.mode === ReplicaMode.RW) void this.controlOn(r, (c) => c.missedDrop(target.key));
   }
 
   /** The delta rebuilds start-up decided, one after another, in the background. */

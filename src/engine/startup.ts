@@ -13,6 +13,8 @@
  *   of a rebuild is given the engine's epoch (SET_REVISION). Within that epoch, a replica that
  *   went out got a missed-write map on the others (at once, before any later flush; at start-up,
  *   before serving; and a rebuild hands the maps over to the replica it makes).
+ * - Only the maps of the source and of the replicas in sync with it count (mapHolders): a replica
+ *   that is behind may hold maps that are stale.
  * - So for a replica with the source's chain that is not equal to it:
  *   - some replica holds an *invalid* map for it (a snapshot changed while it was out): ERR;
  *   - some replica holds a map for it: delta rebuild of the maps ∪ its active ∪ the source's;
@@ -91,6 +93,26 @@ export function chooseSource(sizeBytes: number, candidates: StartupCandidate[]):
 
 function sameChain(a: string[] | null, b: string[] | null): boolean {
   return a !== null && b !== null && a.length === b.length && a.every((name, i) => name === b[i]);
+}
+
+/**
+ * The candidates whose missed-write maps count at start-up: the source and the usable replicas
+ * that made the same writes durable as it (same writeEpoch and flushedRevision, same chain).
+ * Their maps are complete: a replica in the write set starts a map the moment another leaves, and
+ * a rebuilt one is handed the others' maps. A replica that is behind holds maps from before it
+ * went out, and those may be stale (the replica they name was rebuilt since, its map dropped
+ * everywhere else): asked, they would fail that replica again at every start.
+ */
+export function mapHolders(sizeBytes: number, candidates: StartupCandidate[]): number[] {
+  const source = chooseSource(sizeBytes, candidates);
+  if (source === null) return [];
+  const best = candidates[source];
+  return candidates.flatMap((c, i) => {
+    if (unusableReason(sizeBytes, c) !== null) return [];
+    const info = c.info!;
+    const inSync = writeEpochOf(info) === writeEpochOf(best.info!) && info.flushedRevision === best.info!.flushedRevision && sameChain(c.chain, best.chain) && info.hasBase === best.info!.hasBase;
+    return inSync ? [i] : [];
+  });
 }
 
 /** `missedFor(i)`: the missed-write maps the other usable replicas hold for candidate i's key. */

@@ -7,6 +7,7 @@
 import http from 'node:http';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { ExportView, FrontendInfo, RemoveResult } from './frontend.ts';
+import type { LinkTimeouts } from './engine-link.ts';
 
 export type { ExportView, FrontendInfo, RemoveResult } from './frontend.ts';
 
@@ -36,7 +37,7 @@ export function frontendControlRequest(
       else resolve(value);
     };
     const req = http.request(
-      { socketPath, method, path: pathName, headers: payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
+      { socketPath, method, path: pathName, agent: false, headers: payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
       (res) => {
         const chunks: Buffer[] = [];
         let size = 0;
@@ -110,8 +111,8 @@ export class FrontendControlClient {
    * PUT /v1/exports/NAME: serve NAME from the engine at `engineSocket` (absolute path).
    * Idempotent; a different socket replaces the export (old clients drained, then disconnected).
    */
-  async putExport(name: string, engineSocket: string): Promise<ExportView> {
-    return (await frontendControlRequest(this.socketPath, 'PUT', exportPath(name), { body: { engineSocket }, timeoutMs: CHANGE_TIMEOUT_MS })) as ExportView;
+  async putExport(name: string, engineSocket: string, timeouts: Partial<LinkTimeouts> = {}): Promise<ExportView> {
+    return (await frontendControlRequest(this.socketPath, 'PUT', exportPath(name), { body: { engineSocket, ...timeouts }, timeoutMs: CHANGE_TIMEOUT_MS })) as ExportView;
   }
 
   /**

@@ -5,8 +5,12 @@
  *   GET    /v1/info                    {pid, nbdAddress, nbdSocket, exports}
  *   GET    /v1/exports                 [ExportView]
  *   GET    /v1/exports/NAME            ExportView (404 when absent)
- *   PUT    /v1/exports/NAME            {"engineSocket": "/abs/path"}: add, or replace when the
- *                                      socket differs; the same socket again changes nothing
+ *   PUT    /v1/exports/NAME            {"engineSocket": "/abs/path", "holdTimeoutMs"?, "hangTimeoutMs"?,
+ *                                      "stallTimeoutMs"?}: add, or replace when the socket differs;
+ *                                      the same socket again only applies the deadlines
+ *   ExportView = {name, sizeBytes, engineSocket, connections, outstanding, engineConnected,
+ *                 link: {state: OPEN|CLOSE|REOPENING, stateSince, reopens, reissued, hangs,
+ *                 longestHoldMs, held, lastClose, engine}, timeouts}
  *   DELETE /v1/exports/NAME            drain and remove: {removed, connections, drained}
  *   POST   /v1/exports/NAME/refresh    re-read the size from the engine: ExportView
  *
@@ -17,6 +21,11 @@ import http from 'node:http';
 import { ZebuError, ErrorCode, toZebuError, invalid } from '../errors.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 import type { Frontend } from './frontend.ts';
+import type { LinkTimeouts } from './engine-link.ts';
+
+/** The deadlines a PUT may set for one export's engine link. */
+const TIMEOUT_FIELDS = ['holdTimeoutMs', 'hangTimeoutMs', 'stallTimeoutMs'] as const satisfies readonly (keyof LinkTimeouts)[];
+const MAX_TIMEOUT_MS = 24 * 3600_000;
 
 const MAX_BODY_BYTES = 64 * 1024;
 const MAX_CONTROL_CONNECTIONS = 64;
@@ -128,10 +137,19 @@ export class FrontendControlServer {
       if (method === 'DELETE') return this.frontend.removeExport(name);
       if (method === 'PUT') {
         const body = await readJsonObject(req);
-        const unknown = Object.keys(body).filter((k) => k !== 'engineSocket');
-        if (unknown.length > 0) throw invalid(`unknown body field ${JSON.stringify(unknown[0])}; expected {"engineSocket": PATH}`, unknown[0]);
+        const unknown = Object.keys(body).filter((k) => k !== 'engineSocket' && !(TIMEOUT_FIELDS as readonly string[]).includes(k));
+        if (unknown.length > 0) throw invalid(`unknown body field ${JSON.stringify(unknown[0])}; expected {"engineSocket": PATH, ${TIMEOUT_FIELDS.map((f) => `"${f}"?: MS`).join(', ')}}`, unknown[0]);
         if (typeof body.engineSocket !== 'string' || body.engineSocket === '') throw invalid('body field "engineSocket" must be a non-empty string', 'engineSocket');
-        return this.frontend.putExport(name, body.engineSocket);
+        const timeouts: Partial<LinkTimeouts> = {};
+        for (const field of TIMEOUT_FIELDS) {
+          const value = body[field];
+          if (value === undefined) continue;
+          if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > MAX_TIMEOUT_MS) {
+            throw invalid(`body field "${field}" must be a whole number of milliseconds from 1 to ${MAX_TIMEOUT_MS}`, field);
+          }
+          timeouts[field] = value;
+        }
+        return this.frontend.putExport(name, body.engineSocket, { timeouts });
       }
       throw methodNotAllowed(method, pathName);
     }

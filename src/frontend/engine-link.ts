@@ -1,27 +1,86 @@
 /**
- * The frontend's side of the frontend <-> engine socket. Keeps the table of requests it has
- * forwarded and not yet answered. When the engine connection drops, those requests are held,
- * the link reconnects (the supervisor restarts the engine), and they are sent again: reads and
- * writes are idempotent at block level, so the client sees a delay, not an error. Requests
- * still held after `holdTimeoutMs` fail with EIO.
+ * The frontend's side of the frontend <-> engine socket, for one export. It keeps the table of
+ * requests it has forwarded and not yet answered, so that the engine can crash, hang or be
+ * restarted without the NBD client seeing anything but latency.
  *
- * The size served is the engine's INFO at connect time; `refreshSize` reads it again after the
- * engine was expanded online (new NBD connections see the new size).
+ * The link is in one of three states (the names of the Linux cachefiles on-demand failover model,
+ * which this follows: the engine is the user-space daemon that may die):
+ *
+ *   OPEN       connected to an engine; requests are forwarded at once.
+ *   CLOSE      no engine: it died, was killed as hung, or has not started yet. Requests (those in
+ *              flight when it went, and new ones) are held; the link keeps trying the socket.
+ *   REOPENING  a new engine answered: the held requests were re-issued to it, and new ones follow
+ *              them on the same connection; OPEN again once every re-issued request is answered.
+ *
+ * Re-issuing is safe because reads and writes are idempotent at block level and ordered: a request
+ * is re-issued only to a *different* engine process than the one that may still hold it (a hung
+ * engine is killed first, and the new engine has a new epoch, so the replicas fence anything the
+ * old one still had on the wire).
+ *
+ * A hung engine (alive, not answering) is told from a slow one by two deadlines: a heartbeat PING
+ * unanswered for `hangTimeoutMs` (on a connection of its own, so that it never waits behind
+ * requests), or a forwarded request unanswered for `stallTimeoutMs` (longer
+ * than the engine's own replica timeout, after which a slow replica is taken out and the request
+ * completes). The link then kills the engine process (its pid and start time come with the
+ * engine's INFO: the frontend runs on the engine's node), drops the connection and holds every
+ * request for the engine its supervisor starts next. The frontend kills it itself rather than
+ * asking the supervisor, so that a hung engine is replaced even while the agent is down.
+ *
+ * Held requests older than `holdTimeoutMs` fail with EIO: the bound on how long a client waits.
  */
-import { ZebuError, ErrorCode } from '../errors.ts';
+import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { ReplicaClient } from '../protocol/client.ts';
-import { Op, RequestFlag, decodeExtents } from '../protocol/frames.ts';
+import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
+import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
 import type { NbdExport, NbdExtent } from './nbd-server.ts';
 
-export interface EngineLinkOptions {
+export const LinkState = { OPEN: 'OPEN', CLOSE: 'CLOSE', REOPENING: 'REOPENING' } as const;
+export type LinkState = (typeof LinkState)[keyof typeof LinkState];
+
+/** The deadlines of a link; every one can be changed while it runs (setTimeouts). */
+export interface LinkTimeouts {
+  /** Held requests fail with EIO after this long without an engine (default 300 s). */
+  holdTimeoutMs: number;
+  /** A heartbeat PING unanswered this long means the engine hangs (default 10 s). */
+  hangTimeoutMs: number;
+  /** A forwarded request unanswered this long means the engine hangs (default 60 s). */
+  stallTimeoutMs: number;
+}
+
+export const DEFAULT_LINK_TIMEOUTS: LinkTimeouts = { holdTimeoutMs: 300_000, hangTimeoutMs: 10_000, stallTimeoutMs: 60_000 };
+
+export interface EngineLinkOptions extends Partial<LinkTimeouts> {
   name: string;
   socketPath: string;
   secret: Buffer;
-  requestTimeoutMs?: number;
-  holdTimeoutMs?: number;
   /** Bound on one connect + authenticate attempt. */
   connectTimeoutMs?: number;
+  /** How often the heartbeat PING goes out (default 1 s). */
+  heartbeatIntervalMs?: number;
+  /** Kills a hung engine process (tests inject one); the default sends SIGKILL. True when sent. */
+  killEngine?: (identity: ProcessIdentity) => boolean;
   log?: (event: Record<string, unknown>) => void;
+}
+
+/** What a link has been through, for the control API, the agent, `zebu volume get` and /metrics. */
+export interface LinkView {
+  state: LinkState;
+  /** When the link entered its state (ISO time). */
+  stateSince: string;
+  /** Times a new engine was reached after the link was CLOSE (the first connection not counted). */
+  reopens: number;
+  /** Requests re-issued to a new engine. */
+  reissued: number;
+  /** Engines found hung (heartbeat or stall) and killed. */
+  hangs: number;
+  /** Longest a re-issued request waited, from when it was first sent to its answer. */
+  longestHoldMs: number;
+  /** Requests held now (no engine to send them to). */
+  held: number;
+  /** The last time the engine went away: why, and what was held then. */
+  lastClose: { at: string; cause: string; outstanding: number } | null;
+  /** The engine process connected now (null while CLOSE, or when it does not say). */
+  engine: ProcessIdentity | null;
 }
 
 interface Forwarded {
@@ -31,10 +90,15 @@ interface Forwarded {
   length: number;
   payload: Buffer;
   callback: (err: ZebuError | null, data: Buffer) => void;
+  /** When the request was first sent (or held). */
   sinceMs: number;
+  /** Re-issued at least once (its answer counts towards longestHoldMs). */
+  reissued: boolean;
 }
 
 const EMPTY = Buffer.alloc(0);
+const MAX_TABLE = 65536;
+const RECONNECT_DELAY_MS_MAX = 1000;
 
 function sizeFromInfo(info: unknown, socketPath: string): number {
   const sizeBytes = (info as { sizeBytes?: unknown } | null)?.sizeBytes;
@@ -43,30 +107,95 @@ function sizeFromInfo(info: unknown, socketPath: string): number {
   }
   return sizeBytes;
 }
-const MAX_TABLE = 65536;
+
+function sameProcess(a: ProcessIdentity | null, b: ProcessIdentity | null): boolean {
+  return a !== null && b !== null && a.pid === b.pid && a.startTime === b.startTime;
+}
+
+/** SIGKILL to a process, only when it is still the one named (pid and start time). */
+export function killProcess(identity: ProcessIdentity): boolean {
+  if (identity.pid === process.pid || !isAlive(identity)) return false;
+  try {
+    process.kill(identity.pid, 'SIGKILL');
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 export class EngineLink implements NbdExport {
   readonly name: string;
   readonly description: string;
   sizeBytes = 0;
-  private readonly options: Required<EngineLinkOptions>;
+  private readonly options: Required<Omit<EngineLinkOptions, keyof LinkTimeouts>>;
+  private timeouts: LinkTimeouts;
   private client: ReplicaClient | null = null;
+  /** The heartbeat's own connection to the same engine (null until made, or after it dropped). */
+  private pinger: ReplicaClient | null = null;
+  private pingerConnecting = false;
+  /** The engine process behind `client`, as its INFO said. */
+  private engine: ProcessIdentity | null = null;
+  /** An engine found hung: never re-issue to it (it may still hold the requests). */
+  private hungEngine: ProcessIdentity | null = null;
   private readonly table = new Set<Forwarded>();
   private held: Forwarded[] = [];
+  /** Re-issued requests not yet answered: REOPENING lasts until they are. */
+  private reissuedOutstanding = 0;
+  private state: LinkState = LinkState.CLOSE;
+  private stateSinceMs = Date.now();
   private reconnecting = false;
   private closed = false;
+  private everConnected = false;
   private holdTimer: NodeJS.Timeout | null = null;
+  private heartbeatTimer: NodeJS.Timeout | null = null;
+  /** When the heartbeat PING in flight was sent (0: none in flight). */
+  private pingSentAtMs = 0;
+  private readonly counters = { reopens: 0, reissued: 0, hangs: 0, longestHoldMs: 0 };
+  private lastClose: LinkView['lastClose'] = null;
 
   private constructor(options: EngineLinkOptions) {
-    this.options = { requestTimeoutMs: 60_000, holdTimeoutMs: 60_000, connectTimeoutMs: 5000, log: () => {}, ...options };
+    this.options = {
+      connectTimeoutMs: 5000,
+      heartbeatIntervalMs: 1000,
+      killEngine: killProcess,
+      log: () => {},
+      ...options,
+    };
+    this.timeouts = { ...DEFAULT_LINK_TIMEOUTS };
+    this.setTimeouts(options);
     this.name = options.name;
     this.description = `Zebu volume ${options.name}`;
   }
 
+  /** A link with its first engine connection up (fails when the engine cannot be reached now). */
   static async connect(options: EngineLinkOptions): Promise<EngineLink> {
     const link = new EngineLink(options);
-    await link.connectOnce();
+    try {
+      await link.connectOnce();
+    } catch (err) {
+      link.close();
+      throw err;
+    }
+    link.state = LinkState.OPEN;
+    link.stateSinceMs = Date.now();
+    link.startHeartbeat();
     return link;
+  }
+
+  /** Changes the deadlines (undefined fields keep theirs). */
+  setTimeouts(timeouts: Partial<LinkTimeouts>): void {
+    const next = { ...this.timeouts };
+    for (const key of Object.keys(DEFAULT_LINK_TIMEOUTS) as (keyof LinkTimeouts)[]) {
+      const value = timeouts[key];
+      if (value === undefined) continue;
+      if (!Number.isSafeInteger(value) || value < 1) throw new ZebuError(ErrorCode.EINVAL, `${key} must be a positive number of milliseconds, got ${value}`);
+      next[key] = value;
+    }
+    this.timeouts = next;
+  }
+
+  get linkTimeouts(): LinkTimeouts {
+    return { ...this.timeouts };
   }
 
   get outstanding(): number {
@@ -82,6 +211,22 @@ export class EngineLink implements NbdExport {
     return this.client !== null;
   }
 
+  get linkState(): LinkState {
+    return this.state;
+  }
+
+  view(): LinkView {
+    return {
+      state: this.state,
+      stateSince: new Date(this.stateSinceMs).toISOString(),
+      ...this.counters,
+      longestHoldMs: Math.round(this.counters.longestHoldMs),
+      held: this.held.length,
+      lastClose: this.lastClose,
+      engine: this.engine,
+    };
+  }
+
   /** Reads the engine's size again (after an online expand); returns it. */
   async refreshSize(): Promise<number> {
     const client = this.client;
@@ -93,17 +238,33 @@ export class EngineLink implements NbdExport {
     return sizeBytes;
   }
 
-  private async connectOnce(): Promise<void> {
-    const client = await ReplicaClient.connect({
+  private setState(state: LinkState, details: Record<string, unknown> = {}): void {
+    if (this.state === state) return;
+    const fromMs = this.stateSinceMs;
+    this.options.log({ event: 'link-state', from: this.state, to: state, afterMs: Date.now() - fromMs, ...details });
+    this.state = state;
+    this.stateSinceMs = Date.now();
+  }
+
+  private connectClient(requestTimeoutMs: number): Promise<ReplicaClient> {
+    return ReplicaClient.connect({
       path: this.options.socketPath,
       peerLabel: 'engine',
       secret: this.options.secret,
-      requestTimeoutMs: this.options.requestTimeoutMs,
+      requestTimeoutMs,
       connectTimeoutMs: this.options.connectTimeoutMs,
     });
+  }
+
+  private async connectOnce(): Promise<void> {
+    // Past stallTimeoutMs a request counts as stalled: the engine is treated as hung (never an error to the client).
+    const client = await this.connectClient(this.timeouts.stallTimeoutMs);
     let sizeBytes: number;
+    let engine: ProcessIdentity | null;
     try {
-      sizeBytes = sizeFromInfo(await client.info(), this.options.socketPath);
+      const info = await client.info();
+      sizeBytes = sizeFromInfo(info, this.options.socketPath);
+      engine = parseIdentity((info as { process?: unknown } | null)?.process);
     } catch (err) {
       client.close();
       throw err;
@@ -113,37 +274,64 @@ export class EngineLink implements NbdExport {
       client.close();
       throw new ZebuError(ErrorCode.CLOSED, `export ${this.name} is closed`);
     }
+    if (sameProcess(engine, this.hungEngine)) {
+      // The hung engine still answers on a new connection (it could not be killed): it may still
+      // run the requests we hold. Wait for another one.
+      client.close();
+      throw new ZebuError(ErrorCode.BUSY, `engine process ${engine!.pid} was found hung and is still there; waiting for a new engine`);
+    }
     this.sizeBytes = sizeBytes;
     this.client = client;
+    this.engine = engine;
+    this.pingSentAtMs = 0;
+    if (this.everConnected) this.counters.reopens++;
+    this.everConnected = true;
     client.onClose((err) => {
-      if (this.client !== client) return; // already replaced (see sendNow)
-      this.client = null;
-      if (!this.closed) {
-        this.options.log({ event: 'engine-disconnected', reason: err.message, outstanding: this.table.size });
-        void this.reconnect();
-      }
+      if (this.client !== client) return; // already replaced or dropped (see lost())
+      this.lost(`engine disconnected: ${err.message}`);
     });
+  }
+
+  /** The engine connection is gone (or given up as hung): hold what is in flight, reconnect. */
+  private lost(cause: string): void {
+    const client = this.client;
+    if (client === null) return;
+    this.client = null;
+    this.engine = null;
+    this.pingSentAtMs = 0;
+    this.dropPinger();
+    this.reissuedOutstanding = 0;
+    this.lastClose = { at: new Date().toISOString(), cause, outstanding: this.table.size };
+    this.setState(LinkState.CLOSE, { cause, outstanding: this.table.size });
+    // Its pending requests come back through their callbacks (DISCONNECTED/CLOSED) and are held.
+    client.close();
+    if (!this.closed) void this.reconnect();
   }
 
   private async reconnect(): Promise<void> {
     if (this.reconnecting || this.closed) return;
     this.reconnecting = true;
     this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
-    let delayMs = 50;
+    let delayMs = 25;
     while (!this.closed && this.client === null) {
       try {
         await this.connectOnce();
       } catch {
         await new Promise((r) => setTimeout(r, delayMs));
-        delayMs = Math.min(1000, delayMs * 2);
+        delayMs = Math.min(RECONNECT_DELAY_MS_MAX, delayMs * 2);
       }
     }
     this.reconnecting = false;
     if (this.client !== null) {
-      this.options.log({ event: 'engine-reconnected', reissued: this.held.length });
       const held = this.held;
       this.held = [];
-      for (const f of held) this.sendNow(f);
+      this.counters.reissued += held.length;
+      this.reissuedOutstanding += held.length;
+      this.setState(held.length > 0 ? LinkState.REOPENING : LinkState.OPEN, { reissued: held.length, engine: this.engine });
+      for (const f of held) {
+        f.reissued = true;
+        this.sendNow(f);
+      }
     }
     if (this.held.length === 0 && this.holdTimer !== null) {
       clearInterval(this.holdTimer);
@@ -155,20 +343,93 @@ export class EngineLink implements NbdExport {
     const now = Date.now();
     const keep: Forwarded[] = [];
     for (const f of this.held) {
-      if (now - f.sinceMs < this.options.holdTimeoutMs) {
+      if (now - f.sinceMs < this.timeouts.holdTimeoutMs) {
         keep.push(f);
         continue;
       }
       this.table.delete(f);
-      f.callback(new ZebuError(ErrorCode.EIO, `engine of volume ${this.name} unreachable for ${this.options.holdTimeoutMs} ms`), EMPTY);
+      f.callback(new ZebuError(ErrorCode.EIO, `engine of volume ${this.name} unreachable for ${this.timeouts.holdTimeoutMs} ms`), EMPTY);
     }
     this.held = keep;
   }
 
+  // ---- hang detection ------------------------------------------------------------------------
+
+  private startHeartbeat(): void {
+    this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
+    this.heartbeatTimer.unref();
+  }
+
+  /**
+   * One PING in flight at a time, on the heartbeat's own connection; one unanswered past
+   * hangTimeoutMs (or no heartbeat connection made in that time) means a hung engine.
+   */
+  private heartbeat(): void {
+    const client = this.client;
+    if (client === null || this.closed) return;
+    if (this.pingSentAtMs !== 0) {
+      const waitedMs = Date.now() - this.pingSentAtMs;
+      if (waitedMs > this.timeouts.hangTimeoutMs) this.engineHung(`no answer to a heartbeat in ${waitedMs} ms`);
+      return;
+    }
+    const sentAtMs = Date.now();
+    this.pingSentAtMs = sentAtMs;
+    const pinger = this.pinger;
+    if (pinger === null || pinger.closed) {
+      this.connectPinger(client, sentAtMs);
+      return;
+    }
+    pinger.send(Op.PING, 0, 0, 0, EMPTY, (err) => {
+      if (this.client !== client || this.pingSentAtMs !== sentAtMs) return;
+      // A heartbeat connection that broke is made again; the hang deadline keeps running meanwhile.
+      if (err !== null) this.dropPinger();
+      else this.pingSentAtMs = 0;
+    });
+  }
+
+  /** Makes the heartbeat connection; its handshake answers for the PING of `sentAtMs`. */
+  private connectPinger(client: ReplicaClient, sentAtMs: number): void {
+    if (this.pingerConnecting) return;
+    this.pingerConnecting = true;
+    this.connectClient(this.timeouts.hangTimeoutMs).then(
+      (pinger) => {
+        this.pingerConnecting = false;
+        if (this.client !== client || this.closed) return pinger.close();
+        this.pinger = pinger;
+        if (this.pingSentAtMs === sentAtMs) this.pingSentAtMs = 0;
+      },
+      () => {
+        this.pingerConnecting = false;
+      },
+    );
+  }
+
+  private dropPinger(): void {
+    const pinger = this.pinger;
+    this.pinger = null;
+    pinger?.close();
+  }
+
+  /** The engine does not answer: kill it (when it says who it is), drop it, hold everything. */
+  private engineHung(why: string): void {
+    if (this.client === null || this.closed) return;
+    this.counters.hangs++;
+    const engine = this.engine;
+    let killed = false;
+    if (engine !== null) {
+      this.hungEngine = engine;
+      killed = this.options.killEngine(engine);
+    }
+    this.options.log({ event: 'engine-hung', why, engine, killed, outstanding: this.table.size });
+    this.lost(`engine hung (${why})${engine !== null ? `; process ${engine.pid} ${killed ? 'killed' : 'not killed (gone already)'}` : ''}`);
+  }
+
+  // ---- requests ------------------------------------------------------------------------------
+
   private forward(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: Forwarded['callback']): void {
     if (this.closed) return callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
     if (this.table.size >= MAX_TABLE) return callback(new ZebuError(ErrorCode.BUSY, 'too many requests outstanding'), EMPTY);
-    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: Date.now() };
+    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: Date.now(), reissued: false };
     this.table.add(f);
     this.sendNow(f);
   }
@@ -177,20 +438,39 @@ export class EngineLink implements NbdExport {
     const client = this.client;
     if (client === null) {
       this.held.push(f);
+      this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
       return;
     }
     client.send(f.op, f.flags, f.offset, f.length, f.payload, (err, data) => {
-      if (err !== null && (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) && !this.closed) {
-        // The engine went away with this request unanswered: hold it for the next engine.
-        if (this.client === client) {
-          this.client = null;
-          this.options.log({ event: 'engine-disconnected', reason: err.message, outstanding: this.table.size });
+      if (err !== null && !this.closed) {
+        if (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) {
+          // The engine went away with this request unanswered: hold it for the next engine.
+          if (this.client === client) this.lost(`engine disconnected: ${err.message}`);
+          this.held.push(f);
+          this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+          if (this.client === null) void this.reconnect();
+          else this.sendNow(this.held.pop()!); // reconnected already (a later callback): send it on
+          return;
         }
-        this.held.push(f);
-        void this.reconnect();
-        return;
+        if (err.code === ErrorCode.TIMEOUT) {
+          // Unanswered for stallTimeoutMs: the engine is stuck. Replace it; the request is held.
+          if (this.client === client) this.engineHung(`a ${OpName[f.op] ?? f.op} request unanswered for ${this.timeouts.stallTimeoutMs} ms`);
+          this.held.push(f);
+          this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+          if (this.client !== null) this.sendNow(this.held.pop()!);
+          return;
+        }
       }
       this.table.delete(f);
+      if (f.reissued) {
+        this.counters.longestHoldMs = Math.max(this.counters.longestHoldMs, Date.now() - f.sinceMs);
+        this.reissuedOutstanding--;
+        assert(this.reissuedOutstanding >= 0 || this.client !== client, 'engine link re-issued count');
+        if (this.reissuedOutstanding <= 0 && this.state === LinkState.REOPENING && this.client === client) {
+          this.reissuedOutstanding = 0;
+          this.setState(LinkState.OPEN, { longestHoldMs: Math.round(this.counters.longestHoldMs) });
+        }
+      }
       f.callback(err, data);
     });
   }
@@ -222,8 +502,12 @@ export class EngineLink implements NbdExport {
     if (this.closed) return;
     this.closed = true;
     if (this.holdTimer !== null) clearInterval(this.holdTimer);
+    if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
     for (const f of this.held) f.callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
     this.held = [];
-    this.client?.close();
+    const client = this.client;
+    this.client = null;
+    client?.close();
+    this.dropPinger();
   }
 }

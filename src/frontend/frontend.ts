@@ -12,7 +12,8 @@
  */
 import path from 'node:path';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
-import { EngineLink } from './engine-link.ts';
+import { EngineLink, type LinkTimeouts, type LinkView } from './engine-link.ts';
+import type { ProcessIdentity } from '../os/process-identity.ts';
 import { NbdServer, type DrainResult } from './nbd-server.ts';
 
 /** Export names are volume names. */
@@ -29,9 +30,12 @@ export interface FrontendOptions {
   engineConnectTimeoutMs?: number;
   /** How long removing (or replacing) an export waits for its in-flight requests. */
   drainTimeoutMs?: number;
-  /** EngineLink settings (tests shorten them). */
-  requestTimeoutMs?: number;
-  holdTimeoutMs?: number;
+  /** Deadlines of every engine link (hold, hang, stall); an export may set its own (putExport). */
+  linkTimeouts?: Partial<LinkTimeouts>;
+  /** How often each link sends its heartbeat PING (tests shorten it). */
+  heartbeatIntervalMs?: number;
+  /** Kills a hung engine (tests inject one; the default sends SIGKILL). */
+  killEngine?: (identity: ProcessIdentity) => boolean;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -45,6 +49,9 @@ export interface ExportView {
   /** Requests forwarded to the engine and not yet answered (held ones included). */
   outstanding: number;
   engineConnected: boolean;
+  /** The engine link: OPEN, CLOSE or REOPENING, and what it went through. */
+  link: LinkView;
+  timeouts: LinkTimeouts;
 }
 
 export interface FrontendInfo {
@@ -81,7 +88,7 @@ export function checkEngineSocket(socketPath: string): void {
 
 export class Frontend {
   private readonly nbd: NbdServer;
-  private readonly options: Required<FrontendOptions>;
+  private readonly options: Required<Omit<FrontendOptions, 'killEngine'>> & Pick<FrontendOptions, 'killEngine'>;
   private readonly links = new Map<string, EngineLink>();
   /** Tail of the queue of changes per export name, and its length. */
   private readonly queues = new Map<string, { tail: Promise<unknown>; length: number }>();
@@ -94,8 +101,8 @@ export class Frontend {
     this.options = {
       engineConnectTimeoutMs: 10_000,
       drainTimeoutMs: 10_000,
-      requestTimeoutMs: 60_000,
-      holdTimeoutMs: 60_000,
+      linkTimeouts: {},
+      heartbeatIntervalMs: 1000,
       log: () => {},
       ...options,
     };
@@ -116,6 +123,20 @@ export class Frontend {
     this.nbdSocket = socketPath;
   }
 
+  /** Listens on an inherited TCP socket (kept by the supervisor); returns the HOST:PORT it is bound to. */
+  async listenTcpFd(fd: number): Promise<string> {
+    const address = await this.nbd.listenFd(fd);
+    if (typeof address === 'string' || address === null) throw new ZebuError(ErrorCode.EINVAL, `inherited descriptor ${fd} is not a TCP socket`);
+    this.nbdAddress = address.family === 'IPv6' ? `[${address.address}]:${address.port}` : `${address.address}:${address.port}`;
+    return this.nbdAddress;
+  }
+
+  /** Listens on an inherited UNIX socket (kept by the supervisor) bound at `socketPath`. */
+  async listenUnixFd(fd: number, socketPath: string): Promise<void> {
+    await this.nbd.listenFd(fd);
+    this.nbdSocket = socketPath;
+  }
+
   info(): FrontendInfo {
     return { pid: process.pid, nbdAddress: this.nbdAddress, nbdSocket: this.nbdSocket, exports: this.links.size };
   }
@@ -131,18 +152,21 @@ export class Frontend {
 
   /**
    * Serves `name` from the engine at `engineSocket`. Idempotent: the same socket again returns
-   * the current view. Another socket replaces the export: new clients go to the new engine, the
-   * old engine's clients get their in-flight requests answered, then are disconnected. The
-   * engine socket may not exist yet: it is retried up to `engineConnectTimeoutMs`.
+   * the current view (with `timeouts` applied). Another socket replaces the export: new clients go
+   * to the new engine, the old engine's clients get their in-flight requests answered, then are
+   * disconnected. The engine socket may not exist yet: it is retried up to `engineConnectTimeoutMs`.
    */
-  putExport(name: string, engineSocket: string, options: { engineConnectTimeoutMs?: number } = {}): Promise<ExportView> {
+  putExport(name: string, engineSocket: string, options: { engineConnectTimeoutMs?: number; timeouts?: Partial<LinkTimeouts> } = {}): Promise<ExportView> {
     checkExportName(name);
     checkEngineSocket(engineSocket);
     return this.serialize(name, async () => {
       const old = this.links.get(name);
-      if (old !== undefined && old.socketPath === engineSocket) return this.viewOf(old);
+      if (old !== undefined && old.socketPath === engineSocket) {
+        if (options.timeouts !== undefined) old.setTimeouts(options.timeouts);
+        return this.viewOf(old);
+      }
       if (old === undefined && this.links.size >= MAX_EXPORTS) throw new ZebuError(ErrorCode.BUSY, `this frontend already serves ${MAX_EXPORTS} exports`);
-      const link = await this.connectLink(name, engineSocket, options.engineConnectTimeoutMs ?? this.options.engineConnectTimeoutMs);
+      const link = await this.connectLink(name, engineSocket, options.engineConnectTimeoutMs ?? this.options.engineConnectTimeoutMs, options.timeouts ?? {});
       if (this.closing) {
         link.close();
         throw new ZebuError(ErrorCode.CLOSED, 'frontend is stopping');
@@ -204,6 +228,8 @@ export class Frontend {
       connections: this.nbd.connectionsTo(link),
       outstanding: link.outstanding,
       engineConnected: link.engineConnected,
+      link: link.view(),
+      timeouts: link.linkTimeouts,
     };
   }
 
@@ -214,7 +240,7 @@ export class Frontend {
     return drain;
   }
 
-  private async connectLink(name: string, engineSocket: string, timeoutMs: number): Promise<EngineLink> {
+  private async connectLink(name: string, engineSocket: string, timeoutMs: number, timeouts: Partial<LinkTimeouts>): Promise<EngineLink> {
     const deadline = Date.now() + timeoutMs;
     let delayMs = 50;
     let lastError = '';
@@ -226,8 +252,10 @@ export class Frontend {
           name,
           socketPath: engineSocket,
           secret: this.options.secret,
-          requestTimeoutMs: this.options.requestTimeoutMs,
-          holdTimeoutMs: this.options.holdTimeoutMs,
+          ...this.options.linkTimeouts,
+          ...timeouts,
+          heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+          ...(this.options.killEngine !== undefined ? { killEngine: this.options.killEngine } : {}),
           connectTimeoutMs: Math.max(500, Math.min(5000, leftMs)),
           log: (event) => this.options.log({ ...event, export: name }),
         });

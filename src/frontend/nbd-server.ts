@@ -132,6 +132,21 @@ export class NbdServer {
     return listenOnUnixSocket(this.newServer(), socketPath);
   }
 
+  /**
+   * Listens on an inherited, already bound socket (kept-listener.ts). Closing the server closes
+   * only this process's descriptor: the socket stays bound and listening in its keeper.
+   */
+  listenFd(fd: number): Promise<net.AddressInfo | string> {
+    const server = this.newServer();
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ fd }, () => {
+        server.off('error', reject);
+        resolve(server.address() as net.AddressInfo | string);
+      });
+    });
+  }
+
   get connectionCount(): number {
     return this.connections.size;
   }

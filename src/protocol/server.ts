@@ -42,6 +42,12 @@ export interface DataServerOptions {
    * power failure and ends the process, so it does not return.
    */
   powerLoss?: (seed: number, mode: PowerLossMode) => void;
+  /**
+   * Added to every INFO and OPEN reply: who serves (a replica's name, so that an engine can tell
+   * a stale address from the replica it wants; an engine's process, so that its frontend can
+   * kill it when it hangs).
+   */
+  identity?: Record<string, unknown>;
   handshakeTimeoutMs?: number;
   maxInflightPerConnection?: number;
   log?: (event: Record<string, unknown>) => void;
@@ -51,7 +57,7 @@ const EMPTY = Buffer.alloc(0);
 
 export class DataServer {
   private readonly backend: BlockBackend;
-  private readonly options: Required<Omit<DataServerOptions, 'faultDisk' | 'powerLoss'>> & Pick<DataServerOptions, 'faultDisk' | 'powerLoss'>;
+  private readonly options: Required<Omit<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity'>> & Pick<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity'>;
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   private inflight = 0;
@@ -259,17 +265,23 @@ class Connection {
     if (result.length > 0) this.out.write(result);
   }
 
+  /** An INFO/OPEN body with the server's identity fields added. */
+  private identified(info: unknown): unknown {
+    const identity = this.owner.opts.identity;
+    return identity === undefined ? info : { ...(info as Record<string, unknown>), ...identity };
+  }
+
   private async execute(h: RequestHeader, payload: Buffer): Promise<Buffer | ReadReply> {
     const replica = this.owner.backendRef;
     switch (h.op) {
       case Op.PING:
         return EMPTY;
       case Op.INFO:
-        return json(replica.info());
+        return json(this.identified(replica.info()));
       case Op.OPEN:
         await replica.checkEpoch(h.epoch);
         replica.engineOpened?.();
-        return json(replica.info());
+        return json(this.identified(replica.info()));
     }
     // Everything up to the first await below runs at arrival, in request order: FLUSH bookkeeping
     // and MISSED_START rely on it (they must be ordered with the writes of this connection).

@@ -7,7 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ProcessSupervisor, procStat } from '../../src/agent/process-supervisor.ts';
+import { ProcessSupervisor } from '../../src/agent/process-supervisor.ts';
+import { procStat } from '../../src/os/process-identity.ts';
 import { tempDir } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
 

@@ -28,6 +28,8 @@ export interface ReplicaRow {
 }
 
 export interface EngineInfo {
+  phase: 'starting' | 'serving';
+  waitingForReplicas: string[];
   sizeBytes: number;
   epoch: number;
   faulted: boolean;
@@ -45,7 +47,7 @@ export interface EngineInfo {
 export async function startEngine(
   t: After,
   dir: string,
-  options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; maxActiveRegions?: number },
+  options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; maxActiveRegions?: number; replicaWaitMs?: number; replicaOut?: string[] },
 ): Promise<EngineProcess> {
   const socket = path.join(dir, `engine-${options.epoch}.sock`);
   const control = path.join(dir, `control-${options.epoch}.sock`);
@@ -54,6 +56,8 @@ export async function startEngine(
     '--socket', socket, '--control-socket', control, '--secret-file', options.secretFile, '--epoch', String(options.epoch),
     '--request-timeout-ms', '3000',
     ...(options.maxActiveRegions !== undefined ? ['--max-active-regions', String(options.maxActiveRegions)] : []),
+    ...(options.replicaWaitMs !== undefined ? ['--replica-wait-ms', String(options.replicaWaitMs)] : []),
+    ...(options.replicaOut ?? []).flatMap((key) => ['--replica-out', key]),
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   t.after(() => child.kill('SIGKILL'));
@@ -68,7 +72,7 @@ export function engineInfo(control: string): Promise<EngineInfo> {
 }
 
 export function verify(control: string, repair = false): Promise<VerifyReport> {
-  return controlRequest(control, 'POST', '/v1/verify', { repair }) as Promise<VerifyReport>;
+  return controlRequest(control, 'POST', '/v1/verify', { repair }, { timeoutMs: 600_000 }) as Promise<VerifyReport>;
 }
 
 export function engineClient(engine: EngineProcess, secret: Buffer): Promise<ReplicaClient> {

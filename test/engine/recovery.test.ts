@@ -5,6 +5,8 @@
  * the running engine or found behind at the next start.
  */
 import '../support/intent-idle-zero.ts';
+import fs from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { controlRequest } from '../../src/engine/control-server.ts';
@@ -165,4 +167,42 @@ test('a replica behind at start-up with a missed-write map comes back by a delta
   const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 2, SIZE)));
   assert.deepEqual(digests[0], digests[1]);
   assert.deepEqual(digests[0], digests[2]);
+});
+
+test('a replica rebuilt in full after its map was invalidated starts RW at the next start-up: the maps of a rebuilt replica are dropped', async (t) => {
+  // Once, the full fault run failed every later start of one replica (a full rebuild each time):
+  // its invalidated map stayed on the others after the full rebuild that made it whole again.
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  await writeThrough(client, 0, 16 * MiB, 11);
+  // Taken out of the set: its map is invalidated on the others (only a full rebuild brings it back).
+  await controlRequest(first.control, 'DELETE', `/v1/replicas/${encodeURIComponent(entries[2])}`);
+  const holder = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 1 });
+  t.after(() => holder.close());
+  assert.deepEqual((await holder.intentGet()).invalidMissed, ['r2']);
+  // Emptied and added again: a full rebuild.
+  replicas[2].child.kill('SIGKILL');
+  await replicas[2].exited;
+  fs.rmSync(path.join(dir, 'replica-2'), { recursive: true, force: true });
+  replicas[2] = await restartReplica(t, dir, 2, SIZE, secretFile, replicas[2].port);
+  await controlRequest(first.control, 'POST', '/v1/replicas', { address: entries[2] });
+  await waitFor('replica 2 RW', async () => (await engineInfo(first.control)).replicas.find((r) => r.key === 'r2')?.mode === 'RW', 60_000, 20);
+  assert.equal((await engineInfo(first.control)).lastRebuild!.delta, false, 'a full rebuild');
+  const intent = await holder.intentGet();
+  assert.deepEqual([intent.invalidMissed, 'r2' in intent.missed], [[], false], 'whole again: no map names it');
+  await writeThrough(client, 4 * MiB, 4 * MiB, 12);
+  client.close();
+
+  // A crash, then the next engine: every replica is in sync, none is failed or rebuilt.
+  first.child.kill('SIGKILL');
+  await first.exited;
+  const second = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 2, secretFile });
+  const info = await engineInfo(second.control);
+  assert.deepEqual(info.replicas.map((r) => [r.key, r.mode, r.reason]), [['r0', 'RW', null], ['r1', 'RW', null], ['r2', 'RW', null]]);
+  assert.deepEqual([info.recovery!.erredReplicas, info.recovery!.deltaReplicas], [[], []]);
+  assert.equal((await verify(second.control)).differing.length, 0);
 });

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { planStartup, chooseSource, NO_MISSED, type MissedStatus, type StartupCandidate } from '../../src/engine/startup.ts';
+import { planStartup, chooseSource, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate } from '../../src/engine/startup.ts';
 import type { ReplicaInfo } from '../../src/replica/replica.ts';
 
 const SIZE = 64 << 20;
@@ -91,4 +91,19 @@ test('unreachable, wrong-size and half-rebuilt replicas start ERR and are never 
   const none = planStartup(SIZE, REGION, [c('a', null)], noMaps);
   assert.equal(none.source, null);
   assert.deepEqual(none.decisions.map((x) => x.mode), ['ERR']);
+});
+
+test('only the source and the replicas in sync with it hold maps that count: a replica behind may hold stale ones', () => {
+  const candidates = [
+    c('a', info(10, { writeEpoch: 3 }), { chain: ['s1'] }),
+    c('b', info(10, { writeEpoch: 3 }), { chain: ['s1'] }),
+    // Behind: out since epoch 2 (its maps are from then).
+    c('c', info(6, { writeEpoch: 2 }), { chain: ['s1'] }),
+    // Same counters, other chain: not in sync.
+    c('d', info(10, { writeEpoch: 3 }), { chain: ['s0'] }),
+    c('e', null),
+    c('f', info(10, { writeEpoch: 3, rebuilding: true }), { chain: ['s1'] }),
+  ];
+  assert.deepEqual(mapHolders(SIZE, candidates), [0, 1]);
+  assert.deepEqual(mapHolders(SIZE, [c('x', null)]), []);
 });

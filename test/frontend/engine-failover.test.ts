@@ -46,7 +46,9 @@ test('SIGKILL the engine during fio verify: no client error, replicas identical'
   }
   assert.ok(replicas.filter((r) => r.mode === 'RW').length >= 1, JSON.stringify(replicas));
   const rw = replicas.map((r, i) => (r.mode === 'RW' ? i : -1)).filter((i) => i >= 0);
-  const digests = await Promise.all(rw.map((i) => replicaDigest(vol.replicas[i].port, vol.secret, vol.epoch, SIZE)));
+  const epoch = await vol.currentEpoch();
+  assert.ok(epoch > vol.epoch, `every restarted engine has a new epoch (first ${vol.epoch}, now ${epoch})`);
+  const digests = await Promise.all(rw.map((i) => replicaDigest(vol.replicas[i].port, vol.secret, epoch, SIZE)));
   assert.equal(new Set(digests).size, 1, 'RW replicas identical');
   await vol.stop();
 });

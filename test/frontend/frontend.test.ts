@@ -96,7 +96,15 @@ test('exports are added, listed and served side by side; PUT is idempotent', asy
   const b = await startEngine(t, node.dir, 'b', 8 * MiB);
   assert.deepEqual(await node.control.listExports(), []);
   const viewA = await node.control.putExport('a', a.socket);
-  assert.deepEqual(viewA, { name: 'a', sizeBytes: 4 * MiB, engineSocket: a.socket, connections: 0, outstanding: 0, engineConnected: true });
+  const { link, timeouts, ...rest } = viewA;
+  assert.deepEqual(rest, { name: 'a', sizeBytes: 4 * MiB, engineSocket: a.socket, connections: 0, outstanding: 0, engineConnected: true });
+  assert.equal(link.state, 'OPEN');
+  assert.equal(link.engine, null, 'an in-process engine does not name a process to kill');
+  // Deadlines per export: a PUT of the same socket changes only them.
+  assert.equal(timeouts.holdTimeoutMs, 300_000);
+  const tuned = await node.control.putExport('a', a.socket, { holdTimeoutMs: 5000, hangTimeoutMs: 2000 });
+  assert.deepEqual(tuned.timeouts, { holdTimeoutMs: 5000, hangTimeoutMs: 2000, stallTimeoutMs: 60_000 });
+  assert.equal(tuned.link.stateSince, link.stateSince, 'the same link');
   await node.control.putExport('b', b.socket);
   const info = await node.control.info();
   assert.equal(info.exports, 2);
@@ -115,7 +123,7 @@ test('exports are added, listed and served side by side; PUT is idempotent', asy
 
   // The same PUT again: same view, and the open connection keeps working on the same link.
   const again = await node.control.putExport('a', a.socket);
-  assert.deepEqual(again, { ...viewA, connections: 1 });
+  assert.deepEqual(again, { ...viewA, connections: 1, timeouts: tuned.timeouts });
   assert.equal(await ca.write(4096, pattern(3, 4096)), 0);
   assert.equal(ca.isClosed, false);
   // Concurrent identical PUTs all answer the same.

@@ -149,7 +149,12 @@ test('one frontend process serves two volumes by export name; exports come and g
 
   await t.test('both exports added through the control API; PUT twice is idempotent', async () => {
     const viewA = await control.putExport('a', a.engineSocket);
-    assert.deepEqual(viewA, { name: 'a', sizeBytes: 64 * MiB, engineSocket: a.engineSocket, connections: 0, outstanding: 0, engineConnected: true });
+    const { link, timeouts, ...rest } = viewA;
+    assert.deepEqual(rest, { name: 'a', sizeBytes: 64 * MiB, engineSocket: a.engineSocket, connections: 0, outstanding: 0, engineConnected: true });
+    assert.equal(link.state, 'OPEN');
+    assert.deepEqual([link.reopens, link.reissued, link.hangs, link.held], [0, 0, 0, 0]);
+    assert.ok(link.engine !== null && link.engine.pid > 0, 'the engine says which process it is');
+    assert.deepEqual(timeouts, { holdTimeoutMs: 300_000, hangTimeoutMs: 10_000, stallTimeoutMs: 60_000 });
     const viewB = await control.putExport('b', b.engineSocket);
     assert.equal(viewB.sizeBytes, 32 * MiB);
     assert.deepEqual(await control.putExport('a', a.engineSocket), viewA);

@@ -278,7 +278,7 @@ export class FaultCluster {
   }
 
   control<T = unknown>(method: string, pathName: string, body?: unknown): Promise<T> {
-    return controlRequest(this.controlSocket, method, pathName, body) as Promise<T>;
+    return controlRequest(this.controlSocket, method, pathName, body, { timeoutMs: 600_000 }) as Promise<T>;
   }
 
   info(): Promise<Record<string, unknown>> {
@@ -318,8 +318,25 @@ export class FaultCluster {
   async readd(i: number, timeoutMs = 60_000): Promise<RebuildOutcome> {
     const address = this.engineAddress(i);
     const started = Date.now();
-    const row = (await this.replicaRows()).find((r) => r.address === address);
-    if (row?.mode === 'RW') return { kind: 'none', bytes: 0, durationMs: 0 };
+    // A delta rebuild the engine decided itself (at start-up) is under way or about to start:
+    // its outcome is the answer. Adding the replica again meanwhile is refused (EXISTS), and taking
+    // it out to add it again would throw away its map (a full rebuild).
+    let row = (await this.replicaRows()).find((r) => r.address === address);
+    const engineRebuild = { seen: false, bytes: 0, delta: false };
+    while (row !== undefined && (row.mode === 'WO' || /^waiting for a delta rebuild/.test(row.reason ?? ''))) {
+      if (row.rebuild !== null) {
+        engineRebuild.seen = true;
+        engineRebuild.bytes = Math.max(engineRebuild.bytes, row.rebuild.totalBytes);
+        engineRebuild.delta ||= row.rebuild.delta === true;
+      }
+      if (Date.now() - started > timeoutMs) throw new Error(`replica ${address} not RW after ${timeoutMs} ms (${row.mode}, ${row.reason})`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+      row = (await this.replicaRows()).find((r) => r.address === address);
+    }
+    if (row?.mode === 'RW') {
+      if (!engineRebuild.seen) return { kind: 'none', bytes: 0, durationMs: 0 };
+      return { kind: engineRebuild.delta ? 'delta' : 'full', bytes: engineRebuild.delta ? engineRebuild.bytes : this.sizeBytes, durationMs: Date.now() - started };
+    }
     if (this.replicaProcs[i] === null) await this.startReplica(i);
     let full = false;
     const add = async (): Promise<void> => {

@@ -5,6 +5,7 @@ import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { ReplicaClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/engine/control-server.ts';
 import { startReplica, writeSecret, ZEBU_MAIN, type ReplicaProcess } from './replica-process.ts';
 
 export interface VolumeCluster {
@@ -19,7 +20,10 @@ export interface VolumeCluster {
   volume: ChildProcess;
   volumeExited: Promise<number | string>;
   secret: Buffer;
+  /** The first engine's epoch; every restarted engine gets the next one (currentEpoch()). */
   epoch: number;
+  /** The epoch of the engine serving now. */
+  currentEpoch(): Promise<number>;
   /** The tail of the supervisor's stderr (its children's logs included). */
   stderr(): string;
   stop(): Promise<void>;
@@ -99,6 +103,10 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
     volumeExited,
     secret,
     epoch,
+    async currentEpoch() {
+      const info = (await controlRequest(ready.controlSocket as string, 'GET', '/v1/info')) as { epoch: number };
+      return info.epoch;
+    },
     stderr: () => stderr,
     async stop() {
       volume.kill('SIGTERM');
