@@ -20,6 +20,8 @@ import { controlRequest } from '../engine/control-server.ts';
 import { recoveryFromEngine, replicaNameOf, verifyFromEngine } from '../manager/engine-reports.ts';
 import { ProcessSupervisor } from './process-supervisor.ts';
 import { initDisk, probeDisk } from './disks.ts';
+import { keepTcpListener, type KeptListener } from '../frontend/kept-listener.ts';
+import type { EngineLinkView } from '../manager/types.ts';
 
 export interface AgentOptions {
   store: Store;
@@ -99,10 +101,17 @@ export class Agent {
   private lease: Lease | null = null;
   private timers: NodeJS.Timeout[] = [];
   private readonly statsWrittenAt = new Map<string, number>();
-  /** Since when a new engine waits for its replicas to serve at the addresses it names. */
-  private readonly engineWaitSince = new Map<string, number>();
   private stopping = false;
   private boundNbdAddress: string | null = null;
+  /**
+   * The NBD listening socket, bound here and handed to every frontend process (kept-listener.ts):
+   * while the frontend restarts, clients wait in its backlog. Null while an adopted frontend (of
+   * an earlier agent) holds the only copy; made when that one exits.
+   */
+  private nbdListener: KeptListener | null = null;
+  private nbdListenerError: string | null = null;
+  /** The last engine-link views written per volume (JSON), so that unchanged ones are not written again. */
+  private readonly linkWritten = new Map<string, string>();
 
   constructor(options: AgentOptions) {
     this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, log: () => {}, ...options };
@@ -146,6 +155,7 @@ export class Agent {
         await this.noteFrontendAddress(view.ready);
         return;
       }
+      if (this.nbdListenerError !== null) throw new ZebuError(ErrorCode.EIO, `the NBD frontend on ${this.nbdAddress} does not start: ${this.nbdListenerError}`);
       if (view?.state === 'error') throw new ZebuError(ErrorCode.EIO, `the NBD frontend on ${this.nbdAddress} does not start: ${view.message}`);
       if (Date.now() > deadline) throw new ZebuError(ErrorCode.TIMEOUT, `the NBD frontend on ${this.nbdAddress} is not ready after ${timeoutMs} ms`);
       await new Promise((r) => setTimeout(r, 50));
@@ -159,8 +169,15 @@ export class Agent {
     await this.registerDisks();
     await this.keepLease();
     // Engines are restarted by their reconcile, never by the supervisor: a new engine process needs a new epoch.
-    const adopted = this.supervisor.adopt({ autoRestart: (id) => !id.startsWith('e.') });
+    // The frontend too: a new one needs the listening socket this agent keeps (reconcileFrontend).
+    const adopted = this.supervisor.adopt({ autoRestart: (id) => id.startsWith('r.') });
     this.options.log({ event: 'agent-started', node: this.nodeId, adopted });
+    // Replicas first: after a node restart the engines then find them serving (an engine waits
+    // for them anyway, engine-replica-wait-seconds, but need not wait long).
+    for (const r of await this.objects.list(Kind.Replica)) {
+      if (r.value.spec.nodeId !== this.nodeId) continue;
+      await this.reconcileReplica(r.name).catch((err) => this.options.log({ event: 'agent-task-failed', error: (err as Error).message }));
+    }
     const revision = await this.resync();
     this.watchFrom(revision);
     this.every(this.options.leaseTtlMs / 3, () => this.keepLease());
@@ -168,6 +185,7 @@ export class Agent {
     this.every(5000, async () => {
       await this.resync();
     });
+    this.every(this.options.pollMs, () => this.pollEngineLinks());
   }
 
   private every(ms: number, fn: () => Promise<unknown>): void {
@@ -194,13 +212,15 @@ export class Agent {
     }
     const ids = this.supervisor.ids();
     await this.supervisor.stop(FRONTEND_ID);
+    this.nbdListener?.close();
+    this.nbdListener = null;
     await Promise.all(ids.filter((id) => id.startsWith('e.')).map((id) => this.supervisor.stop(id)));
     await Promise.all(ids.filter((id) => id.startsWith('r.')).map((id) => this.supervisor.stop(id)));
     this.supervisor.detach();
     for (const e of await this.objects.list(Kind.Engine)) {
       if (e.value.spec.nodeId !== this.nodeId) continue;
       await this.objects.mutate(Kind.Engine, e.name, (x) => {
-        x.status = { ...x.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, activeRegions: null, superseded: false, exitReason: null };
+        x.status = { ...x.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, activeRegions: null, superseded: false, exitReason: null, frontendLink: null };
       });
     }
     for (const r of await this.objects.list(Kind.Replica)) {
@@ -348,9 +368,29 @@ export class Agent {
   // ---- frontend --------------------------------------------------------------------------------
 
   private async reconcileFrontend(): Promise<number | null> {
-    const view = this.supervisor.ensure(FRONTEND_ID, [
-      'frontend', 'serve', '--nbd', this.nbdAddress, '--control-socket', this.frontendControlSocket, '--secret-file', this.options.secretFile,
-    ]);
+    const current = this.supervisor.get(FRONTEND_ID);
+    const running = current !== undefined && current.pid !== null;
+    if (!running && this.nbdListener === null) {
+      try {
+        // The port the frontend had (port 0 asked for: keep the one it got), else the one asked for.
+        const bound = this.boundNbdAddress;
+        const port = bound !== null ? Number(bound.slice(bound.lastIndexOf(':') + 1)) : this.options.nbdPort;
+        this.nbdListener = keepTcpListener(this.options.nbdHost, port);
+        this.nbdListenerError = null;
+        this.options.log({ event: 'nbd-listener-bound', address: this.nbdListener.address });
+      } catch (err) {
+        this.nbdListenerError = (err as Error).message;
+        this.options.log({ event: 'frontend-down', message: this.nbdListenerError });
+        return 2000;
+      }
+    }
+    const args = [
+      'frontend', 'serve', '--control-socket', this.frontendControlSocket, '--secret-file', this.options.secretFile,
+      '--state-file', path.join(this.options.stateDir, 'frontend.state'),
+      ...(this.nbdListener !== null ? ['--nbd-fd', '3'] : ['--nbd', this.nbdAddress]),
+    ];
+    // Restarted by this reconcile, never by the supervisor alone: a new process needs the listener.
+    const view = this.supervisor.ensure(FRONTEND_ID, args, { autoRestart: false, fds: this.nbdListener !== null ? [this.nbdListener.fd] : [] });
     if (view.state === 'running') {
       await this.noteFrontendAddress(view.ready);
       return null;
@@ -367,6 +407,46 @@ export class Agent {
     await this.objects.mutate(Kind.Node, this.nodeId, (n) => {
       n.status.nbdAddress = bound;
     });
+  }
+
+  /** The deadlines of the frontend's engine links, from the settings (milliseconds). */
+  private async linkTimeouts(): Promise<{ holdTimeoutMs: number; hangTimeoutMs: number; stallTimeoutMs: number }> {
+    return {
+      holdTimeoutMs: (await this.settings.int('frontend-hold-timeout-seconds')) * 1000,
+      hangTimeoutMs: (await this.settings.int('engine-hang-timeout-seconds')) * 1000,
+      stallTimeoutMs: (await this.settings.int('engine-stall-timeout-seconds')) * 1000,
+    };
+  }
+
+  /**
+   * Copies each export's engine link (OPEN / CLOSE / REOPENING and its counters) from the
+   * frontend into its Engine's status, when it changed: `zebu volume get`, /metrics and the
+   * manager's events read it there. Polled, because the link changes while the engine is down.
+   * Exports that no engine of this node wants are removed.
+   */
+  private async pollEngineLinks(): Promise<void> {
+    if (!this.frontendRunning() || this.stopping) return;
+    const views = (await controlRequest(this.frontendControlSocket, 'GET', '/v1/exports', undefined, { timeoutMs: 5000 })) as { name: string; link?: EngineLinkView & { engine?: unknown } }[];
+    for (const view of views) {
+      // An export no engine of this node wants (restored by a restarted frontend after its volume
+      // was detached or moved meanwhile) goes.
+      const engine = await this.objects.get(Kind.Engine, view.name);
+      if (engine === null || engine.value.spec.nodeId !== this.nodeId || engine.value.spec.desireState !== 'running' || !engine.value.spec.frontend) {
+        await this.removeExport(view.name);
+        this.options.log({ event: 'export-removed', volume: view.name, reason: 'no engine of this node serves it' });
+        continue;
+      }
+      if (view.link === undefined) continue;
+      const { engine: _process, ...link } = view.link;
+      // stateSince alone moves nothing; `held` is written with the rest.
+      const key = JSON.stringify(link);
+      if (this.linkWritten.get(view.name) === key) continue;
+      const updated = await this.objects.mutate(Kind.Engine, view.name, (e) => {
+        if (e.spec.nodeId !== this.nodeId) return false;
+        e.status = { ...e.status, frontendLink: link };
+      });
+      if (updated !== null) this.linkWritten.set(view.name, key);
+    }
   }
 
   private frontendRunning(): boolean {
@@ -407,7 +487,7 @@ export class Agent {
     }
     const view = this.supervisor.ensure(id, [
       'replica', 'serve', '--dir', spec.dataPath, '--size', String(spec.sizeBytes), '--listen', `${this.options.address}:0`,
-      '--secret-file', this.options.secretFile,
+      '--secret-file', this.options.secretFile, '--name', name,
     ]);
     const address = view.state === 'running' ? String(view.ready?.listen ?? '') || null : null;
     await this.setReplicaStatus(name, {
@@ -449,14 +529,21 @@ export class Agent {
     return controlRequest(this.engineControlSocket(volume), method, pathName, body, { timeoutMs });
   }
 
-  /** Replicas of an engine's spec that are not running at the address the spec names. */
-  private async staleReplicaAddresses(addresses: Record<string, string>): Promise<string[]> {
-    const stale: string[] = [];
-    for (const [name, address] of Object.entries(addresses)) {
+  /**
+   * Where the replicas of an engine's spec are now (a running replica's own report beats the
+   * spec's address, which the manager refreshes later), and which of them are failed (the engine
+   * does not wait for those at start-up).
+   */
+  private async currentReplicas(wanted: Record<string, string>): Promise<{ addresses: Record<string, string>; failed: string[] }> {
+    const addresses: Record<string, string> = {};
+    const failed: string[] = [];
+    for (const [name, address] of Object.entries(wanted)) {
       const r = await this.objects.get(Kind.Replica, name);
-      if (r === null || r.value.status.state !== 'running' || r.value.status.address !== address) stale.push(name);
+      const now = r !== null && r.value.status.state === 'running' && r.value.status.address !== null ? r.value.status.address : null;
+      addresses[name] = now ?? address;
+      if (r === null || r.value.spec.failedAt !== null) failed.push(name);
     }
-    return stale;
+    return { addresses, failed };
   }
 
   private async stopEngine(volume: string): Promise<void> {
@@ -474,9 +561,10 @@ export class Agent {
     if (!mine || obj.value.spec.desireState === 'stopped') {
       await this.stopEngine(volume);
       this.statsWrittenAt.delete(volume);
+      this.linkWritten.delete(volume);
       if (mine) {
         await this.objects.mutate(Kind.Engine, volume, (e) => {
-          e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null, activeRegions: null, superseded: false, exitReason: null };
+          e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null, activeRegions: null, superseded: false, exitReason: null, frontendLink: null };
         });
       } else if ((await this.objects.get(Kind.Volume, volume)) === null) {
         this.supervisor.removeLogs(id);
@@ -505,32 +593,27 @@ export class Agent {
         });
         return this.options.pollMs;
       }
-      // Its replicas must be serving at the addresses it is given, or it would find them all
-      // gone (a replica listens on a new port after every restart). The manager refreshes the
-      // addresses; wait for it, but not for ever.
-      const stale = await this.staleReplicaAddresses(spec.replicas);
-      const waitingSince = this.engineWaitSince.get(volume) ?? Date.now();
-      if (stale.length > 0 && Date.now() - waitingSince < (await this.settings.int('replica-start-timeout-ms'))) {
-        this.engineWaitSince.set(volume, waitingSince);
-        await this.objects.mutate(Kind.Engine, volume, (e) => {
-          const message = `waiting for replica(s) ${stale.join(', ')} to serve at their addresses`;
-          if (e.status.message === message) return false;
-          e.status = { ...e.status, state: 'starting', message };
-        });
-        return 300;
-      }
-      this.engineWaitSince.delete(volume);
     }
+    // Started at once, with where its replicas are as far as is known now: a replica that is
+    // itself restarting (after a crash of the node, say) comes up on a new port, which the engine
+    // is told while it waits for it (below), so a start-up race never faults the volume.
+    const replicasNow = await this.currentReplicas(spec.replicas);
     const timeoutMs = await this.settings.int('engine-replica-timeout-ms');
     const maxActiveRegions = await this.settings.int('write-intent-max-regions');
+    const replicaWaitMs = (await this.settings.int('engine-replica-wait-seconds')) * 1000;
     const view = this.supervisor.ensure(id, [
       'engine', 'serve', '--name', volume, '--size', String(spec.sizeBytes),
-      ...Object.entries(spec.replicas).flatMap(([name, address]) => ['--replica', `${name}=${address}`]),
+      ...Object.entries(replicasNow.addresses).flatMap(([name, address]) => ['--replica', `${name}=${address}`]),
+      ...replicasNow.failed.flatMap((name) => ['--replica-out', name]),
       '--socket', this.engineSocket(volume), '--control-socket', this.engineControlSocket(volume),
       '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
-      '--max-active-regions', String(maxActiveRegions),
+      '--max-active-regions', String(maxActiveRegions), '--replica-wait-ms', String(replicaWaitMs),
     ], { autoRestart: false });
     const processEpoch = view.pid !== null ? epochOf(view.args) : 0;
+    if (view.state === 'starting' && view.pid !== null) {
+      // It may be waiting for replicas that restarted on new ports meanwhile: tell it where they are.
+      await controlRequest(this.engineControlSocket(volume), 'POST', '/v1/startup/addresses', { addresses: replicasNow.addresses }, { timeoutMs: 5000 }).catch(() => {});
+    }
     if (view.state !== 'running') {
       await this.objects.mutate(Kind.Engine, volume, (e) => {
         e.status = {
@@ -557,9 +640,12 @@ export class Agent {
     // The replica set the manager wants, by name. A wanted replica at another address (its process
     // restarted on a new port) is added again by name: the engine rebuilds it by delta when it can,
     // and refuses (EINVAL) when it cannot. Entries nobody wants go.
+    // An engine row at the address the replica reports now counts as wanted even before the
+    // manager has refreshed the spec (the engine was told the new address at its start).
+    const wantedAt = (name: string, address: string): boolean => spec.replicas[name] === address || (name in spec.replicas && replicasNow.addresses[name] === address);
     const rows = info.replicas.map((r) => ({ row: r, ...engineRow(r, spec.replicas) }));
     for (const r of rows) {
-      if (spec.replicas[r.name] === r.address) continue;
+      if (wantedAt(r.name, r.address)) continue;
       // An ERR entry of a replica wanted elsewhere is replaced by the add below, which keeps what
       // the engine knows of it (its missed-write maps).
       if (r.name in spec.replicas && r.row.mode === 'ERR') continue;
@@ -570,7 +656,7 @@ export class Agent {
         message = `removing replica ${r.name} (${r.address}): ${(err as Error).message}`;
       }
     }
-    const inEngine = new Set(rows.filter((r) => spec.replicas[r.name] === r.address).map((r) => r.name));
+    const inEngine = new Set(rows.filter((r) => wantedAt(r.name, r.address)).map((r) => r.name));
     const addErrors: Record<string, { address: string; code: string; message: string }> = {};
     for (const [name, address] of Object.entries(spec.replicas)) {
       if (inEngine.has(name)) continue;
@@ -583,7 +669,7 @@ export class Agent {
         message = `adding replica ${name}: ${e.message}`;
       }
     }
-    if (Object.keys(addErrors).length > 0 || rows.some((r) => spec.replicas[r.name] !== r.address)) {
+    if (Object.keys(addErrors).length > 0 || rows.some((r) => !wantedAt(r.name, r.address))) {
       try {
         info = (await controlRequest(control, 'GET', '/v1/info')) as EngineInfo;
       } catch {
@@ -605,7 +691,7 @@ export class Agent {
     if (spec.frontend) {
       if (this.frontendRunning()) {
         try {
-          await controlRequest(this.frontendControlSocket, 'PUT', `/v1/exports/${encodeURIComponent(volume)}`, { engineSocket: this.engineSocket(volume) });
+          await controlRequest(this.frontendControlSocket, 'PUT', `/v1/exports/${encodeURIComponent(volume)}`, { engineSocket: this.engineSocket(volume), ...(await this.linkTimeouts()) });
           endpoint = `nbd://${this.nbdAddress}/${encodeURIComponent(volume)}`;
         } catch (err) {
           message = `NBD export: ${(err as Error).message}`;
@@ -619,8 +705,8 @@ export class Agent {
     for (const r of info.replicas) {
       const { name, address } = engineRow(r, spec.replicas);
       if (!(name in spec.replicas)) continue;
-      // An entry at the address the manager wants wins over a stale one of the same replica.
-      if (replicas[name] !== undefined && spec.replicas[name] !== address) continue;
+      // An entry at the address the replica is at wins over a stale one of the same replica.
+      if (replicas[name] !== undefined && !wantedAt(name, address)) continue;
       replicas[name] = { address, mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null };
     }
     const recovery = recoveryFromEngine(info.recovery ?? null, spec.replicas);

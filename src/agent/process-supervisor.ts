@@ -73,6 +73,8 @@ interface Managed {
   wanted: boolean;
   /** Restart by itself after an exit (else the next ensure, after the backoff, starts it). */
   autoRestart: boolean;
+  /** Descriptors handed to every start as fd 3, 4, … (a listening socket kept across restarts). */
+  fds: number[];
   startedAtMs: number;
   restartTimer: NodeJS.Timeout | null;
   readyTimer: NodeJS.Timeout | null;
@@ -141,7 +143,7 @@ export class ProcessSupervisor {
       }
       const m: Managed = {
         id: record.id, args: record.args, pid: record.pid, startTime: record.startTime, child: null, state: 'starting', ready: null,
-        restarts: 0, message: null, adopted: true, wanted: true, autoRestart: options.autoRestart?.(record.id) ?? true, startedAtMs: Date.parse(record.startedAt) || Date.now(),
+        restarts: 0, message: null, adopted: true, wanted: true, autoRestart: options.autoRestart?.(record.id) ?? true, fds: [], startedAtMs: Date.parse(record.startedAt) || Date.now(),
         restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(record.id, m);
@@ -164,22 +166,23 @@ export class ProcessSupervisor {
 
   /**
    * Wants `id` running with `args`. Starts it when it is not running. A running process keeps
-   * running; the new arguments are used when it next starts (after a crash).
+   * running; the new arguments (and `fds`, handed over as fd 3, 4, …) are used when it next starts.
    */
-  ensure(id: string, args: string[], options: { autoRestart?: boolean } = {}): ManagedView {
+  ensure(id: string, args: string[], options: { autoRestart?: boolean; fds?: number[] } = {}): ManagedView {
     if (!ID.test(id)) throw new ZebuError(ErrorCode.EINVAL, `bad process id ${id}`);
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, 'supervisor is closed');
     let m = this.procs.get(id);
     if (m === undefined) {
       m = {
         id, args, pid: null, startTime: null, child: null, state: 'stopped', ready: null, restarts: 0, message: null, adopted: false,
-        wanted: true, autoRestart: true, startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
+        wanted: true, autoRestart: true, fds: [], startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(id, m);
     }
     m.args = args;
     m.wanted = true;
     m.autoRestart = options.autoRestart ?? true;
+    m.fds = options.fds ?? [];
     if (m.pid === null && m.restartTimer === null) this.start(m);
     return this.get(id)!;
   }
@@ -196,7 +199,7 @@ export class ProcessSupervisor {
     const logFd = fs.openSync(logFile, 'a', 0o600);
     let child: ChildProcess;
     try {
-      child = spawn(this.options.execPath, [this.options.main, ...m.args], { detached: true, stdio: ['ignore', outFd, logFd] });
+      child = spawn(this.options.execPath, [this.options.main, ...m.args], { detached: true, stdio: ['ignore', outFd, logFd, ...m.fds] });
     } finally {
       // The child has its own copies; keeping ours would leak a descriptor per start.
       fs.closeSync(outFd);

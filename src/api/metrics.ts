@@ -10,6 +10,10 @@
  * Crash consistency: the running engine's write-intent log (active regions and their bound) and
  * whether a newer epoch fenced it (superseded), both absent while detached; the last start-up
  * recovery and the last verify, kept across detach, absent before the first.
+ *
+ * The frontend's link to each engine (state set, reopens, re-issued requests, hangs, held
+ * requests, longest hold), while the volume is attached with a frontend; counters are the
+ * frontend's since it began serving the volume.
  */
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ManagerService, VolumeMetrics } from '../manager/types.ts';
@@ -17,6 +21,7 @@ import type { ManagerService, VolumeMetrics } from '../manager/types.ts';
 const VOLUME_STATES = ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'] as const;
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'] as const;
 const REPLICA_MODES = ['RW', 'WO', 'ERR'] as const;
+const LINK_STATES = ['OPEN', 'CLOSE', 'REOPENING'] as const;
 
 type IoField = keyof NonNullable<VolumeMetrics['io']>;
 
@@ -57,6 +62,12 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
   const recoveryRegions = new Gauge({ name: 'zebu_volume_last_recovery_regions', help: 'Regions the engine resynced in its last start-up recovery.', labelNames: volumeLabel, registers });
   const recoveryDuration = new Gauge({ name: 'zebu_volume_last_recovery_duration_seconds', help: 'Duration of the engine\'s last start-up recovery.', labelNames: volumeLabel, registers });
   const verifyDiffering = new Gauge({ name: 'zebu_volume_last_verify_differing_regions', help: 'Regions found differing between replicas by the last verify (repaired or not).', labelNames: volumeLabel, registers });
+  const linkState = new Gauge({ name: 'zebu_volume_engine_link_state', help: 'The NBD frontend\'s link to the engine: OPEN (forwarding), CLOSE (no engine: requests held), REOPENING (held requests re-issued to a new engine); 1 for the current state.', labelNames: ['volume', 'state'], registers });
+  const linkReopens = new Counter({ name: 'zebu_volume_engine_link_reopens_total', help: 'Times the frontend reached a new engine after losing one (crash, kill, hang).', labelNames: volumeLabel, registers });
+  const linkReissued = new Counter({ name: 'zebu_volume_engine_link_reissued_requests_total', help: 'Client requests the frontend held and re-issued to a new engine.', labelNames: volumeLabel, registers });
+  const linkHangs = new Counter({ name: 'zebu_volume_engine_link_hangs_total', help: 'Engines the frontend found hung (no heartbeat, or a request stalled) and killed.', labelNames: volumeLabel, registers });
+  const linkHeld = new Gauge({ name: 'zebu_volume_engine_link_held_requests', help: 'Client requests held now for want of an engine.', labelNames: volumeLabel, registers });
+  const linkLongestHold = new Gauge({ name: 'zebu_volume_engine_link_longest_hold_seconds', help: 'Longest a re-issued client request waited, from when it was first sent to its answer.', labelNames: volumeLabel, registers });
   const verifyTimestamp = new Gauge({ name: 'zebu_volume_last_verify_timestamp_seconds', help: 'When the last verify ran, in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
 
   const render = (list: VolumeMetrics[]): Promise<string> => {
@@ -87,6 +98,14 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
       if (v.lastVerify !== null) {
         verifyDiffering.set(labels, v.lastVerify.differingRegions);
         verifyTimestamp.set(labels, v.lastVerify.timestampSeconds);
+      }
+      if (v.engineLink !== null) {
+        for (const st of LINK_STATES) linkState.set({ volume: v.name, state: st }, v.engineLink.state === st ? 1 : 0);
+        linkReopens.inc(labels, v.engineLink.reopens);
+        linkReissued.inc(labels, v.engineLink.reissued);
+        linkHangs.inc(labels, v.engineLink.hangs);
+        linkHeld.set(labels, v.engineLink.held);
+        linkLongestHold.set(labels, v.engineLink.longestHoldMs / 1000);
       }
     }
     return registry.metrics();

@@ -126,6 +126,12 @@ export const views: Record<string, JsonSchema> = {
     epoch: int, replicas: { type: 'array', items: { $ref: '#/components/schemas/VolumeReplicaSummary' } },
     rebuilding: bool, message: nullable(str), createdAt: time,
     lastRecovery: nullable({ $ref: '#/components/schemas/Recovery' }), lastVerify: nullable({ $ref: '#/components/schemas/Verify' }),
+    engineLink: nullable({ $ref: '#/components/schemas/EngineLink' }),
+  }),
+  EngineLink: view({
+    state: { type: 'string', enum: ['OPEN', 'CLOSE', 'REOPENING'], description: 'OPEN: forwarding to the engine; CLOSE: no engine, client requests held; REOPENING: held requests re-issued to a new engine' },
+    stateSince: time, reopens: int, reissued: int, hangs: int, longestHoldMs: num, held: int,
+    lastClose: nullable(view({ at: time, kind: { type: 'string', enum: ['engine-lost', 'engine-hung', 'frontend-restarted'] }, cause: str, outstanding: int })),
   }),
   Recovery: view({
     at: time, clean: bool, source: nullable(str), regions: int, bytes: int, durationMs: num,

@@ -26,6 +26,8 @@ export interface FrontendServeArgs {
   holdTimeoutMs?: string;
   hangTimeoutMs?: string;
   stallTimeoutMs?: string;
+  /** The export table, kept across restarts (see Frontend.restore). */
+  stateFile?: string;
 }
 
 function parseFd(text: string, what: string): number {
@@ -59,7 +61,9 @@ export async function frontendServe(args: FrontendServeArgs): Promise<void> {
   process.stdout.on('error', () => {});
   process.on('SIGHUP', () => log.info('SIGHUP ignored: the frontend outlives its parent'));
 
-  const frontend = new Frontend({ secret, linkTimeouts, log: (event) => log.info(event, String(event.event)) });
+  const frontend = new Frontend({ secret, linkTimeouts, stateFile: args.stateFile !== undefined ? path.resolve(args.stateFile) : undefined, log: (event) => log.info(event, String(event.event)) });
+  // After a restart: the exports it served, at once (requests wait for their engines).
+  frontend.restore();
   const ready: Record<string, unknown> = { ready: true, pid: process.pid, controlSocket: args.controlSocket ?? null, nbdAddress: null };
   if (args.name !== undefined && args.engineSocket !== undefined) {
     const engineSocket = path.resolve(args.engineSocket);

@@ -108,6 +108,7 @@ frontend
   .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')
   .option('--name <NAME>', 'a static export: volume (export) name, with --engine-socket')
   .option('--engine-socket <PATH>', 'a static export: the engine\'s UNIX socket, with --name')
+  .option('--state-file <FILE>', 'keep the export table here; a restarted frontend serves the same exports at once')
   .action((opts) => frontendServe(opts).catch(fail));
 
 const volume = program.command('volume').description('volumes');

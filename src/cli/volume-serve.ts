@@ -89,7 +89,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   };
   // Bound here, once: every frontend process listens on the same sockets.
   const listeners: KeptListener[] = [];
-  const frontendArgs = ['frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile];
+  const frontendArgs = ['frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile, '--state-file', path.join(runDir, 'frontend.state')];
   for (const [flag, value] of [['--hold-timeout-ms', args.holdTimeoutMs], ['--hang-timeout-ms', args.hangTimeoutMs], ['--stall-timeout-ms', args.stallTimeoutMs]] as const) {
     if (value !== undefined) frontendArgs.push(flag, String(parsePositiveInt(value, flag)));
   }

@@ -37,6 +37,9 @@ import type { NbdExport, NbdExtent } from './nbd-server.ts';
 export const LinkState = { OPEN: 'OPEN', CLOSE: 'CLOSE', REOPENING: 'REOPENING' } as const;
 export type LinkState = (typeof LinkState)[keyof typeof LinkState];
 
+/** Why a link went CLOSE: the engine went away, was found hung (and killed), or the frontend itself restarted. */
+export type CloseKind = 'engine-lost' | 'engine-hung' | 'frontend-restarted';
+
 /** The deadlines of a link; every one can be changed while it runs (setTimeouts). */
 export interface LinkTimeouts {
   /** Held requests fail with EIO after this long without an engine (default 300 s). */
@@ -78,7 +81,7 @@ export interface LinkView {
   /** Requests held now (no engine to send them to). */
   held: number;
   /** The last time the engine went away: why, and what was held then. */
-  lastClose: { at: string; cause: string; outstanding: number } | null;
+  lastClose: { at: string; kind: CloseKind; cause: string; outstanding: number } | null;
   /** The engine process connected now (null while CLOSE, or when it does not say). */
   engine: ProcessIdentity | null;
 }
@@ -179,6 +182,23 @@ export class EngineLink implements NbdExport {
     link.state = LinkState.OPEN;
     link.stateSinceMs = Date.now();
     link.startHeartbeat();
+    return link;
+  }
+
+  /**
+   * A link brought back from the frontend's state file after the frontend restarted: CLOSE, with
+   * the size the export had, trying the engine socket until an engine answers. Clients can
+   * connect at once (they are told that size); their requests are held until then.
+   */
+  static restore(options: EngineLinkOptions, sizeBytes: number): EngineLink {
+    assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0, 'restored export size');
+    const link = new EngineLink(options);
+    link.sizeBytes = sizeBytes;
+    // Its first engine is a reopening: whatever the frontend had in flight before is gone with it.
+    link.everConnected = true;
+    link.lastClose = { at: new Date().toISOString(), kind: 'frontend-restarted', cause: 'the frontend restarted', outstanding: 0 };
+    link.startHeartbeat();
+    void link.reconnect();
     return link;
   }
 
@@ -288,12 +308,12 @@ export class EngineLink implements NbdExport {
     this.everConnected = true;
     client.onClose((err) => {
       if (this.client !== client) return; // already replaced or dropped (see lost())
-      this.lost(`engine disconnected: ${err.message}`);
+      this.lost('engine-lost', `engine disconnected: ${err.message}`);
     });
   }
 
   /** The engine connection is gone (or given up as hung): hold what is in flight, reconnect. */
-  private lost(cause: string): void {
+  private lost(kind: CloseKind, cause: string): void {
     const client = this.client;
     if (client === null) return;
     this.client = null;
@@ -301,7 +321,7 @@ export class EngineLink implements NbdExport {
     this.pingSentAtMs = 0;
     this.dropPinger();
     this.reissuedOutstanding = 0;
-    this.lastClose = { at: new Date().toISOString(), cause, outstanding: this.table.size };
+    this.lastClose = { at: new Date().toISOString(), kind, cause, outstanding: this.table.size };
     this.setState(LinkState.CLOSE, { cause, outstanding: this.table.size });
     // Its pending requests come back through their callbacks (DISCONNECTED/CLOSED) and are held.
     client.close();
@@ -421,7 +441,7 @@ export class EngineLink implements NbdExport {
       killed = this.options.killEngine(engine);
     }
     this.options.log({ event: 'engine-hung', why, engine, killed, outstanding: this.table.size });
-    this.lost(`engine hung (${why})${engine !== null ? `; process ${engine.pid} ${killed ? 'killed' : 'not killed (gone already)'}` : ''}`);
+    this.lost('engine-hung', `engine hung (${why})${engine !== null ? `; process ${engine.pid} ${killed ? 'killed' : 'not killed (gone already)'}` : ''}`);
   }
 
   // ---- requests ------------------------------------------------------------------------------
@@ -445,7 +465,7 @@ export class EngineLink implements NbdExport {
       if (err !== null && !this.closed) {
         if (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) {
           // The engine went away with this request unanswered: hold it for the next engine.
-          if (this.client === client) this.lost(`engine disconnected: ${err.message}`);
+          if (this.client === client) this.lost('engine-lost', `engine disconnected: ${err.message}`);
           this.held.push(f);
           this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
           if (this.client === null) void this.reconnect();

@@ -12,7 +12,8 @@
  */
 import path from 'node:path';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
-import { EngineLink, type LinkTimeouts, type LinkView } from './engine-link.ts';
+import fs from 'node:fs';
+import { EngineLink, type EngineLinkOptions, type LinkTimeouts, type LinkView } from './engine-link.ts';
 import type { ProcessIdentity } from '../os/process-identity.ts';
 import { NbdServer, type DrainResult } from './nbd-server.ts';
 
@@ -36,6 +37,12 @@ export interface FrontendOptions {
   heartbeatIntervalMs?: number;
   /** Kills a hung engine (tests inject one; the default sends SIGKILL). */
   killEngine?: (identity: ProcessIdentity) => boolean;
+  /**
+   * Where the export table is kept (rewritten at every change). A restarted frontend reads it
+   * first (restore()) and serves the same exports at once, before its supervisor re-adds them:
+   * a client that reconnects finds its export, and its requests wait for the engine.
+   */
+  stateFile?: string;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -70,6 +77,26 @@ export interface RemoveResult {
   drained: boolean;
 }
 
+/** The state file: the export table, enough to serve every export again after a restart. */
+interface FrontendState {
+  version: 1;
+  exports: Record<string, { engineSocket: string; sizeBytes: number; timeouts: Partial<LinkTimeouts> }>;
+}
+
+function parseState(text: string): FrontendState {
+  const state = JSON.parse(text) as FrontendState;
+  if (state === null || typeof state !== 'object' || state.version !== 1 || typeof state.exports !== 'object' || state.exports === null) {
+    throw new Error('not a frontend state file (version 1)');
+  }
+  for (const [name, entry] of Object.entries(state.exports)) {
+    checkExportName(name);
+    checkEngineSocket(entry.engineSocket);
+    if (!Number.isSafeInteger(entry.sizeBytes) || entry.sizeBytes < 0) throw new Error(`export ${name}: bad sizeBytes`);
+    if (typeof entry.timeouts !== 'object' || entry.timeouts === null) throw new Error(`export ${name}: bad timeouts`);
+  }
+  return state;
+}
+
 /** Throws EINVAL unless `name` is a valid export (volume) name. */
 export function checkExportName(name: string): void {
   if (!EXPORT_NAME.test(name)) {
@@ -88,7 +115,7 @@ export function checkEngineSocket(socketPath: string): void {
 
 export class Frontend {
   private readonly nbd: NbdServer;
-  private readonly options: Required<Omit<FrontendOptions, 'killEngine'>> & Pick<FrontendOptions, 'killEngine'>;
+  private readonly options: Required<Omit<FrontendOptions, 'killEngine' | 'stateFile'>> & Pick<FrontendOptions, 'killEngine' | 'stateFile'>;
   private readonly links = new Map<string, EngineLink>();
   /** Tail of the queue of changes per export name, and its length. */
   private readonly queues = new Map<string, { tail: Promise<unknown>; length: number }>();
@@ -162,7 +189,10 @@ export class Frontend {
     return this.serialize(name, async () => {
       const old = this.links.get(name);
       if (old !== undefined && old.socketPath === engineSocket) {
-        if (options.timeouts !== undefined) old.setTimeouts(options.timeouts);
+        if (options.timeouts !== undefined) {
+          old.setTimeouts(options.timeouts);
+          this.saveState();
+        }
         return this.viewOf(old);
       }
       if (old === undefined && this.links.size >= MAX_EXPORTS) throw new ZebuError(ErrorCode.BUSY, `this frontend already serves ${MAX_EXPORTS} exports`);
@@ -172,6 +202,7 @@ export class Frontend {
         throw new ZebuError(ErrorCode.CLOSED, 'frontend is stopping');
       }
       this.links.set(name, link);
+      this.saveState();
       this.options.log({ event: old === undefined ? 'export-added' : 'export-replaced', export: name, engineSocket, sizeBytes: link.sizeBytes });
       if (old !== undefined) await this.retire(old);
       return this.viewOf(link);
@@ -187,6 +218,7 @@ export class Frontend {
     return this.serialize(name, async () => {
       const link = this.linkOf(name);
       this.links.delete(name);
+      this.saveState();
       const drain = await this.retire(link);
       this.options.log({ event: 'export-removed', export: name, ...drain });
       return { removed: name, connections: drain.connections, drained: drain.drained };
@@ -199,6 +231,7 @@ export class Frontend {
     return this.serialize(name, async () => {
       const link = this.linkOf(name);
       await link.refreshSize();
+      this.saveState();
       return this.viewOf(link);
     });
   }
@@ -212,6 +245,67 @@ export class Frontend {
       this.links.clear();
     })();
     return this.closed;
+  }
+
+  /**
+   * Serves again the exports of the state file (a restart of this frontend): each one at once,
+   * CLOSE until its engine answers. Call before listening. Returns the names restored; a state
+   * file that cannot be read is set aside (logged), never fatal: the supervisor re-adds exports.
+   */
+  restore(): string[] {
+    const file = this.options.stateFile;
+    if (file === undefined) return [];
+    let state: FrontendState;
+    try {
+      state = parseState(fs.readFileSync(file, 'utf8'));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+        this.options.log({ event: 'frontend-state-unreadable', file, error: (err as Error).message });
+        fs.renameSync(file, `${file}.bad`);
+      }
+      return [];
+    }
+    const restored: string[] = [];
+    for (const [name, entry] of Object.entries(state.exports)) {
+      if (this.links.has(name) || this.links.size >= MAX_EXPORTS) continue;
+      try {
+        this.links.set(name, EngineLink.restore(this.linkOptions(name, entry.engineSocket, entry.timeouts, 5000), entry.sizeBytes));
+        restored.push(name);
+      } catch (err) {
+        this.options.log({ event: 'export-not-restored', export: name, error: (err as Error).message });
+      }
+    }
+    if (restored.length > 0) this.options.log({ event: 'exports-restored', exports: restored });
+    return restored;
+  }
+
+  private saveState(): void {
+    const file = this.options.stateFile;
+    if (file === undefined) return;
+    const state: FrontendState = { version: 1, exports: {} };
+    for (const link of this.links.values()) state.exports[link.name] = { engineSocket: link.socketPath, sizeBytes: link.sizeBytes, timeouts: link.linkTimeouts };
+    try {
+      const tmp = `${file}.tmp`;
+      fs.writeFileSync(tmp, JSON.stringify(state), { mode: 0o600 });
+      fs.renameSync(tmp, file);
+    } catch (err) {
+      // Only a restart loses by it (its supervisor re-adds the exports): serving goes on.
+      this.options.log({ event: 'frontend-state-not-saved', file, error: (err as Error).message });
+    }
+  }
+
+  private linkOptions(name: string, engineSocket: string, timeouts: Partial<LinkTimeouts>, connectTimeoutMs: number): EngineLinkOptions {
+    return {
+      name,
+      socketPath: engineSocket,
+      secret: this.options.secret,
+      ...this.options.linkTimeouts,
+      ...timeouts,
+      heartbeatIntervalMs: this.options.heartbeatIntervalMs,
+      ...(this.options.killEngine !== undefined ? { killEngine: this.options.killEngine } : {}),
+      connectTimeoutMs,
+      log: (event) => this.options.log({ ...event, export: name }),
+    };
   }
 
   private linkOf(name: string): EngineLink {
@@ -248,17 +342,7 @@ export class Frontend {
       const leftMs = deadline - Date.now();
       if (this.closing) throw new ZebuError(ErrorCode.CLOSED, 'frontend is stopping');
       try {
-        return await EngineLink.connect({
-          name,
-          socketPath: engineSocket,
-          secret: this.options.secret,
-          ...this.options.linkTimeouts,
-          ...timeouts,
-          heartbeatIntervalMs: this.options.heartbeatIntervalMs,
-          ...(this.options.killEngine !== undefined ? { killEngine: this.options.killEngine } : {}),
-          connectTimeoutMs: Math.max(500, Math.min(5000, leftMs)),
-          log: (event) => this.options.log({ ...event, export: name }),
-        });
+        return await EngineLink.connect(this.linkOptions(name, engineSocket, timeouts, Math.max(500, Math.min(5000, leftMs))));
       } catch (err) {
         lastError = (err as Error).message;
         // A wrong secret will not fix itself: say so now rather than after the timeout.

@@ -9,7 +9,7 @@
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
-import type { ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
+import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
 export const Kind = {
   Volume: 'Volume',
@@ -55,6 +55,10 @@ export interface VolumeValue {
     lastRecovery?: RecoveryView | null;
     /** The last verify (manual or scheduled scrub). */
     lastVerify?: VerifyView | null;
+    /** The frontend's link to the engine as last seen by the controller (to tell what changed). */
+    engineLink?: EngineLinkView | null;
+    /** The link's re-issued count when the engine was last lost (to say how many one reopening took). */
+    engineLinkReissuedBefore?: number;
     /** A salvage under way: the engine of `epoch` is starting on `replicas`. */
     salvage?: { startedAt: string; epoch: number; replicas: string[]; auto: boolean } | null;
   };
@@ -138,6 +142,8 @@ export interface EngineValue {
      * in a sentence for people; this is the bare cause, for events.
      */
     exitReason?: string | null;
+    /** The node's NBD frontend's link to this engine (written by the agent from the frontend). */
+    frontendLink?: EngineLinkView | null;
   };
 }
 

@@ -120,6 +120,7 @@ export class ManagerServiceImpl implements ManagerService {
       createdAt: v.createdAt,
       lastRecovery: v.status.lastRecovery ?? null,
       lastVerify: v.status.lastVerify ?? null,
+      engineLink: v.status.state === 'attached' && !v.spec.maintenance ? engine?.value.status.frontendLink ?? null : null,
     };
   }
 
@@ -539,6 +540,7 @@ export class ManagerServiceImpl implements ManagerService {
         superseded: running === null ? null : running.superseded === true,
         lastRecovery: recovery === null ? null : { regions: recovery.regions, bytes: recovery.bytes, durationSeconds: recovery.durationMs / 1000 },
         lastVerify: verify === null ? null : { differingRegions: verify.differing.length, timestampSeconds: Number.isNaN(verifiedAt) ? 0 : verifiedAt / 1000 },
+        engineLink: engine?.value.spec.frontend === true && engine.value.spec.desireState === 'running' ? engine.value.status.frontendLink ?? null : null,
       };
     });
   }

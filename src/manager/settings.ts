@@ -52,6 +52,22 @@ export const SETTINGS = {
     type: 'int', default: '8000', min: 1000, max: 120000,
     description: 'A replica that does not answer an engine request in this time is taken out of the volume (applies to engines started afterwards).',
   },
+  'engine-replica-wait-seconds': {
+    type: 'int', default: '30', min: 0, max: 600,
+    description: 'A starting engine waits this long for replicas it cannot reach yet (they restart with it after a crash of the whole volume or node) before it starts without them; clients wait meanwhile. Replicas known to be failed are not waited for.',
+  },
+  'frontend-hold-timeout-seconds': {
+    type: 'int', default: '300', min: 5, max: 86400,
+    description: 'While a volume\'s engine is away (crashed, hung, restarting), the NBD frontend holds the clients\' requests; those still held after this long fail with EIO.',
+  },
+  'engine-hang-timeout-seconds': {
+    type: 'int', default: '10', min: 2, max: 600,
+    description: 'An engine that does not answer the frontend\'s heartbeat this long is hung: it is killed and restarted, and its requests re-issued to the new one.',
+  },
+  'engine-stall-timeout-seconds': {
+    type: 'int', default: '60', min: 10, max: 3600,
+    description: 'An engine that leaves a client request unanswered this long is hung (it answers heartbeats but makes no progress): it is killed and restarted, and its requests re-issued. Keep it well above engine-replica-timeout-ms.',
+  },
   'replica-start-timeout-ms': {
     type: 'int', default: '30000', min: 1000, max: 600000,
     description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',

@@ -52,6 +52,30 @@ export interface VolumeView {
   lastRecovery: RecoveryView | null;
   /** The last verify (scrub) of the replicas; null before the first. */
   lastVerify: VerifyView | null;
+  /** The NBD frontend's link to the engine (while attached with a frontend); null otherwise. */
+  engineLink: EngineLinkView | null;
+}
+
+/**
+ * The NBD frontend's link to a volume's engine: OPEN (forwarding), CLOSE (no engine: requests
+ * held), REOPENING (a new engine got the held requests). Counters are the frontend's, since it
+ * started serving the volume.
+ */
+export interface EngineLinkView {
+  state: 'OPEN' | 'CLOSE' | 'REOPENING';
+  stateSince: string;
+  /** Times a new engine was reached after the link was CLOSE. */
+  reopens: number;
+  /** Requests re-issued to a new engine. */
+  reissued: number;
+  /** Engines found hung and killed. */
+  hangs: number;
+  /** Longest a re-issued request waited, from when it was first sent to its answer. */
+  longestHoldMs: number;
+  /** Requests held now. */
+  held: number;
+  /** The last time the engine went away: lost (crash, kill), found hung (and killed), or the frontend restarted. */
+  lastClose: { at: string; kind: 'engine-lost' | 'engine-hung' | 'frontend-restarted'; cause: string; outstanding: number } | null;
 }
 
 /**
@@ -228,6 +252,8 @@ export interface VolumeMetrics {
   lastRecovery: { regions: number; bytes: number; durationSeconds: number } | null;
   /** The last verify; null before the first. */
   lastVerify: { differingRegions: number; timestampSeconds: number } | null;
+  /** The NBD frontend's link to the engine; null when there is none. */
+  engineLink: EngineLinkView | null;
 }
 
 export interface ManagerService {

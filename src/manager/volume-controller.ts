@@ -336,6 +336,7 @@ export class VolumeController {
     if (salvage !== null) return this.beginSalvage(volume, engine, replicas, salvage);
 
     if (engine === null) return this.startEngine(volume, replicas);
+    await this.noteEngineLink(volume, engine);
 
     const e = engine.value;
     if (e.spec.epoch !== v.status.epoch || e.spec.nodeId !== nodeId) {
@@ -612,7 +613,11 @@ export class VolumeController {
     const desired: Record<string, string> = {};
     for (const r of active) {
       const current = e.spec.replicas[r.name];
-      if (current !== undefined) desired[r.name] = current;
+      // The engine was told a newer address at its start (the replica restarted meanwhile): it stands.
+      const said = e.status.replicas[r.name];
+      const moved = current !== undefined && said?.address !== undefined && said.address !== current && said.mode !== 'ERR' && said.address === r.value.status.address;
+      if (moved) desired[r.name] = said.address!;
+      else if (current !== undefined) desired[r.name] = current;
       else if (r.value.status.state === 'running' && r.value.status.address !== null && r.value.spec.desireState === 'running') desired[r.name] = r.value.status.address;
     }
     const waitMs = (await this.settings.int('replica-replenishment-wait-seconds')) * 1000;
@@ -783,6 +788,36 @@ export class VolumeController {
       return { holds: true, engineAt: address, attempt: true, wakeInMs: leftMs, gaveUp: null };
     }
     return { ...none, holds: true, engineAt: inEngineAt, wakeInMs: leftMs };
+  }
+
+  /**
+   * Events for what the NBD frontend's link to the engine went through (frontend/engine-link.ts):
+   * the engine went away or hung (client requests held), and a new engine took them over. The
+   * volume's status keeps the link last seen, to tell what is new.
+   */
+  private async noteEngineLink(volume: Obj<VolumeValue>, engine: Obj<EngineValue>): Promise<void> {
+    const link = engine.value.status.frontendLink ?? null;
+    const seen = volume.value.status.engineLink ?? null;
+    if (link === null || JSON.stringify(link) === JSON.stringify(seen)) return;
+    const closed = link.lastClose !== null && link.lastClose.at !== seen?.lastClose?.at;
+    // Re-issued requests are counted from the moment the engine went (as far as seen; counters
+    // start again with a new frontend).
+    const sameCounters = seen !== null && seen.reissued <= link.reissued;
+    const reissuedBefore = closed ? (sameCounters ? seen!.reissued : 0) : (volume.value.status.engineLinkReissuedBefore ?? 0);
+    await this.setStatus(volume.name, (s) => {
+      s.engineLink = link;
+      s.engineLinkReissuedBefore = reissuedBefore;
+    });
+    if (closed && link.lastClose!.kind === 'frontend-restarted') {
+      await this.event(volume.name, 'Warning', 'FrontendRestarted', `the NBD frontend serving volume ${volume.name} restarted; it serves the volume again`, Kind.Engine, engine.name);
+    } else if (closed) {
+      await this.event(volume.name, 'Warning', link.lastClose!.kind === 'engine-hung' ? 'EngineHung' : 'EngineLinkClosed',
+        `the NBD frontend lost the engine of volume ${volume.name} (${link.lastClose!.cause}): ${link.lastClose!.outstanding} client request(s) held for the next engine`, Kind.Engine, engine.name);
+    }
+    if (link.state === 'OPEN' && link.reopens > 0 && link.lastClose?.kind !== 'frontend-restarted' && (closed || (seen !== null && seen.state !== 'OPEN'))) {
+      await this.event(volume.name, 'Normal', 'EngineLinkReopened',
+        `a new engine of volume ${volume.name} serves: ${Math.max(0, link.reissued - reissuedBefore)} held request(s) re-issued to it; longest hold so far ${link.longestHoldMs} ms (reopens: ${link.reopens}, engines found hung: ${link.hangs})`, Kind.Engine, engine.name);
+    }
   }
 
   /** Copies the engine's recovery and verify reports into the volume's status, with an event for a recovery that did work. */

@@ -130,7 +130,7 @@ export class FakeManagerService implements ManagerService {
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
-      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null,
+      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null,
     };
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
@@ -397,6 +397,7 @@ export class FakeManagerService implements ManagerService {
       superseded: v.view.state === 'attached' ? v.engine.superseded : null,
       lastRecovery: v.view.lastRecovery === null ? null : { regions: v.view.lastRecovery.regions, bytes: v.view.lastRecovery.bytes, durationSeconds: v.view.lastRecovery.durationMs / 1000 },
       lastVerify: v.view.lastVerify === null ? null : { differingRegions: v.view.lastVerify.differing.length, timestampSeconds: Date.parse(v.view.lastVerify.at) / 1000 },
+      engineLink: v.view.engineLink,
     }));
   }
 

@@ -6,7 +6,7 @@
  * - `volume attach` prints the NBD URI alone on stdout (maintenance mode: the state).
  * - errors: one line `zebu: <message>` on stderr, exit status 1 (see register.ts).
  */
-import type { DiskView, EventView, NodeView, RecoveryView, ReplicaView, SettingView, SnapshotView, VerifyView, VolumeView } from '../../manager/types.ts';
+import type { DiskView, EngineLinkView, EventView, NodeView, RecoveryView, ReplicaView, SettingView, SnapshotView, VerifyView, VolumeView } from '../../manager/types.ts';
 import { ErrorCode, ZebuError, invalid } from '../../errors.ts';
 import { parseBytes, parsePositiveInt } from '../units.ts';
 import { ApiClient, type ConnectionOptions } from './api-client.ts';
@@ -79,6 +79,7 @@ function volumeDetails(v: VolumeView): string {
     ['created', v.createdAt],
     ['last recovery', v.lastRecovery === null ? null : recoveryLine(v.lastRecovery)],
     ['last verify', v.lastVerify === null ? null : verifyLine(v.lastVerify)],
+    ['engine link', v.engineLink === null ? null : engineLinkLine(v.engineLink)],
   ]);
   if (v.replicas.length === 0) return head;
   const replicas = table(
@@ -100,6 +101,15 @@ function recoveryLine(r: RecoveryView): string {
   ];
   if (r.deltaReplicas.length > 0) parts.push(`delta: ${r.deltaReplicas.join(', ')}`);
   if (r.erredReplicas.length > 0) parts.push(`out: ${r.erredReplicas.join(', ')}`);
+  return parts.join(', ');
+}
+
+/** "OPEN since …, 3 reopen(s), 12 request(s) re-issued, longest hold 850 ms, 1 hung; last: …". */
+function engineLinkLine(l: EngineLinkView): string {
+  const parts = [`${l.state} since ${l.stateSince}`, `${l.reopens} reopen(s)`, `${l.reissued} request(s) re-issued`, `longest hold ${formatDuration(l.longestHoldMs)}`];
+  if (l.hangs > 0) parts.push(`${l.hangs} hung engine(s) killed`);
+  if (l.held > 0) parts.push(`${l.held} held now`);
+  if (l.lastClose !== null) parts.push(`last lost ${l.lastClose.at}: ${l.lastClose.cause}`);
   return parts.join(', ');
 }
 
