@@ -81,6 +81,14 @@ const FRONTEND_ID = 'frontend';
 /** Bounds on the manager's requests to an engine: a verify, anything else (snapshots). */
 const VERIFY_TIMEOUT_MS = 6 * 3600_000;
 const ENGINE_REQUEST_TIMEOUT_MS = 120_000;
+/**
+ * The engine's and the frontend's restart backoff is short: clients wait while they are down (a
+ * start that keeps failing costs one attempt every 2 s). Replicas back off up to the supervisor's
+ * default: a volume keeps serving on the others.
+ */
+const DATA_PATH_BACKOFF_MS_MAX = 2000;
+/** Bound on an engine's start-up past its wait for replicas (recovery, maps): longer means hung. */
+const ENGINE_START_MS_MAX = 120_000;
 const STATS_WRITE_MS = 5000;
 
 function replicaProcessId(name: string): string {
@@ -390,7 +398,7 @@ export class Agent {
       ...(this.nbdListener !== null ? ['--nbd-fd', '3'] : ['--nbd', this.nbdAddress]),
     ];
     // Restarted by this reconcile, never by the supervisor alone: a new process needs the listener.
-    const view = this.supervisor.ensure(FRONTEND_ID, args, { autoRestart: false, fds: this.nbdListener !== null ? [this.nbdListener.fd] : [] });
+    const view = this.supervisor.ensure(FRONTEND_ID, args, { autoRestart: false, fds: this.nbdListener !== null ? [this.nbdListener.fd] : [], backoffMsMax: DATA_PATH_BACKOFF_MS_MAX });
     if (view.state === 'running') {
       await this.noteFrontendAddress(view.ready);
       return null;
@@ -608,7 +616,8 @@ export class Agent {
       '--socket', this.engineSocket(volume), '--control-socket', this.engineControlSocket(volume),
       '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
       '--max-active-regions', String(maxActiveRegions), '--replica-wait-ms', String(replicaWaitMs),
-    ], { autoRestart: false });
+      // Its start-up may wait for replicas, then resync regions: only past that is it hung.
+    ], { autoRestart: false, readyTimeoutMs: replicaWaitMs + ENGINE_START_MS_MAX, backoffMsMax: DATA_PATH_BACKOFF_MS_MAX });
     const processEpoch = view.pid !== null ? epochOf(view.args) : 0;
     if (view.state === 'starting' && view.pid !== null) {
       // It may be waiting for replicas that restarted on new ports meanwhile: tell it where they are.

@@ -67,6 +67,8 @@ interface Managed {
   state: ManagedState;
   ready: Record<string, unknown> | null;
   restarts: number;
+  /** Exits in a row before the process was ready (a crash loop at start-up): the backoff grows with them. */
+  failedStarts: number;
   message: string | null;
   adopted: boolean;
   /** Restart when it exits. False once a stop was asked for. */
@@ -75,6 +77,10 @@ interface Managed {
   autoRestart: boolean;
   /** Descriptors handed to every start as fd 3, 4, … (a listening socket kept across restarts). */
   fds: number[];
+  /** Killed when not ready this long after a start (null: the supervisor's readyTimeoutMs). */
+  readyTimeoutMs: number | null;
+  /** Longest wait before a restart (null: the supervisor's backoffMsMax). */
+  backoffMsMax: number | null;
   startedAtMs: number;
   restartTimer: NodeJS.Timeout | null;
   readyTimer: NodeJS.Timeout | null;
@@ -143,7 +149,7 @@ export class ProcessSupervisor {
       }
       const m: Managed = {
         id: record.id, args: record.args, pid: record.pid, startTime: record.startTime, child: null, state: 'starting', ready: null,
-        restarts: 0, message: null, adopted: true, wanted: true, autoRestart: options.autoRestart?.(record.id) ?? true, fds: [], startedAtMs: Date.parse(record.startedAt) || Date.now(),
+        restarts: 0, failedStarts: 0, message: null, adopted: true, wanted: true, autoRestart: options.autoRestart?.(record.id) ?? true, fds: [], readyTimeoutMs: null, backoffMsMax: null, startedAtMs: Date.parse(record.startedAt) || Date.now(),
         restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(record.id, m);
@@ -168,14 +174,14 @@ export class ProcessSupervisor {
    * Wants `id` running with `args`. Starts it when it is not running. A running process keeps
    * running; the new arguments (and `fds`, handed over as fd 3, 4, …) are used when it next starts.
    */
-  ensure(id: string, args: string[], options: { autoRestart?: boolean; fds?: number[] } = {}): ManagedView {
+  ensure(id: string, args: string[], options: { autoRestart?: boolean; fds?: number[]; readyTimeoutMs?: number; backoffMsMax?: number } = {}): ManagedView {
     if (!ID.test(id)) throw new ZebuError(ErrorCode.EINVAL, `bad process id ${id}`);
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, 'supervisor is closed');
     let m = this.procs.get(id);
     if (m === undefined) {
       m = {
-        id, args, pid: null, startTime: null, child: null, state: 'stopped', ready: null, restarts: 0, message: null, adopted: false,
-        wanted: true, autoRestart: true, fds: [], startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
+        id, args, pid: null, startTime: null, child: null, state: 'stopped', ready: null, restarts: 0, failedStarts: 0, message: null, adopted: false,
+        wanted: true, autoRestart: true, fds: [], readyTimeoutMs: null, backoffMsMax: null, startedAtMs: 0, restartTimer: null, readyTimer: null, exitWaiters: [],
       };
       this.procs.set(id, m);
     }
@@ -183,6 +189,8 @@ export class ProcessSupervisor {
     m.wanted = true;
     m.autoRestart = options.autoRestart ?? true;
     m.fds = options.fds ?? [];
+    m.readyTimeoutMs = options.readyTimeoutMs ?? null;
+    m.backoffMsMax = options.backoffMsMax ?? null;
     if (m.pid === null && m.restartTimer === null) this.start(m);
     return this.get(id)!;
   }
@@ -226,13 +234,14 @@ export class ProcessSupervisor {
       fs.renameSync(tmp, this.recordPath(m.id));
     }
     this.options.log({ event: 'process-started', id: m.id, pid: m.pid, restarts: m.restarts });
+    const readyTimeoutMs = m.readyTimeoutMs ?? this.options.readyTimeoutMs;
     m.readyTimer = setTimeout(() => {
       m.readyTimer = null;
       if (m.state === 'starting' && m.pid !== null) {
-        m.message = `not ready after ${this.options.readyTimeoutMs} ms; killing it`;
+        m.message = `not ready after ${readyTimeoutMs} ms; killing it`;
         this.signal(m, 'SIGKILL');
       }
-    }, this.options.readyTimeoutMs);
+    }, readyTimeoutMs);
     m.readyTimer.unref();
     this.options.onChange(m.id);
   }
@@ -324,12 +333,16 @@ export class ProcessSupervisor {
       this.options.onChange(m.id);
       return;
     }
+    // A process that served is restarted after the shortest wait (clients wait for it); only a
+    // crash loop at start-up (never ready) backs off further and further.
+    if (!wasStarting) m.failedStarts = 0;
     const ranMs = Date.now() - m.startedAtMs;
     if (ranMs > STABLE_MS) m.restarts = 0;
     const tail = this.tail(m.id);
     m.message = `${wasStarting ? 'failed to start' : 'crashed'}: ${how}${tail ? ` (${tail})` : ''}`;
     m.state = 'error';
-    const delayMs = Math.min(this.options.backoffMsMax, this.options.backoffMsMin * 2 ** Math.min(m.restarts, 10));
+    const delayMs = Math.min(m.backoffMsMax ?? this.options.backoffMsMax, this.options.backoffMsMin * 2 ** Math.min(m.failedStarts, 10));
+    if (wasStarting) m.failedStarts++;
     m.restarts++;
     this.options.log({ event: 'process-exited', id: m.id, how, restartInMs: delayMs, restarts: m.restarts });
     m.restartTimer = setTimeout(() => {

@@ -22,7 +22,12 @@ import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
 import { keepTcpListener, keepUnixListener, type KeptListener } from '../frontend/kept-listener.ts';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
-const RESTART_BACKOFF_MS_MAX = 5000;
+/**
+ * Restart backoff: 100 ms doubling per failed start in a row (reset once ready), at most 1 s.
+ * Short on purpose: while the engine or frontend is down, clients wait; a start that keeps
+ * failing costs one attempt a second.
+ */
+const RESTART_BACKOFF_MS_MAX = 1000;
 
 export interface VolumeServeArgs {
   name: string;
@@ -47,8 +52,11 @@ interface Child {
   args: () => string[];
   /** Descriptors handed to it as fd 3, 4, ... */
   fds: number[];
+  /** Killed (and started again) when not ready this long after a start: hung in its start-up. */
+  readyTimeoutMs: number;
   proc: ChildProcess | null;
   ready: Record<string, unknown> | null;
+  /** Failed starts in a row (reset once it is ready): the backoff before the next start grows with them. */
   restarts: number;
 }
 
@@ -85,11 +93,17 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       ...(args.maxActiveRegions !== undefined ? ['--max-active-regions', args.maxActiveRegions] : []),
       ...(args.replicaWaitMs !== undefined ? ['--replica-wait-ms', args.replicaWaitMs] : []),
     ],
-    fds: [], proc: null, ready: null, restarts: 0,
+    // Its start-up may wait for replicas (--replica-wait-ms) and then resync regions.
+    fds: [], readyTimeoutMs: (args.replicaWaitMs !== undefined ? parsePositiveInt(args.replicaWaitMs, '--replica-wait-ms') : 30_000) + 120_000,
+    proc: null, ready: null, restarts: 0,
   };
   // Bound here, once: every frontend process listens on the same sockets.
   const listeners: KeptListener[] = [];
-  const frontendArgs = ['frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile, '--state-file', path.join(runDir, 'frontend.state')];
+  const frontendControlSocket = path.join(runDir, 'frontend.sock');
+  const frontendArgs = [
+    'frontend', 'serve', '--name', args.name, '--engine-socket', engineSocket, '--secret-file', args.secretFile,
+    '--state-file', path.join(runDir, 'frontend.state'), '--control-socket', frontendControlSocket,
+  ];
   for (const [flag, value] of [['--hold-timeout-ms', args.holdTimeoutMs], ['--hang-timeout-ms', args.hangTimeoutMs], ['--stall-timeout-ms', args.stallTimeoutMs]] as const) {
     if (value !== undefined) frontendArgs.push(flag, String(parsePositiveInt(value, flag)));
   }
@@ -113,6 +127,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
     role: 'frontend',
     args: () => frontendArgs,
     fds: listeners.map((l) => l.fd),
+    readyTimeoutMs: 60_000,
     proc: null, ready: null, restarts: 0,
   };
   let stopping = false;
@@ -122,12 +137,20 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       const proc = spawn(process.execPath, [MAIN, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
       child.proc = proc;
       let settled = false;
+      const readyTimer = setTimeout(() => {
+        if (settled) return;
+        log.error({ role: child.role, pid: proc.pid, readyTimeoutMs: child.readyTimeoutMs }, 'not ready in time: killing it');
+        proc.kill('SIGKILL');
+      }, child.readyTimeoutMs);
       readline.createInterface({ input: proc.stdout! }).on('line', (line) => {
         try {
           const msg = JSON.parse(line) as Record<string, unknown>;
           if (msg.ready === true && !settled) {
             settled = true;
+            clearTimeout(readyTimer);
             child.ready = msg;
+            // It came up and served: a crash from now on is not a crash loop at start-up.
+            child.restarts = 0;
             resolve(msg);
           }
         } catch {
@@ -136,6 +159,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       });
       proc.once('exit', (code, signal) => {
         child.proc = null;
+        clearTimeout(readyTimer);
         if (!settled) {
           settled = true;
           reject(new ZebuError(ErrorCode.EIO, `${child.role} exited (${code ?? signal}) before it was ready`));
@@ -198,6 +222,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
         nbd: frontendReady.nbd,
         nbdUnix: frontendReady.nbdUnix,
         controlSocket,
+        frontendControlSocket,
         replicas: engineReady.replicas,
         enginePid: engine.proc?.pid,
         frontendPid: frontend.proc?.pid,

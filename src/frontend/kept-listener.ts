@@ -58,7 +58,12 @@ export function keepTcpListener(host: string, port: number): KeptListener {
   if (family === 0) throw new ZebuError(ErrorCode.EINVAL, `NBD host must be an IP address, got ${JSON.stringify(host)}`);
   const handle = bound(createHandle()(host, port, family, undefined, 0), `${host}:${port}`);
   const name: { address?: string; port?: number } = {};
-  handle.getsockname?.(name);
+  // libuv reports a bind conflict (EADDRINUSE) only at the next call on the socket: this one.
+  const err = handle.getsockname?.(name) ?? 0;
+  if (err !== 0 || name.port === undefined || name.port === 0) {
+    handle.close();
+    bound(err !== 0 ? err : -22, `${host}:${port}`);
+  }
   const address = family === 6 ? `[${name.address ?? host}]:${name.port ?? port}` : `${name.address ?? host}:${name.port ?? port}`;
   return keep(handle, address);
 }

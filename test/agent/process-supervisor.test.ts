@@ -61,6 +61,28 @@ test('a crashing process is restarted with exponential backoff, capped', async (
   assert.match(fs.readFileSync(path.join(dir, 'logs', 'c.log'), 'utf8'), /crashing on purpose/);
 });
 
+test('a process killed after it served is restarted after the shortest wait every time: no growing backoff for a working process', async (t) => {
+  const dir = tempDir(t);
+  const sup = new ProcessSupervisor({ recordDir: path.join(dir, 'procs'), logDir: path.join(dir, 'logs'), main: program(dir), pollMs: 50, backoffMsMin: 50, backoffMsMax: 5000 });
+  t.after(async () => {
+    await sup.stop('s');
+    sup.detach();
+  });
+  sup.ensure('s', ['serve']);
+  const downMs: number[] = [];
+  for (let i = 0; i < 6; i++) {
+    await waitFor('running', () => sup.get('s')?.state === 'running', 20_000, 5);
+    const pid = sup.get('s')!.pid!;
+    process.kill(pid, 'SIGKILL');
+    const killedAt = Date.now();
+    await waitFor('running again', () => sup.get('s')?.state === 'running' && sup.get('s')!.pid !== pid, 20_000, 5);
+    downMs.push(Date.now() - killedAt);
+  }
+  assert.equal(sup.get('s')!.restarts, 6);
+  // 50 ms each time plus the start (a crash loop at start-up would be at 3.2 s by now).
+  assert.ok(Math.max(...downMs) < 2500, `down for ${downMs.join(', ')} ms`);
+});
+
 test('processes outlive their supervisor and are adopted once; a recycled pid is not adopted', async (t) => {
   const dir = tempDir(t);
   const main = program(dir);

@@ -8,27 +8,36 @@
  *   - everything SIGKILLed at once (`zebu up` and every data-path process), then `zebu up`
  *     started again: the volume comes back attached, the engine's recovery resyncs what may
  *     differ; every write acknowledged before the last acknowledged flush is there, and the
- *     replica set is the same (no full rebuild).
+ *     replica set is the same (no full rebuild);
+ *   - every data-path process of the volume (its replicas, its engine, the node's frontend)
+ *     SIGKILLed at once, `zebu up` running on: the agent restarts them in whatever order the race
+ *     gives, the engine waits for its replicas, the frontend serves the volume again at once; the
+ *     writer and a reader reconnect and see no error, and no acknowledged write is lost (the
+ *     replicas' page caches survive a process kill).
+ * A reader reads the writer's regions all along and checks every block against the ledger.
  * After each: `zebu volume verify --json` and a direct read of every replica find 0 differing
  * regions. Prints a table of figures. ZEBU_FAULT_SEED reproduces the schedule;
- * ZEBU_FAULT_UP_ROUNDS sets the kills per kind (default 1; ZEBU_FAULT_FULL=1: 4).
+ * ZEBU_FAULT_UP_ROUNDS sets the kills per kind (default 1; ZEBU_FAULT_FULL=1: 4), and
+ * ZEBU_FAULT_VOLUME_KILLS the whole-volume kills (default 3; ZEBU_FAULT_FULL=1: 50).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
 import { NbdClient, parseNbdUri } from '../support/nbd-client.ts';
 import { FaultWriter, Ledger, REGION_BYTES } from '../support/fault-writer.ts';
+import { FaultReader } from '../support/fault-reader.ts';
 import { checkAndRebase, compareReplicasOnline, describeViolations, type CheckMode } from '../support/fault-checker.ts';
 import { emptyFigures, printFigures, type FaultFigures } from '../support/fault-table.ts';
 import { sleep } from '../support/fault-rounds.ts';
-import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, killAllUnder, type ZebuUp } from '../support/zebu-up.ts';
+import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, killAllUnder, processesUnder, type ZebuUp } from '../support/zebu-up.ts';
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import path from 'node:path';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
 const VOLUME = 'fv';
-const KINDS = ['replica (agent restarts it)', 'zebu up alone', 'everything at once'] as const;
+const VOLUME_KILL = 'every data-path process of the volume' as const;
+const KINDS = ['replica (agent restarts it)', 'zebu up alone', 'everything at once', VOLUME_KILL] as const;
 
 interface ReplicaEntry {
   name: string;
@@ -41,10 +50,11 @@ function portOf(url: string): number {
   return Number(new URL(url.replace(/^nbd:/, 'http:')).port);
 }
 
-test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the writer', { timeout: 30 * 60_000 }, async (t) => {
+test('zebu up: a replica, zebu up alone, everything at once, every data-path process of the volume SIGKILLed under a writer and a reader', { timeout: 60 * 60_000 }, async (t) => {
   const seed = faultSeed();
   t.diagnostic(`ZEBU_FAULT_SEED=${seed}`);
   const perKind = envCount('ZEBU_FAULT_UP_ROUNDS', faultFull() ? 4 : 1);
+  const volumeKills = envCount('ZEBU_FAULT_VOLUME_KILLS', faultFull() ? 50 : 3);
   const random = new Prng(seed);
   const dataDir = zebuDataDir(t);
   let up: ZebuUp = await startZebuUp({ dataDir });
@@ -59,6 +69,8 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
   const ledger = new Ledger(SIZE);
   const writer = new FaultWriter({ connect: () => NbdClient.connect(target, name, 5000), ledger, prng: random.fork(), hotRegions: [0], regionBytes: REGION_BYTES, depth: 8 });
   await writer.start();
+  const reader = new FaultReader({ connect: () => NbdClient.connect(target, name, 5000), ledger, prng: random.fork(), hotRegions: [0], regionBytes: REGION_BYTES });
+  await reader.start();
 
   const figures = new Map<string, FaultFigures>(KINDS.map((k) => [k, emptyFigures(k)]));
   const failures: string[] = [];
@@ -69,7 +81,10 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
       return v.state === 'attached' && v.robustness === 'healthy' && v.replicas.length === 3 && v.replicas.every((r: { mode: string }) => r.mode === 'RW') ? v : undefined;
     }, 180_000, 250);
 
-  const schedule = Array.from({ length: perKind * KINDS.length }, (_, i) => KINDS[i % KINDS.length]);
+  const schedule: (typeof KINDS)[number][] = [
+    ...Array.from({ length: perKind * (KINDS.length - 1) }, (_, i) => KINDS[i % (KINDS.length - 1)]),
+    ...Array.from({ length: volumeKills }, () => VOLUME_KILL),
+  ];
   for (let i = schedule.length - 1; i > 0; i--) {
     const j = random.int(i + 1);
     [schedule[i], schedule[j]] = [schedule[j], schedule[i]];
@@ -78,11 +93,14 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
     for (const [round, kind] of schedule.entries()) {
       const f = figures.get(kind)!;
       const started = performance.now();
-      writer.setHotRegions(Array.from({ length: 1 + random.int(4) }, () => random.int(SIZE / REGION_BYTES)));
+      const hot = Array.from({ length: 1 + random.int(4) }, () => random.int(SIZE / REGION_BYTES));
+      writer.setHotRegions(hot);
+      reader.setHotRegions(hot);
       const before = await healthy(`round ${round} start`);
       const namesBefore = before.replicas.map((r: { name: string }) => r.name).sort();
       const recoveryBefore = before.lastRecovery?.at ?? null;
-      const errorsBefore = writer.errors;
+      const errorsBefore = writer.errors + reader.errors;
+      const wrongBefore = reader.wrong;
       const ackedBefore = ledger.ackedWrites;
       const disconnectsBefore = writer.disconnects;
       await sleep(random.range(300, 1000));
@@ -97,6 +115,13 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
         await up.exited;
         await sleep(random.range(0, 500));
         up = await startZebuUp({ dataDir, apiPort, nbdPort });
+      } else if (kind === VOLUME_KILL) {
+        // A power cut of the volume's data path only: its replicas, its engine, the node's frontend.
+        const victims = processesUnder(dataDir).filter((p) => p.role === 'frontend' || (p.role === 'engine' && p.cmdline.includes(VOLUME)) || (p.role === 'replica' && p.cmdline.some((a) => a.includes(`/replicas/${VOLUME}-r-`))));
+        assert.equal(victims.filter((p) => p.role === 'replica').length, 3, 'three replica processes');
+        assert.equal(victims.filter((p) => p.role === 'engine').length, 1, 'one engine');
+        for (const p of victims) process.kill(p.pid, 'SIGKILL');
+        await writer.connectionLost();
       } else {
         mode = 'contract';
         await killAllUnder(dataDir);
@@ -113,7 +138,7 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
       f.fullRebuilds += replaced;
       if (replaced > 0) failures.push(`round ${round} (${kind}): ${replaced} replica(s) replaced by new ones (full rebuild) where a delta or log resync sufficed: ${namesBefore} -> ${namesAfter}`);
       const recovery = after.lastRecovery;
-      if (kind === 'everything at once') {
+      if (kind === 'everything at once' || kind === VOLUME_KILL) {
         if (recovery === null || recovery === undefined || recovery.at === recoveryBefore) failures.push(`round ${round} (${kind}): the volume reports no new start-up recovery (lastRecovery ${JSON.stringify(recovery)})`);
         else {
           f.recoveryRegions += recovery.regions;
@@ -125,16 +150,19 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
 
       await sleep(random.range(100, 500));
       await writer.quiesce();
+      await reader.quiesce();
       const client = await NbdClient.connect(target, name, 5000);
       const report = await checkAndRebase(client, ledger, mode).finally(() => client.disconnect());
       f.ackedWrites += ledger.ackedWrites - ackedBefore;
       f.lostAcked += report.lost;
       f.unflushedLost += report.unflushedLost;
       f.torn += report.torn;
-      f.clientErrors += writer.errors - errorsBefore;
+      f.clientErrors += writer.errors + reader.errors - errorsBefore;
+      f.lostAcked += reader.wrong - wrongBefore;
+      if (reader.wrong > wrongBefore) failures.push(`round ${round} (${kind}): the reader saw ${reader.wrong - wrongBefore} block(s) older than acknowledged or foreign: ${reader.log.slice(-5).join('; ')}`);
       f.disconnects += writer.disconnects - disconnectsBefore;
       if (report.lost > 0) failures.push(`round ${round} (${kind}, ${mode}): ${report.lost} block(s) lost acknowledged writes:\n${describeViolations(report)}`);
-      if (writer.errors > errorsBefore) failures.push(`round ${round} (${kind}): client errors: ${writer.errorLog.slice(-5).map((e) => e.what).join('; ')}`);
+      if (writer.errors + reader.errors > errorsBefore) failures.push(`round ${round} (${kind}): client errors: ${[...writer.errorLog.slice(-5).map((e) => e.what), ...reader.log.slice(-5)].join('; ')}`);
 
       const verify = zebu(up, ['volume', 'verify', VOLUME, '--json']);
       let verifyDiffering = 0;
@@ -150,11 +178,14 @@ test('zebu up: a replica, zebu up alone, everything at once SIGKILLed under the 
       f.differingRegions += Math.max(verifyDiffering, direct.differing.length);
       f.seconds += (performance.now() - started) / 1000;
       writer.resume();
+      reader.resume();
     }
   } catch (err) {
     failures.push(`aborted: ${(err as Error).stack}\nzebu up stderr:\n${up.stderr().slice(-3000)}`);
   }
   await writer.stop();
+  await reader.stop();
+  if (reader.reads === 0) failures.push('the reader never completed a read');
   printFigures(t, `zebu up, ${schedule.length} kills, ${SIZE / MiB} MiB volume, 3 replicas`, seed, [...figures.values()]);
   if (ledger.ackedFlushes === 0) failures.push('the writer never got a flush acknowledged');
   assert.deepEqual(failures, [], `ZEBU_FAULT_SEED=${seed}:\n${failures.join('\n')}`);

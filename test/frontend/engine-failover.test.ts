@@ -79,3 +79,67 @@ test('the engine SIGKILLed again while it restarts: the supervisor keeps restart
   assert.ok(third !== undefined, 'a third engine serves');
   await vol.stop();
 });
+
+/** The pids of a volume's engine (or frontend) processes started by `zebu volume serve` in `dir`. */
+function pidsOf(role: 'engine' | 'frontend', name: string, dir: string): number[] {
+  const pattern = role === 'engine' ? `engine serve --name ${name} .*${dir}` : `frontend serve --name ${name} .*${dir}`;
+  return spawnSync('pgrep', ['-f', pattern]).stdout.toString().split('\n').filter((x) => x !== '').map(Number);
+}
+
+test('a hung engine (SIGSTOP) is found by the heartbeat, killed and replaced: the client sees a delay, not an error', async (t) => {
+  const dir = tempDir(t);
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: SIZE, extraArgs: ['--hang-timeout-ms', '1500'] });
+  const [hung] = pidsOf('engine', vol.name, dir);
+  assert.ok(hung > 0);
+  assert.equal(spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x21 0 4M', vol.nbd]).status, 0);
+  process.kill(hung, 'SIGSTOP');
+  t.after(() => {
+    try {
+      process.kill(hung, 'SIGKILL');
+    } catch {
+      // gone, as it should be
+    }
+  });
+  const started = Date.now();
+  const io = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 4M 4M', '-c', 'read -P 0x21 0 4M', '-c', 'read -P 0x22 4M 4M', vol.nbd], { timeout: 60_000 });
+  const tookMs = Date.now() - started;
+  assert.equal(io.status, 0, `${io.stdout}${io.stderr}`);
+  assert.doesNotMatch(io.stdout.toString(), /error|fail/i);
+  assert.ok(tookMs >= 1400, `the client waited for the replacement (${tookMs} ms)`);
+  assert.ok(!pidsOf('engine', vol.name, dir).includes(hung), 'the hung engine is gone');
+  assert.ok(await vol.currentEpoch() > vol.epoch, 'the new engine has a new epoch');
+  await vol.stop();
+});
+
+test('frontend SIGKILL: a client that connects meanwhile waits in the kept socket instead of being refused; qemu with reconnect-delay resumes', async (t) => {
+  const dir = tempDir(t);
+  const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: SIZE });
+  assert.equal(spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x31 0 8M', vol.nbd]).status, 0);
+  const url = new URL(vol.nbd);
+  // A reconnecting client in the middle of its I/O when the frontend dies.
+  const qemu = spawn('qemu-io', [
+    '--image-opts', `driver=nbd,server.type=inet,server.host=${url.hostname},server.port=${url.port},export=${vol.name},reconnect-delay=30`,
+    '-c', 'write -P 0x32 8M 48M', '-c', 'read -P 0x31 0 8M', '-c', 'read -P 0x32 8M 48M',
+  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  qemu.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  qemu.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const qemuExit = new Promise<number | null>((resolve) => qemu.once('exit', (code) => resolve(code)));
+  await new Promise((r) => setTimeout(r, 300));
+  const [frontend] = pidsOf('frontend', vol.name, dir);
+  process.kill(frontend, 'SIGKILL');
+  // New connections while no frontend runs: both transports wait, none is refused.
+  const started = Date.now();
+  const tcp = spawnSync('nbdinfo', ['--size', vol.nbd], { timeout: 30_000 });
+  const resumedMs = Date.now() - started;
+  const unix = spawnSync('nbdinfo', ['--size', vol.nbdUnix], { timeout: 30_000 });
+  assert.equal(tcp.status, 0, tcp.stderr.toString());
+  assert.equal(unix.status, 0, unix.stderr.toString());
+  assert.equal(tcp.stdout.toString().trim(), String(SIZE));
+  t.diagnostic(`a new connection during the frontend restart was served after ${resumedMs} ms`);
+  assert.equal(await qemuExit, 0, out);
+  assert.doesNotMatch(out, /error|fail/i);
+  const [next] = pidsOf('frontend', vol.name, dir);
+  assert.ok(next !== undefined && next !== frontend, 'a new frontend serves');
+  await vol.stop();
+});

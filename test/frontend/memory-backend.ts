@@ -103,9 +103,24 @@ export class MemoryBackend implements BlockBackend {
     throw new ZebuError(ErrorCode.UNSUPPORTED, 'no snapshots in memory');
   }
 
-  /** Serves this backend on `socketPath` (the frontend's side of an engine). */
-  async serve(socketPath: string, secret: Buffer): Promise<DataServer> {
-    const server = new DataServer(this, { secret });
+  /** A copy of the bytes as they are now (another engine's view of the same replicas). */
+  clone(): MemoryBackend {
+    const copy = new MemoryBackend(this.sizeBytes);
+    this.data.copy(copy.data);
+    return copy;
+  }
+
+  /** Reads the bytes directly (what the replicas hold). */
+  peek(offset: number, length: number): Buffer {
+    return Buffer.from(this.data.subarray(offset, offset + length));
+  }
+
+  /**
+   * Serves this backend on `socketPath` (the frontend's side of an engine); `identity` is added
+   * to INFO (an engine process says which process it is: {process: {pid, startTime}}).
+   */
+  async serve(socketPath: string, secret: Buffer, identity?: Record<string, unknown>): Promise<DataServer> {
+    const server = new DataServer(this, { secret, identity });
     await server.listenPath(socketPath);
     return server;
   }

@@ -15,6 +15,8 @@ export interface VolumeCluster {
   nbdUnix: string;
   nbdSocket: string;
   controlSocket: string;
+  /** The frontend's control socket (its export, with the engine link's state and counters). */
+  frontendControlSocket: string;
   replicas: ReplicaProcess[];
   replicaDirs: string[];
   volume: ChildProcess;
@@ -40,7 +42,7 @@ export function freePort(): Promise<number> {
   });
 }
 
-export async function startVolume(t: { after: (fn: () => unknown) => void }, options: { dir: string; replicas: number; sizeBytes: number; name?: string; epoch?: number }): Promise<VolumeCluster> {
+export async function startVolume(t: { after: (fn: () => unknown) => void }, options: { dir: string; replicas: number; sizeBytes: number; name?: string; epoch?: number; extraArgs?: string[] }): Promise<VolumeCluster> {
   const name = options.name ?? 'vol';
   const epoch = options.epoch ?? 1;
   const { file: secretFile, secret } = writeSecret(options.dir);
@@ -61,7 +63,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
       ZEBU_MAIN, 'volume', 'serve', '--name', name, '--size', String(options.sizeBytes),
       ...replicas.flatMap((r) => ['--replica', `127.0.0.1:${r.port}`]),
       '--nbd', `127.0.0.1:${port}`, '--nbd-socket', nbdSocket, '--secret-file', secretFile, '--epoch', String(epoch),
-      '--run-dir', path.join(options.dir, 'run'), '--request-timeout-ms', '3000',
+      '--run-dir', path.join(options.dir, 'run'), '--request-timeout-ms', '3000', ...(options.extraArgs ?? []),
     ],
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
@@ -97,6 +99,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
     nbdUnix: ready.nbdUnix as string,
     nbdSocket,
     controlSocket: ready.controlSocket as string,
+    frontendControlSocket: ready.frontendControlSocket as string,
     replicas,
     replicaDirs,
     volume,

@@ -1,0 +1,182 @@
+/**
+ * The fault suite's reader: reads random blocks of the writer's hot regions over its own NBD
+ * connection (reconnecting after a connection loss, as a client with reconnect does) and holds
+ * every block read to the ledger (fault-writer.ts): it must hold a write issued to that block no
+ * older than the newest one acknowledged when the read was sent. A read that sees older data
+ * (an acknowledged write lost, even for a moment), foreign or torn bytes, or an NBD error is
+ * recorded.
+ */
+import { NbdClient, NbdConnectionLost } from './nbd-client.ts';
+import { BLOCK_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
+import type { Prng } from './fault-prng.ts';
+
+export interface ReaderOptions {
+  connect: () => Promise<NbdClient>;
+  ledger: Ledger;
+  prng: Prng;
+  hotRegions: number[];
+  regionBytes: number;
+  depth?: number;
+}
+
+export class FaultReader {
+  private readonly options: Required<ReaderOptions>;
+  private client: NbdClient | null = null;
+  private running = false;
+  private paused = false;
+  private reconnecting = false;
+  private inflight = 0;
+  private idleWaiters: (() => void)[] = [];
+  reads = 0;
+  /** NBD error replies. */
+  errors = 0;
+  /** Blocks that held something the ledger does not allow. */
+  wrong = 0;
+  disconnects = 0;
+  readonly log: string[] = [];
+
+  constructor(options: ReaderOptions) {
+    this.options = { depth: 2, ...options };
+  }
+
+  setHotRegions(regions: number[]): void {
+    this.options.hotRegions = regions;
+  }
+
+  private note(what: string): void {
+    if (this.log.length < 50) this.log.push(what);
+  }
+
+  async start(): Promise<void> {
+    this.running = true;
+    this.client = await this.options.connect();
+    this.watch(this.client);
+    this.pump();
+  }
+
+  private watch(client: NbdClient): void {
+    void client.closed.then(() => {
+      if (this.client !== client) return;
+      this.client = null;
+      if (this.running) {
+        this.disconnects++;
+        void this.reconnect();
+      }
+    });
+  }
+
+  private async reconnect(): Promise<void> {
+    if (this.reconnecting) return;
+    this.reconnecting = true;
+    let delayMs = 20;
+    try {
+      while (this.running && this.client === null) {
+        try {
+          const client = await this.options.connect();
+          if (!this.running) {
+            client.destroy();
+            break;
+          }
+          this.client = client;
+          this.watch(client);
+        } catch {
+          await new Promise((r) => setTimeout(r, delayMs));
+          delayMs = Math.min(500, delayMs * 2);
+        }
+      }
+    } finally {
+      this.reconnecting = false;
+    }
+    this.pump();
+  }
+
+  /** Stops issuing reads and waits for those in flight (call before the ledger is rebased). */
+  async quiesce(timeoutMs = 60_000): Promise<void> {
+    this.paused = true;
+    const deadline = Date.now() + timeoutMs;
+    while (this.inflight > 0) {
+      if (Date.now() > deadline) throw new Error(`reader: ${this.inflight} read(s) still in flight after ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        this.idleWaiters.push(resolve);
+        setTimeout(resolve, 50);
+      });
+    }
+  }
+
+  resume(): void {
+    this.paused = false;
+    if (this.client === null && this.running) void this.reconnect();
+    this.pump();
+  }
+
+  async stop(): Promise<void> {
+    await this.quiesce().catch(() => {});
+    this.running = false;
+    const client = this.client;
+    this.client = null;
+    if (client !== null) await client.disconnect().catch(() => {});
+  }
+
+  private settled(): void {
+    this.inflight--;
+    if (this.inflight === 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+    this.pump();
+  }
+
+  private pump(): void {
+    const o = this.options;
+    const ledger = o.ledger;
+    while (this.running && !this.paused && this.client !== null && this.inflight < o.depth) {
+      const client = this.client;
+      const regionBlocks = o.regionBytes / BLOCK_BYTES;
+      const count = 1 + o.prng.int(16);
+      let first = o.prng.pick(o.hotRegions) * regionBlocks + o.prng.int(regionBlocks);
+      if (first + count > ledger.blocks) first = ledger.blocks - count;
+      // The oldest write each block may show: the newest acknowledged before this read was sent.
+      const floors = Array.from({ length: count }, (_, i) => ledger.lastAcked[first + i]);
+      this.inflight++;
+      client.read(first * BLOCK_BYTES, count * BLOCK_BYTES).then(
+        ({ errno, data }) => {
+          this.reads++;
+          if (errno !== 0) {
+            this.errors++;
+            this.note(`READ ${first * BLOCK_BYTES}+${count * BLOCK_BYTES} errno ${errno}`);
+            return;
+          }
+          for (let i = 0; i < count; i++) this.check(first + i, floors[i], data, i * BLOCK_BYTES);
+        },
+        (err) => {
+          if (!(err instanceof NbdConnectionLost)) this.note(`read failed: ${(err as Error).message}`);
+        },
+      ).finally(() => this.settled());
+    }
+  }
+
+  private check(block: number, floorIndex: number, data: Buffer, at: number): void {
+    const ledger = this.options.ledger;
+    const history = ledger.history[block];
+    const id = identifyBlock(data, at, block);
+    let index = -1;
+    if (id.kind === 'write') index = history.lastIndexOf(id.seq);
+    else if (id.kind === 'zero') {
+      for (let i = history.length - 1; i >= 0; i--) if (ledger.isZeroContent(history[i])) {
+        index = i;
+        break;
+      }
+    } else {
+      // Torn bytes kept from an earlier check are allowed while they are the block's history.
+      for (let i = history.length - 1; i >= 0; i--) if (history[i] < 0 && ledger.contentOf(history[i], block).equals(data.subarray(at, at + BLOCK_BYTES))) {
+        index = i;
+        break;
+      }
+    }
+    if (index < 0 || index < floorIndex) {
+      this.wrong++;
+      this.note(`block ${block}: read ${id.kind === 'write' ? `write ${id.seq}` : id.kind} (history index ${index}), the newest acknowledged at the read was index ${floorIndex}`);
+    }
+  }
+}
