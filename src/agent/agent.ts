@@ -40,6 +40,8 @@ export interface AgentOptions {
   secretFile: string;
   /** The zebu CLI entry (src/cli/main.ts). */
   main: string;
+  /** Tests only: added to every replica process's arguments (e.g. --disk-mode power-loss). */
+  replicaArgs?: string[];
   pollMs?: number;
   leaseTtlMs?: number;
   diskProbeMs?: number;
@@ -122,7 +124,7 @@ export class Agent {
   private readonly linkWritten = new Map<string, string>();
 
   constructor(options: AgentOptions) {
-    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, log: () => {}, ...options };
+    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], log: () => {}, ...options };
     this.nodeId = options.nodeId;
     this.objects = new Objects(options.store);
     this.settings = new Settings(this.objects);
@@ -495,7 +497,7 @@ export class Agent {
     }
     const view = this.supervisor.ensure(id, [
       'replica', 'serve', '--dir', spec.dataPath, '--size', String(spec.sizeBytes), '--listen', `${this.options.address}:0`,
-      '--secret-file', this.options.secretFile, '--name', name,
+      '--secret-file', this.options.secretFile, '--name', name, ...this.options.replicaArgs,
     ]);
     const address = view.state === 'running' ? String(view.ready?.listen ?? '') || null : null;
     await this.setReplicaStatus(name, {

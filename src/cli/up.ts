@@ -111,6 +111,8 @@ export async function up(args: UpArgs): Promise<void> {
     runDir,
     secretFile,
     main: MAIN,
+    // Tests only: e.g. "--disk-mode power-loss", to simulate a power loss of the whole machine.
+    replicaArgs: (process.env.ZEBU_TEST_REPLICA_ARGS ?? '').split(' ').filter((a) => a !== ''),
     log: (event) => log.info(event, String(event.event)),
   });
   const manager = new Manager({

@@ -1,5 +1,5 @@
 /**
- * The start-up decision (DESIGN.md §3 "Start-up"). Pure: what the replicas said in, a plan out.
+ * The start-up decision (docs/crash-consistency.md, "Start-up recovery"). Pure: what the replicas said in, a plan out.
  *
  * - The source is the best usable replica by (writeEpoch, flushedRevision, revision): the one that
  *   last made writes durable in the newest epoch. Unusable: unopenable, wrong size, or a rebuild

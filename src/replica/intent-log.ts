@@ -1,5 +1,5 @@
 /**
- * The write-intent (activity) log of one replica (DESIGN.md §2, /work/issue5/plan.md).
+ * The write-intent (activity) log of one replica (docs/crash-consistency.md).
  *
  * The volume is cut in regions of INTENT_REGION_BYTES. A region is *active* from before the
  * first write to it until a flush that covers its last write has completed on every replica.

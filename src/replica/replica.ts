@@ -1,7 +1,7 @@
 /**
  * One replica of one volume: a directory holding a tree of layers (optional read-only base,
  * immutable snapshots, one writable head). Reads resolve each 4 KiB block to the topmost layer
- * of the head's chain that has it. See ../../../shared/DESIGN.md §2.
+ * of the head's chain that has it. See docs/replica-format.md.
  *
  * Durability contract (what is persisted before what is acknowledged):
  * - A write/trim/zero is acknowledged once its data is in the head's data file (page cache) and

@@ -1,6 +1,6 @@
 /**
  * The state store: where the manager keeps every object (volumes, replicas, nodes, ...), and the
- * one thing the manager and the agents share. See ../../../shared/DESIGN.md §5.
+ * one thing the manager and the agents share. See docs/architecture.md ("Objects in the store").
  *
  * The interface is shaped after etcd's key-value model so that it has two implementations that
  * behave the same: the embedded one on node:sqlite (sqlite-store.ts, `zebu up`) and etcd (a later

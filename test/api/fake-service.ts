@@ -411,6 +411,11 @@ export class FakeManagerService implements ManagerService {
     this.must(volume).view.lastRecovery = structuredClone(recovery);
   }
 
+  /** Test hook: the NBD frontend's link to the "engine". */
+  setEngineLink(volume: string, link: VolumeView['engineLink']): void {
+    this.must(volume).view.engineLink = structuredClone(link);
+  }
+
   /** Test hook: I/O figures the "engine" reports. */
   setIo(volume: string, io: Partial<NonNullable<VolumeMetrics['io']>>): void {
     Object.assign(this.must(volume).io, io);

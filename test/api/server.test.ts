@@ -562,3 +562,32 @@ test('salvage and verify: validation, 404, 409 when not faulted / not attached, 
   assert.equal(back.body.robustness, 'healthy');
   assert.equal(service.calls.get('salvageVolume'), 6, 'only what the schema lets through reaches the service: 404, three 409s, the unknown names, the salvage');
 });
+
+test('the engine link (OPEN / CLOSE / REOPENING and its counters) in GET /v1/volumes/NAME and /metrics', async (t) => {
+  const { app, service } = await server(t);
+  await call(app, 'POST', '/v1/volumes', { body: { name: 'v1', sizeBytes: GiB, numberOfReplicas: 2 } });
+  await call(app, 'POST', '/v1/volumes/v1/attach');
+  await pollVolume(app, 'v1', (a) => a.body.state === 'attached');
+  assert.equal((await call(app, 'GET', '/v1/volumes/v1')).body.engineLink, null);
+  assert.doesNotMatch((await call(app, 'GET', '/metrics')).text, /zebu_volume_engine_link_\w+\{/);
+  const link = {
+    state: 'CLOSE' as const, stateSince: '2024-01-01T00:00:05.000Z', reopens: 3, reissued: 41, hangs: 1, longestHoldMs: 2500, held: 7,
+    lastClose: { at: '2024-01-01T00:00:05.000Z', kind: 'engine-hung' as const, cause: 'engine hung (no answer to a heartbeat in 10012 ms)', outstanding: 7 },
+  };
+  service.setEngineLink('v1', link);
+  const got = await call(app, 'GET', '/v1/volumes/v1');
+  assert.equal(got.status, 200, got.text);
+  assert.deepEqual(got.body.engineLink, link);
+  const m = await call(app, 'GET', '/metrics');
+  const lines = new Set(m.text.split('\n'));
+  for (const line of [
+    'zebu_volume_engine_link_state{volume="v1",state="OPEN"} 0',
+    'zebu_volume_engine_link_state{volume="v1",state="CLOSE"} 1',
+    'zebu_volume_engine_link_state{volume="v1",state="REOPENING"} 0',
+    'zebu_volume_engine_link_reopens_total{volume="v1"} 3',
+    'zebu_volume_engine_link_reissued_requests_total{volume="v1"} 41',
+    'zebu_volume_engine_link_hangs_total{volume="v1"} 1',
+    'zebu_volume_engine_link_held_requests{volume="v1"} 7',
+    'zebu_volume_engine_link_longest_hold_seconds{volume="v1"} 2.5',
+  ]) assert.ok(lines.has(line), `missing ${line} in:\n${m.text}`);
+});

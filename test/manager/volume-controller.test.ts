@@ -528,3 +528,34 @@ test('verify: the engine report in replica names, kept as lastVerify with an eve
   await new Promise((r) => setTimeout(r, 1500));
   assert.equal(agent.requests.length, count, 'off: no more scheduled verifies');
 });
+
+test('engine link: a hung engine, a lost one, a frontend restart are events; the link shows in the volume and its metrics', async (t) => {
+  const { service, objects } = await setup(t);
+  await attachedHealthy(service, 'lk');
+  const setLink = (link: NonNullable<EngineValue['status']['frontendLink']>): Promise<unknown> => objects.mutate(Kind.Engine, 'lk', (x) => {
+    x.status = { ...x.status, frontendLink: link };
+  });
+  const base = { stateSince: '2024-01-01T00:00:00.000Z', reopens: 0, reissued: 0, hangs: 0, longestHoldMs: 0, held: 0, lastClose: null };
+  await setLink({ ...base, state: 'OPEN' });
+  await until('the link in the volume', async () => (await service.getVolume('lk')).engineLink?.state === 'OPEN');
+  // The engine hangs: the frontend holds 5 requests.
+  const hung = { at: '2024-01-01T00:01:00.000Z', kind: 'engine-hung' as const, cause: 'engine hung (no answer to a heartbeat in 10003 ms); process 77 killed', outstanding: 5 };
+  await setLink({ ...base, state: 'CLOSE', hangs: 1, held: 5, lastClose: hung });
+  await until('EngineHung', async () => (await service.listEvents({ volume: 'lk' })).some((e) => e.reason === 'EngineHung' && /no answer to a heartbeat .* 5 client request\(s\) held/.test(e.message)));
+  // A new engine took them.
+  await setLink({ ...base, state: 'OPEN', reopens: 1, reissued: 5, hangs: 1, longestHoldMs: 11_500, lastClose: hung });
+  const reopened = await until('EngineLinkReopened', async () => (await service.listEvents({ volume: 'lk' })).find((e) => e.reason === 'EngineLinkReopened'));
+  assert.match(reopened.message, /5 held request\(s\) re-issued to it; longest hold so far 11500 ms \(reopens: 1, engines found hung: 1\)/);
+  // A crash and reopening seen in one pass: both events; the count is the new requests only.
+  await setLink({ ...base, state: 'OPEN', reopens: 2, reissued: 8, hangs: 1, longestHoldMs: 11_500, lastClose: { at: '2024-01-01T00:02:00.000Z', kind: 'engine-lost', cause: 'engine disconnected: connection closed', outstanding: 3 } });
+  await until('the second reopening', async () => (await service.listEvents({ volume: 'lk' })).filter((e) => e.reason === 'EngineLinkReopened').length === 2);
+  const events = await service.listEvents({ volume: 'lk' });
+  assert.ok(events.some((e) => e.reason === 'EngineLinkClosed' && /connection closed/.test(e.message)));
+  assert.match(events.find((e) => e.reason === 'EngineLinkReopened')!.message, /: 3 held request\(s\) re-issued/);
+  // The frontend restarted (its counters start again): one event of its own, no reopening.
+  await setLink({ ...base, state: 'OPEN', reopens: 1, lastClose: { at: '2024-01-01T00:03:00.000Z', kind: 'frontend-restarted', cause: 'the frontend restarted', outstanding: 0 } });
+  await until('FrontendRestarted', async () => (await service.listEvents({ volume: 'lk' })).some((e) => e.reason === 'FrontendRestarted'));
+  assert.equal((await service.listEvents({ volume: 'lk' })).filter((e) => e.reason === 'EngineLinkReopened').length, 2);
+  const m = (await service.metrics()).find((x) => x.name === 'lk')!;
+  assert.equal(m.engineLink?.lastClose?.kind, 'frontend-restarted');
+});

@@ -26,6 +26,8 @@ export interface ZebuUpOptions {
   /** Fixed NBD port (default: any free port; a restart then reuses the first one's). */
   nbdPort?: number;
   apiPort?: number;
+  /** Extra environment (e.g. ZEBU_TEST_REPLICA_ARGS). */
+  env?: Record<string, string>;
 }
 
 export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
@@ -33,7 +35,7 @@ export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
     ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `127.0.0.1:${options.apiPort ?? 0}`, '--nbd', `127.0.0.1:${options.nbdPort ?? 0}`,
     '--disks', String(options.disks ?? 3), '--node', 'node-1',
   ];
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
   const start = watchChildStart(child, 'zebu up', 60_000, 400_000);
   const { exited, stderr } = start;
   const ready = await start.ready;
