@@ -7,6 +7,7 @@
  * EXISTS / CONFLICT / BUSY (409: the request clashes with the current state; nothing changed).
  * Sizes are whole bytes (numbers: 16 TiB fits a JavaScript number exactly).
  */
+import type { LinkView } from '../frontend/engine-link.ts';
 
 export type VolumeState = 'creating' | 'detached' | 'attaching' | 'attached' | 'detaching' | 'deleting';
 export type VolumeRobustness = 'healthy' | 'degraded' | 'faulted' | 'unknown';
@@ -57,26 +58,12 @@ export interface VolumeView {
 }
 
 /**
- * The NBD frontend's link to a volume's engine: OPEN (forwarding), CLOSE (no engine: requests
- * held), REOPENING (a new engine got the held requests). Counters are the frontend's, since it
- * started serving the volume.
+ * The NBD frontend's link to a volume's engine (see src/frontend/engine-link.ts): OPEN
+ * (forwarding), CLOSE (no engine: requests held), REOPENING (a new engine got the held requests).
+ * Counters are the frontend's, since it started serving the volume. The engine process it names
+ * is left out: the Engine object has its pid.
  */
-export interface EngineLinkView {
-  state: 'OPEN' | 'CLOSE' | 'REOPENING';
-  stateSince: string;
-  /** Times a new engine was reached after the link was CLOSE. */
-  reopens: number;
-  /** Requests re-issued to a new engine. */
-  reissued: number;
-  /** Engines found hung and killed. */
-  hangs: number;
-  /** Longest a re-issued request waited, from when it was first sent to its answer. */
-  longestHoldMs: number;
-  /** Requests held now. */
-  held: number;
-  /** The last time the engine went away: lost (crash, kill), found hung (and killed), or the frontend restarted. */
-  lastClose: { at: string; kind: 'engine-lost' | 'engine-hung' | 'frontend-restarted'; cause: string; outstanding: number } | null;
-}
+export type EngineLinkView = Omit<LinkView, 'engine'>;
 
 /**
  * What an engine did at start-up before serving: resynced the regions where replicas may

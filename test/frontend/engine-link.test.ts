@@ -14,20 +14,13 @@ import type { DataServer } from '../../src/protocol/server.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { MemoryBackend } from './memory-backend.ts';
 import { NbdClient } from '../support/nbd-client.ts';
+import { waitFor } from '../support/zebu-up.ts';
 
 const SECRET = Buffer.from('zebu-test-secret-0123456789abcdef');
 const MiB = 1024 * 1024;
 const EIO = 5;
 
 type T = { after: (fn: () => unknown) => void };
-
-async function waitFor(what: string, condition: () => boolean | Promise<boolean>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
 
 /** A stand-in engine "process": a backend served with an identity, which a kill ends. */
 interface FakeEngine {
@@ -74,7 +67,7 @@ test('an engine that leaves requests unanswered is killed and replaced; the requ
   hung.backend.hold();
   const write = client.write(64 * 1024, pattern(2, 64 * 1024));
   const read = client.read(0, 64 * 1024);
-  await waitFor('the stall is found', () => kills.length >= 1, 10_000);
+  await waitFor('the stall is found', () => kills.length >= 1, 10_000, 20);
   assert.deepEqual(kills[0], hung.identity);
   assert.equal(frontend.exportView('v').link.state, 'CLOSE');
   assert.equal(frontend.exportView('v').link.lastClose?.kind, 'engine-hung');
@@ -157,7 +150,7 @@ test('a restarted frontend serves the exports of its state file at once; request
   const answer = await pending;
   assert.equal(answer.errno, 0);
   assert.deepEqual(answer.data, pattern(3, 8192));
-  await waitFor('link OPEN', () => second.exportView('v').link.state === 'OPEN');
+  await waitFor('link OPEN', () => second.exportView('v').link.state === 'OPEN', 20_000, 20);
 
   // A state file that cannot be read is set aside, never fatal.
   fs.writeFileSync(stateFile, '{"version": 1, "exports": {"BAD NAME": {}}}');

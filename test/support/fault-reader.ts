@@ -6,7 +6,8 @@
  * (an acknowledged write lost, even for a moment), foreign or torn bytes, or an NBD error is
  * recorded.
  */
-import { NbdClient, NbdConnectionLost } from './nbd-client.ts';
+import { NbdConnectionLost, type NbdClient } from './nbd-client.ts';
+import { NbdSession } from './nbd-session.ts';
 import { BLOCK_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
 import type { Prng } from './fault-prng.ts';
 
@@ -21,10 +22,8 @@ export interface ReaderOptions {
 
 export class FaultReader {
   private readonly options: Required<ReaderOptions>;
-  private client: NbdClient | null = null;
-  private running = false;
+  private readonly session: NbdSession;
   private paused = false;
-  private reconnecting = false;
   private inflight = 0;
   private idleWaiters: (() => void)[] = [];
   reads = 0;
@@ -32,11 +31,11 @@ export class FaultReader {
   errors = 0;
   /** Blocks that held something the ledger does not allow. */
   wrong = 0;
-  disconnects = 0;
   readonly log: string[] = [];
 
   constructor(options: ReaderOptions) {
     this.options = { depth: 2, ...options };
+    this.session = new NbdSession(options.connect, () => this.pump());
   }
 
   setHotRegions(regions: number[]): void {
@@ -47,47 +46,8 @@ export class FaultReader {
     if (this.log.length < 50) this.log.push(what);
   }
 
-  async start(): Promise<void> {
-    this.running = true;
-    this.client = await this.options.connect();
-    this.watch(this.client);
-    this.pump();
-  }
-
-  private watch(client: NbdClient): void {
-    void client.closed.then(() => {
-      if (this.client !== client) return;
-      this.client = null;
-      if (this.running) {
-        this.disconnects++;
-        void this.reconnect();
-      }
-    });
-  }
-
-  private async reconnect(): Promise<void> {
-    if (this.reconnecting) return;
-    this.reconnecting = true;
-    let delayMs = 20;
-    try {
-      while (this.running && this.client === null) {
-        try {
-          const client = await this.options.connect();
-          if (!this.running) {
-            client.destroy();
-            break;
-          }
-          this.client = client;
-          this.watch(client);
-        } catch {
-          await new Promise((r) => setTimeout(r, delayMs));
-          delayMs = Math.min(500, delayMs * 2);
-        }
-      }
-    } finally {
-      this.reconnecting = false;
-    }
-    this.pump();
+  start(): Promise<void> {
+    return this.session.start();
   }
 
   /** Stops issuing reads and waits for those in flight (call before the ledger is rebased). */
@@ -105,16 +65,13 @@ export class FaultReader {
 
   resume(): void {
     this.paused = false;
-    if (this.client === null && this.running) void this.reconnect();
+    this.session.ensure();
     this.pump();
   }
 
   async stop(): Promise<void> {
     await this.quiesce().catch(() => {});
-    this.running = false;
-    const client = this.client;
-    this.client = null;
-    if (client !== null) await client.disconnect().catch(() => {});
+    await this.session.stop();
   }
 
   private settled(): void {
@@ -130,8 +87,8 @@ export class FaultReader {
   private pump(): void {
     const o = this.options;
     const ledger = o.ledger;
-    while (this.running && !this.paused && this.client !== null && this.inflight < o.depth) {
-      const client = this.client;
+    while (this.session.running && !this.paused && this.session.client !== null && this.inflight < o.depth) {
+      const client = this.session.client;
       const regionBlocks = o.regionBytes / BLOCK_BYTES;
       const count = 1 + o.prng.int(16);
       let first = o.prng.pick(o.hotRegions) * regionBlocks + o.prng.int(regionBlocks);

@@ -17,6 +17,7 @@
  */
 import zlib from 'node:zlib';
 import { NbdClient, NbdConnectionLost } from './nbd-client.ts';
+import { NbdSession } from './nbd-session.ts';
 import type { Prng } from './fault-prng.ts';
 
 export const BLOCK_BYTES = 4096;
@@ -191,17 +192,13 @@ export interface WriterEvent {
 export class FaultWriter {
   private readonly options: Required<WriterOptions>;
   private readonly ledger: Ledger;
-  private client: NbdClient | null = null;
-  private running = false;
+  private readonly session: NbdSession;
   private paused = false;
-  private reconnecting = false;
   private inflight = 0;
   private readonly busy: Uint8Array;
   private idleWaiters: (() => void)[] = [];
   /** NBD error replies (the client saw an error). */
   errors = 0;
-  /** Connections lost with requests possibly unanswered. */
-  disconnects = 0;
   /** Requests whose outcome is unknown (connection lost before the reply). */
   unknown = 0;
   readonly errorLog: WriterEvent[] = [];
@@ -211,6 +208,12 @@ export class FaultWriter {
     this.options = { depth: 8, flushRate: 0.06, fuaRate: 0.03, zeroRate: 0.03, trimRate: 0.02, ...options };
     this.ledger = options.ledger;
     this.busy = new Uint8Array(this.ledger.blocks);
+    this.session = new NbdSession(options.connect, () => this.pump());
+  }
+
+  /** Connections lost with requests possibly unanswered. */
+  get disconnects(): number {
+    return this.session.disconnects;
   }
 
   setHotRegions(regions: number[]): void {
@@ -228,47 +231,8 @@ export class FaultWriter {
 
   /** Connects and starts writing. */
   async start(): Promise<void> {
-    this.running = true;
     this.paused = false;
-    this.client = await this.options.connect();
-    this.watch(this.client);
-    this.pump();
-  }
-
-  private watch(client: NbdClient): void {
-    void client.closed.then(() => {
-      if (this.client !== client) return;
-      this.client = null;
-      if (this.running) {
-        this.disconnects++;
-        void this.reconnect();
-      }
-    });
-  }
-
-  private async reconnect(): Promise<void> {
-    if (this.reconnecting) return;
-    this.reconnecting = true;
-    let delayMs = 20;
-    try {
-      while (this.running && this.client === null) {
-        try {
-          const client = await this.options.connect();
-          if (!this.running) {
-            client.destroy();
-            break;
-          }
-          this.client = client;
-          this.watch(client);
-        } catch {
-          await new Promise((r) => setTimeout(r, delayMs));
-          delayMs = Math.min(500, delayMs * 2);
-        }
-      }
-    } finally {
-      this.reconnecting = false;
-    }
-    this.pump();
+    await this.session.start();
   }
 
   /**
@@ -277,7 +241,7 @@ export class FaultWriter {
    */
   async connectionLost(timeoutMs = 30_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    while (this.client !== null || this.inflight > 0) {
+    while (this.session.client !== null || this.inflight > 0) {
       if (Date.now() > deadline) throw new Error(`writer: connection still up (${this.inflight} in flight) ${timeoutMs} ms after the fault`);
       await new Promise((r) => setTimeout(r, 5));
     }
@@ -300,17 +264,14 @@ export class FaultWriter {
   /** Issues new requests again after quiesce(). */
   resume(): void {
     this.paused = false;
-    if (this.client === null && this.running) void this.reconnect();
+    this.session.ensure();
     this.pump();
   }
 
   /** Stops for good: waits for what is in flight, then disconnects. */
   async stop(): Promise<void> {
     await this.quiesce().catch(() => {});
-    this.running = false;
-    const client = this.client;
-    this.client = null;
-    if (client !== null) await client.disconnect().catch(() => {});
+    await this.session.stop();
   }
 
   private settled(): void {
@@ -326,8 +287,8 @@ export class FaultWriter {
   private pump(): void {
     const o = this.options;
     const random = o.prng;
-    while (this.running && !this.paused && this.client !== null && this.inflight < o.depth) {
-      const client = this.client;
+    while (this.session.running && !this.paused && this.session.client !== null && this.inflight < o.depth) {
+      const client = this.session.client;
       const r = random.next();
       if (r < o.flushRate) {
         const covered = this.ledger.flushSent();
