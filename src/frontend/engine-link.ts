@@ -342,18 +342,27 @@ export class EngineLink implements NbdExport {
       }
     }
     this.reconnecting = false;
-    if (this.client !== null) {
-      const held = this.held;
-      this.held = [];
+    if (this.client !== null) this.reissueHeld();
+  }
+
+  /**
+   * The restore: every held request goes to the new engine, in the order they were held (before
+   * any new request: they are sent first on the connection). REOPENING until all are answered.
+   */
+  private reissueHeld(): void {
+    assert(this.client !== null, 'engine link re-issues with no engine');
+    const held = this.held;
+    this.held = [];
+    if (held.length > 0 || this.state !== LinkState.OPEN) {
       this.counters.reissued += held.length;
       this.reissuedOutstanding += held.length;
-      this.setState(held.length > 0 ? LinkState.REOPENING : LinkState.OPEN, { reissued: held.length, engine: this.engine });
-      for (const f of held) {
-        f.reissued = true;
-        this.sendNow(f);
-      }
+      this.setState(this.reissuedOutstanding > 0 ? LinkState.REOPENING : LinkState.OPEN, { reissued: held.length, engine: this.engine });
     }
-    if (this.held.length === 0 && this.holdTimer !== null) {
+    for (const f of held) {
+      f.reissued = true;
+      this.sendNow(f);
+    }
+    if (this.holdTimer !== null) {
       clearInterval(this.holdTimer);
       this.holdTimer = null;
     }
@@ -401,9 +410,14 @@ export class EngineLink implements NbdExport {
     }
     pinger.send(Op.PING, 0, 0, 0, EMPTY, (err) => {
       if (this.client !== client || this.pingSentAtMs !== sentAtMs) return;
-      // A heartbeat connection that broke is made again; the hang deadline keeps running meanwhile.
-      if (err !== null) this.dropPinger();
-      else this.pingSentAtMs = 0;
+      if (err === null) {
+        this.pingSentAtMs = 0;
+        return;
+      }
+      // Unanswered (TIMEOUT): the deadline stands, the next tick finds the engine hung. A heartbeat
+      // connection that broke is made again at the next tick, under a deadline of its own.
+      this.dropPinger();
+      if (err.code !== ErrorCode.TIMEOUT) this.pingSentAtMs = 0;
     });
   }
 
@@ -454,6 +468,18 @@ export class EngineLink implements NbdExport {
     this.sendNow(f);
   }
 
+  /**
+   * Keeps a request for the next engine. (Its old connection is gone; should a new engine be
+   * connected already, which the order of callbacks makes possible only in principle, the
+   * restore runs again and sends it behind the others.)
+   */
+  private hold(f: Forwarded): void {
+    this.held.push(f);
+    this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+    if (this.client === null) void this.reconnect();
+    else if (!this.reconnecting) this.reissueHeld();
+  }
+
   private sendNow(f: Forwarded): void {
     const client = this.client;
     if (client === null) {
@@ -466,18 +492,13 @@ export class EngineLink implements NbdExport {
         if (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) {
           // The engine went away with this request unanswered: hold it for the next engine.
           if (this.client === client) this.lost('engine-lost', `engine disconnected: ${err.message}`);
-          this.held.push(f);
-          this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
-          if (this.client === null) void this.reconnect();
-          else this.sendNow(this.held.pop()!); // reconnected already (a later callback): send it on
+          this.hold(f);
           return;
         }
         if (err.code === ErrorCode.TIMEOUT) {
           // Unanswered for stallTimeoutMs: the engine is stuck. Replace it; the request is held.
           if (this.client === client) this.engineHung(`a ${OpName[f.op] ?? f.op} request unanswered for ${this.timeouts.stallTimeoutMs} ms`);
-          this.held.push(f);
-          this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
-          if (this.client !== null) this.sendNow(this.held.pop()!);
+          this.hold(f);
           return;
         }
       }
