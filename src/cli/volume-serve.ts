@@ -23,7 +23,7 @@ import { keepTcpListener, keepUnixListener, type KeptListener } from '../fronten
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 /**
- * Restart backoff: 100 ms doubling per failed start in a row (reset once ready), at most 1 s.
+ * Restart backoff: 100 ms, doubling per failed start in a row (reset once ready), at most 1 s.
  * Short on purpose: while the engine or frontend is down, clients wait; a start that keeps
  * failing costs one attempt a second.
  */
@@ -176,7 +176,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
    */
   const scheduleRestart = (child: Child, why: Record<string, unknown>): void => {
     child.restarts++;
-    const delayMs = Math.min(RESTART_BACKOFF_MS_MAX, 100 * 2 ** Math.min(child.restarts, 6));
+    const delayMs = Math.min(RESTART_BACKOFF_MS_MAX, 50 * 2 ** Math.min(child.restarts, 6));
     log.warn({ role: child.role, ...why, restarts: child.restarts, delayMs }, 'child exited; restarting');
     setTimeout(() => {
       if (stopping) return;

@@ -7,7 +7,7 @@
  *                                  verifying, activeRegions, maxActiveRegions, recovery, lastVerify,
  *                                  replicas: [ReplicaRow], stats: {reads, writes, zeroes, flushes,
  *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal,
- *                                  heldWrites, boundFlushes}}
+ *                                  heldWrites, boundFlushes, idleFlushes}}
  *                                 superseded: a newer engine (epoch) fenced this one; it serves nothing.
  *                                 recovery (null before start-up ends): {at, clean, source, regions,
  *                                  bytes, durationMs, deltaReplicas: [address], erredReplicas:

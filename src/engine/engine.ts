@@ -96,6 +96,8 @@ export interface EngineStats {
   heldWrites: number;
   /** Flushes the engine issued itself to let regions leave. */
   boundFlushes: number;
+  /** Flushes the engine issued itself after the volume went quiet with regions active. */
+  idleFlushes: number;
 }
 
 interface EngineReplica {
@@ -136,6 +138,12 @@ const DEFAULT_REPLICA_WAIT_MS = 30_000;
 const REPLICA_RETRY_MS_MAX = 1000;
 /** A start-up still waiting says so in its log this often. */
 const WAIT_LOG_EVERY_MS = 5000;
+/**
+ * With regions active and no flush sent for this long, the engine flushes by itself: the regions
+ * of a volume gone idle then leave the write-intent logs (one or two flushes after the replicas'
+ * idle time), so that a crash of an idle volume resyncs nothing and an engine restarts fast.
+ */
+const IDLE_FLUSH_MS = Math.max(500, INTENT_IDLE_MS + 500);
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
 /** At most this many differences are kept in a verify report. */
@@ -199,6 +207,9 @@ export class Engine implements BlockBackend {
   private queued: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
   private pingTimer: NodeJS.Timeout | null = null;
+  private idleFlushTimer: NodeJS.Timeout | null = null;
+  /** performance.now() when the last numbered flush was sent. */
+  private lastFlushSentMs = 0;
   private closed = false;
   /** The rebuild under way, if any: at most one at a time. */
   private rebuilding: Rebuild<EngineReplica> | null = null;
@@ -234,7 +245,7 @@ export class Engine implements BlockBackend {
 
   readonly stats: EngineStats = {
     reads: 0, writes: 0, zeroes: 0, flushes: 0, readBytes: 0, writeBytes: 0, errors: 0, readLatencyMsTotal: 0, writeLatencyMsTotal: 0,
-    heldWrites: 0, boundFlushes: 0,
+    heldWrites: 0, boundFlushes: 0, idleFlushes: 0,
   };
 
   private constructor(options: EngineOptions) {
@@ -289,6 +300,8 @@ export class Engine implements BlockBackend {
     this.phase = 'serving';
     this.pingTimer = setInterval(() => this.pingAll(), this.options.pingIntervalMs);
     this.pingTimer.unref();
+    this.idleFlushTimer = setInterval(() => this.idleFlush(), Math.ceil(IDLE_FLUSH_MS / 2));
+    this.idleFlushTimer.unref();
     if (this.pendingDeltas.length > 0) void this.runPendingDeltas();
   }
 
@@ -502,7 +515,7 @@ export class Engine implements BlockBackend {
   /**
    * Before the first request: missed-write maps for the replicas that are out, then the union of
    * active regions copied from the source into the other RW replicas, then two numbered flushes
-   * (the second confirms the first) so the regions leave the logs again.
+   * (the second confirms the first, with EVICT) so the regions leave the logs again.
    */
   private async recover(plan: StartupPlan, started: number): Promise<void> {
     const source = this.replicas[plan.source!];
@@ -541,7 +554,10 @@ export class Engine implements BlockBackend {
     if (this.faultedReason === null) {
       await this.flushNumbered().catch(() => {});
       await this.alignCounters().catch((err) => this.log({ event: 'align-counters-failed', reason: (err as Error).message }));
-      await this.flushNumbered().catch(() => {});
+      // Confirms the first, with EVICT: the resynced regions are the same and durable everywhere,
+      // and no client wrote them yet, so they leave the logs now (not after the idle time). An
+      // engine killed again soon after it started then has nothing of this start to resync.
+      await this.flushNumbered({ evict: true }).catch(() => {});
     }
     const report: RecoveryReport = {
       at: new Date().toISOString(),
@@ -880,12 +896,13 @@ export class Engine implements BlockBackend {
   }
 
   /** A numbered FLUSH to the write set, carrying `confirmed`; regions it lets go leave here too. */
-  private fanOutFlush(done: Done): void {
+  private fanOutFlush(done: Done, evictConfirmed = false): void {
+    this.lastFlushSentMs = performance.now();
     const seq = ++this.flushSeq;
     const confirmed = this.confirmedSeq;
     // Writes held at the bound: let every confirmed region go, idle or not. (Not sooner: a working
     // set as large as the bound would then leave and come back at every flush.)
-    const evict = this.held.length > 0;
+    const evict = evictConfirmed || this.held.length > 0;
     if (confirmed > 0) this.pruneRegions(confirmed, evict);
     this.fanOut(Op.FLUSH, evict ? RequestFlag.EVICT : 0, seq, 0, confirmed > 0 ? encodeFlushConfirmed(confirmed) : EMPTY, (err) => {
       if (err === null) this.flushCompleted(seq);
@@ -895,9 +912,19 @@ export class Engine implements BlockBackend {
     if (this.held.length > 0) this.admitHeld(false);
   }
 
+  /** The engine's own flush once the volume went quiet with regions still active (IDLE_FLUSH_MS). */
+  private idleFlush(): void {
+    if (this.activeRegions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning) return;
+    if (performance.now() - this.lastFlushSentMs < IDLE_FLUSH_MS) return;
+    this.inflight++;
+    this.stats.idleFlushes++;
+    this.fanOutFlush(() => this.finished());
+  }
+
   /** fanOutFlush as a promise, for control paths that hold I/O themselves. */
-  private flushNumbered(): Promise<void> {
-    return new Promise<void>((resolve, reject) => this.fanOutFlush((err) => (err ? reject(err) : resolve())));
+  /** `evict`: confirmed regions leave at once, idle or not (no client writes them: start-up). */
+  private flushNumbered(options: { evict?: boolean } = {}): Promise<void> {
+    return new Promise<void>((resolve, reject) => this.fanOutFlush((err) => (err ? reject(err) : resolve()), options.evict === true));
   }
 
   // ---- fan-out -------------------------------------------------------------------------------
@@ -1690,6 +1717,7 @@ export class Engine implements BlockBackend {
     this.closed = true;
     if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
     if (this.pingTimer !== null) clearInterval(this.pingTimer);
+    if (this.idleFlushTimer !== null) clearInterval(this.idleFlushTimer);
     // Two flushes: the second confirms the first, so the replicas' active regions leave and the
     // next start has (almost) nothing to resync.
     if (this.faultedReason === null) await this.flush().then(() => this.flush()).catch(() => {});

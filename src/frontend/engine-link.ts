@@ -101,7 +101,8 @@ interface Forwarded {
 
 const EMPTY = Buffer.alloc(0);
 const MAX_TABLE = 65536;
-const RECONNECT_DELAY_MS_MAX = 1000;
+/** Reconnect attempts to a missing engine socket cost nothing: try often, the client is waiting. */
+const RECONNECT_DELAY_MS_MAX = 100;
 
 function sizeFromInfo(info: unknown, socketPath: string): number {
   const sizeBytes = (info as { sizeBytes?: unknown } | null)?.sizeBytes;

@@ -1,0 +1,146 @@
+/** The `zebu` command's commands (main.ts is the entry). */
+import { Command, Option } from 'commander';
+import { ZebuError } from '../errors.ts';
+import { replicaServe } from './replica-serve.ts';
+import { engineServe } from './engine-serve.ts';
+import { frontendServe } from './frontend-serve.ts';
+import { volumeServe } from './volume-serve.ts';
+import { controlRequest } from '../engine/control-server.ts';
+import { registerClientCommands } from './client/register.ts';
+
+function fail(err: unknown): never {
+  const message = err instanceof ZebuError ? `${err.message} (${err.code})` : err instanceof Error ? err.message : String(err);
+  process.stderr.write(`zebu: ${message}\n`);
+  process.exit(1);
+}
+
+const program = new Command();
+program.name('zebu').description('Zebu: replicated block storage served over NBD').showHelpAfterError();
+
+const replica = program.command('replica').description('replica processes (data plane, no manager needed)');
+replica
+  .command('serve')
+  .description('serve one replica directory over the data protocol')
+  .requiredOption('--dir <DIR>', 'replica directory (created when empty)')
+  .requiredOption('--size <BYTES>', 'volume size, e.g. 1073741824 or 1GiB (multiple of 4096)')
+  .requiredOption('--listen <HOST:PORT>', 'address to listen on (port 0: any free port)')
+  .requiredOption('--secret-file <FILE>', 'file holding the cluster secret (at least 16 bytes)')
+  .option('--name <NAME>', 'the replica\'s name, reported to engines (an engine given NAME=HOST:PORT refuses another replica at that address)')
+  .option('--backing <FILE>', 'raw image used as the read-only base layer (new replicas only)')
+  .option('--max-layers <N>', 'maximum number of layers (new replicas only)', undefined)
+  .option('--fault-injection', 'accept FAULT_INJECT requests (tests only)')
+  .addOption(new Option('--disk-mode <MODE>', 'normal, or power-loss: simulated power failures via FAULT_INJECT (tests only)').hideHelp())
+  .addOption(new Option('--no-intent-log', 'no write-intent log: benchmark baseline only').hideHelp())
+  .action((opts) => replicaServe(opts).catch(fail));
+
+const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+
+const engine = program.command('engine').description('a volume engine (data plane, no manager needed)');
+engine
+  .command('serve')
+  .description('run the engine of one volume over its replicas')
+  .requiredOption('--name <NAME>', 'volume name')
+  .requiredOption('--size <BYTES>', 'volume size')
+  .requiredOption('--replica <[KEY=]HOST:PORT>', 'a replica (repeat for each); KEY names its missed-write maps (default: the address)', collect)
+  .requiredOption('--socket <PATH>', 'UNIX socket for the frontend')
+  .requiredOption('--control-socket <PATH>', 'UNIX socket of the control interface')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .requiredOption('--epoch <N>', 'this attachment\'s epoch (replicas fence lower ones)')
+  .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
+  .option('--replica-wait-ms <MS>', 'how long start-up waits for replicas not reachable yet (default 30000)')
+  .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
+  .action((opts) => engineServe(opts).catch(fail));
+
+const printJson = (value: unknown): void => {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+};
+engine
+  .command('replicas')
+  .description('replicas of a running volume and their modes')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const list = (await controlRequest(opts.control, 'GET', '/v1/replicas').catch(fail)) as { address: string; mode: string; reason: string | null }[];
+    if (opts.json) return printJson(list);
+    for (const r of list) process.stdout.write(`${r.address.padEnd(24)} ${r.mode.padEnd(4)} ${r.reason ?? ''}\n`);
+  });
+engine
+  .command('stats')
+  .description('I/O counters of a running volume')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => printJson(await controlRequest(opts.control, 'GET', '/v1/stats').catch(fail)));
+const engineSnapshot = engine.command('snapshot').description('snapshots of a running volume');
+engineSnapshot
+  .command('create <NAME>')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .action(async (name, opts) => printJson(await controlRequest(opts.control, 'POST', '/v1/snapshots', { name }).catch(fail)));
+engineSnapshot
+  .command('list')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const list = (await controlRequest(opts.control, 'GET', '/v1/snapshots').catch(fail)) as { name: string; createdAt: string; sizeBytesUsed: number }[];
+    if (opts.json) return printJson(list);
+    for (const s of list) process.stdout.write(`${s.name.padEnd(32)} ${s.createdAt} ${s.sizeBytesUsed}\n`);
+  });
+engineSnapshot
+  .command('delete <NAME>')
+  .requiredOption('--control <SOCKET>', 'the volume\'s control socket')
+  .action(async (name, opts) => printJson(await controlRequest(opts.control, 'DELETE', `/v1/snapshots/${encodeURIComponent(name)}`).catch(fail)));
+
+const frontend = program.command('frontend').description('an NBD frontend (data plane)');
+frontend
+  .command('serve')
+  .description('serve volumes over NBD by export name, each forwarding to its engine')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .option('--nbd <HOST:PORT>', 'NBD over TCP (port 0: any free port)')
+  .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .option('--nbd-fd <N>', 'NBD over an inherited, bound TCP socket (its keeper restarts the frontend on it)')
+  .option('--nbd-socket-fd <N>', 'with --nbd-socket: the inherited socket bound at that path')
+  .option('--control-socket <PATH>', 'UNIX socket of the control interface (add/remove exports at run time)')
+  .option('--hold-timeout-ms <MS>', 'requests held with no engine fail with EIO after this long (default 300000)')
+  .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
+  .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')
+  .option('--name <NAME>', 'a static export: volume (export) name, with --engine-socket')
+  .option('--engine-socket <PATH>', 'a static export: the engine\'s UNIX socket, with --name')
+  .option('--state-file <FILE>', 'keep the export table here; a restarted frontend serves the same exports at once')
+  .action((opts) => frontendServe(opts).catch(fail));
+
+const volume = program.command('volume').description('volumes');
+volume
+  .command('serve')
+  .description('run one volume (engine + NBD frontend) over replicas that are already running')
+  .requiredOption('--name <NAME>', 'volume name (the NBD export name)')
+  .requiredOption('--size <BYTES>', 'volume size')
+  .requiredOption('--replica <HOST:PORT>', 'a replica (repeat for each)', collect)
+  .option('--nbd <HOST:PORT>', 'NBD over TCP')
+  .option('--nbd-socket <PATH>', 'NBD over a UNIX socket')
+  .requiredOption('--secret-file <FILE>', 'cluster secret file')
+  .requiredOption('--epoch <N>', 'the first engine\'s epoch (each restarted engine gets the next one)')
+  .option('--run-dir <DIR>', 'directory for the internal sockets')
+  .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
+  .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
+  .option('--replica-wait-ms <MS>', 'how long an engine start waits for replicas not reachable yet (default 30000)')
+  .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
+  .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
+  .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')
+  .action((opts) => volumeServe(opts).catch(fail));
+
+program
+  .command('up')
+  .description('run Zebu on this machine: manager, REST API, node agent and embedded store')
+  .option('--data-dir <DIR>', 'where Zebu keeps its state, disks and logs', 'zebu-data')
+  .option('--api <HOST:PORT>', 'REST API address', '127.0.0.1:9500')
+  .option('--nbd <HOST:PORT>', 'NBD address shared by all attached volumes', '127.0.0.1:10809')
+  .option('--disks <N>', 'disks to create as directories under the data dir', '3')
+  .option('--node <NAME>', 'this node\'s name (default: the host name)')
+  .option('--address <HOST>', 'address replicas listen on', '127.0.0.1')
+  // Loaded on demand: data-path processes (replica, engine, frontend) need none of it.
+  .action(async (opts) => (await import('./up.ts')).up(opts).catch(fail));
+
+// Client commands (volume create|list|…, snapshot, replica list, node, disk, setting, events): REST API of `zebu up`.
+registerClientCommands(program);
+
+program.parseAsync(process.argv).catch(fail);
