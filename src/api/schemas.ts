@@ -134,7 +134,7 @@ export const views: Record<string, JsonSchema> = {
     lastClose: nullable(view({ at: time, kind: { type: 'string', enum: ['engine-lost', 'engine-hung', 'frontend-restarted'] }, cause: str, outstanding: int })),
   }),
   Recovery: view({
-    at: time, clean: bool, source: nullable(str), regions: int, bytes: int, durationMs: num,
+    at: time, clean: bool, source: nullable(str), checkedRegions: int, regions: int, bytes: int, durationMs: num,
     deltaReplicas: { type: 'array', items: str }, erredReplicas: { type: 'array', items: str },
   }),
   VerifyDifference: view({

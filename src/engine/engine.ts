@@ -514,8 +514,13 @@ export class Engine implements BlockBackend {
 
   /**
    * Before the first request: missed-write maps for the replicas that are out, then the union of
-   * active regions copied from the source into the other RW replicas, then two numbered flushes
-   * (the second confirms the first, with EVICT) so the regions leave the logs again.
+   * active regions made equal on the RW replicas, then two numbered flushes (the second confirms
+   * the first, with EVICT) so the regions leave the logs again.
+   *
+   * Each active region is compared first (REGION_HASH, each replica hashing its own bytes at once)
+   * and copied from the source only into the replicas where it differs: after a crash most active
+   * regions are the same everywhere (only the writes in flight at the crash can differ), and a
+   * copy is a read and N writes over the network where a compare is a local read.
    */
   private async recover(plan: StartupPlan, started: number): Promise<void> {
     const source = this.replicas[plan.source!];
@@ -528,16 +533,22 @@ export class Engine implements BlockBackend {
     for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
 
     let bytes = 0;
+    let copied = 0;
     const regions = plan.resyncRegions;
-    if (healthy().length > 1 && regions.length > 0) {
+    const checked = healthy().length > 1 ? regions.length : 0;
+    if (checked > 0) {
       try {
         await forEachIndex(regions.length, COPIERS, async (i) => {
           const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
           const sourceClient = source.client;
           if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+          const others = healthy().filter((r) => r !== source);
+          const differing = await this.replicasDiffering(sourceClient, others, offset, length);
+          if (differing.length === 0) return;
           const data = await sourceClient.read(offset, length);
-          await Promise.all(healthy().filter((r) => r !== source).map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+          await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
           bytes += length;
+          copied++;
         });
       } catch (err) {
         // The others may now differ from each other in these regions, and no one holds the
@@ -563,7 +574,8 @@ export class Engine implements BlockBackend {
       at: new Date().toISOString(),
       clean: plan.clean,
       source: source.address,
-      regions: bytes === 0 ? 0 : regions.length,
+      checkedRegions: checked,
+      regions: copied,
       bytes,
       durationMs: Date.now() - started,
       deltaReplicas: this.pendingDeltas.map((r) => r.address),
@@ -571,6 +583,34 @@ export class Engine implements BlockBackend {
     };
     this.recoveryReport = report;
     this.log({ event: 'recovery', ...report });
+  }
+
+  /**
+   * The replicas of `others` whose bytes in the range differ from the source's, by hash. A replica
+   * that cannot hash (an older one) counts as differing; a source that cannot hash makes them all
+   * differ (the region is copied, as before there were hashes); one that fails, fails the recovery.
+   */
+  private async replicasDiffering(sourceClient: ReplicaClient, others: EngineReplica[], offset: number, length: number): Promise<EngineReplica[]> {
+    let sourceHash: Buffer | null;
+    try {
+      sourceHash = await sourceClient.regionHash(offset, length);
+    } catch (err) {
+      if (!isUnsupported(toZebuError(err))) throw err;
+      sourceHash = null;
+    }
+    if (sourceHash === null) return others;
+    const hashes = await Promise.all(others.map(async (r) => {
+      const client = r.client;
+      if (client === null) return null;
+      try {
+        return await client.regionHash(offset, length);
+      } catch (err) {
+        const e = toZebuError(err);
+        if (!isUnsupported(e) && r.client === client) this.setErr(r, e);
+        return null;
+      }
+    }));
+    return others.filter((r, i) => r.mode === ReplicaMode.RW && r.client !== null && (hashes[i] === null || !hashes[i]!.equals(sourceHash!)));
   }
 
   /**

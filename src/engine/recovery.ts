@@ -11,8 +11,11 @@ export interface RecoveryReport {
   clean: boolean;
   /** Address of the source replica (null: none usable, the volume is faulted). */
   source: string | null;
-  /** Regions copied from the source into the other RW replicas before serving. */
+  /** Regions compared (the union of the replicas' active regions) before serving. */
+  checkedRegions: number;
+  /** Of those, regions that differed and were copied from the source into the other RW replicas. */
   regions: number;
+  /** Bytes copied. */
   bytes: number;
   durationMs: number;
   /** Replicas behind the source that come back by a delta rebuild (addresses). */

@@ -51,6 +51,8 @@ export function recoveryFromEngine(raw: unknown, replicas: ReplicaAddresses, now
     at: time(r.at, now),
     clean: r.clean === true,
     source: typeof r.source === 'string' ? replicaNameOf(r.source, replicas) : null,
+    // An engine from before the compare reports no checkedRegions: it copied every region it checked.
+    checkedRegions: typeof r.checkedRegions === 'number' ? num(r.checkedRegions) : num(r.regions),
     regions: num(r.regions),
     bytes: num(r.bytes),
     durationMs: num(r.durationMs),

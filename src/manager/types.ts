@@ -76,7 +76,11 @@ export interface RecoveryView {
   clean: boolean;
   /** The replica the engine copied from (name); null when it had none to choose. */
   source: string | null;
+  /** Regions compared: where the replicas may have differed (the union of their write-intent logs). */
+  checkedRegions: number;
+  /** Of those, regions that differed and were copied from the source. */
   regions: number;
+  /** Bytes copied. */
   bytes: number;
   durationMs: number;
   /** Replicas brought up to date by a delta rebuild. */

@@ -849,7 +849,7 @@ function recoveryDidWork(r: RecoveryView): boolean {
 export function describeRecovery(r: RecoveryView): string {
   const parts = [
     r.clean ? 'clean shutdown' : 'unclean shutdown',
-    `${r.regions} region(s) (${r.bytes} bytes) resynced${r.source !== null ? ` from ${r.source}` : ''} in ${r.durationMs} ms`,
+    `${r.regions} region(s) (${r.bytes} bytes) resynced${r.source !== null ? ` from ${r.source}` : ''} of ${r.checkedRegions} compared, in ${r.durationMs} ms`,
   ];
   if (r.deltaReplicas.length > 0) parts.push(`delta rebuild of ${r.deltaReplicas.join(', ')}`);
   if (r.erredReplicas.length > 0) parts.push(`out (to be replaced): ${r.erredReplicas.join(', ')}`);

@@ -393,7 +393,7 @@ test('/metrics: crash consistency: write-intent log, fencing, last recovery and 
 
   service.setEngine('v1', { activeRegions: 17, maxActiveRegions: 256 });
   service.setLastRecovery('v1', {
-    at: '2024-01-01T00:00:00.000Z', clean: false, source: 'v1-r-0', regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 1250, deltaReplicas: [], erredReplicas: [],
+    at: '2024-01-01T00:00:00.000Z', clean: false, source: 'v1-r-0', checkedRegions: 5, regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 1250, deltaReplicas: [], erredReplicas: [],
   });
   service.setDiffering('v1', [2, 5]);
   const report = await call(app, 'POST', '/v1/volumes/v1/verify', { body: {} });

@@ -59,6 +59,7 @@ test('engine SIGKILLed while the replicas differ in a region: the next start res
   const recovery = info.recovery!;
   assert.equal(recovery.clean, false);
   assert.ok(recovery.regions >= 1, JSON.stringify(recovery));
+  assert.ok(recovery.checkedRegions >= recovery.regions, 'regions are compared, and copied only where they differ');
   assert.ok(recovery.bytes >= REGION && recovery.bytes <= SIZE / 4, `resynced ${recovery.bytes} bytes: the active regions, not the volume`);
   assert.equal(recovery.source, `127.0.0.1:${replicas[1].port}`, 'the replica with the most writes is the source');
   const report = await verify(second.control);

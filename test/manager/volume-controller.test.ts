@@ -112,7 +112,7 @@ class FakeAgent {
           faulted, faultedReason: faulted ? 'no replica left in service' : null,
           endpoint: x.spec.frontend ? `nbd://127.0.0.1:10809/${e.name}` : null,
           recovery: fresh ? {
-            at: new Date().toISOString(), clean: false, source: Object.keys(x.spec.replicas)[0] ?? null, regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 7,
+            at: new Date().toISOString(), clean: false, source: Object.keys(x.spec.replicas)[0] ?? null, checkedRegions: 4, regions: 3, bytes: 3 * 4 * 2 ** 20, durationMs: 7,
             deltaReplicas: [], erredReplicas: [],
           } : x.status.recovery,
         };

@@ -97,7 +97,7 @@ function recoveryLine(r: RecoveryView): string {
   const parts = [
     r.at,
     r.clean ? 'clean' : 'unclean',
-    `${r.regions} region(s) (${formatBytes(r.bytes)}) resynced${r.source !== null ? ` from ${r.source}` : ''} in ${formatDuration(r.durationMs)}`,
+    `${r.regions} region(s) (${formatBytes(r.bytes)}) resynced${r.source !== null ? ` from ${r.source}` : ''} of ${r.checkedRegions} compared, in ${formatDuration(r.durationMs)}`,
   ];
   if (r.deltaReplicas.length > 0) parts.push(`delta: ${r.deltaReplicas.join(', ')}`);
   if (r.erredReplicas.length > 0) parts.push(`out: ${r.erredReplicas.join(', ')}`);
