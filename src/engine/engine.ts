@@ -199,6 +199,8 @@ export class Engine implements BlockBackend {
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
   private waitingSince: string | null = null;
+  /** When each step of the start-up ended (ms from its start): probe, plan, maps, resync. */
+  private readonly phaseTimes: Record<string, number> = {};
   private faultedReason: string | null = null;
   private superseded = false;
   private inflight = 0;
@@ -455,6 +457,7 @@ export class Engine implements BlockBackend {
   private async connectAll(): Promise<void> {
     const started = Date.now();
     const candidates = await this.probeAll();
+    this.phaseTimes.probed = Date.now() - started;
     if (this.closed) return;
     // The missed-write maps the others hold say which replicas went out, and what they missed.
     const sourceIndex = chooseSource(this.sizeBytes, candidates);
@@ -476,6 +479,7 @@ export class Engine implements BlockBackend {
       }),
     );
     const plan = planStartup(this.sizeBytes, REGION_BYTES, candidates, (i) => missed[i]);
+    this.phaseTimes.planned = Date.now() - started;
     for (const [i, r] of this.replicas.entries()) {
       const decision = plan.decisions[i];
       const client = r.client;
@@ -532,6 +536,7 @@ export class Engine implements BlockBackend {
     const out = this.replicas.filter((r) => r.mode !== ReplicaMode.RW);
     for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
 
+    this.phaseTimes.mapsStarted = Date.now() - started;
     let bytes = 0;
     let copied = 0;
     const regions = plan.resyncRegions;
@@ -560,6 +565,7 @@ export class Engine implements BlockBackend {
         this.log({ event: 'faulted', reason: this.faultedReason });
       }
     }
+    this.phaseTimes.resynced = Date.now() - started;
     // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
     for (const region of regions) this.markRegionActive(region, 0);
     if (this.faultedReason === null) {
@@ -582,7 +588,8 @@ export class Engine implements BlockBackend {
       erredReplicas: this.replicas.filter((r) => r.mode === ReplicaMode.ERR && !this.pendingDeltas.includes(r)).map((r) => ({ address: r.address, reason: r.reason ?? '' })),
     };
     this.recoveryReport = report;
-    this.log({ event: 'recovery', ...report });
+    // Where the time went (ms since the start-up began, cumulative), for the log only.
+    this.log({ event: 'recovery', ...report, phasesMs: this.phaseTimes });
   }
 
   /**
