@@ -139,9 +139,10 @@ const REPLICA_RETRY_MS_MAX = 1000;
 /** A start-up still waiting says so in its log this often. */
 const WAIT_LOG_EVERY_MS = 5000;
 /**
- * With regions active and no flush sent for this long, the engine flushes by itself: the regions
- * of a volume gone idle then leave the write-intent logs (one or two flushes after the replicas'
- * idle time), so that a crash of an idle volume resyncs nothing and an engine restarts fast.
+ * With regions active, no write and no flush for this long, the engine flushes by itself: the
+ * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
+ * replicas' idle time), so that a crash of an idle volume resyncs nothing and an engine restarts
+ * fast. Never while writes go on: a flush under a stream of writes only stalls it.
  */
 const IDLE_FLUSH_MS = Math.max(500, INTENT_IDLE_MS + 500);
 /** Errors that blame the request, not the replica. */
@@ -210,8 +211,9 @@ export class Engine implements BlockBackend {
   private drainWaiters: (() => void)[] = [];
   private pingTimer: NodeJS.Timeout | null = null;
   private idleFlushTimer: NodeJS.Timeout | null = null;
-  /** performance.now() when the last numbered flush was sent. */
+  /** performance.now() when the last numbered flush was sent, and when the last write completed. */
   private lastFlushSentMs = 0;
+  private lastWriteDoneMs = 0;
   private closed = false;
   /** The rebuild under way, if any: at most one at a time. */
   private rebuilding: Rebuild<EngineReplica> | null = null;
@@ -886,6 +888,7 @@ export class Engine implements BlockBackend {
     const first = Math.floor(offset / REGION_BYTES);
     const last = Math.floor((offset + length - 1) / REGION_BYTES);
     const now = performance.now();
+    this.lastWriteDoneMs = now;
     for (let region = first; region <= last; region++) {
       this.regionWrites[region]--;
       this.regionStamp[region] = this.flushSeq;
@@ -961,8 +964,9 @@ export class Engine implements BlockBackend {
 
   /** The engine's own flush once the volume went quiet with regions still active (IDLE_FLUSH_MS). */
   private idleFlush(): void {
-    if (this.activeRegions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning) return;
-    if (performance.now() - this.lastFlushSentMs < IDLE_FLUSH_MS) return;
+    if (this.activeRegions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning || this.inflight > 0) return;
+    const now = performance.now();
+    if (now - this.lastFlushSentMs < IDLE_FLUSH_MS || now - this.lastWriteDoneMs < IDLE_FLUSH_MS) return;
     this.inflight++;
     this.stats.idleFlushes++;
     this.fanOutFlush(() => this.finished());
