@@ -138,6 +138,8 @@ const DEFAULT_REPLICA_WAIT_MS = 30_000;
 const REPLICA_RETRY_MS_MAX = 1000;
 /** A start-up still waiting says so in its log this often. */
 const WAIT_LOG_EVERY_MS = 5000;
+/** A start-up resync of more regions than this goes in batches, each made durable and released. */
+const RESYNC_BATCH_REGIONS = 16;
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -543,20 +545,34 @@ export class Engine implements BlockBackend {
     let copied = 0;
     const regions = plan.resyncRegions;
     const checked = healthy().length > 1 ? regions.length : 0;
+    // Released regions leave the logs (and this engine's count) as soon as they are done.
+    const released = new Set<number>();
     if (checked > 0) {
       try {
-        await forEachIndex(regions.length, COPIERS, async (i) => {
-          const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
-          const sourceClient = source.client;
-          if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-          const others = healthy().filter((r) => r !== source);
-          const differing = await this.replicasDiffering(sourceClient, others, offset, length);
-          if (differing.length === 0) return;
-          const data = await sourceClient.read(offset, length);
-          await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
-          bytes += length;
-          copied++;
-        });
+        for (let at = 0; at < regions.length; at += RESYNC_BATCH_REGIONS) {
+          const batch = regions.slice(at, at + RESYNC_BATCH_REGIONS);
+          await forEachIndex(batch.length, COPIERS, async (i) => {
+            const { offset, length } = regionRange(batch[i], REGION_BYTES, this.sizeBytes);
+            const sourceClient = source.client;
+            if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+            const others = healthy().filter((r) => r !== source);
+            const differing = await this.replicasDiffering(sourceClient, others, offset, length);
+            if (differing.length === 0) return;
+            const data = await sourceClient.read(offset, length);
+            await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+            bytes += length;
+            copied++;
+          });
+          if (regions.length <= RESYNC_BATCH_REGIONS) continue;
+          // A long resync keeps what it did should this engine be killed before it ends (a kill
+          // storm must not make every start redo it all): the batch is made durable everywhere,
+          // then released from every log.
+          await this.flushNumbered();
+          if (source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+          await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.intentRelease(batch))));
+          for (const region of batch) released.add(region);
+          this.log({ event: 'resync-batch', released: released.size, of: regions.length });
+        }
       } catch (err) {
         // The others may now differ from each other in these regions, and no one holds the
         // answer: serve nothing (salvage restarts the volume; their logs still name the regions).
@@ -569,7 +585,7 @@ export class Engine implements BlockBackend {
     }
     this.phaseTimes.resynced = Date.now() - started;
     // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
-    for (const region of regions) this.markRegionActive(region, 0);
+    for (const region of regions) if (!released.has(region)) this.markRegionActive(region, 0);
     if (this.faultedReason === null) {
       await this.flushNumbered().catch(() => {});
       await this.alignCounters().catch((err) => this.log({ event: 'align-counters-failed', reason: (err as Error).message }));

@@ -47,6 +47,8 @@ export interface BlockBackend {
   /** Adds regions to key's map, or marks it invalid (a rebuild hands the source's maps over). */
   missedMerge?(key: string, regions: number[], invalid: boolean): Promise<void>;
   missedPrune?(keep: string[]): Promise<void>;
+  /** Regions known the same and durable everywhere leave the write-intent log (no write in flight, not pinned). */
+  intentRelease?(regions: number[]): Promise<void>;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */
   regionHash?(offset: number, length: number): Promise<Buffer>;
 }

@@ -248,6 +248,10 @@ export class ReplicaClient {
   async missedPrune(keep: string[]): Promise<void> {
     await this.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from(JSON.stringify(keep)));
   }
+  /** These regions are the same and durable everywhere: they leave the write-intent log (INTENT_RELEASE). */
+  async intentRelease(regions: number[]): Promise<void> {
+    await this.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from(JSON.stringify(regions)));
+  }
   /** SHA-256 of the live volume's bytes in the range (at most MAX_IO_BYTES). */
   async regionHash(offset: number, length: number): Promise<Buffer> {
     return this.request(Op.REGION_HASH, 0, offset, length);

@@ -57,6 +57,12 @@ export const Op = {
   REGION_HASH: 23,
   /** Payload JSON {key, regions: number[], invalid?: boolean}: add to (or invalidate) a missed-write map. */
   MISSED_MERGE: 24,
+  /**
+   * Payload JSON number[]: these regions are the same and durable on every replica (an engine's
+   * start-up compared them and flushed): they leave the write-intent log now, so that a start-up
+   * killed midway does not compare them again.
+   */
+  INTENT_RELEASE: 25,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

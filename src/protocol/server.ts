@@ -54,6 +54,8 @@ export interface DataServerOptions {
 }
 
 const EMPTY = Buffer.alloc(0);
+/** Regions one INTENT_RELEASE names at most (a start-up releases a few at a time). */
+const MAX_RELEASE_REGIONS = 4096;
 
 export class DataServer {
   private readonly backend: BlockBackend;
@@ -345,6 +347,15 @@ class Connection {
         const keep = jsonArg(payload);
         if (!Array.isArray(keep)) throw invalid('MISSED_PRUNE takes a JSON array of replica keys');
         await replica.missedPrune(keep.map((k) => checkMissedKey(k)));
+        return EMPTY;
+      }
+      case Op.INTENT_RELEASE: {
+        if (replica.intentRelease === undefined) throw unsupported(h.op);
+        const regions = jsonArg(payload);
+        if (!Array.isArray(regions) || regions.length > MAX_RELEASE_REGIONS || !regions.every((r) => Number.isSafeInteger(r) && r >= 0)) {
+          throw invalid(`INTENT_RELEASE takes a JSON array of at most ${MAX_RELEASE_REGIONS} region numbers`);
+        }
+        await replica.intentRelease(regions as number[]);
         return EMPTY;
       }
       case Op.REGION_HASH:

@@ -303,6 +303,22 @@ export class IntentLog {
     }
   }
 
+  /**
+   * Regions an engine found the same on every replica and made durable (its start-up compared
+   * them, then flushed) leave at once: no write in flight, not pinned. On disk with the next
+   * record (lazily): until then they are still active there, which only costs a compare.
+   */
+  release(regions: number[]): void {
+    let left = false;
+    for (const region of regions) {
+      const state = this.active.get(region);
+      if (state === undefined || state.inflight !== 0 || state.pinned) continue;
+      this.active.delete(region);
+      left = true;
+    }
+    if (left) this.markStale();
+  }
+
   // ---- missed-write maps ------------------------------------------------------------------------
 
   /** Creates (or extends) key's map with every region that may be active; synchronous in memory. */

@@ -1046,6 +1046,12 @@ export class Replica {
     await this.intent?.missedPrune(keep);
   }
 
+  /** See IntentLog.release: the engine vouches that these regions are the same and durable everywhere. */
+  async intentRelease(regions: number[]): Promise<void> {
+    this.checkUsable();
+    this.intent?.release(regions);
+  }
+
   /** SHA-256 of the live volume's bytes in the range, read through the chain (holes as zeros). */
   async regionHash(offset: number, length: number): Promise<Buffer> {
     this.checkUsable();

@@ -44,11 +44,11 @@ export interface EngineInfo {
   stats: Record<string, number>;
 }
 
-export async function startEngine(
-  t: After,
+/** Spawns `zebu engine serve`; `ready` resolves with its ready line (after its start-up). */
+export function spawnEngine(
   dir: string,
   options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; maxActiveRegions?: number; replicaWaitMs?: number; replicaOut?: string[] },
-): Promise<EngineProcess> {
+): { child: ChildProcess; ready: Promise<Record<string, unknown>>; exited: Promise<number | string>; socket: string; control: string; stderr: () => string } {
   const socket = path.join(dir, `engine-${options.epoch}.sock`);
   const control = path.join(dir, `control-${options.epoch}.sock`);
   const args = [
@@ -60,11 +60,19 @@ export async function startEngine(
     ...(options.replicaOut ?? []).flatMap((key) => ['--replica-out', key]),
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  t.after(() => child.kill('SIGKILL'));
   const start = watchChildStart(child, 'engine', 30_000);
-  const { exited, stderr } = start;
-  const ready = await start.ready;
-  return { child, ready, exited, socket, control, stderr };
+  return { child, ready: start.ready, exited: start.exited, socket, control, stderr: start.stderr };
+}
+
+export async function startEngine(
+  t: After,
+  dir: string,
+  options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; maxActiveRegions?: number; replicaWaitMs?: number; replicaOut?: string[] },
+): Promise<EngineProcess> {
+  const engine = spawnEngine(dir, options);
+  t.after(() => engine.child.kill('SIGKILL'));
+  const ready = await engine.ready;
+  return { child: engine.child, ready, exited: engine.exited, socket: engine.socket, control: engine.control, stderr: engine.stderr };
 }
 
 export function engineInfo(control: string): Promise<EngineInfo> {

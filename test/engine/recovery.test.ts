@@ -14,7 +14,7 @@ import { ReplicaClient } from '../../src/protocol/client.ts';
 import { writeSecret } from '../support/replica-process.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
-import { startEngine, startReplicas, restartReplica, engineInfo, engineClient, verify, regionDigests, type ReplicaRow } from './engine-process.ts';
+import { startEngine, spawnEngine, startReplicas, restartReplica, engineInfo, engineClient, verify, regionDigests, type ReplicaRow } from './engine-process.ts';
 
 const MiB = 1024 * 1024;
 const REGION = 4 * MiB;
@@ -206,4 +206,42 @@ test('a replica rebuilt in full after its map was invalidated starts RW at the n
   assert.deepEqual(info.replicas.map((r) => [r.key, r.mode, r.reason]), [['r0', 'RW', null], ['r1', 'RW', null], ['r2', 'RW', null]]);
   assert.deepEqual([info.recovery!.erredReplicas, info.recovery!.deltaReplicas], [[], []]);
   assert.equal((await verify(second.control)).differing.length, 0);
+});
+
+test('a start-up resync killed midway keeps what it did: batches are made durable and released, the next start compares only the rest', async (t) => {
+  const BIG = 48 * REGION;
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 2, BIG, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: BIG, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  // Every region written, none flushed: all of them active (more than one batch).
+  await Promise.all(Array.from({ length: BIG / REGION }, (_, region) => client.write(region * REGION, pattern(20 + region, 4096))));
+  first.child.kill('SIGKILL');
+  await first.exited;
+  client.close();
+  const activeOn = async (epoch: number): Promise<number> => {
+    const probe = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch });
+    try {
+      return (await probe.intentGet()).active.length;
+    } finally {
+      probe.close();
+    }
+  };
+  assert.equal(await activeOn(1), BIG / REGION);
+
+  // The next engine: killed as soon as it said it released its first batch.
+  const second = spawnEngine(dir, { sizeBytes: BIG, replicas: entries, epoch: 2, secretFile });
+  t.after(() => second.child.kill('SIGKILL'));
+  await waitFor('a batch released', () => /"event":"resync-batch"/.test(second.stderr()), 30_000, 5);
+  second.child.kill('SIGKILL');
+  await second.exited;
+  const left = await activeOn(2);
+  assert.ok(left <= BIG / REGION - 16, `the first batch (16 regions) left the logs: ${left} of ${BIG / REGION} still active`);
+
+  const third = await startEngine(t, dir, { sizeBytes: BIG, replicas: entries, epoch: 3, secretFile });
+  const recovery = (await engineInfo(third.control)).recovery!;
+  assert.ok(recovery.checkedRegions <= left, `the third start compared ${recovery.checkedRegions} region(s), ${left} were left`);
+  assert.equal((await verify(third.control)).differing.length, 0);
 });

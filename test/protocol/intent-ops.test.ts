@@ -177,6 +177,10 @@ test('REGION_HASH: SHA-256 of the live bytes; bad arguments are EINVAL on a conn
   await assert.rejects(client.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from('{"a":1}')), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from('["ok", "not ok"]')), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.FLUSH, 0, 1, 0, Buffer.from([1, 2, 3])), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from('{"regions":[1]}')), rejectsWith(ErrorCode.EINVAL, /INTENT_RELEASE/));
+  await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from('[1, -2]')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from('[1.5]')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from(JSON.stringify(Array.from({ length: 5000 }, (_, i) => i)))), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.FAULT_INJECT, 0, 0, 0, Buffer.from('{"powerLoss":{"seed":1,"mode":"drop"}}')), rejectsWith(ErrorCode.UNSUPPORTED));
   await client.ping();
   assert.deepEqual(await client.regionHash(R, 4096), createHash('sha256').update(bytes.subarray(0, 4096)).digest());
@@ -195,5 +199,18 @@ test('a backend without a write-intent log answers the new ops with UNSUPPORTED 
   await assert.rejects(client.missedDrop('a'), rejectsWith(ErrorCode.UNSUPPORTED));
   await assert.rejects(client.missedPrune([]), rejectsWith(ErrorCode.UNSUPPORTED));
   await assert.rejects(client.regionHash(0, 4096), rejectsWith(ErrorCode.UNSUPPORTED));
+  await assert.rejects(client.intentRelease([0]), rejectsWith(ErrorCode.UNSUPPORTED));
   await client.ping();
+});
+
+test('INTENT_RELEASE over the wire: the regions leave the log; an older epoch is fenced', async (t) => {
+  const { port } = await servedReplica(t);
+  const client = await connect(t, port, 2);
+  await client.open();
+  for (const region of [2, 3, 4]) await client.write(region * R, pattern(region, 4096));
+  await client.intentRelease([2, 4]);
+  assert.deepEqual((await client.intentGet()).active, [3]);
+  const old = await connect(t, port, 1);
+  await assert.rejects(old.intentRelease([3]), rejectsWith(ErrorCode.FENCED));
+  assert.deepEqual((await client.intentGet()).active, [3]);
 });

@@ -512,3 +512,30 @@ test('a confirmed region stays until it has been idle for the idle time; an EVIC
   assert.deepEqual(log.summary().active, [], 'idle for longer than the idle time: leaves');
   assert.deepEqual(failures, []);
 });
+
+test('INTENT_RELEASE: released regions leave at once (on disk with the next record); one with a write in flight or pinned stays', async (t) => {
+  const { dir, closeAtEnd } = scratch(t);
+  const faulty = new FaultyDisk(new NodeDisk());
+  const disk = new LoggingDisk(faulty);
+  const replica = await Replica.create(dir, { sizeBytes: SIZE, disk });
+  for (const region of [1, 2, 3]) await replica.write(region * R, pattern(region, 4096));
+  // Region 5 pinned by a failed write; region 6 with a write in flight.
+  faulty.addRule({ op: 'write', errno: 'EIO', pathIncludes: '.data', count: 1 });
+  await assert.rejects(replica.write(5 * R, pattern(5, 4096)), isZebu(ErrorCode.EIO));
+  faulty.clearRules();
+  let open!: () => void;
+  disk.dataGate = new Promise((resolve) => (open = resolve));
+  const held = replica.write(6 * R, pattern(6, 4096));
+  await new Promise((r) => setTimeout(r, 50));
+  await replica.intentRelease([1, 2, 5, 6, 7]);
+  assert.deepEqual(replica.intentGet().active, [3, 5, 6], 'released at once in memory; pinned and in flight stay; 7 was not active');
+  disk.dataGate = null;
+  open();
+  await held;
+  // On disk with the next record (lazily): a reopen sees the same.
+  await new Promise((r) => setTimeout(r, 300));
+  await replica.close();
+  const again = await Replica.open(dir, { disk: new NodeDisk() });
+  closeAtEnd(again);
+  assert.deepEqual(again.intentGet().active, [3, 5, 6]);
+});
