@@ -1382,7 +1382,8 @@ export class Engine implements BlockBackend {
    * have finished its last rebuild, and have the volume's chain; a RW replica must hold a map for it.
    */
   private async deltaSource(key: string, info: ReplicaInfo, client: ReplicaClient): Promise<EngineReplica | string> {
-    if (info.rebuilding) return 'its last rebuild stopped midway';
+    // A delta rebuild that stopped midway is copied again from the same maps; a full one is not.
+    if (info.rebuilding && info.rebuildKind !== 'delta') return 'its last (full) rebuild stopped midway';
     const rw = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null && r.key !== key);
     if (rw.length === 0) return 'no RW replica';
     const [ours, theirs] = await Promise.all([rw[0].client!.snapshotList(), client.snapshotList()]);
@@ -1470,13 +1471,15 @@ export class Engine implements BlockBackend {
       check();
       await this.handOverMissedMaps(target);
       check();
-      // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
-      // fail this replica again at every later start-up, and each time cost a full rebuild.
-      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
-      check();
       await this.alignCounters();
       check();
-      target.info = await target.client!.setRebuilding(false);
+      target.info = await target.client!.setRebuilding(null);
+      check();
+      // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
+      // fail this replica again at every later start-up, and each time cost a full rebuild. Only
+      // after the mark is cleared: a crash between the two leaves a complete replica with maps (a
+      // redundant delta next time), never a marked one without the maps to finish its delta.
+      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
       check();
       target.mode = ReplicaMode.RW;
       target.reason = null;
@@ -1495,7 +1498,7 @@ export class Engine implements BlockBackend {
     let joined = false;
     try {
       // 0. From now until the end the copy is incomplete, and says so durably.
-      await target.client!.setRebuilding(true);
+      await target.client!.setRebuilding('full');
       // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
       //    snapshot's parent, the snapshot's view is written over it — zeroing the regions that
       //    hold data below but read as zeros in the snapshot — and snapshotted under its name.
@@ -1561,9 +1564,16 @@ export class Engine implements BlockBackend {
     const check = this.rebuildCheck(rebuild, target);
     let joined = false;
     try {
-      await target.client!.setRebuilding(true);
+      await target.client!.setRebuilding('delta');
       // Before it joins: once it takes this engine's flushes its old active regions may leave.
+      // Into the maps with them, durably: if this copy stops midway, the next engine copies the
+      // delta again from the maps, and must not miss what only the target wrote before it went out.
       const targetActive = (await target.client!.intentGet()).active;
+      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW && r.client !== null).map(async (r) => {
+        const client = r.client!;
+        const has = await client.missedGet(target.key).then(() => true, () => false);
+        if (has) await this.controlOn(r, (c) => c.missedMerge(target.key, targetActive, false));
+      }));
       // Maps it kept from before it went out missed writes: only maps started from now are whole.
       await target.client!.missedPrune([]);
       await this.joinWriteSet(target, check);

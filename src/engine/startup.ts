@@ -71,9 +71,14 @@ export function writeEpochOf(info: ReplicaInfo): number {
 
 function unusableReason(sizeBytes: number, c: StartupCandidate): string | null {
   if (c.info === null) return `cannot open replica: ${c.error}`;
-  if (c.info.rebuilding) return 'incomplete rebuild: its copy stopped midway';
+  if (c.info.rebuilding) return `incomplete ${c.info.rebuildKind === 'delta' ? 'delta ' : ''}rebuild: its copy stopped midway`;
   if (c.info.sizeBytes !== sizeBytes) return `replica size ${c.info.sizeBytes} differs from the volume size ${sizeBytes}`;
   return null;
+}
+
+/** A replica whose delta rebuild stopped midway: no source, but it may get its delta again. */
+function resumableDelta(sizeBytes: number, c: StartupCandidate): boolean {
+  return c.info !== null && c.info.rebuilding && c.info.rebuildKind === 'delta' && c.info.sizeBytes === sizeBytes;
 }
 
 /** -1, 0, 1 as `a` is behind, equal to, ahead of `b` by (writeEpoch, flushedRevision, revision). */
@@ -128,12 +133,27 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
   let clean = src !== null;
   const decisions = candidates.map((c, i): StartupDecision => {
     const unusable = unusableReason(sizeBytes, c);
-    if (unusable !== null) {
+    if (unusable !== null && !(src !== null && resumableDelta(sizeBytes, c))) {
       clean = false;
       return { mode: 'ERR', reason: unusable, regions: [] };
     }
     const info = c.info!;
     const best = src!.info!;
+    if (info.rebuilding) {
+      // Its delta rebuild stopped midway: copied again, from maps that grew all along (a map takes
+      // every region written while it exists, the rebuild's own writes included, and the
+      // target's active regions were merged into it before it joined).
+      clean = false;
+      const why = 'incomplete delta rebuild';
+      const missed = missedFor(i);
+      if (!sameChain(c.chain, src!.chain) || info.hasBase !== best.hasBase) return { mode: 'ERR', reason: `${why}: its snapshot chain differs from the source's`, regions: [] };
+      if (c.active === null || src!.active === null) return { mode: 'ERR', reason: `${why}; no write-intent log to bound the difference`, regions: [] };
+      if (missed.invalid) return { mode: 'ERR', reason: `${why}; its missed-write map was invalidated by a snapshot change`, regions: [] };
+      if (missed.regions === null) return { mode: 'ERR', reason: `${why}; no replica holds its missed-write map any more`, regions: [] };
+      const regions = new Set<number>();
+      for (const list of [missed.regions, c.active, src!.active]) for (const region of list) if (region < regionCount) regions.add(region);
+      return { mode: 'DELTA', reason: `${why}; delta rebuild of ${regions.size} region(s) again`, regions: [...regions].sort((a, b) => a - b) };
+    }
     if (!info.cleanShutdown || info.revision !== best.revision) clean = false;
     if (i === source) return { mode: 'RW', reason: 'source', regions: [] };
     // Without a write-intent log on both sides the unflushed tail is not bounded: the counters

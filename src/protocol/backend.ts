@@ -1,5 +1,7 @@
 /** What a data-protocol server serves: a Replica, or an Engine (for its frontend). */
 
+import type { RebuildKind } from '../replica/meta.ts';
+
 export interface BackendExtent {
   offset: number;
   length: number;
@@ -27,7 +29,7 @@ export interface BlockBackend {
   /** Replicas: online expansion (EXPAND) and the end of a rebuild (SET_REVISION). */
   expand?(sizeBytes: number): Promise<unknown>;
   setRevision?(revision: number): Promise<unknown>;
-  setRebuilding?(rebuilding: boolean): Promise<unknown>;
+  setRebuilding?(kind: RebuildKind | null): Promise<unknown>;
 
   // ---- write-intent log (replicas; a backend without these answers UNSUPPORTED) ---------------
   /**

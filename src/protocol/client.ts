@@ -22,6 +22,7 @@ import {
   type WireExtent,
 } from './frames.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
+import type { RebuildKind } from '../replica/meta.ts';
 import type { IntentSummary } from './backend.ts';
 import type { FaultRule } from '../replica/faulty-disk.ts';
 
@@ -223,8 +224,9 @@ export class ReplicaClient {
     return JSON.parse((await this.request(Op.SET_REVISION, 0, revision, 0)).toString('utf8'));
   }
   /** Marks (or clears) the replica as being rebuilt, durably. */
-  async setRebuilding(rebuilding: boolean): Promise<ReplicaInfo> {
-    return JSON.parse((await this.request(Op.SET_REBUILDING, 0, rebuilding ? 1 : 0, 0)).toString('utf8'));
+  /** Marks (or, with null, clears) the replica as the target of a full or delta rebuild. */
+  async setRebuilding(kind: RebuildKind | null): Promise<ReplicaInfo> {
+    return JSON.parse((await this.request(Op.SET_REBUILDING, 0, kind === null ? 0 : kind === 'full' ? 1 : 2, 0)).toString('utf8'));
   }
   async intentGet(): Promise<IntentSummary> {
     return JSON.parse((await this.request(Op.INTENT_GET, 0, 0, 0)).toString('utf8'));

@@ -382,8 +382,8 @@ class Connection {
         return json(await replica.setRevision(h.offset));
       case Op.SET_REBUILDING:
         if (replica.setRebuilding === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REBUILDING is not served here');
-        if (h.offset !== 0 && h.offset !== 1) throw invalid(`SET_REBUILDING takes 0 or 1, got ${h.offset}`);
-        return json(await replica.setRebuilding(h.offset === 1));
+        if (h.offset !== 0 && h.offset !== 1 && h.offset !== 2) throw invalid(`SET_REBUILDING takes 0 (none), 1 (full) or 2 (delta), got ${h.offset}`);
+        return json(await replica.setRebuilding(h.offset === 0 ? null : h.offset === 1 ? 'full' : 'delta'));
       case Op.FAULT_INJECT: {
         const spec = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[]; powerLoss?: { seed?: unknown; mode?: unknown } };
         if (typeof spec !== 'object' || spec === null) throw invalid('FAULT_INJECT takes a JSON object');

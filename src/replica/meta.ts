@@ -36,8 +36,21 @@ export interface ReplicaMeta {
   nextLayerId: number;
   headId: string;
   layers: LayerMeta[];
-  /** Set while an engine copies the volume into this replica: until cleared it is no source. */
-  rebuilding?: boolean;
+  /**
+   * Set while an engine copies the volume into this replica: until cleared it is no source.
+   * `true` (or 'full'): a whole copy; 'delta': a copy of the regions it missed, which the next
+   * engine may do again from the same missed-write maps.
+   */
+  rebuilding?: boolean | RebuildKind;
+}
+
+/** What a rebuild copies: the whole volume, or only the regions a replica missed. */
+export type RebuildKind = 'full' | 'delta';
+
+/** The rebuild a replica's metadata says stopped midway (or is under way), if any. */
+export function rebuildKindOf(meta: ReplicaMeta): RebuildKind | null {
+  if (meta.rebuilding === 'delta') return 'delta';
+  return meta.rebuilding === true || meta.rebuilding === 'full' ? 'full' : null;
 }
 
 export function validateSizeBytes(sizeBytes: number): void {
@@ -76,6 +89,9 @@ export function decodeMeta(raw: Buffer, where: string): ReplicaMeta {
   validateSizeBytes(meta.sizeBytes);
   const ids = new Set(meta.layers.map((l) => l.id));
   if (!ids.has(meta.headId)) throw corrupt('head layer missing');
+  if (meta.rebuilding !== undefined && typeof meta.rebuilding !== 'boolean' && meta.rebuilding !== 'full' && meta.rebuilding !== 'delta') {
+    throw corrupt(`rebuilding mark ${JSON.stringify(meta.rebuilding)} is none of true, false, "full", "delta"`);
+  }
   for (const layer of meta.layers) {
     if (layer.parent !== null && !ids.has(layer.parent)) throw corrupt(`layer ${layer.id} has unknown parent ${layer.parent}`);
   }

@@ -29,10 +29,12 @@ import {
   encodeMeta,
   decodeMeta,
   layerIdFor,
+  rebuildKindOf,
   validateSizeBytes,
   validateSnapshotName,
   type LayerMeta,
   type ReplicaMeta,
+  type RebuildKind,
 } from './meta.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
@@ -89,6 +91,8 @@ export interface ReplicaInfo {
   hasBase: boolean;
   /** Being rebuilt (or a rebuild stopped midway): its data is incomplete. */
   rebuilding: boolean;
+  /** Which rebuild: a delta one may be done again from the missed-write maps; null when none. */
+  rebuildKind: RebuildKind | null;
   /** Size of the in-memory write-intent active set (regions). */
   activeRegions: number;
   intentRegionBytes: number;
@@ -775,12 +779,18 @@ export class Replica {
   /**
    * Marks the replica as being rebuilt (durably, in replica.json) before any data is copied into
    * it, and clears the mark once the copy is complete: a replica whose rebuild stopped midway
-   * (engine or replica crash) is never taken for a complete one.
+   * (engine or replica crash) is never taken for a complete one. The kind says what the next
+   * engine may do about it: a delta can be copied again, a full copy must start over.
    */
-  setRebuilding(rebuilding: boolean): Promise<ReplicaInfo> {
+  setRebuilding(kind: RebuildKind | null): Promise<ReplicaInfo> {
     return this.serialTreeOp(async () => {
       this.checkUsable();
-      if ((this.meta.rebuilding === true) !== rebuilding) await this.writeMeta({ ...this.meta, rebuilding });
+      if (rebuildKindOf(this.meta) !== kind) {
+        const next: ReplicaMeta = { ...this.meta };
+        if (kind === null) delete next.rebuilding;
+        else next.rebuilding = kind;
+        await this.writeMeta(next);
+      }
       return this.info();
     });
   }
@@ -985,7 +995,8 @@ export class Replica {
       layerCount: this.meta.layers.length,
       maxLayers: this.meta.maxLayers,
       hasBase: this.meta.layers.some((l) => l.kind === 'base'),
-      rebuilding: this.meta.rebuilding === true,
+      rebuilding: rebuildKindOf(this.meta) !== null,
+      rebuildKind: rebuildKindOf(this.meta),
       activeRegions: this.intent?.activeCount ?? 0,
       intentRegionBytes: INTENT_REGION_BYTES,
       writeEpoch: this.writeEpoch,

@@ -245,3 +245,62 @@ test('a start-up resync killed midway keeps what it did: batches are made durabl
   assert.ok(recovery.checkedRegions <= left, `the third start compared ${recovery.checkedRegions} region(s), ${left} were left`);
   assert.equal((await verify(third.control)).differing.length, 0);
 });
+
+test('a delta rebuild stopped midway (engine SIGKILLed) is done again as a delta by the next engine, the target\'s own active regions included', async (t) => {
+  // The full fault run once turned every engine kill during a delta rebuild into a full rebuild:
+  // the target's "rebuilding" mark said nothing of which rebuild it was.
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  await writeThrough(client, 0, 16 * MiB, 30);
+  replicas[2].child.kill('SIGKILL');
+  await replicas[2].exited;
+  await waitFor('replica 2 ERR', async () => (await engineInfo(first.control)).replicas[2].mode === 'ERR', 30_000, 20);
+  await writeThrough(client, 0, 8 * REGION, 31);
+  replicas[2] = await restartReplica(t, dir, 2, SIZE, secretFile, replicas[2].port);
+  // A write only the target has (unflushed, active in its log): as if it went out mid-write.
+  const LAST = SIZE / REGION - 1;
+  const direct = await ReplicaClient.connect({ port: replicas[2].port, secret, epoch: 1 });
+  await direct.open();
+  await direct.write(LAST * REGION, pattern(32, 4096));
+  assert.ok((await direct.intentGet()).active.includes(LAST));
+  direct.close();
+
+  await controlRequest(first.control, 'POST', '/v1/replicas', { address: entries[2] });
+  await waitFor('the delta rebuild copying', () => /"event":"delta-rebuild-regions"/.test(first.stderr()), 30_000, 2);
+  replicas[2].child.kill('SIGSTOP');
+  first.child.kill('SIGKILL');
+  await first.exited;
+  replicas[2].child.kill('SIGCONT');
+  client.close();
+
+  const probe = async (port: number, fn: (c: ReplicaClient) => Promise<unknown>): Promise<unknown> => {
+    const c = await ReplicaClient.connect({ port, secret, epoch: 1 });
+    try {
+      return await fn(c);
+    } finally {
+      c.close();
+    }
+  };
+  assert.equal(((await probe(replicas[2].port, (c) => c.open())) as { rebuildKind: string }).rebuildKind, 'delta');
+  for (const holder of [0, 1]) {
+    const map = (await probe(replicas[holder].port, (c) => c.missedGet('r2'))) as number[];
+    assert.ok(map.includes(LAST), `replica ${holder}'s map for r2 took the target's active region ${LAST}: [${map.join(', ')}]`);
+  }
+
+  const second = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 2, secretFile });
+  const info = await engineInfo(second.control);
+  assert.deepEqual(info.recovery!.deltaReplicas, [`127.0.0.1:${replicas[2].port}`], JSON.stringify(info.replicas));
+  await waitFor('replica 2 RW', async () => (await engineInfo(second.control)).replicas[2].mode === 'RW', 30_000, 20);
+  const rebuilt = (await engineInfo(second.control)).lastRebuild!;
+  assert.equal(rebuilt.delta, true, 'a delta again, not a full rebuild');
+  assert.ok(rebuilt.copiedBytes <= 10 * REGION, `copied ${rebuilt.copiedBytes} bytes`);
+  assert.equal(((await probe(replicas[2].port, (c) => c.info())) as { rebuilding: boolean }).rebuilding, false);
+  assert.equal((await verify(second.control)).differing.length, 0);
+  const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 2, SIZE)));
+  assert.deepEqual(digests[2], digests[0]);
+  assert.deepEqual(digests[1], digests[0]);
+});

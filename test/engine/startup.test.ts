@@ -6,11 +6,11 @@ import type { ReplicaInfo } from '../../src/replica/replica.ts';
 const SIZE = 64 << 20;
 const REGION = 4 << 20;
 
-function info(revision: number, options: { flushed?: number; writeEpoch?: number; sizeBytes?: number; rebuilding?: boolean; clean?: boolean } = {}): ReplicaInfo {
+function info(revision: number, options: { flushed?: number; writeEpoch?: number; sizeBytes?: number; rebuilding?: boolean; rebuildKind?: 'full' | 'delta'; clean?: boolean } = {}): ReplicaInfo {
   return {
     sizeBytes: options.sizeBytes ?? SIZE, blockSizeBytes: 4096, epoch: 1, revision, flushedRevision: options.flushed ?? revision,
     cleanShutdown: options.clean ?? true, headId: 'L00000001', chain: ['L00000001'], layerCount: 1, maxLayers: 250, hasBase: false,
-    rebuilding: options.rebuilding ?? false, writeEpoch: options.writeEpoch ?? 1,
+    rebuilding: options.rebuilding ?? options.rebuildKind !== undefined, rebuildKind: options.rebuildKind ?? (options.rebuilding === true ? 'full' : null), writeEpoch: options.writeEpoch ?? 1,
   } as ReplicaInfo;
 }
 
@@ -91,6 +91,33 @@ test('unreachable, wrong-size and half-rebuilt replicas start ERR and are never 
   const none = planStartup(SIZE, REGION, [c('a', null)], noMaps);
   assert.equal(none.source, null);
   assert.deepEqual(none.decisions.map((x) => x.mode), ['ERR']);
+});
+
+test('a delta rebuild that stopped midway is done again from the maps (never a source); a full one, or one without its map, is ERR', () => {
+  const candidates = [
+    c('a', info(10, { writeEpoch: 3 }), { active: [2], chain: ['s1'] }),
+    // Ahead of the source by its counters (it took writes while WO): still no source.
+    c('b', info(50, { writeEpoch: 4, rebuildKind: 'delta' }), { active: [7], chain: ['s1'] }),
+    c('c', info(4, { writeEpoch: 3, rebuildKind: 'delta' }), { active: [], chain: ['s1'] }),
+    c('d', info(4, { writeEpoch: 3, rebuildKind: 'full' }), { active: [], chain: ['s1'] }),
+    c('e', info(4, { writeEpoch: 3, rebuildKind: 'delta' }), { active: [], chain: ['s0'] }),
+    c('f', info(4, { writeEpoch: 3, rebuildKind: 'delta' }), { active: [], chain: ['s1'] }),
+  ];
+  assert.equal(chooseSource(SIZE, candidates), 0);
+  assert.deepEqual(mapHolders(SIZE, candidates), [0]);
+  const maps: Record<string, MissedStatus> = { b: { invalid: false, regions: [9, 1] }, d: { invalid: false, regions: [1] }, e: { invalid: false, regions: [1] }, f: { invalid: true, regions: null } };
+  const plan = planStartup(SIZE, REGION, candidates, (i) => maps[candidates[i].key] ?? NO_MISSED);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'DELTA', 'ERR', 'ERR', 'ERR', 'ERR']);
+  assert.deepEqual(plan.decisions[1].regions, [1, 2, 7, 9], 'map ∪ its active ∪ the source\'s active');
+  assert.match(plan.decisions[1].reason, /incomplete delta rebuild; delta rebuild of 4 region\(s\) again/);
+  assert.match(plan.decisions[2].reason, /no replica holds its missed-write map/);
+  assert.match(plan.decisions[3].reason, /^incomplete rebuild/);
+  assert.match(plan.decisions[4].reason, /chain differs/);
+  assert.match(plan.decisions[5].reason, /invalidated/);
+  // Alone, it is no volume.
+  const alone = planStartup(SIZE, REGION, [c('b', info(50, { rebuildKind: 'delta' }))], () => ({ invalid: false, regions: [1] }));
+  assert.equal(alone.source, null);
+  assert.deepEqual(alone.decisions.map((x) => x.mode), ['ERR']);
 });
 
 test('only the source and the replicas in sync with it hold maps that count: a replica behind may hold stale ones', () => {

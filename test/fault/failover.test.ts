@@ -311,7 +311,11 @@ test('cachefiles failover: the engine killed or hung every 0.2-2 s under ext4, n
   // The replicas hold the same bytes.
   const verify = (await controlRequest(vol.controlSocket, 'POST', '/v1/verify', {}, { timeoutMs: 600_000 })) as { differing: unknown[]; replicas: string[] };
   if (verify.differing.length > 0) failures.push(`verify found ${verify.differing.length} differing region(s)`);
-  if (verify.replicas.length !== 3) failures.push(`verify compared ${verify.replicas.length} replica(s), not 3`);
+  if (verify.replicas.length !== 3) {
+    const rows = (await controlRequest(vol.controlSocket, 'GET', '/v1/replicas')) as { address: string; mode: string; reason: string | null }[];
+    const out = rows.filter((r) => r.mode !== 'RW').map((r) => `${r.address} ${r.mode}: ${r.reason}`);
+    failures.push(`verify compared ${verify.replicas.length} replica(s), not 3 (${out.join('; ')})`);
+  }
 
   const table = renderTable(
     ['phase', 'faults', 're-issued', 'hung found', 'reopens', 'longest stall', 'longest hold', 'client errors', 'wrong bytes', 'read MiB', 'written MiB', 'passes', 'seconds'],
@@ -323,6 +327,7 @@ test('cachefiles failover: the engine killed or hung every 0.2-2 s under ext4, n
   const text = `cachefiles failover, ${fileMiB} MiB file, ${(sizeBytes / MiB).toFixed(0)} MiB volume, 3 replicas, verify: ${verify.differing.length} differing region(s) (ZEBU_FAULT_SEED=${seed})\n${table}`;
   process.stdout.write(`\n${text}\n\n`);
   for (const line of text.split('\n')) t.diagnostic(line);
+  if (process.env.ZEBU_FAULT_KEEP === '1') fs.writeFileSync(path.join(dir, 'volume.log'), vol.stderr());
   await vol.stop();
   assert.deepEqual([...failures, ...errors.slice(0, 20)], [], `ZEBU_FAULT_SEED=${seed}`);
 });

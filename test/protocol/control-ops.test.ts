@@ -53,7 +53,7 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   // A stale engine cannot grow the replica.
   const stale = await ReplicaClient.connect({ port: proc.port, secret, epoch: 1 });
   await assert.rejects(stale.expand(NEW), rejectsWith(ErrorCode.FENCED, /epoch/));
-  await assert.rejects(stale.setRebuilding(true), rejectsWith(ErrorCode.FENCED, /epoch/));
+  await assert.rejects(stale.setRebuilding('full'), rejectsWith(ErrorCode.FENCED, /epoch/));
   await assert.rejects(stale.setRevision(99), rejectsWith(ErrorCode.FENCED, /epoch/));
   stale.close();
   assert.equal((await client.info()).sizeBytes, OLD);
@@ -61,7 +61,7 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   // Bad arguments: EINVAL, and the connection goes on.
   await assert.rejects(client.expand(OLD - 4096), rejectsWith(ErrorCode.EINVAL, /cannot shrink/));
   await assert.rejects(client.expand(NEW + 1), rejectsWith(ErrorCode.EINVAL, /multiple of 4096/));
-  await assert.rejects(client.request(Op.SET_REBUILDING, 0, 2, 0), rejectsWith(ErrorCode.EINVAL, /takes 0 or 1/));
+  await assert.rejects(client.request(Op.SET_REBUILDING, 0, 3, 0), rejectsWith(ErrorCode.EINVAL, /takes 0 \(none\), 1 \(full\) or 2 \(delta\)/));
   await assert.rejects(client.request(Op.EXPAND, 0, 0, 0), rejectsWith(ErrorCode.EINVAL, /positive/));
   assert.deepEqual(await client.read(0, MiB), pattern(1, MiB));
 
@@ -86,19 +86,22 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   assert.deepEqual(await client.read(NEW - MiB, MiB), pattern(3, MiB));
 
   // SET_REBUILDING: durable at once (no flush needed); cleared durably too.
-  assert.equal((await client.setRebuilding(true)).rebuilding, true);
-  assert.equal((await client.setRebuilding(true)).rebuilding, true, 'idempotent');
+  assert.equal((await client.setRebuilding('full')).rebuildKind, 'full');
+  assert.equal((await client.setRebuilding('delta')).rebuildKind, 'delta');
+  assert.equal((await client.setRebuilding('delta')).rebuilding, true, 'idempotent');
   client.close();
   proc = await restart(proc, NEW);
   client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });
-  assert.equal((await client.open()).rebuilding, true);
+  const marked = await client.open();
+  assert.equal(marked.rebuilding, true);
+  assert.equal(marked.rebuildKind, 'delta', 'the kind survives a restart');
 
   // SET_REVISION: the counters become the source's, durably.
   await client.write(MiB, pattern(4, 4096));
   const taken = await client.setRevision(5000);
   assert.equal(taken.revision, 5000);
   assert.equal(taken.flushedRevision, 5000);
-  assert.equal((await client.setRebuilding(false)).rebuilding, false);
+  assert.equal((await client.setRebuilding(null)).rebuilding, false);
   client.close();
   proc = await restart(proc, NEW);
   client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });

@@ -137,7 +137,7 @@ test('the rebuilding mark and the revision taken from a rebuild source are durab
   let replica = await Replica.create(dir, { sizeBytes: OLD });
   defer(() => replica.abandon());
   assert.equal(replica.info().rebuilding, false);
-  assert.equal((await replica.setRebuilding(true)).rebuilding, true);
+  assert.equal((await replica.setRebuilding('full')).rebuilding, true);
   await replica.write(0, pattern(8, 4096));
   await replica.abandon();
   replica = await Replica.open(dir);
@@ -147,7 +147,7 @@ test('the rebuilding mark and the revision taken from a rebuild source are durab
   const taken = await replica.setRevision(1234);
   assert.equal(taken.revision, 1234);
   assert.equal(taken.flushedRevision, 1234);
-  assert.equal((await replica.setRebuilding(false)).rebuilding, false);
+  assert.equal((await replica.setRebuilding(null)).rebuilding, false);
   await replica.abandon();
   replica = await Replica.open(dir);
   const info = replica.info();

@@ -68,8 +68,11 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
     { stdio: ['ignore', 'pipe', 'pipe'] },
   );
   let stderr = '';
+  // Kept for a look after a failure (ZEBU_FAULT_KEEP=1): the whole run's log, not just its end.
+  const keepChars = process.env.ZEBU_FAULT_KEEP === '1' ? 64_000_000 : 100_000;
   volume.stderr!.on('data', (d: Buffer) => {
-    stderr = (stderr + d.toString()).slice(-100_000);
+    stderr += d.toString();
+    if (stderr.length > 2 * keepChars) stderr = stderr.slice(-keepChars);
   });
   const volumeExited = new Promise<number | string>((resolve) => volume.once('exit', (code, signal) => resolve(code ?? signal ?? -1)));
   t.after(() => {
@@ -110,7 +113,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
       const info = (await controlRequest(ready.controlSocket as string, 'GET', '/v1/info')) as { epoch: number };
       return info.epoch;
     },
-    stderr: () => stderr,
+    stderr: () => stderr.slice(-keepChars),
     async stop() {
       volume.kill('SIGTERM');
       await volumeExited;
