@@ -7,7 +7,7 @@
 import '../support/intent-idle-zero.ts';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { controlRequest } from '../../src/engine/control-server.ts';
 import { ReplicaClient } from '../../src/protocol/client.ts';
@@ -30,6 +30,25 @@ async function writeThrough(client: ReplicaClient, offset: number, length: numbe
   await client.flush();
   // The replicas persist regions leaving their logs lazily (within 100 ms): let them.
   await new Promise((resolve) => setTimeout(resolve, 300));
+}
+
+/**
+ * `count` replicas and an engine (epoch 1) with `firstBytes` written through it; then replica
+ * `out` is SIGKILLed and the engine has set it ERR (the others hold a map for it).
+ */
+async function volumeWithReplicaOut(t: TestContext, count: number, out: number, firstBytes: number, seed: number) {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, count, SIZE, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  t.after(() => client.close());
+  await writeThrough(client, 0, firstBytes, seed);
+  replicas[out].child.kill('SIGKILL');
+  await replicas[out].exited;
+  await waitFor(`replica ${out} ERR`, async () => (await engineInfo(first.control)).replicas[out].mode === 'ERR', 30_000, 20);
+  return { dir, secretFile, secret, replicas, entries, first, client };
 }
 
 test('engine SIGKILLed while the replicas differ in a region: the next start resyncs the active regions only; verify finds 0 differences', async (t) => {
@@ -92,18 +111,7 @@ test('engine SIGKILLed while the replicas differ in a region: the next start res
 });
 
 test('a replica that was out comes back by a delta rebuild: only the regions written meanwhile are copied', async (t) => {
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, 2, SIZE, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const engine = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(engine, secret);
-  t.after(() => client.close());
-  await writeThrough(client, 0, SIZE, 5);
-
-  replicas[1].child.kill('SIGKILL');
-  await replicas[1].exited;
-  await waitFor('replica 1 ERR', async () => (await engineInfo(engine.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  const { dir, secretFile, secret, replicas, entries, first: engine, client } = await volumeWithReplicaOut(t, 2, 1, SIZE, 5);
   await writeThrough(client, 3 * REGION, REGION, 6);
   await writeThrough(client, 10 * REGION + MiB, 2 * MiB, 7);
   const source = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 1 });
@@ -138,16 +146,7 @@ test('a replica that was out comes back by a delta rebuild: only the regions wri
 });
 
 test('a replica behind at start-up with a missed-write map comes back by a delta rebuild before it serves reads', async (t) => {
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(first, secret);
-  await writeThrough(client, 0, 16 * MiB, 8);
-  replicas[1].child.kill('SIGKILL');
-  await replicas[1].exited;
-  await waitFor('replica 1 ERR', async () => (await engineInfo(first.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  const { dir, secretFile, secret, replicas, entries, first, client } = await volumeWithReplicaOut(t, 3, 1, 16 * MiB, 8);
   await writeThrough(client, 7 * REGION, REGION, 9);
   client.close();
   first.child.kill('SIGTERM');
@@ -249,16 +248,7 @@ test('a start-up resync killed midway keeps what it did: batches are made durabl
 test('a delta rebuild stopped midway (engine SIGKILLed) is done again as a delta by the next engine, the target\'s own active regions included', async (t) => {
   // The full fault run once turned every engine kill during a delta rebuild into a full rebuild:
   // the target's "rebuilding" mark said nothing of which rebuild it was.
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(first, secret);
-  await writeThrough(client, 0, 16 * MiB, 30);
-  replicas[2].child.kill('SIGKILL');
-  await replicas[2].exited;
-  await waitFor('replica 2 ERR', async () => (await engineInfo(first.control)).replicas[2].mode === 'ERR', 30_000, 20);
+  const { dir, secretFile, secret, replicas, entries, first, client } = await volumeWithReplicaOut(t, 3, 2, 16 * MiB, 30);
   await writeThrough(client, 0, 8 * REGION, 31);
   replicas[2] = await restartReplica(t, dir, 2, SIZE, secretFile, replicas[2].port);
   // A write only the target has (unflushed, active in its log): as if it went out mid-write.

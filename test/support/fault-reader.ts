@@ -7,7 +7,7 @@
  * recorded.
  */
 import { NbdConnectionLost, type NbdClient } from './nbd-client.ts';
-import { NbdSession } from './nbd-session.ts';
+import { PausableLoad } from './nbd-session.ts';
 import { BLOCK_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
 import type { Prng } from './fault-prng.ts';
 
@@ -20,12 +20,8 @@ export interface ReaderOptions {
   depth?: number;
 }
 
-export class FaultReader {
+export class FaultReader extends PausableLoad {
   private readonly options: Required<ReaderOptions>;
-  private readonly session: NbdSession;
-  private paused = false;
-  private inflight = 0;
-  private idleWaiters: (() => void)[] = [];
   reads = 0;
   /** NBD error replies. */
   errors = 0;
@@ -34,8 +30,8 @@ export class FaultReader {
   readonly log: string[] = [];
 
   constructor(options: ReaderOptions) {
+    super(options.connect, 'reader');
     this.options = { depth: 2, ...options };
-    this.session = new NbdSession(options.connect, () => this.pump());
   }
 
   setHotRegions(regions: number[]): void {
@@ -50,41 +46,7 @@ export class FaultReader {
     return this.session.start();
   }
 
-  /** Stops issuing reads and waits for those in flight (call before the ledger is rebased). */
-  async quiesce(timeoutMs = 60_000): Promise<void> {
-    this.paused = true;
-    const deadline = Date.now() + timeoutMs;
-    while (this.inflight > 0) {
-      if (Date.now() > deadline) throw new Error(`reader: ${this.inflight} read(s) still in flight after ${timeoutMs} ms`);
-      await new Promise<void>((resolve) => {
-        this.idleWaiters.push(resolve);
-        setTimeout(resolve, 50);
-      });
-    }
-  }
-
-  resume(): void {
-    this.paused = false;
-    this.session.ensure();
-    this.pump();
-  }
-
-  async stop(): Promise<void> {
-    await this.quiesce().catch(() => {});
-    await this.session.stop();
-  }
-
-  private settled(): void {
-    this.inflight--;
-    if (this.inflight === 0) {
-      const waiters = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const w of waiters) w();
-    }
-    this.pump();
-  }
-
-  private pump(): void {
+  protected pump(): void {
     const o = this.options;
     const ledger = o.ledger;
     while (this.session.running && !this.paused && this.session.client !== null && this.inflight < o.depth) {

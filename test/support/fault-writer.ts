@@ -17,7 +17,7 @@
  */
 import zlib from 'node:zlib';
 import { NbdClient, NbdConnectionLost } from './nbd-client.ts';
-import { NbdSession } from './nbd-session.ts';
+import { PausableLoad } from './nbd-session.ts';
 import type { Prng } from './fault-prng.ts';
 
 export const BLOCK_BYTES = 4096;
@@ -189,14 +189,10 @@ export interface WriterEvent {
 }
 
 /** Runs seeded random writes and flushes over NBD, recording everything in the ledger. */
-export class FaultWriter {
+export class FaultWriter extends PausableLoad {
   private readonly options: Required<WriterOptions>;
   private readonly ledger: Ledger;
-  private readonly session: NbdSession;
-  private paused = false;
-  private inflight = 0;
   private readonly busy: Uint8Array;
-  private idleWaiters: (() => void)[] = [];
   /** NBD error replies (the client saw an error). */
   errors = 0;
   /** Requests whose outcome is unknown (connection lost before the reply). */
@@ -205,10 +201,10 @@ export class FaultWriter {
   private readonly startedMs = Date.now();
 
   constructor(options: WriterOptions) {
+    super(options.connect, 'writer');
     this.options = { depth: 8, flushRate: 0.06, fuaRate: 0.03, zeroRate: 0.03, trimRate: 0.02, ...options };
     this.ledger = options.ledger;
     this.busy = new Uint8Array(this.ledger.blocks);
-    this.session = new NbdSession(options.connect, () => this.pump());
   }
 
   /** Connections lost with requests possibly unanswered. */
@@ -247,44 +243,7 @@ export class FaultWriter {
     }
   }
 
-  /** Stops issuing new requests and waits until every request in flight has settled. */
-  async quiesce(timeoutMs = 60_000): Promise<void> {
-    this.paused = true;
-    if (this.inflight === 0) return;
-    let timer: NodeJS.Timeout | undefined;
-    const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
-    await Promise.race([
-      idle,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`writer: ${this.inflight} request(s) still in flight after ${timeoutMs} ms`)), timeoutMs);
-      }),
-    ]).finally(() => clearTimeout(timer));
-  }
-
-  /** Issues new requests again after quiesce(). */
-  resume(): void {
-    this.paused = false;
-    this.session.ensure();
-    this.pump();
-  }
-
-  /** Stops for good: waits for what is in flight, then disconnects. */
-  async stop(): Promise<void> {
-    await this.quiesce().catch(() => {});
-    await this.session.stop();
-  }
-
-  private settled(): void {
-    this.inflight--;
-    if (this.inflight === 0 && this.paused) {
-      const waiters = this.idleWaiters;
-      this.idleWaiters = [];
-      for (const w of waiters) w();
-    }
-    this.pump();
-  }
-
-  private pump(): void {
+  protected pump(): void {
     const o = this.options;
     const random = o.prng;
     while (this.session.running && !this.paused && this.session.client !== null && this.inflight < o.depth) {

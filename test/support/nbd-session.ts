@@ -77,3 +77,60 @@ export class NbdSession {
     this.onConnected();
   }
 }
+
+/**
+ * A fault-suite client that keeps up to `depth` requests in flight on an NbdSession and can be
+ * paused: quiesce() stops new requests and waits for those in flight, resume() goes on.
+ * Subclasses issue requests in pump() (counting them in `inflight`) and call settled() as each ends.
+ */
+export abstract class PausableLoad {
+  protected readonly session: NbdSession;
+  protected paused = false;
+  protected inflight = 0;
+  private idleWaiters: (() => void)[] = [];
+  private readonly what: string;
+
+  constructor(connect: () => Promise<NbdClient>, what: string) {
+    this.what = what;
+    this.session = new NbdSession(connect, () => this.pump());
+  }
+
+  protected abstract pump(): void;
+
+  /** Stops issuing new requests and waits until every request in flight has settled. */
+  async quiesce(timeoutMs = 60_000): Promise<void> {
+    this.paused = true;
+    if (this.inflight === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    await Promise.race([
+      idle,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`${this.what}: ${this.inflight} request(s) still in flight after ${timeoutMs} ms`)), timeoutMs);
+      }),
+    ]).finally(() => clearTimeout(timer));
+  }
+
+  /** Issues new requests again after quiesce(). */
+  resume(): void {
+    this.paused = false;
+    this.session.ensure();
+    this.pump();
+  }
+
+  /** Stops for good: waits for what is in flight, then disconnects. */
+  async stop(): Promise<void> {
+    await this.quiesce().catch(() => {});
+    await this.session.stop();
+  }
+
+  protected settled(): void {
+    this.inflight--;
+    if (this.inflight === 0 && this.paused) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+    this.pump();
+  }
+}
