@@ -138,8 +138,13 @@ const DEFAULT_REPLICA_WAIT_MS = 30_000;
 const REPLICA_RETRY_MS_MAX = 1000;
 /** A start-up still waiting says so in its log this often. */
 const WAIT_LOG_EVERY_MS = 5000;
-/** A start-up resync of more regions than this goes in batches, each made durable and released. */
+/**
+ * A start-up resync of more regions than this goes in batches, each made durable and released:
+ * a batch ends after this many regions, or after RESYNC_BATCH_MS, whichever comes first (an
+ * engine killed every second must still keep some of its work).
+ */
 const RESYNC_BATCH_REGIONS = 16;
+const RESYNC_BATCH_MS = 300;
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -549,21 +554,29 @@ export class Engine implements BlockBackend {
     const released = new Set<number>();
     if (checked > 0) {
       try {
-        for (let at = 0; at < regions.length; at += RESYNC_BATCH_REGIONS) {
-          const batch = regions.slice(at, at + RESYNC_BATCH_REGIONS);
-          await forEachIndex(batch.length, COPIERS, async (i) => {
-            const { offset, length } = regionRange(batch[i], REGION_BYTES, this.sizeBytes);
-            const sourceClient = source.client;
-            if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-            const others = healthy().filter((r) => r !== source);
-            const differing = await this.replicasDiffering(sourceClient, others, offset, length);
-            if (differing.length === 0) return;
-            const data = await sourceClient.read(offset, length);
-            await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
-            bytes += length;
-            copied++;
-          });
-          if (regions.length <= RESYNC_BATCH_REGIONS) continue;
+        const batched = regions.length > RESYNC_BATCH_REGIONS;
+        for (let at = 0; at < regions.length;) {
+          // COPIERS regions at a time until the batch is full or old enough.
+          const batchStarted = performance.now();
+          const batch: number[] = [];
+          while (at < regions.length && batch.length < RESYNC_BATCH_REGIONS && (!batched || batch.length === 0 || performance.now() - batchStarted < RESYNC_BATCH_MS)) {
+            const step = regions.slice(at, at + Math.min(COPIERS, RESYNC_BATCH_REGIONS - batch.length));
+            at += step.length;
+            await forEachIndex(step.length, COPIERS, async (i) => {
+              const { offset, length } = regionRange(step[i], REGION_BYTES, this.sizeBytes);
+              const sourceClient = source.client;
+              if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+              const others = healthy().filter((r) => r !== source);
+              const differing = await this.replicasDiffering(sourceClient, others, offset, length);
+              if (differing.length === 0) return;
+              const data = await sourceClient.read(offset, length);
+              await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+              bytes += length;
+              copied++;
+            });
+            batch.push(...step);
+          }
+          if (!batched) continue;
           // A long resync keeps what it did should this engine be killed before it ends (a kill
           // storm must not make every start redo it all): the batch is made durable everywhere,
           // then released from every log.
