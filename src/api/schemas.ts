@@ -143,6 +143,7 @@ export const views: Record<string, JsonSchema> = {
   }),
   Verify: view({
     at: time, repair: bool, regions: int,
+    replicas: { type: 'array', items: str, description: 'the replicas compared (those RW when it ran)' },
     differing: { type: 'array', items: { $ref: '#/components/schemas/VerifyDifference' } },
     repaired: int, durationMs: num,
   }),

@@ -83,6 +83,7 @@ export function verifyFromEngine(raw: unknown, replicas: ReplicaAddresses, repai
     at: time(r.at, now),
     repair: repair ?? (r.repair === true || repaired > 0),
     regions: num(r.regions),
+    replicas: names(r.replicas, replicas),
     differing,
     repaired: Math.min(repaired, differing.length),
     durationMs: num(r.durationMs),

@@ -104,6 +104,8 @@ export interface VerifyView {
   repair: boolean;
   /** Regions compared. */
   regions: number;
+  /** The replicas compared (those RW when it ran): fewer than the volume's means some were out. */
+  replicas: string[];
   differing: VerifyDifference[];
   /** Differing regions repaired (0 without repair). */
   repaired: number;

@@ -228,7 +228,7 @@ export class FakeManagerService implements ManagerService {
     const regions = Math.ceil(v.view.sizeBytes / REGION_BYTES);
     const repair = input.repair ?? false;
     const report: VerifyView = {
-      at: this.now(), repair, regions, repaired: repair ? v.differing.length : 0, durationMs: 12,
+      at: this.now(), repair, regions, replicas: v.view.replicas.map((r) => r.name), repaired: repair ? v.differing.length : 0, durationMs: 12,
       differing: v.differing.map((region) => ({
         region, offset: region * REGION_BYTES, length: REGION_BYTES,
         hashes: Object.fromEntries(v.view.replicas.map((r, i) => [r.name, (i === 0 ? 'a' : 'b').repeat(64)])),

@@ -209,8 +209,10 @@ test('zebu up: a replica, zebu up alone, everything at once, every data-path pro
       const verify = zebu(up, ['volume', 'verify', VOLUME, '--json']);
       let verifyDiffering = 0;
       try {
-        verifyDiffering = (JSON.parse(verify.stdout) as { differing: unknown[] }).differing.length;
+        const verified = JSON.parse(verify.stdout) as { differing: unknown[]; replicas: string[] };
+        verifyDiffering = verified.differing.length;
         if (verifyDiffering > 0 || verify.status !== 0) failures.push(`round ${round} (${kind}): zebu volume verify: ${verify.stdout}`);
+        if (verified.replicas.length !== 3) failures.push(`round ${round} (${kind}): zebu volume verify compared ${verified.replicas.length} replica(s), not 3: ${verify.stdout}`);
       } catch {
         failures.push(`round ${round} (${kind}): zebu volume verify --json gave no report (exit ${verify.status}): ${verify.stdout}${verify.stderr}`);
       }

@@ -124,7 +124,9 @@ export function zebuDataDir(t: { after: (fn: () => void | Promise<void>) => void
   const dataDir = path.join(root, 'data');
   t.after(async () => {
     await killAllUnder(root);
-    fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
+    // ZEBU_FAULT_KEEP=1 keeps the data directory (logs included) for a look after a failure.
+    if (process.env.ZEBU_FAULT_KEEP === '1') process.stderr.write(`kept: ${dataDir}\n`);
+    else fs.rmSync(root, { recursive: true, force: true, maxRetries: 3 });
   });
   return dataDir;
 }

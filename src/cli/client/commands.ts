@@ -115,7 +115,7 @@ function engineLinkLine(l: EngineLinkView): string {
 
 function verifyLine(r: VerifyView): string {
   const found = r.differing.length;
-  return `${r.at}, ${r.regions} region(s), ${found === 0 ? 'identical' : `${found} differ${r.repair ? `, ${r.repaired} repaired` : ''}`}, ${formatDuration(r.durationMs)}`;
+  return `${r.at}, ${r.regions} region(s) of ${r.replicas.length} replica(s), ${found === 0 ? 'identical' : `${found} differ${r.repair ? `, ${r.repaired} repaired` : ''}`}, ${formatDuration(r.durationMs)}`;
 }
 
 function replicaRows(replicas: ReplicaView[]): string {
