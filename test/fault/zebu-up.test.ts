@@ -144,6 +144,7 @@ test('zebu up: a replica, zebu up alone, everything at once, every data-path pro
         }
         const others = processesUnder(dataDir).filter((p) => p.role === 'up' || p.role === 'engine' || p.role === 'frontend');
         const powerMode = random.pick(['drop', 'tear'] as const);
+        reader.allowTorn = true;
         for (const p of others) process.kill(p.pid, 'SIGKILL');
         for (const c of clients) c.powerFail(random.int(2 ** 31), powerMode);
         await up.exited;
@@ -195,6 +196,7 @@ test('zebu up: a replica, zebu up alone, everything at once, every data-path pro
       await reader.quiesce();
       const client = await NbdClient.connect(target, name, 5000);
       const report = await checkAndRebase(client, ledger, mode).finally(() => client.disconnect());
+      reader.allowTorn = false;
       f.ackedWrites += ledger.ackedWrites - ackedBefore;
       f.lostAcked += report.lost;
       f.unflushedLost += report.unflushedLost;

@@ -50,7 +50,7 @@ function describe(ledger: Ledger, id: number): string {
 }
 
 /** Whether every 512-byte sector of the block matches the same sector of one of the candidates. */
-function sectorsFromCandidates(ledger: Ledger, block: number, slice: Buffer, candidates: number[]): boolean {
+export function sectorsFromCandidates(ledger: Ledger, block: number, slice: Buffer, candidates: number[]): boolean {
   const contents = candidates.map((id) => ledger.contentOf(id, block));
   for (let s = 0; s < BLOCK_BYTES; s += SECTOR_BYTES) {
     const sector = slice.subarray(s, s + SECTOR_BYTES);

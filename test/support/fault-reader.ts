@@ -10,6 +10,7 @@ import { NbdConnectionLost, type NbdClient } from './nbd-client.ts';
 import { PausableLoad } from './nbd-session.ts';
 import { BLOCK_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
 import type { Prng } from './fault-prng.ts';
+import { sectorsFromCandidates } from './fault-checker.ts';
 
 export interface ReaderOptions {
   connect: () => Promise<NbdClient>;
@@ -27,6 +28,14 @@ export class FaultReader extends PausableLoad {
   errors = 0;
   /** Blocks that held something the ledger does not allow. */
   wrong = 0;
+  /**
+   * Set across a power loss, until the next check rebases the ledger: a write no flush confirmed
+   * may then be torn on disk (its sectors from different writes since the last flush), as the
+   * check allows in 'contract' mode. A process kill never tears a block.
+   */
+  allowTorn = false;
+  /** Torn blocks read while allowed. */
+  torn = 0;
   readonly log: string[] = [];
 
   constructor(options: ReaderOptions) {
@@ -92,6 +101,10 @@ export class FaultReader extends PausableLoad {
         index = i;
         break;
       }
+    }
+    if (index < 0 && id.kind === 'other' && this.allowTorn && sectorsFromCandidates(ledger, block, data.subarray(at, at + BLOCK_BYTES), history.slice(ledger.floor[block]))) {
+      this.torn++;
+      return;
     }
     if (index < 0 || index < floorIndex) {
       this.wrong++;
