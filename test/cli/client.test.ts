@@ -384,11 +384,11 @@ test('volume verify (table, --json, exit 1 when regions differ) and volume salva
   await fails(api, ['volume', 'verify', 'v1'], /^zebu: verify needs volume v1 attached \(it is detached\)$/);
   await ok(api, ['volume', 'attach', 'v1']);
   const clean = await ok(api, ['volume', 'verify', 'v1']);
-  assert.match(clean, /^REGIONS\s+DIFFERING\s+REPAIRED\s+DURATION\n16\s+0\s+0\s+12 ms\n$/);
+  assert.match(clean, /^REGIONS\s+REPLICAS\s+DIFFERING\s+REPAIRED\s+DURATION\n16\s+v1-r-0,v1-r-1\s+0\s+0\s+12 ms\n$/);
   api.service.setDiffering('v1', [2]);
   const differ = await zebu(api, ['volume', 'verify', 'v1']);
   assert.equal(differ.status, 1);
-  assert.match(differ.stdout, /^16\s+1\s+0\s+12 ms$/m);
+  assert.match(differ.stdout, /^16\s+v1-r-0,v1-r-1\s+1\s+0\s+12 ms$/m);
   assert.match(differ.stdout, /^REGION\s+OFFSET\s+LENGTH\s+V1-R-0\s+V1-R-1\n2\s+8388608\s+4 MiB\s+a{12}\s+b{12}$/m);
   assert.equal(differ.stderr, 'zebu: 1 region(s) of volume v1 differ between replicas (zebu volume verify --repair copies them from the source replica)\n');
   const json = await zebu(api, ['volume', 'verify', 'v1', '--json']);
@@ -396,7 +396,7 @@ test('volume verify (table, --json, exit 1 when regions differ) and volume salva
   assert.deepEqual(JSON.parse(json.stdout).differing.map((d: { region: number }) => d.region), [2]);
   const repaired = JSON.parse(await ok(api, ['volume', 'verify', 'v1', '--repair', '--json']));
   assert.equal(repaired.repaired, 1);
-  assert.match(await ok(api, ['volume', 'get', 'v1']), /^last verify:\s+\S+, 16 region\(s\), 1 differ, 1 repaired, 12 ms$/m);
+  assert.match(await ok(api, ['volume', 'get', 'v1']), /^last verify:\s+\S+, 16 region\(s\) of 2 replica\(s\), 1 differ, 1 repaired, 12 ms$/m);
 
   await fails(api, ['volume', 'salvage', 'v1'], /^zebu: volume v1 is not faulted/);
   api.service.fault('v1');

@@ -76,5 +76,5 @@ test('delta rebuild of a killed replica, auto-salvage of a faulted volume, a new
   qemuIo(restarted.endpoint, ['read -P 0x33 4M 4M', 'read -P 0x22 40M 8M']);
   assert.notEqual(mustZebuJson(up, ['volume', 'get', 'rec']).lastRecovery, null, 'the engine reported its start-up recovery');
   verifyClean(up, 'rec');
-  assert.match(mustZebu(up, ['volume', 'get', 'rec']), /^last verify:\s+\S+, \d+ region\(s\), identical/m);
+  assert.match(mustZebu(up, ['volume', 'get', 'rec']), /^last verify:\s+\S+, \d+ region\(s\) of 3 replica\(s\), identical/m);
 });

@@ -282,7 +282,7 @@ export async function volumeVerify(name: string, options: CommonOptions & { repa
   const report = await new ApiClient(options).post<VerifyView>(`/v1/volumes/${enc(name)}/verify`, { repair }, { timeoutMs: VERIFY_TIMEOUT_MS });
   if (options.json) printJson(report);
   else {
-    let text = table(['REGIONS', 'DIFFERING', 'REPAIRED', 'DURATION'], [[report.regions, report.differing.length, report.repaired, formatDuration(report.durationMs)]]);
+    let text = table(['REGIONS', 'REPLICAS', 'DIFFERING', 'REPAIRED', 'DURATION'], [[report.regions, report.replicas.join(','), report.differing.length, report.repaired, formatDuration(report.durationMs)]]);
     if (report.differing.length > 0) {
       const replicas = [...new Set(report.differing.flatMap((d) => Object.keys(d.hashes)))].sort();
       text += `\n${table(['REGION', 'OFFSET', 'LENGTH', ...replicas.map((r) => r.toUpperCase())], report.differing.map((d) => [
