@@ -124,11 +124,6 @@ export function mapHolders(sizeBytes: number, candidates: StartupCandidate[]): n
 export function planStartup(sizeBytes: number, regionBytes: number, candidates: StartupCandidate[], missedFor: (i: number) => MissedStatus): StartupPlan {
   const regionCount = Math.ceil(sizeBytes / regionBytes);
   const source = chooseSource(sizeBytes, candidates);
-  const union = new Set<number>();
-  for (const c of candidates) {
-    if (c.info === null || c.active === null) continue;
-    for (const region of c.active) if (region < regionCount) union.add(region);
-  }
   const src = source === null ? null : candidates[source];
   let clean = src !== null;
   const decisions = candidates.map((c, i): StartupDecision => {
@@ -179,5 +174,13 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
     for (const list of [missed.regions, c.active!, src!.active!]) for (const region of list) if (region < regionCount) regions.add(region);
     return { mode: 'DELTA', reason: `${behind}; delta rebuild of ${regions.size} region(s)`, regions: [...regions].sort((a, b) => a - b) };
   });
+  // Where the replicas that serve may differ: the active regions of those replicas. A replica left
+  // out or waiting for its delta rebuild adds nothing (its own active regions are in its delta):
+  // were they counted, every start while it waits would compare them all again.
+  const union = new Set<number>();
+  for (const [i, c] of candidates.entries()) {
+    if (decisions[i].mode !== 'RW' || c.active === null) continue;
+    for (const region of c.active) if (region < regionCount) union.add(region);
+  }
   return { source, decisions, resyncRegions: [...union].sort((a, b) => a - b), clean };
 }

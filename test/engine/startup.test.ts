@@ -62,6 +62,9 @@ test('a replica behind the source: delta when a replica holds a map for it, ERR 
   const plan = planStartup(SIZE, REGION, candidates, (i) => maps[candidates[i].key] ?? NO_MISSED);
   assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'DELTA', 'ERR', 'ERR', 'RW', 'ERR']);
   assert.deepEqual(plan.decisions[1].regions, [2, 5, 7], 'map ∪ its active ∪ the source\'s active');
+  // Only the replicas that serve are resynced: b's active region 7 is in its delta, not compared
+  // at every start while b waits (a kill storm once compared 71 regions at each of 50 starts).
+  assert.deepEqual(plan.resyncRegions, [2]);
   assert.match(plan.decisions[2].reason, /missed epoch 3 and no replica kept a missed-write map/);
   assert.match(plan.decisions[3].reason, /chain differs/);
   assert.match(plan.decisions[4].reason, /resynced from the write-intent logs/, 'same epoch, no map: never left, only the unflushed tail differs');
