@@ -554,29 +554,26 @@ export class Engine implements BlockBackend {
     const released = new Set<number>();
     if (checked > 0) {
       try {
+        const resyncRegion = async (region: number): Promise<void> => {
+          const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
+          const sourceClient = source.client;
+          if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+          const differing = await this.replicasDiffering(sourceClient, healthy().filter((r) => r !== source), offset, length);
+          if (differing.length === 0) return;
+          const data = await sourceClient.read(offset, length);
+          await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+          bytes += length;
+          copied++;
+        };
         const batched = regions.length > RESYNC_BATCH_REGIONS;
-        for (let at = 0; at < regions.length;) {
-          // COPIERS regions at a time until the batch is full or old enough.
-          const batchStarted = performance.now();
-          const batch: number[] = [];
-          while (at < regions.length && batch.length < RESYNC_BATCH_REGIONS && (!batched || batch.length === 0 || performance.now() - batchStarted < RESYNC_BATCH_MS)) {
-            const step = regions.slice(at, at + Math.min(COPIERS, RESYNC_BATCH_REGIONS - batch.length));
-            at += step.length;
-            await forEachIndex(step.length, COPIERS, async (i) => {
-              const { offset, length } = regionRange(step[i], REGION_BYTES, this.sizeBytes);
-              const sourceClient = source.client;
-              if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-              const others = healthy().filter((r) => r !== source);
-              const differing = await this.replicasDiffering(sourceClient, others, offset, length);
-              if (differing.length === 0) return;
-              const data = await sourceClient.read(offset, length);
-              await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
-              bytes += length;
-              copied++;
-            });
-            batch.push(...step);
-          }
-          if (!batched) continue;
+        let batch: number[] = [];
+        let batchStarted = performance.now();
+        for (let at = 0; at < regions.length; at += COPIERS) {
+          const step = regions.slice(at, at + COPIERS);
+          await forEachIndex(step.length, COPIERS, (i) => resyncRegion(step[i]));
+          batch.push(...step);
+          const last = at + COPIERS >= regions.length;
+          if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || performance.now() - batchStarted >= RESYNC_BATCH_MS)) continue;
           // A long resync keeps what it did should this engine be killed before it ends (a kill
           // storm must not make every start redo it all): the batch is made durable everywhere,
           // then released from every log.
@@ -585,6 +582,8 @@ export class Engine implements BlockBackend {
           await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.intentRelease(batch))));
           for (const region of batch) released.add(region);
           this.log({ event: 'resync-batch', released: released.size, of: regions.length });
+          batch = [];
+          batchStarted = performance.now();
         }
       } catch (err) {
         // The others may now differ from each other in these regions, and no one holds the
