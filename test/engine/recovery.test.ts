@@ -32,18 +32,24 @@ async function writeThrough(client: ReplicaClient, offset: number, length: numbe
   await new Promise((resolve) => setTimeout(resolve, 300));
 }
 
+/** `count` replica processes named r0, r1, ... and an engine (epoch 1) on them, with a client. */
+async function startVolume(t: TestContext, count: number, sizeBytes: number) {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const replicas = await startReplicas(t, dir, count, sizeBytes, secretFile);
+  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
+  const first = await startEngine(t, dir, { sizeBytes, replicas: entries, epoch: 1, secretFile });
+  const client = await engineClient(first, secret);
+  t.after(() => client.close());
+  return { dir, secretFile, secret, replicas, entries, first, client };
+}
+
 /**
  * `count` replicas and an engine (epoch 1) with `firstBytes` written through it; then replica
  * `out` is SIGKILLed and the engine has set it ERR (the others hold a map for it).
  */
 async function volumeWithReplicaOut(t: TestContext, count: number, out: number, firstBytes: number, seed: number) {
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, count, SIZE, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(first, secret);
-  t.after(() => client.close());
+  const { dir, secretFile, secret, replicas, entries, first, client } = await startVolume(t, count, SIZE);
   await writeThrough(client, 0, firstBytes, seed);
   replicas[out].child.kill('SIGKILL');
   await replicas[out].exited;
@@ -172,12 +178,7 @@ test('a replica behind at start-up with a missed-write map comes back by a delta
 test('a replica rebuilt in full after its map was invalidated starts RW at the next start-up: the maps of a rebuilt replica are dropped', async (t) => {
   // Once, the full fault run failed every later start of one replica (a full rebuild each time):
   // its invalidated map stayed on the others after the full rebuild that made it whole again.
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, 3, SIZE, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const first = await startEngine(t, dir, { sizeBytes: SIZE, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(first, secret);
+  const { dir, secretFile, secret, replicas, entries, first, client } = await startVolume(t, 3, SIZE);
   await writeThrough(client, 0, 16 * MiB, 11);
   // Taken out of the set: its map is invalidated on the others (only a full rebuild brings it back).
   await controlRequest(first.control, 'DELETE', `/v1/replicas/${encodeURIComponent(entries[2])}`);
@@ -209,12 +210,7 @@ test('a replica rebuilt in full after its map was invalidated starts RW at the n
 
 test('a start-up resync killed midway keeps what it did: batches are made durable and released, the next start compares only the rest', async (t) => {
   const BIG = 48 * REGION;
-  const dir = tempDir(t);
-  const { file: secretFile, secret } = writeSecret(dir);
-  const replicas = await startReplicas(t, dir, 2, BIG, secretFile);
-  const entries = replicas.map((r, i) => `r${i}=127.0.0.1:${r.port}`);
-  const first = await startEngine(t, dir, { sizeBytes: BIG, replicas: entries, epoch: 1, secretFile });
-  const client = await engineClient(first, secret);
+  const { dir, secretFile, secret, replicas, entries, first, client } = await startVolume(t, 2, BIG);
   // Every region written, none flushed: all of them active (more than one batch).
   await Promise.all(Array.from({ length: BIG / REGION }, (_, region) => client.write(region * REGION, pattern(20 + region, 4096))));
   first.child.kill('SIGKILL');
