@@ -134,23 +134,11 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
     }
     const info = c.info!;
     const best = src!.info!;
-    if (info.rebuilding) {
-      // Its delta rebuild stopped midway: copied again, from maps that grew all along (a map takes
-      // every region written while it exists, the rebuild's own writes included, and the
-      // target's active regions were merged into it before it joined).
-      clean = false;
-      const why = 'incomplete delta rebuild';
-      const missed = missedFor(i);
-      if (!sameChain(c.chain, src!.chain) || info.hasBase !== best.hasBase) return { mode: 'ERR', reason: `${why}: its snapshot chain differs from the source's`, regions: [] };
-      if (c.active === null || src!.active === null) return { mode: 'ERR', reason: `${why}; no write-intent log to bound the difference`, regions: [] };
-      if (missed.invalid) return { mode: 'ERR', reason: `${why}; its missed-write map was invalidated by a snapshot change`, regions: [] };
-      if (missed.regions === null) return { mode: 'ERR', reason: `${why}; no replica holds its missed-write map any more`, regions: [] };
-      const regions = new Set<number>();
-      for (const list of [missed.regions, c.active, src!.active]) for (const region of list) if (region < regionCount) regions.add(region);
-      return { mode: 'DELTA', reason: `${why}; delta rebuild of ${regions.size} region(s) again`, regions: [...regions].sort((a, b) => a - b) };
-    }
-    if (!info.cleanShutdown || info.revision !== best.revision) clean = false;
-    if (i === source) return { mode: 'RW', reason: 'source', regions: [] };
+    // A delta rebuild that stopped midway (the only marked replica that gets here) is copied again,
+    // from maps that grew all along: a map takes every region written while it exists, the
+    // rebuild's own writes included, and the target's active regions were merged into it before
+    // it joined.
+    const resuming = info.rebuilding;
     // Without a write-intent log on both sides the unflushed tail is not bounded: the counters
     // must match exactly.
     const bounded = c.active !== null && src!.active !== null;
@@ -158,13 +146,20 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
     const equal = sameEpoch && info.flushedRevision === best.flushedRevision && (bounded || info.revision === best.revision);
     const chainMatches = sameChain(c.chain, src!.chain) && info.hasBase === best.hasBase;
     const missed = missedFor(i);
-    if (equal && chainMatches && missed.regions === null && !missed.invalid) return { mode: 'RW', reason: 'up to date', regions: [] };
+    if (!resuming) {
+      if (!info.cleanShutdown || info.revision !== best.revision) clean = false;
+      if (i === source) return { mode: 'RW', reason: 'source', regions: [] };
+      if (equal && chainMatches && missed.regions === null && !missed.invalid) return { mode: 'RW', reason: 'up to date', regions: [] };
+    }
     clean = false;
-    const behind = `replica is behind (writeEpoch ${writeEpochOf(info)}, flushed revision ${info.flushedRevision}, revision ${info.revision}; source ${writeEpochOf(best)}, ${best.flushedRevision}, ${best.revision})`;
-    if (!chainMatches) return { mode: 'ERR', reason: `${equal ? 'replica' : behind}: its snapshot chain differs from the source's`, regions: [] };
+    const behind = resuming
+      ? 'incomplete delta rebuild'
+      : `replica is behind (writeEpoch ${writeEpochOf(info)}, flushed revision ${info.flushedRevision}, revision ${info.revision}; source ${writeEpochOf(best)}, ${best.flushedRevision}, ${best.revision})`;
+    if (!chainMatches) return { mode: 'ERR', reason: `${equal && !resuming ? 'replica' : behind}: its snapshot chain differs from the source's`, regions: [] };
     if (!bounded) return { mode: 'ERR', reason: `${behind}; no write-intent log to bound the difference`, regions: [] };
     if (missed.invalid) return { mode: 'ERR', reason: `${behind}; its missed-write map was invalidated by a snapshot change while it was out`, regions: [] };
     if (missed.regions === null) {
+      if (resuming) return { mode: 'ERR', reason: `${behind}; no replica holds its missed-write map any more`, regions: [] };
       // Never out in its writeEpoch (it would have a map): only the unflushed tail differs, and
       // that is in the union of the active sets, resynced before serving.
       if (sameEpoch) return { mode: 'RW', reason: 'in the write set until the stop; resynced from the write-intent logs', regions: [] };
@@ -172,7 +167,7 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
     }
     const regions = new Set<number>();
     for (const list of [missed.regions, c.active!, src!.active!]) for (const region of list) if (region < regionCount) regions.add(region);
-    return { mode: 'DELTA', reason: `${behind}; delta rebuild of ${regions.size} region(s)`, regions: [...regions].sort((a, b) => a - b) };
+    return { mode: 'DELTA', reason: `${behind}; delta rebuild of ${regions.size} region(s)${resuming ? ' again' : ''}`, regions: [...regions].sort((a, b) => a - b) };
   });
   // Where the replicas that serve may differ: the active regions of those replicas. A replica left
   // out or waiting for its delta rebuild adds nothing (its own active regions are in its delta):
