@@ -1115,11 +1115,38 @@ export class Engine implements BlockBackend {
 
   readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset: number): Promise<void> {
     this.checkRange(offset, length);
-    const r = this.pickReader(new Set());
-    if (r === null) return Promise.reject(this.faultError());
-    return r.client!.readSnapshot(name, offset, length).then((data) => {
+    return this.askReplicas((client) => client.readSnapshot(name, offset, length)).then((data) => {
+      assert(data.length === length, `replica returned ${data.length} bytes for a ${length}-byte snapshot read`);
       data.copy(out, outOffset);
     });
+  }
+
+  snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<BackendExtent[]> {
+    this.checkRange(offset, length);
+    return this.askReplicas((client) => client.snapshotChanges(name, base, offset, length));
+  }
+
+  /**
+   * A request any RW replica can answer (snapshot reads): tried on one, then on the next when it
+   * fails for a reason of its own (the replica is set ERR as a failed read would). Bad input and
+   * a missing snapshot are the answer, not a replica's fault.
+   */
+  private async askReplicas<T>(run: (client: ReplicaClient) => Promise<T>): Promise<T> {
+    const tried = new Set<EngineReplica>();
+    for (;;) {
+      if (this.faultedReason !== null) throw this.faultError();
+      const r = this.pickReader(tried);
+      if (r === null) throw new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica could serve the request`);
+      const client = r.client!;
+      try {
+        return await run(client);
+      } catch (err) {
+        const e = toZebuError(err);
+        if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND) throw e;
+        if (r.client === client) this.setErr(r, e);
+        tried.add(r);
+      }
+    }
   }
 
   private fanOutPromise(op: number, flags: number, offset: number, length: number, payload: Buffer): Promise<void> {

@@ -171,6 +171,10 @@ export class ReplicaClient {
   read(offset: number, length: number): Promise<Buffer> {
     return this.request(Op.READ, 0, offset, length);
   }
+  async snapshotChanges(snapshot: string, base: string | null, offset: number, length: number): Promise<WireExtent[]> {
+    return decodeExtents(await this.request(Op.SNAPSHOT_CHANGES, 0, offset, length, Buffer.from(JSON.stringify({ snapshot, base }))));
+  }
+
   readSnapshot(name: string, offset: number, length: number): Promise<Buffer> {
     return this.request(Op.READ, 0, offset, length, Buffer.from(name));
   }

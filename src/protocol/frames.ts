@@ -63,6 +63,11 @@ export const Op = {
    * killed midway does not compare them again.
    */
   INTENT_RELEASE: 25,
+  /**
+   * Payload JSON {snapshot, base}: extents of offset/length where snapshot may differ from its
+   * ancestor snapshot base (null: from zeros); `data` true = changed. For incremental backups.
+   */
+  SNAPSHOT_CHANGES: 26,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

@@ -364,6 +364,14 @@ class Connection {
         return replica.regionHash(h.offset, h.length);
       case Op.BLOCK_STATUS:
         return encodeExtents(await replica.blockStatus(h.offset, h.length));
+      case Op.SNAPSHOT_CHANGES: {
+        if (replica.snapshotChanges === undefined) throw unsupported(h.op);
+        const spec = jsonArg(payload) as { snapshot?: unknown; base?: unknown };
+        if (typeof spec !== 'object' || spec === null || typeof spec.snapshot !== 'string' || (spec.base !== null && typeof spec.base !== 'string')) {
+          throw invalid('SNAPSHOT_CHANGES takes a JSON object {snapshot: string, base: string | null}');
+        }
+        return encodeExtents(await replica.snapshotChanges(spec.snapshot, spec.base as string | null, h.offset, h.length));
+      }
       case Op.SNAPSHOT_CREATE:
         return json(await replica.snapshotCreate(textArg(payload)));
       case Op.SNAPSHOT_LIST:

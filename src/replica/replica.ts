@@ -447,6 +447,66 @@ export class Replica {
     }
   }
 
+  /**
+   * Where snapshot `name` may differ from its ancestor snapshot `base` (null: from an empty
+   * volume), in order, merged: `data` true where a layer above `base` in the snapshot's chain
+   * holds the block (written, trimmed or zeroed since), false where none does (the bytes are
+   * `base`'s). A backup reads only the former. NOT_FOUND when `base` is not an ancestor.
+   */
+  async snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<Extent[]> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    const extents: Extent[] = [];
+    if (length === 0) return extents;
+    const first = Math.floor(offset / BLOCK_SIZE);
+    const end = Math.ceil((offset + length) / BLOCK_SIZE);
+    const entry = await this.lock.acquireAsync(first, end, true);
+    try {
+      const chain = this.snapshotChain(name);
+      let above = chain;
+      if (base !== null) {
+        const baseLayer = this.findSnapshot(base);
+        const at = chain.indexOf(baseLayer);
+        if (at < 0) throw new ZebuError(ErrorCode.NOT_FOUND, `snapshot ${base} is not an ancestor of snapshot ${name}`);
+        above = chain.slice(0, at);
+      }
+      // Present runs of every layer above base, then their union.
+      const runs: [number, number][] = [];
+      for (const layer of above) {
+        if (layer.live === null) {
+          const baseEnd = Math.min(end, Math.ceil(layer.meta.baseSizeBytes! / BLOCK_SIZE));
+          if (baseEnd > first) runs.push([first, baseEnd]);
+          continue;
+        }
+        for (let block = first; block < end; ) {
+          const n = layer.live.runLength(block, end - block);
+          if (layer.live.get(block) !== BlockState.ABSENT) runs.push([block, block + n]);
+          block += n;
+        }
+      }
+      runs.sort((a, b) => a[0] - b[0]);
+      const endByte = offset + length;
+      let cursor = offset;
+      const push = (stop: number, data: boolean): void => {
+        if (stop <= cursor) return;
+        const last = extents[extents.length - 1];
+        if (last !== undefined && last.data === data) last.length += stop - cursor;
+        else extents.push({ offset: cursor, length: stop - cursor, data });
+        cursor = stop;
+      };
+      for (const [start, stop] of runs) {
+        push(Math.max(offset, start * BLOCK_SIZE), false);
+        push(Math.min(endByte, stop * BLOCK_SIZE), true);
+      }
+      push(endByte, false);
+    } catch (err) {
+      throw toZebuError(err);
+    } finally {
+      this.lock.release(entry);
+    }
+    return extents;
+  }
+
   private snapshotChain(name: string): Layer[] {
     const chain: Layer[] = [];
     for (let layer: Layer | undefined = this.findSnapshot(name); layer !== undefined; ) {

@@ -1,0 +1,375 @@
+/**
+ * Where backups are kept: a local directory (`file:///DIR`, also how an NFS mount is used) or an
+ * S3 bucket (`s3://BUCKET/PREFIX`). Both are a flat key -> bytes space behind one small
+ * interface; everything about the backup format is in format.ts, not here.
+ *
+ * Rules every implementation keeps:
+ * - `put` is all or nothing: a reader never sees a partly written object (a file is written
+ *   to a temporary name, fsync'd and renamed; an S3 PUT is atomic).
+ * - `get` of a missing key returns null; any other failure throws a ZebuError saying what and
+ *   where (the S3 code and HTTP status, or the errno).
+ * - `list` is used only for the manifests of a volume and the volume names (a catalog sync),
+ *   never for blocks: listing blocks is what makes backups slow and costly on S3.
+ * - Transient S3 failures (5xx, throttling, a dropped connection) are retried with backoff
+ *   before an error is thrown.
+ */
+import fs from 'node:fs';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import {
+  S3Client,
+  PutObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  DeleteObjectCommand,
+  ListObjectsV2Command,
+  HeadBucketCommand,
+  type S3ServiceException,
+} from '@aws-sdk/client-s3';
+import { ZebuError, ErrorCode } from '../errors.ts';
+
+export interface TargetListing {
+  /** Keys directly under the prefix (relative to the target's root). */
+  keys: string[];
+  /** "Directories" one level down (with delimiter '/'), each ending in '/'. */
+  prefixes: string[];
+}
+
+export interface BackupTarget {
+  /** The target's URL as the user gave it (never with credentials). */
+  readonly url: string;
+  put(key: string, data: Buffer): Promise<void>;
+  get(key: string): Promise<Buffer | null>;
+  exists(key: string): Promise<boolean>;
+  /** No error when the key is already gone. */
+  delete(key: string): Promise<void>;
+  /** Keys and sub-prefixes directly under `prefix` (which ends in '/'). */
+  list(prefix: string): Promise<TargetListing>;
+  close(): void;
+}
+
+export interface S3Credentials {
+  accessKeyId: string;
+  secretAccessKey: string;
+  sessionToken?: string;
+}
+
+export interface TargetOptions {
+  /** S3 only: the endpoint of an S3-compatible server (path-style addressing is then used). */
+  endpoint?: string | null;
+  /** S3 only; default us-east-1. */
+  region?: string | null;
+  credentials?: S3Credentials | null;
+  /** Attempts for a transient failure (S3); default 5. */
+  attempts?: number;
+  /** First retry delay, doubled each time (S3); default 200 ms. */
+  retryDelayMs?: number;
+  /** Per-request deadline (S3); default 60 s. */
+  requestTimeoutMs?: number;
+}
+
+export interface ParsedTargetUrl {
+  scheme: 'file' | 's3';
+  /** file: the directory. s3: the bucket. */
+  location: string;
+  /** s3: the key prefix ('' or ending in '/'); file: ''. */
+  prefix: string;
+}
+
+/** Parses and checks a target URL; EINVAL with field "url" says what is wrong. */
+export function parseTargetUrl(url: string): ParsedTargetUrl {
+  const bad = (why: string): ZebuError => new ZebuError(ErrorCode.EINVAL, `backup target URL ${JSON.stringify(url)}: ${why}`, { field: 'url' });
+  if (typeof url !== 'string' || url.length === 0 || url.length > 1024) throw bad('must be 1-1024 characters');
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw bad('not a URL (expected file:///DIR or s3://BUCKET/PREFIX)');
+  }
+  if (parsed.protocol === 'file:') {
+    if (parsed.host !== '') throw bad('a file URL has no host (file:///DIR)');
+    if (parsed.search !== '' || parsed.hash !== '') throw bad('a file URL has no query or fragment');
+    const dir = decodeURIComponent(parsed.pathname);
+    if (!path.isAbsolute(dir) || dir === '/') throw bad('the directory must be an absolute path other than /');
+    return { scheme: 'file', location: path.normalize(dir).replace(/\/$/, ''), prefix: '' };
+  }
+  if (parsed.protocol === 's3:') {
+    const bucket = parsed.hostname;
+    if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw bad('the bucket name must be 3-63 characters of a-z, 0-9, "." and "-"');
+    if (parsed.port !== '' || parsed.username !== '' || parsed.password !== '') throw bad('put the endpoint and the credentials in their own options, not in the URL');
+    if (parsed.search !== '' || parsed.hash !== '') throw bad('an s3 URL has no query or fragment');
+    let prefix = decodeURIComponent(parsed.pathname).replace(/^\/+/, '');
+    if (prefix.split('/').some((part) => part === '.' || part === '..')) throw bad('the prefix may not contain . or .. parts');
+    if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
+    return { scheme: 's3', location: bucket, prefix };
+  }
+  throw bad(`unsupported scheme ${parsed.protocol} (expected file: or s3:)`);
+}
+
+/** Keys are relative paths of [A-Za-z0-9._-] parts; nothing can climb out of the root. */
+function checkKey(key: string): void {
+  if (!/^[A-Za-z0-9._-]+(\/[A-Za-z0-9._-]+)*\/?$/.test(key) || key.split('/').some((p) => p === '.' || p === '..')) {
+    throw new ZebuError(ErrorCode.EINVAL, `bad backup target key ${JSON.stringify(key)}`);
+  }
+}
+
+export function openTarget(url: string, options: TargetOptions = {}): BackupTarget {
+  const parsed = parseTargetUrl(url);
+  if (parsed.scheme === 'file') return new FileTarget(url, parsed.location);
+  return new S3Target(url, parsed.location, parsed.prefix, options);
+}
+
+// ---- file:// ----------------------------------------------------------------------------------
+
+export class FileTarget implements BackupTarget {
+  readonly url: string;
+  readonly root: string;
+
+  constructor(url: string, root: string) {
+    this.url = url;
+    this.root = root;
+  }
+
+  private full(key: string): string {
+    checkKey(key);
+    return path.join(this.root, key);
+  }
+
+  async put(key: string, data: Buffer): Promise<void> {
+    const file = this.full(key);
+    const dir = path.dirname(file);
+    const tmp = path.join(dir, `.tmp-${path.basename(file)}-${crypto.randomBytes(6).toString('hex')}`);
+    try {
+      await fsp.mkdir(dir, { recursive: true });
+      const handle = await fsp.open(tmp, 'w', 0o644);
+      try {
+        await handle.writeFile(data);
+        await handle.datasync();
+      } finally {
+        await handle.close();
+      }
+      await fsp.rename(tmp, file);
+      // The rename is durable once the directory is: a manifest must not vanish in a power cut
+      // after the backup said it completed.
+      const dirHandle = await fsp.open(dir, 'r');
+      try {
+        await dirHandle.sync();
+      } finally {
+        await dirHandle.close();
+      }
+    } catch (err) {
+      await fsp.rm(tmp, { force: true }).catch(() => {});
+      throw fileError(err, `write ${key}`, this.root);
+    }
+  }
+
+  async get(key: string): Promise<Buffer | null> {
+    try {
+      return await fsp.readFile(this.full(key));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw fileError(err, `read ${key}`, this.root);
+    }
+  }
+
+  async exists(key: string): Promise<boolean> {
+    try {
+      await fsp.access(this.full(key), fs.constants.F_OK);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw fileError(err, `look up ${key}`, this.root);
+    }
+  }
+
+  async delete(key: string): Promise<void> {
+    try {
+      await fsp.rm(this.full(key), { force: true });
+    } catch (err) {
+      throw fileError(err, `delete ${key}`, this.root);
+    }
+  }
+
+  async list(prefix: string): Promise<TargetListing> {
+    const dir = prefix === '' ? this.root : this.full(prefix);
+    let entries: fs.Dirent[];
+    try {
+      entries = await fsp.readdir(dir, { withFileTypes: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { keys: [], prefixes: [] };
+      throw fileError(err, `list ${prefix || '/'}`, this.root);
+    }
+    const keys: string[] = [];
+    const prefixes: string[] = [];
+    for (const entry of entries.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))) {
+      if (entry.name.startsWith('.tmp-')) continue;
+      if (entry.isDirectory()) prefixes.push(`${prefix}${entry.name}/`);
+      else if (entry.isFile()) keys.push(`${prefix}${entry.name}`);
+    }
+    return { keys, prefixes };
+  }
+
+  close(): void {}
+}
+
+function fileError(err: unknown, what: string, root: string): ZebuError {
+  const e = err as NodeJS.ErrnoException;
+  if (err instanceof ZebuError) return err;
+  const code = e.code === 'ENOSPC' || e.code === 'EDQUOT' ? ErrorCode.ENOSPC : e.code === 'EACCES' || e.code === 'EPERM' || e.code === 'EROFS' ? ErrorCode.EIO : ErrorCode.EIO;
+  return new ZebuError(code, `backup target ${root}: cannot ${what}: ${e.code ?? ''} ${e.message}`.replace(/\s+/g, ' '), { cause: err });
+}
+
+// ---- s3:// ------------------------------------------------------------------------------------
+
+export class S3Target implements BackupTarget {
+  readonly url: string;
+  readonly bucket: string;
+  readonly prefix: string;
+  private readonly client: S3Client;
+  private readonly attempts: number;
+  private readonly retryDelayMs: number;
+  private readonly endpoint: string;
+
+  constructor(url: string, bucket: string, prefix: string, options: TargetOptions) {
+    this.url = url;
+    this.bucket = bucket;
+    this.prefix = prefix;
+    this.attempts = options.attempts ?? 5;
+    this.retryDelayMs = options.retryDelayMs ?? 200;
+    this.endpoint = options.endpoint ?? 'AWS';
+    const credentials = options.credentials ?? undefined;
+    this.client = new S3Client({
+      region: options.region ?? 'us-east-1',
+      ...(options.endpoint ? { endpoint: options.endpoint, forcePathStyle: true } : {}),
+      ...(credentials ? { credentials } : {}),
+      // Our own retries (below) report what failed; the SDK's would hide it.
+      maxAttempts: 1,
+      // Checksums only where S3 requires them: S3-compatible servers differ in what they accept.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      requestHandler: { requestTimeout: options.requestTimeoutMs ?? 60_000, connectionTimeout: 10_000 },
+    });
+  }
+
+  private key(key: string): string {
+    checkKey(key);
+    return this.prefix + key;
+  }
+
+  /** Runs one S3 call, retrying transient failures with backoff. */
+  private async call<T>(what: string, run: () => Promise<T>): Promise<T> {
+    let delay = this.retryDelayMs;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await run();
+      } catch (err) {
+        const status = (err as S3ServiceException).$metadata?.httpStatusCode;
+        const name = (err as Error).name;
+        const transient = status === undefined || status >= 500 || status === 429 || name === 'SlowDown' || name === 'RequestTimeout' || name === 'TimeoutError';
+        if (!transient || attempt >= this.attempts) throw this.error(err, what, attempt);
+        await new Promise((resolve) => setTimeout(resolve, delay + Math.floor(Math.random() * delay)));
+        delay = Math.min(delay * 2, 10_000);
+      }
+    }
+  }
+
+  private error(err: unknown, what: string, attempts: number): ZebuError {
+    const status = (err as S3ServiceException).$metadata?.httpStatusCode;
+    const name = (err as Error).name;
+    const message = (err as Error).message;
+    const where = `s3://${this.bucket}/${this.prefix} at ${this.endpoint}`;
+    const tried = attempts > 1 ? ` (after ${attempts} attempts)` : '';
+    const code =
+      status === 403 || name === 'InvalidAccessKeyId' || name === 'SignatureDoesNotMatch' || name === 'AccessDenied'
+        ? ErrorCode.UNAUTHORIZED
+        : name === 'NoSuchBucket'
+          ? ErrorCode.NOT_FOUND
+          : name === 'EntityTooLarge' || name === 'QuotaExceeded'
+            ? ErrorCode.ENOSPC
+            : status === undefined
+              ? ErrorCode.DISCONNECTED
+              : ErrorCode.EIO;
+    return new ZebuError(code, `backup target ${where}: cannot ${what}: ${name}${status !== undefined ? ` (HTTP ${status})` : ''}: ${message}${tried}`, { cause: err });
+  }
+
+  async put(key: string, data: Buffer): Promise<void> {
+    const Key = this.key(key);
+    await this.call(`write ${key}`, () => this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.length })));
+  }
+
+  async get(key: string): Promise<Buffer | null> {
+    const Key = this.key(key);
+    return this.call(`read ${key}`, async () => {
+      try {
+        const out = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key }));
+        return Buffer.from(await out.Body!.transformToByteArray());
+      } catch (err) {
+        if ((err as Error).name === 'NoSuchKey' || (err as S3ServiceException).$metadata?.httpStatusCode === 404 && (err as Error).name !== 'NoSuchBucket') return null;
+        throw err;
+      }
+    });
+  }
+
+  async exists(key: string): Promise<boolean> {
+    const Key = this.key(key);
+    return this.call(`look up ${key}`, async () => {
+      try {
+        await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key }));
+        return true;
+      } catch (err) {
+        if ((err as Error).name === 'NotFound' || (err as S3ServiceException).$metadata?.httpStatusCode === 404) return false;
+        throw err;
+      }
+    });
+  }
+
+  async delete(key: string): Promise<void> {
+    const Key = this.key(key);
+    await this.call(`delete ${key}`, () => this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key })));
+  }
+
+  async list(prefix: string): Promise<TargetListing> {
+    if (prefix !== '') checkKey(prefix);
+    const keys: string[] = [];
+    const prefixes: string[] = [];
+    let token: string | undefined;
+    do {
+      const out = await this.call(`list ${prefix || '/'}`, () =>
+        this.client.send(new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, Delimiter: '/', ContinuationToken: token })),
+      );
+      for (const o of out.Contents ?? []) if (o.Key !== undefined) keys.push(o.Key.slice(this.prefix.length));
+      for (const p of out.CommonPrefixes ?? []) if (p.Prefix !== undefined) prefixes.push(p.Prefix.slice(this.prefix.length));
+      token = out.IsTruncated ? out.NextContinuationToken : undefined;
+    } while (token !== undefined);
+    return { keys, prefixes };
+  }
+
+  /** The bucket exists and the credentials reach it. */
+  async headBucket(): Promise<void> {
+    await this.call('reach the bucket', () => this.client.send(new HeadBucketCommand({ Bucket: this.bucket })));
+  }
+
+  close(): void {
+    this.client.destroy();
+  }
+}
+
+/**
+ * Whether the target is reachable and writable: writes, reads back and deletes a small probe
+ * object. Returns null when it is, or the reason when not.
+ */
+export async function checkTarget(target: BackupTarget): Promise<string | null> {
+  const key = `zebu-probe-${crypto.randomBytes(8).toString('hex')}`;
+  const data = crypto.randomBytes(64);
+  try {
+    if (target instanceof S3Target) await target.headBucket();
+    await target.put(key, data);
+    const back = await target.get(key);
+    if (back === null || !back.equals(data)) return `a probe object written to ${target.url} did not read back the same`;
+    await target.delete(key);
+    return null;
+  } catch (err) {
+    return (err as Error).message;
+  }
+}
