@@ -95,13 +95,19 @@ export function parseTargetUrl(url: string): ParsedTargetUrl {
     return { scheme: 'file', location: path.normalize(dir).replace(/\/$/, ''), prefix: '' };
   }
   if (parsed.protocol === 's3:') {
-    const bucket = parsed.hostname;
+    // The URL parser lowercases the host and folds "..": check what the user wrote instead.
+    const raw = url.slice(url.indexOf('//') + 2);
+    const slash = raw.indexOf('/');
+    const bucket = slash < 0 ? raw : raw.slice(0, slash);
+    if (parsed.username !== '' || parsed.password !== '' || bucket.includes('@')) throw bad('put the credentials in a credential file, not in the URL');
+    if (parsed.port !== '' || bucket.includes(':')) throw bad('put the endpoint in its own option, not in the URL');
     if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket)) throw bad('the bucket name must be 3-63 characters of a-z, 0-9, "." and "-"');
-    if (parsed.port !== '' || parsed.username !== '' || parsed.password !== '') throw bad('put the endpoint and the credentials in their own options, not in the URL');
     if (parsed.search !== '' || parsed.hash !== '') throw bad('an s3 URL has no query or fragment');
-    let prefix = decodeURIComponent(parsed.pathname).replace(/^\/+/, '');
+    let prefix = slash < 0 ? '' : decodeURIComponent(raw.slice(slash + 1));
     if (prefix.split('/').some((part) => part === '.' || part === '..')) throw bad('the prefix may not contain . or .. parts');
+    if (prefix.startsWith('/') || prefix.includes('//')) throw bad('the prefix may not have empty parts');
     if (prefix !== '' && !prefix.endsWith('/')) prefix += '/';
+    if (prefix !== '' && !/^([A-Za-z0-9._-]+\/)+$/.test(prefix)) throw bad('the prefix may only contain A-Z, a-z, 0-9, ".", "_", "-" and "/"');
     return { scheme: 's3', location: bucket, prefix };
   }
   throw bad(`unsupported scheme ${parsed.protocol} (expected file: or s3:)`);

@@ -1,0 +1,281 @@
+/**
+ * One backup: a snapshot of a volume cut into 2 MiB blocks, each stored once on the target, and
+ * a manifest that maps every non-zero block to its content hash.
+ *
+ * Incremental: with a base (the volume's previous completed backup, whose snapshot is still an
+ * ancestor of this one), only the blocks the layers above the base snapshot hold are read
+ * (SNAPSHOT_CHANGES); every other block is carried over from the base's manifest. Without one,
+ * every block the snapshot holds is read, and blocks the target already has are not uploaded.
+ *
+ * Order of writes, so that no manifest ever refers to a block the target lacks and a crash
+ * anywhere loses nothing and leaks little:
+ * 1. the partial manifest lists a new block before it is uploaded (a collection after a crash
+ *    sees it referenced; deleting the abandoned backup makes it collectable);
+ * 2. blocks are uploaded;
+ * 3. the completed manifest is written, then the partial one is removed, then the volume record.
+ * Blocks carried over or found stored are claimed in the BlockIndex for the job's duration, so a
+ * concurrent collection never removes them.
+ */
+import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
+import type { BackendExtent } from '../protocol/backend.ts';
+import type { BackupRepository } from './repository.ts';
+import {
+  BACKUP_BLOCK_BYTES,
+  COMPRESSION_BY_NAME,
+  FORMAT,
+  encodeBlock,
+  isAllZero,
+  sha256,
+  type CompressionName,
+  type Manifest,
+} from './format.ts';
+
+/** What a backup reads: an attached volume's snapshots (an engine's data socket). */
+export interface SnapshotReader {
+  readSnapshot(name: string, offset: number, length: number): Promise<Buffer>;
+  snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<BackendExtent[]>;
+}
+
+export interface BackupProgress {
+  /** Bytes of the blocks to read that are done (read, and stored or found). */
+  doneBytes: number;
+  totalBytes: number;
+  uploadedBytes: number;
+}
+
+export interface BackupJobOptions {
+  repo: BackupRepository;
+  source: SnapshotReader;
+  volume: string;
+  name: string;
+  snapshot: string;
+  sizeBytes: number;
+  createdAt: string;
+  labels: Record<string, string>;
+  compression: CompressionName;
+  /** The volume's newest completed backup, or null. Ignored when its snapshot is gone or off the chain. */
+  base: Manifest | null;
+  /** Blocks read, compressed, hashed and uploaded at once. */
+  concurrency: number;
+  onProgress?: (progress: BackupProgress) => void;
+  signal?: AbortSignal;
+}
+
+/** SNAPSHOT_CHANGES is asked for this much at a time (its reply is a list of extents). */
+const CHANGES_CHUNK_BYTES = 1024 * 1024 * 1024;
+const PROGRESS_INTERVAL_MS = 500;
+
+export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
+  assert(o.concurrency >= 1, 'backup concurrency');
+  const blockCount = Math.ceil(o.sizeBytes / BACKUP_BLOCK_BYTES);
+  const blockLength = (index: number): number => Math.min(BACKUP_BLOCK_BYTES, o.sizeBytes - index * BACKUP_BLOCK_BYTES);
+  const { repo } = o;
+
+  // Which blocks to read.
+  let base = o.base;
+  let toRead: number[];
+  try {
+    toRead = await changedBlocks(o.source, o.snapshot, base?.snapshot ?? null, o.sizeBytes);
+  } catch (err) {
+    if (base === null || toZebuError(err).code !== ErrorCode.NOT_FOUND) throw err;
+    // The base snapshot was deleted or reverted away from: read the whole snapshot (blocks the
+    // target has are still not uploaded again).
+    base = null;
+    toRead = await changedBlocks(o.source, o.snapshot, null, o.sizeBytes);
+  }
+
+  const map = new Map<number, string>();
+  const claimed: string[] = [];
+  const claim = async (hash: string): Promise<void> => {
+    claimed.push(hash);
+    await repo.index.claim(hash);
+  };
+  try {
+    if (base !== null) {
+      const reread = new Set(toRead);
+      for (const [index, hash] of base.blocks) {
+        if (index >= blockCount || reread.has(index)) continue;
+        await claim(hash);
+        // Claimed first, then checked: a block a collection removed before the claim is read again.
+        if (repo.index.known.has(hash)) map.set(index, hash);
+        else reread.add(index);
+      }
+      toRead = [...reread].sort((a, b) => a - b);
+    }
+
+    const manifest: Manifest = {
+      format: FORMAT,
+      name: o.name,
+      volume: o.volume,
+      sizeBytes: o.sizeBytes,
+      blockBytes: BACKUP_BLOCK_BYTES,
+      snapshot: o.snapshot,
+      createdAt: o.createdAt,
+      completedAt: null,
+      labels: o.labels,
+      compression: o.compression,
+      base: base?.name ?? null,
+      stats: { readBytes: 0, uploadedBytes: 0, uploadedBlocks: 0, reusedBlocks: 0, blocks: 0 },
+      blocks: [],
+    };
+    const checkpoint = new PartialCheckpoint(repo, manifest);
+    await checkpoint.flush();
+
+    const totalBytes = toRead.reduce((n, i) => n + blockLength(i), 0);
+    let doneBytes = 0;
+    let lastProgress = 0;
+    const report = (force: boolean): void => {
+      const now = Date.now();
+      if (!force && now - lastProgress < PROGRESS_INTERVAL_MS) return;
+      lastProgress = now;
+      o.onProgress?.({ doneBytes, totalBytes, uploadedBytes: manifest.stats.uploadedBytes });
+    };
+    report(true);
+
+    const uploading = new Map<string, Promise<void>>();
+    const method = COMPRESSION_BY_NAME[o.compression];
+    const one = async (index: number): Promise<void> => {
+      const length = blockLength(index);
+      const data = await o.source.readSnapshot(o.snapshot, index * BACKUP_BLOCK_BYTES, length);
+      assert(data.length === length, `snapshot read of ${data.length} bytes, asked ${length}`);
+      manifest.stats.readBytes += length;
+      if (isAllZero(data)) {
+        map.delete(index);
+      } else {
+        const hash = sha256(data);
+        await claim(hash);
+        map.set(index, hash);
+        if (repo.index.known.has(hash)) {
+          manifest.stats.reusedBlocks++;
+        } else {
+          let upload = uploading.get(hash);
+          if (upload === undefined) {
+            upload = (async () => {
+              const encoded = await encodeBlock(data, hash, method);
+              await checkpoint.include(index, hash);
+              await repo.putBlock(hash, encoded);
+              repo.index.known.add(hash);
+              manifest.stats.uploadedBytes += encoded.length;
+              manifest.stats.uploadedBlocks++;
+            })();
+            uploading.set(hash, upload);
+            upload.then(() => uploading.delete(hash), () => uploading.delete(hash));
+          } else {
+            manifest.stats.reusedBlocks++;
+          }
+          await upload;
+        }
+      }
+      doneBytes += length;
+      report(false);
+    };
+    await forEachBounded(toRead, o.concurrency, one, o.signal);
+
+    manifest.blocks = [...map.entries()].sort((a, b) => a[0] - b[0]);
+    manifest.stats.blocks = manifest.blocks.length;
+    manifest.stats.reusedBlocks = manifest.blocks.length - manifest.stats.uploadedBlocks;
+    manifest.completedAt = new Date().toISOString();
+    await repo.writeManifest(manifest);
+    await repo.deletePartial(o.volume, o.name);
+    const record = await repo.readVolume(o.volume).catch(() => null);
+    await repo.writeVolume({
+      format: FORMAT,
+      volume: o.volume,
+      sizeBytes: o.sizeBytes,
+      compression: o.compression,
+      createdAt: record?.createdAt ?? manifest.createdAt,
+      lastBackup: o.name,
+      lastBackupAt: manifest.completedAt,
+    });
+    report(true);
+    return manifest;
+  } finally {
+    for (const hash of claimed) repo.index.release(hash);
+  }
+}
+
+/** Indexes of the 2 MiB blocks that hold a change (sorted). */
+async function changedBlocks(source: SnapshotReader, snapshot: string, base: string | null, sizeBytes: number): Promise<number[]> {
+  const out: number[] = [];
+  let last = -1;
+  for (let offset = 0; offset < sizeBytes; offset += CHANGES_CHUNK_BYTES) {
+    const length = Math.min(CHANGES_CHUNK_BYTES, sizeBytes - offset);
+    for (const extent of await source.snapshotChanges(snapshot, base, offset, length)) {
+      if (!extent.data) continue;
+      const first = Math.floor(extent.offset / BACKUP_BLOCK_BYTES);
+      const end = Math.ceil((extent.offset + extent.length) / BACKUP_BLOCK_BYTES);
+      for (let i = Math.max(first, last + 1); i < end; i++) out.push(i);
+      last = Math.max(last, end - 1);
+    }
+  }
+  return out;
+}
+
+/**
+ * The partial manifest: the new blocks a backup will upload, written before they are. Callers
+ * wait for a write that includes their block; writes are one at a time, so blocks arriving while
+ * one is in flight share the next.
+ */
+class PartialCheckpoint {
+  private readonly repo: BackupRepository;
+  private readonly manifest: Manifest;
+  private readonly entries: [number, string][] = [];
+  private writing: Promise<void> | null = null;
+  private next: Promise<void> | null = null;
+
+  constructor(repo: BackupRepository, manifest: Manifest) {
+    this.repo = repo;
+    this.manifest = manifest;
+  }
+
+  include(index: number, hash: string): Promise<void> {
+    this.entries.push([index, hash]);
+    return this.flush();
+  }
+
+  /** Resolves once a write that started after this call has completed. */
+  flush(): Promise<void> {
+    if (this.writing === null) {
+      this.writing = this.write().finally(() => {
+        this.writing = null;
+      });
+      return this.writing;
+    }
+    if (this.next === null) {
+      this.next = this.writing.catch(() => {}).then(() => {
+        this.next = null;
+        return this.flush();
+      });
+    }
+    return this.next;
+  }
+
+  private write(): Promise<void> {
+    const blocks = [...this.entries].sort((a, b) => a[0] - b[0]);
+    // Duplicate indexes are possible (a block read twice after a retry); keep the last.
+    const byIndex = new Map(blocks);
+    return this.repo.writePartial({ ...this.manifest, blocks: [...byIndex.entries()].sort((a, b) => a[0] - b[0]) });
+  }
+}
+
+/** Runs `fn` over `items` with at most `limit` at once; the first failure stops the rest. */
+export async function forEachBounded<T>(items: T[], limit: number, fn: (item: T) => Promise<void>, signal?: AbortSignal): Promise<void> {
+  let next = 0;
+  let failure: unknown = null;
+  const worker = async (): Promise<void> => {
+    while (failure === null && next < items.length) {
+      if (signal?.aborted) {
+        failure = signal.reason ?? new ZebuError(ErrorCode.CLOSED, 'cancelled');
+        break;
+      }
+      const item = items[next++];
+      try {
+        await fn(item);
+      } catch (err) {
+        if (failure === null) failure = err;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (failure !== null) throw failure;
+}
