@@ -22,6 +22,8 @@ import { ProcessSupervisor } from './process-supervisor.ts';
 import { initDisk, probeDisk } from './disks.ts';
 import { keepTcpListener, type KeptListener } from '../frontend/kept-listener.ts';
 import type { EngineLinkView } from '../manager/types.ts';
+import { ReplicaClient } from '../protocol/client.ts';
+import { readSecretFile } from '../protocol/auth.ts';
 
 export interface AgentOptions {
   store: Store;
@@ -537,6 +539,17 @@ export class Agent {
     // A verify reads the whole volume (minutes for a large one); anything else answers in seconds.
     const timeoutMs = pathName === '/v1/verify' ? VERIFY_TIMEOUT_MS : ENGINE_REQUEST_TIMEOUT_MS;
     return controlRequest(this.engineControlSocket(volume), method, pathName, body, { timeoutMs });
+  }
+
+  /**
+   * A data-protocol connection to a volume's engine on this node, for work that reads or writes
+   * the volume itself (backups read its snapshots, restores write it). The caller closes it.
+   */
+  openEngineData(volume: string): Promise<ReplicaClient> {
+    if (this.supervisor.get(engineProcessId(volume))?.state !== 'running') {
+      return Promise.reject(new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`));
+    }
+    return ReplicaClient.connect({ path: this.engineSocket(volume), secret: readSecretFile(this.options.secretFile), peerLabel: `engine of ${volume}`, requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS });
   }
 
   /**

@@ -17,6 +17,7 @@
  */
 import { Counter, Gauge, Registry } from 'prom-client';
 import type { ManagerService, VolumeMetrics } from '../manager/types.ts';
+import type { BackupMetrics, BackupService } from '../manager/backup-types.ts';
 
 const VOLUME_STATES = ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'] as const;
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'] as const;
@@ -31,7 +32,7 @@ export interface MetricsExporter {
   scrape(): Promise<string>;
 }
 
-export function createMetricsExporter(service: ManagerService): MetricsExporter {
+export function createMetricsExporter(service: ManagerService, backupService?: BackupService): MetricsExporter {
   const registry = new Registry();
   const registers = [registry];
   const volumeLabel = ['volume'] as const;
@@ -70,7 +71,26 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
   const linkLongestHold = new Gauge({ name: 'zebu_volume_engine_link_longest_hold_seconds', help: 'Longest a re-issued client request waited, from when it was first sent to its answer.', labelNames: volumeLabel, registers });
   const verifyTimestamp = new Gauge({ name: 'zebu_volume_last_verify_timestamp_seconds', help: 'When the last verify ran, in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
 
-  const render = (list: VolumeMetrics[]): Promise<string> => {
+  const backupUploaded = new Counter({ name: 'zebu_backup_uploaded_bytes_total', help: 'Bytes the completed backups of a volume in the catalog uploaded (compressed, new blocks only).', labelNames: volumeLabel, registers });
+  const backupReused = new Counter({ name: 'zebu_backup_reused_bytes_total', help: 'Bytes the completed backups of a volume in the catalog did not upload: blocks carried over or already on the target.', labelNames: volumeLabel, registers });
+  const backupDuration = new Gauge({ name: 'zebu_backup_last_duration_seconds', help: 'Duration of the newest completed backup of the volume.', labelNames: volumeLabel, registers });
+  const backupLastSuccess = new Gauge({ name: 'zebu_backup_last_success_timestamp_seconds', help: 'When the newest completed backup of the volume completed, in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
+  const backupCount = new Gauge({ name: 'zebu_backups', help: 'Backups of the volume in the catalog by state.', labelNames: ['volume', 'state'], registers });
+
+  const renderBackups = (list: BackupMetrics[]): void => {
+    for (const b of list) {
+      const labels = { volume: b.volume };
+      backupUploaded.inc(labels, b.uploadedBytes);
+      backupReused.inc(labels, b.reusedBytes);
+      if (b.lastDurationSeconds !== null) backupDuration.set(labels, b.lastDurationSeconds);
+      if (b.lastSuccessSeconds !== null) backupLastSuccess.set(labels, b.lastSuccessSeconds);
+      backupCount.set({ volume: b.volume, state: 'completed' }, b.completed);
+      backupCount.set({ volume: b.volume, state: 'in-progress' }, b.inProgress);
+      backupCount.set({ volume: b.volume, state: 'error' }, b.failed);
+    }
+  };
+
+  const render = (list: VolumeMetrics[], backups: BackupMetrics[]): Promise<string> => {
     // Rebuilt from scratch: a deleted volume or replica must not linger as a stale series.
     registry.resetMetrics();
     volumes.set(list.length);
@@ -108,6 +128,7 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
         linkLongestHold.set(labels, v.engineLink.longestHoldMs / 1000);
       }
     }
+    renderBackups(backups);
     return registry.metrics();
   };
 
@@ -116,7 +137,7 @@ export function createMetricsExporter(service: ManagerService): MetricsExporter 
   return {
     contentType: registry.contentType,
     scrape(): Promise<string> {
-      const next = chain.then(async () => render(await service.metrics()));
+      const next = chain.then(async () => render(await service.metrics(), backupService !== undefined ? await backupService.backupMetrics() : []));
       chain = next.catch(() => {});
       return next;
     },

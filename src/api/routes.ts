@@ -4,6 +4,7 @@
  * so the document cannot drift from what the server accepts.
  */
 import type { ManagerService } from '../manager/types.ts';
+import type { BackupService, BackupTargetSetInput } from '../manager/backup-types.ts';
 import { bodies, listOf, params, queries, ref, type JsonSchema } from './schemas.ts';
 
 export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -43,7 +44,7 @@ export interface RouteExtras {
   openapi: () => unknown;
 }
 
-export function apiRoutes(service: ManagerService, extras: RouteExtras): RouteSpec[] {
+export function apiRoutes(service: ManagerService, backups: BackupService | null, extras: RouteExtras): RouteSpec[] {
   const route = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }): RouteSpec => ({ auth: true, status: 200, ...spec });
   const limit = (text: string | undefined): number | undefined => (text === undefined ? undefined : Number(text));
   return [
@@ -76,7 +77,13 @@ export function apiRoutes(service: ManagerService, extras: RouteExtras): RouteSp
     route({
       method: 'POST', url: '/v1/volumes', operationId: 'createVolume', tag: 'volumes', summary: 'Create a volume (its replicas are placed now)',
       body: bodies.volumeCreate, status: 201, response: ref('Volume'),
-      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes: number; numberOfReplicas?: number }),
+      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes?: number; numberOfReplicas?: number; fromBackup?: string; standby?: boolean }),
+    }),
+    route({
+      method: 'POST', url: '/v1/volumes/:name/activate', operationId: 'activateVolume', tag: 'volumes',
+      summary: 'Activate a DR standby volume: the newest backup of its source is applied, then it can be attached (returns at once: poll the volume)',
+      params: params.volume, response: ref('Volume'),
+      handler: ({ params: p }) => service.activateVolume(p.name),
     }),
     route({
       method: 'GET', url: '/v1/volumes/:name', operationId: 'getVolume', tag: 'volumes', summary: 'Get a volume',
@@ -212,6 +219,92 @@ export function apiRoutes(service: ManagerService, extras: RouteExtras): RouteSp
         if (query.limit !== undefined) filter.limit = limit(query.limit);
         return service.listEvents(filter);
       },
+    }),
+    ...(backups === null ? [] : backupRoutes(backups, route)),
+    ...(backups === null ? [] : [route({
+      method: 'POST', url: '/v1/backups/:name/restore', operationId: 'restoreBackup', tag: 'backups',
+      summary: 'Restore a backup into a new volume (or a DR standby); returns at once: poll the volume',
+      params: params.backup, body: bodies.backupRestore, status: 201, response: ref('Volume'),
+      handler: ({ params: p, body }) => service.createVolume({
+        name: body.name as string,
+        fromBackup: p.name,
+        ...(body.numberOfReplicas !== undefined ? { numberOfReplicas: body.numberOfReplicas as number } : {}),
+        ...(body.sizeBytes !== undefined ? { sizeBytes: body.sizeBytes as number } : {}),
+        ...(body.standby !== undefined ? { standby: body.standby as boolean } : {}),
+      }),
+    })]),
+  ];
+}
+
+type RouteMaker = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }) => RouteSpec;
+
+function backupRoutes(backups: BackupService, route: RouteMaker): RouteSpec[] {
+  return [
+    route({
+      method: 'GET', url: '/v1/backuptargets', operationId: 'listBackupTargets', tag: 'backups', summary: 'The backup target (a list of at most one; credentials are never shown)',
+      response: listOf('BackupTarget'),
+      handler: async () => {
+        try {
+          return [await backups.getBackupTarget()];
+        } catch (err) {
+          if ((err as { code?: string }).code === 'ZEBU_ERR_NOT_FOUND') return [];
+          throw err;
+        }
+      },
+    }),
+    route({
+      method: 'GET', url: '/v1/backuptargets/default', operationId: 'getBackupTarget', tag: 'backups', summary: 'The backup target and whether it was reachable at the last check',
+      response: ref('BackupTarget'),
+      handler: () => backups.getBackupTarget(),
+    }),
+    route({
+      method: 'PUT', url: '/v1/backuptargets/default', operationId: 'setBackupTarget', tag: 'backups',
+      summary: 'Set the backup target (file:///DIR or s3://BUCKET/PREFIX); it is checked at once and its backups listed into the catalog',
+      body: bodies.backupTargetSet, response: ref('BackupTarget'),
+      handler: ({ body }) => backups.setBackupTarget(body as unknown as BackupTargetSetInput),
+    }),
+    route({
+      method: 'POST', url: '/v1/backuptargets/default/check', operationId: 'checkBackupTarget', tag: 'backups', summary: 'Check that the target is reachable and writable (a probe object is written, read and removed)',
+      response: ref('BackupTarget'),
+      handler: () => backups.checkBackupTarget(),
+    }),
+    route({
+      method: 'POST', url: '/v1/backuptargets/default/sync', operationId: 'syncBackupTarget', tag: 'backups', summary: 'Rebuild the catalog from the target: backups found there are added, those gone are removed',
+      response: ref('BackupSync'),
+      handler: () => backups.syncBackupTarget(),
+    }),
+    route({
+      method: 'POST', url: '/v1/backuptargets/default/verify', operationId: 'verifyBackupTarget', tag: 'backups',
+      summary: 'Read every block every backup refers to and check its hash; missing and corrupt blocks are listed by backup (answers when done)',
+      body: bodies.backupTargetVerify, bodyOptional: true, response: ref('BackupTargetVerify'),
+      handler: ({ body }) => backups.verifyBackupTarget(body as { volume?: string }),
+    }),
+    route({
+      method: 'POST', url: '/v1/backuptargets/default/gc', operationId: 'gcBackupTarget', tag: 'backups', summary: 'Remove the blocks no backup refers to any more (runs by itself after deletes)',
+      response: ref('BackupGc'),
+      handler: () => backups.gcBackupTarget(),
+    }),
+    route({
+      method: 'GET', url: '/v1/backups', operationId: 'listBackups', tag: 'backups', summary: 'List backups in the catalog, optionally of one volume',
+      querystring: queries.backups, response: listOf('Backup'),
+      handler: ({ query }) => backups.listBackups(query.volume === undefined ? {} : { volume: query.volume }),
+    }),
+    route({
+      method: 'POST', url: '/v1/backups', operationId: 'createBackup', tag: 'backups',
+      summary: 'Back up a volume (from a new snapshot, or the one named); returns at once (state pending): poll the backup',
+      body: bodies.backupCreate, status: 201, response: ref('Backup'),
+      handler: ({ body }) => backups.createBackup(body as { volume: string; snapshot?: string; labels?: Record<string, string> }),
+    }),
+    route({
+      method: 'GET', url: '/v1/backups/:name', operationId: 'getBackup', tag: 'backups', summary: 'Get a backup (state, progress, what it uploaded)',
+      params: params.backup, response: ref('Backup'),
+      handler: ({ params: p }) => backups.getBackup(p.name),
+    }),
+    route({
+      method: 'DELETE', url: '/v1/backups/:name', operationId: 'deleteBackup', tag: 'backups',
+      summary: 'Delete a backup from the target and the catalog (its blocks no other backup uses are collected); returns at once',
+      params: params.backup, response: ref('Backup'),
+      handler: ({ params: p }) => backups.deleteBackup(p.name),
     }),
   ];
 }

@@ -42,31 +42,82 @@ export const sizeBytes: JsonSchema = {
   description: `volume size in bytes: a multiple of 4096 between ${MIN_VOLUME_BYTES} and ${MAX_VOLUME_BYTES} (16 TiB)`,
 };
 
+const numberOfReplicas: JsonSchema = {
+  type: 'integer',
+  minimum: 1,
+  maximum: MAX_REPLICAS,
+  description: `number of replicas, 1-${MAX_REPLICAS} (absent: the default-replica-count setting)`,
+};
+
 function object(properties: Record<string, JsonSchema>, required: string[] = []): JsonSchema {
   return { type: 'object', properties, required, additionalProperties: false };
 }
 
 // ---- request parts ------------------------------------------------------------------------------
 
+export const backupName: JsonSchema = {
+  type: 'string',
+  pattern: SNAPSHOT_NAME.source,
+  description: '1-63 characters of [A-Za-z0-9._-] starting with a letter or digit',
+};
+
 export const params = {
+  backup: object({ name: backupName }, ['name']),
   volume: object({ name: volumeName }, ['name']),
   snapshot: object({ name: volumeName, snapshot: snapshotName }, ['name', 'snapshot']),
   object: object({ name: objectName }, ['name']),
 };
 
 export const bodies = {
-  volumeCreate: object(
+  volumeCreate: {
+    ...object(
+      {
+        name: volumeName,
+        sizeBytes,
+        numberOfReplicas,
+        fromBackup: { ...backupName, description: 'a completed backup to restore into the new volume (sizeBytes then defaults to its size)' },
+        standby: { type: 'boolean', description: 'with fromBackup: a DR standby that keeps applying newer backups until activated' },
+      },
+      ['name'],
+    ),
+    anyOf: [{ required: ['sizeBytes'] }, { required: ['fromBackup'] }],
+  },
+  backupTargetSet: object(
     {
-      name: volumeName,
-      sizeBytes,
-      numberOfReplicas: {
-        type: 'integer',
-        minimum: 1,
-        maximum: MAX_REPLICAS,
-        description: `number of replicas, 1-${MAX_REPLICAS} (absent: the default-replica-count setting)`,
+      url: { type: 'string', minLength: 1, maxLength: 1024, description: 'file:///DIR or s3://BUCKET/PREFIX' },
+      endpoint: { anyOf: [{ type: 'string', maxLength: 1024 }, { type: 'null' }], description: 'S3: http(s)://HOST[:PORT] of an S3-compatible server (path-style addressing)' },
+      region: { anyOf: [{ type: 'string', maxLength: 32 }, { type: 'null' }], description: 'S3 region (default us-east-1)' },
+      credentials: {
+        anyOf: [
+          object({
+            accessKeyId: { type: 'string', minLength: 1, maxLength: 512, description: 'S3 access key id' },
+            secretAccessKey: { type: 'string', minLength: 1, maxLength: 512, description: 'S3 secret access key' },
+            sessionToken: { type: 'string', maxLength: 4096, description: 'S3 session token' },
+          }, ['accessKeyId', 'secretAccessKey']),
+          { type: 'null' },
+        ],
+        description: 'S3 credentials (stored, never returned); null removes them; absent keeps them',
       },
     },
-    ['name', 'sizeBytes'],
+    ['url'],
+  ),
+  backupTargetVerify: object({ volume: volumeName }),
+  backupCreate: object(
+    {
+      volume: volumeName,
+      snapshot: snapshotName,
+      labels: { type: 'object', additionalProperties: { type: 'string', maxLength: 256 }, maxProperties: 32, description: 'labels kept in the manifest (at most 32)' },
+    },
+    ['volume'],
+  ),
+  backupRestore: object(
+    {
+      name: volumeName,
+      numberOfReplicas,
+      sizeBytes,
+      standby: { type: 'boolean', description: 'a DR standby: keeps applying newer backups of the same volume until activated' },
+    },
+    ['name'],
   ),
   volumeAttach: object({
     nodeId: objectName,
@@ -91,6 +142,7 @@ export const bodies = {
 
 export const queries = {
   replicas: object({ volume: volumeName }),
+  backups: object({ volume: volumeName }),
   events: object({
     volume: volumeName,
     limit: { type: 'string', pattern: '^[0-9]{1,7}$', description: 'a whole number of events, 1-1000' },
@@ -108,6 +160,7 @@ const time: JsonSchema = { type: 'string', format: 'date-time' };
 const replicaMode: JsonSchema = { type: 'string', enum: ['RW', 'WO', 'ERR'] };
 const processState: JsonSchema = { type: 'string', enum: ['stopped', 'starting', 'running', 'error'] };
 const volumeState: JsonSchema = { type: 'string', enum: ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'] };
+const backupState: JsonSchema = { type: 'string', enum: ['pending', 'in-progress', 'completed', 'error'] };
 const robustness: JsonSchema = { type: 'string', enum: ['healthy', 'degraded', 'faulted', 'unknown'] };
 
 /** A view: every listed property is present (null where the type allows). */
@@ -127,6 +180,33 @@ export const views: Record<string, JsonSchema> = {
     rebuilding: bool, message: nullable(str), createdAt: time,
     lastRecovery: nullable({ $ref: '#/components/schemas/Recovery' }), lastVerify: nullable({ $ref: '#/components/schemas/Verify' }),
     engineLink: nullable({ $ref: '#/components/schemas/EngineLink' }),
+    restore: nullable(view({
+      backup: str, sourceVolume: str, standby: bool, state: backupState, applied: nullable(str),
+      progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
+    })),
+  }),
+  BackupTarget: view({
+    name: str, url: str, endpoint: nullable(str), region: nullable(str), credentials: { type: 'string', enum: ['set', 'none'] },
+    available: nullable(bool), message: nullable(str), checkedAt: nullable(time), lastSyncAt: nullable(time), lastGcAt: nullable(time),
+    lastGc: nullable(view({ tombstones: int, removedBlocks: int, keptClaimed: int })), backups: int,
+  }),
+  Backup: view({
+    name: str, volume: str, snapshot: str, state: backupState, progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int,
+    bytesPerSecond: num, message: nullable(str), labels: { type: 'object', additionalProperties: str }, url: str, requestedAt: time,
+    startedAt: nullable(time), completedAt: nullable(time), sizeBytes: int, base: nullable(str), uploadedBytes: nullable(int), readBytes: nullable(int),
+    blocks: nullable(int), deleting: bool,
+  }),
+  BackupSync: view({ volumes: int, added: { type: 'array', items: str }, removed: { type: 'array', items: str }, durationMs: num }),
+  BackupGc: view({ tombstones: int, candidates: int, removedBlocks: int, keptClaimed: int, manifestsRead: int }),
+  BackupTargetVerify: view({
+    url: str, blocksChecked: int, bytesRead: int, missingBlocks: int, corruptBlocks: int, durationMs: num,
+    backups: {
+      type: 'array',
+      items: view({
+        volume: str, backup: str, blocks: int, manifestError: nullable(str),
+        problems: { type: 'array', items: view({ hash: str, offset: int, problem: { type: 'string', enum: ['missing', 'corrupt'] }, message: str }) },
+      }),
+    },
   }),
   EngineLink: view({
     state: { type: 'string', enum: ['OPEN', 'CLOSE', 'REOPENING'], description: 'OPEN: forwarding to the engine; CLOSE: no engine, client requests held; REOPENING: held requests re-issued to a new engine' },

@@ -14,6 +14,7 @@ import fs from 'node:fs';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { ErrorCode, ZebuError } from '../errors.ts';
 import type { ManagerService } from '../manager/types.ts';
+import type { BackupService } from '../manager/backup-types.ts';
 import { errorBody, statusForCode, validationError, type SchemaError } from './http-errors.ts';
 import { createMetricsExporter } from './metrics.ts';
 import { openapiDocument } from './openapi.ts';
@@ -21,6 +22,8 @@ import { apiRoutes, type RouteSpec } from './routes.ts';
 
 export interface ApiServerOptions {
   service: ManagerService;
+  /** Backup targets and backups (absent: those routes answer 404). */
+  backups?: BackupService;
   /** The bearer token every request but /healthz must present. */
   token: string;
   /** fastify's request log (pino, to stdout). Off by default. */
@@ -84,9 +87,9 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
     },
   });
 
-  const metrics = createMetricsExporter(options.service);
+  const metrics = createMetricsExporter(options.service, options.backups);
   let document: Record<string, unknown> | null = null;
-  const routes: RouteSpec[] = apiRoutes(options.service, {
+  const routes: RouteSpec[] = apiRoutes(options.service, options.backups ?? null, {
     metrics: () => metrics.scrape(),
     metricsContentType: metrics.contentType,
     openapi: () => (document ??= openapiDocument(routes, { version: packageVersion() })),

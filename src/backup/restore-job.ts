@@ -31,6 +31,8 @@ export interface RestoreJobOptions {
   manifest: Manifest;
   /** What the volume holds already: a backup applied before (standby), or null for a new, all-zero volume. */
   applied: Manifest | null;
+  /** What the volume holds is unknown (its applied backup is gone): zero every block the manifest lacks. */
+  zeroOthers?: boolean;
   /** The volume's size; at least the manifest's. */
   sizeBytes: number;
   concurrency: number;
@@ -53,7 +55,10 @@ export async function runRestore(o: RestoreJobOptions): Promise<RestoreResult> {
   const before = new Map(o.applied?.blocks ?? []);
   const writes = manifest.blocks.filter(([index, hash]) => before.get(index) !== hash);
   const now = new Set(manifest.blocks.map(([index]) => index));
-  const zeroes = [...before.keys()].filter((index) => !now.has(index) && index * BACKUP_BLOCK_BYTES < manifest.sizeBytes);
+  const blockCount = Math.ceil(manifest.sizeBytes / BACKUP_BLOCK_BYTES);
+  const zeroes = o.zeroOthers
+    ? Array.from({ length: blockCount }, (_, i) => i).filter((index) => !now.has(index))
+    : [...before.keys()].filter((index) => !now.has(index) && index < blockCount);
   const totalBytes = writes.reduce((n, [i]) => n + blockLength(i), 0) + zeroes.reduce((n, i) => n + blockLength(i), 0);
   let doneBytes = 0;
   let lastProgress = 0;

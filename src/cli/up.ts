@@ -124,9 +124,13 @@ export async function up(args: UpArgs): Promise<void> {
           ? agent.engineRequest(volume, method, pathName, body)
           : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
     },
+    engineData: {
+      openEngineData: (node, volume) =>
+        node === agent.nodeId ? agent.openEngineData(volume) : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+    },
     log: (event) => log.info(event, String(event.event)),
   });
-  const api = await buildApiServer({ service: manager.service, token });
+  const api = await buildApiServer({ service: manager.service, backups: manager.backups, token });
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

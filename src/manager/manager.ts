@@ -11,10 +11,15 @@ import { VolumeController } from './volume-controller.ts';
 import { ManagerServiceImpl, type NodeAgents } from './service.ts';
 import { WorkQueue } from './work-queue.ts';
 import { Scrubber } from './scrubber.ts';
+import { BackupController, type EngineData } from './backup-controller.ts';
+import { BackupServiceImpl } from './backup-service.ts';
+import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
   store: Store;
   agents: NodeAgents;
+  /** How backups and restores reach a volume's engine (absent: they fail with UNSUPPORTED). */
+  engineData?: EngineData;
   defaultNodeId: string;
   resyncMs?: number;
   /** How often the scrub schedule is looked at (default 1 s). */
@@ -30,6 +35,8 @@ export class Manager {
   private readonly controller: VolumeController;
   private readonly queue: WorkQueue;
   readonly scrubber: Scrubber;
+  readonly backupController: BackupController;
+  readonly backups: BackupServiceImpl;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -51,7 +58,17 @@ export class Manager {
       agents: options.agents,
       defaultNodeId: options.defaultNodeId,
       kick: (name) => this.queue.add(name),
+      backupKick: () => this.backupController.kick(),
     });
+    this.backupController = new BackupController({
+      objects: this.objects,
+      settings: this.settings,
+      events: this.events,
+      engines: options.engineData ?? { openEngineData: () => Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, 'this manager cannot reach engines for backups')) },
+      defaultNodeId: options.defaultNodeId,
+      log: this.log,
+    });
+    this.backups = new BackupServiceImpl({ objects: this.objects, events: this.events, controller: this.backupController, volumes: this.service });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });
@@ -65,6 +82,7 @@ export class Manager {
     }, this.options.resyncMs ?? 10_000);
     this.resyncTimer.unref();
     this.scrubber.start();
+    this.backupController.start();
   }
 
   /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
@@ -113,7 +131,13 @@ export class Manager {
         // Placement may be possible now.
         void this.resync().catch(() => {});
         break;
+      case Kind.Backup:
+      case Kind.BackupTarget:
+        this.backupController.kick();
+        break;
     }
+    // A volume being restored moves on as it attaches and detaches.
+    if (event.kind === Kind.Volume || event.kind === Kind.Engine) this.backupController.kick();
   }
 
   /** Resolves when no reconcile is running or queued (tests). */
@@ -126,6 +150,7 @@ export class Manager {
     if (this.resyncTimer !== null) clearInterval(this.resyncTimer);
     this.watch?.close();
     await this.scrubber.stop();
+    await this.backupController.stop();
     await this.queue.stop();
   }
 }

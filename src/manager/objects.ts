@@ -21,6 +21,12 @@ export const Kind = {
   Disk: 'Disk',
   Setting: 'Setting',
   Event: 'Event',
+  /** The backup target (one, named "default"). */
+  BackupTarget: 'BackupTarget',
+  /** A backup in the catalog: what the target holds, or a backup asked for and under way. */
+  Backup: 'Backup',
+  /** Credentials, written by the API and read by the manager only; never returned by the API. */
+  Secret: 'Secret',
 } as const;
 export type Kind = (typeof Kind)[keyof typeof Kind];
 
@@ -37,6 +43,8 @@ export interface VolumeValue {
      * objects written before salvage existed: same as null.
      */
     salvage?: SalvageRequest | null;
+    /** Created from a backup (restore), or a DR standby that keeps applying newer backups. */
+    restore?: RestoreSpec | null;
   };
   status: {
     state: VolumeState;
@@ -61,9 +69,42 @@ export interface VolumeValue {
     engineLinkReissuedBefore?: number;
     /** A salvage under way: the engine of `epoch` is starting on `replicas`. */
     salvage?: { startedAt: string; epoch: number; replicas: string[]; auto: boolean } | null;
+    /** The restore (or standby apply) as the backup controller last wrote it. */
+    restore?: RestoreStatus | null;
   };
   createdAt: string;
   deletionRequestedAt: string | null;
+}
+
+export interface RestoreSpec {
+  /** The backup first restored. */
+  backup: string;
+  /** The volume the backups are of. */
+  sourceVolume: string;
+  /** Keep applying newer backups of sourceVolume; not attachable until activated. */
+  standby: boolean;
+  /** `zebu volume activate` asked for: apply the newest backup, then end standby. */
+  activateRequestedAt: string | null;
+}
+
+export type RestoreState = 'pending' | 'in-progress' | 'completed' | 'error';
+
+export interface RestoreStatus {
+  state: RestoreState;
+  /** The backup being applied (or last applied). */
+  backup: string;
+  /** The backup the volume's data equals (null until the first apply completed). */
+  applied: string | null;
+  doneBytes: number;
+  totalBytes: number;
+  bytesPerSecond: number;
+  startedAt: string | null;
+  completedAt: string | null;
+  message: string | null;
+  /** Transient failures retried so far in this apply. */
+  attempts: number;
+  /** The volume was attached by the restore (it detaches it again). */
+  attachedForRestore: boolean;
 }
 
 export interface SalvageRequest {
@@ -215,6 +256,61 @@ export interface EventValue {
   volume: string | null;
 }
 
+export interface BackupTargetValue {
+  spec: {
+    url: string;
+    /** S3: the endpoint of an S3-compatible server; null for AWS. */
+    endpoint: string | null;
+    region: string | null;
+    /** Whether the Secret `backup-target-credentials` holds credentials for it. */
+    hasCredentials: boolean;
+    /** Changed at every `set`: jobs of an older generation stop. */
+    generation: number;
+  };
+  status: {
+    /** Reachable and writable at the last check; null before the first. */
+    available: boolean | null;
+    message: string | null;
+    checkedAt: string | null;
+    lastSyncAt: string | null;
+    lastGcAt: string | null;
+    lastGc: { tombstones: number; removedBlocks: number; keptClaimed: number } | null;
+  };
+}
+
+export type BackupState = 'pending' | 'in-progress' | 'completed' | 'error';
+
+export interface BackupValue {
+  spec: {
+    volume: string;
+    /** The snapshot it is taken from. */
+    snapshot: string;
+    labels: Record<string, string>;
+    /** The target URL it belongs to. */
+    targetUrl: string;
+    requestedAt: string;
+    deletionRequestedAt: string | null;
+  };
+  status: {
+    state: BackupState;
+    doneBytes: number;
+    totalBytes: number;
+    bytesPerSecond: number;
+    startedAt: string | null;
+    completedAt: string | null;
+    message: string | null;
+    attempts: number;
+    /** From the manifest, once completed. */
+    sizeBytes: number;
+    base: string | null;
+    stats: { readBytes: number; uploadedBytes: number; uploadedBlocks: number; reusedBlocks: number; blocks: number } | null;
+  };
+}
+
+export interface SecretValue {
+  data: Record<string, string>;
+}
+
 export interface KindValues {
   Volume: VolumeValue;
   Engine: EngineValue;
@@ -224,6 +320,9 @@ export interface KindValues {
   Disk: DiskValue;
   Setting: SettingValue;
   Event: EventValue;
+  BackupTarget: BackupTargetValue;
+  Backup: BackupValue;
+  Secret: SecretValue;
 }
 
 const MAX_MUTATE_ATTEMPTS = 20;

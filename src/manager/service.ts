@@ -5,14 +5,14 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type Objects, type ReplicaValue, type VolumeValue } from './objects.ts';
+import { Kind, type EngineValue, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
 import { scheduleReplicas, diskRefusal } from './scheduler.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
-  VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
+  VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
 import { unrepairedRegions, verifyFromEngine } from './engine-reports.ts';
 
@@ -36,6 +36,8 @@ export interface ManagerServiceOptions {
   defaultNodeId: string;
   /** Wakes the volume controller for a volume now. */
   kick?: (volume: string) => void;
+  /** Wakes the backup controller (restores, standby). */
+  backupKick?: () => void;
 }
 
 function validateVolumeName(name: unknown, field = 'name'): string {
@@ -63,6 +65,50 @@ function stateConflict(message: string): ZebuError {
   return new ZebuError(ErrorCode.BUSY, message);
 }
 
+function restoreView(v: VolumeValue): VolumeRestoreView | null {
+  const spec = v.spec.restore ?? null;
+  if (spec === null) return null;
+  const s = v.status.restore ?? null;
+  const total = s?.totalBytes ?? 0;
+  return {
+    backup: s?.backup ?? spec.backup,
+    sourceVolume: spec.sourceVolume,
+    standby: spec.standby,
+    state: s?.state ?? 'pending',
+    applied: s?.applied ?? null,
+    progress: s?.state === 'completed' ? 1 : total > 0 ? Math.min(1, (s?.doneBytes ?? 0) / total) : 0,
+    doneBytes: s?.doneBytes ?? 0,
+    totalBytes: total,
+    bytesPerSecond: s?.bytesPerSecond ?? 0,
+    message: s?.message ?? null,
+    completedAt: s?.completedAt ?? null,
+  };
+}
+
+/** A volume whose data is not (yet) a whole backup is never reported healthy. */
+function restoreRobustness(v: VolumeValue): VolumeValue['status']['robustness'] {
+  const spec = v.spec.restore ?? null;
+  if (spec === null) return v.status.robustness;
+  const s = v.status.restore ?? null;
+  if (s?.state === 'error') return 'faulted';
+  if (s?.applied == null) return v.status.robustness === 'faulted' ? 'faulted' : 'unknown';
+  return v.status.robustness;
+}
+
+/** Why a user may not attach a volume being restored, or a DR standby; null when it may. */
+function restoreAttachRefusal(name: string, v: VolumeValue): string | null {
+  const spec = v.spec.restore ?? null;
+  if (spec === null) return null;
+  const s = v.status.restore ?? null;
+  if (spec.standby) return `volume ${name} is a DR standby of volume ${spec.sourceVolume}; activate it first (zebu volume activate ${name})`;
+  if (s?.state === 'error') return `volume ${name}: the restore of backup ${s.backup} failed (${s.message}); its data is incomplete — delete it and restore again`;
+  if (s === null || s.state !== 'completed' || s.attachedForRestore) {
+    const pct = s !== null && s.totalBytes > 0 ? ` (${Math.floor((100 * s.doneBytes) / s.totalBytes)}%)` : '';
+    return `volume ${name} is being restored from backup ${s?.backup ?? spec.backup}${pct}; attach it when the restore has completed`;
+  }
+  return null;
+}
+
 export class ManagerServiceImpl implements ManagerService {
   private readonly objects: Objects;
   private readonly settings: Settings;
@@ -70,6 +116,7 @@ export class ManagerServiceImpl implements ManagerService {
   private readonly agents: NodeAgents;
   private readonly defaultNodeId: string;
   private readonly kick: (volume: string) => void;
+  private readonly backupKick: () => void;
 
   constructor(options: ManagerServiceOptions) {
     this.objects = options.objects;
@@ -78,6 +125,7 @@ export class ManagerServiceImpl implements ManagerService {
     this.agents = options.agents;
     this.defaultNodeId = options.defaultNodeId;
     this.kick = options.kick ?? (() => {});
+    this.backupKick = options.backupKick ?? (() => {});
   }
 
   // ---- views -----------------------------------------------------------------------------------
@@ -109,7 +157,7 @@ export class ManagerServiceImpl implements ManagerService {
       currentSizeBytes: engine !== null && engine.value.status.state === 'running' && v.status.state === 'attached' ? engine.value.status.sizeBytes : null,
       numberOfReplicas: v.spec.numberOfReplicas,
       state: v.status.state,
-      robustness: v.status.robustness,
+      robustness: restoreRobustness(v),
       nodeId: v.spec.nodeId ?? v.status.currentNodeId,
       frontend: !v.spec.maintenance,
       endpoint: v.status.state === 'attached' ? v.status.endpoint : null,
@@ -121,6 +169,7 @@ export class ManagerServiceImpl implements ManagerService {
       lastRecovery: v.status.lastRecovery ?? null,
       lastVerify: v.status.lastVerify ?? null,
       engineLink: v.status.state === 'attached' && !v.spec.maintenance ? engine?.value.status.frontendLink ?? null : null,
+      restore: restoreView(v),
     };
   }
 
@@ -140,7 +189,25 @@ export class ManagerServiceImpl implements ManagerService {
 
   async createVolume(input: VolumeCreateInput): Promise<VolumeView> {
     const name = validateVolumeName(input.name);
-    const sizeBytes = validateSize(input.sizeBytes);
+    let restore: RestoreSpec | null = null;
+    let sizeBytes: number;
+    if (input.standby !== undefined && typeof input.standby !== 'boolean') throw invalid('standby must be true or false', 'standby');
+    if (input.fromBackup !== undefined) {
+      if (typeof input.fromBackup !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(input.fromBackup)) throw invalid(`fromBackup must be a backup name, got ${JSON.stringify(input.fromBackup)}`, 'fromBackup');
+      const backup = await this.objects.get(Kind.Backup, input.fromBackup);
+      if (backup === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${input.fromBackup} not found`);
+      if (backup.value.status.state !== 'completed') throw stateConflict(`backup ${input.fromBackup} is ${backup.value.status.state}; only a completed backup can be restored`);
+      if (backup.value.spec.deletionRequestedAt !== null) throw stateConflict(`backup ${input.fromBackup} is being deleted`);
+      const target = await this.objects.get(Kind.BackupTarget, 'default');
+      if (target === null || target.value.spec.url !== backup.value.spec.targetUrl) throw stateConflict(`backup ${input.fromBackup} is on ${backup.value.spec.targetUrl}, which is not the backup target now`);
+      const backupSize = backup.value.status.sizeBytes;
+      sizeBytes = input.sizeBytes === undefined ? backupSize : validateSize(input.sizeBytes);
+      if (sizeBytes < backupSize) throw invalid(`backup ${input.fromBackup} is ${backupSize} bytes; the volume must be at least that (asked ${sizeBytes})`, 'sizeBytes');
+      restore = { backup: input.fromBackup, sourceVolume: backup.value.spec.volume, standby: input.standby ?? false, activateRequestedAt: null };
+    } else {
+      if (input.standby === true) throw invalid('a standby volume is created from a backup (fromBackup)', 'standby');
+      sizeBytes = validateSize(input.sizeBytes);
+    }
     const count = input.numberOfReplicas ?? (await this.settings.int('default-replica-count'));
     if (!Number.isSafeInteger(count) || count < 1 || count > MAX_REPLICAS) throw invalid(`numberOfReplicas must be between 1 and ${MAX_REPLICAS}, got ${JSON.stringify(count)}`, 'numberOfReplicas');
     if ((await this.objects.get(Kind.Volume, name)) !== null) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
@@ -161,9 +228,9 @@ export class ManagerServiceImpl implements ManagerService {
     }
     try {
       await this.objects.create(Kind.Volume, name, {
-        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false },
+        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore },
         status: {
-          state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [],
+          state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [], restore: null,
         },
         createdAt: new Date().toISOString(),
         deletionRequestedAt: null,
@@ -172,7 +239,14 @@ export class ManagerServiceImpl implements ManagerService {
       if ((err as ZebuError).code === ErrorCode.EXISTS) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
       throw err;
     }
+    if (restore !== null) {
+      await this.events.record({
+        type: 'Normal', reason: 'RestoreCreated', kind: Kind.Volume, object: name, volume: name,
+        message: `volume ${name} created from backup ${restore.backup} of volume ${restore.sourceVolume}${restore.standby ? ' as a DR standby' : ''}`,
+      });
+    }
     this.kick(name);
+    this.backupKick();
     return this.view(name);
   }
 
@@ -193,10 +267,13 @@ export class ManagerServiceImpl implements ManagerService {
     if ((await this.objects.get(Kind.Node, nodeId)) === null) throw invalid(`node ${nodeId} not found`, 'nodeId');
     const v = volume.value;
     if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
+    const refusal = restoreAttachRefusal(name, v);
+    if (refusal !== null) throw stateConflict(refusal);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
     if (v.spec.nodeId === null && v.status.state === 'detaching') throw stateConflict(`volume ${name} is still detaching; try again when it is detached`);
+
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.spec.nodeId !== null) return false;
       x.spec.nodeId = nodeId;
@@ -218,11 +295,15 @@ export class ManagerServiceImpl implements ManagerService {
 
   async deleteVolume(name: string): Promise<VolumeView> {
     const volume = await this.mustVolume(name);
-    if (volume.value.spec.nodeId !== null) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
+    // A volume attached by its restore (not by a user) may be deleted: the restore stops.
+    const byRestore = volume.value.status.restore?.attachedForRestore === true;
+    if (volume.value.spec.nodeId !== null && !byRestore) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.deletionRequestedAt !== null) return false;
       x.deletionRequestedAt = new Date().toISOString();
+      if (byRestore) x.spec.nodeId = null;
     });
+    this.backupKick();
     await this.events.record({ type: 'Normal', reason: 'Deleting', message: `deleting volume ${name}`, kind: Kind.Volume, object: name, volume: name });
     this.kick(name);
     return this.view(name);
@@ -282,6 +363,20 @@ export class ManagerServiceImpl implements ManagerService {
       x.spec.salvage = { requestedAt: new Date().toISOString(), replicas: chosen, auto: false };
     });
     this.kick(name);
+    return this.view(name);
+  }
+
+  async activateVolume(name: string): Promise<VolumeView> {
+    const volume = await this.mustVolume(name);
+    const restore = volume.value.spec.restore ?? null;
+    if (restore === null || !restore.standby) throw stateConflict(`volume ${name} is not a DR standby volume; there is nothing to activate`);
+    if (volume.value.status.restore?.state === 'error') throw stateConflict(`volume ${name}: its last apply failed (${volume.value.status.restore.message}); it cannot be activated with incomplete data`);
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      if (x.spec.restore == null || x.spec.restore.activateRequestedAt !== null) return false;
+      x.spec.restore.activateRequestedAt = new Date().toISOString();
+    });
+    await this.events.record({ type: 'Normal', reason: 'VolumeActivating', message: `activating DR standby volume ${name}: the newest backup of volume ${restore.sourceVolume} is applied first`, kind: Kind.Volume, object: name, volume: name });
+    this.backupKick();
     return this.view(name);
   }
 

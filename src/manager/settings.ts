@@ -89,6 +89,21 @@ export const SETTINGS = {
     description: 'Cron expression (5 fields, or 6 with seconds first) at which every attached volume is verified (replicas compared region by region; no repair); "" = never.',
     check: checkCronExpression,
   },
+  'backup-concurrency': {
+    type: 'int', default: '4', min: 1, max: 64,
+    description: 'Blocks (2 MiB) a backup or a restore reads, compresses, hashes and transfers at once.',
+  },
+  'backup-compression': {
+    type: 'string', default: 'zstd',
+    description: 'How new backup blocks are compressed: "zstd" or "none" (a block that does not shrink is stored as is).',
+    check: (value) => {
+      if (value !== 'zstd' && value !== 'none') throw new Error('must be "zstd" or "none"');
+    },
+  },
+  'backup-target-poll-interval-seconds': {
+    type: 'int', default: '300', min: 0, max: 86400,
+    description: 'How often the catalog of backups is synced from the backup target (backups written by another cluster appear; DR standby volumes see new backups); 0 = only on `zebu backup-target sync`.',
+  },
 } as const satisfies Record<string, SettingDefinition>;
 
 export type SettingName = keyof typeof SETTINGS;

@@ -55,6 +55,25 @@ export interface VolumeView {
   lastVerify: VerifyView | null;
   /** The NBD frontend's link to the engine (while attached with a frontend); null otherwise. */
   engineLink: EngineLinkView | null;
+  /** Created from a backup: the restore's progress; for a DR standby, the backups it applies. Null otherwise. */
+  restore: VolumeRestoreView | null;
+}
+
+export interface VolumeRestoreView {
+  /** The backup being applied or last applied. */
+  backup: string;
+  sourceVolume: string;
+  standby: boolean;
+  state: 'pending' | 'in-progress' | 'completed' | 'error';
+  /** The backup the volume's data equals; null until the first apply completed. */
+  applied: string | null;
+  /** 0..1 of the apply under way (1 when completed). */
+  progress: number;
+  doneBytes: number;
+  totalBytes: number;
+  bytesPerSecond: number;
+  message: string | null;
+  completedAt: string | null;
 }
 
 /**
@@ -124,7 +143,12 @@ export interface VolumeVerifyInput {
 
 export interface VolumeCreateInput {
   name: string;
-  sizeBytes: number;
+  /** Required unless fromBackup (then at least the backup's size; absent: the backup's size). */
+  sizeBytes?: number;
+  /** Restore this backup into the new volume. */
+  fromBackup?: string;
+  /** With fromBackup: a DR standby that keeps applying newer backups of the same volume. */
+  standby?: boolean;
   /** Absent: the `default-replica-count` setting. */
   numberOfReplicas?: number;
 }
@@ -265,6 +289,8 @@ export interface ManagerService {
    * (new epoch) starts on them; its start-up rule picks the source. Returns at once.
    */
   salvageVolume(name: string, input: VolumeSalvageInput): Promise<VolumeView>;
+  /** A DR standby: apply the newest backup, then end the standby (returns at once; poll). */
+  activateVolume(name: string): Promise<VolumeView>;
   /** Compares the replicas of an attached volume (and repairs, when asked); waits for the answer. */
   verifyVolume(name: string, input: VolumeVerifyInput): Promise<VerifyView>;
 

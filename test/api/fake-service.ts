@@ -119,8 +119,10 @@ export class FakeManagerService implements ManagerService {
 
   async createVolume(input: VolumeCreateInput): Promise<VolumeView> {
     this.enter('createVolume');
-    const { name, sizeBytes } = input;
+    const { name } = input;
     if (typeof name !== 'string' || !VOLUME_NAME.test(name)) throw invalid(`volume name must be 1-63 characters of [a-z0-9._-], got ${JSON.stringify(name)}`, 'name');
+    if (input.fromBackup !== undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${input.fromBackup} not found`);
+    const sizeBytes = input.sizeBytes as number;
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 4096 !== 0) throw invalid(`sizeBytes must be a multiple of 4096, got ${sizeBytes}`, 'sizeBytes');
     const count = input.numberOfReplicas ?? Number(this.settings[0].value);
     if (count > this.disks.length) throw invalid(`only ${this.disks.length} of ${count} replicas can be placed: no more disks`, 'numberOfReplicas');
@@ -130,7 +132,7 @@ export class FakeManagerService implements ManagerService {
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
-      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null,
+      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null,
     };
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
@@ -151,6 +153,12 @@ export class FakeManagerService implements ManagerService {
     const view = this.read(this.must(name));
     if (view === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${name} not found`);
     return view;
+  }
+
+  async activateVolume(name: string): Promise<VolumeView> {
+    this.enter('activateVolume');
+    this.must(name);
+    throw new ZebuError(ErrorCode.BUSY, `volume ${name} is not a DR standby volume; there is nothing to activate`);
   }
 
   async attachVolume(name: string, input: VolumeAttachInput): Promise<VolumeView> {

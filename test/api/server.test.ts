@@ -69,6 +69,7 @@ async function pollVolume(app: FastifyInstance, name: string, done: (a: Answer) 
 const ROUTES = [
   'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json',
   'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}',
+  'POST /v1/volumes/{name}/activate',
   'POST /v1/volumes/{name}/attach', 'POST /v1/volumes/{name}/detach', 'POST /v1/volumes/{name}/expand',
   'POST /v1/volumes/{name}/salvage', 'POST /v1/volumes/{name}/verify',
   'GET /v1/volumes/{name}/snapshots', 'POST /v1/volumes/{name}/snapshots', 'DELETE /v1/volumes/{name}/snapshots/{snapshot}',

@@ -15,7 +15,7 @@ export interface TestS3 {
   credentials: { accessKeyId: string; secretAccessKey: string };
   /** Objects stored, for looking at the bucket from the outside (key -> file). */
   dir: string;
-  failNext(count: number, status?: number): void;
+  failNext(count: number, status?: number): void | Promise<void>;
   requests(): number;
   stop(): Promise<void>;
   start(): Promise<void>;
@@ -82,4 +82,68 @@ export async function startTestS3(root: string, bucket = 'zebu-backups'): Promis
       await server.close();
     },
   };
+}
+
+/**
+ * The same server in a child process, for tests whose own process blocks (spawnSync of the CLI):
+ * an in-process server could not answer meanwhile. Controlled over the IPC channel.
+ */
+export async function startTestS3Process(root: string, bucket = 'zebu-backups'): Promise<TestS3> {
+  const { fork } = await import('node:child_process');
+  const child = fork(new URL(import.meta.url), ['--serve', root, bucket], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  child.on('error', () => {}); // a send racing the kill at the end
+  let requestsSeen = 0;
+  const ask = (message: Record<string, unknown>): Promise<Record<string, unknown>> =>
+    new Promise((resolve, reject) => {
+      const onMessage = (answer: Record<string, unknown>): void => {
+        if (answer.requests !== undefined) requestsSeen = answer.requests as number;
+        child.off('exit', onExit);
+        resolve(answer);
+      };
+      const onExit = (): void => reject(new Error('the S3 test server exited'));
+      child.once('message', onMessage);
+      child.once('exit', onExit);
+      child.send(message);
+    });
+  const ready = await ask({ op: 'ready' });
+  return {
+    endpoint: ready.endpoint as string,
+    bucket,
+    credentials: ready.credentials as TestS3['credentials'],
+    dir: ready.dir as string,
+    failNext: async (count, status = 500) => void (await ask({ op: 'failNext', count, status })),
+    requests: () => requestsSeen,
+    stop: async () => void (await ask({ op: 'stop' })),
+    start: async () => void (await ask({ op: 'start' })),
+    close: async () => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      child.kill('SIGKILL');
+      await exited;
+    },
+  };
+}
+
+if (process.argv[2] === '--serve' && process.send !== undefined) {
+  const server = await startTestS3(process.argv[3], process.argv[4]);
+  process.on('message', (message: { op: string; count?: number; status?: number }) => {
+    const answer = async (): Promise<Record<string, unknown>> => {
+      switch (message.op) {
+        case 'ready':
+          return { endpoint: server.endpoint, credentials: server.credentials, dir: server.dir };
+        case 'failNext':
+          server.failNext(message.count ?? 1, message.status);
+          return {};
+        case 'stop':
+          await server.stop();
+          return {};
+        case 'start':
+          await server.start();
+          return {};
+      }
+      return {};
+    };
+    void answer().then((a) => process.send!({ ...a, requests: server.requests() }));
+  });
+  process.on('disconnect', () => process.exit(0));
 }

@@ -80,6 +80,7 @@ function volumeDetails(v: VolumeView): string {
     ['last recovery', v.lastRecovery === null ? null : recoveryLine(v.lastRecovery)],
     ['last verify', v.lastVerify === null ? null : verifyLine(v.lastVerify)],
     ['engine link', v.engineLink === null ? null : engineLinkLine(v.engineLink)],
+    ['restore', v.restore === null ? null : restoreLine(v)],
   ]);
   if (v.replicas.length === 0) return head;
   const replicas = table(
@@ -87,6 +88,18 @@ function volumeDetails(v: VolumeView): string {
     v.replicas.map((r) => [r.name, r.nodeId, r.diskId, r.state, r.mode, r.rebuildProgress === null ? null : formatPercent(r.rebuildProgress), r.failedAt]),
   );
   return `${head}\n${replicas}`;
+}
+
+/** "DR standby of db: backup-x applied; in-progress backup-y 40%, 120 MiB/s". */
+function restoreLine(v: VolumeView): string {
+  const r = v.restore!;
+  const parts = [r.standby ? `DR standby of volume ${r.sourceVolume}` : `from volume ${r.sourceVolume}`];
+  if (r.applied !== null) parts.push(`backup ${r.applied} applied${r.completedAt !== null ? ` at ${r.completedAt}` : ''}`);
+  if (r.state !== 'completed' || r.applied !== r.backup) {
+    parts.push(`${r.state} ${r.backup} ${formatPercent(r.progress)}${r.bytesPerSecond > 0 ? `, ${formatBytes(r.bytesPerSecond)}/s` : ''}`);
+  }
+  if (r.message !== null) parts.push(r.message);
+  return parts.join('; ');
 }
 
 function formatDuration(ms: number): string {

@@ -10,6 +10,7 @@
 import type { Command } from 'commander';
 
 type Commands = typeof import('./commands.ts');
+type BackupCommands = typeof import('./backup-commands.ts');
 
 function failOneLine(err: unknown): never {
   const message = err instanceof Error ? err.message : String(err);
@@ -20,6 +21,12 @@ function failOneLine(err: unknown): never {
 /** Runs one client command: loads the implementations, then exits 0 (open keep-alive sockets must not hold the process). */
 function run(action: (commands: Commands) => Promise<void>): Promise<void> {
   return import('./commands.ts')
+    .then(action)
+    .then(() => process.exit(0), failOneLine);
+}
+
+function runBackup(action: (commands: BackupCommands) => Promise<void>): Promise<void> {
+  return import('./backup-commands.ts')
     .then(action)
     .then(() => process.exit(0), failOneLine);
 }
@@ -55,10 +62,14 @@ function group(program: Command, name: string, description: string): Command {
 
 export function registerClientCommands(program: Command): void {
   const volume = group(program, 'volume', 'volumes');
-  clientCommand(volume, 'create <NAME>', 'create a volume (replicas are placed now; it starts detached)')
-    .requiredOption('--size <SIZE>', 'size: bytes or with a unit (1GiB, 512MiB); a multiple of 4096')
+  waiting(clientCommand(volume, 'create <NAME>', 'create a volume (replicas are placed now; it starts detached), or restore a backup into it'), 'for a restore to finish')
+    .option('--size <SIZE>', 'size: bytes or with a unit (1GiB, 512MiB); a multiple of 4096 (with --from-backup: default the backup\'s size)')
     .option('--replicas <N>', 'number of replicas (default: the default-replica-count setting)')
-    .action((name: string, opts) => run((c) => c.volumeCreate(name, opts)));
+    .option('--from-backup <BACKUP>', 'restore this backup into the new volume')
+    .option('--standby', 'with --from-backup: a DR standby that keeps applying newer backups of the same volume until activated')
+    .action((name: string, opts) => (opts.fromBackup !== undefined ? runBackup((c) => c.volumeCreateFromBackup(name, opts)) : run((c) => c.volumeCreate(name, opts))));
+  waiting(clientCommand(volume, 'activate <NAME>', 'activate a DR standby volume: apply the newest backup, then allow attaching it'), 'until it is activated')
+    .action((name: string, opts) => runBackup((c) => c.volumeActivate(name, opts)));
   clientCommand(volume, 'list', 'list volumes')
     .action((opts) => run((c) => c.volumeList(opts)));
   clientCommand(volume, 'get <NAME>', 'show a volume and its replicas')
@@ -126,6 +137,43 @@ export function registerClientCommands(program: Command): void {
     .action((name: string, opts) => run((c) => c.settingGet(name, opts)));
   clientCommand(setting, 'set <NAME> <VALUE>', 'change a setting')
     .action((name: string, value: string, opts) => run((c) => c.settingSet(name, value, opts)));
+
+  const target = group(program, 'backup-target', 'where backups are kept');
+  clientCommand(target, 'set <URL>', 'set the backup target: file:///DIR or s3://BUCKET/PREFIX; it is checked at once')
+    .option('--endpoint <URL>', 'S3: http(s)://HOST[:PORT] of an S3-compatible server')
+    .option('--region <REGION>', 'S3 region (default us-east-1)')
+    .option('--credential-file <FILE>', 'S3 credentials: JSON {"accessKeyId","secretAccessKey"} or AWS_ACCESS_KEY_ID=/AWS_SECRET_ACCESS_KEY= lines (stored, never shown)')
+    .action((url: string, opts) => runBackup((c) => c.backupTargetSet(url, opts)));
+  clientCommand(target, 'get', 'show the backup target and whether it is reachable')
+    .action((opts) => runBackup((c) => c.backupTargetGet(opts)));
+  clientCommand(target, 'check', 'check that the target is reachable and writable; exit status 1 when not')
+    .action((opts) => runBackup((c) => c.backupTargetCheck(opts)));
+  clientCommand(target, 'sync', 'rebuild the catalog of backups from the target')
+    .action((opts) => runBackup((c) => c.backupTargetSync(opts)));
+  clientCommand(target, 'verify', 'read every block of every backup and check its hash; exit status 1 when one is missing or corrupt')
+    .option('--volume <VOLUME>', 'only the backups of this volume')
+    .action((opts) => runBackup((c) => c.backupTargetVerify(opts)));
+  clientCommand(target, 'gc', 'remove blocks no backup refers to (runs by itself after deletes)')
+    .action((opts) => runBackup((c) => c.backupTargetGc(opts)));
+
+  const backup = group(program, 'backup', 'backups of volumes');
+  waiting(clientCommand(backup, 'create <VOLUME>', 'back up an attached volume (a snapshot is taken first unless --snapshot names one)'), 'for the backup to complete')
+    .option('--snapshot <SNAPSHOT>', 'back up this existing snapshot')
+    .option('--label <KEY=VALUE>', 'a label kept with the backup (repeat for more)', (value: string, previous: string[] = []) => [...previous, value])
+    .action((volumeName: string, opts) => runBackup((c) => c.backupCreate(volumeName, opts)));
+  clientCommand(backup, 'list', 'list backups')
+    .option('--volume <VOLUME>', 'only the backups of this volume')
+    .action((opts) => runBackup((c) => c.backupList(opts)));
+  clientCommand(backup, 'get <NAME>', 'show a backup')
+    .action((name: string, opts) => runBackup((c) => c.backupGet(name, opts)));
+  waiting(clientCommand(backup, 'delete <NAME>', 'delete a backup (its blocks no other backup uses are collected)', { json: false }), 'until it is gone')
+    .action((name: string, opts) => runBackup((c) => c.backupDelete(name, opts)));
+  waiting(clientCommand(backup, 'restore <BACKUP>', 'restore a backup into a new volume'), 'for the restore to finish')
+    .requiredOption('--to <NEWVOL>', 'the new volume')
+    .option('--replicas <N>', 'number of replicas (default: the default-replica-count setting)')
+    .option('--size <SIZE>', 'size of the new volume (default: the backup\'s)')
+    .option('--standby', 'a DR standby: keeps applying newer backups of the same volume until activated')
+    .action((backupName: string, opts) => runBackup((c) => c.backupRestore(backupName, opts)));
 
   clientCommand(program, 'events', 'events, newest first')
     .option('--volume <VOLUME>', 'only the events of this volume')

@@ -24,12 +24,12 @@ export interface WaitOptions {
   progress?: (volume: VolumeView) => Progress;
 }
 
-interface Bar {
+export interface Bar {
   update(progress: Progress): void;
   stop(): void;
 }
 
-async function progressBar(title: string): Promise<Bar | null> {
+export async function progressBar(title: string): Promise<Bar | null> {
   if (process.stderr.isTTY !== true) return null;
   // Loaded only on a terminal: scripts and tests never pay for it.
   const { default: cliProgress } = await import('cli-progress');
