@@ -1353,12 +1353,15 @@ export class Engine implements BlockBackend {
     try {
       info = await this.openChecked(client, key, named);
       const empty = info.revision === 0 && info.layerCount === 1 && !info.hasBase && !info.rebuilding;
-      if (!empty) {
+      // Revision 0 is also a replica that took writes and lost them all before its first flush
+      // (killed, power cut): it was in the set (writeEpoch) or logged regions it wrote. A map
+      // for it brings it back by a delta, as any replica behind; only a new one is copied whole.
+      const served = info.writeEpoch > 0 || info.activeRegions > 0;
+      if (!empty || served) {
         const delta = await this.deltaSource(key, info, client);
         if (typeof delta === 'string') {
-          throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
-        }
-        mapHolder = delta;
+          if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
+        } else mapHolder = delta;
       }
       if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
       if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} has ${info.sizeBytes} bytes, the volume ${this.sizeBytes}`);

@@ -292,3 +292,36 @@ test('a delta rebuild stopped midway (engine SIGKILLed) is done again as a delta
   assert.deepEqual(digests[2], digests[0]);
   assert.deepEqual(digests[1], digests[0]);
 });
+
+test('a replica that lost every write before its first flush (revision 0) comes back by a delta, a new one at its address in full', async (t) => {
+  const { dir, secretFile, secret, replicas, entries, first: engine, client } = await startVolume(t, 2, SIZE);
+  // Writes, no flush: replica 1 keeps revision 0 on disk; its write-intent log has the regions.
+  await Promise.all([client.write(2 * REGION, pattern(21, MiB)), client.write(7 * REGION, pattern(22, MiB))]);
+  replicas[1].child.kill('SIGKILL');
+  await replicas[1].exited;
+  await waitFor('replica 1 ERR', async () => (await engineInfo(engine.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  await writeThrough(client, 11 * REGION, MiB, 23);
+
+  replicas[1] = await restartReplica(t, dir, 1, SIZE, secretFile, replicas[1].port);
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: entries[1] });
+  await waitFor('replica 1 RW', async () => (await engineInfo(engine.control)).replicas[1].mode === 'RW', 30_000, 20);
+  const rebuilt = (await engineInfo(engine.control)).lastRebuild!;
+  assert.equal(rebuilt.delta, true, 'a delta, not a full copy');
+  assert.ok(rebuilt.copiedBytes <= 4 * REGION, `copied ${rebuilt.copiedBytes} bytes: the regions written meanwhile and its own active ones`);
+  assert.equal((await verify(engine.control)).differing.length, 0);
+
+  // A new, empty replica at the same address and key is copied whole (no map applies to it).
+  await writeThrough(client, 0, SIZE, 24);
+  replicas[1].child.kill('SIGKILL');
+  await replicas[1].exited;
+  await waitFor('replica 1 ERR again', async () => (await engineInfo(engine.control)).replicas[1].mode === 'ERR', 30_000, 20);
+  fs.rmSync(path.join(dir, 'replica-1'), { recursive: true, force: true });
+  replicas[1] = await restartReplica(t, dir, 1, SIZE, secretFile, replicas[1].port);
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: entries[1] });
+  await waitFor('replica 1 RW again', async () => (await engineInfo(engine.control)).replicas[1].mode === 'RW', 30_000, 20);
+  const full = (await engineInfo(engine.control)).lastRebuild!;
+  assert.equal(full.delta, false);
+  assert.equal((await verify(engine.control)).differing.length, 0);
+  const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 1, SIZE)));
+  assert.deepEqual(digests[0], digests[1]);
+});
