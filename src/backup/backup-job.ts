@@ -175,6 +175,8 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
     manifest.stats.blocks = manifest.blocks.length;
     manifest.stats.reusedBlocks = manifest.blocks.length - manifest.stats.uploadedBlocks;
     manifest.completedAt = new Date().toISOString();
+    // Every block it names is durable before the manifest is.
+    await repo.flushBlocks();
     await repo.writeManifest(manifest);
     await repo.deletePartial(o.volume, o.name);
     const record = await repo.readVolume(o.volume).catch(() => null);

@@ -138,8 +138,13 @@ export class BackupRepository {
 
   // ---- blocks -------------------------------------------------------------------------------
 
+  /** Durable only after flushBlocks(): a manifest is written only after that. */
   putBlock(hash: string, encoded: Buffer): Promise<void> {
-    return this.target.put(blockKey(hash), encoded);
+    return this.target.put(blockKey(hash), encoded, { deferSync: true });
+  }
+
+  flushBlocks(): Promise<void> {
+    return this.target.flush();
   }
 
   /** The block's content, checked against its hash; EIO naming it when missing or corrupt. */

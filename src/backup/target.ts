@@ -36,10 +36,20 @@ export interface TargetListing {
   prefixes: string[];
 }
 
+export interface PutOptions {
+  /**
+   * The object need not be durable when put() resolves, only after the next flush() (blocks:
+   * one flush before the manifest that names them, instead of one per block).
+   */
+  deferSync?: boolean;
+}
+
 export interface BackupTarget {
   /** The target's URL as the user gave it (never with credentials). */
   readonly url: string;
-  put(key: string, data: Buffer): Promise<void>;
+  put(key: string, data: Buffer, options?: PutOptions): Promise<void>;
+  /** Makes every object put with deferSync durable. */
+  flush(): Promise<void>;
   get(key: string): Promise<Buffer | null>;
   exists(key: string): Promise<boolean>;
   /** No error when the key is already gone. */
@@ -131,6 +141,8 @@ export function openTarget(url: string, options: TargetOptions = {}): BackupTarg
 export class FileTarget implements BackupTarget {
   readonly url: string;
   readonly root: string;
+  /** Files put with deferSync and not yet flushed, and their directories. */
+  private readonly unsynced = new Set<string>();
 
   constructor(url: string, root: string) {
     this.url = url;
@@ -142,7 +154,7 @@ export class FileTarget implements BackupTarget {
     return path.join(this.root, key);
   }
 
-  async put(key: string, data: Buffer): Promise<void> {
+  async put(key: string, data: Buffer, options: PutOptions = {}): Promise<void> {
     const file = this.full(key);
     const dir = path.dirname(file);
     const tmp = path.join(dir, `.tmp-${path.basename(file)}-${crypto.randomBytes(6).toString('hex')}`);
@@ -151,22 +163,46 @@ export class FileTarget implements BackupTarget {
       const handle = await fsp.open(tmp, 'w', 0o644);
       try {
         await handle.writeFile(data);
-        await handle.datasync();
+        if (options.deferSync !== true) await handle.datasync();
       } finally {
         await handle.close();
       }
       await fsp.rename(tmp, file);
+      if (options.deferSync === true) {
+        this.unsynced.add(file);
+        this.unsynced.add(dir);
+        return;
+      }
       // The rename is durable once the directory is: a manifest must not vanish in a power cut
       // after the backup said it completed.
-      const dirHandle = await fsp.open(dir, 'r');
-      try {
-        await dirHandle.sync();
-      } finally {
-        await dirHandle.close();
-      }
+      await syncPath(dir);
     } catch (err) {
       await fsp.rm(tmp, { force: true }).catch(() => {});
       throw fileError(err, `write ${key}`, this.root);
+    }
+  }
+
+  async flush(): Promise<void> {
+    const paths = [...this.unsynced];
+    this.unsynced.clear();
+    try {
+      // Files first, then the directories holding their names; a few at a time.
+      const files = paths.filter((p) => !p.endsWith('/') && !this.isDir(p));
+      const dirs = paths.filter((p) => !files.includes(p));
+      for (const group of [files, dirs]) {
+        for (let i = 0; i < group.length; i += 32) await Promise.all(group.slice(i, i + 32).map((p) => syncPath(p)));
+      }
+    } catch (err) {
+      for (const p of paths) this.unsynced.add(p);
+      throw fileError(err, 'make blocks durable', this.root);
+    }
+  }
+
+  private isDir(p: string): boolean {
+    try {
+      return fs.statSync(p).isDirectory();
+    } catch {
+      return false;
     }
   }
 
@@ -217,6 +253,16 @@ export class FileTarget implements BackupTarget {
   }
 
   close(): void {}
+}
+
+/** fsync of a file or a directory (a directory's fsync makes the names in it durable). */
+async function syncPath(p: string): Promise<void> {
+  const handle = await fsp.open(p, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
 }
 
 function fileError(err: unknown, what: string, root: string): ZebuError {
@@ -300,6 +346,7 @@ export class S3Target implements BackupTarget {
   }
 
   async put(key: string, data: Buffer): Promise<void> {
+    // An S3 PUT is durable when it is answered.
     const Key = this.key(key);
     await this.call(`write ${key}`, () => this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.length })));
   }
@@ -350,6 +397,8 @@ export class S3Target implements BackupTarget {
     } while (token !== undefined);
     return { keys, prefixes };
   }
+
+  async flush(): Promise<void> {}
 
   /** The bucket exists and the credentials reach it. */
   async headBucket(): Promise<void> {

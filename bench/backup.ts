@@ -1,0 +1,162 @@
+/**
+ * Backup and restore speed, in one run on this machine, through `zebu up` (2 replicas):
+ *   - baselines on the same bytes (a file of random data as large as the volume): `cp` to the
+ *     target's disk plus sync, and `zstd -1` (one thread, and all cores) — what copying and
+ *     compressing them costs here;
+ *   - a full backup of the volume holding those bytes, to a file target;
+ *   - an incremental backup after 1% of the volume changed: bytes read and uploaded;
+ *   - a restore of the full backup into a new volume.
+ * Target (issue 12): the full backup at least half as fast as the baseline compressor; the
+ * incremental one reads and uploads at most 2% of the volume.
+ * Run on demand: `npm run bench:backup`. BENCH_SIZE_MIB (default 1024).
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+const MiB = 1024 * 1024;
+const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
+const SIZE = SIZE_MIB * MiB;
+
+const children: ChildProcess[] = [];
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+});
+
+function mustSpawn(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { maxBuffer: 64 * 1024 * 1024 });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout.toString();
+}
+
+function timed(fn: () => void): number {
+  const started = performance.now();
+  fn();
+  return (performance.now() - started) / 1000;
+}
+
+async function zebuUp(dataDir: string): Promise<{ api: string; token: string; nbd: string; child: ChildProcess }> {
+  const child = spawn(process.execPath, [MAIN, 'up', '--data-dir', dataDir, '--api', '127.0.0.1:0', '--nbd', '127.0.0.1:0', '--disks', '2'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  children.push(child);
+  const ready = await new Promise<Record<string, unknown>>((resolve, reject) => {
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+      try {
+        const msg = JSON.parse(line);
+        if (msg.ready) resolve(msg);
+      } catch {
+        // a log line
+      }
+    });
+    child.once('exit', (code) => reject(new Error(`zebu up exited ${code}`)));
+  });
+  return { api: String(ready.api), token: fs.readFileSync(String(ready.tokenFile), 'utf8').trim(), nbd: String(ready.nbd), child };
+}
+
+async function main(): Promise<void> {
+  for (const tool of ['nbdcopy', 'nbdkit', 'zstd']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} is needed (apt-get install ${tool === 'nbdcopy' ? 'libnbd-bin' : tool})`);
+  }
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zb-'));
+  const up = await zebuUp(path.join(root, 'data'));
+  const call = async <T>(method: string, pathName: string, body?: unknown): Promise<T> => {
+    const r = await fetch(`${up.api}${pathName}`, { method, headers: { authorization: `Bearer ${up.token}`, ...(body !== undefined ? { 'content-type': 'application/json' } : {}) }, body: body === undefined ? undefined : JSON.stringify(body) });
+    const text = await r.text();
+    if (!r.ok) throw new Error(`${method} ${pathName}: ${r.status} ${text}`);
+    return JSON.parse(text) as T;
+  };
+  const poll = async <T>(pathName: string, done: (x: T) => boolean): Promise<T> => {
+    for (;;) {
+      const x = await call<T>('GET', pathName);
+      if (done(x)) return x;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  };
+  try {
+    const targetDir = path.join(root, 'target');
+    const source = path.join(root, 'random.img');
+    process.stderr.write(`writing ${SIZE_MIB} MiB of random data...\n`);
+    const fd = fs.openSync(source, 'w');
+    for (let off = 0; off < SIZE; off += 64 * MiB) fs.writeSync(fd, crypto.randomBytes(Math.min(64 * MiB, SIZE - off)));
+    fs.closeSync(fd);
+
+    // Baselines (the page cache holds the file for all of them, as it does for the volume's replicas).
+    const cpSeconds = timed(() => {
+      mustSpawn('cp', [source, path.join(root, 'copy.img')]);
+      mustSpawn('sync', []);
+    });
+    fs.rmSync(path.join(root, 'copy.img'));
+    const zstd1Seconds = timed(() => mustSpawn('zstd', ['-q', '-1', '-f', source, '-o', path.join(root, 'z1.zst')]));
+    const zstdAllSeconds = timed(() => mustSpawn('zstd', ['-q', '-1', '-T0', '-f', source, '-o', path.join(root, 'zt.zst')]));
+    fs.rmSync(path.join(root, 'z1.zst'));
+    fs.rmSync(path.join(root, 'zt.zst'));
+
+    await call('PUT', '/v1/backuptargets/default', { url: `file://${targetDir}` });
+    await call('POST', '/v1/volumes', { name: 'bench', sizeBytes: SIZE, numberOfReplicas: 2 });
+    await call('POST', '/v1/volumes/bench/attach', {});
+    await poll<{ state: string; endpoint: string | null }>('/v1/volumes/bench', (v) => v.state === 'attached' && v.endpoint !== null);
+    const uri = `nbd://${up.nbd}/bench`;
+    process.stderr.write('filling the volume...\n');
+    mustSpawn('nbdcopy', ['--flush', source, uri]);
+
+    const backup = async (): Promise<{ seconds: number; readBytes: number; uploadedBytes: number }> => {
+      const started = performance.now();
+      const b = await call<{ name: string }>('POST', '/v1/backups', { volume: 'bench' });
+      const done = await poll<{ state: string; readBytes: number; uploadedBytes: number; message: string | null }>(`/v1/backups/${b.name}`, (x) => x.state === 'completed' || x.state === 'error');
+      if (done.state !== 'completed') throw new Error(`backup failed: ${done.message}`);
+      return { seconds: (performance.now() - started) / 1000, readBytes: done.readBytes, uploadedBytes: done.uploadedBytes };
+    };
+    process.stderr.write('full backup...\n');
+    const full = await backup();
+
+    // 1% of the volume changes: 2 MiB writes at random 2 MiB-aligned places.
+    const changed = Math.max(1, Math.round((SIZE * 0.01) / (2 * MiB)));
+    const chunk = path.join(root, 'chunk.img');
+    for (let i = 0; i < changed; i++) {
+      fs.writeFileSync(chunk, crypto.randomBytes(2 * MiB));
+      const offset = crypto.randomInt(SIZE / (2 * MiB)) * 2 * MiB;
+      mustSpawn('nbdcopy', ['--flush', chunk, '--', '[', 'nbdkit', '--exit-with-parent', '--filter=offset', 'nbd', `uri=${uri}`, `offset=${offset}`, `range=${2 * MiB}`, ']']);
+    }
+    process.stderr.write('incremental backup...\n');
+    const incremental = await backup();
+
+    process.stderr.write('restore...\n');
+    const fullName = (await call<{ name: string; base: string | null }[]>('GET', '/v1/backups')).find((b) => b.base === null)!.name;
+    const restoreStarted = performance.now();
+    await call('POST', `/v1/backups/${fullName}/restore`, { name: 'restored', numberOfReplicas: 2 });
+    const restored = await poll<{ state: string; restore: { state: string; message: string | null } | null }>('/v1/volumes/restored', (v) => v.restore?.state === 'error' || (v.restore?.state === 'completed' && v.state === 'detached'));
+    if (restored.restore?.state !== 'completed') throw new Error(`restore failed: ${restored.restore?.message}`);
+    const restoreSeconds = (performance.now() - restoreStarted) / 1000;
+
+    const mbps = (bytes: number, seconds: number): string => (bytes / MiB / seconds).toFixed(0);
+    const pct = (bytes: number): string => `${((100 * bytes) / SIZE).toFixed(2)}%`;
+    const rows: [string, string, string, string][] = [
+      ['baseline: cp + sync', cpSeconds.toFixed(2), mbps(SIZE, cpSeconds), '-'],
+      ['baseline: zstd -1, one thread', zstd1Seconds.toFixed(2), mbps(SIZE, zstd1Seconds), '-'],
+      ['baseline: zstd -1 -T0 (all cores)', zstdAllSeconds.toFixed(2), mbps(SIZE, zstdAllSeconds), '-'],
+      ['zebu full backup', full.seconds.toFixed(2), mbps(SIZE, full.seconds), `read ${pct(full.readBytes)}, uploaded ${pct(full.uploadedBytes)}`],
+      [`zebu incremental backup (${changed} x 2 MiB changed)`, incremental.seconds.toFixed(2), '-', `read ${pct(incremental.readBytes)}, uploaded ${pct(incremental.uploadedBytes)}`],
+      ['zebu restore of the full backup', restoreSeconds.toFixed(2), mbps(SIZE, restoreSeconds), '-'],
+    ];
+    const widths = [0, 1, 2, 3].map((i) => Math.max(...[['what', 'seconds', 'MiB/s', 'notes'], ...rows].map((r) => r[i].length)));
+    const line = (r: string[]): string => r.map((c, i) => c.padEnd(widths[i])).join(' | ');
+    console.log(`\nbackup bench: ${SIZE_MIB} MiB of random data, file target, 2 replicas, ${os.cpus().length} cores, backup-concurrency default`);
+    console.log(line(['what', 'seconds', 'MiB/s', 'notes']));
+    console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
+    for (const r of rows) console.log(line(r));
+    const ratio = zstdAllSeconds / full.seconds;
+    console.log(`\nfull backup / zstd -T0 speed: ${ratio.toFixed(2)} (target >= 0.5); incremental read ${pct(incremental.readBytes)}, uploaded ${pct(incremental.uploadedBytes)} (target <= 2%)`);
+  } finally {
+    up.child.kill('SIGTERM');
+    await new Promise((resolve) => up.child.once('exit', resolve));
+    for (const c of children) c.kill('SIGKILL');
+    spawnSync('sh', ['-c', `pkill -9 -f ${root} || true`]);
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+}
+
+await main();
