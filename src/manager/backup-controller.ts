@@ -34,11 +34,16 @@ export interface EngineData {
   openEngineData(nodeId: string, volume: string): Promise<ReplicaClient>;
 }
 
+/** Deletes a snapshot of an attached volume (the manager service). */
+export type SnapshotDeleter = (volume: string, snapshot: string) => Promise<void>;
+
 export interface BackupControllerOptions {
   objects: Objects;
   settings: Settings;
   events: EventRecorder;
   engines: EngineData;
+  /** Removes the snapshots older backups took once a newer backup has completed. */
+  deleteSnapshot?: SnapshotDeleter;
   /** Where a restore attaches its volume. */
   defaultNodeId: string;
   /** Pass interval (default 1 s). */
@@ -76,7 +81,7 @@ export class BackupController {
   private stopped = false;
 
   constructor(options: BackupControllerOptions) {
-    this.o = { pollMs: 1000, log: () => {}, ...options };
+    this.o = { pollMs: 1000, log: () => {}, deleteSnapshot: async () => {}, ...options };
   }
 
   start(): void {
@@ -352,6 +357,7 @@ export class BackupController {
         x.status.doneBytes = x.status.totalBytes;
       });
       this.notBefore.delete(name);
+      await this.dropOlderSnapshots(name, volumeName);
       const s = manifest.stats;
       await this.o.events.record({
         type: 'Normal', reason: 'BackupCompleted', kind: Kind.Backup, object: name, volume: volumeName,
@@ -374,6 +380,30 @@ export class BackupController {
       await this.failBackup(name, e.message);
     } finally {
       client?.close();
+    }
+  }
+
+  /**
+   * Snapshots that earlier completed backups of the volume took themselves are not needed any
+   * more once this one completed (the next incremental backup starts from this one's): deleted,
+   * so backups do not pile up layers. A failure is logged and tried again after the next backup.
+   */
+  private async dropOlderSnapshots(name: string, volume: string): Promise<void> {
+    const current = await this.o.objects.get(Kind.Backup, name);
+    for (const b of await this.o.objects.list(Kind.Backup)) {
+      if (b.name === name || b.value.spec.volume !== volume || b.value.spec.ownSnapshot !== true) continue;
+      if (b.value.status.state !== 'completed' || b.value.spec.snapshot === current?.value.spec.snapshot) continue;
+      try {
+        await this.o.deleteSnapshot(volume, b.value.spec.snapshot);
+      } catch (err) {
+        if (toZebuError(err).code !== ErrorCode.NOT_FOUND) {
+          this.o.log({ event: 'backup-snapshot-delete-failed', backup: b.name, snapshot: b.value.spec.snapshot, error: (err as Error).message });
+          continue;
+        }
+      }
+      await this.o.objects.mutate(Kind.Backup, b.name, (x) => {
+        x.spec.ownSnapshot = false;
+      });
     }
   }
 

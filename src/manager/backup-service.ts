@@ -215,6 +215,7 @@ export class BackupServiceImpl implements BackupService {
     if (volume === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${input.volume} not found`);
     if (volume.value.spec.restore?.standby) throw new ZebuError(ErrorCode.BUSY, `volume ${input.volume} is a DR standby: activate it before backing it up`);
     let snapshot: string;
+    const ownSnapshot = input.snapshot === undefined;
     if (input.snapshot !== undefined) {
       const snapshots = await this.o.volumes.listSnapshots(input.volume);
       if (!snapshots.some((s) => s.name === input.snapshot)) throw new ZebuError(ErrorCode.NOT_FOUND, `snapshot ${input.snapshot} of volume ${input.volume} not found (its snapshots: ${snapshots.map((s) => s.name).join(', ') || 'none'})`);
@@ -227,7 +228,7 @@ export class BackupServiceImpl implements BackupService {
     const name = `backup-${crypto.randomBytes(8).toString('hex')}`;
     const requestedAt = new Date().toISOString();
     await this.o.objects.create(Kind.Backup, name, {
-      spec: { volume: input.volume, snapshot, labels, targetUrl: target.value.spec.url, requestedAt, deletionRequestedAt: null },
+      spec: { volume: input.volume, snapshot, ownSnapshot, labels, targetUrl: target.value.spec.url, requestedAt, deletionRequestedAt: null },
       status: { state: 'pending', doneBytes: 0, totalBytes: 0, bytesPerSecond: 0, startedAt: null, completedAt: null, message: null, attempts: 0, sizeBytes: volume.value.spec.sizeBytes, base: null, stats: null },
     });
     await this.o.events.record({ type: 'Normal', reason: 'BackupCreated', message: `backup ${name} of volume ${input.volume} (snapshot ${snapshot}) to ${target.value.spec.url} asked for`, kind: Kind.Backup, object: name, volume: input.volume });

@@ -65,6 +65,7 @@ export class Manager {
       settings: this.settings,
       events: this.events,
       engines: options.engineData ?? { openEngineData: () => Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, 'this manager cannot reach engines for backups')) },
+      deleteSnapshot: (volume, snapshot) => this.service.deleteSnapshot(volume, snapshot),
       defaultNodeId: options.defaultNodeId,
       log: this.log,
     });

@@ -285,6 +285,11 @@ export interface BackupValue {
     volume: string;
     /** The snapshot it is taken from. */
     snapshot: string;
+    /**
+     * The backup took the snapshot itself: it is deleted once a newer backup of the volume has
+     * completed (it is the base of the next incremental backup until then). Absent: false.
+     */
+    ownSnapshot?: boolean;
     labels: Record<string, string>;
     /** The target URL it belongs to. */
     targetUrl: string;

@@ -99,6 +99,11 @@ test('file target: incremental backups restore byte for byte; verify, corruption
   assert.ok(b2.uploadedBytes <= 0.02 * SIZE, `uploaded ${b2.uploadedBytes} bytes, at most 2% of the volume`);
   assert.ok(b2.uploadedBytes > 0);
 
+  // The first backup's own snapshot is gone once the second completed (it was its base only).
+  await waitFor('the first backup\'s snapshot to be deleted', () => {
+    const names = mustZebuJson(up, ['snapshot', 'list', 'src']).map((x: { name: string }) => x.name);
+    return !names.includes(b1.snapshot) && names.includes(b2.snapshot);
+  });
   const list = mustZebuJson(up, ['backup', 'list', '--volume', 'src']);
   assert.deepEqual(list.map((b: { name: string }) => b.name), [b1.name, b2.name]);
   assert.match(mustZebu(up, ['backup', 'get', b2.name]), new RegExp(`incremental from:\\s+${b1.name}`));
