@@ -200,6 +200,43 @@ test('GC during a backup: a block the backup relies on is never removed', async 
   assert.equal((await verifyTarget(repo)).missingBlocks, 0);
 });
 
+test('GC killed midway (a delete fails): nothing referenced is lost and a second run finishes the job', async (t) => {
+  const root = tempDir(t);
+  const dir = path.join(root, 'target');
+  const target = openTarget(`file://${dir}`);
+  const repo = new BackupRepository(target);
+  await repo.init();
+  const source = await sourceVolume(root);
+  t.after(() => source.abandon());
+  await source.snapshotCreate('s1');
+  const b1 = await backup(repo, source, 'b1', 's1', null);
+  await source.write(0, crypto.randomBytes(8 * MiB));
+  await source.snapshotCreate('s2');
+  const b2 = await backup(repo, source, 'b2', 's2', b1);
+  await repo.deleteBackup('vol', 'b1');
+  const onlyB1 = [...new Set(b1.blocks.map(([, h]) => h))].filter((h) => !b2.blocks.some(([, x]) => x === h));
+  assert.ok(onlyB1.length >= 4);
+  // The third block delete fails, as a crash there would stop the run.
+  const realDelete = target.delete.bind(target);
+  let deletes = 0;
+  target.delete = async (key: string) => {
+    if (key.startsWith('blocks/') && ++deletes === 3) throw new ZebuError(ErrorCode.EIO, 'injected: the process died here');
+    return realDelete(key);
+  };
+  await assert.rejects(runGc(repo), /injected/);
+  assert.equal(fs.existsSync(path.join(dir, 'volumes/vol/deleted/b1.json')), true, 'the tombstone stays until the job is done');
+  target.delete = realDelete;
+  const again = await runGc(new BackupRepository(openTarget(`file://${dir}`)));
+  assert.equal(again.tombstones, 1);
+  for (const h of onlyB1) assert.equal(fs.existsSync(path.join(dir, blockKey(h))), false);
+  assert.equal(fs.existsSync(path.join(dir, 'volumes/vol/deleted/b1.json')), false);
+  const report = await verifyTarget(repo);
+  assert.equal(report.missingBlocks + report.corruptBlocks, 0);
+  const restored = await restoreInto(root, repo, b2, 'r2');
+  t.after(() => restored.abandon());
+  assert.ok((await readAll(restored)).equals(await readAll(source, 's2')));
+});
+
 test('S3 target (s3rver): round trip, retries through 500s, a clear error when the server is away, and a crashed backup finished by a retry', async (t) => {
   const root = tempDir(t);
   const s3 = await startTestS3(root);

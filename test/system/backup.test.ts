@@ -119,6 +119,18 @@ test('file target: incremental backups restore byte for byte; verify, corruption
   assert.equal(r2view.robustness === 'healthy' || r2view.robustness === 'unknown', true);
   assert.match(mustZebu(up, ['volume', 'get', 'r2']), /restore:\s+from volume src; backup .* applied/);
 
+  // Metrics per volume, from the catalog.
+  const metrics = await (await fetch(`${up.api}/metrics`, { headers: { authorization: `Bearer ${up.token}` } })).text();
+  assert.match(metrics, /zebu_backup_last_success_timestamp_seconds\{volume="src"\} \d/);
+  assert.match(metrics, /zebu_backups\{volume="src",state="completed"\} 2/);
+  assert.match(metrics, /zebu_backup_uploaded_bytes_total\{volume="src"\} \d/);
+  // Bad API bodies: 400 naming the field; nothing changed.
+  const put = await fetch(`${up.api}/v1/backuptargets/default`, { method: 'PUT', headers: { authorization: `Bearer ${up.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ url: `file://${targetDir}`, bogus: 1 }) });
+  assert.equal(put.status, 400);
+  const post = await fetch(`${up.api}/v1/backups`, { method: 'POST', headers: { authorization: `Bearer ${up.token}`, 'content-type': 'application/json' }, body: JSON.stringify({ volume: 'src', labels: { k: 7 } }) });
+  assert.equal(post.status, 400);
+  assert.equal(mustZebuJson(up, ['backup', 'list']).length, 2);
+
   // Bad input: a clear error each, nothing created.
   assert.match(zebu(up, ['backup', 'restore', 'backup-nope', '--to', 'r3']).stderr, /backup backup-nope not found/);
   assert.match(zebu(up, ['backup', 'restore', b1.name, '--to', 'r1']).stderr, /volume r1 already exists/);
