@@ -559,7 +559,7 @@ export class BackupController {
           void this.setRestore(volume, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond: seconds > 0 ? Math.round(p.doneBytes / seconds) : 0 }).catch(() => {});
         },
       });
-      await this.setRestore(volume, { state: spec.standby ? 'completed' : 'completed', applied: wanted, completedAt: new Date().toISOString(), message: null, attempts: 0 });
+      await this.setRestore(volume, { state: 'completed', applied: wanted, completedAt: new Date().toISOString(), message: null, attempts: 0 });
       this.notBefore.delete(`volume/${volume}`);
       await this.o.events.record({
         type: 'Normal', reason: 'RestoreCompleted', kind: Kind.Volume, object: volume, volume,

@@ -114,6 +114,13 @@ export class BackupServiceImpl implements BackupService {
       t.spec = spec;
       if (before !== null && before.value.spec.url !== input.url) t.status = status;
     });
+    if (before !== null && before.value.spec.url !== input.url) {
+      // The catalog lists what the target holds: backups of the old target leave it (they stay
+      // on that target; setting it again lists them again). Unfinished ones end in error.
+      for (const b of await this.o.objects.list(Kind.Backup)) {
+        if (b.value.spec.targetUrl !== input.url && b.value.status.state === 'completed') await this.o.objects.remove(Kind.Backup, b.name);
+      }
+    }
     await this.o.events.record({ type: 'Normal', reason: 'BackupTargetSet', message: `backup target set to ${input.url}${endpoint !== null ? ` at ${endpoint}` : ''}`, kind: Kind.BackupTarget, object: TARGET_NAME, volume: null });
     await this.o.controller.check();
     // A target that already holds backups (another cluster's, or ours before a reinstall): list them.
