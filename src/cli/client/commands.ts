@@ -40,8 +40,8 @@ function timeoutMs(options: WaitingOptions): number {
   return Number(options.timeout) * 1000;
 }
 
-function sizeOption(text: string | undefined): number {
-  if (text === undefined) throw invalid('--size is required', 'size');
+function sizeOption(text: string | undefined, alternative = ''): number {
+  if (text === undefined) throw invalid(`--size is required${alternative}`, 'size');
   return parseBytes(text);
 }
 
@@ -165,7 +165,7 @@ function replicaDetails(r: ReplicaView): string {
 // ---- volumes ----------------------------------------------------------------------------------
 
 export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string }): Promise<void> {
-  const sizeBytes = sizeOption(options.size);
+  const sizeBytes = sizeOption(options.size, ' (or --from-backup BACKUP)');
   const body: { name: string; sizeBytes: number; numberOfReplicas?: number } = { name, sizeBytes };
   if (options.replicas !== undefined) body.numberOfReplicas = parsePositiveInt(options.replicas, '--replicas');
   const volume = await new ApiClient(options).post<VolumeView>('/v1/volumes', body);
