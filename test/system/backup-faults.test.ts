@@ -14,25 +14,10 @@ import os from 'node:os';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { run, mustRun } from '../support/volume-cluster.ts';
+import { writeAt, readVolume } from '../support/volume-io.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder, type ZebuUp } from '../support/zebu-up.ts';
 
 const MiB = 1024 * 1024;
-
-function writeAt(dir: string, uri: string, offset: number, data: Buffer): void {
-  const file = path.join(dir, `chunk-${crypto.randomBytes(4).toString('hex')}`);
-  fs.writeFileSync(file, data);
-  const r = run('nbdcopy', ['--flush', file, '--', '[', 'nbdkit', '--exit-with-parent', '--filter=offset', 'nbd', `uri=${uri}`, `offset=${offset}`, `range=${data.length}`, ']'], { timeoutMs: 300_000 });
-  fs.rmSync(file);
-  assert.equal(r.status, 0, r.stderr);
-}
-
-function readVolume(dir: string, uri: string): Buffer {
-  const file = path.join(dir, `image-${crypto.randomBytes(4).toString('hex')}`);
-  mustRun('nbdcopy', [uri, file], { timeoutMs: 300_000 });
-  const data = fs.readFileSync(file);
-  fs.rmSync(file);
-  return data;
-}
 
 /** GET on the API from this process (async: polling while a job runs). */
 async function api<T>(up: ZebuUp, pathName: string, method = 'GET', body?: unknown): Promise<T> {

@@ -15,36 +15,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import crypto from 'node:crypto';
-import { run, mustRun } from '../support/volume-cluster.ts';
+import { writeAt, readVolume } from '../support/volume-io.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, type ZebuUp } from '../support/zebu-up.ts';
 import { startTestS3Process } from '../support/s3-server.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
-
-function uriOf(up: ZebuUp, volume: string): string {
-  return `nbd://${up.nbd}/${volume}`;
-}
-
-/**
- * Writes `data` at `offset` of the volume through NBD: nbdcopy from a file into nbdkit's offset
- * filter over the volume (nbdkit's nbd plugin is the client of Zebu's export), with a flush.
- */
-function writeAt(dir: string, uri: string, offset: number, data: Buffer): void {
-  const file = path.join(dir, `chunk-${crypto.randomBytes(4).toString('hex')}`);
-  fs.writeFileSync(file, data);
-  const r = run('nbdcopy', ['--flush', file, '--', '[', 'nbdkit', '--exit-with-parent', '--filter=offset', 'nbd', `uri=${uri}`, `offset=${offset}`, `range=${data.length}`, ']'], { timeoutMs: 120_000 });
-  fs.rmSync(file);
-  assert.equal(r.status, 0, r.stderr);
-}
-
-function readVolume(dir: string, uri: string): Buffer {
-  const file = path.join(dir, `image-${crypto.randomBytes(4).toString('hex')}`);
-  mustRun('nbdcopy', [uri, file], { timeoutMs: 300_000 });
-  const data = fs.readFileSync(file);
-  fs.rmSync(file);
-  return data;
-}
 
 function attach(up: ZebuUp, volume: string): string {
   return mustZebu(up, ['volume', 'attach', volume]).trim();
