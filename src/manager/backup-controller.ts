@@ -326,6 +326,7 @@ export class BackupController {
     try {
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volumeName);
       let lastWrite = 0;
+      const quarters = new ProgressEvents(this.o.events, 'BackupProgress');
       const manifest = await runBackup({
         repo,
         source: snapshotReader(client),
@@ -341,10 +342,12 @@ export class BackupController {
         signal,
         onProgress: (p) => {
           const t = Date.now();
+          const seconds = (t - started) / 1000;
+          const bytesPerSecond = seconds > 0 ? Math.round(p.doneBytes / seconds) : 0;
+          quarters.passed(p.doneBytes, p.totalBytes, bytesPerSecond, (text) => `backup ${name} of volume ${volumeName}: ${text}`, Kind.Backup, name, volumeName);
           if (t - lastWrite < PROGRESS_WRITE_MS && p.doneBytes < p.totalBytes) return;
           lastWrite = t;
-          const seconds = (t - started) / 1000;
-          void this.setBackupStatus(name, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond: seconds > 0 ? Math.round(p.doneBytes / seconds) : 0 }).catch(() => {});
+          void this.setBackupStatus(name, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond }).catch(() => {});
         },
       });
       await this.o.objects.mutate(Kind.Backup, name, (x) => {
@@ -542,6 +545,7 @@ export class BackupController {
       }
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
       let lastWrite = 0;
+      const quarters = new ProgressEvents(this.o.events, 'RestoreProgress');
       const result = await runRestore({
         repo,
         sink: blockWriter(client),
@@ -553,10 +557,12 @@ export class BackupController {
         signal,
         onProgress: (p) => {
           const t = Date.now();
+          const seconds = (t - started) / 1000;
+          const bytesPerSecond = seconds > 0 ? Math.round(p.doneBytes / seconds) : 0;
+          quarters.passed(p.doneBytes, p.totalBytes, bytesPerSecond, (text) => `volume ${volume}: restore of backup ${wanted} ${text}`, Kind.Volume, volume, volume);
           if (t - lastWrite < PROGRESS_WRITE_MS && p.doneBytes < p.totalBytes) return;
           lastWrite = t;
-          const seconds = (t - started) / 1000;
-          void this.setRestore(volume, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond: seconds > 0 ? Math.round(p.doneBytes / seconds) : 0 }).catch(() => {});
+          void this.setRestore(volume, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond }).catch(() => {});
         },
       });
       await this.setRestore(volume, { state: 'completed', applied: wanted, completedAt: new Date().toISOString(), message: null, attempts: 0 });
@@ -673,6 +679,27 @@ export class BackupController {
     });
     this.gcRun = run;
     return run;
+  }
+}
+
+/** An event at 25, 50 and 75% of a long job (its start and end have their own). */
+class ProgressEvents {
+  private readonly events: EventRecorder;
+  private readonly reason: string;
+  private reported = 0;
+
+  constructor(events: EventRecorder, reason: string) {
+    this.events = events;
+    this.reason = reason;
+  }
+
+  passed(done: number, total: number, bytesPerSecond: number, say: (text: string) => string, kind: string, object: string, volume: string): void {
+    if (total <= 0) return;
+    const quarter = Math.floor((4 * done) / total);
+    if (quarter <= this.reported || quarter >= 4) return;
+    this.reported = quarter;
+    const mib = (n: number): string => `${(n / (1024 * 1024)).toFixed(0)} MiB`;
+    void this.events.record({ type: 'Normal', reason: this.reason, kind, object, volume, message: say(`${quarter * 25}% (${mib(done)} of ${mib(total)}, ${mib(bytesPerSecond)}/s)`) });
   }
 }
 

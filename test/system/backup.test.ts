@@ -90,6 +90,10 @@ test('file target: incremental backups restore byte for byte; verify, corruption
   assert.equal(r1.restore.applied, b1.name);
   mustZebu(up, ['volume', 'create', 'r2', '--from-backup', b2.name, '--replicas', '1']);
   assert.ok((await restored(up, work, 'r1')).equals(expected1), 'restore of the first backup equals the volume then');
+  // Progress in events too, for the backup and for the restore.
+  const reasons = (volume: string): string[] => mustZebuJson(up, ['events', '--volume', volume, '--limit', '1000']).map((e: { reason: string }) => e.reason);
+  assert.ok(reasons('src').includes('BackupProgress') && reasons('src').includes('BackupCompleted'), reasons('src').join(' '));
+  assert.ok(reasons('r1').includes('RestoreProgress') && reasons('r1').includes('RestoreCompleted'), reasons('r1').join(' '));
   assert.ok((await restored(up, work, 'r2')).equals(expected2), 'restore of the second backup equals the volume then');
   const r2view = mustZebuJson(up, ['volume', 'get', 'r2']);
   assert.equal(r2view.robustness === 'healthy' || r2view.robustness === 'unknown', true);
