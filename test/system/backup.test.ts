@@ -184,6 +184,11 @@ test('file target: incremental backups restore byte for byte; verify, corruption
   mustZebu(up, ['backup', 'restore', b2.name, '--to', 'r4', '--replicas', '1']);
   assert.ok((await restored(up, work, 'r4')).equals(expected2));
 
+  // Deleting the volume keeps its backups.
+  mustZebu(up, ['volume', 'detach', 'src']);
+  mustZebu(up, ['volume', 'delete', 'src']);
+  assert.deepEqual(mustZebuJson(up, ['backup', 'list', '--volume', 'src']).map((b: { name: string }) => b.name).sort(), [b2.name, b3.name].sort());
+
   // A second cluster pointed at the same target sees the backups.
   const other = await startZebuUp({ dataDir: path.join(root, 'other') });
   t.after(() => stopZebuUp(other));
