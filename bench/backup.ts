@@ -3,12 +3,14 @@
  *   - baselines on the same bytes (a file of random data as large as the volume): `cp` to the
  *     target's disk plus sync, and `zstd -1` (one thread, and all cores) — what copying and
  *     compressing them costs here;
+ *   - for reference, nbdcopy reading the volume (the engine's read path, which backups use);
  *   - a full backup of the volume holding those bytes, to a file target;
  *   - an incremental backup after 1% of the volume changed: bytes read and uploaded;
  *   - a restore of the full backup into a new volume.
  * Target (issue 12): the full backup at least half as fast as the baseline compressor; the
  * incremental one reads and uploads at most 2% of the volume.
- * Run on demand: `npm run bench:backup`. BENCH_SIZE_MIB (default 1024).
+ * Run on demand: `npm run bench:backup`. BENCH_SIZE_MIB (default 1024), BENCH_CONCURRENCY (the
+ * backup-concurrency setting; default its default).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -96,6 +98,7 @@ async function main(): Promise<void> {
     fs.rmSync(path.join(root, 'zt.zst'));
 
     await call('PUT', '/v1/backuptargets/default', { url: `file://${targetDir}` });
+    if (process.env.BENCH_CONCURRENCY !== undefined) await call('PUT', '/v1/settings/backup-concurrency', { value: process.env.BENCH_CONCURRENCY });
     await call('POST', '/v1/volumes', { name: 'bench', sizeBytes: SIZE, numberOfReplicas: 2 });
     await call('POST', '/v1/volumes/bench/attach', {});
     await poll<{ state: string; endpoint: string | null }>('/v1/volumes/bench', (v) => v.state === 'attached' && v.endpoint !== null);
@@ -110,6 +113,8 @@ async function main(): Promise<void> {
       if (done.state !== 'completed') throw new Error(`backup failed: ${done.message}`);
       return { seconds: (performance.now() - started) / 1000, readBytes: done.readBytes, uploadedBytes: done.uploadedBytes };
     };
+    // What reading the volume through its engine costs (the path a backup reads by).
+    const nbdReadSeconds = timed(() => mustSpawn('nbdcopy', [uri, 'null:']));
     process.stderr.write('full backup...\n');
     const full = await backup();
 
@@ -138,13 +143,14 @@ async function main(): Promise<void> {
       ['baseline: cp + sync', cpSeconds.toFixed(2), mbps(SIZE, cpSeconds), '-'],
       ['baseline: zstd -1, one thread', zstd1Seconds.toFixed(2), mbps(SIZE, zstd1Seconds), '-'],
       ['baseline: zstd -1 -T0 (all cores)', zstdAllSeconds.toFixed(2), mbps(SIZE, zstdAllSeconds), '-'],
+      ['reference: nbdcopy of the volume to null:', nbdReadSeconds.toFixed(2), mbps(SIZE, nbdReadSeconds), 'the read path a backup uses'],
       ['zebu full backup', full.seconds.toFixed(2), mbps(SIZE, full.seconds), `read ${pct(full.readBytes)}, uploaded ${pct(full.uploadedBytes)}`],
       [`zebu incremental backup (${changed} x 2 MiB changed)`, incremental.seconds.toFixed(2), '-', `read ${pct(incremental.readBytes)}, uploaded ${pct(incremental.uploadedBytes)}`],
       ['zebu restore of the full backup', restoreSeconds.toFixed(2), mbps(SIZE, restoreSeconds), '-'],
     ];
     const widths = [0, 1, 2, 3].map((i) => Math.max(...[['what', 'seconds', 'MiB/s', 'notes'], ...rows].map((r) => r[i].length)));
     const line = (r: string[]): string => r.map((c, i) => c.padEnd(widths[i])).join(' | ');
-    console.log(`\nbackup bench: ${SIZE_MIB} MiB of random data, file target, 2 replicas, ${os.cpus().length} cores, backup-concurrency default`);
+    console.log(`\nbackup bench: ${SIZE_MIB} MiB of random data, file target, 2 replicas, ${os.cpus().length} cores, backup-concurrency ${process.env.BENCH_CONCURRENCY ?? 'default (4)'}`);
     console.log(line(['what', 'seconds', 'MiB/s', 'notes']));
     console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
     for (const r of rows) console.log(line(r));
