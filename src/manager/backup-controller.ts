@@ -56,6 +56,7 @@ const TRANSIENT = new Set<string>([ErrorCode.DISCONNECTED, ErrorCode.TIMEOUT, Er
 const MAX_ATTEMPTS = 8;
 const MAX_BACKOFF_MS = 60_000;
 const PROGRESS_WRITE_MS = 1000;
+const TARGET_RETRY_MS = 10_000;
 
 interface Running {
   abort: AbortController;
@@ -67,6 +68,8 @@ export class BackupController {
   private repo: BackupRepository | null = null;
   private repoKey = '';
   private indexLoaded = false;
+  /** After a failure to open the target, passes leave that target alone for a while (it may be down). */
+  private repoFailure: { generation: number; retryAtMs: number } | null = null;
   private readonly backups = new Map<string, Running>();
   private readonly restores = new Map<string, Running>();
   /** Backup or volume name -> no new attempt before this time. */
@@ -176,7 +179,10 @@ export class BackupController {
       } finally {
         probe.close();
       }
-      if (message === null) await this.repository();
+      if (message === null) {
+        await this.repository();
+        this.repoFailure = null;
+      }
     } catch (err) {
       message = (err as Error).message;
     }
@@ -213,10 +219,14 @@ export class BackupController {
       return;
     }
     let repo: BackupRepository;
+    const failure = this.repoFailure;
+    if (failure !== null && failure.generation === target.value.spec.generation && Date.now() < failure.retryAtMs) return;
     try {
       repo = await this.repository();
       await this.loadIndex(repo);
+      this.repoFailure = null;
     } catch (err) {
+      this.repoFailure = { generation: target.value.spec.generation, retryAtMs: Date.now() + TARGET_RETRY_MS };
       const message = `backup target ${target.value.spec.url}: ${(err as Error).message}`;
       if (target.value.status.available !== false || target.value.status.message !== message) {
         await this.o.objects.mutate(Kind.BackupTarget, TARGET_NAME, (t) => {
