@@ -154,11 +154,16 @@ export class BackupRepository {
     return decodeBlock(stored, hash);
   }
 
+  /** Whether the block is on the target (one lookup; no listing). */
+  hasBlock(hash: string): Promise<boolean> {
+    return this.target.exists(blockKey(hash));
+  }
+
   deleteBlock(hash: string): Promise<void> {
     return this.target.delete(blockKey(hash));
   }
 
-  /** Adds the blocks of manifests (completed or partial) to the known set. */
+  /** Adds the blocks of a completed manifest to the known set (a partial one may name blocks never uploaded). */
   learn(m: Manifest): void {
     for (const [, hash] of m.blocks) this.index.known.add(hash);
   }

@@ -193,13 +193,24 @@ export class BackupController {
     });
   }
 
-  /** Learns every block the catalog's manifests (and partial ones) refer to, once per target. */
+  /**
+   * Learns the blocks the target holds, once per target: every block a completed manifest names
+   * (those are on the target); of the blocks a partial manifest names, only those that are there
+   * (it lists a block before the upload, which a crash may have cut off).
+   */
   private async loadIndex(repo: BackupRepository): Promise<void> {
     if (this.indexLoaded) return;
     for (const b of await this.o.objects.list(Kind.Backup)) {
       if (b.value.spec.targetUrl !== repo.url) continue;
-      const m = b.value.status.state === 'completed' ? await repo.readManifest(b.value.spec.volume, b.name) : await repo.readPartial(b.value.spec.volume, b.name);
-      if (m !== null) repo.learn(m);
+      if (b.value.status.state === 'completed') {
+        const m = await repo.readManifest(b.value.spec.volume, b.name);
+        if (m !== null) repo.learn(m);
+        continue;
+      }
+      const partial = await repo.readPartial(b.value.spec.volume, b.name);
+      for (const [, hash] of partial?.blocks ?? []) {
+        if (!repo.index.known.has(hash) && (await repo.hasBlock(hash))) repo.index.known.add(hash);
+      }
     }
     this.indexLoaded = true;
   }
