@@ -33,6 +33,11 @@ export interface RestoreJobOptions {
   applied: Manifest | null;
   /** What the volume holds is unknown (its applied backup is gone): zero every block the manifest lacks. */
   zeroOthers?: boolean;
+  /**
+   * Applies of these backups over `applied` stopped midway: any block where one differs from
+   * `applied` may hold either, so those are written (or zeroed) again too.
+   */
+  interrupted?: Manifest[];
   /** The volume's size; at least the manifest's. */
   sizeBytes: number;
   concurrency: number;
@@ -53,12 +58,13 @@ export async function runRestore(o: RestoreJobOptions): Promise<RestoreResult> {
   if (o.sizeBytes < manifest.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `backup ${manifest.name} is ${manifest.sizeBytes} bytes; the volume is only ${o.sizeBytes}`);
   const blockLength = (index: number): number => Math.min(BACKUP_BLOCK_BYTES, manifest.sizeBytes - index * BACKUP_BLOCK_BYTES);
   const before = new Map(o.applied?.blocks ?? []);
-  const writes = manifest.blocks.filter(([index, hash]) => before.get(index) !== hash);
+  const partly = (o.interrupted ?? []).map((m) => new Map(m.blocks));
+  const writes = manifest.blocks.filter(([index, hash]) => before.get(index) !== hash || partly.some((p) => p.get(index) !== hash));
   const now = new Set(manifest.blocks.map(([index]) => index));
   const blockCount = Math.ceil(manifest.sizeBytes / BACKUP_BLOCK_BYTES);
   const zeroes = o.zeroOthers
     ? Array.from({ length: blockCount }, (_, i) => i).filter((index) => !now.has(index))
-    : [...before.keys()].filter((index) => !now.has(index) && index < blockCount);
+    : [...new Set([...before.keys(), ...partly.flatMap((p) => [...p.keys()])])].filter((index) => !now.has(index) && index < blockCount).sort((a, b) => a - b);
   const totalBytes = writes.reduce((n, [i]) => n + blockLength(i), 0) + zeroes.reduce((n, i) => n + blockLength(i), 0);
   let doneBytes = 0;
   let lastProgress = 0;

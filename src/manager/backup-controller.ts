@@ -480,7 +480,15 @@ export class BackupController {
       });
       status = initial;
     }
-    if (status.state === 'error') return;
+    // A failed restore stays failed (its data is incomplete); a standby tries again when a newer
+    // backup than the one that failed appears.
+    if (status.state === 'error') {
+      if (!spec.standby && spec.activateRequestedAt === null) return;
+      const newest = this.newestBackup(backups, spec.sourceVolume, repo.url);
+      if (newest === null || newest.name === status.backup) return;
+      await this.setRestore(v.name, { state: 'pending', attempts: 0 });
+      status = { ...status, state: 'pending', attempts: 0 };
+    }
     // What the volume should hold: the first backup (then whatever was applied last), or for a
     // standby (and at activation) the newest.
     let wanted = status.applied ?? spec.backup;
@@ -526,7 +534,6 @@ export class BackupController {
         x.spec.nodeId = this.o.defaultNodeId;
         x.spec.maintenance = true;
         x.status.restore!.attachedForRestore = true;
-        x.status.restore!.backup = wanted;
         x.status.restore!.message = `attaching to restore backup ${wanted}`;
       });
       return;
@@ -552,7 +559,9 @@ export class BackupController {
     const spec = v.value.spec.restore!;
     const engine = await this.o.objects.must(Kind.Engine, volume);
     const started = Date.now();
-    await this.setRestore(volume, { state: 'in-progress', backup: wanted, startedAt: status.startedAt ?? new Date().toISOString(), message: null });
+    // Recorded before the first write: a crash from here on leaves this backup's blocks behind.
+    const begun = [...new Set([...(status.begun ?? []), wanted])];
+    await this.setRestore(volume, { state: 'in-progress', backup: wanted, begun, startedAt: status.startedAt ?? new Date().toISOString(), message: null });
     let client: ReplicaClient | null = null;
     try {
       const manifest = await repo.readManifest(spec.sourceVolume, wanted);
@@ -564,6 +573,14 @@ export class BackupController {
         // The backup the volume holds is gone from the target: every block not in the new one is zeroed.
         if (applied === null) zeroOthers = true;
       }
+      // Applies that began and did not complete (this one's too, when it is a retry): their
+      // blocks may be there as well.
+      const interrupted: Manifest[] = [];
+      for (const name of status.begun ?? []) {
+        const m = await repo.readManifest(spec.sourceVolume, name).catch(() => null);
+        if (m === null) zeroOthers = true;
+        else interrupted.push(m);
+      }
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
       let lastWrite = 0;
       const quarters = new ProgressEvents(this.o.events, 'RestoreProgress');
@@ -573,6 +590,7 @@ export class BackupController {
         manifest,
         applied,
         zeroOthers,
+        interrupted,
         sizeBytes: engine.value.status.sizeBytes,
         concurrency: await this.o.settings.int('backup-concurrency'),
         signal,
@@ -586,7 +604,7 @@ export class BackupController {
           void this.setRestore(volume, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond }).catch(() => {});
         },
       });
-      await this.setRestore(volume, { state: 'completed', applied: wanted, completedAt: new Date().toISOString(), message: null, attempts: 0 });
+      await this.setRestore(volume, { state: 'completed', applied: wanted, begun: [], completedAt: new Date().toISOString(), message: null, attempts: 0 });
       this.notBefore.delete(`volume/${volume}`);
       await this.o.events.record({
         type: 'Normal', reason: 'RestoreCompleted', kind: Kind.Volume, object: volume, volume,

@@ -105,6 +105,11 @@ export interface RestoreStatus {
   attempts: number;
   /** The volume was attached by the restore (it detaches it again). */
   attachedForRestore: boolean;
+  /**
+   * Backups whose apply began since the last one completed: the volume may hold some of their
+   * blocks, so the next apply writes (or zeroes) those again too. Absent: none.
+   */
+  begun?: string[];
 }
 
 export interface SalvageRequest {
