@@ -57,13 +57,13 @@ export interface BackupJobOptions {
   base: Manifest | null;
   /** Blocks read, compressed, hashed and uploaded at once. */
   concurrency: number;
+  /** Called at the start, after every block and at the end (the caller throttles what it stores). */
   onProgress?: (progress: BackupProgress) => void;
   signal?: AbortSignal;
 }
 
 /** SNAPSHOT_CHANGES is asked for this much at a time (its reply is a list of extents). */
 const CHANGES_CHUNK_BYTES = 1024 * 1024 * 1024;
-const PROGRESS_INTERVAL_MS = 500;
 
 export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
   assert(o.concurrency >= 1, 'backup concurrency');
@@ -123,14 +123,8 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
 
     const totalBytes = toRead.reduce((n, i) => n + blockLength(i), 0);
     let doneBytes = 0;
-    let lastProgress = 0;
-    const report = (force: boolean): void => {
-      const now = Date.now();
-      if (!force && now - lastProgress < PROGRESS_INTERVAL_MS) return;
-      lastProgress = now;
-      o.onProgress?.({ doneBytes, totalBytes, uploadedBytes: manifest.stats.uploadedBytes });
-    };
-    report(true);
+    const report = (): void => o.onProgress?.({ doneBytes, totalBytes, uploadedBytes: manifest.stats.uploadedBytes });
+    report();
 
     const uploading = new Map<string, Promise<void>>();
     const method = COMPRESSION_BY_NAME[o.compression];
@@ -167,7 +161,7 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
         }
       }
       doneBytes += length;
-      report(false);
+      report();
     };
     await forEachBounded(toRead, o.concurrency, one, o.signal);
 
@@ -189,7 +183,7 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
       lastBackup: o.name,
       lastBackupAt: manifest.completedAt,
     });
-    report(true);
+    report();
     return manifest;
   } finally {
     for (const hash of claimed) repo.index.release(hash);

@@ -41,11 +41,11 @@ export interface RestoreJobOptions {
   /** The volume's size; at least the manifest's. */
   sizeBytes: number;
   concurrency: number;
+  /** Called at the start, after every block and at the end (the caller throttles what it stores). */
   onProgress?: (progress: RestoreProgress) => void;
   signal?: AbortSignal;
 }
 
-const PROGRESS_INTERVAL_MS = 500;
 
 export interface RestoreResult {
   writtenBlocks: number;
@@ -67,14 +67,8 @@ export async function runRestore(o: RestoreJobOptions): Promise<RestoreResult> {
     : [...new Set([...before.keys(), ...partly.flatMap((p) => [...p.keys()])])].filter((index) => !now.has(index) && index < blockCount).sort((a, b) => a - b);
   const totalBytes = writes.reduce((n, [i]) => n + blockLength(i), 0) + zeroes.reduce((n, i) => n + blockLength(i), 0);
   let doneBytes = 0;
-  let lastProgress = 0;
-  const report = (force: boolean): void => {
-    const t = Date.now();
-    if (!force && t - lastProgress < PROGRESS_INTERVAL_MS) return;
-    lastProgress = t;
-    o.onProgress?.({ doneBytes, totalBytes });
-  };
-  report(true);
+  const report = (): void => o.onProgress?.({ doneBytes, totalBytes });
+  report();
 
   await forEachBounded(
     writes,
@@ -93,7 +87,7 @@ export async function runRestore(o: RestoreJobOptions): Promise<RestoreResult> {
       }
       await o.sink.write(offset, data);
       doneBytes += data.length;
-      report(false);
+      report();
     },
     o.signal,
   );
@@ -103,12 +97,12 @@ export async function runRestore(o: RestoreJobOptions): Promise<RestoreResult> {
     async (index) => {
       await o.sink.zero(index * BACKUP_BLOCK_BYTES, blockLength(index));
       doneBytes += blockLength(index);
-      report(false);
+      report();
     },
     o.signal,
   );
   await o.sink.flush();
   assert(doneBytes === totalBytes, 'every block restored');
-  report(true);
+  report();
   return { writtenBlocks: writes.length, zeroedBlocks: zeroes.length, bytes: doneBytes };
 }

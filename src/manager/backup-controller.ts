@@ -346,8 +346,11 @@ export class BackupController {
     let client: ReplicaClient | null = null;
     try {
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volumeName);
-      let lastWrite = 0;
-      const quarters = new ProgressEvents(this.o.events, 'BackupProgress');
+      const progress = new JobProgress({
+        events: this.o.events, reason: 'BackupProgress', kind: Kind.Backup, object: name, volume: volumeName, started,
+        say: (text) => `backup ${name} of volume ${volumeName}: ${text}`,
+        write: (p) => this.setBackupStatus(name, p),
+      });
       const manifest = await runBackup({
         repo,
         source: snapshotReader(client),
@@ -361,15 +364,7 @@ export class BackupController {
         base,
         concurrency,
         signal,
-        onProgress: (p) => {
-          const t = Date.now();
-          const seconds = (t - started) / 1000;
-          const bytesPerSecond = seconds > 0 ? Math.round(p.doneBytes / seconds) : 0;
-          quarters.passed(p.doneBytes, p.totalBytes, bytesPerSecond, (text) => `backup ${name} of volume ${volumeName}: ${text}`, Kind.Backup, name, volumeName);
-          if (t - lastWrite < PROGRESS_WRITE_MS && p.doneBytes < p.totalBytes) return;
-          lastWrite = t;
-          void this.setBackupStatus(name, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond }).catch(() => {});
-        },
+        onProgress: (p) => progress.update(p.doneBytes, p.totalBytes),
       });
       await this.o.objects.mutate(Kind.Backup, name, (x) => {
         x.status.state = 'completed';
@@ -394,8 +389,8 @@ export class BackupController {
         return;
       }
       const attempts = b.value.status.attempts + 1;
-      if (TRANSIENT.has(e.code) && attempts < MAX_ATTEMPTS) {
-        const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts);
+      const delay = retryDelayMs(e, attempts);
+      if (delay !== null) {
         this.notBefore.set(name, Date.now() + delay);
         await this.setBackupStatus(name, { attempts, message: `attempt ${attempts} failed (${e.message}); retrying in ${Math.round(delay / 1000)} s` });
         return;
@@ -582,8 +577,11 @@ export class BackupController {
         else interrupted.push(m);
       }
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
-      let lastWrite = 0;
-      const quarters = new ProgressEvents(this.o.events, 'RestoreProgress');
+      const progress = new JobProgress({
+        events: this.o.events, reason: 'RestoreProgress', kind: Kind.Volume, object: volume, volume, started,
+        say: (text) => `volume ${volume}: restore of backup ${wanted} ${text}`,
+        write: (p) => this.setRestore(volume, p).then(() => {}),
+      });
       const result = await runRestore({
         repo,
         sink: blockWriter(client),
@@ -594,15 +592,7 @@ export class BackupController {
         sizeBytes: engine.value.status.sizeBytes,
         concurrency: await this.o.settings.int('backup-concurrency'),
         signal,
-        onProgress: (p) => {
-          const t = Date.now();
-          const seconds = (t - started) / 1000;
-          const bytesPerSecond = seconds > 0 ? Math.round(p.doneBytes / seconds) : 0;
-          quarters.passed(p.doneBytes, p.totalBytes, bytesPerSecond, (text) => `volume ${volume}: restore of backup ${wanted} ${text}`, Kind.Volume, volume, volume);
-          if (t - lastWrite < PROGRESS_WRITE_MS && p.doneBytes < p.totalBytes) return;
-          lastWrite = t;
-          void this.setRestore(volume, { doneBytes: p.doneBytes, totalBytes: p.totalBytes, bytesPerSecond }).catch(() => {});
-        },
+        onProgress: (p) => progress.update(p.doneBytes, p.totalBytes),
       });
       await this.setRestore(volume, { state: 'completed', applied: wanted, begun: [], completedAt: new Date().toISOString(), message: null, attempts: 0 });
       this.notBefore.delete(`volume/${volume}`);
@@ -614,8 +604,8 @@ export class BackupController {
       const e = toZebuError(err);
       if (signal.aborted) return;
       const attempts = status.attempts + 1;
-      if (TRANSIENT.has(e.code) && attempts < MAX_ATTEMPTS) {
-        const delay = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts);
+      const delay = retryDelayMs(e, attempts);
+      if (delay !== null) {
         this.notBefore.set(`volume/${volume}`, Date.now() + delay);
         await this.setRestore(volume, { attempts, message: `attempt ${attempts} failed (${e.message}); retrying in ${Math.round(delay / 1000)} s` });
         return;
@@ -721,24 +711,51 @@ export class BackupController {
   }
 }
 
-/** An event at 25, 50 and 75% of a long job (its start and end have their own). */
-class ProgressEvents {
-  private readonly events: EventRecorder;
-  private readonly reason: string;
-  private reported = 0;
+/** How long to wait before attempt `attempts` + 1 of a job that failed with `err`; null: give up. */
+function retryDelayMs(err: ZebuError, attempts: number): number | null {
+  if (!TRANSIENT.has(err.code) || attempts >= MAX_ATTEMPTS) return null;
+  return Math.min(MAX_BACKOFF_MS, 1000 * 2 ** attempts);
+}
 
-  constructor(events: EventRecorder, reason: string) {
-    this.events = events;
-    this.reason = reason;
+interface JobProgressOptions {
+  events: EventRecorder;
+  reason: string;
+  kind: string;
+  object: string;
+  volume: string;
+  /** When the job started (ms), for bytes per second. */
+  started: number;
+  say: (text: string) => string;
+  /** Stores the figures (at most once a second, and at the end). */
+  write: (progress: { doneBytes: number; totalBytes: number; bytesPerSecond: number }) => Promise<void>;
+}
+
+/** A long job's progress: stored in its object, and an event at 25, 50 and 75%. */
+class JobProgress {
+  private readonly o: JobProgressOptions;
+  private quarter = 0;
+  private lastWriteMs = 0;
+
+  constructor(options: JobProgressOptions) {
+    this.o = options;
   }
 
-  passed(done: number, total: number, bytesPerSecond: number, say: (text: string) => string, kind: string, object: string, volume: string): void {
-    if (total <= 0) return;
-    const quarter = Math.floor((4 * done) / total);
-    if (quarter <= this.reported || quarter >= 4) return;
-    this.reported = quarter;
-    const mib = (n: number): string => `${(n / (1024 * 1024)).toFixed(0)} MiB`;
-    void this.events.record({ type: 'Normal', reason: this.reason, kind, object, volume, message: say(`${quarter * 25}% (${mib(done)} of ${mib(total)}, ${mib(bytesPerSecond)}/s)`) });
+  update(doneBytes: number, totalBytes: number): void {
+    const now = Date.now();
+    const seconds = (now - this.o.started) / 1000;
+    const bytesPerSecond = seconds > 0 ? Math.round(doneBytes / seconds) : 0;
+    const quarter = totalBytes > 0 ? Math.floor((4 * doneBytes) / totalBytes) : 0;
+    if (quarter > this.quarter && quarter < 4) {
+      this.quarter = quarter;
+      const mib = (n: number): string => `${(n / (1024 * 1024)).toFixed(0)} MiB`;
+      void this.o.events.record({
+        type: 'Normal', reason: this.o.reason, kind: this.o.kind, object: this.o.object, volume: this.o.volume,
+        message: this.o.say(`${quarter * 25}% (${mib(doneBytes)} of ${mib(totalBytes)}, ${mib(bytesPerSecond)}/s)`),
+      });
+    }
+    if (now - this.lastWriteMs < PROGRESS_WRITE_MS && doneBytes < totalBytes) return;
+    this.lastWriteMs = now;
+    void this.o.write({ doneBytes, totalBytes, bytesPerSecond }).catch(() => {});
   }
 }
 

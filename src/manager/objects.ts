@@ -89,20 +89,25 @@ export interface RestoreSpec {
 
 export type RestoreState = 'pending' | 'in-progress' | 'completed' | 'error';
 
-export interface RestoreStatus {
-  state: RestoreState;
-  /** The backup being applied (or last applied). */
-  backup: string;
-  /** The backup the volume's data equals (null until the first apply completed). */
-  applied: string | null;
+/** What a long job (a backup, a restore) reports while it runs and when it ends. */
+export interface JobStatus {
   doneBytes: number;
   totalBytes: number;
   bytesPerSecond: number;
   startedAt: string | null;
   completedAt: string | null;
+  /** Why it is in error, or what it waits for. */
   message: string | null;
-  /** Transient failures retried so far in this apply. */
+  /** Transient failures retried so far. */
   attempts: number;
+}
+
+export interface RestoreStatus extends JobStatus {
+  state: RestoreState;
+  /** The backup being applied (or last applied). */
+  backup: string;
+  /** The backup the volume's data equals (null until the first apply completed). */
+  applied: string | null;
   /** The volume was attached by the restore (it detaches it again). */
   attachedForRestore: boolean;
   /**
@@ -301,15 +306,8 @@ export interface BackupValue {
     requestedAt: string;
     deletionRequestedAt: string | null;
   };
-  status: {
+  status: JobStatus & {
     state: BackupState;
-    doneBytes: number;
-    totalBytes: number;
-    bytesPerSecond: number;
-    startedAt: string | null;
-    completedAt: string | null;
-    message: string | null;
-    attempts: number;
     /** From the manifest, once completed. */
     sizeBytes: number;
     base: string | null;
