@@ -10,32 +10,15 @@ import type { VolumeView } from '../../manager/types.ts';
 import type { BackupGcView, BackupSyncResult, BackupTargetView, BackupView } from '../../manager/backup-types.ts';
 import type { TargetVerifyResult } from '../../backup/verify-target.ts';
 import { parsePositiveInt, parseBytes } from '../units.ts';
-import { ApiClient, type ConnectionOptions } from './api-client.ts';
+import { ApiClient } from './api-client.ts';
 import { formatBytes, formatPercent, keyValues, printJson, table } from './format.ts';
 import { POLL_INTERVAL_MS, progressBar, waitForVolume } from './wait.ts';
+import { enc, out, timeoutMs, type CommonOptions, type WaitingOptions } from './commands.ts';
 
-interface CommonOptions extends ConnectionOptions {
-  json?: boolean;
-}
-
-interface WaitingOptions extends CommonOptions {
-  wait?: boolean;
-  timeout?: string;
-}
-
-const enc = encodeURIComponent;
-const out = (text: string): void => {
-  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-};
 /** Verify, sync and collection answer when done: long for a large target. */
 const LONG_REQUEST_MS = 6 * 3600 * 1000;
-const DEFAULT_WAIT_SECONDS = 3600;
-
-function timeoutMs(options: WaitingOptions): number {
-  if (options.timeout === undefined) return DEFAULT_WAIT_SECONDS * 1000;
-  if (!/^\d+(\.\d+)?$/.test(options.timeout) || Number(options.timeout) <= 0) throw invalid(`--timeout must be a number of seconds > 0, got ${JSON.stringify(options.timeout)}`, 'timeout');
-  return Number(options.timeout) * 1000;
-}
+/** A backup or a restore of a large volume takes a while: wait an hour unless told. */
+const BACKUP_WAIT_SECONDS = 3600;
 
 function rate(bytesPerSecond: number): string {
   return `${formatBytes(Math.round(bytesPerSecond))}/s`;
@@ -215,7 +198,7 @@ export async function backupCreate(volume: string, options: WaitingOptions & { s
   const body: Record<string, unknown> = { volume, labels: parseLabels(options.label) };
   if (options.snapshot !== undefined) body.snapshot = options.snapshot;
   let backup = await client.post<BackupView>('/v1/backups', body);
-  if (options.wait !== false) backup = await waitForBackup(client, backup.name, timeoutMs(options));
+  if (options.wait !== false) backup = await waitForBackup(client, backup.name, timeoutMs(options, BACKUP_WAIT_SECONDS));
   if (options.json) printJson(backup);
   else if (options.wait === false) out(backup.name);
   else out(`backup ${backup.name} of volume ${volume} ${backup.state}${backup.state === 'completed' ? `: ${backup.blocks} block(s), ${formatBytes(backup.uploadedBytes ?? 0)} uploaded, ${formatBytes(backup.readBytes ?? 0)} read${backup.base !== null ? ` (incremental from ${backup.base})` : ''}` : ''}`);
@@ -239,7 +222,7 @@ export async function backupDelete(name: string, options: WaitingOptions): Promi
   const client = new ApiClient(options);
   await client.delete<BackupView>(`/v1/backups/${enc(name)}`);
   if (options.wait !== false) {
-    const deadline = Date.now() + timeoutMs(options);
+    const deadline = Date.now() + timeoutMs(options, BACKUP_WAIT_SECONDS);
     for (;;) {
       try {
         const b = await client.get<BackupView>(`/v1/backups/${enc(name)}`);
@@ -287,7 +270,7 @@ export async function backupRestore(backup: string, options: WaitingOptions & { 
   if (options.size !== undefined) body.sizeBytes = parseBytes(options.size);
   if (options.standby === true) body.standby = true;
   let volume = await client.post<VolumeView>(`/v1/backups/${enc(backup)}/restore`, body);
-  if (options.wait !== false) volume = await waitForRestore(client, options.to, timeoutMs(options));
+  if (options.wait !== false) volume = await waitForRestore(client, options.to, timeoutMs(options, BACKUP_WAIT_SECONDS));
   if (options.json) return printJson(volume);
   out(restoreSummary(volume));
 }
@@ -303,7 +286,7 @@ export async function volumeActivate(name: string, options: WaitingOptions): Pro
   if (options.wait !== false) {
     volume = await waitForVolume(client, name, {
       what: `volume ${name} to be activated`,
-      timeoutMs: timeoutMs(options),
+      timeoutMs: timeoutMs(options, BACKUP_WAIT_SECONDS),
       done: (v) => v === null || v.restore === null || v.restore.state === 'error' || (!v.restore.standby && v.state === 'detached'),
       progress: (v) => ({ fraction: v.restore?.progress ?? 0, label: v.restore === null ? v.state : `applying ${v.restore.backup}` }),
     });

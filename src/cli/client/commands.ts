@@ -17,7 +17,7 @@ export interface CommonOptions extends ConnectionOptions {
   json?: boolean;
 }
 
-interface WaitingOptions extends CommonOptions {
+export interface WaitingOptions extends CommonOptions {
   /** commander's --no-wait sets wait=false */
   wait?: boolean;
   timeout?: string;
@@ -29,13 +29,14 @@ const VERIFY_TIMEOUT_MS = 6 * 3600 * 1000;
 const VOLUME_STATES = ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'];
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'];
 
-const enc = encodeURIComponent;
-const out = (text: string): void => {
+export const enc = encodeURIComponent;
+export const out = (text: string): void => {
   process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
 };
 
-function timeoutMs(options: WaitingOptions): number {
-  if (options.timeout === undefined) return DEFAULT_WAIT_SECONDS * 1000;
+/** --timeout in ms; `defaultSeconds` when absent. */
+export function timeoutMs(options: WaitingOptions, defaultSeconds = DEFAULT_WAIT_SECONDS): number {
+  if (options.timeout === undefined) return defaultSeconds * 1000;
   if (!/^\d+(\.\d+)?$/.test(options.timeout) || Number(options.timeout) <= 0) throw invalid(`--timeout must be a number of seconds > 0, got ${JSON.stringify(options.timeout)}`, 'timeout');
   return Number(options.timeout) * 1000;
 }
