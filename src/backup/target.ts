@@ -143,10 +143,13 @@ export class FileTarget implements BackupTarget {
   readonly root: string;
   /** Files put with deferSync and not yet flushed, and their directories. */
   private readonly unsynced = new Set<string>();
+  /** fsync of a file or directory by path (tests record what is made durable). */
+  private readonly syncPath: (p: string) => Promise<void>;
 
-  constructor(url: string, root: string) {
+  constructor(url: string, root: string, sync: (p: string) => Promise<void> = syncPath) {
     this.url = url;
     this.root = root;
+    this.syncPath = sync;
   }
 
   private full(key: string): string {
@@ -159,7 +162,15 @@ export class FileTarget implements BackupTarget {
     const dir = path.dirname(file);
     const tmp = path.join(dir, `.tmp-${path.basename(file)}-${crypto.randomBytes(6).toString('hex')}`);
     try {
-      await fsp.mkdir(dir, { recursive: true });
+      // Directories this put creates hold the file's name; each one's own name is in its parent.
+      const created = await fsp.mkdir(dir, { recursive: true });
+      const parents: string[] = [];
+      if (created !== undefined) {
+        for (let d = dir; ; d = path.dirname(d)) {
+          parents.push(path.dirname(d));
+          if (d === created || d === path.dirname(d)) break;
+        }
+      }
       const handle = await fsp.open(tmp, 'w', 0o644);
       try {
         await handle.writeFile(data);
@@ -171,11 +182,13 @@ export class FileTarget implements BackupTarget {
       if (options.deferSync === true) {
         this.unsynced.add(file);
         this.unsynced.add(dir);
+        for (const p of parents) this.unsynced.add(p);
         return;
       }
       // The rename is durable once the directory is: a manifest must not vanish in a power cut
       // after the backup said it completed.
-      await syncPath(dir);
+      await this.syncPath(dir);
+      for (const p of parents) await this.syncPath(p);
     } catch (err) {
       await fsp.rm(tmp, { force: true }).catch(() => {});
       throw fileError(err, `write ${key}`, this.root);
@@ -190,7 +203,7 @@ export class FileTarget implements BackupTarget {
       const files = paths.filter((p) => !p.endsWith('/') && !this.isDir(p));
       const dirs = paths.filter((p) => !files.includes(p));
       for (const group of [files, dirs]) {
-        for (let i = 0; i < group.length; i += 32) await Promise.all(group.slice(i, i + 32).map((p) => syncPath(p)));
+        for (let i = 0; i < group.length; i += 32) await Promise.all(group.slice(i, i + 32).map((p) => this.syncPath(p)));
       }
     } catch (err) {
       for (const p of paths) this.unsynced.add(p);

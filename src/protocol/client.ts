@@ -5,7 +5,7 @@
  */
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
-import { FrameReader } from './frame-reader.ts';
+import { SocketReceiver } from './socket-receiver.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
 import {
@@ -50,6 +50,8 @@ interface Pending {
 
 const EMPTY = Buffer.alloc(0);
 const MAX_RESPONSE_BYTES = MAX_IO_BYTES + 1024 * 1024;
+/** Payloads at least this large are read by the socket straight into their own buffer. */
+const DIRECT_RECEIVE_BYTES = 64 * 1024;
 
 export class ReplicaClient {
   /** Sent with every request; the replica fences lower ones. */
@@ -57,7 +59,7 @@ export class ReplicaClient {
   readonly address: string;
   private readonly socket: net.Socket;
   private readonly out: TickBatcher;
-  private readonly reader = new FrameReader();
+  private readonly receiver: SocketReceiver;
   private readonly pending = new Map<number, Pending>();
   private readonly requestTimeoutMs: number;
   private readonly sweepTimer: NodeJS.Timeout;
@@ -66,13 +68,14 @@ export class ReplicaClient {
   private responseHeader: { requestId: number; status: number; length: number } | null = null;
   private closeListeners: ((err: ZebuError) => void)[] = [];
 
-  private constructor(socket: net.Socket, options: ReplicaClientOptions, address: string) {
+  private constructor(socket: net.Socket, receiver: SocketReceiver, options: ReplicaClientOptions, address: string) {
     this.socket = socket;
+    this.receiver = receiver;
     this.out = new TickBatcher(socket);
     this.address = address;
     this.epoch = options.epoch ?? 0;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 8000;
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    receiver.onStaged = () => this.parse();
     socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`)));
     socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed`)));
     const sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
@@ -85,11 +88,12 @@ export class ReplicaClient {
     const address = `${options.peerLabel ?? 'replica'} ${options.path ?? `${options.host ?? '127.0.0.1'}:${options.port}`}`;
     const connectTimeoutMs = options.connectTimeoutMs ?? 5000;
     return new Promise((resolve, reject) => {
+      const receiver = new SocketReceiver();
       const socket =
         options.path !== undefined
-          ? net.createConnection({ path: options.path })
-          : net.createConnection({ host: options.host ?? '127.0.0.1', port: options.port!, noDelay: true });
-      const reader = new FrameReader();
+          ? net.createConnection({ path: options.path, onread: receiver.onread })
+          : net.createConnection({ host: options.host ?? '127.0.0.1', port: options.port!, noDelay: true, onread: receiver.onread });
+      const reader = receiver.reader;
       let expectedProof: Buffer | null = null;
       let settled = false;
       const fail = (err: ZebuError): void => {
@@ -102,8 +106,8 @@ export class ReplicaClient {
       const timer = setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
       socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`, { cause: err })));
       socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed during handshake`)));
-      const onData = (chunk: Buffer): void => {
-        reader.push(chunk);
+      receiver.onStaged = (): void => {
+        if (settled) return;
         try {
           if (expectedProof === null) {
             const hello = reader.take(HELLO_BYTES);
@@ -120,14 +124,13 @@ export class ReplicaClient {
         }
         settled = true;
         clearTimeout(timer);
-        socket.off('data', onData);
         socket.removeAllListeners('error');
         socket.removeAllListeners('close');
-        const client = new ReplicaClient(socket, options, address);
-        if (reader.available > 0) client.onData(reader.take(reader.available)!);
+        const client = new ReplicaClient(socket, receiver, options, address);
+        // Responses cannot come before requests; anything staged already is a peer's error.
+        if (reader.available > 0) client.parse();
         resolve(client);
       };
-      socket.on('data', onData);
     });
   }
 
@@ -278,11 +281,11 @@ export class ReplicaClient {
     this.shutDown(new ZebuError(ErrorCode.CLOSED, `${this.address}: client closed`));
   }
 
-  private onData(chunk: Buffer): void {
-    this.reader.push(chunk);
-    for (;;) {
+  private parse(): void {
+    const reader = this.receiver.reader;
+    while (this.closedError === null && !this.receiver.receiving) {
       if (this.responseHeader === null) {
-        const raw = this.reader.take(RESPONSE_HEADER_BYTES);
+        const raw = reader.take(RESPONSE_HEADER_BYTES);
         if (raw === null) return;
         const length = raw.readUInt32BE(12);
         if (raw.readUInt32BE(0) !== RESPONSE_MAGIC || length > MAX_RESPONSE_BYTES) {
@@ -292,22 +295,31 @@ export class ReplicaClient {
         this.responseHeader = { requestId: raw.readUInt32BE(4), status: raw.readUInt32BE(8), length };
       }
       const { requestId, status, length } = this.responseHeader;
-      const payload = this.reader.take(length);
-      if (payload === null) return;
-      this.responseHeader = null;
-      const entry = this.pending.get(requestId);
-      if (entry === undefined) {
-        // Already timed out, or a connection-level error (request id 0) before close.
-        if (status !== 0 && requestId === 0) {
-          this.shutDown(new ZebuError(errorFromWire(status), `${this.address}: ${payload.toString('utf8')}`));
-          return;
-        }
+      if (length >= DIRECT_RECEIVE_BYTES && reader.available < length) {
+        // A large payload (READ data): the socket reads the rest of it straight into its buffer.
+        this.responseHeader = null;
+        const payload = Buffer.allocUnsafeSlow(length);
+        this.receiver.receiveInto(payload, 0, length, () => this.deliver(requestId, status, payload));
         continue;
       }
-      this.pending.delete(requestId);
-      if (status === 0) entry.callback(null, payload);
-      else entry.callback(new ZebuError(errorFromWire(status), `${this.address}: ${OpName[entry.op] ?? entry.op}: ${payload.toString('utf8')}`), EMPTY);
+      const payload = reader.take(length);
+      if (payload === null) return;
+      this.responseHeader = null;
+      this.deliver(requestId, status, payload);
     }
+  }
+
+  private deliver(requestId: number, status: number, payload: Buffer): void {
+    if (this.closedError !== null) return;
+    const entry = this.pending.get(requestId);
+    if (entry === undefined) {
+      // Already timed out, or a connection-level error (request id 0) before close.
+      if (status !== 0 && requestId === 0) this.shutDown(new ZebuError(errorFromWire(status), `${this.address}: ${payload.toString('utf8')}`));
+      return;
+    }
+    this.pending.delete(requestId);
+    if (status === 0) entry.callback(null, payload);
+    else entry.callback(new ZebuError(errorFromWire(status), `${this.address}: ${OpName[entry.op] ?? entry.op}: ${payload.toString('utf8')}`), EMPTY);
   }
 
   private sweep(): void {

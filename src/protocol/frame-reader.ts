@@ -11,6 +11,11 @@ export class FrameReader {
     return this.total;
   }
 
+  /** Bytes buffered in the first chunk (take() of at most this many is a view, not a copy). */
+  get firstLength(): number {
+    return this.chunks.length === 0 ? 0 : this.chunks[0].length - this.head;
+  }
+
   push(chunk: Buffer): void {
     if (chunk.length === 0) return;
     this.chunks.push(chunk);

@@ -12,7 +12,7 @@ import path from 'node:path';
 import crypto from 'node:crypto';
 import { Replica } from '../../src/replica/replica.ts';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
-import { openTarget, parseTargetUrl, checkTarget } from '../../src/backup/target.ts';
+import { openTarget, parseTargetUrl, checkTarget, FileTarget } from '../../src/backup/target.ts';
 import { BackupRepository } from '../../src/backup/repository.ts';
 import { runBackup, type SnapshotReader } from '../../src/backup/backup-job.ts';
 import { runRestore, type BlockWriter } from '../../src/backup/restore-job.ts';
@@ -330,6 +330,28 @@ test('S3 target (s3rver): round trip, retries through 500s, a clear error when t
   const away = openTarget(`s3://${s3.bucket}/x/`, { ...options, endpoint: 'http://127.0.0.1:1' });
   assert.match((await checkTarget(away)) ?? '', /ECONNREFUSED|connect/i);
   away.close();
+});
+
+test('file target: the directories a put creates are made durable with it (their names in their parents)', async (t) => {
+  const root = tempDir(t, 'zb-dirsync-');
+  const synced: string[] = [];
+  const target = new FileTarget(`file://${root}`, root, async (p) => {
+    synced.push(path.relative(root, p) || '.');
+  });
+  // A deferred put: nothing until flush, then the file, its directory and each new directory's parent.
+  await target.put('blocks/ab/cd/abcd', Buffer.from('x'), { deferSync: true });
+  assert.deepEqual(synced, []);
+  await target.flush();
+  assert.deepEqual(synced.sort(), ['.', 'blocks', 'blocks/ab', 'blocks/ab/cd', 'blocks/ab/cd/abcd'].sort());
+  // Only what the put created: a sibling in an existing directory syncs its file and directory.
+  synced.length = 0;
+  await target.put('blocks/ab/ef/abef', Buffer.from('y'), { deferSync: true });
+  await target.flush();
+  assert.deepEqual(synced.sort(), ['blocks/ab', 'blocks/ab/ef', 'blocks/ab/ef/abef'].sort());
+  // An immediate put syncs before it returns.
+  synced.length = 0;
+  await target.put('volumes/v/volume.json', Buffer.from('{}'));
+  assert.deepEqual(synced.sort(), ['.', 'volumes', 'volumes/v'].sort());
 });
 
 test('target URLs: malformed ones are refused with the reason', () => {
