@@ -23,7 +23,7 @@ import {
   BACKUP_BLOCK_BYTES,
   COMPRESSION_BY_NAME,
   FORMAT,
-  encodeBlock,
+  encodeBlockParts,
   isAllZero,
   sha256,
   type CompressionName,
@@ -34,6 +34,8 @@ import {
 export interface SnapshotReader {
   readSnapshot(name: string, offset: number, length: number): Promise<Buffer>;
   snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<BackendExtent[]>;
+  /** Optional: a buffer readSnapshot returned is no longer used (it may be reused). */
+  release?(data: Buffer): void;
 }
 
 export interface BackupProgress {
@@ -131,11 +133,22 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
     const one = async (index: number): Promise<void> => {
       const length = blockLength(index);
       const data = await o.source.readSnapshot(o.snapshot, index * BACKUP_BLOCK_BYTES, length);
+      try {
+        await store(index, data, length);
+      } finally {
+        o.source.release?.(data);
+      }
+      doneBytes += length;
+      report();
+    };
+    const store = async (index: number, data: Buffer, length: number): Promise<void> => {
       assert(data.length === length, `snapshot read of ${data.length} bytes, asked ${length}`);
       manifest.stats.readBytes += length;
       if (isAllZero(data)) {
         map.delete(index);
       } else {
+        // On the event loop: WebCrypto's digest would run on the thread pool but copies the
+        // block first, and a fresh 2 MiB buffer costs more than the hash (page faults).
         const hash = sha256(data);
         await claim(hash);
         map.set(index, hash);
@@ -145,11 +158,11 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
           let upload = uploading.get(hash);
           if (upload === undefined) {
             upload = (async () => {
-              const encoded = await encodeBlock(data, hash, method);
+              const encoded = await encodeBlockParts(data, hash, method);
               await checkpoint.include(index, hash);
               await repo.putBlock(hash, encoded);
               repo.index.known.add(hash);
-              manifest.stats.uploadedBytes += encoded.length;
+              manifest.stats.uploadedBytes += encoded[0].length + encoded[1].length;
               manifest.stats.uploadedBlocks++;
             })();
             uploading.set(hash, upload);
@@ -160,8 +173,6 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
           await upload;
         }
       }
-      doneBytes += length;
-      report();
     };
     await forEachBounded(toRead, o.concurrency, one, o.signal);
 

@@ -70,6 +70,7 @@ export function sha256(data: Buffer): string {
   return crypto.createHash('sha256').update(data).digest('hex');
 }
 
+
 export function isAllZero(data: Buffer): boolean {
   // Compare against a shared zero buffer in slices: fast, no allocation per call.
   for (let i = 0; i < data.length; i += ZEROS.length) {
@@ -81,6 +82,7 @@ export function isAllZero(data: Buffer): boolean {
 const ZEROS = Buffer.alloc(64 * 1024);
 
 const SAMPLE_BYTES = 16 * 1024;
+const SAMPLE_WINDOW_LOG = 14;
 const SAMPLES = 4;
 
 /**
@@ -92,7 +94,8 @@ async function looksIncompressible(data: Buffer): Promise<boolean> {
   const step = Math.floor(data.length / SAMPLES);
   for (let i = 0; i < SAMPLES; i++) {
     const sample = data.subarray(i * step, i * step + SAMPLE_BYTES);
-    const packed = await zstdCompress(sample, { params: { [zlib.constants.ZSTD_c_compressionLevel]: 1 } });
+    // A window no larger than the sample: a small compression context, quickly set up.
+    const packed = await zstdCompress(sample, { params: { [zlib.constants.ZSTD_c_compressionLevel]: 1, [zlib.constants.ZSTD_c_windowLog]: SAMPLE_WINDOW_LOG } });
     if (packed.length < sample.length * 0.95) return false;
   }
   return true;
@@ -100,6 +103,14 @@ async function looksIncompressible(data: Buffer): Promise<boolean> {
 
 /** Encodes a block: compressed when that makes it smaller, else stored as is. */
 export async function encodeBlock(data: Buffer, hash: string, method: CompressionMethod): Promise<Buffer> {
+  return Buffer.concat(await encodeBlockParts(data, hash, method));
+}
+
+/**
+ * The same as its two parts, header and payload, to be written one after the other: a block
+ * stored as is is then not copied (the payload is `data` itself).
+ */
+export async function encodeBlockParts(data: Buffer, hash: string, method: CompressionMethod): Promise<[Buffer, Buffer]> {
   assert(data.length > 0 && data.length <= BACKUP_BLOCK_BYTES, `block of ${data.length} bytes`);
   let payload = data;
   let used: CompressionMethod = CompressionMethod.NONE;
@@ -111,15 +122,14 @@ export async function encodeBlock(data: Buffer, hash: string, method: Compressio
       used = CompressionMethod.ZSTD;
     }
   }
-  const out = Buffer.allocUnsafe(BLOCK_HEADER_BYTES + payload.length);
-  out.writeUInt32BE(BLOCK_MAGIC, 0);
-  out.writeUInt8(FORMAT, 4);
-  out.writeUInt8(used, 5);
-  out.writeUInt16BE(0, 6);
-  out.writeUInt32BE(data.length, 8);
-  out.write(hash, 12, 32, 'hex');
-  payload.copy(out, BLOCK_HEADER_BYTES);
-  return out;
+  const header = Buffer.alloc(BLOCK_HEADER_BYTES);
+  header.writeUInt32BE(BLOCK_MAGIC, 0);
+  header.writeUInt8(FORMAT, 4);
+  header.writeUInt8(used, 5);
+  header.writeUInt16BE(0, 6);
+  header.writeUInt32BE(data.length, 8);
+  assert(header.write(hash, 12, 32, 'hex') === 32, `block name ${hash} is not a SHA-256`);
+  return [header, payload];
 }
 
 /**

@@ -139,7 +139,7 @@ export class BackupRepository {
   // ---- blocks -------------------------------------------------------------------------------
 
   /** Durable only after flushBlocks(): a manifest is written only after that. */
-  putBlock(hash: string, encoded: Buffer): Promise<void> {
+  putBlock(hash: string, encoded: Buffer | readonly Buffer[]): Promise<void> {
     return this.target.put(blockKey(hash), encoded, { deferSync: true });
   }
 

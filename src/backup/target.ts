@@ -27,7 +27,7 @@ import {
   HeadBucketCommand,
   type S3ServiceException,
 } from '@aws-sdk/client-s3';
-import { ZebuError, ErrorCode } from '../errors.ts';
+import { ZebuError, ErrorCode, assert } from '../errors.ts';
 
 export interface TargetListing {
   /** Keys directly under the prefix (relative to the target's root). */
@@ -47,7 +47,8 @@ export interface PutOptions {
 export interface BackupTarget {
   /** The target's URL as the user gave it (never with credentials). */
   readonly url: string;
-  put(key: string, data: Buffer, options?: PutOptions): Promise<void>;
+  /** `data` in parts is stored as their concatenation. */
+  put(key: string, data: Buffer | readonly Buffer[], options?: PutOptions): Promise<void>;
   /** Makes every object put with deferSync durable. */
   flush(): Promise<void>;
   get(key: string): Promise<Buffer | null>;
@@ -157,7 +158,7 @@ export class FileTarget implements BackupTarget {
     return path.join(this.root, key);
   }
 
-  async put(key: string, data: Buffer, options: PutOptions = {}): Promise<void> {
+  async put(key: string, data: Buffer | readonly Buffer[], options: PutOptions = {}): Promise<void> {
     const file = this.full(key);
     const dir = path.dirname(file);
     const tmp = path.join(dir, `.tmp-${path.basename(file)}-${crypto.randomBytes(6).toString('hex')}`);
@@ -173,7 +174,8 @@ export class FileTarget implements BackupTarget {
       }
       const handle = await fsp.open(tmp, 'w', 0o644);
       try {
-        await handle.writeFile(data);
+        if (Buffer.isBuffer(data)) await handle.writeFile(data);
+        else await writeAll(handle, data);
         if (options.deferSync !== true) await handle.datasync();
       } finally {
         await handle.close();
@@ -269,6 +271,20 @@ export class FileTarget implements BackupTarget {
 }
 
 /** fsync of a file or a directory (a directory's fsync makes the names in it durable). */
+/** writev until every byte of `parts` is written (a writev may write less than asked). */
+async function writeAll(handle: fsp.FileHandle, parts: readonly Buffer[]): Promise<void> {
+  let rest = parts.filter((b) => b.length > 0);
+  while (rest.length > 0) {
+    let { bytesWritten } = await handle.writev(rest);
+    assert(bytesWritten > 0, 'writev wrote nothing');
+    while (rest.length > 0 && bytesWritten >= rest[0].length) {
+      bytesWritten -= rest[0].length;
+      rest = rest.slice(1);
+    }
+    if (bytesWritten > 0) rest = [rest[0].subarray(bytesWritten), ...rest.slice(1)];
+  }
+}
+
 async function syncPath(p: string): Promise<void> {
   const handle = await fsp.open(p, 'r');
   try {
@@ -358,9 +374,10 @@ export class S3Target implements BackupTarget {
     return new ZebuError(code, `backup target ${where}: cannot ${what}: ${name}${status !== undefined ? ` (HTTP ${status})` : ''}: ${message}${tried}`, { cause: err });
   }
 
-  async put(key: string, data: Buffer): Promise<void> {
+  async put(key: string, parts: Buffer | readonly Buffer[]): Promise<void> {
     // An S3 PUT is durable when it is answered.
     const Key = this.key(key);
+    const data = Buffer.isBuffer(parts) ? parts : Buffer.concat(parts);
     await this.call(`write ${key}`, () => this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: data, ContentLength: data.length })));
   }
 

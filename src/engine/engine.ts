@@ -31,6 +31,7 @@ import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
 import { planStartup, chooseSource, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims } from './rebuild.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
 export const ReplicaMode = { RW: 'RW', WO: 'WO', ERR: 'ERR' } as const;
@@ -1104,6 +1105,7 @@ export class Engine implements BlockBackend {
           }
           assert(data.length === length, `replica returned ${data.length} bytes for a ${length}-byte read`);
           data.copy(out, outOffset);
+          ioBuffers.release(data);
           this.stats.reads++;
           this.stats.readBytes += length;
           this.stats.readLatencyMsTotal += performance.now() - started;
@@ -1118,6 +1120,7 @@ export class Engine implements BlockBackend {
     return this.askReplicas((client) => client.readSnapshot(name, offset, length)).then((data) => {
       assert(data.length === length, `replica returned ${data.length} bytes for a ${length}-byte snapshot read`);
       data.copy(out, outOffset);
+      ioBuffers.release(data);
     });
   }
 

@@ -11,6 +11,7 @@
 import net from 'node:net';
 import { ErrorCode, assert, type ZebuError } from '../errors.ts';
 import { FrameReader } from '../protocol/frame-reader.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { TickBatcher } from '../protocol/tick-batcher.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 import {
@@ -627,7 +628,7 @@ class NbdConnection {
     } else {
       this.out.write(simpleReplyHeader(0, cookie));
     }
-    this.out.write(data);
+    this.out.write(data, () => ioBuffers.release(data));
   }
 
   private replyBlockStatus(cookie: Buffer, extents: NbdExtent[], one: boolean): void {

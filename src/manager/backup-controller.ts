@@ -20,6 +20,7 @@ import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { openTarget, checkTarget, type TargetOptions } from '../backup/target.ts';
 import { BackupRepository } from '../backup/repository.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { runBackup, type SnapshotReader } from '../backup/backup-job.ts';
 import { runRestore, type BlockWriter } from '../backup/restore-job.ts';
 import { runGc, type GcResult } from '../backup/gc.ts';
@@ -774,6 +775,7 @@ function snapshotReader(client: ReplicaClient): SnapshotReader {
   return {
     readSnapshot: (name, offset, length) => client.readSnapshot(name, offset, length),
     snapshotChanges: (name, base, offset, length) => client.snapshotChanges(name, base, offset, length),
+    release: (data) => ioBuffers.release(data),
   };
 }
 

@@ -6,6 +6,7 @@
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
 import { SocketReceiver } from './socket-receiver.ts';
+import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
 import {
@@ -50,8 +51,6 @@ interface Pending {
 
 const EMPTY = Buffer.alloc(0);
 const MAX_RESPONSE_BYTES = MAX_IO_BYTES + 1024 * 1024;
-/** Payloads at least this large are read by the socket straight into their own buffer. */
-const DIRECT_RECEIVE_BYTES = 64 * 1024;
 
 export class ReplicaClient {
   /** Sent with every request; the replica fences lower ones. */
@@ -295,10 +294,11 @@ export class ReplicaClient {
         this.responseHeader = { requestId: raw.readUInt32BE(4), status: raw.readUInt32BE(8), length };
       }
       const { requestId, status, length } = this.responseHeader;
-      if (length >= DIRECT_RECEIVE_BYTES && reader.available < length) {
-        // A large payload (READ data): the socket reads the rest of it straight into its buffer.
+      if (length >= POOLED_MIN_BYTES) {
+        // A large payload (READ data) goes into a pooled buffer (the receiver of a READ may
+        // give it back): the socket reads what is not staged yet straight into it.
         this.responseHeader = null;
-        const payload = Buffer.allocUnsafeSlow(length);
+        const payload = ioBuffers.acquire(length);
         this.receiver.receiveInto(payload, 0, length, () => this.deliver(requestId, status, payload));
         continue;
       }

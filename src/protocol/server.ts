@@ -8,6 +8,7 @@
 import net from 'node:net';
 import { ZebuError, ErrorCode, errorToWire, toZebuError, invalid } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
+import { ioBuffers } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { listenOnUnixSocket } from './unix-socket.ts';
 import {
@@ -257,8 +258,9 @@ class Connection {
     }
     if (result instanceof ReadReply) {
       // READ: the data was read straight into the reply buffer, after room for the header.
-      encodeResponseHeader(result.full, requestId, 0, result.full.length - RESPONSE_HEADER_BYTES);
-      this.out.write(result.full);
+      const full = result.full;
+      encodeResponseHeader(full, requestId, 0, full.length - RESPONSE_HEADER_BYTES);
+      this.out.write(full, () => ioBuffers.release(full));
       return;
     }
     const header = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES);
@@ -291,7 +293,7 @@ class Connection {
     switch (h.op) {
       case Op.READ: {
         if (h.length > MAX_IO_BYTES) throw invalid(`read of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
-        const full = Buffer.allocUnsafe(RESPONSE_HEADER_BYTES + h.length);
+        const full = ioBuffers.acquire(RESPONSE_HEADER_BYTES + h.length);
         // A payload names a snapshot to read instead of the live volume.
         if (payload.length > 0) await replica.readSnapshot(textArg(payload), h.offset, h.length, full, RESPONSE_HEADER_BYTES);
         else await replica.read(h.offset, h.length, full, RESPONSE_HEADER_BYTES);

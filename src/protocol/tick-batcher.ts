@@ -17,12 +17,13 @@ export class TickBatcher {
     this.socket = socket;
   }
 
-  write(buf: Buffer): void {
+  /** `written` runs once the socket is done with `buf` (sent, or failed). */
+  write(buf: Buffer, written?: () => void): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       process.nextTick(this.uncork);
     }
-    this.socket.write(buf);
+    this.socket.write(buf, written);
   }
 }

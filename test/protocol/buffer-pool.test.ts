@@ -1,0 +1,88 @@
+/**
+ * The data path's buffer pool and the client's socket receiver: buffers are reused, never handed
+ * out twice, and a large reply read straight into its buffer arrives intact however the stream
+ * is cut.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import crypto from 'node:crypto';
+import { BufferPool, POOLED_MIN_BYTES } from '../../src/protocol/buffer-pool.ts';
+import { SocketReceiver } from '../../src/protocol/socket-receiver.ts';
+
+test('buffer pool: released buffers are reused by size, kept up to the cap, a double release fails loudly', () => {
+  const size = 2 * 1024 * 1024;
+  const pool = new BufferPool(3 * size);
+  const a = pool.acquire(size);
+  const b = pool.acquire(size);
+  assert.notEqual(a, b);
+  pool.release(a);
+  assert.equal(pool.keptBytes, size);
+  assert.throws(() => pool.release(a), /released twice/);
+  const c = pool.acquire(size);
+  assert.equal(c, a, 'a kept buffer of the same size is handed out again');
+  assert.equal(pool.keptBytes, 0);
+  // Another size is a new buffer; small ones are not kept at all.
+  const d = pool.acquire(size + 16);
+  assert.equal(d.length, size + 16);
+  const small = pool.acquire(POOLED_MIN_BYTES - 1);
+  pool.release(small);
+  assert.equal(pool.keptBytes, 0);
+  // A buffer the pool did not hand out is ignored.
+  pool.release(Buffer.alloc(size));
+  assert.equal(pool.keptBytes, 0);
+  // Over the cap, the size kept longest makes room.
+  pool.release(b);
+  pool.release(c);
+  pool.release(d);
+  assert.equal(pool.keptBytes, 3 * size + 16 - size);
+  const e = pool.acquire(size + 16);
+  assert.equal(e, d);
+});
+
+test('socket receiver: a large payload arrives intact through staged bytes and direct reads, cut anywhere', async (t) => {
+  const payload = crypto.randomBytes(3 * 1024 * 1024 + 123);
+  const header = Buffer.alloc(8);
+  header.writeUInt32BE(payload.length, 0);
+  header.writeUInt32BE(0xabcdef01, 4);
+  const trailer = Buffer.from('next-frame');
+  const stream = Buffer.concat([header, payload, trailer]);
+  const server = net.createServer((socket) => {
+    // Odd-sized pieces with pauses, so the receiver sees partial headers, staged payload bytes
+    // and direct reads of every length.
+    let at = 0;
+    const sizes = [3, 5, 70_000, 1, 65_536, 999_999, 17];
+    let i = 0;
+    const next = (): void => {
+      if (at >= stream.length) return void socket.end();
+      const n = Math.min(sizes[i++ % sizes.length], stream.length - at);
+      socket.write(stream.subarray(at, at + n), () => setTimeout(next, i % 3 === 0 ? 2 : 0));
+      at += n;
+    };
+    next();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => server.close());
+  const receiver = new SocketReceiver();
+  const socket = net.createConnection({ port: (server.address() as net.AddressInfo).port, host: '127.0.0.1', onread: receiver.onread });
+  t.after(() => socket.destroy());
+  const got = await new Promise<{ body: Buffer; tail: Buffer }>((resolve, reject) => {
+    let body: Buffer | null = null;
+    receiver.onStaged = () => {
+      if (body === null) {
+        const h = receiver.reader.take(8);
+        if (h === null) return;
+        assert.equal(h.readUInt32BE(4), 0xabcdef01);
+        const dest = Buffer.alloc(h.readUInt32BE(0) + 10);
+        body = dest;
+        receiver.receiveInto(dest, 10, h.readUInt32BE(0), () => {});
+      }
+      if (receiver.receiving) return;
+      const tail = receiver.reader.take(trailer.length);
+      if (tail !== null) resolve({ body: body.subarray(10), tail });
+    };
+    socket.on('error', reject);
+  });
+  assert.ok(got.body.equals(payload), 'payload bytes differ');
+  assert.equal(got.tail.toString(), 'next-frame');
+});
