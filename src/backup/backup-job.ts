@@ -158,8 +158,9 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
           let upload = uploading.get(hash);
           if (upload === undefined) {
             upload = (async () => {
-              const encoded = await encodeBlockParts(data, hash, method);
-              await checkpoint.include(index, hash);
+              // Listed (the partial manifest written) while the block is compressed.
+              const listed = checkpoint.include(index, hash);
+              const [encoded] = await Promise.all([encodeBlockParts(data, hash, method), listed]);
               await repo.putBlock(hash, encoded);
               repo.index.known.add(hash);
               manifest.stats.uploadedBytes += encoded[0].length + encoded[1].length;

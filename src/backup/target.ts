@@ -144,6 +144,8 @@ export class FileTarget implements BackupTarget {
   readonly root: string;
   /** Files put with deferSync and not yet flushed, and their directories. */
   private readonly unsynced = new Set<string>();
+  /** Directories known to exist (made or seen by a put): no mkdir for every block. */
+  private readonly knownDirs = new Set<string>();
   /** fsync of a file or directory by path (tests record what is made durable). */
   private readonly syncPath: (p: string) => Promise<void>;
 
@@ -164,15 +166,28 @@ export class FileTarget implements BackupTarget {
     const tmp = path.join(dir, `.tmp-${path.basename(file)}-${crypto.randomBytes(6).toString('hex')}`);
     try {
       // Directories this put creates hold the file's name; each one's own name is in its parent.
-      const created = await fsp.mkdir(dir, { recursive: true });
       const parents: string[] = [];
-      if (created !== undefined) {
-        for (let d = dir; ; d = path.dirname(d)) {
-          parents.push(path.dirname(d));
-          if (d === created || d === path.dirname(d)) break;
+      const makeDir = async (): Promise<void> => {
+        const created = await fsp.mkdir(dir, { recursive: true });
+        if (created !== undefined) {
+          for (let d = dir; ; d = path.dirname(d)) {
+            parents.push(path.dirname(d));
+            if (d === created || d === path.dirname(d)) break;
+          }
         }
+        this.knownDirs.add(dir);
+      };
+      if (!this.knownDirs.has(dir)) await makeDir();
+      let handle: fsp.FileHandle;
+      try {
+        handle = await fsp.open(tmp, 'w', 0o644);
+      } catch (err) {
+        // A directory this process made was removed meanwhile (by hand): make it again.
+        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+        this.knownDirs.delete(dir);
+        await makeDir();
+        handle = await fsp.open(tmp, 'w', 0o644);
       }
-      const handle = await fsp.open(tmp, 'w', 0o644);
       try {
         if (Buffer.isBuffer(data)) await handle.writeFile(data);
         else await writeAll(handle, data);

@@ -352,6 +352,13 @@ test('file target: the directories a put creates are made durable with it (their
   synced.length = 0;
   await target.put('volumes/v/volume.json', Buffer.from('{}'));
   assert.deepEqual(synced.sort(), ['.', 'volumes', 'volumes/v'].sort());
+  // A directory removed behind the target's back is made again (and made durable again).
+  fs.rmSync(path.join(root, 'blocks'), { recursive: true });
+  synced.length = 0;
+  await target.put('blocks/ab/cd/abcd', [Buffer.from('he'), Buffer.alloc(0), Buffer.from('llo')], { deferSync: true });
+  await target.flush();
+  assert.equal(fs.readFileSync(path.join(root, 'blocks/ab/cd/abcd'), 'utf8'), 'hello');
+  assert.deepEqual(synced.sort(), ['.', 'blocks', 'blocks/ab', 'blocks/ab/cd', 'blocks/ab/cd/abcd'].sort());
 });
 
 test('target URLs: malformed ones are refused with the reason', () => {
