@@ -60,6 +60,26 @@ async function zebuUp(dataDir: string): Promise<{ api: string; token: string; nb
   return { api: String(ready.api), token: fs.readFileSync(String(ready.tokenFile), 'utf8').trim(), nbd: String(ready.nbd), child };
 }
 
+/** CPU time of this run's processes (zebu up and the data-path processes under `root`). */
+function processCpu(root: string): Map<number, { what: string; user: number; system: number }> {
+  const out = new Map<number, { what: string; user: number; system: number }>();
+  const tick = 100; // USER_HZ on Linux
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+      if (!cmdline.some((a) => a.includes(root))) continue;
+      const what = cmdline.includes('up') ? 'zebu up' : cmdline.includes('replica') ? 'replica' : cmdline.includes('engine') ? 'engine' : cmdline.includes('frontend') ? 'frontend' : 'other';
+      const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      out.set(Number(entry), { what, user: Number(fields[11]) / tick, system: Number(fields[12]) / tick });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
 async function main(): Promise<void> {
   for (const tool of ['nbdcopy', 'nbdkit', 'zstd']) {
     if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) throw new Error(`${tool} is needed (apt-get install ${tool === 'nbdcopy' ? 'libnbd-bin' : tool})`);
@@ -130,7 +150,9 @@ async function main(): Promise<void> {
     // What reading the volume through its engine costs (the path a backup reads by).
     const nbdReadSeconds = timed(() => mustSpawn('nbdcopy', [uri, 'null:']));
     process.stderr.write('full backup...\n');
+    const cpuBefore = processCpu(root);
     const full = await backup();
+    const cpuAfter = processCpu(root);
 
     // 1% of the volume changes: 2 MiB writes at random 2 MiB-aligned places.
     const changed = Math.max(1, Math.round((SIZE * 0.01) / (2 * MiB)));
@@ -170,6 +192,13 @@ async function main(): Promise<void> {
     console.log(line(['what', 'seconds', 'MiB/s', 'notes']));
     console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
     for (const r of rows) console.log(line(r));
+    // Where the full backup's CPU time went, by process (user + system seconds).
+    const cpuRows = [...cpuAfter].map(([pid, after]) => {
+      const before = cpuBefore.get(pid) ?? { user: 0, system: 0, what: after.what };
+      return [after.what, (after.user - before.user).toFixed(2), (after.system - before.system).toFixed(2)];
+    }).filter((r) => Number(r[1]) + Number(r[2]) > 0.05);
+    console.log(`\nCPU seconds during the full backup (${full.seconds.toFixed(2)} s on ${os.cpus().length} cores):`);
+    for (const r of [['process', 'user', 'system'], ...cpuRows]) console.log(`  ${r[0].padEnd(12)} ${r[1].padStart(6)} ${r[2].padStart(7)}`);
     console.log(
       `\nfull backup speed / zstd -T0 + sync: ${(zstdSyncSeconds / full.seconds).toFixed(2)}, / zstd -T0 alone: ${(zstdAllSeconds / full.seconds).toFixed(2)} (target >= 0.5);` +
         ` incremental read ${pct(incremental.readBytes)}, uploaded ${pct(incremental.uploadedBytes)} (target <= 2%)`,
