@@ -505,7 +505,10 @@ export class Engine implements BlockBackend {
         r.reason = `waiting for a delta rebuild: ${decision.reason}`;
         this.pendingDeltas.push(r);
         client!.onClose((err) => {
-          if (r.client === client) {
+          // Only while it still waits: once its delta rebuild has begun, the rebuild's own close
+          // handling marks it ERR (this one, registered first, used to run first and clear
+          // r.client, so a replica lost after its rebuild stayed RW, unnoticed and unhealed).
+          if (r.client === client && r.mode === ReplicaMode.ERR && r.rebuild === null) {
             r.client = null;
             r.reason = `disconnected before its delta rebuild: ${err.message}`;
           }

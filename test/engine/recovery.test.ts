@@ -173,6 +173,10 @@ test('a replica behind at start-up with a missed-write map comes back by a delta
   const digests = await Promise.all(replicas.map((r) => regionDigests(r.port, secret, 2, SIZE)));
   assert.deepEqual(digests[0], digests[1]);
   assert.deepEqual(digests[0], digests[2]);
+  // Killed after that rebuild, it is seen as lost (it used to be dropped silently: still RW in
+  // the engine's info, with no connection, no event and no rebuild).
+  replicas[1].child.kill('SIGKILL');
+  await waitFor('replica 1 seen lost after its start-up delta rebuild', async () => (await engineInfo(second.control)).replicas[1].mode === 'ERR', 15_000, 20);
 });
 
 test('a replica rebuilt in full after its map was invalidated starts RW at the next start-up: the maps of a rebuilt replica are dropped', async (t) => {
