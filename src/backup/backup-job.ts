@@ -9,9 +9,11 @@
  *
  * Order of writes, so that no manifest ever refers to a block the target lacks and a crash
  * anywhere loses nothing and leaks little:
- * 1. the partial manifest lists a new block before it is uploaded (a collection after a crash
- *    sees it referenced; deleting the abandoned backup makes it collectable);
- * 2. blocks are uploaded;
+ * 1. the partial manifest lists a new block before it becomes visible on the target (a
+ *    collection after a crash sees it referenced; deleting the abandoned backup makes it
+ *    collectable); its bytes are written meanwhile to a staging name (a directory target), so
+ *    the listing's fsync and the write overlap, and many blocks share one listing;
+ * 2. blocks are made visible (renamed from staging, or PUT);
  * 3. the completed manifest is written, then the partial one is removed, then the volume record.
  * Blocks carried over or found stored are claimed in the BlockIndex for the job's duration, so a
  * concurrent collection never removes them.
@@ -19,6 +21,7 @@
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { BackendExtent } from '../protocol/backend.ts';
 import type { BackupRepository } from './repository.ts';
+import type { StagedObject } from './target.ts';
 import {
   BACKUP_BLOCK_BYTES,
   COMPRESSION_BY_NAME,
@@ -63,6 +66,10 @@ export interface BackupJobOptions {
   onProgress?: (progress: BackupProgress) => void;
   signal?: AbortSignal;
 }
+
+/** Blocks staged and waiting for their listing, per read slot (and at least this many in all). */
+const PENDING_COMMITS_PER_SLOT = 4;
+const MIN_PENDING_COMMITS = 16;
 
 /** SNAPSHOT_CHANGES is asked for this much at a time (its reply is a list of extents). */
 const CHANGES_CHUNK_BYTES = 1024 * 1024 * 1024;
@@ -120,17 +127,32 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
       stats: { readBytes: 0, uploadedBytes: 0, uploadedBlocks: 0, reusedBlocks: 0, blocks: 0 },
       blocks: [],
     };
-    const checkpoint = new PartialCheckpoint(repo, manifest);
-    await checkpoint.flush();
+    // A retried backup keeps what its earlier attempts listed (their blocks may be on the
+    // target) and writes the segments after theirs.
+    const earlier = await repo.readPartialSegments(o.volume, o.name);
+    const checkpoint = new PartialCheckpoint(repo, manifest, (earlier?.segments ?? 0) + 1);
+    await repo.writePartial(manifest);
 
     const totalBytes = toRead.reduce((n, i) => n + blockLength(i), 0);
     let doneBytes = 0;
     const report = (): void => o.onProgress?.({ doneBytes, totalBytes, uploadedBytes: manifest.stats.uploadedBytes });
     report();
 
+    // A new block is listed in the partial manifest (a write and an fsync) while its bytes are
+    // compressed and written (staged); it becomes visible (committed) once both are done, never
+    // before it is listed. The commit waits off the read slots, so many blocks share one listing
+    // write and a slot moves on as soon as its block is staged.
     const uploading = new Map<string, Promise<void>>();
+    const committed: string[] = [];
+    const committing = new Set<Promise<void>>();
+    const maxCommitting = Math.max(MIN_PENDING_COMMITS, PENDING_COMMITS_PER_SLOT * o.concurrency);
+    let commitFailure: unknown = null;
+    let stopping = false;
     const method = COMPRESSION_BY_NAME[o.compression];
     const one = async (index: number): Promise<void> => {
+      if (commitFailure !== null) throw commitFailure;
+      // Staged blocks hold memory on some targets (S3 keeps them until their PUT): bounded.
+      while (committing.size >= maxCommitting) await Promise.race(committing);
       const length = blockLength(index);
       const data = await o.source.readSnapshot(o.snapshot, index * BACKUP_BLOCK_BYTES, length);
       try {
@@ -146,43 +168,79 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
       manifest.stats.readBytes += length;
       if (isAllZero(data)) {
         map.delete(index);
-      } else {
-        // On the event loop: WebCrypto's digest would run on the thread pool but copies the
-        // block first, and a fresh 2 MiB buffer costs more than the hash (page faults).
-        const hash = sha256(data);
-        await claim(hash);
-        map.set(index, hash);
-        if (repo.index.known.has(hash)) {
-          manifest.stats.reusedBlocks++;
-        } else {
-          let upload = uploading.get(hash);
-          if (upload === undefined) {
-            upload = (async () => {
-              // Listed (the partial manifest written) while the block is compressed.
-              const listed = checkpoint.include(index, hash);
-              const [encoded] = await Promise.all([encodeBlockParts(data, hash, method), listed]);
-              await repo.putBlock(hash, encoded);
-              repo.index.known.add(hash);
-              manifest.stats.uploadedBytes += encoded[0].length + encoded[1].length;
-              manifest.stats.uploadedBlocks++;
-            })();
-            uploading.set(hash, upload);
-            upload.then(() => uploading.delete(hash), () => uploading.delete(hash));
-          } else {
-            manifest.stats.reusedBlocks++;
-          }
-          await upload;
-        }
+        return;
       }
+      // On the event loop: WebCrypto's digest would run on the thread pool but copies the
+      // block first, and a fresh 2 MiB buffer costs more than the hash (page faults).
+      const hash = sha256(data);
+      await claim(hash);
+      map.set(index, hash);
+      // Stored already, or being stored by another block of this backup.
+      if (repo.index.known.has(hash) || uploading.has(hash)) return;
+      const listed = checkpoint.include(index, hash);
+      // Observed below once staged; a failure meanwhile is not an unhandled rejection.
+      listed.catch(() => {});
+      let bytes = 0;
+      const staging = (async (): Promise<StagedObject> => {
+        const encoded = await encodeBlockParts(data, hash, method);
+        bytes = encoded[0].length + encoded[1].length;
+        return repo.stageBlock(hash, encoded);
+      })();
+      const commit = (async () => {
+        const staged = await staging;
+        try {
+          await listed;
+        } catch (err) {
+          await staged.discard();
+          throw err;
+        }
+        if (stopping) return staged.discard();
+        await staged.commit();
+        repo.index.known.add(hash);
+        committed.push(hash);
+        manifest.stats.uploadedBytes += bytes;
+        manifest.stats.uploadedBlocks++;
+      })();
+      uploading.set(hash, commit);
+      committing.add(commit);
+      commit.then(
+        () => {
+          committing.delete(commit);
+          uploading.delete(hash);
+        },
+        (err) => {
+          committing.delete(commit);
+          uploading.delete(hash);
+          if (commitFailure === null) commitFailure = err;
+        },
+      );
+      // The slot (and `data`) is free once the bytes are staged.
+      await staging;
     };
-    await forEachBounded(toRead, o.concurrency, one, o.signal);
+    try {
+      await forEachBounded(toRead, o.concurrency, one, o.signal);
+    } catch (err) {
+      // Staged blocks not yet committed are dropped (never visible, never leaked).
+      stopping = true;
+      await Promise.allSettled([...committing]);
+      throw err;
+    }
+    await Promise.allSettled([...committing]);
+    if (commitFailure !== null) throw commitFailure;
+    assert(committing.size === 0, 'every staged block committed');
 
     manifest.blocks = [...map.entries()].sort((a, b) => a[0] - b[0]);
     manifest.stats.blocks = manifest.blocks.length;
     manifest.stats.reusedBlocks = manifest.blocks.length - manifest.stats.uploadedBlocks;
     manifest.completedAt = new Date().toISOString();
     // Every block it names is durable before the manifest is.
-    await repo.flushBlocks();
+    try {
+      await repo.flushBlocks();
+    } catch (err) {
+      // Not known to be durable: a retry stores them again instead of trusting them.
+      for (const hash of committed) repo.index.known.delete(hash);
+      throw err;
+    }
     await repo.writeManifest(manifest);
     await repo.deletePartial(o.volume, o.name);
     const record = await repo.readVolume(o.volume).catch(() => null);
@@ -220,29 +278,34 @@ async function changedBlocks(source: SnapshotReader, snapshot: string, base: str
 }
 
 /**
- * The partial manifest: the new blocks a backup will upload, written before they are. Callers
- * wait for a write that includes their block; writes are one at a time, so blocks arriving while
- * one is in flight share the next.
+ * The partial manifest's segments: the new blocks a backup will upload, each segment written
+ * before any block it lists becomes visible. Callers wait for a write that includes their block;
+ * writes are one at a time, so blocks arriving while one is in flight share the next. Each
+ * segment holds only what was listed since the previous one: the bytes written grow with the
+ * volume, not with its square.
  */
 class PartialCheckpoint {
   private readonly repo: BackupRepository;
   private readonly manifest: Manifest;
-  private readonly entries: [number, string][] = [];
+  private pending: [number, string][] = [];
+  private segment: number;
   private writing: Promise<void> | null = null;
   private next: Promise<void> | null = null;
 
-  constructor(repo: BackupRepository, manifest: Manifest) {
+  constructor(repo: BackupRepository, manifest: Manifest, firstSegment: number) {
+    assert(firstSegment >= 1, 'partial segments are numbered from 1');
     this.repo = repo;
     this.manifest = manifest;
+    this.segment = firstSegment;
   }
 
   include(index: number, hash: string): Promise<void> {
-    this.entries.push([index, hash]);
+    this.pending.push([index, hash]);
     return this.flush();
   }
 
   /** Resolves once a write that started after this call has completed. */
-  flush(): Promise<void> {
+  private flush(): Promise<void> {
     if (this.writing === null) {
       this.writing = this.write().finally(() => {
         this.writing = null;
@@ -258,11 +321,18 @@ class PartialCheckpoint {
     return this.next;
   }
 
-  private write(): Promise<void> {
-    const blocks = [...this.entries].sort((a, b) => a[0] - b[0]);
-    // Duplicate indexes are possible (a block read twice after a retry); keep the last.
-    const byIndex = new Map(blocks);
-    return this.repo.writePartial({ ...this.manifest, blocks: [...byIndex.entries()].sort((a, b) => a[0] - b[0]) });
+  private async write(): Promise<void> {
+    const blocks = this.pending;
+    if (blocks.length === 0) return;
+    this.pending = [];
+    try {
+      await this.repo.writePartialSegment(this.manifest.volume, this.manifest.name, this.segment, blocks);
+    } catch (err) {
+      // The segment may or may not be there: the next write puts it again, with these blocks too.
+      this.pending = [...blocks, ...this.pending];
+      throw err;
+    }
+    this.segment++;
   }
 }
 

@@ -57,6 +57,11 @@ export function manifestKey(volume: string, backup: string): string {
 export function partialKey(volume: string, backup: string): string {
   return `volumes/${checkName(volume, 'volume')}/backups/${checkName(backup, 'backup')}.partial`;
 }
+/** Segment n (1, 2, …) of a partial manifest: the blocks listed since segment n-1. */
+export function partialSegmentKey(volume: string, backup: string, n: number): string {
+  assert(Number.isSafeInteger(n) && n >= 1, `partial segment ${n}`);
+  return `${partialKey(volume, backup)}.${String(n).padStart(6, '0')}`;
+}
 export function tombstoneKey(volume: string, backup: string): string {
   return `volumes/${checkName(volume, 'volume')}/deleted/${checkName(backup, 'backup')}.json`;
 }
@@ -251,4 +256,33 @@ export function decodeVolumeRecord(data: Buffer, what: string): VolumeRecord {
   const v = decodeDocument(data, what) as VolumeRecord;
   if (typeof v !== 'object' || v === null || v.format !== FORMAT || typeof v.volume !== 'string') throw new ZebuError(ErrorCode.EIO, `${what} is damaged: not a volume record`);
   return v;
+}
+
+// ---- partial manifest segments -------------------------------------------------------------------
+
+/** What a backup under way listed in one write: blocks it may upload, in the order listed. */
+export interface PartialSegment {
+  format: number;
+  volume: string;
+  backup: string;
+  segment: number;
+  blocks: [number, string][];
+}
+
+export function encodePartialSegment(s: PartialSegment): Buffer {
+  return encodeDocument(s);
+}
+
+export function decodePartialSegment(data: Buffer, what: string, expect: { volume: string; backup: string; segment: number; sizeBytes: number }): PartialSegment {
+  const s = decodeDocument(data, what) as PartialSegment;
+  const bad = (why: string): ZebuError => new ZebuError(ErrorCode.EIO, `${what} is damaged: ${why}`);
+  if (typeof s !== 'object' || s === null) throw bad('not an object');
+  if (s.format !== FORMAT) throw bad(`unknown format ${String(s.format)}`);
+  if (s.volume !== expect.volume || s.backup !== expect.backup || s.segment !== expect.segment) throw bad(`it names segment ${String(s.segment)} of backup ${String(s.backup)} (volume ${String(s.volume)})`);
+  if (!Array.isArray(s.blocks)) throw bad('block list');
+  const count = Math.ceil(expect.sizeBytes / BACKUP_BLOCK_BYTES);
+  for (const entry of s.blocks) {
+    if (!Array.isArray(entry) || !Number.isSafeInteger(entry[0]) || entry[0] < 0 || entry[0] >= count || !HASH_PATTERN.test(entry[1])) throw bad('block list entry');
+  }
+  return s;
 }

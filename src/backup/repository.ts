@@ -4,7 +4,7 @@
  * (backup-job.ts, restore-job.ts, gc.ts, verify-target.ts) work through this.
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
-import type { BackupTarget } from './target.ts';
+import type { BackupTarget, StagedObject } from './target.ts';
 import { BlockIndex } from './block-index.ts';
 import {
   FORMAT,
@@ -19,6 +19,9 @@ import {
   encodeManifest,
   manifestKey,
   partialKey,
+  partialSegmentKey,
+  encodePartialSegment,
+  decodePartialSegment,
   tombstoneKey,
   volumeKey,
   type Manifest,
@@ -72,9 +75,32 @@ export class BackupRepository {
     return data === null ? null : this.checkManifest(decodeManifest(data, `manifest of backup ${backup} (volume ${volume}) on ${this.url}`), volume, backup);
   }
 
+  /**
+   * A backup under way: the head of its partial manifest (written when it starts) with the blocks
+   * of all its segments merged in. Segments are written one at a time, each durable before the
+   * next starts, so they are read 1, 2, … up to the first one missing (no listing).
+   */
   async readPartial(volume: string, backup: string): Promise<Manifest | null> {
+    return (await this.readPartialSegments(volume, backup))?.manifest ?? null;
+  }
+
+  /** readPartial, and how many segments it has (a retried backup writes the ones after them). */
+  async readPartialSegments(volume: string, backup: string): Promise<{ manifest: Manifest; segments: number } | null> {
     const data = await this.target.get(partialKey(volume, backup));
-    return data === null ? null : this.checkManifest(decodeManifest(data, `partial manifest of backup ${backup} (volume ${volume}) on ${this.url}`), volume, backup);
+    if (data === null) return null;
+    const head = this.checkManifest(decodeManifest(data, `partial manifest of backup ${backup} (volume ${volume}) on ${this.url}`), volume, backup);
+    const byIndex = new Map(head.blocks);
+    let segments = 0;
+    for (;;) {
+      const key = partialSegmentKey(volume, backup, segments + 1);
+      const seg = await this.target.get(key);
+      if (seg === null) break;
+      segments++;
+      const s = decodePartialSegment(seg, `${key} on ${this.url}`, { volume, backup, segment: segments, sizeBytes: head.sizeBytes });
+      // A snapshot never changes: a block index listed again (a retry) has the same content.
+      for (const [index, hash] of s.blocks) byIndex.set(index, hash);
+    }
+    return { manifest: { ...head, blocks: [...byIndex.entries()].sort((a, b) => a[0] - b[0]) }, segments };
   }
 
   private checkManifest(m: Manifest, volume: string, backup: string): Manifest {
@@ -86,12 +112,25 @@ export class BackupRepository {
     return this.target.put(manifestKey(m.volume, m.name), encodeManifest(m));
   }
 
+  /** The head of a partial manifest (what the backup is; its blocks go to segments). */
   writePartial(m: Manifest): Promise<void> {
     return this.target.put(partialKey(m.volume, m.name), encodeManifest(m));
   }
 
-  deletePartial(volume: string, backup: string): Promise<void> {
-    return this.target.delete(partialKey(volume, backup));
+  /** Segment n of a partial manifest; durable when this resolves. */
+  writePartialSegment(volume: string, backup: string, segment: number, blocks: [number, string][]): Promise<void> {
+    return this.target.put(partialSegmentKey(volume, backup, segment), encodePartialSegment({ format: FORMAT, volume, backup, segment, blocks }));
+  }
+
+  /**
+   * Removes a partial manifest: its segments from the last one down, then its head, so that a
+   * crash midway leaves segments 1..k with their head, which the next delete finds.
+   */
+  async deletePartial(volume: string, backup: string): Promise<void> {
+    let count = 0;
+    while (await this.target.exists(partialSegmentKey(volume, backup, count + 1))) count++;
+    for (let n = count; n >= 1; n--) await this.target.delete(partialSegmentKey(volume, backup, n));
+    await this.target.delete(partialKey(volume, backup));
   }
 
   /** Completed and partial backups of a volume (one LIST of its backups directory). */
@@ -114,11 +153,16 @@ export class BackupRepository {
    * leaves both, and the collection skips a tombstone whose manifest still exists.
    */
   async deleteBackup(volume: string, backup: string): Promise<boolean> {
-    const data = (await this.target.get(manifestKey(volume, backup))) ?? (await this.target.get(partialKey(volume, backup)));
-    if (data === null) return false;
+    let data = await this.target.get(manifestKey(volume, backup));
+    if (data === null) {
+      // A backup that never completed: its tombstone lists every block its segments listed.
+      const partial = await this.readPartial(volume, backup);
+      if (partial === null) return false;
+      data = encodeManifest(partial);
+    }
     await this.target.put(tombstoneKey(volume, backup), data);
     await this.target.delete(manifestKey(volume, backup));
-    await this.target.delete(partialKey(volume, backup));
+    await this.deletePartial(volume, backup);
     return true;
   }
 
@@ -138,9 +182,12 @@ export class BackupRepository {
 
   // ---- blocks -------------------------------------------------------------------------------
 
-  /** Durable only after flushBlocks(): a manifest is written only after that. */
-  putBlock(hash: string, encoded: Buffer | readonly Buffer[]): Promise<void> {
-    return this.target.put(blockKey(hash), encoded, { deferSync: true });
+  /**
+   * Writes a block's bytes without making it visible (`encoded` may be reused afterwards); its
+   * commit() makes it visible, durable only after flushBlocks() (a manifest is written only after that).
+   */
+  stageBlock(hash: string, encoded: Buffer | readonly Buffer[]): Promise<StagedObject> {
+    return this.target.stage(blockKey(hash), encoded);
   }
 
   flushBlocks(): Promise<void> {

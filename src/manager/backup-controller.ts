@@ -377,11 +377,13 @@ export class BackupController {
         x.status.doneBytes = x.status.totalBytes;
       });
       this.notBefore.delete(name);
+      // The backup's own time (deleting older snapshots below merges layers, which can take longer).
+      const seconds = (Date.now() - started) / 1000;
       await this.dropOlderSnapshots(name, volumeName);
       const s = manifest.stats;
       await this.o.events.record({
         type: 'Normal', reason: 'BackupCompleted', kind: Kind.Backup, object: name, volume: volumeName,
-        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${((Date.now() - started) / 1000).toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
+        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${seconds.toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
       });
     } catch (err) {
       const e = toZebuError(err);

@@ -361,6 +361,154 @@ test('file target: the directories a put creates are made durable with it (their
   assert.deepEqual(synced.sort(), ['.', 'blocks', 'blocks/ab', 'blocks/ab/cd', 'blocks/ab/cd/abcd'].sort());
 });
 
+test('file target: a staged object is invisible until committed; discarded or stale ones leave nothing', async (t) => {
+  const root = tempDir(t, 'zb-stage-');
+  const synced: string[] = [];
+  const target = new FileTarget(`file://${root}`, root, async (p) => {
+    synced.push(path.relative(root, p) || '.');
+  });
+  // A staged file a crashed process left an hour ago, and one of a process still working.
+  fs.mkdirSync(path.join(root, '.staging'));
+  const stale = path.join(root, '.staging', 'old-1-aaaa');
+  const fresh = path.join(root, '.staging', 'new-2-bbbb');
+  fs.writeFileSync(stale, 'x');
+  fs.writeFileSync(fresh, 'y');
+  const hourAgo = new Date(Date.now() - 61 * 60 * 1000);
+  fs.utimesSync(stale, hourAgo, hourAgo);
+
+  const parts = [Buffer.from('hea'), Buffer.from('der')];
+  const staged = await target.stage('blocks/ab/cd/abcd', parts);
+  parts[0].fill(0); // the caller may reuse its buffers once staged
+  assert.equal(await target.get('blocks/ab/cd/abcd'), null);
+  assert.equal(await target.exists('blocks/ab/cd/abcd'), false);
+  assert.deepEqual((await target.list('')).prefixes, [], 'the staging directory is not listed');
+  await staged.commit();
+  assert.equal((await target.get('blocks/ab/cd/abcd'))?.toString(), 'header', 'the bytes as they were when staged');
+  await assert.rejects(staged.commit(), /twice/);
+  // Durable at the next flush, with the directories the commit created.
+  await target.flush();
+  assert.deepEqual(synced.sort(), ['.', 'blocks', 'blocks/ab', 'blocks/ab/cd', 'blocks/ab/cd/abcd'].sort());
+
+  const dropped = await target.stage('blocks/ef/01/ef01', Buffer.from('gone'));
+  await dropped.discard();
+  assert.equal(await target.exists('blocks/ef/01/ef01'), false);
+  assert.deepEqual(fs.readdirSync(path.join(root, '.staging')), ['new-2-bbbb'], 'the stale file is removed, the fresh one kept, nothing of ours left');
+});
+
+test('a backup whose listing fails makes none of its new blocks visible and leaves nothing staged', async (t) => {
+  const root = tempDir(t, 'zb-listfail-');
+  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
+  await repo.init();
+  const source = await sourceVolume(root);
+  t.after(() => source.abandon());
+  await source.snapshotCreate('s1');
+  const writeSegment = repo.writePartialSegment.bind(repo);
+  repo.writePartialSegment = async () => {
+    throw new ZebuError(ErrorCode.EIO, 'injected: partial manifest write failed');
+  };
+  await assert.rejects(backup(repo, source, 'b1', 's1', null), /injected/);
+  const blockFiles = (): string[] => {
+    const dir = path.join(root, 'target', 'blocks');
+    return fs.existsSync(dir) ? fs.readdirSync(dir, { recursive: true }).map(String).filter((f) => fs.statSync(path.join(dir, f)).isFile()) : [];
+  };
+  assert.deepEqual(blockFiles(), [], 'no block is visible that no manifest lists');
+  assert.deepEqual(fs.readdirSync(path.join(root, 'target', '.staging')), [], 'staged blocks are discarded');
+
+  // The second listing fails: the blocks of the first are on the target, listed by the partial.
+  let writes = 0;
+  repo.writePartialSegment = async (...args) => {
+    if (++writes > 1) throw new ZebuError(ErrorCode.EIO, 'injected: second write failed');
+    return writeSegment(...args);
+  };
+  await assert.rejects(backup(repo, source, 'b1', 's1', null), /injected/);
+  const partial = await repo.readPartialSegments('vol', 'b1');
+  assert.equal(partial?.segments, 1);
+  const listed = new Set(partial!.manifest.blocks.map(([, hash]) => hash));
+  assert.ok(listed.size >= 1);
+  const visible = blockFiles().map((f) => path.basename(f));
+  assert.ok(visible.length >= 1 && visible.every((hash) => listed.has(hash)), 'every visible block is listed');
+
+  // A retry writes the segments after the earlier ones and completes; the partial is gone.
+  repo.writePartialSegment = writeSegment;
+  const b1 = await backup(repo, source, 'b1', 's1', null);
+  assert.equal(b1.blocks.length, 13);
+  assert.equal(await repo.readPartial('vol', 'b1'), null);
+  assert.deepEqual(fs.readdirSync(path.join(root, 'target', 'volumes', 'vol', 'backups')).sort(), ['b1.json']);
+  const restored = await restoreInto(root, repo, b1, 'restored');
+  t.after(() => restored.abandon());
+  assert.ok((await readAll(restored)).equals(await readAll(source, 's1')));
+});
+
+test('an abandoned backup (its partial manifest in several segments) is deleted with every block it listed collected', async (t) => {
+  const root = tempDir(t, 'zb-abandon-');
+  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
+  await repo.init();
+  const source = await sourceVolume(root);
+  t.after(() => source.abandon());
+  await source.snapshotCreate('s1');
+  // One block per segment (concurrency 1), and the backup stops after a few of them.
+  const writeSegment = repo.writePartialSegment.bind(repo);
+  let writes = 0;
+  repo.writePartialSegment = async (...args) => {
+    if (++writes > 4) throw new ZebuError(ErrorCode.EIO, 'injected: target went away');
+    return writeSegment(...args);
+  };
+  await assert.rejects(backup(repo, source, 'b1', 's1', null, 1), /injected/);
+  repo.writePartialSegment = writeSegment;
+  const partial = await repo.readPartialSegments('vol', 'b1');
+  assert.equal(partial?.segments, 4);
+  assert.ok(partial!.manifest.blocks.length >= 4, 'each segment lists one block or more');
+  assert.deepEqual((await repo.listBackups('vol')).partial, ['b1']);
+
+  assert.equal(await repo.deleteBackup('vol', 'b1'), true);
+  assert.deepEqual(fs.readdirSync(path.join(root, 'target', 'volumes', 'vol', 'backups')), [], 'head and segments removed');
+  const gc = await runGc(repo);
+  assert.equal(gc.removedBlocks, partial!.manifest.blocks.length, 'the tombstone names every block the segments listed');
+  const blocksDir = path.join(root, 'target', 'blocks');
+  assert.deepEqual(fs.readdirSync(blocksDir, { recursive: true }).map(String).filter((f) => fs.statSync(path.join(blocksDir, f)).isFile()), [], 'nothing leaked');
+});
+
+test('file target: deferred files are synced early, in the background; a failed early sync fails the next flush', async (t) => {
+  const root = tempDir(t, 'zb-early-');
+  const synced: string[] = [];
+  let failNext = false;
+  const target = new FileTarget(`file://${root}`, root, async (p) => {
+    if (failNext && path.basename(p) === 'f40') throw Object.assign(new Error('injected EIO'), { code: 'EIO' });
+    synced.push(path.relative(root, p));
+  });
+  for (let i = 0; i < 40; i++) await target.put(`blocks/aa/bb/f${i}`, Buffer.from(`${i}`), { deferSync: true });
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const early = synced.filter((p) => p.startsWith('blocks/aa/bb/f'));
+  assert.ok(early.length >= 32, `the first 32 files are synced before any flush (${early.length})`);
+  assert.ok(!synced.includes('blocks/aa/bb'), 'directories wait for the flush');
+  await target.flush();
+  assert.equal(synced.filter((p) => p.startsWith('blocks/aa/bb/f')).length, 40, 'each file synced once');
+  assert.ok(synced.includes('blocks/aa/bb'));
+
+  // An early sync fails: the flush after it says so, even though the flush's own syncs work.
+  failNext = true;
+  for (let i = 40; i < 72; i++) await target.put(`blocks/aa/bb/f${i}`, Buffer.from(`${i}`), { deferSync: true });
+  await assert.rejects(target.flush(), (err) => err instanceof ZebuError && /make blocks durable/.test(err.message) && /injected EIO/.test(err.message));
+});
+
+test('a backup whose blocks cannot be made durable fails, and its retry stores them again', async (t) => {
+  const root = tempDir(t, 'zb-flushfail-');
+  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
+  await repo.init();
+  const source = await sourceVolume(root);
+  t.after(() => source.abandon());
+  await source.snapshotCreate('s1');
+  const flushBlocks = repo.flushBlocks.bind(repo);
+  repo.flushBlocks = async () => {
+    throw new ZebuError(ErrorCode.EIO, 'injected: fsync failed');
+  };
+  await assert.rejects(backup(repo, source, 'b1', 's1', null), /injected/);
+  assert.equal(repo.index.known.size, 0, 'blocks not known to be durable are not trusted');
+  repo.flushBlocks = flushBlocks;
+  const b1 = await backup(repo, source, 'b1', 's1', null);
+  assert.equal(b1.stats.uploadedBlocks, 12, 'every block stored again');
+});
+
 test('target URLs: malformed ones are refused with the reason', () => {
   assert.deepEqual(parseTargetUrl('file:///srv/backups/'), { scheme: 'file', location: '/srv/backups', prefix: '' });
   assert.deepEqual(parseTargetUrl('s3://bucket-1/a/b'), { scheme: 's3', location: 'bucket-1', prefix: 'a/b/' });
