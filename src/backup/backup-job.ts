@@ -203,17 +203,15 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
       })();
       uploading.set(hash, commit);
       committing.add(commit);
-      commit.then(
-        () => {
-          committing.delete(commit);
-          uploading.delete(hash);
-        },
-        (err) => {
-          committing.delete(commit);
-          uploading.delete(hash);
-          if (commitFailure === null) commitFailure = err;
-        },
-      );
+      // Settled in the first reaction to the commit, so waiting for `committing` sees it gone.
+      const settled = (): void => {
+        committing.delete(commit);
+        uploading.delete(hash);
+      };
+      commit.then(settled, (err: unknown) => {
+        settled();
+        commitFailure ??= err;
+      });
       // The slot (and `data`) is free once the bytes are staged.
       await staging;
     };

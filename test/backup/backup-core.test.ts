@@ -62,6 +62,23 @@ async function sourceVolume(root: string): Promise<Replica> {
   return replica;
 }
 
+/** A directory target and a source replica (see sourceVolume) with snapshot s1. */
+async function fileTargetWithSource(t: Parameters<typeof tempDir>[0], prefix: string): Promise<{ root: string; repo: BackupRepository; source: Replica }> {
+  const root = tempDir(t, prefix);
+  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
+  await repo.init();
+  const source = await sourceVolume(root);
+  t.after(() => source.abandon());
+  await source.snapshotCreate('s1');
+  return { root, repo, source };
+}
+
+/** The block files on a directory target (relative paths). */
+function blockFilesOn(targetDir: string): string[] {
+  const dir = path.join(targetDir, 'blocks');
+  return fs.existsSync(dir) ? fs.readdirSync(dir, { recursive: true }).map(String).filter((f) => fs.statSync(path.join(dir, f)).isFile()) : [];
+}
+
 async function backup(repo: BackupRepository, replica: Replica, name: string, snapshot: string, base: Manifest | null, concurrency = 3): Promise<Manifest> {
   return runBackup({ repo, source: reader(replica), volume: 'vol', name, snapshot, sizeBytes: replica.sizeBytes, createdAt: new Date().toISOString(), labels: {}, compression: 'zstd', base, concurrency });
 }
@@ -396,22 +413,13 @@ test('file target: a staged object is invisible until committed; discarded or st
 });
 
 test('a backup whose listing fails makes none of its new blocks visible and leaves nothing staged', async (t) => {
-  const root = tempDir(t, 'zb-listfail-');
-  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
-  await repo.init();
-  const source = await sourceVolume(root);
-  t.after(() => source.abandon());
-  await source.snapshotCreate('s1');
+  const { root, repo, source } = await fileTargetWithSource(t, 'zb-listfail-');
   const writeSegment = repo.writePartialSegment.bind(repo);
   repo.writePartialSegment = async () => {
     throw new ZebuError(ErrorCode.EIO, 'injected: partial manifest write failed');
   };
   await assert.rejects(backup(repo, source, 'b1', 's1', null), /injected/);
-  const blockFiles = (): string[] => {
-    const dir = path.join(root, 'target', 'blocks');
-    return fs.existsSync(dir) ? fs.readdirSync(dir, { recursive: true }).map(String).filter((f) => fs.statSync(path.join(dir, f)).isFile()) : [];
-  };
-  assert.deepEqual(blockFiles(), [], 'no block is visible that no manifest lists');
+  assert.deepEqual(blockFilesOn(path.join(root, 'target')), [], 'no block is visible that no manifest lists');
   assert.deepEqual(fs.readdirSync(path.join(root, 'target', '.staging')), [], 'staged blocks are discarded');
 
   // The second listing fails: the blocks of the first are on the target, listed by the partial.
@@ -425,7 +433,7 @@ test('a backup whose listing fails makes none of its new blocks visible and leav
   assert.equal(partial?.segments, 1);
   const listed = new Set(partial!.manifest.blocks.map(([, hash]) => hash));
   assert.ok(listed.size >= 1);
-  const visible = blockFiles().map((f) => path.basename(f));
+  const visible = blockFilesOn(path.join(root, 'target')).map((f) => path.basename(f));
   assert.ok(visible.length >= 1 && visible.every((hash) => listed.has(hash)), 'every visible block is listed');
 
   // A retry writes the segments after the earlier ones and completes; the partial is gone.
@@ -440,12 +448,7 @@ test('a backup whose listing fails makes none of its new blocks visible and leav
 });
 
 test('an abandoned backup (its partial manifest in several segments) is deleted with every block it listed collected', async (t) => {
-  const root = tempDir(t, 'zb-abandon-');
-  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
-  await repo.init();
-  const source = await sourceVolume(root);
-  t.after(() => source.abandon());
-  await source.snapshotCreate('s1');
+  const { root, repo, source } = await fileTargetWithSource(t, 'zb-abandon-');
   // One block per segment (concurrency 1), and the backup stops after a few of them.
   const writeSegment = repo.writePartialSegment.bind(repo);
   let writes = 0;
@@ -464,8 +467,7 @@ test('an abandoned backup (its partial manifest in several segments) is deleted 
   assert.deepEqual(fs.readdirSync(path.join(root, 'target', 'volumes', 'vol', 'backups')), [], 'head and segments removed');
   const gc = await runGc(repo);
   assert.equal(gc.removedBlocks, partial!.manifest.blocks.length, 'the tombstone names every block the segments listed');
-  const blocksDir = path.join(root, 'target', 'blocks');
-  assert.deepEqual(fs.readdirSync(blocksDir, { recursive: true }).map(String).filter((f) => fs.statSync(path.join(blocksDir, f)).isFile()), [], 'nothing leaked');
+  assert.deepEqual(blockFilesOn(path.join(root, 'target')), [], 'nothing leaked');
 });
 
 test('file target: deferred files are synced early, in the background; a failed early sync fails the next flush', async (t) => {
@@ -492,12 +494,7 @@ test('file target: deferred files are synced early, in the background; a failed 
 });
 
 test('a backup whose blocks cannot be made durable fails, and its retry stores them again', async (t) => {
-  const root = tempDir(t, 'zb-flushfail-');
-  const repo = new BackupRepository(openTarget(`file://${path.join(root, 'target')}`));
-  await repo.init();
-  const source = await sourceVolume(root);
-  t.after(() => source.abandon());
-  await source.snapshotCreate('s1');
+  const { root, repo, source } = await fileTargetWithSource(t, 'zb-flushfail-');
   const flushBlocks = repo.flushBlocks.bind(repo);
   repo.flushBlocks = async () => {
     throw new ZebuError(ErrorCode.EIO, 'injected: fsync failed');
