@@ -28,6 +28,7 @@ import {
   type S3ServiceException,
 } from '@aws-sdk/client-s3';
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
+import { DirectWriter } from './direct-write.ts';
 
 export interface TargetListing {
   /** Keys directly under the prefix (relative to the target's root). */
@@ -92,6 +93,8 @@ export interface TargetOptions {
   retryDelayMs?: number;
   /** Per-request deadline (S3); default 60 s. */
   requestTimeoutMs?: number;
+  /** Directory targets: write blocks around the page cache where the filesystem allows (default true). */
+  directIo?: boolean;
 }
 
 export interface ParsedTargetUrl {
@@ -147,7 +150,7 @@ function checkKey(key: string): void {
 
 export function openTarget(url: string, options: TargetOptions = {}): BackupTarget {
   const parsed = parseTargetUrl(url);
-  if (parsed.scheme === 'file') return new FileTarget(url, parsed.location);
+  if (parsed.scheme === 'file') return new FileTarget(url, parsed.location, { directIo: options.directIo });
   return new S3Target(url, parsed.location, parsed.prefix, options);
 }
 
@@ -179,10 +182,14 @@ export class FileTarget implements BackupTarget {
   /** fsync of a file or directory by path (tests record what is made durable). */
   private readonly syncPath: (p: string) => Promise<void>;
 
-  constructor(url: string, root: string, sync: (p: string) => Promise<void> = syncPath) {
+  /** Writes new files; blocks around the page cache where the filesystem allows. */
+  readonly writer: DirectWriter;
+
+  constructor(url: string, root: string, options: { sync?: (p: string) => Promise<void>; directIo?: boolean } = {}) {
     this.url = url;
     this.root = root;
-    this.syncPath = sync;
+    this.syncPath = options.sync ?? syncPath;
+    this.writer = new DirectWriter({ direct: options.directIo });
   }
 
   private full(key: string): string {
@@ -211,24 +218,13 @@ export class FileTarget implements BackupTarget {
   /** Creates `file` (a new temporary name) holding `data`; on failure nothing is left behind. */
   private async writeNew(file: string, dir: string, data: Buffer | readonly Buffer[], datasync: boolean): Promise<string[]> {
     const parents = await this.makeDir(dir);
-    let handle: fsp.FileHandle;
-    try {
-      handle = await fsp.open(file, 'wx', 0o644);
-    } catch (err) {
-      // A directory this process made was removed meanwhile (by hand): make it again.
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    // A directory this process made was removed meanwhile (by hand): it is made again.
+    const onMissingDir = async (): Promise<void> => {
       this.knownDirs.delete(dir);
       parents.push(...(await this.makeDir(dir)));
-      handle = await fsp.open(file, 'wx', 0o644);
-    }
+    };
     try {
-      try {
-        if (Buffer.isBuffer(data)) await handle.writeFile(data);
-        else await writeAll(handle, data);
-        if (datasync) await handle.datasync();
-      } finally {
-        await handle.close();
-      }
+      await this.writer.writeNew(file, Buffer.isBuffer(data) ? [data] : data, { datasync, onMissingDir });
     } catch (err) {
       await fsp.rm(file, { force: true }).catch(() => {});
       throw err;
@@ -420,20 +416,6 @@ export class FileTarget implements BackupTarget {
 }
 
 /** fsync of a file or a directory (a directory's fsync makes the names in it durable). */
-/** writev until every byte of `parts` is written (a writev may write less than asked). */
-async function writeAll(handle: fsp.FileHandle, parts: readonly Buffer[]): Promise<void> {
-  let rest = parts.filter((b) => b.length > 0);
-  while (rest.length > 0) {
-    let { bytesWritten } = await handle.writev(rest);
-    assert(bytesWritten > 0, 'writev wrote nothing');
-    while (rest.length > 0 && bytesWritten >= rest[0].length) {
-      bytesWritten -= rest[0].length;
-      rest = rest.slice(1);
-    }
-    if (bytesWritten > 0) rest = [rest[0].subarray(bytesWritten), ...rest.slice(1)];
-  }
-}
-
 async function syncPath(p: string): Promise<void> {
   const handle = await fsp.open(p, 'r');
   try {

@@ -352,8 +352,10 @@ test('S3 target (s3rver): round trip, retries through 500s, a clear error when t
 test('file target: the directories a put creates are made durable with it (their names in their parents)', async (t) => {
   const root = tempDir(t, 'zb-dirsync-');
   const synced: string[] = [];
-  const target = new FileTarget(`file://${root}`, root, async (p) => {
-    synced.push(path.relative(root, p) || '.');
+  const target = new FileTarget(`file://${root}`, root, {
+    sync: async (p: string) => {
+      synced.push(path.relative(root, p) || '.');
+    },
   });
   // A deferred put: nothing until flush, then the file, its directory and each new directory's parent.
   await target.put('blocks/ab/cd/abcd', Buffer.from('x'), { deferSync: true });
@@ -381,8 +383,10 @@ test('file target: the directories a put creates are made durable with it (their
 test('file target: a staged object is invisible until committed; discarded or stale ones leave nothing', async (t) => {
   const root = tempDir(t, 'zb-stage-');
   const synced: string[] = [];
-  const target = new FileTarget(`file://${root}`, root, async (p) => {
-    synced.push(path.relative(root, p) || '.');
+  const target = new FileTarget(`file://${root}`, root, {
+    sync: async (p: string) => {
+      synced.push(path.relative(root, p) || '.');
+    },
   });
   // A staged file a crashed process left an hour ago, and one of a process still working.
   fs.mkdirSync(path.join(root, '.staging'));
@@ -474,9 +478,11 @@ test('file target: deferred files are synced early, in the background; a failed 
   const root = tempDir(t, 'zb-early-');
   const synced: string[] = [];
   let failNext = false;
-  const target = new FileTarget(`file://${root}`, root, async (p) => {
-    if (failNext && path.basename(p) === 'f40') throw Object.assign(new Error('injected EIO'), { code: 'EIO' });
-    synced.push(path.relative(root, p));
+  const target = new FileTarget(`file://${root}`, root, {
+    sync: async (p: string) => {
+      if (failNext && path.basename(p) === 'f40') throw Object.assign(new Error('injected EIO'), { code: 'EIO' });
+      synced.push(path.relative(root, p));
+    },
   });
   for (let i = 0; i < 40; i++) await target.put(`blocks/aa/bb/f${i}`, Buffer.from(`${i}`), { deferSync: true });
   await new Promise((resolve) => setTimeout(resolve, 50));
