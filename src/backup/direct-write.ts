@@ -136,7 +136,14 @@ export class DirectWriter {
     let total = 0;
     for (const p of parts) total += p.length;
     if (!this.direct || total < DIRECT_MIN_BYTES || total > DIRECT_MAX_BYTES) return this.writeBuffered(file, parts, options);
-    const buffers = pool();
+    let buffers: AlignedBuffers;
+    try {
+      buffers = pool();
+    } catch {
+      // No WebAssembly memory to be had (out of address space, or a runtime without it).
+      this.direct = false;
+      return this.writeBuffered(file, parts, options);
+    }
     const buf = await buffers.acquire();
     try {
       assert(buf.length >= total, 'aligned buffer smaller than the file');
