@@ -9,6 +9,7 @@
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
+import type { RecurringJobSpec } from './recurring-jobs.ts';
 import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
 export const Kind = {
@@ -27,6 +28,8 @@ export const Kind = {
   Backup: 'Backup',
   /** Credentials, written by the API and read by the manager only; never returned by the API. */
   Secret: 'Secret',
+  /** A scheduled task (snapshot, backup, cleanup) over the volumes that join it by name or group. */
+  RecurringJob: 'RecurringJob',
 } as const;
 export type Kind = (typeof Kind)[keyof typeof Kind];
 
@@ -45,6 +48,9 @@ export interface VolumeValue {
     salvage?: SalvageRequest | null;
     /** Created from a backup (restore), or a DR standby that keeps applying newer backups. */
     restore?: RestoreSpec | null;
+    /** Recurring jobs the volume joins by name, and by group; both empty or absent: the group `default`. */
+    recurringJobs?: string[];
+    recurringJobGroups?: string[];
   };
   status: {
     state: VolumeState;
@@ -319,6 +325,23 @@ export interface SecretValue {
   data: Record<string, string>;
 }
 
+export type RecurringJobResult = 'running' | 'completed' | 'skipped' | 'error';
+
+export interface RecurringJobValue {
+  spec: RecurringJobSpec;
+  status: {
+    createdAt: string;
+    /** The scheduled time the job last ran for (its creation before the first run): see recurring-jobs.ts. */
+    lastRunFor: string;
+    /** When the last run started; null before the first. */
+    lastRunAt: string | null;
+    /** The next scheduled time, as last computed; null: the schedule has no further time. */
+    nextRunAt: string | null;
+    /** Per volume, the last run's result ("skipped: unchanged since backup B" is a result, not silence). */
+    volumes: Record<string, { result: RecurringJobResult; message: string | null; at: string }>;
+  };
+}
+
 export interface KindValues {
   Volume: VolumeValue;
   Engine: EngineValue;
@@ -331,6 +354,7 @@ export interface KindValues {
   BackupTarget: BackupTargetValue;
   Backup: BackupValue;
   Secret: SecretValue;
+  RecurringJob: RecurringJobValue;
 }
 
 const MAX_MUTATE_ATTEMPTS = 20;
