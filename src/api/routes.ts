@@ -5,6 +5,8 @@
  */
 import type { ManagerService } from '../manager/types.ts';
 import type { BackupService, BackupTargetSetInput } from '../manager/backup-types.ts';
+import type { RecurringJobServiceImpl } from '../manager/recurring-job-service.ts';
+import type { RecurringJobInput } from '../manager/recurring-jobs.ts';
 import { bodies, listOf, params, queries, ref, type JsonSchema } from './schemas.ts';
 
 export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -44,7 +46,10 @@ export interface RouteExtras {
   openapi: () => unknown;
 }
 
-export function apiRoutes(service: ManagerService, backups: BackupService | null, extras: RouteExtras): RouteSpec[] {
+/** The recurring-job operations the API serves. */
+export type RecurringJobService = Pick<RecurringJobServiceImpl, 'listRecurringJobs' | 'getRecurringJob' | 'createRecurringJob' | 'updateRecurringJob' | 'deleteRecurringJob' | 'setVolumeJobs'>;
+
+export function apiRoutes(service: ManagerService, backups: BackupService | null, extras: RouteExtras, recurringJobs: RecurringJobService | null = null): RouteSpec[] {
   const route = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }): RouteSpec => ({ auth: true, status: 200, ...spec });
   const limit = (text: string | undefined): number | undefined => (text === undefined ? undefined : Number(text));
   return [
@@ -221,6 +226,7 @@ export function apiRoutes(service: ManagerService, backups: BackupService | null
       },
     }),
     ...(backups === null ? [] : backupRoutes(backups, route)),
+    ...(recurringJobs === null ? [] : recurringJobRoutes(recurringJobs, route)),
     ...(backups === null ? [] : [route({
       method: 'POST', url: '/v1/backups/:name/restore', operationId: 'restoreBackup', tag: 'backups',
       summary: 'Restore a backup into a new volume (or a DR standby); returns at once: poll the volume',
@@ -237,6 +243,46 @@ export function apiRoutes(service: ManagerService, backups: BackupService | null
 }
 
 type RouteMaker = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }) => RouteSpec;
+
+function recurringJobRoutes(jobs: RecurringJobService, route: RouteMaker): RouteSpec[] {
+  return [
+    route({
+      method: 'GET', url: '/v1/recurringjobs', operationId: 'listRecurringJobs', tag: 'recurring jobs',
+      summary: 'List recurring jobs: schedule, next and last run, the volumes each covers and their last results',
+      response: listOf('RecurringJob'),
+      handler: () => jobs.listRecurringJobs(),
+    }),
+    route({
+      method: 'POST', url: '/v1/recurringjobs', operationId: 'createRecurringJob', tag: 'recurring jobs',
+      summary: 'Create a recurring job (snapshot, snapshot-cleanup, snapshot-delete, backup, backup-force-create on a cron schedule)',
+      body: bodies.recurringJobCreate, status: 201, response: ref('RecurringJob'),
+      handler: ({ body }) => jobs.createRecurringJob(body),
+    }),
+    route({
+      method: 'GET', url: '/v1/recurringjobs/:name', operationId: 'getRecurringJob', tag: 'recurring jobs', summary: 'Get a recurring job',
+      params: params.recurringJob, response: ref('RecurringJob'),
+      handler: ({ params: p }) => jobs.getRecurringJob(p.name),
+    }),
+    route({
+      method: 'PATCH', url: '/v1/recurringjobs/:name', operationId: 'updateRecurringJob', tag: 'recurring jobs',
+      summary: 'Change fields of a recurring job (checked as a whole; a new schedule starts from now)',
+      params: params.recurringJob, body: bodies.recurringJobUpdate, response: ref('RecurringJob'),
+      handler: ({ params: p, body }) => jobs.updateRecurringJob(p.name, body as RecurringJobInput),
+    }),
+    route({
+      method: 'DELETE', url: '/v1/recurringjobs/:name', operationId: 'deleteRecurringJob', tag: 'recurring jobs',
+      summary: 'Delete a recurring job (volumes stop naming it; what it made is kept)',
+      params: params.recurringJob, response: ref('RecurringJob'),
+      handler: ({ params: p }) => jobs.deleteRecurringJob(p.name),
+    }),
+    route({
+      method: 'PUT', url: '/v1/volumes/:name/recurringjobs', operationId: 'setVolumeRecurringJobs', tag: 'recurring jobs',
+      summary: 'Set the recurring jobs (by name) and groups a volume joins; with neither it is in the group default',
+      params: params.volume, body: bodies.volumeRecurringJobs, response: ref('VolumeRecurringJobs'),
+      handler: ({ params: p, body }) => jobs.setVolumeJobs(p.name, body),
+    }),
+  ];
+}
 
 function backupRoutes(backups: BackupService, route: RouteMaker): RouteSpec[] {
   return [

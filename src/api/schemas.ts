@@ -61,14 +61,39 @@ export const backupName: JsonSchema = {
   description: '1-63 characters of [A-Za-z0-9._-] starting with a letter or digit',
 };
 
+/** Recurring job and group names (checked again, with a clearer message, by the service). */
+export const jobName: JsonSchema = {
+  type: 'string',
+  maxLength: 63,
+  description: '1-63 lowercase letters, digits and -, starting and ending with a letter or digit',
+};
+
+const recurringJobFields: Record<string, JsonSchema> = {
+  task: { type: 'string', enum: ['snapshot', 'snapshot-cleanup', 'snapshot-delete', 'backup', 'backup-force-create'], description: 'what the job does to each volume' },
+  cron: { type: 'string', minLength: 1, maxLength: 128, description: 'cron schedule: 5 fields, or 6 with seconds first' },
+  timezone: { type: 'string', minLength: 1, maxLength: 64, description: 'IANA time zone the schedule is read in (default UTC)' },
+  retain: { type: 'integer', description: 'snapshots or backups the job keeps per volume, 1-250 (default 1)' },
+  retainMaxAgeSeconds: { anyOf: [{ type: 'integer' }, { type: 'null' }], description: 'also remove what the job made longer ago than this (never the newest); null: no age limit' },
+  concurrency: { type: 'integer', description: 'volumes processed at once, 1-100 (default 1)' },
+  groups: { type: 'array', items: jobName, maxItems: 32, description: 'groups the job runs for (volumes join by group; `default`: volumes that name no job and no group)' },
+  labels: { type: 'object', additionalProperties: { type: 'string', maxLength: 256 }, maxProperties: 32, description: 'labels (at most 32)' },
+};
+
 export const params = {
   backup: object({ name: backupName }, ['name']),
+  recurringJob: object({ name: jobName }, ['name']),
   volume: object({ name: volumeName }, ['name']),
   snapshot: object({ name: volumeName, snapshot: snapshotName }, ['name', 'snapshot']),
   object: object({ name: objectName }, ['name']),
 };
 
 export const bodies = {
+  recurringJobCreate: object({ name: jobName, ...recurringJobFields }, ['name', 'task', 'cron']),
+  recurringJobUpdate: object(recurringJobFields),
+  volumeRecurringJobs: object({
+    recurringJobs: { type: 'array', items: jobName, maxItems: 64, description: 'jobs the volume joins by name (replaces the list)' },
+    recurringJobGroups: { type: 'array', items: jobName, maxItems: 32, description: 'groups the volume joins (replaces the list; both empty: the group default)' },
+  }),
   volumeCreate: {
     ...object(
       {
@@ -184,6 +209,15 @@ export const views: Record<string, JsonSchema> = {
       backup: str, sourceVolume: str, standby: bool, state: backupState, applied: nullable(str),
       progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
     })),
+  }),
+  RecurringJob: view({
+    name: str, task: str, cron: str, timezone: str, retain: int, retainMaxAgeSeconds: nullable(int), concurrency: int,
+    groups: { type: 'array', items: str }, labels: { type: 'object', additionalProperties: str }, createdAt: time,
+    lastRunAt: nullable(time), nextRunAt: nullable(time), members: { type: 'array', items: str },
+    results: { type: 'array', items: view({ volume: str, result: { type: 'string', enum: ['running', 'completed', 'skipped', 'error'] }, message: nullable(str), at: time }) },
+  }),
+  VolumeRecurringJobs: view({
+    volume: str, recurringJobs: { type: 'array', items: str }, recurringJobGroups: { type: 'array', items: str }, jobs: { type: 'array', items: str },
   }),
   BackupTarget: view({
     name: str, url: str, endpoint: nullable(str), region: nullable(str), credentials: { type: 'string', enum: ['set', 'none'] },

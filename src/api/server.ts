@@ -18,12 +18,14 @@ import type { BackupService } from '../manager/backup-types.ts';
 import { errorBody, statusForCode, validationError, type SchemaError } from './http-errors.ts';
 import { createMetricsExporter } from './metrics.ts';
 import { openapiDocument } from './openapi.ts';
-import { apiRoutes, type RouteSpec } from './routes.ts';
+import { apiRoutes, type RecurringJobService, type RouteSpec } from './routes.ts';
 
 export interface ApiServerOptions {
   service: ManagerService;
   /** Backup targets and backups (absent: those routes answer 404). */
   backups?: BackupService;
+  /** Recurring jobs (absent: those routes answer 404). */
+  recurringJobs?: RecurringJobService;
   /** The bearer token every request but /healthz must present. */
   token: string;
   /** fastify's request log (pino, to stdout). Off by default. */
@@ -93,7 +95,7 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
     metrics: () => metrics.scrape(),
     metricsContentType: metrics.contentType,
     openapi: () => (document ??= openapiDocument(routes, { version: packageVersion() })),
-  });
+  }, options.recurringJobs ?? null);
   const open = new Set(routes.filter((r) => !r.auth).map((r) => `${r.method} ${r.url}`));
 
   app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {

@@ -13,6 +13,7 @@ import { WorkQueue } from './work-queue.ts';
 import { Scrubber } from './scrubber.ts';
 import { BackupController, type EngineData } from './backup-controller.ts';
 import { BackupServiceImpl } from './backup-service.ts';
+import { RecurringJobServiceImpl } from './recurring-job-service.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
@@ -37,6 +38,7 @@ export class Manager {
   readonly scrubber: Scrubber;
   readonly backupController: BackupController;
   readonly backups: BackupServiceImpl;
+  readonly recurringJobs: RecurringJobServiceImpl;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -70,6 +72,7 @@ export class Manager {
       log: this.log,
     });
     this.backups = new BackupServiceImpl({ objects: this.objects, events: this.events, controller: this.backupController, volumes: this.service });
+    this.recurringJobs = new RecurringJobServiceImpl({ objects: this.objects, events: this.events });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });

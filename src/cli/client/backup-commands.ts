@@ -167,7 +167,7 @@ function backupDetails(b: BackupView): string {
   ]);
 }
 
-function parseLabels(labels: string[] | undefined): Record<string, string> {
+export function parseLabels(labels: string[] | undefined): Record<string, string> {
   const out: Record<string, string> = {};
   for (const label of labels ?? []) {
     const eq = label.indexOf('=');

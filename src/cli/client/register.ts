@@ -11,6 +11,7 @@ import type { Command } from 'commander';
 
 type Commands = typeof import('./commands.ts');
 type BackupCommands = typeof import('./backup-commands.ts');
+type RecurringJobCommands = typeof import('./recurring-job-commands.ts');
 
 function failOneLine(err: unknown): never {
   const message = err instanceof Error ? err.message : String(err);
@@ -27,6 +28,12 @@ function run(action: (commands: Commands) => Promise<void>): Promise<void> {
 
 function runBackup(action: (commands: BackupCommands) => Promise<void>): Promise<void> {
   return import('./backup-commands.ts')
+    .then(action)
+    .then(() => process.exit(0), failOneLine);
+}
+
+function runRecurringJob(action: (commands: RecurringJobCommands) => Promise<void>): Promise<void> {
+  return import('./recurring-job-commands.ts')
     .then(action)
     .then(() => process.exit(0), failOneLine);
 }
@@ -96,6 +103,34 @@ export function registerClientCommands(program: Command): void {
     .option('--robustness <R>', 'healthy, degraded, faulted or unknown')
     .option('--timeout <SECONDS>', 'how long to wait (default 300)')
     .action((name: string, opts) => run((c) => c.volumeWait(name, opts)));
+
+  const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
+  clientCommand(volume, 'update <NAME>', 'change which recurring jobs cover a volume (by name and by group; with neither, the group default)')
+    .option('--recurring-job <JOB>', 'a job the volume joins by name (repeat for more; replaces the list)', collect)
+    .option('--recurring-job-group <GROUP>', 'a group the volume joins (repeat for more; replaces the list)', collect)
+    .option('--clear-recurring-jobs', 'name no job and no group (the volume is then in the group default)')
+    .action((name: string, opts) => runRecurringJob((c) => c.volumeUpdateJobs(name, opts)));
+
+  const recurring = group(program, 'recurring-job', 'scheduled snapshots, backups and cleanups of volumes');
+  const jobOptions = (cmd: ReturnType<typeof clientCommand>, creating: boolean) => cmd
+    .option('--task <TASK>', `snapshot, snapshot-cleanup, snapshot-delete, backup or backup-force-create${creating ? ' (required)' : ''}`)
+    .option('--cron <CRON>', `schedule: 5 cron fields, or 6 with seconds first, e.g. "0 2 * * *"${creating ? ' (required)' : ''}`)
+    .option('--timezone <TZ>', 'IANA time zone the schedule is read in (default UTC)')
+    .option('--retain <N>', 'snapshots or backups kept per volume, 1-250 (default 1)')
+    .option('--retain-max-age <AGE>', 'also remove what is older (90m, 12h, 30d; never the newest); "none": no limit')
+    .option('--concurrency <N>', 'volumes processed at once (default 1)')
+    .option('--group <GROUP>', 'a group the job runs for (repeat for more; "default": volumes that name no job)', collect)
+    .option('--label <KEY=VALUE>', 'a label (repeat for more)', collect);
+  jobOptions(clientCommand(recurring, 'create <NAME>', 'create a recurring job'), true)
+    .action((name: string, opts) => runRecurringJob((c) => c.recurringJobCreate(name, opts)));
+  jobOptions(clientCommand(recurring, 'update <NAME>', 'change a recurring job (the fields given; a new schedule starts from now)'), false)
+    .action((name: string, opts) => runRecurringJob((c) => c.recurringJobUpdate(name, opts)));
+  clientCommand(recurring, 'list', 'list recurring jobs: schedule, next and last run, results per volume')
+    .action((opts) => runRecurringJob((c) => c.recurringJobList(opts)));
+  clientCommand(recurring, 'get <NAME>', 'show a recurring job')
+    .action((name: string, opts) => runRecurringJob((c) => c.recurringJobGet(name, opts)));
+  clientCommand(recurring, 'delete <NAME>', 'delete a recurring job (what it made is kept)', { json: false })
+    .action((name: string, opts) => runRecurringJob((c) => c.recurringJobDelete(name, opts)));
 
   const snapshot = group(program, 'snapshot', 'snapshots of volumes');
   clientCommand(snapshot, 'create <VOLUME> [NAME]', 'snapshot an attached volume (name generated when absent)')
