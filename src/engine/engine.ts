@@ -375,17 +375,17 @@ export class Engine implements BlockBackend {
 
   /** What start-up needs of one replica: opened (grown if the volume grew), its log and chain. */
   private async probe(r: EngineReplica): Promise<StartupCandidate & { retry: boolean }> {
+    let client: ReplicaClient | null = null;
     try {
-      const client = await this.connect(r.host, r.port);
+      const address = r.address;
+      client = await this.connect(r.host, r.port);
+      let info = await this.openChecked(client, r.key, r.named);
+      if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
+      // An address handed over while this one was being opened (setStartupAddresses) is where
+      // the replica is: the next probe goes there.
+      if (r.address !== address) throw new ZebuError(ErrorCode.WRONG_REPLICA, `${r.key} moved to ${r.address} while ${address} was being opened`);
+      // Only now is it the replica asked for: until here an address handed over applies to it.
       r.client = client;
-      let info: ReplicaInfo;
-      try {
-        info = await this.openChecked(client, r.key, r.named);
-      } catch (err) {
-        r.client = null;
-        client.close();
-        throw err;
-      }
       if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
         // The volume grew while this replica was away (or offline): grow it before the
         // modes are chosen, so that a complete replica is not failed for its size alone.
@@ -409,8 +409,7 @@ export class Engine implements BlockBackend {
       return { key: r.key, info, error: null, chain, active, retry: false };
     } catch (err) {
       const e = toZebuError(err);
-      const client = r.client;
-      r.client = null;
+      if (r.client === client) r.client = null;
       client?.close();
       return { key: r.key, info: null, error: e.message, chain: null, active: null, retry: mayStillCome(e) };
     }

@@ -6,8 +6,10 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import path from 'node:path';
 import { controlRequest } from '../../src/engine/control-server.ts';
+import { AUTH_BYTES, checkAuth, encodeHello, newNonce } from '../../src/protocol/auth.ts';
 import { startReplica, writeSecret } from '../support/replica-process.ts';
 import { tempDir } from '../support/tmp.ts';
 import { freePort } from '../support/volume-cluster.ts';
@@ -67,6 +69,44 @@ test('addresses handed over during the wait are used; a process that is another 
   // Once serving, the set changes only by adding replicas.
   await assert.rejects(controlRequest(ready.control, 'POST', '/v1/startup/addresses', { addresses: { 'vol-r-a': '127.0.0.1:2' } }), /has started/);
   await assert.rejects(controlRequest(ready.control, 'POST', '/v1/startup/addresses', { addresses: ['x'] }), /"addresses" must be an object/);
+});
+
+test('an address handed over while the old one is being opened is used: an open in flight does not pin the replica there', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const b = await namedReplica(t, dir, 1, secretFile, 'vol-r-b');
+  // At the stale address: a server that authenticates the engine and then never answers, so the
+  // engine's OPEN there is in flight when the new address arrives.
+  let requests = 0;
+  const stall = net.createServer((socket) => {
+    const nonce = newNonce();
+    socket.write(encodeHello(nonce));
+    let pending = Buffer.alloc(0);
+    let authenticated = false;
+    socket.on('data', (data: Buffer) => {
+      if (authenticated) {
+        requests++;
+        return;
+      }
+      pending = Buffer.concat([pending, data]);
+      if (pending.length < AUTH_BYTES) return;
+      socket.write(checkAuth(secret, nonce, pending.subarray(0, AUTH_BYTES)).result);
+      authenticated = true;
+      if (pending.length > AUTH_BYTES) requests++;
+    });
+    socket.on('error', () => {});
+  });
+  await new Promise<void>((resolve) => stall.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => stall.close(() => resolve())));
+  const stalePort = (stall.address() as net.AddressInfo).port;
+  const engine = startEngine(t, dir, { sizeBytes: SIZE, replicas: [`vol-r-b=127.0.0.1:${stalePort}`], epoch: 1, secretFile });
+  const control = path.join(dir, 'control-1.sock');
+  await waitFor('the open at the stale address in flight', async () => requests > 0 && (await engineInfo(control).catch(() => null)) !== null, 20_000, 20);
+  const answer = (await controlRequest(control, 'POST', '/v1/startup/addresses', { addresses: { 'vol-r-b': `127.0.0.1:${b.port}` } })) as { changed: string[] };
+  assert.deepEqual(answer.changed, ['vol-r-b']);
+  const ready = await engine;
+  const info = await engineInfo(ready.control);
+  assert.deepEqual(info.replicas.map((r) => [r.key, r.address, r.mode]), [['vol-r-b', `127.0.0.1:${b.port}`, 'RW']]);
 });
 
 test('the wait is bounded: a replica that never comes is left out; one known to be out is not waited for; a wrong one is refused', async (t) => {
