@@ -4,14 +4,14 @@
  * A full backup writes the volume's size in block files that nobody reads soon. Through the page
  * cache every byte is copied once more by the CPU and evicts pages the running workloads use;
  * with O_DIRECT the device reads the bytes from our buffer. Measured on the 2-core development VM
- * (512 files of 2 MiB): 0.3-0.5 CPU seconds instead of 2-2.8, and the write no longer slows
- * down the reads, hashing and replication running beside it.
+ * (512 files of 2 MiB): 0.3-0.5 CPU seconds instead of 2-2.8, CPU left to the reads, hashing
+ * and replication running beside it.
  *
  * O_DIRECT wants the buffer, the file offset and the length aligned (4 KiB covers every device
  * in use). The bytes are copied into an aligned buffer (WebAssembly memory: page-aligned, and a
  * Node Buffer from malloc is not); the aligned head is written directly, the tail of less than
  * 4 KiB through the page cache by a second descriptor, so the file has exactly its length and no
- * block is read back. A filesystem that refuses O_DIRECT (tmpfs, some FUSE mounts) is written
+ * block is read back. A filesystem that refuses O_DIRECT (older tmpfs, some FUSE mounts) is written
  * through the page cache from then on; the caller keeps one DirectWriter per target directory.
  */
 import fs from 'node:fs';
