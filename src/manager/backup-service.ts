@@ -8,6 +8,7 @@ import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackupValue, type Objects } from './objects.ts';
 import type { EventRecorder } from './events.ts';
+import { checkLabels } from './labels.ts';
 import { parseTargetUrl } from '../backup/target.ts';
 import { verifyTarget, type TargetVerifyResult } from '../backup/verify-target.ts';
 import { BACKUP_BLOCK_BYTES } from '../backup/format.ts';
@@ -19,9 +20,6 @@ import type {
 } from './backup-types.ts';
 
 const BACKUP_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
-const LABEL_KEY = /^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$/;
-const MAX_LABELS = 32;
-const MAX_LABEL_VALUE = 256;
 
 export interface BackupServiceOptions {
   objects: Objects;
@@ -208,14 +206,7 @@ export class BackupServiceImpl implements BackupService {
 
   async createBackup(input: BackupCreateInput): Promise<BackupView> {
     if (typeof input.volume !== 'string' || !VOLUME_NAME.test(input.volume)) throw invalid(`volume must be a volume name, got ${JSON.stringify(input.volume)}`, 'volume');
-    const labels = input.labels ?? {};
-    if (typeof labels !== 'object' || labels === null || Array.isArray(labels)) throw invalid('labels must be an object of strings', 'labels');
-    const entries = Object.entries(labels);
-    if (entries.length > MAX_LABELS) throw invalid(`at most ${MAX_LABELS} labels`, 'labels');
-    for (const [k, v] of entries) {
-      if (!LABEL_KEY.test(k)) throw invalid(`label key ${JSON.stringify(k)} must be 1-63 characters of [A-Za-z0-9._/-]`, 'labels');
-      if (typeof v !== 'string' || v.length > MAX_LABEL_VALUE) throw invalid(`label ${k} must be a string of at most ${MAX_LABEL_VALUE} characters`, 'labels');
-    }
+    const labels = checkLabels(input.labels);
     const target = await this.o.objects.get(Kind.BackupTarget, TARGET_NAME);
     if (target === null) throw new ZebuError(ErrorCode.BUSY, 'no backup target is set (zebu backup-target set URL)');
     const volume = await this.o.objects.get(Kind.Volume, input.volume);

@@ -9,6 +9,7 @@
  */
 import { Cron } from 'croner';
 import { invalid } from '../errors.ts';
+import { checkLabels } from './labels.ts';
 
 export const RECURRING_TASKS = ['snapshot', 'snapshot-cleanup', 'snapshot-delete', 'backup', 'backup-force-create'] as const;
 export type RecurringTask = (typeof RECURRING_TASKS)[number];
@@ -21,9 +22,6 @@ export const MAX_CONCURRENCY = 100;
 /** A maximum age longer than this is surely a mistake in units. */
 const MAX_RETAIN_AGE_SECONDS = 10 * 366 * 24 * 3600;
 const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
-const LABEL_KEY = /^[A-Za-z0-9]([A-Za-z0-9._/-]{0,126}[A-Za-z0-9])?$/;
-const MAX_LABEL_VALUE = 256;
-const MAX_LABELS = 32;
 
 export interface RecurringJobSpec {
   task: RecurringTask;
@@ -97,14 +95,7 @@ export function validateRecurringJob(input: RecurringJobInput): RecurringJobSpec
   const groups = input.groups ?? [];
   if (!Array.isArray(groups)) throw invalid('groups must be a list of group names', 'groups');
   groups.forEach((g) => checkJobName(g, 'groups'));
-  const labels = input.labels ?? {};
-  if (typeof labels !== 'object' || labels === null || Array.isArray(labels)) throw invalid('labels must be an object of strings', 'labels');
-  const entries = Object.entries(labels);
-  if (entries.length > MAX_LABELS) throw invalid(`at most ${MAX_LABELS} labels`, 'labels');
-  for (const [key, value] of entries) {
-    if (!LABEL_KEY.test(key)) throw invalid(`label key ${JSON.stringify(key)}: letters, digits and . _ / -, at most 128`, 'labels');
-    if (typeof value !== 'string' || value.length > MAX_LABEL_VALUE) throw invalid(`label ${key}: the value must be a string of at most ${MAX_LABEL_VALUE} characters`, 'labels');
-  }
+  const labels = checkLabels(input.labels);
   return {
     task: input.task as RecurringTask,
     cron,
@@ -112,7 +103,7 @@ export function validateRecurringJob(input: RecurringJobInput): RecurringJobSpec
     retain: { count, maxAgeSeconds },
     concurrency,
     groups: [...new Set(groups as string[])].sort(),
-    labels: Object.fromEntries(entries) as Record<string, string>,
+    labels,
   };
 }
 
