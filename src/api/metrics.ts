@@ -69,6 +69,8 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
   const linkHangs = new Counter({ name: 'zebu_volume_engine_link_hangs_total', help: 'Engines the frontend found hung (no heartbeat, or a request stalled) and killed.', labelNames: volumeLabel, registers });
   const linkHeld = new Gauge({ name: 'zebu_volume_engine_link_held_requests', help: 'Client requests held now for want of an engine.', labelNames: volumeLabel, registers });
   const linkLongestHold = new Gauge({ name: 'zebu_volume_engine_link_longest_hold_seconds', help: 'Longest a re-issued client request waited, from when it was first sent to its answer.', labelNames: volumeLabel, registers });
+  const lastBackupTimestamp = new Gauge({ name: 'zebu_volume_last_backup_timestamp_seconds', help: 'When the newest completed backup of the volume completed, in seconds since the Unix epoch (absent: no backup).', labelNames: volumeLabel, registers });
+  const recoveryPointTimestamp = new Gauge({ name: 'zebu_volume_recovery_point_timestamp_seconds', help: 'The newest moment whose data a backup of the volume holds (a backup job that found nothing changed moves it on), in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
   const verifyTimestamp = new Gauge({ name: 'zebu_volume_last_verify_timestamp_seconds', help: 'When the last verify ran, in seconds since the Unix epoch.', labelNames: volumeLabel, registers });
 
   const backupUploaded = new Counter({ name: 'zebu_backup_uploaded_bytes_total', help: 'Bytes the completed backups of a volume in the catalog uploaded (compressed, new blocks only).', labelNames: volumeLabel, registers });
@@ -119,6 +121,8 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
         verifyDiffering.set(labels, v.lastVerify.differingRegions);
         verifyTimestamp.set(labels, v.lastVerify.timestampSeconds);
       }
+      if (v.lastBackupSeconds !== null) lastBackupTimestamp.set(labels, v.lastBackupSeconds);
+      if (v.recoveryPointSeconds !== null) recoveryPointTimestamp.set(labels, v.recoveryPointSeconds);
       if (v.engineLink !== null) {
         for (const st of LINK_STATES) linkState.set({ volume: v.name, state: st }, v.engineLink.state === st ? 1 : 0);
         linkReopens.inc(labels, v.engineLink.reopens);

@@ -187,6 +187,7 @@ const processState: JsonSchema = { type: 'string', enum: ['stopped', 'starting',
 const volumeState: JsonSchema = { type: 'string', enum: ['creating', 'detached', 'attaching', 'attached', 'detaching', 'deleting'] };
 const backupState: JsonSchema = { type: 'string', enum: ['pending', 'in-progress', 'completed', 'error'] };
 const robustness: JsonSchema = { type: 'string', enum: ['healthy', 'degraded', 'faulted', 'unknown'] };
+const jobResult: JsonSchema = { type: 'string', enum: ['running', 'completed', 'skipped', 'suspended', 'error'] };
 
 /** A view: every listed property is present (null where the type allows). */
 function view(properties: Record<string, JsonSchema>): JsonSchema {
@@ -209,12 +210,19 @@ export const views: Record<string, JsonSchema> = {
       backup: str, sourceVolume: str, standby: bool, state: backupState, applied: nullable(str),
       progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
     })),
+    heldByJob: nullable(view({ job: str, task: str, node: str, since: time })),
+    pendingAttach: nullable(view({ nodeId: str, maintenance: bool, requestedAt: time })),
+    lastBackup: nullable(str), lastBackupAt: nullable(time), recoveryPointAt: nullable(time), recoveryPointAgeSeconds: nullable(int),
+    recurringJobs: {
+      type: 'array',
+      items: view({ name: str, task: str, nextRunAt: nullable(time), result: nullable(jobResult), message: nullable(str), at: nullable(time) }),
+    },
   }),
   RecurringJob: view({
     name: str, task: str, cron: str, timezone: str, retain: int, retainMaxAgeSeconds: nullable(int), concurrency: int,
     groups: { type: 'array', items: str }, labels: { type: 'object', additionalProperties: str }, createdAt: time,
     lastRunAt: nullable(time), nextRunAt: nullable(time), members: { type: 'array', items: str },
-    results: { type: 'array', items: view({ volume: str, result: { type: 'string', enum: ['running', 'completed', 'skipped', 'error'] }, message: nullable(str), at: time }) },
+    results: { type: 'array', items: view({ volume: str, result: jobResult, message: nullable(str), at: time }) },
   }),
   VolumeRecurringJobs: view({
     volume: str, recurringJobs: { type: 'array', items: str }, recurringJobGroups: { type: 'array', items: str }, jobs: { type: 'array', items: str },

@@ -223,13 +223,29 @@ export class BackupServiceImpl implements BackupService {
       // Takes the snapshot now (409 when the volume is not attached).
       snapshot = (await this.o.volumes.createSnapshot(input.volume, `backup-${new Date().toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-')}-${crypto.randomBytes(2).toString('hex')}`)).name;
     }
+    return this.recordBackup(input.volume, snapshot, ownSnapshot, labels, target.value.spec.url, volume.value.spec.sizeBytes);
+  }
+
+  /**
+   * A backup a recurring job asks for, of the snapshot it has just taken (the backup owns it:
+   * it is deleted once a newer backup completed). The job checked the volume and target.
+   */
+  async createJobBackup(volume: string, snapshot: string, labels: Record<string, string>): Promise<BackupView> {
+    const target = await this.o.objects.get(Kind.BackupTarget, TARGET_NAME);
+    if (target === null) throw new ZebuError(ErrorCode.BUSY, 'no backup target is set (zebu backup-target set URL)');
+    const v = await this.o.objects.get(Kind.Volume, volume);
+    if (v === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${volume} not found`);
+    return this.recordBackup(volume, snapshot, true, checkLabels(labels), target.value.spec.url, v.value.spec.sizeBytes);
+  }
+
+  private async recordBackup(volume: string, snapshot: string, ownSnapshot: boolean, labels: Record<string, string>, targetUrl: string, sizeBytes: number): Promise<BackupView> {
     const name = `backup-${crypto.randomBytes(8).toString('hex')}`;
     const requestedAt = new Date().toISOString();
     await this.o.objects.create(Kind.Backup, name, {
-      spec: { volume: input.volume, snapshot, ownSnapshot, labels, targetUrl: target.value.spec.url, requestedAt, deletionRequestedAt: null },
-      status: { state: 'pending', doneBytes: 0, totalBytes: 0, bytesPerSecond: 0, startedAt: null, completedAt: null, message: null, attempts: 0, sizeBytes: volume.value.spec.sizeBytes, base: null, stats: null },
+      spec: { volume, snapshot, ownSnapshot, labels, targetUrl, requestedAt, deletionRequestedAt: null },
+      status: { state: 'pending', doneBytes: 0, totalBytes: 0, bytesPerSecond: 0, startedAt: null, completedAt: null, message: null, attempts: 0, sizeBytes, base: null, stats: null },
     });
-    await this.o.events.record({ type: 'Normal', reason: 'BackupCreated', message: `backup ${name} of volume ${input.volume} (snapshot ${snapshot}) to ${target.value.spec.url} asked for`, kind: Kind.Backup, object: name, volume: input.volume });
+    await this.o.events.record({ type: 'Normal', reason: 'BackupCreated', message: `backup ${name} of volume ${volume} (snapshot ${snapshot}) to ${targetUrl} asked for`, kind: Kind.Backup, object: name, volume });
     this.o.controller.kick();
     return this.getBackup(name);
   }

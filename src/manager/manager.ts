@@ -14,6 +14,8 @@ import { Scrubber } from './scrubber.ts';
 import { BackupController, type EngineData } from './backup-controller.ts';
 import { BackupServiceImpl } from './backup-service.ts';
 import { RecurringJobServiceImpl } from './recurring-job-service.ts';
+import { RecurringJobScheduler } from './recurring-job-scheduler.ts';
+import { JobTasks } from './recurring-job-tasks.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
@@ -25,6 +27,8 @@ export interface ManagerOptions {
   resyncMs?: number;
   /** How often the scrub schedule is looked at (default 1 s). */
   scrubPollMs?: number;
+  /** How often recurring jobs are looked at (default 1 s). */
+  recurringJobPollMs?: number;
   log?: (event: Record<string, unknown>) => void;
 }
 
@@ -39,6 +43,7 @@ export class Manager {
   readonly backupController: BackupController;
   readonly backups: BackupServiceImpl;
   readonly recurringJobs: RecurringJobServiceImpl;
+  readonly recurringJobScheduler: RecurringJobScheduler;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -72,7 +77,23 @@ export class Manager {
       log: this.log,
     });
     this.backups = new BackupServiceImpl({ objects: this.objects, events: this.events, controller: this.backupController, volumes: this.service });
-    this.recurringJobs = new RecurringJobServiceImpl({ objects: this.objects, events: this.events });
+    this.recurringJobs = new RecurringJobServiceImpl({ objects: this.objects, events: this.events, kick: () => this.recurringJobScheduler.kick() });
+    this.recurringJobScheduler = new RecurringJobScheduler({
+      objects: this.objects,
+      events: this.events,
+      pollMs: options.recurringJobPollMs,
+      log: this.log,
+      tasks: new JobTasks({
+        objects: this.objects,
+        settings: this.settings,
+        events: this.events,
+        volumes: this.service,
+        backups: this.backups,
+        checkTarget: () => this.backupController.check(),
+        defaultNodeId: options.defaultNodeId,
+        log: this.log,
+      }),
+    });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });
@@ -87,6 +108,7 @@ export class Manager {
     this.resyncTimer.unref();
     this.scrubber.start();
     this.backupController.start();
+    this.recurringJobScheduler.start();
   }
 
   /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
@@ -153,6 +175,7 @@ export class Manager {
     this.stopped = true;
     if (this.resyncTimer !== null) clearInterval(this.resyncTimer);
     this.watch?.close();
+    await this.recurringJobScheduler.stop();
     await this.scrubber.stop();
     await this.backupController.stop();
     await this.queue.stop();

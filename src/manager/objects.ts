@@ -9,7 +9,7 @@
  */
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
-import type { RecurringJobSpec } from './recurring-jobs.ts';
+import type { RecurringJobSpec, RecurringTask } from './recurring-jobs.ts';
 import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
 export const Kind = {
@@ -51,6 +51,13 @@ export interface VolumeValue {
     /** Recurring jobs the volume joins by name, and by group; both empty or absent: the group `default`. */
     recurringJobs?: string[];
     recurringJobGroups?: string[];
+    /**
+     * A recurring job attached this detached volume for its run (frontend disabled): it detaches
+     * it when done. While set, no replica is added or moved. Absent: null.
+     */
+    jobAttachment?: JobAttachment | null;
+    /** A workload attach that arrived while a job held the volume: applied once the job has detached it. */
+    pendingAttach?: { nodeId: string; maintenance: boolean; requestedAt: string } | null;
   };
   status: {
     state: VolumeState;
@@ -77,9 +84,23 @@ export interface VolumeValue {
     salvage?: { startedAt: string; epoch: number; replicas: string[]; auto: boolean } | null;
     /** The restore (or standby apply) as the backup controller last wrote it. */
     restore?: RestoreStatus | null;
+    /**
+     * The last time a backup job found the volume's data unchanged since backup `backup` (so the
+     * data was covered at `at` without a new backup). Absent: never.
+     */
+    coveredAt?: { at: string; backup: string } | null;
+    /** When a warning said the volume's recovery point is too old (cleared once it is fresh again). */
+    recoveryPointWarnedAt?: string | null;
   };
   createdAt: string;
   deletionRequestedAt: string | null;
+}
+
+export interface JobAttachment {
+  job: string;
+  task: RecurringTask;
+  node: string;
+  startedAt: string;
 }
 
 export interface RestoreSpec {
@@ -325,7 +346,8 @@ export interface SecretValue {
   data: Record<string, string>;
 }
 
-export type RecurringJobResult = 'running' | 'completed' | 'skipped' | 'error';
+/** `suspended`: the volume is detached and the setting allow-recurring-job-while-volume-detached is false. */
+export type RecurringJobResult = 'running' | 'completed' | 'skipped' | 'suspended' | 'error';
 
 export interface RecurringJobValue {
   spec: RecurringJobSpec;
@@ -339,6 +361,11 @@ export interface RecurringJobValue {
     nextRunAt: string | null;
     /** Per volume, the last run's result ("skipped: unchanged since backup B" is a result, not silence). */
     volumes: Record<string, { result: RecurringJobResult; message: string | null; at: string }>;
+    /**
+     * Snapshots the job made, per volume (recorded before each is taken, so that a crash in
+     * between leaves none unaccounted): its retention removes only these. Absent: none.
+     */
+    created?: Record<string, { name: string; createdAt: string }[]>;
   };
 }
 

@@ -39,6 +39,8 @@ export interface RecurringJobServiceOptions {
   objects: Objects;
   events: EventRecorder;
   now?: () => Date;
+  /** Wakes the scheduler (a job created or changed). */
+  kick?: () => void;
 }
 
 export class RecurringJobServiceImpl {
@@ -102,6 +104,7 @@ export class RecurringJobServiceImpl {
       if (err instanceof ZebuError && err.code === ErrorCode.EXISTS) throw new ZebuError(ErrorCode.EXISTS, `recurring job ${name} already exists`, { field: 'name' });
       throw err;
     }
+    this.o.kick?.();
     await this.o.events.record({ type: 'Normal', reason: 'RecurringJobCreated', kind: Kind.RecurringJob, object: name, volume: null, message: `${spec.task} on "${spec.cron}" (${spec.timezone}), retain ${spec.retain.count}` });
     return this.getRecurringJob(name);
   }

@@ -149,3 +149,104 @@ export function retentionVictims<T extends { createdAt: string }>(created: reado
     return retain.maxAgeSeconds !== null && now.getTime() - Date.parse(item.createdAt) > retain.maxAgeSeconds * 1000;
   });
 }
+
+/** A snapshot as the jobs see it: `parent` by name. */
+export interface SnapshotNode {
+  name: string;
+  parent: string | null;
+  createdAt: string;
+  sizeBytesUsed: number;
+}
+
+/**
+ * Whether snapshot `probe` holds the same data as snapshot `base`: base is an ancestor of probe
+ * and every snapshot from probe up to base (base excluded) holds no block — nothing was written
+ * (not even a zero or a trim) between them.
+ */
+export function unchangedSince(snapshots: readonly SnapshotNode[], probe: string, base: string): boolean {
+  const byName = new Map(snapshots.map((s) => [s.name, s]));
+  const seen = new Set<string>();
+  let at = byName.get(probe);
+  while (at !== undefined && !seen.has(at.name)) {
+    if (at.name === base) return true;
+    if (at.sizeBytesUsed !== 0) return false;
+    seen.add(at.name);
+    at = at.parent === null ? undefined : byName.get(at.parent);
+  }
+  return false;
+}
+
+/** Snapshot names a backup takes itself (service and jobs): `backup-YYYYMMDD-HHMMSS-xxxx`. */
+export const BACKUP_SNAPSHOT_NAME = /^backup-\d{8}-\d{6}-[0-9a-f]{4}$/;
+
+export function backupSnapshotName(now: Date, random: string): string {
+  return `backup-${now.toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-')}-${random}`;
+}
+
+/** What the jobs need to know of a backup of the volume. */
+export interface BackupFacts {
+  name: string;
+  snapshot: string;
+  ownSnapshot: boolean;
+  state: 'pending' | 'in-progress' | 'completed' | 'error';
+  requestedAt: string;
+  deleting: boolean;
+  message: string | null;
+}
+
+/**
+ * Snapshots backups still need: those of backups under way, and that of the newest completed
+ * backup (the next incremental backup reads only what was written since it).
+ */
+export function snapshotsBackupsNeed(backups: readonly BackupFacts[]): Set<string> {
+  const needed = new Set<string>();
+  let newest: BackupFacts | null = null;
+  for (const b of backups) {
+    if (b.state === 'pending' || b.state === 'in-progress') needed.add(b.snapshot);
+    if (b.state === 'completed' && !b.deleting && (newest === null || b.requestedAt > newest.requestedAt)) newest = b;
+  }
+  if (newest !== null) needed.add(newest.snapshot);
+  return needed;
+}
+
+/**
+ * Why the volume's snapshots must not be pruned now (its backups fail: the snapshots are the
+ * recovery points left), or null. Pruning while the target was down lost recovery points in
+ * Longhorn (#1164).
+ */
+export function backupsFailing(backups: readonly BackupFacts[], target: { available: boolean | null; message: string | null } | null, hasBackupJob: boolean): string | null {
+  let newest: BackupFacts | null = null;
+  for (const b of backups) {
+    if (b.deleting) continue;
+    if (newest === null || b.requestedAt > newest.requestedAt) newest = b;
+  }
+  if (newest !== null && newest.state === 'error') return `the last backup of the volume (${newest.name}) failed: ${newest.message ?? 'error'}`;
+  if ((hasBackupJob || newest !== null) && target !== null && target.available === false) return `the backup target is unavailable: ${target.message ?? 'unreachable'}`;
+  return null;
+}
+
+/**
+ * snapshot-cleanup: snapshots that backups took themselves and nothing needs any more (their
+ * backup is older than the newest completed one, failed, or was deleted). Snapshots a user or a
+ * snapshot job took are never touched here.
+ */
+export function cleanupVictims(snapshots: readonly SnapshotNode[], backups: readonly BackupFacts[]): string[] {
+  const needed = snapshotsBackupsNeed(backups);
+  const referenced = new Map<string, BackupFacts[]>();
+  for (const b of backups) referenced.set(b.snapshot, [...(referenced.get(b.snapshot) ?? []), b]);
+  return snapshots
+    .filter((s) => {
+      if (needed.has(s.name)) return false;
+      const refs = referenced.get(s.name);
+      // Taken for a backup that no longer exists (deleted, or a crash before it was recorded).
+      if (refs === undefined) return BACKUP_SNAPSHOT_NAME.test(s.name);
+      return refs.every((b) => b.ownSnapshot);
+    })
+    .map((s) => s.name);
+}
+
+/** snapshot-delete: beyond the newest `retain` snapshots (and older than the maximum age), except those backups need. */
+export function snapshotDeleteVictims(snapshots: readonly SnapshotNode[], backups: readonly BackupFacts[], retain: RecurringJobSpec['retain'], now: Date): string[] {
+  const needed = snapshotsBackupsNeed(backups);
+  return retentionVictims(snapshots, retain, now).filter((s) => !needed.has(s.name)).map((s) => s.name);
+}

@@ -15,6 +15,7 @@ import type {
   VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
 import { unrepairedRegions, verifyFromEngine } from './engine-reports.ts';
+import { volumeProtection, type VolumeProtection } from './protection.ts';
 
 export const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -134,8 +135,10 @@ export class ManagerServiceImpl implements ManagerService {
     return (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === name);
   }
 
-  private volumeView(volume: StoreObject<VolumeValue>, engine: StoreObject<EngineValue> | null, replicas: StoreObject<ReplicaValue>[]): VolumeView {
+  private volumeView(volume: StoreObject<VolumeValue>, engine: StoreObject<EngineValue> | null, replicas: StoreObject<ReplicaValue>[], protection: VolumeProtection): VolumeView {
     const v = volume.value;
+    const held = v.spec.jobAttachment ?? null;
+    const pending = v.spec.pendingAttach ?? null;
     const summaries: VolumeReplicaSummary[] = replicas
       .filter((r) => r.value.deletionRequestedAt === null)
       .map((r) => {
@@ -164,12 +167,17 @@ export class ManagerServiceImpl implements ManagerService {
       epoch: v.status.epoch,
       replicas: summaries,
       rebuilding: summaries.some((s) => s.mode === 'WO'),
-      message: v.status.message,
+      message: pending !== null && held !== null
+        ? `attach to node ${pending.nodeId} (asked at ${pending.requestedAt}) waits for recurring job ${held.job} (${held.task}) to finish`
+        : held !== null && v.status.message === null ? `attached by recurring job ${held.job} (${held.task}) without an NBD export; detached when it is done` : v.status.message,
       createdAt: v.createdAt,
       lastRecovery: v.status.lastRecovery ?? null,
       lastVerify: v.status.lastVerify ?? null,
       engineLink: v.status.state === 'attached' && !v.spec.maintenance ? engine?.value.status.frontendLink ?? null : null,
       restore: restoreView(v),
+      heldByJob: held === null ? null : { job: held.job, task: held.task, node: held.node, since: held.startedAt },
+      pendingAttach: pending,
+      ...protection,
     };
   }
 
@@ -182,7 +190,10 @@ export class ManagerServiceImpl implements ManagerService {
 
   private async view(name: string): Promise<VolumeView> {
     const volume = await this.mustVolume(name);
-    return this.volumeView(volume, await this.objects.get(Kind.Engine, name), await this.volumeReplicas(name));
+    const [engine, replicas, backups, jobs] = await Promise.all([
+      this.objects.get(Kind.Engine, name), this.volumeReplicas(name), this.objects.list(Kind.Backup), this.objects.list(Kind.RecurringJob),
+    ]);
+    return this.volumeView(volume, engine, replicas, volumeProtection(name, volume.value, backups, jobs, new Date()));
   }
 
   // ---- volumes ---------------------------------------------------------------------------------
@@ -251,9 +262,12 @@ export class ManagerServiceImpl implements ManagerService {
   }
 
   async listVolumes(): Promise<VolumeView[]> {
-    const [volumes, engines, replicas] = await Promise.all([this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica)]);
+    const [volumes, engines, replicas, backups, jobs] = await Promise.all([
+      this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica), this.objects.list(Kind.Backup), this.objects.list(Kind.RecurringJob),
+    ]);
     const engineByName = new Map(engines.map((e) => [e.name, e]));
-    return volumes.map((v) => this.volumeView(v, engineByName.get(v.name) ?? null, replicas.filter((r) => r.value.spec.volumeName === v.name)));
+    const now = new Date();
+    return volumes.map((v) => this.volumeView(v, engineByName.get(v.name) ?? null, replicas.filter((r) => r.value.spec.volumeName === v.name), volumeProtection(v.name, v.value, backups, jobs, now)));
   }
 
   getVolume(name: string): Promise<VolumeView> {
@@ -269,6 +283,7 @@ export class ManagerServiceImpl implements ManagerService {
     if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
     const refusal = restoreAttachRefusal(name, v);
     if (refusal !== null) throw stateConflict(refusal);
+    if ((v.spec.jobAttachment ?? null) !== null) return this.attachAfterJob(name, nodeId, maintenance);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
@@ -283,9 +298,45 @@ export class ManagerServiceImpl implements ManagerService {
     return this.view(name);
   }
 
+  /**
+   * A workload attach while a recurring job holds the volume: recorded, and applied by the volume
+   * controller once the job has detached it. The caller polls the volume as for any attach.
+   */
+  private async attachAfterJob(name: string, nodeId: string, maintenance: boolean): Promise<VolumeView> {
+    let clash: string | null = null;
+    const after = await this.objects.mutate(Kind.Volume, name, (x) => {
+      const pending = x.spec.pendingAttach ?? null;
+      if (pending !== null) {
+        if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for its recurring job`;
+        return false;
+      }
+      if ((x.spec.jobAttachment ?? null) === null) return false;
+      x.spec.pendingAttach = { nodeId, maintenance, requestedAt: new Date().toISOString() };
+    });
+    if (clash !== null) throw stateConflict(clash);
+    const held = after?.value.spec.jobAttachment ?? null;
+    if (held === null) {
+      // The job let go meanwhile: an ordinary attach.
+      return this.attachVolume(name, { nodeId, maintenance });
+    }
+    await this.events.record({
+      type: 'Normal', reason: 'AttachWaiting', kind: Kind.Volume, object: name, volume: name,
+      message: `attach of volume ${name} to node ${nodeId} waits for recurring job ${held.job} (${held.task}), which attached it at ${held.startedAt}`,
+    });
+    this.kick(name);
+    return this.view(name);
+  }
+
   async detachVolume(name: string): Promise<VolumeView> {
     await this.mustVolume(name);
     await this.objects.mutate(Kind.Volume, name, (x) => {
+      // While a job holds the volume, a detach withdraws a waiting attach; the job detaches it itself.
+      if ((x.spec.jobAttachment ?? null) !== null) {
+        if ((x.spec.pendingAttach ?? null) === null) return false;
+        x.spec.pendingAttach = null;
+        return;
+      }
+      x.spec.pendingAttach = null;
       if (x.spec.nodeId === null) return false;
       x.spec.nodeId = null;
     });
@@ -421,9 +472,11 @@ export class ManagerServiceImpl implements ManagerService {
   }
 
   private async refreshSnapshotCache(name: string, engine: StoreObject<EngineValue>): Promise<SnapshotView[]> {
-    const list = (await this.engineRequest(engine, 'GET', '/v1/snapshots')) as SnapshotView[];
+    const list = (await this.engineRequest(engine, 'GET', '/v1/snapshots')) as (SnapshotView & { id?: string })[];
+    // The replica names a parent by its layer id; users (and the jobs) know snapshots by name.
+    const nameById = new Map(list.filter((s) => s.id !== undefined).map((s) => [s.id!, s.name]));
     const snapshots = list
-      .map((s) => ({ name: s.name, createdAt: s.createdAt, parent: s.parent, sizeBytesUsed: s.sizeBytesUsed, inChain: s.inChain }))
+      .map((s) => ({ name: s.name, createdAt: s.createdAt, parent: s.parent === null ? null : nameById.get(s.parent) ?? null, sizeBytesUsed: s.sizeBytesUsed, inChain: s.inChain }))
       .sort((a, b) => (a.createdAt < b.createdAt ? -1 : a.createdAt > b.createdAt ? 1 : 0));
     await this.objects.mutate(Kind.Volume, name, (x) => {
       x.status.snapshots = snapshots;
@@ -603,9 +656,14 @@ export class ManagerServiceImpl implements ManagerService {
   }
 
   async metrics(): Promise<VolumeMetrics[]> {
-    const [volumes, engines, replicas] = await Promise.all([this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica)]);
+    const [volumes, engines, replicas, backups, jobs] = await Promise.all([
+      this.objects.list(Kind.Volume), this.objects.list(Kind.Engine), this.objects.list(Kind.Replica), this.objects.list(Kind.Backup), this.objects.list(Kind.RecurringJob),
+    ]);
     const engineByName = new Map(engines.map((e) => [e.name, e]));
+    const now = new Date();
+    const seconds = (iso: string | null): number | null => (iso === null || Number.isNaN(Date.parse(iso)) ? null : Date.parse(iso) / 1000);
     return volumes.map((v) => {
+      const protection = volumeProtection(v.name, v.value, backups, jobs, now);
       const engine = engineByName.get(v.name) ?? null;
       const running = engine?.value.status.state === 'running' ? engine.value.status : null;
       const stats = running?.stats ?? null;
@@ -636,6 +694,8 @@ export class ManagerServiceImpl implements ManagerService {
         lastRecovery: recovery === null ? null : { regions: recovery.regions, bytes: recovery.bytes, durationSeconds: recovery.durationMs / 1000 },
         lastVerify: verify === null ? null : { differingRegions: verify.differing.length, timestampSeconds: Number.isNaN(verifiedAt) ? 0 : verifiedAt / 1000 },
         engineLink: engine?.value.spec.frontend === true && engine.value.spec.desireState === 'running' ? engine.value.status.frontendLink ?? null : null,
+        lastBackupSeconds: seconds(protection.lastBackupAt),
+        recoveryPointSeconds: seconds(protection.recoveryPointAt),
       };
     });
   }

@@ -100,6 +100,14 @@ export const SETTINGS = {
       if (value !== 'zstd' && value !== 'none') throw new Error('must be "zstd" or "none"');
     },
   },
+  'allow-recurring-job-while-volume-detached': {
+    type: 'bool', default: 'false',
+    description: 'Whether recurring jobs run on detached volumes: the job attaches the volume without an NBD export on a node that holds a healthy replica, does its task and detaches it (a workload attach waits meanwhile). false: the jobs of a detached volume are suspended, and say so.',
+  },
+  'recurring-job-attach-timeout-seconds': {
+    type: 'int', default: '300', min: 10, max: 86400,
+    description: 'How long a recurring job waits for a volume it attached (or that is attaching) to be attached before its run fails for that volume.',
+  },
   'backup-target-poll-interval-seconds': {
     type: 'int', default: '300', min: 0, max: 86400,
     description: 'How often the catalog of backups is synced from the backup target (backups written by another cluster appear; DR standby volumes see new backups); 0 = only on `zebu backup-target sync`.',

@@ -8,6 +8,7 @@
  * Sizes are whole bytes (numbers: 16 TiB fits a JavaScript number exactly).
  */
 import type { LinkView } from '../frontend/engine-link.ts';
+import type { VolumeJobView } from './protection.ts';
 
 export type VolumeState = 'creating' | 'detached' | 'attaching' | 'attached' | 'detaching' | 'deleting';
 export type VolumeRobustness = 'healthy' | 'degraded' | 'faulted' | 'unknown';
@@ -57,6 +58,18 @@ export interface VolumeView {
   engineLink: EngineLinkView | null;
   /** Created from a backup: the restore's progress; for a DR standby, the backups it applies. Null otherwise. */
   restore: VolumeRestoreView | null;
+  /** A recurring job that attached the (detached) volume for its run, without an NBD export; null otherwise. */
+  heldByJob: { job: string; task: string; node: string; since: string } | null;
+  /** A workload attach waiting for that job to finish; null otherwise. */
+  pendingAttach: { nodeId: string; maintenance: boolean; requestedAt: string } | null;
+  /** The newest completed backup and when it completed; null when there is none. */
+  lastBackup: string | null;
+  lastBackupAt: string | null;
+  /** The newest moment whose data a backup holds (a backup job that found nothing changed moves it on). */
+  recoveryPointAt: string | null;
+  recoveryPointAgeSeconds: number | null;
+  /** The recurring jobs the volume joins (by name or group), their next run and last result for it. */
+  recurringJobs: VolumeJobView[];
 }
 
 export interface VolumeRestoreView {
@@ -271,6 +284,9 @@ export interface VolumeMetrics {
   lastVerify: { differingRegions: number; timestampSeconds: number } | null;
   /** The NBD frontend's link to the engine; null when there is none. */
   engineLink: EngineLinkView | null;
+  /** When the newest completed backup completed, and the recovery point (seconds since the epoch); null: none. */
+  lastBackupSeconds: number | null;
+  recoveryPointSeconds: number | null;
 }
 
 export interface ManagerService {

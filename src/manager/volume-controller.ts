@@ -296,6 +296,18 @@ export class VolumeController {
         });
       }
     }
+    const pending = v.spec.pendingAttach ?? null;
+    if (pending !== null && (v.spec.jobAttachment ?? null) === null && v.deletionRequestedAt === null) {
+      // A workload attach waited for a recurring job: the job has detached the volume, now it attaches.
+      await this.objects.mutate(Kind.Volume, volume.name, (x) => {
+        if (x.spec.nodeId !== null || (x.spec.jobAttachment ?? null) !== null || (x.spec.pendingAttach ?? null) === null) return false;
+        x.spec.nodeId = x.spec.pendingAttach!.nodeId;
+        x.spec.maintenance = x.spec.pendingAttach!.maintenance;
+        x.spec.pendingAttach = null;
+      });
+      await this.event(volume.name, 'Normal', 'AttachResumed', `the recurring job is done: attaching volume ${volume.name} to node ${pending.nodeId} as asked at ${pending.requestedAt}`);
+      return 0;
+    }
     if (v.status.state !== 'detached') {
       await this.setStatus(volume.name, (s) => {
         s.state = 'detached';
@@ -672,7 +684,12 @@ export class VolumeController {
     const backoff = this.replacementBackoff.get(volume.name);
     const backoffMs = backoff === undefined ? 0 : backoff.notBeforeMs - Date.now();
     const missing = wanted - active.length - returning.length;
-    if (robustness !== 'faulted' && missing > 0 && e.status.sizeBytes === e.spec.sizeBytes && sizeBytes === e.spec.sizeBytes) {
+    const heldByJob = v.spec.jobAttachment ?? null;
+    if (heldByJob !== null && missing > 0) {
+      // A job's short attachment of a detached volume must not start a rebuild: the replicas are
+      // replaced at the volume's next attach by a user.
+      message = `recurring job ${heldByJob.job} holds the volume: ${missing} missing replica(s) are not replaced until a workload attaches it`;
+    } else if (robustness !== 'faulted' && missing > 0 && e.status.sizeBytes === e.spec.sizeBytes && sizeBytes === e.spec.sizeBytes) {
       if (backoffMs > 0) {
         message = `${backoff!.failures} replacement replica(s) failed before serving; the next one in ${Math.ceil(backoffMs / 1000)} s`;
       } else {

@@ -133,6 +133,7 @@ export class FakeManagerService implements ManagerService {
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
       rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null,
+      heldByJob: null, pendingAttach: null, lastBackup: null, lastBackupAt: null, recoveryPointAt: null, recoveryPointAgeSeconds: null, recurringJobs: [],
     };
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
@@ -406,6 +407,8 @@ export class FakeManagerService implements ManagerService {
       lastRecovery: v.view.lastRecovery === null ? null : { regions: v.view.lastRecovery.regions, bytes: v.view.lastRecovery.bytes, durationSeconds: v.view.lastRecovery.durationMs / 1000 },
       lastVerify: v.view.lastVerify === null ? null : { differingRegions: v.view.lastVerify.differing.length, timestampSeconds: Date.parse(v.view.lastVerify.at) / 1000 },
       engineLink: v.view.engineLink,
+      lastBackupSeconds: v.view.lastBackupAt === null ? null : Date.parse(v.view.lastBackupAt) / 1000,
+      recoveryPointSeconds: v.view.recoveryPointAt === null ? null : Date.parse(v.view.recoveryPointAt) / 1000,
     }));
   }
 

@@ -55,11 +55,12 @@ function servedSizeBytes(volume: VolumeView): number | null {
 
 function volumeTable(volumes: VolumeView[]): string {
   return table(
-    ['NAME', 'SIZE', 'REPLICAS', 'STATE', 'ROBUSTNESS', 'NODE', 'ENDPOINT'],
+    ['NAME', 'SIZE', 'REPLICAS', 'STATE', 'ROBUSTNESS', 'NODE', 'ENDPOINT', 'LAST BACKUP', 'RECOVERY POINT AGE'],
     volumes.map((v) => [
       // Attached: replicas in service (RW) of those wanted; else just how many are wanted.
       v.name, formatBytes(v.sizeBytes), v.state === 'attached' ? `${v.replicas.filter((r) => r.mode === 'RW').length}/${v.numberOfReplicas}` : v.numberOfReplicas,
-      v.state, v.robustness, v.nodeId, v.endpoint ?? (v.state === 'attached' && !v.frontend ? '(maintenance)' : null),
+      v.state, v.robustness, v.nodeId, v.endpoint ?? (v.heldByJob !== null ? `(job ${v.heldByJob.job})` : v.state === 'attached' && !v.frontend ? '(maintenance)' : null),
+      v.lastBackupAt, v.recoveryPointAgeSeconds === null ? null : formatAge(v.recoveryPointAgeSeconds),
     ]),
   );
 }
@@ -82,6 +83,11 @@ function volumeDetails(v: VolumeView): string {
     ['last verify', v.lastVerify === null ? null : verifyLine(v.lastVerify)],
     ['engine link', v.engineLink === null ? null : engineLinkLine(v.engineLink)],
     ['restore', v.restore === null ? null : restoreLine(v)],
+    ['held by job', v.heldByJob === null ? null : `${v.heldByJob.job} (${v.heldByJob.task}) on node ${v.heldByJob.node} since ${v.heldByJob.since}`],
+    ['waiting attach', v.pendingAttach === null ? null : `to node ${v.pendingAttach.nodeId}${v.pendingAttach.maintenance ? ' (maintenance)' : ''}, asked at ${v.pendingAttach.requestedAt}`],
+    ['last backup', v.lastBackup === null ? 'none' : `${v.lastBackup} at ${v.lastBackupAt}`],
+    ['recovery point', v.recoveryPointAt === null ? 'none (no backup holds its data)' : `${v.recoveryPointAt} (${formatAge(v.recoveryPointAgeSeconds ?? 0)} ago)`],
+    ['recurring jobs', v.recurringJobs.length === 0 ? null : v.recurringJobs.map((j) => `${j.name} (${j.task}, next ${j.nextRunAt ?? 'never'}): ${jobResultText(j.result, j.message)}`).join('; ')],
   ]);
   if (v.replicas.length === 0) return head;
   const replicas = table(
@@ -101,6 +107,21 @@ function restoreLine(v: VolumeView): string {
   }
   if (r.message !== null) parts.push(r.message);
   return parts.join('; ');
+}
+
+/** "skipped: unchanged since backup b1", "error: ...", "not run yet". */
+export function jobResultText(result: string | null, message: string | null): string {
+  if (result === null) return 'not run yet';
+  if (message === null) return result;
+  return message.startsWith(`${result}:`) ? message : `${result}: ${message}`;
+}
+
+/** "42 s", "5 min", "3 h", "2 d". */
+function formatAge(seconds: number): string {
+  if (seconds < 120) return `${Math.round(seconds)} s`;
+  if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${Math.round(seconds / 3600)} h`;
+  return `${Math.round(seconds / 86400)} d`;
 }
 
 function formatDuration(ms: number): string {
@@ -199,13 +220,26 @@ export async function volumeAttach(name: string, options: WaitingOptions & { nod
   if (options.node !== undefined) body.nodeId = options.node;
   if (options.maintenance === true) body.maintenance = true;
   let volume: VolumeView | null = await client.post<VolumeView>(`/v1/volumes/${enc(name)}/attach`, body);
+  if (volume.pendingAttach !== null && volume.heldByJob !== null && options.wait !== false) {
+    process.stderr.write(`zebu: volume ${name} is held by recurring job ${volume.heldByJob.job} (${volume.heldByJob.task}); the attach waits until it is done\n`);
+  }
   if (options.wait !== false) {
-    volume = await waitForVolume(client, name, {
-      what: `volume ${name} to be attached`,
-      timeoutMs: wait,
-      done: (v) => v === null || (v.state === 'attached' && (!v.frontend || v.endpoint !== null)),
-      progress: attachProgress,
-    });
+    try {
+      volume = await waitForVolume(client, name, {
+        what: `volume ${name} to be attached`,
+        timeoutMs: wait,
+        done: (v) => v === null || (v.pendingAttach === null && v.heldByJob === null && v.state === 'attached' && (!v.frontend || v.endpoint !== null)),
+        progress: attachProgress,
+      });
+    } catch (err) {
+      // Still queued behind a job: withdrawn, so that it does not happen later unasked.
+      const now = await client.get<VolumeView>(`/v1/volumes/${enc(name)}`).catch(() => null);
+      if (now?.pendingAttach != null && now.heldByJob !== null) {
+        await client.post(`/v1/volumes/${enc(name)}/detach`, {}).catch(() => {});
+        throw new ZebuError(ErrorCode.TIMEOUT, `${(err as Error).message}; the waiting attach was withdrawn`);
+      }
+      throw err;
+    }
     if (volume === null) throw invalid(`volume ${name} was deleted while attaching`);
   }
   if (options.json) return printJson(volume);

@@ -8,7 +8,7 @@ import type { RecurringJobView } from '../../manager/recurring-job-service.ts';
 import { parsePositiveInt } from '../units.ts';
 import { ApiClient } from './api-client.ts';
 import { keyValues, printJson, table } from './format.ts';
-import { enc, out, type CommonOptions } from './commands.ts';
+import { enc, jobResultText, out, type CommonOptions } from './commands.ts';
 import { parseLabels } from './backup-commands.ts';
 
 export interface RecurringJobOptions extends CommonOptions {
@@ -44,7 +44,7 @@ function jobBody(o: RecurringJobOptions): Record<string, unknown> {
 }
 
 function lastResults(j: RecurringJobView): string {
-  return j.results.length === 0 ? '-' : j.results.map((r) => `${r.volume}: ${r.result}${r.message !== null ? ` (${r.message})` : ''}`).join('; ');
+  return j.results.length === 0 ? '-' : j.results.map((r) => `${r.volume}: ${jobResultText(r.result, r.message)}`).join('; ');
 }
 
 function details(j: RecurringJobView): string {

@@ -1,0 +1,158 @@
+/**
+ * Recurring jobs through `zebu up`, the real CLI and real NBD clients, on schedules of a few
+ * seconds:
+ * - the scenario of Longhorn's "recurring backup of detached volumes", with Zebu's rules: with
+ *   allow-recurring-job-while-volume-detached false a detached volume's backup job is suspended
+ *   and says so; with it true the job attaches the volume without an NBD export, backs it up and
+ *   detaches it; later runs find nothing changed and say `skipped: unchanged since backup B`
+ *   (no identical backup, the recovery point moves on); a workload attach during a job waits and
+ *   then succeeds; data written and the volume detached makes the next run back it up again;
+ *   retention keeps the job's newest backups; no replica is ever added or moved;
+ * - snapshot jobs: retention counts only the job's snapshots, an unchanged volume gets no new
+ *   snapshot, two jobs due together on one volume both run; a backup target that is down makes
+ *   the run fail with the snapshots kept, and a later run succeeds; a time-zone schedule;
+ * - `zebu up` SIGKILLed while a job holds a volume: after the restart the job runs again and the
+ *   volume is not left attached.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { writeAt, readVolume } from '../support/volume-io.ts';
+import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, type ZebuUp } from '../support/zebu-up.ts';
+import { ZEBU_MAIN } from '../support/replica-process.ts';
+
+const MiB = 1024 * 1024;
+
+interface JobResult { volume: string; result: string; message: string | null; at: string }
+interface Job { name: string; results: JobResult[]; nextRunAt: string | null; lastRunAt: string | null }
+interface Backup { name: string; volume: string; state: string; base: string | null; labels: Record<string, string>; requestedAt: string; snapshot: string }
+
+function jobResult(up: ZebuUp, job: string, volume: string): JobResult | undefined {
+  return mustZebuJson<Job>(up, ['recurring-job', 'get', job]).results.find((r) => r.volume === volume);
+}
+
+function backupsOf(up: ZebuUp, volume: string): Backup[] {
+  return mustZebuJson<Backup[]>(up, ['backup', 'list', '--volume', volume]);
+}
+
+function replicaNames(up: ZebuUp, volume: string): string[] {
+  return mustZebuJson<{ name: string }[]>(up, ['replica', 'list', '--volume', volume]).map((r) => r.name).sort();
+}
+
+/** A CLI command running in the background (an attach that waits). */
+function zebuAsync(up: ZebuUp, args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [ZEBU_MAIN, ...args], { env: { ...process.env, ZEBU_API: up.api, ZEBU_TOKEN: up.token }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+test('backups of a detached volume: suspended, then attached without export, skipped when unchanged, waited for by a workload attach, retained', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const root = path.dirname(dataDir);
+  const work = path.join(root, 'work');
+  fs.mkdirSync(work);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+
+  mustZebu(up, ['backup-target', 'set', `file://${path.join(root, 'backups')}`]);
+  mustZebu(up, ['volume', 'create', 'v1', '--size', '64MiB', '--replicas', '2']);
+  let uri = mustZebu(up, ['volume', 'attach', 'v1']).trim();
+  writeAt(work, uri, 0, crypto.randomBytes(4 * MiB));
+  mustZebu(up, ['volume', 'detach', 'v1']);
+  const replicas = replicaNames(up, 'v1');
+  assert.equal(replicas.length, 2);
+
+  mustZebu(up, ['recurring-job', 'create', 'bk', '--task', 'backup', '--cron', '*/2 * * * * *', '--retain', '2']);
+  mustZebu(up, ['volume', 'update', 'v1', '--recurring-job', 'bk']);
+
+  // Setting false (the default): suspended, visibly; no backup, the volume stays detached.
+  const suspended = await waitFor('the job to be suspended on v1', () => {
+    const r = jobResult(up, 'bk', 'v1');
+    return r?.result === 'suspended' ? r : undefined;
+  });
+  assert.match(suspended.message!, /detached.*allow-recurring-job-while-volume-detached is false/);
+  const detachedView = mustZebuJson(up, ['volume', 'get', 'v1']);
+  assert.equal(detachedView.state, 'detached');
+  assert.equal(detachedView.recurringJobs[0].result, 'suspended');
+  assert.match(mustZebu(up, ['volume', 'get', 'v1']), /recurring jobs:\s+bk \(backup, next .*\): suspended: volume v1 is detached/);
+  assert.equal(backupsOf(up, 'v1').length, 0);
+  assert.equal(detachedView.lastBackup, null);
+
+  // Setting true: attached with no NBD export, backed up, detached.
+  mustZebu(up, ['setting', 'set', 'allow-recurring-job-while-volume-detached', 'true']);
+  const held = await waitFor('the job to attach v1', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'v1']);
+    return v.heldByJob !== null ? v : undefined;
+  }, 60_000, 50);
+  assert.equal(held.heldByJob.job, 'bk');
+  assert.equal(held.frontend, false, 'no NBD export while the job holds it');
+  assert.equal(held.endpoint, null);
+  const first = await waitFor('a completed backup of v1', () => backupsOf(up, 'v1').find((b) => b.state === 'completed'));
+  assert.equal(first.labels['recurring-job'], 'bk');
+
+  // Nothing written since: the next runs attach, skip visibly, detach.
+  const skipped = await waitFor('a skipped run', () => {
+    const r = jobResult(up, 'bk', 'v1');
+    return r?.result === 'skipped' ? r : undefined;
+  });
+  assert.equal(skipped.message, `skipped: unchanged since backup ${first.name}`);
+  const events = mustZebuJson<{ reason: string; message: string }[]>(up, ['events', '--volume', 'v1']);
+  assert.ok(events.some((e) => e.reason === 'BackupSkipped' && e.message.includes(first.name)), 'an event says the backup was skipped');
+  assert.equal(backupsOf(up, 'v1').filter((b) => b.state === 'completed').length, 1, 'no identical backup');
+  const covered = mustZebuJson(up, ['volume', 'get', 'v1']);
+  assert.equal(covered.lastBackup, first.name);
+  assert.ok(covered.recoveryPointAt > first.requestedAt, `the recovery point moved on (${covered.recoveryPointAt} > ${first.requestedAt})`);
+  assert.ok(covered.recoveryPointAgeSeconds < 30);
+  assert.match(mustZebu(up, ['volume', 'list']), /LAST BACKUP\s+RECOVERY POINT AGE/);
+
+  // A workload attach while a job holds the volume waits, then succeeds with an export.
+  await waitFor('the job to hold v1 again', () => mustZebuJson(up, ['volume', 'get', 'v1']).heldByJob !== null, 60_000, 50);
+  const attached = await zebuAsync(up, ['volume', 'attach', 'v1', '--timeout', '120']);
+  assert.equal(attached.status, 0, attached.stderr);
+  assert.match(attached.stderr, /held by recurring job bk .*waits/);
+  uri = attached.stdout.trim();
+  assert.match(uri, /^nbd:\/\//);
+  const view = mustZebuJson(up, ['volume', 'get', 'v1']);
+  assert.equal(view.heldByJob, null);
+  assert.equal(view.frontend, true);
+
+  // Attached by the workload: the job runs on it as it is (and leaves it attached).
+  const data = crypto.randomBytes(2 * MiB);
+  writeAt(work, uri, 8 * MiB, data);
+  const second = await waitFor('a backup of the written data', () => backupsOf(up, 'v1').find((b) => b.state === 'completed' && b.name !== first.name), 60_000);
+  assert.equal(second.base, first.name, 'incremental from the first');
+  assert.equal(mustZebuJson(up, ['volume', 'get', 'v1']).state, 'attached');
+  const image = readVolume(work, uri);
+  mustZebu(up, ['volume', 'detach', 'v1']);
+
+  // Written and detached again: the next run backs it up; retention keeps the job's newest 2.
+  uri = mustZebu(up, ['volume', 'attach', 'v1']).trim();
+  writeAt(work, uri, 16 * MiB, crypto.randomBytes(MiB));
+  mustZebu(up, ['volume', 'detach', 'v1']);
+  await waitFor('a third backup and the first deleted', () => {
+    const list = backupsOf(up, 'v1').filter((b) => b.state === 'completed');
+    return list.length === 2 && !list.some((b) => b.name === first.name) && list.some((b) => b.name === second.name) ? list : undefined;
+  }, 90_000);
+
+  // The second backup holds what the volume held then.
+  mustZebu(up, ['recurring-job', 'delete', 'bk']);
+  await waitFor('v1 detached', () => mustZebuJson(up, ['volume', 'get', 'v1']).state === 'detached');
+  mustZebu(up, ['volume', 'create', 'copy', '--from-backup', second.name, '--replicas', '1']);
+  await waitFor('the restore to complete', () => mustZebuJson(up, ['volume', 'get', 'copy']).restore?.state === 'completed', 120_000);
+  const copyUri = mustZebu(up, ['volume', 'attach', 'copy']).trim();
+  assert.ok(readVolume(work, copyUri).equals(image), 'the restored backup equals the volume at that backup');
+  mustZebu(up, ['volume', 'detach', 'copy']);
+
+  assert.deepEqual(replicaNames(up, 'v1'), replicas, 'the job never added or moved a replica');
+  const metrics = await (await fetch(`${up.api}/metrics`, { headers: { authorization: `Bearer ${up.token}` } })).text();
+  assert.match(metrics, /zebu_volume_last_backup_timestamp_seconds\{volume="v1"\} \d+/);
+  assert.match(metrics, /zebu_volume_recovery_point_timestamp_seconds\{volume="v1"\} \d+/);
+});
