@@ -237,16 +237,18 @@ export class JobTasks {
     const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-');
     const name = `${job.name.slice(0, 36).replace(/-+$/, '')}-${stamp}-${crypto.randomBytes(2).toString('hex')}`;
     // Recorded before it is taken: a crash in between leaves a name that is dropped when absent.
+    const before = await this.snapshots(volume);
+    const fresh = await this.o.objects.get(Kind.RecurringJob, job.name);
+    const mine = (fresh?.value.status.created?.[volume] ?? []).filter((c) => before.some((s) => s.name === c.name));
+    const previous = mine.sort((a, b) => (a.createdAt < b.createdAt ? 1 : -1))[0] ?? null;
     await this.noteCreated(job.name, volume, (list) => [...list, { name, createdAt: now.toISOString() }]);
     await this.o.volumes.createSnapshot(volume, name);
-    const after = await this.snapshots(volume);
-    const taken = after.find((s) => s.name === name);
-    if (taken !== undefined && taken.sizeBytesUsed === 0 && taken.parent !== null) {
-      // Nothing written since the snapshot before it: an identical snapshot would only push a
-      // real recovery point out of the retention.
+    if (previous !== null && unchangedSince(await this.snapshots(volume), name, previous.name)) {
+      // Nothing written since this job's last snapshot: an identical one would only push a real
+      // recovery point out of the retention.
       await this.o.volumes.deleteSnapshot(volume, name);
       await this.noteCreated(job.name, volume, (list) => list.filter((c) => c.name !== name));
-      const message = `skipped: unchanged since snapshot ${taken.parent}`;
+      const message = `skipped: unchanged since snapshot ${previous.name}`;
       await this.o.events.record({ type: 'Normal', reason: 'SnapshotSkipped', kind: Kind.Volume, object: volume, volume, message: `recurring job ${job.name}: volume ${volume} ${message}: no new snapshot` });
       return { result: 'skipped', message };
     }

@@ -156,3 +156,143 @@ test('backups of a detached volume: suspended, then attached without export, ski
   assert.match(metrics, /zebu_volume_last_backup_timestamp_seconds\{volume="v1"\} \d+/);
   assert.match(metrics, /zebu_volume_recovery_point_timestamp_seconds\{volume="v1"\} \d+/);
 });
+
+interface Snapshot { name: string; parent: string | null; sizeBytesUsed: number; createdAt: string }
+
+/** Waits until every given job has a result for the volume that is newer than `since` and not running. */
+async function nextResults(up: ZebuUp, jobs: string[], volume: string, since: string, timeoutMs = 60_000): Promise<Record<string, JobResult>> {
+  return waitFor(`results of ${jobs.join(', ')} on ${volume} after ${since}`, () => {
+    const out: Record<string, JobResult> = {};
+    for (const job of jobs) {
+      const r = jobResult(up, job, volume);
+      if (r === undefined || r.result === 'running' || r.at <= since) return undefined;
+      out[job] = r;
+    }
+    return out;
+  }, timeoutMs);
+}
+
+test('snapshot jobs: retention of their own snapshots, no identical snapshot, two jobs at once, snapshots kept while the target is down, snapshot-delete, time zones', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const root = path.dirname(dataDir);
+  const work = path.join(root, 'work');
+  const targetDir = path.join(root, 'backups');
+  fs.mkdirSync(work);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  mustZebu(up, ['backup-target', 'set', `file://${targetDir}`]);
+  mustZebu(up, ['volume', 'create', 'v2', '--size', '64MiB', '--replicas', '2']);
+  const uri = mustZebu(up, ['volume', 'attach', 'v2']).trim();
+  writeAt(work, uri, 0, crypto.randomBytes(MiB));
+  mustZebu(up, ['snapshot', 'create', 'v2', 'mine']);
+  const snapshots = (): Snapshot[] => mustZebuJson<Snapshot[]>(up, ['snapshot', 'list', 'v2']);
+  const jobSnapshots = (): string[] => snapshots().map((s) => s.name).filter((n) => n.startsWith('snap-'));
+
+  // Two jobs due at the same times on one volume: both run, one after the other.
+  mustZebu(up, ['recurring-job', 'create', 'snap', '--task', 'snapshot', '--cron', '*/2 * * * * *', '--retain', '2']);
+  mustZebu(up, ['recurring-job', 'create', 'bk', '--task', 'backup', '--cron', '*/2 * * * * *', '--retain', '3']);
+  mustZebu(up, ['volume', 'update', 'v2', '--recurring-job', 'snap', '--recurring-job', 'bk']);
+  for (let round = 0; round < 4; round++) {
+    writeAt(work, uri, (4 + round) * MiB, crypto.randomBytes(MiB));
+    const results = await nextResults(up, ['snap', 'bk'], 'v2', new Date().toISOString());
+    assert.equal(results.snap.result, 'completed', JSON.stringify(results));
+    assert.equal(results.bk.result, 'completed', JSON.stringify(results));
+  }
+  assert.equal(jobSnapshots().length, 2, `the snapshot job keeps its newest 2: ${snapshots().map((s) => s.name).join(', ')}`);
+  assert.ok(snapshots().some((s) => s.name === 'mine'), 'a user\'s snapshot is not the job\'s to remove');
+  assert.ok(backupsOf(up, 'v2').filter((b) => b.state === 'completed').length <= 3);
+
+  // Nothing written: no identical snapshot, no identical backup, both said.
+  const quiet = await nextResults(up, ['snap', 'bk'], 'v2', new Date().toISOString());
+  const again = quiet.snap.result === 'skipped' && quiet.bk.result === 'skipped' ? quiet : await nextResults(up, ['snap', 'bk'], 'v2', new Date().toISOString());
+  assert.match(again.snap.message!, /^skipped: unchanged since snapshot /);
+  assert.match(again.bk.message!, /^skipped: unchanged since backup backup-/);
+
+  // The target down: the backup fails, the snapshot job keeps its snapshots beyond retain.
+  fs.renameSync(targetDir, `${targetDir}.away`);
+  fs.writeFileSync(targetDir, 'not a directory');
+  let kept = '';
+  for (let round = 0; round < 2; round++) {
+    writeAt(work, uri, (10 + round) * MiB, crypto.randomBytes(MiB));
+    const results = await nextResults(up, ['snap', 'bk'], 'v2', new Date().toISOString());
+    assert.equal(results.bk.result, 'error', JSON.stringify(results));
+    assert.match(results.bk.message!, /unavailable|failed/);
+    assert.equal(results.snap.result, 'completed');
+    kept = results.snap.message!;
+  }
+  assert.ok(jobSnapshots().length >= 3, `no job snapshot pruned while backups fail (${jobSnapshots().length} kept, retain 2)`);
+  assert.match(kept, /kept because the backup target is unavailable/);
+  const failedEvents = mustZebuJson<{ reason: string; type: string }[]>(up, ['events', '--volume', 'v2']);
+  assert.ok(failedEvents.some((e) => e.reason === 'RecurringJobFailed' && e.type === 'Warning'));
+
+  // Back: the next run backs up, and the snapshot job prunes to its retain again.
+  fs.rmSync(targetDir);
+  fs.renameSync(`${targetDir}.away`, targetDir);
+  writeAt(work, uri, 12 * MiB, crypto.randomBytes(MiB));
+  await waitFor('a backup after the target came back', () => jobResult(up, 'bk', 'v2')?.result === 'completed', 60_000);
+  writeAt(work, uri, 13 * MiB, crypto.randomBytes(MiB));
+  await waitFor('the snapshot job back at its retain', () => jobSnapshots().length === 2 && jobResult(up, 'snap', 'v2')?.result === 'completed', 60_000);
+
+  // snapshot-delete keeps the newest one and what backups need, whoever made the rest.
+  mustZebu(up, ['recurring-job', 'delete', 'snap']);
+  mustZebu(up, ['recurring-job', 'delete', 'bk']);
+  mustZebu(up, ['recurring-job', 'create', 'prune', '--task', 'snapshot-delete', '--cron', '*/2 * * * * *', '--retain', '1']);
+  mustZebu(up, ['volume', 'update', 'v2', '--recurring-job', 'prune']);
+  const pruned = await nextResults(up, ['prune'], 'v2', new Date().toISOString());
+  assert.equal(pruned.prune.result, 'completed', JSON.stringify(pruned));
+  const completed = backupsOf(up, 'v2').filter((b) => b.state === 'completed').sort((a, b) => (a.requestedAt < b.requestedAt ? 1 : -1));
+  const left = snapshots().map((s) => s.name);
+  assert.ok(!left.includes('mine'), `snapshot-delete removed the old user snapshot: ${left.join(', ')}`);
+  assert.ok(left.includes(completed[0].snapshot), 'the newest backup\'s snapshot is kept (the next backup is incremental from it)');
+  assert.ok(left.length <= 2, left.join(', '));
+  mustZebu(up, ['recurring-job', 'delete', 'prune']);
+
+  // A schedule in a time zone: midnight in India is 18:30 UTC.
+  const tz = mustZebuJson<Job>(up, ['recurring-job', 'create', 'tz', '--task', 'snapshot', '--cron', '0 0 * * *', '--timezone', 'Asia/Kolkata']);
+  assert.match(tz.nextRunAt!, /T18:30:00\.000Z$/);
+  mustZebu(up, ['volume', 'detach', 'v2']);
+});
+
+test('zebu up SIGKILLed while a job holds a detached volume: the job runs again after the restart and the volume is not left attached', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const root = path.dirname(dataDir);
+  const work = path.join(root, 'work');
+  fs.mkdirSync(work);
+  let up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  mustZebu(up, ['backup-target', 'set', `file://${path.join(root, 'backups')}`]);
+  mustZebu(up, ['volume', 'create', 'v3', '--size', '256MiB', '--replicas', '2']);
+  const uri = mustZebu(up, ['volume', 'attach', 'v3']).trim();
+  const data = crypto.randomBytes(96 * MiB);
+  writeAt(work, uri, 0, data);
+  mustZebu(up, ['volume', 'detach', 'v3']);
+  mustZebu(up, ['setting', 'set', 'allow-recurring-job-while-volume-detached', 'true']);
+  mustZebu(up, ['recurring-job', 'create', 'bk', '--task', 'backup', '--cron', '*/3 * * * * *']);
+  mustZebu(up, ['volume', 'update', 'v3', '--recurring-job', 'bk']);
+
+  await waitFor('the job to attach v3', () => mustZebuJson(up, ['volume', 'get', 'v3']).heldByJob !== null, 60_000, 20);
+  up.child.kill('SIGKILL');
+  await up.exited;
+  up = await startZebuUp({ dataDir });
+  const events = await waitFor('the run resumed', () => {
+    const list = mustZebuJson<{ reason: string; message: string }[]>(up, ['events']);
+    return list.find((e) => e.reason === 'RecurringJobResumed');
+  });
+  assert.match(events.message, /runs again on v3/);
+  const backup = await waitFor('a completed backup of v3', () => backupsOf(up, 'v3').find((b) => b.state === 'completed'), 120_000);
+  // Stop the job: the volume must end detached, held by nothing.
+  mustZebu(up, ['setting', 'set', 'allow-recurring-job-while-volume-detached', 'false']);
+  const after = await waitFor('v3 detached and free', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'v3']);
+    return v.state === 'detached' && v.heldByJob === null ? v : undefined;
+  }, 60_000);
+  assert.equal(after.lastBackup !== null, true);
+  assert.notEqual(jobResult(up, 'bk', 'v3')?.result, 'running');
+  // The backup holds the data.
+  mustZebu(up, ['volume', 'create', 'copy', '--from-backup', backup.name, '--replicas', '1']);
+  await waitFor('the restore to complete', () => mustZebuJson(up, ['volume', 'get', 'copy']).restore?.state === 'completed', 120_000);
+  const copyUri = mustZebu(up, ['volume', 'attach', 'copy']).trim();
+  const image = readVolume(work, copyUri);
+  assert.ok(image.subarray(0, data.length).equals(data), 'the backup taken across the restart holds the data');
+  mustZebu(up, ['volume', 'detach', 'copy']);
+});
