@@ -8,7 +8,6 @@
  * backup job found the data unchanged since that backup (then the data at that check is covered
  * too, although no new backup was made).
  */
-import type { StoreObject } from '../store/store.ts';
 import type { BackupValue, RecurringJobResult, RecurringJobValue, VolumeValue } from './objects.ts';
 import { jobsForVolume, scheduleOf, type RecurringTask } from './recurring-jobs.ts';
 
@@ -32,8 +31,13 @@ export interface VolumeProtection {
   recurringJobs: VolumeJobView[];
 }
 
-function newestCompleted(volume: string, backups: readonly StoreObject<BackupValue>[]): StoreObject<BackupValue> | null {
-  let best: StoreObject<BackupValue> | null = null;
+interface Named<T> {
+  name: string;
+  value: T;
+}
+
+function newestCompleted(volume: string, backups: readonly Named<BackupValue>[]): Named<BackupValue> | null {
+  let best: Named<BackupValue> | null = null;
   for (const b of backups) {
     if (b.value.spec.volume !== volume || b.value.status.state !== 'completed' || b.value.spec.deletionRequestedAt !== null) continue;
     if (best === null || (b.value.spec.requestedAt > best.value.spec.requestedAt)) best = b;
@@ -44,8 +48,8 @@ function newestCompleted(volume: string, backups: readonly StoreObject<BackupVal
 export function volumeProtection(
   name: string,
   volume: VolumeValue,
-  backups: readonly StoreObject<BackupValue>[],
-  jobs: readonly StoreObject<RecurringJobValue>[],
+  backups: readonly Named<BackupValue>[],
+  jobs: readonly Named<RecurringJobValue>[],
   now: Date,
 ): VolumeProtection {
   const last = newestCompleted(name, backups);

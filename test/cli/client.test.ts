@@ -131,8 +131,8 @@ test('volume create, list, get, attach, detach, expand, delete through the CLI',
   // Readable table: a header, one line per volume, columns aligned.
   const table = (await ok(api, ['volume', 'list'])).trimEnd().split('\n');
   assert.equal(table.length, 4);
-  assert.match(table[0], /^NAME\s+SIZE\s+REPLICAS\s+STATE\s+ROBUSTNESS\s+NODE\s+ENDPOINT$/);
-  assert.match(table[1], /^v1\s+1 GiB\s+3\s+detached\s+unknown\s+-\s+-$/);
+  assert.match(table[0], /^NAME\s+SIZE\s+REPLICAS\s+STATE\s+ROBUSTNESS\s+NODE\s+ENDPOINT\s+LAST BACKUP\s+RECOVERY POINT AGE$/);
+  assert.match(table[1], /^v1\s+1 GiB\s+3\s+detached\s+unknown\s+-\s+-\s+-\s+-$/);
   assert.equal(table[1].indexOf('detached'), table[0].indexOf('STATE'));
   const details = await ok(api, ['volume', 'get', 'v1']);
   assert.match(details, /^name:\s+v1$/m);
@@ -147,7 +147,7 @@ test('volume create, list, get, attach, detach, expand, delete through the CLI',
   const attached = await okJson(api, ['volume', 'get', 'v1']);
   assert.equal(attached.epoch, 1);
   assert.deepEqual(attached.replicas.map((r: { mode: string }) => r.mode), ['RW', 'RW', 'RW']);
-  assert.match(await ok(api, ['volume', 'list']), /^v1\s+1 GiB\s+3\/3\s+attached\s+healthy\s+node-1\s+nbd:\/\/127\.0\.0\.1:10809\/v1$/m);
+  assert.match(await ok(api, ['volume', 'list']), /^v1\s+1 GiB\s+3\/3\s+attached\s+healthy\s+node-1\s+nbd:\/\/127\.0\.0\.1:10809\/v1\s+-\s+-$/m);
 
   // --no-wait returns at once with the state; volume wait waits.
   assert.equal(await ok(api, ['volume', 'attach', 'v2', '--no-wait']), 'attaching\n');

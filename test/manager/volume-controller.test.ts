@@ -559,3 +559,67 @@ test('engine link: a hung engine, a lost one, a frontend restart are events; the
   const m = (await service.metrics()).find((x) => x.name === 'lk')!;
   assert.equal(m.engineLink?.lastClose?.kind, 'frontend-restarted');
 });
+
+test('a recurring job\'s attachment: no replica added while it holds the volume; a workload attach waits and is applied after the job detaches it', async (t) => {
+  const { service, objects, agent } = await setup(t, 4);
+  await service.setSetting('replica-replenishment-wait-seconds', '0');
+  await service.createVolume({ name: 'j', sizeBytes: GiB, numberOfReplicas: 3 });
+  await until('detached', async () => (await service.getVolume('j')).state === 'detached');
+  await service.attachVolume('j', {});
+  await until('healthy', async () => (await service.getVolume('j')).robustness === 'healthy');
+  const original = (await objects.list(Kind.Replica)).map((r) => r.name).sort();
+  await service.detachVolume('j');
+  await until('detached', async () => (await service.getVolume('j')).state === 'detached');
+
+  // What the job does: attach without export, marked as the job's.
+  await objects.mutate(Kind.Volume, 'j', (v) => {
+    v.spec.nodeId = 'n1';
+    v.spec.maintenance = true;
+    v.spec.jobAttachment = { job: 'bk', task: 'backup', node: 'n1', startedAt: new Date().toISOString() };
+  });
+  await until('attached for the job', async () => (await service.getVolume('j')).state === 'attached');
+  agent.forced.set(original[0], 'ERR');
+  const degraded = await until('degraded, not healed', async () => {
+    const v = await service.getVolume('j');
+    return v.robustness === 'degraded' && v.message !== null && /recurring job bk holds the volume/.test(v.message) ? v : undefined;
+  });
+  assert.equal(degraded.heldByJob?.job, 'bk');
+  assert.equal(degraded.endpoint, null);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual((await objects.list(Kind.Replica)).map((r) => r.name).filter((n) => !original.includes(n)), [], 'no replica added while the job holds it');
+
+  // A workload attach waits (recorded, visible); a second one elsewhere is refused.
+  const waiting = await service.attachVolume('j', {});
+  assert.equal(waiting.pendingAttach?.nodeId, 'n1');
+  assert.match(waiting.message!, /waits for recurring job bk \(backup\) to finish/);
+  await assert.rejects(service.attachVolume('j', { maintenance: true }), /already waits for its recurring job/);
+  assert.ok((await service.listEvents({ volume: 'j' })).some((e) => e.reason === 'AttachWaiting'));
+
+  // The job is done: detached, then attached as the workload asked (with an export), and healed.
+  agent.forced.delete(original[0]);
+  await objects.mutate(Kind.Volume, 'j', (v) => {
+    v.spec.jobAttachment = null;
+    v.spec.nodeId = null;
+    v.spec.maintenance = false;
+  });
+  const attached = await until('attached for the workload', async () => {
+    const v = await service.getVolume('j');
+    return v.state === 'attached' && v.endpoint !== null && v.pendingAttach === null ? v : undefined;
+  });
+  assert.equal(attached.frontend, true);
+  assert.equal(attached.heldByJob, null);
+  assert.ok((await service.listEvents({ volume: 'j' })).some((e) => e.reason === 'AttachResumed'));
+
+  // A detach withdraws a waiting attach (the CLI does it when its --timeout passes).
+  await service.detachVolume('j');
+  await until('detached', async () => (await service.getVolume('j')).state === 'detached');
+  await objects.mutate(Kind.Volume, 'j', (v) => {
+    v.spec.nodeId = 'n1';
+    v.spec.maintenance = true;
+    v.spec.jobAttachment = { job: 'bk', task: 'backup', node: 'n1', startedAt: new Date().toISOString() };
+  });
+  await service.attachVolume('j', {});
+  const withdrawn = await service.detachVolume('j');
+  assert.equal(withdrawn.pendingAttach, null);
+  assert.equal(withdrawn.heldByJob?.job, 'bk', 'the job keeps its attachment');
+});
