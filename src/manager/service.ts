@@ -348,11 +348,17 @@ export class ManagerServiceImpl implements ManagerService {
     const volume = await this.mustVolume(name);
     // A volume attached by its restore (not by a user) may be deleted: the restore stops.
     const byRestore = volume.value.status.restore?.attachedForRestore === true;
-    if (volume.value.spec.nodeId !== null && !byRestore) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
+    // Likewise one a recurring job attached for its run: the job's task ends in error.
+    const byJob = (volume.value.spec.jobAttachment ?? null) !== null;
+    if (volume.value.spec.nodeId !== null && !byRestore && !byJob) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.deletionRequestedAt !== null) return false;
       x.deletionRequestedAt = new Date().toISOString();
-      if (byRestore) x.spec.nodeId = null;
+      if (byRestore || byJob) {
+        x.spec.nodeId = null;
+        x.spec.jobAttachment = null;
+        x.spec.pendingAttach = null;
+      }
     });
     this.backupKick();
     await this.events.record({ type: 'Normal', reason: 'Deleting', message: `deleting volume ${name}`, kind: Kind.Volume, object: name, volume: name });

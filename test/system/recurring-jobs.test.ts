@@ -247,6 +247,15 @@ test('snapshot jobs: retention of their own snapshots, no identical snapshot, tw
   assert.ok(left.length <= 2, left.join(', '));
   mustZebu(up, ['recurring-job', 'delete', 'prune']);
 
+  // backup-force-create makes a backup at every run, changed or not.
+  mustZebu(up, ['recurring-job', 'create', 'force', '--task', 'backup-force-create', '--cron', '*/2 * * * * *', '--retain', '2']);
+  mustZebu(up, ['volume', 'update', 'v2', '--recurring-job', 'force']);
+  const f1 = await nextResults(up, ['force'], 'v2', new Date().toISOString());
+  const f2 = await nextResults(up, ['force'], 'v2', f1.force.at);
+  assert.deepEqual([f1.force.result, f2.force.result], ['completed', 'completed'], JSON.stringify([f1, f2]));
+  assert.equal(backupsOf(up, 'v2').filter((b) => b.labels['recurring-job'] === 'force' && b.state === 'completed').length, 2);
+  mustZebu(up, ['recurring-job', 'delete', 'force']);
+
   // A schedule in a time zone: midnight in India is 18:30 UTC.
   const tz = mustZebuJson<Job>(up, ['recurring-job', 'create', 'tz', '--task', 'snapshot', '--cron', '0 0 * * *', '--timezone', 'Asia/Kolkata']);
   assert.match(tz.nextRunAt!, /T18:30:00\.000Z$/);
