@@ -103,7 +103,7 @@ export function apiRoutes(service: ManagerService, backups: BackupService | null
     }),
     route({
       method: 'POST', url: '/v1/volumes/:name/attach', operationId: 'attachVolume', tag: 'volumes',
-      summary: 'Attach a volume (returns at once, state attaching: poll the volume)',
+      summary: 'Attach a volume (returns at once, state attaching: poll the volume). While a recurring job holds the volume the attach is recorded (pendingAttach) and made once the job has detached it',
       params: params.volume, body: bodies.volumeAttach, bodyOptional: true, response: ref('Volume'),
       handler: ({ params: p, body }) => service.attachVolume(p.name, body as { nodeId?: string; maintenance?: boolean }),
     }),
