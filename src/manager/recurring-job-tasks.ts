@@ -95,6 +95,7 @@ export class JobTasks {
         // This job attached it before the manager stopped: the run goes on where it was.
         attachedByJob = true;
       } else if (v.value.spec.nodeId === null) {
+        if (v.value.status.epoch === 0) return { result: 'skipped', message: `volume ${volume} has never been attached: it holds no data yet` };
         const attach = await this.attachForJob(job, volume, signal);
         if (attach !== 'ours' && attach !== 'theirs') return attach;
         attachedByJob = attach === 'ours';
@@ -264,7 +265,11 @@ export class JobTasks {
     const victims = retentionVictims(created, job.value.spec.retain, new Date());
     if (victims.length > 0) {
       const refusal = await this.pruneRefusal(volume, await this.volumeBackups(volume));
-      if (refusal !== null) return `; ${victims.length} older snapshot(s) beyond retain ${job.value.spec.retain.count} kept because ${refusal}`;
+      if (refusal !== null) {
+        const text = `${victims.length} older snapshot(s) beyond retain ${job.value.spec.retain.count} kept because ${refusal}`;
+        await this.o.events.record({ type: 'Normal', reason: 'SnapshotsKept', kind: Kind.Volume, object: volume, volume, message: `recurring job ${job.name}: ${text}` });
+        return `; ${text}`;
+      }
     }
     const removed: string[] = [];
     for (const victim of victims) {
