@@ -176,6 +176,8 @@ export type ImagePlan =
   | { action: 'fetch'; disk: string; from: 'source' | 'backup' }
   /** More copies: from a ready file to another disk. */
   | { action: 'copy'; from: string; to: string }
+  /** Failed files next to a ready one: removed, so that their disks can get a good copy. */
+  | { action: 'clean'; disks: string[]; reason: string }
   /** Every file is lost: remove them (`cleanup`), then fetch again (when `from` is not null). */
   | { action: 'refetch'; cleanup: string[]; from: 'source' | 'backup' | null; reason: string };
 
@@ -230,6 +232,8 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   const taken = new Set(files.filter((f) => f.state !== 'cleaning').map((f) => f.diskId));
 
   if (ready.length > 0) {
+    const failed = files.filter((f) => f.state === 'failed');
+    if (failed.length > 0) return { action: 'clean', disks: failed.map((f) => f.diskId), reason: failed.map((f) => `${f.diskId}: ${f.message ?? 'failed'}`).join('; ') };
     // Copies come from a ready file, never from the source again.
     const wantedOn = (input.neededOn ?? []).filter((d) => !taken.has(d));
     const candidates = candidateDisks(input, taken);

@@ -10,6 +10,7 @@
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
 import type { RecurringJobSpec, RecurringTask } from './recurring-jobs.ts';
+import type { BackingImageFile, BackingImageSpec, RefetchStatus } from './backing-images.ts';
 import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
 export const Kind = {
@@ -30,6 +31,8 @@ export const Kind = {
   Secret: 'Secret',
   /** A scheduled task (snapshot, backup, cleanup) over the volumes that join it by name or group. */
   RecurringJob: 'RecurringJob',
+  /** A base image kept as files on disks (docs/backing-images.md). */
+  BackingImage: 'BackingImage',
 } as const;
 export type Kind = (typeof Kind)[keyof typeof Kind];
 
@@ -369,6 +372,29 @@ export interface RecurringJobValue {
   };
 }
 
+/**
+ * A backing image. `status.files` is written by both sides, each field by one: the backing-image
+ * controller adds files (`pending`), marks them `unknown` when their disk or node is gone and
+ * `cleaning` when they are to go; the agent of the file's node moves a file through `starting`,
+ * `in-progress`, `ready` or `failed`, removes a cleaned file's entry, and fixes `checksum` and
+ * `sizeBytes` at the first ready file.
+ */
+export interface BackingImageValue {
+  spec: BackingImageSpec;
+  status: {
+    /** SHA-512 every file must have: the expected one, or that of the first ready file. */
+    checksum: string | null;
+    sizeBytes: number;
+    /** By disk name. */
+    files: Record<string, BackingImageFile>;
+    refetch: RefetchStatus;
+    /** What the controller waits for, or why it cannot go on; null when all is well. */
+    message: string | null;
+  };
+  createdAt: string;
+  deletionRequestedAt: string | null;
+}
+
 export interface KindValues {
   Volume: VolumeValue;
   Engine: EngineValue;
@@ -382,6 +408,7 @@ export interface KindValues {
   Backup: BackupValue;
   Secret: SecretValue;
   RecurringJob: RecurringJobValue;
+  BackingImage: BackingImageValue;
 }
 
 const MAX_MUTATE_ATTEMPTS = 20;

@@ -108,6 +108,10 @@ export const SETTINGS = {
     type: 'int', default: '300', min: 10, max: 86400,
     description: 'How long a recurring job waits for a volume it attached (or that is attaching) to be attached before its run fails for that volume.',
   },
+  'backing-image-recovery-wait-seconds': {
+    type: 'int', default: '300', min: 0, max: 86400,
+    description: 'How long a file of a backing image may be unknown (its disk or node gone, unreachable or removed) before it counts as lost: when no file is ready and every file is failed or lost, the image is fetched again.',
+  },
   'backup-target-poll-interval-seconds': {
     type: 'int', default: '300', min: 0, max: 86400,
     description: 'How often the catalog of backups is synced from the backup target (backups written by another cluster appear; DR standby volumes see new backups); 0 = only on `zebu backup-target sync`.',

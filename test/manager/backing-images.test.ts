@@ -80,6 +80,8 @@ test('files of a disk or node that is gone become unknown; every file failed or 
   });
   // One failed and one unknown: again.
   assert.equal(plan([file('a', 'n1', 'failed'), file('b', 'n2', 'unknown', ago(400))]).action, 'refetch');
+  // A failed file next to a ready one is removed (its disk then gets a copy of the ready one).
+  assert.deepEqual(plan([file('n1-d1', 'n1', 'ready'), { ...file('n2-d1', 'n2', 'failed'), message: 'changed on disk' }]), { action: 'clean', disks: ['n2-d1'], reason: 'n2-d1: changed on disk' });
   // One ready, the others unknown: copied from the ready one, nothing fetched.
   assert.deepEqual(plan([file('n1-d1', 'n1', 'ready'), file('x', 'n2', 'unknown', ago(4000))]), { action: 'copy', from: 'n1-d1', to: 'n2-d1' });
   // An upload with every file lost: from its backup when there is one, else it says why not.

@@ -1,0 +1,206 @@
+/**
+ * The backing-image controller in the manager: for every image, marks the files whose disk or
+ * node is gone `unknown`, asks the plan (backing-images.ts) for the next step and takes it — a
+ * new file to fetch or copy (`pending`, which the agent of its node then fetches), or, when no
+ * file is left that can be used, the lost files `cleaning` and the image fetched again after a
+ * backoff. A deleted image's files are cleaned up before the object goes. Level-triggered: a pass
+ * over every image each poll, and at once on a change.
+ */
+import type { StoreObject } from '../store/store.ts';
+import { Kind, type BackingImageValue, type Objects } from './objects.ts';
+import type { Settings } from './settings.ts';
+import type { EventRecorder } from './events.ts';
+import { observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, type DiskForImage } from './backing-images.ts';
+
+export interface BackingImageControllerOptions {
+  objects: Objects;
+  settings: Settings;
+  events: EventRecorder;
+  pollMs?: number;
+  now?: () => Date;
+  log?: (event: Record<string, unknown>) => void;
+}
+
+export class BackingImageController {
+  private readonly o: BackingImageControllerOptions;
+  private readonly now: () => Date;
+  private readonly log: (event: Record<string, unknown>) => void;
+  private timer: NodeJS.Timeout | null = null;
+  private pass: Promise<void> | null = null;
+  private again = false;
+
+  constructor(options: BackingImageControllerOptions) {
+    this.o = options;
+    this.now = options.now ?? (() => new Date());
+    this.log = options.log ?? (() => {});
+  }
+
+  start(): void {
+    this.kick();
+    this.timer = setInterval(() => this.kick(), this.o.pollMs ?? 1000);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer !== null) clearInterval(this.timer);
+    this.timer = null;
+    await this.pass;
+  }
+
+  /** One pass now (or right after the one under way). */
+  kick(): Promise<void> {
+    if (this.pass !== null) {
+      this.again = true;
+      return this.pass;
+    }
+    this.pass = (async () => {
+      do {
+        this.again = false;
+        await this.reconcileAll().catch((err) => this.log({ event: 'backing-image-reconcile-failed', error: (err as Error).message }));
+      } while (this.again);
+    })().finally(() => {
+      this.pass = null;
+    });
+    return this.pass;
+  }
+
+  private async disks(): Promise<DiskForImage[]> {
+    const [disks, leases] = await Promise.all([this.o.objects.list(Kind.Disk), this.o.objects.list(Kind.NodeLease)]);
+    const up = new Set(leases.map((l) => l.name));
+    return disks.map((d) => {
+      const nodeUp = up.has(d.value.spec.nodeId);
+      const problem = !nodeUp ? `node ${d.value.spec.nodeId} is down` : !d.value.status.ready ? `disk ${d.name} is not ready${d.value.status.message !== null ? ` (${d.value.status.message})` : ''}` : null;
+      return {
+        name: d.name, nodeId: d.value.spec.nodeId, usable: problem === null, problem, allowScheduling: d.value.spec.allowScheduling,
+        availableBytes: Math.max(0, d.value.status.storageAvailableBytes - d.value.spec.storageReservedBytes),
+      };
+    });
+  }
+
+  private async reconcileAll(): Promise<void> {
+    const images = await this.o.objects.list(Kind.BackingImage);
+    if (images.length === 0) return;
+    const disks = await this.disks();
+    const recoveryWaitSeconds = await this.o.settings.int('backing-image-recovery-wait-seconds');
+    for (const image of images) await this.reconcile(image, disks, recoveryWaitSeconds);
+  }
+
+  private async reconcile(image: StoreObject<BackingImageValue>, disks: DiskForImage[], recoveryWaitSeconds: number): Promise<void> {
+    const now = this.now();
+    const name = image.name;
+    if (image.value.deletionRequestedAt !== null) {
+      const files = Object.values(image.value.status.files);
+      if (files.length === 0) {
+        await this.o.objects.remove(Kind.BackingImage, name);
+        await this.event(name, 'Normal', 'BackingImageDeleted', `backing image ${name} and its files removed`);
+        return;
+      }
+      await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+        for (const f of Object.values(v.status.files)) {
+          // A file on a disk that is gone cannot be cleaned by anyone: its entry just goes.
+          if (!disks.some((d) => d.name === f.diskId && d.usable)) delete v.status.files[f.diskId];
+          else if (f.state !== 'cleaning') {
+            f.state = 'cleaning';
+            f.transitionAt = now.toISOString();
+          }
+        }
+      });
+      return;
+    }
+
+    // Files on disks that are gone or down: unknown.
+    const observed = observeFiles(Object.values(image.value.status.files), disks, now);
+    const turned = observed.filter((f, i) => f.state !== Object.values(image.value.status.files)[i].state);
+    if (turned.length > 0) {
+      await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+        for (const f of turned) {
+          const current = v.status.files[f.diskId];
+          if (current !== undefined && current.state !== 'unknown' && current.state !== 'cleaning') v.status.files[f.diskId] = f;
+        }
+      });
+      for (const f of turned) await this.event(name, 'Warning', 'BackingImageFileUnknown', `backing image ${name}: file on disk ${f.diskId} is unknown: ${f.message}`);
+    }
+
+    const files = observed;
+    // A ready file ends any recovery.
+    if (files.some((f) => f.state === 'ready') && image.value.status.refetch.attempts > 0) {
+      await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+        v.status.refetch = { attempts: 0, notBefore: null, message: null };
+      });
+      await this.event(name, 'Normal', 'BackingImageRecovered', `backing image ${name} has a ready file again`);
+    }
+    const plan = planBackingImage({
+      spec: image.value.spec, files, disks, sizeBytes: image.value.status.sizeBytes, refetch: image.value.status.refetch,
+      hasBackup: false, recoveryWaitSeconds, now,
+    });
+    const at = now.toISOString();
+    switch (plan.action) {
+      case 'wait':
+        if (image.value.status.message !== plan.reason) {
+          await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+            v.status.message = plan.reason;
+          });
+        }
+        return;
+      case 'fetch':
+      case 'copy': {
+        const disk = plan.action === 'fetch' ? plan.disk : plan.to;
+        const node = disks.find((d) => d.name === disk)!.nodeId;
+        const file: BackingImageFile = { diskId: disk, nodeId: node, state: 'pending', progress: 0, message: null, transitionAt: at, from: plan.action === 'fetch' ? plan.from : { disk: plan.from } };
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          if (v.status.files[disk] !== undefined) return false;
+          v.status.files[disk] = file;
+          v.status.message = null;
+        });
+        await this.event(name, 'Normal', plan.action === 'fetch' ? 'BackingImageFetching' : 'BackingImageCopying',
+          plan.action === 'fetch' ? `backing image ${name}: fetching from its ${plan.from} onto disk ${disk}` : `backing image ${name}: copying the ready file of disk ${plan.from} to disk ${disk}`);
+        return;
+      }
+      case 'clean':
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          for (const d of plan.disks) {
+            const f = v.status.files[d];
+            if (f === undefined || f.state !== 'failed') continue;
+            f.state = 'cleaning';
+            f.transitionAt = at;
+          }
+        });
+        await this.event(name, 'Warning', 'BackingImageFileFailed', `backing image ${name}: ${plan.reason}; removed, a ready file is copied there again`);
+        return;
+      case 'refetch': {
+        if (plan.from === null) {
+          // Nowhere to fetch it from: the files are kept (an unknown one may still come back).
+          if (image.value.status.message !== plan.reason) {
+            await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+              v.status.message = plan.reason;
+            });
+            await this.event(name, 'Warning', 'BackingImageLost', `backing image ${name}: ${plan.reason}`);
+          }
+          return;
+        }
+        const attempts = image.value.status.refetch.attempts + 1;
+        // The first fetch again at once; later ones after a wait that doubles.
+        const notBefore = new Date(now.getTime() + (attempts === 1 ? 0 : refetchWaitMs(attempts - 1))).toISOString();
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          for (const d of plan.cleanup) {
+            const f = v.status.files[d];
+            if (f === undefined) continue;
+            if (!disks.some((x) => x.name === d && x.usable)) delete v.status.files[d];
+            else {
+              f.state = 'cleaning';
+              f.transitionAt = at;
+            }
+          }
+          v.status.refetch = { attempts, notBefore, message: plan.reason };
+          v.status.message = plan.reason;
+        });
+        await this.event(name, 'Warning', 'BackingImageLost', `backing image ${name}: ${plan.reason}; its files are removed and it is fetched again from its ${plan.from} (attempt ${attempts}, from ${notBefore})`);
+        return;
+      }
+    }
+  }
+
+  private async event(image: string, type: 'Normal' | 'Warning', reason: string, message: string): Promise<void> {
+    await this.o.events.record({ type, reason, kind: Kind.BackingImage, object: image, volume: null, message });
+  }
+}
