@@ -20,6 +20,7 @@ import { controlRequest } from '../engine/control-server.ts';
 import { recoveryFromEngine, replicaNameOf, verifyFromEngine } from '../manager/engine-reports.ts';
 import { ProcessSupervisor } from './process-supervisor.ts';
 import { initDisk, probeDisk } from './disks.ts';
+import { BackingImageFiles } from './backing-image-files.ts';
 import { keepTcpListener, type KeptListener } from '../frontend/kept-listener.ts';
 import type { EngineLinkView } from '../manager/types.ts';
 import { ReplicaClient } from '../protocol/client.ts';
@@ -109,6 +110,9 @@ export class Agent {
   private readonly settings: Settings;
   private readonly supervisor: ProcessSupervisor;
   private readonly queue: WorkQueue;
+  /** This node's disks that are ready, by name (the backing-image files live on them). */
+  private readonly readyDisks = new Map<string, string>();
+  private readonly imageFiles: BackingImageFiles;
   private watch: Watch | null = null;
   private lease: Lease | null = null;
   private timers: NodeJS.Timeout[] = [];
@@ -139,6 +143,7 @@ export class Agent {
       onChange: (id) => this.onProcessChange(id),
     });
     this.queue = new WorkQueue({ name: 'agent', reconcile: (key) => this.reconcile(key), concurrency: 8, log: this.options.log });
+    this.imageFiles = new BackingImageFiles({ objects: this.objects, nodeId: this.nodeId, diskPaths: () => this.readyDisks, log: this.options.log });
   }
 
   private get engineDir(): string {
@@ -198,6 +203,8 @@ export class Agent {
       await this.resync();
     });
     this.every(this.options.pollMs, () => this.pollEngineLinks());
+    this.every(2000, () => this.imageFiles.kick());
+    void this.imageFiles.kick();
   }
 
   private every(ms: number, fn: () => Promise<unknown>): void {
@@ -217,6 +224,7 @@ export class Agent {
     this.stopping = true;
     for (const t of this.timers) clearInterval(t);
     this.watch?.close();
+    await this.imageFiles.stop();
     await this.queue.stop();
     if (!options.stopProcesses) {
       this.supervisor.detach();
@@ -294,16 +302,19 @@ export class Agent {
         ready: probe.ready,
         message: probe.message,
       };
+      const name = existing?.name ?? this.diskName(diskPath, uuid!);
       if (existing !== undefined) {
         await this.objects.mutate(Kind.Disk, existing.name, (d) => {
           d.status = status;
         });
       } else {
-        await this.objects.create(Kind.Disk, this.diskName(diskPath, uuid!), {
+        await this.objects.create(Kind.Disk, name, {
           spec: { nodeId: this.nodeId, path: diskPath, allowScheduling: true, storageReservedBytes: 0 },
           status,
         });
       }
+      if (probe.ready) this.readyDisks.set(name, diskPath);
+      else this.readyDisks.delete(name);
     }
   }
 
@@ -351,6 +362,8 @@ export class Agent {
     } else if (event.kind === Kind.Engine) {
       const value = event.object.value as EngineValue;
       if (value.spec.nodeId === this.nodeId || this.supervisor.get(engineProcessId(event.name)) !== undefined) this.queue.add(`engine/${event.name}`);
+    } else if (event.kind === Kind.BackingImage) {
+      void this.imageFiles.kick();
     }
   }
 

@@ -76,6 +76,7 @@ export class BackingImageFiles {
     this.stopped = true;
     for (const a of this.running.values()) a.abort(new Error('the agent is stopping'));
     await this.pass;
+    while (this.running.size > 0) await new Promise((r) => setTimeout(r, 10));
   }
 
   /** Resolves when no fetch or check is under way (tests). */
@@ -92,22 +93,22 @@ export class BackingImageFiles {
         const key = `${image.name}/${diskName}`;
         if (this.running.has(key)) continue;
         if (file.state === 'cleaning') await this.clean(image.name, diskName, diskPath);
-        else if (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress') this.start(key, () => this.fetchFile(image, diskName, diskPath, file));
+        else if (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress') this.start(key, (signal) => this.fetchFile(image, diskName, diskPath, file, signal));
         else if (file.state === 'unknown' || (file.state === 'ready' && Date.now() - (this.checkedAt.get(key) ?? 0) >= (this.o.verifyEveryMs ?? 6 * 3600_000))) {
-          this.start(key, () => this.checkFile(image.name, diskName, diskPath));
+          this.start(key, (signal) => this.checkFile(image.name, diskName, diskPath, signal));
         }
       }
     }
   }
 
-  private start(key: string, job: () => Promise<void>): void {
+  private start(key: string, job: (signal: AbortSignal) => Promise<void>): void {
     const abort = new AbortController();
     this.running.set(key, abort);
-    void job()
+    void job(abort.signal)
       .catch((err) => this.o.log({ event: 'backing-image-file-failed', file: key, error: (err as Error).message }))
       .finally(() => {
         this.running.delete(key);
-        void this.kick();
+        if (!this.stopped) void this.kick();
       });
   }
 
@@ -134,7 +135,7 @@ export class BackingImageFiles {
     this.o.log({ event: 'backing-image-file-removed', image, disk });
   }
 
-  private async fetchFile(image: StoreObject<BackingImageValue>, disk: string, diskPath: string, file: BackingImageFile): Promise<void> {
+  private async fetchFile(image: StoreObject<BackingImageValue>, disk: string, diskPath: string, file: BackingImageFile, signal: AbortSignal): Promise<void> {
     const now = (): string => new Date().toISOString();
     const started = await this.setFile(image.name, disk, ['pending', 'starting', 'in-progress'], (f) => {
       f.state = 'starting';
@@ -159,8 +160,10 @@ export class BackingImageFiles {
     const expected = image.value.status.checksum ?? image.value.spec.expectedChecksum;
     let result: { checksum: string; sizeBytes: number };
     try {
-      result = await this.fetchBytes(image, file, target, expected, (done, total) => void progress(done, total).catch(() => {}));
+      result = await this.fetchBytes(image, file, target, expected, (done, total) => void progress(done, total).catch(() => {}), signal);
     } catch (err) {
+      // Stopped: the next agent takes it up again (the file is still starting or in progress).
+      if (signal.aborted) return;
       const message = (err as Error).message;
       await this.setFile(image.name, disk, ['starting', 'in-progress'], (f) => {
         f.state = 'failed';
@@ -191,7 +194,7 @@ export class BackingImageFiles {
 
   private async fetchBytes(
     image: StoreObject<BackingImageValue>, file: BackingImageFile, target: string, expected: string | null,
-    onProgress: (done: number, total: number | null) => void,
+    onProgress: (done: number, total: number | null) => void, signal: AbortSignal,
   ): Promise<{ checksum: string; sizeBytes: number }> {
     const source = image.value.spec.source;
     if (typeof file.from === 'object') {
@@ -201,7 +204,7 @@ export class BackingImageFiles {
       const part = `${target}.part`;
       try {
         fs.copyFileSync(imageFilePath(fromPath, image.name), part);
-        const got = await hashFile(part);
+        const got = await hashFile(part, signal);
         onProgress(got.sizeBytes, got.sizeBytes);
         if (expected !== null && got.checksum !== expected) throw new ZebuError(ErrorCode.EINVAL, `the copy from disk ${file.from.disk} has SHA-512 ${got.checksum}, not the image's ${expected}`);
         const fd = fs.openSync(part, 'r');
@@ -215,26 +218,27 @@ export class BackingImageFiles {
     }
     if (file.from === 'source' && source.type === 'download') {
       const free = fs.statfsSync(path.dirname(target));
-      const r = await downloadImage({ url: source.url, path: target, expectedChecksum: expected, maxBytes: free.bavail * free.bsize, onProgress, fetch: this.o.fetch, retryDelayMs: this.o.retryDelayMs });
+      const r = await downloadImage({ url: source.url, path: target, expectedChecksum: expected, maxBytes: free.bavail * free.bsize, onProgress, fetch: this.o.fetch, retryDelayMs: this.o.retryDelayMs, signal });
       return { checksum: r.checksum, sizeBytes: r.sizeBytes };
     }
     throw new ZebuError(ErrorCode.UNSUPPORTED, `fetching a ${source.type} image from its ${file.from === 'backup' ? 'backup' : 'source'} is not built yet`);
   }
 
   /** Checks a ready (or returning unknown) file against the image's size and checksum. */
-  private async checkFile(image: string, disk: string, diskPath: string): Promise<void> {
+  private async checkFile(image: string, disk: string, diskPath: string, signal: AbortSignal): Promise<void> {
     const current = await this.o.objects.get(Kind.BackingImage, image);
     const file = current?.value.status.files[disk];
     if (current === null || file === undefined || (file.state !== 'ready' && file.state !== 'unknown')) return;
     const target = imageFilePath(diskPath, image);
     let problem: string | null = null;
     try {
-      const got = await hashFile(target);
+      const got = await hashFile(target, signal);
       const want = current.value.status;
       if (want.checksum === null) problem = 'the image has no checksum yet';
       else if (got.sizeBytes !== want.sizeBytes) problem = `the file is ${got.sizeBytes} bytes, the image ${want.sizeBytes}: it changed on disk`;
       else if (got.checksum !== want.checksum) problem = `the file's SHA-512 ${got.checksum} is not the image's ${want.checksum}: it changed on disk`;
     } catch (err) {
+      if (signal.aborted) return;
       problem = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'the file is missing' : `cannot read the file: ${(err as Error).message}`;
     }
     this.checkedAt.set(`${image}/${disk}`, Date.now());

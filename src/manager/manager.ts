@@ -16,6 +16,7 @@ import { BackupServiceImpl } from './backup-service.ts';
 import { RecurringJobServiceImpl } from './recurring-job-service.ts';
 import { RecurringJobScheduler } from './recurring-job-scheduler.ts';
 import { JobTasks } from './recurring-job-tasks.ts';
+import { BackingImageController } from './backing-image-controller.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
@@ -44,6 +45,7 @@ export class Manager {
   readonly backups: BackupServiceImpl;
   readonly recurringJobs: RecurringJobServiceImpl;
   readonly recurringJobScheduler: RecurringJobScheduler;
+  readonly backingImageController: BackingImageController;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -94,6 +96,7 @@ export class Manager {
         log: this.log,
       }),
     });
+    this.backingImageController = new BackingImageController({ objects: this.objects, settings: this.settings, events: this.events, log: this.log });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });
@@ -109,6 +112,7 @@ export class Manager {
     this.scrubber.start();
     this.backupController.start();
     this.recurringJobScheduler.start();
+    this.backingImageController.start();
   }
 
   /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
@@ -161,7 +165,11 @@ export class Manager {
       case Kind.BackupTarget:
         this.backupController.kick();
         break;
+      case Kind.BackingImage:
+        void this.backingImageController.kick();
+        break;
     }
+    if (event.kind === Kind.Disk || event.kind === Kind.NodeLease) void this.backingImageController.kick();
     // A volume being restored moves on as it attaches and detaches.
     if (event.kind === Kind.Volume || event.kind === Kind.Engine) this.backupController.kick();
   }
@@ -176,6 +184,7 @@ export class Manager {
     if (this.resyncTimer !== null) clearInterval(this.resyncTimer);
     this.watch?.close();
     await this.recurringJobScheduler.stop();
+    await this.backingImageController.stop();
     await this.scrubber.stop();
     await this.backupController.stop();
     await this.queue.stop();
