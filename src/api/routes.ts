@@ -7,6 +7,8 @@ import type { ManagerService } from '../manager/types.ts';
 import type { BackupService, BackupTargetSetInput } from '../manager/backup-types.ts';
 import type { RecurringJobServiceImpl } from '../manager/recurring-job-service.ts';
 import type { RecurringJobInput } from '../manager/recurring-jobs.ts';
+import type { BackingImageServiceImpl } from '../manager/backing-image-service.ts';
+import type { BackingImageInput } from '../manager/backing-images.ts';
 import { bodies, listOf, params, queries, ref, type JsonSchema } from './schemas.ts';
 
 export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
@@ -49,7 +51,12 @@ export interface RouteExtras {
 /** The recurring-job operations the API serves. */
 export type RecurringJobService = Pick<RecurringJobServiceImpl, 'listRecurringJobs' | 'getRecurringJob' | 'createRecurringJob' | 'updateRecurringJob' | 'deleteRecurringJob' | 'setVolumeJobs'>;
 
-export function apiRoutes(service: ManagerService, backups: BackupService | null, extras: RouteExtras, recurringJobs: RecurringJobService | null = null): RouteSpec[] {
+/** The backing-image operations the API serves. */
+export type BackingImageService = Pick<BackingImageServiceImpl, 'listBackingImages' | 'getBackingImage' | 'createBackingImage' | 'deleteBackingImage'>;
+
+export function apiRoutes(
+  service: ManagerService, backups: BackupService | null, extras: RouteExtras, recurringJobs: RecurringJobService | null = null, backingImages: BackingImageService | null = null,
+): RouteSpec[] {
   const route = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }): RouteSpec => ({ auth: true, status: 200, ...spec });
   const limit = (text: string | undefined): number | undefined => (text === undefined ? undefined : Number(text));
   return [
@@ -227,6 +234,7 @@ export function apiRoutes(service: ManagerService, backups: BackupService | null
     }),
     ...(backups === null ? [] : backupRoutes(backups, route)),
     ...(recurringJobs === null ? [] : recurringJobRoutes(recurringJobs, route)),
+    ...(backingImages === null ? [] : backingImageRoutes(backingImages, route)),
     ...(backups === null ? [] : [route({
       method: 'POST', url: '/v1/backups/:name/restore', operationId: 'restoreBackup', tag: 'backups',
       summary: 'Restore a backup into a new volume (or a DR standby); returns at once: poll the volume',
@@ -243,6 +251,34 @@ export function apiRoutes(service: ManagerService, backups: BackupService | null
 }
 
 type RouteMaker = (spec: Omit<RouteSpec, 'auth' | 'status'> & { auth?: boolean; status?: RouteSpec['status'] }) => RouteSpec;
+
+function backingImageRoutes(images: BackingImageService, route: RouteMaker): RouteSpec[] {
+  return [
+    route({
+      method: 'GET', url: '/v1/backingimages', operationId: 'listBackingImages', tag: 'backing images',
+      summary: 'List backing images: state, checksum, and every file with its disk, state and progress',
+      response: listOf('BackingImage'),
+      handler: () => images.listBackingImages(),
+    }),
+    route({
+      method: 'POST', url: '/v1/backingimages', operationId: 'createBackingImage', tag: 'backing images',
+      summary: 'Create a backing image downloaded from an http(s) URL (returns at once: poll the image until ready)',
+      body: bodies.backingImageCreate, status: 201, response: ref('BackingImage'),
+      handler: ({ body }) => images.createBackingImage(body as BackingImageInput & { name?: unknown }),
+    }),
+    route({
+      method: 'GET', url: '/v1/backingimages/:name', operationId: 'getBackingImage', tag: 'backing images', summary: 'Get a backing image',
+      params: params.backingImage, response: ref('BackingImage'),
+      handler: ({ params: p }) => images.getBackingImage(p.name),
+    }),
+    route({
+      method: 'DELETE', url: '/v1/backingimages/:name', operationId: 'deleteBackingImage', tag: 'backing images',
+      summary: 'Delete a backing image (its files are removed, then the image)',
+      params: params.backingImage, response: ref('BackingImage'),
+      handler: ({ params: p }) => images.deleteBackingImage(p.name),
+    }),
+  ];
+}
 
 function recurringJobRoutes(jobs: RecurringJobService, route: RouteMaker): RouteSpec[] {
   return [

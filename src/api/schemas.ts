@@ -79,7 +79,14 @@ const recurringJobFields: Record<string, JsonSchema> = {
   labels: { type: 'object', additionalProperties: { type: 'string', maxLength: 256 }, maxProperties: 32, description: 'labels (at most 32)' },
 };
 
+export const backingImageName: JsonSchema = {
+  type: 'string',
+  pattern: '^[a-z0-9][a-z0-9._-]{0,62}$',
+  description: '1-63 characters of [a-z0-9._-] starting with a letter or digit',
+};
+
 export const params = {
+  backingImage: object({ name: backingImageName }, ['name']),
   backup: object({ name: backupName }, ['name']),
   recurringJob: object({ name: jobName }, ['name']),
   volume: object({ name: volumeName }, ['name']),
@@ -88,6 +95,14 @@ export const params = {
 };
 
 export const bodies = {
+  backingImageCreate: object({
+    name: backingImageName,
+    url: { type: 'string', minLength: 1, maxLength: 2048, description: 'an http:// or https:// URL the image is downloaded from' },
+    checksum: { type: 'string', description: 'SHA-512 of the image in hex (128 characters); absent: fixed at the first ready file' },
+    minCopies: { type: 'integer', description: 'ready files wanted on different disks, 1-10 (default 2)' },
+    nodeSelector: { type: 'array', items: objectName, maxItems: 64, description: 'nodes the files may be on (absent: any)' },
+    diskSelector: { type: 'array', items: objectName, maxItems: 256, description: 'disks the files may be on (absent: any)' },
+  }, ['name', 'url']),
   recurringJobCreate: object({ name: jobName, ...recurringJobFields }, ['name', 'task', 'cron']),
   recurringJobUpdate: object(recurringJobFields),
   volumeRecurringJobs: object({
@@ -223,6 +238,22 @@ export const views: Record<string, JsonSchema> = {
     groups: { type: 'array', items: str }, labels: { type: 'object', additionalProperties: str }, createdAt: time,
     lastRunAt: nullable(time), nextRunAt: nullable(time), members: { type: 'array', items: str },
     results: { type: 'array', items: view({ volume: str, result: jobResult, message: nullable(str), at: time }) },
+  }),
+  BackingImage: view({
+    name: str,
+    source: { type: 'object', properties: { type: { type: 'string', enum: ['download', 'upload', 'export-from-volume', 'restore'] } }, required: ['type'] },
+    state: { type: 'string', enum: ['ready', 'in-progress', 'pending', 'failed'] },
+    checksum: nullable(str), expectedChecksum: nullable(str), sizeBytes: int, minCopies: int, readyCopies: int,
+    nodeSelector: { type: 'array', items: str }, diskSelector: { type: 'array', items: str },
+    files: {
+      type: 'array',
+      items: view({
+        disk: str, node: str, state: { type: 'string', enum: ['pending', 'starting', 'in-progress', 'ready', 'failed', 'unknown', 'cleaning'] },
+        progress: { type: 'number', minimum: 0, maximum: 1 }, message: nullable(str), since: time, from: str,
+      }),
+    },
+    refetch: view({ attempts: int, maxAttempts: int, notBefore: nullable(time), message: nullable(str) }),
+    message: nullable(str), createdAt: time, deleting: bool,
   }),
   VolumeRecurringJobs: view({
     volume: str, recurringJobs: { type: 'array', items: str }, recurringJobGroups: { type: 'array', items: str }, jobs: { type: 'array', items: str },

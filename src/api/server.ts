@@ -18,7 +18,7 @@ import type { BackupService } from '../manager/backup-types.ts';
 import { errorBody, statusForCode, validationError, type SchemaError } from './http-errors.ts';
 import { createMetricsExporter } from './metrics.ts';
 import { openapiDocument } from './openapi.ts';
-import { apiRoutes, type RecurringJobService, type RouteSpec } from './routes.ts';
+import { apiRoutes, type BackingImageService, type RecurringJobService, type RouteSpec } from './routes.ts';
 
 export interface ApiServerOptions {
   service: ManagerService;
@@ -26,6 +26,8 @@ export interface ApiServerOptions {
   backups?: BackupService;
   /** Recurring jobs (absent: those routes answer 404). */
   recurringJobs?: RecurringJobService;
+  /** Backing images (absent: those routes answer 404). */
+  backingImages?: BackingImageService;
   /** The bearer token every request but /healthz must present. */
   token: string;
   /** fastify's request log (pino, to stdout). Off by default. */
@@ -95,7 +97,7 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
     metrics: () => metrics.scrape(),
     metricsContentType: metrics.contentType,
     openapi: () => (document ??= openapiDocument(routes, { version: packageVersion() })),
-  }, options.recurringJobs ?? null);
+  }, options.recurringJobs ?? null, options.backingImages ?? null);
   const open = new Set(routes.filter((r) => !r.auth).map((r) => `${r.method} ${r.url}`));
 
   app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {

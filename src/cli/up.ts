@@ -130,7 +130,7 @@ export async function up(args: UpArgs): Promise<void> {
     },
     log: (event) => log.info(event, String(event.event)),
   });
-  const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, token });
+  const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, backingImages: manager.backingImages, token });
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

@@ -17,6 +17,7 @@ import { RecurringJobServiceImpl } from './recurring-job-service.ts';
 import { RecurringJobScheduler } from './recurring-job-scheduler.ts';
 import { JobTasks } from './recurring-job-tasks.ts';
 import { BackingImageController } from './backing-image-controller.ts';
+import { BackingImageServiceImpl } from './backing-image-service.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
@@ -46,6 +47,7 @@ export class Manager {
   readonly recurringJobs: RecurringJobServiceImpl;
   readonly recurringJobScheduler: RecurringJobScheduler;
   readonly backingImageController: BackingImageController;
+  readonly backingImages: BackingImageServiceImpl;
   private readonly options: ManagerOptions;
   private readonly log: (event: Record<string, unknown>) => void;
   private watch: Watch | null = null;
@@ -97,6 +99,7 @@ export class Manager {
       }),
     });
     this.backingImageController = new BackingImageController({ objects: this.objects, settings: this.settings, events: this.events, log: this.log });
+    this.backingImages = new BackingImageServiceImpl({ objects: this.objects, events: this.events, kick: () => void this.backingImageController.kick() });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });

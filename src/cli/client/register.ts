@@ -12,6 +12,7 @@ import type { Command } from 'commander';
 type Commands = typeof import('./commands.ts');
 type BackupCommands = typeof import('./backup-commands.ts');
 type RecurringJobCommands = typeof import('./recurring-job-commands.ts');
+type BackingImageCommands = typeof import('./backing-image-commands.ts');
 
 function failOneLine(err: unknown): never {
   const message = err instanceof Error ? err.message : String(err);
@@ -34,6 +35,12 @@ function runBackup(action: (commands: BackupCommands) => Promise<void>): Promise
 
 function runRecurringJob(action: (commands: RecurringJobCommands) => Promise<void>): Promise<void> {
   return import('./recurring-job-commands.ts')
+    .then(action)
+    .then(() => process.exit(0), failOneLine);
+}
+
+function runBackingImage(action: (commands: BackingImageCommands) => Promise<void>): Promise<void> {
+  return import('./backing-image-commands.ts')
     .then(action)
     .then(() => process.exit(0), failOneLine);
 }
@@ -110,6 +117,21 @@ export function registerClientCommands(program: Command): void {
     .option('--recurring-job-group <GROUP>', 'a group the volume joins (repeat for more; replaces the list)', collect)
     .option('--clear-recurring-jobs', 'name no job and no group (the volume is then in the group default)')
     .action((name: string, opts) => runRecurringJob((c) => c.volumeUpdateJobs(name, opts)));
+
+  const images = group(program, 'backing-image', 'base images kept as files on disks, for volumes to start from');
+  waiting(clientCommand(images, 'create <NAME>', 'create a backing image downloaded from an http(s) URL'), 'until its first file is ready')
+    .requiredOption('--url <URL>', 'the http:// or https:// URL of the image (raw)')
+    .option('--checksum <SHA512>', 'SHA-512 the image must have (hex); absent: fixed at the first download')
+    .option('--min-copies <N>', 'ready files wanted on different disks (default 2)')
+    .option('--node <NODE>', 'a node the files may be on (repeat for more; default any)', collect)
+    .option('--disk <DISK>', 'a disk the files may be on (repeat for more; default any)', collect)
+    .action((name: string, opts) => runBackingImage((c) => c.backingImageCreate(name, opts)));
+  clientCommand(images, 'list', 'list backing images')
+    .action((opts) => runBackingImage((c) => c.backingImageList(opts)));
+  clientCommand(images, 'get <NAME>', 'show a backing image and its files')
+    .action((name: string, opts) => runBackingImage((c) => c.backingImageGet(name, opts)));
+  waiting(clientCommand(images, 'delete <NAME>', 'delete a backing image and its files', { json: false }), 'until its files are removed')
+    .action((name: string, opts) => runBackingImage((c) => c.backingImageDelete(name, opts)));
 
   const recurring = group(program, 'recurring-job', 'scheduled snapshots, backups and cleanups of volumes');
   const jobOptions = (cmd: ReturnType<typeof clientCommand>, creating: boolean) => cmd
