@@ -79,11 +79,6 @@ export class BackingImageFiles {
     while (this.running.size > 0) await new Promise((r) => setTimeout(r, 10));
   }
 
-  /** Resolves when no fetch or check is under way (tests). */
-  async idle(): Promise<void> {
-    while (this.running.size > 0 || this.pass !== null) await new Promise((r) => setTimeout(r, 20));
-  }
-
   private async reconcile(): Promise<void> {
     const disks = this.o.diskPaths();
     for (const image of await this.o.objects.list(Kind.BackingImage)) {

@@ -13,6 +13,7 @@
  * The HTTP client is injectable (tests, and a proxy-aware client later); by default the global fetch.
  */
 import crypto from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
@@ -48,18 +49,10 @@ export interface ImageDownloadResult {
 
 class Retryable extends Error {}
 
+/** Waits `ms`; an abort rejects with the abort's reason (not a generic AbortError). */
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) return reject(signal.reason);
-    const timer = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(signal!.reason);
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
+  return delay(ms, undefined, { signal }).catch(() => {
+    throw signal!.reason;
   });
 }
 

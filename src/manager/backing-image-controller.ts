@@ -109,8 +109,9 @@ export class BackingImageController {
     }
 
     // Files on disks that are gone or down: unknown.
-    const observed = observeFiles(Object.values(image.value.status.files), disks, now);
-    const turned = observed.filter((f, i) => f.state !== Object.values(image.value.status.files)[i].state);
+    const before = Object.values(image.value.status.files);
+    const files = observeFiles(before, disks, now);
+    const turned = files.filter((f, i) => f.state !== before[i].state);
     if (turned.length > 0) {
       await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
         for (const f of turned) {
@@ -121,7 +122,6 @@ export class BackingImageController {
       for (const f of turned) await this.event(name, 'Warning', 'BackingImageFileUnknown', `backing image ${name}: file on disk ${f.diskId} is unknown: ${f.message}`);
     }
 
-    const files = observed;
     // A ready file ends any recovery.
     if (files.some((f) => f.state === 'ready') && image.value.status.refetch.attempts > 0) {
       await this.o.objects.mutate(Kind.BackingImage, name, (v) => {

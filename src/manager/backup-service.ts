@@ -9,6 +9,7 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackupValue, type Objects } from './objects.ts';
 import type { EventRecorder } from './events.ts';
 import { checkLabels } from './labels.ts';
+import { backupSnapshotName } from './recurring-jobs.ts';
 import { parseTargetUrl } from '../backup/target.ts';
 import { verifyTarget, type TargetVerifyResult } from '../backup/verify-target.ts';
 import { BACKUP_BLOCK_BYTES } from '../backup/format.ts';
@@ -221,7 +222,8 @@ export class BackupServiceImpl implements BackupService {
       if (volume.value.status.state !== 'attached') throw new ZebuError(ErrorCode.BUSY, `a backup reads an attached volume: volume ${input.volume} is ${volume.value.status.state}`);
     } else {
       // Takes the snapshot now (409 when the volume is not attached).
-      snapshot = (await this.o.volumes.createSnapshot(input.volume, `backup-${new Date().toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-')}-${crypto.randomBytes(2).toString('hex')}`)).name;
+      // Named as snapshot-cleanup recognises the snapshots backups take (BACKUP_SNAPSHOT_NAME).
+      snapshot = (await this.o.volumes.createSnapshot(input.volume, backupSnapshotName(new Date(), crypto.randomBytes(2).toString('hex')))).name;
     }
     return this.recordBackup(input.volume, snapshot, ownSnapshot, labels, target.value.spec.url, volume.value.spec.sizeBytes);
   }

@@ -15,6 +15,7 @@
  *   while the volume's backups fail.
  */
 import crypto from 'node:crypto';
+import { setTimeout as delay } from 'node:timers/promises';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackupValue, type Objects, type RecurringJobResult, type RecurringJobValue } from './objects.ts';
@@ -25,7 +26,7 @@ import type { BackupServiceImpl } from './backup-service.ts';
 import type { BackupView } from './backup-types.ts';
 import { TARGET_NAME } from './backup-controller.ts';
 import {
-  backupSnapshotName, backupsFailing, cleanupVictims, jobsForVolume, retentionVictims, snapshotDeleteVictims, unchangedSince,
+  backupSnapshotName, backupsFailing, cleanupVictims, nameTimeStamp, jobsForVolume, retentionVictims, snapshotDeleteVictims, unchangedSince,
   type BackupFacts, type SnapshotNode,
 } from './recurring-jobs.ts';
 import { isBackupTask } from './protection.ts';
@@ -51,18 +52,10 @@ export interface JobTaskOptions {
   log: (event: Record<string, unknown>) => void;
 }
 
+/** Waits `ms`; an abort rejects with the abort's reason (not a generic AbortError). */
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal.aborted) return reject(signal.reason);
-    const timer = setTimeout(() => {
-      signal.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    signal.addEventListener('abort', onAbort, { once: true });
+  return delay(ms, undefined, { signal }).catch(() => {
+    throw signal.reason;
   });
 }
 
@@ -235,8 +228,7 @@ export class JobTasks {
 
   private async snapshotTask(job: StoreObject<RecurringJobValue>, volume: string): Promise<TaskOutcome> {
     const now = new Date();
-    const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-');
-    const name = `${job.name.slice(0, 36).replace(/-+$/, '')}-${stamp}-${crypto.randomBytes(2).toString('hex')}`;
+    const name = `${job.name.slice(0, 36).replace(/-+$/, '')}-${nameTimeStamp(now)}-${crypto.randomBytes(2).toString('hex')}`;
     // Recorded before it is taken: a crash in between leaves a name that is dropped when absent.
     const before = await this.snapshots(volume);
     const fresh = await this.o.objects.get(Kind.RecurringJob, job.name);

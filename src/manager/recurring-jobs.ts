@@ -179,8 +179,13 @@ export function unchangedSince(snapshots: readonly SnapshotNode[], probe: string
 /** Snapshot names a backup takes itself (service and jobs): `backup-YYYYMMDD-HHMMSS-xxxx`. */
 export const BACKUP_SNAPSHOT_NAME = /^backup-\d{8}-\d{6}-[0-9a-f]{4}$/;
 
+/** `YYYYMMDD-HHMMSS` (UTC), the time part of generated snapshot names. */
+export function nameTimeStamp(now: Date): string {
+  return now.toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-');
+}
+
 export function backupSnapshotName(now: Date, random: string): string {
-  return `backup-${now.toISOString().replace(/[-:]/g, '').replace(/\..*$/, '').replace('T', '-')}-${random}`;
+  return `backup-${nameTimeStamp(now)}-${random}`;
 }
 
 /** What the jobs need to know of a backup of the volume. */
