@@ -510,9 +510,18 @@ export class Agent {
       await this.setReplicaStatus(name, { state: 'stopped', address: null, pid: null, message: null });
       return null;
     }
+    const image = spec.backingImage ?? null;
+    if (image !== null && this.supervisor.get(id)?.state !== 'running') {
+      // The replica reads the image's file on its disk as its base: it starts once that is ready.
+      const waiting = await this.imageNotReady(image.name, spec.diskId, image.path);
+      if (waiting !== null) {
+        await this.setReplicaStatus(name, { state: 'starting', address: null, pid: null, message: waiting });
+        return 1000;
+      }
+    }
     const view = this.supervisor.ensure(id, [
       'replica', 'serve', '--dir', spec.dataPath, '--size', String(spec.sizeBytes), '--listen', `${this.options.address}:0`,
-      '--secret-file', this.options.secretFile, '--name', name, ...this.options.replicaArgs,
+      '--secret-file', this.options.secretFile, '--name', name, ...(image !== null ? ['--backing', image.path] : []), ...this.options.replicaArgs,
     ]);
     const address = view.state === 'running' ? String(view.ready?.listen ?? '') || null : null;
     await this.setReplicaStatus(name, {
@@ -523,6 +532,20 @@ export class Agent {
       message: view.message,
     });
     return view.state === 'running' ? null : 500;
+  }
+
+  /** Why the file of backing image `image` on disk `diskId` cannot be read yet, or null when it is ready. */
+  private async imageNotReady(image: string, diskId: string, file: string): Promise<string | null> {
+    const obj = await this.objects.get(Kind.BackingImage, image);
+    if (obj === null) return `waiting for backing image ${image}: it does not exist`;
+    const entry = obj.value.status.files[diskId];
+    if (entry === undefined) return `waiting for a copy of backing image ${image} on disk ${diskId}`;
+    if (entry.state !== 'ready') {
+      const progress = entry.state === 'in-progress' ? ` ${Math.floor(entry.progress * 100)}%` : '';
+      return `waiting for backing image ${image} on disk ${diskId}: ${entry.state}${progress}${entry.message !== null ? ` (${entry.message})` : ''}`;
+    }
+    if (!fs.existsSync(file)) return `waiting for backing image ${image} on disk ${diskId}: ${file} is missing`;
+    return null;
   }
 
   /** Removes a replica directory, but only one that is where replica directories live. */

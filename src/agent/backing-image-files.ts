@@ -12,12 +12,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { Kind, type BackingImageValue, type Objects } from '../manager/objects.ts';
-import type { BackingImageFile } from '../manager/backing-images.ts';
+import { BACKING_IMAGES_DIR, imageFilePath, type BackingImageFile } from '../manager/backing-images.ts';
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
 
-export const BACKING_IMAGES_DIR = 'backing-images';
-export const IMAGE_FILE = 'image.raw';
+export { imageFilePath };
 const PROGRESS_WRITE_MS = 1000;
 
 export interface BackingImageFilesOptions {
@@ -31,10 +30,6 @@ export interface BackingImageFilesOptions {
   /** How often ready files are checked again (default 6 h). */
   verifyEveryMs?: number;
   log: (event: Record<string, unknown>) => void;
-}
-
-export function imageFilePath(diskPath: string, image: string): string {
-  return path.join(diskPath, BACKING_IMAGES_DIR, image, IMAGE_FILE);
 }
 
 /** SHA-512 (hex) and size of a file, streamed. */

@@ -89,7 +89,7 @@ export function apiRoutes(
     route({
       method: 'POST', url: '/v1/volumes', operationId: 'createVolume', tag: 'volumes', summary: 'Create a volume (its replicas are placed now)',
       body: bodies.volumeCreate, status: 201, response: ref('Volume'),
-      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes?: number; numberOfReplicas?: number; fromBackup?: string; standby?: boolean }),
+      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes?: number; numberOfReplicas?: number; fromBackup?: string; standby?: boolean; backingImage?: string }),
     }),
     route({
       method: 'POST', url: '/v1/volumes/:name/activate', operationId: 'activateVolume', tag: 'volumes',

@@ -117,10 +117,11 @@ export const bodies = {
         numberOfReplicas,
         fromBackup: { ...backupName, description: 'a completed backup to restore into the new volume (sizeBytes then defaults to its size)' },
         standby: { type: 'boolean', description: 'with fromBackup: a DR standby that keeps applying newer backups until activated' },
+        backingImage: { ...backingImageName, description: 'a backing image with a ready file: every replica reads it as its base layer (sizeBytes then defaults to its size)' },
       },
       ['name'],
     ),
-    anyOf: [{ required: ['sizeBytes'] }, { required: ['fromBackup'] }],
+    anyOf: [{ required: ['sizeBytes'] }, { required: ['fromBackup'] }, { required: ['backingImage'] }],
   },
   backupTargetSet: object(
     {
@@ -225,6 +226,7 @@ export const views: Record<string, JsonSchema> = {
       backup: str, sourceVolume: str, standby: bool, state: backupState, applied: nullable(str),
       progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
     })),
+    backingImage: nullable(view({ name: str, checksum: str })),
     heldByJob: nullable(view({ job: str, task: str, node: str, since: time })),
     pendingAttach: nullable(view({ nodeId: str, maintenance: bool, requestedAt: time })),
     lastBackup: nullable(str), lastBackupAt: nullable(time), recoveryPointAt: nullable(time), recoveryPointAgeSeconds: nullable(int),
@@ -266,7 +268,7 @@ export const views: Record<string, JsonSchema> = {
   Backup: view({
     name: str, volume: str, snapshot: str, state: backupState, progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int,
     bytesPerSecond: num, message: nullable(str), labels: { type: 'object', additionalProperties: str }, url: str, requestedAt: time,
-    startedAt: nullable(time), completedAt: nullable(time), sizeBytes: int, base: nullable(str), uploadedBytes: nullable(int), readBytes: nullable(int),
+    startedAt: nullable(time), completedAt: nullable(time), sizeBytes: int, base: nullable(str), backingImage: nullable(view({ name: str, checksum: str })), uploadedBytes: nullable(int), readBytes: nullable(int),
     blocks: nullable(int), deleting: bool,
   }),
   BackupSync: view({ volumes: int, added: { type: 'array', items: str }, removed: { type: 'array', items: str }, durationMs: num }),

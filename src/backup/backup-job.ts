@@ -62,6 +62,8 @@ export interface BackupJobOptions {
   base: Manifest | null;
   /** Blocks read, compressed, hashed and uploaded at once. */
   concurrency: number;
+  /** The backing image the volume is on (recorded in the manifest), or null. */
+  backingImage?: { name: string; checksum: string } | null;
   /** Called at the start, after every block and at the end (the caller throttles what it stores). */
   onProgress?: (progress: BackupProgress) => void;
   signal?: AbortSignal;
@@ -126,6 +128,7 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
       base: base?.name ?? null,
       stats: { readBytes: 0, uploadedBytes: 0, uploadedBlocks: 0, reusedBlocks: 0, blocks: 0 },
       blocks: [],
+      ...(o.backingImage != null ? { backingImage: o.backingImage } : {}),
     };
     // A retried backup keeps what its earlier attempts listed (their blocks may be on the
     // target) and writes the segments after theirs.

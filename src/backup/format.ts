@@ -218,6 +218,11 @@ export interface Manifest {
   stats: BackupStats;
   /** [block index, SHA-256] of every block that is not all zeros, ascending by index. */
   blocks: [number, string][];
+  /**
+   * The backing image the volume was on, by name and SHA-512 (absent or null: none). For the
+   * record only: the blocks hold every byte of the volume, the image's too.
+   */
+  backingImage?: { name: string; checksum: string } | null;
 }
 
 export function encodeManifest(m: Manifest): Buffer {

@@ -1126,9 +1126,9 @@ export class Engine implements BlockBackend {
     });
   }
 
-  snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<BackendExtent[]> {
+  snapshotChanges(name: string | null, base: string | null, offset: number, length: number, aboveImage = false): Promise<BackendExtent[]> {
     this.checkRange(offset, length);
-    return this.askReplicas((client) => client.snapshotChanges(name, base, offset, length));
+    return this.askReplicas((client) => client.snapshotChanges(name, base, offset, length, aboveImage));
   }
 
   /**
@@ -1357,7 +1357,11 @@ export class Engine implements BlockBackend {
     let mapHolder: EngineReplica | null = null;
     try {
       info = await this.openChecked(client, key, named);
-      const empty = info.revision === 0 && info.layerCount === 1 && !info.hasBase && !info.rebuilding;
+      // A replica on a backing image must have the volume's image: a rebuild copies only what
+      // differs from it. (That it is the same image, the manager checks: the file's SHA-512.)
+      const imageProblem = this.imageMismatch(info);
+      if (imageProblem !== null) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} cannot join volume ${this.name}: ${imageProblem}`);
+      const empty = info.revision === 0 && info.layerCount === (info.hasBase ? 2 : 1) && !info.rebuilding;
       // Revision 0 is also a replica that took writes and lost them all before its first flush
       // (killed, power cut): it was in the set (writeEpoch) or logged regions it wrote. A map
       // for it brings it back by a delta, as any replica behind; only a new one is copied whole.
@@ -1396,6 +1400,18 @@ export class Engine implements BlockBackend {
     if (mapHolder === null) this.beginRebuild(target, (rebuild) => this.runRebuild(rebuild, target, snapshotCopyPlan(snapshots)), { snapshots: snapshots.map((x) => x.name) });
     else this.beginRebuild(target, (rebuild) => this.runDeltaRebuild(rebuild, target, mapHolder), { delta: true, mapHolder: mapHolder.address });
     return this.replicaStatus();
+  }
+
+  /** Why a replica's backing image is not the volume's (as the RW replicas have it), or null. */
+  private imageMismatch(info: ReplicaInfo): string | null {
+    const rw = this.replicas.find((r) => r.mode === ReplicaMode.RW && r.info !== null);
+    if (rw === undefined) return null;
+    const want = rw.info!;
+    if (info.hasBase !== want.hasBase) return want.hasBase ? 'the volume is on a backing image and the replica has none' : 'the replica has a backing image and the volume has none';
+    if (info.hasBase && info.baseSizeBytes != null && want.baseSizeBytes != null && info.baseSizeBytes !== want.baseSizeBytes) {
+      return `its backing image has ${info.baseSizeBytes} bytes, the volume's ${want.baseSizeBytes}`;
+    }
+    return null;
   }
 
   /** Registers the rebuild of `target` (already in the list, WO) and runs it in the background. */
@@ -1487,21 +1503,34 @@ export class Engine implements BlockBackend {
   }
 
   /**
-   * Copies region [offset, offset+length) from a RW replica to the target under a claim. A region
-   * the source holds nothing of is skipped when the target holds nothing there either (`zeroIfEmpty`
-   * false), else zeroed; any other is copied whole: one read and one write, however fragmented.
+   * Copies region [offset, offset+length) from a RW replica to the target under a claim, as
+   * `how` says what the target already holds there:
+   *
+   * - `status`: a region the source holds nothing of (BLOCK_STATUS) is skipped when the target
+   *   holds nothing there either (`zeroIfEmpty` false), else zeroed;
+   * - `image`: the target has the volume's backing image; a region where the source holds only
+   *   the image's bytes is skipped when the target does too (`zeroIfEmpty` false), else copied;
+   * - `since`: the target reads as snapshot `snapshot` of the source, and a region the live
+   *   volume has not changed since that snapshot is skipped.
+   *
+   * Any other region is copied whole: one read and one write, however fragmented.
    */
-  private async copyRegion(target: EngineReplica, check: () => void, offset: number, length: number, zeroIfEmpty: boolean): Promise<void> {
+  private async copyRegion(target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<void> {
     const claims = this.claims!;
     const claim = await claims.claim(offset, offset + length);
     try {
       check();
-      const extents = decodeExtents(await this.readSource(target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)));
-      if (extents.some((extent) => extent.data)) {
+      const extents = how.kind === 'status'
+        ? decodeExtents(await this.readSource(target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)))
+        : await this.readSource(target, check, (c) => c.snapshotChanges(null, how.kind === 'since' ? how.snapshot : null, offset, length, how.kind === 'image'));
+      const holds = extents.some((extent) => extent.data);
+      if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
         const data = await this.readSource(target, check, (c) => c.read(offset, length));
         check();
-        await target.client!.write(offset, data);
-      } else if (zeroIfEmpty) {
+        // A region of zeros over an image, or zeroed since the snapshot, is marked, not written.
+        if (how.kind !== 'status' && isAllZero(data)) await target.client!.writeZeroes(offset, length);
+        else await target.client!.write(offset, data);
+      } else if (how.kind === 'status' && how.zeroIfEmpty) {
         await target.client!.writeZeroes(offset, length);
       }
     } finally {
@@ -1542,52 +1571,74 @@ export class Engine implements BlockBackend {
     const regionBytes = REGION_BYTES;
     const check = this.rebuildCheck(rebuild, target);
     const readSource = <T>(fn: (client: ReplicaClient) => Promise<T>): Promise<T> => this.readSource(target, check, fn);
+    // On a backing image (the target has it too: addReplica checked): "empty" is the image's bytes.
+    const aboveImage = target.info?.hasBase === true;
     let joined = false;
     try {
       // 0. From now until the end the copy is incomplete, and says so durably.
       await target.client!.setRebuilding('full');
       // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
-      //    snapshot's parent, the snapshot's view is written over it — zeroing the regions that
-      //    hold data below but read as zeros in the snapshot — and snapshotted under its name.
-      //    At the end the head goes back onto the live volume's parent snapshot. (A second root —
-      //    its parent deleted — is written over the current tip: same data, another parent.)
-      const nonZeroOf = new Map<string | null, Set<number>>([[null, new Set()]]);
+      //    snapshot's parent, what the snapshot changed since that parent is written over it, and
+      //    the head is snapshotted under the snapshot's name. A snapshot without a parent is
+      //    written whole over the current tip — zeroing what holds data below but reads as zeros
+      //    in the snapshot (a second root: its parent deleted; same data, another parent) — or,
+      //    on a backing image, what differs from the image. At the end the head goes back onto
+      //    the live volume's parent snapshot.
+      //    `mayDiffer`: by snapshot (null: none yet), the regions where the target's view may
+      //    differ from an empty volume (zeros, or the image).
+      const mayDiffer = new Map<string | null, Set<number>>([[null, new Set()]]);
       let tip: string | null = null;
       for (const { name, parent } of plan.order) {
         if (parent !== null && parent !== tip) {
           await target.client!.snapshotRevert(parent);
           tip = parent;
         }
-        const below = nonZeroOf.get(tip)!;
-        const nonZero = new Set<number>();
+        const below = mayDiffer.get(tip)!;
+        const differ = new Set<number>(parent !== null ? below : []);
         await this.forEachRegion(regionBytes, async (offset, length) => {
+          const region = offset / regionBytes;
+          progress.copiedBytes += length;
+          if (parent !== null || aboveImage) {
+            // Only what changed since the parent (the target holds the parent's view), or since
+            // the image.
+            const changes = await readSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null));
+            const changed = changes.some((extent) => extent.data);
+            if (!changed && !(parent === null && below.has(region))) return;
+            const data = await readSource((c) => c.readSnapshot(name, offset, length));
+            check();
+            if (isAllZero(data)) await target.client!.writeZeroes(offset, length);
+            else await target.client!.write(offset, data);
+            if (changed) differ.add(region);
+            return;
+          }
           const data = await readSource((c) => c.readSnapshot(name, offset, length));
           check();
-          const region = offset / regionBytes;
           if (!isAllZero(data)) {
             await target.client!.write(offset, data);
-            nonZero.add(region);
+            differ.add(region);
           } else if (below.has(region)) {
             await target.client!.writeZeroes(offset, length);
           }
-          progress.copiedBytes += length;
         });
         check();
         await target.client!.snapshotCreate(name);
-        nonZeroOf.set(name, nonZero);
+        mayDiffer.set(name, differ);
         tip = name;
       }
       if (plan.headParent !== null && plan.headParent !== tip) {
         await target.client!.snapshotRevert(plan.headParent);
         tip = plan.headParent;
       }
-      const nonZero = nonZeroOf.get(tip)!;
+      const differ = mayDiffer.get(tip)!;
 
-      // 2. Join the write set, then copy the live volume.
+      // 2. Join the write set, then copy the live volume: what changed since its parent snapshot
+      //    (the target's head sits on it), or, without one, everything (over the image).
       await this.joinWriteSet(target, check);
       joined = true;
       await this.forEachRegion(regionBytes, async (offset, length) => {
-        await this.copyRegion(target, check, offset, length, nonZero.has(offset / regionBytes));
+        const zeroIfEmpty = differ.has(offset / regionBytes);
+        const how: RegionCopy = tip !== null ? { kind: 'since', snapshot: tip } : aboveImage ? { kind: 'image', zeroIfEmpty } : { kind: 'status', zeroIfEmpty };
+        await this.copyRegion(target, check, offset, length, how);
         progress.copiedBytes += length;
       });
 
@@ -1634,8 +1685,9 @@ export class Engine implements BlockBackend {
       this.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
       await forEachIndex(regions.length, COPIERS, async (i) => {
         const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
-        // The target may hold anything there: a region the source holds nothing of is zeroed.
-        await this.copyRegion(target, check, offset, length, true);
+        // The target may hold anything there: a region the source holds nothing of is zeroed
+        // (or, on a backing image, given the image's bytes).
+        await this.copyRegion(target, check, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
         progress.copiedBytes += length;
       });
       await this.finishRebuild(target, check);
@@ -1852,6 +1904,12 @@ export class Engine implements BlockBackend {
     }
   }
 }
+
+/** What a rebuild's target holds where a region is copied (see copyRegion). */
+type RegionCopy =
+  | { kind: 'status'; zeroIfEmpty: boolean }
+  | { kind: 'image'; zeroIfEmpty: boolean }
+  | { kind: 'since'; snapshot: string };
 
 interface SnapshotCopyPlan {
   /** Every snapshot by name with its parent snapshot's name (null: none), parents first. */

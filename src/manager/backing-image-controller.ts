@@ -82,10 +82,18 @@ export class BackingImageController {
     if (images.length === 0) return;
     const disks = await this.disks();
     const recoveryWaitSeconds = await this.o.settings.int('backing-image-recovery-wait-seconds');
-    for (const image of images) await this.reconcile(image, disks, recoveryWaitSeconds);
+    // The disks each image is needed on: those of the replicas (not failed) of volumes on it.
+    const neededOn = new Map<string, string[]>();
+    for (const r of await this.o.objects.list(Kind.Replica)) {
+      const image = r.value.spec.backingImage?.name;
+      if (image === undefined || r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null) continue;
+      if (!neededOn.has(image)) neededOn.set(image, []);
+      neededOn.get(image)!.push(r.value.spec.diskId);
+    }
+    for (const image of images) await this.reconcile(image, disks, recoveryWaitSeconds, neededOn.get(image.name) ?? []);
   }
 
-  private async reconcile(image: StoreObject<BackingImageValue>, disks: DiskForImage[], recoveryWaitSeconds: number): Promise<void> {
+  private async reconcile(image: StoreObject<BackingImageValue>, disks: DiskForImage[], recoveryWaitSeconds: number, neededOn: string[]): Promise<void> {
     const now = this.now();
     const name = image.name;
     if (image.value.deletionRequestedAt !== null) {
@@ -131,7 +139,7 @@ export class BackingImageController {
     }
     const plan = planBackingImage({
       spec: image.value.spec, files, disks, sizeBytes: image.value.status.sizeBytes, refetch: image.value.status.refetch,
-      hasBackup: false, recoveryWaitSeconds, now,
+      hasBackup: false, recoveryWaitSeconds, neededOn, now,
     });
     const at = now.toISOString();
     switch (plan.action) {

@@ -124,9 +124,14 @@ export class BackingImageServiceImpl {
     return this.getBackingImage(name);
   }
 
-  /** Marks the image deleting: its files are removed, then the object. */
+  /** Marks the image deleting: its files are removed, then the object. Refused while a volume is on it. */
   async deleteBackingImage(name: string): Promise<BackingImageView> {
     checkBackingImageName(name);
+    const users = (await this.o.objects.list(Kind.Volume)).filter((v) => v.value.spec.backingImage?.name === name).map((v) => v.name);
+    if (users.length > 0) {
+      if ((await this.o.objects.get(Kind.BackingImage, name)) === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${name} not found`);
+      throw new ZebuError(ErrorCode.BUSY, `backing image ${name} is in use by volume${users.length > 1 ? 's' : ''} ${users.join(', ')}: delete ${users.length > 1 ? 'them' : 'it'} first`);
+    }
     const image = await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
       if (v.deletionRequestedAt !== null) return false;
       v.deletionRequestedAt = new Date().toISOString();

@@ -11,7 +11,14 @@
  * fetched from the source: copies are made from a ready file. Fetching again backs off (doubling,
  * capped) and gives up after a limit, and the status says so.
  */
+import path from 'node:path';
 import { invalid } from '../errors.ts';
+
+/** Where an image's file lives on a disk: `DISK/backing-images/NAME/image.raw`. */
+export const BACKING_IMAGES_DIR = 'backing-images';
+export function imageFilePath(diskPath: string, image: string): string {
+  return path.join(diskPath, BACKING_IMAGES_DIR, image, 'image.raw');
+}
 
 export const BACKING_IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -192,7 +199,10 @@ export interface PlanInput {
   hasBackup: boolean;
   /** How long a file may be unknown before it counts as lost. */
   recoveryWaitSeconds: number;
-  /** Disks a volume's replica needs the image on now (they come before the `minCopies` spread). */
+  /**
+   * Disks a volume's replica (not failed) needs the image on: they come before the `minCopies`
+   * spread, and a failed file there is not removed while the replica may still read it.
+   */
   neededOn?: readonly string[];
   now: Date;
 }
@@ -232,7 +242,10 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   const taken = new Set(files.filter((f) => f.state !== 'cleaning').map((f) => f.diskId));
 
   if (ready.length > 0) {
-    const failed = files.filter((f) => f.state === 'failed');
+    // A failed file a replica still reads stays until that replica is replaced (the volume
+    // controller fails it); removing it under the replica would not make its data right.
+    const needed = new Set(input.neededOn ?? []);
+    const failed = files.filter((f) => f.state === 'failed' && !needed.has(f.diskId));
     if (failed.length > 0) return { action: 'clean', disks: failed.map((f) => f.diskId), reason: failed.map((f) => `${f.diskId}: ${f.message ?? 'failed'}`).join('; ') };
     // Copies come from a ready file, never from the source again.
     const wantedOn = (input.neededOn ?? []).filter((d) => !taken.has(d));
@@ -279,4 +292,19 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   const disk = candidateDisks(input, taken)[0];
   if (disk === undefined) return { action: 'wait', reason: `${reason}; no usable disk has room for the image` };
   return { action: 'fetch', disk: disk.name, from };
+}
+
+/**
+ * Where the replicas of a volume on this image may go: disks the image's selectors allow, those
+ * holding a ready file first (no copy to wait for). `refusal` says why a disk cannot take one.
+ */
+export function imagePlacement(name: string, spec: BackingImageSpec, files: readonly BackingImageFile[]): { refusal: (disk: string, node: string) => string | null; preferred: Set<string> } {
+  return {
+    refusal: (disk, node) => {
+      if (spec.nodeSelector.length > 0 && !spec.nodeSelector.includes(node)) return `disk ${disk}: node ${node} is not in backing image ${name}'s node selector`;
+      if (spec.diskSelector.length > 0 && !spec.diskSelector.includes(disk)) return `disk ${disk} is not in backing image ${name}'s disk selector`;
+      return null;
+    },
+    preferred: new Set(files.filter((f) => f.state === 'ready').map((f) => f.diskId)),
+  };
 }

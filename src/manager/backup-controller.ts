@@ -364,6 +364,7 @@ export class BackupController {
         compression,
         base,
         concurrency,
+        backingImage: volume.value.spec.backingImage ?? null,
         signal,
         onProgress: (p) => progress.update(p.doneBytes, p.totalBytes),
       });
@@ -374,6 +375,7 @@ export class BackupController {
         x.status.sizeBytes = manifest.sizeBytes;
         x.status.base = manifest.base;
         x.status.stats = manifest.stats;
+        x.status.backingImage = manifest.backingImage ?? null;
         x.status.doneBytes = x.status.totalBytes;
       });
       this.notBefore.delete(name);
@@ -768,7 +770,7 @@ export function backupFromManifest(m: Manifest, url: string): BackupValue {
     spec: { volume: m.volume, snapshot: m.snapshot, labels: m.labels, targetUrl: url, requestedAt: m.createdAt, deletionRequestedAt: null },
     status: {
       state: 'completed', doneBytes: m.stats.readBytes, totalBytes: m.stats.readBytes, bytesPerSecond: 0, startedAt: m.createdAt, completedAt: m.completedAt,
-      message: null, attempts: 0, sizeBytes: m.sizeBytes, base: m.base, stats: m.stats,
+      message: null, attempts: 0, sizeBytes: m.sizeBytes, base: m.base, stats: m.stats, backingImage: m.backingImage ?? null,
     },
   };
 }

@@ -183,6 +183,7 @@ export class BackupServiceImpl implements BackupService {
       completedAt: s.completedAt,
       sizeBytes: s.sizeBytes,
       base: s.base,
+      backingImage: s.backingImage ?? null,
       uploadedBytes: s.stats?.uploadedBytes ?? null,
       readBytes: s.stats?.readBytes ?? null,
       blocks: s.stats?.blocks ?? null,

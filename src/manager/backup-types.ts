@@ -52,6 +52,8 @@ export interface BackupView {
   sizeBytes: number;
   /** The backup it carried blocks over from (incremental), or null. */
   base: string | null;
+  /** The backing image the volume was on, or null. The backup holds the image's bytes too. */
+  backingImage: { name: string; checksum: string } | null;
   uploadedBytes: number | null;
   readBytes: number | null;
   blocks: number | null;

@@ -168,11 +168,18 @@ export class Manager {
       case Kind.BackupTarget:
         this.backupController.kick();
         break;
-      case Kind.BackingImage:
+      case Kind.BackingImage: {
         void this.backingImageController.kick();
+        // Volumes on the image: a file ready (a replica may start) or failed (its replica goes).
+        const image = event.name;
+        void this.objects.list(Kind.Volume).then((volumes) => {
+          for (const v of volumes) if (v.value.spec.backingImage?.name === image) this.queue.add(v.name);
+        }, () => {});
         break;
+      }
     }
-    if (event.kind === Kind.Disk || event.kind === Kind.NodeLease) void this.backingImageController.kick();
+    // Files follow disks, and the disks replicas of volumes on an image are placed on.
+    if (event.kind === Kind.Disk || event.kind === Kind.NodeLease || event.kind === Kind.Replica) void this.backingImageController.kick();
     // A volume being restored moves on as it attaches and detaches.
     if (event.kind === Kind.Volume || event.kind === Kind.Engine) this.backupController.kick();
   }

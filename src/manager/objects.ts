@@ -61,6 +61,11 @@ export interface VolumeValue {
     jobAttachment?: JobAttachment | null;
     /** A workload attach that arrived while a job held the volume: applied once the job has detached it. */
     pendingAttach?: { nodeId: string; maintenance: boolean; requestedAt: string } | null;
+    /**
+     * The backing image the volume is on (every replica reads its file on its own disk as the
+     * base layer), with the image's SHA-512 when the volume was created. Absent: none.
+     */
+    backingImage?: { name: string; checksum: string } | null;
   };
   status: {
     state: VolumeState;
@@ -241,6 +246,11 @@ export interface ReplicaValue {
     healthyAt: string | null;
     /** Set by the manager when it went ERR (or could not start): it will be replaced. */
     failedAt: string | null;
+    /**
+     * The volume's backing image: the agent starts the replica on the file at `path` (on the
+     * replica's disk) once that file is ready. Absent: none.
+     */
+    backingImage?: { name: string; path: string } | null;
   };
   status: {
     state: ProcessState;
@@ -342,6 +352,8 @@ export interface BackupValue {
     sizeBytes: number;
     base: string | null;
     stats: { readBytes: number; uploadedBytes: number; uploadedBlocks: number; reusedBlocks: number; blocks: number } | null;
+    /** The backing image the volume was on (from the manifest); absent or null: none. */
+    backingImage?: { name: string; checksum: string } | null;
   };
 }
 

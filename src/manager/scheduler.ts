@@ -9,6 +9,8 @@
  * 4. Space: the replicas placed on a disk (thin: their full size) may add up to
  *    `overProvisioningPercentage` of the disk's usable size (size minus reserved), and a disk
  *    whose free space is below `minimalAvailablePercentage` of its size takes nothing new.
+ * 5. A volume on a backing image: only disks the image's selectors allow, and those that hold a
+ *    ready file of it first (else the replica waits for a copy).
  * Among the disks left, the one with the most schedulable room wins (ties: by name), which
  * spreads volumes over disks.
  */
@@ -35,6 +37,12 @@ export interface SchedulerPolicy {
   softAntiAffinity: boolean;
   overProvisioningPercentage: number;
   minimalAvailablePercentage: number;
+}
+
+/** A volume on a backing image: which disks its selectors refuse, and which hold a ready file. */
+export interface ImageRules {
+  refusal: (disk: string, node: string) => string | null;
+  preferred: ReadonlySet<string>;
 }
 
 export interface Placement {
@@ -73,7 +81,7 @@ export function diskRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined
  */
 export function scheduleReplicas(
   count: number,
-  input: { sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy },
+  input: { sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy; image?: ImageRules },
 ): ScheduleResult {
   const nodes = new Map(input.nodes.map((n) => [n.name, n]));
   const usedDisks = new Set(input.existing.map((p) => p.diskId));
@@ -91,7 +99,8 @@ export function scheduleReplicas(
         refusals.push(`disk ${disk.name} already holds a replica of this volume`);
         continue;
       }
-      const why = diskRefusal({ ...disk, storageScheduledBytes: scheduled.get(disk.name)! }, nodes.get(disk.nodeId), input.sizeBytes, input.policy);
+      const why = input.image?.refusal(disk.name, disk.nodeId)
+        ?? diskRefusal({ ...disk, storageScheduledBytes: scheduled.get(disk.name)! }, nodes.get(disk.nodeId), input.sizeBytes, input.policy);
       if (why !== null) refusals.push(why);
       else fit.push(disk);
     }
@@ -105,7 +114,8 @@ export function scheduleReplicas(
     }
     const room = (d: SchedulerDisk): number =>
       (Math.max(0, d.storageMaximumBytes - d.storageReservedBytes) * input.policy.overProvisioningPercentage) / 100 - scheduled.get(d.name)!;
-    candidates.sort((a, b) => room(b) - room(a) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const hasImage = (d: SchedulerDisk): number => (input.image?.preferred.has(d.name) ? 1 : 0);
+    candidates.sort((a, b) => hasImage(b) - hasImage(a) || room(b) - room(a) || (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
     const chosen = candidates[0];
     placements.push({ nodeId: chosen.nodeId, diskId: chosen.name });
     usedDisks.add(chosen.name);

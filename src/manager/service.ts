@@ -9,7 +9,8 @@ import { Kind, type EngineValue, type Objects, type ReplicaValue, type RestoreSp
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
-import { scheduleReplicas, diskRefusal } from './scheduler.ts';
+import { scheduleReplicas, diskRefusal, type ImageRules } from './scheduler.ts';
+import { checkBackingImageName, imagePlacement } from './backing-images.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
   VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
@@ -175,6 +176,7 @@ export class ManagerServiceImpl implements ManagerService {
       lastVerify: v.status.lastVerify ?? null,
       engineLink: v.status.state === 'attached' && !v.spec.maintenance ? engine?.value.status.frontendLink ?? null : null,
       restore: restoreView(v),
+      backingImage: v.spec.backingImage ?? null,
       heldByJob: held === null ? null : { job: held.job, task: held.task, node: held.node, since: held.startedAt },
       pendingAttach: pending,
       ...protection,
@@ -198,10 +200,36 @@ export class ManagerServiceImpl implements ManagerService {
 
   // ---- volumes ---------------------------------------------------------------------------------
 
+  /**
+   * The backing image a new volume goes on: it must exist, not be being deleted, and have a ready
+   * file (its checksum fixed); the size defaults to the image's (up to a whole 4 KiB block) and
+   * may not be smaller.
+   */
+  private async imageForVolume(name: unknown, askedSize: unknown): Promise<{ image: { name: string; checksum: string; rules: ImageRules }; sizeBytes: number }> {
+    const imageName = checkBackingImageName(name, 'backingImage');
+    const obj = await this.objects.get(Kind.BackingImage, imageName);
+    if (obj === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${imageName} not found`);
+    if (obj.value.deletionRequestedAt !== null) throw stateConflict(`backing image ${imageName} is being deleted`);
+    const files = Object.values(obj.value.status.files);
+    const checksum = obj.value.status.checksum;
+    if (checksum === null || !files.some((f) => f.state === 'ready')) {
+      throw stateConflict(`backing image ${imageName} has no ready file yet${obj.value.status.message !== null ? ` (${obj.value.status.message})` : ''}; wait until zebu backing-image get ${imageName} shows one`);
+    }
+    const imageBytes = obj.value.status.sizeBytes;
+    const minimum = Math.max(MIN_VOLUME_BYTES, Math.ceil(imageBytes / 4096) * 4096);
+    const sizeBytes = askedSize === undefined ? minimum : validateSize(askedSize);
+    if (sizeBytes < imageBytes) throw invalid(`backing image ${imageName} is ${imageBytes} bytes; the volume must be at least that (asked ${sizeBytes})`, 'sizeBytes');
+    return { image: { name: imageName, checksum, rules: imagePlacement(imageName, obj.value.spec, files) }, sizeBytes };
+  }
+
   async createVolume(input: VolumeCreateInput): Promise<VolumeView> {
     const name = validateVolumeName(input.name);
     let restore: RestoreSpec | null = null;
     let sizeBytes: number;
+    let image: { name: string; checksum: string; rules: ImageRules } | null = null;
+    if (input.backingImage !== undefined && input.fromBackup !== undefined) {
+      throw invalid('a backup holds every byte of its volume, those of its backing image too: restore it without backingImage', 'backingImage');
+    }
     if (input.standby !== undefined && typeof input.standby !== 'boolean') throw invalid('standby must be true or false', 'standby');
     if (input.fromBackup !== undefined) {
       if (typeof input.fromBackup !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(input.fromBackup)) throw invalid(`fromBackup must be a backup name, got ${JSON.stringify(input.fromBackup)}`, 'fromBackup');
@@ -215,6 +243,9 @@ export class ManagerServiceImpl implements ManagerService {
       sizeBytes = input.sizeBytes === undefined ? backupSize : validateSize(input.sizeBytes);
       if (sizeBytes < backupSize) throw invalid(`backup ${input.fromBackup} is ${backupSize} bytes; the volume must be at least that (asked ${sizeBytes})`, 'sizeBytes');
       restore = { backup: input.fromBackup, sourceVolume: backup.value.spec.volume, standby: input.standby ?? false, activateRequestedAt: null };
+    } else if (input.backingImage !== undefined) {
+      if (input.standby === true) throw invalid('a standby volume is created from a backup (fromBackup)', 'standby');
+      ({ image, sizeBytes } = await this.imageForVolume(input.backingImage, input.sizeBytes));
     } else {
       if (input.standby === true) throw invalid('a standby volume is created from a backup (fromBackup)', 'standby');
       sizeBytes = validateSize(input.sizeBytes);
@@ -228,6 +259,7 @@ export class ManagerServiceImpl implements ManagerService {
       existing: [],
       nodes: view.nodes,
       disks: view.disks,
+      image: image?.rules,
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -239,7 +271,7 @@ export class ManagerServiceImpl implements ManagerService {
     }
     try {
       await this.objects.create(Kind.Volume, name, {
-        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore },
+        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore, backingImage: image === null ? null : { name: image.name, checksum: image.checksum } },
         status: {
           state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [], restore: null,
         },

@@ -58,6 +58,8 @@ export interface VolumeView {
   engineLink: EngineLinkView | null;
   /** Created from a backup: the restore's progress; for a DR standby, the backups it applies. Null otherwise. */
   restore: VolumeRestoreView | null;
+  /** The backing image every replica reads as its base layer, with its SHA-512; null when none. */
+  backingImage: { name: string; checksum: string } | null;
   /** A recurring job that attached the (detached) volume for its run, without an NBD export; null otherwise. */
   heldByJob: { job: string; task: string; node: string; since: string } | null;
   /** A workload attach waiting for that job to finish; null otherwise. */
@@ -164,6 +166,8 @@ export interface VolumeCreateInput {
   standby?: boolean;
   /** Absent: the `default-replica-count` setting. */
   numberOfReplicas?: number;
+  /** Create the volume on this backing image (sizeBytes then defaults to the image's size). */
+  backingImage?: string;
 }
 
 export interface VolumeAttachInput {

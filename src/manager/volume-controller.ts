@@ -32,7 +32,8 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
-import { scheduleReplicas, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
+import { scheduleReplicas, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
+import { imageFilePath, imagePlacement } from './backing-images.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
 
 /** Replica directories live under <disk>/replicas/. */
@@ -138,9 +139,26 @@ export class VolumeController {
     if (volume === null) return this.removeOrphans(engine, replicas);
     const v = volume.value;
     if (v.deletionRequestedAt !== null) return this.reconcileDeleting(volume, engine, replicas);
+    if (v.spec.backingImage != null) await this.failReplicasOnFailedImage(name, v.spec.backingImage.name, replicas);
     if (v.status.state === 'creating') return this.reconcileCreating(volume, replicas);
     if (v.spec.nodeId === null) return this.reconcileDetached(volume, engine, replicas);
     return this.reconcileAttached(volume, engine, replicas);
+  }
+
+  /**
+   * A replica reads its disk's file of the volume's backing image as its base: when that file
+   * fails its check (changed on disk), the replica's data is wrong and it is replaced (the
+   * backing-image controller removes the file only once no replica uses it, then copies it again).
+   */
+  private async failReplicasOnFailedImage(volume: string, image: string, replicas: Obj<ReplicaValue>[]): Promise<void> {
+    const obj = await this.objects.get(Kind.BackingImage, image);
+    if (obj === null) return;
+    for (const r of replicas) {
+      if (r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null) continue;
+      const file = obj.value.status.files[r.value.spec.diskId];
+      if (file?.state !== 'failed') continue;
+      await this.failReplica(volume, r, `the file of backing image ${image} on its disk ${r.value.spec.diskId} failed (${file.message ?? 'no reason given'})`, false);
+    }
   }
 
   private async setStatus(name: string, change: (status: VolumeValue['status']) => void): Promise<void> {
@@ -207,11 +225,27 @@ export class VolumeController {
   private async addReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], count: number, sizeBytes: number, desireState: 'running' | 'stopped'): Promise<number> {
     const view = await clusterView(this.objects);
     const existing: Placement[] = active.map((r) => ({ nodeId: r.value.spec.nodeId, diskId: r.value.spec.diskId }));
+    const imageName = volume.value.spec.backingImage?.name ?? null;
+    let image: ImageRules | undefined;
+    if (imageName !== null) {
+      const obj = await this.objects.get(Kind.BackingImage, imageName);
+      // Every replica must read the same image: one that is gone (deleting it is refused while a
+      // volume uses it) or that changed leaves the volume with the replicas it has.
+      const why = obj === null ? `its backing image ${imageName} is gone`
+        : obj.value.status.checksum !== volume.value.spec.backingImage!.checksum ? `its backing image ${imageName} has another checksum now`
+          : null;
+      if (why !== null) {
+        await this.placementProblem(volume.name, `cannot place ${count} replica(s): ${why}`);
+        return 0;
+      }
+      image = imagePlacement(imageName, obj!.value.spec, Object.values(obj!.value.status.files));
+    }
     const result = scheduleReplicas(count, {
       sizeBytes,
       existing,
       nodes: view.nodes,
       disks: view.disks,
+      image,
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -231,6 +265,7 @@ export class VolumeController {
           desireState,
           healthyAt: null,
           failedAt: null,
+          backingImage: imageName === null ? null : { name: imageName, path: imageFilePath(diskPath, imageName) },
         },
         status: { state: 'stopped', address: null, pid: null, restarts: 0, message: null },
         deletionRequestedAt: null,
@@ -238,19 +273,20 @@ export class VolumeController {
       await this.event(volume.name, 'Normal', 'ReplicaScheduled', `replica ${name} placed on disk ${p.diskId} of node ${p.nodeId}`, Kind.Replica, name);
     }
     const missing = count - result.placements.length;
-    if (missing > 0) {
-      const message = `cannot place ${missing} replica(s): ${result.reasons.join('; ')}`;
-      if (this.lastPlacementProblem.get(volume.name) !== message) {
-        this.lastPlacementProblem.set(volume.name, message);
-        await this.event(volume.name, 'Warning', 'ReplicaUnschedulable', message);
-      }
-      await this.setStatus(volume.name, (s) => {
-        s.message = message;
-      });
-    } else {
-      this.lastPlacementProblem.delete(volume.name);
-    }
+    if (missing > 0) await this.placementProblem(volume.name, `cannot place ${missing} replica(s): ${result.reasons.join('; ')}`);
+    else this.lastPlacementProblem.delete(volume.name);
     return result.placements.length;
+  }
+
+  /** Says why replicas cannot be placed: in the volume's message, and once per distinct reason as an event. */
+  private async placementProblem(volume: string, message: string): Promise<void> {
+    if (this.lastPlacementProblem.get(volume) !== message) {
+      this.lastPlacementProblem.set(volume, message);
+      await this.event(volume, 'Warning', 'ReplicaUnschedulable', message);
+    }
+    await this.setStatus(volume, (s) => {
+      s.message = message;
+    });
   }
 
   private async reconcileCreating(volume: Obj<VolumeValue>, replicas: Obj<ReplicaValue>[]): Promise<number | null> {

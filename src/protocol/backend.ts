@@ -27,7 +27,7 @@ export interface BlockBackend {
   snapshotDelete(name: string): Promise<void>;
   snapshotRevert(name: string): Promise<void>;
   /** Where snapshot `name` may differ from its ancestor `base` (extents, data = changed). */
-  snapshotChanges?(name: string, base: string | null, offset: number, length: number): Promise<BackendExtent[]>;
+  snapshotChanges?(name: string | null, base: string | null, offset: number, length: number, aboveImage?: boolean): Promise<BackendExtent[]>;
   /** Replicas: online expansion (EXPAND) and the end of a rebuild (SET_REVISION). */
   expand?(sizeBytes: number): Promise<unknown>;
   setRevision?(revision: number): Promise<unknown>;

@@ -173,8 +173,10 @@ export class ReplicaClient {
   read(offset: number, length: number): Promise<Buffer> {
     return this.request(Op.READ, 0, offset, length);
   }
-  async snapshotChanges(snapshot: string, base: string | null, offset: number, length: number): Promise<WireExtent[]> {
-    return decodeExtents(await this.request(Op.SNAPSHOT_CHANGES, 0, offset, length, Buffer.from(JSON.stringify({ snapshot, base }))));
+  /** Where `snapshot` (null: the live volume) may differ from `base`, or with `aboveImage` from the backing image. */
+  async snapshotChanges(snapshot: string | null, base: string | null, offset: number, length: number, aboveImage = false): Promise<WireExtent[]> {
+    const spec = aboveImage ? { snapshot, base, aboveImage } : { snapshot, base };
+    return decodeExtents(await this.request(Op.SNAPSHOT_CHANGES, 0, offset, length, Buffer.from(JSON.stringify(spec))));
   }
 
   readSnapshot(name: string, offset: number, length: number): Promise<Buffer> {

@@ -64,8 +64,10 @@ export const Op = {
    */
   INTENT_RELEASE: 25,
   /**
-   * Payload JSON {snapshot, base}: extents of offset/length where snapshot may differ from its
-   * ancestor snapshot base (null: from zeros); `data` true = changed. For incremental backups.
+   * Payload JSON {snapshot, base, aboveImage?}: extents of offset/length where snapshot (null:
+   * the live volume) may differ from its ancestor snapshot base (null: from zeros; with
+   * aboveImage: from the backing image); `data` true = changed. For incremental backups, and
+   * rebuilds of volumes on a backing image.
    */
   SNAPSHOT_CHANGES: 26,
 } as const;

@@ -368,11 +368,12 @@ class Connection {
         return encodeExtents(await replica.blockStatus(h.offset, h.length));
       case Op.SNAPSHOT_CHANGES: {
         if (replica.snapshotChanges === undefined) throw unsupported(h.op);
-        const spec = jsonArg(payload) as { snapshot?: unknown; base?: unknown };
-        if (typeof spec !== 'object' || spec === null || typeof spec.snapshot !== 'string' || (spec.base !== null && typeof spec.base !== 'string')) {
-          throw invalid('SNAPSHOT_CHANGES takes a JSON object {snapshot: string, base: string | null}');
+        const spec = jsonArg(payload) as { snapshot?: unknown; base?: unknown; aboveImage?: unknown };
+        if (typeof spec !== 'object' || spec === null || (spec.snapshot !== null && typeof spec.snapshot !== 'string') || (spec.base !== null && typeof spec.base !== 'string')
+          || (spec.aboveImage !== undefined && typeof spec.aboveImage !== 'boolean')) {
+          throw invalid('SNAPSHOT_CHANGES takes a JSON object {snapshot: string | null, base: string | null, aboveImage?: boolean}');
         }
-        return encodeExtents(await replica.snapshotChanges(spec.snapshot, spec.base as string | null, h.offset, h.length));
+        return encodeExtents(await replica.snapshotChanges(spec.snapshot as string | null, spec.base as string | null, h.offset, h.length, spec.aboveImage === true));
       }
       case Op.SNAPSHOT_CREATE:
         return json(await replica.snapshotCreate(textArg(payload)));

@@ -89,6 +89,8 @@ export interface ReplicaInfo {
   layerCount: number;
   maxLayers: number;
   hasBase: boolean;
+  /** The backing image's size (the base layer's); null without one. Absent from older replicas. */
+  baseSizeBytes?: number | null;
   /** Being rebuilt (or a rebuild stopped midway): its data is incomplete. */
   rebuilding: boolean;
   /** Which rebuild: a delta one may be done again from the missed-write maps; null when none. */
@@ -452,8 +454,12 @@ export class Replica {
    * volume), in order, merged: `data` true where a layer above `base` in the snapshot's chain
    * holds the block (written, trimmed or zeroed since), false where none does (the bytes are
    * `base`'s). A backup reads only the former. NOT_FOUND when `base` is not an ancestor.
+   *
+   * `name` null: the live volume. `aboveImage`: the backing image (base layer) counts as `base`
+   * would: false where the bytes are the image's — what a rebuild onto a replica that has the
+   * same image need not copy.
    */
-  async snapshotChanges(name: string, base: string | null, offset: number, length: number): Promise<Extent[]> {
+  async snapshotChanges(name: string | null, base: string | null, offset: number, length: number, aboveImage = false): Promise<Extent[]> {
     this.checkUsable();
     this.checkRange(offset, length);
     const extents: Extent[] = [];
@@ -462,8 +468,8 @@ export class Replica {
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
     const entry = await this.lock.acquireAsync(first, end, true);
     try {
-      const chain = this.snapshotChain(name);
-      let above = chain;
+      const chain = name === null ? this.chain : this.snapshotChain(name);
+      let above = aboveImage ? chain.filter((layer) => layer.meta.kind !== 'base') : chain;
       if (base !== null) {
         const baseLayer = this.findSnapshot(base);
         const at = chain.indexOf(baseLayer);
@@ -1055,6 +1061,7 @@ export class Replica {
       layerCount: this.meta.layers.length,
       maxLayers: this.meta.maxLayers,
       hasBase: this.meta.layers.some((l) => l.kind === 'base'),
+      baseSizeBytes: this.meta.layers.find((l) => l.kind === 'base')?.baseSizeBytes ?? null,
       rebuilding: rebuildKindOf(this.meta) !== null,
       rebuildKind: rebuildKindOf(this.meta),
       activeRegions: this.intent?.activeCount ?? 0,

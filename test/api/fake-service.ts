@@ -122,6 +122,7 @@ export class FakeManagerService implements ManagerService {
     const { name } = input;
     if (typeof name !== 'string' || !VOLUME_NAME.test(name)) throw invalid(`volume name must be 1-63 characters of [a-z0-9._-], got ${JSON.stringify(name)}`, 'name');
     if (input.fromBackup !== undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${input.fromBackup} not found`);
+    if (input.backingImage !== undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${input.backingImage} not found`);
     const sizeBytes = input.sizeBytes as number;
     if (!Number.isSafeInteger(sizeBytes) || sizeBytes % 4096 !== 0) throw invalid(`sizeBytes must be a multiple of 4096, got ${sizeBytes}`, 'sizeBytes');
     const count = input.numberOfReplicas ?? Number(this.settings[0].value);
@@ -132,7 +133,7 @@ export class FakeManagerService implements ManagerService {
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
-      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null,
+      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null, backingImage: null,
       heldByJob: null, pendingAttach: null, lastBackup: null, lastBackupAt: null, recoveryPointAt: null, recoveryPointAgeSeconds: null, recurringJobs: [],
     };
     this.volumes.set(name, {

@@ -261,7 +261,7 @@ test('errors: one line on stderr, exit 1, the server\'s message; usage errors to
   await fails(api, ['volume', 'wait', 'ok', '--state', 'happy'], /--state must be one of/);
   await fails(api, ['volume', 'attach', 'ok', '--timeout', 'soon'], /--timeout must be a number of seconds/);
   // Usage errors in the same one-line form.
-  await fails(api, ['volume', 'create', 'v2'], /^zebu: --size is required \(or --from-backup BACKUP\)$/);
+  await fails(api, ['volume', 'create', 'v2'], /^zebu: --size is required \(or --from-backup BACKUP, or --backing-image IMAGE\)$/);
   await fails(api, ['volume', 'create', 'v2', '--size', '1GiB', '--bogus'], /unknown option '--bogus'/);
   await fails(api, ['volume', 'get'], /missing required argument 'NAME'/);
   // Nothing changed.

@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import {
-  REFETCH_MAX_ATTEMPTS, observeFiles, planBackingImage, refetchWaitMs, validateBackingImage,
+  REFETCH_MAX_ATTEMPTS, imagePlacement, observeFiles, planBackingImage, refetchWaitMs, validateBackingImage,
   type BackingImageFile, type DiskForImage, type PlanInput,
 } from '../../src/manager/backing-images.ts';
 
@@ -82,6 +82,8 @@ test('files of a disk or node that is gone become unknown; every file failed or 
   assert.equal(plan([file('a', 'n1', 'failed'), file('b', 'n2', 'unknown', ago(400))]).action, 'refetch');
   // A failed file next to a ready one is removed (its disk then gets a copy of the ready one).
   assert.deepEqual(plan([file('n1-d1', 'n1', 'ready'), { ...file('n2-d1', 'n2', 'failed'), message: 'changed on disk' }]), { action: 'clean', disks: ['n2-d1'], reason: 'n2-d1: changed on disk' });
+  // Not while a replica still reads it there (it is replaced first).
+  assert.equal(plan([file('n1-d1', 'n1', 'ready'), { ...file('n2-d1', 'n2', 'failed'), message: 'changed on disk' }], { neededOn: ['n2-d1'] }).action, 'copy');
   // One ready, the others unknown: copied from the ready one, nothing fetched.
   assert.deepEqual(plan([file('n1-d1', 'n1', 'ready'), file('x', 'n2', 'unknown', ago(4000))]), { action: 'copy', from: 'n1-d1', to: 'n2-d1' });
   // An upload with every file lost: from its backup when there is one, else it says why not.
@@ -101,4 +103,13 @@ test('fetching again backs off, doubling to a cap, and gives up after the limit'
   assert.match((plan([], { refetch: { attempts: 2, notBefore: later, message: null } }) as { reason: string }).reason, /fetching again at .* \(attempt 3 of 10\)/);
   assert.deepEqual(plan([], { refetch: { attempts: 2, notBefore: ago(1), message: null } }), { action: 'fetch', disk: 'n1-d1', from: 'source' });
   assert.match((plan([], { refetch: { attempts: REFETCH_MAX_ATTEMPTS, notBefore: null, message: null } }) as { reason: string }).reason, /gave up after 10 attempts/);
+});
+
+test('replicas of a volume on an image go where its selectors allow, disks holding a ready file first', () => {
+  const spec = validateBackingImage({ url: 'https://x/i', nodeSelector: ['n1', 'n2'], diskSelector: ['n1-d1', 'n1-d2', 'n2-d1'] });
+  const rules = imagePlacement('base', spec, [file('n1-d2', 'n1', 'ready'), file('n2-d1', 'n2', 'failed')]);
+  assert.deepEqual([...rules.preferred], ['n1-d2']);
+  assert.equal(rules.refusal('n1-d1', 'n1'), null);
+  assert.match(rules.refusal('n3-d1', 'n3')!, /node n3 is not in backing image base's node selector/);
+  assert.match(rules.refusal('n2-d2', 'n2')!, /disk n2-d2 is not in backing image base's disk selector/);
 });

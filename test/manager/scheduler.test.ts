@@ -103,3 +103,15 @@ test('no disks at all', () => {
   assert.equal(r.placements.length, 0);
   assert.match(r.reasons.join(), /no disks/);
 });
+
+test('a volume on a backing image: disks its selectors refuse are skipped, disks with a ready file come first', () => {
+  const image = {
+    refusal: (d: string) => (d === 'c1' ? `disk ${d} is not in backing image base's disk selector` : null),
+    preferred: new Set(['b1']),
+  };
+  const one = scheduleReplicas(1, { sizeBytes: GiB, existing: [], policy, nodes: [node('a'), node('b'), node('c')], disks: [disk('a1', 'a', { storageAvailableBytes: 99 * GiB }), disk('b1', 'b'), disk('c1', 'c')], image });
+  assert.deepEqual(one.placements, [{ nodeId: 'b', diskId: 'b1' }], 'the disk with the file, though another has more room');
+  const three = scheduleReplicas(3, { sizeBytes: GiB, existing: [], policy, nodes: [node('a'), node('b'), node('c')], disks: [disk('a1', 'a'), disk('b1', 'b'), disk('c1', 'c')], image });
+  assert.equal(three.placements.length, 2);
+  assert.ok(three.reasons.some((r) => /c1 is not in backing image base's disk selector/.test(r)), three.reasons.join('; '));
+});

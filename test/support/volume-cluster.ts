@@ -42,7 +42,7 @@ export function freePort(): Promise<number> {
   });
 }
 
-export async function startVolume(t: { after: (fn: () => unknown) => void }, options: { dir: string; replicas: number; sizeBytes: number; name?: string; epoch?: number; extraArgs?: string[] }): Promise<VolumeCluster> {
+export async function startVolume(t: { after: (fn: () => unknown) => void }, options: { dir: string; replicas: number; sizeBytes: number; name?: string; epoch?: number; extraArgs?: string[]; replicaArgs?: (index: number) => string[] }): Promise<VolumeCluster> {
   const name = options.name ?? 'vol';
   const epoch = options.epoch ?? 1;
   const { file: secretFile, secret } = writeSecret(options.dir);
@@ -51,7 +51,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
   for (let i = 0; i < options.replicas; i++) {
     const dir = path.join(options.dir, `replica-${i}`);
     replicaDirs.push(dir);
-    const r = await startReplica({ dir, sizeBytes: options.sizeBytes, secretFile });
+    const r = await startReplica({ dir, sizeBytes: options.sizeBytes, secretFile, extraArgs: options.replicaArgs?.(i) });
     replicas.push(r);
     t.after(() => r.child.kill('SIGKILL'));
   }

@@ -157,6 +157,7 @@ function backupDetails(b: BackupView): string {
     ['target', b.url],
     ['size', `${formatBytes(b.sizeBytes)} (${b.sizeBytes} bytes)`],
     ['incremental from', b.base],
+    ['backing image', b.backingImage === null ? null : `${b.backingImage.name} (sha512 ${b.backingImage.checksum.slice(0, 16)}…; its bytes are in the backup)`],
     ['blocks', b.blocks],
     ['read', b.readBytes === null ? null : formatBytes(b.readBytes)],
     ['uploaded', b.uploadedBytes === null ? null : formatBytes(b.uploadedBytes)],
@@ -276,7 +277,10 @@ export async function backupRestore(backup: string, options: WaitingOptions & { 
 }
 
 /** `zebu volume create NAME --from-backup B [--standby]`. */
-export async function volumeCreateFromBackup(name: string, options: WaitingOptions & { fromBackup: string; size?: string; replicas?: string; standby?: boolean }): Promise<void> {
+export async function volumeCreateFromBackup(name: string, options: WaitingOptions & { fromBackup: string; size?: string; replicas?: string; standby?: boolean; backingImage?: string }): Promise<void> {
+  if (options.backingImage !== undefined) {
+    throw new ZebuError(ErrorCode.EINVAL, 'a backup holds every byte of its volume, those of its backing image too: restore it without backingImage (--backing-image)');
+  }
   await backupRestore(options.fromBackup, { ...options, to: name });
 }
 

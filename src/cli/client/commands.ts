@@ -73,6 +73,7 @@ function volumeDetails(v: VolumeView): string {
     ['state', v.state],
     ['robustness', v.robustness],
     ['node', v.nodeId],
+    ['backing image', v.backingImage === null ? null : `${v.backingImage.name} (sha512 ${v.backingImage.checksum.slice(0, 16)}…)`],
     ['frontend', v.frontend ? 'nbd' : 'none (maintenance)'],
     ['endpoint', v.endpoint],
     ['epoch', v.epoch],
@@ -186,13 +187,15 @@ function replicaDetails(r: ReplicaView): string {
 
 // ---- volumes ----------------------------------------------------------------------------------
 
-export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string }): Promise<void> {
-  const sizeBytes = sizeOption(options.size, ' (or --from-backup BACKUP)');
-  const body: { name: string; sizeBytes: number; numberOfReplicas?: number } = { name, sizeBytes };
+export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string; backingImage?: string }): Promise<void> {
+  const body: { name: string; sizeBytes?: number; numberOfReplicas?: number; backingImage?: string } = { name };
+  // On a backing image the size defaults to the image's.
+  if (options.backingImage !== undefined) body.backingImage = options.backingImage;
+  if (options.backingImage === undefined || options.size !== undefined) body.sizeBytes = sizeOption(options.size, ' (or --from-backup BACKUP, or --backing-image IMAGE)');
   if (options.replicas !== undefined) body.numberOfReplicas = parsePositiveInt(options.replicas, '--replicas');
   const volume = await new ApiClient(options).post<VolumeView>('/v1/volumes', body);
   if (options.json) return printJson(volume);
-  out(`volume ${volume.name} created: ${formatBytes(volume.sizeBytes)}, ${volume.numberOfReplicas} replica(s), ${volume.state}`);
+  out(`volume ${volume.name} created: ${formatBytes(volume.sizeBytes)}, ${volume.numberOfReplicas} replica(s)${volume.backingImage !== null ? `, on backing image ${volume.backingImage.name}` : ''}, ${volume.state}`);
 }
 
 export async function volumeList(options: CommonOptions): Promise<void> {

@@ -81,6 +81,7 @@ export function registerClientCommands(program: Command): void {
     .option('--replicas <N>', 'number of replicas (default: the default-replica-count setting)')
     .option('--from-backup <BACKUP>', 'restore this backup into the new volume')
     .option('--standby', 'with --from-backup: a DR standby that keeps applying newer backups of the same volume until activated')
+    .option('--backing-image <IMAGE>', 'create the volume on this backing image (its base; --size then defaults to the image\'s size)')
     .action((name: string, opts) => (opts.fromBackup !== undefined ? runBackup((c) => c.volumeCreateFromBackup(name, opts)) : run((c) => c.volumeCreate(name, opts))));
   waiting(clientCommand(volume, 'activate <NAME>', 'activate a DR standby volume: apply the newest backup, then allow attaching it'), 'until it is activated')
     .action((name: string, opts) => runBackup((c) => c.volumeActivate(name, opts)));
