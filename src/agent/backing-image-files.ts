@@ -15,6 +15,7 @@ import { Kind, type BackingImageValue, type Objects } from '../manager/objects.t
 import { BACKING_IMAGES_DIR, imageFilePath, type BackingImageFile } from '../manager/backing-images.ts';
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
+import { hashFile } from '../manager/backing-image-writer.ts';
 
 export { imageFilePath };
 const PROGRESS_WRITE_MS = 1000;
@@ -30,17 +31,6 @@ export interface BackingImageFilesOptions {
   /** How often ready files are checked again (default 6 h). */
   verifyEveryMs?: number;
   log: (event: Record<string, unknown>) => void;
-}
-
-/** SHA-512 (hex) and size of a file, streamed. */
-export async function hashFile(file: string, signal?: AbortSignal): Promise<{ checksum: string; sizeBytes: number }> {
-  const hash = crypto.createHash('sha512');
-  let sizeBytes = 0;
-  for await (const chunk of fs.createReadStream(file, { highWaterMark: 1 << 20, signal })) {
-    hash.update(chunk as Buffer);
-    sizeBytes += (chunk as Buffer).length;
-  }
-  return { checksum: hash.digest('hex'), sizeBytes };
 }
 
 export class BackingImageFiles {
@@ -82,6 +72,9 @@ export class BackingImageFiles {
         if (diskPath === undefined || file.nodeId !== this.o.nodeId) continue;
         const key = `${image.name}/${diskName}`;
         if (this.running.has(key)) continue;
+        // The first file of an upload or an export is written by the manager (backing-image-writer.ts).
+        const managerWrites = file.from === 'source' && image.value.spec.source.type !== 'download';
+        if (managerWrites && (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress')) continue;
         if (file.state === 'cleaning') await this.clean(image.name, diskName, diskPath);
         else if (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress') this.start(key, (signal) => this.fetchFile(image, diskName, diskPath, file, signal));
         else if (file.state === 'unknown' || (file.state === 'ready' && Date.now() - (this.checkedAt.get(key) ?? 0) >= (this.o.verifyEveryMs ?? 6 * 3600_000))) {

@@ -55,6 +55,7 @@ export function openapiDocument(routes: RouteSpec[], info: { version: string }):
     if (r.body !== undefined) {
       operation.requestBody = { required: r.bodyOptional !== true, content: { 'application/json': { schema: r.body } } };
     }
+    if (r.consumes !== undefined) operation.requestBody = { required: true, content: { [r.consumes]: { schema: { type: 'string', format: 'binary' } } } };
     if (!r.auth) operation.security = [];
     (paths[openapiPath(r.url)] ??= {})[r.method.toLowerCase()] = operation;
   }

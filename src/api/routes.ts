@@ -10,6 +10,7 @@ import type { RecurringJobInput } from '../manager/recurring-jobs.ts';
 import type { BackingImageServiceImpl } from '../manager/backing-image-service.ts';
 import type { BackingImageInput } from '../manager/backing-images.ts';
 import { bodies, listOf, params, queries, ref, type JsonSchema } from './schemas.ts';
+import { ZebuError, ErrorCode } from '../errors.ts';
 
 export type HttpMethod = 'GET' | 'POST' | 'PUT' | 'PATCH' | 'DELETE';
 
@@ -17,6 +18,9 @@ export interface RouteInput {
   params: Record<string, string>;
   query: Record<string, string | undefined>;
   body: Record<string, unknown>;
+  /** Routes that take raw bytes (`consumes`): the request body, streamed, and its declared length. */
+  stream?: AsyncIterable<Buffer>;
+  contentLength?: number | null;
 }
 
 export interface RouteSpec {
@@ -39,6 +43,8 @@ export interface RouteSpec {
   response?: JsonSchema;
   /** Content type of a success answer other than JSON. */
   produces?: string;
+  /** The route takes raw bytes of this type (streamed to the handler, no size limit) instead of JSON. */
+  consumes?: 'application/octet-stream';
   handler: (input: RouteInput) => Promise<unknown>;
 }
 
@@ -52,7 +58,7 @@ export interface RouteExtras {
 export type RecurringJobService = Pick<RecurringJobServiceImpl, 'listRecurringJobs' | 'getRecurringJob' | 'createRecurringJob' | 'updateRecurringJob' | 'deleteRecurringJob' | 'setVolumeJobs'>;
 
 /** The backing-image operations the API serves. */
-export type BackingImageService = Pick<BackingImageServiceImpl, 'listBackingImages' | 'getBackingImage' | 'createBackingImage' | 'deleteBackingImage'>;
+export type BackingImageService = Pick<BackingImageServiceImpl, 'listBackingImages' | 'getBackingImage' | 'createBackingImage' | 'uploadBackingImage' | 'deleteBackingImage'>;
 
 export function apiRoutes(
   service: ManagerService, backups: BackupService | null, extras: RouteExtras, recurringJobs: RecurringJobService | null = null, backingImages: BackingImageService | null = null,
@@ -262,7 +268,7 @@ function backingImageRoutes(images: BackingImageService, route: RouteMaker): Rou
     }),
     route({
       method: 'POST', url: '/v1/backingimages', operationId: 'createBackingImage', tag: 'backing images',
-      summary: 'Create a backing image downloaded from an http(s) URL (returns at once: poll the image until ready)',
+      summary: 'Create a backing image: downloaded from an http(s) URL, uploaded afterwards, or exported from a volume\'s snapshot (returns at once: poll the image until ready)',
       body: bodies.backingImageCreate, status: 201, response: ref('BackingImage'),
       handler: ({ body }) => images.createBackingImage(body as BackingImageInput & { name?: unknown }),
     }),
@@ -270,6 +276,15 @@ function backingImageRoutes(images: BackingImageService, route: RouteMaker): Rou
       method: 'GET', url: '/v1/backingimages/:name', operationId: 'getBackingImage', tag: 'backing images', summary: 'Get a backing image',
       params: params.backingImage, response: ref('BackingImage'),
       handler: ({ params: p }) => images.getBackingImage(p.name),
+    }),
+    route({
+      method: 'PUT', url: '/v1/backingimages/:name/upload', operationId: 'uploadBackingImage', tag: 'backing images',
+      summary: 'Send the bytes of an upload image (application/octet-stream); answers once they are written and verified',
+      params: params.backingImage, consumes: 'application/octet-stream', response: ref('BackingImage'),
+      handler: ({ params: p, stream, contentLength }) => {
+        if (stream === undefined) throw new ZebuError(ErrorCode.EINVAL, 'send the image as the request body with Content-Type: application/octet-stream');
+        return images.uploadBackingImage(p.name, stream, contentLength ?? null);
+      },
     }),
     route({
       method: 'DELETE', url: '/v1/backingimages/:name', operationId: 'deleteBackingImage', tag: 'backing images',

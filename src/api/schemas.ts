@@ -102,7 +102,11 @@ export const bodies = {
     minCopies: { type: 'integer', description: 'ready files wanted on different disks, 1-10 (default 2)' },
     nodeSelector: { type: 'array', items: objectName, maxItems: 64, description: 'nodes the files may be on (absent: any)' },
     diskSelector: { type: 'array', items: objectName, maxItems: 256, description: 'disks the files may be on (absent: any)' },
-  }, ['name', 'url']),
+    upload: { type: 'boolean', description: 'true: the image is uploaded afterwards (PUT /v1/backingimages/NAME/upload)' },
+    fromVolume: { ...volumeName, description: 'export the image from a snapshot of this (attached) volume' },
+    snapshot: { ...snapshotName, description: 'with fromVolume: the snapshot' },
+    fromBackup: { ...backupName, description: 'restore the image from this backup (not built yet)' },
+  }, ['name']),
   recurringJobCreate: object({ name: jobName, ...recurringJobFields }, ['name', 'task', 'cron']),
   recurringJobUpdate: object(recurringJobFields),
   volumeRecurringJobs: object({

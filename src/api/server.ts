@@ -128,6 +128,10 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
     sendError(reply, new ZebuError(ErrorCode.NOT_FOUND, `no such route: ${request.method} ${request.url.split('?')[0]}`));
   });
 
+  // Raw bytes (an image upload): handed to the route as a stream, never buffered; only routes
+  // that declare `consumes` take them (any other route then fails its body validation).
+  app.addContentTypeParser('application/octet-stream', (_request, payload, done) => done(null, payload));
+
   for (const r of routes) {
     const schema: Record<string, unknown> = {};
     if (r.params !== undefined) schema.params = r.params;
@@ -144,10 +148,16 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
         }
         : undefined,
       handler: async (request, reply) => {
+        const raw = r.consumes !== undefined;
+        const length = Number(request.headers['content-length']);
+        if (raw && request.headers['content-type']?.split(';')[0].trim() !== r.consumes) {
+          throw new ZebuError(ErrorCode.EINVAL, `send the body as ${r.consumes}`);
+        }
         const result = await r.handler({
           params: (request.params ?? {}) as Record<string, string>,
           query: (request.query ?? {}) as Record<string, string | undefined>,
-          body: (request.body ?? {}) as Record<string, unknown>,
+          body: raw ? {} : (request.body ?? {}) as Record<string, unknown>,
+          ...(raw ? { stream: request.body as AsyncIterable<Buffer>, contentLength: Number.isSafeInteger(length) && length >= 0 ? length : null } : {}),
         });
         reply.code(r.status);
         if (r.status === 204) return reply.send();

@@ -11,11 +11,23 @@ import { Kind, type BackingImageValue, type Objects } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, type DiskForImage } from './backing-images.ts';
+import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
+import type { EngineData } from './backup-controller.ts';
+import { isAllZero } from '../backup/format.ts';
+
+/** An export reads the snapshot in pieces of this size. */
+const EXPORT_CHUNK_BYTES = 4 * 1024 * 1024;
 
 export interface BackingImageControllerOptions {
   objects: Objects;
   settings: Settings;
   events: EventRecorder;
+  /** The manager's node: first files of images whose bytes pass through the manager go on its disks. */
+  nodeId: string;
+  /** The manager's writes of first files under way (shared with the service's uploads). */
+  writes: ImageWrites;
+  /** How an export reaches the volume's engine. */
+  engines: EngineData;
   pollMs?: number;
   now?: () => Date;
   log?: (event: Record<string, unknown>) => void;
@@ -116,6 +128,21 @@ export class BackingImageController {
       return;
     }
 
+    // A first file the manager was writing, cut off by a restart of the manager: failed.
+    const cutOff = Object.values(image.value.status.files).filter((f) => this.writtenByManager(image.value, f) && !this.o.writes.has(name, f.diskId));
+    if (cutOff.length > 0) {
+      await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+        for (const c of cutOff) {
+          const f = v.status.files[c.diskId];
+          if (f === undefined || !this.writtenByManager(v, f) || this.o.writes.has(name, f.diskId)) continue;
+          f.state = 'failed';
+          f.message = `cut off: the manager stopped while writing it${v.spec.source.type === 'upload' ? '; upload it again' : ''}`;
+          f.transitionAt = now.toISOString();
+        }
+      });
+      return;
+    }
+
     // Files on disks that are gone or down: unknown.
     const before = Object.values(image.value.status.files);
     const files = observeFiles(before, disks, now);
@@ -140,6 +167,7 @@ export class BackingImageController {
     const plan = planBackingImage({
       spec: image.value.spec, files, disks, sizeBytes: image.value.status.sizeBytes, refetch: image.value.status.refetch,
       hasBackup: false, recoveryWaitSeconds, neededOn, now,
+      fetchNode: image.value.spec.source.type === 'download' ? null : this.o.nodeId,
     });
     const at = now.toISOString();
     switch (plan.action) {
@@ -152,6 +180,8 @@ export class BackingImageController {
         return;
       case 'fetch':
       case 'copy': {
+        // An export is written by the manager; a download (or a copy) by the agent of the disk's node.
+        if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'export-from-volume') return this.startExport(image, plan.disk, disks);
         const disk = plan.action === 'fetch' ? plan.disk : plan.to;
         const node = disks.find((d) => d.name === disk)!.nodeId;
         const file: BackingImageFile = { diskId: disk, nodeId: node, state: 'pending', progress: 0, message: null, transitionAt: at, from: plan.action === 'fetch' ? plan.from : { disk: plan.from } };
@@ -206,6 +236,64 @@ export class BackingImageController {
         return;
       }
     }
+  }
+
+  /** A first file whose bytes the manager writes (not a download, not a copy), on its way. */
+  private writtenByManager(v: BackingImageValue, f: BackingImageFile): boolean {
+    return v.spec.source.type !== 'download' && f.from === 'source' && (f.state === 'pending' || f.state === 'starting' || f.state === 'in-progress');
+  }
+
+  /**
+   * Exports the image's snapshot of its volume into a file on `disk` (of the manager's node),
+   * through the volume's engine: the volume must be attached. Runs in the background; the entry
+   * says how far it is, then ready or failed.
+   */
+  private async startExport(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
+    const name = image.name;
+    const source = image.value.spec.source;
+    if (source.type !== 'export-from-volume' || this.o.writes.any(name)) return;
+    const { volume, snapshot } = source;
+    const [vol, engine, diskObj] = await Promise.all([this.o.objects.get(Kind.Volume, volume), this.o.objects.get(Kind.Engine, volume), this.o.objects.get(Kind.Disk, disk)]);
+    const waiting = vol === null ? `volume ${volume} is gone: the image cannot be exported`
+      : !vol.value.status.snapshots.some((x) => x.name === snapshot) ? `volume ${volume} has no snapshot ${snapshot}`
+        : vol.value.status.state !== 'attached' || engine === null || engine.value.status.state !== 'running' ? `waiting for volume ${volume} to be attached: its snapshot ${snapshot} is read through its engine (zebu volume attach ${volume})`
+          : diskObj === null ? `disk ${disk} is gone` : null;
+    if (waiting !== null) {
+      if (image.value.status.message !== waiting) {
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          v.status.message = waiting;
+        });
+      }
+      return;
+    }
+    const sizeBytes = engine!.value.status.sizeBytes;
+    const node = disks.find((d) => d.name === disk)!.nodeId;
+    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: exporting snapshot ${snapshot} of volume ${volume} onto disk ${disk}`);
+    await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+      v.status.message = null;
+    });
+    void writeImageFile({
+      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj!.value.spec.path, node,
+      doing: `exporting snapshot ${snapshot} of volume ${volume}`,
+      fill: async (file, progress) => {
+        const client = await this.o.engines.openEngineData(engine!.value.spec.nodeId, volume);
+        try {
+          await file.truncate(sizeBytes);
+          for (let offset = 0; offset < sizeBytes; offset += EXPORT_CHUNK_BYTES) {
+            const length = Math.min(EXPORT_CHUNK_BYTES, sizeBytes - offset);
+            const data = await client.readSnapshot(snapshot, offset, length);
+            // Zeros stay holes: the file is as sparse as the snapshot.
+            if (!isAllZero(data)) await file.write(data, 0, length, offset);
+            progress(offset + length, sizeBytes);
+          }
+        } finally {
+          client.close();
+        }
+      },
+    }).then(
+      () => this.event(name, 'Normal', 'BackingImageExported', `backing image ${name}: snapshot ${snapshot} of volume ${volume} exported onto disk ${disk}`),
+      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the export of snapshot ${snapshot} of volume ${volume} failed: ${(err as Error).message}`),
+    ).catch(() => {}).finally(() => void this.kick());
   }
 
   private async event(image: string, type: 'Normal' | 'Warning', reason: string, message: string): Promise<void> {

@@ -2,7 +2,8 @@
  * The backing-image operations the API and CLI use: create (checked by backing-images.ts), list,
  * get and delete. The controller and the agents do the work; views say where every file is.
  */
-import { ZebuError, ErrorCode, invalid } from '../errors.ts';
+import { ZebuError, ErrorCode, invalid, toZebuError } from '../errors.ts';
+import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
 import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackingImageValue, type Objects } from './objects.ts';
 import type { EventRecorder } from './events.ts';
@@ -45,6 +46,10 @@ export interface BackingImageServiceOptions {
   events: EventRecorder;
   /** Wakes the controller. */
   kick?: () => void;
+  /** The manager's node: an upload is written onto one of its disks. */
+  nodeId: string;
+  /** The manager's writes of first files under way (shared with the controller). */
+  writes: ImageWrites;
 }
 
 function stateOf(v: BackingImageValue): BackingImageView['state'] {
@@ -53,6 +58,15 @@ function stateOf(v: BackingImageValue): BackingImageView['state'] {
   if (files.some((f) => f.state === 'starting' || f.state === 'in-progress')) return 'in-progress';
   if (v.status.refetch.attempts >= REFETCH_MAX_ATTEMPTS || (files.length > 0 && files.every((f) => f.state === 'failed'))) return 'failed';
   return 'pending';
+}
+
+function sourceText(source: BackingImageSource): string {
+  switch (source.type) {
+    case 'download': return `from ${source.url}`;
+    case 'upload': return 'to be uploaded';
+    case 'export-from-volume': return `exported from snapshot ${source.snapshot} of volume ${source.volume}`;
+    case 'restore': return `restored from backup ${source.backup}`;
+  }
 }
 
 export class BackingImageServiceImpl {
@@ -102,8 +116,13 @@ export class BackingImageServiceImpl {
     const name = checkBackingImageName(input.name);
     const spec = validateBackingImage(input);
     const source = spec.source;
-    if (source.type !== 'download') {
-      throw invalid(`only images downloaded from a URL can be created so far (${source.type} is not built yet)`, 'source');
+    if (source.type === 'restore') throw invalid('images restored from a backup are not built yet', 'fromBackup');
+    if (source.type === 'export-from-volume') {
+      const volume = await this.o.objects.get(Kind.Volume, source.volume);
+      if (volume === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${source.volume} not found`, { field: 'fromVolume' });
+      if (!volume.value.status.snapshots.some((x) => x.name === source.snapshot)) {
+        throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${source.volume} has no snapshot ${source.snapshot}`, { field: 'snapshot' });
+      }
     }
     try {
       await this.o.objects.create(Kind.BackingImage, name, {
@@ -118,10 +137,72 @@ export class BackingImageServiceImpl {
     }
     await this.o.events.record({
       type: 'Normal', reason: 'BackingImageCreated', kind: Kind.BackingImage, object: name, volume: null,
-      message: `backing image ${name} from ${source.url}, ${spec.minCopies} cop${spec.minCopies === 1 ? 'y' : 'ies'}${spec.expectedChecksum !== null ? ', checksum given' : ''}`,
+      message: `backing image ${name} ${sourceText(source)}, ${spec.minCopies} cop${spec.minCopies === 1 ? 'y' : 'ies'}${spec.expectedChecksum !== null ? ', checksum given' : ''}`,
     });
     this.o.kick?.();
     return this.getBackingImage(name);
+  }
+
+  /**
+   * Receives the bytes of an `upload` image (the request body, streamed) into a file on a disk of
+   * the manager's node; answers once the file is ready (checked against the expected checksum)
+   * or failed. Refused while a file is ready or another upload runs; a failed upload may be sent
+   * again.
+   */
+  async uploadBackingImage(name: string, body: AsyncIterable<Buffer>, sizeBytes: number | null): Promise<BackingImageView> {
+    checkBackingImageName(name);
+    const image = await this.o.objects.get(Kind.BackingImage, name);
+    if (image === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${name} not found`);
+    if (image.value.spec.source.type !== 'upload') throw new ZebuError(ErrorCode.EINVAL, `backing image ${name} is not an upload (its source is ${image.value.spec.source.type})`);
+    if (image.value.deletionRequestedAt !== null) throw new ZebuError(ErrorCode.BUSY, `backing image ${name} is being deleted`);
+    const files = Object.values(image.value.status.files);
+    if (files.some((f) => f.state === 'ready')) throw new ZebuError(ErrorCode.EXISTS, `backing image ${name} is already uploaded (a file is ready)`);
+    if (this.o.writes.any(name) || files.some((f) => f.state === 'pending' || f.state === 'starting' || f.state === 'in-progress')) {
+      throw new ZebuError(ErrorCode.BUSY, `backing image ${name}: an upload is under way`);
+    }
+    const disk = await this.uploadDisk(image.value, sizeBytes);
+    await this.o.events.record({ type: 'Normal', reason: 'BackingImageUploading', kind: Kind.BackingImage, object: name, volume: null, message: `backing image ${name}: receiving the upload onto disk ${disk.name}` });
+    try {
+      await writeImageFile({
+        objects: this.o.objects, writes: this.o.writes, image: name, disk: disk.name, diskPath: disk.path, node: this.o.nodeId, doing: 'receiving the upload',
+        fill: async (file, progress) => {
+          let done = 0;
+          for await (const chunk of body) {
+            if (sizeBytes !== null && done + chunk.length > sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `the upload is longer than its Content-Length ${sizeBytes}`);
+            await file.write(chunk, 0, chunk.length, done);
+            done += chunk.length;
+            progress(done, sizeBytes);
+          }
+          if (sizeBytes !== null && done !== sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `the upload was cut off after ${done} of ${sizeBytes} bytes`);
+        },
+      });
+    } catch (err) {
+      const e = toZebuError(err);
+      await this.o.events.record({ type: 'Warning', reason: 'BackingImageUploadFailed', kind: Kind.BackingImage, object: name, volume: null, message: `backing image ${name}: the upload failed: ${e.message}` });
+      throw e;
+    }
+    await this.o.events.record({ type: 'Normal', reason: 'BackingImageUploaded', kind: Kind.BackingImage, object: name, volume: null, message: `backing image ${name}: upload received and verified on disk ${disk.name}` });
+    this.o.kick?.();
+    return this.getBackingImage(name);
+  }
+
+  /** A disk of the manager's node for an upload: ready, allowed by the selectors, with room. */
+  private async uploadDisk(image: BackingImageValue, sizeBytes: number | null): Promise<{ name: string; path: string }> {
+    const spec = image.spec;
+    const disks = (await this.o.objects.list(Kind.Disk)).filter((d) => d.value.spec.nodeId === this.o.nodeId);
+    const refusals: string[] = [];
+    for (const d of disks.sort((a, b) => a.name.localeCompare(b.name))) {
+      const existing = image.status.files[d.name];
+      const room = d.value.status.storageAvailableBytes - d.value.spec.storageReservedBytes;
+      if (!d.value.status.ready) refusals.push(`disk ${d.name} is not ready`);
+      else if (!d.value.spec.allowScheduling) refusals.push(`disk ${d.name}: scheduling is off`);
+      else if (spec.nodeSelector.length > 0 && !spec.nodeSelector.includes(this.o.nodeId)) refusals.push(`node ${this.o.nodeId} is not in the node selector`);
+      else if (spec.diskSelector.length > 0 && !spec.diskSelector.includes(d.name)) refusals.push(`disk ${d.name} is not in the disk selector`);
+      else if (existing !== undefined && existing.state !== 'failed') refusals.push(`disk ${d.name} has a file (${existing.state})`);
+      else if (sizeBytes !== null && room < sizeBytes) refusals.push(`disk ${d.name} has ${Math.max(0, room)} bytes free, the upload is ${sizeBytes}`);
+      else return { name: d.name, path: d.value.spec.path };
+    }
+    throw new ZebuError(ErrorCode.ENOSPC, `no disk of node ${this.o.nodeId} (where the API runs) can take the upload: ${refusals.join('; ') || 'it has no disks'}`);
   }
 
   /** Marks the image deleting: its files are removed, then the object. Refused while a volume is on it. */

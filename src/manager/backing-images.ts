@@ -200,6 +200,11 @@ export interface PlanInput {
   /** How long a file may be unknown before it counts as lost. */
   recoveryWaitSeconds: number;
   /**
+   * The node whose disks a fetch from the source may go to (the manager's, for sources whose
+   * bytes pass through it: upload, export, restore); absent or null: any.
+   */
+  fetchNode?: string | null;
+  /**
    * Disks a volume's replica (not failed) needs the image on: they come before the `minCopies`
    * spread, and a failed file there is not removed while the replica may still read it.
    */
@@ -232,6 +237,11 @@ function candidateDisks(input: PlanInput, taken: Set<string>): DiskForImage[] {
     .filter((d) => d.availableBytes >= sizeBytes)
     // Spread: disks on nodes without a file first; then by name, so the plan is stable.
     .sort((a, b) => Number(nodesWithFile.has(a.nodeId)) - Number(nodesWithFile.has(b.nodeId)) || a.name.localeCompare(b.name));
+}
+
+/** Disks a fetch from the source (or the image's backup) may go to. */
+function fetchDisks(input: PlanInput, taken: Set<string>): DiskForImage[] {
+  return candidateDisks(input, taken).filter((d) => input.fetchNode == null || d.nodeId === input.fetchNode);
 }
 
 /** What the controller does next for an image (one step; it asks again after each). */
@@ -275,8 +285,8 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   if (files.length === 0 && input.refetch.attempts === 0) {
     if (input.spec.source.type === 'upload' && from === null) return { action: 'wait', reason: 'waiting for the upload of the image (zebu backing-image create NAME --upload FILE sends it)' };
     if (from === null) return { action: 'wait', reason: why };
-    const disk = candidateDisks(input, taken)[0];
-    if (disk === undefined) return { action: 'wait', reason: `no usable disk${input.spec.nodeSelector.length + input.spec.diskSelector.length > 0 ? ' matches the selectors' : ''} has room for the image` };
+    const disk = fetchDisks(input, taken)[0];
+    if (disk === undefined) return { action: 'wait', reason: `no usable disk${input.spec.nodeSelector.length + input.spec.diskSelector.length > 0 ? ' matches the selectors' : ''}${input.fetchNode != null ? ` on node ${input.fetchNode}` : ''} has room for the image` };
     return { action: 'fetch', disk: disk.name, from };
   }
   // Every file lost (or a fetch failed before any file was ready): fetch again, with backoff.
@@ -289,8 +299,8 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   const reason = files.length === 0 ? 'no file of the image is left' : `no file is ready: ${files.map((f) => `${f.diskId} ${f.state}${f.message !== null ? ` (${f.message})` : ''}`).join('; ')}`;
   if (files.length > 0) return { action: 'refetch', cleanup: files.map((f) => f.diskId), from, reason: from === null ? `${reason}; it cannot be fetched again: ${why}` : reason };
   if (from === null) return { action: 'wait', reason: `${reason}; it cannot be fetched again: ${why}` };
-  const disk = candidateDisks(input, taken)[0];
-  if (disk === undefined) return { action: 'wait', reason: `${reason}; no usable disk has room for the image` };
+  const disk = fetchDisks(input, taken)[0];
+  if (disk === undefined) return { action: 'wait', reason: `${reason}; no usable disk${input.fetchNode != null ? ` on node ${input.fetchNode}` : ''} has room for the image` };
   return { action: 'fetch', disk: disk.name, from };
 }
 

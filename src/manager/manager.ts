@@ -18,6 +18,7 @@ import { RecurringJobScheduler } from './recurring-job-scheduler.ts';
 import { JobTasks } from './recurring-job-tasks.ts';
 import { BackingImageController } from './backing-image-controller.ts';
 import { BackingImageServiceImpl } from './backing-image-service.ts';
+import { ImageWrites } from './backing-image-writer.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {
@@ -98,8 +99,14 @@ export class Manager {
         log: this.log,
       }),
     });
-    this.backingImageController = new BackingImageController({ objects: this.objects, settings: this.settings, events: this.events, log: this.log });
-    this.backingImages = new BackingImageServiceImpl({ objects: this.objects, events: this.events, kick: () => void this.backingImageController.kick() });
+    const imageWrites = new ImageWrites();
+    this.backingImageController = new BackingImageController({
+      objects: this.objects, settings: this.settings, events: this.events, log: this.log, nodeId: options.defaultNodeId, writes: imageWrites,
+      engines: options.engineData ?? { openEngineData: () => Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, 'this manager cannot reach engines')) },
+    });
+    this.backingImages = new BackingImageServiceImpl({
+      objects: this.objects, events: this.events, kick: () => void this.backingImageController.kick(), nodeId: options.defaultNodeId, writes: imageWrites,
+    });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,
     });

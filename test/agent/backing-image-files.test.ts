@@ -21,6 +21,7 @@ import { EventRecorder } from '../../src/manager/events.ts';
 import { BackingImageController } from '../../src/manager/backing-image-controller.ts';
 import { validateBackingImage } from '../../src/manager/backing-images.ts';
 import { BackingImageFiles, imageFilePath } from '../../src/agent/backing-image-files.ts';
+import { ImageWrites } from '../../src/manager/backing-image-writer.ts';
 import { tempDir } from '../support/tmp.ts';
 
 const IMAGE = crypto.randomBytes(2 * 1024 * 1024 + 5);
@@ -61,7 +62,10 @@ async function setup(t: { after: (fn: () => void | Promise<void>) => void }, dis
     });
   };
   for (const d of diskNames) await addDisk(d);
-  const controller = new BackingImageController({ objects, settings, events, pollMs: 50 });
+  const controller = new BackingImageController({
+    objects, settings, events, pollMs: 50, nodeId: 'n1', writes: new ImageWrites(),
+    engines: { openEngineData: () => Promise.reject(new Error('no engines here')) },
+  });
   const files = new BackingImageFiles({
     objects, nodeId: 'n1', verifyEveryMs: 100, retryDelayMs: 20, log: () => {},
     // The node's usable disks, as the agent knows them.

@@ -3,6 +3,7 @@
  * the API returned; tables otherwise. `create` waits (with a progress bar on a terminal) until
  * the first file is ready, unless --no-wait.
  */
+import fs from 'node:fs';
 import { ZebuError, ErrorCode } from '../../errors.ts';
 import type { BackingImageView } from '../../manager/backing-image-service.ts';
 import { parsePositiveInt } from '../units.ts';
@@ -13,6 +14,10 @@ import { POLL_INTERVAL_MS, progressBar } from './wait.ts';
 
 export interface BackingImageCreateOptions extends WaitingOptions {
   url?: string;
+  upload?: string;
+  fromVolume?: string;
+  snapshot?: string;
+  fromBackup?: string;
   checksum?: string;
   minCopies?: string;
   node?: string[];
@@ -71,16 +76,53 @@ async function waitReady(client: ApiClient, name: string, wait: number): Promise
 
 export async function backingImageCreate(name: string, options: BackingImageCreateOptions): Promise<void> {
   const client = new ApiClient(options);
-  const body: Record<string, unknown> = { name, url: options.url };
+  const sources = [options.url, options.upload, options.fromVolume, options.fromBackup].filter((x) => x !== undefined).length;
+  if (sources !== 1) throw new ZebuError(ErrorCode.EINVAL, 'give exactly one source: --url URL, --upload FILE, --from-volume VOLUME --snapshot SNAPSHOT, or --from-backup BACKUP');
+  if (options.upload !== undefined && !fs.existsSync(options.upload)) throw new ZebuError(ErrorCode.NOT_FOUND, `cannot read ${options.upload}: no such file`);
+  const body: Record<string, unknown> = { name };
+  if (options.url !== undefined) body.url = options.url;
+  if (options.upload !== undefined) body.upload = true;
+  if (options.fromVolume !== undefined) body.fromVolume = options.fromVolume;
+  if (options.snapshot !== undefined) body.snapshot = options.snapshot;
+  if (options.fromBackup !== undefined) body.fromBackup = options.fromBackup;
   if (options.checksum !== undefined) body.checksum = options.checksum;
   if (options.minCopies !== undefined) body.minCopies = parsePositiveInt(options.minCopies, '--min-copies');
   if (options.node !== undefined) body.nodeSelector = options.node;
   if (options.disk !== undefined) body.diskSelector = options.disk;
   let image = await client.post<BackingImageView>('/v1/backingimages', body);
+  if (options.upload !== undefined) {
+    // The bytes follow the image; the answer comes once they are written and verified.
+    const bar = await progressBar(`uploading ${options.upload}`);
+    try {
+      image = await client.uploadFile<BackingImageView>(`/v1/backingimages/${enc(name)}/upload`, options.upload, {
+        timeoutMs: timeoutMs(options),
+        onProgress: (sent, total) => bar?.update({ fraction: total > 0 ? sent / total : 1, label: 'uploading' }),
+      });
+    } finally {
+      bar?.stop();
+    }
+  }
   if (options.wait !== false) image = await waitReady(client, name, timeoutMs(options));
   if (options.json) printJson(image);
   else out(details(image));
   if (image.state === 'failed') throw new ZebuError(ErrorCode.EIO, `backing image ${name} failed: ${image.refetch.message ?? image.message ?? image.files.map((f) => f.message).join('; ')}`);
+}
+
+/** `zebu backing-image upload NAME FILE`: sends (again) the bytes of an upload image. */
+export async function backingImageUpload(name: string, file: string, options: WaitingOptions): Promise<void> {
+  const client = new ApiClient(options);
+  const bar = await progressBar(`uploading ${file}`);
+  let image: BackingImageView;
+  try {
+    image = await client.uploadFile<BackingImageView>(`/v1/backingimages/${enc(name)}/upload`, file, {
+      timeoutMs: timeoutMs(options),
+      onProgress: (sent, total) => bar?.update({ fraction: total > 0 ? sent / total : 1, label: 'uploading' }),
+    });
+  } finally {
+    bar?.stop();
+  }
+  if (options.json) printJson(image);
+  else out(details(image));
 }
 
 export async function backingImageList(options: CommonOptions): Promise<void> {

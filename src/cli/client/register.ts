@@ -120,13 +120,19 @@ export function registerClientCommands(program: Command): void {
     .action((name: string, opts) => runRecurringJob((c) => c.volumeUpdateJobs(name, opts)));
 
   const images = group(program, 'backing-image', 'base images kept as files on disks, for volumes to start from');
-  waiting(clientCommand(images, 'create <NAME>', 'create a backing image downloaded from an http(s) URL'), 'until its first file is ready')
-    .requiredOption('--url <URL>', 'the http:// or https:// URL of the image (raw)')
+  waiting(clientCommand(images, 'create <NAME>', 'create a backing image: downloaded from a URL, uploaded from a file, or exported from a volume\'s snapshot'), 'until its first file is ready')
+    .option('--url <URL>', 'download the image (raw) from this http:// or https:// URL')
+    .option('--upload <FILE>', 'upload this file (raw) through the API')
+    .option('--from-volume <VOLUME>', 'export the image from a snapshot of this attached volume (with --snapshot)')
+    .option('--snapshot <SNAPSHOT>', 'with --from-volume: the snapshot')
+    .option('--from-backup <BACKUP>', 'restore the image from this backup (not built yet)')
     .option('--checksum <SHA512>', 'SHA-512 the image must have (hex); absent: fixed at the first download')
     .option('--min-copies <N>', 'ready files wanted on different disks (default 2)')
     .option('--node <NODE>', 'a node the files may be on (repeat for more; default any)', collect)
     .option('--disk <DISK>', 'a disk the files may be on (repeat for more; default any)', collect)
     .action((name: string, opts) => runBackingImage((c) => c.backingImageCreate(name, opts)));
+  waiting(clientCommand(images, 'upload <NAME> <FILE>', 'send the bytes of an upload image (again, after a failed upload)'), 'until they are written and verified')
+    .action((name: string, file: string, opts) => runBackingImage((c) => c.backingImageUpload(name, file, opts)));
   clientCommand(images, 'list', 'list backing images')
     .action((opts) => runBackingImage((c) => c.backingImageList(opts)));
   clientCommand(images, 'get <NAME>', 'show a backing image and its files')
