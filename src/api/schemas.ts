@@ -105,7 +105,7 @@ export const bodies = {
     upload: { type: 'boolean', description: 'true: the image is uploaded afterwards (PUT /v1/backingimages/NAME/upload)' },
     fromVolume: { ...volumeName, description: 'export the image from a snapshot of this (attached) volume' },
     snapshot: { ...snapshotName, description: 'with fromVolume: the snapshot' },
-    fromBackup: { ...backupName, description: 'restore the image from this backup (not built yet)' },
+    fromBackup: { ...backupName, description: 'restore the image from this backup' },
   }, ['name']),
   recurringJobCreate: object({ name: jobName, ...recurringJobFields }, ['name', 'task', 'cron']),
   recurringJobUpdate: object(recurringJobFields),

@@ -14,6 +14,9 @@ import { observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, t
 import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
 import type { EngineData } from './backup-controller.ts';
 import { isAllZero } from '../backup/format.ts';
+import type { BackupRepository } from '../backup/repository.ts';
+import { runRestore } from '../backup/restore-job.ts';
+import { ZebuError, ErrorCode } from '../errors.ts';
 
 /** An export reads the snapshot in pieces of this size. */
 const EXPORT_CHUNK_BYTES = 4 * 1024 * 1024;
@@ -28,6 +31,8 @@ export interface BackingImageControllerOptions {
   writes: ImageWrites;
   /** How an export reaches the volume's engine. */
   engines: EngineData;
+  /** The backup target's repository (a restore reads the backup from it). */
+  backups: { repository(): Promise<BackupRepository> };
   pollMs?: number;
   now?: () => Date;
   log?: (event: Record<string, unknown>) => void;
@@ -182,6 +187,7 @@ export class BackingImageController {
       case 'copy': {
         // An export is written by the manager; a download (or a copy) by the agent of the disk's node.
         if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'export-from-volume') return this.startExport(image, plan.disk, disks);
+        if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'restore') return this.startRestore(image, plan.disk, disks);
         const disk = plan.action === 'fetch' ? plan.disk : plan.to;
         const node = disks.find((d) => d.name === disk)!.nodeId;
         const file: BackingImageFile = { diskId: disk, nodeId: node, state: 'pending', progress: 0, message: null, transitionAt: at, from: plan.action === 'fetch' ? plan.from : { disk: plan.from } };
@@ -293,6 +299,60 @@ export class BackingImageController {
     }).then(
       () => this.event(name, 'Normal', 'BackingImageExported', `backing image ${name}: snapshot ${snapshot} of volume ${volume} exported onto disk ${disk}`),
       (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the export of snapshot ${snapshot} of volume ${volume} failed: ${(err as Error).message}`),
+    ).catch(() => {}).finally(() => void this.kick());
+  }
+
+  /**
+   * Restores the image's backup into a file on `disk` (of the manager's node): every block read
+   * from the backup target and checked against its hash (restore-job.ts), zeros left as holes.
+   */
+  private async startRestore(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
+    const name = image.name;
+    const source = image.value.spec.source;
+    if (source.type !== 'restore' || this.o.writes.any(name)) return;
+    const [backup, diskObj] = await Promise.all([this.o.objects.get(Kind.Backup, source.backup), this.o.objects.get(Kind.Disk, disk)]);
+    const waiting = backup === null ? `backup ${source.backup} is gone: the image cannot be restored`
+      : backup.value.status.state !== 'completed' ? `backup ${source.backup} is ${backup.value.status.state}; waiting for it to complete`
+        : diskObj === null ? `disk ${disk} is gone` : null;
+    if (waiting !== null) {
+      if (image.value.status.message !== waiting) {
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          v.status.message = waiting;
+        });
+      }
+      return;
+    }
+    const node = disks.find((d) => d.name === disk)!.nodeId;
+    const concurrency = await this.o.settings.int('backup-concurrency');
+    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: restoring backup ${source.backup} onto disk ${disk}`);
+    await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+      v.status.message = null;
+    });
+    void writeImageFile({
+      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj!.value.spec.path, node,
+      doing: `restoring backup ${source.backup}`,
+      fill: async (file, progress) => {
+        const repo = await this.o.backups.repository();
+        const manifest = await repo.readManifest(backup!.value.spec.volume, source.backup);
+        if (manifest === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${source.backup} of volume ${backup!.value.spec.volume} is not on the backup target ${repo.url}`);
+        await file.truncate(manifest.sizeBytes);
+        await runRestore({
+          repo, manifest, applied: null, sizeBytes: manifest.sizeBytes, concurrency,
+          sink: {
+            write: async (offset, data) => {
+              await file.write(data, 0, data.length, offset);
+            },
+            zero: async (offset, length) => {
+              await file.write(Buffer.alloc(length), 0, length, offset);
+            },
+            flush: () => file.sync(),
+          },
+          onProgress: (p) => progress(p.doneBytes, p.totalBytes),
+        });
+      },
+    }).then(
+      () => this.event(name, 'Normal', 'BackingImageRestored', `backing image ${name}: backup ${source.backup} restored onto disk ${disk}`),
+      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the restore of backup ${source.backup} failed: ${(err as Error).message}`),
     ).catch(() => {}).finally(() => void this.kick());
   }
 

@@ -2,7 +2,7 @@
  * The backing-image operations the API and CLI use: create (checked by backing-images.ts), list,
  * get and delete. The controller and the agents do the work; views say where every file is.
  */
-import { ZebuError, ErrorCode, invalid, toZebuError } from '../errors.ts';
+import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
 import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackingImageValue, type Objects } from './objects.ts';
@@ -116,7 +116,12 @@ export class BackingImageServiceImpl {
     const name = checkBackingImageName(input.name);
     const spec = validateBackingImage(input);
     const source = spec.source;
-    if (source.type === 'restore') throw invalid('images restored from a backup are not built yet', 'fromBackup');
+    if (source.type === 'restore') {
+      const backup = await this.o.objects.get(Kind.Backup, source.backup);
+      if (backup === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${source.backup} not found`, { field: 'fromBackup' });
+      if (backup.value.status.state !== 'completed') throw new ZebuError(ErrorCode.BUSY, `backup ${source.backup} is ${backup.value.status.state}; only a completed backup can be restored`, { field: 'fromBackup' });
+      if (backup.value.spec.deletionRequestedAt !== null) throw new ZebuError(ErrorCode.BUSY, `backup ${source.backup} is being deleted`, { field: 'fromBackup' });
+    }
     if (source.type === 'export-from-volume') {
       const volume = await this.o.objects.get(Kind.Volume, source.volume);
       if (volume === null) throw new ZebuError(ErrorCode.NOT_FOUND, `volume ${source.volume} not found`, { field: 'fromVolume' });

@@ -103,6 +103,7 @@ export class Manager {
     this.backingImageController = new BackingImageController({
       objects: this.objects, settings: this.settings, events: this.events, log: this.log, nodeId: options.defaultNodeId, writes: imageWrites,
       engines: options.engineData ?? { openEngineData: () => Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, 'this manager cannot reach engines')) },
+      backups: { repository: () => this.backupController.repository() },
     });
     this.backingImages = new BackingImageServiceImpl({
       objects: this.objects, events: this.events, kick: () => void this.backingImageController.kick(), nodeId: options.defaultNodeId, writes: imageWrites,

@@ -65,6 +65,7 @@ async function setup(t: { after: (fn: () => void | Promise<void>) => void }, dis
   const controller = new BackingImageController({
     objects, settings, events, pollMs: 50, nodeId: 'n1', writes: new ImageWrites(),
     engines: { openEngineData: () => Promise.reject(new Error('no engines here')) },
+    backups: { repository: () => Promise.reject(new Error('no backup target here')) },
   });
   const files = new BackingImageFiles({
     objects, nodeId: 'n1', verifyEveryMs: 100, retryDelayMs: 20, log: () => {},

@@ -3,7 +3,8 @@
  * upload (streamed through the API, checked against its checksum, copied to a second disk), an
  * upload with the wrong bytes (failed with the reason, sent again), and an export of a volume's
  * snapshot (later writes to the volume are not in it; a volume on the exported image reads as the
- * snapshot). An upload whose every file is lost says plainly that it cannot be fetched again.
+ * snapshot), and a restore of a backup. An upload whose every file is lost says plainly that it
+ * cannot be fetched again.
  * Bad input is refused with the reason.
  */
 import { test } from 'node:test';
@@ -27,7 +28,7 @@ interface FileRow {
   message: string | null;
 }
 
-test('backing images uploaded through the API and exported from a volume\'s snapshot; wrong bytes refused; a lost upload says why', async (t) => {
+test('backing images uploaded through the API, exported from a volume\'s snapshot and restored from a backup; wrong bytes refused; a lost upload says why', async (t) => {
   const dataDir = zebuDataDir(t);
   const work = path.dirname(dataDir);
   const up = await startZebuUp({ dataDir, disks: 3 });
@@ -95,6 +96,21 @@ test('backing images uploaded through the API and exported from a volume\'s snap
   const cloneView = path.join(work, 'clone.raw');
   mustRun('nbdcopy', [cloneUri, cloneView]);
   assert.ok(fs.readFileSync(cloneView).equals(atSnapshot), 'the clone reads as snapshot s1');
+
+  // Restore: a backup of the volume becomes an image holding the volume's bytes at the backup.
+  const targetDir = path.join(work, 'backups');
+  fs.mkdirSync(targetDir);
+  mustZebu(up, ['backup-target', 'set', `file://${targetDir}`]);
+  const nowView = path.join(work, 'src-now.raw');
+  mustRun('nbdcopy', [uri, nowView]);
+  const atBackup = fs.readFileSync(nowView);
+  const backup = mustZebuJson(up, ['backup', 'create', 'src']);
+  assert.equal(backup.state, 'completed');
+  assert.match(zebu(up, ['backing-image', 'create', 'x', '--from-backup', 'backup-nope']).stderr, /backup backup-nope not found/);
+  const restoredImage = mustZebuJson(up, ['backing-image', 'create', 'rs1', '--from-backup', backup.name, '--min-copies', '1']);
+  assert.equal(restoredImage.state, 'ready', JSON.stringify(restoredImage));
+  assert.equal(restoredImage.checksum, sha512(atBackup));
+  assert.equal(restoredImage.sizeBytes, 16 * MiB);
 
   // Every file of an upload lost: nothing to fetch it from, and the status says why.
   for (const f of mustZebuJson(up, ['backing-image', 'get', 'up3']).files as FileRow[]) {

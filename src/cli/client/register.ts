@@ -125,7 +125,7 @@ export function registerClientCommands(program: Command): void {
     .option('--upload <FILE>', 'upload this file (raw) through the API')
     .option('--from-volume <VOLUME>', 'export the image from a snapshot of this attached volume (with --snapshot)')
     .option('--snapshot <SNAPSHOT>', 'with --from-volume: the snapshot')
-    .option('--from-backup <BACKUP>', 'restore the image from this backup (not built yet)')
+    .option('--from-backup <BACKUP>', 'restore the image from this backup (its volume\'s bytes at the backup)')
     .option('--checksum <SHA512>', 'SHA-512 the image must have (hex); absent: fixed at the first download')
     .option('--min-copies <N>', 'ready files wanted on different disks (default 2)')
     .option('--node <NODE>', 'a node the files may be on (repeat for more; default any)', collect)
