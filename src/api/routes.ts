@@ -58,7 +58,7 @@ export interface RouteExtras {
 export type RecurringJobService = Pick<RecurringJobServiceImpl, 'listRecurringJobs' | 'getRecurringJob' | 'createRecurringJob' | 'updateRecurringJob' | 'deleteRecurringJob' | 'setVolumeJobs'>;
 
 /** The backing-image operations the API serves. */
-export type BackingImageService = Pick<BackingImageServiceImpl, 'listBackingImages' | 'getBackingImage' | 'createBackingImage' | 'uploadBackingImage' | 'deleteBackingImage'>;
+export type BackingImageService = Pick<BackingImageServiceImpl, 'listBackingImages' | 'getBackingImage' | 'createBackingImage' | 'uploadBackingImage' | 'backupBackingImage' | 'deleteBackingImage'>;
 
 export function apiRoutes(
   service: ManagerService, backups: BackupService | null, extras: RouteExtras, recurringJobs: RecurringJobService | null = null, backingImages: BackingImageService | null = null,
@@ -285,6 +285,12 @@ function backingImageRoutes(images: BackingImageService, route: RouteMaker): Rou
         if (stream === undefined) throw new ZebuError(ErrorCode.EINVAL, 'send the image as the request body with Content-Type: application/octet-stream');
         return images.uploadBackingImage(p.name, stream, contentLength ?? null);
       },
+    }),
+    route({
+      method: 'POST', url: '/v1/backingimages/:name/backup', operationId: 'backupBackingImage', tag: 'backing images',
+      summary: 'Store the image in the backup target (once per content: its SHA-512 names it); answers when it is there',
+      params: params.backingImage, response: ref('BackingImage'), bodyOptional: true,
+      handler: ({ params: p }) => images.backupBackingImage(p.name),
     }),
     route({
       method: 'DELETE', url: '/v1/backingimages/:name', operationId: 'deleteBackingImage', tag: 'backing images',

@@ -259,6 +259,7 @@ export const views: Record<string, JsonSchema> = {
       }),
     },
     refetch: view({ attempts: int, maxAttempts: int, notBefore: nullable(time), message: nullable(str) }),
+    backup: nullable(view({ targetUrl: str, backup: str, at: time })), backupError: nullable(str),
     message: nullable(str), createdAt: time, deleting: bool,
   }),
   VolumeRecurringJobs: view({

@@ -40,8 +40,11 @@ const zstdCompress = promisify(zlib.zstdCompress);
 const ZSTD_CHUNK_BYTES = 2 * BACKUP_BLOCK_BYTES;
 const zstdDecompress = promisify(zlib.zstdDecompress);
 
-/** Names: what a volume or a backup may be called (also a path part on the target). */
-export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+/**
+ * Names: what a volume or a backup may be called (also a path part on the target). Longer than
+ * the API's names: a backing image's backups go under `Image.NAME` (backing-image-backup.ts).
+ */
+export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$/;
 export const HASH_PATTERN = /^[0-9a-f]{64}$/;
 
 export function blockKey(hash: string): string {

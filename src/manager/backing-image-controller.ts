@@ -10,13 +10,14 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackingImageValue, type Objects } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
-import { observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, type DiskForImage } from './backing-images.ts';
+import { imageFilePath, observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, type DiskForImage } from './backing-images.ts';
 import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
 import type { EngineData } from './backup-controller.ts';
-import { isAllZero } from '../backup/format.ts';
+import { isAllZero, type CompressionName } from '../backup/format.ts';
 import type { BackupRepository } from '../backup/repository.ts';
-import { runRestore } from '../backup/restore-job.ts';
-import { ZebuError, ErrorCode } from '../errors.ts';
+import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
+import { backupImage, restoreImage, restoreManifestInto } from './backing-image-backup.ts';
+import { TARGET_NAME } from './backup-controller.ts';
 
 /** An export reads the snapshot in pieces of this size. */
 const EXPORT_CHUNK_BYTES = 4 * 1024 * 1024;
@@ -45,6 +46,12 @@ export class BackingImageController {
   private timer: NodeJS.Timeout | null = null;
   private pass: Promise<void> | null = null;
   private again = false;
+  /** Backups of images under way, by image. */
+  private readonly backingUp = new Map<string, Promise<{ backup: string; created: boolean }>>();
+  /** When an automatic backup of an image last failed (ms): tried again a minute later. */
+  private readonly backupFailedAt = new Map<string, number>();
+  /** The backup target's URL as last seen (null: none set). */
+  private targetUrl: string | null = null;
 
   constructor(options: BackingImageControllerOptions) {
     this.o = options;
@@ -99,6 +106,7 @@ export class BackingImageController {
     if (images.length === 0) return;
     const disks = await this.disks();
     const recoveryWaitSeconds = await this.o.settings.int('backing-image-recovery-wait-seconds');
+    this.targetUrl = (await this.o.objects.get(Kind.BackupTarget, TARGET_NAME))?.value.spec.url ?? null;
     // The disks each image is needed on: those of the replicas (not failed) of volumes on it.
     const neededOn = new Map<string, string[]>();
     for (const r of await this.o.objects.list(Kind.Replica)) {
@@ -169,9 +177,17 @@ export class BackingImageController {
       });
       await this.event(name, 'Normal', 'BackingImageRecovered', `backing image ${name} has a ready file again`);
     }
+    // An image that cannot be fetched from its source again gets its own copy in the backup
+    // target as soon as it has a ready file and a target is set.
+    const source = image.value.spec.source.type;
+    if ((source === 'upload' || source === 'export-from-volume') && this.targetUrl !== null && !this.hasBackup(image.value)
+      && files.some((f) => f.state === 'ready' && f.nodeId === this.o.nodeId) && !this.backingUp.has(name)
+      && Date.now() - (this.backupFailedAt.get(name) ?? 0) >= 60_000) {
+      void this.backupNow(name).catch(() => {});
+    }
     const plan = planBackingImage({
       spec: image.value.spec, files, disks, sizeBytes: image.value.status.sizeBytes, refetch: image.value.status.refetch,
-      hasBackup: false, recoveryWaitSeconds, neededOn, now,
+      hasBackup: this.hasBackup(image.value), recoveryWaitSeconds, neededOn, now,
       fetchNode: image.value.spec.source.type === 'download' ? null : this.o.nodeId,
     });
     const at = now.toISOString();
@@ -188,6 +204,7 @@ export class BackingImageController {
         // An export is written by the manager; a download (or a copy) by the agent of the disk's node.
         if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'export-from-volume') return this.startExport(image, plan.disk, disks);
         if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'restore') return this.startRestore(image, plan.disk, disks);
+        if (plan.action === 'fetch' && plan.from === 'backup') return this.startRestore(image, plan.disk, disks);
         const disk = plan.action === 'fetch' ? plan.disk : plan.to;
         const node = disks.find((d) => d.name === disk)!.nodeId;
         const file: BackingImageFile = { diskId: disk, nodeId: node, state: 'pending', progress: 0, message: null, transitionAt: at, from: plan.action === 'fetch' ? plan.from : { disk: plan.from } };
@@ -309,7 +326,8 @@ export class BackingImageController {
   private async startRestore(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
     const name = image.name;
     const source = image.value.spec.source;
-    if (source.type !== 'restore' || this.o.writes.any(name)) return;
+    if (this.o.writes.any(name)) return;
+    if (source.type !== 'restore') return this.startImageRestore(image, disk, disks);
     const [backup, diskObj] = await Promise.all([this.o.objects.get(Kind.Backup, source.backup), this.o.objects.get(Kind.Disk, disk)]);
     const waiting = backup === null ? `backup ${source.backup} is gone: the image cannot be restored`
       : backup.value.status.state !== 'completed' ? `backup ${source.backup} is ${backup.value.status.state}; waiting for it to complete`
@@ -335,24 +353,83 @@ export class BackingImageController {
         const repo = await this.o.backups.repository();
         const manifest = await repo.readManifest(backup!.value.spec.volume, source.backup);
         if (manifest === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${source.backup} of volume ${backup!.value.spec.volume} is not on the backup target ${repo.url}`);
-        await file.truncate(manifest.sizeBytes);
-        await runRestore({
-          repo, manifest, applied: null, sizeBytes: manifest.sizeBytes, concurrency,
-          sink: {
-            write: async (offset, data) => {
-              await file.write(data, 0, data.length, offset);
-            },
-            zero: async (offset, length) => {
-              await file.write(Buffer.alloc(length), 0, length, offset);
-            },
-            flush: () => file.sync(),
-          },
-          onProgress: (p) => progress(p.doneBytes, p.totalBytes),
-        });
+        await restoreManifestInto(repo, manifest, file, concurrency, progress);
       },
     }).then(
       () => this.event(name, 'Normal', 'BackingImageRestored', `backing image ${name}: backup ${source.backup} restored onto disk ${disk}`),
       (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the restore of backup ${source.backup} failed: ${(err as Error).message}`),
+    ).catch(() => {}).finally(() => void this.kick());
+  }
+
+  /** The image has a copy in the current backup target. */
+  private hasBackup(v: BackingImageValue): boolean {
+    return this.targetUrl !== null && v.status.backup != null && v.status.backup.targetUrl === this.targetUrl;
+  }
+
+  /**
+   * Stores a ready file of the image (on the manager's node) in the backup target, or joins the
+   * backup under way; records it in the image's status.
+   */
+  backupNow(name: string): Promise<{ backup: string; created: boolean }> {
+    const running = this.backingUp.get(name);
+    if (running !== undefined) return running;
+    const run = (async () => {
+      const image = await this.o.objects.get(Kind.BackingImage, name);
+      if (image === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${name} not found`);
+      const checksum = image.value.status.checksum;
+      const ready = Object.values(image.value.status.files).filter((f) => f.state === 'ready' && f.nodeId === this.o.nodeId);
+      if (checksum === null || ready.length === 0) throw new ZebuError(ErrorCode.BUSY, `backing image ${name} has no ready file on node ${this.o.nodeId} (where the manager runs) to back up`);
+      const diskObj = await this.o.objects.get(Kind.Disk, ready[0].diskId);
+      if (diskObj === null) throw new ZebuError(ErrorCode.BUSY, `disk ${ready[0].diskId} is gone`);
+      const repo = await this.o.backups.repository();
+      try {
+        const result = await backupImage({
+          repo, image: name, checksum, file: imageFilePath(diskObj.value.spec.path, name), sizeBytes: image.value.status.sizeBytes,
+          compression: (await this.o.settings.string('backup-compression')) as CompressionName, concurrency: await this.o.settings.int('backup-concurrency'),
+        });
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          v.status.backup = { targetUrl: repo.url, backup: result.backup, at: new Date().toISOString() };
+          v.status.backupError = null;
+        });
+        this.backupFailedAt.delete(name);
+        await this.event(name, 'Normal', 'BackingImageBackedUp', `backing image ${name}: ${result.created ? 'stored' : 'already'} in the backup target ${repo.url} as ${result.backup}`);
+        return result;
+      } catch (err) {
+        const e = toZebuError(err);
+        this.backupFailedAt.set(name, Date.now());
+        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
+          v.status.backupError = e.message;
+        });
+        await this.event(name, 'Warning', 'BackingImageBackupFailed', `backing image ${name}: its backup to ${repo.url} failed: ${e.message}`);
+        throw e;
+      }
+    })().finally(() => {
+      this.backingUp.delete(name);
+      void this.kick();
+    });
+    this.backingUp.set(name, run);
+    return run;
+  }
+
+  /** Restores the image's own backup (from the target) into a file on `disk`: an upload or export lost everywhere. */
+  private async startImageRestore(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
+    const name = image.name;
+    const saved = image.value.status.backup;
+    const diskObj = await this.o.objects.get(Kind.Disk, disk);
+    if (saved == null || diskObj === null) return;
+    const node = disks.find((d) => d.name === disk)!.nodeId;
+    const concurrency = await this.o.settings.int('backup-concurrency');
+    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: restoring it from its backup ${saved.backup} onto disk ${disk}`);
+    void writeImageFile({
+      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj.value.spec.path, node,
+      doing: `restoring from its backup ${saved.backup}`,
+      fill: async (file, progress) => {
+        const repo = await this.o.backups.repository();
+        await restoreImage({ repo, image: name, backup: saved.backup, file, concurrency, onProgress: progress });
+      },
+    }).then(
+      () => this.event(name, 'Normal', 'BackingImageRestored', `backing image ${name}: restored from its backup ${saved.backup} onto disk ${disk}`),
+      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the restore from its backup ${saved.backup} failed: ${(err as Error).message}`),
     ).catch(() => {}).finally(() => void this.kick());
   }
 

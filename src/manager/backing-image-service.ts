@@ -36,6 +36,10 @@ export interface BackingImageView {
   files: BackingImageFileView[];
   /** Fetches from scratch after every file was lost. */
   refetch: { attempts: number; maxAttempts: number; notBefore: string | null; message: string | null };
+  /** The image's own copy in the backup target (uploads and exports get one automatically), or null. */
+  backup: { targetUrl: string; backup: string; at: string } | null;
+  /** Why the last backup of the image failed, or null. */
+  backupError: string | null;
   message: string | null;
   createdAt: string;
   deleting: boolean;
@@ -50,6 +54,8 @@ export interface BackingImageServiceOptions {
   nodeId: string;
   /** The manager's writes of first files under way (shared with the controller). */
   writes: ImageWrites;
+  /** Stores a ready file of the image in the backup target (the controller does it). */
+  backupNow: (name: string) => Promise<{ backup: string; created: boolean }>;
 }
 
 function stateOf(v: BackingImageValue): BackingImageView['state'] {
@@ -95,6 +101,8 @@ export class BackingImageServiceImpl {
         from: typeof f.from === 'object' ? `disk ${f.from.disk}` : f.from,
       })),
       refetch: { attempts: status.refetch.attempts, maxAttempts: REFETCH_MAX_ATTEMPTS, notBefore: status.refetch.notBefore, message: status.refetch.message },
+      backup: status.backup ?? null,
+      backupError: status.backupError ?? null,
       message: status.message,
       createdAt: image.value.createdAt,
       deleting: image.value.deletionRequestedAt !== null,
@@ -208,6 +216,16 @@ export class BackingImageServiceImpl {
       else return { name: d.name, path: d.value.spec.path };
     }
     throw new ZebuError(ErrorCode.ENOSPC, `no disk of node ${this.o.nodeId} (where the API runs) can take the upload: ${refusals.join('; ') || 'it has no disks'}`);
+  }
+
+  /** Stores the image in the backup target (once per content); answers when it is there. */
+  async backupBackingImage(name: string): Promise<BackingImageView> {
+    checkBackingImageName(name);
+    const image = await this.o.objects.get(Kind.BackingImage, name);
+    if (image === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backing image ${name} not found`);
+    if ((await this.o.objects.get(Kind.BackupTarget, 'default')) === null) throw new ZebuError(ErrorCode.NOT_FOUND, 'no backup target is set (zebu backup-target set URL)');
+    await this.o.backupNow(name);
+    return this.getBackingImage(name);
   }
 
   /** Marks the image deleting: its files are removed, then the object. Refused while a volume is on it. */

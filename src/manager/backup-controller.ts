@@ -13,6 +13,7 @@
  * volume without a frontend and writes it.
  */
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
+import { isImageBackupVolume } from './backing-image-backup.ts';
 import type { StoreObject } from '../store/store.ts';
 import type { ReplicaClient } from '../protocol/client.ts';
 import { Kind, type BackupValue, type Objects, type RestoreStatus, type VolumeValue } from './objects.ts';
@@ -648,7 +649,8 @@ export class BackupController {
     const repo = await this.repository();
     const added: string[] = [];
     const removed: string[] = [];
-    const volumes = await repo.listVolumes();
+    // A backing image's own backups are the image's (its status), not the catalog's.
+    const volumes = (await repo.listVolumes()).filter((v) => !isImageBackupVolume(v));
     const catalog = new Map((await this.o.objects.list(Kind.Backup)).map((b) => [b.name, b]));
     const onTarget = new Set<string>();
     for (const volume of volumes) {

@@ -107,6 +107,7 @@ export class Manager {
     });
     this.backingImages = new BackingImageServiceImpl({
       objects: this.objects, events: this.events, kick: () => void this.backingImageController.kick(), nodeId: options.defaultNodeId, writes: imageWrites,
+      backupNow: (name) => this.backingImageController.backupNow(name),
     });
     this.scrubber = new Scrubber({
       objects: this.objects, settings: this.settings, events: this.events, service: this.service, pollMs: options.scrubPollMs, log: this.log,

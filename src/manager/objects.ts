@@ -400,6 +400,12 @@ export interface BackingImageValue {
     /** By disk name. */
     files: Record<string, BackingImageFile>;
     refetch: RefetchStatus;
+    /**
+     * The image's own copy in the backup target (backing-image-backup.ts): which target, which
+     * backup, when; absent or null: none. `backupError`: why the last backup of it failed.
+     */
+    backup?: { targetUrl: string; backup: string; at: string } | null;
+    backupError?: string | null;
     /** What the controller waits for, or why it cannot go on; null when all is well. */
     message: string | null;
   };

@@ -31,7 +31,7 @@ interface FileRow {
 test('backing images uploaded through the API, exported from a volume\'s snapshot and restored from a backup; wrong bytes refused; a lost upload says why', async (t) => {
   const dataDir = zebuDataDir(t);
   const work = path.dirname(dataDir);
-  const up = await startZebuUp({ dataDir, disks: 3 });
+  let up = await startZebuUp({ dataDir, disks: 3 });
   t.after(() => stopZebuUp(up));
   mustZebu(up, ['setting', 'set', 'backing-image-recovery-wait-seconds', '1']);
   const disks = mustZebuJson<{ name: string; path: string }[]>(up, ['disk', 'list']);
@@ -75,6 +75,23 @@ test('backing images uploaded through the API, exported from a volume\'s snapsho
   mustZebu(up, ['backing-image', 'delete', 'dl']);
   assert.match(zebu(up, ['backing-image', 'create', 'x', '--from-volume', 'nope', '--snapshot', 's1']).stderr, /volume nope not found/);
 
+  // Every file of an upload lost, and no backup target: nothing to fetch it from, the status says why.
+  const spoil = (name: string, on: { api: string; token: string }): void => {
+    for (const f of mustZebuJson(on, ['backing-image', 'get', name]).files as FileRow[]) fs.writeFileSync(fileOn(name, f.disk), Buffer.alloc(16));
+  };
+  spoil('up3', up);
+  // The agent checks files when it starts and periodically; a restart makes it look now.
+  await stopZebuUp(up);
+  up = await startZebuUp({ dataDir, disks: 3 });
+  const lost = await waitFor('the lost upload to say why', () => {
+    const i = mustZebuJson(up, ['backing-image', 'get', 'up3']);
+    return /cannot be fetched again: the image was uploaded and no copy of it is kept in the backup target/.test(i.message ?? '') ? i : undefined;
+  }, 60_000);
+  assert.equal(lost.state, 'failed');
+  // It can be uploaded again.
+  mustZebu(up, ['backing-image', 'upload', 'up3', imageFile]);
+  await waitFor('up3 ready again', () => mustZebuJson(up, ['backing-image', 'get', 'up3']).state === 'ready' || undefined);
+
   // Export: a snapshot of an attached volume; what is written after it is not in the image.
   mustZebu(up, ['volume', 'create', 'src', '--size', '16MiB', '--replicas', '2']);
   const uri = mustZebu(up, ['volume', 'attach', 'src']).trim();
@@ -112,20 +129,25 @@ test('backing images uploaded through the API, exported from a volume\'s snapsho
   assert.equal(restoredImage.checksum, sha512(atBackup));
   assert.equal(restoredImage.sizeBytes, 16 * MiB);
 
-  // Every file of an upload lost: nothing to fetch it from, and the status says why.
-  for (const f of mustZebuJson(up, ['backing-image', 'get', 'up3']).files as FileRow[]) {
-    fs.writeFileSync(fileOn('up3', f.disk), Buffer.alloc(16));
-  }
-  // The agent checks files when it starts and periodically; a restart makes it look now.
+  // With a target set, uploads and exports get their own backup by themselves (up1 asked for too).
+  const saved = await waitFor('the upload backed up', () => mustZebuJson(up, ['backing-image', 'get', 'up3']).backup ?? undefined, 60_000);
+  assert.equal(saved.targetUrl, `file://${targetDir}`);
+  assert.match(mustZebu(up, ['backing-image', 'backup', 'up1']), /backing image up1 is in the backup target file:\/\/.* as image-[0-9a-f]{40}/);
+  await waitFor('the export backed up', () => mustZebuJson(up, ['backing-image', 'get', 'ex1']).backup ?? undefined, 60_000);
+  assert.ok(!mustZebuJson(up, ['backup', 'list']).some((b: { volume: string }) => b.volume.startsWith('Image.')), 'image backups are not volume backups');
+  assert.match(zebu(up, ['backing-image', 'backup', 'nope']).stderr, /backing image nope not found/);
+
+  // Every file of the upload lost again: now it comes back from its backup.
+  spoil('up3', up);
   await stopZebuUp(up);
-  const up2 = await startZebuUp({ dataDir, disks: 3 });
-  t.after(() => stopZebuUp(up2));
-  const lost = await waitFor('the lost upload to say why', () => {
-    const i = mustZebuJson(up2, ['backing-image', 'get', 'up3']);
-    return /cannot be fetched again: the image was uploaded and no copy of it is kept in the backup target/.test(i.message ?? '') ? i : undefined;
-  }, 60_000);
-  assert.equal(lost.state, 'failed');
-  // It can be uploaded again.
-  mustZebu(up2, ['backing-image', 'upload', 'up3', imageFile]);
-  await waitFor('up3 ready again', () => mustZebuJson(up2, ['backing-image', 'get', 'up3']).state === 'ready' || undefined);
+  up = await startZebuUp({ dataDir, disks: 3 });
+  const back = await waitFor('up3 restored from its backup', () => {
+    const i = mustZebuJson(up, ['backing-image', 'get', 'up3']);
+    return i.state === 'ready' && (i.files as FileRow[]).some((f) => f.state === 'ready' && f.from === 'backup') ? i : undefined;
+  }, 90_000);
+  assert.equal(back.checksum, sha512(image));
+  const restoredOn = (back.files as FileRow[]).find((f) => f.from === 'backup')!.disk;
+  assert.ok(fs.readFileSync(fileOn('up3', restoredOn)).equals(image), 'the restored file holds the upload');
+  const reasons = mustZebuJson<{ reason: string }[]>(up, ['events']).map((e) => e.reason);
+  for (const r of ['BackingImageBackedUp', 'BackingImageLost', 'BackingImageRestored']) assert.ok(reasons.includes(r), r);
 });

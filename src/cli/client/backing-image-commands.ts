@@ -42,6 +42,8 @@ function details(i: BackingImageView): string {
     ['copies', `${i.readyCopies} ready of ${i.minCopies} wanted`],
     ['nodes', i.nodeSelector.length > 0 ? i.nodeSelector.join(', ') : null],
     ['disks', i.diskSelector.length > 0 ? i.diskSelector.join(', ') : null],
+    ['backup', i.backup === null ? null : `${i.backup.backup} in ${i.backup.targetUrl} (${i.backup.at})`],
+    ['backup error', i.backupError],
     ['fetched again', i.refetch.attempts === 0 ? null : `${i.refetch.attempts} of at most ${i.refetch.maxAttempts} time(s)${i.refetch.notBefore !== null ? `, next not before ${i.refetch.notBefore}` : ''}: ${i.refetch.message}`],
     ['message', i.message],
     ['created', i.createdAt],
@@ -106,6 +108,13 @@ export async function backingImageCreate(name: string, options: BackingImageCrea
   if (options.json) printJson(image);
   else out(details(image));
   if (image.state === 'failed') throw new ZebuError(ErrorCode.EIO, `backing image ${name} failed: ${image.refetch.message ?? image.message ?? image.files.map((f) => f.message).join('; ')}`);
+}
+
+/** `zebu backing-image backup NAME`: stores the image in the backup target. */
+export async function backingImageBackup(name: string, options: WaitingOptions): Promise<void> {
+  const image = await new ApiClient(options).request<BackingImageView>('POST', `/v1/backingimages/${enc(name)}/backup`, undefined, { timeoutMs: timeoutMs(options) });
+  if (options.json) printJson(image);
+  else out(`backing image ${name} is in the backup target ${image.backup?.targetUrl} as ${image.backup?.backup}`);
 }
 
 /** `zebu backing-image upload NAME FILE`: sends (again) the bytes of an upload image. */

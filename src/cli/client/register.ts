@@ -133,6 +133,8 @@ export function registerClientCommands(program: Command): void {
     .action((name: string, opts) => runBackingImage((c) => c.backingImageCreate(name, opts)));
   waiting(clientCommand(images, 'upload <NAME> <FILE>', 'send the bytes of an upload image (again, after a failed upload)'), 'until they are written and verified')
     .action((name: string, file: string, opts) => runBackingImage((c) => c.backingImageUpload(name, file, opts)));
+  waiting(clientCommand(images, 'backup <NAME>', 'store the image in the backup target (uploads and exports get one by themselves)'), 'until it is stored')
+    .action((name: string, opts) => runBackingImage((c) => c.backingImageBackup(name, opts)));
   clientCommand(images, 'list', 'list backing images')
     .action((opts) => runBackingImage((c) => c.backingImageList(opts)));
   clientCommand(images, 'get <NAME>', 'show a backing image and its files')
