@@ -16,6 +16,7 @@ import { BACKING_IMAGES_DIR, imageFilePath, type BackingImageFile } from '../man
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
 import { hashFile } from '../manager/backing-image-writer.ts';
+import { convertQcow2, isQcow2 } from '../manager/qcow2.ts';
 
 export { imageFilePath };
 const PROGRESS_WRITE_MS = 1000;
@@ -201,8 +202,30 @@ export class BackingImageFiles {
     }
     if (file.from === 'source' && source.type === 'download') {
       const free = fs.statfsSync(path.dirname(target));
-      const r = await downloadImage({ url: source.url, path: target, expectedChecksum: expected, maxBytes: free.bavail * free.bsize, onProgress, fetch: this.o.fetch, retryDelayMs: this.o.retryDelayMs, signal });
-      return { checksum: r.checksum, sizeBytes: r.sizeBytes };
+      // The expected checksum is the published one, of the bytes downloaded (a qcow2 file, say);
+      // the image's own (status) is of the raw file, and is compared once the file is made.
+      const downloaded = `${target}.download`;
+      try {
+        const r = await downloadImage({ url: source.url, path: downloaded, expectedChecksum: image.value.spec.expectedChecksum, maxBytes: free.bavail * free.bsize, onProgress, fetch: this.o.fetch, retryDelayMs: this.o.retryDelayMs, signal });
+        if (!(await isQcow2(downloaded))) {
+          fs.renameSync(downloaded, target);
+          return { checksum: r.checksum, sizeBytes: r.sizeBytes };
+        }
+        const raw = `${target}.part`;
+        try {
+          await convertQcow2(downloaded, raw, signal);
+          const got = await hashFile(raw, signal);
+          const fd = fs.openSync(raw, 'r');
+          fs.fsyncSync(fd);
+          fs.closeSync(fd);
+          fs.renameSync(raw, target);
+          return got;
+        } finally {
+          fs.rmSync(raw, { force: true });
+        }
+      } finally {
+        fs.rmSync(downloaded, { force: true });
+      }
     }
     throw new ZebuError(ErrorCode.UNSUPPORTED, `fetching a ${source.type} image from its ${file.from === 'backup' ? 'backup' : 'source'} is not built yet`);
   }

@@ -177,7 +177,7 @@ export class BackingImageServiceImpl {
     await this.o.events.record({ type: 'Normal', reason: 'BackingImageUploading', kind: Kind.BackingImage, object: name, volume: null, message: `backing image ${name}: receiving the upload onto disk ${disk.name}` });
     try {
       await writeImageFile({
-        objects: this.o.objects, writes: this.o.writes, image: name, disk: disk.name, diskPath: disk.path, node: this.o.nodeId, doing: 'receiving the upload',
+        objects: this.o.objects, writes: this.o.writes, image: name, disk: disk.name, diskPath: disk.path, node: this.o.nodeId, doing: 'receiving the upload', upload: true,
         fill: async (file, progress) => {
           let done = 0;
           for await (const chunk of body) {

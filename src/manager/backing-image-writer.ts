@@ -17,6 +17,7 @@ import path from 'node:path';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { Kind, type Objects } from './objects.ts';
 import { imageFilePath, type BackingImageFile } from './backing-images.ts';
+import { convertQcow2, isQcow2 } from './qcow2.ts';
 
 const PROGRESS_WRITE_MS = 1000;
 
@@ -63,6 +64,11 @@ export interface WriteImageFileOptions {
   /** Shown in the entry while it is written ("receiving the upload"). */
   doing: string;
   fill: ImageFiller;
+  /**
+   * An upload: its bytes are checked against the expected checksum (the published one, of what
+   * was sent), and a qcow2 file is converted to raw, whose checksum is the image's.
+   */
+  upload?: boolean;
 }
 
 /**
@@ -113,13 +119,29 @@ export async function writeImageFile(o: WriteImageFileOptions): Promise<{ checks
       await file.close();
     }
     await writing;
-    const got = await hashFile(part);
+    let got = await hashFile(part);
     if (got.sizeBytes === 0) throw new ZebuError(ErrorCode.EINVAL, 'the image is empty (0 bytes)');
-    let clash: string | null = null;
     const current = await o.objects.get(Kind.BackingImage, o.image);
-    const want = current?.value.status.checksum ?? current?.value.spec.expectedChecksum ?? null;
-    if (want !== null && want !== got.checksum) clash = `checksum mismatch: the image's SHA-512 is ${got.checksum}, expected ${want}`;
-    if (clash !== null) throw new ZebuError(ErrorCode.EINVAL, clash);
+    const expected = current?.value.spec.expectedChecksum ?? null;
+    if (o.upload === true) {
+      if (expected !== null && expected !== got.checksum) throw new ZebuError(ErrorCode.EINVAL, `checksum mismatch: the upload's SHA-512 is ${got.checksum}, expected ${expected}`);
+      if (await isQcow2(part)) {
+        const raw = `${part}.raw`;
+        try {
+          await convertQcow2(part, raw);
+          fs.renameSync(raw, part);
+        } finally {
+          fs.rmSync(raw, { force: true });
+        }
+        const fd = fs.openSync(part, 'r');
+        fs.fsyncSync(fd);
+        fs.closeSync(fd);
+        got = await hashFile(part);
+      }
+    }
+    // The image's own checksum (of the raw file), or the expected one for what is not uploaded.
+    const want = current?.value.status.checksum ?? (o.upload === true ? null : expected);
+    if (want !== null && want !== got.checksum) throw new ZebuError(ErrorCode.EINVAL, `checksum mismatch: the image's SHA-512 is ${got.checksum}, expected ${want}`);
     fs.renameSync(part, target);
     const dir = fs.openSync(path.dirname(target), 'r');
     fs.fsyncSync(dir);

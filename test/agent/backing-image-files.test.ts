@@ -10,6 +10,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -27,7 +28,7 @@ import { tempDir } from '../support/tmp.ts';
 const IMAGE = crypto.randomBytes(2 * 1024 * 1024 + 5);
 const SUM = crypto.createHash('sha512').update(IMAGE).digest('hex');
 
-async function imageServer(t: { after: (fn: () => void) => void }): Promise<{ url: string; requests: () => number; broken: (b: boolean) => void }> {
+async function imageServer(t: { after: (fn: () => void) => void }, body: Buffer = IMAGE): Promise<{ url: string; requests: () => number; broken: (b: boolean) => void }> {
   let requests = 0;
   let broken = false;
   const s = http.createServer((_req, res) => {
@@ -36,7 +37,7 @@ async function imageServer(t: { after: (fn: () => void) => void }): Promise<{ ur
       res.writeHead(500).end('broken');
       return;
     }
-    res.writeHead(200, { 'content-length': IMAGE.length }).end(IMAGE);
+    res.writeHead(200, { 'content-length': body.length }).end(body);
   });
   await new Promise<void>((resolve) => s.listen(0, '127.0.0.1', resolve));
   t.after(() => s.close());
@@ -169,4 +170,25 @@ test('a wrong checksum fails with the reason; a broken server makes fetches fail
   assert.match(waiting.status.refetch.message!, /HTTP 500/);
   assert.ok(Date.parse(waiting.status.refetch.notBefore!) > Date.now() + 5000, 'the next attempt waits');
   server.broken(false);
+});
+
+test('a qcow2 image is converted to raw: its published checksum checks the download, the raw file fixes the image\'s', async (t) => {
+  const dir = tempDir(t);
+  const raw = crypto.randomBytes(3 * 1024 * 1024);
+  fs.writeFileSync(path.join(dir, 'src.raw'), raw);
+  const converted = spawnSync('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', path.join(dir, 'src.raw'), path.join(dir, 'src.qcow2')]);
+  assert.equal(converted.status, 0, converted.stderr?.toString());
+  const qcow2 = fs.readFileSync(path.join(dir, 'src.qcow2'));
+  const server = await imageServer(t, qcow2);
+  const { objects, paths, create } = await setup(t, ['d1', 'd2']);
+  await create('q', { url: server.url, checksum: crypto.createHash('sha512').update(qcow2).digest('hex'), minCopies: 2 });
+  const ready = await until('two ready raw copies', async () => {
+    const v = (await objects.must(Kind.BackingImage, 'q')).value;
+    return Object.values(v.status.files).filter((f) => f.state === 'ready').length === 2 ? v : undefined;
+  });
+  assert.equal(ready.status.checksum, crypto.createHash('sha512').update(raw).digest('hex'), 'the image\'s checksum is the raw file\'s');
+  assert.equal(ready.status.sizeBytes, raw.length);
+  for (const d of ['d1', 'd2']) assert.ok(fs.readFileSync(imageFilePath(paths.get(d)!, 'q')).equals(raw), d);
+  assert.equal(server.requests(), 1);
+  assert.deepEqual(fs.readdirSync(path.dirname(imageFilePath(paths.get('d1')!, 'q'))), ['image.raw'], 'no download or part file left');
 });

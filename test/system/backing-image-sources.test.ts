@@ -58,13 +58,20 @@ test('backing images uploaded through the API, exported from a volume\'s snapsho
   // Wrong bytes: failed with the reason, nothing ready; sent again with the right ones: ready.
   const wrong = zebu(up, ['backing-image', 'create', 'up2', '--upload', imageFile, '--checksum', 'ab'.repeat(64), '--min-copies', '1']);
   assert.equal(wrong.status, 1);
-  assert.match(wrong.stderr, /checksum mismatch: the image's SHA-512 is [0-9a-f]{128}, expected (ab){64}/);
+  assert.match(wrong.stderr, /checksum mismatch: the upload's SHA-512 is [0-9a-f]{128}, expected (ab){64}/);
   const failed = mustZebuJson(up, ['backing-image', 'get', 'up2']);
   assert.equal(failed.readyCopies, 0);
   assert.ok((failed.files as FileRow[]).every((f) => f.state === 'failed'));
   mustZebu(up, ['backing-image', 'delete', 'up2']);
   mustZebu(up, ['backing-image', 'create', 'up3', '--upload', imageFile, '--min-copies', '1']);
   assert.equal(mustZebuJson(up, ['backing-image', 'get', 'up3']).checksum, sha512(image), 'no checksum given: fixed by the upload');
+  // A qcow2 upload is converted: the image is the raw bytes, its --checksum the qcow2 file's.
+  const qcow2File = path.join(work, 'upload.qcow2');
+  mustRun('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', imageFile, qcow2File]);
+  const fromQcow2 = mustZebuJson(up, ['backing-image', 'create', 'upq', '--upload', qcow2File, '--checksum', sha512(fs.readFileSync(qcow2File)), '--min-copies', '1']);
+  assert.equal(fromQcow2.checksum, sha512(image));
+  assert.equal(fromQcow2.sizeBytes, image.length);
+  mustZebu(up, ['backing-image', 'delete', 'upq']);
 
   // Bad input.
   assert.match(zebu(up, ['backing-image', 'create', 'x', '--upload', path.join(work, 'nope.raw')]).stderr, /cannot read .*nope\.raw: no such file/);
