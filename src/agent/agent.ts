@@ -545,6 +545,12 @@ export class Agent {
       return `waiting for backing image ${image} on disk ${diskId}: ${entry.state}${progress}${entry.message !== null ? ` (${entry.message})` : ''}`;
     }
     if (!fs.existsSync(file)) return `waiting for backing image ${image} on disk ${diskId}: ${file} is missing`;
+    // Checked (size and SHA-512) since this agent started: a file changed while the node was
+    // down would hand the replica wrong bytes under every block it does not hold itself.
+    if (!this.imageFiles.isChecked(image, diskId)) {
+      void this.imageFiles.kick();
+      return `waiting for the file of backing image ${image} on disk ${diskId} to be checked`;
+    }
     return null;
   }
 

@@ -47,6 +47,11 @@ export class BackingImageFiles {
     this.o = options;
   }
 
+  /** Whether this file was fetched or checked since this agent started (a replica may read it). */
+  isChecked(image: string, disk: string): boolean {
+    return this.checkedAt.has(`${image}/${disk}`);
+  }
+
   /** One look at every image (one at a time; the agent calls it on changes and periodically). */
   kick(): Promise<void> {
     if (this.stopped) return Promise.resolve();
@@ -247,14 +252,19 @@ export class BackingImageFiles {
       if (signal.aborted) return;
       problem = (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'the file is missing' : `cannot read the file: ${(err as Error).message}`;
     }
-    this.checkedAt.set(`${image}/${disk}`, Date.now());
-    await this.setFile(image, disk, ['ready', 'unknown'], (f) => {
+    const stillThere = await this.setFile(image, disk, ['ready', 'unknown'], (f) => {
       const state = problem === null ? 'ready' : 'failed';
       if (f.state !== state) f.transitionAt = new Date().toISOString();
       f.state = state;
       f.progress = problem === null ? 1 : 0;
       f.message = problem;
     });
-    if (problem !== null) this.o.log({ event: 'backing-image-file-bad', image, disk, problem });
+    // Only a file found good counts as checked (a replica on it may start: agent.ts), and only
+    // once its entry says so; a bad one is failed and checked again only once it is replaced.
+    if (problem === null && stillThere) this.checkedAt.set(`${image}/${disk}`, Date.now());
+    if (problem !== null) {
+      this.checkedAt.delete(`${image}/${disk}`);
+      this.o.log({ event: 'backing-image-file-bad', image, disk, problem });
+    }
   }
 }

@@ -7,7 +7,9 @@
  * from the image is copied). Copies of the image onto the replicas' disks are made from a ready
  * file, never downloaded again. fsck is clean, every file reads back, the replicas are identical,
  * the image files never change, and a second volume on the image still sees the pristine
- * template. Bad input and deleting an image in use are refused with the reason.
+ * template. A backup records the image and restores without it. The image's file under one
+ * replica changed on disk: that replica is replaced and the file copied again. Bad input and
+ * deleting an image in use are refused with the reason.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -74,7 +76,7 @@ test('a volume on a backing image: the template read and mounted, replicas kille
     return output.split('\n').filter((l) => l === 'req /template.raw').length;
   };
 
-  const up = await startZebuUp({ dataDir, disks: 3 });
+  let up = await startZebuUp({ dataDir, disks: 3 });
   t.after(() => stopZebuUp(up));
   // One copy asked for: the copies on the replicas' disks are made because the replicas need them.
   mustZebu(up, ['backing-image', 'create', 'tmpl', '--url', `http://127.0.0.1:${port}/template.raw`, '--checksum', imageSum, '--min-copies', '1']);
@@ -218,4 +220,26 @@ test('a volume on a backing image: the template read and mounted, replicas kille
   mustRun('nbdcopy', [uri3, copy3]);
   assert.equal(sha(fs.readFileSync(copy3)), expectedSum, 'the restore reads as v1');
   fs.rmSync(copy3);
+
+  // The image's file under one of v1's replicas changes on disk: found when the agent checks it
+  // (at its start here), that replica is replaced, and the file copied there again once unused.
+  const victimReplica = replicas().filter((r) => r.failedAt === null)[0];
+  const spoiled = path.join(disks.find((d) => d.name === victimReplica.diskId)!.path, 'backing-images', 'tmpl', 'image.raw');
+  const fd = fs.openSync(spoiled, 'r+');
+  fs.writeSync(fd, Buffer.alloc(4096, 0xee), 0, 4096, 1024 * 1024);
+  fs.closeSync(fd);
+  await stopZebuUp(up);
+  up = await startZebuUp({ dataDir, disks: 3 });
+  await waitFor('the replica on the changed file replaced', () => {
+    const events = mustZebuJson(up, ['events', '--volume', 'v1', '--limit', '1000']);
+    return events.some((e: { reason: string; message: string }) => e.reason === 'ReplicaFailed' && e.message.includes(victimReplica.name) && /backing image tmpl on its disk .* failed/.test(e.message)) || undefined;
+  }, 120_000, 250);
+  await waitFor('healthy again on good files', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'v1']);
+    const image = mustZebuJson(up, ['backing-image', 'get', 'tmpl']);
+    return v.robustness === 'healthy' && !v.replicas.some((r: { name: string }) => r.name === victimReplica.name)
+      && (image.files as { state: string }[]).every((f) => f.state === 'ready') ? v : undefined;
+  }, 180_000, 250);
+  assert.equal(sha(fs.readFileSync(spoiled), 'sha512'), imageSum, 'the changed file was replaced by a good copy');
+  mustZebu(up, ['volume', 'verify', 'v1'], { timeoutMs: 120_000 });
 });
