@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { Kind, type BackingImageValue, type Objects } from '../manager/objects.ts';
-import { BACKING_IMAGES_DIR, imageFilePath, type BackingImageFile } from '../manager/backing-images.ts';
+import { BACKING_IMAGES_DIR, imageFilePath, writtenByManager, type BackingImageFile } from '../manager/backing-images.ts';
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
 import { hashFile } from '../manager/backing-image-writer.ts';
@@ -79,7 +79,7 @@ export class BackingImageFiles {
         const key = `${image.name}/${diskName}`;
         if (this.running.has(key)) continue;
         // The first file of an upload or an export is written by the manager (backing-image-writer.ts).
-        const managerWrites = file.from === 'source' && image.value.spec.source.type !== 'download';
+        const managerWrites = writtenByManager(image.value.spec.source, file.from);
         if (managerWrites && (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress')) continue;
         if (file.state === 'cleaning') await this.clean(image.name, diskName, diskPath);
         else if (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress') this.start(key, (signal) => this.fetchFile(image, diskName, diskPath, file, signal));

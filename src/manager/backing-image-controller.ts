@@ -10,7 +10,7 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, type BackingImageValue, type Objects } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
-import { imageFilePath, observeFiles, planBackingImage, refetchWaitMs, type BackingImageFile, type DiskForImage } from './backing-images.ts';
+import { imageFilePath, observeFiles, planBackingImage, refetchWaitMs, writtenByManager, type BackingImageFile, type DiskForImage } from './backing-images.ts';
 import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
 import type { EngineData } from './backup-controller.ts';
 import { isAllZero, type CompressionName } from '../backup/format.ts';
@@ -263,7 +263,7 @@ export class BackingImageController {
 
   /** A first file whose bytes the manager writes (not a download, not a copy), on its way. */
   private writtenByManager(v: BackingImageValue, f: BackingImageFile): boolean {
-    return v.spec.source.type !== 'download' && f.from === 'source' && (f.state === 'pending' || f.state === 'starting' || f.state === 'in-progress');
+    return writtenByManager(v.spec.source, f.from) && (f.state === 'pending' || f.state === 'starting' || f.state === 'in-progress');
   }
 
   /**
@@ -422,7 +422,7 @@ export class BackingImageController {
     await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: restoring it from its backup ${saved.backup} onto disk ${disk}`);
     void writeImageFile({
       objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj.value.spec.path, node,
-      doing: `restoring from its backup ${saved.backup}`,
+      doing: `restoring from its backup ${saved.backup}`, from: 'backup',
       fill: async (file, progress) => {
         const repo = await this.o.backups.repository();
         await restoreImage({ repo, image: name, backup: saved.backup, file, concurrency, onProgress: progress });

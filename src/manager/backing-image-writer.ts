@@ -69,6 +69,8 @@ export interface WriteImageFileOptions {
    * was sent), and a qcow2 file is converted to raw, whose checksum is the image's.
    */
   upload?: boolean;
+  /** Where the bytes come from (default: the source). */
+  from?: 'source' | 'backup';
 }
 
 /**
@@ -83,7 +85,7 @@ export async function writeImageFile(o: WriteImageFileOptions): Promise<{ checks
   await o.objects.mutate(Kind.BackingImage, o.image, (v) => {
     const current = v.status.files[o.disk];
     if (v.deletionRequestedAt !== null || (current !== undefined && current.state !== 'failed')) return false;
-    const entry: BackingImageFile = { diskId: o.disk, nodeId: o.node, state: 'in-progress', progress: 0, message: o.doing, transitionAt: now(), from: 'source' };
+    const entry: BackingImageFile = { diskId: o.disk, nodeId: o.node, state: 'in-progress', progress: 0, message: o.doing, transitionAt: now(), from: o.from ?? 'source' };
     v.status.files[o.disk] = entry;
     claimed = true;
   });

@@ -239,6 +239,14 @@ function candidateDisks(input: PlanInput, taken: Set<string>): DiskForImage[] {
     .sort((a, b) => Number(nodesWithFile.has(a.nodeId)) - Number(nodesWithFile.has(b.nodeId)) || a.name.localeCompare(b.name));
 }
 
+/**
+ * Whether the manager writes this file (backing-image-writer.ts) rather than the agent of its
+ * node: the first file of an upload, an export or a restore, and any file from the image's backup.
+ */
+export function writtenByManager(source: BackingImageSource, from: BackingImageFile['from']): boolean {
+  return from === 'backup' || (from === 'source' && source.type !== 'download');
+}
+
 /** Disks a fetch from the source (or the image's backup) may go to. */
 function fetchDisks(input: PlanInput, taken: Set<string>): DiskForImage[] {
   return candidateDisks(input, taken).filter((d) => input.fetchNode == null || d.nodeId === input.fetchNode);
@@ -283,11 +291,11 @@ export function planBackingImage(input: PlanInput): ImagePlan {
   if (files.some((f) => f.state === 'cleaning')) return { action: 'wait', reason: 'removing lost files' };
   const { from, why } = refetchSource(input.spec.source, input.hasBackup);
   if (files.length === 0 && input.refetch.attempts === 0) {
-    if (input.spec.source.type === 'upload' && from === null) return { action: 'wait', reason: 'waiting for the upload of the image (zebu backing-image create NAME --upload FILE sends it)' };
-    if (from === null) return { action: 'wait', reason: why };
+    // The first file: from the source (an upload's comes with its bytes, through the API).
+    if (input.spec.source.type === 'upload') return { action: 'wait', reason: 'waiting for the upload of the image (zebu backing-image upload NAME FILE sends it)' };
     const disk = fetchDisks(input, taken)[0];
     if (disk === undefined) return { action: 'wait', reason: `no usable disk${input.spec.nodeSelector.length + input.spec.diskSelector.length > 0 ? ' matches the selectors' : ''}${input.fetchNode != null ? ` on node ${input.fetchNode}` : ''} has room for the image` };
-    return { action: 'fetch', disk: disk.name, from };
+    return { action: 'fetch', disk: disk.name, from: 'source' };
   }
   // Every file lost (or a fetch failed before any file was ready): fetch again, with backoff.
   if (input.refetch.attempts >= REFETCH_MAX_ATTEMPTS) {

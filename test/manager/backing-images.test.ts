@@ -64,6 +64,8 @@ test('the first file is fetched from the source; further copies come from a read
   assert.match((plan([], { disks: full }) as { reason: string }).reason, /no usable disk has room/);
   // An upload with no file yet waits for its bytes; an export is fetched from its source.
   assert.match((plan([], { spec: validateBackingImage({ upload: true }) }) as { reason: string }).reason, /waiting for the upload/);
+  assert.deepEqual(plan([], { spec: validateBackingImage({ fromVolume: 'v1', snapshot: 's1' }), fetchNode: 'n2' }), { action: 'fetch', disk: 'n2-d1', from: 'source' }, 'on the manager\'s node');
+  assert.deepEqual(plan([], { spec: validateBackingImage({ fromBackup: 'backup-1' }) }), { action: 'fetch', disk: 'n1-d1', from: 'source' });
 });
 
 test('files of a disk or node that is gone become unknown; every file failed or unknown past the wait: cleaned up and fetched again', () => {
