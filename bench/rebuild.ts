@@ -4,7 +4,12 @@
  *     bytes costs on this disk);
  *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O;
  *   - the same rebuild while fio writes 4k at random (iodepth 16), and fio's IOPS during it
- *     against fio's IOPS on the same volume without a rebuild.
+ *     against fio's IOPS on the same volume without a rebuild;
+ *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
+ *     copied, then only what the live volume changed since it;
+ *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
+ *     what differs from the image is copied (the new replica has its own copy of the image).
+ * "MiB held" is what the new replica's files take on disk afterwards.
  * Run on demand: `npm run bench:rebuild`.  BENCH_SIZE_MIB (default 1024), BENCH_SECONDS (8).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -74,13 +79,13 @@ interface Volume {
   dir: string;
 }
 
-async function volume(dir: string): Promise<Volume> {
+async function volume(dir: string, replicaArgs: string[] = []): Promise<Volume> {
   fs.mkdirSync(dir, { recursive: true });
   const secretFile = path.join(dir, 'secret');
   fs.writeFileSync(secretFile, 'bench-secret-0123456789abcdef\n');
   const addrs: string[] = [];
   for (let i = 0; i < 2; i++) {
-    const ready = await startReady(['replica', 'serve', '--dir', path.join(dir, `r${i}`), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile]);
+    const ready = await startReady(['replica', 'serve', '--dir', path.join(dir, `r${i}`), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', secretFile, ...replicaArgs]);
     addrs.push(`127.0.0.1:${ready.port}`);
   }
   const port = await freePort();
@@ -90,8 +95,8 @@ async function volume(dir: string): Promise<Volume> {
 }
 
 /** Adds a fresh replica and waits until it is RW; returns the seconds it took. */
-async function rebuild(v: Volume, name: string): Promise<number> {
-  const ready = await startReady(['replica', 'serve', '--dir', path.join(v.dir, name), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', v.secretFile]);
+async function rebuild(v: Volume, name: string, replicaArgs: string[] = []): Promise<number> {
+  const ready = await startReady(['replica', 'serve', '--dir', path.join(v.dir, name), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', v.secretFile, ...replicaArgs]);
   const address = `127.0.0.1:${ready.port}`;
   const started = performance.now();
   await controlRequest(v.control, 'POST', '/v1/replicas', { address });
@@ -102,6 +107,25 @@ async function rebuild(v: Volume, name: string): Promise<number> {
     if (r.mode === 'ERR') throw new Error(`rebuild failed: ${r.reason}`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
+}
+
+/** MiB a directory's files take on disk. */
+function heldMiB(dir: string): string {
+  let bytes = 0;
+  for (const name of fs.readdirSync(dir)) bytes += fs.statSync(path.join(dir, name)).blocks * 512;
+  return (bytes / 1024 / 1024).toFixed(0);
+}
+
+/** Writes every tenth 4 MiB region of the volume (10% of it) with one qemu-io. */
+function writeTenth(uri: string): void {
+  const commands: string[] = [];
+  for (let mib = 0; mib + 4 <= SIZE_MIB; mib += 40) commands.push('-c', `write -P 0x3c ${mib}M 4M`);
+  mustSpawn('qemu-io', ['-f', 'raw', ...commands, '-c', 'flush', uri]);
+}
+
+/** Stops a volume's processes (its rows are measured): the next one has the machine to itself. */
+function stopVolume(v: Volume): void {
+  spawnSync('pkill', ['-9', '-f', v.dir]);
 }
 
 async function main(): Promise<void> {
@@ -116,17 +140,38 @@ async function main(): Promise<void> {
     mustSpawn('cp', [src, path.join(root, 'copy.img')]);
     mustSpawn('sync', []);
     const cpSeconds = (performance.now() - cpStarted) / 1000;
-    rows.push(['cp + sync (baseline)', cpSeconds.toFixed(2), (SIZE_MIB / cpSeconds).toFixed(0), '-']);
+    rows.push(['cp + sync (baseline)', cpSeconds.toFixed(2), (SIZE_MIB / cpSeconds).toFixed(0), '-', String(SIZE_MIB)]);
     fs.rmSync(path.join(root, 'copy.img'));
 
     const v = await volume(path.join(root, 'v'));
     mustSpawn('nbdcopy', [src, v.uri]);
-    fs.rmSync(src);
     const idleSeconds = await rebuild(v, 'idle');
-    rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-']);
+    rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-', heldMiB(path.join(v.dir, 'idle'))]);
+
+    // The data in a snapshot, 10% written since (every tenth 4 MiB region).
+    const s = await volume(path.join(root, 's'));
+    mustSpawn('nbdcopy', [src, s.uri]);
+    await controlRequest(s.control, 'POST', '/v1/snapshots', { name: 'base' });
+    writeTenth(s.uri);
+    const snapSeconds = await rebuild(s, 'new');
+    rows.push(['zebu rebuild, data in a snapshot + 10% since', snapSeconds.toFixed(2), (SIZE_MIB / snapSeconds).toFixed(0), '-', heldMiB(path.join(s.dir, 'new'))]);
+    stopVolume(s);
+
+    // On a backing image holding the data, 10% written.
+    let imageRow: string[];
+    try {
+      const b = await volume(path.join(root, 'b'), ['--backing', src]);
+      writeTenth(b.uri);
+      const imageSeconds = await rebuild(b, 'new', ['--backing', src]);
+      imageRow = ['zebu rebuild, on a backing image + 10% written', imageSeconds.toFixed(2), (SIZE_MIB / imageSeconds).toFixed(0), '-', heldMiB(path.join(b.dir, 'new'))];
+      stopVolume(b);
+    } catch (err) {
+      imageRow = ['zebu rebuild, on a backing image + 10% written', 'refused', '-', '-', (err as Error).message.slice(0, 60)];
+    }
+    rows.push(imageRow);
 
     const alone = iopsOf(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
-    rows.push(['fio 4k randwrite alone (IOPS)', '-', '-', alone.toFixed(0)]);
+    rows.push(['fio 4k randwrite alone (IOPS)', '-', '-', alone.toFixed(0), '-']);
 
     // fio runs long enough to cover the rebuild; its IOPS is measured over the whole run.
     const fio = spawn('fio', fioArgs(v.uri, Math.max(SECONDS, Math.ceil(idleSeconds * 3))), { stdio: ['ignore', 'pipe', 'ignore'] });
@@ -137,13 +182,13 @@ async function main(): Promise<void> {
     await new Promise((resolve) => setTimeout(resolve, 1000));
     const loadedSeconds = await rebuild(v, 'loaded');
     await fioDone;
-    rows.push(['zebu rebuild under fio 4k randwrite', loadedSeconds.toFixed(2), (SIZE_MIB / loadedSeconds).toFixed(0), iopsOf(out).toFixed(0)]);
+    rows.push(['zebu rebuild under fio 4k randwrite', loadedSeconds.toFixed(2), (SIZE_MIB / loadedSeconds).toFixed(0), iopsOf(out).toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 1000));
     fs.rmSync(root, { recursive: true, force: true });
   }
-  const header = ['what', 'seconds', 'MiB/s', 'fio IOPS'];
+  const header = ['what', 'seconds', 'MiB/s', 'fio IOPS', 'MiB held'];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ');
   console.log(`${SIZE_MIB} MiB volume, full of data, 2 replicas -> 3, ${os.cpus().length} cores`);
