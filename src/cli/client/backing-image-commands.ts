@@ -120,6 +120,11 @@ export async function backingImageBackup(name: string, options: WaitingOptions):
 /** `zebu backing-image upload NAME FILE`: sends (again) the bytes of an upload image. */
 export async function backingImageUpload(name: string, file: string, options: WaitingOptions): Promise<void> {
   const client = new ApiClient(options);
+  // Asked first: a refusal then comes before the bytes, not as a connection cut mid-upload.
+  const before = await client.get<BackingImageView>(`/v1/backingimages/${enc(name)}`);
+  if (before.source.type !== 'upload') throw new ZebuError(ErrorCode.EINVAL, `backing image ${name} is not an upload (its source is ${before.source.type})`);
+  if (before.readyCopies > 0) throw new ZebuError(ErrorCode.EXISTS, `backing image ${name} is already uploaded (a file is ready)`);
+  if (!fs.existsSync(file)) throw new ZebuError(ErrorCode.NOT_FOUND, `cannot read ${file}: no such file`);
   const bar = await progressBar(`uploading ${file}`);
   let image: BackingImageView;
   try {
