@@ -15,7 +15,7 @@ import { Kind, type BackingImageValue, type Objects } from '../manager/objects.t
 import { BACKING_IMAGES_DIR, imageFilePath, writtenByManager, type BackingImageFile } from '../manager/backing-images.ts';
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
-import { hashFile } from '../manager/backing-image-writer.ts';
+import { hashFile, moveIntoPlace } from '../manager/backing-image-writer.ts';
 import { convertQcow2, isQcow2 } from '../manager/qcow2.ts';
 
 export { imageFilePath };
@@ -196,10 +196,7 @@ export class BackingImageFiles {
         const got = await hashFile(part, signal);
         onProgress(got.sizeBytes, got.sizeBytes);
         if (expected !== null && got.checksum !== expected) throw new ZebuError(ErrorCode.EINVAL, `the copy from disk ${file.from.disk} has SHA-512 ${got.checksum}, not the image's ${expected}`);
-        const fd = fs.openSync(part, 'r');
-        fs.fsyncSync(fd);
-        fs.closeSync(fd);
-        fs.renameSync(part, target);
+        await moveIntoPlace(part, target);
         return got;
       } finally {
         fs.rmSync(part, { force: true });
@@ -213,17 +210,14 @@ export class BackingImageFiles {
       try {
         const r = await downloadImage({ url: source.url, path: downloaded, expectedChecksum: image.value.spec.expectedChecksum, maxBytes: free.bavail * free.bsize, onProgress, fetch: this.o.fetch, retryDelayMs: this.o.retryDelayMs, signal });
         if (!(await isQcow2(downloaded))) {
-          fs.renameSync(downloaded, target);
+          await moveIntoPlace(downloaded, target);
           return { checksum: r.checksum, sizeBytes: r.sizeBytes };
         }
         const raw = `${target}.part`;
         try {
           await convertQcow2(downloaded, raw, signal);
           const got = await hashFile(raw, signal);
-          const fd = fs.openSync(raw, 'r');
-          fs.fsyncSync(fd);
-          fs.closeSync(fd);
-          fs.renameSync(raw, target);
+          await moveIntoPlace(raw, target);
           return got;
         } finally {
           fs.rmSync(raw, { force: true });

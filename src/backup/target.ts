@@ -416,7 +416,7 @@ export class FileTarget implements BackupTarget {
 }
 
 /** fsync of a file or a directory (a directory's fsync makes the names in it durable). */
-async function syncPath(p: string): Promise<void> {
+export async function syncPath(p: string): Promise<void> {
   const handle = await fsp.open(p, 'r');
   try {
     await handle.sync();

@@ -18,6 +18,7 @@ import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { Kind, type Objects } from './objects.ts';
 import { imageFilePath, type BackingImageFile } from './backing-images.ts';
 import { convertQcow2, isQcow2 } from './qcow2.ts';
+import { syncPath } from '../backup/target.ts';
 
 const PROGRESS_WRITE_MS = 1000;
 
@@ -49,6 +50,16 @@ export async function hashFile(file: string, signal?: AbortSignal): Promise<{ ch
     sizeBytes += (chunk as Buffer).length;
   }
   return { checksum: hash.digest('hex'), sizeBytes };
+}
+
+/**
+ * Makes `part` durable, then renames it to `target` and makes the name durable: a file at
+ * `target` is always whole.
+ */
+export async function moveIntoPlace(part: string, target: string): Promise<void> {
+  await syncPath(part);
+  fs.renameSync(part, target);
+  await syncPath(path.dirname(target));
 }
 
 /** What fills the part file: writes at offsets through `write`, says how far it got through `progress`. */
@@ -116,7 +127,6 @@ export async function writeImageFile(o: WriteImageFileOptions): Promise<{ checks
     const file = await fs.promises.open(part, 'w');
     try {
       await o.fill(file, progress);
-      await file.sync();
     } finally {
       await file.close();
     }
@@ -135,19 +145,13 @@ export async function writeImageFile(o: WriteImageFileOptions): Promise<{ checks
         } finally {
           fs.rmSync(raw, { force: true });
         }
-        const fd = fs.openSync(part, 'r');
-        fs.fsyncSync(fd);
-        fs.closeSync(fd);
         got = await hashFile(part);
       }
     }
     // The image's own checksum (of the raw file), or the expected one for what is not uploaded.
     const want = current?.value.status.checksum ?? (o.upload === true ? null : expected);
     if (want !== null && want !== got.checksum) throw new ZebuError(ErrorCode.EINVAL, `checksum mismatch: the image's SHA-512 is ${got.checksum}, expected ${want}`);
-    fs.renameSync(part, target);
-    const dir = fs.openSync(path.dirname(target), 'r');
-    fs.fsyncSync(dir);
-    fs.closeSync(dir);
+    await moveIntoPlace(part, target);
     await o.objects.mutate(Kind.BackingImage, o.image, (v) => {
       const f = v.status.files[o.disk];
       if (f === undefined || f.state !== 'in-progress') return false;
