@@ -11,7 +11,7 @@ import { Kind, type BackingImageValue, type Objects } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
 import { imageFilePath, observeFiles, planBackingImage, refetchWaitMs, writtenByManager, type BackingImageFile, type DiskForImage } from './backing-images.ts';
-import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
+import { writeImageFile, type ImageFiller, type ImageWrites } from './backing-image-writer.ts';
 import type { EngineData } from './backup-controller.ts';
 import { isAllZero, type CompressionName } from '../backup/format.ts';
 import type { BackupRepository } from '../backup/repository.ts';
@@ -201,10 +201,9 @@ export class BackingImageController {
         return;
       case 'fetch':
       case 'copy': {
-        // An export is written by the manager; a download (or a copy) by the agent of the disk's node.
-        if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'export-from-volume') return this.startExport(image, plan.disk, disks);
-        if (plan.action === 'fetch' && plan.from === 'source' && image.value.spec.source.type === 'restore') return this.startRestore(image, plan.disk, disks);
-        if (plan.action === 'fetch' && plan.from === 'backup') return this.startRestore(image, plan.disk, disks);
+        // An export, a restore or a fetch from the image's backup is written by the manager; a
+        // download or a copy by the agent of the disk's node.
+        if (plan.action === 'fetch' && writtenByManager(image.value.spec.source, plan.from)) return this.startManagerFetch(image, plan.disk, plan.from, disks);
         const disk = plan.action === 'fetch' ? plan.disk : plan.to;
         const node = disks.find((d) => d.name === disk)!.nodeId;
         const file: BackingImageFile = { diskId: disk, nodeId: node, state: 'pending', progress: 0, message: null, transitionAt: at, from: plan.action === 'fetch' ? plan.from : { disk: plan.from } };
@@ -267,72 +266,84 @@ export class BackingImageController {
   }
 
   /**
-   * Exports the image's snapshot of its volume into a file on `disk` (of the manager's node),
-   * through the volume's engine: the volume must be attached. Runs in the background; the entry
-   * says how far it is, then ready or failed.
+   * What the manager's write of an image's first file (from its source, or from its own backup)
+   * needs: what it still waits for, and else what it does and how it fills the file.
    */
-  private async startExport(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
-    const name = image.name;
+  private async managerFetch(image: StoreObject<BackingImageValue>, from: 'source' | 'backup'): Promise<
+    { waiting: string } | { waiting: null; what: string; doneReason: string; fill: ImageFiller }
+  > {
     const source = image.value.spec.source;
-    if (source.type !== 'export-from-volume' || this.o.writes.any(name)) return;
-    const { volume, snapshot } = source;
-    const [vol, engine, diskObj] = await Promise.all([this.o.objects.get(Kind.Volume, volume), this.o.objects.get(Kind.Engine, volume), this.o.objects.get(Kind.Disk, disk)]);
-    const waiting = vol === null ? `volume ${volume} is gone: the image cannot be exported`
-      : !vol.value.status.snapshots.some((x) => x.name === snapshot) ? `volume ${volume} has no snapshot ${snapshot}`
-        : vol.value.status.state !== 'attached' || engine === null || engine.value.status.state !== 'running' ? `waiting for volume ${volume} to be attached: its snapshot ${snapshot} is read through its engine (zebu volume attach ${volume})`
-          : diskObj === null ? `disk ${disk} is gone` : null;
-    if (waiting !== null) {
-      if (image.value.status.message !== waiting) {
-        await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
-          v.status.message = waiting;
-        });
-      }
-      return;
+    const concurrency = await this.o.settings.int('backup-concurrency');
+    if (from === 'backup') {
+      const saved = image.value.status.backup;
+      if (saved == null) return { waiting: `backing image ${image.name} has no backup to be restored from` };
+      return {
+        waiting: null, what: `restoring it from its backup ${saved.backup}`, doneReason: 'BackingImageRestored',
+        fill: async (file, progress) => {
+          await restoreImage({ repo: await this.o.backups.repository(), image: image.name, backup: saved.backup, file, concurrency, onProgress: progress });
+        },
+      };
     }
-    const sizeBytes = engine!.value.status.sizeBytes;
-    const node = disks.find((d) => d.name === disk)!.nodeId;
-    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: exporting snapshot ${snapshot} of volume ${volume} onto disk ${disk}`);
-    await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
-      v.status.message = null;
-    });
-    void writeImageFile({
-      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj!.value.spec.path, node,
-      doing: `exporting snapshot ${snapshot} of volume ${volume}`,
-      fill: async (file, progress) => {
-        const client = await this.o.engines.openEngineData(engine!.value.spec.nodeId, volume);
-        try {
-          await file.truncate(sizeBytes);
-          for (let offset = 0; offset < sizeBytes; offset += EXPORT_CHUNK_BYTES) {
-            const length = Math.min(EXPORT_CHUNK_BYTES, sizeBytes - offset);
-            const data = await client.readSnapshot(snapshot, offset, length);
-            // Zeros stay holes: the file is as sparse as the snapshot.
-            if (!isAllZero(data)) await file.write(data, 0, length, offset);
-            progress(offset + length, sizeBytes);
+    if (source.type === 'export-from-volume') {
+      // Read through the volume's engine: the volume must be attached.
+      const { volume, snapshot } = source;
+      const [vol, engine] = await Promise.all([this.o.objects.get(Kind.Volume, volume), this.o.objects.get(Kind.Engine, volume)]);
+      if (vol === null) return { waiting: `volume ${volume} is gone: the image cannot be exported` };
+      if (!vol.value.status.snapshots.some((x) => x.name === snapshot)) return { waiting: `volume ${volume} has no snapshot ${snapshot}` };
+      if (vol.value.status.state !== 'attached' || engine === null || engine.value.status.state !== 'running') {
+        return { waiting: `waiting for volume ${volume} to be attached: its snapshot ${snapshot} is read through its engine (zebu volume attach ${volume})` };
+      }
+      const sizeBytes = engine.value.status.sizeBytes;
+      return {
+        waiting: null, what: `exporting snapshot ${snapshot} of volume ${volume}`, doneReason: 'BackingImageExported',
+        fill: async (file, progress) => {
+          const client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
+          try {
+            await file.truncate(sizeBytes);
+            for (let offset = 0; offset < sizeBytes; offset += EXPORT_CHUNK_BYTES) {
+              const length = Math.min(EXPORT_CHUNK_BYTES, sizeBytes - offset);
+              const data = await client.readSnapshot(snapshot, offset, length);
+              // Zeros stay holes: the file is as sparse as the snapshot.
+              if (!isAllZero(data)) await file.write(data, 0, length, offset);
+              progress(offset + length, sizeBytes);
+            }
+          } finally {
+            client.close();
           }
-        } finally {
-          client.close();
-        }
-      },
-    }).then(
-      () => this.event(name, 'Normal', 'BackingImageExported', `backing image ${name}: snapshot ${snapshot} of volume ${volume} exported onto disk ${disk}`),
-      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the export of snapshot ${snapshot} of volume ${volume} failed: ${(err as Error).message}`),
-    ).catch(() => {}).finally(() => void this.kick());
+        },
+      };
+    }
+    if (source.type === 'restore') {
+      // Every block read from the backup target is checked against its hash (restore-job.ts).
+      const backup = await this.o.objects.get(Kind.Backup, source.backup);
+      if (backup === null) return { waiting: `backup ${source.backup} is gone: the image cannot be restored` };
+      if (backup.value.status.state !== 'completed') return { waiting: `backup ${source.backup} is ${backup.value.status.state}; waiting for it to complete` };
+      const volume = backup.value.spec.volume;
+      return {
+        waiting: null, what: `restoring backup ${source.backup}`, doneReason: 'BackingImageRestored',
+        fill: async (file, progress) => {
+          const repo = await this.o.backups.repository();
+          const manifest = await repo.readManifest(volume, source.backup);
+          if (manifest === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${source.backup} of volume ${volume} is not on the backup target ${repo.url}`);
+          await restoreManifestInto(repo, manifest, file, concurrency, progress);
+        },
+      };
+    }
+    return { waiting: `${source.type} images are not fetched by the manager from their source` };
   }
 
   /**
-   * Restores the image's backup into a file on `disk` (of the manager's node): every block read
-   * from the backup target and checked against its hash (restore-job.ts), zeros left as holes.
+   * Writes the first file of an image whose bytes pass through the manager (an export, a restore,
+   * or any image from its own backup) onto `disk` of the manager's node, in the background; the
+   * entry says how far it is, then ready or failed. Until it can start, the image's message says why.
    */
-  private async startRestore(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
+  private async startManagerFetch(image: StoreObject<BackingImageValue>, disk: string, from: 'source' | 'backup', disks: DiskForImage[]): Promise<void> {
     const name = image.name;
-    const source = image.value.spec.source;
     if (this.o.writes.any(name)) return;
-    if (source.type !== 'restore') return this.startImageRestore(image, disk, disks);
-    const [backup, diskObj] = await Promise.all([this.o.objects.get(Kind.Backup, source.backup), this.o.objects.get(Kind.Disk, disk)]);
-    const waiting = backup === null ? `backup ${source.backup} is gone: the image cannot be restored`
-      : backup.value.status.state !== 'completed' ? `backup ${source.backup} is ${backup.value.status.state}; waiting for it to complete`
-        : diskObj === null ? `disk ${disk} is gone` : null;
-    if (waiting !== null) {
+    const diskObj = await this.o.objects.get(Kind.Disk, disk);
+    const job = diskObj === null ? { waiting: `disk ${disk} is gone` } : await this.managerFetch(image, from);
+    if (job.waiting !== null) {
+      const waiting = job.waiting;
       if (image.value.status.message !== waiting) {
         await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
           v.status.message = waiting;
@@ -341,23 +352,15 @@ export class BackingImageController {
       return;
     }
     const node = disks.find((d) => d.name === disk)!.nodeId;
-    const concurrency = await this.o.settings.int('backup-concurrency');
-    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: restoring backup ${source.backup} onto disk ${disk}`);
+    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: ${job.what} onto disk ${disk}`);
     await this.o.objects.mutate(Kind.BackingImage, name, (v) => {
       v.status.message = null;
     });
     void writeImageFile({
-      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj!.value.spec.path, node,
-      doing: `restoring backup ${source.backup}`,
-      fill: async (file, progress) => {
-        const repo = await this.o.backups.repository();
-        const manifest = await repo.readManifest(backup!.value.spec.volume, source.backup);
-        if (manifest === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${source.backup} of volume ${backup!.value.spec.volume} is not on the backup target ${repo.url}`);
-        await restoreManifestInto(repo, manifest, file, concurrency, progress);
-      },
+      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj!.value.spec.path, node, doing: job.what, from, fill: job.fill,
     }).then(
-      () => this.event(name, 'Normal', 'BackingImageRestored', `backing image ${name}: backup ${source.backup} restored onto disk ${disk}`),
-      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the restore of backup ${source.backup} failed: ${(err as Error).message}`),
+      () => this.event(name, 'Normal', job.doneReason, `backing image ${name}: ${job.what} onto disk ${disk}: done`),
+      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: ${job.what} failed: ${(err as Error).message}`),
     ).catch(() => {}).finally(() => void this.kick());
   }
 
@@ -409,28 +412,6 @@ export class BackingImageController {
     });
     this.backingUp.set(name, run);
     return run;
-  }
-
-  /** Restores the image's own backup (from the target) into a file on `disk`: an upload or export lost everywhere. */
-  private async startImageRestore(image: StoreObject<BackingImageValue>, disk: string, disks: DiskForImage[]): Promise<void> {
-    const name = image.name;
-    const saved = image.value.status.backup;
-    const diskObj = await this.o.objects.get(Kind.Disk, disk);
-    if (saved == null || diskObj === null) return;
-    const node = disks.find((d) => d.name === disk)!.nodeId;
-    const concurrency = await this.o.settings.int('backup-concurrency');
-    await this.event(name, 'Normal', 'BackingImageFetching', `backing image ${name}: restoring it from its backup ${saved.backup} onto disk ${disk}`);
-    void writeImageFile({
-      objects: this.o.objects, writes: this.o.writes, image: name, disk, diskPath: diskObj.value.spec.path, node,
-      doing: `restoring from its backup ${saved.backup}`, from: 'backup',
-      fill: async (file, progress) => {
-        const repo = await this.o.backups.repository();
-        await restoreImage({ repo, image: name, backup: saved.backup, file, concurrency, onProgress: progress });
-      },
-    }).then(
-      () => this.event(name, 'Normal', 'BackingImageRestored', `backing image ${name}: restored from its backup ${saved.backup} onto disk ${disk}`),
-      (err) => this.event(name, 'Warning', 'BackingImageFetchFailed', `backing image ${name}: the restore from its backup ${saved.backup} failed: ${(err as Error).message}`),
-    ).catch(() => {}).finally(() => void this.kick());
   }
 
   private async event(image: string, type: 'Normal' | 'Warning', reason: string, message: string): Promise<void> {
