@@ -25,6 +25,8 @@
 import os from 'node:os';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import { ReplicaClient } from '../protocol/client.ts';
+import { netTransport, type Transport } from '../protocol/transport.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
@@ -59,6 +61,9 @@ export interface EngineOptions {
   /** Keys of replicas known to be out (the manager failed them): start-up does not wait for them. */
   outReplicas?: string[];
   log?: (event: Record<string, unknown>) => void;
+  /** How replicas are reached, and time (defaults: the network and the system clock; the simulator's otherwise). */
+  transport?: Transport;
+  clock?: Clock;
 }
 
 /** Where the engine is in its life: opening its replicas and recovering, or serving. */
@@ -217,9 +222,10 @@ export class Engine implements BlockBackend {
   private pauseDepth = 0;
   private queued: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
-  private pingTimer: NodeJS.Timeout | null = null;
-  private idleFlushTimer: NodeJS.Timeout | null = null;
-  /** performance.now() when the last numbered flush was sent, and when the last write completed. */
+  private pingTimer: ClockTimer | null = null;
+  private idleFlushTimer: ClockTimer | null = null;
+  private readonly clock: Clock;
+  /** clock.nowMs() when the last numbered flush was sent, and when the last write completed. */
   private lastFlushSentMs = 0;
   private lastWriteDoneMs = 0;
   private closed = false;
@@ -249,7 +255,7 @@ export class Engine implements BlockBackend {
   private regionWrites = new Uint32Array(0);
   /** Flush number sent last when the region's latest write completed. */
   private regionStamp = new Float64Array(0);
-  /** performance.now() when the region's latest write completed (the replicas' idle rule). */
+  /** clock.nowMs() when the region's latest write completed (the replicas' idle rule). */
   private regionDoneAt = new Float64Array(0);
   private readonly activeRegions = new Set<number>();
   private held: HeldWrite[] = [];
@@ -266,8 +272,10 @@ export class Engine implements BlockBackend {
     this.epoch = options.epoch;
     this.options = {
       requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, replicaWaitMs: DEFAULT_REPLICA_WAIT_MS, outReplicas: [],
+      transport: netTransport, clock: systemClock,
       ...options,
     };
+    this.clock = this.options.clock;
     // Explicit `undefined`s (absent CLI flags) mean the defaults too.
     this.options.replicaWaitMs = options.replicaWaitMs ?? DEFAULT_REPLICA_WAIT_MS;
     this.options.outReplicas = options.outReplicas ?? [];
@@ -310,10 +318,8 @@ export class Engine implements BlockBackend {
     await this.connectAll();
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
     this.phase = 'serving';
-    this.pingTimer = setInterval(() => this.pingAll(), this.options.pingIntervalMs);
-    this.pingTimer.unref();
-    this.idleFlushTimer = setInterval(() => this.idleFlush(), Math.ceil(IDLE_FLUSH_MS / 2));
-    this.idleFlushTimer.unref();
+    this.pingTimer = this.clock.setInterval(() => this.pingAll(), this.options.pingIntervalMs).unref();
+    this.idleFlushTimer = this.clock.setInterval(() => this.idleFlush(), Math.ceil(IDLE_FLUSH_MS / 2)).unref();
     if (this.pendingDeltas.length > 0) void this.runPendingDeltas();
   }
 
@@ -357,6 +363,7 @@ export class Engine implements BlockBackend {
     return ReplicaClient.connect({
       host, port, secret: this.options.secret, epoch: this.epoch,
       requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
+      transport: this.options.transport, clock: this.clock,
     });
   }
 
@@ -424,9 +431,9 @@ export class Engine implements BlockBackend {
   private async probeAll(): Promise<StartupCandidate[]> {
     const out = new Set(this.options.outReplicas);
     const results: ((StartupCandidate & { retry: boolean }) | null)[] = this.replicas.map(() => null);
-    const deadline = Date.now() + this.options.replicaWaitMs;
+    const deadline = this.clock.nowMs() + this.options.replicaWaitMs;
     let delayMs = 50;
-    let loggedAt = 0;
+    let loggedAt = -Infinity;
     for (;;) {
       await Promise.all(this.replicas.map(async (r, i) => {
         const known = results[i];
@@ -436,18 +443,18 @@ export class Engine implements BlockBackend {
       }));
       if (this.closed) break;
       const missing = this.replicas.filter((r, i) => results[i]!.info === null && results[i]!.retry && !out.has(r.key));
-      const leftMs = deadline - Date.now();
+      const leftMs = deadline - this.clock.nowMs();
       if (missing.length === 0 || leftMs <= 0) {
         if (missing.length > 0) this.log({ event: 'replica-wait-over', waitedMs: this.options.replicaWaitMs, missing: missing.map((r) => `${r.key}: ${results[this.replicas.indexOf(r)]!.error}`) });
         break;
       }
       this.waitingFor = missing.map((r) => r.key);
       this.waitingSince ??= new Date().toISOString();
-      if (Date.now() - loggedAt >= WAIT_LOG_EVERY_MS) {
-        loggedAt = Date.now();
+      if (this.clock.nowMs() - loggedAt >= WAIT_LOG_EVERY_MS) {
+        loggedAt = this.clock.nowMs();
         this.log({ event: 'waiting-for-replicas', leftMs, missing: missing.map((r) => `${r.key} at ${r.address}: ${results[this.replicas.indexOf(r)]!.error}`) });
       }
-      await new Promise((resolve) => setTimeout(resolve, Math.min(delayMs, leftMs)));
+      await this.clock.sleep(Math.min(delayMs, leftMs));
       delayMs = Math.min(REPLICA_RETRY_MS_MAX, delayMs * 2);
     }
     this.waitingFor = [];
@@ -464,9 +471,9 @@ export class Engine implements BlockBackend {
   }
 
   private async connectAll(): Promise<void> {
-    const started = Date.now();
+    const started = this.clock.nowMs();
     const candidates = await this.probeAll();
-    this.phaseTimes.probed = Date.now() - started;
+    this.phaseTimes.probed = this.clock.nowMs() - started;
     if (this.closed) return;
     // The missed-write maps the others hold say which replicas went out, and what they missed.
     const sourceIndex = chooseSource(this.sizeBytes, candidates);
@@ -488,7 +495,7 @@ export class Engine implements BlockBackend {
       }),
     );
     const plan = planStartup(this.sizeBytes, REGION_BYTES, candidates, (i) => missed[i]);
-    this.phaseTimes.planned = Date.now() - started;
+    this.phaseTimes.planned = this.clock.nowMs() - started;
     for (const [i, r] of this.replicas.entries()) {
       const decision = plan.decisions[i];
       const client = r.client;
@@ -548,7 +555,7 @@ export class Engine implements BlockBackend {
     const out = this.replicas.filter((r) => r.mode !== ReplicaMode.RW);
     for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
 
-    this.phaseTimes.mapsStarted = Date.now() - started;
+    this.phaseTimes.mapsStarted = this.clock.nowMs() - started;
     let bytes = 0;
     let copied = 0;
     const regions = plan.resyncRegions;
@@ -570,13 +577,13 @@ export class Engine implements BlockBackend {
         };
         const batched = regions.length > RESYNC_BATCH_REGIONS;
         let batch: number[] = [];
-        let batchStarted = performance.now();
+        let batchStarted = this.clock.nowMs();
         for (let at = 0; at < regions.length; at += COPIERS) {
           const step = regions.slice(at, at + COPIERS);
           await forEachIndex(step.length, COPIERS, (i) => resyncRegion(step[i]));
           batch.push(...step);
           const last = at + COPIERS >= regions.length;
-          if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || performance.now() - batchStarted >= RESYNC_BATCH_MS)) continue;
+          if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || this.clock.nowMs() - batchStarted >= RESYNC_BATCH_MS)) continue;
           // A long resync keeps what it did should this engine be killed before it ends (a kill
           // storm must not make every start redo it all): the batch is made durable everywhere,
           // then released from every log.
@@ -586,7 +593,7 @@ export class Engine implements BlockBackend {
           for (const region of batch) released.add(region);
           this.log({ event: 'resync-batch', released: released.size, of: regions.length });
           batch = [];
-          batchStarted = performance.now();
+          batchStarted = this.clock.nowMs();
         }
       } catch (err) {
         // The others may now differ from each other in these regions, and no one holds the
@@ -598,7 +605,7 @@ export class Engine implements BlockBackend {
         this.log({ event: 'faulted', reason: this.faultedReason });
       }
     }
-    this.phaseTimes.resynced = Date.now() - started;
+    this.phaseTimes.resynced = this.clock.nowMs() - started;
     // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
     for (const region of regions) if (!released.has(region)) this.markRegionActive(region, 0);
     if (this.faultedReason === null) {
@@ -616,7 +623,7 @@ export class Engine implements BlockBackend {
       checkedRegions: checked,
       regions: copied,
       bytes,
-      durationMs: Date.now() - started,
+      durationMs: this.clock.nowMs() - started,
       deltaReplicas: this.pendingDeltas.map((r) => r.address),
       erredReplicas: this.replicas.filter((r) => r.mode === ReplicaMode.ERR && !this.pendingDeltas.includes(r)).map((r) => ({ address: r.address, reason: r.reason ?? '' })),
     };
@@ -918,7 +925,7 @@ export class Engine implements BlockBackend {
   private regionsWritten(offset: number, length: number): void {
     const first = Math.floor(offset / REGION_BYTES);
     const last = Math.floor((offset + length - 1) / REGION_BYTES);
-    const now = performance.now();
+    const now = this.clock.nowMs();
     this.lastWriteDoneMs = now;
     for (let region = first; region <= last; region++) {
       this.regionWrites[region]--;
@@ -933,7 +940,7 @@ export class Engine implements BlockBackend {
    * their writes before the engine hears of them, so they never keep a region the engine let go.
    */
   private pruneRegions(confirmed: number, evict: boolean): void {
-    const idleBefore = evict ? Infinity : performance.now() - INTENT_IDLE_MS;
+    const idleBefore = evict ? Infinity : this.clock.nowMs() - INTENT_IDLE_MS;
     for (const region of this.activeRegions) {
       if (this.regionWrites[region] === 0 && this.regionStamp[region] + 1 <= confirmed && this.regionDoneAt[region] <= idleBefore) {
         this.regionActive[region] = 0;
@@ -978,7 +985,7 @@ export class Engine implements BlockBackend {
 
   /** A numbered FLUSH to the write set, carrying `confirmed`; regions it lets go leave here too. */
   private fanOutFlush(done: Done, evictConfirmed = false): void {
-    this.lastFlushSentMs = performance.now();
+    this.lastFlushSentMs = this.clock.nowMs();
     const seq = ++this.flushSeq;
     const confirmed = this.confirmedSeq;
     // Writes held at the bound: let every confirmed region go, idle or not. (Not sooner: a working
@@ -996,7 +1003,7 @@ export class Engine implements BlockBackend {
   /** The engine's own flush once the volume went quiet with regions still active (IDLE_FLUSH_MS). */
   private idleFlush(): void {
     if (this.activeRegions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning || this.inflight > 0) return;
-    const now = performance.now();
+    const now = this.clock.nowMs();
     if (now - this.lastFlushSentMs < IDLE_FLUSH_MS || now - this.lastWriteDoneMs < IDLE_FLUSH_MS) return;
     this.inflight++;
     this.stats.idleFlushes++;
@@ -1096,7 +1103,7 @@ export class Engine implements BlockBackend {
 
   read(offset: number, length: number, out: Buffer, outOffset: number): Promise<void> {
     this.checkRange(offset, length);
-    const started = performance.now();
+    const started = this.clock.nowMs();
     return new Promise((resolve, reject) => {
       this.admit(() =>
         this.readFrom(Op.READ, offset, length, new Set(), (err, data) => {
@@ -1110,7 +1117,7 @@ export class Engine implements BlockBackend {
           ioBuffers.release(data);
           this.stats.reads++;
           this.stats.readBytes += length;
-          this.stats.readLatencyMsTotal += performance.now() - started;
+          this.stats.readLatencyMsTotal += this.clock.nowMs() - started;
           resolve();
         }),
       );
@@ -1197,11 +1204,11 @@ export class Engine implements BlockBackend {
 
   async write(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
     this.checkRange(offset, data.length);
-    const started = performance.now();
+    const started = this.clock.nowMs();
     await this.fanOutPromise(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, data.length, data);
     this.stats.writes++;
     this.stats.writeBytes += data.length;
-    this.stats.writeLatencyMsTotal += performance.now() - started;
+    this.stats.writeLatencyMsTotal += this.clock.nowMs() - started;
   }
 
   async zero(offset: number, length: number, options: { fua?: boolean; trim?: boolean } = {}): Promise<void> {
@@ -1419,10 +1426,10 @@ export class Engine implements BlockBackend {
     // Not in the write set until it joins: `inWriteSet` says when it does.
     const rebuild = new Rebuild(target, target.rebuild!);
     this.rebuilding = rebuild;
-    const started = Date.now();
+    const started = this.clock.nowMs();
     const progress = target.rebuild!;
     const record = (error: string | null): void => {
-      this.lastRebuild = { at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: Date.now() - started, error };
+      this.lastRebuild = { at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: this.clock.nowMs() - started, error };
     };
     this.log({ event: 'rebuild-started', replica: target.address, ...details });
     this.rebuildRun = run(rebuild).then(
@@ -1756,7 +1763,7 @@ export class Engine implements BlockBackend {
     if (this.faultedReason !== null) throw this.faultError();
     if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: a verify is already running`);
     this.verifying = true;
-    const started = Date.now();
+    const started = this.clock.nowMs();
     let claimed = false;
     try {
       await this.pauseAndDrain();
@@ -1811,7 +1818,7 @@ export class Engine implements BlockBackend {
       differing.sort((a, b) => a.region - b.region);
       const report: VerifyReport = {
         at: new Date().toISOString(), repair, regions: regionCount, replicas: compared.map((r) => r.address), source: source.address,
-        differing, repaired, durationMs: Date.now() - started,
+        differing, repaired, durationMs: this.clock.nowMs() - started,
       };
       this.lastVerify = report;
       this.log({ event: 'verify', repair, regions: regionCount, differing: differingCount, repaired, durationMs: report.durationMs });
@@ -1892,8 +1899,8 @@ export class Engine implements BlockBackend {
     if (this.closed) return;
     this.closed = true;
     if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
-    if (this.pingTimer !== null) clearInterval(this.pingTimer);
-    if (this.idleFlushTimer !== null) clearInterval(this.idleFlushTimer);
+    this.clock.clear(this.pingTimer);
+    this.clock.clear(this.idleFlushTimer);
     // Two flushes: the second confirms the first, so the replicas' active regions leave and the
     // next start has (almost) nothing to resync.
     if (this.faultedReason === null) await this.flush().then(() => this.flush()).catch(() => {});

@@ -3,11 +3,12 @@
  * connection, matched by id, each failed with TIMEOUT when its deadline passes. The connection
  * authenticates before the first request. Every request carries `epoch`.
  */
-import net from 'node:net';
 import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
 import { SocketReceiver } from './socket-receiver.ts';
 import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
+import { netTransport, type StreamSocket, type Transport } from './transport.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
 import {
   Op,
@@ -39,6 +40,9 @@ export interface ReplicaClientOptions {
   connectTimeoutMs?: number;
   /** What the peer is, for error messages ("replica", "engine"). */
   peerLabel?: string;
+  /** Defaults: the real network and the system clock (the simulator passes its own). */
+  transport?: Transport;
+  clock?: Clock;
 }
 
 export type ResponseCallback = (err: ZebuError | null, payload: Buffer) => void;
@@ -56,19 +60,21 @@ export class ReplicaClient {
   /** Sent with every request; the replica fences lower ones. */
   epoch: number;
   readonly address: string;
-  private readonly socket: net.Socket;
+  private readonly socket: StreamSocket;
+  private readonly clock: Clock;
   private readonly out: TickBatcher;
   private readonly receiver: SocketReceiver;
   private readonly pending = new Map<number, Pending>();
   private readonly requestTimeoutMs: number;
-  private readonly sweepTimer: NodeJS.Timeout;
+  private readonly sweepTimer: ClockTimer;
   private nextId = 1;
   private closedError: ZebuError | null = null;
   private responseHeader: { requestId: number; status: number; length: number } | null = null;
   private closeListeners: ((err: ZebuError) => void)[] = [];
 
-  private constructor(socket: net.Socket, receiver: SocketReceiver, options: ReplicaClientOptions, address: string) {
+  private constructor(socket: StreamSocket, receiver: SocketReceiver, options: ReplicaClientOptions, address: string) {
     this.socket = socket;
+    this.clock = options.clock ?? systemClock;
     this.receiver = receiver;
     this.out = new TickBatcher(socket);
     this.address = address;
@@ -78,8 +84,7 @@ export class ReplicaClient {
     socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`)));
     socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed`)));
     const sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
-    this.sweepTimer = setInterval(() => this.sweep(), sweepMs);
-    this.sweepTimer.unref();
+    this.sweepTimer = this.clock.setInterval(() => this.sweep(), sweepMs).unref();
   }
 
   /** Connects and authenticates. */
@@ -88,21 +93,19 @@ export class ReplicaClient {
     const connectTimeoutMs = options.connectTimeoutMs ?? 5000;
     return new Promise((resolve, reject) => {
       const receiver = new SocketReceiver();
-      const socket =
-        options.path !== undefined
-          ? net.createConnection({ path: options.path, onread: receiver.onread })
-          : net.createConnection({ host: options.host ?? '127.0.0.1', port: options.port!, noDelay: true, onread: receiver.onread });
+      const clock = options.clock ?? systemClock;
+      const socket = (options.transport ?? netTransport).connect({ path: options.path, host: options.host, port: options.port }, receiver.onread);
       const reader = receiver.reader;
       let expectedProof: Buffer | null = null;
       let settled = false;
       const fail = (err: ZebuError): void => {
         if (settled) return;
         settled = true;
-        clearTimeout(timer);
+        clock.clear(timer);
         socket.destroy();
         reject(err);
       };
-      const timer = setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
+      const timer = clock.setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
       socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`, { cause: err })));
       socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed during handshake`)));
       receiver.onStaged = (): void => {
@@ -122,7 +125,7 @@ export class ReplicaClient {
           return fail(err as ZebuError);
         }
         settled = true;
-        clearTimeout(timer);
+        clock.clear(timer);
         socket.removeAllListeners('error');
         socket.removeAllListeners('close');
         const client = new ReplicaClient(socket, receiver, options, address);
@@ -157,7 +160,7 @@ export class ReplicaClient {
     const requestId = this.nextId;
     this.nextId = this.nextId === 0xffffffff ? 1 : this.nextId + 1;
     assert(!this.pending.has(requestId), 'request id in use');
-    this.pending.set(requestId, { callback, deadlineMs: Date.now() + this.requestTimeoutMs, op });
+    this.pending.set(requestId, { callback, deadlineMs: this.clock.nowMs() + this.requestTimeoutMs, op });
     const header = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
     encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length });
     this.out.write(header);
@@ -325,7 +328,7 @@ export class ReplicaClient {
   }
 
   private sweep(): void {
-    const now = Date.now();
+    const now = this.clock.nowMs();
     // Deadlines are added in increasing order, so the expired ones come first.
     for (const [requestId, entry] of this.pending) {
       if (entry.deadlineMs > now) break;
@@ -337,7 +340,7 @@ export class ReplicaClient {
   private shutDown(err: ZebuError): void {
     if (this.closedError !== null) return;
     this.closedError = err;
-    clearInterval(this.sweepTimer);
+    this.clock.clear(this.sweepTimer);
     this.socket.destroy();
     const pending = [...this.pending.values()];
     this.pending.clear();

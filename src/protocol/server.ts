@@ -11,6 +11,8 @@ import { FrameReader } from './frame-reader.ts';
 import { ioBuffers } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { listenOnUnixSocket } from './unix-socket.ts';
+import type { StreamSocket } from './transport.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import {
   Op,
   OpName,
@@ -52,6 +54,8 @@ export interface DataServerOptions {
   handshakeTimeoutMs?: number;
   maxInflightPerConnection?: number;
   log?: (event: Record<string, unknown>) => void;
+  /** Default: the system clock (the simulator passes its own). */
+  clock?: Clock;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -72,14 +76,18 @@ export class DataServer {
       handshakeTimeoutMs: 5000,
       maxInflightPerConnection: 256,
       log: () => {},
+      clock: systemClock,
       ...options,
     };
-    this.server = net.createServer({ noDelay: true }, (socket) => {
-      const conn = new Connection(this, socket);
-      this.connections.add(conn);
-      socket.once('close', () => this.connections.delete(conn));
-    });
+    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
     this.server.on('error', (err) => this.options.log({ event: 'server-error', error: err.message }));
+  }
+
+  /** Serves one connected socket (the listener's, or one the simulator hands over). */
+  accept(socket: StreamSocket): void {
+    const conn = new Connection(this, socket);
+    this.connections.add(conn);
+    socket.once('close', () => this.connections.delete(conn));
   }
 
   listen(host: string, port: number): Promise<net.AddressInfo> {
@@ -102,9 +110,9 @@ export class DataServer {
     this.server.close();
     if (this.inflight > 0) {
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, drainTimeoutMs);
+        const timer = this.options.clock.setTimeout(resolve, drainTimeoutMs);
         this.idleWaiters.push(() => {
-          clearTimeout(timer);
+          this.options.clock.clear(timer);
           resolve();
         });
       });
@@ -133,7 +141,7 @@ export class DataServer {
 }
 
 class Connection {
-  readonly socket: net.Socket;
+  readonly socket: StreamSocket;
   private readonly out: TickBatcher;
   private readonly owner: DataServer;
   private readonly reader = new FrameReader();
@@ -145,9 +153,9 @@ class Connection {
   private inflight = 0;
   private paused = false;
   private closing = false;
-  private readonly handshakeTimer: NodeJS.Timeout;
+  private readonly handshakeTimer: ClockTimer;
 
-  constructor(owner: DataServer, socket: net.Socket) {
+  constructor(owner: DataServer, socket: StreamSocket) {
     this.owner = owner;
     this.socket = socket;
     this.out = new TickBatcher(socket);
@@ -155,9 +163,9 @@ class Connection {
     socket.on('error', () => {});
     socket.on('close', () => {
       this.closing = true;
-      clearTimeout(this.handshakeTimer);
+      owner.opts.clock.clear(this.handshakeTimer);
     });
-    this.handshakeTimer = setTimeout(() => {
+    this.handshakeTimer = owner.opts.clock.setTimeout(() => {
       if (!this.authenticated) {
         this.log({ event: 'handshake-timeout' });
         socket.destroy();
@@ -184,7 +192,7 @@ class Connection {
         this.socket.end(() => this.socket.destroy());
         return;
       }
-      clearTimeout(this.handshakeTimer);
+      this.owner.opts.clock.clear(this.handshakeTimer);
       this.authenticated = true;
     }
     this.parse();

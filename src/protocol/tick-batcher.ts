@@ -3,17 +3,17 @@
  * writev: the first write of a tick corks the socket and a nextTick uncorks it. With many
  * requests in flight this turns one syscall per frame into one per tick.
  */
-import type net from 'node:net';
+import type { StreamSocket } from './transport.ts';
 
 export class TickBatcher {
-  private readonly socket: net.Socket;
+  private readonly socket: StreamSocket;
   private corked = false;
   private readonly uncork = (): void => {
     this.corked = false;
     this.socket.uncork();
   };
 
-  constructor(socket: net.Socket) {
+  constructor(socket: StreamSocket) {
     this.socket = socket;
   }
 

@@ -31,6 +31,7 @@ import { crc32 } from 'node:zlib';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { Disk, DiskFile } from './disk.ts';
 import type { IntentSummary } from '../protocol/backend.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 
 export const INTENT_REGION_BYTES = 4 * 1024 * 1024;
 /**
@@ -75,7 +76,7 @@ interface RegionState {
   target: number;
   /** `target` is taken from the numbered FLUSH whose arrival count reaches this. */
   needArrival: number;
-  /** performance.now() when its last write completed. */
+  /** this.clock.nowMs() when its last write completed. */
   doneAt: number;
 }
 
@@ -177,14 +178,16 @@ export class IntentLog {
   private waiters: Waiter[] = [];
   /** Memory and disk differ (a region left, a map changed): write a record when convenient. */
   private stale = false;
-  private lazyTimer: NodeJS.Timeout | null = null;
+  private lazyTimer: ClockTimer | null = null;
+  private readonly clock: Clock;
   private failure: ZebuError | null = null;
   private closed = false;
   /** Records written since open (tests: batching). */
   recordWrites = 0;
 
-  private constructor(dir: string, slots: DiskFile[], record: IntentRecord | null, onFailure: (err: ZebuError) => void, idleMs: number) {
+  private constructor(dir: string, slots: DiskFile[], record: IntentRecord | null, onFailure: (err: ZebuError) => void, idleMs: number, clock: Clock) {
     this.dir = dir;
+    this.clock = clock;
     this.idleMs = idleMs;
     this.slots = slots;
     this.onFailure = onFailure;
@@ -204,7 +207,7 @@ export class IntentLog {
    * of the previous format). `onFailure` is told when a record cannot be written: the replica
    * must then refuse further I/O, as after a failed flush.
    */
-  static async open(dir: string, disk: Disk, onFailure: (err: ZebuError) => void, idleMs = INTENT_IDLE_MS): Promise<IntentLog> {
+  static async open(dir: string, disk: Disk, onFailure: (err: ZebuError) => void, idleMs = INTENT_IDLE_MS, clock: Clock = systemClock): Promise<IntentLog> {
     let best: IntentRecord | null = null;
     let created = false;
     for (const slot of INTENT_SLOTS) {
@@ -227,7 +230,7 @@ export class IntentLog {
       for (const file of slots) await file.close().catch(() => {});
       throw err;
     }
-    return new IntentLog(dir, slots, best, onFailure, idleMs);
+    return new IntentLog(dir, slots, best, onFailure, idleMs, clock);
   }
 
   // ---- data path ------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ export class IntentLog {
   exit(offset: number, length: number, ok: boolean): void {
     const first = Math.floor(offset / INTENT_REGION_BYTES);
     const last = Math.floor((offset + length - 1) / INTENT_REGION_BYTES);
-    const now = performance.now();
+    const now = this.clock.nowMs();
     for (let r = first; r <= last; r++) {
       const state = this.active.get(r)!;
       state.inflight--;
@@ -281,7 +284,7 @@ export class IntentLog {
     }
     if (confirmed <= 0) return;
     let left = false;
-    const idleBefore = evict ? Infinity : performance.now() - this.idleMs;
+    const idleBefore = evict ? Infinity : this.clock.nowMs() - this.idleMs;
     for (const [region, state] of this.active) {
       if (state.inflight === 0 && !state.pinned && state.target !== 0 && confirmed >= state.target && state.doneAt <= idleBefore) {
         this.active.delete(region);
@@ -428,11 +431,10 @@ export class IntentLog {
   private markStale(): void {
     this.stale = true;
     if (this.lazyTimer !== null || this.closed) return;
-    this.lazyTimer = setTimeout(() => {
+    this.lazyTimer = this.clock.setTimeout(() => {
       this.lazyTimer = null;
       this.kick();
-    }, LAZY_WRITE_MS);
-    this.lazyTimer.unref();
+    }, LAZY_WRITE_MS).unref();
   }
 
   /** Writes one record when one is wanted and none is being written. */
@@ -461,7 +463,7 @@ export class IntentLog {
     if (this.failure === null) {
       const code = toZebuError(err).code === ErrorCode.ENOSPC ? ErrorCode.ENOSPC : ErrorCode.EIO;
       this.failure = new ZebuError(code, `replica ${this.dir}: write-intent log update failed: ${(err as Error).message}`, { cause: err });
-      if (this.lazyTimer !== null) clearTimeout(this.lazyTimer);
+      this.clock.clear(this.lazyTimer);
       this.lazyTimer = null;
       this.onFailure(this.failure);
     }
@@ -496,7 +498,7 @@ export class IntentLog {
   /** Writes what is still stale (a clean close keeps the disk exact), then closes the files. */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (this.lazyTimer !== null) clearTimeout(this.lazyTimer);
+    this.clock.clear(this.lazyTimer);
     this.lazyTimer = null;
     if (this.failure === null && (this.stale || this.waiters.length > 0 || this.writing)) {
       await this.requestRecord().catch(() => {});
@@ -507,7 +509,7 @@ export class IntentLog {
   /** Closes the files without writing anything (a crash, or after a failure). */
   async abandon(): Promise<void> {
     this.closed = true;
-    if (this.lazyTimer !== null) clearTimeout(this.lazyTimer);
+    this.clock.clear(this.lazyTimer);
     this.lazyTimer = null;
     // Activations still waiting for a record will not get one.
     const waiters = this.waiters;

@@ -38,6 +38,7 @@ import {
 } from './meta.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
+import { systemClock, type Clock } from '../os/clock.ts';
 import type { IntentSummary } from '../protocol/backend.ts';
 
 export interface ReplicaCreateOptions {
@@ -55,6 +56,8 @@ export interface ReplicaOpenOptions {
    * (after an unclean stop nobody knows where replicas may differ).
    */
   intentLog?: boolean;
+  /** Time for the write-intent log (default: the system clock; the simulator's otherwise). */
+  clock?: Clock;
 }
 
 export interface Extent {
@@ -178,7 +181,7 @@ export class Replica {
   }
 
   /** Creates a new replica in an empty (or missing) directory. */
-  static async create(dir: string, options: ReplicaCreateOptions & Pick<ReplicaOpenOptions, 'intentLog'>): Promise<Replica> {
+  static async create(dir: string, options: ReplicaCreateOptions & Pick<ReplicaOpenOptions, 'intentLog' | 'clock'>): Promise<Replica> {
     const disk = options.disk ?? new NodeDisk();
     validateSizeBytes(options.sizeBytes);
     const maxLayers = options.maxLayers ?? DEFAULT_MAX_LAYERS;
@@ -218,7 +221,7 @@ export class Replica {
       encodeRecord({ seq: 1, revision: 0, flushedRevision: 0, clean: true, writeEpoch: 0, pages: [] }),
     );
     await disk.writeFileAtomic(path.join(dir, META_FILE), encodeMeta(meta));
-    return Replica.open(dir, { disk, intentLog: options.intentLog });
+    return Replica.open(dir, { disk, intentLog: options.intentLog, clock: options.clock });
   }
 
   /**
@@ -264,7 +267,7 @@ export class Replica {
     const meta = decodeMeta(await disk.readFile(metaPath), metaPath);
     const replica = new Replica(dir, disk, meta);
     try {
-      await replica.load(options.intentLog ?? true);
+      await replica.load(options.intentLog ?? true, options.clock ?? systemClock);
     } catch (err) {
       await replica.closeFiles();
       throw err;
@@ -272,7 +275,7 @@ export class Replica {
     return replica;
   }
 
-  private async load(withIntentLog: boolean): Promise<void> {
+  private async load(withIntentLog: boolean, clock: Clock): Promise<void> {
     for (const lm of this.meta.layers) {
       const layer = await this.openLayer(lm);
       this.layers.set(lm.id, layer);
@@ -311,7 +314,7 @@ export class Replica {
     if (withIntentLog) {
       this.intent = await IntentLog.open(this.dir, this.disk, (err) => {
         this.failure ??= new ZebuError(err.code, `${err.message}; replica refuses further I/O until reopened`, { cause: err });
-      });
+      }, undefined, clock);
     }
   }
 
