@@ -14,7 +14,26 @@ import fs from 'node:fs';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Disk, DiskFile, OpenMode } from './disk.ts';
 
-export type PowerLossMode = 'drop' | 'tear';
+/** 'keep': every unsynced write reaches the file (the process died, the page cache did not). */
+export type PowerLossMode = 'drop' | 'tear' | 'keep';
+
+/** Writes bytes into a file synchronously, at the moment of the crash. */
+export type ApplyNow = (filePath: string, data: Buffer, position: number) => void;
+
+/** The real file system's ApplyNow. */
+function applyToFile(filePath: string, data: Buffer, position: number): void {
+  let fd: number;
+  try {
+    fd = fs.openSync(filePath, 'r+');
+  } catch {
+    return; // unlinked meanwhile
+  }
+  try {
+    writeAll(fd, data, position);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
 const SECTOR_BYTES = 512;
 
@@ -58,8 +77,12 @@ export class PowerLossDisk implements Disk {
   private readonly caches = new Map<string, FileCache>();
   private failed = false;
 
-  constructor(inner: Disk) {
+  private readonly applyNow: ApplyNow;
+
+  /** `applyNow` writes what survives a crash into `inner`'s files (default: the real file system). */
+  constructor(inner: Disk, applyNow: ApplyNow = applyToFile) {
     this.inner = inner;
+    this.applyNow = applyNow;
   }
 
   /** Writes not yet synced (tests). */
@@ -109,32 +132,27 @@ export class PowerLossDisk implements Disk {
       cache.pending = [];
       if (writes.length === 0) continue;
       report.files++;
-      let fd: number;
-      try {
-        fd = fs.openSync(filePath, 'r+');
-      } catch {
-        continue; // unlinked meanwhile
-      }
-      try {
-        for (const w of writes) {
-          report.writes++;
-          const roll = random();
-          const sectors = Math.ceil(w.data.length / SECTOR_BYTES);
-          if (mode === 'tear' && roll < 1 / 3 && sectors > 1) {
-            // Only the part before or after a sector boundary reached the platter.
-            const cut = (1 + Math.floor(random() * (sectors - 1))) * SECTOR_BYTES;
-            if (random() < 0.5) writeAll(fd, w.data.subarray(0, cut), w.position);
-            else writeAll(fd, w.data.subarray(cut), w.position + cut);
-            report.torn++;
-          } else if (roll < (mode === 'tear' ? 2 / 3 : 1 / 2)) {
-            writeAll(fd, w.data, w.position);
-            report.applied++;
-          } else {
-            report.dropped++;
-          }
+      for (const w of writes) {
+        report.writes++;
+        if (mode === 'keep') {
+          this.applyNow(filePath, w.data, w.position);
+          report.applied++;
+          continue;
         }
-      } finally {
-        fs.closeSync(fd);
+        const roll = random();
+        const sectors = Math.ceil(w.data.length / SECTOR_BYTES);
+        if (mode === 'tear' && roll < 1 / 3 && sectors > 1) {
+          // Only the part before or after a sector boundary reached the platter.
+          const cut = (1 + Math.floor(random() * (sectors - 1))) * SECTOR_BYTES;
+          if (random() < 0.5) this.applyNow(filePath, w.data.subarray(0, cut), w.position);
+          else this.applyNow(filePath, w.data.subarray(cut), w.position + cut);
+          report.torn++;
+        } else if (roll < (mode === 'tear' ? 2 / 3 : 1 / 2)) {
+          this.applyNow(filePath, w.data, w.position);
+          report.applied++;
+        } else {
+          report.dropped++;
+        }
       }
     }
     return report;

@@ -1,0 +1,641 @@
+/**
+ * One simulated volume in one process: the real engine and N real replicas (src/engine,
+ * src/replica, src/protocol) on memory disks that can lose power or fail, over the simulated
+ * network, under the simulated clock. A seeded workload of client requests and control
+ * operations runs against it while faults strike; the model (model.ts) checks every read, and
+ * the end of the run checks that the replicas came back identical.
+ *
+ * The simulation plays the parts around the engine as the real system does: the frontend's
+ * engine link (requests in flight when the engine dies are sent again to the next one), the
+ * agent (a dead replica or engine process is started again, on the same directory) and the
+ * manager (a replica that is out of the volume is added back, which rebuilds it).
+ */
+import { Engine, ReplicaMode } from '../../src/engine/engine.ts';
+import { Replica } from '../../src/replica/replica.ts';
+import { MemoryDisk } from '../../src/replica/memory-disk.ts';
+import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
+import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
+import { DataServer } from '../../src/protocol/server.ts';
+import { ErrorCode, ZebuError } from '../../src/errors.ts';
+import { SimWorld, type Random, type SimProcess } from './world.ts';
+import { SimNetwork } from './network.ts';
+import { VolumeModel, writePayload, sectorValue, SECTOR_BYTES } from './model.ts';
+
+export interface SimOptions {
+  seed: number;
+  steps: number;
+  replicas?: number;
+  sizeBytes?: number;
+  /** Faults on (default); off: only the workload. */
+  faults?: boolean;
+  /** Lines of trace kept for the report of a failure. */
+  traceLines?: number;
+}
+
+export interface SimResult {
+  seed: number;
+  steps: number;
+  ok: boolean;
+  /** The first problems found (invariant violations, the code under test throwing). */
+  problems: string[];
+  /** The step at which the first problem was found (-1: none; steps: at the end). */
+  failedAtStep: number;
+  trace: string[];
+  stats: Record<string, number>;
+}
+
+const SECRET = Buffer.alloc(32, 7);
+/** ZEBU_SIM_TRACE=1 prints the trace as it happens (debugging a seed). */
+const LIVE_TRACE = process.env.ZEBU_SIM_TRACE === '1';
+/** ZEBU_SIM_WATCH=BYTE traces every request that covers that byte. */
+const WATCH_BYTE = process.env.ZEBU_SIM_WATCH === undefined ? -1 : Number(process.env.ZEBU_SIM_WATCH);
+const DIR = '/replica';
+const MAX_INFLIGHT = 8;
+const MAX_IO_BYTES = 64 * 1024;
+const REQUEST_TIMEOUT_MS = 4000;
+
+type ClientOp =
+  | { kind: 'write'; id: number; offset: number; length: number; fua: boolean }
+  | { kind: 'zero'; id: number; offset: number; length: number; trim: boolean }
+  | { kind: 'read'; id: number; offset: number; length: number }
+  | { kind: 'flush'; id: number; covered: number };
+
+class SimReplica {
+  readonly key: string;
+  readonly address: string;
+  readonly mem = new MemoryDisk();
+  proc: SimProcess | null = null;
+  power: PowerLossDisk | null = null;
+  faulty: FaultyDisk | null = null;
+  replica: Replica | null = null;
+  /** Its process runs. */
+  up = false;
+  /** Struck by a fault since it last served as RW: it does not count as healthy. */
+  struck = true;
+  /** Struck: the engine had it out since (a rejoin clears the strike). */
+  outSinceStrike = true;
+  /** Struck: when the strike's effect is over even without a rejoin (a stall that ends). */
+  struckUntilMs = Infinity;
+  /** A snapshot changed the layer tree while it was out: its missed-write map may be void, a full rebuild is fair. */
+  treeChangedWhileOut = false;
+  /** It held data before it went out (so coming back should be a delta rebuild). */
+  servedBefore = false;
+  /** The engine had it out of the volume (ERR) when last looked at: the manager knows it failed. */
+  out = false;
+
+  constructor(index: number) {
+    this.key = `r${index}`;
+    this.address = `10.0.0.${index + 1}:7000`;
+  }
+
+  get entry(): string {
+    return `${this.key}=${this.address}`;
+  }
+}
+
+export class Simulation {
+  readonly world: SimWorld;
+  private readonly random: Random;
+  private readonly net: SimNetwork;
+  private readonly options: Required<SimOptions>;
+  private replicas: SimReplica[];
+  private nextReplicaIndex: number;
+  /** The agent's work in the background (process restarts): a failure is a problem. */
+  private readonly background = new Set<Promise<void>>();
+  private readonly model: VolumeModel;
+  private engine: Engine | null = null;
+  private engineProc: SimProcess | null = null;
+  /** Bumped when the engine dies: replies of a dead engine are ignored. */
+  private incarnation = 0;
+  private epoch = 1;
+  private sizeBytes: number;
+  private readonly ops = new Map<number, ClientOp>();
+  private nextId = 1;
+  private control: Promise<void> | null = null;
+  private controlName = '';
+  private snapshots: string[] = [];
+  private nextSnapshot = 1;
+  private step = 0;
+  private readonly problems: string[] = [];
+  private failedAtStep = -1;
+  private readonly trace: string[] = [];
+  readonly stats: Record<string, number> = {
+    writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, volumeCrashes: 0,
+    linkCuts: 0, hangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+  };
+
+  constructor(options: SimOptions) {
+    this.options = { replicas: 3, sizeBytes: 24 * 1024 * 1024, faults: true, traceLines: 60, ...options };
+    this.world = new SimWorld(options.seed);
+    this.random = this.world.random;
+    this.net = new SimNetwork(this.world, this.random.fork());
+    this.sizeBytes = this.options.sizeBytes;
+    this.model = new VolumeModel(this.sizeBytes);
+    this.replicas = Array.from({ length: this.options.replicas }, (_, i) => new SimReplica(i));
+    this.nextReplicaIndex = this.options.replicas;
+  }
+
+  private note(text: string): void {
+    this.trace.push(`#${this.step} t=${this.world.nowMs.toFixed(2)}ms ${text}`);
+    if (LIVE_TRACE) process.stderr.write(`${this.trace[this.trace.length - 1]}\n`);
+    if (this.trace.length > this.options.traceLines) this.trace.shift();
+  }
+
+  private problem(text: string): void {
+    if (this.failedAtStep < 0) this.failedAtStep = this.step;
+    if (this.problems.length < 10) this.problems.push(`step ${this.step}, t=${this.world.nowMs.toFixed(2)}ms: ${text}`);
+    this.note(`PROBLEM ${text}`);
+  }
+
+  private get failed(): boolean {
+    return this.problems.length > 0 || this.world.crashes.length > 0;
+  }
+
+  // ---- processes ------------------------------------------------------------------------------
+
+  private async startReplica(r: SimReplica): Promise<void> {
+    const proc = this.world.process(`${r.key}`);
+    const power = new PowerLossDisk(r.mem, (p, data, position) => r.mem.writeNow(p, data, position));
+    const faulty = new FaultyDisk(power);
+    const exists = await Replica.exists(DIR, faulty);
+    // As the agent does: the volume's size now (an offline expansion if it grew meanwhile).
+    if (exists) await Replica.expandOnDisk(DIR, this.sizeBytes, faulty);
+    const replica = exists
+      ? await Replica.open(DIR, { disk: faulty, clock: proc.clock })
+      : await Replica.create(DIR, { sizeBytes: this.sizeBytes, disk: faulty, clock: proc.clock });
+    const server = new DataServer(replica, { secret: SECRET, identity: { name: r.key }, clock: proc.clock });
+    this.net.listen(r.address, proc, server);
+    Object.assign(r, { proc, power, faulty, replica, up: true });
+    this.note(`${r.key} started (${exists ? 'reopened' : 'created'})`);
+  }
+
+  /** The replica's process dies; `mode` says what its unsynced writes do (a power cut loses some). */
+  private crashReplica(r: SimReplica, mode: PowerLossMode): void {
+    if (!r.up) return;
+    const report = r.power!.powerFail(this.random.int(0x7fffffff), mode);
+    r.proc!.kill();
+    r.up = false;
+    this.strike(r);
+    r.replica = null;
+    this.note(`${r.key} crashed (${mode}: ${report.writes} unsynced writes, ${report.dropped} lost, ${report.torn} torn)`);
+    // Its agent starts it again a while later (on the same directory), unless it was replaced.
+    this.agentLater(1 + this.random.next() * 2000, `restart ${r.key}`, async () => {
+      if (this.replicas.includes(r) && !r.up) await this.startReplica(r);
+    });
+  }
+
+  private agentLater(delayMs: number, what: string, run: () => Promise<void>): void {
+    this.world.schedule(delayMs, () => {
+      const task = run().catch((err: unknown) => this.problem(`agent: ${what} failed: ${(err as Error).stack ?? String(err)}`));
+      this.background.add(task);
+      void task.finally(() => this.background.delete(task));
+    });
+  }
+
+  private async startEngine(): Promise<void> {
+    const proc = this.world.process(`engine-${this.epoch}`);
+    const engine = Engine.create({
+      name: 'sim', sizeBytes: this.sizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
+      requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
+      outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
+      transport: this.net.transport(proc), clock: proc.clock,
+    });
+    this.engineProc = proc;
+    this.engine = engine;
+    const incarnation = this.incarnation;
+    await engine.startUp();
+    if (incarnation !== this.incarnation) return;
+    this.note(`engine epoch ${this.epoch} serving: ${engine.replicaStatus().map((s) => `${s.key}:${s.mode}`).join(' ')}`);
+    // The frontend's link sends what the dead engine left unanswered again.
+    for (const op of [...this.ops.values()]) {
+      this.stats.reissued++;
+      this.send(op);
+    }
+  }
+
+  private crashEngine(): void {
+    if (this.engineProc === null) return;
+    this.engineProc.kill();
+    this.engine = null;
+    this.engineProc = null;
+    this.incarnation++;
+    this.epoch++;
+    this.note(`engine crashed (${this.ops.size} requests in flight will be sent again)`);
+    const incarnation = this.incarnation;
+    this.agentLater(1 + this.random.next() * 500, 'restart the engine', async () => {
+      if (this.incarnation !== incarnation || this.engine !== null) return;
+      try {
+        await this.startEngine();
+      } catch (err) {
+        if (this.incarnation === incarnation) throw err; // else that engine died meanwhile
+      }
+    });
+  }
+
+  // ---- client requests ------------------------------------------------------------------------
+
+  private serving(): Engine | null {
+    const e = this.engine;
+    return e !== null && e.currentPhase === 'serving' ? e : null;
+  }
+
+  private randomRange(forWrite: boolean): { offset: number; length: number } | null {
+    for (let tries = 0; tries < 8; tries++) {
+      const length = (1 + this.random.int(MAX_IO_BYTES / 4096)) * 4096;
+      const offset = this.random.int((this.sizeBytes - length) / 4096 + 1) * 4096;
+      if (this.model.isFree(offset, length, forWrite)) return { offset, length };
+    }
+    return null;
+  }
+
+  private issueRandom(): void {
+    const roll = this.random.next();
+    const id = this.nextId++;
+    let op: ClientOp;
+    if (roll < 0.08) {
+      op = { kind: 'flush', id, covered: this.model.flushStarted() };
+    } else {
+      const range = this.randomRange(roll < 0.58);
+      if (range === null) return;
+      if (roll < 0.5) {
+        op = { kind: 'write', id, ...range, fua: this.random.chance(0.1) };
+        this.model.writeStarted(id, range.offset, range.length);
+      } else if (roll < 0.58) {
+        op = { kind: 'zero', id, ...range, trim: this.random.chance(0.5) };
+        this.model.writeStarted(0, range.offset, range.length);
+      } else {
+        op = { kind: 'read', id, ...range };
+        this.model.readStarted(range.offset, range.length);
+      }
+    }
+    this.ops.set(id, op);
+    this.send(op);
+  }
+
+  private send(op: ClientOp): void {
+    if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) this.note(`send ${op.kind} ${op.id} ${op.offset}+${op.length} (engine ${this.serving() === null ? 'down' : 'up'})`);
+    const engine = this.serving();
+    if (engine === null) return; // sent when the next engine serves
+    const incarnation = this.incarnation;
+    const done = (err: unknown, data?: Buffer): void => {
+      if (incarnation !== this.incarnation) return; // a dead engine's reply never reaches the client
+      this.complete(op, err === null ? null : (err as ZebuError), data);
+    };
+    switch (op.kind) {
+      case 'write':
+        engine.write(op.offset, writePayload(op.id, op.offset, op.length), { fua: op.fua }).then(() => done(null), done);
+        break;
+      case 'zero':
+        engine.zero(op.offset, op.length, { trim: op.trim }).then(() => done(null), done);
+        break;
+      case 'read': {
+        const out = Buffer.alloc(op.length);
+        engine.read(op.offset, op.length, out, 0).then(() => done(null, out), done);
+        break;
+      }
+      case 'flush':
+        engine.flush().then(() => done(null), done);
+        break;
+    }
+  }
+
+  private complete(op: ClientOp, err: ZebuError | null, data: Buffer | undefined): void {
+    if (!this.ops.delete(op.id)) return;
+    if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) {
+      this.note(`done ${op.kind} ${op.id} ${op.offset}+${op.length}: ${err?.message ?? 'ok'}${data !== undefined ? ` read ${sectorValue(data, WATCH_BYTE - op.offset, WATCH_BYTE / SECTOR_BYTES)}` : ''}`);
+    }
+    if (err !== null) {
+      this.stats.clientErrors++;
+      const healthy = this.replicas.filter((r) => !r.struck).map((r) => r.key);
+      this.problem(`client ${op.kind} ${'offset' in op ? `${op.offset}+${op.length}` : ''} failed while ${healthy.length > 0 ? `replica(s) ${healthy.join(', ')} stayed healthy` : 'no replica was healthy'}: ${err.code} ${err.message}`);
+      if (op.kind === 'write') this.model.writeEnded(op.id, op.offset, op.length, false, false);
+      if (op.kind === 'zero') this.model.writeEnded(0, op.offset, op.length, false, false);
+      if (op.kind === 'read') this.model.readEnded(op.offset, op.length);
+      return;
+    }
+    switch (op.kind) {
+      case 'write':
+        this.stats.writes++;
+        this.model.writeEnded(op.id, op.offset, op.length, true, op.fua);
+        break;
+      case 'zero':
+        this.stats.zeroes++;
+        this.model.writeEnded(0, op.offset, op.length, true, false);
+        break;
+      case 'flush':
+        this.stats.flushes++;
+        this.model.flushEnded(op.covered);
+        break;
+      case 'read': {
+        this.stats.reads++;
+        this.model.readEnded(op.offset, op.length);
+        const problems = this.model.checkRead(op.offset, data!);
+        for (const p of problems) this.problem(`read ${op.offset}+${op.length}: ${p}`);
+        if (problems.length > 0) void this.whoHolds(op.offset, op.length);
+        break;
+      }
+    }
+  }
+
+  /** For a failure's trace: what each replica holds in the range (read straight from it). */
+  private async whoHolds(offset: number, length: number): Promise<void> {
+    for (const r of this.replicas) {
+      if (r.replica === null) continue;
+      const out = Buffer.alloc(length);
+      try {
+        await r.replica.read(offset, length, out, 0);
+        const values = new Set<number>();
+        for (let at = 0; at < length; at += SECTOR_BYTES) values.add(sectorValue(out, at, (offset + at) / SECTOR_BYTES));
+        this.note(`${r.key} holds writes ${[...values].join(', ')} in ${offset}+${length}`);
+      } catch (err) {
+        this.note(`${r.key} cannot be read: ${(err as Error).message}`);
+      }
+    }
+  }
+
+  // ---- control: the manager, the agent, and faults ---------------------------------------------
+
+  private startControl(name: string, run: () => Promise<void>): void {
+    this.controlName = name;
+    this.note(`control: ${name}`);
+    this.control = run().catch((err: unknown) => {
+      // BUSY, EXISTS (the engine already brings that replica back itself): the manager tries again later.
+      if (err instanceof ZebuError && (err.code === ErrorCode.BUSY || err.code === ErrorCode.CLOSED || err.code === ErrorCode.EXISTS)) {
+        this.note(`control ${name}: ${err.code} ${err.message}`);
+        return;
+      }
+      if (this.engine === null && err instanceof ZebuError) return; // the engine died under it
+      this.problem(`control ${name} failed: ${(err as Error).stack ?? String(err)}`);
+    }).finally(() => {
+      this.control = null;
+    });
+  }
+
+  private strike(r: SimReplica, untilMs = Infinity): void {
+    r.struck = true;
+    r.outSinceStrike = false;
+    r.struckUntilMs = untilMs;
+  }
+
+  /** Replicas that serve as RW and were not struck since: the ones a fault may still leave standing. */
+  private healthy(): SimReplica[] {
+    return this.replicas.filter((r) => !r.struck && r.up);
+  }
+
+  /** What the manager would do next, if anything: add a replica back, or replace it. */
+  private reconcileAction(): { name: string; run: () => Promise<void> } | null {
+    const engine = this.serving();
+    if (engine === null) return null;
+    const status = engine.replicaStatus();
+    if (status.some((x) => x.rebuild !== null)) return null; // one rebuild at a time: the manager waits
+    const out = this.replicas.find((r) => {
+      const s = status.find((x) => x.key === r.key);
+      return r.up && s !== undefined && s.mode === ReplicaMode.ERR && s.rebuild === null;
+    });
+    if (out === undefined) return null;
+    return {
+      name: `manager adds ${out.key} back`,
+      run: async () => {
+        try {
+          await engine.addReplica(out.entry);
+        } catch (err) {
+          if (!(err instanceof ZebuError) || err.code !== ErrorCode.EINVAL || engine !== this.engine) throw err;
+          this.note(`${out.key} refused: ${err.message}`);
+          if (out.servedBefore && !out.treeChangedWhileOut) {
+            this.problem(`${out.key} could not come back by a delta rebuild although no snapshot changed while it was out: ${err.message}`);
+            return;
+          }
+          await this.replace(engine, out);
+          return;
+        }
+        const s = engine.replicaStatus().find((x) => x.key === out.key);
+        const delta = s?.rebuild?.delta ?? false;
+        if (delta) this.stats.rebuildsDelta++;
+        else this.stats.rebuildsFull++;
+        this.note(`${out.key} rebuild started (${delta ? 'delta' : 'full'})`);
+        if (!delta && out.servedBefore && !out.treeChangedWhileOut) {
+          this.problem(`${out.key} came back with a full rebuild where its missed-write map should have allowed a delta`);
+        }
+      },
+    };
+  }
+
+  /** A new replica (new name, address and disk) takes the place of one that cannot come back. */
+  private async replace(engine: Engine, old: SimReplica): Promise<void> {
+    await engine.removeReplica(old.address);
+    old.proc?.kill();
+    old.up = false;
+    this.replicas = this.replicas.filter((r) => r !== old);
+    const fresh = new SimReplica(this.nextReplicaIndex++);
+    this.replicas.push(fresh);
+    this.note(`${fresh.key} replaces ${old.key}`);
+    await this.startReplica(fresh);
+    await engine.addReplica(fresh.entry);
+    this.stats.rebuildsFull++;
+  }
+
+  private faultAction(): { name: string; run: () => Promise<void> } | null {
+    const healthy = this.healthy();
+    const r = this.random.pick(this.replicas);
+    const roll = this.random.next();
+    if (roll < 0.08) {
+      if (this.engine === null) return null;
+      return {
+        name: 'the whole volume loses power',
+        run: async () => {
+          this.stats.volumeCrashes++;
+          const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
+          this.crashEngine();
+          for (const x of this.replicas) this.crashReplica(x, mode);
+          // Unflushed writes (acknowledged or not) may be lost now: every replica lost them. Even
+          // with the page cache kept ('keep'): a replica makes a write durable only at a flush
+          // (its block map is journaled then), which is all NBD promises.
+          this.model.powerLost();
+        },
+      };
+    }
+    if (roll < 0.2) {
+      if (this.engine === null) return null;
+      return { name: 'the engine crashes', run: async () => {
+        this.stats.engineCrashes++;
+        this.crashEngine();
+      } };
+    }
+    // The rest strike one replica: only while another healthy one remains.
+    if (!r.up || r.struck || healthy.length < 2) return null;
+    if (roll < 0.45) {
+      const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
+      return { name: `${r.key} crashes (${mode})`, run: async () => {
+        this.stats.replicaCrashes++;
+        this.crashReplica(r, mode);
+      } };
+    }
+    if (this.engineProc === null) return null;
+    const engineProc = this.engineProc;
+    if (roll < 0.6) {
+      return { name: `link engine-${r.key} cut`, run: async () => {
+        this.stats.linkCuts++;
+        this.strike(r);
+        this.net.cutBetween(engineProc, r.proc!);
+      } };
+    }
+    if (roll < 0.75) {
+      const ms = 500 + this.random.int(2 * REQUEST_TIMEOUT_MS);
+      return { name: `link engine-${r.key} stalls for ${ms} ms`, run: async () => {
+        this.stats.hangs++;
+        this.strike(r, this.world.nowMs + ms + REQUEST_TIMEOUT_MS); // it may time out and be dropped
+        this.net.holdBetween(engineProc, r.proc!, ms);
+      } };
+    }
+    const errno = this.random.chance(0.7) ? 'EIO' : 'ENOSPC';
+    const op = this.random.pick(['write', 'sync', 'read'] as const);
+    return { name: `${r.key} disk: next ${op} fails with ${errno}`, run: async () => {
+      this.stats.diskErrors++;
+      this.strike(r);
+      r.faulty!.addRule({ op, errno, count: 1 });
+      // A replica whose disk failed refuses I/O until reopened: its agent restarts it.
+      await new Promise<void>((resolve) => this.world.schedule(200 + this.random.int(800), resolve));
+      if (r.up) {
+        r.faulty!.clearRules();
+        this.crashReplica(r, 'keep');
+      }
+    } };
+  }
+
+  private operationAction(): { name: string; run: () => Promise<void> } | null {
+    const engine = this.serving();
+    if (engine === null) return null;
+    const roll = this.random.next();
+    if (roll < 0.4) {
+      const name = `s${this.nextSnapshot++}`;
+      return { name: `snapshot ${name}`, run: async () => {
+        await engine.snapshotCreate(name);
+        this.snapshots.push(name);
+        this.stats.snapshots++;
+        for (const r of this.replicas) if (r.struck) r.treeChangedWhileOut = true;
+      } };
+    }
+    if (roll < 0.65 && this.snapshots.length > 0) {
+      const name = this.random.pick(this.snapshots);
+      return { name: `delete snapshot ${name}`, run: async () => {
+        await engine.snapshotDelete(name);
+        this.snapshots = this.snapshots.filter((s) => s !== name);
+        for (const r of this.replicas) if (r.struck) r.treeChangedWhileOut = true;
+      } };
+    }
+    if (roll < 0.75 && this.sizeBytes < 2 * this.options.sizeBytes) {
+      const to = this.sizeBytes + (1 + this.random.int(8)) * 1024 * 1024;
+      return { name: `expand to ${to} bytes`, run: async () => {
+        await engine.expand(to);
+        this.sizeBytes = to;
+        this.model.grow(to);
+        this.stats.expansions++;
+      } };
+    }
+    return { name: 'verify', run: () => this.verifyNow(engine) };
+  }
+
+  /** Replicas that are RW compare equal. */
+  private async verifyNow(engine: Engine): Promise<void> {
+    const report = await engine.verify();
+    this.stats.verifies++;
+    if (report.differing.length > 0) {
+      this.problem(`verify: replicas differ: ${JSON.stringify(report.differing.slice(0, 3))}`);
+    }
+  }
+
+  /** After each step: what the engine says about replicas clears their strikes. */
+  private observe(): void {
+    const engine = this.serving();
+    if (engine === null) return;
+    for (const s of engine.replicaStatus()) {
+      const r = this.replicas.find((x) => x.key === s.key);
+      if (r === undefined) continue;
+      r.out = s.mode === ReplicaMode.ERR;
+      if (s.mode !== ReplicaMode.RW) r.outSinceStrike = true;
+      if (s.mode === ReplicaMode.RW && r.up && (r.outSinceStrike || this.world.nowMs >= r.struckUntilMs)) {
+        if (r.struck) this.note(`${r.key} is RW again`);
+        r.struck = false;
+        r.servedBefore = true;
+        r.treeChangedWhileOut = false;
+      }
+    }
+  }
+
+  // ---- the run --------------------------------------------------------------------------------
+
+  async run(): Promise<SimResult> {
+    const onRejection = (err: unknown): void => {
+      this.problem(`unhandled rejection: ${(err as Error).stack ?? String(err)}`);
+    };
+    process.on('unhandledRejection', onRejection);
+    try {
+      for (const r of this.replicas) await this.world.await(this.startReplica(r), `start ${r.key}`);
+      await this.world.await(this.startEngine(), 'engine start');
+      for (this.step = 0; this.step < this.options.steps && !this.failed; this.step++) {
+        this.observe();
+        if (this.control === null) {
+          const action = this.reconcileAction()
+            ?? (this.options.faults && this.random.chance(0.03) ? this.faultAction() : null)
+            ?? (this.random.chance(0.02) ? this.operationAction() : null);
+          if (action !== null) this.startControl(action.name, action.run);
+        }
+        const burst = this.random.int(4);
+        for (let i = 0; i < burst && this.ops.size < MAX_INFLIGHT; i++) this.issueRandom();
+        await this.world.runFor(this.random.next() * 3);
+      }
+      if (!this.failed) await this.finish();
+    } catch (err) {
+      this.problem(`run aborted: ${(err as Error).stack ?? String(err)}`);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+      for (const r of this.replicas) r.proc?.kill();
+      this.engineProc?.kill();
+    }
+    for (const c of this.world.crashes) this.problem(`the code under test threw: ${c}`);
+    return {
+      seed: this.options.seed, steps: this.options.steps, ok: this.problems.length === 0, problems: this.problems,
+      failedAtStep: this.failedAtStep, trace: this.trace, stats: { ...this.stats, simulatedMs: Math.round(this.world.nowMs), messages: this.net.messages },
+    };
+  }
+
+  /** No more faults: every process back, every replica rebuilt, then the volume is read whole and verified. */
+  private async finish(): Promise<void> {
+    this.note('finish: healing');
+    const deadline = this.world.nowMs + 300_000;
+    for (;;) {
+      if (this.control !== null) await this.world.await(this.control, `control ${this.controlName}`);
+      if (this.failed) return;
+      this.observe();
+      const action = this.reconcileAction();
+      if (action !== null) {
+        this.startControl(action.name, action.run);
+        await this.world.runFor(10);
+        continue;
+      }
+      const engine = this.serving();
+      const allRw = engine !== null && engine.replicaStatus().every((s) => s.mode === ReplicaMode.RW);
+      if (allRw && this.ops.size === 0) break;
+      if (this.world.nowMs > deadline) {
+        this.problem(`the volume did not heal in 300 s: ${engine === null ? 'no engine' : engine.replicaStatus().map((s) => `${s.key}:${s.mode} ${s.reason ?? ''}`).join(', ')}; ${this.ops.size} requests in flight`);
+        return;
+      }
+      await this.world.runFor(50);
+    }
+    const engine = this.serving()!;
+    this.step = this.options.steps;
+    await this.world.await(engine.flush(), 'final flush');
+    await this.world.await(this.verifyNow(engine), 'final verify');
+    // Every byte read back against the model.
+    for (let offset = 0; offset < this.sizeBytes && !this.failed; offset += MAX_IO_BYTES) {
+      const length = Math.min(MAX_IO_BYTES, this.sizeBytes - offset);
+      const out = Buffer.alloc(length);
+      await this.world.await(engine.read(offset, length, out, 0), 'final read');
+      for (const p of this.model.checkRead(offset, out)) this.problem(`final read ${offset}+${length}: ${p}`);
+    }
+  }
+}
+
+export function runSimulation(options: SimOptions): Promise<SimResult> {
+  return new Simulation(options).run();
+}
