@@ -275,7 +275,10 @@ export class Engine implements BlockBackend {
       transport: netTransport, clock: systemClock,
       ...options,
     };
-    this.clock = this.options.clock;
+    // Explicit `undefined`s mean the defaults too.
+    this.options.log = options.log ?? (() => {});
+    this.options.transport = options.transport ?? netTransport;
+    this.clock = this.options.clock = options.clock ?? systemClock;
     // Explicit `undefined`s (absent CLI flags) mean the defaults too.
     this.options.replicaWaitMs = options.replicaWaitMs ?? DEFAULT_REPLICA_WAIT_MS;
     this.options.outReplicas = options.outReplicas ?? [];
@@ -546,12 +549,14 @@ export class Engine implements BlockBackend {
    * copy is a read and N writes over the network where a compare is a local read.
    */
   private async recover(plan: StartupPlan, started: number): Promise<void> {
-    const source = this.replicas[plan.source!];
-    const keys = this.replicas.map((r) => r.key);
     const healthy = (): EngineReplica[] => this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
     // Maps first, while the sources' active sets still hold the regions of the last run: a map
-    // starts from them.
-    await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.missedPrune(keys))));
+    // starts from them. Maps of the replicas that serve now (RW: in sync with the source) are
+    // stale — left by a rebuild that ended just before a crash could drop them, say — and go: a
+    // snapshot would invalidate them, and the next time that replica went out it could not
+    // come back by a delta rebuild.
+    const keep = this.replicas.filter((r) => r.mode !== ReplicaMode.RW).map((r) => r.key);
+    await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.missedPrune(keep))));
     const out = this.replicas.filter((r) => r.mode !== ReplicaMode.RW);
     for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
 
@@ -562,47 +567,33 @@ export class Engine implements BlockBackend {
     const checked = healthy().length > 1 ? regions.length : 0;
     // Released regions leave the logs (and this engine's count) as soon as they are done.
     const released = new Set<number>();
-    if (checked > 0) {
+    let source = this.replicas[plan.source!];
+    while (checked > 0) {
       try {
-        const resyncRegion = async (region: number): Promise<void> => {
-          const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
-          const sourceClient = source.client;
-          if (sourceClient === null || source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-          const differing = await this.replicasDiffering(sourceClient, healthy().filter((r) => r !== source), offset, length);
-          if (differing.length === 0) return;
-          const data = await sourceClient.read(offset, length);
-          await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+        await this.resyncFrom(source, regions.filter((region) => !released.has(region)), released, (length) => {
           bytes += length;
           copied++;
-        };
-        const batched = regions.length > RESYNC_BATCH_REGIONS;
-        let batch: number[] = [];
-        let batchStarted = this.clock.nowMs();
-        for (let at = 0; at < regions.length; at += COPIERS) {
-          const step = regions.slice(at, at + COPIERS);
-          await forEachIndex(step.length, COPIERS, (i) => resyncRegion(step[i]));
-          batch.push(...step);
-          const last = at + COPIERS >= regions.length;
-          if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || this.clock.nowMs() - batchStarted >= RESYNC_BATCH_MS)) continue;
-          // A long resync keeps what it did should this engine be killed before it ends (a kill
-          // storm must not make every start redo it all): the batch is made durable everywhere,
-          // then released from every log.
-          await this.flushNumbered();
-          if (source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-          await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.intentRelease(batch))));
-          for (const region of batch) released.add(region);
-          this.log({ event: 'resync-batch', released: released.size, of: regions.length });
-          batch = [];
-          batchStarted = this.clock.nowMs();
-        }
+        });
+        break;
       } catch (err) {
-        // The others may now differ from each other in these regions, and no one holds the
-        // answer: serve nothing (salvage restarts the volume; their logs still name the regions).
         const e = toZebuError(err);
         if (source.mode === ReplicaMode.RW) this.setErr(source, e);
+        // The source failed (its disk, its link): another RW replica can be the source. What the
+        // old one copied is a state the volume might have been in at the crash as well as the new
+        // source's, region by region (nothing was served yet), so the regions not yet released
+        // are compared and copied again from the new one.
+        const next = this.bestOf(healthy());
+        if (next !== null) {
+          this.log({ event: 'recovery-source-changed', from: source.address, to: next.address, reason: e.message });
+          source = next;
+          continue;
+        }
+        // No one holds the answer: serve nothing (salvage restarts the volume; their logs still
+        // name the regions).
         this.faultedReason = `recovery failed: ${e.message}`;
         for (const r of healthy()) this.setErr(r, new ZebuError(ErrorCode.EIO, `recovery failed: ${e.message}`));
         this.log({ event: 'faulted', reason: this.faultedReason });
+        break;
       }
     }
     this.phaseTimes.resynced = this.clock.nowMs() - started;
@@ -619,7 +610,7 @@ export class Engine implements BlockBackend {
     const report: RecoveryReport = {
       at: new Date().toISOString(),
       clean: plan.clean,
-      source: source.address,
+      source: this.replicas[plan.source!].address,
       checkedRegions: checked,
       regions: copied,
       bytes,
@@ -630,6 +621,56 @@ export class Engine implements BlockBackend {
     this.recoveryReport = report;
     // Where the time went (ms since the start-up began, cumulative), for the log only.
     this.log({ event: 'recovery', ...report, phasesMs: this.phaseTimes });
+  }
+
+  /**
+   * Makes `regions` the same on every RW replica as on `source` (compared by hash, copied where
+   * they differ), a batch at a time; a long run releases each batch from the logs once durable.
+   * Throws when the source fails; a target that fails is set ERR and left out.
+   */
+  private async resyncFrom(source: EngineReplica, regions: number[], released: Set<number>, copiedRegion: (length: number) => void): Promise<void> {
+    const healthy = (): EngineReplica[] => this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+    const sourceFailed = (): ZebuError => new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
+    const resyncRegion = async (region: number): Promise<void> => {
+      const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
+      const sourceClient = source.client;
+      if (sourceClient === null || source.mode !== ReplicaMode.RW) throw sourceFailed();
+      const differing = await this.replicasDiffering(sourceClient, healthy().filter((r) => r !== source), offset, length);
+      if (differing.length === 0) return;
+      const data = await sourceClient.read(offset, length);
+      await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
+      copiedRegion(length);
+    };
+    const batched = regions.length > RESYNC_BATCH_REGIONS;
+    let batch: number[] = [];
+    let batchStarted = this.clock.nowMs();
+    for (let at = 0; at < regions.length; at += COPIERS) {
+      const step = regions.slice(at, at + COPIERS);
+      await forEachIndex(step.length, COPIERS, (i) => resyncRegion(step[i]));
+      batch.push(...step);
+      const last = at + COPIERS >= regions.length;
+      if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || this.clock.nowMs() - batchStarted >= RESYNC_BATCH_MS)) continue;
+      // A long resync keeps what it did should this engine be killed before it ends (a kill
+      // storm must not make every start redo it all): the batch is made durable everywhere,
+      // then released from every log.
+      await this.flushNumbered();
+      if (source.mode !== ReplicaMode.RW) throw sourceFailed();
+      await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.intentRelease(batch))));
+      for (const region of batch) released.add(region);
+      this.log({ event: 'resync-batch', released: released.size, of: regions.length });
+      batch = [];
+      batchStarted = this.clock.nowMs();
+    }
+  }
+
+  /** The replica the others would copy from: the furthest ahead by its counters, or null. */
+  private bestOf(replicas: EngineReplica[]): EngineReplica | null {
+    let best: EngineReplica | null = null;
+    for (const r of replicas) {
+      if (r.info === null) continue;
+      if (best === null || r.info.flushedRevision > best.info!.flushedRevision || (r.info.flushedRevision === best.info!.flushedRevision && r.info.revision > best.info!.revision)) best = r;
+    }
+    return best;
   }
 
   /**

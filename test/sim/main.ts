@@ -3,6 +3,7 @@
  *   npm run sim -- --seed N [--steps M]          one run (replays a failure: same seed, same run)
  *   npm run sim -- --seeds K [--from N]          K runs with seeds N, N+1, …
  *   npm run sim -- --minutes T                   random seeds for T minutes (the long mode)
+ * --stop-at-failure ends at the first failing seed; --quiet prints only failures.
  * A failing run prints its seed, the problems, and the last lines of its trace.
  */
 import { parseArgs } from 'node:util';
@@ -16,6 +17,7 @@ const { values } = parseArgs({
     from: { type: 'string' },
     minutes: { type: 'string' },
     'no-faults': { type: 'boolean', default: false },
+    'stop-at-failure': { type: 'boolean', default: false },
     quiet: { type: 'boolean', default: false },
   },
 });
@@ -55,11 +57,11 @@ if (values.seed !== undefined) {
   await runOne(whole('seed', values.seed, 0));
 } else if (values.minutes !== undefined) {
   const endMs = Date.now() + whole('minutes', values.minutes, 1) * 60_000;
-  while (Date.now() < endMs) await runOne(Math.floor(Math.random() * 0xffffffff));
+  while (Date.now() < endMs && !(values['stop-at-failure'] && failures > 0)) await runOne(Math.floor(Math.random() * 0xffffffff));
 } else {
   const from = whole('from', values.from, 1);
   const count = whole('seeds', values.seeds, 20);
-  for (let seed = from; seed < from + count; seed++) await runOne(seed);
+  for (let seed = from; seed < from + count && !(values['stop-at-failure'] && failures > 0); seed++) await runOne(seed);
 }
 process.stdout.write(`${runs} run(s), ${failures} failed\n`);
 process.exit(failures > 0 ? 1 : 0);

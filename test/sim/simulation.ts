@@ -199,6 +199,7 @@ export class Simulation {
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
+      log: LIVE_TRACE ? (event) => this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`) : undefined,
     });
     this.engineProc = proc;
     this.engine = engine;
@@ -401,6 +402,10 @@ export class Simulation {
         } catch (err) {
           if (!(err instanceof ZebuError) || err.code !== ErrorCode.EINVAL || engine !== this.engine) throw err;
           this.note(`${out.key} refused: ${err.message}`);
+          for (const r of this.replicas) {
+            const summary = r.replica?.intentGet?.();
+            if (summary !== undefined) this.note(`${r.key} holds maps ${JSON.stringify(summary.missed)}, invalid ${JSON.stringify(summary.invalidMissed)}`);
+          }
           if (out.servedBefore && !out.treeChangedWhileOut) {
             this.problem(`${out.key} could not come back by a delta rebuild although no snapshot changed while it was out: ${err.message}`);
             return;
@@ -461,8 +466,9 @@ export class Simulation {
         this.crashEngine();
       } };
     }
-    // The rest strike one replica: only while another healthy one remains.
-    if (!r.up || r.struck || healthy.length < 2) return null;
+    // The rest strike one replica (healthy, or struck already: being rebuilt, say) while another
+    // healthy one remains.
+    if (!r.up || healthy.filter((x) => x !== r).length === 0) return null;
     if (roll < 0.45) {
       const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
       return { name: `${r.key} crashes (${mode})`, run: async () => {
