@@ -499,21 +499,25 @@ export class Engine implements BlockBackend {
     );
     const plan = planStartup(this.sizeBytes, REGION_BYTES, candidates, (i) => missed[i]);
     this.phaseTimes.planned = this.clock.nowMs() - started;
+    // Every mode is set before any close handler is registered: a connection that closed during
+    // the planning runs its handler at registration, and with the replicas after it still
+    // unassigned (ERR) that handler would find no RW replica and fault the volume.
+    const watches: (() => void)[] = [];
     for (const [i, r] of this.replicas.entries()) {
       const decision = plan.decisions[i];
       const client = r.client;
       if (decision.mode === 'RW') {
         r.mode = ReplicaMode.RW;
         r.reason = null;
-        client!.onClose((err) => {
+        watches.push(() => client!.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
-        });
+        }));
       } else if (decision.mode === 'DELTA') {
         // Out of the write set, connection kept: its delta rebuild starts once serving.
         r.mode = ReplicaMode.ERR;
         r.reason = `waiting for a delta rebuild: ${decision.reason}`;
         this.pendingDeltas.push(r);
-        client!.onClose((err) => {
+        watches.push(() => client!.onClose((err) => {
           // Only while it still waits: once its delta rebuild has begun, the rebuild's own close
           // handling marks it ERR (this one, registered first, used to run first and clear
           // r.client, so a replica lost after its rebuild stayed RW, unnoticed and unhealed).
@@ -521,7 +525,7 @@ export class Engine implements BlockBackend {
             r.client = null;
             r.reason = `disconnected before its delta rebuild: ${err.message}`;
           }
-        });
+        }));
       } else {
         r.mode = ReplicaMode.ERR;
         r.reason = decision.reason;
@@ -529,6 +533,7 @@ export class Engine implements BlockBackend {
         client?.close();
       }
     }
+    for (const watch of watches) watch();
     if (!this.replicas.some((r) => r.mode === ReplicaMode.RW)) {
       this.faultedReason = `no replica could be opened: ${this.replicas.map((r) => `${r.address}: ${r.reason}`).join('; ')}`;
       this.log({ event: 'faulted', reason: this.faultedReason });

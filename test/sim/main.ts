@@ -7,7 +7,8 @@
  * A failing run prints its seed, the problems, and the last lines of its trace.
  */
 import { parseArgs } from 'node:util';
-import { runSimulation, type SimResult } from './simulation.ts';
+import { runSimulation } from './simulation.ts';
+import { report } from './report.ts';
 
 const { values } = parseArgs({
   options: {
@@ -30,16 +31,6 @@ function whole(name: string, raw: string | undefined, fallback: number): number 
     process.exit(2);
   }
   return n;
-}
-
-export function report(result: SimResult): string {
-  const lines = [`seed ${result.seed}: ${result.ok ? 'ok' : `FAILED at step ${result.failedAtStep}`} (${result.steps} steps) ${JSON.stringify(result.stats)}`];
-  if (!result.ok) {
-    lines.push('problems:', ...result.problems.map((p) => `  ${p}`));
-    lines.push('trace (last lines):', ...result.trace.map((t) => `  ${t}`));
-    lines.push(`replay: npm run sim -- --seed ${result.seed} --steps ${result.steps}`);
-  }
-  return lines.join('\n');
 }
 
 const steps = whole('steps', values.steps, 3000);
