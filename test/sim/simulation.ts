@@ -439,9 +439,17 @@ export class Simulation {
     this.stats.rebuildsFull++;
   }
 
+  /** The replica being rebuilt, if any. */
+  private rebuildTarget(): SimReplica | null {
+    const status = this.serving()?.replicaStatus() ?? [];
+    const s = status.find((x) => x.rebuild !== null);
+    return s === undefined ? null : (this.replicas.find((r) => r.key === s.key) ?? null);
+  }
+
   private faultAction(): { name: string; run: () => Promise<void> } | null {
     const healthy = this.healthy();
-    const r = this.random.pick(this.replicas);
+    const target = this.rebuildTarget();
+    const r = target !== null && this.random.chance(0.5) ? target : this.random.pick(this.replicas);
     const roll = this.random.next();
     if (roll < 0.08) {
       if (this.engine === null) return null;
@@ -581,8 +589,10 @@ export class Simulation {
       for (this.step = 0; this.step < this.options.steps && !this.failed; this.step++) {
         this.observe();
         if (this.control === null) {
+          // Faults come more often while a replica is rebuilt: its window is short and rich in races.
+          const rebuilding = this.rebuildTarget() !== null;
           const action = this.reconcileAction()
-            ?? (this.options.faults && this.random.chance(0.03) ? this.faultAction() : null)
+            ?? (this.options.faults && this.random.chance(rebuilding ? 0.15 : 0.03) ? this.faultAction() : null)
             ?? (this.random.chance(0.02) ? this.operationAction() : null);
           if (action !== null) this.startControl(action.name, action.run);
         }
