@@ -1,8 +1,8 @@
 /**
  * The start-up decision (docs/crash-consistency.md, "Start-up recovery"). Pure: what the replicas said in, a plan out.
  *
- * - The source is the best usable replica by (writeEpoch, flushedRevision, revision): the one that
- *   last made writes durable in the newest epoch. Unusable: unopenable, wrong size, or a rebuild
+ * - The source is the best usable replica by (writeEpoch, revision, flushedRevision): the one that
+ *   holds the most writes of the newest epoch (a live process's unflushed ones count). Unusable: unopenable, wrong size, or a rebuild
  *   that stopped midway (its counters say nothing about its data).
  * - A replica that made the same writes durable as the source (same writeEpoch and
  *   flushedRevision, same chain) starts RW: it can differ from the source only in regions some
@@ -81,9 +81,17 @@ function resumableDelta(sizeBytes: number, c: StartupCandidate): boolean {
   return c.info !== null && c.info.rebuilding && c.info.rebuildKind === 'delta' && c.info.sizeBytes === sizeBytes;
 }
 
-/** -1, 0, 1 as `a` is behind, equal to, ahead of `b` by (writeEpoch, flushedRevision, revision). */
+/**
+ * -1, 0, 1 as `a` is behind, equal to, ahead of `b` by (writeEpoch, revision, flushedRevision).
+ * Within an epoch the revision comes before the flushed revision: a replica whose process kept
+ * running holds every write it acknowledged (in its page cache), and the recovery makes them
+ * durable before serving; one that lost power and reopened has only what it flushed
+ * (revision = flushedRevision). Compared the other way round, a replica that had flushed one more
+ * write before it lost power won over one that lived on with all of them, and the acknowledged
+ * writes it lost were copied over the live one's (found by the simulator).
+ */
 function compareCounters(a: ReplicaInfo, b: ReplicaInfo): number {
-  return Math.sign(writeEpochOf(a) - writeEpochOf(b) || a.flushedRevision - b.flushedRevision || a.revision - b.revision);
+  return Math.sign(writeEpochOf(a) - writeEpochOf(b) || a.revision - b.revision || a.flushedRevision - b.flushedRevision);
 }
 
 /** The best usable replica, or null. Ties go to the first. */

@@ -28,10 +28,12 @@ test('equal replicas all start RW; a clean shutdown with nothing active is "clea
   assert.deepEqual(plan.resyncRegions, []);
 });
 
-test('the source is chosen by writeEpoch first, then flushed revision, then revision', () => {
+test('the source is chosen by writeEpoch first, then revision, then flushed revision', () => {
   assert.equal(chooseSource(SIZE, [c('a', info(9, { writeEpoch: 2 })), c('b', info(3, { writeEpoch: 3 }))]), 1);
-  assert.equal(chooseSource(SIZE, [c('a', info(9, { flushed: 5 })), c('b', info(7, { flushed: 7 }))]), 1);
+  // A live replica with unflushed writes wins over one that flushed more and then lost power.
+  assert.equal(chooseSource(SIZE, [c('a', info(618, { flushed: 618 })), c('b', info(620, { flushed: 617 }))]), 1);
   assert.equal(chooseSource(SIZE, [c('a', info(6, { flushed: 5 })), c('b', info(8, { flushed: 5 }))]), 1);
+  assert.equal(chooseSource(SIZE, [c('a', info(8, { flushed: 6 })), c('b', info(8, { flushed: 7 }))]), 1);
   assert.equal(chooseSource(SIZE, [c('a', null), c('b', info(1, { rebuilding: true })), c('c', info(1, { sizeBytes: 2 * SIZE }))]), null);
 });
 

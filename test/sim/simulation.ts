@@ -193,6 +193,12 @@ export class Simulation {
   }
 
   private async startEngine(): Promise<void> {
+    if (LIVE_TRACE) {
+      for (const r of this.replicas) {
+        const info = r.replica?.info();
+        if (info !== undefined) this.note(`${r.key} before engine ${this.epoch}: writeEpoch ${info.writeEpoch}, flushed ${info.flushedRevision}, revision ${info.revision}, active ${info.activeRegions}`);
+      }
+    }
     const proc = this.world.process(`engine-${this.epoch}`);
     const engine = Engine.create({
       name: 'sim', sizeBytes: this.sizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
@@ -400,7 +406,13 @@ export class Simulation {
         try {
           await engine.addReplica(out.entry);
         } catch (err) {
-          if (!(err instanceof ZebuError) || err.code !== ErrorCode.EINVAL || engine !== this.engine) throw err;
+          if (!(err instanceof ZebuError)) throw err;
+          if (err.code !== ErrorCode.EINVAL || engine !== this.engine) {
+            // The replica failed meanwhile, or the engine died: the manager tries again later
+            // (a volume that never heals fails the run at its end).
+            this.note(`${out.key} not added: ${err.code} ${err.message}`);
+            return;
+          }
           this.note(`${out.key} refused: ${err.message}`);
           for (const r of this.replicas) {
             const summary = r.replica?.intentGet?.();
@@ -507,10 +519,15 @@ export class Simulation {
       this.stats.diskErrors++;
       this.strike(r);
       r.faulty!.addRule({ op, errno, count: 1 });
-      // A replica whose disk failed refuses I/O until reopened: its agent restarts it.
+      // A one-off failed read or write of data: the replica serves on. One that hit its metadata
+      // (a flush, the journal, the write-intent log) makes it refuse I/O until reopened: its agent
+      // sees that and restarts it.
       await new Promise<void>((resolve) => this.world.schedule(200 + this.random.int(800), resolve));
-      if (r.up) {
-        r.faulty!.clearRules();
+      if (!r.up || r.replica === null) return;
+      r.faulty!.clearRules();
+      try {
+        r.replica.intentGet();
+      } catch {
         this.crashReplica(r, 'keep');
       }
     } };
