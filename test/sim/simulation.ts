@@ -121,7 +121,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, engineHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -235,6 +235,31 @@ export class Simulation {
         await this.startEngine();
       } catch (err) {
         if (this.incarnation === incarnation) throw err; // else that engine died meanwhile
+      }
+    });
+  }
+
+  /**
+   * The engine stops answering (a stalled process, a cut link to its node) and a new one starts
+   * with the next epoch while the old one still lives: what it had sent arrives at the replicas
+   * late, and must be fenced. The old process is killed a while later.
+   */
+  private replaceHungEngine(ms: number): void {
+    const old = this.engineProc!;
+    for (const r of this.replicas) if (r.proc !== null) this.net.holdBetween(old, r.proc, ms);
+    this.world.schedule(ms + 5000, () => old.kill());
+    this.engine = null;
+    this.engineProc = null;
+    this.incarnation++;
+    this.epoch++;
+    this.note(`engine ${this.epoch - 1} hangs; engine ${this.epoch} replaces it (${this.ops.size} requests will be sent again)`);
+    const incarnation = this.incarnation;
+    this.agentLater(1 + this.random.next() * 300, 'start the replacing engine', async () => {
+      if (this.incarnation !== incarnation || this.engine !== null) return;
+      try {
+        await this.startEngine();
+      } catch (err) {
+        if (this.incarnation === incarnation) throw err;
       }
     });
   }
@@ -479,11 +504,19 @@ export class Simulation {
         },
       };
     }
-    if (roll < 0.2) {
+    if (roll < 0.16) {
       if (this.engine === null) return null;
       return { name: 'the engine crashes', run: async () => {
         this.stats.engineCrashes++;
         this.crashEngine();
+      } };
+    }
+    if (roll < 0.2) {
+      if (this.engineProc === null) return null;
+      const ms = 200 + this.random.int(3000);
+      return { name: `the engine hangs for ${ms} ms and is replaced`, run: async () => {
+        this.stats.engineHangs++;
+        this.replaceHungEngine(ms);
       } };
     }
     // The rest strike one replica (healthy, or struck already: being rebuilt, say) while another
