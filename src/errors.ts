@@ -88,7 +88,35 @@ export function invalid(message: string, field?: string): ZebuError {
   return new ZebuError(ErrorCode.EINVAL, message, { field });
 }
 
+/** A broken invariant: a bug. Never an error reply — the process stops (see assert). */
+export class AssertionFailure extends Error {
+  override readonly name = 'AssertionFailure';
+}
+
+/**
+ * What happens when an assertion fails, besides the throw: by default the process dies on the
+ * next tick (an uncaught exception, whatever catches the throw meanwhile), so its supervisor
+ * restarts it and the bug is seen instead of becoming an EIO that a client retries. The simulator
+ * installs its own: it records the failure and fails the run.
+ */
+let assertionFailed: (err: AssertionFailure) => void = (err) => {
+  process.nextTick(() => {
+    throw err;
+  });
+};
+
+/** Replaces what an assertion failure does (the simulator; returns the previous handler). */
+export function onAssertionFailure(handler: (err: AssertionFailure) => void): (err: AssertionFailure) => void {
+  const previous = assertionFailed;
+  assertionFailed = handler;
+  return previous;
+}
+
 /** Invariant check for the data path: a failure is a bug, and it must be loud. */
 export function assert(condition: unknown, message: string): asserts condition {
-  if (!condition) throw new Error(`assertion failed: ${message}`);
+  if (!condition) {
+    const err = new AssertionFailure(`assertion failed: ${message}`);
+    assertionFailed(err);
+    throw err;
+  }
 }

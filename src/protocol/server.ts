@@ -6,7 +6,7 @@
  * from (bad magic, oversized payload) gets an error reply and that one connection is closed.
  */
 import net from 'node:net';
-import { ZebuError, ErrorCode, errorToWire, toZebuError, invalid } from '../errors.ts';
+import { ZebuError, ErrorCode, AssertionFailure, errorToWire, toZebuError, invalid } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
 import { ioBuffers } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
@@ -246,6 +246,13 @@ class Connection {
   private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply): void {
     this.inflight--;
     this.owner.requestFinished();
+    if (err instanceof AssertionFailure) {
+      // A bug, not an I/O error: no reply (the client would take it for a failed disk and go
+      // on); the process is stopping (errors.ts), and the peer sees the connection end.
+      this.closing = true;
+      this.socket.destroy();
+      return;
+    }
     this.reply(h.requestId, err === null ? null : toZebuError(err), result);
     if (this.paused && this.inflight < this.owner.opts.maxInflightPerConnection / 2) {
       this.paused = false;

@@ -16,7 +16,7 @@ import { MemoryDisk } from '../../src/replica/memory-disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { DataServer } from '../../src/protocol/server.ts';
-import { ErrorCode, ZebuError } from '../../src/errors.ts';
+import { ErrorCode, ZebuError, onAssertionFailure } from '../../src/errors.ts';
 import { SimWorld, type Random, type SimProcess } from './world.ts';
 import { SimNetwork } from './network.ts';
 import { VolumeModel, writePayload, sectorValue, SECTOR_BYTES } from './model.ts';
@@ -633,6 +633,8 @@ export class Simulation {
       this.problem(`unhandled rejection: ${(err as Error).stack ?? String(err)}`);
     };
     process.on('unhandledRejection', onRejection);
+    // An assertion in the code under test fails the run (instead of ending this process).
+    const previousHandler = onAssertionFailure((err) => this.problem(`assertion failed in the code under test: ${err.stack ?? err.message}`));
     try {
       for (const r of this.replicas) await this.world.await(this.startReplica(r), `start ${r.key}`);
       await this.world.await(this.startEngine(), 'engine start');
@@ -655,6 +657,7 @@ export class Simulation {
       this.problem(`run aborted: ${(err as Error).stack ?? String(err)}`);
     } finally {
       process.off('unhandledRejection', onRejection);
+      onAssertionFailure(previousHandler);
       for (const r of this.replicas) r.proc?.kill();
       this.engineProc?.kill();
     }
