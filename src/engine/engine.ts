@@ -1604,18 +1604,18 @@ export class Engine implements BlockBackend {
       check();
       target.info = await target.client!.setRebuilding(null);
       check();
-      // Whole: RW from here on, before its maps go. Were it lost while they are dropped, it is lost
-      // as a RW replica — new maps start behind the drops on the same connections — and comes
-      // back by a delta. (Dropped first and failed after, it came back to no map: a full rebuild.)
-      target.mode = ReplicaMode.RW;
-      target.reason = null;
-      target.rebuild = null;
       // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
       // fail this replica again at every later start-up, and each time cost a full rebuild. Only
       // after the mark is cleared: a crash between the two leaves a complete replica with maps (a
       // redundant delta next time; the next start-up drops them), never a marked one without the
-      // maps to finish its delta.
-      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW).map((r) => this.controlOn(r, (c) => c.missedDrop(target.key))));
+      // maps to finish its delta. The drops are sent now and not waited for: the replica is RW
+      // from this moment, so were it lost while they are under way, it is lost as a RW replica and
+      // new maps start behind the drops on the same connections — it comes back by a delta.
+      // (Waited for before RW, a replica lost in between came back to no map: a full rebuild.)
+      for (const r of this.replicas) if (r !== target && r.mode === ReplicaMode.RW) void this.controlOn(r, (c) => c.missedDrop(target.key));
+      target.mode = ReplicaMode.RW;
+      target.reason = null;
+      target.rebuild = null;
     } finally {
       this.rebuilding = null;
       this.resume();

@@ -1,0 +1,17 @@
+/**
+ * Checks that `fn` fails one of the code's own assertions. An assertion failure stops the process
+ * (src/errors.ts); here the failure is caught instead, to be checked.
+ */
+import assert from 'node:assert/strict';
+import { onAssertionFailure, type AssertionFailure } from '../../src/errors.ts';
+
+export function assertInvariantFails(fn: () => unknown, message: RegExp): void {
+  const failures: AssertionFailure[] = [];
+  const previous = onAssertionFailure((err) => failures.push(err));
+  try {
+    assert.throws(fn, message);
+  } finally {
+    onAssertionFailure(previous);
+  }
+  assert.equal(failures.length, 1, 'reported as an assertion failure (the process would stop)');
+}
