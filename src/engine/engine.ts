@@ -32,7 +32,9 @@ import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
 import { planStartup, chooseSource, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
-import { Rebuild, RangeClaims } from './rebuild.ts';
+import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
+
+export type { RebuildProgress };
 import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
@@ -79,13 +81,6 @@ export interface EngineReplicaStatus {
   revision: number | null;
   /** While this replica is being rebuilt (WO). */
   rebuild: RebuildProgress | null;
-}
-
-export interface RebuildProgress {
-  copiedBytes: number;
-  totalBytes: number;
-  /** Only the regions it missed are copied (it was in the volume before). */
-  delta: boolean;
 }
 
 export interface EngineStats {

@@ -15,7 +15,6 @@
  * claim overlapping another one (a rebuild and a verify at once) waits for it.
  */
 import { assert } from '../errors.ts';
-import type { RebuildProgress } from './engine.ts';
 
 interface InFlightWrite {
   start: number;
@@ -27,6 +26,14 @@ interface Claim {
   end: number;
   /** Wakes the claimer once no write overlapping the claim is in flight. */
   waiter: (() => void) | null;
+}
+
+/** How far a rebuild got (the engine shows it per replica). */
+export interface RebuildProgress {
+  copiedBytes: number;
+  totalBytes: number;
+  /** Only the regions it missed are copied (it was in the volume before). */
+  delta: boolean;
 }
 
 export class RangeClaims {
