@@ -21,6 +21,7 @@ import { verifyTarget } from '../../src/backup/verify-target.ts';
 import { BACKUP_BLOCK_BYTES, blockKey, type Manifest } from '../../src/backup/format.ts';
 import { tempDir } from '../support/tmp.ts';
 import { startTestS3 } from '../support/s3-server.ts';
+import { assertInvariantRejects } from '../support/assertions.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 40 * MiB;
@@ -405,7 +406,7 @@ test('file target: a staged object is invisible until committed; discarded or st
   assert.deepEqual((await target.list('')).prefixes, [], 'the staging directory is not listed');
   await staged.commit();
   assert.equal((await target.get('blocks/ab/cd/abcd'))?.toString(), 'header', 'the bytes as they were when staged');
-  await assert.rejects(staged.commit(), /twice/);
+  await assertInvariantRejects(() => staged.commit(), /twice/);
   // Durable at the next flush, with the directories the commit created.
   await target.flush();
   assert.deepEqual(synced.sort(), ['.', 'blocks', 'blocks/ab', 'blocks/ab/cd', 'blocks/ab/cd/abcd'].sort());

@@ -15,3 +15,15 @@ export function assertInvariantFails(fn: () => unknown, message: RegExp): void {
   }
   assert.equal(failures.length, 1, 'reported as an assertion failure (the process would stop)');
 }
+
+/** As assertInvariantFails, for a promise. */
+export async function assertInvariantRejects(run: () => Promise<unknown>, message: RegExp): Promise<void> {
+  const failures: AssertionFailure[] = [];
+  const previous = onAssertionFailure((err) => failures.push(err));
+  try {
+    await assert.rejects(run(), message);
+  } finally {
+    onAssertionFailure(previous);
+  }
+  assert.equal(failures.length, 1, 'reported as an assertion failure (the process would stop)');
+}
