@@ -18,35 +18,36 @@ class MemoryFile {
   private readonly chunks = new Map<number, Buffer>();
 
   read(buf: Buffer, bufOffset: number, length: number, position: number): void {
-    let done = 0;
-    while (done < length) {
-      const at = position + done;
-      const index = Math.floor(at / CHUNK_BYTES);
-      const within = at - index * CHUNK_BYTES;
-      const n = Math.min(length - done, CHUNK_BYTES - within);
+    this.eachChunk(position, length, (index, within, done, n) => {
       const chunk = this.chunks.get(index);
       if (chunk === undefined) buf.fill(0, bufOffset + done, bufOffset + done + n);
       else chunk.copy(buf, bufOffset + done, within, within + n);
-      done += n;
-    }
+    });
   }
 
   write(buf: Buffer, bufOffset: number, length: number, position: number): void {
-    let done = 0;
-    while (done < length) {
-      const at = position + done;
-      const index = Math.floor(at / CHUNK_BYTES);
-      const within = at - index * CHUNK_BYTES;
-      const n = Math.min(length - done, CHUNK_BYTES - within);
+    this.eachChunk(position, length, (index, within, done, n) => {
       let chunk = this.chunks.get(index);
       if (chunk === undefined) {
         chunk = Buffer.alloc(CHUNK_BYTES);
         this.chunks.set(index, chunk);
       }
       buf.copy(chunk, within, bufOffset + done, bufOffset + done + n);
+    });
+    this.sizeBytes = Math.max(this.sizeBytes, position + length);
+  }
+
+  /** The range cut at chunk boundaries: chunk index, offset in it, bytes before it, bytes in it. */
+  private eachChunk(position: number, length: number, fn: (index: number, within: number, done: number, n: number) => void): void {
+    let done = 0;
+    while (done < length) {
+      const at = position + done;
+      const index = Math.floor(at / CHUNK_BYTES);
+      const within = at - index * CHUNK_BYTES;
+      const n = Math.min(length - done, CHUNK_BYTES - within);
+      fn(index, within, done, n);
       done += n;
     }
-    this.sizeBytes = Math.max(this.sizeBytes, position + length);
   }
 
   truncate(sizeBytes: number): void {

@@ -223,13 +223,18 @@ export class Simulation {
   private crashEngine(): void {
     if (this.engineProc === null) return;
     this.engineProc.kill();
+    this.engineGone(`engine crashed (${this.ops.size} requests in flight will be sent again)`, 500);
+  }
+
+  /** The engine process is no more to the client: the agent starts the next epoch's a while later. */
+  private engineGone(what: string, restartMsMax: number): void {
     this.engine = null;
     this.engineProc = null;
     this.incarnation++;
     this.epoch++;
-    this.note(`engine crashed (${this.ops.size} requests in flight will be sent again)`);
+    this.note(what);
     const incarnation = this.incarnation;
-    this.agentLater(1 + this.random.next() * 500, 'restart the engine', async () => {
+    this.agentLater(1 + this.random.next() * restartMsMax, `start engine ${this.epoch}`, async () => {
       if (this.incarnation !== incarnation || this.engine !== null) return;
       try {
         await this.startEngine();
@@ -248,20 +253,7 @@ export class Simulation {
     const old = this.engineProc!;
     for (const r of this.replicas) if (r.proc !== null) this.net.holdBetween(old, r.proc, ms);
     this.world.schedule(ms + 5000, () => old.kill());
-    this.engine = null;
-    this.engineProc = null;
-    this.incarnation++;
-    this.epoch++;
-    this.note(`engine ${this.epoch - 1} hangs; engine ${this.epoch} replaces it (${this.ops.size} requests will be sent again)`);
-    const incarnation = this.incarnation;
-    this.agentLater(1 + this.random.next() * 300, 'start the replacing engine', async () => {
-      if (this.incarnation !== incarnation || this.engine !== null) return;
-      try {
-        await this.startEngine();
-      } catch (err) {
-        if (this.incarnation === incarnation) throw err;
-      }
-    });
+    this.engineGone(`engine ${this.epoch} hangs; engine ${this.epoch + 1} replaces it (${this.ops.size} requests will be sent again)`, 300);
   }
 
   // ---- client requests ------------------------------------------------------------------------

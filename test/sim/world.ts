@@ -5,35 +5,10 @@
  * the same run.
  */
 import type { Clock, ClockTimer } from '../../src/os/clock.ts';
+import { Prng as Random } from '../support/fault-prng.ts';
 
-/** mulberry32: small, fast, seeded. */
-export class Random {
-  private state: number;
-  constructor(seed: number) {
-    this.state = seed >>> 0;
-  }
-  next(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0;
-    let t = this.state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  }
-  /** A whole number in [0, n). */
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  chance(p: number): boolean {
-    return this.next() < p;
-  }
-  pick<T>(items: readonly T[]): T {
-    return items[this.int(items.length)];
-  }
-  /** A new seed for a part of the world that draws on its own. */
-  fork(): Random {
-    return new Random(Math.floor(this.next() * 0xffffffff));
-  }
-}
+/** The simulator draws from the fault suite's seeded generator. */
+export { Prng as Random } from '../support/fault-prng.ts';
 
 interface SimEvent {
   atMs: number;
