@@ -403,7 +403,9 @@ export class Simulation {
 
   /** Replicas that serve as RW and were not struck since: the ones a fault may still leave standing. */
   private healthy(): SimReplica[] {
-    return this.replicas.filter((r) => !r.struck && r.up);
+    // The engine must count it RW too: a stall that ended can still have cost it its place.
+    const rw = new Set((this.serving()?.replicaStatus() ?? []).filter((s) => s.mode === ReplicaMode.RW).map((s) => s.key));
+    return this.replicas.filter((r) => !r.struck && r.up && rw.has(r.key));
   }
 
   /** What the manager would do next, if anything: add a replica back, or replace it. */
