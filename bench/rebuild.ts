@@ -19,7 +19,7 @@ import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { controlRequest } from '../src/engine/control-server.ts';
+import { controlRequest } from '../src/protocol/control-channel.ts';
 
 const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);

@@ -1,5 +1,5 @@
 /**
- * One local replica process, driven through the data protocol by a ReplicaClient in this
+ * One local replica process, driven through the data protocol by a DataClient in this
  * process, against the same access patterns done directly with pwrite/pread (callback fs.write /
  * fs.read) on a plain file in the same temp directory. Run on demand: `npm run bench:replica`.
  *
@@ -28,7 +28,7 @@ import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { ReplicaClient } from '../src/protocol/client.ts';
+import { DataClient } from '../src/protocol/client.ts';
 import { Op, MAX_RANGE_BYTES } from '../src/protocol/frames.ts';
 import { readSecretFile } from '../src/protocol/auth.ts';
 
@@ -94,8 +94,8 @@ class DirectTarget implements Target {
 
 class ZebuTarget implements Target {
   readonly label = 'zebu';
-  private readonly client: ReplicaClient;
-  constructor(client: ReplicaClient) {
+  private readonly client: DataClient;
+  constructor(client: DataClient) {
     this.client = client;
   }
   write(buf: Buffer, offset: number, cb: Done): void {
@@ -342,7 +342,7 @@ function log(message: string): void {
 async function main(): Promise<void> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-bench-replica-'));
   let replica: ReplicaProcess | null = null;
-  let client: ReplicaClient | null = null;
+  let client: DataClient | null = null;
   let directFd: number | null = null;
   const onSignal = (): void => {
     replica?.child.kill('SIGKILL');
@@ -369,7 +369,7 @@ async function main(): Promise<void> {
     const direct = new DirectTarget(directFd);
 
     replica = await startReplica(path.join(root, 'replica'), secretFile);
-    client = await ReplicaClient.connect({ host: '127.0.0.1', port: replica.port, secret, epoch: 1, requestTimeoutMs: 120_000 });
+    client = await DataClient.connect({ host: '127.0.0.1', port: replica.port, secret, epoch: 1, requestTimeoutMs: 120_000 });
     await client.open();
     const zebu = new ZebuTarget(client);
     log(`replica pid ${replica.child.pid} on 127.0.0.1:${replica.port}, ${SIZE_MIB} MiB, ${SECONDS} s per phase, temp dir ${root}`);
@@ -444,7 +444,7 @@ async function main(): Promise<void> {
 }
 
 /** Both sides read back the prefill pattern, and the replica reports the whole volume as data. */
-async function checkFilled(client: ReplicaClient, direct: DirectTarget, fillPattern: Buffer): Promise<void> {
+async function checkFilled(client: DataClient, direct: DirectTarget, fillPattern: Buffer): Promise<void> {
   for (let at = 0; at < SIZE; at += MAX_RANGE_BYTES + 1 - KIB4) {
     const length = Math.min(SIZE - at, MAX_RANGE_BYTES + 1 - KIB4);
     const extents = await client.blockStatus(at, length);

@@ -12,18 +12,17 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Lease, Store, Watch, WatchEvent } from '../store/store.ts';
-import { Kind, Objects, type EngineReplicaStatus, type EngineValue, type ReplicaValue } from '../manager/objects.ts';
+import { Kind, Objects, REPLICAS_DIR, type EngineReplicaStatus, type EngineValue, type ReplicaValue } from '../manager/objects.ts';
 import { Settings } from '../manager/settings.ts';
 import { WorkQueue } from '../manager/work-queue.ts';
-import { REPLICAS_DIR } from '../manager/volume-controller.ts';
-import { controlRequest } from '../engine/control-server.ts';
+import { controlRequest } from '../protocol/control-channel.ts';
 import { recoveryFromEngine, replicaNameOf, verifyFromEngine } from '../manager/engine-reports.ts';
 import { ProcessSupervisor } from './process-supervisor.ts';
 import { initDisk, probeDisk } from './disks.ts';
 import { BackingImageFiles } from './backing-image-files.ts';
 import { keepTcpListener, type KeptListener } from '../frontend/kept-listener.ts';
 import type { EngineLinkView } from '../manager/types.ts';
-import { ReplicaClient } from '../protocol/client.ts';
+import { DataClient } from '../protocol/client.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 
 export interface AgentOptions {
@@ -587,11 +586,11 @@ export class Agent {
    * A data-protocol connection to a volume's engine on this node, for work that reads or writes
    * the volume itself (backups read its snapshots, restores write it). The caller closes it.
    */
-  openEngineData(volume: string): Promise<ReplicaClient> {
+  openEngineData(volume: string): Promise<DataClient> {
     if (this.supervisor.get(engineProcessId(volume))?.state !== 'running') {
       return Promise.reject(new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`));
     }
-    return ReplicaClient.connect({ path: this.engineSocket(volume), secret: readSecretFile(this.options.secretFile), peerLabel: `engine of ${volume}`, requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS });
+    return DataClient.connect({ path: this.engineSocket(volume), secret: readSecretFile(this.options.secretFile), peerLabel: `engine of ${volume}`, requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS });
   }
 
   /**

@@ -6,32 +6,14 @@
  * message a person can act on.
  */
 import { ErrorCode, ZebuError } from '../errors.ts';
+import { httpStatusFor } from '../error-status.ts';
 
 export interface ErrorBody {
   error: { code: string; message: string; field?: string };
 }
 
-export function statusForCode(code: ErrorCode): number {
-  switch (code) {
-    case ErrorCode.EINVAL:
-      return 400;
-    case ErrorCode.UNAUTHORIZED:
-    case ErrorCode.AUTH:
-      return 401;
-    case ErrorCode.NOT_FOUND:
-      return 404;
-    case ErrorCode.EXISTS:
-    case ErrorCode.CONFLICT:
-    case ErrorCode.BUSY:
-      return 409;
-    case ErrorCode.ENOSPC:
-      return 507;
-    case ErrorCode.UNSUPPORTED:
-      return 501;
-    default:
-      return 500;
-  }
-}
+/** The HTTP status of an error code (the one table, src/error-status.ts). */
+export const statusForCode = httpStatusFor;
 
 export function shortCode(code: ErrorCode): string {
   return code.replace(/^ZEBU_ERR_/, '');

@@ -5,7 +5,7 @@ import { replicaServe } from './replica-serve.ts';
 import { engineServe } from './engine-serve.ts';
 import { frontendServe } from './frontend-serve.ts';
 import { volumeServe } from './volume-serve.ts';
-import { controlRequest } from '../engine/control-server.ts';
+import { controlRequest } from '../protocol/control-channel.ts';
 import { registerClientCommands } from './client/register.ts';
 
 function fail(err: unknown): never {

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import pino from 'pino';
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { Replica } from '../replica/replica.ts';
-import { ReplicaServer } from '../replica/server.ts';
+import { DataServer } from '../protocol/server.ts';
 import { NodeDisk, type Disk } from '../replica/disk.ts';
 import { FaultyDisk } from '../replica/faulty-disk.ts';
 import { PowerLossDisk } from '../replica/power-loss-disk.ts';
@@ -73,7 +73,7 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
     log.info({ info: replica.info() }, 'replica opened');
   }
 
-  const server = new ReplicaServer(replica, {
+  const server = new DataServer(replica, {
     secret,
     identity: args.name !== undefined ? { name: args.name } : undefined,
     faultDisk,

@@ -44,28 +44,12 @@
  *   Snapshot create, delete and revert are 409 BUSY while a rebuild runs.
  */
 import http from 'node:http';
+import { httpStatusFor } from '../error-status.ts';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { Engine } from './engine.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 
 const MAX_BODY_BYTES = 64 * 1024;
-
-function statusFor(err: ZebuError): number {
-  switch (err.code) {
-    case ErrorCode.EINVAL:
-      return 400;
-    case ErrorCode.NOT_FOUND:
-      return 404;
-    case ErrorCode.EXISTS:
-    case ErrorCode.BUSY:
-    case ErrorCode.CONFLICT:
-      return 409;
-    case ErrorCode.ENOSPC:
-      return 507;
-    default:
-      return 500;
-  }
-}
 
 /** A URL path segment, decoded; a malformed escape is the caller's error, not ours. */
 function pathArg(segment: string): string {
@@ -103,7 +87,7 @@ export class EngineControlServer {
         (body) => this.send(res, 200, body),
         (err) => {
           const e = toZebuError(err);
-          this.send(res, statusFor(e), { error: e.message, code: e.code });
+          this.send(res, httpStatusFor(e.code), { error: e.message, code: e.code });
         },
       );
     });
@@ -177,52 +161,4 @@ export class EngineControlServer {
     this.server.close();
     this.server.closeAllConnections();
   }
-}
-
-/** A control reply longer than this is refused (a verify report with its differences is the largest). */
-const MAX_REPLY_BYTES = 16 * 1024 * 1024;
-/** Default bound on one control call: a hung process must not hang its caller. */
-const CONTROL_TIMEOUT_MS = 30_000;
-
-/**
- * Client side of the control interfaces (engine and frontend), for the CLI and the agent. Bounded:
- * TIMEOUT after `timeoutMs` (default 30 s; long operations such as verify pass more), PROTOCOL
- * for a reply over 16 MiB.
- */
-export function controlRequest(socketPath: string, method: string, pathName: string, body?: unknown, options: { timeoutMs?: number } = {}): Promise<unknown> {
-  const timeoutMs = options.timeoutMs ?? CONTROL_TIMEOUT_MS;
-  return new Promise((resolve, reject) => {
-    const payload = body === undefined ? undefined : JSON.stringify(body);
-    const req = http.request(
-      { socketPath, method, path: pathName, agent: false, headers: payload ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
-      (res) => {
-        const chunks: Buffer[] = [];
-        let size = 0;
-        res.on('data', (c: Buffer) => {
-          size += c.length;
-          if (size > MAX_REPLY_BYTES) {
-            req.destroy(new ZebuError(ErrorCode.PROTOCOL, `reply from ${socketPath} over ${MAX_REPLY_BYTES} bytes`));
-            return;
-          }
-          chunks.push(c);
-        });
-        res.on('end', () => {
-          let parsed: unknown;
-          try {
-            parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-          } catch {
-            return reject(new ZebuError(ErrorCode.PROTOCOL, `bad reply from ${socketPath}`));
-          }
-          if ((res.statusCode ?? 500) >= 400) {
-            const e = parsed as { error?: string; code?: string };
-            return reject(new ZebuError((e.code as ErrorCode) ?? ErrorCode.EIO, e.error ?? `HTTP ${res.statusCode}`));
-          }
-          resolve(parsed);
-        });
-      },
-    );
-    req.setTimeout(timeoutMs, () => req.destroy(new ZebuError(ErrorCode.TIMEOUT, `${method} ${pathName} on ${socketPath}: no answer in ${timeoutMs} ms`)));
-    req.on('error', (err) => reject(err instanceof ZebuError ? err : new ZebuError(ErrorCode.DISCONNECTED, `cannot reach control socket ${socketPath}: ${err.message}`)));
-    req.end(payload);
-  });
 }

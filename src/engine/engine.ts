@@ -2,6 +2,12 @@
  * The volume controller: one engine per attached volume, over N replica connections.
  * See docs/architecture.md and docs/crash-consistency.md.
  *
+ * This file is the shell: links, timers, client requests, and the request sequences of start-up,
+ * rebuilds and verify. What to decide is in pure modules: the replica set and modes
+ * (replica-set.ts), when a write is acknowledged (write-ack.ts), flush numbers and the
+ * active-region bound (active-regions.ts), the start-up plan (startup.ts), rebuild and delta
+ * planning (rebuild-plan.ts), verify's comparison (verify.ts).
+ *
  * - Writes, trims, zeroes and flushes go to every RW and WO replica and succeed when all
  *   succeed. A replica that fails or times out is set ERR, disconnected and never used again by
  *   this engine; the request still succeeds while at least one RW replica took it. With no RW
@@ -24,22 +30,26 @@
  */
 import os from 'node:os';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
-import { ReplicaClient } from '../protocol/client.ts';
+import { DataClient } from '../protocol/client.ts';
 import { netTransport, type Transport } from '../protocol/transport.ts';
 import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
-import { INTENT_REGION_BYTES, INTENT_IDLE_MS } from '../replica/intent-log.ts';
-import { planStartup, chooseSource, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
+import { INTENT_REGION_BYTES, INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
+import { ActiveRegions, FlushSequence } from './active-regions.ts';
+import { WriteAck } from './write-ack.ts';
+import { differingFromSource, VerifyTally } from './verify.ts';
+import { deltaRefusal, deltaRegions, imageMismatch, isAllZero, joinKind, liveRegionCopy, snapshotCopyPlan, unfinishedFullRebuild, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
+import { planStartup, chooseSource, furthestAhead, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
 
 export type { RebuildProgress };
 import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
-export const ReplicaMode = { RW: 'RW', WO: 'WO', ERR: 'ERR' } as const;
-export type ReplicaMode = (typeof ReplicaMode)[keyof typeof ReplicaMode];
+export { ReplicaMode };
 
 export interface EngineOptions {
   name: string;
@@ -101,22 +111,7 @@ export interface EngineStats {
   idleFlushes: number;
 }
 
-interface EngineReplica {
-  address: string;
-  key: string;
-  /** The key was given (KEY=HOST:PORT): a replica that reports another name is the wrong one. */
-  named: boolean;
-  host: string;
-  port: number;
-  local: boolean;
-  client: ReplicaClient | null;
-  mode: ReplicaMode;
-  reason: string | null;
-  info: ReplicaInfo | null;
-  rebuild: RebuildProgress | null;
-  /** Whether writes go to it: false for a replica being rebuilt until it joins. */
-  inWriteSet: boolean;
-}
+type EngineReplica = SetMember<DataClient>;
 
 /** A write waiting for the active regions to drop below the bound. */
 interface HeldWrite {
@@ -128,6 +123,7 @@ interface HeldWrite {
 type Done = (err: ZebuError | null) => void;
 
 const EMPTY = Buffer.alloc(0);
+const isOut = (r: EngineReplica): boolean => r.mode === ReplicaMode.ERR;
 /** Rebuilds, recovery and verify work in the write-intent log's regions. */
 const REGION_BYTES = INTENT_REGION_BYTES;
 /** Regions copied (or compared) at once. */
@@ -155,8 +151,6 @@ const RESYNC_BATCH_MS = 300;
 const IDLE_FLUSH_MS = Math.max(500, INTENT_IDLE_MS + 500);
 /** Errors that blame the request, not the replica. */
 const REQUEST_ERRORS: ErrorCode[] = [ErrorCode.EINVAL, ErrorCode.NOT_FOUND, ErrorCode.EXISTS];
-/** At most this many differences are kept in a verify report. */
-const MAX_REPORTED_DIFFERENCES = 1000;
 
 function isLocalHost(host: string): boolean {
   if (host === 'localhost' || host.startsWith('127.') || host === '::1') return true;
@@ -203,6 +197,8 @@ export class Engine implements BlockBackend {
   sizeBytes: number;
   readonly epoch: number;
   private readonly replicas: EngineReplica[];
+  /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
+  private readonly set: ReplicaSet<DataClient>;
   private readonly options: Required<Omit<EngineOptions, 'replicas'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
@@ -210,8 +206,6 @@ export class Engine implements BlockBackend {
   private waitingSince: string | null = null;
   /** When each step of the start-up ended (ms from its start): probe, plan, maps, resync. */
   private readonly phaseTimes: Record<string, number> = {};
-  private faultedReason: string | null = null;
-  private superseded = false;
   private inflight = 0;
   /** Control operations holding I/O paused (snapshot, revert, expansion, a rebuild's join/end): nested. */
   private pauseDepth = 0;
@@ -238,21 +232,10 @@ export class Engine implements BlockBackend {
   private lastVerify: VerifyReport | null = null;
   private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null } | null = null;
 
-  // Flush numbering: the last number sent, and `confirmed` (every flush <= it completed).
-  private flushSeq = 0;
-  private confirmedSeq = 0;
-  /** Flushes completed out of order, above confirmedSeq. */
-  private readonly flushesDoneAhead = new Set<number>();
-
-  // Active regions as the replicas count them (same rule, conservative stamps), to bound them.
-  private readonly maxActiveRegions: number;
-  private regionActive = new Uint8Array(0);
-  private regionWrites = new Uint32Array(0);
-  /** Flush number sent last when the region's latest write completed. */
-  private regionStamp = new Float64Array(0);
-  /** clock.nowMs() when the region's latest write completed (the replicas' idle rule). */
-  private regionDoneAt = new Float64Array(0);
-  private readonly activeRegions = new Set<number>();
+  /** Flush numbers: the last sent, and `confirmed` (every flush up to it completed everywhere). */
+  private readonly flushes = new FlushSequence();
+  /** The active regions as the replicas count them (same rule, conservative stamps), to bound them. */
+  private readonly regions: ActiveRegions;
   private held: HeldWrite[] = [];
   private boundFlushRunning = false;
 
@@ -281,15 +264,16 @@ export class Engine implements BlockBackend {
       throw new ZebuError(ErrorCode.EINVAL, `replicaWaitMs must be a whole number of milliseconds >= 0, got ${this.options.replicaWaitMs}`);
     }
     // An explicit `undefined` in options (an absent CLI flag) means the default too.
-    this.maxActiveRegions = options.maxActiveRegions ?? DEFAULT_MAX_ACTIVE_REGIONS;
-    if (!Number.isInteger(this.maxActiveRegions) || this.maxActiveRegions < 1) {
-      throw new ZebuError(ErrorCode.EINVAL, `maxActiveRegions must be a positive integer, got ${this.maxActiveRegions}`);
+    const maxActiveRegions = options.maxActiveRegions ?? DEFAULT_MAX_ACTIVE_REGIONS;
+    if (!Number.isInteger(maxActiveRegions) || maxActiveRegions < 1) {
+      throw new ZebuError(ErrorCode.EINVAL, `maxActiveRegions must be a positive integer, got ${maxActiveRegions}`);
     }
-    this.resizeRegionTables();
+    this.regions = new ActiveRegions(REGION_BYTES, maxActiveRegions, this.sizeBytes);
     this.replicas = options.replicas.map((entry) => {
       const { key, named, address, host, port } = parseReplicaEntry(entry);
       return { address, key, named, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
     });
+    this.set = new ReplicaSet(this.replicas, this.epoch);
   }
 
   /** Connects to every replica with the volume's epoch, recovers, and decides their modes. */
@@ -353,12 +337,20 @@ export class Engine implements BlockBackend {
   }
 
 
+  private get faultedReason(): string | null {
+    return this.set.faultedReason;
+  }
+
+  private get superseded(): boolean {
+    return this.set.superseded;
+  }
+
   private log(event: Record<string, unknown>): void {
     this.options.log({ volume: this.name, ...event });
   }
 
-  private connect(host: string, port: number): Promise<ReplicaClient> {
-    return ReplicaClient.connect({
+  private connect(host: string, port: number): Promise<DataClient> {
+    return DataClient.connect({
       host, port, secret: this.options.secret, epoch: this.epoch,
       requestTimeoutMs: this.options.requestTimeoutMs, connectTimeoutMs: this.options.requestTimeoutMs,
       transport: this.options.transport, clock: this.clock,
@@ -369,7 +361,7 @@ export class Engine implements BlockBackend {
    * Opens a replica and checks it is the one asked for: a replica that reports a name (its
    * manager's) must report the key it was given as KEY=HOST:PORT.
    */
-  private async openChecked(client: ReplicaClient, key: string, keyIsName: boolean): Promise<ReplicaInfo> {
+  private async openChecked(client: DataClient, key: string, keyIsName: boolean): Promise<ReplicaInfo> {
     const info = await client.open();
     const name = (info as ReplicaInfo & { name?: unknown }).name;
     if (keyIsName && typeof name === 'string' && name !== key) {
@@ -380,7 +372,7 @@ export class Engine implements BlockBackend {
 
   /** What start-up needs of one replica: opened (grown if the volume grew), its log and chain. */
   private async probe(r: EngineReplica): Promise<StartupCandidate & { retry: boolean }> {
-    let client: ReplicaClient | null = null;
+    let client: DataClient | null = null;
     try {
       const address = r.address;
       client = await this.connect(r.host, r.port);
@@ -401,7 +393,7 @@ export class Engine implements BlockBackend {
         }
         this.log({ event: 'replica-expanded', replica: r.address, sizeBytes: this.sizeBytes });
       }
-      r.info = info;
+      this.set.noteInfo(r, info);
       let active: number[] | null = null;
       try {
         const intent = await client.intentGet();
@@ -502,15 +494,13 @@ export class Engine implements BlockBackend {
       const decision = plan.decisions[i];
       const client = r.client;
       if (decision.mode === 'RW') {
-        r.mode = ReplicaMode.RW;
-        r.reason = null;
+        this.set.startRw(r);
         watches.push(() => client!.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
         }));
       } else if (decision.mode === 'DELTA') {
         // Out of the write set, connection kept: its delta rebuild starts once serving.
-        r.mode = ReplicaMode.ERR;
-        r.reason = `waiting for a delta rebuild: ${decision.reason}`;
+        this.set.startWaiting(r, `waiting for a delta rebuild: ${decision.reason}`);
         this.pendingDeltas.push(r);
         watches.push(() => client!.onClose((err) => {
           // Only while it still waits: once its delta rebuild has begun, the rebuild's own close
@@ -522,15 +512,12 @@ export class Engine implements BlockBackend {
           }
         }));
       } else {
-        r.mode = ReplicaMode.ERR;
-        r.reason = decision.reason;
-        r.client = null;
-        client?.close();
+        this.set.startOut(r, decision.reason)?.close();
       }
     }
+    this.set.startServing();
     for (const watch of watches) watch();
-    if (!this.replicas.some((r) => r.mode === ReplicaMode.RW)) {
-      this.faultedReason = `no replica could be opened: ${this.replicas.map((r) => `${r.address}: ${r.reason}`).join('; ')}`;
+    if (this.faultedReason !== null) {
       this.log({ event: 'faulted', reason: this.faultedReason });
     } else {
       await this.recover(plan, started);
@@ -549,7 +536,7 @@ export class Engine implements BlockBackend {
    * copy is a read and N writes over the network where a compare is a local read.
    */
   private async recover(plan: StartupPlan, started: number): Promise<void> {
-    const healthy = (): EngineReplica[] => this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+    const healthy = (): EngineReplica[] => this.set.healthy();
     // Maps first, while the sources' active sets still hold the regions of the last run: a map
     // starts from them. Maps of the replicas that serve now (RW: in sync with the source) are
     // stale — left by a rebuild that ended just before a crash could drop them, say — and go: a
@@ -582,7 +569,7 @@ export class Engine implements BlockBackend {
         // old one copied is a state the volume might have been in at the crash as well as the new
         // source's, region by region (nothing was served yet), so the regions not yet released
         // are compared and copied again from the new one.
-        const next = this.bestOf(healthy());
+        const next = furthestAhead(healthy());
         if (next !== null) {
           this.log({ event: 'recovery-source-changed', from: source.address, to: next.address, reason: e.message });
           source = next;
@@ -590,7 +577,7 @@ export class Engine implements BlockBackend {
         }
         // No one holds the answer: serve nothing (salvage restarts the volume; their logs still
         // name the regions).
-        this.faultedReason = `recovery failed: ${e.message}`;
+        this.set.fault(`recovery failed: ${e.message}`);
         for (const r of healthy()) this.setErr(r, new ZebuError(ErrorCode.EIO, `recovery failed: ${e.message}`));
         this.log({ event: 'faulted', reason: this.faultedReason });
         break;
@@ -598,7 +585,7 @@ export class Engine implements BlockBackend {
     }
     this.phaseTimes.resynced = this.clock.nowMs() - started;
     // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
-    for (const region of regions) if (!released.has(region)) this.markRegionActive(region, 0);
+    for (const region of regions) if (!released.has(region)) this.regions.markActive(region, 0);
     if (this.faultedReason === null) {
       await this.flushNumbered().catch(() => {});
       await this.alignCounters().catch((err) => this.log({ event: 'align-counters-failed', reason: (err as Error).message }));
@@ -629,7 +616,7 @@ export class Engine implements BlockBackend {
    * Throws when the source fails; a target that fails is set ERR and left out.
    */
   private async resyncFrom(source: EngineReplica, regions: number[], released: Set<number>, copiedRegion: (length: number) => void): Promise<void> {
-    const healthy = (): EngineReplica[] => this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+    const healthy = (): EngineReplica[] => this.set.healthy();
     const sourceFailed = (): ZebuError => new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
     const resyncRegion = async (region: number): Promise<void> => {
       const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
@@ -663,22 +650,12 @@ export class Engine implements BlockBackend {
     }
   }
 
-  /** The replica the others would copy from: the furthest ahead by its counters, or null. */
-  private bestOf(replicas: EngineReplica[]): EngineReplica | null {
-    let best: EngineReplica | null = null;
-    for (const r of replicas) {
-      if (r.info === null) continue;
-      if (best === null || r.info.flushedRevision > best.info!.flushedRevision || (r.info.flushedRevision === best.info!.flushedRevision && r.info.revision > best.info!.revision)) best = r;
-    }
-    return best;
-  }
-
   /**
    * The replicas of `others` whose bytes in the range differ from the source's, by hash. A replica
    * that cannot hash (an older one) counts as differing; a source that cannot hash makes them all
    * differ (the region is copied, as before there were hashes); one that fails, fails the recovery.
    */
-  private async replicasDiffering(sourceClient: ReplicaClient, others: EngineReplica[], offset: number, length: number): Promise<EngineReplica[]> {
+  private async replicasDiffering(sourceClient: DataClient, others: EngineReplica[], offset: number, length: number): Promise<EngineReplica[]> {
     let sourceHash: Buffer | null;
     try {
       sourceHash = await sourceClient.regionHash(offset, length);
@@ -713,7 +690,7 @@ export class Engine implements BlockBackend {
     const infos = await Promise.all(active.map((r) => r.client!.info()));
     const highest = Math.max(0, ...infos.map((info) => info.revision));
     await Promise.all(active.map(async (r) => {
-      r.info = await r.client!.setRevision(highest);
+      this.set.noteInfo(r, await r.client!.setRevision(highest));
     }));
   }
 
@@ -754,7 +731,7 @@ export class Engine implements BlockBackend {
    * Runs a control request on one replica; an older replica that does not know it is left alone,
    * any other failure takes the replica out.
    */
-  private async controlOn(r: EngineReplica, fn: (client: ReplicaClient) => Promise<unknown>): Promise<void> {
+  private async controlOn(r: EngineReplica, fn: (client: DataClient) => Promise<unknown>): Promise<void> {
     const client = r.client;
     if (client === null) return;
     try {
@@ -790,40 +767,25 @@ export class Engine implements BlockBackend {
    * (`missed` false) or when a newer engine fenced us.
    */
   private setErr(r: EngineReplica, err: ZebuError, missed = true): void {
-    if (r.mode === ReplicaMode.ERR && r.client === null) return;
-    const wasActive = r.mode !== ReplicaMode.ERR;
-    const wasRw = r.mode === ReplicaMode.RW;
-    r.mode = ReplicaMode.ERR;
-    r.reason = err.message;
-    const client = r.client;
-    r.client = null;
-    client?.close();
+    const failure = this.set.fail(r, err, { missed, closing: this.closed });
+    if (failure === null) return;
+    failure.close?.close();
     if (this.rebuilding !== null && this.rebuilding.target === r) {
       // The copy stops at its next step; from now on nothing says it is under way.
       this.rebuilding.cancelled ??= `target failed: ${err.message}`;
       r.rebuild = null;
     }
-    if (err.code === ErrorCode.FENCED) {
-      // A newer engine owns the volume: stop serving it at all.
-      this.superseded = true;
-      this.faultedReason = `superseded by a newer epoch: ${err.message}`;
-      this.log({ event: 'superseded', replica: r.address, reason: err.message });
-    } else if (wasRw && missed && !this.closed) {
-      this.startMissedMaps(r.key);
-    }
-    if (wasActive) this.log({ event: 'replica-error', replica: r.address, reason: err.message });
-    if (!this.replicas.some((x) => x.mode === ReplicaMode.RW) && this.faultedReason === null) {
-      this.faultedReason = `no healthy replica left (last: ${r.address}: ${err.message})`;
-      this.log({ event: 'faulted', reason: this.faultedReason });
-    }
+    if (failure.superseded) this.log({ event: 'superseded', replica: r.address, reason: err.message });
+    if (failure.startMapFor !== null) this.startMissedMaps(failure.startMapFor);
+    if (failure.wasActive) this.log({ event: 'replica-error', replica: r.address, reason: err.message });
+    if (failure.faulted !== null && !failure.superseded) this.log({ event: 'faulted', reason: failure.faulted });
   }
 
   /** MISSED_START(key) to every RW/WO replica in the write set, sent now. */
   private startMissedMaps(key: string): void {
     const payload = Buffer.from(key);
-    for (const x of this.replicas) {
-      if (x.mode === ReplicaMode.ERR || x.client === null || !x.inWriteSet) continue;
-      const client = x.client;
+    for (const x of this.set.writeTargets()) {
+      const client = x.client!;
       client.send(Op.MISSED_START, 0, 0, 0, payload, (err) => {
         if (err === null || isUnsupported(err)) return;
         // Without the map a later delta rebuild from it would miss writes: it must not serve.
@@ -914,87 +876,22 @@ export class Engine implements BlockBackend {
 
   // ---- active regions (the write-intent bound) -----------------------------------------------
 
-  private resizeRegionTables(): void {
-    const count = Math.ceil(this.sizeBytes / REGION_BYTES);
-    if (count === this.regionActive.length) return;
-    const active = new Uint8Array(count);
-    const writes = new Uint32Array(count);
-    const stamps = new Float64Array(count);
-    const doneAt = new Float64Array(count);
-    doneAt.set(this.regionDoneAt.subarray(0, count));
-    active.set(this.regionActive.subarray(0, count));
-    writes.set(this.regionWrites.subarray(0, count));
-    stamps.set(this.regionStamp.subarray(0, count));
-    this.regionActive = active;
-    this.regionWrites = writes;
-    this.regionStamp = stamps;
-    this.regionDoneAt = doneAt;
-  }
-
-  private markRegionActive(region: number, stamp: number): void {
-    if (region >= this.regionActive.length) return;
-    if (this.regionActive[region] === 0) {
-      this.regionActive[region] = 1;
-      this.activeRegions.add(region);
-    }
-    this.regionStamp[region] = Math.max(this.regionStamp[region], stamp);
-  }
-
-  /** Whether a write to these bytes may go now without the active regions passing the bound. */
-  private regionsFit(offset: number, length: number): boolean {
-    if (length === 0 || this.activeRegions.size === 0) return true;
-    // Per write: plain arithmetic, no objects.
-    const first = Math.floor(offset / REGION_BYTES);
-    const last = Math.floor((offset + length - 1) / REGION_BYTES);
-    let fresh = 0;
-    for (let region = first; region <= last; region++) if (this.regionActive[region] === 0) fresh++;
-    return fresh === 0 || this.activeRegions.size + fresh <= this.maxActiveRegions;
-  }
-
+  /** A write was sent; counted until it completes (regionsWritten). */
   private regionsStarted(offset: number, length: number): void {
-    const first = Math.floor(offset / REGION_BYTES);
-    const last = Math.floor((offset + length - 1) / REGION_BYTES);
-    for (let region = first; region <= last; region++) {
-      if (this.regionActive[region] === 0) {
-        this.regionActive[region] = 1;
-        this.activeRegions.add(region);
-      }
-      this.regionWrites[region]++;
-    }
+    this.regions.started(offset, length);
   }
 
   private regionsWritten(offset: number, length: number): void {
-    const first = Math.floor(offset / REGION_BYTES);
-    const last = Math.floor((offset + length - 1) / REGION_BYTES);
     const now = this.clock.nowMs();
     this.lastWriteDoneMs = now;
-    for (let region = first; region <= last; region++) {
-      this.regionWrites[region]--;
-      this.regionStamp[region] = this.flushSeq;
-      this.regionDoneAt[region] = now;
-    }
-  }
-
-  /**
-   * The rule of the replicas' logs: a region leaves once a flush confirming its stamp + 1 goes
-   * out and it has been idle for INTENT_IDLE_MS (any idle time with `evict`). The replicas finish
-   * their writes before the engine hears of them, so they never keep a region the engine let go.
-   */
-  private pruneRegions(confirmed: number, evict: boolean): void {
-    const idleBefore = evict ? Infinity : this.clock.nowMs() - INTENT_IDLE_MS;
-    for (const region of this.activeRegions) {
-      if (this.regionWrites[region] === 0 && this.regionStamp[region] + 1 <= confirmed && this.regionDoneAt[region] <= idleBefore) {
-        this.regionActive[region] = 0;
-        this.activeRegions.delete(region);
-      }
-    }
+    this.regions.written(offset, length, this.flushes.sent, now);
   }
 
   /** Sends the held writes that fit now (all of them with `force`), in arrival order. */
   private admitHeld(force: boolean): void {
     while (this.held.length > 0) {
       const h = this.held[0];
-      if (!force && !this.regionsFit(h.offset, h.length)) return;
+      if (!force && !this.regions.fits(h.offset, h.length)) return;
       this.held.shift();
       h.send();
     }
@@ -1015,26 +912,17 @@ export class Engine implements BlockBackend {
     });
   }
 
-  private flushCompleted(seq: number): void {
-    if (seq !== this.confirmedSeq + 1) {
-      this.flushesDoneAhead.add(seq);
-      return;
-    }
-    this.confirmedSeq = seq;
-    while (this.flushesDoneAhead.delete(this.confirmedSeq + 1)) this.confirmedSeq++;
-  }
-
   /** A numbered FLUSH to the write set, carrying `confirmed`; regions it lets go leave here too. */
   private fanOutFlush(done: Done, evictConfirmed = false): void {
     this.lastFlushSentMs = this.clock.nowMs();
-    const seq = ++this.flushSeq;
-    const confirmed = this.confirmedSeq;
+    const seq = this.flushes.next();
+    const confirmed = this.flushes.confirmed;
     // Writes held at the bound: let every confirmed region go, idle or not. (Not sooner: a working
     // set as large as the bound would then leave and come back at every flush.)
     const evict = evictConfirmed || this.held.length > 0;
-    if (confirmed > 0) this.pruneRegions(confirmed, evict);
+    if (confirmed > 0) this.regions.prune(confirmed, leaveIdleBefore(this.lastFlushSentMs, INTENT_IDLE_MS, evict));
     this.fanOut(Op.FLUSH, evict ? RequestFlag.EVICT : 0, seq, 0, confirmed > 0 ? encodeFlushConfirmed(confirmed) : EMPTY, (err) => {
-      if (err === null) this.flushCompleted(seq);
+      if (err === null) this.flushes.completed(seq);
       done(err);
     });
     // Regions just left: held writes that fit go now, behind the flush on every connection.
@@ -1043,7 +931,7 @@ export class Engine implements BlockBackend {
 
   /** The engine's own flush once the volume went quiet with regions still active (IDLE_FLUSH_MS). */
   private idleFlush(): void {
-    if (this.activeRegions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning || this.inflight > 0) return;
+    if (this.regions.size === 0 || this.faultedReason !== null || this.closed || this.paused || this.boundFlushRunning || this.inflight > 0) return;
     const now = this.clock.nowMs();
     if (now - this.lastFlushSentMs < IDLE_FLUSH_MS || now - this.lastWriteDoneMs < IDLE_FLUSH_MS) return;
     this.inflight++;
@@ -1059,37 +947,36 @@ export class Engine implements BlockBackend {
 
   // ---- fan-out -------------------------------------------------------------------------------
 
-  /** Sends one request to every RW and WO replica; `done` once all have answered. */
+  /** Sends one request to every RW and WO replica; `done` once all have answered (write-ack.ts). */
   private fanOut(op: number, flags: number, offset: number, length: number, payload: Buffer, done: Done): void {
     if (this.faultedReason !== null) return done(this.faultError());
-    let remaining = 0;
-    for (const r of this.replicas) if (r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet) remaining++;
-    if (remaining === 0) return done(this.faultError());
-    let acceptedByRw = 0;
-    // Replicas that called the request invalid (error path only: allocated on first use).
-    let refused: { r: EngineReplica; client: ReplicaClient; err: ZebuError }[] | null = null;
-    const targets = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null && r.inWriteSet);
+    const targets = this.set.writeTargets();
+    if (targets.length === 0) return done(this.faultError());
+    const ack = new WriteAck<EngineReplica>(targets.length);
     for (const r of targets) {
       const client = r.client!;
       client.send(op, flags, offset, length, payload, (err) => {
-        if (err !== null) {
-          // EINVAL: the request itself is bad (the replica says so), not the replica's fault —
-          // unless another replica took it, which is decided once all have answered.
-          if (err.code === ErrorCode.EINVAL) (refused ??= []).push({ r, client, err });
-          else if (r.client === client) this.setErr(r, err);
-        } else if (r.mode === ReplicaMode.RW && r.client === client) {
-          acceptedByRw++;
+        let last: boolean;
+        if (err === null) {
+          last = ack.applied(r.mode === ReplicaMode.RW && r.client === client);
+        } else if (err.code === ErrorCode.EINVAL) {
+          // The request itself is bad (the replica says so), not the replica's fault — unless
+          // another replica took it, which is decided once all have answered.
+          last = ack.refusedBy(r, err);
+        } else {
+          if (r.client === client) this.setErr(r, err);
+          last = ack.failedOn(r);
         }
-        remaining--;
-        if (remaining > 0) return;
-        if (acceptedByRw > 0) {
-          // A replica that refused what a RW replica applied no longer holds the same bytes.
-          for (const x of refused ?? []) {
-            if (x.r.client === x.client) this.setErr(x.r, new ZebuError(ErrorCode.EIO, `refused a request the other replicas applied: ${x.err.message}`));
+        if (!last) return;
+        const verdict = ack.verdict(isOut);
+        if (verdict.kind === 'ack') {
+          for (const x of verdict.refusedBy) {
+            // (A member's link never changes while it is in the set: not ERR means the same link.)
+            if (x.member.mode !== ReplicaMode.ERR) this.setErr(x.member, new ZebuError(ErrorCode.EIO, `refused a request the other replicas applied: ${x.err.message}`));
           }
           done(null);
-        } else if (refused !== null) {
-          done(refused[0].err);
+        } else if (verdict.kind === 'refused') {
+          done(verdict.err);
         } else {
           done(this.faultedReason !== null ? this.faultError() : new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica accepted the request`));
         }
@@ -1097,22 +984,9 @@ export class Engine implements BlockBackend {
     }
   }
 
-  /** Picks a RW replica for a read: local first, then least outstanding. */
+  /** A RW replica for a read (replica-set.ts: local first, then least outstanding). */
   private pickReader(exclude: Set<EngineReplica>): EngineReplica | null {
-    let best: EngineReplica | null = null;
-    for (const r of this.replicas) {
-      if (r.mode !== ReplicaMode.RW || r.client === null || exclude.has(r)) continue;
-      if (best === null) {
-        best = r;
-        continue;
-      }
-      if (r.local !== best.local) {
-        if (r.local) best = r;
-        continue;
-      }
-      if (r.client.inflight < best.client!.inflight) best = r;
-    }
-    return best;
+    return this.set.pickReader(exclude);
   }
 
   private readFrom(op: number, offset: number, length: number, tried: Set<EngineReplica>, done: (err: ZebuError | null, data: Buffer) => void): void {
@@ -1184,7 +1058,7 @@ export class Engine implements BlockBackend {
    * fails for a reason of its own (the replica is set ERR as a failed read would). Bad input and
    * a missing snapshot are the answer, not a replica's fault.
    */
-  private async askReplicas<T>(run: (client: ReplicaClient) => Promise<T>): Promise<T> {
+  private async askReplicas<T>(run: (client: DataClient) => Promise<T>): Promise<T> {
     const tried = new Set<EngineReplica>();
     for (;;) {
       if (this.faultedReason !== null) throw this.faultError();
@@ -1217,7 +1091,7 @@ export class Engine implements BlockBackend {
       };
       this.admit(() => {
         if (op === Op.FLUSH) return this.fanOutFlush(done);
-        if (tracked && (this.held.length > 0 || !this.regionsFit(offset, length))) {
+        if (tracked && (this.held.length > 0 || !this.regions.fits(offset, length))) {
           // Over the bound (or behind a held write: writes keep their order): wait for regions to leave.
           this.stats.heldWrites++;
           this.held.push({ offset, length, send: () => this.sendWrite(op, flags, offset, length, payload, tracked, done) });
@@ -1290,8 +1164,8 @@ export class Engine implements BlockBackend {
       superseded: this.superseded,
       rebuilding: this.rebuilding !== null && this.rebuilding.cancelled === null,
       verifying: this.verifying,
-      activeRegions: this.activeRegions.size,
-      maxActiveRegions: this.maxActiveRegions,
+      activeRegions: this.regions.size,
+      maxActiveRegions: this.regions.maxActive,
       recovery: this.recoveryReport,
       lastVerify: this.lastVerify,
       lastRebuild: this.lastRebuild,
@@ -1348,9 +1222,9 @@ export class Engine implements BlockBackend {
    * Runs a control request on every RW/WO replica. A replica that fails it with an I/O-class
    * error is set ERR; request errors (bad name, not found, exists) are returned to the caller.
    */
-  private async onEveryActive<T>(fn: (client: ReplicaClient) => Promise<T>, allMustHaveIt: boolean): Promise<T[]> {
+  private async onEveryActive<T>(fn: (client: DataClient) => Promise<T>, allMustHaveIt: boolean): Promise<T[]> {
     if (this.faultedReason !== null) throw this.faultError();
-    const active = this.replicas.filter((r) => r.mode !== ReplicaMode.ERR && r.client !== null);
+    const active = this.set.active();
     const settled = await Promise.allSettled(active.map((r) => fn(r.client!)));
     const ok: T[] = [];
     let requestError: ZebuError | null = null;
@@ -1409,11 +1283,7 @@ export class Engine implements BlockBackend {
       // differs from it. (That it is the same image, the manager checks: the file's SHA-512.)
       const imageProblem = this.imageMismatch(info);
       if (imageProblem !== null) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} cannot join volume ${this.name}: ${imageProblem}`);
-      const empty = info.revision === 0 && info.layerCount === (info.hasBase ? 2 : 1) && !info.rebuilding;
-      // Revision 0 is also a replica that took writes and lost them all before its first flush
-      // (killed, power cut): it was in the set (writeEpoch) or logged regions it wrote. A map
-      // for it brings it back by a delta, as any replica behind; only a new one is copied whole.
-      const served = info.writeEpoch > 0 || info.activeRegions > 0;
+      const { empty, served } = joinKind(info);
       if (!empty || served) {
         const delta = await this.deltaSource(key, info, client);
         if (typeof delta === 'string') {
@@ -1439,9 +1309,7 @@ export class Engine implements BlockBackend {
       address, key, named, host, port, local: isLocalHost(host), client, mode: ReplicaMode.WO, reason: 'rebuilding', info, inWriteSet: false,
       rebuild: { copiedBytes: 0, totalBytes: mapHolder === null ? this.sizeBytes * (snapshots.length + 1) : 0, delta: mapHolder !== null },
     };
-    const old = previous();
-    if (old !== undefined) this.replicas[this.replicas.indexOf(old)] = target;
-    else this.replicas.push(target);
+    this.set.add(target, previous());
     client.onClose((err) => {
       if (target.client === client) this.setErr(target, err);
     });
@@ -1452,14 +1320,7 @@ export class Engine implements BlockBackend {
 
   /** Why a replica's backing image is not the volume's (as the RW replicas have it), or null. */
   private imageMismatch(info: ReplicaInfo): string | null {
-    const rw = this.replicas.find((r) => r.mode === ReplicaMode.RW && r.info !== null);
-    if (rw === undefined) return null;
-    const want = rw.info!;
-    if (info.hasBase !== want.hasBase) return want.hasBase ? 'the volume is on a backing image and the replica has none' : 'the replica has a backing image and the volume has none';
-    if (info.hasBase && info.baseSizeBytes != null && want.baseSizeBytes != null && info.baseSizeBytes !== want.baseSizeBytes) {
-      return `its backing image has ${info.baseSizeBytes} bytes, the volume's ${want.baseSizeBytes}`;
-    }
-    return null;
+    return imageMismatch(info, this.replicas.find((r) => r.mode === ReplicaMode.RW && r.info !== null)?.info ?? null);
   }
 
   /** Registers the rebuild of `target` (already in the list, WO) and runs it in the background. */
@@ -1492,16 +1353,14 @@ export class Engine implements BlockBackend {
    * The RW replica to copy a delta from for replica `key`, or why there is none: the replica must
    * have finished its last rebuild, and have the volume's chain; a RW replica must hold a map for it.
    */
-  private async deltaSource(key: string, info: ReplicaInfo, client: ReplicaClient): Promise<EngineReplica | string> {
-    // A delta rebuild that stopped midway is copied again from the same maps; a full one is not.
-    if (info.rebuilding && info.rebuildKind !== 'delta') return 'its last (full) rebuild stopped midway';
-    const rw = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null && r.key !== key);
+  private async deltaSource(key: string, info: ReplicaInfo, client: DataClient): Promise<EngineReplica | string> {
+    const unfinished = unfinishedFullRebuild(info);
+    if (unfinished !== null) return unfinished;
+    const rw = this.set.healthy().filter((r) => r.key !== key);
     if (rw.length === 0) return 'no RW replica';
     const [ours, theirs] = await Promise.all([rw[0].client!.snapshotList(), client.snapshotList()]);
-    const a = chainNames(ours);
-    const b = chainNames(theirs);
-    if (a.length !== b.length || a.some((name, i) => name !== b[i])) return `its snapshot chain [${b.join(', ')}] is not the volume's [${a.join(', ')}]`;
-    if (info.hasBase !== (rw[0].info?.hasBase ?? info.hasBase)) return 'its backing image differs';
+    const refusal = deltaRefusal(info, chainNames(ours), chainNames(theirs), rw[0].info?.hasBase ?? info.hasBase);
+    if (refusal !== null) return refusal;
     for (const r of rw) {
       try {
         await r.client!.missedGet(key);
@@ -1514,7 +1373,7 @@ export class Engine implements BlockBackend {
   }
 
   /** Reads from a RW replica (not the target); a failing one is set ERR and the next one tried. */
-  private async readSource<T>(target: EngineReplica, check: () => void, fn: (client: ReplicaClient) => Promise<T>): Promise<T> {
+  private async readSource<T>(target: EngineReplica, check: () => void, fn: (client: DataClient) => Promise<T>): Promise<T> {
     for (;;) {
       check();
       const source = this.pickReader(new Set([target]));
@@ -1543,7 +1402,9 @@ export class Engine implements BlockBackend {
     await this.pauseAndDrain();
     try {
       check();
-      target.inWriteSet = true;
+      // Nothing in flight: a write sent before it joined and acknowledged after would miss it.
+      assert(this.inflight === 0, 'a replica joins the write set with a request in flight');
+      this.set.join(target);
       this.useClaims();
     } finally {
       this.resume();
@@ -1597,7 +1458,7 @@ export class Engine implements BlockBackend {
       check();
       await this.alignCounters();
       check();
-      target.info = await target.client!.setRebuilding(null);
+      this.set.noteInfo(target, await target.client!.setRebuilding(null));
       check();
       // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
       // fail this replica again at every later start-up, and each time cost a full rebuild. Only
@@ -1608,9 +1469,7 @@ export class Engine implements BlockBackend {
       // new maps start behind the drops on the same connections — it comes back by a delta.
       // (Waited for before RW, a replica lost in between came back to no map: a full rebuild.)
       for (const r of this.replicas) if (r !== target && r.mode === ReplicaMode.RW) void this.controlOn(r, (c) => c.missedDrop(target.key));
-      target.mode = ReplicaMode.RW;
-      target.reason = null;
-      target.rebuild = null;
+      this.set.promote(target);
     } finally {
       this.rebuilding = null;
       this.resume();
@@ -1621,7 +1480,7 @@ export class Engine implements BlockBackend {
     const progress = target.rebuild!;
     const regionBytes = REGION_BYTES;
     const check = this.rebuildCheck(rebuild, target);
-    const readSource = <T>(fn: (client: ReplicaClient) => Promise<T>): Promise<T> => this.readSource(target, check, fn);
+    const readSource = <T>(fn: (client: DataClient) => Promise<T>): Promise<T> => this.readSource(target, check, fn);
     // On a backing image (the target has it too: addReplica checked): "empty" is the image's bytes.
     const aboveImage = target.info?.hasBase === true;
     let joined = false;
@@ -1688,8 +1547,7 @@ export class Engine implements BlockBackend {
       joined = true;
       await this.forEachRegion(regionBytes, async (offset, length) => {
         const zeroIfEmpty = differ.has(offset / regionBytes);
-        const how: RegionCopy = tip !== null ? { kind: 'since', snapshot: tip } : aboveImage ? { kind: 'image', zeroIfEmpty } : { kind: 'status', zeroIfEmpty };
-        await this.copyRegion(target, check, offset, length, how);
+        await this.copyRegion(target, check, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
         progress.copiedBytes += length;
       });
 
@@ -1730,8 +1588,7 @@ export class Engine implements BlockBackend {
       check();
       if (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null) throw new ZebuError(ErrorCode.EIO, `replica ${mapHolder.address} holding the missed-write map failed`);
       const [missed, holderIntent] = await Promise.all([mapHolder.client.missedGet(target.key), mapHolder.client.intentGet()]);
-      const regionCount = this.regionActive.length;
-      const regions = [...new Set([...missed, ...targetActive, ...holderIntent.active])].filter((x) => x < regionCount).sort((a, b) => a - b);
+      const regions = deltaRegions(missed, targetActive, holderIntent.active, this.regions.regionCount);
       for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, this.sizeBytes).length;
       this.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
       await forEachIndex(regions.length, COPIERS, async (i) => {
@@ -1761,10 +1618,7 @@ export class Engine implements BlockBackend {
         const holder = await this.deltaSource(r.key, r.info!, client);
         if (typeof holder === 'string') throw new ZebuError(ErrorCode.EINVAL, `no delta rebuild is possible: ${holder}`);
         if (r.client !== client || this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'the replica or the volume changed');
-        r.mode = ReplicaMode.WO;
-        r.reason = 'rebuilding';
-        r.inWriteSet = false;
-        r.rebuild = { copiedBytes: 0, totalBytes: 0, delta: true };
+        this.set.beginDelta(r, { copiedBytes: 0, totalBytes: 0, delta: true });
         client.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
         });
@@ -1821,9 +1675,7 @@ export class Engine implements BlockBackend {
       const source = this.pickReader(new Set());
       if (source === null) throw this.faultError();
       const compared = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
-      const differing: VerifyDifference[] = [];
-      let differingCount = 0;
-      let repaired = 0;
+      const tally = new VerifyTally();
       const regionCount = Math.ceil(this.sizeBytes / REGION_BYTES);
       await forEachIndex(regionCount, COPIERS, async (region) => {
         const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
@@ -1833,16 +1685,9 @@ export class Engine implements BlockBackend {
           if (source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
           const now = compared.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
           const hashes = await Promise.all(now.map((r) => this.regionHashOn(r, offset, length)));
-          const sourceHash = hashes[now.indexOf(source)];
-          if (sourceHash === null || sourceHash === undefined) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
-          const bad = now.filter((r, i) => hashes[i] !== null && hashes[i] !== sourceHash);
+          const bad = differingFromSource(now, hashes, source);
           if (bad.length === 0) return;
-          differingCount++;
-          if (differing.length < MAX_REPORTED_DIFFERENCES) {
-            const byAddress: Record<string, string> = {};
-            for (const [i, r] of now.entries()) if (hashes[i] !== null) byAddress[r.address] = hashes[i]!;
-            differing.push({ region, offset, length, hashes: byAddress });
-          }
+          tally.differs(region, offset, length, now, hashes);
           this.log({ event: 'verify-difference', region, offset, length, replicas: bad.map((r) => r.address) });
           if (!repair) return;
           const data = await source.client!.read(offset, length);
@@ -1853,19 +1698,15 @@ export class Engine implements BlockBackend {
           } finally {
             this.regionsWritten(offset, length);
           }
-          repaired++;
+          tally.repaired++;
         } finally {
           claims.release(claim);
         }
       });
-      if (repaired > 0) await this.flushNumbered();
-      differing.sort((a, b) => a.region - b.region);
-      const report: VerifyReport = {
-        at: new Date().toISOString(), repair, regions: regionCount, replicas: compared.map((r) => r.address), source: source.address,
-        differing, repaired, durationMs: this.clock.nowMs() - started,
-      };
+      if (tally.repaired > 0) await this.flushNumbered();
+      const report = tally.report(new Date(), repair, regionCount, compared.map((r) => r.address), source.address, this.clock.nowMs() - started);
       this.lastVerify = report;
-      this.log({ event: 'verify', repair, regions: regionCount, differing: differingCount, repaired, durationMs: report.durationMs });
+      this.log({ event: 'verify', repair, regions: regionCount, differing: tally.differingCount, repaired: tally.repaired, durationMs: report.durationMs });
       return report;
     } finally {
       if (claimed) this.dropClaims();
@@ -1895,7 +1736,7 @@ export class Engine implements BlockBackend {
     const at = this.replicas.findIndex((r) => r.address === wanted || r.key === address);
     if (at < 0) throw new ZebuError(ErrorCode.NOT_FOUND, `replica ${address} is not in volume ${this.name}`);
     const r = this.replicas[at];
-    if (r.mode === ReplicaMode.RW && !this.replicas.some((x) => x !== r && x.mode === ReplicaMode.RW)) {
+    if (this.set.isLastRw(r)) {
       throw new ZebuError(ErrorCode.BUSY, `replica ${address} is the last RW replica of volume ${this.name}`);
     }
     if (this.rebuilding?.target === r) {
@@ -1908,7 +1749,7 @@ export class Engine implements BlockBackend {
     this.pendingDeltas = this.pendingDeltas.filter((x) => x !== r);
     // ERR first: requests in flight to it no longer count, and its client closes.
     this.setErr(r, new ZebuError(ErrorCode.CLOSED, 'removed from the volume'), false);
-    this.replicas.splice(this.replicas.indexOf(r), 1);
+    this.set.remove(r);
     // Out of the set, and not by a fault that a delta could repair: should it come back, only a
     // full rebuild will do (an invalid map says so; the next start-up prunes it if it is gone).
     for (const x of this.replicas) if (x.mode === ReplicaMode.RW) void this.controlOn(x, (c) => c.missedMerge(r.key, [], true));
@@ -1930,7 +1771,7 @@ export class Engine implements BlockBackend {
     try {
       await this.onEveryActive((client) => client.expand(sizeBytes), true);
       this.sizeBytes = sizeBytes;
-      this.resizeRegionTables();
+      this.regions.resize(sizeBytes);
       this.log({ event: 'expanded', sizeBytes });
     } finally {
       this.resume();
@@ -1956,48 +1797,3 @@ export class Engine implements BlockBackend {
   }
 }
 
-/** What a rebuild's target holds where a region is copied (see copyRegion). */
-type RegionCopy =
-  | { kind: 'status'; zeroIfEmpty: boolean }
-  | { kind: 'image'; zeroIfEmpty: boolean }
-  | { kind: 'since'; snapshot: string };
-
-interface SnapshotCopyPlan {
-  /** Every snapshot by name with its parent snapshot's name (null: none), parents first. */
-  order: { name: string; parent: string | null }[];
-  /** The snapshot the live volume sits on (the newest of its chain), or null. */
-  headParent: string | null;
-}
-
-/** The order in which a rebuild recreates a snapshot tree: depth first, oldest child first. */
-export function snapshotCopyPlan(snapshots: SnapshotInfo[]): SnapshotCopyPlan {
-  const byId = new Map(snapshots.map((x) => [x.id, x]));
-  const parentOf = (x: SnapshotInfo): string | null => (x.parent !== null ? byId.get(x.parent)?.name ?? null : null);
-  const children = new Map<string | null, SnapshotInfo[]>();
-  for (const x of snapshots) {
-    const p = parentOf(x);
-    if (!children.has(p)) children.set(p, []);
-    children.get(p)!.push(x);
-  }
-  for (const list of children.values()) list.sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.id.localeCompare(b.id));
-  const order: SnapshotCopyPlan['order'] = [];
-  const visit = (parent: string | null): void => {
-    for (const x of children.get(parent) ?? []) {
-      order.push({ name: x.name, parent });
-      visit(x.name);
-    }
-  };
-  visit(null);
-  assert(order.length === snapshots.length, 'every snapshot is reached from a root');
-  // The head's parent is the in-chain snapshot none of whose children is in the chain.
-  const inChain = snapshots.filter((x) => x.inChain);
-  const headParent = inChain.find((x) => !inChain.some((y) => parentOf(y) === x.name))?.name ?? null;
-  return { order, headParent };
-}
-
-function isAllZero(data: Buffer): boolean {
-  for (let at = 0; at < data.length; at += 8) {
-    if (at + 8 <= data.length ? data.readBigUInt64LE(at) !== 0n : data.subarray(at).some((b) => b !== 0)) return false;
-  }
-  return true;
-}

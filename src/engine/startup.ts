@@ -90,8 +90,21 @@ function resumableDelta(sizeBytes: number, c: StartupCandidate): boolean {
  * write before it lost power won over one that lived on with all of them, and the acknowledged
  * writes it lost were copied over the live one's (found by the simulator).
  */
-function compareCounters(a: ReplicaInfo, b: ReplicaInfo): number {
+export function compareCounters(a: ReplicaInfo, b: ReplicaInfo): number {
   return Math.sign(writeEpochOf(a) - writeEpochOf(b) || a.revision - b.revision || a.flushedRevision - b.flushedRevision);
+}
+
+/**
+ * Of replicas that all serve (a recovery whose source failed), the one the others copy from: the
+ * furthest ahead by the same counters as chooseSource. Ties go to the first; null when none.
+ */
+export function furthestAhead<T extends { info: ReplicaInfo | null }>(replicas: T[]): T | null {
+  let best: T | null = null;
+  for (const r of replicas) {
+    if (r.info === null) continue;
+    if (best === null || compareCounters(r.info, best.info!) > 0) best = r;
+  }
+  return best;
 }
 
 /** The best usable replica, or null. Ties go to the first. */

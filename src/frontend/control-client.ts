@@ -4,8 +4,8 @@
  * (NOT_FOUND for an absent export, EINVAL for bad input, DISCONNECTED when the engine socket was
  * not reachable in time, or DISCONNECTED/TIMEOUT when the frontend itself is not reachable).
  */
-import http from 'node:http';
 import { ZebuError, ErrorCode } from '../errors.ts';
+import { controlRequest } from '../protocol/control-channel.ts';
 import type { ExportView, FrontendInfo, RemoveResult } from './frontend.ts';
 import type { LinkTimeouts } from './engine-link.ts';
 
@@ -14,67 +14,15 @@ export type { ExportView, FrontendInfo, RemoveResult } from './frontend.ts';
 /** Reads answer at once; changes may wait for an engine (10 s) and a drain (10 s). */
 const READ_TIMEOUT_MS = 10_000;
 const CHANGE_TIMEOUT_MS = 60_000;
-const MAX_REPLY_BYTES = 16 * 1024 * 1024;
 
-const KNOWN_CODES = new Set<string>(Object.values(ErrorCode));
-
-/** One HTTP/JSON request on the frontend's control socket. */
+/** One request on the frontend's control socket (the bounded control channel). */
 export function frontendControlRequest(
   socketPath: string,
   method: string,
   pathName: string,
   options: { body?: unknown; timeoutMs?: number } = {},
 ): Promise<unknown> {
-  const timeoutMs = options.timeoutMs ?? READ_TIMEOUT_MS;
-  return new Promise((resolve, reject) => {
-    const payload = options.body === undefined ? undefined : JSON.stringify(options.body);
-    let settled = false;
-    const settle = (err: ZebuError | null, value?: unknown): void => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      if (err !== null) reject(err);
-      else resolve(value);
-    };
-    const req = http.request(
-      { socketPath, method, path: pathName, agent: false, headers: payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {} },
-      (res) => {
-        const chunks: Buffer[] = [];
-        let size = 0;
-        res.on('data', (c: Buffer) => {
-          size += c.length;
-          if (size > MAX_REPLY_BYTES) {
-            settle(new ZebuError(ErrorCode.PROTOCOL, `reply from frontend control socket ${socketPath} over ${MAX_REPLY_BYTES} bytes`));
-            req.destroy();
-            return;
-          }
-          chunks.push(c);
-        });
-        res.on('error', () => {});
-        res.on('end', () => {
-          let parsed: unknown;
-          try {
-            parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'));
-          } catch {
-            return settle(new ZebuError(ErrorCode.PROTOCOL, `bad reply from frontend control socket ${socketPath}`));
-          }
-          const status = res.statusCode ?? 500;
-          if (status >= 400) {
-            const e = parsed as { error?: unknown; code?: unknown };
-            const code = typeof e.code === 'string' && KNOWN_CODES.has(e.code) ? (e.code as ErrorCode) : ErrorCode.EIO;
-            return settle(new ZebuError(code, typeof e.error === 'string' ? e.error : `HTTP ${status} from frontend control socket`));
-          }
-          settle(null, parsed);
-        });
-      },
-    );
-    const timer = setTimeout(() => {
-      settle(new ZebuError(ErrorCode.TIMEOUT, `frontend control socket ${socketPath}: ${method} ${pathName} got no answer in ${timeoutMs} ms`));
-      req.destroy();
-    }, timeoutMs);
-    req.on('error', (err) => settle(new ZebuError(ErrorCode.DISCONNECTED, `cannot reach frontend control socket ${socketPath}: ${err.message}`, { cause: err })));
-    req.end(payload);
-  });
+  return controlRequest(socketPath, method, pathName, options.body, { timeoutMs: options.timeoutMs ?? READ_TIMEOUT_MS, peer: 'frontend control socket' });
 }
 
 const exportPath = (name: string): string => `/v1/exports/${encodeURIComponent(name)}`;

@@ -18,6 +18,7 @@
  * route), 405 (method), 409 (busy), 502 (engine refused us), 503 (engine unreachable), 500.
  */
 import http from 'node:http';
+import { httpStatusFor } from '../error-status.ts';
 import { ZebuError, ErrorCode, toZebuError, invalid } from '../errors.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
 import type { Frontend } from './frontend.ts';
@@ -32,27 +33,11 @@ const MAX_CONTROL_CONNECTIONS = 64;
 /** Time for a client to send its whole request (not for us to answer it). */
 const REQUEST_RECEIVE_TIMEOUT_MS = 30_000;
 
+/** Errors that mean "this path exists, not with this method": 405 rather than the code's status. */
+const METHOD_NOT_ALLOWED = new WeakSet<ZebuError>();
+
 function statusFor(err: ZebuError): number {
-  switch (err.code) {
-    case ErrorCode.EINVAL:
-      return 400;
-    case ErrorCode.NOT_FOUND:
-      return 404;
-    case ErrorCode.UNSUPPORTED:
-      return 405;
-    case ErrorCode.EXISTS:
-    case ErrorCode.BUSY:
-      return 409;
-    case ErrorCode.AUTH:
-    case ErrorCode.PROTOCOL:
-      return 502;
-    case ErrorCode.DISCONNECTED:
-    case ErrorCode.TIMEOUT:
-    case ErrorCode.CLOSED:
-      return 503;
-    default:
-      return 500;
-  }
+  return METHOD_NOT_ALLOWED.has(err) ? 405 : httpStatusFor(err.code);
 }
 
 async function readJsonObject(req: http.IncomingMessage): Promise<Record<string, unknown>> {
@@ -167,5 +152,7 @@ export class FrontendControlServer {
 }
 
 function methodNotAllowed(method: string, pathName: string): ZebuError {
-  return new ZebuError(ErrorCode.UNSUPPORTED, `method ${method.slice(0, 20)} not allowed on ${pathName.slice(0, 200)}`);
+  const err = new ZebuError(ErrorCode.UNSUPPORTED, `method ${method.slice(0, 20)} not allowed on ${pathName.slice(0, 200)}`);
+  METHOD_NOT_ALLOWED.add(err);
+  return err;
 }

@@ -29,7 +29,7 @@
  * Held requests older than `holdTimeoutMs` fail with EIO: the bound on how long a client waits.
  */
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
-import { ReplicaClient } from '../protocol/client.ts';
+import { DataClient } from '../protocol/client.ts';
 import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
 import type { NbdExport, NbdExtent } from './nbd-server.ts';
@@ -133,9 +133,9 @@ export class EngineLink implements NbdExport {
   sizeBytes = 0;
   private readonly options: Required<Omit<EngineLinkOptions, keyof LinkTimeouts>>;
   private timeouts: LinkTimeouts;
-  private client: ReplicaClient | null = null;
+  private client: DataClient | null = null;
   /** The heartbeat's own connection to the same engine (null until made, or after it dropped). */
-  private pinger: ReplicaClient | null = null;
+  private pinger: DataClient | null = null;
   private pingerConnecting = false;
   /** The engine process behind `client`, as its INFO said. */
   private engine: ProcessIdentity | null = null;
@@ -267,8 +267,8 @@ export class EngineLink implements NbdExport {
     this.stateSinceMs = Date.now();
   }
 
-  private connectClient(requestTimeoutMs: number): Promise<ReplicaClient> {
-    return ReplicaClient.connect({
+  private connectClient(requestTimeoutMs: number): Promise<DataClient> {
+    return DataClient.connect({
       path: this.options.socketPath,
       peerLabel: 'engine',
       secret: this.options.secret,
@@ -423,7 +423,7 @@ export class EngineLink implements NbdExport {
   }
 
   /** Makes the heartbeat connection; its handshake answers for the PING of `sentAtMs`. */
-  private connectPinger(client: ReplicaClient, sentAtMs: number): void {
+  private connectPinger(client: DataClient, sentAtMs: number): void {
     if (this.pingerConnecting) return;
     this.pingerConnecting = true;
     this.connectClient(this.timeouts.hangTimeoutMs).then(

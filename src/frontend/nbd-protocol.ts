@@ -85,16 +85,8 @@ export const ReplyType = {
 export const ReplyFlag = { DONE: 1 } as const;
 
 /** errno values on the wire. */
-export const NbdErrno = {
-  EPERM: 1,
-  EIO: 5,
-  ENOMEM: 12,
-  EINVAL: 22,
-  ENOSPC: 28,
-  EOVERFLOW: 75,
-  ENOTSUP: 95,
-  ESHUTDOWN: 108,
-} as const;
+/** NBD carries Linux errno numbers: the one table of them is beside the error catalogue. */
+export { Errno as NbdErrno } from '../error-status.ts';
 
 export const BASE_ALLOCATION = 'base:allocation';
 export const BASE_ALLOCATION_ID = 1;

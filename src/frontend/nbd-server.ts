@@ -9,11 +9,12 @@
  * closed (`drainExport`) without touching the others.
  */
 import net from 'node:net';
-import { ErrorCode, assert, type ZebuError } from '../errors.ts';
+import { assert, type ZebuError } from '../errors.ts';
 import { FrameReader } from '../protocol/frame-reader.ts';
 import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { TickBatcher } from '../protocol/tick-batcher.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
+import { errnoFor } from '../error-status.ts';
 import {
   NBDMAGIC, IHAVEOPT, HandshakeFlag, ClientFlag, Opt, Rep, Info, TransmissionFlag, Cmd, CmdFlag, ReplyType, ReplyFlag,
   NbdErrno, BASE_ALLOCATION, BASE_ALLOCATION_ID, AllocationFlag, REQUEST_MAGIC, REQUEST_HEADER_BYTES,
@@ -75,21 +76,6 @@ const MAX_BLOCK_STATUS_BYTES = 1024 * 1024 * 1024;
 
 /** Write payloads up to this size are read and discarded when the request is refused. */
 const MAX_DISCARD_BYTES = 64 * 1024 * 1024;
-
-function errnoFor(err: ZebuError): number {
-  switch (err.code) {
-    case ErrorCode.EINVAL:
-      return NbdErrno.EINVAL;
-    case ErrorCode.ENOSPC:
-      return NbdErrno.ENOSPC;
-    case ErrorCode.UNSUPPORTED:
-      return NbdErrno.ENOTSUP;
-    case ErrorCode.CLOSED:
-      return NbdErrno.ESHUTDOWN;
-    default:
-      return NbdErrno.EIO;
-  }
-}
 
 export class NbdServer {
   private readonly options: Required<NbdServerOptions>;
@@ -546,7 +532,7 @@ class NbdConnection {
         if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `read ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         this.begin();
         target.read(offset, length, (err, data) => {
-          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyRead(cookie, offset, data);
           this.end();
         });
@@ -557,7 +543,7 @@ class NbdConnection {
         if (length === 0) return this.replyOk(cookie);
         this.begin();
         target.write(offset, payload!, fua, (err) => {
-          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyOk(cookie);
           this.end();
         });
@@ -570,7 +556,7 @@ class NbdConnection {
         // FAST_ZERO: zeroing is a presence-map change here, always faster than writing zeros.
         this.begin();
         target.zero(offset, length, type === Cmd.TRIM, fua, (err) => {
-          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyOk(cookie);
           this.end();
         });
@@ -579,7 +565,7 @@ class NbdConnection {
       case Cmd.FLUSH:
         this.begin();
         target.flush((err) => {
-          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyOk(cookie);
           this.end();
         });
@@ -593,7 +579,7 @@ class NbdConnection {
         this.begin();
         // Answering for less than asked is allowed; it bounds the reply of a fragmented volume.
         target.blockStatus(offset, Math.min(length, MAX_BLOCK_STATUS_BYTES), (err, extents) => {
-          if (err !== null) this.replyError(cookie, errnoFor(err), err.message);
+          if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyBlockStatus(cookie, extents, (flags & CmdFlag.REQ_ONE) !== 0);
           this.end();
         });

@@ -15,7 +15,7 @@
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { isImageBackupVolume } from './backing-image-backup.ts';
 import type { StoreObject } from '../store/store.ts';
-import type { ReplicaClient } from '../protocol/client.ts';
+import type { DataClient } from '../protocol/client.ts';
 import { Kind, type BackupValue, type Objects, type RestoreStatus, type VolumeValue } from './objects.ts';
 import type { Settings } from './settings.ts';
 import type { EventRecorder } from './events.ts';
@@ -33,7 +33,7 @@ export const CREDENTIALS_SECRET = 'backup-target-credentials';
 
 /** How the controller reaches a volume's engine on a node (its agent). */
 export interface EngineData {
-  openEngineData(nodeId: string, volume: string): Promise<ReplicaClient>;
+  openEngineData(nodeId: string, volume: string): Promise<DataClient>;
 }
 
 /** Deletes a snapshot of an attached volume (the manager service). */
@@ -345,7 +345,7 @@ export class BackupController {
     const startedAt = b.value.status.startedAt ?? new Date().toISOString();
     await this.setBackupStatus(name, { state: 'in-progress', startedAt, message: null });
     const started = Date.now();
-    let client: ReplicaClient | null = null;
+    let client: DataClient | null = null;
     try {
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volumeName);
       const progress = new JobProgress({
@@ -563,7 +563,7 @@ export class BackupController {
     // Recorded before the first write: a crash from here on leaves this backup's blocks behind.
     const begun = [...new Set([...(status.begun ?? []), wanted])];
     await this.setRestore(volume, { state: 'in-progress', backup: wanted, begun, startedAt: status.startedAt ?? new Date().toISOString(), message: null });
-    let client: ReplicaClient | null = null;
+    let client: DataClient | null = null;
     try {
       const manifest = await repo.readManifest(spec.sourceVolume, wanted);
       if (manifest === null) throw new ZebuError(ErrorCode.NOT_FOUND, `backup ${wanted} of volume ${spec.sourceVolume} is not on ${repo.url}`);
@@ -777,7 +777,7 @@ export function backupFromManifest(m: Manifest, url: string): BackupValue {
   };
 }
 
-function snapshotReader(client: ReplicaClient): SnapshotReader {
+function snapshotReader(client: DataClient): SnapshotReader {
   return {
     readSnapshot: (name, offset, length) => client.readSnapshot(name, offset, length),
     snapshotChanges: (name, base, offset, length) => client.snapshotChanges(name, base, offset, length),
@@ -785,7 +785,7 @@ function snapshotReader(client: ReplicaClient): SnapshotReader {
   };
 }
 
-function blockWriter(client: ReplicaClient): BlockWriter {
+function blockWriter(client: DataClient): BlockWriter {
   return {
     write: (offset, data) => client.write(offset, data),
     zero: (offset, length) => client.request(Op.WRITE_ZEROES, 0, offset, length).then(() => {}),

@@ -13,6 +13,9 @@ import type { RecurringJobSpec, RecurringTask } from './recurring-jobs.ts';
 import type { BackingImageFile, BackingImageSpec, RefetchStatus } from './backing-images.ts';
 import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
 
+/** Replica directories live under <disk>/replicas/ (the controller places them, the agent creates and removes them). */
+export const REPLICAS_DIR = 'replicas';
+
 export const Kind = {
   Volume: 'Volume',
   Engine: 'Engine',

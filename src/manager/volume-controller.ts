@@ -35,9 +35,8 @@ import type { EventRecorder } from './events.ts';
 import { scheduleReplicas, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
 import { imageFilePath, imagePlacement } from './backing-images.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
+import { REPLICAS_DIR } from './objects.ts';
 
-/** Replica directories live under <disk>/replicas/. */
-export const REPLICAS_DIR = 'replicas';
 
 const WAIT_MS = 500;
 const RESYNC_MS = 5000;

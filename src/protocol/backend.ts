@@ -1,6 +1,7 @@
 /** What a data-protocol server serves: a Replica, or an Engine (for its frontend). */
 
 import type { RebuildKind } from '../replica/meta.ts';
+import type { IntentSummary } from '../replica/intent-log.ts';
 
 export interface BackendExtent {
   offset: number;
@@ -57,14 +58,6 @@ export interface BlockBackend {
   regionHash?(offset: number, length: number): Promise<Buffer>;
 }
 
-export interface IntentSummary {
-  regionBytes: number;
-  /** In-memory active regions (pinned ones included), ascending. */
-  active: number[];
-  pinned: number[];
-  /** Missed-write map key -> number of regions. */
-  missed: Record<string, number>;
-  /** Keys whose maps a snapshot create/delete/revert invalidated: those replicas need a full rebuild. */
-  invalidMissed: string[];
-}
+/** INTENT_GET's reply (JSON): the replica's write-intent summary, as the replica defines it. */
+export type { IntentSummary } from '../replica/intent-log.ts';
 

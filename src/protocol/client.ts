@@ -1,7 +1,8 @@
 /**
- * Pipelined client of the replica data protocol: any number of requests in flight on one
- * connection, matched by id, each failed with TIMEOUT when its deadline passes. The connection
- * authenticates before the first request. Every request carries `epoch`.
+ * Pipelined client of the data protocol (DataServer's peer): the engine's link to each replica,
+ * and the frontend's link to its engine. Any number of requests in flight on one connection,
+ * matched by id, each failed with TIMEOUT when its deadline passes. The connection authenticates
+ * before the first request. Every request carries `epoch`.
  */
 import { ZebuError, ErrorCode, errorFromWire, assert } from '../errors.ts';
 import { SocketReceiver } from './socket-receiver.ts';
@@ -28,7 +29,7 @@ import type { RebuildKind } from '../replica/meta.ts';
 import type { IntentSummary } from './backend.ts';
 import type { FaultRule } from '../replica/faulty-disk.ts';
 
-export interface ReplicaClientOptions {
+export interface DataClientOptions {
   host?: string;
   port?: number;
   /** UNIX socket path instead of host/port. */
@@ -56,7 +57,7 @@ interface Pending {
 const EMPTY = Buffer.alloc(0);
 const MAX_RESPONSE_BYTES = MAX_IO_BYTES + 1024 * 1024;
 
-export class ReplicaClient {
+export class DataClient {
   /** Sent with every request; the replica fences lower ones. */
   epoch: number;
   readonly address: string;
@@ -72,7 +73,7 @@ export class ReplicaClient {
   private responseHeader: { requestId: number; status: number; length: number } | null = null;
   private closeListeners: ((err: ZebuError) => void)[] = [];
 
-  private constructor(socket: StreamSocket, receiver: SocketReceiver, options: ReplicaClientOptions, address: string) {
+  private constructor(socket: StreamSocket, receiver: SocketReceiver, options: DataClientOptions, address: string) {
     this.socket = socket;
     this.clock = options.clock ?? systemClock;
     this.receiver = receiver;
@@ -88,7 +89,7 @@ export class ReplicaClient {
   }
 
   /** Connects and authenticates. */
-  static connect(options: ReplicaClientOptions): Promise<ReplicaClient> {
+  static connect(options: DataClientOptions): Promise<DataClient> {
     const address = `${options.peerLabel ?? 'replica'} ${options.path ?? `${options.host ?? '127.0.0.1'}:${options.port}`}`;
     const connectTimeoutMs = options.connectTimeoutMs ?? 5000;
     return new Promise((resolve, reject) => {
@@ -128,7 +129,7 @@ export class ReplicaClient {
         clock.clear(timer);
         socket.removeAllListeners('error');
         socket.removeAllListeners('close');
-        const client = new ReplicaClient(socket, receiver, options, address);
+        const client = new DataClient(socket, receiver, options, address);
         // Responses cannot come before requests; anything staged already is a peer's error.
         if (reader.available > 0) client.parse();
         resolve(client);

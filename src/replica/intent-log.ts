@@ -30,8 +30,19 @@ import path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { Disk, DiskFile } from './disk.ts';
-import type { IntentSummary } from '../protocol/backend.ts';
 import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
+
+/** What INTENT_GET reports of a replica's log. */
+export interface IntentSummary {
+  regionBytes: number;
+  /** In-memory active regions (pinned ones included), ascending. */
+  active: number[];
+  pinned: number[];
+  /** Missed-write map key -> number of regions. */
+  missed: Record<string, number>;
+  /** Keys whose maps a snapshot create/delete/revert invalidated: those replicas need a full rebuild. */
+  invalidMissed: string[];
+}
 
 export const INTENT_REGION_BYTES = 4 * 1024 * 1024;
 /**
@@ -41,6 +52,20 @@ export const INTENT_REGION_BYTES = 4 * 1024 * 1024;
  * from here; ZEBU_INTENT_IDLE_MS overrides it (tests that watch regions leave set it to 0).
  */
 export const INTENT_IDLE_MS = idleMsFromEnv(process.env.ZEBU_INTENT_IDLE_MS, 2000);
+
+/**
+ * The one rule by which a region leaves the write-intent set, here and in the engine's count of
+ * active regions: no write to it in flight, a flush numbered `target` or later confirmed (target
+ * 0: no flush has covered its last write yet), and idle since `idleBeforeMs` (Infinity: evict).
+ */
+export function regionMayLeave(writesInFlight: number, target: number, confirmed: number, doneAtMs: number, idleBeforeMs: number): boolean {
+  return writesInFlight === 0 && target !== 0 && confirmed >= target && doneAtMs <= idleBeforeMs;
+}
+
+/** The idle cut-off of regionMayLeave at `nowMs`: everything with `evict`. */
+export function leaveIdleBefore(nowMs: number, idleMs: number, evict: boolean): number {
+  return evict ? Infinity : nowMs - idleMs;
+}
 
 function idleMsFromEnv(raw: string | undefined, fallback: number): number {
   if (raw === undefined || raw === '') return fallback;
@@ -284,9 +309,9 @@ export class IntentLog {
     }
     if (confirmed <= 0) return;
     let left = false;
-    const idleBefore = evict ? Infinity : this.clock.nowMs() - this.idleMs;
+    const idleBefore = leaveIdleBefore(this.clock.nowMs(), this.idleMs, evict);
     for (const [region, state] of this.active) {
-      if (state.inflight === 0 && !state.pinned && state.target !== 0 && confirmed >= state.target && state.doneAt <= idleBefore) {
+      if (!state.pinned && regionMayLeave(state.inflight, state.target, confirmed, state.doneAt, idleBefore)) {
         this.active.delete(region);
         left = true;
       }

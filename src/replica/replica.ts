@@ -39,7 +39,7 @@ import {
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
 import { systemClock, type Clock } from '../os/clock.ts';
-import type { IntentSummary } from '../protocol/backend.ts';
+import type { IntentSummary } from './intent-log.ts';
 
 export interface ReplicaCreateOptions {
   sizeBytes: number;

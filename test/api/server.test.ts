@@ -288,7 +288,7 @@ test('status mapping, malformed requests, unknown routes; the server survives al
     [new ZebuError(ErrorCode.BUSY, 'busy'), 409, 'BUSY'],
     [new ZebuError(ErrorCode.ENOSPC, 'disk full'), 507, 'ENOSPC'],
     [new ZebuError(ErrorCode.UNAUTHORIZED, 'no'), 401, 'UNAUTHORIZED'],
-    [new ZebuError(ErrorCode.TIMEOUT, 'engine did not answer'), 500, 'TIMEOUT'],
+    [new ZebuError(ErrorCode.TIMEOUT, 'engine did not answer'), 503, 'TIMEOUT'],
     [new Error('kaboom'), 500, 'EIO'],
     [new TypeError("Cannot read properties of undefined (reading 'x')"), 500, 'EIO'],
   ];

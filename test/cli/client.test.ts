@@ -15,7 +15,7 @@ import { buildApiServer } from '../../src/api/server.ts';
 import { FakeManagerService } from '../api/fake-service.ts';
 import { ZEBU_MAIN, startTestReplica } from '../support/replica-process.ts';
 import { watchChildStart } from '../support/child-ready.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { tempDir } from '../support/tmp.ts';
 
 const TOKEN = 'cli-test-token-0123456789';

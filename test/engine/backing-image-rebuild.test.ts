@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { startReplica, type ReplicaProcess } from '../support/replica-process.ts';
 import { startVolume, replicaDigest, mustRun } from '../support/volume-cluster.ts';
 import { tempDir } from '../support/tmp.ts';

@@ -2,8 +2,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { startReplica, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
 import { watchChildStart } from '../support/child-ready.ts';
 import type { RecoveryReport, VerifyReport } from '../../src/engine/recovery.ts';
@@ -83,8 +83,8 @@ export function verify(control: string, repair = false): Promise<VerifyReport> {
   return controlRequest(control, 'POST', '/v1/verify', { repair }, { timeoutMs: 600_000 }) as Promise<VerifyReport>;
 }
 
-export function engineClient(engine: EngineProcess, secret: Buffer): Promise<ReplicaClient> {
-  return ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
+export function engineClient(engine: EngineProcess, secret: Buffer): Promise<DataClient> {
+  return DataClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
 }
 
 export async function startReplicas(t: After, dir: string, count: number, sizeBytes: number, secretFile: string): Promise<ReplicaProcess[]> {
@@ -102,7 +102,7 @@ export async function restartReplica(t: After, dir: string, i: number, sizeBytes
 
 /** SHA-256 of each 4 MiB region of a replica's live volume, read through its protocol. */
 export async function regionDigests(port: number, secret: Buffer, epoch: number, sizeBytes: number): Promise<string[]> {
-  const client = await ReplicaClient.connect({ port, secret, epoch, requestTimeoutMs: 30_000 });
+  const client = await DataClient.connect({ port, secret, epoch, requestTimeoutMs: 30_000 });
   try {
     const out: string[] = [];
     for (let off = 0; off < sizeBytes; off += 4 << 20) {

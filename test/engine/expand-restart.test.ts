@@ -9,9 +9,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { FrontendControlClient } from '../../src/frontend/control-client.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { startReplica, writeSecret, ZEBU_MAIN, type ReplicaProcess } from '../support/replica-process.ts';
 import { startVolume, replicaDigest, mustRun } from '../support/volume-cluster.ts';
 import { startFio, fioFigures } from '../support/fio.ts';
@@ -102,7 +102,7 @@ async function expectError(promise: Promise<unknown>, pattern: RegExp): Promise<
 
 /** Writes `pattern(seed)` over [0, bytes) through the engine's own data socket. */
 async function fillThroughEngine(engine: EngineProcess, secret: Buffer, bytes: number, seed: number): Promise<void> {
-  const client = await ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
+  const client = await DataClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
   try {
     const chunk = pattern(seed, 4 * MiB);
     const writes: Promise<void>[] = [];
@@ -170,7 +170,7 @@ test('online expansion: a new NBD connection sees the new size; an engine start 
   // At most the 5 regions written before it went out (still active: no later flush confirmed them).
   assert.ok(lastRebuild !== null && lastRebuild.delta && lastRebuild.copiedBytes <= 20 * MiB, JSON.stringify(lastRebuild));
   for (const r of replicas) {
-    const c = await ReplicaClient.connect({ port: r.port, secret, epoch: 2 });
+    const c = await DataClient.connect({ port: r.port, secret, epoch: 2 });
     assert.equal((await c.info()).sizeBytes, NEW);
     c.close();
   }
@@ -226,7 +226,7 @@ test('a rebuild target SIGKILLed midway: the volume serves on; a restarted engin
   assert.equal(restarted[2].mode, 'ERR');
   assert.match(restarted[2].reason ?? '', /incomplete rebuild/);
   // The data is the sources'.
-  const client = await ReplicaClient.connect({ path: engine.socket, secret, peerLabel: 'engine' });
+  const client = await DataClient.connect({ path: engine.socket, secret, peerLabel: 'engine' });
   assert.deepEqual(await client.read(188 * MiB, 4 * MiB), pattern(5, 4 * MiB));
   assert.ok((await client.read(192 * MiB, 4 * MiB)).every((b) => b === 0));
   client.close();
@@ -285,7 +285,7 @@ test('removing the replica being rebuilt stops the rebuild; snapshot changes wai
   assert.deepEqual(left.map((r) => r.mode), ['RW']);
   await waitFor('rebuild stopped', async () => !(await info(vol.controlSocket)).rebuilding, 30_000, 20);
   // The removed replica keeps its mark: it is no source for anyone.
-  const probe = await ReplicaClient.connect({ port: target.port, secret: vol.secret, epoch: vol.epoch });
+  const probe = await DataClient.connect({ port: target.port, secret: vol.secret, epoch: vol.epoch });
   assert.equal((await probe.info()).rebuilding, true);
   probe.close();
   qemuIo(vol.nbd, 'read -P 0x22 0 64M', 'read -P 0x21 64M 64M');

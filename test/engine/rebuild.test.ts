@@ -7,8 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { startReplica, type ReplicaProcess } from '../support/replica-process.ts';
 import { startVolume, replicaDigest, mustRun, type VolumeCluster } from '../support/volume-cluster.ts';
 import { startFio, fioFigures } from '../support/fio.ts';
@@ -97,8 +97,8 @@ test('rebuild under fio verify copies the live data and every snapshot of the ch
     assert.equal(new Set(digests).size, 1, `${snapshot ?? 'head'}: ${digests.join(' ')}`);
   }
   // The new replica has the snapshots by name, in the same chain, and the source's counters.
-  const client = await ReplicaClient.connect({ port: fresh.port, secret: vol.secret, epoch: vol.epoch });
-  const old = await ReplicaClient.connect({ port: vol.replicas[0].port, secret: vol.secret, epoch: vol.epoch });
+  const client = await DataClient.connect({ port: fresh.port, secret: vol.secret, epoch: vol.epoch });
+  const old = await DataClient.connect({ port: vol.replicas[0].port, secret: vol.secret, epoch: vol.epoch });
   t.after(() => {
     client.close();
     old.close();
@@ -154,7 +154,7 @@ test('a rebuild target killed midway goes ERR; the volume keeps serving; another
   // Restarted, the half-copied replica says so (an engine start takes it for no source) and is
   // no rebuild target either.
   const again = await newReplica(t, dir, 'replica-victim', size);
-  const probe = await ReplicaClient.connect({ port: again.port, secret: vol.secret, epoch: vol.epoch });
+  const probe = await DataClient.connect({ port: again.port, secret: vol.secret, epoch: vol.epoch });
   assert.equal((await probe.info()).rebuilding, true);
   probe.close();
   await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address: `127.0.0.1:${again.port}` }), /not empty/);
@@ -192,7 +192,7 @@ test('bad replica-set changes are refused and change nothing; online expansion g
   await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/expand', {}), /"sizeBytes" must be a number/);
   // A replica that holds data is not a rebuild target.
   const used = await newReplica(t, dir, 'replica-used', size);
-  const direct = await ReplicaClient.connect({ port: used.port, secret: vol.secret, epoch: vol.epoch });
+  const direct = await DataClient.connect({ port: used.port, secret: vol.secret, epoch: vol.epoch });
   await direct.write(0, Buffer.alloc(4096, 1));
   direct.close();
   await expectError(controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address: `127.0.0.1:${used.port}` }), /not empty/);
@@ -213,7 +213,7 @@ test('bad replica-set changes are refused and change nothing; online expansion g
   const grown = (await controlRequest(vol.controlSocket, 'POST', '/v1/expand', { sizeBytes: 2 * size })) as { sizeBytes: number };
   assert.equal(grown.sizeBytes, 2 * size);
   for (const port of [vol.replicas[0].port, a.port]) {
-    const c = await ReplicaClient.connect({ port, secret: vol.secret, epoch: vol.epoch });
+    const c = await DataClient.connect({ port, secret: vol.secret, epoch: vol.epoch });
     const info = await c.info();
     assert.equal(info.sizeBytes, 2 * size);
     assert.ok((await c.read(size, 4 * MiB)).every((x) => x === 0), 'the new area reads zeros');
@@ -255,7 +255,7 @@ test('a snapshot tree with a branch left by a revert is rebuilt whole: same snap
   }
   // The same tree: names, parents by name, which are in the live chain.
   const shape = async (port: number) => {
-    const c = await ReplicaClient.connect({ port, secret: vol.secret, epoch: vol.epoch });
+    const c = await DataClient.connect({ port, secret: vol.secret, epoch: vol.epoch });
     try {
       const list = await c.snapshotList();
       const nameOf = new Map(list.map((s) => [s.id, s.name]));

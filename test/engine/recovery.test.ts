@@ -9,8 +9,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { controlRequest } from '../../src/engine/control-server.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { writeSecret } from '../support/replica-process.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
@@ -20,7 +20,7 @@ const MiB = 1024 * 1024;
 const REGION = 4 * MiB;
 const SIZE = 64 * MiB;
 
-async function writeThrough(client: ReplicaClient, offset: number, length: number, seed: number): Promise<void> {
+async function writeThrough(client: DataClient, offset: number, length: number, seed: number): Promise<void> {
   const chunk = pattern(seed, Math.min(length, REGION));
   const writes: Promise<void>[] = [];
   for (let at = offset; at < offset + length; at += chunk.length) writes.push(client.write(at, chunk.subarray(0, Math.min(chunk.length, offset + length - at))));
@@ -68,7 +68,7 @@ test('engine SIGKILLed while the replicas differ in a region: the next start res
   await writeThrough(client, 0, 32 * MiB, 1);
 
   // A write only replica 1 took (the engine died between sending it to the two replicas).
-  const direct = await ReplicaClient.connect({ port: replicas[1].port, secret, epoch: 1 });
+  const direct = await DataClient.connect({ port: replicas[1].port, secret, epoch: 1 });
   await direct.write(5 * REGION + 4096, pattern(2, MiB));
   direct.close();
   assert.notEqual((await regionDigests(replicas[0].port, secret, 1, SIZE))[5], (await regionDigests(replicas[1].port, secret, 1, SIZE))[5], 'the replicas differ in region 5');
@@ -94,7 +94,7 @@ test('engine SIGKILLed while the replicas differ in a region: the next start res
   assert.deepEqual(digests[0], digests[1]);
   // Equal counters again (the resync wrote to one replica only): both start RW next time.
   const counters = await Promise.all(replicas.map(async (r) => {
-    const c = await ReplicaClient.connect({ port: r.port, secret, epoch: 2 });
+    const c = await DataClient.connect({ port: r.port, secret, epoch: 2 });
     const i = await c.info();
     c.close();
     return [i.writeEpoch, i.flushedRevision, i.revision];
@@ -120,7 +120,7 @@ test('a replica that was out comes back by a delta rebuild: only the regions wri
   const { dir, secretFile, secret, replicas, entries, first: engine, client } = await volumeWithReplicaOut(t, 2, 1, SIZE, 5);
   await writeThrough(client, 3 * REGION, REGION, 6);
   await writeThrough(client, 10 * REGION + MiB, 2 * MiB, 7);
-  const source = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 1 });
+  const source = await DataClient.connect({ port: replicas[0].port, secret, epoch: 1 });
   t.after(() => source.close());
   assert.deepEqual((await source.missedGet('r1')).sort((a, b) => a - b), [3, 10], 'the map holds the two regions written');
 
@@ -186,7 +186,7 @@ test('a replica rebuilt in full after its map was invalidated starts RW at the n
   await writeThrough(client, 0, 16 * MiB, 11);
   // Taken out of the set: its map is invalidated on the others (only a full rebuild brings it back).
   await controlRequest(first.control, 'DELETE', `/v1/replicas/${encodeURIComponent(entries[2])}`);
-  const holder = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 1 });
+  const holder = await DataClient.connect({ port: replicas[0].port, secret, epoch: 1 });
   t.after(() => holder.close());
   assert.deepEqual((await holder.intentGet()).invalidMissed, ['r2']);
   // Emptied and added again: a full rebuild.
@@ -221,7 +221,7 @@ test('a start-up resync killed midway keeps what it did: batches are made durabl
   await first.exited;
   client.close();
   const activeOn = async (epoch: number): Promise<number> => {
-    const probe = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch });
+    const probe = await DataClient.connect({ port: replicas[0].port, secret, epoch });
     try {
       return (await probe.intentGet()).active.length;
     } finally {
@@ -255,7 +255,7 @@ test('a delta rebuild stopped midway (engine SIGKILLed) is done again as a delta
   replicas[2] = await restartReplica(t, dir, 2, SIZE, secretFile, replicas[2].port);
   // A write only the target has (unflushed, active in its log): as if it went out mid-write.
   const LAST = SIZE / REGION - 1;
-  const direct = await ReplicaClient.connect({ port: replicas[2].port, secret, epoch: 1 });
+  const direct = await DataClient.connect({ port: replicas[2].port, secret, epoch: 1 });
   await direct.open();
   await direct.write(LAST * REGION, pattern(32, 4096));
   assert.ok((await direct.intentGet()).active.includes(LAST));
@@ -269,8 +269,8 @@ test('a delta rebuild stopped midway (engine SIGKILLed) is done again as a delta
   replicas[2].child.kill('SIGCONT');
   client.close();
 
-  const probe = async (port: number, fn: (c: ReplicaClient) => Promise<unknown>): Promise<unknown> => {
-    const c = await ReplicaClient.connect({ port, secret, epoch: 1 });
+  const probe = async (port: number, fn: (c: DataClient) => Promise<unknown>): Promise<unknown> => {
+    const c = await DataClient.connect({ port, secret, epoch: 1 });
     try {
       return await fn(c);
     } finally {

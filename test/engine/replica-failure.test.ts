@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { tempDir } from '../support/tmp.ts';
 import { startVolume, replicaDigest, run } from '../support/volume-cluster.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 
 const SIZE = 128 * 1024 * 1024;
 

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { snapshotCopyPlan } from '../../src/engine/engine.ts';
+import { snapshotCopyPlan } from '../../src/engine/rebuild-plan.ts';
 import type { SnapshotInfo } from '../../src/replica/replica.ts';
 
 function snap(name: string, id: string, parent: string | null, createdAt: string, inChain: boolean): SnapshotInfo {

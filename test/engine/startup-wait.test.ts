@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { AUTH_BYTES, checkAuth, encodeHello, newNonce } from '../../src/protocol/auth.ts';
 import { startReplica, writeSecret } from '../support/replica-process.ts';
 import { tempDir } from '../support/tmp.ts';

@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { ErrorCode } from '../../src/errors.ts';
 import { writeSecret } from '../support/replica-process.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
@@ -28,7 +28,7 @@ function prng(seed: number): () => number {
 }
 
 /** `depth` writers of 4 KiB at random offsets until stop() resolves; returns the number of writes. */
-function randomWrites(client: ReplicaClient, sizeBytes: number, depth: number, seed: number): { stop: () => Promise<number> } {
+function randomWrites(client: DataClient, sizeBytes: number, depth: number, seed: number): { stop: () => Promise<number> } {
   const random = prng(seed);
   const block = pattern(seed, 4096);
   let stopping = false;
@@ -61,7 +61,7 @@ test('verify finds a region that differs, repair fixes it; under live writes it 
   assert.deepEqual((await verify(engine.control)).differing, []);
 
   // Replica 1 alone gets other bytes in region 5 (a lost write, bit rot).
-  const direct = await ReplicaClient.connect({ port: replicas[1].port, secret, epoch: 1 });
+  const direct = await DataClient.connect({ port: replicas[1].port, secret, epoch: 1 });
   await direct.write(5 * REGION + 8192, Buffer.alloc(4096, 0xee));
   direct.close();
   const found = await verify(engine.control);
@@ -101,7 +101,7 @@ test('the active regions stay within the bound under random writes all over the 
   const engine = await startEngine(t, dir, { sizeBytes: SIZE, replicas: replicas.map((r) => `127.0.0.1:${r.port}`), epoch: 1, secretFile, maxActiveRegions: BOUND });
   const client = await engineClient(engine, secret);
   t.after(() => client.close());
-  const probes = await Promise.all(replicas.map((r) => ReplicaClient.connect({ port: r.port, secret, epoch: 1 })));
+  const probes = await Promise.all(replicas.map((r) => DataClient.connect({ port: r.port, secret, epoch: 1 })));
   t.after(() => probes.forEach((p) => p.close()));
 
   const load = randomWrites(client, SIZE, DEPTH, 7);
@@ -145,7 +145,7 @@ test('an engine fenced by a newer epoch on the same replicas stops serving with 
   assert.match(info.faultedReason ?? '', /superseded/);
   // Nothing more is served, reads included, and no missed-write map was started by the old engine.
   await assert.rejects(oldClient.read(0, 4096), (err: { code?: string }) => err.code === ErrorCode.FENCED);
-  const probe = await ReplicaClient.connect({ port: replicas[0].port, secret, epoch: 2 });
+  const probe = await DataClient.connect({ port: replicas[0].port, secret, epoch: 2 });
   assert.deepEqual((await probe.intentGet()).missed, {});
   probe.close();
   assert.equal(old.child.exitCode, null, 'the fenced engine process stays up');

@@ -25,7 +25,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
 import { renderTable } from '../support/fault-table.ts';
 import { startVolume, run, mustRun, type VolumeCluster } from '../support/volume-cluster.ts';

@@ -16,7 +16,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Op } from '../../src/protocol/frames.ts';
-import type { ReplicaClient } from '../../src/protocol/client.ts';
+import type { DataClient } from '../../src/protocol/client.ts';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
 import { FaultCluster, faultRoot } from '../support/fault-cluster.ts';
 import { FaultRounds, sleep } from '../support/fault-rounds.ts';
@@ -30,7 +30,7 @@ const KINDS = ['power loss: one replica', 'power loss: whole machine'] as const;
  * Sends the power failure; the replica ends without answering (the connection just closes).
  * Resolves once the request is on its way.
  */
-function powerFail(client: ReplicaClient, seed: number, mode: 'drop' | 'tear'): void {
+function powerFail(client: DataClient, seed: number, mode: 'drop' | 'tear'): void {
   client.send(Op.FAULT_INJECT, 0, 0, 0, Buffer.from(JSON.stringify({ powerLoss: { seed, mode } })), () => {});
 }
 

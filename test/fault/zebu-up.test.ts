@@ -38,7 +38,7 @@ import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, wai
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { mustRun, run } from '../support/volume-cluster.ts';
 
 const MiB = 1024 * 1024;
@@ -135,11 +135,11 @@ test('zebu up: a replica, zebu up alone, everything at once, every data-path pro
         mode = 'contract';
         // Connected first, then everything in one tick: zebu up, the engines, the frontend, and
         // the power of every replica (each exits 137 having lost a seeded part of what it had not synced).
-        const clients: ReplicaClient[] = [];
+        const clients: DataClient[] = [];
         for (const volume of [VOLUME, SECOND]) {
           const epoch = mustZebuJson(up, ['volume', 'get', volume]).epoch as number;
           for (const r of mustZebuJson<ReplicaEntry[]>(up, ['replica', 'list', '--volume', volume])) {
-            clients.push(await ReplicaClient.connect({ port: Number(r.address.split(':').pop()), secret, epoch }));
+            clients.push(await DataClient.connect({ port: Number(r.address.split(':').pop()), secret, epoch }));
           }
         }
         const others = processesUnder(dataDir).filter((p) => p.role === 'up' || p.role === 'engine' || p.role === 'frontend');

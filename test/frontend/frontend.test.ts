@@ -12,7 +12,7 @@ import { Frontend } from '../../src/frontend/frontend.ts';
 import { FrontendControlServer } from '../../src/frontend/control-server.ts';
 import { FrontendControlClient } from '../../src/frontend/control-client.ts';
 import { NbdErrno, Rep } from '../../src/frontend/nbd-protocol.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import type { DataServer } from '../../src/protocol/server.ts';
 import { tempDir, pattern } from '../support/tmp.ts';

@@ -12,7 +12,7 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { FrontendControlClient, frontendControlRequest } from '../../src/frontend/control-client.ts';
 import { NbdErrno } from '../../src/frontend/nbd-protocol.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { startReplica, writeSecret, ZEBU_MAIN } from '../support/replica-process.ts';

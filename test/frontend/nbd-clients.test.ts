@@ -136,7 +136,7 @@ test('real NBD clients on a 3-replica volume', async (t) => {
   });
 
   await t.test('a snapshot is identical on all replicas and the volume reads the same', async () => {
-    const { controlRequest } = await import('../../src/engine/control-server.ts');
+    const { controlRequest } = await import('../../src/protocol/control-channel.ts');
     const before = await replicaDigest(vol.replicas[0].port, vol.secret, vol.epoch, SIZE);
     await controlRequest(vol.controlSocket, 'POST', '/v1/snapshots', { name: 'snap1' });
     const snaps = await Promise.all(vol.replicas.map((r) => replicaDigest(r.port, vol.secret, vol.epoch, SIZE, 'snap1')));

@@ -13,7 +13,7 @@ import { Kind, Objects } from '../../src/manager/objects.ts';
 import { Settings } from '../../src/manager/settings.ts';
 import { EventRecorder } from '../../src/manager/events.ts';
 import { BackupController, TARGET_NAME } from '../../src/manager/backup-controller.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { openTarget } from '../../src/backup/target.ts';
 import { BackupRepository } from '../../src/backup/repository.ts';
 import { BACKUP_BLOCK_BYTES, FORMAT, sha256 } from '../../src/backup/format.ts';
@@ -29,7 +29,7 @@ test('a backup resumed after a crash uploads the blocks its partial manifest lis
   const root = tempDir(t);
   const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
   const replica = await startTestReplica(t, { sizeBytes: SIZE, secret });
-  const writer = await ReplicaClient.connect({ port: replica.port, secret });
+  const writer = await DataClient.connect({ port: replica.port, secret });
   const data = crypto.randomBytes(6 * MiB);
   await writer.write(0, data);
   await writer.snapshotCreate('s1');
@@ -73,7 +73,7 @@ test('a backup resumed after a crash uploads the blocks its partial manifest lis
     settings: new Settings(objects),
     events: new EventRecorder(objects),
     // The replica stands in for the engine: it serves the same snapshot reads.
-    engines: { openEngineData: () => ReplicaClient.connect({ port: replica.port, secret }) },
+    engines: { openEngineData: () => DataClient.connect({ port: replica.port, secret }) },
     defaultNodeId: 'n1',
     pollMs: 50,
   });

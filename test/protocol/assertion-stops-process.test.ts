@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ProcessSupervisor } from '../../src/agent/process-supervisor.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { tempDir } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
@@ -28,7 +28,7 @@ test('a broken invariant stops the server process (no EIO reply) and its supervi
   sup.ensure('s', [portFile]);
   await waitFor('the server listening', () => fs.existsSync(portFile) && sup.get('s')?.state === 'running', 20_000, 20);
   const firstPid = sup.get('s')!.pid;
-  const client = await ReplicaClient.connect({ host: '127.0.0.1', port: Number(fs.readFileSync(portFile, 'utf8')), secret: Buffer.alloc(32, 7) });
+  const client = await DataClient.connect({ host: '127.0.0.1', port: Number(fs.readFileSync(portFile, 'utf8')), secret: Buffer.alloc(32, 7) });
   fs.rmSync(portFile);
   const err = await client.write(0, Buffer.alloc(4096, 1)).then(() => null, (e: unknown) => e as ZebuError);
   assert.ok(err !== null, 'the write did not succeed');
@@ -42,7 +42,7 @@ test('a broken invariant stops the server process (no EIO reply) and its supervi
   const log = fs.readFileSync(path.join(dir, 'logs', 's.log'), 'utf8');
   assert.match(log, /AssertionFailure|assertion failed: a planted broken invariant/, 'the stack is in the process log');
   // The new process serves.
-  const again = await ReplicaClient.connect({ host: '127.0.0.1', port: Number(fs.readFileSync(portFile, 'utf8')), secret: Buffer.alloc(32, 7) });
+  const again = await DataClient.connect({ host: '127.0.0.1', port: Number(fs.readFileSync(portFile, 'utf8')), secret: Buffer.alloc(32, 7) });
   await again.ping();
   again.close();
 });

@@ -1,6 +1,6 @@
 /**
  * A real replica process fed bad input on the data protocol, over raw sockets and through
- * ReplicaClient: garbage instead of AUTH, a wrong secret, bad magic, truncated frames, oversized
+ * DataClient: garbage instead of AUTH, a wrong secret, bad magic, truncated frames, oversized
  * payload lengths, out-of-range requests, unknown ops, stale epochs, a peer that never
  * authenticates. Each bad connection gets an error (and, where the framing is lost, is closed);
  * the server keeps serving its other connections, and no data changes.
@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { FrameReader } from '../../src/protocol/frame-reader.ts';
 import { answerHello, checkResult, HELLO_BYTES, HELLO_MAGIC, RESULT_BYTES, RESULT_MAGIC, AUTH_BYTES } from '../../src/protocol/auth.ts';
 import {
@@ -187,7 +187,7 @@ test('a replica process under bad input answers with errors, keeps serving other
   const partial = await RawPeer.connect(port);
   partial.write(Buffer.alloc(AUTH_BYTES - 1, 0x5a)); // one byte short of an AUTH
 
-  const healthy = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 5000 });
+  const healthy = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 5000 });
   t.after(() => healthy.close());
   await healthy.write(KNOWN_OFFSET, KNOWN);
   await healthy.flush();
@@ -235,8 +235,8 @@ test('a replica process under bad input answers with errors, keeps serving other
     await checkHealthy('forged AUTH');
   });
 
-  await t.test('wrong secret: ReplicaClient gets ZEBU_ERR_AUTH, a raw peer gets RESULT != 0 and a close', async () => {
-    await assert.rejects(ReplicaClient.connect({ port, secret: Buffer.from('not-the-right-secret-at-all-0000') }), hasCode(ErrorCode.AUTH));
+  await t.test('wrong secret: DataClient gets ZEBU_ERR_AUTH, a raw peer gets RESULT != 0 and a close', async () => {
+    await assert.rejects(DataClient.connect({ port, secret: Buffer.from('not-the-right-secret-at-all-0000') }), hasCode(ErrorCode.AUTH));
     const peer = await RawPeer.connect(port);
     const { auth } = answerHello(Buffer.from('not-the-right-secret-at-all-0000'), await peer.read(HELLO_BYTES));
     peer.write(Buffer.concat([auth, RawPeer.request({ op: Op.READ, requestId: 3, length: 4096 })]));
@@ -259,9 +259,9 @@ test('a replica process under bad input answers with errors, keeps serving other
     await peer.waitClosed(3000, 'after bad magic');
     assert.equal(peer.buffered, 0);
 
-    // The same through ReplicaClient (garbage written on its socket): the connection fails with
+    // The same through DataClient (garbage written on its socket): the connection fails with
     // PROTOCOL, and so does a request sent after the garbage.
-    const client = await ReplicaClient.connect({ port, secret: SECRET });
+    const client = await DataClient.connect({ port, secret: SECRET });
     const closedWith = new Promise<string>((resolve) => client.onClose((err) => resolve(err.code)));
     await client.ping();
     (client as unknown as { socket: net.Socket }).socket.write(pattern(80, REQUEST_HEADER_BYTES));
@@ -371,8 +371,8 @@ test('a replica process under bad input answers with errors, keeps serving other
     assert.ok(read.payload.equals(KNOWN.subarray(0, 4096)));
     peer.destroy();
 
-    // Through ReplicaClient as well.
-    const client = await ReplicaClient.connect({ port, secret: SECRET, epoch });
+    // Through DataClient as well.
+    const client = await DataClient.connect({ port, secret: SECRET, epoch });
     await assert.rejects(client.read(SIZE, 1), hasCode(ErrorCode.EINVAL));
     await assert.rejects(client.read(SIZE - 1, 2), hasCode(ErrorCode.EINVAL));
     await assert.rejects(client.write(SIZE - 4096, pattern(90, 8192)), hasCode(ErrorCode.EINVAL));
@@ -421,7 +421,7 @@ test('a replica process under bad input answers with errors, keeps serving other
     assert.ok(peer.isOpen);
     peer.destroy();
 
-    const client = await ReplicaClient.connect({ port, secret: SECRET, epoch });
+    const client = await DataClient.connect({ port, secret: SECRET, epoch });
     await assert.rejects(client.request(77, 0, 0, 0, Buffer.from('x')), hasCode(ErrorCode.UNSUPPORTED));
     await client.ping();
     client.close();
@@ -429,11 +429,11 @@ test('a replica process under bad input answers with errors, keeps serving other
   });
 
   await t.test('stale epoch: FENCED on write and read, the data unchanged', async () => {
-    const opener = await ReplicaClient.connect({ port, secret: SECRET, epoch: 5 });
+    const opener = await DataClient.connect({ port, secret: SECRET, epoch: 5 });
     t.after(() => opener.close());
     assert.equal((await opener.open()).epoch, 5);
     epoch = 5;
-    const stale = await ReplicaClient.connect({ port, secret: SECRET, epoch: 3 });
+    const stale = await DataClient.connect({ port, secret: SECRET, epoch: 3 });
     t.after(() => stale.close());
     await assert.rejects(stale.write(KNOWN_OFFSET, pattern(95, 4096)), hasCode(ErrorCode.FENCED));
     await assert.rejects(stale.write(SCRATCH, pattern(96, 4096), { fua: true }), hasCode(ErrorCode.FENCED));
@@ -494,7 +494,7 @@ test('a replica process under bad input answers with errors, keeps serving other
   });
 
   await t.test('at the end: the process is alive, the known pattern is intact', async () => {
-    const fresh = await ReplicaClient.connect({ port, secret: SECRET, epoch });
+    const fresh = await DataClient.connect({ port, secret: SECRET, epoch });
     assert.ok((await fresh.read(KNOWN_OFFSET, KNOWN.length)).equals(KNOWN));
     const info = await fresh.info();
     assert.equal(info.epoch, 5);

@@ -1,12 +1,12 @@
 /**
- * ReplicaClient: pipelining (1000 requests in flight on one connection against a real replica
+ * DataClient: pipelining (1000 requests in flight on one connection against a real replica
  * process, replies matched by id), per-request timeouts and disconnects (against an in-process
  * fake server that authenticates and then misbehaves), the handshake from the client's side.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { FrameReader } from '../../src/protocol/frame-reader.ts';
 import { encodeHello, checkAuth, newNonce, AUTH_BYTES, RESULT_BYTES, RESULT_MAGIC } from '../../src/protocol/auth.ts';
 import {
@@ -121,7 +121,7 @@ function outcomes(promises: Promise<unknown>[]): Promise<string[]> {
 
 test('pipelining: 1000 concurrent requests on one connection, replies matched by id', async (t) => {
   const { port } = await spawnReplica(t);
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
   t.after(() => client.close());
   const N = 1000;
   const SLOT = 8192;
@@ -172,7 +172,7 @@ test('per-request timeout: a request the server never answers fails with ZEBU_ER
   const { port, connections } = await fakeServer(t, {}); // authenticates, then never answers
   const timeoutMs = 300;
   const sweepMs = Math.max(10, Math.min(1000, Math.floor(timeoutMs / 4)));
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: timeoutMs });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: timeoutMs });
   t.after(() => client.close());
   const started = Date.now();
   const results = [client.ping(), client.read(0, 4096), client.write(0, pattern(1, 4096)), client.flush()].map((p) =>
@@ -200,7 +200,7 @@ test('per-request timeout: a late reply is ignored, later requests still get the
       else conn.reply(h.requestId, 0, payload);
     },
   });
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 200 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 200 });
   t.after(() => client.close());
   await assert.rejects(client.request(Op.READ, 0, 0, 7), hasCode(ErrorCode.TIMEOUT));
   await assert.rejects(client.request(Op.READ, 0, 0, 7), hasCode(ErrorCode.TIMEOUT));
@@ -218,7 +218,7 @@ test('disconnect: the server dropping the connection fails every pending request
       if (conn.requests.length === N) conn.socket.destroy();
     },
   });
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
   const closedWith = new Promise<string>((resolve) => client.onClose((err) => resolve(err.code)));
   const started = Date.now();
   const pending: Promise<unknown>[] = [];
@@ -245,14 +245,14 @@ test('disconnect: a FIN from the server fails pending requests too', async (t) =
       if (conn.requests.length === 3) conn.socket.end();
     },
   });
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
   const codes = await outcomes([client.ping(), client.read(0, 4096), client.write(0, pattern(1, 4096))]);
   assert.deepEqual(codes, [ErrorCode.DISCONNECTED, ErrorCode.DISCONNECTED, ErrorCode.DISCONNECTED]);
 });
 
 test('disconnect: SIGKILL of a real replica with requests in flight: each request succeeds or fails DISCONNECTED, none hangs', async (t) => {
   const { port, child, exited } = await spawnReplica(t);
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
   await client.write(0, pattern(1, 65536));
   const pending: Promise<unknown>[] = [];
   for (let i = 0; i < 500; i++) pending.push(i % 2 === 0 ? client.write(i * 16384, pattern(i, 16384)) : client.read(i * 16384, 16384));
@@ -268,7 +268,7 @@ test('disconnect: SIGKILL of a real replica with requests in flight: each reques
 
 test('close(): pending requests fail with ZEBU_ERR_CLOSED', async (t) => {
   const { port } = await fakeServer(t, {});
-  const client = await ReplicaClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 20_000 });
   const pending = [client.ping(), client.read(0, 512)];
   client.close();
   assert.deepEqual(await outcomes(pending), [ErrorCode.CLOSED, ErrorCode.CLOSED]);
@@ -282,7 +282,7 @@ test('a malformed response (bad magic) closes the connection with ZEBU_ERR_PROTO
       else conn.socket.write(pattern(5, RESPONSE_HEADER_BYTES + 10));
     },
   });
-  const client = await ReplicaClient.connect({ port, secret: SECRET });
+  const client = await DataClient.connect({ port, secret: SECRET });
   await client.ping();
   const codes = await outcomes([client.read(0, 10), client.read(0, 10)]);
   assert.deepEqual(codes, [ErrorCode.PROTOCOL, ErrorCode.PROTOCOL]);
@@ -301,25 +301,25 @@ test('handshake: the client checks the server too', async (t) => {
       });
     },
   });
-  await assert.rejects(ReplicaClient.connect({ port: impostor.port, secret: SECRET }), hasCode(ErrorCode.AUTH));
+  await assert.rejects(DataClient.connect({ port: impostor.port, secret: SECRET }), hasCode(ErrorCode.AUTH));
   // A server with another secret: it rejects the client.
   const other = await fakeServer(t, { secret: Buffer.from('some-other-secret-0123456789abcd') });
-  await assert.rejects(ReplicaClient.connect({ port: other.port, secret: SECRET }), hasCode(ErrorCode.AUTH));
+  await assert.rejects(DataClient.connect({ port: other.port, secret: SECRET }), hasCode(ErrorCode.AUTH));
   // Not a Zebu replica at all.
   const http = await fakeServer(t, { onAccept: (socket) => socket.write('HTTP/1.1 400 Bad Request\r\n\r\n' + ' '.repeat(40)) });
-  await assert.rejects(ReplicaClient.connect({ port: http.port, secret: SECRET }), hasCode(ErrorCode.PROTOCOL));
+  await assert.rejects(DataClient.connect({ port: http.port, secret: SECRET }), hasCode(ErrorCode.PROTOCOL));
   // A server that accepts and says nothing: connect times out.
   const mute = await fakeServer(t, { onAccept: () => {} });
   const started = Date.now();
-  await assert.rejects(ReplicaClient.connect({ port: mute.port, secret: SECRET, connectTimeoutMs: 300 }), hasCode(ErrorCode.TIMEOUT));
+  await assert.rejects(DataClient.connect({ port: mute.port, secret: SECRET, connectTimeoutMs: 300 }), hasCode(ErrorCode.TIMEOUT));
   assert.ok(Date.now() - started < 2000);
   // A server that closes during the handshake.
   const rude = await fakeServer(t, { onAccept: (socket) => socket.end(Buffer.alloc(10)) });
-  await assert.rejects(ReplicaClient.connect({ port: rude.port, secret: SECRET }), hasCode(ErrorCode.DISCONNECTED));
+  await assert.rejects(DataClient.connect({ port: rude.port, secret: SECRET }), hasCode(ErrorCode.DISCONNECTED));
   // Nobody listening.
   const srv = net.createServer();
   await new Promise<void>((resolve) => srv.listen(0, '127.0.0.1', resolve));
   const deadPort = (srv.address() as net.AddressInfo).port;
   await new Promise<void>((resolve) => srv.close(() => resolve()));
-  await assert.rejects(ReplicaClient.connect({ port: deadPort, secret: SECRET }), hasCode(ErrorCode.DISCONNECTED));
+  await assert.rejects(DataClient.connect({ port: deadPort, secret: SECRET }), hasCode(ErrorCode.DISCONNECTED));
 });

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { Op } from '../../src/protocol/frames.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { startReplica, writeSecret, type ReplicaProcess } from '../support/replica-process.ts';
@@ -45,13 +45,13 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   };
 
   let proc = await start(OLD);
-  let client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });
+  let client = await DataClient.connect({ port: proc.port, secret, epoch: 2 });
   await client.open();
   await client.write(0, pattern(1, MiB));
   await client.write(OLD - 4096, pattern(2, 4096));
 
   // A stale engine cannot grow the replica.
-  const stale = await ReplicaClient.connect({ port: proc.port, secret, epoch: 1 });
+  const stale = await DataClient.connect({ port: proc.port, secret, epoch: 1 });
   await assert.rejects(stale.expand(NEW), rejectsWith(ErrorCode.FENCED, /epoch/));
   await assert.rejects(stale.setRebuilding('full'), rejectsWith(ErrorCode.FENCED, /epoch/));
   await assert.rejects(stale.setRevision(99), rejectsWith(ErrorCode.FENCED, /epoch/));
@@ -79,7 +79,7 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   await assert.rejects(start(OLD), /cannot shrink/);
   // ...and with the new size it opens as it was.
   proc = await start(NEW);
-  client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });
+  client = await DataClient.connect({ port: proc.port, secret, epoch: 2 });
   assert.equal((await client.open()).sizeBytes, NEW);
   assert.deepEqual(await client.read(0, MiB), pattern(1, MiB));
   assert.deepEqual(await client.read(OLD - 4096, 4096), pattern(2, 4096));
@@ -91,7 +91,7 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   assert.equal((await client.setRebuilding('delta')).rebuilding, true, 'idempotent');
   client.close();
   proc = await restart(proc, NEW);
-  client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });
+  client = await DataClient.connect({ port: proc.port, secret, epoch: 2 });
   const marked = await client.open();
   assert.equal(marked.rebuilding, true);
   assert.equal(marked.rebuildKind, 'delta', 'the kind survives a restart');
@@ -104,7 +104,7 @@ test('EXPAND, SET_REBUILDING, SET_REVISION over the protocol: fenced, validated,
   assert.equal((await client.setRebuilding(null)).rebuilding, false);
   client.close();
   proc = await restart(proc, NEW);
-  client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 2 });
+  client = await DataClient.connect({ port: proc.port, secret, epoch: 2 });
   const info = await client.open();
   assert.equal(info.rebuilding, false);
   assert.equal(info.revision, 5000);

@@ -14,8 +14,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { ReplicaClient } from '../../src/protocol/client.ts';
-import { ReplicaServer } from '../../src/replica/server.ts';
+import { DataClient } from '../../src/protocol/client.ts';
+import { DataServer } from '../../src/protocol/server.ts';
 import { Replica } from '../../src/replica/replica.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { NodeDisk } from '../../src/replica/disk.ts';
@@ -103,7 +103,7 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
   fs.writeFileSync(secretFile, SECRET.toString() + '\n', { mode: 0o600 });
   const dir = path.join(root, 'replica');
   const first = await serve(ws, dir, secretFile);
-  const client = await ReplicaClient.connect({ port: first.port, secret: SECRET, requestTimeoutMs: 5000 });
+  const client = await DataClient.connect({ port: first.port, secret: SECRET, requestTimeoutMs: 5000 });
   ws.defer(() => client.close());
 
   const A = pattern(1, 64 * 1024 + 4096);
@@ -146,7 +146,7 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
 
   await t.test('a failed OPEN (replica.json update fails): EIO, the epoch is not adopted, a retry works', async () => {
     await client.injectFaults({ rules: [{ op: 'meta', errno: 'EIO', pathIncludes: 'replica.json', count: 1 }] });
-    const opener = await ReplicaClient.connect({ port: first.port, secret: SECRET, epoch: 2 });
+    const opener = await DataClient.connect({ port: first.port, secret: SECRET, epoch: 2 });
     await assert.rejects(opener.open(), hasCode(ErrorCode.EIO));
     assert.equal((await client.info()).epoch, 0, 'epoch not adopted');
     await client.write(4 * MiB, pattern(10, 4096)); // epoch 0 still serves
@@ -173,7 +173,7 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
     await assert.rejects(client.flush(), hasCode(ErrorCode.EIO));
     await client.ping();
     assert.equal((await client.info()).sizeBytes, SIZE);
-    const other = await ReplicaClient.connect({ port: first.port, secret: SECRET, epoch: 2 });
+    const other = await DataClient.connect({ port: first.port, secret: SECRET, epoch: 2 });
     await other.ping();
     await assert.rejects(other.write(0, pattern(12, 4096)), hasCode(ErrorCode.EIO));
     other.close();
@@ -188,7 +188,7 @@ test('replica process: injected EIO/ENOSPC fail one request; a failed sync poiso
     const second = await serve(ws, dir, secretFile);
     assert.equal(second.ready.cleanShutdown, false, 'a replica that could not flush did not shut down clean');
     assert.equal(second.ready.epoch, 2);
-    const c2 = await ReplicaClient.connect({ port: second.port, secret: SECRET, epoch: 2 });
+    const c2 = await DataClient.connect({ port: second.port, secret: SECRET, epoch: 2 });
     ws.defer(() => c2.close());
     assert.ok((await c2.read(0, A.length)).equals(A), 'A (flushed before the faults) intact');
     assert.ok((await c2.read(MiB, B.length)).equals(B), 'B (flushed before the sync fault) intact');
@@ -236,10 +236,10 @@ test('in process: Replica + FaultyDisk, read EIO fails that read only', async (t
   disk.clearRules();
 
   // And through the protocol server: the client gets ZEBU_ERR_EIO for that READ only.
-  const server = new ReplicaServer(replica, { secret: SECRET, faultDisk: disk });
+  const server = new DataServer(replica, { secret: SECRET, faultDisk: disk });
   const { port } = await server.listen('127.0.0.1', 0);
   ws.defer(() => server.close(100));
-  const client = await ReplicaClient.connect({ port, secret: SECRET });
+  const client = await DataClient.connect({ port, secret: SECRET });
   ws.defer(() => client.close());
   await client.injectFaults({ rules: [{ op: 'read', errno: 'EIO', count: 1 }] });
   await assert.rejects(client.read(8192, data.length), hasCode(ErrorCode.EIO));
@@ -247,10 +247,10 @@ test('in process: Replica + FaultyDisk, read EIO fails that read only', async (t
   assert.ok((await client.read(0, 4096)).equals(pattern(22, 4096)));
 
   // A server without a fault disk refuses FAULT_INJECT.
-  const plain = new ReplicaServer(replica, { secret: SECRET });
+  const plain = new DataServer(replica, { secret: SECRET });
   const plainAddr = await plain.listen('127.0.0.1', 0);
   ws.defer(() => plain.close(100));
-  const c2 = await ReplicaClient.connect({ port: plainAddr.port, secret: SECRET });
+  const c2 = await DataClient.connect({ port: plainAddr.port, secret: SECRET });
   ws.defer(() => c2.close());
   await assert.rejects(c2.injectFaults({ rules: [{ op: 'read', errno: 'EIO' }] }), hasCode(ErrorCode.UNSUPPORTED));
   assert.ok((await c2.read(8192, data.length)).equals(data), 'no rule was added');

@@ -12,9 +12,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { Replica } from '../../src/replica/replica.ts';
-import { ReplicaServer } from '../../src/replica/server.ts';
 import { DataServer } from '../../src/protocol/server.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { Op, encodeFlushConfirmed } from '../../src/protocol/frames.ts';
 import { INTENT_REGION_BYTES } from '../../src/replica/intent-log.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
@@ -39,7 +38,7 @@ async function servedReplica(t: { after: (fn: () => Promise<void>) => void }): P
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-intent-ops-'));
   const dir = path.join(root, 'r');
   const replica = await Replica.create(dir, { sizeBytes: SIZE });
-  const server = new ReplicaServer(replica, { secret });
+  const server = new DataServer(replica, { secret });
   const { port } = await server.listen('127.0.0.1', 0);
   t.after(async () => {
     await server.close();
@@ -49,8 +48,8 @@ async function servedReplica(t: { after: (fn: () => Promise<void>) => void }): P
   return { replica, port, dir };
 }
 
-async function connect(t: { after: (fn: () => Promise<void>) => void }, port: number, epoch = 1): Promise<ReplicaClient> {
-  const client = await ReplicaClient.connect({ port, secret, epoch });
+async function connect(t: { after: (fn: () => Promise<void>) => void }, port: number, epoch = 1): Promise<DataClient> {
+  const client = await DataClient.connect({ port, secret, epoch });
   t.after(async () => client.close());
   return client;
 }

@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { Op } from '../../src/protocol/frames.ts';
 import { tempDir, testSeed } from '../support/tmp.ts';
 import { startReplica, writeSecret } from '../support/replica-process.ts';
@@ -76,7 +76,7 @@ test(`replica survives ${ROUNDS} SIGKILLs under a flushing writer`, async (t) =>
     t.after(() => {
       if (!killed) proc.child.kill('SIGKILL');
     });
-    const client = await ReplicaClient.connect({ port: proc.port, secret, epoch: round + 1, requestTimeoutMs: 10_000 });
+    const client = await DataClient.connect({ port: proc.port, secret, epoch: round + 1, requestTimeoutMs: 10_000 });
 
     // Verify what the previous round left, then make it the new baseline.
     const all = await client.read(0, SIZE);

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { Replica } from '../../src/replica/replica.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { startReplica, writeSecret } from '../support/replica-process.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 
 type After = { after: (fn: () => void | Promise<void>) => void };
@@ -165,7 +165,7 @@ test('replica serve --size: a larger size grows an existing replica on open, a s
   const dir = path.join(root, 'r');
   const first = await startReplica({ dir, sizeBytes: OLD, secretFile });
   t.after(() => first.child.kill('SIGKILL'));
-  let client = await ReplicaClient.connect({ port: first.port, secret, epoch: 1 });
+  let client = await DataClient.connect({ port: first.port, secret, epoch: 1 });
   await client.open();
   await client.write(0, pattern(10, MiB));
   await client.flush();
@@ -176,7 +176,7 @@ test('replica serve --size: a larger size grows an existing replica on open, a s
   const grown = await startReplica({ dir, sizeBytes: NEW, secretFile });
   t.after(() => grown.child.kill('SIGKILL'));
   assert.equal(grown.ready.sizeBytes, NEW);
-  client = await ReplicaClient.connect({ port: grown.port, secret, epoch: 1 });
+  client = await DataClient.connect({ port: grown.port, secret, epoch: 1 });
   assert.equal((await client.info()).sizeBytes, NEW);
   assert.deepEqual(await client.read(0, MiB), pattern(10, MiB));
   assert.ok(isZero(await client.read(OLD, NEW - OLD)));

@@ -19,7 +19,7 @@ import { Replica } from '../../src/replica/replica.ts';
 import { NodeDisk } from '../../src/replica/disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
 import { INTENT_REGION_BYTES } from '../../src/replica/intent-log.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { testSeed } from '../support/tmp.ts';
 import { startReplica, writeSecret } from '../support/replica-process.ts';
 
@@ -262,7 +262,7 @@ test('a real replica process: FAULT_INJECT powerLoss exits 137 at once; flushed 
   for (let round = 0; round < 4; round++) {
     const proc = await startReplica({ dir, sizeBytes: SIZE, secretFile, extraArgs: ['--disk-mode', 'power-loss'] });
     children.push(proc.child);
-    const client = await ReplicaClient.connect({ port: proc.port, secret, epoch: round + 1 });
+    const client = await DataClient.connect({ port: proc.port, secret, epoch: round + 1 });
     await client.open();
     if (round > 0) {
       const actual = await readTracked((offset, length) => client.read(offset, length));
@@ -301,7 +301,7 @@ test('a real replica process: FAULT_INJECT powerLoss exits 137 at once; flushed 
   const proc = await startReplica({ dir, sizeBytes: SIZE, secretFile });
   children.push(proc.child);
   assert.equal(proc.ready.cleanShutdown, false);
-  const client = await ReplicaClient.connect({ port: proc.port, secret, epoch: 10 });
+  const client = await DataClient.connect({ port: proc.port, secret, epoch: 10 });
   await client.open();
   const actual = await readTracked((offset, length) => client.read(offset, length));
   assert.deepEqual(check(model, actual, (await client.intentGet()).active).slice(0, 10), []);

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { Replica } from '../../src/replica/replica.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { startTestReplica } from '../support/replica-process.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 
 const KiB = 1024;
@@ -59,7 +59,7 @@ test('snapshot changes: writes, trims and zeroes since the base; merged deletes;
 test('snapshot changes over the data protocol (zebu replica serve), bad payloads refused', async (t) => {
   const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
   const proc = await startTestReplica(t, { sizeBytes: 8 * MiB, secret });
-  const client = await ReplicaClient.connect({ port: proc.port, secret });
+  const client = await DataClient.connect({ port: proc.port, secret });
   t.after(() => client.close());
   await client.write(4 * MiB, pattern(7, 8 * KiB));
   await client.snapshotCreate('a');

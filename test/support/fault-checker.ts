@@ -5,7 +5,7 @@
  */
 import crypto from 'node:crypto';
 import { Replica } from '../../src/replica/replica.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import type { NbdClient } from './nbd-client.ts';
 import { BLOCK_BYTES, SECTOR_BYTES, identifyBlock, type Ledger } from './fault-writer.ts';
 
@@ -182,7 +182,7 @@ export async function compareReplicasOnline(
   ports: number[],
   options: { secret: Buffer; epoch: number; sizeBytes: number; regionBytes: number },
 ): Promise<{ regions: number; differing: OfflineDifference[] }> {
-  const clients = await Promise.all(ports.map((port) => ReplicaClient.connect({ port, secret: options.secret, epoch: options.epoch, requestTimeoutMs: 30_000 })));
+  const clients = await Promise.all(ports.map((port) => DataClient.connect({ port, secret: options.secret, epoch: options.epoch, requestTimeoutMs: 30_000 })));
   try {
     const differing: OfflineDifference[] = [];
     let regions = 0;

@@ -14,8 +14,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
-import { ReplicaClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
+import { DataClient } from '../../src/protocol/client.ts';
 import { ZEBU_MAIN, writeSecret } from './replica-process.ts';
 import net from 'node:net';
 import { BlackholeProxy } from './fault-proxy.ts';
@@ -397,8 +397,8 @@ export class FaultCluster {
   }
 
   /** A protocol client straight to replica `i` (bypassing any proxy), e.g. to inject faults. */
-  replicaClient(i: number): Promise<ReplicaClient> {
-    return ReplicaClient.connect({ port: this.replicaPorts[i], secret: this.secret, epoch: this.epoch, requestTimeoutMs: 10_000 });
+  replicaClient(i: number): Promise<DataClient> {
+    return DataClient.connect({ port: this.replicaPorts[i], secret: this.secret, epoch: this.epoch, requestTimeoutMs: 10_000 });
   }
 
   /** Compares the RW replicas through the replica protocol (no write may be in flight). */

@@ -4,8 +4,8 @@ import crypto from 'node:crypto';
 import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
-import { ReplicaClient } from '../../src/protocol/client.ts';
-import { controlRequest } from '../../src/engine/control-server.ts';
+import { DataClient } from '../../src/protocol/client.ts';
+import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { startReplica, writeSecret, ZEBU_MAIN, type ReplicaProcess } from './replica-process.ts';
 
 export interface VolumeCluster {
@@ -127,7 +127,7 @@ export async function startVolume(t: { after: (fn: () => unknown) => void }, opt
 
 /** SHA-256 of a replica's whole volume content (or of one snapshot), read through its protocol. */
 export async function replicaDigest(port: number, secret: Buffer, epoch: number, sizeBytes: number, snapshot?: string): Promise<string> {
-  const client = await ReplicaClient.connect({ port, secret, epoch, requestTimeoutMs: 30_000 });
+  const client = await DataClient.connect({ port, secret, epoch, requestTimeoutMs: 30_000 });
   try {
     const hash = crypto.createHash('sha256');
     const chunk = 4 * 1024 * 1024;
