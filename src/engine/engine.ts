@@ -1541,6 +1541,14 @@ export class Engine implements BlockBackend {
       }
       const differ = mayDiffer.get(tip)!;
 
+      // Maps the target kept from an earlier life name replicas as out that may be in the volume
+      // now (and the snapshots just recreated made them invalid): left there, one would later
+      // stand for a replica that never left and deny it its delta rebuild (found by the
+      // simulator). Only maps started from now (it joins next) and those handed over at the end
+      // are whole. (An older replica without maps has none to drop.)
+      await this.controlOn(target, (c) => c.missedPrune([]));
+      check();
+
       // 2. Join the write set, then copy the live volume: what changed since its parent snapshot
       //    (the target's head sits on it), or, without one, everything (over the image).
       await this.joinWriteSet(target, check);
