@@ -11,12 +11,12 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
-import { Kind, type BackingImageValue, type Objects } from '../manager/objects.ts';
-import { BACKING_IMAGES_DIR, imageFilePath, writtenByManager, type BackingImageFile } from '../manager/backing-images.ts';
+import { BACKING_IMAGES_DIR, Kind, imageFilePath, type BackingImageValue, type Objects } from '../cluster/objects.ts';
+import { writtenByManager, type BackingImageFile } from '../cluster/object-types.ts';
 import type { StoreObject } from '../store/store.ts';
 import { downloadImage } from './image-download.ts';
-import { hashFile, moveIntoPlace } from '../manager/backing-image-writer.ts';
-import { convertQcow2, isQcow2 } from '../manager/qcow2.ts';
+import { hashFile, moveIntoPlace } from '../backing-image/writer.ts';
+import { convertQcow2, isQcow2 } from '../backing-image/qcow2.ts';
 
 export { imageFilePath };
 const PROGRESS_WRITE_MS = 1000;
@@ -78,7 +78,7 @@ export class BackingImageFiles {
         if (diskPath === undefined || file.nodeId !== this.o.nodeId) continue;
         const key = `${image.name}/${diskName}`;
         if (this.running.has(key)) continue;
-        // The first file of an upload or an export is written by the manager (backing-image-writer.ts).
+        // The first file of an upload or an export is written by the manager (src/backing-image/writer.ts).
         const managerWrites = writtenByManager(image.value.spec.source, file.from);
         if (managerWrites && (file.state === 'pending' || file.state === 'starting' || file.state === 'in-progress')) continue;
         if (file.state === 'cleaning') await this.clean(image.name, diskName, diskPath);

@@ -7,11 +7,11 @@
  * over every image each poll, and at once on a change.
  */
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type BackingImageValue, type Objects } from './objects.ts';
-import type { Settings } from './settings.ts';
+import { Kind, imageFilePath, type BackingImageValue, type Objects } from '../cluster/objects.ts';
+import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
-import { imageFilePath, observeFiles, planBackingImage, refetchWaitMs, writtenByManager, type BackingImageFile, type DiskForImage } from './backing-images.ts';
-import { writeImageFile, type ImageFiller, type ImageWrites } from './backing-image-writer.ts';
+import { observeFiles, planBackingImage, refetchWaitMs, writtenByManager, type BackingImageFile, type DiskForImage } from './backing-images.ts';
+import { writeImageFile, type ImageFiller, type ImageWrites } from '../backing-image/writer.ts';
 import type { EngineData } from './backup-controller.ts';
 import { isAllZero, type CompressionName } from '../backup/format.ts';
 import type { BackupRepository } from '../backup/repository.ts';

@@ -3,9 +3,9 @@
  * get and delete. The controller and the agents do the work; views say where every file is.
  */
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
-import { writeImageFile, type ImageWrites } from './backing-image-writer.ts';
+import { writeImageFile, type ImageWrites } from '../backing-image/writer.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type BackingImageValue, type Objects } from './objects.ts';
+import { Kind, type BackingImageValue, type Objects } from '../cluster/objects.ts';
 import type { EventRecorder } from './events.ts';
 import { REFETCH_MAX_ATTEMPTS, checkBackingImageName, validateBackingImage, type BackingImageInput, type BackingImageSource, type FileState } from './backing-images.ts';
 

@@ -11,14 +11,11 @@
  * fetched from the source: copies are made from a ready file. Fetching again backs off (doubling,
  * capped) and gives up after a limit, and the status says so.
  */
-import path from 'node:path';
 import { invalid } from '../errors.ts';
-
-/** Where an image's file lives on a disk: `DISK/backing-images/NAME/image.raw`. */
-export const BACKING_IMAGES_DIR = 'backing-images';
-export function imageFilePath(diskPath: string, image: string): string {
-  return path.join(diskPath, BACKING_IMAGES_DIR, image, 'image.raw');
-}
+import type { BackingImageSource, BackingImageSpec, FileState, BackingImageFile, RefetchStatus } from '../cluster/object-types.ts';
+import { FILE_STATES, writtenByManager } from '../cluster/object-types.ts';
+export type { BackingImageSource, BackingImageSpec, FileState, BackingImageFile, RefetchStatus };
+export { FILE_STATES, writtenByManager };
 
 export const BACKING_IMAGE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
 const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
@@ -29,41 +26,6 @@ const MAX_URL_CHARS = 2048;
 export const REFETCH_FIRST_WAIT_MS = 10_000;
 export const REFETCH_MAX_WAIT_MS = 10 * 60_000;
 export const REFETCH_MAX_ATTEMPTS = 10;
-
-export type BackingImageSource =
-  | { type: 'download'; url: string }
-  | { type: 'upload' }
-  | { type: 'export-from-volume'; volume: string; snapshot: string }
-  | { type: 'restore'; backup: string };
-
-export interface BackingImageSpec {
-  source: BackingImageSource;
-  /** SHA-512 (hex) the image must have; null: fixed at the first ready file. */
-  expectedChecksum: string | null;
-  /** Ready files wanted, on different disks (on different nodes first). */
-  minCopies: number;
-  /** Nodes and disks the files may be on (by name); empty: any. */
-  nodeSelector: string[];
-  diskSelector: string[];
-}
-
-export const FILE_STATES = ['pending', 'starting', 'in-progress', 'ready', 'failed', 'unknown', 'cleaning'] as const;
-export type FileState = (typeof FILE_STATES)[number];
-
-/** One file of an image on one disk, as the store keeps it. */
-export interface BackingImageFile {
-  diskId: string;
-  nodeId: string;
-  state: FileState;
-  /** 0..1 while in progress. */
-  progress: number;
-  /** Why it is failed or unknown, or what it waits for. */
-  message: string | null;
-  /** When it entered its state. */
-  transitionAt: string;
-  /** Where its bytes come from: the source, the backup of the image, or another disk's ready file. */
-  from: 'source' | 'backup' | { disk: string };
-}
 
 /** What a user sends to create an image; exactly one source. */
 export interface BackingImageInput {
@@ -167,15 +129,6 @@ export function observeFiles(files: readonly BackingImageFile[], disks: readonly
   });
 }
 
-export interface RefetchStatus {
-  /** Fetches from scratch after every file was lost, so far. */
-  attempts: number;
-  /** Not before this time (backoff); null: at once. */
-  notBefore: string | null;
-  /** Why it gave up or waits; null when nothing to say. */
-  message: string | null;
-}
-
 export type ImagePlan =
   /** Nothing to do now (the reason is for the status). */
   | { action: 'wait'; reason: string | null }
@@ -237,14 +190,6 @@ function candidateDisks(input: PlanInput, taken: Set<string>): DiskForImage[] {
     .filter((d) => d.availableBytes >= sizeBytes)
     // Spread: disks on nodes without a file first; then by name, so the plan is stable.
     .sort((a, b) => Number(nodesWithFile.has(a.nodeId)) - Number(nodesWithFile.has(b.nodeId)) || a.name.localeCompare(b.name));
-}
-
-/**
- * Whether the manager writes this file (backing-image-writer.ts) rather than the agent of its
- * node: the first file of an upload, an export or a restore, and any file from the image's backup.
- */
-export function writtenByManager(source: BackingImageSource, from: BackingImageFile['from']): boolean {
-  return from === 'backup' || (from === 'source' && source.type !== 'download');
 }
 
 /** Disks a fetch from the source (or the image's backup) may go to. */

@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type BackupValue, type Objects } from './objects.ts';
+import { Kind, type BackupValue, type Objects } from '../cluster/objects.ts';
 import type { EventRecorder } from './events.ts';
 import { checkLabels } from './labels.ts';
 import { backupSnapshotName } from './recurring-jobs.ts';

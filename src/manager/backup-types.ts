@@ -3,7 +3,7 @@
  * from types.ts so the volume service stays the size it is; the API serves both.
  */
 import type { TargetVerifyResult } from '../backup/verify-target.ts';
-import type { BackupState } from './objects.ts';
+import type { BackupState } from '../cluster/objects.ts';
 
 export interface BackupTargetView {
   name: string;

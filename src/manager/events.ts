@@ -3,7 +3,7 @@
  * bounded: the oldest are dropped beyond MAX_EVENTS.
  */
 import crypto from 'node:crypto';
-import { Kind, type EventValue, type Objects } from './objects.ts';
+import { Kind, type EventValue, type Objects } from '../cluster/objects.ts';
 import type { EventView } from './types.ts';
 
 const MAX_EVENTS = 1000;

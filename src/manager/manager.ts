@@ -4,12 +4,12 @@
  * periodic resync wakes every volume, so a missed event only delays work.
  */
 import type { Store, Watch, WatchEvent } from '../store/store.ts';
-import { Kind, Objects, type EngineValue, type ReplicaValue } from './objects.ts';
-import { Settings } from './settings.ts';
+import { Kind, Objects, type EngineValue, type ReplicaValue } from '../cluster/objects.ts';
+import { Settings } from '../cluster/settings.ts';
 import { EventRecorder } from './events.ts';
 import { VolumeController } from './volume-controller.ts';
 import { ManagerServiceImpl, type NodeAgents } from './service.ts';
-import { WorkQueue } from './work-queue.ts';
+import { WorkQueue } from '../cluster/work-queue.ts';
 import { Scrubber } from './scrubber.ts';
 import { BackupController, type EngineData } from './backup-controller.ts';
 import { BackupServiceImpl } from './backup-service.ts';
@@ -18,7 +18,7 @@ import { RecurringJobScheduler } from './recurring-job-scheduler.ts';
 import { JobTasks } from './recurring-job-tasks.ts';
 import { BackingImageController } from './backing-image-controller.ts';
 import { BackingImageServiceImpl } from './backing-image-service.ts';
-import { ImageWrites } from './backing-image-writer.ts';
+import { ImageWrites } from '../backing-image/writer.ts';
 import { ZebuError, ErrorCode } from '../errors.ts';
 
 export interface ManagerOptions {

@@ -8,7 +8,7 @@
  * backup job found the data unchanged since that backup (then the data at that check is covered
  * too, although no new backup was made).
  */
-import type { BackupValue, RecurringJobResult, RecurringJobValue, VolumeValue } from './objects.ts';
+import type { BackupValue, RecurringJobResult, RecurringJobValue, VolumeValue } from '../cluster/objects.ts';
 import { jobsForVolume, scheduleOf, type RecurringTask } from './recurring-jobs.ts';
 
 export interface VolumeJobView {

@@ -12,7 +12,7 @@
  *   gets one warning event (again once it was fresh in between).
  */
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type Objects, type RecurringJobValue, type VolumeValue } from './objects.ts';
+import { Kind, type Objects, type RecurringJobValue, type VolumeValue } from '../cluster/objects.ts';
 import type { EventRecorder } from './events.ts';
 import { dueRun, jobsForVolume } from './recurring-jobs.ts';
 import { isBackupTask, jobIntervalSeconds, volumeProtection } from './protection.ts';

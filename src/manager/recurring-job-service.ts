@@ -5,7 +5,7 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type Objects, type RecurringJobValue, type RecurringJobResult } from './objects.ts';
+import { Kind, type Objects, type RecurringJobValue, type RecurringJobResult } from '../cluster/objects.ts';
 import type { EventRecorder } from './events.ts';
 import { checkJobName, dueRun, jobsForVolume, validateRecurringJob, type RecurringJobInput, type RecurringTask } from './recurring-jobs.ts';
 

@@ -10,9 +10,10 @@
 import { Cron } from 'croner';
 import { invalid } from '../errors.ts';
 import { checkLabels } from './labels.ts';
-
-export const RECURRING_TASKS = ['snapshot', 'snapshot-cleanup', 'snapshot-delete', 'backup', 'backup-force-create'] as const;
-export type RecurringTask = (typeof RECURRING_TASKS)[number];
+import type { RecurringTask, RecurringJobSpec } from '../cluster/object-types.ts';
+import { RECURRING_TASKS } from '../cluster/object-types.ts';
+export type { RecurringTask, RecurringJobSpec };
+export { RECURRING_TASKS };
 
 /** The group of volumes that name no job and no group. */
 export const DEFAULT_GROUP = 'default';
@@ -22,19 +23,6 @@ export const MAX_CONCURRENCY = 100;
 /** A maximum age longer than this is surely a mistake in units. */
 const MAX_RETAIN_AGE_SECONDS = 10 * 366 * 24 * 3600;
 const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
-
-export interface RecurringJobSpec {
-  task: RecurringTask;
-  /** Cron with 5 fields, or 6 with seconds first. */
-  cron: string;
-  /** IANA time zone the schedule is read in. */
-  timezone: string;
-  retain: { count: number; maxAgeSeconds: number | null };
-  /** Volumes processed at once. */
-  concurrency: number;
-  groups: string[];
-  labels: Record<string, string>;
-}
 
 /** What a user sends: every field but task and cron may be left out. */
 export interface RecurringJobInput {

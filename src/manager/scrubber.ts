@@ -5,8 +5,8 @@
  * event (a warning when regions differ). A run still going when the next time comes delays it.
  */
 import { Cron } from 'croner';
-import { Kind, type Objects } from './objects.ts';
-import type { Settings } from './settings.ts';
+import { Kind, type Objects } from '../cluster/objects.ts';
+import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import type { ManagerServiceImpl } from './service.ts';
 

@@ -5,8 +5,8 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from './objects.ts';
-import type { Settings } from './settings.ts';
+import { Kind, type EngineValue, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
+import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
 import { scheduleReplicas, diskRefusal, type ImageRules } from './scheduler.ts';
@@ -15,7 +15,7 @@ import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
   VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
-import { unrepairedRegions, verifyFromEngine } from './engine-reports.ts';
+import { unrepairedRegions, verifyFromEngine } from '../cluster/engine-reports.ts';
 import { volumeProtection, type VolumeProtection } from './protection.ts';
 
 export const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;

@@ -7,14 +7,9 @@
  * EXISTS / CONFLICT / BUSY (409: the request clashes with the current state; nothing changed).
  * Sizes are whole bytes (numbers: 16 TiB fits a JavaScript number exactly).
  */
-import type { LinkView } from '../frontend/engine-link.ts';
 import type { VolumeJobView } from './protection.ts';
-
-export type VolumeState = 'creating' | 'detached' | 'attaching' | 'attached' | 'detaching' | 'deleting';
-export type VolumeRobustness = 'healthy' | 'degraded' | 'faulted' | 'unknown';
-export type ReplicaModeName = 'RW' | 'WO' | 'ERR';
-/** A process the agent runs: where it is in its life. */
-export type ProcessState = 'stopped' | 'starting' | 'running' | 'error';
+import type { VolumeState, VolumeRobustness, ReplicaModeName, ProcessState, EngineLinkView, RecoveryView, VerifyDifference, VerifyView, SnapshotView, SettingView } from '../cluster/object-types.ts';
+export type { VolumeState, VolumeRobustness, ReplicaModeName, ProcessState, EngineLinkView, RecoveryView, VerifyDifference, VerifyView, SnapshotView, SettingView };
 
 export interface VolumeReplicaSummary {
   name: string;
@@ -91,61 +86,6 @@ export interface VolumeRestoreView {
   completedAt: string | null;
 }
 
-/**
- * The NBD frontend's link to a volume's engine (see src/frontend/engine-link.ts): OPEN
- * (forwarding), CLOSE (no engine: requests held), REOPENING (a new engine got the held requests).
- * Counters are the frontend's, since it started serving the volume. The engine process it names
- * is left out: the Engine object has its pid.
- */
-export type EngineLinkView = Omit<LinkView, 'engine'>;
-
-/**
- * What an engine did at start-up before serving: resynced the regions where replicas may
- * differ (the union of their write-intent logs) from the source, delta-rebuilt replicas that
- * were behind, put out (ERR) those it could not bring back.
- */
-export interface RecoveryView {
-  at: string;
-  /** Every replica had shut down cleanly: nothing to resync. */
-  clean: boolean;
-  /** The replica the engine copied from (name); null when it had none to choose. */
-  source: string | null;
-  /** Regions compared: where the replicas may have differed (the union of their write-intent logs). */
-  checkedRegions: number;
-  /** Of those, regions that differed and were copied from the source. */
-  regions: number;
-  /** Bytes copied. */
-  bytes: number;
-  durationMs: number;
-  /** Replicas brought up to date by a delta rebuild. */
-  deltaReplicas: string[];
-  /** Replicas the engine could not bring back (the manager replaces them). */
-  erredReplicas: string[];
-}
-
-export interface VerifyDifference {
-  region: number;
-  offset: number;
-  length: number;
-  /** Replica name -> SHA-256 (hex) of the region on it. */
-  hashes: Record<string, string>;
-}
-
-/** A comparison of the replicas of an attached volume, region by region. */
-export interface VerifyView {
-  at: string;
-  /** Whether differing regions were copied from the source into the others. */
-  repair: boolean;
-  /** Regions compared. */
-  regions: number;
-  /** The replicas compared (those RW when it ran): fewer than the volume's means some were out. */
-  replicas: string[];
-  differing: VerifyDifference[];
-  /** Differing regions repaired (0 without repair). */
-  repaired: number;
-  durationMs: number;
-}
-
 export interface VolumeSalvageInput {
   /** Replicas to bring back; absent: every replica of the volume not being deleted. */
   replicas?: string[];
@@ -175,15 +115,6 @@ export interface VolumeAttachInput {
   nodeId?: string;
   /** Attach without an NBD export (needed for snapshot revert). */
   maintenance?: boolean;
-}
-
-export interface SnapshotView {
-  name: string;
-  createdAt: string;
-  parent: string | null;
-  sizeBytesUsed: number;
-  /** Whether it is an ancestor of the volume's current data. */
-  inChain: boolean;
 }
 
 export interface ReplicaView {
@@ -239,14 +170,6 @@ export interface DiskView {
 export interface DiskUpdateInput {
   allowScheduling?: boolean;
   storageReservedBytes?: number;
-}
-
-export interface SettingView {
-  name: string;
-  value: string;
-  default: string;
-  type: 'int' | 'bool' | 'string';
-  description: string;
 }
 
 export interface EventView {

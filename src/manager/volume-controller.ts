@@ -29,13 +29,12 @@ import crypto from 'node:crypto';
 import path from 'node:path';
 import { ErrorCode } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from './objects.ts';
-import type { Settings } from './settings.ts';
+import { Kind, REPLICAS_DIR, imageFilePath, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from '../cluster/objects.ts';
+import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { scheduleReplicas, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
-import { imageFilePath, imagePlacement } from './backing-images.ts';
+import { imagePlacement } from './backing-images.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
-import { REPLICAS_DIR } from './objects.ts';
 
 
 const WAIT_MS = 500;

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
 import { Manager } from '../../src/manager/manager.ts';
 import { Agent } from '../../src/agent/agent.ts';
-import { Kind } from '../../src/manager/objects.ts';
+import { Kind } from '../../src/cluster/objects.ts';
 import { ZEBU_MAIN } from '../support/replica-process.ts';
 import { tempDir } from '../support/tmp.ts';
 import { processesUnder, killAllUnder, waitFor } from '../support/zebu-up.ts';

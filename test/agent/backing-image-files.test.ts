@@ -16,13 +16,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { AddressInfo } from 'node:net';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
-import { Kind, Objects, type BackingImageValue } from '../../src/manager/objects.ts';
-import { Settings } from '../../src/manager/settings.ts';
+import { Kind, Objects, type BackingImageValue } from '../../src/cluster/objects.ts';
+import { Settings } from '../../src/cluster/settings.ts';
 import { EventRecorder } from '../../src/manager/events.ts';
 import { BackingImageController } from '../../src/manager/backing-image-controller.ts';
 import { validateBackingImage } from '../../src/manager/backing-images.ts';
 import { BackingImageFiles, imageFilePath } from '../../src/agent/backing-image-files.ts';
-import { ImageWrites } from '../../src/manager/backing-image-writer.ts';
+import { ImageWrites } from '../../src/backing-image/writer.ts';
 import { tempDir } from '../support/tmp.ts';
 
 const IMAGE = crypto.randomBytes(2 * 1024 * 1024 + 5);

@@ -9,7 +9,7 @@ import { spawn } from 'node:child_process';
 import net from 'node:net';
 import { buildApiServer } from '../../src/api/server.ts';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
-import { Kind, Objects } from '../../src/manager/objects.ts';
+import { Kind, Objects } from '../../src/cluster/objects.ts';
 import { EventRecorder } from '../../src/manager/events.ts';
 import { RecurringJobServiceImpl, type RecurringJobView } from '../../src/manager/recurring-job-service.ts';
 import { FakeManagerService } from '../api/fake-service.ts';

@@ -10,7 +10,7 @@ import {
   backupsFailing, cleanupVictims, snapshotDeleteVictims, snapshotsBackupsNeed, unchangedSince, type BackupFacts, type SnapshotNode,
 } from '../../src/manager/recurring-jobs.ts';
 import { jobIntervalSeconds, volumeProtection } from '../../src/manager/protection.ts';
-import type { BackupValue, RecurringJobValue, VolumeValue } from '../../src/manager/objects.ts';
+import type { BackupValue, RecurringJobValue, VolumeValue } from '../../src/cluster/objects.ts';
 
 const snap = (name: string, parent: string | null, sizeBytesUsed: number, createdAt = '2026-01-01T00:00:00Z'): SnapshotNode => ({ name, parent, sizeBytesUsed, createdAt });
 

@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
-import { Kind, Objects, type RecurringJobValue } from '../../src/manager/objects.ts';
+import { Kind, Objects, type RecurringJobValue } from '../../src/cluster/objects.ts';
 import { EventRecorder } from '../../src/manager/events.ts';
 import { RecurringJobScheduler } from '../../src/manager/recurring-job-scheduler.ts';
 import type { JobTasks, TaskOutcome } from '../../src/manager/recurring-job-tasks.ts';

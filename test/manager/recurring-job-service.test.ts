@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
-import { Kind, Objects } from '../../src/manager/objects.ts';
+import { Kind, Objects } from '../../src/cluster/objects.ts';
 import { EventRecorder } from '../../src/manager/events.ts';
 import { RecurringJobServiceImpl } from '../../src/manager/recurring-job-service.ts';
 import { ZebuError, ErrorCode } from '../../src/errors.ts';

@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
 import { Manager } from '../../src/manager/manager.ts';
-import { Kind, Objects, type EngineValue, type ReplicaValue } from '../../src/manager/objects.ts';
+import { Kind, Objects, type EngineValue, type ReplicaValue } from '../../src/cluster/objects.ts';
 import type { Store } from '../../src/store/store.ts';
 
 const GiB = 1024 ** 3;

@@ -5,7 +5,7 @@
 import { Cron } from 'croner';
 import { invalid, ZebuError, ErrorCode } from '../errors.ts';
 import { Kind, type Objects } from './objects.ts';
-import type { SettingView } from './types.ts';
+import type { SettingView } from './object-types.ts';
 
 interface SettingDefinition {
   type: 'int' | 'bool' | 'string';

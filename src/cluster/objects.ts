@@ -7,14 +7,21 @@
  *   what is. The Volume's status is written by the volume controller.
  * Every write is a compare-and-swap on the resourceVersion; `mutate` re-reads and retries.
  */
+import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
-import type { RecurringJobSpec, RecurringTask } from './recurring-jobs.ts';
-import type { BackingImageFile, BackingImageSpec, RefetchStatus } from './backing-images.ts';
-import type { EngineLinkView, ProcessState, RecoveryView, ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState } from './types.ts';
+import type {
+  BackingImageFile, BackingImageSpec, EngineLinkView, ProcessState, RecoveryView, RecurringJobSpec, RecurringTask, RefetchStatus,
+  ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState,
+} from './object-types.ts';
 
 /** Replica directories live under <disk>/replicas/ (the controller places them, the agent creates and removes them). */
 export const REPLICAS_DIR = 'replicas';
+/** Where an image's file lives on a disk: `DISK/backing-images/NAME/image.raw`. */
+export const BACKING_IMAGES_DIR = 'backing-images';
+export function imageFilePath(diskPath: string, image: string): string {
+  return path.join(diskPath, BACKING_IMAGES_DIR, image, 'image.raw');
+}
 
 export const Kind = {
   Volume: 'Volume',

@@ -15,8 +15,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
-import { Kind, type Objects } from './objects.ts';
-import { imageFilePath, type BackingImageFile } from './backing-images.ts';
+import { Kind, imageFilePath, type Objects } from '../cluster/objects.ts';
+import type { BackingImageFile } from '../cluster/object-types.ts';
 import { convertQcow2, isQcow2 } from './qcow2.ts';
 import { syncPath } from '../backup/target.ts';
 

@@ -4,7 +4,7 @@
  * replica given without a key, by its address; the manager shows replica names. Reports are
  * checked field by field: an engine of another version must not put garbage into the store.
  */
-import type { RecoveryView, VerifyDifference, VerifyView } from './types.ts';
+import type { RecoveryView, VerifyDifference, VerifyView } from './object-types.ts';
 
 /** Replica name -> HOST:PORT, as in an Engine's spec. */
 export type ReplicaAddresses = Record<string, string>;
