@@ -2,11 +2,12 @@
  * The volume controller: one engine per attached volume, over N replica connections.
  * See docs/architecture.md and docs/crash-consistency.md.
  *
- * This file is the shell: links, timers, client requests, and the request sequences of start-up,
- * rebuilds and verify. What to decide is in pure modules: the replica set and modes
- * (replica-set.ts), when a write is acknowledged (write-ack.ts), flush numbers and the
- * active-region bound (active-regions.ts), the start-up plan (startup.ts), rebuild and delta
- * planning (rebuild-plan.ts), verify's comparison (verify.ts).
+ * This file is the shell: links, timers, client requests, snapshots, expansion and verify. The
+ * start-up and rebuild sequences are modules of their own (startup-sequence.ts,
+ * rebuild-sequence.ts), each given a narrow view of this engine. What to decide is in pure
+ * modules: the replica set and modes (replica-set.ts), when a write is acknowledged
+ * (write-ack.ts), flush numbers and the active-region bound (active-regions.ts), the start-up plan
+ * (startup.ts), rebuild and delta planning (rebuild-plan.ts), verify's comparison (verify.ts).
  *
  * - Writes, trims, zeroes and flushes go to every RW and WO replica and succeed when all
  *   succeed. A replica that fails or times out is set ERR, disconnected and never used again by
@@ -36,18 +37,19 @@ import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
 import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
-import { INTENT_REGION_BYTES, INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
+import { INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
 import { ActiveRegions, FlushSequence } from './active-regions.ts';
 import { WriteAck } from './write-ack.ts';
 import { differingFromSource, VerifyTally } from './verify.ts';
-import { deltaRefusal, deltaRegions, imageMismatch, isAllZero, joinKind, liveRegionCopy, snapshotCopyPlan, unfinishedFullRebuild, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
-import { planStartup, chooseSource, furthestAhead, mapHolders, NO_MISSED, type MissedStatus, type StartupCandidate, type StartupPlan } from './startup.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
+import { runDeltaRebuild, runFullRebuild, type RebuildHost } from './rebuild-sequence.ts';
+import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
 import { ioBuffers } from '../protocol/buffer-pool.ts';
-import { chainNames, forEachIndex, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
+import { COPIERS, REGION_BYTES, chainNames, forEachIndex, isUnsupported, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
 
 export { ReplicaMode };
 
@@ -124,24 +126,9 @@ type Done = (err: ZebuError | null) => void;
 
 const EMPTY = Buffer.alloc(0);
 const isOut = (r: EngineReplica): boolean => r.mode === ReplicaMode.ERR;
-/** Rebuilds, recovery and verify work in the write-intent log's regions. */
-const REGION_BYTES = INTENT_REGION_BYTES;
-/** Regions copied (or compared) at once. */
-const COPIERS = 4;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
 const DEFAULT_MAX_ACTIVE_REGIONS = 256;
 const DEFAULT_REPLICA_WAIT_MS = 30_000;
-/** Start-up retries unreachable replicas this often at most (it starts faster, then backs off). */
-const REPLICA_RETRY_MS_MAX = 1000;
-/** A start-up still waiting says so in its log this often. */
-const WAIT_LOG_EVERY_MS = 5000;
-/**
- * A start-up resync of more regions than this goes in batches, each made durable and released:
- * a batch ends after this many regions, or after RESYNC_BATCH_MS, whichever comes first (an
- * engine killed every second must still keep some of its work).
- */
-const RESYNC_BATCH_REGIONS = 16;
-const RESYNC_BATCH_MS = 300;
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -177,19 +164,6 @@ export function parseReplicaEntry(entry: string): { key: string; named: boolean;
   return { key, named: eq >= 0, address, host, port };
 }
 
-/**
- * Errors after which a replica may still turn up during start-up: nothing listens there yet (its
- * process is starting), the connection broke, or another replica answered at its address (its
- * own address is about to be handed over).
- */
-function mayStillCome(err: ZebuError): boolean {
-  return err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.TIMEOUT || err.code === ErrorCode.CLOSED || err.code === ErrorCode.WRONG_REPLICA;
-}
-
-/** An error from a replica that does not know a write-intent op (an older replica). */
-function isUnsupported(err: ZebuError): boolean {
-  return err.code === ErrorCode.UNSUPPORTED;
-}
 
 export class Engine implements BlockBackend {
   readonly name: string;
@@ -227,9 +201,11 @@ export class Engine implements BlockBackend {
   private claimUsers = 0;
   private verifying = false;
   /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
-  private pendingDeltas: EngineReplica[] = [];
+  private readonly pendingDeltas: EngineReplica[] = [];
   private recoveryReport: RecoveryReport | null = null;
   private lastVerify: VerifyReport | null = null;
+  private readonly rebuildHost: RebuildHost;
+  private readonly startupHost: StartupHost;
   private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null } | null = null;
 
   /** Flush numbers: the last sent, and `confirmed` (every flush up to it completed everywhere). */
@@ -274,6 +250,69 @@ export class Engine implements BlockBackend {
       return { address, key, named, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
     });
     this.set = new ReplicaSet(this.replicas, this.epoch);
+    this.rebuildHost = this.makeRebuildHost();
+    this.startupHost = this.makeStartupHost();
+  }
+
+  /** What the start-up sequence (startup-sequence.ts) may use of this engine. */
+  private makeStartupHost(): StartupHost {
+    const engine = this;
+    return {
+      name: engine.name,
+      get sizeBytes() { return engine.sizeBytes; },
+      clock: engine.clock,
+      replicas: engine.replicas,
+      set: engine.set,
+      replicaWaitMs: engine.options.replicaWaitMs,
+      outReplicas: engine.options.outReplicas,
+      get closed() { return engine.closed; },
+      get faultedReason() { return engine.faultedReason; },
+      get waitingFor() { return engine.waitingFor; },
+      set waitingFor(keys) { engine.waitingFor = keys; },
+      get waitingSince() { return engine.waitingSince; },
+      set waitingSince(at) { engine.waitingSince = at; },
+      phaseTimes: engine.phaseTimes,
+      pendingDeltas: engine.pendingDeltas,
+      get recoveryReport() { return engine.recoveryReport; },
+      set recoveryReport(report) { engine.recoveryReport = report; },
+      connect: (host, port) => engine.connect(host, port),
+      openChecked: (client, key, keyIsName) => engine.openChecked(client, key, keyIsName),
+      setErr: (r, err) => engine.setErr(r, err),
+      controlOn: (r, fn) => engine.controlOn(r, fn),
+      markActive: (region, stamp) => engine.regions.markActive(region, stamp),
+      flushNumbered: (options) => engine.flushNumbered(options),
+      alignCounters: () => engine.alignCounters(),
+      replicaStatus: () => engine.replicaStatus(),
+      log: (event) => engine.log(event),
+    };
+  }
+
+  /** What the rebuild sequences (rebuild-sequence.ts) may use of this engine. */
+  private makeRebuildHost(): RebuildHost {
+    const engine = this;
+    return {
+      get sizeBytes() { return engine.sizeBytes; },
+      get regionCount() { return engine.regions.regionCount; },
+      replicas: engine.replicas,
+      set: engine.set,
+      get rebuilding() { return engine.rebuilding; },
+      set rebuilding(rebuild) { engine.rebuilding = rebuild; },
+      get claims() { return engine.claims; },
+      get inflight() { return engine.inflight; },
+      get faultedReason() { return engine.faultedReason; },
+      faultError: () => engine.faultError(),
+      pickReader: (exclude) => engine.pickReader(exclude),
+      setErr: (r, err) => engine.setErr(r, err),
+      controlOn: (r, fn) => engine.controlOn(r, fn),
+      pauseAndDrain: () => engine.pauseAndDrain(),
+      resume: () => engine.resume(),
+      useClaims: () => engine.useClaims(),
+      dropClaims: () => engine.dropClaims(),
+      flushNumbered: () => engine.flushNumbered(),
+      handOverMissedMaps: (target) => engine.handOverMissedMaps(target),
+      alignCounters: () => engine.alignCounters(),
+      log: (event) => engine.log(event),
+    };
   }
 
   /** Connects to every replica with the volume's epoch, recovers, and decides their modes. */
@@ -297,7 +336,7 @@ export class Engine implements BlockBackend {
 
   async startUp(): Promise<void> {
     assert(this.phase === 'starting' && this.pingTimer === null, 'engine started twice');
-    await this.connectAll();
+    await runStartup(this.startupHost);
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
     this.phase = 'serving';
     this.pingTimer = this.clock.setInterval(() => this.pingAll(), this.options.pingIntervalMs).unref();
@@ -368,314 +407,6 @@ export class Engine implements BlockBackend {
       throw new ZebuError(ErrorCode.WRONG_REPLICA, `${client.address} is replica ${name}, not ${key} (a stale address?)`);
     }
     return info;
-  }
-
-  /** What start-up needs of one replica: opened (grown if the volume grew), its log and chain. */
-  private async probe(r: EngineReplica): Promise<StartupCandidate & { retry: boolean }> {
-    let client: DataClient | null = null;
-    try {
-      const address = r.address;
-      client = await this.connect(r.host, r.port);
-      let info = await this.openChecked(client, r.key, r.named);
-      if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
-      // An address handed over while this one was being opened (setStartupAddresses) is where
-      // the replica is: the next probe goes there.
-      if (r.address !== address) throw new ZebuError(ErrorCode.WRONG_REPLICA, `${r.key} moved to ${r.address} while ${address} was being opened`);
-      // Only now is it the replica asked for: until here an address handed over applies to it.
-      r.client = client;
-      if (info.sizeBytes < this.sizeBytes && !info.rebuilding) {
-        // The volume grew while this replica was away (or offline): grow it before the
-        // modes are chosen, so that a complete replica is not failed for its size alone.
-        try {
-          info = await client.expand(this.sizeBytes);
-        } catch (err) {
-          throw new ZebuError(toZebuError(err).code, `cannot grow from ${info.sizeBytes} to ${this.sizeBytes} bytes: ${(err as Error).message}`);
-        }
-        this.log({ event: 'replica-expanded', replica: r.address, sizeBytes: this.sizeBytes });
-      }
-      this.set.noteInfo(r, info);
-      let active: number[] | null = null;
-      try {
-        const intent = await client.intentGet();
-        if (intent.regionBytes !== REGION_BYTES) throw new ZebuError(ErrorCode.EINVAL, `write-intent regions of ${intent.regionBytes} bytes, the engine uses ${REGION_BYTES}`);
-        active = intent.active;
-      } catch (err) {
-        if (!isUnsupported(toZebuError(err))) throw err;
-      }
-      const chain = chainNames(await client.snapshotList());
-      return { key: r.key, info, error: null, chain, active, retry: false };
-    } catch (err) {
-      const e = toZebuError(err);
-      if (r.client === client) r.client = null;
-      client?.close();
-      return { key: r.key, info: null, error: e.message, chain: null, active: null, retry: mayStillCome(e) };
-    }
-  }
-
-  /**
-   * Probes every replica; those that cannot be reached yet (mayStillCome) are probed again, a
-   * little less often each time, until every replica start-up waits for has answered or
-   * replicaWaitMs has passed. A replica known to be out (options.outReplicas) is probed along but
-   * not waited for. An opened replica whose connection drops meanwhile is probed again.
-   */
-  private async probeAll(): Promise<StartupCandidate[]> {
-    const out = new Set(this.options.outReplicas);
-    const results: ((StartupCandidate & { retry: boolean }) | null)[] = this.replicas.map(() => null);
-    const deadline = this.clock.nowMs() + this.options.replicaWaitMs;
-    let delayMs = 50;
-    let loggedAt = -Infinity;
-    for (;;) {
-      await Promise.all(this.replicas.map(async (r, i) => {
-        const known = results[i];
-        if (known !== null && known.info !== null && r.client !== null && !r.client.closed) return;
-        if (known !== null && known.info === null && !known.retry) return;
-        results[i] = await this.probe(r);
-      }));
-      if (this.closed) break;
-      const missing = this.replicas.filter((r, i) => results[i]!.info === null && results[i]!.retry && !out.has(r.key));
-      const leftMs = deadline - this.clock.nowMs();
-      if (missing.length === 0 || leftMs <= 0) {
-        if (missing.length > 0) this.log({ event: 'replica-wait-over', waitedMs: this.options.replicaWaitMs, missing: missing.map((r) => `${r.key}: ${results[this.replicas.indexOf(r)]!.error}`) });
-        break;
-      }
-      this.waitingFor = missing.map((r) => r.key);
-      this.waitingSince ??= new Date().toISOString();
-      if (this.clock.nowMs() - loggedAt >= WAIT_LOG_EVERY_MS) {
-        loggedAt = this.clock.nowMs();
-        this.log({ event: 'waiting-for-replicas', leftMs, missing: missing.map((r) => `${r.key} at ${r.address}: ${results[this.replicas.indexOf(r)]!.error}`) });
-      }
-      await this.clock.sleep(Math.min(delayMs, leftMs));
-      delayMs = Math.min(REPLICA_RETRY_MS_MAX, delayMs * 2);
-    }
-    this.waitingFor = [];
-    this.waitingSince = null;
-    // A connection that dropped after its probe: that replica is out like an unreachable one.
-    return results.map((c, i) => {
-      const r = this.replicas[i];
-      if (c!.info !== null && (r.client === null || r.client.closed)) {
-        r.client = null;
-        return { key: c!.key, info: null, error: 'connection lost during start-up', chain: null, active: null };
-      }
-      return { key: c!.key, info: c!.info, error: c!.error, chain: c!.chain, active: c!.active };
-    });
-  }
-
-  private async connectAll(): Promise<void> {
-    const started = this.clock.nowMs();
-    const candidates = await this.probeAll();
-    this.phaseTimes.probed = this.clock.nowMs() - started;
-    if (this.closed) return;
-    // The missed-write maps the others hold say which replicas went out, and what they missed.
-    const sourceIndex = chooseSource(this.sizeBytes, candidates);
-    const holders = mapHolders(this.sizeBytes, candidates).filter((i) => this.replicas[i].client !== null);
-    const missed: MissedStatus[] = await Promise.all(
-      candidates.map(async (c, i) => {
-        if (sourceIndex === null || i === sourceIndex || c.info === null) return NO_MISSED;
-        const status: MissedStatus = { invalid: false, regions: null };
-        await Promise.all(holders.filter((h) => h !== i).map(async (h) => {
-          try {
-            const regions = await this.replicas[h].client!.missedGet(c.key);
-            status.regions = [...new Set([...(status.regions ?? []), ...regions])];
-          } catch (err) {
-            // NOT_FOUND: none; UNSUPPORTED: an older replica; CONFLICT: invalidated.
-            if (toZebuError(err).code === ErrorCode.CONFLICT) status.invalid = true;
-          }
-        }));
-        return status;
-      }),
-    );
-    const plan = planStartup(this.sizeBytes, REGION_BYTES, candidates, (i) => missed[i]);
-    this.phaseTimes.planned = this.clock.nowMs() - started;
-    // Every mode is set before any close handler is registered: a connection that closed during
-    // the planning runs its handler at registration, and with the replicas after it still
-    // unassigned (ERR) that handler would find no RW replica and fault the volume.
-    const watches: (() => void)[] = [];
-    for (const [i, r] of this.replicas.entries()) {
-      const decision = plan.decisions[i];
-      const client = r.client;
-      if (decision.mode === 'RW') {
-        this.set.startRw(r);
-        watches.push(() => client!.onClose((err) => {
-          if (r.client === client) this.setErr(r, err);
-        }));
-      } else if (decision.mode === 'DELTA') {
-        // Out of the write set, connection kept: its delta rebuild starts once serving.
-        this.set.startWaiting(r, `waiting for a delta rebuild: ${decision.reason}`);
-        this.pendingDeltas.push(r);
-        watches.push(() => client!.onClose((err) => {
-          // Only while it still waits: once its delta rebuild has begun, the rebuild's own close
-          // handling marks it ERR (this one, registered first, used to run first and clear
-          // r.client, so a replica lost after its rebuild stayed RW, unnoticed and unhealed).
-          if (r.client === client && r.mode === ReplicaMode.ERR && r.rebuild === null) {
-            r.client = null;
-            r.reason = `disconnected before its delta rebuild: ${err.message}`;
-          }
-        }));
-      } else {
-        this.set.startOut(r, decision.reason)?.close();
-      }
-    }
-    this.set.startServing();
-    for (const watch of watches) watch();
-    if (this.faultedReason !== null) {
-      this.log({ event: 'faulted', reason: this.faultedReason });
-    } else {
-      await this.recover(plan, started);
-    }
-    this.log({ event: 'started', replicas: this.replicaStatus() });
-  }
-
-  /**
-   * Before the first request: missed-write maps for the replicas that are out, then the union of
-   * active regions made equal on the RW replicas, then two numbered flushes (the second confirms
-   * the first, with EVICT) so the regions leave the logs again.
-   *
-   * Each active region is compared first (REGION_HASH, each replica hashing its own bytes at once)
-   * and copied from the source only into the replicas where it differs: after a crash most active
-   * regions are the same everywhere (only the writes in flight at the crash can differ), and a
-   * copy is a read and N writes over the network where a compare is a local read.
-   */
-  private async recover(plan: StartupPlan, started: number): Promise<void> {
-    const healthy = (): EngineReplica[] => this.set.healthy();
-    // Maps first, while the sources' active sets still hold the regions of the last run: a map
-    // starts from them. Maps of the replicas that serve now (RW: in sync with the source) are
-    // stale — left by a rebuild that ended just before a crash could drop them, say — and go: a
-    // snapshot would invalidate them, and the next time that replica went out it could not
-    // come back by a delta rebuild.
-    const keep = this.replicas.filter((r) => r.mode !== ReplicaMode.RW).map((r) => r.key);
-    await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.missedPrune(keep))));
-    const out = this.replicas.filter((r) => r.mode !== ReplicaMode.RW);
-    for (const r of out) await Promise.all(healthy().map((x) => this.controlOn(x, (c) => c.missedStart(r.key))));
-
-    this.phaseTimes.mapsStarted = this.clock.nowMs() - started;
-    let bytes = 0;
-    let copied = 0;
-    const regions = plan.resyncRegions;
-    const checked = healthy().length > 1 ? regions.length : 0;
-    // Released regions leave the logs (and this engine's count) as soon as they are done.
-    const released = new Set<number>();
-    let source = this.replicas[plan.source!];
-    while (checked > 0) {
-      try {
-        await this.resyncFrom(source, regions.filter((region) => !released.has(region)), released, (length) => {
-          bytes += length;
-          copied++;
-        });
-        break;
-      } catch (err) {
-        const e = toZebuError(err);
-        if (source.mode === ReplicaMode.RW) this.setErr(source, e);
-        // The source failed (its disk, its link): another RW replica can be the source. What the
-        // old one copied is a state the volume might have been in at the crash as well as the new
-        // source's, region by region (nothing was served yet), so the regions not yet released
-        // are compared and copied again from the new one.
-        const next = furthestAhead(healthy());
-        if (next !== null) {
-          this.log({ event: 'recovery-source-changed', from: source.address, to: next.address, reason: e.message });
-          source = next;
-          continue;
-        }
-        // No one holds the answer: serve nothing (salvage restarts the volume; their logs still
-        // name the regions).
-        this.set.fault(`recovery failed: ${e.message}`);
-        for (const r of healthy()) this.setErr(r, new ZebuError(ErrorCode.EIO, `recovery failed: ${e.message}`));
-        this.log({ event: 'faulted', reason: this.faultedReason });
-        break;
-      }
-    }
-    this.phaseTimes.resynced = this.clock.nowMs() - started;
-    // The replicas count these regions as active (stamp 0) until a flush confirming #1 arrives.
-    for (const region of regions) if (!released.has(region)) this.regions.markActive(region, 0);
-    if (this.faultedReason === null) {
-      await this.flushNumbered().catch(() => {});
-      await this.alignCounters().catch((err) => this.log({ event: 'align-counters-failed', reason: (err as Error).message }));
-      // Confirms the first, with EVICT: the resynced regions are the same and durable everywhere,
-      // and no client wrote them yet, so they leave the logs now (not after the idle time). An
-      // engine killed again soon after it started then has nothing of this start to resync.
-      await this.flushNumbered({ evict: true }).catch(() => {});
-    }
-    const report: RecoveryReport = {
-      at: new Date().toISOString(),
-      clean: plan.clean,
-      source: this.replicas[plan.source!].address,
-      checkedRegions: checked,
-      regions: copied,
-      bytes,
-      durationMs: this.clock.nowMs() - started,
-      deltaReplicas: this.pendingDeltas.map((r) => r.address),
-      erredReplicas: this.replicas.filter((r) => r.mode === ReplicaMode.ERR && !this.pendingDeltas.includes(r)).map((r) => ({ address: r.address, reason: r.reason ?? '' })),
-    };
-    this.recoveryReport = report;
-    // Where the time went (ms since the start-up began, cumulative), for the log only.
-    this.log({ event: 'recovery', ...report, phasesMs: this.phaseTimes });
-  }
-
-  /**
-   * Makes `regions` the same on every RW replica as on `source` (compared by hash, copied where
-   * they differ), a batch at a time; a long run releases each batch from the logs once durable.
-   * Throws when the source fails; a target that fails is set ERR and left out.
-   */
-  private async resyncFrom(source: EngineReplica, regions: number[], released: Set<number>, copiedRegion: (length: number) => void): Promise<void> {
-    const healthy = (): EngineReplica[] => this.set.healthy();
-    const sourceFailed = (): ZebuError => new ZebuError(ErrorCode.EIO, `source ${source.address} failed: ${source.reason}`);
-    const resyncRegion = async (region: number): Promise<void> => {
-      const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
-      const sourceClient = source.client;
-      if (sourceClient === null || source.mode !== ReplicaMode.RW) throw sourceFailed();
-      const differing = await this.replicasDiffering(sourceClient, healthy().filter((r) => r !== source), offset, length);
-      if (differing.length === 0) return;
-      const data = await sourceClient.read(offset, length);
-      await Promise.all(differing.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
-      copiedRegion(length);
-    };
-    const batched = regions.length > RESYNC_BATCH_REGIONS;
-    let batch: number[] = [];
-    let batchStarted = this.clock.nowMs();
-    for (let at = 0; at < regions.length; at += COPIERS) {
-      const step = regions.slice(at, at + COPIERS);
-      await forEachIndex(step.length, COPIERS, (i) => resyncRegion(step[i]));
-      batch.push(...step);
-      const last = at + COPIERS >= regions.length;
-      if (!batched || !(last || batch.length >= RESYNC_BATCH_REGIONS || this.clock.nowMs() - batchStarted >= RESYNC_BATCH_MS)) continue;
-      // A long resync keeps what it did should this engine be killed before it ends (a kill
-      // storm must not make every start redo it all): the batch is made durable everywhere,
-      // then released from every log.
-      await this.flushNumbered();
-      if (source.mode !== ReplicaMode.RW) throw sourceFailed();
-      await Promise.all(healthy().map((r) => this.controlOn(r, (c) => c.intentRelease(batch))));
-      for (const region of batch) released.add(region);
-      this.log({ event: 'resync-batch', released: released.size, of: regions.length });
-      batch = [];
-      batchStarted = this.clock.nowMs();
-    }
-  }
-
-  /**
-   * The replicas of `others` whose bytes in the range differ from the source's, by hash. A replica
-   * that cannot hash (an older one) counts as differing; a source that cannot hash makes them all
-   * differ (the region is copied, as before there were hashes); one that fails, fails the recovery.
-   */
-  private async replicasDiffering(sourceClient: DataClient, others: EngineReplica[], offset: number, length: number): Promise<EngineReplica[]> {
-    let sourceHash: Buffer | null;
-    try {
-      sourceHash = await sourceClient.regionHash(offset, length);
-    } catch (err) {
-      if (!isUnsupported(toZebuError(err))) throw err;
-      sourceHash = null;
-    }
-    if (sourceHash === null) return others;
-    const hashes = await Promise.all(others.map(async (r) => {
-      const client = r.client;
-      if (client === null) return null;
-      try {
-        return await client.regionHash(offset, length);
-      } catch (err) {
-        const e = toZebuError(err);
-        if (!isUnsupported(e) && r.client === client) this.setErr(r, e);
-        return null;
-      }
-    }));
-    return others.filter((r, i) => r.mode === ReplicaMode.RW && r.client !== null && (hashes[i] === null || !hashes[i]!.equals(sourceHash!)));
   }
 
   /**
@@ -1313,8 +1044,8 @@ export class Engine implements BlockBackend {
     client.onClose((err) => {
       if (target.client === client) this.setErr(target, err);
     });
-    if (mapHolder === null) this.beginRebuild(target, (rebuild) => this.runRebuild(rebuild, target, snapshotCopyPlan(snapshots)), { snapshots: snapshots.map((x) => x.name) });
-    else this.beginRebuild(target, (rebuild) => this.runDeltaRebuild(rebuild, target, mapHolder), { delta: true, mapHolder: mapHolder.address });
+    if (mapHolder === null) this.beginRebuild(target, (rebuild) => runFullRebuild(this.rebuildHost, rebuild, target, snapshotCopyPlan(snapshots)), { snapshots: snapshots.map((x) => x.name) });
+    else this.beginRebuild(target, (rebuild) => runDeltaRebuild(this.rebuildHost, rebuild, target, mapHolder), { delta: true, mapHolder: mapHolder.address });
     return this.replicaStatus();
   }
 
@@ -1372,247 +1103,6 @@ export class Engine implements BlockBackend {
     return `no RW replica holds a missed-write map for ${key}`;
   }
 
-  /** Reads from a RW replica (not the target); a failing one is set ERR and the next one tried. */
-  private async readSource<T>(target: EngineReplica, check: () => void, fn: (client: DataClient) => Promise<T>): Promise<T> {
-    for (;;) {
-      check();
-      const source = this.pickReader(new Set([target]));
-      if (source === null) throw this.faultError();
-      const client = source.client!;
-      try {
-        return await fn(client);
-      } catch (err) {
-        const e = toZebuError(err);
-        if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND || isUnsupported(e)) throw e;
-        if (source.client === client) this.setErr(source, e);
-      }
-    }
-  }
-
-  private rebuildCheck(rebuild: Rebuild<EngineReplica>, target: EngineReplica): () => void {
-    return () => {
-      if (target.mode === ReplicaMode.ERR || target.client === null) throw new ZebuError(ErrorCode.EIO, `target failed: ${target.reason}`);
-      if (rebuild.cancelled !== null) throw new ZebuError(ErrorCode.CLOSED, rebuild.cancelled);
-      if (this.faultedReason !== null) throw this.faultError();
-    };
-  }
-
-  /** The target joins the write set (no write in flight while it does); claims start with it. */
-  private async joinWriteSet(target: EngineReplica, check: () => void): Promise<void> {
-    await this.pauseAndDrain();
-    try {
-      check();
-      // Nothing in flight: a write sent before it joined and acknowledged after would miss it.
-      assert(this.inflight === 0, 'a replica joins the write set with a request in flight');
-      this.set.join(target);
-      this.useClaims();
-    } finally {
-      this.resume();
-    }
-  }
-
-  /**
-   * Copies region [offset, offset+length) from a RW replica to the target under a claim, as
-   * `how` says what the target already holds there:
-   *
-   * - `status`: a region the source holds nothing of (BLOCK_STATUS) is skipped when the target
-   *   holds nothing there either (`zeroIfEmpty` false), else zeroed;
-   * - `image`: the target has the volume's backing image; a region where the source holds only
-   *   the image's bytes is skipped when the target does too (`zeroIfEmpty` false), else copied;
-   * - `since`: the target reads as snapshot `snapshot` of the source, and a region the live
-   *   volume has not changed since that snapshot is skipped.
-   *
-   * Any other region is copied whole: one read and one write, however fragmented.
-   */
-  private async copyRegion(target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<void> {
-    const claims = this.claims!;
-    const claim = await claims.claim(offset, offset + length);
-    try {
-      check();
-      const extents = how.kind === 'status'
-        ? decodeExtents(await this.readSource(target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)))
-        : await this.readSource(target, check, (c) => c.snapshotChanges(null, how.kind === 'since' ? how.snapshot : null, offset, length, how.kind === 'image'));
-      const holds = extents.some((extent) => extent.data);
-      if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
-        const data = await this.readSource(target, check, (c) => c.read(offset, length));
-        check();
-        // A region of zeros over an image, or zeroed since the snapshot, is marked, not written.
-        if (how.kind !== 'status' && isAllZero(data)) await target.client!.writeZeroes(offset, length);
-        else await target.client!.write(offset, data);
-      } else if (how.kind === 'status' && how.zeroIfEmpty) {
-        await target.client!.writeZeroes(offset, length);
-      }
-    } finally {
-      claims.release(claim);
-    }
-  }
-
-  /** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */
-  private async finishRebuild(target: EngineReplica, check: () => void): Promise<void> {
-    await this.pauseAndDrain();
-    try {
-      check();
-      await this.flushNumbered();
-      check();
-      await this.handOverMissedMaps(target);
-      check();
-      await this.alignCounters();
-      check();
-      this.set.noteInfo(target, await target.client!.setRebuilding(null));
-      check();
-      // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
-      // fail this replica again at every later start-up, and each time cost a full rebuild. Only
-      // after the mark is cleared: a crash between the two leaves a complete replica with maps (a
-      // redundant delta next time; the next start-up drops them), never a marked one without the
-      // maps to finish its delta. The drops are sent now and not waited for: the replica is RW
-      // from this moment, so were it lost while they are under way, it is lost as a RW replica and
-      // new maps start behind the drops on the same connections — it comes back by a delta.
-      // (Waited for before RW, a replica lost in between came back to no map: a full rebuild.)
-      for (const r of this.replicas) if (r !== target && r.mode === ReplicaMode.RW) void this.controlOn(r, (c) => c.missedDrop(target.key));
-      this.set.promote(target);
-    } finally {
-      this.rebuilding = null;
-      this.resume();
-    }
-  }
-
-  private async runRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
-    const progress = target.rebuild!;
-    const regionBytes = REGION_BYTES;
-    const check = this.rebuildCheck(rebuild, target);
-    const readSource = <T>(fn: (client: DataClient) => Promise<T>): Promise<T> => this.readSource(target, check, fn);
-    // On a backing image (the target has it too: addReplica checked): "empty" is the image's bytes.
-    const aboveImage = target.info?.hasBase === true;
-    let joined = false;
-    try {
-      // 0. From now until the end the copy is incomplete, and says so durably.
-      await target.client!.setRebuilding('full');
-      // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
-      //    snapshot's parent, what the snapshot changed since that parent is written over it, and
-      //    the head is snapshotted under the snapshot's name. A snapshot without a parent is
-      //    written whole over the current tip — zeroing what holds data below but reads as zeros
-      //    in the snapshot (a second root: its parent deleted; same data, another parent) — or,
-      //    on a backing image, what differs from the image. At the end the head goes back onto
-      //    the live volume's parent snapshot.
-      //    `mayDiffer`: by snapshot (null: none yet), the regions where the target's view may
-      //    differ from an empty volume (zeros, or the image).
-      const mayDiffer = new Map<string | null, Set<number>>([[null, new Set()]]);
-      let tip: string | null = null;
-      for (const { name, parent } of plan.order) {
-        if (parent !== null && parent !== tip) {
-          await target.client!.snapshotRevert(parent);
-          tip = parent;
-        }
-        const below = mayDiffer.get(tip)!;
-        const differ = new Set<number>(parent !== null ? below : []);
-        await this.forEachRegion(regionBytes, async (offset, length) => {
-          const region = offset / regionBytes;
-          progress.copiedBytes += length;
-          if (parent !== null || aboveImage) {
-            // Only what changed since the parent (the target holds the parent's view), or since
-            // the image.
-            const changes = await readSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null));
-            const changed = changes.some((extent) => extent.data);
-            if (!changed && !(parent === null && below.has(region))) return;
-            const data = await readSource((c) => c.readSnapshot(name, offset, length));
-            check();
-            if (isAllZero(data)) await target.client!.writeZeroes(offset, length);
-            else await target.client!.write(offset, data);
-            if (changed) differ.add(region);
-            return;
-          }
-          const data = await readSource((c) => c.readSnapshot(name, offset, length));
-          check();
-          if (!isAllZero(data)) {
-            await target.client!.write(offset, data);
-            differ.add(region);
-          } else if (below.has(region)) {
-            await target.client!.writeZeroes(offset, length);
-          }
-        });
-        check();
-        await target.client!.snapshotCreate(name);
-        mayDiffer.set(name, differ);
-        tip = name;
-      }
-      if (plan.headParent !== null && plan.headParent !== tip) {
-        await target.client!.snapshotRevert(plan.headParent);
-        tip = plan.headParent;
-      }
-      const differ = mayDiffer.get(tip)!;
-
-      // Maps the target kept from an earlier life name replicas as out that may be in the volume
-      // now (and the snapshots just recreated made them invalid): left there, one would later
-      // stand for a replica that never left and deny it its delta rebuild (found by the
-      // simulator). Only maps started from now (it joins next) and those handed over at the end
-      // are whole. (An older replica without maps has none to drop.)
-      await this.controlOn(target, (c) => c.missedPrune([]));
-      check();
-
-      // 2. Join the write set, then copy the live volume: what changed since its parent snapshot
-      //    (the target's head sits on it), or, without one, everything (over the image).
-      await this.joinWriteSet(target, check);
-      joined = true;
-      await this.forEachRegion(regionBytes, async (offset, length) => {
-        const zeroIfEmpty = differ.has(offset / regionBytes);
-        await this.copyRegion(target, check, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
-        progress.copiedBytes += length;
-      });
-
-      // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
-      await this.finishRebuild(target, check);
-    } finally {
-      if (this.rebuilding === rebuild) this.rebuilding = null;
-      if (joined) this.dropClaims();
-    }
-  }
-
-  /**
-   * A delta rebuild: the target held the volume until it went out; since then the RW replicas
-   * recorded in a missed-write map which regions were written. Copied: the map (read once the
-   * target is in the write set: nothing it misses from then on), the target's own active regions
-   * (its writes that the others may not have) and the source's. Its maps are dropped at the end
-   * (finishRebuild), as after a full rebuild.
-   */
-  private async runDeltaRebuild(rebuild: Rebuild<EngineReplica>, target: EngineReplica, mapHolder: EngineReplica): Promise<void> {
-    const progress = target.rebuild!;
-    const check = this.rebuildCheck(rebuild, target);
-    let joined = false;
-    try {
-      await target.client!.setRebuilding('delta');
-      // Before it joins: once it takes this engine's flushes its old active regions may leave.
-      // Into the maps with them, durably: if this copy stops midway, the next engine copies the
-      // delta again from the maps, and must not miss what only the target wrote before it went out.
-      const targetActive = (await target.client!.intentGet()).active;
-      await Promise.all(this.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW && r.client !== null).map(async (r) => {
-        const client = r.client!;
-        const has = await client.missedGet(target.key).then(() => true, () => false);
-        if (has) await this.controlOn(r, (c) => c.missedMerge(target.key, targetActive, false));
-      }));
-      // Maps it kept from before it went out missed writes: only maps started from now are whole.
-      await target.client!.missedPrune([]);
-      await this.joinWriteSet(target, check);
-      joined = true;
-      check();
-      if (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null) throw new ZebuError(ErrorCode.EIO, `replica ${mapHolder.address} holding the missed-write map failed`);
-      const [missed, holderIntent] = await Promise.all([mapHolder.client.missedGet(target.key), mapHolder.client.intentGet()]);
-      const regions = deltaRegions(missed, targetActive, holderIntent.active, this.regions.regionCount);
-      for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, this.sizeBytes).length;
-      this.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
-      await forEachIndex(regions.length, COPIERS, async (i) => {
-        const { offset, length } = regionRange(regions[i], REGION_BYTES, this.sizeBytes);
-        // The target may hold anything there: a region the source holds nothing of is zeroed
-        // (or, on a backing image, given the image's bytes).
-        await this.copyRegion(target, check, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
-        progress.copiedBytes += length;
-      });
-      await this.finishRebuild(target, check);
-    } finally {
-      if (this.rebuilding === rebuild) this.rebuilding = null;
-      if (joined) this.dropClaims();
-    }
-  }
-
   /** The delta rebuilds start-up decided, one after another, in the background. */
   private async runPendingDeltas(): Promise<void> {
     while (this.pendingDeltas.length > 0) {
@@ -1630,7 +1120,7 @@ export class Engine implements BlockBackend {
         client.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
         });
-        this.beginRebuild(r, (rebuild) => this.runDeltaRebuild(rebuild, r, holder), { delta: true, mapHolder: holder.address, atStart: true });
+        this.beginRebuild(r, (rebuild) => runDeltaRebuild(this.rebuildHost, rebuild, r, holder), { delta: true, mapHolder: holder.address, atStart: true });
         await this.rebuildRun;
       } catch (err) {
         r.reason = `delta rebuild not started: ${(err as Error).message}`;
@@ -1641,18 +1131,6 @@ export class Engine implements BlockBackend {
         this.log({ event: 'rebuild-failed', replica: r.address, reason: r.reason });
       }
     }
-  }
-
-  /**
-   * Runs `fn` over the volume in regions, COPIERS at a time (a copy is round trips to two
-   * replicas: several in flight keep both busy). The first failure stops the others.
-   */
-  private async forEachRegion(regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
-    const count = Math.ceil(this.sizeBytes / regionBytes);
-    await forEachIndex(count, COPIERS, (i) => {
-      const { offset, length } = regionRange(i, regionBytes, this.sizeBytes);
-      return fn(offset, length);
-    });
   }
 
   // ---- verify --------------------------------------------------------------------------------
@@ -1680,8 +1158,9 @@ export class Engine implements BlockBackend {
         this.resume();
       }
       const claims = this.claims!;
-      const source = this.pickReader(new Set());
-      if (source === null) throw this.faultError();
+      const first = this.pickReader(new Set());
+      if (first === null) throw this.faultError();
+      let source: EngineReplica = first;
       const compared = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
       const tally = new VerifyTally();
       const regionCount = Math.ceil(this.sizeBytes / REGION_BYTES);
@@ -1689,16 +1168,28 @@ export class Engine implements BlockBackend {
         const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
         const claim = await claims.claim(offset, offset + length);
         try {
-          if (this.faultedReason !== null) throw this.faultError();
-          if (source.mode !== ReplicaMode.RW) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
-          const now = compared.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
-          const hashes = await Promise.all(now.map((r) => this.regionHashOn(r, offset, length)));
-          const bad = differingFromSource(now, hashes, source);
+          let now: EngineReplica[];
+          let hashes: (string | null)[];
+          let against: EngineReplica;
+          for (;;) {
+            if (this.faultedReason !== null) throw this.faultError();
+            now = compared.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
+            // A source that failed is out of the volume (ERR): compare against another of those compared.
+            if (source.mode !== ReplicaMode.RW || source.client === null) {
+              if (now.length === 0) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
+              this.log({ event: 'verify-source-changed', from: source.address, to: now[0].address, reason: source.reason });
+              source = now[0];
+            }
+            against = source;
+            hashes = await Promise.all(now.map((r) => this.regionHashOn(r, offset, length)));
+            if (against.mode === ReplicaMode.RW) break;
+          }
+          const bad = differingFromSource(now, hashes, against);
           if (bad.length === 0) return;
           tally.differs(region, offset, length, now, hashes);
           this.log({ event: 'verify-difference', region, offset, length, replicas: bad.map((r) => r.address) });
           if (!repair) return;
-          const data = await source.client!.read(offset, length);
+          const data = await against.client!.read(offset, length);
           // Counted as a write to the region, as the replicas count it.
           this.regionsStarted(offset, length);
           try {
@@ -1754,7 +1245,8 @@ export class Engine implements BlockBackend {
       await this.rebuildRun;
       if (!this.replicas.includes(r)) return this.replicaStatus();
     }
-    this.pendingDeltas = this.pendingDeltas.filter((x) => x !== r);
+    const waiting = this.pendingDeltas.indexOf(r);
+    if (waiting >= 0) this.pendingDeltas.splice(waiting, 1);
     // ERR first: requests in flight to it no longer count, and its client closes.
     this.setErr(r, new ZebuError(ErrorCode.CLOSED, 'removed from the volume'), false);
     this.set.remove(r);

@@ -3,6 +3,13 @@
  * geometry, chains by snapshot name, a bounded worker pool, and the reports they produce.
  */
 import type { SnapshotInfo } from '../replica/replica.ts';
+import { ErrorCode, type ZebuError } from '../errors.ts';
+import { INTENT_REGION_BYTES } from '../replica/intent-log.ts';
+
+/** Rebuilds, recovery and verify work in the write-intent log's regions. */
+export const REGION_BYTES = INTENT_REGION_BYTES;
+/** Regions copied (or compared) at once: a copy is round trips to two replicas, several keep both busy. */
+export const COPIERS = 4;
 
 /** What start-up recovery did (engine info `recovery`, event `recovery`). */
 export interface RecoveryReport {
@@ -87,4 +94,9 @@ export async function forEachIndex(count: number, concurrency: number, fn: (i: n
   };
   await Promise.all(Array.from({ length: Math.min(concurrency, Math.max(count, 1)) }, worker));
   if (failure !== null) throw failure;
+}
+
+/** An error from a replica that does not know an op (an older replica): the engine goes on without it. */
+export function isUnsupported(err: ZebuError): boolean {
+  return err.code === ErrorCode.UNSUPPORTED;
 }

@@ -32,6 +32,8 @@ import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
 import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
+import type { Transport } from '../protocol/transport.ts';
 import type { NbdExport, NbdExtent } from './nbd-server.ts';
 
 export const LinkState = { OPEN: 'OPEN', CLOSE: 'CLOSE', REOPENING: 'REOPENING' } as const;
@@ -63,6 +65,9 @@ export interface EngineLinkOptions extends Partial<LinkTimeouts> {
   /** Kills a hung engine process (tests inject one); the default sends SIGKILL. True when sent. */
   killEngine?: (identity: ProcessIdentity) => boolean;
   log?: (event: Record<string, unknown>) => void;
+  /** Defaults: the real network and the system clock (the simulator passes its own). */
+  transport?: Transport;
+  clock?: Clock;
 }
 
 /** What a link has been through, for the control API, the agent, `zebu volume get` and /metrics. */
@@ -131,7 +136,9 @@ export class EngineLink implements NbdExport {
   readonly name: string;
   readonly description: string;
   sizeBytes = 0;
-  private readonly options: Required<Omit<EngineLinkOptions, keyof LinkTimeouts>>;
+  private readonly options: Required<Omit<EngineLinkOptions, keyof LinkTimeouts | 'transport' | 'clock'>>;
+  private readonly transport: Transport | undefined;
+  private readonly clock: Clock;
   private timeouts: LinkTimeouts;
   private client: DataClient | null = null;
   /** The heartbeat's own connection to the same engine (null until made, or after it dropped). */
@@ -146,25 +153,32 @@ export class EngineLink implements NbdExport {
   /** Re-issued requests not yet answered: REOPENING lasts until they are. */
   private reissuedOutstanding = 0;
   private state: LinkState = LinkState.CLOSE;
-  private stateSinceMs = Date.now();
+  private stateSinceMs: number;
+  /** Wall time of the same moment, for the view. */
+  private stateSinceWallMs = Date.now();
   private reconnecting = false;
   private closed = false;
   private everConnected = false;
-  private holdTimer: NodeJS.Timeout | null = null;
-  private heartbeatTimer: NodeJS.Timeout | null = null;
+  private holdTimer: ClockTimer | null = null;
+  private heartbeatTimer: ClockTimer | null = null;
   /** When the heartbeat PING in flight was sent (0: none in flight). */
   private pingSentAtMs = 0;
   private readonly counters = { reopens: 0, reissued: 0, hangs: 0, longestHoldMs: 0 };
   private lastClose: LinkView['lastClose'] = null;
 
   private constructor(options: EngineLinkOptions) {
+    const { transport, clock, ...rest } = options;
+    // An option given as undefined takes its default too.
     this.options = {
-      connectTimeoutMs: 5000,
-      heartbeatIntervalMs: 1000,
-      killEngine: killProcess,
-      log: () => {},
-      ...options,
+      ...rest,
+      connectTimeoutMs: rest.connectTimeoutMs ?? 5000,
+      heartbeatIntervalMs: rest.heartbeatIntervalMs ?? 1000,
+      killEngine: rest.killEngine ?? killProcess,
+      log: rest.log ?? (() => {}),
     };
+    this.transport = transport;
+    this.clock = clock ?? systemClock;
+    this.stateSinceMs = this.clock.nowMs();
     this.timeouts = { ...DEFAULT_LINK_TIMEOUTS };
     this.setTimeouts(options);
     this.name = options.name;
@@ -181,7 +195,8 @@ export class EngineLink implements NbdExport {
       throw err;
     }
     link.state = LinkState.OPEN;
-    link.stateSinceMs = Date.now();
+    link.stateSinceMs = link.clock.nowMs();
+    link.stateSinceWallMs = Date.now();
     link.startHeartbeat();
     return link;
   }
@@ -239,7 +254,7 @@ export class EngineLink implements NbdExport {
   view(): LinkView {
     return {
       state: this.state,
-      stateSince: new Date(this.stateSinceMs).toISOString(),
+      stateSince: new Date(this.stateSinceWallMs).toISOString(),
       ...this.counters,
       longestHoldMs: Math.round(this.counters.longestHoldMs),
       held: this.held.length,
@@ -262,9 +277,10 @@ export class EngineLink implements NbdExport {
   private setState(state: LinkState, details: Record<string, unknown> = {}): void {
     if (this.state === state) return;
     const fromMs = this.stateSinceMs;
-    this.options.log({ event: 'link-state', from: this.state, to: state, afterMs: Date.now() - fromMs, ...details });
+    this.options.log({ event: 'link-state', from: this.state, to: state, afterMs: this.clock.nowMs() - fromMs, ...details });
     this.state = state;
-    this.stateSinceMs = Date.now();
+    this.stateSinceMs = this.clock.nowMs();
+    this.stateSinceWallMs = Date.now();
   }
 
   private connectClient(requestTimeoutMs: number): Promise<DataClient> {
@@ -274,6 +290,8 @@ export class EngineLink implements NbdExport {
       secret: this.options.secret,
       requestTimeoutMs,
       connectTimeoutMs: this.options.connectTimeoutMs,
+      transport: this.transport,
+      clock: this.clock,
     });
   }
 
@@ -332,13 +350,13 @@ export class EngineLink implements NbdExport {
   private async reconnect(): Promise<void> {
     if (this.reconnecting || this.closed) return;
     this.reconnecting = true;
-    this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+    this.holdTimer ??= this.clock.setInterval(() => this.expireHeld(), 1000);
     let delayMs = 25;
     while (!this.closed && this.client === null) {
       try {
         await this.connectOnce();
       } catch {
-        await new Promise((r) => setTimeout(r, delayMs));
+        await this.clock.sleep(delayMs);
         delayMs = Math.min(RECONNECT_DELAY_MS_MAX, delayMs * 2);
       }
     }
@@ -364,13 +382,13 @@ export class EngineLink implements NbdExport {
       this.sendNow(f);
     }
     if (this.holdTimer !== null) {
-      clearInterval(this.holdTimer);
+      this.clock.clear(this.holdTimer);
       this.holdTimer = null;
     }
   }
 
   private expireHeld(): void {
-    const now = Date.now();
+    const now = this.clock.nowMs();
     const keep: Forwarded[] = [];
     for (const f of this.held) {
       if (now - f.sinceMs < this.timeouts.holdTimeoutMs) {
@@ -386,8 +404,7 @@ export class EngineLink implements NbdExport {
   // ---- hang detection ------------------------------------------------------------------------
 
   private startHeartbeat(): void {
-    this.heartbeatTimer = setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs);
-    this.heartbeatTimer.unref();
+    this.heartbeatTimer = this.clock.setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs).unref();
   }
 
   /**
@@ -398,11 +415,11 @@ export class EngineLink implements NbdExport {
     const client = this.client;
     if (client === null || this.closed) return;
     if (this.pingSentAtMs !== 0) {
-      const waitedMs = Date.now() - this.pingSentAtMs;
+      const waitedMs = this.clock.nowMs() - this.pingSentAtMs;
       if (waitedMs > this.timeouts.hangTimeoutMs) this.engineHung(`no answer to a heartbeat in ${waitedMs} ms`);
       return;
     }
-    const sentAtMs = Date.now();
+    const sentAtMs = this.clock.nowMs();
     this.pingSentAtMs = sentAtMs;
     const pinger = this.pinger;
     if (pinger === null || pinger.closed) {
@@ -464,7 +481,7 @@ export class EngineLink implements NbdExport {
   private forward(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: Forwarded['callback']): void {
     if (this.closed) return callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
     if (this.table.size >= MAX_TABLE) return callback(new ZebuError(ErrorCode.BUSY, 'too many requests outstanding'), EMPTY);
-    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: Date.now(), reissued: false };
+    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: this.clock.nowMs(), reissued: false };
     this.table.add(f);
     this.sendNow(f);
   }
@@ -476,7 +493,7 @@ export class EngineLink implements NbdExport {
    */
   private hold(f: Forwarded): void {
     this.held.push(f);
-    this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+    this.holdTimer ??= this.clock.setInterval(() => this.expireHeld(), 1000);
     if (this.client === null) void this.reconnect();
     else if (!this.reconnecting) this.reissueHeld();
   }
@@ -485,7 +502,7 @@ export class EngineLink implements NbdExport {
     const client = this.client;
     if (client === null) {
       this.held.push(f);
-      this.holdTimer ??= setInterval(() => this.expireHeld(), 1000);
+      this.holdTimer ??= this.clock.setInterval(() => this.expireHeld(), 1000);
       return;
     }
     client.send(f.op, f.flags, f.offset, f.length, f.payload, (err, data) => {
@@ -505,7 +522,7 @@ export class EngineLink implements NbdExport {
       }
       this.table.delete(f);
       if (f.reissued) {
-        this.counters.longestHoldMs = Math.max(this.counters.longestHoldMs, Date.now() - f.sinceMs);
+        this.counters.longestHoldMs = Math.max(this.counters.longestHoldMs, this.clock.nowMs() - f.sinceMs);
         this.reissuedOutstanding--;
         assert(this.reissuedOutstanding >= 0 || this.client !== client, 'engine link re-issued count');
         if (this.reissuedOutstanding <= 0 && this.state === LinkState.REOPENING && this.client === client) {
@@ -543,8 +560,8 @@ export class EngineLink implements NbdExport {
   close(): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.holdTimer !== null) clearInterval(this.holdTimer);
-    if (this.heartbeatTimer !== null) clearInterval(this.heartbeatTimer);
+    this.clock.clear(this.holdTimer);
+    this.clock.clear(this.heartbeatTimer);
     for (const f of this.held) f.callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
     this.held = [];
     const client = this.client;

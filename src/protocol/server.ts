@@ -83,6 +83,20 @@ export class DataServer {
     this.server.on('error', (err) => this.options.log({ event: 'server-error', error: err.message }));
   }
 
+  /**
+   * An engine OPENed `by` at `epoch`: every other connection OPENed at the same epoch is closed,
+   * and what still arrives on it is never served. An engine opens one connection per replica; an
+   * older one is one it gave up (a request timed out, the replica was put out) whose writes may
+   * still be on the way — served after the replica was brought back through the new connection,
+   * they would put old data over new. (Requests of an older epoch are refused one by one: FENCED
+   * tells that engine it was superseded.)
+   */
+  supersedeOpened(by: Connection, epoch: number): void {
+    for (const conn of this.connections) {
+      if (conn !== by && conn.openedEpoch === epoch) conn.supersede(epoch);
+    }
+  }
+
   /** Serves one connected socket (the listener's, or one the simulator hands over). */
   accept(socket: StreamSocket): void {
     const conn = new Connection(this, socket);
@@ -142,6 +156,8 @@ export class DataServer {
 
 class Connection {
   readonly socket: StreamSocket;
+  /** The epoch this connection was OPENed at by an engine (null: never opened). */
+  openedEpoch: number | null = null;
   private readonly out: TickBatcher;
   private readonly owner: DataServer;
   private readonly reader = new FrameReader();
@@ -176,6 +192,14 @@ class Connection {
 
   private log(event: Record<string, unknown>): void {
     this.owner.opts.log({ ...event, peer: `${this.socket.remoteAddress}:${this.socket.remotePort}` });
+  }
+
+  /** A newer OPEN (see DataServer.supersedeOpened): nothing more is read from this connection. */
+  supersede(byEpoch: number): void {
+    if (this.closing) return;
+    this.log({ event: 'connection-superseded', openedEpoch: this.openedEpoch, byEpoch });
+    this.closing = true;
+    this.socket.destroy();
   }
 
   private onData(chunk: Buffer): void {
@@ -299,6 +323,9 @@ class Connection {
         return json(this.identified(replica.info()));
       case Op.OPEN:
         await replica.checkEpoch(h.epoch);
+        if (this.closing) throw new ZebuError(ErrorCode.CLOSED, 'connection superseded');
+        this.openedEpoch = h.epoch;
+        this.owner.supersedeOpened(this, h.epoch);
         replica.engineOpened?.();
         return json(this.identified(replica.info()));
     }

@@ -109,6 +109,27 @@ test('requests are taken in arrival order: a write sent before a FLUSH holds its
   assert.deepEqual(await client.missedGet('replica-c'), [9]);
 });
 
+test('an OPEN closes the connections OPENed before at the same epoch; those of older epochs are fenced request by request', async (t) => {
+  const { port } = await servedReplica(t);
+  const given = await connect(t, port, 3);
+  await given.open();
+  await given.write(0, pattern(1, 4096));
+  const reconnected = await connect(t, port, 3);
+  await reconnected.open();
+  // The engine gave `given` up and came back through `reconnected`: nothing more is served on it.
+  await assert.rejects(given.write(0, pattern(2, 4096)), (err: unknown) => err instanceof ZebuError && (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED));
+  assert.ok((await reconnected.read(0, 4096)).equals(pattern(1, 4096)));
+  // A connection that never OPENed (a tool reading INFO, say) is left alone.
+  const tool = await connect(t, port, 3);
+  await tool.info();
+  const newer = await connect(t, port, 4);
+  await newer.open();
+  await tool.ping();
+  // The engine of epoch 3 is told it was superseded, not cut off.
+  await assert.rejects(reconnected.write(0, pattern(3, 4096)), rejectsWith(ErrorCode.FENCED));
+  assert.ok((await newer.read(0, 4096)).equals(pattern(1, 4096)));
+});
+
 test('OPEN of a new engine restarts the flush numbering', async (t) => {
   const { port } = await servedReplica(t);
   const old = await connect(t, port, 1);

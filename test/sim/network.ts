@@ -149,6 +149,8 @@ export class SimNetwork {
   private readonly options: NetworkOptions;
   private readonly listeners = new Map<string, { owner: SimProcess; server: DataServer }>();
   private readonly links = new Set<Link>();
+  /** Processes that hang: until then they accept no connection and nothing moves on theirs. */
+  private readonly frozenUntil = new Map<SimProcess, number>();
   /** Messages carried, and links cut (the run's statistics). */
   messages = 0;
   cuts = 0;
@@ -185,12 +187,19 @@ export class SimNetwork {
       process.nextTick(refuse);
       return client;
     }
-    this.world.schedule(this.latency(), () => {
+    const accept = (): void => {
       const listener = this.listeners.get(address);
       if (listener === undefined || !listener.owner.alive) return refuse();
       if (client.destroyed) return;
+      // A hung process accepts nothing until it runs again.
+      const frozenMs = this.frozenMs(listener.owner);
+      if (frozenMs > 0) {
+        this.world.schedule(frozenMs, accept, owner);
+        return;
+      }
       const server = new SimSocket(this, listener.owner, `${owner.name}`, null);
       const link = new Link(client, server);
+      link.heldUntilMs = this.world.nowMs + this.frozenMs(owner);
       client.link = link;
       server.link = link;
       client.peer = server;
@@ -199,8 +208,13 @@ export class SimNetwork {
       client.lastArrivalMs = this.world.nowMs;
       server.lastArrivalMs = this.world.nowMs;
       listener.server.accept(server);
-    }, owner);
+    };
+    this.world.schedule(this.latency(), accept, owner);
     return client;
+  }
+
+  private frozenMs(p: SimProcess): number {
+    return Math.max(0, (this.frozenUntil.get(p) ?? 0) - this.world.nowMs);
   }
 
   private latency(): number {
@@ -267,6 +281,18 @@ export class SimNetwork {
       }
     }
     return n;
+  }
+
+  /**
+   * The process hangs for `ms`: nothing moves on any of its connections, and connections made to
+   * it meanwhile wait (as to a process that does not run: its backlog fills, nobody answers).
+   */
+  freeze(p: SimProcess, ms: number): void {
+    const until = Math.max(this.frozenUntil.get(p) ?? 0, this.world.nowMs + ms);
+    this.frozenUntil.set(p, until);
+    for (const link of this.links) {
+      if (link.a.owner === p || link.b.owner === p) link.heldUntilMs = Math.max(link.heldUntilMs, until);
+    }
   }
 
   /** Nothing moves between the two processes for `ms` (a hung peer, a stalled link); then all of it arrives. */

@@ -5,10 +5,12 @@
  * operations runs against it while faults strike; the model (model.ts) checks every read, and
  * the end of the run checks that the replicas came back identical.
  *
- * The simulation plays the parts around the engine as the real system does: the frontend's
- * engine link (requests in flight when the engine dies are sent again to the next one), the
- * agent (a dead replica or engine process is started again, on the same directory) and the
- * manager (a replica that is out of the volume is added back, which rebuilds it).
+ * Client requests go through the frontend's real engine link (src/frontend/engine-link.ts) in a
+ * process of its own: it holds what a dead engine left unanswered and sends it again to the next
+ * one, and finds a hung engine by its heartbeat and has it killed. The simulation plays the
+ * parts around them as the real system does: the agent (a dead replica or engine process is
+ * started again, on the same directory) and the manager (a replica that is out of the volume is
+ * added back, which rebuilds it).
  */
 import { Engine, ReplicaMode } from '../../src/engine/engine.ts';
 import { Replica } from '../../src/replica/replica.ts';
@@ -16,6 +18,8 @@ import { MemoryDisk } from '../../src/replica/memory-disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { DataServer } from '../../src/protocol/server.ts';
+import { EngineLink } from '../../src/frontend/engine-link.ts';
+import type { ProcessIdentity } from '../../src/os/process-identity.ts';
 import { ErrorCode, ZebuError, onAssertionFailure } from '../../src/errors.ts';
 import { SimWorld, type Random, type SimProcess } from './world.ts';
 import { SimNetwork } from './network.ts';
@@ -53,6 +57,10 @@ const DIR = '/replica';
 const MAX_INFLIGHT = 8;
 const MAX_IO_BYTES = 64 * 1024;
 const REQUEST_TIMEOUT_MS = 4000;
+/** Where the engine's data server listens (one volume: one address, whichever engine runs). */
+const ENGINE_ADDRESS = 'engine.sock';
+/** The frontend's link: a heartbeat every 500 ms; 2 s without an answer means the engine hangs. */
+const LINK_TIMEOUTS = { heartbeatIntervalMs: 500, hangTimeoutMs: 2000, stallTimeoutMs: 30_000 };
 
 type ClientOp =
   | { kind: 'write'; id: number; offset: number; length: number; fua: boolean }
@@ -105,7 +113,14 @@ export class Simulation {
   private readonly model: VolumeModel;
   private engine: Engine | null = null;
   private engineProc: SimProcess | null = null;
-  /** Bumped when the engine dies: replies of a dead engine are ignored. */
+  /** The engine process's identity, as its data server tells the link (the link kills by it). */
+  private engineIdentity: ProcessIdentity | null = null;
+  /** The NBD frontend's process and its link to the engine: every client request goes through it. */
+  private readonly frontendProc: SimProcess;
+  private link: EngineLink | null = null;
+  /** The run is over: the link is closed under what is still in flight. */
+  private stopping = false;
+  /** Bumped when the engine dies: an engine start that was overtaken gives up. */
   private incarnation = 0;
   private epoch = 1;
   private sizeBytes: number;
@@ -121,7 +136,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, engineHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, engineHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -133,6 +148,7 @@ export class Simulation {
     this.model = new VolumeModel(this.sizeBytes);
     this.replicas = Array.from({ length: this.options.replicas }, (_, i) => new SimReplica(i));
     this.nextReplicaIndex = this.options.replicas;
+    this.frontendProc = this.world.process('frontend');
   }
 
   private note(text: string): void {
@@ -213,23 +229,52 @@ export class Simulation {
     await engine.startUp();
     if (incarnation !== this.incarnation) return;
     this.note(`engine epoch ${this.epoch} serving: ${engine.replicaStatus().map((s) => `${s.key}:${s.mode}`).join(' ')}`);
-    // The frontend's link sends what the dead engine left unanswered again.
-    for (const op of [...this.ops.values()]) {
-      this.stats.reissued++;
-      this.send(op);
+    // As engine-serve does: the data socket opens once start-up is done; its INFO names the process.
+    const identity: ProcessIdentity = { pid: 1000 + this.epoch, startTime: String(this.epoch) };
+    const server = new DataServer(engine, { secret: SECRET, identity: { process: identity }, clock: proc.clock });
+    this.net.listen(ENGINE_ADDRESS, proc, server);
+    this.engineIdentity = identity;
+    // The frontend's link finds it (it has been trying the address since the last engine went away).
+    if (this.link === null) {
+      this.link = await EngineLink.connect({
+        name: 'sim', socketPath: ENGINE_ADDRESS, secret: SECRET, ...LINK_TIMEOUTS,
+        transport: this.net.transport(this.frontendProc), clock: this.frontendProc.clock,
+        killEngine: (id) => this.killHungEngine(id),
+        log: LIVE_TRACE ? (event) => this.note(`link: ${JSON.stringify(event).slice(0, 300)}`) : undefined,
+      });
     }
   }
 
   private crashEngine(): void {
     if (this.engineProc === null) return;
     this.engineProc.kill();
-    this.engineGone(`engine crashed (${this.ops.size} requests in flight will be sent again)`, 500);
+    this.engineGone(`engine crashed (${this.ops.size} requests in flight, held by the link)`, 500);
+  }
+
+  /**
+   * The link found the engine hung and asks for it to be killed. Sometimes it cannot be at once
+   * (a process stuck in the kernel, say): it lives on a while, and what it had sent still arrives
+   * at the replicas late while the next engine serves, and must be fenced by the epoch.
+   */
+  private killHungEngine(identity: ProcessIdentity): boolean {
+    const proc = this.engineProc;
+    if (proc === null || this.engineIdentity === null || identity.pid !== this.engineIdentity.pid || identity.startTime !== this.engineIdentity.startTime) return false;
+    this.stats.engineKills++;
+    if (this.random.chance(0.5)) {
+      proc.kill();
+      this.engineGone(`the link killed hung engine ${this.epoch}`, 300);
+    } else {
+      this.world.schedule(1000 + this.random.int(4000), () => proc.kill());
+      this.engineGone(`the link killed hung engine ${this.epoch}; it dies only later`, 300);
+    }
+    return true;
   }
 
   /** The engine process is no more to the client: the agent starts the next epoch's a while later. */
   private engineGone(what: string, restartMsMax: number): void {
     this.engine = null;
     this.engineProc = null;
+    this.engineIdentity = null;
     this.incarnation++;
     this.epoch++;
     this.note(what);
@@ -245,15 +290,13 @@ export class Simulation {
   }
 
   /**
-   * The engine stops answering (a stalled process, a cut link to its node) and a new one starts
-   * with the next epoch while the old one still lives: what it had sent arrives at the replicas
-   * late, and must be fenced. The old process is killed a while later.
+   * The engine stops answering for `ms` (a stalled process): nothing moves between it and anyone.
+   * A short stall only delays requests; one past the link's hang timeout has the link kill it.
    */
-  private replaceHungEngine(ms: number): void {
-    const old = this.engineProc!;
-    for (const r of this.replicas) if (r.proc !== null) this.net.holdBetween(old, r.proc, ms);
-    this.world.schedule(ms + 5000, () => old.kill());
-    this.engineGone(`engine ${this.epoch} hangs; engine ${this.epoch + 1} replaces it (${this.ops.size} requests will be sent again)`, 300);
+  private hangEngine(ms: number): void {
+    const proc = this.engineProc!;
+    this.net.freeze(proc, ms);
+    this.note(`engine ${this.epoch} hangs for ${ms} ms`);
   }
 
   // ---- client requests ------------------------------------------------------------------------
@@ -296,35 +339,29 @@ export class Simulation {
     this.send(op);
   }
 
+  /** Sends a client request through the frontend's link (it holds it while no engine serves). */
   private send(op: ClientOp): void {
     if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) this.note(`send ${op.kind} ${op.id} ${op.offset}+${op.length} (engine ${this.serving() === null ? 'down' : 'up'})`);
-    const engine = this.serving();
-    if (engine === null) return; // sent when the next engine serves
-    const incarnation = this.incarnation;
-    const done = (err: unknown, data?: Buffer): void => {
-      if (incarnation !== this.incarnation) return; // a dead engine's reply never reaches the client
-      this.complete(op, err === null ? null : (err as ZebuError), data);
-    };
+    const link = this.link!;
+    const done = (err: ZebuError | null, data?: Buffer): void => this.complete(op, err, data);
     switch (op.kind) {
       case 'write':
-        engine.write(op.offset, writePayload(op.id, op.offset, op.length), { fua: op.fua }).then(() => done(null), done);
+        link.write(op.offset, writePayload(op.id, op.offset, op.length), op.fua, done);
         break;
       case 'zero':
-        engine.zero(op.offset, op.length, { trim: op.trim }).then(() => done(null), done);
+        link.zero(op.offset, op.length, op.trim, false, done);
         break;
-      case 'read': {
-        const out = Buffer.alloc(op.length);
-        engine.read(op.offset, op.length, out, 0).then(() => done(null, out), done);
+      case 'read':
+        link.read(op.offset, op.length, (err, data) => done(err, err === null ? data : undefined));
         break;
-      }
       case 'flush':
-        engine.flush().then(() => done(null), done);
+        link.flush(done);
         break;
     }
   }
 
   private complete(op: ClientOp, err: ZebuError | null, data: Buffer | undefined): void {
-    if (!this.ops.delete(op.id)) return;
+    if (!this.ops.delete(op.id) || this.stopping) return;
     if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) {
       this.note(`done ${op.kind} ${op.id} ${op.offset}+${op.length}: ${err?.message ?? 'ok'}${data !== undefined ? ` read ${sectorValue(data, WATCH_BYTE - op.offset, WATCH_BYTE / SECTOR_BYTES)}` : ''}`);
     }
@@ -382,13 +419,15 @@ export class Simulation {
   private startControl(name: string, run: () => Promise<void>): void {
     this.controlName = name;
     this.note(`control: ${name}`);
+    const engine = this.engine;
     this.control = run().catch((err: unknown) => {
       // BUSY, EXISTS (the engine already brings that replica back itself): the manager tries again later.
       if (err instanceof ZebuError && (err.code === ErrorCode.BUSY || err.code === ErrorCode.CLOSED || err.code === ErrorCode.EXISTS)) {
         this.note(`control ${name}: ${err.code} ${err.message}`);
         return;
       }
-      if (this.engine === null && err instanceof ZebuError) return; // the engine died under it
+      // The engine died under it, or was replaced (found hung): the manager tries again on the next one.
+      if ((this.engine === null || this.engine !== engine) && err instanceof ZebuError) return;
       this.problem(`control ${name} failed: ${(err as Error).stack ?? String(err)}`);
     }).finally(() => {
       this.control = null;
@@ -506,11 +545,12 @@ export class Simulation {
       } };
     }
     if (roll < 0.2) {
-      if (this.engineProc === null) return null;
-      const ms = 200 + this.random.int(3000);
-      return { name: `the engine hangs for ${ms} ms and is replaced`, run: async () => {
+      // A hang while serving (the link is connected and watches it); one during start-up is a slow start.
+      if (this.engineProc === null || this.serving() === null) return null;
+      const ms = 200 + this.random.int(2 * LINK_TIMEOUTS.hangTimeoutMs);
+      return { name: `the engine hangs for ${ms} ms`, run: async () => {
         this.stats.engineHangs++;
-        this.replaceHungEngine(ms);
+        this.hangEngine(ms);
       } };
     }
     // The rest strike one replica (healthy, or struck already: being rebuilt, say) while another
@@ -585,6 +625,8 @@ export class Simulation {
       const to = this.sizeBytes + (1 + this.random.int(8)) * 1024 * 1024;
       return { name: `expand to ${to} bytes`, run: async () => {
         await engine.expand(to);
+        // As the agent does after an online expand: the frontend learns the new size.
+        await this.link!.refreshSize().catch(() => {});
         this.sizeBytes = to;
         this.model.grow(to);
         this.stats.expansions++;
@@ -652,8 +694,11 @@ export class Simulation {
     } finally {
       process.off('unhandledRejection', onRejection);
       onAssertionFailure(previousHandler);
+      this.stopping = true;
+      this.link?.close();
       for (const r of this.replicas) r.proc?.kill();
       this.engineProc?.kill();
+      this.frontendProc.kill();
     }
     for (const c of this.world.crashes) this.problem(`the code under test threw: ${c}`);
     return {
@@ -686,16 +731,20 @@ export class Simulation {
       await this.world.runFor(50);
     }
     const engine = this.serving()!;
+    const link = this.link!;
     this.step = this.options.steps;
-    await this.world.await(engine.flush(), 'final flush');
+    await this.world.await(new Promise<void>((resolve, reject) => link.flush((err) => (err === null ? resolve() : reject(err)))), 'final flush');
     await this.world.await(this.verifyNow(engine), 'final verify');
-    // Every byte read back against the model.
+    // Every byte read back against the model, through the link as a client reads it.
     for (let offset = 0; offset < this.sizeBytes && !this.failed; offset += MAX_IO_BYTES) {
       const length = Math.min(MAX_IO_BYTES, this.sizeBytes - offset);
-      const out = Buffer.alloc(length);
-      await this.world.await(engine.read(offset, length, out, 0), 'final read');
+      const out = await this.world.await(new Promise<Buffer>((resolve, reject) => link.read(offset, length, (err, data) => (err === null ? resolve(data) : reject(err)))), 'final read');
       for (const p of this.model.checkRead(offset, out)) this.problem(`final read ${offset}+${length}: ${p}`);
     }
+    const view = link.view();
+    this.stats.reissued = view.reissued;
+    this.stats.linkReopens = view.reopens;
+    this.stats.linkHangs = view.hangs;
   }
 }
 

@@ -1,0 +1,301 @@
+/**
+ * The rebuild sequences: how a replica joining the volume is brought up to date while clients
+ * write — a full copy (the snapshots of the chain, oldest first, then the live volume) or a delta
+ * (only the regions a missed-write map, the target's and the source's active regions name) —
+ * each ending in the same hand-over to RW. What to copy is decided in rebuild-plan.ts; here are
+ * the steps, the requests to the replicas, and when client I/O is paused. The engine hands in
+ * what a rebuild needs of it (`RebuildHost`), and starts, tracks and reports the run itself.
+ */
+import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
+import type { DataClient } from '../protocol/client.ts';
+import { Op, decodeExtents } from '../protocol/frames.ts';
+import { deltaRegions, isAllZero, liveRegionCopy, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
+import type { Rebuild, RangeClaims } from './rebuild.ts';
+import { COPIERS, REGION_BYTES, forEachIndex, isUnsupported, regionRange } from './recovery.ts';
+
+type EngineReplica = SetMember<DataClient>;
+
+/** What a rebuild uses of its engine. */
+export interface RebuildHost {
+  readonly sizeBytes: number;
+  /** Write-intent regions in the volume. */
+  readonly regionCount: number;
+  readonly replicas: readonly EngineReplica[];
+  readonly set: ReplicaSet<DataClient>;
+  /** The rebuild under way (cleared when it ends). */
+  rebuilding: Rebuild<EngineReplica> | null;
+  /** Range claims, while a rebuild or verify uses them. */
+  readonly claims: RangeClaims | null;
+  /** Client requests in flight. */
+  readonly inflight: number;
+  readonly faultedReason: string | null;
+  faultError(): ZebuError;
+  pickReader(exclude: Set<EngineReplica>): EngineReplica | null;
+  setErr(r: EngineReplica, err: ZebuError): void;
+  /** Runs `fn` on the replica's connection; a failure sets it ERR (an older replica's UNSUPPORTED is ignored). */
+  controlOn(r: EngineReplica, fn: (client: DataClient) => Promise<unknown>): Promise<void>;
+  /** Holds new client requests and waits until none is in flight; resume() lets them go. */
+  pauseAndDrain(): Promise<void>;
+  resume(): void;
+  useClaims(): void;
+  dropClaims(): void;
+  flushNumbered(): Promise<void>;
+  handOverMissedMaps(target: EngineReplica): Promise<void>;
+  alignCounters(): Promise<void>;
+  log(event: Record<string, unknown>): void;
+}
+
+/** Reads from a RW replica (not the target); a failing one is set ERR and the next one tried. */
+async function readSource<T>(host: RebuildHost, target: EngineReplica, check: () => void, fn: (client: DataClient) => Promise<T>): Promise<T> {
+  for (;;) {
+    check();
+    const source = host.pickReader(new Set([target]));
+    if (source === null) throw host.faultError();
+    const client = source.client!;
+    try {
+      return await fn(client);
+    } catch (err) {
+      const e = toZebuError(err);
+      if (e.code === ErrorCode.EINVAL || e.code === ErrorCode.NOT_FOUND || isUnsupported(e)) throw e;
+      if (source.client === client) host.setErr(source, e);
+    }
+  }
+}
+
+function rebuildCheck(host: RebuildHost, rebuild: Rebuild<EngineReplica>, target: EngineReplica): () => void {
+  return () => {
+    if (target.mode === ReplicaMode.ERR || target.client === null) throw new ZebuError(ErrorCode.EIO, `target failed: ${target.reason}`);
+    if (rebuild.cancelled !== null) throw new ZebuError(ErrorCode.CLOSED, rebuild.cancelled);
+    if (host.faultedReason !== null) throw host.faultError();
+  };
+}
+
+/** The target joins the write set (no write in flight while it does); claims start with it. */
+async function joinWriteSet(host: RebuildHost, target: EngineReplica, check: () => void): Promise<void> {
+  await host.pauseAndDrain();
+  try {
+    check();
+    // Nothing in flight: a write sent before it joined and acknowledged after would miss it.
+    assert(host.inflight === 0, 'a replica joins the write set with a request in flight');
+    host.set.join(target);
+    host.useClaims();
+  } finally {
+    host.resume();
+  }
+}
+
+/**
+ * Copies region [offset, offset+length) from a RW replica to the target under a claim, as
+ * `how` says what the target already holds there:
+ *
+ * - `status`: a region the source holds nothing of (BLOCK_STATUS) is skipped when the target
+ *   holds nothing there either (`zeroIfEmpty` false), else zeroed;
+ * - `image`: the target has the volume's backing image; a region where the source holds only
+ *   the image's bytes is skipped when the target does too (`zeroIfEmpty` false), else copied;
+ * - `since`: the target reads as snapshot `snapshot` of the source, and a region the live
+ *   volume has not changed since that snapshot is skipped.
+ *
+ * Any other region is copied whole: one read and one write, however fragmented.
+ */
+async function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<void> {
+  const claims = host.claims!;
+  const claim = await claims.claim(offset, offset + length);
+  try {
+    check();
+    const extents = how.kind === 'status'
+      ? decodeExtents(await readSource(host, target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)))
+      : await readSource(host, target, check, (c) => c.snapshotChanges(null, how.kind === 'since' ? how.snapshot : null, offset, length, how.kind === 'image'));
+    const holds = extents.some((extent) => extent.data);
+    if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
+      const data = await readSource(host, target, check, (c) => c.read(offset, length));
+      check();
+      // A region of zeros over an image, or zeroed since the snapshot, is marked, not written.
+      if (how.kind !== 'status' && isAllZero(data)) await target.client!.writeZeroes(offset, length);
+      else await target.client!.write(offset, data);
+    } else if (how.kind === 'status' && how.zeroIfEmpty) {
+      await target.client!.writeZeroes(offset, length);
+    }
+  } finally {
+    claims.release(claim);
+  }
+}
+
+/** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */
+async function finishRebuild(host: RebuildHost, target: EngineReplica, check: () => void): Promise<void> {
+  await host.pauseAndDrain();
+  try {
+    check();
+    await host.flushNumbered();
+    check();
+    await host.handOverMissedMaps(target);
+    check();
+    await host.alignCounters();
+    check();
+    host.set.noteInfo(target, await target.client!.setRebuilding(null));
+    check();
+    // Whole again: no map may say otherwise. A map left behind (an invalid one above all) would
+    // fail this replica again at every later start-up, and each time cost a full rebuild. Only
+    // after the mark is cleared: a crash between the two leaves a complete replica with maps (a
+    // redundant delta next time; the next start-up drops them), never a marked one without the
+    // maps to finish its delta. The drops are sent now and not waited for: the replica is RW
+    // from this moment, so were it lost while they are under way, it is lost as a RW replica and
+    // new maps start behind the drops on the same connections — it comes back by a delta.
+    // (Waited for before RW, a replica lost in between came back to no map: a full rebuild.)
+    for (const r of host.replicas) if (r !== target && r.mode === ReplicaMode.RW) void host.controlOn(r, (c) => c.missedDrop(target.key));
+    host.set.promote(target);
+  } finally {
+    host.rebuilding = null;
+    host.resume();
+  }
+}
+
+export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
+  const progress = target.rebuild!;
+  const regionBytes = REGION_BYTES;
+  const check = rebuildCheck(host, rebuild, target);
+  const fromSource = <T>(fn: (client: DataClient) => Promise<T>): Promise<T> => readSource(host, target, check, fn);
+  // On a backing image (the target has it too: addReplica checked): "empty" is the image's bytes.
+  const aboveImage = target.info?.hasBase === true;
+  let joined = false;
+  try {
+    // 0. From now until the end the copy is incomplete, and says so durably.
+    await target.client!.setRebuilding('full');
+    // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
+    //    snapshot's parent, what the snapshot changed since that parent is written over it, and
+    //    the head is snapshotted under the snapshot's name. A snapshot without a parent is
+    //    written whole over the current tip — zeroing what holds data below but reads as zeros
+    //    in the snapshot (a second root: its parent deleted; same data, another parent) — or,
+    //    on a backing image, what differs from the image. At the end the head goes back onto
+    //    the live volume's parent snapshot.
+    //    `mayDiffer`: by snapshot (null: none yet), the regions where the target's view may
+    //    differ from an empty volume (zeros, or the image).
+    const mayDiffer = new Map<string | null, Set<number>>([[null, new Set()]]);
+    let tip: string | null = null;
+    for (const { name, parent } of plan.order) {
+      if (parent !== null && parent !== tip) {
+        await target.client!.snapshotRevert(parent);
+        tip = parent;
+      }
+      const below = mayDiffer.get(tip)!;
+      const differ = new Set<number>(parent !== null ? below : []);
+      await forEachRegion(host, regionBytes, async (offset, length) => {
+        const region = offset / regionBytes;
+        progress.copiedBytes += length;
+        if (parent !== null || aboveImage) {
+          // Only what changed since the parent (the target holds the parent's view), or since
+          // the image.
+          const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null));
+          const changed = changes.some((extent) => extent.data);
+          if (!changed && !(parent === null && below.has(region))) return;
+          const data = await fromSource((c) => c.readSnapshot(name, offset, length));
+          check();
+          if (isAllZero(data)) await target.client!.writeZeroes(offset, length);
+          else await target.client!.write(offset, data);
+          if (changed) differ.add(region);
+          return;
+        }
+        const data = await fromSource((c) => c.readSnapshot(name, offset, length));
+        check();
+        if (!isAllZero(data)) {
+          await target.client!.write(offset, data);
+          differ.add(region);
+        } else if (below.has(region)) {
+          await target.client!.writeZeroes(offset, length);
+        }
+      });
+      check();
+      await target.client!.snapshotCreate(name);
+      mayDiffer.set(name, differ);
+      tip = name;
+    }
+    if (plan.headParent !== null && plan.headParent !== tip) {
+      await target.client!.snapshotRevert(plan.headParent);
+      tip = plan.headParent;
+    }
+    const differ = mayDiffer.get(tip)!;
+
+    // Maps the target kept from an earlier life name replicas as out that may be in the volume
+    // now (and the snapshots just recreated made them invalid): left there, one would later
+    // stand for a replica that never left and deny it its delta rebuild (found by the
+    // simulator). Only maps started from now (it joins next) and those handed over at the end
+    // are whole. (An older replica without maps has none to drop.)
+    await host.controlOn(target, (c) => c.missedPrune([]));
+    check();
+
+    // 2. Join the write set, then copy the live volume: what changed since its parent snapshot
+    //    (the target's head sits on it), or, without one, everything (over the image).
+    await joinWriteSet(host, target, check);
+    joined = true;
+    await forEachRegion(host, regionBytes, async (offset, length) => {
+      const zeroIfEmpty = differ.has(offset / regionBytes);
+      await copyRegion(host, target, check, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
+      progress.copiedBytes += length;
+    });
+
+    // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
+    await finishRebuild(host, target, check);
+  } finally {
+    if (host.rebuilding === rebuild) host.rebuilding = null;
+    if (joined) host.dropClaims();
+  }
+}
+
+/**
+ * A delta rebuild: the target held the volume until it went out; since then the RW replicas
+ * recorded in a missed-write map which regions were written. Copied: the map (read once the
+ * target is in the write set: nothing it misses from then on), the target's own active regions
+ * (its writes that the others may not have) and the source's. Its maps are dropped at the end
+ * (finishRebuild), as after a full rebuild.
+ */
+export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<EngineReplica>, target: EngineReplica, mapHolder: EngineReplica): Promise<void> {
+  const progress = target.rebuild!;
+  const check = rebuildCheck(host, rebuild, target);
+  let joined = false;
+  try {
+    await target.client!.setRebuilding('delta');
+    // Before it joins: once it takes this engine's flushes its old active regions may leave.
+    // Into the maps with them, durably: if this copy stops midway, the next engine copies the
+    // delta again from the maps, and must not miss what only the target wrote before it went out.
+    const targetActive = (await target.client!.intentGet()).active;
+    await Promise.all(host.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW && r.client !== null).map(async (r) => {
+      const client = r.client!;
+      const has = await client.missedGet(target.key).then(() => true, () => false);
+      if (has) await host.controlOn(r, (c) => c.missedMerge(target.key, targetActive, false));
+    }));
+    // Maps it kept from before it went out missed writes: only maps started from now are whole.
+    await target.client!.missedPrune([]);
+    await joinWriteSet(host, target, check);
+    joined = true;
+    check();
+    if (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null) throw new ZebuError(ErrorCode.EIO, `replica ${mapHolder.address} holding the missed-write map failed`);
+    const [missed, holderIntent] = await Promise.all([mapHolder.client.missedGet(target.key), mapHolder.client.intentGet()]);
+    const regions = deltaRegions(missed, targetActive, holderIntent.active, host.regionCount);
+    for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, host.sizeBytes).length;
+    host.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
+    await forEachIndex(regions.length, COPIERS, async (i) => {
+      const { offset, length } = regionRange(regions[i], REGION_BYTES, host.sizeBytes);
+      // The target may hold anything there: a region the source holds nothing of is zeroed
+      // (or, on a backing image, given the image's bytes).
+      await copyRegion(host, target, check, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
+      progress.copiedBytes += length;
+    });
+    await finishRebuild(host, target, check);
+  } finally {
+    if (host.rebuilding === rebuild) host.rebuilding = null;
+    if (joined) host.dropClaims();
+  }
+}
+
+/**
+ * Runs `fn` over the volume in regions, COPIERS at a time (a copy is round trips to two
+ * replicas: several in flight keep both busy). The first failure stops the others.
+ */
+async function forEachRegion(host: RebuildHost, regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+  const count = Math.ceil(host.sizeBytes / regionBytes);
+  await forEachIndex(count, COPIERS, (i) => {
+    const { offset, length } = regionRange(i, regionBytes, host.sizeBytes);
+    return fn(offset, length);
+  });
+}
+
