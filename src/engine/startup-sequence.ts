@@ -98,15 +98,17 @@ async function probe(host: StartupHost, r: EngineReplica): Promise<StartupCandid
     }
     host.set.noteInfo(r, info);
     let active: number[] | null = null;
+    let mapsFor: string[] | null = null;
     try {
       const intent = await client.intentGet();
       if (intent.regionBytes !== REGION_BYTES) throw new ZebuError(ErrorCode.EINVAL, `write-intent regions of ${intent.regionBytes} bytes, the engine uses ${REGION_BYTES}`);
       active = intent.active;
+      mapsFor = [...Object.keys(intent.missed), ...(intent.invalidMissed ?? [])];
     } catch (err) {
       if (!isUnsupported(toZebuError(err))) throw err;
     }
     const chain = chainNames(await client.snapshotList());
-    return { key: r.key, info, error: null, chain, active, retry: false };
+    return { key: r.key, info, error: null, chain, active, mapsFor, retry: false };
   } catch (err) {
     const e = toZebuError(err);
     if (r.client === client) r.client = null;
@@ -159,7 +161,7 @@ async function probeAll(host: StartupHost): Promise<StartupCandidate[]> {
       r.client = null;
       return { key: c!.key, info: null, error: 'connection lost during start-up', chain: null, active: null };
     }
-    return { key: c!.key, info: c!.info, error: c!.error, chain: c!.chain, active: c!.active };
+    return { key: c!.key, info: c!.info, error: c!.error, chain: c!.chain, active: c!.active, mapsFor: c!.mapsFor };
   });
 }
 

@@ -33,6 +33,8 @@ export interface StartupCandidate {
   chain: string[] | null;
   /** Active regions of its write-intent log; null when it has none (an older replica). */
   active: number[] | null;
+  /** Keys it holds missed-write maps for, valid or invalid (absent or null: none known). */
+  mapsFor?: string[] | null;
 }
 
 export type StartupMode = 'RW' | 'DELTA' | 'ERR';
@@ -107,14 +109,24 @@ export function furthestAhead<T extends { info: ReplicaInfo | null }>(replicas: 
   return best;
 }
 
-/** The best usable replica, or null. Ties go to the first. */
+/**
+ * The best usable replica, or null. Among replicas with equal counters, one that another of them
+ * holds a missed-write map for is not chosen: it went out while that one served on, and what it
+ * missed need not show in the counters — a snapshot taken meanwhile counts no write (found by the
+ * simulator: a replica that missed a snapshot became the source, and the snapshot was lost with
+ * the replica that had it). Other ties go to the first.
+ */
 export function chooseSource(sizeBytes: number, candidates: StartupCandidate[]): number | null {
   let best: number | null = null;
   for (const [i, c] of candidates.entries()) {
     if (unusableReason(sizeBytes, c) !== null) continue;
     if (best === null || compareCounters(c.info!, candidates[best].info!) > 0) best = i;
   }
-  return best;
+  if (best === null) return null;
+  const tied = candidates.flatMap((c, i) => (unusableReason(sizeBytes, c) === null && compareCounters(c.info!, candidates[best!].info!) === 0 ? [i] : []));
+  if (tied.length < 2) return best;
+  const wentOut = new Set(tied.flatMap((i) => candidates[i].mapsFor ?? []));
+  return tied.find((i) => !wentOut.has(candidates[i].key)) ?? best;
 }
 
 function sameChain(a: string[] | null, b: string[] | null): boolean {

@@ -146,8 +146,11 @@ export class EngineLink implements NbdExport {
   private pingerConnecting = false;
   /** The engine process behind `client`, as its INFO said. */
   private engine: ProcessIdentity | null = null;
-  /** An engine found hung: never re-issue to it (it may still hold the requests). */
-  private hungEngine: ProcessIdentity | null = null;
+  /**
+   * An engine not to send anything again: found hung (it may still hold the requests), or
+   * superseded by a newer epoch (it answers FENCED to everything).
+   */
+  private refusedEngine: ProcessIdentity | null = null;
   private readonly table = new Set<Forwarded>();
   private held: Forwarded[] = [];
   /** Re-issued requests not yet answered: REOPENING lasts until they are. */
@@ -313,11 +316,11 @@ export class EngineLink implements NbdExport {
       client.close();
       throw new ZebuError(ErrorCode.CLOSED, `export ${this.name} is closed`);
     }
-    if (sameProcess(engine, this.hungEngine)) {
+    if (sameProcess(engine, this.refusedEngine)) {
       // The hung engine still answers on a new connection (it could not be killed): it may still
-      // run the requests we hold. Wait for another one.
+      // run the requests we hold. A superseded one serves nothing. Wait for another one.
       client.close();
-      throw new ZebuError(ErrorCode.BUSY, `engine process ${engine!.pid} was found hung and is still there; waiting for a new engine`);
+      throw new ZebuError(ErrorCode.BUSY, `engine process ${engine!.pid} was found hung or superseded and is still there; waiting for a new engine`);
     }
     this.sizeBytes = sizeBytes;
     this.client = client;
@@ -469,11 +472,18 @@ export class EngineLink implements NbdExport {
     const engine = this.engine;
     let killed = false;
     if (engine !== null) {
-      this.hungEngine = engine;
+      this.refusedEngine = engine;
       killed = this.options.killEngine(engine);
     }
     this.options.log({ event: 'engine-hung', why, engine, killed, outstanding: this.table.size });
     this.lost('engine-hung', `engine hung (${why})${engine !== null ? `; process ${engine.pid} ${killed ? 'killed' : 'not killed (gone already)'}` : ''}`);
+  }
+
+  private engineSuperseded(why: string): void {
+    if (this.client === null || this.closed) return;
+    this.refusedEngine = this.engine;
+    this.options.log({ event: 'engine-superseded', why, engine: this.engine, outstanding: this.table.size });
+    this.lost('engine-lost', `engine superseded by a newer epoch (${why})`);
   }
 
   // ---- requests ------------------------------------------------------------------------------
@@ -510,6 +520,15 @@ export class EngineLink implements NbdExport {
         if (err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) {
           // The engine went away with this request unanswered: hold it for the next engine.
           if (this.client === client) this.lost('engine-lost', `engine disconnected: ${err.message}`);
+          this.hold(f);
+          return;
+        }
+        if (err.code === ErrorCode.FENCED) {
+          // The engine was superseded: another engine of a newer epoch opened the replicas, and
+          // this one never serves again. The request waits for the volume's next engine, as one
+          // in flight when an engine dies does (a restarted frontend can meet such an engine at
+          // the socket before its successor takes the socket over).
+          if (this.client === client) this.engineSuperseded(err.message);
           this.hold(f);
           return;
         }

@@ -37,6 +37,20 @@ test('the source is chosen by writeEpoch first, then revision, then flushed revi
   assert.equal(chooseSource(SIZE, [c('a', null), c('b', info(1, { rebuilding: true })), c('c', info(1, { sizeBytes: 2 * SIZE }))]), null);
 });
 
+test('of replicas with equal counters, one that another holds a missed-write map for is not the source', () => {
+  // b went out (a holds a map for it); a took a snapshot meanwhile, which counts no write.
+  const a = { ...c('a', info(25, { writeEpoch: 2 }), { chain: ['s1'] }), mapsFor: ['b'] };
+  const b = { ...c('b', info(25, { writeEpoch: 2 }), { chain: [] }), mapsFor: [] };
+  assert.equal(chooseSource(SIZE, [b, a]), 1);
+  const plan = planStartup(SIZE, REGION, [b, a], (i) => (i === 0 ? { invalid: true, regions: null } : NO_MISSED));
+  assert.equal(plan.source, 1);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['ERR', 'RW']);
+  // Counters still come first: a replica ahead is the source even when named in a map.
+  assert.equal(chooseSource(SIZE, [{ ...c('a', info(26)), mapsFor: [] }, { ...c('b', info(27)), mapsFor: [] }, { ...c('c', info(25)), mapsFor: ['b'] }]), 1);
+  // Each named by the other (stale maps): the first, as before.
+  assert.equal(chooseSource(SIZE, [{ ...c('a', info(5)), mapsFor: ['b'] }, { ...c('b', info(5)), mapsFor: ['a'] }]), 0);
+});
+
 test('unflushed differences (revision) are covered by the union of active regions: RW, resynced, not clean', () => {
   const plan = planStartup(SIZE, REGION, [c('a', info(7, { flushed: 5 }), { active: [3, 1] }), c('b', info(6, { flushed: 5 }), { active: [1, 9, 99] })], noMaps);
   assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'RW']);

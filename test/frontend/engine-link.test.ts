@@ -95,6 +95,34 @@ test('an engine that leaves requests unanswered is killed and replaced; the requ
   assert.equal(link.held, 0);
 });
 
+test('an engine that answers FENCED (superseded) is dropped: its requests wait for the next engine, never fail', async (t) => {
+  const dir = tempDir(t, 'zl-');
+  const socket = path.join(dir, 'e.sock');
+  const old = await fakeEngine(t, socket, new MemoryBackend(4 * MiB), 4_000_005);
+  const frontend = new Frontend({ secret: SECRET, heartbeatIntervalMs: 100 });
+  t.after(() => frontend.close());
+  await frontend.listenUnix(path.join(dir, 'nbd.sock'));
+  await frontend.putExport('v', socket);
+  const client = await NbdClient.connect({ path: path.join(dir, 'nbd.sock') }, 'v');
+  t.after(() => client.destroy());
+  assert.equal(await client.write(0, pattern(1, 64 * 1024)), 0);
+
+  // A newer engine opened the replicas: this one answers FENCED from now on, and is still there.
+  old.backend.fence();
+  const write = client.write(64 * 1024, pattern(2, 64 * 1024));
+  await waitFor('the link drops the superseded engine', () => frontend.exportView('v').link.state === 'CLOSE', 10_000, 20);
+  assert.match(frontend.exportView('v').link.lastClose?.cause ?? '', /superseded/);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(frontend.exportView('v').link.state, 'CLOSE', 'it does not go back to the superseded engine');
+
+  // The volume's next engine takes the socket over: the write reaches it.
+  await old.server.close(0);
+  const next = await fakeEngine(t, socket, old.backend.clone(), 4_000_006);
+  assert.equal(await write, 0);
+  assert.deepEqual(next.backend.peek(64 * 1024, 64 * 1024), pattern(2, 64 * 1024));
+  assert.equal(frontend.exportView('v').link.state, 'OPEN');
+});
+
 test('requests held with no engine fail with EIO after the hold timeout, not before', async (t) => {
   const dir = tempDir(t, 'zl-');
   const socket = path.join(dir, 'e.sock');

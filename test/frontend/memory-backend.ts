@@ -14,6 +14,7 @@ export class MemoryBackend implements BlockBackend {
   private openGate: (() => void) | null = null;
   /** Requests waiting at the gate. */
   held = 0;
+  private fenced = false;
 
   constructor(sizeBytes: number) {
     this.sizeBytes = sizeBytes;
@@ -40,7 +41,13 @@ export class MemoryBackend implements BlockBackend {
     this.openGate = null;
   }
 
+  /** From now on every request fails FENCED, as a superseded engine answers. */
+  fence(): void {
+    this.fenced = true;
+  }
+
   private async pass(): Promise<void> {
+    if (this.fenced) throw new ZebuError(ErrorCode.FENCED, 'volume v is faulted: superseded by a newer epoch');
     if (this.gate === null) return;
     this.held++;
     await this.gate;

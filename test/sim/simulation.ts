@@ -116,7 +116,8 @@ export class Simulation {
   /** The engine process's identity, as its data server tells the link (the link kills by it). */
   private engineIdentity: ProcessIdentity | null = null;
   /** The NBD frontend's process and its link to the engine: every client request goes through it. */
-  private readonly frontendProc: SimProcess;
+  private frontendProc: SimProcess;
+  private frontendRestarts = 0;
   private link: EngineLink | null = null;
   /** The run is over: the link is closed under what is still in flight. */
   private stopping = false;
@@ -135,8 +136,8 @@ export class Simulation {
   private failedAtStep = -1;
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
-    writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, engineHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+    writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
+    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -235,14 +236,41 @@ export class Simulation {
     this.net.listen(ENGINE_ADDRESS, proc, server);
     this.engineIdentity = identity;
     // The frontend's link finds it (it has been trying the address since the last engine went away).
-    if (this.link === null) {
-      this.link = await EngineLink.connect({
-        name: 'sim', socketPath: ENGINE_ADDRESS, secret: SECRET, ...LINK_TIMEOUTS,
-        transport: this.net.transport(this.frontendProc), clock: this.frontendProc.clock,
-        killEngine: (id) => this.killHungEngine(id),
-        log: LIVE_TRACE ? (event) => this.note(`link: ${JSON.stringify(event).slice(0, 300)}`) : undefined,
-      });
+    if (this.link === null) this.link = await EngineLink.connect(this.linkOptions());
+  }
+
+  private linkOptions(): Parameters<typeof EngineLink.connect>[0] {
+    return {
+      name: 'sim', socketPath: ENGINE_ADDRESS, secret: SECRET, ...LINK_TIMEOUTS,
+      transport: this.net.transport(this.frontendProc), clock: this.frontendProc.clock,
+      killEngine: (id) => this.killHungEngine(id),
+      log: LIVE_TRACE ? (event) => this.note(`link: ${JSON.stringify(event).slice(0, 300)}`) : undefined,
+    };
+  }
+
+  /**
+   * The node the volume is attached on crashes: the frontend and the engine die together, and the
+   * client's requests in flight die with them (nobody sends them again: a client that reconnects
+   * to the restarted frontend starts afresh). What they wrote is unknown — on some replicas, not
+   * on others — and only the next engine's start-up resync (the union of the replicas' active
+   * regions) makes the replicas equal again.
+   */
+  private crashNode(): void {
+    const abandoned = [...this.ops.values()];
+    for (const op of abandoned) {
+      this.ops.delete(op.id);
+      if (op.kind === 'write') this.model.writeEnded(op.id, op.offset, op.length, false, false);
+      if (op.kind === 'zero') this.model.writeEnded(0, op.offset, op.length, false, false);
+      if (op.kind === 'read') this.model.readEnded(op.offset, op.length);
     }
+    this.link?.close();
+    this.frontendProc.kill();
+    this.crashEngine();
+    // Its supervisor starts the frontend again at once: the export comes back from its state
+    // file, waiting for an engine (see EngineLink.restore).
+    this.frontendProc = this.world.process(`frontend-${++this.frontendRestarts}`);
+    this.link = EngineLink.restore(this.linkOptions(), this.sizeBytes);
+    this.note(`the node crashed: frontend and engine; ${abandoned.length} client requests lost with them`);
   }
 
   private crashEngine(): void {
@@ -537,11 +565,18 @@ export class Simulation {
         },
       };
     }
-    if (roll < 0.16) {
+    if (roll < 0.12) {
       if (this.engine === null) return null;
       return { name: 'the engine crashes', run: async () => {
         this.stats.engineCrashes++;
         this.crashEngine();
+      } };
+    }
+    if (roll < 0.16) {
+      if (this.engine === null || this.link === null) return null;
+      return { name: 'the node with the frontend and the engine crashes', run: async () => {
+        this.stats.nodeCrashes++;
+        this.crashNode();
       } };
     }
     if (roll < 0.2) {
@@ -572,12 +607,22 @@ export class Simulation {
         this.net.cutBetween(engineProc, r.proc!);
       } };
     }
-    if (roll < 0.75) {
+    if (roll < 0.68) {
       const ms = 500 + this.random.int(2 * REQUEST_TIMEOUT_MS);
       return { name: `link engine-${r.key} stalls for ${ms} ms`, run: async () => {
         this.stats.hangs++;
         this.strike(r, this.world.nowMs + ms + REQUEST_TIMEOUT_MS); // it may time out and be dropped
         this.net.holdBetween(engineProc, r.proc!, ms);
+      } };
+    }
+    if (roll < 0.75) {
+      // The replica process hangs: nothing moves on its connections and a new one (the engine
+      // reconnecting to bring it back) waits too, until it runs again.
+      const ms = 500 + this.random.int(2 * REQUEST_TIMEOUT_MS);
+      return { name: `${r.key} hangs for ${ms} ms`, run: async () => {
+        this.stats.replicaHangs++;
+        this.strike(r, this.world.nowMs + ms + REQUEST_TIMEOUT_MS);
+        this.net.freeze(r.proc!, ms);
       } };
     }
     const errno = this.random.chance(0.7) ? 'EIO' : 'ENOSPC';
