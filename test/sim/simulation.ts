@@ -124,7 +124,10 @@ export class Simulation {
   /** Bumped when the engine dies: an engine start that was overtaken gives up. */
   private incarnation = 0;
   private epoch = 1;
+  /** What clients may address: grown once an expansion is acknowledged. */
   private sizeBytes: number;
+  /** The volume's size as the manager records it: set before an expansion starts. */
+  private specSizeBytes: number;
   private readonly ops = new Map<number, ClientOp>();
   private nextId = 1;
   private control: Promise<void> | null = null;
@@ -146,6 +149,7 @@ export class Simulation {
     this.random = this.world.random;
     this.net = new SimNetwork(this.world, this.random.fork());
     this.sizeBytes = this.options.sizeBytes;
+    this.specSizeBytes = this.sizeBytes;
     this.model = new VolumeModel(this.sizeBytes);
     this.replicas = Array.from({ length: this.options.replicas }, (_, i) => new SimReplica(i));
     this.nextReplicaIndex = this.options.replicas;
@@ -176,10 +180,10 @@ export class Simulation {
     const faulty = new FaultyDisk(power);
     const exists = await Replica.exists(DIR, faulty);
     // As the agent does: the volume's size now (an offline expansion if it grew meanwhile).
-    if (exists) await Replica.expandOnDisk(DIR, this.sizeBytes, faulty);
+    if (exists) await Replica.expandOnDisk(DIR, this.specSizeBytes, faulty);
     const replica = exists
       ? await Replica.open(DIR, { disk: faulty, clock: proc.clock })
-      : await Replica.create(DIR, { sizeBytes: this.sizeBytes, disk: faulty, clock: proc.clock });
+      : await Replica.create(DIR, { sizeBytes: this.specSizeBytes, disk: faulty, clock: proc.clock });
     const server = new DataServer(replica, { secret: SECRET, identity: { name: r.key }, clock: proc.clock });
     this.net.listen(r.address, proc, server);
     Object.assign(r, { proc, power, faulty, replica, up: true });
@@ -218,7 +222,7 @@ export class Simulation {
     }
     const proc = this.world.process(`engine-${this.epoch}`);
     const engine = Engine.create({
-      name: 'sim', sizeBytes: this.sizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
+      name: 'sim', sizeBytes: this.specSizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
@@ -237,6 +241,12 @@ export class Simulation {
     this.engineIdentity = identity;
     // The frontend's link finds it (it has been trying the address since the last engine went away).
     if (this.link === null) this.link = await EngineLink.connect(this.linkOptions());
+    if (this.specSizeBytes > this.sizeBytes) {
+      // An expansion that the last engine did not finish: this one grew the replicas at start-up.
+      await this.link.refreshSize().catch(() => {});
+      this.sizeBytes = this.specSizeBytes;
+      this.model.grow(this.sizeBytes);
+    }
   }
 
   private linkOptions(): Parameters<typeof EngineLink.connect>[0] {
@@ -476,11 +486,27 @@ export class Simulation {
   }
 
   /** What the manager would do next, if anything: add a replica back, or replace it. */
+  /** An online expansion; once acknowledged, clients may address the new size. */
+  private async expandTo(engine: Engine, to: number): Promise<void> {
+    await engine.expand(to);
+    if (engine !== this.engine) return; // replaced meanwhile: the next engine's start-up grows it
+    // As the agent does after an online expand: the frontend learns the new size.
+    await this.link!.refreshSize().catch(() => {});
+    this.sizeBytes = Math.max(this.sizeBytes, to);
+    this.model.grow(this.sizeBytes);
+    this.stats.expansions++;
+  }
+
   private reconcileAction(): { name: string; run: () => Promise<void> } | null {
     const engine = this.serving();
     if (engine === null) return null;
     const status = engine.replicaStatus();
     if (status.some((x) => x.rebuild !== null)) return null; // one rebuild at a time: the manager waits
+    if (this.specSizeBytes > this.sizeBytes) {
+      // An expansion recorded but not done (it failed, or its engine died): the manager drives it again.
+      const to = this.specSizeBytes;
+      return { name: `manager expands to ${to} bytes again`, run: () => this.expandTo(engine, to) };
+    }
     const out = this.replicas.find((r) => {
       const s = status.find((x) => x.key === r.key);
       return r.up && s !== undefined && s.mode === ReplicaMode.ERR && s.rebuild === null;
@@ -666,15 +692,13 @@ export class Simulation {
         for (const r of this.replicas) if (r.struck) r.treeChangedWhileOut = true;
       } };
     }
-    if (roll < 0.75 && this.sizeBytes < 2 * this.options.sizeBytes) {
-      const to = this.sizeBytes + (1 + this.random.int(8)) * 1024 * 1024;
+    if (roll < 0.75 && this.specSizeBytes < 2 * this.options.sizeBytes) {
+      const to = this.specSizeBytes + (1 + this.random.int(8)) * 1024 * 1024;
       return { name: `expand to ${to} bytes`, run: async () => {
-        await engine.expand(to);
-        // As the agent does after an online expand: the frontend learns the new size.
-        await this.link!.refreshSize().catch(() => {});
-        this.sizeBytes = to;
-        this.model.grow(to);
-        this.stats.expansions++;
+        // As the manager does: the volume's size is recorded first, and every engine started from
+        // now on is given it (and grows the replicas that are smaller at its start-up).
+        this.specSizeBytes = to;
+        await this.expandTo(engine, to);
       } };
     }
     return { name: 'verify', run: () => this.verifyNow(engine) };

@@ -1,4 +1,7 @@
-// The simulator's default run, first half of the seeds (the other half runs beside it: volume-b).
+// The simulator's default run, first half of the seeds (the second half runs beside it: volume-b),
+// with confirmed regions leaving the write-intent logs at once instead of after their idle time:
+// the replicas' active sets then differ, and the start-up resync of their union is put to work.
+import '../support/intent-idle-zero.ts';
 import { simulateSeeds } from './seeds.ts';
 
 simulateSeeds(1, 120);
