@@ -7,7 +7,6 @@
  * SHA-512) when it starts and every `verifyEveryMs`: a file that no longer matches is `failed`,
  * and one that comes back after being `unknown` is `ready` again only once checked.
  */
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';

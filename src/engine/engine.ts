@@ -49,7 +49,7 @@ import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
 import { ioBuffers } from '../protocol/buffer-pool.ts';
-import { COPIERS, REGION_BYTES, chainNames, forEachIndex, isUnsupported, regionRange, type RecoveryReport, type VerifyReport, type VerifyDifference } from './recovery.ts';
+import { COPIERS, REGION_BYTES, chainNames, forEachIndex, isUnsupported, regionRange, type RecoveryReport, type VerifyReport } from './recovery.ts';
 
 export { ReplicaMode };
 

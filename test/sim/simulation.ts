@@ -269,9 +269,7 @@ export class Simulation {
     const abandoned = [...this.ops.values()];
     for (const op of abandoned) {
       this.ops.delete(op.id);
-      if (op.kind === 'write') this.model.writeEnded(op.id, op.offset, op.length, false, false);
-      if (op.kind === 'zero') this.model.writeEnded(0, op.offset, op.length, false, false);
-      if (op.kind === 'read') this.model.readEnded(op.offset, op.length);
+      this.outcomeUnknown(op);
     }
     this.link?.close();
     this.frontendProc.kill();
@@ -398,6 +396,13 @@ export class Simulation {
     }
   }
 
+  /** A request that failed or was lost: what it wrote may or may not be there. */
+  private outcomeUnknown(op: ClientOp): void {
+    if (op.kind === 'write') this.model.writeEnded(op.id, op.offset, op.length, false, false);
+    if (op.kind === 'zero') this.model.writeEnded(0, op.offset, op.length, false, false);
+    if (op.kind === 'read') this.model.readEnded(op.offset, op.length);
+  }
+
   private complete(op: ClientOp, err: ZebuError | null, data: Buffer | undefined): void {
     if (!this.ops.delete(op.id) || this.stopping) return;
     if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) {
@@ -407,9 +412,7 @@ export class Simulation {
       this.stats.clientErrors++;
       const healthy = this.replicas.filter((r) => !r.struck).map((r) => r.key);
       this.problem(`client ${op.kind} ${'offset' in op ? `${op.offset}+${op.length}` : ''} failed while ${healthy.length > 0 ? `replica(s) ${healthy.join(', ')} stayed healthy` : 'no replica was healthy'}: ${err.code} ${err.message}`);
-      if (op.kind === 'write') this.model.writeEnded(op.id, op.offset, op.length, false, false);
-      if (op.kind === 'zero') this.model.writeEnded(0, op.offset, op.length, false, false);
-      if (op.kind === 'read') this.model.readEnded(op.offset, op.length);
+      this.outcomeUnknown(op);
       return;
     }
     switch (op.kind) {
