@@ -68,6 +68,8 @@ export class DataClient {
   private readonly pending = new Map<number, Pending>();
   private readonly requestTimeoutMs: number;
   private readonly sweepTimer: ClockTimer;
+  private readonly sweepMs: number;
+  private lastSweepMs: number;
   private nextId = 1;
   private closedError: ZebuError | null = null;
   private responseHeader: { requestId: number; status: number; length: number } | null = null;
@@ -84,8 +86,9 @@ export class DataClient {
     receiver.onStaged = () => this.parse();
     socket.on('error', (err) => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`)));
     socket.on('close', () => this.shutDown(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed`)));
-    const sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
-    this.sweepTimer = this.clock.setInterval(() => this.sweep(), sweepMs).unref();
+    this.sweepMs = Math.max(10, Math.min(1000, Math.floor(this.requestTimeoutMs / 4)));
+    this.lastSweepMs = this.clock.nowMs();
+    this.sweepTimer = this.clock.setInterval(() => this.sweep(), this.sweepMs).unref();
   }
 
   /** Connects and authenticates. */
@@ -330,6 +333,15 @@ export class DataClient {
 
   private sweep(): void {
     const now = this.clock.nowMs();
+    // A sweep far later than its interval means this process did not run (stopped, swapped out,
+    // a long pause): replies may be waiting unread in the socket. That time is not the peer's
+    // fault, so the deadlines move on by it and the replies get read before the next sweep.
+    const stalledMs = now - this.lastSweepMs - this.sweepMs;
+    this.lastSweepMs = now;
+    if (stalledMs > this.sweepMs) {
+      for (const entry of this.pending.values()) entry.deadlineMs += stalledMs;
+      return;
+    }
     // Deadlines are added in increasing order, so the expired ones come first.
     for (const [requestId, entry] of this.pending) {
       if (entry.deadlineMs > now) break;

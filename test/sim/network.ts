@@ -149,8 +149,6 @@ export class SimNetwork {
   private readonly options: NetworkOptions;
   private readonly listeners = new Map<string, { owner: SimProcess; server: DataServer }>();
   private readonly links = new Set<Link>();
-  /** Processes that hang: until then they accept no connection and nothing moves on theirs. */
-  private readonly frozenUntil = new Map<SimProcess, number>();
   /** Messages carried, and links cut (the run's statistics). */
   messages = 0;
   cuts = 0;
@@ -214,7 +212,7 @@ export class SimNetwork {
   }
 
   private frozenMs(p: SimProcess): number {
-    return Math.max(0, (this.frozenUntil.get(p) ?? 0) - this.world.nowMs);
+    return Math.max(0, p.frozenUntilMs - this.world.nowMs);
   }
 
   private latency(): number {
@@ -288,8 +286,8 @@ export class SimNetwork {
    * it meanwhile wait (as to a process that does not run: its backlog fills, nobody answers).
    */
   freeze(p: SimProcess, ms: number): void {
-    const until = Math.max(this.frozenUntil.get(p) ?? 0, this.world.nowMs + ms);
-    this.frozenUntil.set(p, until);
+    const until = Math.max(p.frozenUntilMs, this.world.nowMs + ms);
+    p.frozenUntilMs = until;
     for (const link of this.links) {
       if (link.a.owner === p || link.b.owner === p) link.heldUntilMs = Math.max(link.heldUntilMs, until);
     }

@@ -20,7 +20,7 @@ import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { DataServer } from '../../src/protocol/server.ts';
 import { EngineLink } from '../../src/frontend/engine-link.ts';
 import type { ProcessIdentity } from '../../src/os/process-identity.ts';
-import { ErrorCode, ZebuError, onAssertionFailure } from '../../src/errors.ts';
+import { ErrorCode, ZebuError, assert, onAssertionFailure } from '../../src/errors.ts';
 import { SimWorld, type Random, type SimProcess } from './world.ts';
 import { SimNetwork } from './network.ts';
 import { VolumeModel, writePayload, sectorValue, SECTOR_BYTES } from './model.ts';
@@ -131,6 +131,7 @@ export class Simulation {
   private readonly ops = new Map<number, ClientOp>();
   private nextId = 1;
   private control: Promise<void> | null = null;
+  private readonly processOf = new WeakMap<Engine, SimProcess>();
   private controlName = '';
   private snapshots: string[] = [];
   private nextSnapshot = 1;
@@ -230,6 +231,7 @@ export class Simulation {
     });
     this.engineProc = proc;
     this.engine = engine;
+    this.processOf.set(engine, proc);
     const incarnation = this.incarnation;
     await engine.startUp();
     if (incarnation !== this.incarnation) return;
@@ -457,6 +459,23 @@ export class Simulation {
 
   // ---- control: the manager, the agent, and faults ---------------------------------------------
 
+  /**
+   * A control call to an engine, as the manager's RPC: taken up when the engine's process runs
+   * (not while it hangs), and failed as a lost connection if the process dies first.
+   */
+  private rpc<T>(engine: Engine, call: () => Promise<T>): Promise<T> {
+    const proc = this.processOf.get(engine);
+    assert(proc !== undefined, 'an engine the simulation started');
+    return new Promise<T>((resolve, reject) => {
+      const died = (): void => reject(new ZebuError(ErrorCode.DISCONNECTED, `engine process ${proc.name} died during the call`));
+      if (!proc.alive) return died();
+      proc.onKill(died);
+      this.world.schedule(0, () => {
+        call().then(resolve, reject);
+      }, proc);
+    });
+  }
+
   private startControl(name: string, run: () => Promise<void>): void {
     this.controlName = name;
     this.note(`control: ${name}`);
@@ -491,7 +510,7 @@ export class Simulation {
   /** What the manager would do next, if anything: add a replica back, or replace it. */
   /** An online expansion; once acknowledged, clients may address the new size. */
   private async expandTo(engine: Engine, to: number): Promise<void> {
-    await engine.expand(to);
+    await this.rpc(engine, () => engine.expand(to));
     if (engine !== this.engine) return; // replaced meanwhile: the next engine's start-up grows it
     // As the agent does after an online expand: the frontend learns the new size.
     await this.link!.refreshSize().catch(() => {});
@@ -519,7 +538,7 @@ export class Simulation {
       name: `manager adds ${out.key} back`,
       run: async () => {
         try {
-          await engine.addReplica(out.entry);
+          await this.rpc(engine, () => engine.addReplica(out.entry));
         } catch (err) {
           if (!(err instanceof ZebuError)) throw err;
           if (err.code !== ErrorCode.EINVAL || engine !== this.engine) {
@@ -554,7 +573,7 @@ export class Simulation {
 
   /** A new replica (new name, address and disk) takes the place of one that cannot come back. */
   private async replace(engine: Engine, old: SimReplica): Promise<void> {
-    await engine.removeReplica(old.address);
+    await this.rpc(engine, () => engine.removeReplica(old.address));
     old.proc?.kill();
     old.up = false;
     this.replicas = this.replicas.filter((r) => r !== old);
@@ -562,7 +581,7 @@ export class Simulation {
     this.replicas.push(fresh);
     this.note(`${fresh.key} replaces ${old.key}`);
     await this.startReplica(fresh);
-    await engine.addReplica(fresh.entry);
+    await this.rpc(engine, () => engine.addReplica(fresh.entry));
     this.stats.rebuildsFull++;
   }
 
@@ -609,9 +628,11 @@ export class Simulation {
       } };
     }
     if (roll < 0.2) {
-      // A hang while serving (the link is connected and watches it); one during start-up is a slow start.
+      // A hang while serving (the link is connected and watches it); one during start-up is a slow
+      // start. A hang past the link's timeout has the link give the engine up; one that lasts
+      // longer still may outlive the kill's delay, so the old engine runs again next to the new one.
       if (this.engineProc === null || this.serving() === null) return null;
-      const ms = 200 + this.random.int(2 * LINK_TIMEOUTS.hangTimeoutMs);
+      const ms = 200 + this.random.int(4 * LINK_TIMEOUTS.hangTimeoutMs);
       return { name: `the engine hangs for ${ms} ms`, run: async () => {
         this.stats.engineHangs++;
         this.hangEngine(ms);
@@ -681,7 +702,7 @@ export class Simulation {
     if (roll < 0.4) {
       const name = `s${this.nextSnapshot++}`;
       return { name: `snapshot ${name}`, run: async () => {
-        await engine.snapshotCreate(name);
+        await this.rpc(engine, () => engine.snapshotCreate(name));
         this.snapshots.push(name);
         this.stats.snapshots++;
         for (const r of this.replicas) if (r.struck) r.treeChangedWhileOut = true;
@@ -690,7 +711,7 @@ export class Simulation {
     if (roll < 0.65 && this.snapshots.length > 0) {
       const name = this.random.pick(this.snapshots);
       return { name: `delete snapshot ${name}`, run: async () => {
-        await engine.snapshotDelete(name);
+        await this.rpc(engine, () => engine.snapshotDelete(name));
         this.snapshots = this.snapshots.filter((s) => s !== name);
         for (const r of this.replicas) if (r.struck) r.treeChangedWhileOut = true;
       } };
@@ -709,7 +730,7 @@ export class Simulation {
 
   /** Replicas that are RW compare equal. */
   private async verifyNow(engine: Engine): Promise<void> {
-    const report = await engine.verify();
+    const report = await this.rpc(engine, () => engine.verify());
     this.stats.verifies++;
     if (report.differing.length > 0) {
       this.problem(`verify: replicas differ: ${JSON.stringify(report.differing.slice(0, 3))}`);
@@ -783,7 +804,8 @@ export class Simulation {
   private async finish(): Promise<void> {
     this.note('finish: healing');
     const deadline = this.world.nowMs + 300_000;
-    for (;;) {
+    let engine: Engine | null = null;
+    while (engine === null) {
       if (this.control !== null) await this.world.await(this.control, `control ${this.controlName}`);
       if (this.failed) return;
       this.observe();
@@ -793,19 +815,23 @@ export class Simulation {
         await this.world.runFor(10);
         continue;
       }
-      const engine = this.serving();
-      const allRw = engine !== null && engine.replicaStatus().every((s) => s.mode === ReplicaMode.RW);
-      if (allRw && this.ops.size === 0) break;
+      const serving = this.serving();
+      const allRw = serving !== null && serving.replicaStatus().every((s) => s.mode === ReplicaMode.RW);
+      if (allRw && this.ops.size === 0) {
+        const link = this.link!;
+        await this.world.await(new Promise<void>((resolve, reject) => link.flush((err) => (err === null ? resolve() : reject(err)))), 'final flush');
+        // An engine that hung a while ago can still be found hung and replaced meanwhile: heal again.
+        if (this.serving() === serving) engine = serving;
+        continue;
+      }
       if (this.world.nowMs > deadline) {
-        this.problem(`the volume did not heal in 300 s: ${engine === null ? 'no engine' : engine.replicaStatus().map((s) => `${s.key}:${s.mode} ${s.reason ?? ''}`).join(', ')}; ${this.ops.size} requests in flight`);
+        this.problem(`the volume did not heal in 300 s: ${serving === null ? 'no engine' : serving.replicaStatus().map((s) => `${s.key}:${s.mode} ${s.reason ?? ''}`).join(', ')}; ${this.ops.size} requests in flight`);
         return;
       }
       await this.world.runFor(50);
     }
-    const engine = this.serving()!;
     const link = this.link!;
     this.step = this.options.steps;
-    await this.world.await(new Promise<void>((resolve, reject) => link.flush((err) => (err === null ? resolve() : reject(err)))), 'final flush');
     await this.world.await(this.verifyNow(engine), 'final verify');
     // Every byte read back against the model, through the link as a client reads it.
     for (let offset = 0; offset < this.sizeBytes && !this.failed; offset += MAX_IO_BYTES) {

@@ -96,6 +96,14 @@ export class SimWorld {
       if (e === undefined || e.atMs > untilMs) return false;
       this.queue.pop();
       if (e.cancelled || (e.owner !== null && !e.owner.alive)) continue;
+      if (e.owner !== null && e.owner.frozenUntilMs > e.atMs) {
+        // A hung process runs nothing, its timers included: they fire when it runs again. The
+        // event object stays the same one, so a timer can still be cleared meanwhile.
+        e.atMs = e.owner.frozenUntilMs;
+        e.seq = this.seq++;
+        this.queue.push(e);
+        continue;
+      }
       this.nowMs = e.atMs;
       try {
         e.run();
@@ -157,11 +165,16 @@ class SimTimer implements ClockTimer {
   }
 }
 
-/** A process: its timers stop and its connections are cut when it is killed. */
+/**
+ * A process: its timers stop and its connections are cut when it is killed; while it hangs
+ * (`frozenUntilMs`) none of its events run.
+ */
 export class SimProcess {
   readonly world: SimWorld;
   readonly name: string;
   alive = true;
+  /** Until then the process hangs (SIGSTOP, a stalled disk in the kernel): nothing of it runs. */
+  frozenUntilMs = 0;
   private readonly killHandlers: (() => void)[] = [];
   readonly clock: Clock;
 
