@@ -143,7 +143,12 @@ export class EngineLink implements NbdExport {
   private client: DataClient | null = null;
   /** The heartbeat's own connection to the same engine (null until made, or after it dropped). */
   private pinger: DataClient | null = null;
-  private pingerConnecting = false;
+  /**
+   * The engine connection a heartbeat connection is being made for. One being made for an engine
+   * given up since (it hung; its connect may wait until the process dies) does not hold up the next
+   * engine's heartbeat.
+   */
+  private pingerConnectingFor: DataClient | null = null;
   /** The engine process behind `client`, as its INFO said. */
   private engine: ProcessIdentity | null = null;
   /**
@@ -166,6 +171,9 @@ export class EngineLink implements NbdExport {
   private heartbeatTimer: ClockTimer | null = null;
   /** When the heartbeat PING in flight was sent (0: none in flight). */
   private pingSentAtMs = 0;
+  /** Of the time since then, how long this process itself did not run (not the engine's fault). */
+  private pingStalledMs = 0;
+  private lastHeartbeatTickMs = 0;
   private readonly counters = { reopens: 0, reissued: 0, hangs: 0, longestHoldMs: 0 };
   private lastClose: LinkView['lastClose'] = null;
 
@@ -407,6 +415,7 @@ export class EngineLink implements NbdExport {
   // ---- hang detection ------------------------------------------------------------------------
 
   private startHeartbeat(): void {
+    this.lastHeartbeatTickMs = this.clock.nowMs();
     this.heartbeatTimer = this.clock.setInterval(() => this.heartbeat(), this.options.heartbeatIntervalMs).unref();
   }
 
@@ -416,14 +425,21 @@ export class EngineLink implements NbdExport {
    */
   private heartbeat(): void {
     const client = this.client;
+    const now = this.clock.nowMs();
+    // A tick far later than its interval means this process did not run (stopped, a long pause):
+    // an answer may be waiting unread. That time is not the engine's, so the PING's clock moves on by it.
+    const stalledMs = now - this.lastHeartbeatTickMs - this.options.heartbeatIntervalMs;
+    this.lastHeartbeatTickMs = now;
+    if (stalledMs > this.options.heartbeatIntervalMs && this.pingSentAtMs !== 0) this.pingStalledMs += stalledMs;
     if (client === null || this.closed) return;
     if (this.pingSentAtMs !== 0) {
-      const waitedMs = this.clock.nowMs() - this.pingSentAtMs;
+      const waitedMs = now - this.pingSentAtMs - this.pingStalledMs;
       if (waitedMs > this.timeouts.hangTimeoutMs) this.engineHung(`no answer to a heartbeat in ${waitedMs} ms`);
       return;
     }
-    const sentAtMs = this.clock.nowMs();
+    const sentAtMs = now;
     this.pingSentAtMs = sentAtMs;
+    this.pingStalledMs = 0;
     const pinger = this.pinger;
     if (pinger === null || pinger.closed) {
       this.connectPinger(client, sentAtMs);
@@ -444,17 +460,17 @@ export class EngineLink implements NbdExport {
 
   /** Makes the heartbeat connection; its handshake answers for the PING of `sentAtMs`. */
   private connectPinger(client: DataClient, sentAtMs: number): void {
-    if (this.pingerConnecting) return;
-    this.pingerConnecting = true;
+    if (this.pingerConnectingFor === client) return;
+    this.pingerConnectingFor = client;
     this.connectClient(this.timeouts.hangTimeoutMs).then(
       (pinger) => {
-        this.pingerConnecting = false;
+        if (this.pingerConnectingFor === client) this.pingerConnectingFor = null;
         if (this.client !== client || this.closed) return pinger.close();
         this.pinger = pinger;
         if (this.pingSentAtMs === sentAtMs) this.pingSentAtMs = 0;
       },
       () => {
-        this.pingerConnecting = false;
+        if (this.pingerConnectingFor === client) this.pingerConnectingFor = null;
       },
     );
   }

@@ -323,3 +323,27 @@ test('handshake: the client checks the server too', async (t) => {
   await new Promise<void>((resolve) => srv.close(() => resolve()));
   await assert.rejects(DataClient.connect({ port: deadPort, secret: SECRET }), hasCode(ErrorCode.DISCONNECTED));
 });
+
+test('a client whose own process stalled past the timeout reads the replies waiting for it instead of timing out', async (t) => {
+  // A process that does not run (stopped, swapped out, a long pause) finds its request
+  // deadlines passed when it runs again, while the replies sit unread in its sockets: timing
+  // them out would fault healthy replicas. The stall is made real: the event loop is blocked
+  // (in a check-phase callback, so the expired sweep runs before the sockets are polled).
+  const { port, child } = await spawnReplica(t);
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 300 });
+  t.after(() => client.close());
+  await client.write(0, pattern(7, 4096));
+  child.kill('SIGSTOP'); // the request below cannot be answered before the stall begins
+  const read = client.read(0, 4096);
+  await new Promise((resolve) => process.nextTick(resolve)); // the request is on the wire
+  await new Promise<void>((resolve) => setImmediate(() => {
+    child.kill('SIGCONT');
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 1000); // the replica answers meanwhile
+    resolve();
+  }));
+  assert.deepEqual(await read, pattern(7, 4096));
+  // Deadlines count again once the process runs: a request the server never answers still times out.
+  child.kill('SIGSTOP');
+  t.after(() => child.kill('SIGCONT'));
+  await assert.rejects(client.read(0, 4096), hasCode(ErrorCode.TIMEOUT));
+});

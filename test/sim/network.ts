@@ -143,11 +143,18 @@ class SimSocket extends EventEmitter implements StreamSocket {
   }
 }
 
+interface Listener {
+  owner: SimProcess;
+  server: DataServer;
+  /** Connections waiting for the hung owner to accept them: refused (reset) if it dies. */
+  backlog: Set<() => void>;
+}
+
 export class SimNetwork {
   readonly world: SimWorld;
   private readonly random: Random;
   private readonly options: NetworkOptions;
-  private readonly listeners = new Map<string, { owner: SimProcess; server: DataServer }>();
+  private readonly listeners = new Map<string, Listener>();
   private readonly links = new Set<Link>();
   /** Messages carried, and links cut (the run's statistics). */
   messages = 0;
@@ -161,9 +168,12 @@ export class SimNetwork {
 
   /** `server` accepts connections to `address` ("HOST:PORT") until its process dies. */
   listen(address: string, owner: SimProcess, server: DataServer): void {
-    this.listeners.set(address, { owner, server });
+    const listener: Listener = { owner, server, backlog: new Set() };
+    this.listeners.set(address, listener);
     owner.onKill(() => {
-      if (this.listeners.get(address)?.owner === owner) this.listeners.delete(address);
+      if (this.listeners.get(address) === listener) this.listeners.delete(address);
+      for (const refuse of listener.backlog) process.nextTick(refuse);
+      listener.backlog.clear();
       for (const link of [...this.links]) if (link.a.owner === owner || link.b.owner === owner) this.cut(link);
     });
   }
@@ -185,16 +195,24 @@ export class SimNetwork {
       process.nextTick(refuse);
       return client;
     }
+    // The connection is made to the listener found when it arrives; while that process hangs it
+    // waits in its backlog, and is reset if that process dies (a new listener at the same address
+    // is another socket: it never gets this connection).
+    let waitingOn: Listener | null = null;
     const accept = (): void => {
-      const listener = this.listeners.get(address);
+      const listener = waitingOn ?? this.listeners.get(address);
       if (listener === undefined || !listener.owner.alive) return refuse();
       if (client.destroyed) return;
-      // A hung process accepts nothing until it runs again.
       const frozenMs = this.frozenMs(listener.owner);
       if (frozenMs > 0) {
+        if (waitingOn === null) {
+          waitingOn = listener;
+          listener.backlog.add(refuse);
+        }
         this.world.schedule(frozenMs, accept, owner);
         return;
       }
+      listener.backlog.delete(refuse);
       const server = new SimSocket(this, listener.owner, `${owner.name}`, null);
       const link = new Link(client, server);
       link.heldUntilMs = this.world.nowMs + this.frozenMs(owner);

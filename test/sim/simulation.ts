@@ -141,7 +141,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -298,6 +298,11 @@ export class Simulation {
     const proc = this.engineProc;
     if (proc === null || this.engineIdentity === null || identity.pid !== this.engineIdentity.pid || identity.startTime !== this.engineIdentity.startTime) return false;
     this.stats.engineKills++;
+    // The link's verdict must rest on the engine not answering; an engine that never hung (the
+    // frontend itself stalled, say) killed for it is a needless outage of every request in flight.
+    if (proc.frozenUntilMs < this.world.nowMs - 2 * LINK_TIMEOUTS.hangTimeoutMs) {
+      this.problem(`the link killed engine ${this.epoch}, which did not hang`);
+    }
     if (this.random.chance(0.5)) {
       proc.kill();
       this.engineGone(`the link killed hung engine ${this.epoch}`, 300);
@@ -381,6 +386,13 @@ export class Simulation {
   private send(op: ClientOp): void {
     if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) this.note(`send ${op.kind} ${op.id} ${op.offset}+${op.length} (engine ${this.serving() === null ? 'down' : 'up'})`);
     const link = this.link!;
+    // A hung frontend takes the request up when it runs again (the client's socket holds it).
+    if (this.frontendProc.frozenUntilMs > this.world.nowMs) {
+      this.world.schedule(0, () => {
+        if (this.link === link) this.send(op);
+      }, this.frontendProc);
+      return;
+    }
     const done = (err: ZebuError | null, data?: Buffer): void => this.complete(op, err, data);
     switch (op.kind) {
       case 'write':
@@ -632,6 +644,15 @@ export class Simulation {
       // start. A hang past the link's timeout has the link give the engine up; one that lasts
       // longer still may outlive the kill's delay, so the old engine runs again next to the new one.
       if (this.engineProc === null || this.serving() === null) return null;
+      if (this.random.chance(0.25)) {
+        // The frontend's process stalls instead: requests wait, and the link, running again, must
+        // not take its own stall for the engine's.
+        const ms = 200 + this.random.int(3 * LINK_TIMEOUTS.hangTimeoutMs);
+        return { name: `the frontend hangs for ${ms} ms`, run: async () => {
+          this.stats.frontendHangs++;
+          this.net.freeze(this.frontendProc, ms);
+        } };
+      }
       const ms = 200 + this.random.int(4 * LINK_TIMEOUTS.hangTimeoutMs);
       return { name: `the engine hangs for ${ms} ms`, run: async () => {
         this.stats.engineHangs++;
