@@ -40,7 +40,7 @@ import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
 import { ActiveRegions, FlushSequence } from './active-regions.ts';
 import { WriteAck } from './write-ack.ts';
-import { differingFromSource, VerifyTally } from './verify.ts';
+import { runVerify, type VerifyHost } from './verify-sequence.ts';
 import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
@@ -49,7 +49,7 @@ import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
 import { ioBuffers } from '../protocol/buffer-pool.ts';
-import { COPIERS, REGION_BYTES, chainNames, forEachIndex, isUnsupported, regionRange, type RecoveryReport, type VerifyReport } from './recovery.ts';
+import { REGION_BYTES, chainNames, isUnsupported, type RecoveryReport, type VerifyReport } from './recovery.ts';
 
 export { ReplicaMode };
 
@@ -311,6 +311,30 @@ export class Engine implements BlockBackend {
       flushNumbered: () => engine.flushNumbered(),
       handOverMissedMaps: (target) => engine.handOverMissedMaps(target),
       alignCounters: () => engine.alignCounters(),
+      log: (event) => engine.log(event),
+    };
+  }
+
+  /** What the verify sequence (verify-sequence.ts) may use of this engine. */
+  private makeVerifyHost(): VerifyHost {
+    const engine = this;
+    return {
+      get sizeBytes() { return engine.sizeBytes; },
+      replicas: engine.replicas,
+      get claims() { return engine.claims; },
+      get faultedReason() { return engine.faultedReason; },
+      faultError: () => engine.faultError(),
+      pickReader: (exclude) => engine.pickReader(exclude),
+      setErr: (r, err) => engine.setErr(r, err),
+      controlOn: (r, fn) => engine.controlOn(r, fn),
+      pauseAndDrain: () => engine.pauseAndDrain(),
+      resume: () => engine.resume(),
+      useClaims: () => engine.useClaims(),
+      dropClaims: () => engine.dropClaims(),
+      flushNumbered: () => engine.flushNumbered(),
+      regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
+      regionsWritten: (offset, length) => engine.regionsWritten(offset, length),
+      nowMs: () => engine.clock.nowMs(),
       log: (event) => engine.log(event),
     };
   }
@@ -1142,88 +1166,16 @@ export class Engine implements BlockBackend {
    * differ, under the same claim.
    */
   async verify(options: { repair?: boolean } = {}): Promise<VerifyReport> {
-    const repair = options.repair === true;
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine is closing`);
     if (this.faultedReason !== null) throw this.faultError();
     if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: a verify is already running`);
     this.verifying = true;
-    const started = this.clock.nowMs();
-    let claimed = false;
     try {
-      await this.pauseAndDrain();
-      try {
-        this.useClaims();
-        claimed = true;
-      } finally {
-        this.resume();
-      }
-      const claims = this.claims!;
-      const first = this.pickReader(new Set());
-      if (first === null) throw this.faultError();
-      let source: EngineReplica = first;
-      const compared = this.replicas.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
-      const tally = new VerifyTally();
-      const regionCount = Math.ceil(this.sizeBytes / REGION_BYTES);
-      await forEachIndex(regionCount, COPIERS, async (region) => {
-        const { offset, length } = regionRange(region, REGION_BYTES, this.sizeBytes);
-        const claim = await claims.claim(offset, offset + length);
-        try {
-          let now: EngineReplica[];
-          let hashes: (string | null)[];
-          let against: EngineReplica;
-          for (;;) {
-            if (this.faultedReason !== null) throw this.faultError();
-            now = compared.filter((r) => r.mode === ReplicaMode.RW && r.client !== null);
-            // A source that failed is out of the volume (ERR): compare against another of those compared.
-            if (source.mode !== ReplicaMode.RW || source.client === null) {
-              if (now.length === 0) throw new ZebuError(ErrorCode.EIO, `verify source ${source.address} failed: ${source.reason}`);
-              this.log({ event: 'verify-source-changed', from: source.address, to: now[0].address, reason: source.reason });
-              source = now[0];
-            }
-            against = source;
-            hashes = await Promise.all(now.map((r) => this.regionHashOn(r, offset, length)));
-            if (against.mode === ReplicaMode.RW) break;
-          }
-          const bad = differingFromSource(now, hashes, against);
-          if (bad.length === 0) return;
-          tally.differs(region, offset, length, now, hashes);
-          this.log({ event: 'verify-difference', region, offset, length, replicas: bad.map((r) => r.address) });
-          if (!repair) return;
-          const data = await against.client!.read(offset, length);
-          // Counted as a write to the region, as the replicas count it.
-          this.regionsStarted(offset, length);
-          try {
-            await Promise.all(bad.map((r) => this.controlOn(r, (c) => c.write(offset, data))));
-          } finally {
-            this.regionsWritten(offset, length);
-          }
-          tally.repaired++;
-        } finally {
-          claims.release(claim);
-        }
-      });
-      if (tally.repaired > 0) await this.flushNumbered();
-      const report = tally.report(new Date(), repair, regionCount, compared.map((r) => r.address), source.address, this.clock.nowMs() - started);
+      const report = await runVerify(this.makeVerifyHost(), options.repair === true);
       this.lastVerify = report;
-      this.log({ event: 'verify', repair, regions: regionCount, differing: tally.differingCount, repaired: tally.repaired, durationMs: report.durationMs });
       return report;
     } finally {
-      if (claimed) this.dropClaims();
       this.verifying = false;
-    }
-  }
-
-  /** REGION_HASH on one replica (hex), null when the replica failed (it is set ERR). */
-  private async regionHashOn(r: EngineReplica, offset: number, length: number): Promise<string | null> {
-    const client = r.client;
-    if (client === null) return null;
-    try {
-      return (await client.regionHash(offset, length)).toString('hex');
-    } catch (err) {
-      const e = toZebuError(err);
-      if (isUnsupported(e) || e.code === ErrorCode.EINVAL) throw new ZebuError(e.code, `replica ${r.address} cannot hash regions: ${e.message}`);
-      if (r.client === client) this.setErr(r, e);
-      return null;
     }
   }
 

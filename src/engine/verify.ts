@@ -5,14 +5,27 @@
  *
  * - The source (a local RW replica, else the first) is the reference; a replica that differs from
  *   it is reported, and with `repair` the region is copied from the source into it.
- * - A replica that failed while hashing (null) is out (ERR) and compared no more; a source that
- *   failed fails the verify — there is nothing left to compare with.
+ * - A replica that failed while hashing (null) is out (ERR) and compared no more. A source that
+ *   failed hands over to another replica still compared (the region is hashed again); with none
+ *   left the verify fails — there is nothing left to compare with.
  */
 import { assert, ErrorCode, ZebuError } from '../errors.ts';
 import type { VerifyDifference, VerifyReport } from './recovery.ts';
+import { ReplicaMode } from './replica-set.ts';
 
 /** At most this many differences are kept in a report (all are counted). */
 export const MAX_REPORTED_DIFFERENCES = 1000;
+
+/**
+ * The source to compare against: the current one while it serves (RW), else the first of the
+ * replicas still compared. Throws when none is left.
+ */
+export function verifySource<M extends { address: string; reason: string | null; mode: ReplicaMode; client: unknown }>(current: M, compared: M[]): M {
+  if (current.mode === ReplicaMode.RW && current.client !== null) return current;
+  const next = compared.find((m) => m.mode === ReplicaMode.RW && m.client !== null);
+  if (next === undefined) throw new ZebuError(ErrorCode.EIO, `verify source ${current.address} failed: ${current.reason}`);
+  return next;
+}
 
 /** The members whose hash differs from the source's; throws when the source has none. */
 export function differingFromSource<M extends { address: string; reason: string | null }>(members: M[], hashes: (string | null)[], source: M): M[] {

@@ -32,7 +32,7 @@ import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
 import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
-import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
+import { STALL_MS, systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import type { Transport } from '../protocol/transport.ts';
 import type { NbdExport, NbdExtent } from './nbd-server.ts';
 
@@ -427,10 +427,14 @@ export class EngineLink implements NbdExport {
     const client = this.client;
     const now = this.clock.nowMs();
     // A tick far later than its interval means this process did not run (stopped, a long pause):
-    // an answer may be waiting unread. That time is not the engine's, so the PING's clock moves on by it.
+    // an answer may be waiting unread. That time is not the engine's, so the PING's clock moves on
+    // by it, and no verdict is given before the sockets were read (the next tick).
     const stalledMs = now - this.lastHeartbeatTickMs - this.options.heartbeatIntervalMs;
     this.lastHeartbeatTickMs = now;
-    if (stalledMs > this.options.heartbeatIntervalMs && this.pingSentAtMs !== 0) this.pingStalledMs += stalledMs;
+    if (stalledMs > STALL_MS) {
+      if (this.pingSentAtMs !== 0) this.pingStalledMs += stalledMs;
+      return;
+    }
     if (client === null || this.closed) return;
     if (this.pingSentAtMs !== 0) {
       const waitedMs = now - this.pingSentAtMs - this.pingStalledMs;

@@ -29,3 +29,42 @@ export const systemClock: Clock = {
   },
   sleep: (delayMs) => new Promise((resolve) => setTimeout(resolve, delayMs)),
 };
+
+/**
+ * A deadline for another process's answer that does not count time this process itself did not
+ * run. A timer that fires much later than asked means the process was stopped or paused, and an
+ * answer that came meanwhile may still sit unread in a socket: the deadline then waits a moment
+ * more (the sockets are read before timers run again) instead of blaming the peer.
+ */
+export class AnswerDeadline {
+  private readonly clock: Clock;
+  private readonly onExpired: () => void;
+  private timer: ClockTimer | null;
+  private dueMs: number;
+
+  constructor(clock: Clock, delayMs: number, onExpired: () => void) {
+    this.clock = clock;
+    this.onExpired = onExpired;
+    this.dueMs = clock.nowMs() + delayMs;
+    this.timer = clock.setTimeout(() => this.fired(), delayMs);
+  }
+
+  cancel(): void {
+    this.clock.clear(this.timer);
+    this.timer = null;
+  }
+
+  private fired(): void {
+    const lateMs = this.clock.nowMs() - this.dueMs;
+    if (lateMs > STALL_MS) {
+      this.dueMs = this.clock.nowMs() + 1;
+      this.timer = this.clock.setTimeout(() => this.fired(), 1);
+      return;
+    }
+    this.timer = null;
+    this.onExpired();
+  }
+}
+
+/** A timer this much late means its process did not run meanwhile (ordinary event-loop lag is far less). */
+export const STALL_MS = 250;

@@ -9,7 +9,7 @@ import { SocketReceiver } from './socket-receiver.ts';
 import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { netTransport, type StreamSocket, type Transport } from './transport.ts';
-import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
+import { AnswerDeadline, STALL_MS, systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { answerHello, checkResult, HELLO_BYTES, RESULT_BYTES } from './auth.ts';
 import {
   Op,
@@ -105,11 +105,11 @@ export class DataClient {
       const fail = (err: ZebuError): void => {
         if (settled) return;
         settled = true;
-        clock.clear(timer);
+        deadline.cancel();
         socket.destroy();
         reject(err);
       };
-      const timer = clock.setTimeout(() => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)), connectTimeoutMs);
+      const deadline = new AnswerDeadline(clock, connectTimeoutMs, () => fail(new ZebuError(ErrorCode.TIMEOUT, `${address}: handshake timed out after ${connectTimeoutMs} ms`)));
       socket.on('error', (err) => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: ${err.message}`, { cause: err })));
       socket.on('close', () => fail(new ZebuError(ErrorCode.DISCONNECTED, `${address}: connection closed during handshake`)));
       receiver.onStaged = (): void => {
@@ -129,7 +129,7 @@ export class DataClient {
           return fail(err as ZebuError);
         }
         settled = true;
-        clock.clear(timer);
+        deadline.cancel();
         socket.removeAllListeners('error');
         socket.removeAllListeners('close');
         const client = new DataClient(socket, receiver, options, address);
@@ -338,7 +338,7 @@ export class DataClient {
     // fault, so the deadlines move on by it and the replies get read before the next sweep.
     const stalledMs = now - this.lastSweepMs - this.sweepMs;
     this.lastSweepMs = now;
-    if (stalledMs > this.sweepMs) {
+    if (stalledMs > STALL_MS) {
       for (const entry of this.pending.values()) entry.deadlineMs += stalledMs;
       return;
     }

@@ -10,7 +10,7 @@ import { ReplicaSet, ReplicaMode, type EngineReplica } from '../../src/engine/re
 import { WriteAck } from '../../src/engine/write-ack.ts';
 import { ActiveRegions, FlushSequence } from '../../src/engine/active-regions.ts';
 import { deltaRefusal, deltaRegions, joinKind, liveRegionCopy, imageMismatch } from '../../src/engine/rebuild-plan.ts';
-import { differingFromSource, VerifyTally, MAX_REPORTED_DIFFERENCES } from '../../src/engine/verify.ts';
+import { differingFromSource, verifySource, VerifyTally, MAX_REPORTED_DIFFERENCES } from '../../src/engine/verify.ts';
 import { furthestAhead } from '../../src/engine/startup.ts';
 import { regionMayLeave } from '../../src/replica/intent-log.ts';
 import type { ReplicaInfo } from '../../src/replica/replica.ts';
@@ -221,6 +221,14 @@ test('verify: differences from the source are found and reported (bounded); a fa
   assert.deepEqual(differingFromSource([a, b, c], ['h1', 'h2', null], a), [b], 'a replica that failed is not compared');
   assert.deepEqual(differingFromSource([a, b], ['h1', 'h1'], b), []);
   assert.throws(() => differingFromSource([a, c], ['h1', null], c), /verify source c failed: gone/);
+  // A source that failed hands over to the first replica still compared; none left fails.
+  const rw = member('r', ReplicaMode.RW);
+  const other = member('o', ReplicaMode.RW);
+  const failed = { ...member('f', ReplicaMode.ERR), reason: 'disk died' };
+  assert.equal(verifySource(rw, [rw, other]), rw, 'a serving source stays');
+  assert.equal(verifySource(failed, [failed, other]), other);
+  assert.equal(verifySource({ ...rw, client: null }, [other]), other, 'a source whose connection went is out too');
+  assert.throws(() => verifySource(failed, [failed]), /verify source .* failed: disk died/);
   const tally = new VerifyTally();
   for (let region = MAX_REPORTED_DIFFERENCES + 4; region >= 0; region--) tally.differs(region, region * 10, 10, [a, b], ['x', 'y']);
   tally.repaired = 2;
