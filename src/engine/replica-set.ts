@@ -13,7 +13,8 @@
  * - once serving, no RW replica means faulted;
  * - a RW replica is in the write set and not being rebuilt, and only RW replicas serve reads —
  *   so a replica that missed a write (out, or still being copied) is never read from;
- * - a replica's epoch, as it reports it, never goes down, and it never wrote in an epoch above it.
+ * - a replica's epoch, as it reports it, is never below the engine's (it was opened with it) and
+ *   never goes down, and it never wrote in an epoch above it.
  */
 import { assert, ErrorCode, type ZebuError } from '../errors.ts';
 import type { ReplicaInfo } from '../replica/replica.ts';
@@ -126,6 +127,8 @@ export class ReplicaSet<L extends LinkLoad> {
   /** What a replica reported about itself (open, info, a rebuild's end). */
   noteInfo(r: EngineReplica<L>, info: ReplicaInfo): void {
     const seen = this.epochSeen.get(r) ?? 0;
+    // Reports come after this engine's OPEN, which a replica persists before it answers.
+    assert(!(info.epoch < this.epoch), `replica ${r.address} reported epoch ${info.epoch} below the epoch ${this.epoch} it was opened with`);
     assert(!(info.epoch < seen), `replica ${r.address} reported epoch ${info.epoch} after ${seen}: epochs never go down`);
     assert(!(info.writeEpoch > info.epoch), `replica ${r.address} wrote in epoch ${info.writeEpoch} above its epoch ${info.epoch}`);
     this.epochSeen.set(r, Math.max(seen, info.epoch));

@@ -105,12 +105,13 @@ test('replica set: a rebuilt replica joins the write set, then turns RW; never R
   assert.equal(set.isLastRw(a), false);
 });
 
-test('replica set: epochs never go down; no replica wrote in an epoch above its own', () => {
+test('replica set: epochs never go down, nor below the engine\'s; no replica wrote in an epoch above its own', () => {
   const a = member('a', ReplicaMode.RW);
   const set = servingSet(a);
-  set.noteInfo(a, info({ epoch: 3, writeEpoch: 3 }));
-  assertInvariantFails(() => set.noteInfo(a, info({ epoch: 2 })), /epochs never go down/);
-  assertInvariantFails(() => set.noteInfo(a, info({ epoch: 3, writeEpoch: 4 })), /above its epoch/);
+  assertInvariantFails(() => set.noteInfo(a, info({ epoch: 2 })), /below the epoch 3 it was opened with/);
+  set.noteInfo(a, info({ epoch: 5, writeEpoch: 3 }));
+  assertInvariantFails(() => set.noteInfo(a, info({ epoch: 4 })), /epochs never go down/);
+  assertInvariantFails(() => set.noteInfo(a, info({ epoch: 5, writeEpoch: 6 })), /above its epoch/);
 });
 
 test('write ack: acknowledged only once every target answered and a RW one applied it', () => {
