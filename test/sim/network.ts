@@ -174,7 +174,19 @@ export class SimNetwork {
       if (this.listeners.get(address) === listener) this.listeners.delete(address);
       for (const refuse of listener.backlog) process.nextTick(refuse);
       listener.backlog.clear();
-      for (const link of [...this.links]) if (link.a.owner === owner || link.b.owner === owner) this.cut(link);
+      for (const link of [...this.links]) {
+        if (link.a.owner !== owner && link.b.owner !== owner) continue;
+        // What a killed process had sent is in the kernel: half the time it still goes out, then
+        // a FIN (a late write from a dead engine reaches a replica); else a reset loses it. A
+        // machine that went down sends nothing more.
+        const dead = link.a.owner === owner ? link.a : link.b;
+        if (!owner.diedWithMachine && !link.cut && !dead.destroyed && this.random.chance(0.5)) {
+          dead.destroyed = true;
+          this.carryClose(dead);
+        } else {
+          this.cut(link);
+        }
+      }
     });
   }
 

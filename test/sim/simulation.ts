@@ -56,6 +56,7 @@ const WATCH_BYTE = process.env.ZEBU_SIM_WATCH === undefined ? -1 : Number(proces
 const DIR = '/replica';
 const MAX_INFLIGHT = 8;
 const MAX_IO_BYTES = 64 * 1024;
+const HOT_SPOT_BYTES = 1024 * 1024;
 const REQUEST_TIMEOUT_MS = 4000;
 /** Where the engine's data server listens (one volume: one address, whichever engine runs). */
 const ENGINE_ADDRESS = 'engine.sock';
@@ -195,7 +196,8 @@ export class Simulation {
   private crashReplica(r: SimReplica, mode: PowerLossMode): void {
     if (!r.up) return;
     const report = r.power!.powerFail(this.random.int(0x7fffffff), mode);
-    r.proc!.kill();
+    // A power cut takes the machine (and what it had not yet sent); a crash that keeps the page cache is the process only.
+    r.proc!.kill(mode === 'keep' ? 'process' : 'machine');
     r.up = false;
     this.strike(r);
     r.replica = null;
@@ -274,8 +276,8 @@ export class Simulation {
       this.outcomeUnknown(op);
     }
     this.link?.close();
-    this.frontendProc.kill();
-    this.crashEngine();
+    this.frontendProc.kill('machine');
+    this.crashEngine('machine');
     // Its supervisor starts the frontend again at once: the export comes back from its state
     // file, waiting for an engine (see EngineLink.restore).
     this.frontendProc = this.world.process(`frontend-${++this.frontendRestarts}`);
@@ -283,9 +285,9 @@ export class Simulation {
     this.note(`the node crashed: frontend and engine; ${abandoned.length} client requests lost with them`);
   }
 
-  private crashEngine(): void {
+  private crashEngine(how: 'process' | 'machine' = 'process'): void {
     if (this.engineProc === null) return;
-    this.engineProc.kill();
+    this.engineProc.kill(how);
     this.engineGone(`engine crashed (${this.ops.size} requests in flight, held by the link)`, 500);
   }
 
@@ -353,7 +355,11 @@ export class Simulation {
   private randomRange(forWrite: boolean): { offset: number; length: number } | null {
     for (let tries = 0; tries < 8; tries++) {
       const length = (1 + this.random.int(MAX_IO_BYTES / 4096)) * 4096;
-      const offset = this.random.int((this.sizeBytes - length) / 4096 + 1) * 4096;
+      // A third of the requests go to a hot spot (a file system's journal and metadata, a
+      // database's log), so that a write is soon written over again: a late or lost write
+      // shows as old data there.
+      const span = this.random.chance(1 / 3) ? HOT_SPOT_BYTES : this.sizeBytes;
+      const offset = this.random.int((span - length) / 4096 + 1) * 4096;
       if (this.model.isFree(offset, length, forWrite)) return { offset, length };
     }
     return null;
@@ -421,7 +427,7 @@ export class Simulation {
   private complete(op: ClientOp, err: ZebuError | null, data: Buffer | undefined): void {
     if (!this.ops.delete(op.id) || this.stopping) return;
     if (WATCH_BYTE >= 0 && 'offset' in op && op.offset <= WATCH_BYTE && WATCH_BYTE < op.offset + op.length) {
-      this.note(`done ${op.kind} ${op.id} ${op.offset}+${op.length}: ${err?.message ?? 'ok'}${data !== undefined ? ` read ${sectorValue(data, WATCH_BYTE - op.offset, WATCH_BYTE / SECTOR_BYTES)}` : ''}`);
+      this.note(`done ${op.kind} ${op.id} ${op.offset}+${op.length}: ${err?.message ?? 'ok'}${op.kind === 'read' && data !== undefined ? ` read ${sectorValue(data, WATCH_BYTE - op.offset, WATCH_BYTE / SECTOR_BYTES)}` : ''}`);
     }
     if (err !== null) {
       this.stats.clientErrors++;
@@ -617,7 +623,7 @@ export class Simulation {
         run: async () => {
           this.stats.volumeCrashes++;
           const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
-          this.crashEngine();
+          this.crashEngine('machine');
           for (const x of this.replicas) this.crashReplica(x, mode);
           // Unflushed writes (acknowledged or not) may be lost now: every replica lost them. Even
           // with the page cache kept ('keep'): a replica makes a write durable only at a flush
@@ -628,6 +634,24 @@ export class Simulation {
     }
     if (roll < 0.12) {
       if (this.engine === null) return null;
+      if (this.engineProc !== null && this.random.chance(0.5)) {
+        // A congested or partitioned network holds what the engine sent to a replica; the engine
+        // crashes meanwhile, and what its kernel still held arrives when the link recovers — at a
+        // replica the next engine already opened, with the old epoch.
+        const engineProc = this.engineProc;
+        const stalled = this.random.pick(this.replicas);
+        const ms = 500 + this.random.int(2 * REQUEST_TIMEOUT_MS);
+        return { name: `link engine-${stalled.key} stalls for ${ms} ms and the engine crashes in it`, run: async () => {
+          this.stats.engineCrashes++;
+          this.stats.hangs++;
+          if (stalled.proc !== null) {
+            this.strike(stalled, this.world.nowMs + ms + REQUEST_TIMEOUT_MS);
+            this.net.holdBetween(engineProc, stalled.proc, ms);
+          }
+          await new Promise<void>((resolve) => this.world.schedule(this.random.int(ms), resolve));
+          if (this.engineProc === engineProc) this.crashEngine();
+        } };
+      }
       return { name: 'the engine crashes', run: async () => {
         this.stats.engineCrashes++;
         this.crashEngine();

@@ -175,6 +175,8 @@ export class SimProcess {
   alive = true;
   /** Until then the process hangs (SIGSTOP, a stalled disk in the kernel): nothing of it runs. */
   frozenUntilMs = 0;
+  /** It died with its machine: nothing it had sent goes out any more. */
+  diedWithMachine = false;
   private readonly killHandlers: (() => void)[] = [];
   readonly clock: Clock;
 
@@ -211,10 +213,14 @@ export class SimProcess {
     this.killHandlers.push(handler);
   }
 
-  /** kill -9: no more timers, every connection cut. */
-  kill(): void {
+  /**
+   * kill -9 (`process`): no more timers; what it had sent may still go out (the kernel lives on).
+   * `machine`: its machine went down with it (power, a node crash): its connections die too.
+   */
+  kill(how: 'process' | 'machine' = 'process'): void {
     if (!this.alive) return;
     this.alive = false;
+    this.diedWithMachine = how === 'machine';
     for (const h of this.killHandlers) h();
   }
 }
