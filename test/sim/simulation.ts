@@ -133,6 +133,8 @@ export class Simulation {
   private nextId = 1;
   private control: Promise<void> | null = null;
   private readonly processOf = new WeakMap<Engine, SimProcess>();
+  /** The frontend's last stall. */
+  private frontendStall: { fromMs: number; untilMs: number } | null = null;
   private controlName = '';
   private snapshots: string[] = [];
   private nextSnapshot = 1;
@@ -302,8 +304,11 @@ export class Simulation {
     this.stats.engineKills++;
     // The link's verdict must rest on the engine not answering; an engine that never hung (the
     // frontend itself stalled, say) killed for it is a needless outage of every request in flight.
-    // (A hung engine's answers arrive at most a latency spike after it runs again.)
-    if (proc.frozenUntilMs < this.world.nowMs - 500) {
+    // (A hung engine's answers arrive at most a latency spike after it runs again. A verdict due
+    // before the frontend stalled is given when it runs again: its stall is allowed for.)
+    const stall = this.frontendStall;
+    const allowMs = 500 + (stall !== null && stall.untilMs > this.world.nowMs - 2 * LINK_TIMEOUTS.heartbeatIntervalMs - 100 ? stall.untilMs - stall.fromMs : 0);
+    if (proc.frozenUntilMs < this.world.nowMs - allowMs) {
       this.problem(`the link killed engine ${this.epoch}, which did not hang`);
     }
     if (this.random.chance(0.5)) {
@@ -676,6 +681,7 @@ export class Simulation {
         return { name: `the frontend hangs for ${ms} ms`, run: async () => {
           this.stats.frontendHangs++;
           this.net.freeze(this.frontendProc, ms);
+          this.frontendStall = { fromMs: this.world.nowMs, untilMs: this.world.nowMs + ms };
         } };
       }
       const ms = 200 + this.random.int(4 * LINK_TIMEOUTS.hangTimeoutMs);
@@ -689,7 +695,10 @@ export class Simulation {
           this.stats.frontendHangs++;
           this.hangEngine(ms);
           const frontend = this.frontendProc;
-          this.world.schedule(afterMs, () => this.net.freeze(frontend, frontendMs));
+          this.world.schedule(afterMs, () => {
+            this.net.freeze(frontend, frontendMs);
+            this.frontendStall = { fromMs: this.world.nowMs, untilMs: this.world.nowMs + frontendMs };
+          });
         } };
       }
       return { name: `the engine hangs for ${ms} ms`, run: async () => {
