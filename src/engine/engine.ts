@@ -40,7 +40,7 @@ import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
 import { ActiveRegions, FlushSequence } from './active-regions.ts';
 import { WriteAck } from './write-ack.ts';
-import { runVerify, type VerifyHost } from './verify-sequence.ts';
+import { runVerify } from './verify-sequence.ts';
 import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
@@ -287,7 +287,7 @@ export class Engine implements BlockBackend {
     };
   }
 
-  /** What the rebuild sequences (rebuild-sequence.ts) may use of this engine. */
+  /** What the rebuild and verify sequences (rebuild-sequence.ts, verify-sequence.ts) may use of this engine. */
   private makeRebuildHost(): RebuildHost {
     const engine = this;
     return {
@@ -311,27 +311,6 @@ export class Engine implements BlockBackend {
       flushNumbered: () => engine.flushNumbered(),
       handOverMissedMaps: (target) => engine.handOverMissedMaps(target),
       alignCounters: () => engine.alignCounters(),
-      log: (event) => engine.log(event),
-    };
-  }
-
-  /** What the verify sequence (verify-sequence.ts) may use of this engine. */
-  private makeVerifyHost(): VerifyHost {
-    const engine = this;
-    return {
-      get sizeBytes() { return engine.sizeBytes; },
-      replicas: engine.replicas,
-      get claims() { return engine.claims; },
-      get faultedReason() { return engine.faultedReason; },
-      faultError: () => engine.faultError(),
-      pickReader: (exclude) => engine.pickReader(exclude),
-      setErr: (r, err) => engine.setErr(r, err),
-      controlOn: (r, fn) => engine.controlOn(r, fn),
-      pauseAndDrain: () => engine.pauseAndDrain(),
-      resume: () => engine.resume(),
-      useClaims: () => engine.useClaims(),
-      dropClaims: () => engine.dropClaims(),
-      flushNumbered: () => engine.flushNumbered(),
       regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
       regionsWritten: (offset, length) => engine.regionsWritten(offset, length),
       nowMs: () => engine.clock.nowMs(),
@@ -1171,7 +1150,7 @@ export class Engine implements BlockBackend {
     if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: a verify is already running`);
     this.verifying = true;
     try {
-      const report = await runVerify(this.makeVerifyHost(), options.repair === true);
+      const report = await runVerify(this.rebuildHost, options.repair === true);
       this.lastVerify = report;
       return report;
     } finally {

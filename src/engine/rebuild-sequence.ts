@@ -43,6 +43,10 @@ export interface RebuildHost {
   flushNumbered(): Promise<void>;
   handOverMissedMaps(target: EngineReplica): Promise<void>;
   alignCounters(): Promise<void>;
+  /** A region is being written (as client writes count it: it stays in the write-intent logs); a verify's repair uses these. */
+  regionsStarted(offset: number, length: number): void;
+  regionsWritten(offset: number, length: number): void;
+  nowMs(): number;
   log(event: Record<string, unknown>): void;
 }
 

@@ -14,15 +14,10 @@ import { VerifyTally, differingFromSource, verifySource } from './verify.ts';
 
 type EngineReplica = SetMember<DataClient>;
 
-/** What a verify uses of its engine. */
-export interface VerifyHost extends Pick<RebuildHost,
+/** What a verify uses of its engine (the engine hands in the host its rebuilds use). */
+export type VerifyHost = Pick<RebuildHost,
   'sizeBytes' | 'replicas' | 'claims' | 'faultedReason' | 'faultError' | 'pickReader' | 'setErr' | 'controlOn' |
-  'pauseAndDrain' | 'resume' | 'useClaims' | 'dropClaims' | 'flushNumbered' | 'log'> {
-  /** A region is being written (as client writes count it: it stays in the write-intent logs). */
-  regionsStarted(offset: number, length: number): void;
-  regionsWritten(offset: number, length: number): void;
-  nowMs(): number;
-}
+  'pauseAndDrain' | 'resume' | 'useClaims' | 'dropClaims' | 'flushNumbered' | 'regionsStarted' | 'regionsWritten' | 'nowMs' | 'log'>;
 
 /** REGION_HASH on one replica (hex), null when the replica failed (it is set ERR). */
 async function regionHashOn(host: VerifyHost, r: EngineReplica, offset: number, length: number): Promise<string | null> {

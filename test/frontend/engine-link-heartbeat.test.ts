@@ -16,7 +16,17 @@ const SECRET = Buffer.alloc(32, 5);
 const SOCKET = 'engine.sock';
 const TIMEOUTS = { heartbeatIntervalMs: 500, hangTimeoutMs: 2000, stallTimeoutMs: 30_000 };
 
-function setUp(): { world: SimWorld; net: SimNetwork; frontend: SimProcess; startEngine: (pid: number) => { proc: SimProcess; identity: ProcessIdentity } } {
+interface Setup {
+  world: SimWorld;
+  net: SimNetwork;
+  frontend: SimProcess;
+  startEngine: (pid: number) => { proc: SimProcess; identity: ProcessIdentity };
+  /** The frontend's link; every kill it asks for is recorded in `kills` (and `onKill` runs). */
+  connect: (onKill?: (pid: number) => void) => Promise<EngineLink>;
+  kills: number[];
+}
+
+function setUp(): Setup {
   const world = new SimWorld(7);
   const net = new SimNetwork(world, world.random.fork());
   const frontend = world.process('frontend');
@@ -26,22 +36,25 @@ function setUp(): { world: SimWorld; net: SimNetwork; frontend: SimProcess; star
     net.listen(SOCKET, proc, new DataServer(new MemoryBackend(1 << 20), { secret: SECRET, identity: { process: identity }, clock: proc.clock }));
     return { proc, identity };
   };
-  return { world, net, frontend, startEngine };
-}
-
-test('a hung engine whose kill is delayed: the link waits out its backlog, then serves from the next engine and leaves it alone', async () => {
-  const { world, net, frontend, startEngine } = setUp();
-  const first = startEngine(4_000_001);
   const kills: number[] = [];
-  const link = await world.await(EngineLink.connect({
+  const connect = (onKill?: (pid: number) => void): Promise<EngineLink> => world.await(EngineLink.connect({
     name: 'v', socketPath: SOCKET, secret: SECRET, ...TIMEOUTS, transport: net.transport(frontend), clock: frontend.clock,
     killEngine: (identity) => {
       kills.push(identity.pid);
-      // It cannot be killed at once (stuck in the kernel, say): it dies 5 s later.
-      if (identity.pid === first.identity.pid) world.schedule(5000, () => first.proc.kill());
+      onKill?.(identity.pid);
       return true;
     },
   }), 'connect');
+  return { world, net, frontend, startEngine, connect, kills };
+}
+
+test('a hung engine whose kill is delayed: the link waits out its backlog, then serves from the next engine and leaves it alone', async () => {
+  const { world, net, startEngine, connect, kills } = setUp();
+  const first = startEngine(4_000_001);
+  // It cannot be killed at once (stuck in the kernel, say): it dies 5 s later.
+  const link = await connect((pid) => {
+    if (pid === first.identity.pid) world.schedule(5000, () => first.proc.kill());
+  });
   // The engine hangs before the first heartbeat made its connection: that connection waits in
   // its backlog until the process dies.
   // (The handshake deadline, 5 s, outlasts the hang timeout: the engine is found hung first.)
@@ -59,16 +72,9 @@ test('a hung engine whose kill is delayed: the link waits out its backlog, then 
 });
 
 test('a frontend that stalled while its heartbeat was unanswered reads the answer before it judges the engine', async () => {
-  const { world, net, frontend, startEngine } = setUp();
+  const { world, net, startEngine, connect, kills, frontend } = setUp();
   const engine = startEngine(4_000_001);
-  const kills: number[] = [];
-  const link = await world.await(EngineLink.connect({
-    name: 'v', socketPath: SOCKET, secret: SECRET, ...TIMEOUTS, transport: net.transport(frontend), clock: frontend.clock,
-    killEngine: (identity) => {
-      kills.push(identity.pid);
-      return true;
-    },
-  }), 'connect');
+  const link = await connect();
   await world.runFor(1200); // the heartbeat connection is made and answers
   // The engine hangs for 1.5 s (a heartbeat goes unanswered meanwhile); 1 s into it the frontend
   // stalls for 3 s. The engine has answered long before the frontend runs again.
