@@ -17,6 +17,8 @@ import { Replica } from '../../src/replica/replica.ts';
 import { MemoryDisk } from '../../src/replica/memory-disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
+import { LatencyDisk } from './latency-disk.ts';
+import { INTENT_REGION_BYTES } from '../../src/replica/intent-log.ts';
 import { DataServer } from '../../src/protocol/server.ts';
 import { EngineLink } from '../../src/frontend/engine-link.ts';
 import type { ProcessIdentity } from '../../src/os/process-identity.ts';
@@ -57,6 +59,8 @@ const DIR = '/replica';
 const MAX_INFLIGHT = 8;
 const MAX_IO_BYTES = 64 * 1024;
 const HOT_SPOT_BYTES = 1024 * 1024;
+/** The working set of a seed with locality: one write-intent region. */
+const WORKING_SET_BYTES = INTENT_REGION_BYTES;
 const REQUEST_TIMEOUT_MS = 4000;
 /** Where the engine's data server listens (one volume: one address, whichever engine runs). */
 const ENGINE_ADDRESS = 'engine.sock';
@@ -112,6 +116,9 @@ export class Simulation {
   /** The agent's work in the background (process restarts): a failure is a problem. */
   private readonly background = new Set<Promise<void>>();
   private readonly model: VolumeModel;
+  /** This seed's requests keep to a working set (workingRegion) besides the hot spot. */
+  private readonly workingSet: boolean;
+  private workingRegion = 0;
   private engine: Engine | null = null;
   private engineProc: SimProcess | null = null;
   /** The engine process's identity, as its data server tells the link (the link kills by it). */
@@ -158,6 +165,7 @@ export class Simulation {
     this.replicas = Array.from({ length: this.options.replicas }, (_, i) => new SimReplica(i));
     this.nextReplicaIndex = this.options.replicas;
     this.frontendProc = this.world.process('frontend');
+    this.workingSet = this.random.chance(0.5);
   }
 
   private note(text: string): void {
@@ -181,7 +189,7 @@ export class Simulation {
   private async startReplica(r: SimReplica): Promise<void> {
     const proc = this.world.process(`${r.key}`);
     const power = new PowerLossDisk(r.mem, (p, data, position) => r.mem.writeNow(p, data, position));
-    const faulty = new FaultyDisk(power);
+    const faulty = new FaultyDisk(new LatencyDisk(power, () => proc.clock.sleep(this.syncLatencyMs())));
     const exists = await Replica.exists(DIR, faulty);
     // As the agent does: the volume's size now (an offline expansion if it grew meanwhile).
     if (exists) await Replica.expandOnDisk(DIR, this.specSizeBytes, faulty);
@@ -192,6 +200,23 @@ export class Simulation {
     this.net.listen(r.address, proc, server);
     Object.assign(r, { proc, power, faulty, replica, up: true });
     this.note(`${r.key} started (${exists ? 'reopened' : 'created'})`);
+  }
+
+  /** How long one fsync takes: mostly well under a millisecond, now and then a slow one. */
+  private syncLatencyMs(): number {
+    return this.random.chance(0.9) ? 0.02 + this.random.next() * 1.5 : 2 + this.random.next() * 20;
+  }
+
+  /** Every replica and the engine lose power at once. */
+  private volumePowerCut(): void {
+    this.stats.volumeCrashes++;
+    const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
+    this.crashEngine('machine');
+    for (const x of this.replicas) this.crashReplica(x, mode);
+    // Unflushed writes (acknowledged or not) may be lost now: every replica lost them. Even with
+    // the page cache kept ('keep'): a replica makes a write durable only at a flush (its block map
+    // is journaled then), which is all NBD promises.
+    this.model.powerLost();
   }
 
   /** The replica's process dies; `mode` says what its unsynced writes do (a power cut loses some). */
@@ -363,8 +388,19 @@ export class Simulation {
       // A third of the requests go to a hot spot (a file system's journal and metadata, a
       // database's log), so that a write is soon written over again: a late or lost write
       // shows as old data there.
-      const span = this.random.chance(1 / 3) ? HOT_SPOT_BYTES : this.sizeBytes;
-      const offset = this.random.int((span - length) / 4096 + 1) * 4096;
+      // Half the seeds keep the rest in a working set of one write-intent region that moves now
+      // and then (a file system or database with locality), so that most regions go cold and
+      // leave the replicas' write-intent logs: a write to a cold region is then the only one
+      // there, and a replica that missed it differs from the others in a region few logs name.
+      let from = 0;
+      let span = this.sizeBytes;
+      if (this.random.chance(1 / 3)) span = HOT_SPOT_BYTES;
+      else if (this.workingSet) {
+        if (this.random.chance(0.01)) this.workingRegion = this.random.int(Math.ceil(this.sizeBytes / WORKING_SET_BYTES));
+        from = Math.min(this.workingRegion * WORKING_SET_BYTES, this.sizeBytes - WORKING_SET_BYTES);
+        span = WORKING_SET_BYTES;
+      }
+      const offset = from + this.random.int((span - length) / 4096 + 1) * 4096;
       if (this.model.isFree(offset, length, forWrite)) return { offset, length };
     }
     return null;
@@ -623,19 +659,26 @@ export class Simulation {
     const roll = this.random.next();
     if (roll < 0.08) {
       if (this.engine === null) return null;
-      return {
-        name: 'the whole volume loses power',
-        run: async () => {
-          this.stats.volumeCrashes++;
-          const mode: PowerLossMode = this.random.pick(['drop', 'tear', 'keep']);
-          this.crashEngine('machine');
-          for (const x of this.replicas) this.crashReplica(x, mode);
-          // Unflushed writes (acknowledged or not) may be lost now: every replica lost them. Even
-          // with the page cache kept ('keep'): a replica makes a write durable only at a flush
-          // (its block map is journaled then), which is all NBD promises.
-          this.model.powerLost();
-        },
-      };
+      if (this.random.chance(0.5) || this.serving() === null || this.replicas.filter((x) => x.up).length < 2) {
+        return { name: 'the whole volume loses power', run: async () => this.volumePowerCut() };
+      }
+      // One replica's link is slow for a moment (congestion) and the power fails in it: writes
+      // reached the others and not that one, and the replicas' write-intent logs disagree on
+      // which regions are active. Only the union of them bounds where the replicas may differ.
+      // Often the slow one is the replica a tie makes the next source (the first), and the
+      // workload moves to another region meanwhile: the writes that reached only the others are
+      // then in a region the source's log may not name.
+      const engineProc = this.engineProc!;
+      const up = this.replicas.filter((x) => x.up);
+      const slow = this.random.chance(0.5) ? up[0] : this.random.pick(up);
+      const slowProc = slow.proc!;
+      const ms = 1 + this.random.next() * 30;
+      return { name: `link engine-${slow.key} stalls for ${ms.toFixed(1)} ms and the whole volume loses power in it`, run: async () => {
+        this.net.holdBetween(engineProc, slowProc, ms);
+        if (this.workingSet) this.workingRegion = this.random.int(Math.ceil(this.sizeBytes / WORKING_SET_BYTES));
+        await new Promise<void>((resolve) => this.world.schedule(this.random.next() * ms, resolve));
+        this.volumePowerCut();
+      } };
     }
     if (roll < 0.12) {
       if (this.engine === null) return null;
@@ -646,6 +689,10 @@ export class Simulation {
         const engineProc = this.engineProc;
         const stalled = this.random.pick(this.replicas);
         const ms = 500 + this.random.int(2 * REQUEST_TIMEOUT_MS);
+        // With no other healthy replica, the engine crashes before it gives the last one up: a
+        // volume whose every replica failed is faulted, and its clients get errors by design.
+        const lastHealthy = healthy.every((x) => x === stalled);
+        const crashInMs = this.random.int(lastHealthy ? Math.min(ms, REQUEST_TIMEOUT_MS / 2) : ms);
         return { name: `link engine-${stalled.key} stalls for ${ms} ms and the engine crashes in it`, run: async () => {
           this.stats.engineCrashes++;
           this.stats.hangs++;
@@ -653,7 +700,7 @@ export class Simulation {
             this.strike(stalled, this.world.nowMs + ms + REQUEST_TIMEOUT_MS);
             this.net.holdBetween(engineProc, stalled.proc, ms);
           }
-          await new Promise<void>((resolve) => this.world.schedule(this.random.int(ms), resolve));
+          await new Promise<void>((resolve) => this.world.schedule(crashInMs, resolve));
           if (this.engineProc === engineProc) this.crashEngine();
         } };
       }
@@ -872,10 +919,29 @@ export class Simulation {
   private async finish(): Promise<void> {
     this.note('finish: healing');
     const deadline = this.world.nowMs + 300_000;
+    for (;;) {
+      const engine = await this.healed(deadline);
+      if (engine === null) return;
+      this.step = this.options.steps;
+      try {
+        await this.world.await(this.verifyNow(engine), 'final verify');
+        break;
+      } catch (err) {
+        // An engine that hung past the link's timeout a while ago can be killed only now, in the
+        // middle of the verify: heal again, and verify on the next one.
+        if (!(err instanceof ZebuError && err.code === ErrorCode.DISCONNECTED)) throw err;
+        this.note(`final verify: ${err.message}; healing again`);
+      }
+    }
+    await this.finishReadBack();
+  }
+
+  /** Every process back and every replica rebuilt; null (a problem noted) when it never healed. */
+  private async healed(deadline: number): Promise<Engine | null> {
     let engine: Engine | null = null;
     while (engine === null) {
       if (this.control !== null) await this.world.await(this.control, `control ${this.controlName}`);
-      if (this.failed) return;
+      if (this.failed) return null;
       this.observe();
       const action = this.reconcileAction();
       if (action !== null) {
@@ -894,14 +960,16 @@ export class Simulation {
       }
       if (this.world.nowMs > deadline) {
         this.problem(`the volume did not heal in 300 s: ${serving === null ? 'no engine' : serving.replicaStatus().map((s) => `${s.key}:${s.mode} ${s.reason ?? ''}`).join(', ')}; ${this.ops.size} requests in flight`);
-        return;
+        return null;
       }
       await this.world.runFor(50);
     }
+    return engine;
+  }
+
+  /** Every byte read back against the model, through the link as a client reads it. */
+  private async finishReadBack(): Promise<void> {
     const link = this.link!;
-    this.step = this.options.steps;
-    await this.world.await(this.verifyNow(engine), 'final verify');
-    // Every byte read back against the model, through the link as a client reads it.
     for (let offset = 0; offset < this.sizeBytes && !this.failed; offset += MAX_IO_BYTES) {
       const length = Math.min(MAX_IO_BYTES, this.sizeBytes - offset);
       const out = await this.world.await(new Promise<Buffer>((resolve, reject) => link.read(offset, length, (err, data) => (err === null ? resolve(data) : reject(err)))), 'final read');
