@@ -59,6 +59,13 @@ const DIR = '/replica';
 const MAX_INFLIGHT = 8;
 const MAX_IO_BYTES = 64 * 1024;
 const HOT_SPOT_BYTES = 1024 * 1024;
+/**
+ * The fault ladder's bands (faultAction): volume power loss, engine crash, node crash, engine or
+ * frontend hang, replica crash, link cut, link stall, replica hang, disk error.
+ */
+const FAULT_BANDS = [0, 0.08, 0.12, 0.16, 0.2, 0.45, 0.6, 0.68, 0.75, 1];
+/** How much a seed may weigh a fault class against its band's width (swarm testing). */
+const FAULT_CLASS_FACTORS = [0, 1, 1, 3];
 /** The working set of a seed with locality: one write-intent region. */
 const WORKING_SET_BYTES = INTENT_REGION_BYTES;
 const REQUEST_TIMEOUT_MS = 4000;
@@ -119,6 +126,8 @@ export class Simulation {
   /** This seed's requests keep to a working set (workingRegion) besides the hot spot. */
   private readonly workingSet: boolean;
   private workingRegion = 0;
+  /** This seed's weight of each fault class (FAULT_BANDS). */
+  private faultWeights: number[];
   private engine: Engine | null = null;
   private engineProc: SimProcess | null = null;
   /** The engine process's identity, as its data server tells the link (the link kills by it). */
@@ -166,6 +175,8 @@ export class Simulation {
     this.nextReplicaIndex = this.options.replicas;
     this.frontendProc = this.world.process('frontend');
     this.workingSet = this.random.chance(0.5);
+    this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => (hi - FAULT_BANDS[i]) * this.random.pick(FAULT_CLASS_FACTORS));
+    if (this.faultWeights.every((w) => w === 0)) this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => hi - FAULT_BANDS[i]);
   }
 
   private note(text: string): void {
@@ -652,11 +663,32 @@ export class Simulation {
     return s === undefined ? null : (this.replicas.find((r) => r.key === s.key) ?? null);
   }
 
+  /**
+   * Where in the fault ladder below this fault falls: a class drawn by this seed's weights, then a
+   * point inside the class's band. Each seed weighs the classes differently (swarm testing): some
+   * leave a class out, some make one three times as common, so that a seed can pile up the rare
+   * combinations one kind of fault needs (an engine crashing with a stalled link, say) instead of
+   * every seed drawing the same mix.
+   */
+  private faultRoll(): number {
+    const total = this.faultWeights.reduce((a, b) => a + b, 0);
+    let x = this.random.next() * total;
+    for (const [i, w] of this.faultWeights.entries()) {
+      if (x < w || i === this.faultWeights.length - 1) {
+        const lo = FAULT_BANDS[i];
+        const hi = FAULT_BANDS[i + 1];
+        return lo + this.random.next() * (hi - lo);
+      }
+      x -= w;
+    }
+    throw new Error('unreachable');
+  }
+
   private faultAction(): { name: string; run: () => Promise<void> } | null {
     const healthy = this.healthy();
     const target = this.rebuildTarget();
     const r = target !== null && this.random.chance(0.5) ? target : this.random.pick(this.replicas);
-    const roll = this.random.next();
+    const roll = this.faultRoll();
     if (roll < 0.08) {
       if (this.engine === null) return null;
       if (this.random.chance(0.5) || this.serving() === null || this.replicas.filter((x) => x.up).length < 2) {

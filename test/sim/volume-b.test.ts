@@ -1,4 +1,4 @@
-// The simulator's default run, second half of the seeds (the first half runs beside it: volume-a),
+// The simulator's default run, second block of seeds (beside volume-a and volume-c),
 // with the write-intent logs' default idle time.
 import { simulateSeeds } from './seeds.ts';
 
