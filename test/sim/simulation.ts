@@ -884,6 +884,28 @@ export class Simulation {
     }
   }
 
+  /**
+   * Every healthy RW replica holds, where no write is in flight, what the model allows: read from
+   * the replica itself, not through the engine, so that a replica reads seldom come from is checked
+   * too, before a later write hides what it got wrong (a late write of an older engine, say).
+   */
+  private async checkReplicaContents(): Promise<void> {
+    const range = this.randomRange(false);
+    if (range === null || this.serving() === null) return;
+    for (const r of this.healthy()) {
+      const replica = r.replica;
+      if (replica === null) continue;
+      const out = Buffer.alloc(range.length);
+      try {
+        await replica.read(range.offset, range.length, out);
+      } catch {
+        continue; // closed or failed meanwhile: the engine finds out on its own
+      }
+      if (!r.up || r.replica !== replica || !this.model.isFree(range.offset, range.length, false)) continue;
+      for (const p of this.model.checkRead(range.offset, out)) this.problem(`${r.key}, read directly, ${range.offset}+${range.length}: ${p}`);
+    }
+  }
+
   /** After each step: what the engine says about replicas clears their strikes. */
   private observe(): void {
     const engine = this.serving();
@@ -924,6 +946,7 @@ export class Simulation {
             ?? (this.random.chance(0.02) ? this.operationAction() : null);
           if (action !== null) this.startControl(action.name, action.run);
         }
+        if (this.random.chance(0.05)) await this.world.await(this.checkReplicaContents(), 'replica contents');
         const burst = this.random.int(4);
         for (let i = 0; i < burst && this.ops.size < MAX_INFLIGHT; i++) this.issueRandom();
         await this.world.runFor(this.random.next() * 3);
