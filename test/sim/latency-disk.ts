@@ -14,6 +14,8 @@ export class LatencyDisk implements Disk {
   private readonly inner: Disk;
   /** Waits for one sync's latency (the process's clock; a frozen process waits longer). */
   readonly delay: () => Promise<void>;
+  /** Called after each file sync completed (the simulator times a power cut by it). */
+  onSynced: ((filePath: string) => void) | null = null;
 
   constructor(inner: Disk, delay: () => Promise<void>) {
     this.inner = inner;
@@ -66,7 +68,8 @@ class LatencyFile implements DiskFile {
   }
   async datasync(): Promise<void> {
     await this.disk.delay();
-    return this.inner.datasync();
+    await this.inner.datasync();
+    this.disk.onSynced?.(this.path);
   }
   truncate(sizeBytes: number): Promise<void> {
     return this.inner.truncate(sizeBytes);

@@ -18,7 +18,7 @@ import { MemoryDisk } from '../../src/replica/memory-disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
 import { LatencyDisk } from './latency-disk.ts';
-import { INTENT_REGION_BYTES } from '../../src/replica/intent-log.ts';
+import { INTENT_REGION_BYTES, INTENT_SLOTS } from '../../src/replica/intent-log.ts';
 import { DataServer } from '../../src/protocol/server.ts';
 import { EngineLink } from '../../src/frontend/engine-link.ts';
 import type { ProcessIdentity } from '../../src/os/process-identity.ts';
@@ -86,6 +86,7 @@ class SimReplica {
   readonly mem = new MemoryDisk();
   proc: SimProcess | null = null;
   power: PowerLossDisk | null = null;
+  latency: LatencyDisk | null = null;
   faulty: FaultyDisk | null = null;
   replica: Replica | null = null;
   /** Its process runs. */
@@ -200,7 +201,8 @@ export class Simulation {
   private async startReplica(r: SimReplica): Promise<void> {
     const proc = this.world.process(`${r.key}`);
     const power = new PowerLossDisk(r.mem, (p, data, position) => r.mem.writeNow(p, data, position));
-    const faulty = new FaultyDisk(new LatencyDisk(power, () => proc.clock.sleep(this.syncLatencyMs())));
+    const latency = new LatencyDisk(power, () => proc.clock.sleep(this.syncLatencyMs()));
+    const faulty = new FaultyDisk(latency);
     const exists = await Replica.exists(DIR, faulty);
     // As the agent does: the volume's size now (an offline expansion if it grew meanwhile).
     if (exists) await Replica.expandOnDisk(DIR, this.specSizeBytes, faulty);
@@ -209,7 +211,7 @@ export class Simulation {
       : await Replica.create(DIR, { sizeBytes: this.specSizeBytes, disk: faulty, clock: proc.clock });
     const server = new DataServer(replica, { secret: SECRET, identity: { name: r.key }, clock: proc.clock });
     this.net.listen(r.address, proc, server);
-    Object.assign(r, { proc, power, faulty, replica, up: true });
+    Object.assign(r, { proc, power, latency, faulty, replica, up: true });
     this.note(`${r.key} started (${exists ? 'reopened' : 'created'})`);
   }
 
@@ -691,8 +693,37 @@ export class Simulation {
     const roll = this.faultRoll();
     if (roll < 0.08) {
       if (this.engine === null) return null;
-      if (this.random.chance(0.5) || this.serving() === null || this.replicas.filter((x) => x.up).length < 2) {
+      const variant = this.random.int(3);
+      if (variant === 0 || this.serving() === null || this.replicas.filter((x) => x.up).length < 2) {
         return { name: 'the whole volume loses power', run: async () => this.volumePowerCut() };
+      }
+      if (variant === 1) {
+        // The power fails just after one replica made a write-intent record durable: it logged a
+        // region as active (the workload moves to a cold one now) and may have written the data
+        // after it, while the others had not logged it yet — a region only its log names.
+        const waitMs = 50 + this.random.int(2000);
+        return { name: `the whole volume loses power just after a replica's write-intent record is durable (or in ${waitMs} ms)`, run: async () => {
+          if (this.workingSet) this.workingRegion = this.random.int(Math.ceil(this.sizeBytes / WORKING_SET_BYTES));
+          const disks = this.replicas.flatMap((x) => (x.up && x.latency !== null ? [x.latency] : []));
+          await new Promise<void>((resolve) => {
+            let done = false;
+            const cut = (): void => {
+              if (done) return;
+              done = true;
+              for (const d of disks) d.onSynced = null;
+              this.volumePowerCut();
+              resolve();
+            };
+            for (const d of disks) {
+              d.onSynced = (filePath) => {
+                if (!INTENT_SLOTS.some((slot) => filePath.endsWith(slot))) return;
+                for (const x of disks) x.onSynced = null;
+                this.world.schedule(this.random.next() * 0.3, cut);
+              };
+            }
+            this.world.schedule(waitMs, cut);
+          });
+        } };
       }
       // One replica's link is slow for a moment (congestion) and the power fails in it: writes
       // reached the others and not that one, and the replicas' write-intent logs disagree on
