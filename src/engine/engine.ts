@@ -44,6 +44,7 @@ import { runVerify } from './verify-sequence.ts';
 import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
+import { emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
 import { runDeltaRebuild, runFullRebuild, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
@@ -74,6 +75,13 @@ export interface EngineOptions {
   replicaWaitMs?: number;
   /** Keys of replicas known to be out (the manager failed them): start-up does not wait for them. */
   outReplicas?: string[];
+  /**
+   * A rebuild's copy holding a region lease that a client write recalled has this long to give it
+   * back before the lease is revoked and the write goes on (default 4000; 0: wait for ever).
+   */
+  leaseRecallTimeoutMs?: number;
+  /** Revokes one region of a rebuild may take before the rebuild fails (default 5). */
+  maxRegionRetries?: number;
   log?: (event: Record<string, unknown>) => void;
   /** How replicas are reached, and time (defaults: the network and the system clock; the simulator's otherwise). */
   transport?: Transport;
@@ -129,6 +137,9 @@ const isOut = (r: EngineReplica): boolean => r.mode === ReplicaMode.ERR;
 const MAX_QUEUED_WHILE_PAUSED = 4096;
 const DEFAULT_MAX_ACTIVE_REGIONS = 256;
 const DEFAULT_REPLICA_WAIT_MS = 30_000;
+/** Well under the replica request timeout: a revoke is a request to the target too. */
+export const DEFAULT_LEASE_RECALL_TIMEOUT_MS = 4000;
+export const DEFAULT_MAX_REGION_RETRIES = 5;
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -173,7 +184,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -199,6 +210,11 @@ export class Engine implements BlockBackend {
   /** Ranges being copied or compared (rebuild, verify): writes to them wait. Null: none. */
   private claims: RangeClaims | null = null;
   private claimUsers = 0;
+  /** Rebuild leases a client write recalled: the timer that revokes each one. */
+  private readonly leaseTimers = new Map<number, ClockTimer>();
+  readonly leaseCounters: LeaseCounters = emptyLeaseCounters();
+  private readonly leaseRecallTimeoutMs: number;
+  private readonly maxRegionRetries: number;
   private verifying = false;
   /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
   private readonly pendingDeltas: EngineReplica[] = [];
@@ -245,6 +261,14 @@ export class Engine implements BlockBackend {
       throw new ZebuError(ErrorCode.EINVAL, `maxActiveRegions must be a positive integer, got ${maxActiveRegions}`);
     }
     this.regions = new ActiveRegions(REGION_BYTES, maxActiveRegions, this.sizeBytes);
+    this.leaseRecallTimeoutMs = options.leaseRecallTimeoutMs ?? DEFAULT_LEASE_RECALL_TIMEOUT_MS;
+    this.maxRegionRetries = options.maxRegionRetries ?? DEFAULT_MAX_REGION_RETRIES;
+    if (!Number.isSafeInteger(this.leaseRecallTimeoutMs) || this.leaseRecallTimeoutMs < 0) {
+      throw new ZebuError(ErrorCode.EINVAL, `leaseRecallTimeoutMs must be a whole number of milliseconds >= 0, got ${this.leaseRecallTimeoutMs}`);
+    }
+    if (!Number.isSafeInteger(this.maxRegionRetries) || this.maxRegionRetries < 0) {
+      throw new ZebuError(ErrorCode.EINVAL, `maxRegionRetries must be a whole number >= 0, got ${this.maxRegionRetries}`);
+    }
     this.replicas = options.replicas.map((entry) => {
       const { key, named, address, host, port } = parseReplicaEntry(entry);
       return { address, key, named, host, port, local: isLocalHost(host), client: null, mode: ReplicaMode.ERR, reason: 'not connected', info: null, rebuild: null, inWriteSet: true };
@@ -313,6 +337,11 @@ export class Engine implements BlockBackend {
       alignCounters: () => engine.alignCounters(),
       regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
       regionsWritten: (offset, length) => engine.regionsWritten(offset, length),
+      acquireLease: (target, start, end) => engine.acquireLease(target, start, end),
+      leaseWanted: (id) => engine.claims === null || !engine.claims.holds(id) || engine.claims.recalled(id),
+      releaseLease: (id) => engine.releaseLease(id),
+      leaseCounters: engine.leaseCounters,
+      maxRegionRetries: engine.maxRegionRetries,
       nowMs: () => engine.clock.nowMs(),
       log: (event) => engine.log(event),
     };
@@ -592,6 +621,47 @@ export class Engine implements BlockBackend {
     for (const fn of queued) fn();
   }
 
+  // ---- rebuild leases (leased-copy.ts is the copier's side) ----------------------------------
+
+  /** A lease on [start, end) for a copy to `target`: a client write recalls it; past the recall timeout it is revoked. */
+  private acquireLease(target: EngineReplica, start: number, end: number): Promise<number> {
+    const claims = this.claims;
+    assert(claims !== null, 'a lease is asked for with no claims in use');
+    return claims.claim(start, end, (id) => {
+      this.leaseCounters.recalls++;
+      if (this.leaseRecallTimeoutMs === 0 || this.closed) return;
+      this.leaseTimers.set(id, this.clock.setTimeout(() => this.revokeLease(target, id), this.leaseRecallTimeoutMs));
+    });
+  }
+
+  private releaseLease(id: number): void {
+    this.clock.clear(this.leaseTimers.get(id) ?? null);
+    this.leaseTimers.delete(id);
+    this.claims?.release(id);
+  }
+
+  /**
+   * The copy did not give lease `id` back in time: the target refuses its copy writes from now
+   * on (and has landed those under way) before the client writes waiting for it go on. A target
+   * that cannot be told is out of the volume, and those writes no longer reach it.
+   */
+  private revokeLease(target: EngineReplica, id: number): void {
+    this.leaseTimers.delete(id);
+    const claims = this.claims;
+    if (claims === null || !claims.holds(id)) return;
+    this.leaseCounters.revokes++;
+    this.log({ event: 'rebuild-lease-revoked', replica: target.address, lease: id, recallTimeoutMs: this.leaseRecallTimeoutMs });
+    const client = target.client;
+    if (client === null || target.mode === ReplicaMode.ERR) return claims.release(id);
+    client.leaseRevoke(id).then(
+      () => claims.release(id),
+      (err) => {
+        if (target.client === client) this.setErr(target, new ZebuError(ErrorCode.EIO, `lease revoke failed: ${toZebuError(err).message}`));
+        claims.release(id);
+      },
+    );
+  }
+
   /** Range claims for a copy or a compare; call with I/O paused and drained, so every write from now on is tracked. */
   private useClaims(): RangeClaims {
     this.claims ??= new RangeClaims();
@@ -605,6 +675,8 @@ export class Engine implements BlockBackend {
     if (this.claimUsers > 0 || this.claims === null) return;
     const claims = this.claims;
     this.claims = null;
+    for (const timer of this.leaseTimers.values()) this.clock.clear(timer);
+    this.leaseTimers.clear();
     claims.releaseAll();
   }
 

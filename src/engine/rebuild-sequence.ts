@@ -12,6 +12,7 @@ import { Op, decodeExtents } from '../protocol/frames.ts';
 import { deltaRegions, isAllZero, liveRegionCopy, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
 import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
 import type { Rebuild, RangeClaims } from './rebuild.ts';
+import { copyRegionLeased, type CopierHost, type LeaseCounters } from './leased-copy.ts';
 import { COPIERS, REGION_BYTES, forEachIndex, isUnsupported, regionRange } from './recovery.ts';
 
 type EngineReplica = SetMember<DataClient>;
@@ -27,6 +28,13 @@ export interface RebuildHost {
   rebuilding: Rebuild<EngineReplica> | null;
   /** Range claims, while a rebuild or verify uses them. */
   readonly claims: RangeClaims | null;
+  /** A lease on [start, end) of the live volume for a copy to `target` (recalled by client writes, revoked after the recall timeout). */
+  acquireLease(target: EngineReplica, start: number, end: number): Promise<number>;
+  leaseWanted(id: number): boolean;
+  releaseLease(id: number): void;
+  readonly leaseCounters: LeaseCounters;
+  /** Revokes one region may take before the rebuild fails. */
+  readonly maxRegionRetries: number;
   /** Client requests in flight. */
   readonly inflight: number;
   readonly faultedReason: string | null;
@@ -90,39 +98,34 @@ async function joinWriteSet(host: RebuildHost, target: EngineReplica, check: () 
 }
 
 /**
- * Copies region [offset, offset+length) from a RW replica to the target under a claim, as
- * `how` says what the target already holds there:
+ * Copies region [offset, offset+length) of the live volume from a RW replica to the target, in
+ * chunks under a region lease (leased-copy.ts), as `how` says what the target already holds:
  *
- * - `status`: a region the source holds nothing of (BLOCK_STATUS) is skipped when the target
+ * - `status`: a range the source holds nothing of (BLOCK_STATUS) is skipped when the target
  *   holds nothing there either (`zeroIfEmpty` false), else zeroed;
- * - `image`: the target has the volume's backing image; a region where the source holds only
+ * - `image`: the target has the volume's backing image; a range where the source holds only
  *   the image's bytes is skipped when the target does too (`zeroIfEmpty` false), else copied;
- * - `since`: the target reads as snapshot `snapshot` of the source, and a region the live
+ * - `since`: the target reads as snapshot `snapshot` of the source, and a range the live
  *   volume has not changed since that snapshot is skipped.
- *
- * Any other region is copied whole: one read and one write, however fragmented.
  */
-async function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<void> {
-  const claims = host.claims!;
-  const claim = await claims.claim(offset, offset + length);
-  try {
-    check();
-    const extents = how.kind === 'status'
-      ? decodeExtents(await readSource(host, target, check, (c) => c.request(Op.BLOCK_STATUS, 0, offset, length)))
-      : await readSource(host, target, check, (c) => c.snapshotChanges(null, how.kind === 'since' ? how.snapshot : null, offset, length, how.kind === 'image'));
-    const holds = extents.some((extent) => extent.data);
-    if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
-      const data = await readSource(host, target, check, (c) => c.read(offset, length));
+function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<number> {
+  const copier: CopierHost = {
+    acquireLease: (start, end) => host.acquireLease(target, start, end),
+    leaseWanted: (id) => host.leaseWanted(id),
+    releaseLease: (id) => host.releaseLease(id),
+    sourceExtents: (kind, at, bytes) => kind.kind === 'status'
+      ? readSource(host, target, check, (c) => c.request(Op.BLOCK_STATUS, 0, at, bytes)).then(decodeExtents)
+      : readSource(host, target, check, (c) => c.snapshotChanges(null, kind.kind === 'since' ? kind.snapshot : null, at, bytes, kind.kind === 'image')),
+    readSource: (at, bytes) => readSource(host, target, check, (c) => c.read(at, bytes)),
+    writeTarget: (lease, at, data, bytes) => {
       check();
-      // A region of zeros over an image, or zeroed since the snapshot, is marked, not written.
-      if (how.kind !== 'status' && isAllZero(data)) await target.client!.writeZeroes(offset, length);
-      else await target.client!.write(offset, data);
-    } else if (how.kind === 'status' && how.zeroIfEmpty) {
-      await target.client!.writeZeroes(offset, length);
-    }
-  } finally {
-    claims.release(claim);
-  }
+      return target.client!.copyWrite(lease, at, data, bytes);
+    },
+    check,
+    counters: host.leaseCounters,
+    maxRetries: host.maxRegionRetries,
+  };
+  return copyRegionLeased(copier, offset, length, how);
 }
 
 /** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */

@@ -26,6 +26,10 @@ interface Claim {
   end: number;
   /** Wakes the claimer once no write overlapping the claim is in flight. */
   waiter: (() => void) | null;
+  id: number;
+  /** A lease (a rebuild's copy): a write that waits for it recalls it, once. Null: a plain claim. */
+  onRecall: ((id: number) => void) | null;
+  recalled: boolean;
 }
 
 /** How far a rebuild got (the engine shows it per replica). */
@@ -36,25 +40,54 @@ export interface RebuildProgress {
   delta: boolean;
 }
 
+/**
+ * Claims on ranges, and the client writes in flight. A claim is granted once no other claim and
+ * no client write in flight overlaps it; while it is held, overlapping client writes wait. A
+ * *lease* is a claim that gives way: the first write that waits for it recalls it (onRecall),
+ * and its holder releases it soon (or the engine revokes it). When a claim ends, the writes that
+ * waited for it go before any claim that asked meanwhile, so a lease taken again at once cannot
+ * starve them.
+ */
 export class RangeClaims {
   private readonly claims = new Map<number, Claim>();
   private readonly writes = new Map<number, InFlightWrite>();
   private nextToken = 1;
   private waiting: { start: number; end: number; fn: () => void }[] = [];
-  /** Claims waiting for an overlapping claim to end, in arrival order. */
+  /** Claims waiting for an overlapping claim (or waiting write) to end, in arrival order. */
   private waitingClaims: { start: number; end: number; grant: () => void }[] = [];
 
-  private overlapsAnyClaim(start: number, end: number): boolean {
-    for (const c of this.claims.values()) if (start < c.end && c.start < end) return true;
-    return false;
+  private overlappingClaims(start: number, end: number): Claim[] {
+    const out: Claim[] = [];
+    for (const c of this.claims.values()) if (start < c.end && c.start < end) out.push(c);
+    return out;
   }
 
-  /** Runs `fn` now, or once no range being claimed overlaps [offset, offset+length). */
+  /** Runs `fn` now, or once no range being claimed overlaps [offset, offset+length); recalls the leases in its way. */
   whenRangeFree(offset: number, length: number, fn: () => void): void {
     const end = offset + length;
+    const blocking = this.overlappingClaims(offset, end);
     // Behind an earlier waiting write to the same blocks too: overlapping writes keep their order.
-    if (!this.overlapsAnyClaim(offset, end) && !this.waiting.some((w) => offset < w.end && w.start < end)) return fn();
+    if (blocking.length === 0 && !this.waiting.some((w) => offset < w.end && w.start < end)) return fn();
     this.waiting.push({ start: offset, end, fn });
+    for (const c of blocking) this.recall(c);
+  }
+
+  private recall(c: Claim): void {
+    if (c.onRecall === null || c.recalled) return;
+    c.recalled = true;
+    const notify = c.onRecall;
+    const id = c.id;
+    queueMicrotask(() => notify(id));
+  }
+
+  /** Whether lease `id` was recalled (false once it ended). */
+  recalled(id: number): boolean {
+    return this.claims.get(id)?.recalled === true;
+  }
+
+  /** Whether claim `id` is still held (a revoked lease is not). */
+  holds(id: number): boolean {
+    return this.claims.has(id);
   }
 
   writeStarted(offset: number, length: number): number {
@@ -81,16 +114,20 @@ export class RangeClaims {
     return false;
   }
 
-  /** Claims [start, end); resolves once no other claim and no client write overlaps it. */
-  claim(start: number, end: number): Promise<number> {
+  /**
+   * Claims [start, end); resolves with its id once no other claim and no client write overlaps
+   * it. With `onRecall`, a lease: called (once) when a client write waits for it.
+   */
+  claim(start: number, end: number, onRecall: ((id: number) => void) | null = null): Promise<number> {
     assert(start >= 0 && end > start, 'range claims: claimed range');
-    if (this.overlapsAnyClaim(start, end) || this.waitingClaims.some((w) => start < w.end && w.start < end)) {
+    if (this.overlappingClaims(start, end).length > 0 || this.waitingClaims.some((w) => start < w.end && w.start < end)
+      || this.waiting.some((w) => start < w.end && w.start < end)) {
       return new Promise((resolve) => {
-        this.waitingClaims.push({ start, end, grant: () => void this.claim(start, end).then(resolve) });
+        this.waitingClaims.push({ start, end, grant: () => void this.claim(start, end, onRecall).then(resolve) });
       });
     }
     const id = this.nextToken++;
-    const claim: Claim = { start, end, waiter: null };
+    const claim: Claim = { id, start, end, waiter: null, onRecall, recalled: false };
     this.claims.set(id, claim);
     if (!this.anyWriteOverlaps(start, end)) return Promise.resolve(id);
     return new Promise((resolve) => {
@@ -98,26 +135,26 @@ export class RangeClaims {
     });
   }
 
-  /** Ends a claim; the writes (and claims) that waited for it go, in the order they arrived. */
+  /** Ends a claim (again: nothing); the writes that waited for it go first, then waiting claims, in arrival order. */
   release(id: number): void {
-    this.claims.delete(id);
-    const waitingClaims = this.waitingClaims;
-    this.waitingClaims = [];
-    for (const w of waitingClaims) w.grant();
+    if (!this.claims.delete(id)) return;
     const waiting = this.waiting;
     this.waiting = [];
     for (const w of waiting) this.whenRangeFree(w.start, w.end - w.start, w.fn);
+    const waitingClaims = this.waitingClaims;
+    this.waitingClaims = [];
+    for (const w of waitingClaims) w.grant();
   }
 
   /** Ends every claim (nobody claims any more): nothing waits any more. */
   releaseAll(): void {
     this.claims.clear();
-    const waitingClaims = this.waitingClaims;
-    this.waitingClaims = [];
-    for (const w of waitingClaims) w.grant();
     const waiting = this.waiting;
     this.waiting = [];
     for (const w of waiting) w.fn();
+    const waitingClaims = this.waitingClaims;
+    this.waitingClaims = [];
+    for (const w of waitingClaims) w.grant();
   }
 }
 

@@ -54,6 +54,10 @@ export interface BlockBackend {
   missedPrune?(keep: string[]): Promise<void>;
   /** Regions known the same and durable everywhere leave the write-intent log (no write in flight, not pinned). */
   intentRelease?(regions: number[]): Promise<void>;
+  /** A rebuild's copy write under a lease (data null: zeros); LEASE_REVOKED once the lease is revoked. */
+  copyWrite?(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void>;
+  /** Revokes a lease; resolves once its copy writes in flight landed. */
+  leaseRevoke?(leaseId: number): Promise<void>;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */
   regionHash?(offset: number, length: number): Promise<Buffer>;
 }

@@ -21,6 +21,8 @@ import {
   MAX_IO_BYTES,
   encodeRequestHeader,
   encodeFlushConfirmed,
+  LEASE_ID_BYTES,
+  writeU64,
   decodeExtents,
   type WireExtent,
 } from './frames.ts';
@@ -191,6 +193,15 @@ export class DataClient {
   }
   async write(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
     await this.request(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, data.length, data);
+  }
+  /** A rebuild's copy write to its target under lease `leaseId` (data null: the range reads as zeros). */
+  async copyWrite(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void> {
+    const lease = Buffer.allocUnsafe(LEASE_ID_BYTES);
+    writeU64(lease, leaseId, 0);
+    await this.request(data === null ? Op.COPY_ZERO : Op.COPY_WRITE, 0, offset, length, data === null ? lease : Buffer.concat([lease, data]));
+  }
+  async leaseRevoke(leaseId: number): Promise<void> {
+    await this.request(Op.LEASE_REVOKE, 0, leaseId, 0);
   }
   async trim(offset: number, length: number): Promise<void> {
     await this.request(Op.TRIM, 0, offset, length);

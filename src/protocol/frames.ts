@@ -70,6 +70,15 @@ export const Op = {
    * rebuilds of volumes on a backing image.
    */
   SNAPSHOT_CHANGES: 26,
+  /**
+   * A rebuild's copy to its target under a region lease: payload = lease id (u64) then the data
+   * (`length` bytes). Refused with LEASE_REVOKED once the engine revoked the lease.
+   */
+  COPY_WRITE: 27,
+  /** As COPY_WRITE, the range [offset, offset+length) reading as zeros: payload = lease id (u64). */
+  COPY_ZERO: 28,
+  /** The engine revokes lease `offset` on the target; answered once its copy writes in flight landed. */
+  LEASE_REVOKE: 29,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -157,8 +166,13 @@ export function encodeResponseHeader(buf: Buffer, requestId: number, status: num
 
 /** Largest payload a request of this op may carry. */
 export function maxPayloadFor(op: number): number {
-  return op === Op.WRITE ? MAX_IO_BYTES : MAX_CONTROL_BYTES;
+  if (op === Op.WRITE) return MAX_IO_BYTES;
+  if (op === Op.COPY_WRITE) return LEASE_ID_BYTES + MAX_IO_BYTES;
+  return MAX_CONTROL_BYTES;
 }
+
+/** COPY_WRITE and COPY_ZERO start their payload with the lease id. */
+export const LEASE_ID_BYTES = 8;
 
 export interface WireExtent {
   offset: number;

@@ -28,6 +28,7 @@ import {
   maxPayloadFor,
   readU64,
   FLUSH_CONFIRMED_BYTES,
+  LEASE_ID_BYTES,
   MISSED_KEY,
   type RequestHeader,
 } from './frames.ts';
@@ -345,6 +346,27 @@ class Connection {
         if (h.length !== payload.length) throw invalid(`write length ${h.length} differs from payload length ${payload.length}`);
         await replica.write(h.offset, payload);
         if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
+        return EMPTY;
+      case Op.COPY_WRITE:
+      case Op.COPY_ZERO: {
+        if (replica.copyWrite === undefined) throw unsupported(h.op);
+        if (payload.length < LEASE_ID_BYTES) throw invalid(`the payload must start with an ${LEASE_ID_BYTES}-byte lease id`);
+        const leaseId = readU64(payload, 0);
+        if (!Number.isSafeInteger(leaseId) || leaseId === 0) throw invalid(`bad lease id ${leaseId}`);
+        if (h.op === Op.COPY_ZERO) {
+          if (payload.length !== LEASE_ID_BYTES) throw invalid(`the payload must be the ${LEASE_ID_BYTES}-byte lease id only`);
+          if (h.length > MAX_RANGE_BYTES) throw invalid(`range of ${h.length} bytes exceeds ${MAX_RANGE_BYTES}`);
+          await replica.copyWrite(leaseId, h.offset, null, h.length);
+        } else {
+          if (h.length !== payload.length - LEASE_ID_BYTES) throw invalid(`copy write length ${h.length} differs from its data length ${payload.length - LEASE_ID_BYTES}`);
+          await replica.copyWrite(leaseId, h.offset, payload.subarray(LEASE_ID_BYTES), h.length);
+        }
+        return EMPTY;
+      }
+      case Op.LEASE_REVOKE:
+        if (replica.leaseRevoke === undefined) throw unsupported(h.op);
+        if (!Number.isSafeInteger(h.offset) || h.offset === 0) throw invalid(`bad lease id ${h.offset}`);
+        await replica.leaseRevoke(h.offset);
         return EMPTY;
       case Op.TRIM:
       case Op.WRITE_ZEROES:

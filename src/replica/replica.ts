@@ -36,6 +36,7 @@ import {
   type ReplicaMeta,
   type RebuildKind,
 } from './meta.ts';
+import { CopyLeases } from './copy-leases.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
 import { systemClock, type Clock } from '../os/clock.ts';
@@ -145,6 +146,8 @@ export class Replica {
   private head!: Layer;
   private blockCount: number;
   private readonly lock = new RangeLock();
+  /** Rebuild leases: copy writes carry a lease id the engine may revoke (copy-leases.ts). */
+  private readonly copyLeases = new CopyLeases();
 
   private revision = 0;
   private flushedRevision = 0;
@@ -1047,6 +1050,28 @@ export class Replica {
         await this.flush();
       });
     });
+  }
+
+  // ---- rebuild copies under leases (see copy-leases.ts) -----------------------------------------
+
+  /**
+   * A rebuild's copy write (zero: the range reads as zeros) under lease `leaseId`, refused with
+   * LEASE_REVOKED once the engine revoked that lease. The lease is checked and counted before
+   * anything is awaited, so a revoke that arrives later waits for this write.
+   */
+  async copyWrite(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void> {
+    this.copyLeases.begin(this.meta.epoch, leaseId);
+    try {
+      if (data === null) await this.zero(offset, length);
+      else await this.write(offset, data);
+    } finally {
+      this.copyLeases.end(leaseId);
+    }
+  }
+
+  /** The engine revokes lease `leaseId`: later copy writes with it are refused; resolves once its writes in flight landed. */
+  leaseRevoke(leaseId: number): Promise<void> {
+    return this.copyLeases.revoke(this.meta.epoch, leaseId);
   }
 
   // ---- info and lifecycle -------------------------------------------------------------------

@@ -23,7 +23,7 @@ import { DataServer } from '../../src/protocol/server.ts';
 import { EngineLink } from '../../src/frontend/engine-link.ts';
 import type { ProcessIdentity } from '../../src/os/process-identity.ts';
 import { ErrorCode, ZebuError, assert, onAssertionFailure } from '../../src/errors.ts';
-import { SimWorld, type Random, type SimProcess } from './world.ts';
+import { SimWorld, Random, type SimProcess } from './world.ts';
 import { SimNetwork } from './network.ts';
 import { VolumeModel, writePayload, sectorValue, SECTOR_BYTES } from './model.ts';
 
@@ -150,6 +150,11 @@ export class Simulation {
   private nextId = 1;
   private control: Promise<void> | null = null;
   private readonly processOf = new WeakMap<Engine, SimProcess>();
+  /** Every engine of the run, for the rebuild-lease counters. */
+  private readonly engines: Engine[] = [];
+  /** Per seed: how long a recalled rebuild lease may be kept (0: for ever), and how many revokes a region may take. */
+  private readonly leaseRecallTimeoutMs: number;
+  private readonly maxRegionRetries: number;
   /** The frontend's last stall. */
   private frontendStall: { fromMs: number; untilMs: number } | null = null;
   private controlName = '';
@@ -175,6 +180,10 @@ export class Simulation {
     this.replicas = Array.from({ length: this.options.replicas }, (_, i) => new SimReplica(i));
     this.nextReplicaIndex = this.options.replicas;
     this.frontendProc = this.world.process('frontend');
+    // Drawn from their own stream: the main stream (and so every other choice of a seed) stays as it was.
+    const leaseRandom = new Random(options.seed * 7919 + 17);
+    this.leaseRecallTimeoutMs = leaseRandom.pick([0, 20, 200, 4000]);
+    this.maxRegionRetries = leaseRandom.pick([1, 5, 1000]);
     this.workingSet = this.random.chance(0.5);
     this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => (hi - FAULT_BANDS[i]) * this.random.pick(FAULT_CLASS_FACTORS));
     if (this.faultWeights.every((w) => w === 0)) this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => hi - FAULT_BANDS[i]);
@@ -267,12 +276,14 @@ export class Simulation {
     const engine = Engine.create({
       name: 'sim', sizeBytes: this.specSizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
+      leaseRecallTimeoutMs: this.leaseRecallTimeoutMs, maxRegionRetries: this.maxRegionRetries,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
       log: LIVE_TRACE ? (event) => this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`) : undefined,
     });
     this.engineProc = proc;
     this.engine = engine;
+    this.engines.push(engine);
     this.processOf.set(engine, proc);
     const incarnation = this.incarnation;
     await engine.startUp();
@@ -957,6 +968,17 @@ export class Simulation {
 
   // ---- the run --------------------------------------------------------------------------------
 
+  private leaseStats(): Record<string, number> {
+    const sum = { leaseGrants: 0, leaseRecalls: 0, leaseRevokes: 0, leaseReplays: 0 };
+    for (const e of this.engines) {
+      sum.leaseGrants += e.leaseCounters.grants;
+      sum.leaseRecalls += e.leaseCounters.recalls;
+      sum.leaseRevokes += e.leaseCounters.revokes;
+      sum.leaseReplays += e.leaseCounters.replays;
+    }
+    return sum;
+  }
+
   async run(): Promise<SimResult> {
     const onRejection = (err: unknown): void => {
       this.problem(`unhandled rejection: ${(err as Error).stack ?? String(err)}`);
@@ -997,7 +1019,7 @@ export class Simulation {
     for (const c of this.world.crashes) this.problem(`the code under test threw: ${c}`);
     return {
       seed: this.options.seed, steps: this.options.steps, ok: this.problems.length === 0, problems: this.problems,
-      failedAtStep: this.failedAtStep, trace: this.trace, stats: { ...this.stats, simulatedMs: Math.round(this.world.nowMs), messages: this.net.messages },
+      failedAtStep: this.failedAtStep, trace: this.trace, stats: { ...this.stats, ...this.leaseStats(), simulatedMs: Math.round(this.world.nowMs), messages: this.net.messages },
     };
   }
 

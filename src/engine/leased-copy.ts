@@ -1,0 +1,110 @@
+/**
+ * The copier: copies one region of the live volume from a source replica to the rebuild's
+ * target in chunks, under a region lease from the engine, so that client writes to the region
+ * wait at most for one chunk instead of for the whole region.
+ *
+ *   acquire a lease on [committed, end) → ask the source what it holds there → for each chunk:
+ *   read the source, write the target with the lease id, advance `committed` → release.
+ *
+ * - Recall (a client write waits for the lease): the copier finishes the chunk under way — at
+ *   least one chunk since the lease was granted, so it always progresses — releases, and takes
+ *   a new lease on what is left. The client write goes meanwhile; it reaches the target too
+ *   (the target is WO), so what lies before `committed` stays right.
+ * - Revoke (the copier did not release within the recall timeout): the engine told the target,
+ *   and the client write went on. The target refuses the copier's next write with LEASE_REVOKED:
+ *   that chunk was read before the client write. The copier replays from `committed`. A region
+ *   revoked more than `maxRetries` times fails the rebuild, naming the region and the cause.
+ *
+ * `committed` is kept here, in memory: a rebuild stopped midway starts over (resuming from a
+ * committed offset kept durably on the target is the next step).
+ */
+import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
+import type { WireExtent } from '../protocol/frames.ts';
+import { isAllZero, type RegionCopy } from './rebuild-plan.ts';
+
+/** Bytes copied per chunk: what a client write to a leased region waits for at most. */
+export const COPY_CHUNK_BYTES = 256 * 1024;
+
+/** The counters of the lease protocol (the engine shows them in its info and stats). */
+export interface LeaseCounters {
+  /** Leases granted. */
+  grants: number;
+  /** Leases a client write recalled. */
+  recalls: number;
+  /** Leases revoked after the recall timeout. */
+  revokes: number;
+  /** Chunks copied again from the committed offset after a revoke. */
+  replays: number;
+}
+
+export function emptyLeaseCounters(): LeaseCounters {
+  return { grants: 0, recalls: 0, revokes: 0, replays: 0 };
+}
+
+/** What the copier uses of the engine: the lease authority, the source and the target. */
+export interface CopierHost {
+  /** A lease on [start, end), granted once no client write to it is in flight. */
+  acquireLease(start: number, end: number): Promise<number>;
+  /** Whether a client write waits for lease `id` (or it was revoked: it is no longer held). */
+  leaseWanted(id: number): boolean;
+  releaseLease(id: number): void;
+  /** Where the source's view may hold data in the range (`how` says against what). */
+  sourceExtents(how: RegionCopy, offset: number, length: number): Promise<WireExtent[]>;
+  readSource(offset: number, length: number): Promise<Buffer>;
+  /** A copy write to the target under the lease (data null: zeros). */
+  writeTarget(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void>;
+  /** Throws when the rebuild must stop (target failed, rebuild cancelled, volume faulted). */
+  check(): void;
+  readonly counters: LeaseCounters;
+  readonly maxRetries: number;
+}
+
+/** Copies [offset, offset+length) of the live volume to the target; returns the bytes written to it. */
+export async function copyRegionLeased(host: CopierHost, offset: number, length: number, how: RegionCopy): Promise<number> {
+  const end = offset + length;
+  let committed = offset;
+  let written = 0;
+  let revokes = 0;
+  while (committed < end) {
+    host.check();
+    const lease = await host.acquireLease(committed, end);
+    host.counters.grants++;
+    let progressed = false;
+    try {
+      host.check();
+      const extents = await host.sourceExtents(how, committed, end - committed);
+      while (committed < end) {
+        // Recalled: give the region back after one chunk (progress is guaranteed per grant).
+        if (progressed && host.leaseWanted(lease)) break;
+        const chunkEnd = Math.min(end, committed + COPY_CHUNK_BYTES);
+        const chunkLength = chunkEnd - committed;
+        const holds = extents.some((e) => e.data && e.offset < chunkEnd && committed < e.offset + e.length);
+        if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
+          const data = await host.readSource(committed, chunkLength);
+          assert(data.length === chunkLength, 'copier: the source returned a short read');
+          host.check();
+          // Zeros over an image, or zeroed since the snapshot, are marked, not written.
+          const zeros = how.kind !== 'status' && isAllZero(data);
+          await host.writeTarget(lease, committed, zeros ? null : data, chunkLength);
+          written += chunkLength;
+        } else if (how.kind === 'status' && how.zeroIfEmpty) {
+          await host.writeTarget(lease, committed, null, chunkLength);
+          written += chunkLength;
+        }
+        committed = chunkEnd;
+        progressed = true;
+      }
+    } catch (err) {
+      const e = toZebuError(err);
+      if (e.code !== ErrorCode.LEASE_REVOKED) throw e;
+      revokes++;
+      host.counters.replays++;
+      if (revokes > host.maxRetries) {
+        throw new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): its lease was revoked ${revokes} times (the copy did not give it back within the recall timeout); gave up after ${host.maxRetries} retries`);
+      }
+    } finally {
+      host.releaseLease(lease);
+    }
+  }
+  return written;
+}

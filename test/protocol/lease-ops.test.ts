@@ -1,0 +1,149 @@
+/**
+ * Rebuild leases at the target replica, over the wire: COPY_WRITE and COPY_ZERO with a lease id,
+ * LEASE_REVOKE, LEASE_REVOKED for a revoked id (and only for it), a revoke waiting for the copy
+ * writes of its lease in flight, a new epoch forgetting the old one's revokes, bad arguments, and
+ * UNSUPPORTED from a backend that takes no copies.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Replica } from '../../src/replica/replica.ts';
+import { DataServer } from '../../src/protocol/server.ts';
+import { DataClient } from '../../src/protocol/client.ts';
+import { Op } from '../../src/protocol/frames.ts';
+import { ErrorCode, ZebuError, onAssertionFailure } from '../../src/errors.ts';
+import { CopyLeases } from '../../src/replica/copy-leases.ts';
+import { MemoryBackend } from '../frontend/memory-backend.ts';
+import { pattern } from '../support/tmp.ts';
+
+const SIZE = 8 * 1024 * 1024;
+const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
+
+function rejectsWith(code: ErrorCode, match?: RegExp): (err: unknown) => boolean {
+  return (err) => {
+    assert.ok(err instanceof ZebuError, String(err));
+    assert.equal(err.code, code, err.message);
+    if (match) assert.match(err.message, match);
+    return true;
+  };
+}
+
+async function served(t: { after: (fn: () => Promise<void>) => void }): Promise<{ replica: Replica; port: number }> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-lease-ops-'));
+  const replica = await Replica.create(path.join(root, 'r'), { sizeBytes: SIZE });
+  const server = new DataServer(replica, { secret });
+  const { port } = await server.listen('127.0.0.1', 0);
+  t.after(async () => {
+    await server.close();
+    await replica.close().catch(() => {});
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+  return { replica, port };
+}
+
+async function connect(t: { after: (fn: () => Promise<void>) => void }, port: number, epoch: number): Promise<DataClient> {
+  const client = await DataClient.connect({ port, secret, epoch });
+  t.after(async () => client.close());
+  return client;
+}
+
+test('copy writes land under a live lease; a revoked lease gets LEASE_REVOKED and changes nothing; other leases go on', async (t) => {
+  const { port } = await served(t);
+  const engine = await connect(t, port, 3);
+  await engine.open();
+  const copier = await connect(t, port, 3);
+  const a = pattern(1, 64 * 1024);
+  await copier.copyWrite(7, 0, a, a.length);
+  assert.deepEqual(await engine.read(0, a.length), a);
+  await engine.write(65536, pattern(9, 4096));
+  await copier.copyWrite(7, 65536, null, 4096);
+  assert.deepEqual(await engine.read(65536, 4096), Buffer.alloc(4096), 'COPY_ZERO reads back as zeros');
+
+  await engine.leaseRevoke(7);
+  const newer = pattern(5, 4096);
+  await engine.write(0, newer);
+  await assert.rejects(copier.copyWrite(7, 0, pattern(2, 4096), 4096), rejectsWith(ErrorCode.LEASE_REVOKED, /lease 7 was revoked/));
+  await assert.rejects(copier.copyWrite(7, 0, null, 4096), rejectsWith(ErrorCode.LEASE_REVOKED));
+  assert.deepEqual(await engine.read(0, 4096), newer, 'the client write is not overwritten by the late copy');
+  await copier.copyWrite(8, 4096, pattern(3, 4096), 4096);
+  assert.deepEqual(await engine.read(4096, 4096), pattern(3, 4096), 'a lease not revoked still copies');
+});
+
+test('a revoke is answered only after the copy writes of its lease in flight have landed', async (t) => {
+  const { replica, port } = await served(t);
+  const engine = await connect(t, port, 1);
+  await engine.open();
+  const big = pattern(4, 4 * 1024 * 1024);
+  const before = replica.info().revision;
+  // On one connection the copy write is taken in before the revoke: the revoke must wait for it
+  // (the replies may come in either order; when the revoke's comes, the copy has landed).
+  const copy = engine.copyWrite(11, 0, big, big.length);
+  const revisionAtRevoke = await engine.leaseRevoke(11).then(() => replica.info().revision);
+  await copy;
+  assert.equal(revisionAtRevoke, before + 1, 'the copy write had landed when the revoke was answered');
+  assert.deepEqual(await engine.read(0, big.length), big);
+  await assert.rejects(engine.copyWrite(11, 0, null, 4096), rejectsWith(ErrorCode.LEASE_REVOKED));
+  assert.equal(replica.info().epoch, 1);
+});
+
+test('a new epoch starts with no lease revoked; the old epoch is fenced; bad arguments are refused', async (t) => {
+  const { port } = await served(t);
+  const old = await connect(t, port, 1);
+  await old.open();
+  await old.leaseRevoke(5);
+  await assert.rejects(old.copyWrite(5, 0, pattern(1, 4096), 4096), rejectsWith(ErrorCode.LEASE_REVOKED));
+  const next = await connect(t, port, 2);
+  await next.open();
+  await next.copyWrite(5, 0, pattern(1, 4096), 4096);
+  await assert.rejects(old.copyWrite(6, 0, pattern(1, 4096), 4096), rejectsWith(ErrorCode.FENCED));
+
+  await assert.rejects(next.request(Op.COPY_WRITE, 0, 0, 4096, Buffer.alloc(4)), rejectsWith(ErrorCode.EINVAL, /8-byte lease id/));
+  const shortData = Buffer.alloc(8 + 100);
+  shortData[7] = 1; // lease 1
+  await assert.rejects(next.request(Op.COPY_WRITE, 0, 0, 4096, shortData), rejectsWith(ErrorCode.EINVAL, /differs from its data length/));
+  await assert.rejects(next.request(Op.COPY_ZERO, 0, 0, 4096, Buffer.alloc(8)), rejectsWith(ErrorCode.EINVAL, /bad lease id/));
+  const longLease = Buffer.alloc(16);
+  longLease[7] = 1;
+  await assert.rejects(next.request(Op.COPY_ZERO, 0, 0, 4096, longLease), rejectsWith(ErrorCode.EINVAL, /lease id only/));
+  await assert.rejects(next.request(Op.LEASE_REVOKE, 0, 0, 0), rejectsWith(ErrorCode.EINVAL, /bad lease id/));
+  await assert.rejects(next.copyWrite(9, SIZE, pattern(1, 4096), 4096), rejectsWith(ErrorCode.EINVAL, /beyond the end/));
+  // The connection still serves after every refusal.
+  await next.copyWrite(9, 0, null, 4096);
+});
+
+test('a backend that takes no copies answers UNSUPPORTED', async (t) => {
+  const backend = new MemoryBackend(SIZE);
+  const server = new DataServer(backend, { secret });
+  const { port } = await server.listen('127.0.0.1', 0);
+  t.after(() => server.close());
+  const client = await connect(t, port, 1);
+  await assert.rejects(client.copyWrite(1, 0, pattern(1, 4096), 4096), rejectsWith(ErrorCode.UNSUPPORTED));
+  await assert.rejects(client.leaseRevoke(1), rejectsWith(ErrorCode.UNSUPPORTED));
+});
+
+test('CopyLeases: revoke waits for every copy write of its lease; an older epoch is a bug', async () => {
+  const leases = new CopyLeases();
+  leases.begin(1, 3);
+  leases.begin(1, 3);
+  let revoked = false;
+  const done = leases.revoke(1, 3).then(() => (revoked = true));
+  await Promise.resolve();
+  assert.equal(revoked, false);
+  leases.end(3);
+  await Promise.resolve();
+  assert.equal(revoked, false, 'one copy write is still in flight');
+  leases.end(3);
+  await done;
+  assert.equal(revoked, true);
+  assert.throws(() => leases.begin(1, 3), rejectsWith(ErrorCode.LEASE_REVOKED));
+  leases.begin(2, 3);
+  leases.end(3);
+  const previous = onAssertionFailure(() => {});
+  try {
+    assert.throws(() => leases.begin(1, 4), /epochs only go up/);
+  } finally {
+    onAssertionFailure(previous);
+  }
+});
