@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Lease, Store, Watch, WatchEvent } from '../store/store.ts';
-import { Kind, Objects, REPLICAS_DIR, type EngineReplicaStatus, type EngineValue, type ReplicaValue } from '../cluster/objects.ts';
+import { Kind, Objects, REPLICAS_DIR, type EngineReplicaStatus, type EngineValue, type EngineIoStats, type ReplicaValue } from '../cluster/objects.ts';
 import { Settings } from '../cluster/settings.ts';
 import { WorkQueue } from '../cluster/work-queue.ts';
 import { controlRequest } from '../protocol/control-channel.ts';
@@ -58,7 +58,7 @@ interface EngineInfo {
   rebuilding?: boolean;
   /** `address` is HOST:PORT, or KEY=HOST:PORT; `key` is the replica's key when the engine reports it apart. */
   replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null }[];
-  stats: { reads: number; writes: number; readBytes: number; writeBytes: number; errors: number; readLatencyMsTotal: number; writeLatencyMsTotal: number };
+  stats: EngineIoStats;
   recovery?: unknown;
   lastVerify?: unknown;
   /** A newer engine (epoch) fenced this one. */
@@ -665,6 +665,8 @@ export class Agent {
     const timeoutMs = await this.settings.int('engine-replica-timeout-ms');
     const maxActiveRegions = await this.settings.int('write-intent-max-regions');
     const replicaWaitMs = (await this.settings.int('engine-replica-wait-seconds')) * 1000;
+    const leaseRecallTimeoutMs = await this.settings.int('rebuild-lease-recall-timeout-ms');
+    const maxRegionRetries = await this.settings.int('rebuild-max-region-retries');
     const view = this.supervisor.ensure(id, [
       'engine', 'serve', '--name', volume, '--size', String(spec.sizeBytes),
       ...Object.entries(replicasNow.addresses).flatMap(([name, address]) => ['--replica', `${name}=${address}`]),
@@ -672,6 +674,7 @@ export class Agent {
       '--socket', this.engineSocket(volume), '--control-socket', this.engineControlSocket(volume),
       '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
       '--max-active-regions', String(maxActiveRegions), '--replica-wait-ms', String(replicaWaitMs),
+      '--lease-recall-timeout-ms', String(leaseRecallTimeoutMs), '--max-region-retries', String(maxRegionRetries),
       // Its start-up may wait for replicas, then resync regions: only past that is it hung.
     ], { autoRestart: false, readyTimeoutMs: replicaWaitMs + ENGINE_START_MS_MAX, backoffMsMax: DATA_PATH_BACKOFF_MS_MAX });
     const processEpoch = view.pid !== null ? epochOf(view.args) : 0;

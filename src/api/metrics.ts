@@ -55,6 +55,9 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
     ['readLatencySecondsTotal', new Counter({ name: 'zebu_volume_read_latency_seconds_total', help: 'Sum of read latencies; divide by reads for the mean.', labelNames: volumeLabel, registers })],
     ['writeLatencySecondsTotal', new Counter({ name: 'zebu_volume_write_latency_seconds_total', help: 'Sum of write latencies; divide by writes for the mean.', labelNames: volumeLabel, registers })],
     ['errors', new Counter({ name: 'zebu_volume_io_errors_total', help: 'Requests answered with an error.', labelNames: volumeLabel, registers })],
+    ['rebuildLeaseRecalls', new Counter({ name: 'zebu_volume_rebuild_lease_recalls_total', help: 'Region leases of a rebuild\'s copy that a client write recalled.', labelNames: volumeLabel, registers })],
+    ['rebuildLeaseRevokes', new Counter({ name: 'zebu_volume_rebuild_lease_revokes_total', help: 'Region leases revoked because the copy did not give them back within rebuild-lease-recall-timeout-ms.', labelNames: volumeLabel, registers })],
+    ['rebuildLeaseReplays', new Counter({ name: 'zebu_volume_rebuild_lease_replays_total', help: 'Times a rebuild\'s copy started a region again from its committed offset after its lease was revoked.', labelNames: volumeLabel, registers })],
   ];
   const activeRegions = new Gauge({ name: 'zebu_volume_active_regions', help: 'Regions (4 MiB) in the engine\'s write-intent log: what a crash now would resync.', labelNames: volumeLabel, registers });
   const activeRegionsMax = new Gauge({ name: 'zebu_volume_active_regions_max', help: 'Bound on the active regions (write-intent-max-regions when the engine started).', labelNames: volumeLabel, registers });

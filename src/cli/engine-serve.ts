@@ -19,6 +19,8 @@ export interface EngineServeArgs {
   requestTimeoutMs?: string;
   maxActiveRegions?: string;
   replicaWaitMs?: string;
+  leaseRecallTimeoutMs?: string;
+  maxRegionRetries?: string;
   /** Keys of replicas known to be out: start-up does not wait for them. */
   replicaOut?: string[];
 }
@@ -35,6 +37,8 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     requestTimeoutMs: args.requestTimeoutMs !== undefined ? parsePositiveInt(args.requestTimeoutMs, '--request-timeout-ms') : undefined,
     maxActiveRegions: args.maxActiveRegions !== undefined ? parsePositiveInt(args.maxActiveRegions, '--max-active-regions') : undefined,
     replicaWaitMs: args.replicaWaitMs !== undefined ? parseNonNegativeInt(args.replicaWaitMs, '--replica-wait-ms') : undefined,
+    leaseRecallTimeoutMs: args.leaseRecallTimeoutMs !== undefined ? parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms') : undefined,
+    maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });

@@ -49,6 +49,8 @@ engine
   .option('--request-timeout-ms <MS>', 'replica request timeout (default 8000)')
   .option('--max-active-regions <N>', 'bound on the 4 MiB regions written since their confirming flush (default 256)')
   .option('--replica-wait-ms <MS>', 'how long start-up waits for replicas not reachable yet (default 30000)')
+  .option('--lease-recall-timeout-ms <MS>', 'how long a rebuild copy may keep a region lease a client write recalled before it is revoked; 0: wait for ever (default 4000)')
+  .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 

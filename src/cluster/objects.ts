@@ -186,6 +186,11 @@ export interface EngineIoStats {
   errors: number;
   readLatencyMsTotal: number;
   writeLatencyMsTotal: number;
+  /** Rebuild leases: granted to the copy, recalled by client writes, revoked after the recall timeout, chunks replayed (absent from older engines). */
+  rebuildLeaseGrants?: number;
+  rebuildLeaseRecalls?: number;
+  rebuildLeaseRevokes?: number;
+  rebuildLeaseReplays?: number;
 }
 
 /** One per attached volume, named after the volume. */

@@ -68,6 +68,14 @@ export const SETTINGS = {
     type: 'int', default: '60', min: 10, max: 3600,
     description: 'An engine that leaves a client request unanswered this long is hung (it answers heartbeats but makes no progress): it is killed and restarted, and its requests re-issued. Keep it well above engine-replica-timeout-ms.',
   },
+  'rebuild-lease-recall-timeout-ms': {
+    type: 'int', default: '4000', min: 0, max: 600000,
+    description: 'A rebuild copies each region under a lease; a client write to the region recalls it, and the copy gives it back after its current chunk (256 KiB). A copy that has not given it back after this long (stuck, stopped) loses it: the write goes on, and the copy starts that region again from where it had got. 0: wait for ever. Keep it below engine-replica-timeout-ms (applies to engines started afterwards).',
+  },
+  'rebuild-max-region-retries': {
+    type: 'int', default: '5', min: 0, max: 1000,
+    description: 'How many times one region of a rebuild may lose its lease (see rebuild-lease-recall-timeout-ms) before the rebuild fails, naming the region and why (applies to engines started afterwards).',
+  },
   'replica-start-timeout-ms': {
     type: 'int', default: '30000', min: 1000, max: 600000,
     description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',

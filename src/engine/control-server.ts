@@ -7,7 +7,8 @@
  *                                  verifying, activeRegions, maxActiveRegions, recovery, lastVerify,
  *                                  replicas: [ReplicaRow], stats: {reads, writes, zeroes, flushes,
  *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal,
- *                                  heldWrites, boundFlushes, idleFlushes}}
+ *                                  heldWrites, boundFlushes, idleFlushes, rebuildLeaseGrants,
+ *                                  rebuildLeaseRecalls, rebuildLeaseRevokes, rebuildLeaseReplays}}
  *                                 superseded: a newer engine (epoch) fenced this one; it serves nothing.
  *                                 recovery (null before start-up ends): {at, clean, source, regions,
  *                                  bytes, durationMs, deltaReplicas: [address], erredReplicas:
@@ -113,7 +114,7 @@ export class EngineControlServer {
     }
     if (this.engine.currentPhase !== 'serving') throw new ZebuError(ErrorCode.BUSY, `volume ${this.engine.name}: the engine is starting (${route} is served once it runs)`);
     if (route === 'GET /v1/replicas') return this.engine.replicaStatus();
-    if (route === 'GET /v1/stats') return this.engine.stats;
+    if (route === 'GET /v1/stats') return (this.engine.info() as { stats: unknown }).stats;
     if (route === 'GET /v1/snapshots') return this.engine.snapshotList();
     if (route === 'POST /v1/snapshots') {
       const body = (await readBody(req)) as { name?: unknown };

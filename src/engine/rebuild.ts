@@ -109,6 +109,13 @@ export class RangeClaims {
     }
   }
 
+  private wake(claim: Claim): void {
+    if (claim.waiter === null) return;
+    const wake = claim.waiter;
+    claim.waiter = null;
+    wake();
+  }
+
   private anyWriteOverlaps(start: number, end: number): boolean {
     for (const w of this.writes.values()) if (w.start < end && start < w.end) return true;
     return false;
@@ -137,7 +144,12 @@ export class RangeClaims {
 
   /** Ends a claim (again: nothing); the writes that waited for it go first, then waiting claims, in arrival order. */
   release(id: number): void {
-    if (!this.claims.delete(id)) return;
+    const claim = this.claims.get(id);
+    if (claim === undefined) return;
+    this.claims.delete(id);
+    // Revoked before its holder got it (it waited for writes in flight): the holder gets it
+    // already ended, and finds so (holds() is false; the target refuses its writes).
+    this.wake(claim);
     const waiting = this.waiting;
     this.waiting = [];
     for (const w of waiting) this.whenRangeFree(w.start, w.end - w.start, w.fn);
@@ -148,6 +160,7 @@ export class RangeClaims {
 
   /** Ends every claim (nobody claims any more): nothing waits any more. */
   releaseAll(): void {
+    for (const claim of this.claims.values()) this.wake(claim);
     this.claims.clear();
     const waiting = this.waiting;
     this.waiting = [];

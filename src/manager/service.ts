@@ -5,7 +5,7 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
+import { Kind, type EngineValue, type EngineIoStats, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
@@ -168,6 +168,7 @@ export class ManagerServiceImpl implements ManagerService {
       epoch: v.status.epoch,
       replicas: summaries,
       rebuilding: summaries.some((s) => s.mode === 'WO'),
+      rebuildLeases: leaseCounters(engine?.value.status.state === 'running' ? engine.value.status.stats : null),
       message: pending !== null && held !== null
         ? `attach to node ${pending.nodeId} (asked at ${pending.requestedAt}) waits for recurring job ${held.job} (${held.task}) to finish`
         : held !== null && v.status.message === null ? `attached by recurring job ${held.job} (${held.task}) without an NBD export; detached when it is done` : v.status.message,
@@ -726,6 +727,9 @@ export class ManagerServiceImpl implements ManagerService {
           readLatencySecondsTotal: stats.readLatencyMsTotal / 1000,
           writeLatencySecondsTotal: stats.writeLatencyMsTotal / 1000,
           errors: stats.errors,
+          rebuildLeaseRecalls: stats.rebuildLeaseRecalls ?? 0,
+          rebuildLeaseRevokes: stats.rebuildLeaseRevokes ?? 0,
+          rebuildLeaseReplays: stats.rebuildLeaseReplays ?? 0,
         },
         intent: activeRegions === null || maxActiveRegions === null ? null : { activeRegions, maxActiveRegions },
         superseded: running === null ? null : running.superseded === true,
@@ -737,4 +741,10 @@ export class ManagerServiceImpl implements ManagerService {
       };
     });
   }
+}
+
+/** The rebuild lease counters of a running engine's stats (zeros from an engine that does not count them). */
+function leaseCounters(stats: EngineIoStats | null | undefined): VolumeView['rebuildLeases'] {
+  if (stats == null) return null;
+  return { grants: stats.rebuildLeaseGrants ?? 0, recalls: stats.rebuildLeaseRecalls ?? 0, revokes: stats.rebuildLeaseRevokes ?? 0, replays: stats.rebuildLeaseReplays ?? 0 };
 }

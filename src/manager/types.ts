@@ -42,6 +42,11 @@ export interface VolumeView {
   replicas: VolumeReplicaSummary[];
   /** Whether a replica is being rebuilt. */
   rebuilding: boolean;
+  /**
+   * The running engine's rebuild region leases: recalled by client writes, revoked after
+   * rebuild-lease-recall-timeout-ms, regions copied again after a revoke. Null while detached.
+   */
+  rebuildLeases: { grants: number; recalls: number; revokes: number; replays: number } | null;
   /** Why the volume is in its state, when it is not the obvious one. */
   message: string | null;
   createdAt: string;
@@ -200,6 +205,10 @@ export interface VolumeMetrics {
     readLatencySecondsTotal: number;
     writeLatencySecondsTotal: number;
     errors: number;
+    /** Rebuild region leases recalled by client writes, revoked past the recall timeout, and regions replayed after a revoke. */
+    rebuildLeaseRecalls: number;
+    rebuildLeaseRevokes: number;
+    rebuildLeaseReplays: number;
   } | null;
   /** The running engine's write-intent log: regions active now and its bound; null while detached (or not reported). */
   intent: { activeRegions: number; maxActiveRegions: number } | null;

@@ -133,13 +133,13 @@ export class FakeManagerService implements ManagerService {
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
-      rebuilding: false, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null, backingImage: null,
+      rebuilding: false, rebuildLeases: null, message: null, createdAt: this.now(), lastRecovery: null, lastVerify: null, engineLink: null, restore: null, backingImage: null,
       heldByJob: null, pendingAttach: null, lastBackup: null, lastBackupAt: null, recoveryPointAt: null, recoveryPointAgeSeconds: null, recurringJobs: [],
     };
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
       engine: { activeRegions: 0, maxActiveRegions: 256, superseded: false },
-      io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0 },
+      io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0, rebuildLeaseRecalls: 0, rebuildLeaseRevokes: 0, rebuildLeaseReplays: 0 },
     });
     this.event(name, 'Created', `volume ${name} created with ${count} replica(s)`);
     return structuredClone(view);

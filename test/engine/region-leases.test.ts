@@ -134,3 +134,20 @@ test('a range the source holds nothing of is skipped, or zeroed when the target 
   await copyRegionLeased(zero.host, 0, 2 * COPY_CHUNK_BYTES, { kind: 'status', zeroIfEmpty: true });
   assert.deepEqual(zero.target.writes.map((w) => w.zero), [true, true]);
 });
+
+test('a lease revoked while it still waited for client writes in flight reaches its holder already ended (found by the simulator)', async () => {
+  const claims = new RangeClaims();
+  const token = claims.writeStarted(0, 10);
+  const recalls: number[] = [];
+  const lease = claims.claim(0, 1000, (id) => recalls.push(id));
+  let later = false;
+  claims.whenRangeFree(5, 10, () => (later = true));
+  await tick();
+  assert.equal(recalls.length, 1, 'the waiting write recalled the lease not yet granted');
+  claims.release(recalls[0]); // the engine revokes it
+  const id = await lease;
+  assert.equal(id, recalls[0]);
+  assert.equal(claims.holds(id), false);
+  assert.equal(later, true, 'the waiting write went');
+  claims.writeDone(token);
+});
