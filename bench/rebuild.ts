@@ -3,8 +3,10 @@
  *   - baseline: `cp` of a file holding as many bytes as the volume, then sync (what copying the
  *     bytes costs on this disk);
  *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O;
- *   - the same rebuild while fio writes 4k at random (iodepth 16), and fio's IOPS during it
- *     against fio's IOPS on the same volume without a rebuild;
+ *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
+ *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
+ *     rebuild, and against a rebuild that holds each 4 MiB region whole while it copies it (the
+ *     way before region leases: `--copy-chunk-bytes 4M`);
  *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
  *     copied, then only what the live volume changed since it;
  *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
@@ -68,8 +70,37 @@ function fioArgs(uri: string, seconds: number): string[] {
     '--time_based', `--runtime=${seconds}`, '--output-format=json'];
 }
 
-function iopsOf(stdout: string): number {
-  return JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0].write.iops;
+interface FioResult {
+  iops: number;
+  p50Ms: number;
+  p99Ms: number;
+  maxMs: number;
+}
+
+function fioResult(stdout: string): FioResult {
+  const write = JSON.parse(stdout.slice(stdout.indexOf('{'))).jobs[0].write;
+  const clat = write.clat_ns;
+  return { iops: write.iops, p50Ms: clat.percentile['50.000000'] / 1e6, p99Ms: clat.percentile['99.000000'] / 1e6, maxMs: clat.max / 1e6 };
+}
+
+/** IOPS, p50, p99 and max latency of a fio run, as table cells. */
+function latencyCells(r: FioResult): string[] {
+  return [r.iops.toFixed(0), r.p50Ms.toFixed(2), r.p99Ms.toFixed(2), r.maxMs.toFixed(1)];
+}
+
+/**
+ * Starts a rebuild of a new replica and, once it runs, fio for `seconds` (shorter than the
+ * rebuild, so that every request is measured during it); returns fio's result and the rebuild's.
+ */
+async function rebuildUnderFio(v: Volume, name: string, seconds: number): Promise<{ fio: FioResult; rebuildSeconds: number }> {
+  const rebuilt = rebuild(v, name);
+  const fio = spawn('fio', fioArgs(v.uri, seconds), { stdio: ['ignore', 'pipe', 'ignore'] });
+  children.push(fio);
+  let out = '';
+  fio.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  await new Promise<void>((resolve) => fio.once('exit', () => resolve()));
+  const rebuildSeconds = await rebuilt;
+  return { fio: fioResult(out), rebuildSeconds };
 }
 
 interface Volume {
@@ -79,7 +110,7 @@ interface Volume {
   dir: string;
 }
 
-async function volume(dir: string, replicaArgs: string[] = []): Promise<Volume> {
+async function volume(dir: string, replicaArgs: string[] = [], volumeArgs: string[] = []): Promise<Volume> {
   fs.mkdirSync(dir, { recursive: true });
   const secretFile = path.join(dir, 'secret');
   fs.writeFileSync(secretFile, 'bench-secret-0123456789abcdef\n');
@@ -90,7 +121,7 @@ async function volume(dir: string, replicaArgs: string[] = []): Promise<Volume> 
   }
   const port = await freePort();
   const ready = await startReady(['volume', 'serve', '--name', 'bench', '--size', String(SIZE), ...addrs.flatMap((a) => ['--replica', a]),
-    '--nbd', `127.0.0.1:${port}`, '--secret-file', secretFile, '--epoch', '1', '--run-dir', path.join(dir, 'run')]);
+    '--nbd', `127.0.0.1:${port}`, '--secret-file', secretFile, '--epoch', '1', '--run-dir', path.join(dir, 'run'), ...volumeArgs]);
   return { uri: `nbd://127.0.0.1:${port}/bench`, control: String(ready.controlSocket), secretFile, dir };
 }
 
@@ -131,6 +162,7 @@ function stopVolume(v: Volume): void {
 async function main(): Promise<void> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-bench-rebuild-'));
   const rows: string[][] = [];
+  const latencyRows: string[][] = [];
   try {
     // Baseline: copy SIZE bytes of incompressible data on the same file system.
     const src = path.join(root, 'src.img');
@@ -170,28 +202,37 @@ async function main(): Promise<void> {
     }
     rows.push(imageRow);
 
-    const alone = iopsOf(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
-    rows.push(['fio 4k randwrite alone (IOPS)', '-', '-', alone.toFixed(0), '-']);
+    const alone = fioResult(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
+    latencyRows.push(['fio 4k randwrite, no rebuild', ...latencyCells(alone), '-', '-']);
 
-    // fio runs long enough to cover the rebuild; its IOPS is measured over the whole run.
-    const fio = spawn('fio', fioArgs(v.uri, Math.max(SECONDS, Math.ceil(idleSeconds * 3))), { stdio: ['ignore', 'pipe', 'ignore'] });
-    children.push(fio);
-    let out = '';
-    fio.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    const fioDone = new Promise<void>((resolve) => fio.once('exit', () => resolve()));
-    await new Promise((resolve) => setTimeout(resolve, 1000));
-    const loadedSeconds = await rebuild(v, 'loaded');
-    await fioDone;
-    rows.push(['zebu rebuild under fio 4k randwrite', loadedSeconds.toFixed(2), (SIZE_MIB / loadedSeconds).toFixed(0), iopsOf(out).toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
+    // fio runs while the rebuild does (a rebuild under load is slower than idle), for a bit less.
+    const loadSeconds = Math.max(2, Math.floor(idleSeconds * 0.8));
+    const leased = await rebuildUnderFio(v, 'loaded', loadSeconds);
+    rows.push(['zebu rebuild under fio 4k randwrite', leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0), leased.fio.iops.toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
+    latencyRows.push(['fio during a rebuild, 256 KiB chunks under leases', ...latencyCells(leased.fio), leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0)]);
+    stopVolume(v);
+
+    // The same on a volume whose rebuilds hold a whole region while they copy it.
+    const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4M']);
+    mustSpawn('nbdcopy', [src, w.uri]);
+    const whole = await rebuildUnderFio(w, 'loaded', loadSeconds);
+    latencyRows.push(['fio during a rebuild, whole 4 MiB regions held', ...latencyCells(whole.fio), whole.rebuildSeconds.toFixed(2), (SIZE_MIB / whole.rebuildSeconds).toFixed(0)]);
+    stopVolume(w);
   } finally {
     for (const c of children) c.kill('SIGTERM');
     await new Promise((r) => setTimeout(r, 1000));
     fs.rmSync(root, { recursive: true, force: true });
   }
-  const header = ['what', 'seconds', 'MiB/s', 'fio IOPS', 'MiB held'];
+  console.log(`${SIZE_MIB} MiB volume, full of data, 2 replicas -> 3, ${os.cpus().length} cores`);
+  printTable(['what', 'seconds', 'MiB/s', 'fio IOPS', 'MiB held'], rows);
+  console.log('');
+  console.log('client 4k random writes (fio, iodepth 16) with and without a rebuild; latencies in ms');
+  printTable(['what', 'IOPS', 'p50', 'p99', 'max', 'rebuild s', 'rebuild MiB/s'], latencyRows);
+}
+
+function printTable(header: string[], rows: string[][]): void {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join(' | ');
-  console.log(`${SIZE_MIB} MiB volume, full of data, 2 replicas -> 3, ${os.cpus().length} cores`);
   console.log(line(header));
   console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
   for (const r of rows) console.log(line(r));

@@ -21,6 +21,7 @@ export interface EngineServeArgs {
   replicaWaitMs?: string;
   leaseRecallTimeoutMs?: string;
   maxRegionRetries?: string;
+  copyChunkBytes?: string;
   /** Keys of replicas known to be out: start-up does not wait for them. */
   replicaOut?: string[];
 }
@@ -39,6 +40,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     replicaWaitMs: args.replicaWaitMs !== undefined ? parseNonNegativeInt(args.replicaWaitMs, '--replica-wait-ms') : undefined,
     leaseRecallTimeoutMs: args.leaseRecallTimeoutMs !== undefined ? parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms') : undefined,
     maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
+    copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });

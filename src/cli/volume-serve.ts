@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import pino from 'pino';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import { readSecretFile } from '../protocol/auth.ts';
-import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
+import { parseBytes, parseHostPort, parseNonNegativeInt, parsePositiveInt } from './units.ts';
 import { keepTcpListener, keepUnixListener, type KeptListener } from '../frontend/kept-listener.ts';
 
 const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -41,6 +41,9 @@ export interface VolumeServeArgs {
   requestTimeoutMs?: string;
   maxActiveRegions?: string;
   replicaWaitMs?: string;
+  leaseRecallTimeoutMs?: string;
+  maxRegionRetries?: string;
+  copyChunkBytes?: string;
   holdTimeoutMs?: string;
   hangTimeoutMs?: string;
   stallTimeoutMs?: string;
@@ -71,6 +74,12 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   if (args.maxActiveRegions !== undefined && parsePositiveInt(args.maxActiveRegions, '--max-active-regions') < 1) {
     throw invalid(`--max-active-regions must be at least 1, got ${JSON.stringify(args.maxActiveRegions)}`);
   }
+  if (args.leaseRecallTimeoutMs !== undefined) parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms');
+  if (args.maxRegionRetries !== undefined) parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries');
+  if (args.copyChunkBytes !== undefined) {
+    const chunk = parseBytes(args.copyChunkBytes);
+    if (chunk < 4096 || chunk % 4096 !== 0 || chunk > 4 * 1024 * 1024) throw invalid(`--copy-chunk-bytes must be a multiple of 4K between 4K and 4M, got ${JSON.stringify(args.copyChunkBytes)}`);
+  }
   readSecretFile(args.secretFile);
   if (args.replica.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'give at least one --replica HOST:PORT');
   if (args.nbd === undefined && args.nbdSocket === undefined) throw new ZebuError(ErrorCode.EINVAL, 'give --nbd HOST:PORT and/or --nbd-socket PATH');
@@ -92,6 +101,9 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       ...(args.requestTimeoutMs !== undefined ? ['--request-timeout-ms', args.requestTimeoutMs] : []),
       ...(args.maxActiveRegions !== undefined ? ['--max-active-regions', args.maxActiveRegions] : []),
       ...(args.replicaWaitMs !== undefined ? ['--replica-wait-ms', args.replicaWaitMs] : []),
+      ...(args.leaseRecallTimeoutMs !== undefined ? ['--lease-recall-timeout-ms', args.leaseRecallTimeoutMs] : []),
+      ...(args.maxRegionRetries !== undefined ? ['--max-region-retries', args.maxRegionRetries] : []),
+      ...(args.copyChunkBytes !== undefined ? ['--copy-chunk-bytes', args.copyChunkBytes] : []),
     ],
     // Its start-up may wait for replicas (--replica-wait-ms) and then resync regions.
     fds: [], readyTimeoutMs: (args.replicaWaitMs !== undefined ? parsePositiveInt(args.replicaWaitMs, '--replica-wait-ms') : 30_000) + 120_000,

@@ -44,7 +44,7 @@ import { runVerify } from './verify-sequence.ts';
 import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
-import { emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
+import { COPY_CHUNK_BYTES, emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
 import { runDeltaRebuild, runFullRebuild, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
@@ -82,6 +82,12 @@ export interface EngineOptions {
   leaseRecallTimeoutMs?: number;
   /** Revokes one region of a rebuild may take before the rebuild fails (default 5). */
   maxRegionRetries?: number;
+  /**
+   * Bytes a rebuild copies per chunk under a region lease (default 256 KiB): what a client write
+   * to a region being copied waits for at most. A multiple of 4 KiB, at most a region (4 MiB: the
+   * whole region is copied as one, as before leases).
+   */
+  copyChunkBytes?: number;
   log?: (event: Record<string, unknown>) => void;
   /** How replicas are reached, and time (defaults: the network and the system clock; the simulator's otherwise). */
   transport?: Transport;
@@ -184,7 +190,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -215,6 +221,7 @@ export class Engine implements BlockBackend {
   readonly leaseCounters: LeaseCounters = emptyLeaseCounters();
   private readonly leaseRecallTimeoutMs: number;
   private readonly maxRegionRetries: number;
+  private readonly copyChunkBytes: number;
   private verifying = false;
   /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
   private readonly pendingDeltas: EngineReplica[] = [];
@@ -265,6 +272,10 @@ export class Engine implements BlockBackend {
     this.maxRegionRetries = options.maxRegionRetries ?? DEFAULT_MAX_REGION_RETRIES;
     if (!Number.isSafeInteger(this.leaseRecallTimeoutMs) || this.leaseRecallTimeoutMs < 0) {
       throw new ZebuError(ErrorCode.EINVAL, `leaseRecallTimeoutMs must be a whole number of milliseconds >= 0, got ${this.leaseRecallTimeoutMs}`);
+    }
+    this.copyChunkBytes = options.copyChunkBytes ?? COPY_CHUNK_BYTES;
+    if (!Number.isSafeInteger(this.copyChunkBytes) || this.copyChunkBytes < 4096 || this.copyChunkBytes % 4096 !== 0 || this.copyChunkBytes > REGION_BYTES) {
+      throw new ZebuError(ErrorCode.EINVAL, `copyChunkBytes must be a multiple of 4096 between 4096 and ${REGION_BYTES}, got ${this.copyChunkBytes}`);
     }
     if (!Number.isSafeInteger(this.maxRegionRetries) || this.maxRegionRetries < 0) {
       throw new ZebuError(ErrorCode.EINVAL, `maxRegionRetries must be a whole number >= 0, got ${this.maxRegionRetries}`);
@@ -342,6 +353,7 @@ export class Engine implements BlockBackend {
       releaseLease: (id) => engine.releaseLease(id),
       leaseCounters: engine.leaseCounters,
       maxRegionRetries: engine.maxRegionRetries,
+      copyChunkBytes: engine.copyChunkBytes,
       nowMs: () => engine.clock.nowMs(),
       log: (event) => engine.log(event),
     };

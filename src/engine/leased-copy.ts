@@ -22,7 +22,7 @@ import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { WireExtent } from '../protocol/frames.ts';
 import { isAllZero, type RegionCopy } from './rebuild-plan.ts';
 
-/** Bytes copied per chunk: what a client write to a leased region waits for at most. */
+/** Bytes copied per chunk (default): what a client write to a leased region waits for at most. */
 export const COPY_CHUNK_BYTES = 256 * 1024;
 
 /** The counters of the lease protocol (the engine shows them in its info and stats). */
@@ -57,6 +57,8 @@ export interface CopierHost {
   check(): void;
   readonly counters: LeaseCounters;
   readonly maxRetries: number;
+  /** Bytes per chunk, a multiple of 4 KiB (a whole region: the region is held as one lock, the old way). */
+  readonly chunkBytes: number;
 }
 
 /** Copies [offset, offset+length) of the live volume to the target; returns the bytes written to it. */
@@ -76,7 +78,7 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
       while (committed < end) {
         // Recalled: give the region back after one chunk (progress is guaranteed per grant).
         if (progressed && host.leaseWanted(lease)) break;
-        const chunkEnd = Math.min(end, committed + COPY_CHUNK_BYTES);
+        const chunkEnd = Math.min(end, committed + host.chunkBytes);
         const chunkLength = chunkEnd - committed;
         const holds = extents.some((e) => e.data && e.offset < chunkEnd && committed < e.offset + e.length);
         if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {

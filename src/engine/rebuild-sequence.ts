@@ -35,6 +35,8 @@ export interface RebuildHost {
   readonly leaseCounters: LeaseCounters;
   /** Revokes one region may take before the rebuild fails. */
   readonly maxRegionRetries: number;
+  /** Bytes a rebuild copies per chunk under a lease. */
+  readonly copyChunkBytes: number;
   /** Client requests in flight. */
   readonly inflight: number;
   readonly faultedReason: string | null;
@@ -124,6 +126,7 @@ function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void,
     check,
     counters: host.leaseCounters,
     maxRetries: host.maxRegionRetries,
+    chunkBytes: host.copyChunkBytes,
   };
   return copyRegionLeased(copier, offset, length, how);
 }

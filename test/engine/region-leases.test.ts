@@ -83,6 +83,7 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
     check: () => {},
     counters: emptyLeaseCounters(),
     maxRetries: options.maxRetries ?? 5,
+    chunkBytes: COPY_CHUNK_BYTES,
   };
   return { host, target, acquired, released };
 }
