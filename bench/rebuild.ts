@@ -6,7 +6,7 @@
  *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
  *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
  *     rebuild, and against a rebuild that holds each 4 MiB region whole while it copies it (the
- *     way before region leases: `--copy-chunk-bytes 4M`);
+ *     way before region leases: `--copy-chunk-bytes 4MiB`);
  *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
  *     copied, then only what the live volume changed since it;
  *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
@@ -213,7 +213,7 @@ async function main(): Promise<void> {
     stopVolume(v);
 
     // The same on a volume whose rebuilds hold a whole region while they copy it.
-    const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4M']);
+    const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4MiB']);
     mustSpawn('nbdcopy', [src, w.uri]);
     const whole = await rebuildUnderFio(w, 'loaded', loadSeconds);
     latencyRows.push(['fio during a rebuild, whole 4 MiB regions held', ...latencyCells(whole.fio), whole.rebuildSeconds.toFixed(2), (SIZE_MIB / whole.rebuildSeconds).toFixed(0)]);

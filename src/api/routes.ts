@@ -179,6 +179,12 @@ export function apiRoutes(
       params: params.object, response: ref('Replica'),
       handler: ({ params: p }) => service.getReplica(p.name),
     }),
+    route({
+      method: 'POST', url: '/v1/replicas/:name/move', operationId: 'moveReplica', tag: 'replicas',
+      summary: 'Move a replica to another disk or node with no downtime: a new replica is rebuilt while this one serves, then this one is removed (returns at once)',
+      params: params.object, body: bodies.replicaMove, response: ref('Replica'),
+      handler: ({ params: p, body }) => service.moveReplica(p.name, (body ?? {}) as { diskId?: string; nodeId?: string }),
+    }),
 
     // ---- nodes and disks
     route({
@@ -192,9 +198,9 @@ export function apiRoutes(
       handler: ({ params: p }) => service.getNode(p.name),
     }),
     route({
-      method: 'PATCH', url: '/v1/nodes/:name', operationId: 'updateNode', tag: 'nodes', summary: 'Change a node (scheduling on/off)',
+      method: 'PATCH', url: '/v1/nodes/:name', operationId: 'updateNode', tag: 'nodes', summary: 'Change a node (scheduling on/off, eviction)',
       params: params.object, body: bodies.nodeUpdate, response: ref('Node'),
-      handler: ({ params: p, body }) => service.updateNode(p.name, body as { allowScheduling?: boolean }),
+      handler: ({ params: p, body }) => service.updateNode(p.name, body as { allowScheduling?: boolean; evict?: boolean }),
     }),
     route({
       method: 'GET', url: '/v1/disks', operationId: 'listDisks', tag: 'disks', summary: 'List disks',
@@ -207,9 +213,9 @@ export function apiRoutes(
       handler: ({ params: p }) => service.getDisk(p.name),
     }),
     route({
-      method: 'PATCH', url: '/v1/disks/:name', operationId: 'updateDisk', tag: 'disks', summary: 'Change a disk (scheduling on/off, reserved bytes)',
+      method: 'PATCH', url: '/v1/disks/:name', operationId: 'updateDisk', tag: 'disks', summary: 'Change a disk (scheduling on/off, reserved bytes, eviction)',
       params: params.object, body: bodies.diskUpdate, response: ref('Disk'),
-      handler: ({ params: p, body }) => service.updateDisk(p.name, body as { allowScheduling?: boolean; storageReservedBytes?: number }),
+      handler: ({ params: p, body }) => service.updateDisk(p.name, body as { allowScheduling?: boolean; storageReservedBytes?: number; evict?: boolean }),
     }),
 
     // ---- settings and events

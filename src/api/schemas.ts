@@ -170,10 +170,18 @@ export const bodies = {
   }),
   volumeExpand: object({ sizeBytes }, ['sizeBytes']),
   snapshotCreate: object({ name: snapshotName }),
-  nodeUpdate: object({ allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the node' } }),
+  nodeUpdate: object({
+    allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the node' },
+    evict: { type: 'boolean', description: 'true: every replica leaves the node (each rebuilt on another node first); false: stop evicting' },
+  }),
   diskUpdate: object({
     allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the disk' },
+    evict: { type: 'boolean', description: 'true: every replica leaves the disk (each rebuilt on another disk first); false: stop evicting' },
     storageReservedBytes: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'bytes of the disk kept free of replicas' },
+  }),
+  replicaMove: object({
+    diskId: { ...objectName, description: 'the disk to move to' },
+    nodeId: { ...objectName, description: 'the node to move to (any of its disks)' },
   }),
   volumeSalvage: object({
     replicas: {
@@ -315,14 +323,18 @@ export const views: Record<string, JsonSchema> = {
     address: nullable(str), pid: nullable(int), restarts: int,
     rebuild: nullable(view({ copiedBytes: int, totalBytes: int })),
     healthyAt: nullable(time), failedAt: nullable(time), message: nullable(str),
+    leaving: nullable({
+      ...view({ reason: str, diskId: nullable(str), nodeId: nullable(str), requestedAt: nullable(time) }),
+      description: 'the replica is to leave its disk (moved, or its disk or node evicted): a new replica is built first, then it is removed',
+    }),
   }),
   Node: view({
     name: str, address: str, allowScheduling: bool, ready: bool, lastHeartbeatAt: nullable(time),
-    nbdAddress: nullable(str), disks: { type: 'array', items: str },
+    nbdAddress: nullable(str), disks: { type: 'array', items: str }, evict: bool, replicaCount: int,
   }),
   Disk: view({
     name: str, nodeId: str, path: str, allowScheduling: bool, storageReservedBytes: int, storageMaximumBytes: int,
-    storageAvailableBytes: int, storageScheduledBytes: int, ready: bool, message: nullable(str),
+    storageAvailableBytes: int, storageScheduledBytes: int, ready: bool, message: nullable(str), evict: bool, replicaCount: int,
   }),
   Setting: view({ name: str, value: str, default: str, type: { type: 'string', enum: ['int', 'bool', 'string'] }, description: str }),
   Event: view({

@@ -51,7 +51,7 @@ engine
   .option('--replica-wait-ms <MS>', 'how long start-up waits for replicas not reachable yet (default 30000)')
   .option('--lease-recall-timeout-ms <MS>', 'how long a rebuild copy may keep a region lease a client write recalled before it is revoked; 0: wait for ever (default 4000)')
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
-  .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4 KiB up to 4 MiB (default 256K)')
+  .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 
@@ -128,7 +128,7 @@ volume
   .option('--replica-wait-ms <MS>', 'how long an engine start waits for replicas not reachable yet (default 30000)')
   .option('--lease-recall-timeout-ms <MS>', 'how long a rebuild copy may keep a region lease a client write recalled before it is revoked; 0: wait for ever (default 4000)')
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
-  .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4 KiB up to 4 MiB (default 256K)')
+  .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
   .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
   .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')

@@ -78,7 +78,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   if (args.maxRegionRetries !== undefined) parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries');
   if (args.copyChunkBytes !== undefined) {
     const chunk = parseBytes(args.copyChunkBytes);
-    if (chunk < 4096 || chunk % 4096 !== 0 || chunk > 4 * 1024 * 1024) throw invalid(`--copy-chunk-bytes must be a multiple of 4K between 4K and 4M, got ${JSON.stringify(args.copyChunkBytes)}`);
+    if (chunk < 4096 || chunk % 4096 !== 0 || chunk > 4 * 1024 * 1024) throw invalid(`--copy-chunk-bytes must be a multiple of 4KiB between 4KiB and 4MiB, got ${JSON.stringify(args.copyChunkBytes)}`);
   }
   readSecretFile(args.secretFile);
   if (args.replica.length === 0) throw new ZebuError(ErrorCode.EINVAL, 'give at least one --replica HOST:PORT');

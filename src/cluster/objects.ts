@@ -266,6 +266,12 @@ export interface ReplicaValue {
      * replica's disk) once that file is ready. Absent: none.
      */
     backingImage?: { name: string; path: string } | null;
+    /**
+     * A user asked this replica to move (`zebu replica move`): a new replica is built (on that
+     * disk or node when given), then this one is removed; the volume never has fewer replicas in
+     * service than it should. Absent or null: it stays.
+     */
+    move?: ReplicaMove | null;
   };
   status: {
     state: ProcessState;
@@ -277,8 +283,16 @@ export interface ReplicaValue {
   deletionRequestedAt: string | null;
 }
 
+/** Where a replica is asked to move to (both null: anywhere else the scheduler allows). */
+export interface ReplicaMove {
+  requestedAt: string;
+  diskId: string | null;
+  nodeId: string | null;
+}
+
 export interface NodeValue {
-  spec: { allowScheduling: boolean };
+  /** `evict`: every replica leaves the node (each rebuilt elsewhere first); nothing new is placed there. Absent: false. */
+  spec: { allowScheduling: boolean; evict?: boolean };
   status: {
     /** Host the node's replicas and NBD frontend listen on. */
     address: string;
@@ -297,6 +311,8 @@ export interface DiskValue {
     path: string;
     allowScheduling: boolean;
     storageReservedBytes: number;
+    /** Every replica leaves the disk (each rebuilt elsewhere first); nothing new is placed there. Absent: false. */
+    evict?: boolean;
   };
   status: {
     diskUuid: string | null;

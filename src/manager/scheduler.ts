@@ -19,6 +19,8 @@ export interface SchedulerNode {
   name: string;
   ready: boolean;
   allowScheduling: boolean;
+  /** Its replicas are leaving it: it takes none. */
+  evicting?: boolean;
 }
 
 export interface SchedulerDisk {
@@ -31,6 +33,8 @@ export interface SchedulerDisk {
   storageReservedBytes: number;
   /** Sum of the sizes of the replicas already placed on this disk. */
   storageScheduledBytes: number;
+  /** Its replicas are leaving it: it takes none. */
+  evicting?: boolean;
 }
 
 export interface SchedulerPolicy {
@@ -61,8 +65,10 @@ export function diskRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined
   if (node === undefined) return `disk ${disk.name}: its node ${disk.nodeId} is unknown`;
   if (!node.ready) return `disk ${disk.name}: node ${node.name} is down`;
   if (!node.allowScheduling) return `disk ${disk.name}: scheduling is off on node ${node.name}`;
+  if (node.evicting === true) return `disk ${disk.name}: node ${node.name} is being evicted`;
   if (!disk.ready) return `disk ${disk.name} is not ready`;
   if (!disk.allowScheduling) return `disk ${disk.name}: scheduling is off`;
+  if (disk.evicting === true) return `disk ${disk.name} is being evicted`;
   const usable = Math.max(0, disk.storageMaximumBytes - disk.storageReservedBytes);
   const limit = Math.floor((usable * policy.overProvisioningPercentage) / 100);
   if (disk.storageScheduledBytes + sizeBytes > limit) {
@@ -81,7 +87,11 @@ export function diskRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined
  */
 export function scheduleReplicas(
   count: number,
-  input: { sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy; image?: ImageRules },
+  input: {
+    sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy; image?: ImageRules;
+    /** Only this disk, or only disks of this node (a replica moved there by a user). */
+    only?: { diskId: string | null; nodeId: string | null };
+  },
 ): ScheduleResult {
   const nodes = new Map(input.nodes.map((n) => [n.name, n]));
   const usedDisks = new Set(input.existing.map((p) => p.diskId));
@@ -95,6 +105,8 @@ export function scheduleReplicas(
     const refusals: string[] = [];
     const fit: SchedulerDisk[] = [];
     for (const disk of input.disks) {
+      if (input.only?.diskId != null && disk.name !== input.only.diskId) continue;
+      if (input.only?.nodeId != null && disk.nodeId !== input.only.nodeId) continue;
       if (usedDisks.has(disk.name)) {
         refusals.push(`disk ${disk.name} already holds a replica of this volume`);
         continue;
@@ -109,7 +121,9 @@ export function scheduleReplicas(
     if (candidates.length === 0 && input.policy.softAntiAffinity) candidates = fit;
     if (candidates.length === 0) {
       if (fit.length > 0) refusals.push(`every fitting disk is on a node that already holds a replica (replica-soft-anti-affinity is off)`);
-      reasons = refusals.length > 0 ? refusals : ['no disks are registered'];
+      reasons = refusals.length > 0 ? refusals
+        : input.only?.diskId != null ? [`disk ${input.only.diskId} is not registered`]
+          : input.only?.nodeId != null ? [`node ${input.only.nodeId} has no disk`] : ['no disks are registered'];
       break;
     }
     const room = (d: SchedulerDisk): number =>

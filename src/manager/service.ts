@@ -12,7 +12,7 @@ import { clusterView } from './volume-controller.ts';
 import { scheduleReplicas, diskRefusal, type ImageRules } from './scheduler.ts';
 import { checkBackingImageName, imagePlacement } from './backing-images.ts';
 import type {
-  DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
+  DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaMoveInput, ReplicaView, SettingView, SnapshotView,
   VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
 import { unrepairedRegions, verifyFromEngine } from '../cluster/engine-reports.ts';
@@ -564,8 +564,13 @@ export class ManagerServiceImpl implements ManagerService {
 
   // ---- replicas --------------------------------------------------------------------------------
 
-  private replicaView(r: StoreObject<ReplicaValue>, engine: StoreObject<EngineValue> | null): ReplicaView {
+  private replicaView(r: StoreObject<ReplicaValue>, engine: StoreObject<EngineValue> | null, evicting: { disks: Set<string>; nodes: Set<string> }): ReplicaView {
     const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
+    const move = r.value.spec.move ?? null;
+    const leaving: ReplicaView['leaving'] = r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null ? null
+      : move !== null ? { reason: 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
+        : evicting.disks.has(r.value.spec.diskId) ? { reason: `disk ${r.value.spec.diskId} is being evicted`, diskId: null, nodeId: null, requestedAt: null }
+          : evicting.nodes.has(r.value.spec.nodeId) ? { reason: `node ${r.value.spec.nodeId} is being evicted`, diskId: null, nodeId: null, requestedAt: null } : null;
     return {
       name: r.name,
       volumeName: r.value.spec.volumeName,
@@ -583,27 +588,69 @@ export class ManagerServiceImpl implements ManagerService {
       healthyAt: r.value.spec.healthyAt,
       failedAt: r.value.spec.failedAt,
       message: r.value.status.message,
+      leaving,
     };
+  }
+
+  /** Disks and nodes being evicted (their replicas are leaving). */
+  private async evicting(): Promise<{ disks: Set<string>; nodes: Set<string> }> {
+    const [disks, nodes] = await Promise.all([this.objects.list(Kind.Disk), this.objects.list(Kind.Node)]);
+    return { disks: new Set(disks.filter((d) => d.value.spec.evict === true).map((d) => d.name)), nodes: new Set(nodes.filter((n) => n.value.spec.evict === true).map((n) => n.name)) };
+  }
+
+  /**
+   * Moves a replica to another disk (or node, or anywhere else placement allows) with no
+   * downtime: a new replica is built while this one serves, then this one is removed (the volume
+   * controller does it while the volume is attached; a detached volume's replica waits).
+   */
+  async moveReplica(name: string, input: ReplicaMoveInput): Promise<ReplicaView> {
+    if (typeof input !== 'object' || input === null) throw invalid('the body must be a JSON object {diskId?, nodeId?}');
+    for (const key of Object.keys(input)) if (key !== 'diskId' && key !== 'nodeId') throw invalid(`unknown field ${key}: give diskId or nodeId`, key);
+    const { diskId, nodeId } = input;
+    if (diskId !== undefined && typeof diskId !== 'string') throw invalid('diskId must be a string', 'diskId');
+    if (nodeId !== undefined && typeof nodeId !== 'string') throw invalid('nodeId must be a string', 'nodeId');
+    if (diskId !== undefined && nodeId !== undefined) throw invalid('give diskId or nodeId, not both', 'diskId');
+    const r = await this.objects.must(Kind.Replica, name);
+    if (r.value.deletionRequestedAt !== null) throw stateConflict(`replica ${name} is being deleted`);
+    if (r.value.spec.failedAt !== null) throw stateConflict(`replica ${name} has failed: it is being replaced already`);
+    const volume = await this.mustVolume(r.value.spec.volumeName);
+    if (volume.value.deletionRequestedAt !== null) throw stateConflict(`volume ${volume.name} is being deleted`);
+    if (diskId !== undefined) {
+      const disk = await this.objects.get(Kind.Disk, diskId);
+      if (disk === null) throw new ZebuError(ErrorCode.NOT_FOUND, `disk ${diskId} not found`, { field: 'diskId' });
+      if (diskId === r.value.spec.diskId) throw invalid(`replica ${name} is on disk ${diskId} already`, 'diskId');
+      const sibling = (await this.objects.list(Kind.Replica)).find((x) => x.name !== name && x.value.spec.volumeName === volume.name && x.value.spec.diskId === diskId && x.value.deletionRequestedAt === null);
+      if (sibling !== undefined) throw invalid(`disk ${diskId} already holds replica ${sibling.name} of volume ${volume.name}`, 'diskId');
+    }
+    if (nodeId !== undefined && (await this.objects.get(Kind.Node, nodeId)) === null) throw new ZebuError(ErrorCode.NOT_FOUND, `node ${nodeId} not found`, { field: 'nodeId' });
+    const move = { requestedAt: new Date().toISOString(), diskId: diskId ?? null, nodeId: nodeId ?? null };
+    await this.objects.mutate(Kind.Replica, name, (x) => {
+      x.spec.move = move;
+    });
+    const to = diskId !== undefined ? `disk ${diskId}` : nodeId !== undefined ? `node ${nodeId}` : 'another disk';
+    await this.events.record({ type: 'Normal', reason: 'ReplicaMoveRequested', message: `replica ${name} is to move from disk ${r.value.spec.diskId} to ${to}`, kind: Kind.Replica, object: name, volume: volume.name });
+    return this.getReplica(name);
   }
 
   async listReplicas(filter: { volume?: string } = {}): Promise<ReplicaView[]> {
     if (filter.volume !== undefined) await this.mustVolume(filter.volume);
     const [replicas, engines] = await Promise.all([this.objects.list(Kind.Replica), this.objects.list(Kind.Engine)]);
     const engineByName = new Map(engines.map((e) => [e.name, e]));
+    const evicting = await this.evicting();
     return replicas
       .filter((r) => filter.volume === undefined || r.value.spec.volumeName === filter.volume)
-      .map((r) => this.replicaView(r, engineByName.get(r.value.spec.volumeName) ?? null));
+      .map((r) => this.replicaView(r, engineByName.get(r.value.spec.volumeName) ?? null, evicting));
   }
 
   async getReplica(name: string): Promise<ReplicaView> {
     const r = await this.objects.must(Kind.Replica, name);
-    return this.replicaView(r, await this.objects.get(Kind.Engine, r.value.spec.volumeName));
+    return this.replicaView(r, await this.objects.get(Kind.Engine, r.value.spec.volumeName), await this.evicting());
   }
 
   // ---- nodes and disks -------------------------------------------------------------------------
 
   async listNodes(): Promise<NodeView[]> {
-    const [nodes, leases, disks] = await Promise.all([this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease), this.objects.list(Kind.Disk)]);
+    const [nodes, leases, disks, replicas] = await Promise.all([this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease), this.objects.list(Kind.Disk), this.objects.list(Kind.Replica)]);
     const up = new Set(leases.map((l) => l.name));
     return nodes.map((n) => ({
       name: n.name,
@@ -613,6 +660,8 @@ export class ManagerServiceImpl implements ManagerService {
       lastHeartbeatAt: n.value.status.lastHeartbeatAt,
       nbdAddress: n.value.status.nbdAddress,
       disks: disks.filter((d) => d.value.spec.nodeId === n.name).map((d) => d.name),
+      evict: n.value.spec.evict === true,
+      replicaCount: replicas.filter((r) => r.value.spec.nodeId === n.name && r.value.deletionRequestedAt === null).length,
     }));
   }
 
@@ -625,15 +674,21 @@ export class ManagerServiceImpl implements ManagerService {
   async updateNode(name: string, input: NodeUpdateInput): Promise<NodeView> {
     await this.getNode(name);
     if (input.allowScheduling !== undefined && typeof input.allowScheduling !== 'boolean') throw invalid('allowScheduling must be true or false', 'allowScheduling');
+    if (input.evict !== undefined && typeof input.evict !== 'boolean') throw invalid('evict must be true or false', 'evict');
+    const before = await this.objects.must(Kind.Node, name);
     await this.objects.mutate(Kind.Node, name, (n) => {
       if (input.allowScheduling !== undefined) n.spec.allowScheduling = input.allowScheduling;
+      if (input.evict !== undefined) n.spec.evict = input.evict;
     });
+    if (input.evict !== undefined && input.evict !== (before.value.spec.evict === true)) {
+      await this.events.record({ type: 'Normal', reason: input.evict ? 'NodeEvicting' : 'NodeEvictionCancelled', message: input.evict ? `node ${name} is being evicted: its replicas move to other nodes` : `node ${name} is no longer evicted`, kind: Kind.Node, object: name, volume: null });
+    }
     return this.getNode(name);
   }
 
   async listDisks(): Promise<DiskView[]> {
     const cluster = await clusterView(this.objects);
-    const disks = await this.objects.list(Kind.Disk);
+    const [disks, replicas] = await Promise.all([this.objects.list(Kind.Disk), this.objects.list(Kind.Replica)]);
     return disks.map((d) => ({
       name: d.name,
       nodeId: d.value.spec.nodeId,
@@ -645,6 +700,8 @@ export class ManagerServiceImpl implements ManagerService {
       storageScheduledBytes: cluster.disks.find((x) => x.name === d.name)?.storageScheduledBytes ?? 0,
       ready: d.value.status.ready,
       message: d.value.status.message,
+      evict: d.value.spec.evict === true,
+      replicaCount: replicas.filter((r) => r.value.spec.diskId === d.name && r.value.deletionRequestedAt === null).length,
     }));
   }
 
@@ -662,10 +719,15 @@ export class ManagerServiceImpl implements ManagerService {
       if (!Number.isSafeInteger(r) || r < 0) throw invalid(`storageReservedBytes must be a whole number of bytes >= 0, got ${JSON.stringify(r)}`, 'storageReservedBytes');
       if (disk.storageMaximumBytes > 0 && r > disk.storageMaximumBytes) throw invalid(`storageReservedBytes ${r} exceeds the disk's size ${disk.storageMaximumBytes}`, 'storageReservedBytes');
     }
+    if (input.evict !== undefined && typeof input.evict !== 'boolean') throw invalid('evict must be true or false', 'evict');
     await this.objects.mutate(Kind.Disk, name, (d) => {
       if (input.allowScheduling !== undefined) d.spec.allowScheduling = input.allowScheduling;
       if (input.storageReservedBytes !== undefined) d.spec.storageReservedBytes = input.storageReservedBytes;
+      if (input.evict !== undefined) d.spec.evict = input.evict;
     });
+    if (input.evict !== undefined && input.evict !== disk.evict) {
+      await this.events.record({ type: 'Normal', reason: input.evict ? 'DiskEvicting' : 'DiskEvictionCancelled', message: input.evict ? `disk ${name} is being evicted: its replicas move to other disks` : `disk ${name} is no longer evicted`, kind: Kind.Disk, object: name, volume: null });
+    }
     return this.getDisk(name);
   }
 

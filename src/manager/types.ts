@@ -141,6 +141,17 @@ export interface ReplicaView {
   healthyAt: string | null;
   failedAt: string | null;
   message: string | null;
+  /**
+   * The replica is to leave its disk: moved by a user (to `diskId` or `nodeId` when given), or its
+   * disk or node is being evicted. A new replica is built first; this one is removed after.
+   */
+  leaving: { reason: string; diskId: string | null; nodeId: string | null; requestedAt: string | null } | null;
+}
+
+/** `POST /v1/replicas/{name}/move`: where to (neither: anywhere else placement allows). */
+export interface ReplicaMoveInput {
+  diskId?: string;
+  nodeId?: string;
 }
 
 export interface NodeView {
@@ -152,10 +163,15 @@ export interface NodeView {
   /** NBD endpoint of the node's frontend, HOST:PORT. */
   nbdAddress: string | null;
   disks: string[];
+  /** Its replicas are leaving it (each is rebuilt elsewhere first); it takes no new one. */
+  evict: boolean;
+  /** Replicas on the node now (not being deleted): 0 once an eviction is done. */
+  replicaCount: number;
 }
 
 export interface NodeUpdateInput {
   allowScheduling?: boolean;
+  evict?: boolean;
 }
 
 export interface DiskView {
@@ -170,11 +186,16 @@ export interface DiskView {
   storageScheduledBytes: number;
   ready: boolean;
   message: string | null;
+  /** Its replicas are leaving it (each is rebuilt elsewhere first); it takes no new one. */
+  evict: boolean;
+  /** Replicas on the disk now (not being deleted): 0 once an eviction is done. */
+  replicaCount: number;
 }
 
 export interface DiskUpdateInput {
   allowScheduling?: boolean;
   storageReservedBytes?: number;
+  evict?: boolean;
 }
 
 export interface EventView {
@@ -255,6 +276,7 @@ export interface ManagerService {
 
   listReplicas(filter?: { volume?: string }): Promise<ReplicaView[]>;
   getReplica(name: string): Promise<ReplicaView>;
+  moveReplica(name: string, input: ReplicaMoveInput): Promise<ReplicaView>;
 
   listNodes(): Promise<NodeView[]>;
   getNode(name: string): Promise<NodeView>;

@@ -62,6 +62,12 @@ interface DeltaDecision {
   gaveUp: string | null;
 }
 
+/** Why a replica is to leave its disk, and where its replacement may go (null: anywhere allowed). */
+interface Leaving {
+  why: string;
+  only: { diskId: string | null; nodeId: string | null } | null;
+}
+
 export interface ClusterView {
   nodes: SchedulerNode[];
   disks: SchedulerDisk[];
@@ -83,7 +89,7 @@ export async function clusterView(objects: Objects): Promise<ClusterView> {
     scheduledByDisk.set(r.value.spec.diskId, (scheduledByDisk.get(r.value.spec.diskId) ?? 0) + r.value.spec.sizeBytes);
   }
   return {
-    nodes: nodes.map((n) => ({ name: n.name, ready: up.has(n.name), allowScheduling: n.value.spec.allowScheduling })),
+    nodes: nodes.map((n) => ({ name: n.name, ready: up.has(n.name), allowScheduling: n.value.spec.allowScheduling, evicting: n.value.spec.evict === true })),
     disks: disks.map((d) => ({
       name: d.name,
       nodeId: d.value.spec.nodeId,
@@ -93,6 +99,7 @@ export async function clusterView(objects: Objects): Promise<ClusterView> {
       storageAvailableBytes: d.value.status.storageAvailableBytes,
       storageReservedBytes: d.value.spec.storageReservedBytes,
       storageScheduledBytes: scheduledByDisk.get(d.name) ?? 0,
+      evicting: d.value.spec.evict === true,
     })),
     diskPaths: new Map(disks.map((d) => [d.name, d.value.spec.path])),
   };
@@ -220,7 +227,7 @@ export class VolumeController {
    * Schedules and creates up to `count` new replica objects. Returns how many were created; when
    * fewer than asked, records why (once per distinct reason) in the volume's message and events.
    */
-  private async addReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], count: number, sizeBytes: number, desireState: 'running' | 'stopped'): Promise<number> {
+  private async addReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], count: number, sizeBytes: number, desireState: 'running' | 'stopped', only?: { diskId: string | null; nodeId: string | null }): Promise<number> {
     const view = await clusterView(this.objects);
     const existing: Placement[] = active.map((r) => ({ nodeId: r.value.spec.nodeId, diskId: r.value.spec.diskId }));
     const imageName = volume.value.spec.backingImage?.name ?? null;
@@ -244,6 +251,7 @@ export class VolumeController {
       nodes: view.nodes,
       disks: view.disks,
       image,
+      only,
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -342,16 +350,20 @@ export class VolumeController {
       await this.event(volume.name, 'Normal', 'AttachResumed', `the recurring job is done: attaching volume ${volume.name} to node ${pending.nodeId} as asked at ${pending.requestedAt}`);
       return 0;
     }
-    if (v.status.state !== 'detached') {
+    const leaving = await this.leavingReplicas(replicas.filter((r) => r.value.deletionRequestedAt === null && r.value.spec.failedAt === null));
+    const waitingMove = leaving.size === 0 ? null
+      : `replica(s) ${[...leaving].map(([name, l]) => `${name} (${l.why})`).join(', ')} will move once the volume is attached: a replica moves by a rebuild, which needs a running engine`;
+    if (v.status.state !== 'detached' || v.status.message !== waitingMove) {
+      const was = v.status.state;
       await this.setStatus(volume.name, (s) => {
         s.state = 'detached';
         s.currentNodeId = null;
         s.attachStartedAt = null;
         s.endpoint = null;
         s.robustness = 'unknown';
-        s.message = null;
+        s.message = waitingMove;
       });
-      await this.event(volume.name, 'Normal', 'Detached', `volume ${volume.name} detached`);
+      if (was !== 'detached') await this.event(volume.name, 'Normal', 'Detached', `volume ${volume.name} detached`);
     }
     return null;
   }
@@ -706,6 +718,7 @@ export class VolumeController {
       }
     }
 
+    const leaving = await this.leavingReplicas(active);
     const modes = Object.entries(e.status.replicas).filter(([name]) => name in desired);
     const rw = modes.filter(([, s]) => s.mode === 'RW').length;
     const rebuilding = modes.some(([, s]) => s.mode === 'WO');
@@ -730,6 +743,11 @@ export class VolumeController {
         const added = await this.addReplicas(volume, active, missing, e.status.sizeBytes, 'running');
         if (added < missing) message = this.lastPlacementProblem.get(volume.name) ?? null;
       }
+    }
+    if (message === null && leaving.size > 0 && robustness !== 'faulted') {
+      message = await this.moveReplicas(volume, active, leaving, new Set(modes.filter(([, x]) => x.mode === 'RW').map(([name]) => name)), {
+        sizeBytes: e.status.sizeBytes, mayAdd: missing <= 0 && !rebuilding && returning.length === 0 && heldByJob === null && backoffMs <= 0 && e.status.sizeBytes === e.spec.sizeBytes,
+      });
     }
     if (message === null && returning.length > 0 && robustness !== 'healthy') {
       message = `waiting for failed replica(s) ${returning.map((r) => r.name).join(', ')} to come back for a delta rebuild`;
@@ -803,6 +821,63 @@ export class VolumeController {
     if (e.spec.frontend && e.status.endpoint === null) return WAIT_MS;
     const baseMs = robustness === 'healthy' ? RESYNC_MS : 1000;
     return againMs === null ? baseMs : Math.max(50, Math.min(baseMs, againMs));
+  }
+
+  /**
+   * The replicas of a volume that are to leave, and why: moved by a user (`zebu replica move`:
+   * where to, if said), or on a disk or a node being evicted.
+   */
+  private async leavingReplicas(replicas: Obj<ReplicaValue>[]): Promise<Map<string, Leaving>> {
+    const out = new Map<string, Leaving>();
+    if (replicas.length === 0) return out;
+    const [disks, nodes] = await Promise.all([this.objects.list(Kind.Disk), this.objects.list(Kind.Node)]);
+    const evictedDisks = new Set(disks.filter((d) => d.value.spec.evict === true).map((d) => d.name));
+    const evictedNodes = new Set(nodes.filter((n) => n.value.spec.evict === true).map((n) => n.name));
+    for (const r of replicas) {
+      const move = r.value.spec.move ?? null;
+      if (move !== null) {
+        const to = move.diskId !== null ? ` to disk ${move.diskId}` : move.nodeId !== null ? ` to node ${move.nodeId}` : '';
+        out.set(r.name, { why: `moved${to} as asked at ${move.requestedAt}`, only: { diskId: move.diskId, nodeId: move.nodeId } });
+      } else if (evictedDisks.has(r.value.spec.diskId)) {
+        out.set(r.name, { why: `disk ${r.value.spec.diskId} is being evicted`, only: null });
+      } else if (evictedNodes.has(r.value.spec.nodeId)) {
+        out.set(r.name, { why: `node ${r.value.spec.nodeId} is being evicted`, only: null });
+      }
+    }
+    return out;
+  }
+
+  /**
+   * Moves leaving replicas of an attached volume, one at a time and never below its replica
+   * count: a new replica is placed (where the move asked) and rebuilt while the leaving one
+   * still serves; once the replicas in service without the leaving ones are enough, those go.
+   * Returns what the volume waits for, or null.
+   */
+  private async moveReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], leaving: Map<string, Leaving>, rwNames: Set<string>, options: { sizeBytes: number; mayAdd: boolean }): Promise<string | null> {
+    const wanted = volume.value.spec.numberOfReplicas;
+    const staying = active.filter((r) => !leaving.has(r.name));
+    if (staying.filter((r) => rwNames.has(r.name)).length >= wanted) {
+      for (const r of active) {
+        const l = leaving.get(r.name);
+        if (l === undefined) continue;
+        await this.requestReplicaDeletion(r.name);
+        await this.event(volume.name, 'Normal', 'ReplicaMoved', `replica ${r.name} left disk ${r.value.spec.diskId} of node ${r.value.spec.nodeId} (${l.why}); the volume has ${wanted} replica(s) in service without it`, Kind.Replica, r.name);
+      }
+      return null;
+    }
+    const first = active.find((r) => leaving.has(r.name))!;
+    const l = leaving.get(first.name)!;
+    const pending = staying.filter((r) => !rwNames.has(r.name));
+    if (staying.length >= wanted) {
+      return `replica ${first.name} is moving (${l.why}): waiting for ${pending.map((r) => r.name).join(', ')} to be rebuilt`;
+    }
+    if (!options.mayAdd) return `replica ${first.name} is to move (${l.why}): waiting for the volume to be whole and not rebuilding`;
+    const added = await this.addReplicas(volume, active, 1, options.sizeBytes, 'running', l.only ?? undefined);
+    if (added === 0) return `replica ${first.name} cannot move (${l.why}): ${this.lastPlacementProblem.get(volume.name) ?? 'no disk can take it'}`;
+    const placed = (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === volume.name && !active.some((a) => a.name === r.name) && r.value.deletionRequestedAt === null);
+    const where = placed.length > 0 ? ` ${placed[0].name} on disk ${placed[0].value.spec.diskId} of node ${placed[0].value.spec.nodeId}` : '';
+    await this.event(volume.name, 'Normal', 'ReplicaMoving', `replica ${first.name} is moving (${l.why}): new replica${where} is being built; ${first.name} serves until it is`, Kind.Replica, first.name);
+    return `replica ${first.name} is moving (${l.why})`;
   }
 
   /**

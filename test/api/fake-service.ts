@@ -7,7 +7,7 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../../src/errors.ts';
 import type {
-  DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaView, SettingView, SnapshotView,
+  DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaMoveInput, ReplicaView, SettingView, SnapshotView,
   VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from '../../src/manager/types.ts';
 
@@ -36,11 +36,11 @@ export class FakeManagerService implements ManagerService {
   readonly events: EventView[] = [];
   readonly nodes: NodeView[] = [{
     name: 'node-1', address: '127.0.0.1', allowScheduling: true, ready: true, lastHeartbeatAt: '2024-01-01T00:00:00.000Z', nbdAddress: '127.0.0.1:10809',
-    disks: ['disk-0', 'disk-1', 'disk-2'],
+    disks: ['disk-0', 'disk-1', 'disk-2'], evict: false, replicaCount: 0,
   }];
   readonly disks: DiskView[] = [0, 1, 2].map((i) => ({
     name: `disk-${i}`, nodeId: 'node-1', path: `/data/disks/disk-${i}`, allowScheduling: true, storageReservedBytes: 0,
-    storageMaximumBytes: 100 * 2 ** 30, storageAvailableBytes: 90 * 2 ** 30, storageScheduledBytes: 0, ready: true, message: null,
+    storageMaximumBytes: 100 * 2 ** 30, storageAvailableBytes: 90 * 2 ** 30, storageScheduledBytes: 0, ready: true, message: null, evict: false, replicaCount: 0,
   }));
   readonly settings: SettingView[] = [
     { name: 'default-replica-count', value: '3', default: '3', type: 'int', description: 'Replicas of a new volume when the request does not say.' },
@@ -304,7 +304,7 @@ export class FakeManagerService implements ManagerService {
       name: r.name, volumeName: v.view.name, nodeId: r.nodeId, diskId: r.diskId, dataPath: `/data/disks/${r.diskId}/replicas/${r.name}`,
       sizeBytes: v.view.sizeBytes, desireState: r.state === 'running' ? 'running' as const : 'stopped' as const, state: r.state, mode: r.mode,
       address: r.state === 'running' ? `127.0.0.1:${20000 + i}` : null, pid: r.state === 'running' ? 1000 + i : null, restarts: 0,
-      rebuild: null, healthyAt: v.view.createdAt, failedAt: r.failedAt, message: null,
+      rebuild: null, healthyAt: v.view.createdAt, failedAt: r.failedAt, message: null, leaving: null,
     })));
   }
 
@@ -319,6 +319,13 @@ export class FakeManagerService implements ManagerService {
     const r = this.replicaViews().find((x) => x.name === name);
     if (r === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `replica ${name} not found`);
     return r;
+  }
+
+  async moveReplica(name: string, input: ReplicaMoveInput): Promise<ReplicaView> {
+    this.enter('moveReplica');
+    const r = await this.getReplica(name);
+    if (input.diskId !== undefined && !this.disks.some((d) => d.name === input.diskId)) throw new ZebuError(ErrorCode.NOT_FOUND, `disk ${input.diskId} not found`);
+    return { ...r, leaving: { reason: 'moved by a user', diskId: input.diskId ?? null, nodeId: input.nodeId ?? null, requestedAt: this.now() } };
   }
 
   async listNodes(): Promise<NodeView[]> {

@@ -157,10 +157,11 @@ function verifyLine(r: VerifyView): string {
 
 function replicaRows(replicas: ReplicaView[]): string {
   return table(
-    ['NAME', 'VOLUME', 'NODE', 'DISK', 'STATE', 'MODE', 'ADDRESS', 'PID', 'RESTARTS', 'REBUILD'],
+    ['NAME', 'VOLUME', 'NODE', 'DISK', 'STATE', 'MODE', 'ADDRESS', 'PID', 'RESTARTS', 'REBUILD', 'LEAVING'],
     replicas.map((r) => [
       r.name, r.volumeName, r.nodeId, r.diskId, r.state, r.mode, r.address, r.pid, r.restarts,
       r.rebuild === null ? null : `${formatPercent(r.rebuild.totalBytes > 0 ? r.rebuild.copiedBytes / r.rebuild.totalBytes : 0)} of ${formatBytes(r.rebuild.totalBytes)}`,
+      r.leaving === null ? null : leavingText(r.leaving),
     ]),
   );
 }
@@ -182,8 +183,14 @@ function replicaDetails(r: ReplicaView): string {
     ['rebuild', r.rebuild === null ? null : `${formatBytes(r.rebuild.copiedBytes)} of ${formatBytes(r.rebuild.totalBytes)}`],
     ['healthy at', r.healthyAt],
     ['failed at', r.failedAt],
+    ['leaving', r.leaving === null ? null : leavingText(r.leaving)],
     ['message', r.message],
   ]);
+}
+
+function leavingText(l: NonNullable<ReplicaView['leaving']>): string {
+  const to = l.diskId !== null ? ` to disk ${l.diskId}` : l.nodeId !== null ? ` to node ${l.nodeId}` : '';
+  return `${l.reason}${to}`;
 }
 
 // ---- volumes ----------------------------------------------------------------------------------
@@ -388,12 +395,29 @@ export async function replicaGet(name: string, options: CommonOptions): Promise<
   out(replicaDetails(replica));
 }
 
+export async function replicaMove(name: string, options: CommonOptions & { disk?: string; node?: string }): Promise<void> {
+  if (options.disk !== undefined && options.node !== undefined) throw invalid('give --disk or --node, not both', 'disk');
+  const body: { diskId?: string; nodeId?: string } = {};
+  if (options.disk !== undefined) body.diskId = options.disk;
+  if (options.node !== undefined) body.nodeId = options.node;
+  const replica = await new ApiClient(options).post<ReplicaView>(`/v1/replicas/${enc(name)}/move`, body);
+  if (options.json) return printJson(replica);
+  const to = options.disk !== undefined ? `disk ${options.disk}` : options.node !== undefined ? `node ${options.node}` : 'another disk';
+  out(`replica ${replica.name} moves from disk ${replica.diskId} to ${to}: a new replica is rebuilt while it serves, then it is removed (see \`zebu replica list --volume ${replica.volumeName}\` and \`zebu events\`)`);
+}
+
+/** What an eviction shows: on, off, or done (nothing left). */
+function evictionCell(evict: boolean, replicaCount: number): string {
+  if (!evict) return '-';
+  return replicaCount === 0 ? 'done (empty)' : `${replicaCount} left`;
+}
+
 export async function nodeList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<NodeView[]>('/v1/nodes');
   if (options.json) return printJson(list);
   out(table(
-    ['NAME', 'ADDRESS', 'READY', 'SCHEDULING', 'NBD', 'DISKS', 'HEARTBEAT'],
-    list.map((n) => [n.name, n.address, n.ready, n.allowScheduling ? 'on' : 'off', n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
+    ['NAME', 'ADDRESS', 'READY', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'NBD', 'DISKS', 'HEARTBEAT'],
+    list.map((n) => [n.name, n.address, n.ready, n.allowScheduling ? 'on' : 'off', n.replicaCount, evictionCell(n.evict, n.replicaCount), n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
   ));
 }
 
@@ -403,32 +427,36 @@ function schedulingOption(text: string | undefined): boolean | undefined {
   throw invalid(`--scheduling must be on or off, got ${JSON.stringify(text)}`, 'scheduling');
 }
 
-export async function nodeUpdate(name: string, options: CommonOptions & { scheduling?: string }): Promise<void> {
+export async function nodeUpdate(name: string, options: CommonOptions & { scheduling?: string; evict?: boolean }): Promise<void> {
+  const body: { allowScheduling?: boolean; evict?: boolean } = {};
   const allowScheduling = schedulingOption(options.scheduling);
-  if (allowScheduling === undefined) throw invalid('say what to change: --scheduling on|off', 'scheduling');
-  const node = await new ApiClient(options).patch<NodeView>(`/v1/nodes/${enc(name)}`, { allowScheduling });
+  if (allowScheduling !== undefined) body.allowScheduling = allowScheduling;
+  if (options.evict !== undefined) body.evict = options.evict;
+  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off and/or --evict / --no-evict', 'scheduling');
+  const node = await new ApiClient(options).patch<NodeView>(`/v1/nodes/${enc(name)}`, body);
   if (options.json) return printJson(node);
-  out(`node ${node.name}: scheduling ${node.allowScheduling ? 'on' : 'off'}`);
+  out(`node ${node.name}: scheduling ${node.allowScheduling ? 'on' : 'off'}${node.evict ? `, being evicted (${node.replicaCount} replica(s) left)` : ''}`);
 }
 
-export async function diskUpdate(name: string, options: CommonOptions & { scheduling?: string; reserved?: string }): Promise<void> {
-  const body: { allowScheduling?: boolean; storageReservedBytes?: number } = {};
+export async function diskUpdate(name: string, options: CommonOptions & { scheduling?: string; reserved?: string; evict?: boolean }): Promise<void> {
+  const body: { allowScheduling?: boolean; storageReservedBytes?: number; evict?: boolean } = {};
   const allowScheduling = schedulingOption(options.scheduling);
   if (allowScheduling !== undefined) body.allowScheduling = allowScheduling;
   if (options.reserved !== undefined) body.storageReservedBytes = parseBytes(options.reserved);
-  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off and/or --reserved SIZE', 'scheduling');
+  if (options.evict !== undefined) body.evict = options.evict;
+  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off, --reserved SIZE and/or --evict / --no-evict', 'scheduling');
   const disk = await new ApiClient(options).patch<DiskView>(`/v1/disks/${enc(name)}`, body);
   if (options.json) return printJson(disk);
-  out(`disk ${disk.name}: scheduling ${disk.allowScheduling ? 'on' : 'off'}, reserved ${formatBytes(disk.storageReservedBytes)}`);
+  out(`disk ${disk.name}: scheduling ${disk.allowScheduling ? 'on' : 'off'}, reserved ${formatBytes(disk.storageReservedBytes)}${disk.evict ? `, being evicted (${disk.replicaCount} replica(s) left)` : ''}`);
 }
 
 export async function diskList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<DiskView[]>('/v1/disks');
   if (options.json) return printJson(list);
   out(table(
-    ['NAME', 'NODE', 'READY', 'SCHEDULING', 'SIZE', 'AVAILABLE', 'SCHEDULED', 'RESERVED', 'PATH'],
+    ['NAME', 'NODE', 'READY', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'SIZE', 'AVAILABLE', 'SCHEDULED', 'RESERVED', 'PATH'],
     list.map((d) => [
-      d.name, d.nodeId, d.ready, d.allowScheduling ? 'on' : 'off', formatBytes(d.storageMaximumBytes), formatBytes(d.storageAvailableBytes),
+      d.name, d.nodeId, d.ready, d.allowScheduling ? 'on' : 'off', d.replicaCount, evictionCell(d.evict, d.replicaCount), formatBytes(d.storageMaximumBytes), formatBytes(d.storageAvailableBytes),
       formatBytes(d.storageScheduledBytes), formatBytes(d.storageReservedBytes), d.path,
     ]),
   ));

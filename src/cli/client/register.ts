@@ -179,20 +179,28 @@ export function registerClientCommands(program: Command): void {
     .action((opts) => run((c) => c.replicaList(opts)));
   clientCommand(replica, 'get <NAME>', 'show a replica')
     .action((name: string, opts) => run((c) => c.replicaGet(name, opts)));
+  clientCommand(replica, 'move <NAME>', 'move a replica to another disk or node with no downtime: a new replica is rebuilt while this one serves, then this one is removed (the volume must be attached)')
+    .option('--disk <DISK>', 'the disk to move to')
+    .option('--node <NODE>', 'the node to move to (any of its disks)')
+    .action((name: string, opts) => run((c) => c.replicaMove(name, opts)));
 
   const node = group(program, 'node', 'nodes');
   clientCommand(node, 'list', 'list nodes')
     .action((opts) => run((c) => c.nodeList(opts)));
 
-  clientCommand(node, 'update <NAME>', 'change a node: whether new replicas may be placed on it')
+  clientCommand(node, 'update <NAME>', 'change a node: whether new replicas may be placed on it, eviction')
     .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the node')
+    .option('--evict', 'move every replica off the node (each is rebuilt on another node first)')
+    .option('--no-evict', 'stop evicting the node')
     .action((name: string, opts) => run((c) => c.nodeUpdate(name, opts)));
 
   const disk = group(program, 'disk', 'disks');
   clientCommand(disk, 'list', 'list disks')
     .action((opts) => run((c) => c.diskList(opts)));
-  clientCommand(disk, 'update <NAME>', 'change a disk: scheduling on/off, space kept free')
+  clientCommand(disk, 'update <NAME>', 'change a disk: scheduling on/off, space kept free, eviction')
     .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the disk')
+    .option('--evict', 'move every replica off the disk (each is rebuilt on another disk first)')
+    .option('--no-evict', 'stop evicting the disk')
     .option('--reserved <SIZE>', 'space the scheduler keeps free on the disk, e.g. 10GiB')
     .action((name: string, opts) => run((c) => c.diskUpdate(name, opts)));
 
