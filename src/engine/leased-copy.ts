@@ -75,23 +75,42 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
     try {
       host.check();
       const extents = await host.sourceExtents(how, committed, end - committed);
+      const needsData = (at: number, to: number): boolean =>
+        (how.kind === 'image' && how.zeroIfEmpty) || extents.some((e) => e.data && e.offset < to && at < e.offset + e.length);
+      // The next chunk's source read goes out while this chunk is written: under the lease no
+      // client write changes the region, so what it returns is still right when it is used. A
+      // read not used (recalled, failed) is dropped.
+      const ahead: { at: number; data: Promise<Buffer> | null } = { at: -1, data: null };
+      const readAhead = (at: number): void => {
+        ahead.at = at;
+        ahead.data = null;
+        if (at >= end) return;
+        const to = Math.min(end, at + host.chunkBytes);
+        if (!needsData(at, to)) return;
+        ahead.data = host.readSource(at, to - at);
+        ahead.data.catch(() => {});
+      };
+      readAhead(committed);
       while (committed < end) {
         // Recalled: give the region back after one chunk (progress is guaranteed per grant).
         if (progressed && host.leaseWanted(lease)) break;
         const chunkEnd = Math.min(end, committed + host.chunkBytes);
         const chunkLength = chunkEnd - committed;
-        const holds = extents.some((e) => e.data && e.offset < chunkEnd && committed < e.offset + e.length);
-        if (holds || (how.kind === 'image' && how.zeroIfEmpty)) {
-          const data = await host.readSource(committed, chunkLength);
+        if (ahead.data !== null && ahead.at === committed) {
+          const data = await ahead.data;
           assert(data.length === chunkLength, 'copier: the source returned a short read');
+          readAhead(chunkEnd);
           host.check();
           // Zeros over an image, or zeroed since the snapshot, are marked, not written.
           const zeros = how.kind !== 'status' && isAllZero(data);
           await host.writeTarget(lease, committed, zeros ? null : data, chunkLength);
           written += chunkLength;
-        } else if (how.kind === 'status' && how.zeroIfEmpty) {
-          await host.writeTarget(lease, committed, null, chunkLength);
-          written += chunkLength;
+        } else {
+          readAhead(chunkEnd);
+          if (how.kind === 'status' && how.zeroIfEmpty) {
+            await host.writeTarget(lease, committed, null, chunkLength);
+            written += chunkLength;
+          }
         }
         committed = chunkEnd;
         progressed = true;

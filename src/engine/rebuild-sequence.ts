@@ -17,6 +17,13 @@ import { COPIERS, REGION_BYTES, forEachIndex, isUnsupported, regionRange } from 
 
 type EngineReplica = SetMember<DataClient>;
 
+/**
+ * Regions of the live volume copied at once under leases. Each has one chunk in flight (and the
+ * next one's read): more of them keep both replicas busy, and a client write still waits for
+ * at most one chunk of the region it hits.
+ */
+const LEASED_COPIERS = 8;
+
 /** What a rebuild uses of its engine. */
 export interface RebuildHost {
   readonly sizeBytes: number;
@@ -189,7 +196,7 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
       }
       const below = mayDiffer.get(tip)!;
       const differ = new Set<number>(parent !== null ? below : []);
-      await forEachRegion(host, regionBytes, async (offset, length) => {
+      await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
         const region = offset / regionBytes;
         progress.copiedBytes += length;
         if (parent !== null || aboveImage) {
@@ -237,7 +244,7 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     //    (the target's head sits on it), or, without one, everything (over the image).
     await joinWriteSet(host, target, check);
     joined = true;
-    await forEachRegion(host, regionBytes, async (offset, length) => {
+    await forEachRegion(host, regionBytes, LEASED_COPIERS, async (offset, length) => {
       const zeroIfEmpty = differ.has(offset / regionBytes);
       await copyRegion(host, target, check, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
       progress.copiedBytes += length;
@@ -283,7 +290,7 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
     const regions = deltaRegions(missed, targetActive, holderIntent.active, host.regionCount);
     for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, host.sizeBytes).length;
     host.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
-    await forEachIndex(regions.length, COPIERS, async (i) => {
+    await forEachIndex(regions.length, LEASED_COPIERS, async (i) => {
       const { offset, length } = regionRange(regions[i], REGION_BYTES, host.sizeBytes);
       // The target may hold anything there: a region the source holds nothing of is zeroed
       // (or, on a backing image, given the image's bytes).
@@ -298,12 +305,12 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
 }
 
 /**
- * Runs `fn` over the volume in regions, COPIERS at a time (a copy is round trips to two
+ * Runs `fn` over the volume in regions, `parallel` at a time (a copy is round trips to two
  * replicas: several in flight keep both busy). The first failure stops the others.
  */
-async function forEachRegion(host: RebuildHost, regionBytes: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+async function forEachRegion(host: RebuildHost, regionBytes: number, parallel: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
   const count = Math.ceil(host.sizeBytes / regionBytes);
-  await forEachIndex(count, COPIERS, (i) => {
+  await forEachIndex(count, parallel, (i) => {
     const { offset, length } = regionRange(i, regionBytes, host.sizeBytes);
     return fn(offset, length);
   });

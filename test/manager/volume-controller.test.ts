@@ -623,3 +623,84 @@ test('a recurring job\'s attachment: no replica added while it holds the volume;
   assert.equal(withdrawn.pendingAttach, null);
   assert.equal(withdrawn.heldByJob?.job, 'bk', 'the job keeps its attachment');
 });
+
+/** Replicas of a volume not being deleted, with the engine's mode of each. */
+async function liveReplicas(objects: Objects, volume: string): Promise<{ name: string; diskId: string; mode: string | null }[]> {
+  const engine = await objects.get(Kind.Engine, volume);
+  return (await objects.list(Kind.Replica))
+    .filter((r) => r.value.spec.volumeName === volume && r.value.deletionRequestedAt === null)
+    .map((r) => ({ name: r.name, diskId: r.value.spec.diskId, mode: engine?.value.status.replicas[r.name]?.mode ?? null }));
+}
+
+test('replica move: a new replica on the asked disk is rebuilt while the old one serves, then the old one goes; never fewer in service', async (t) => {
+  const { service, objects } = await setup(t, 4);
+  await service.createVolume({ name: 'm', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('m')).state === 'detached');
+  await service.attachVolume('m', {});
+  await until('healthy', async () => (await service.getVolume('m')).robustness === 'healthy');
+  const before = await liveReplicas(objects, 'm');
+  const mover = before[0];
+  const used = new Set(before.map((r) => r.diskId));
+  const target = ['n1-d0', 'n1-d1', 'n1-d2', 'n1-d3'].find((d) => !used.has(d))!;
+
+  // Bad requests change nothing.
+  const code = (c: string) => (err: { code?: string }) => err.code === c;
+  await assert.rejects(service.moveReplica(mover.name, { diskId: mover.diskId }), /is on disk .* already/);
+  await assert.rejects(service.moveReplica(mover.name, { diskId: before[1].diskId }), /already holds replica/);
+  await assert.rejects(service.moveReplica(mover.name, { diskId: 'nope' }), code('ZEBU_ERR_NOT_FOUND'));
+  await assert.rejects(service.moveReplica(mover.name, { nodeId: 'nope' }), code('ZEBU_ERR_NOT_FOUND'));
+  await assert.rejects(service.moveReplica(mover.name, { diskId: target, nodeId: 'n1' }), /not both/);
+  await assert.rejects(service.moveReplica('no-such-replica', {}), code('ZEBU_ERR_NOT_FOUND'));
+  assert.equal((await service.getReplica(mover.name)).leaving, null);
+
+  const moving = await service.moveReplica(mover.name, { diskId: target });
+  assert.deepEqual({ ...moving.leaving, requestedAt: null }, { reason: 'moved by a user', diskId: target, nodeId: null, requestedAt: null });
+  let fewest = Infinity;
+  const moved = await until('moved', async () => {
+    const live = await liveReplicas(objects, 'm');
+    fewest = Math.min(fewest, live.filter((r) => r.mode === 'RW').length);
+    return !live.some((r) => r.name === mover.name) && live.some((r) => r.diskId === target && r.mode === 'RW') ? live : undefined;
+  });
+  assert.ok(fewest >= 2, `never fewer than 2 replicas in service (saw ${fewest})`);
+  assert.equal(moved.length, 2);
+  assert.ok(moved.some((r) => r.name === before[1].name), 'the other replica stayed');
+  await until('healthy', async () => (await service.getVolume('m')).robustness === 'healthy');
+  const reasons = (await service.listEvents({ volume: 'm' })).map((e) => e.reason);
+  for (const r of ['ReplicaMoveRequested', 'ReplicaMoving', 'ReplicaMoved']) assert.ok(reasons.includes(r), r);
+});
+
+test('disk eviction: every replica leaves the disk, which then says it is empty and takes no new one; a detached volume waits', async (t) => {
+  const { service, objects } = await setup(t, 4);
+  await service.createVolume({ name: 'e', sizeBytes: GiB, numberOfReplicas: 3 });
+  await service.createVolume({ name: 'idle', sizeBytes: GiB, numberOfReplicas: 3 });
+  await until('detached', async () => (await service.getVolume('e')).state === 'detached' && (await service.getVolume('idle')).state === 'detached');
+  await service.attachVolume('e', {});
+  await until('healthy', async () => (await service.getVolume('e')).robustness === 'healthy');
+  const evicted = (await liveReplicas(objects, 'e'))[0].diskId;
+  await assert.rejects(service.updateDisk(evicted, { evict: 'yes' as unknown as boolean }), /evict must be true or false/);
+  const disk = await service.updateDisk(evicted, { evict: true });
+  assert.equal(disk.evict, true);
+  await until('e left the disk', async () => !(await liveReplicas(objects, 'e')).some((r) => r.diskId === evicted));
+  await until('healthy', async () => (await service.getVolume('e')).robustness === 'healthy');
+  // The detached volume's replica on that disk waits for an attach, and says so.
+  const idleOnDisk = (await liveReplicas(objects, 'idle')).some((r) => r.diskId === evicted);
+  if (idleOnDisk) {
+    const idle = await until('a waiting message', async () => {
+      const v = await service.getVolume('idle');
+      return v.message !== null ? v : undefined;
+    });
+    assert.match(idle.message!, /will move once the volume is attached/);
+    assert.match((await service.listReplicas({ volume: 'idle' })).find((r) => r.diskId === evicted)!.leaving!.reason, /being evicted/);
+    await service.attachVolume('idle', {});
+    await until('idle left the disk', async () => !(await liveReplicas(objects, 'idle')).some((r) => r.diskId === evicted));
+  }
+  const empty = await until('the disk is empty', async () => {
+    const d = await service.getDisk(evicted);
+    return d.replicaCount === 0 ? d : undefined;
+  });
+  assert.equal(empty.evict, true);
+  // Nothing new lands on an evicted disk.
+  await assert.rejects(service.createVolume({ name: 'big', sizeBytes: GiB, numberOfReplicas: 4 }), /being evicted/);
+  const reasons = (await service.listEvents({})).map((e) => e.reason);
+  assert.ok(reasons.includes('DiskEvicting'));
+});
