@@ -156,8 +156,11 @@ export class DataClient {
     else this.closeListeners.push(listener);
   }
 
-  /** Sends one request; `callback` runs exactly once. The hot path: no promise. */
-  send(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: ResponseCallback): void {
+  /**
+   * Sends one request; `callback` runs exactly once. The hot path: no promise. `prefix`, when
+   * given, is sent before `payload` as part of it (no copy of the payload to join them).
+   */
+  send(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: ResponseCallback, prefix: Buffer | null = null): void {
     if (this.closedError !== null) {
       const err = this.closedError;
       process.nextTick(() => callback(err, EMPTY));
@@ -168,8 +171,9 @@ export class DataClient {
     assert(!this.pending.has(requestId), 'request id in use');
     this.pending.set(requestId, { callback, deadlineMs: this.clock.nowMs() + this.requestTimeoutMs, op });
     const header = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
-    encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length });
+    encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length + (prefix?.length ?? 0) });
     this.out.write(header);
+    if (prefix !== null) this.out.write(prefix);
     if (payload.length > 0) this.out.write(payload);
   }
 
@@ -198,7 +202,9 @@ export class DataClient {
   async copyWrite(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void> {
     const lease = Buffer.allocUnsafe(LEASE_ID_BYTES);
     writeU64(lease, leaseId, 0);
-    await this.request(data === null ? Op.COPY_ZERO : Op.COPY_WRITE, 0, offset, length, data === null ? lease : Buffer.concat([lease, data]));
+    await new Promise<void>((resolve, reject) => {
+      this.send(data === null ? Op.COPY_ZERO : Op.COPY_WRITE, 0, offset, length, data ?? EMPTY, (err) => (err ? reject(err) : resolve()), lease);
+    });
   }
   async leaseRevoke(leaseId: number): Promise<void> {
     await this.request(Op.LEASE_REVOKE, 0, leaseId, 0);
