@@ -288,6 +288,8 @@ export interface ReplicaMove {
   requestedAt: string;
   diskId: string | null;
   nodeId: string | null;
+  /** Set when the manager asked for it (replica-auto-balance), with why; absent: a user did. */
+  balance?: string;
 }
 
 export interface NodeValue {

@@ -76,6 +76,13 @@ export const SETTINGS = {
     type: 'int', default: '5', min: 0, max: 1000,
     description: 'How many times one region of a rebuild may lose its lease (see rebuild-lease-recall-timeout-ms) before the rebuild fails, naming the region and why (applies to engines started afterwards).',
   },
+  'replica-auto-balance': {
+    type: 'string', default: 'disabled',
+    description: 'Whether the manager moves replicas of attached, healthy volumes to spread them (each move: a new replica rebuilt first, then the old one removed). "disabled"; "least-effort": replicas of a volume sharing a node move to a node that holds none of them, when one can take them; "best-effort": also even out how many replicas each node, then each disk of a node, holds.',
+    check: (value) => {
+      if (value !== 'disabled' && value !== 'least-effort' && value !== 'best-effort') throw new Error('must be "disabled", "least-effort" or "best-effort"');
+    },
+  },
   'replica-start-timeout-ms': {
     type: 'int', default: '30000', min: 1000, max: 600000,
     description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',

@@ -138,3 +138,70 @@ export function scheduleReplicas(
   }
   return { placements, reasons: placements.length === count ? [] : reasons };
 }
+
+/** `replica-auto-balance`: how hard replicas are spread over nodes and disks. */
+export type AutoBalance = 'disabled' | 'least-effort' | 'best-effort';
+
+export interface BalanceMove {
+  replica: string;
+  diskId: string;
+  why: string;
+}
+
+/**
+ * One replica move of a volume that spreads replicas better, or null.
+ *
+ * - least-effort: replicas of the volume that share a node while another node, holding none of
+ *   them, has a disk that can take one: one of them moves there.
+ * - best-effort: that, then evening out: a replica of the volume on a node (or disk) holding at
+ *   least two replicas (of all volumes) more than another node (or disk) that holds none of this
+ *   volume's and can take one, moves there (disks: within the node). Each such move lowers the
+ *   spread, so it ends.
+ *
+ * `counts`: replicas (of every volume, not being deleted) per disk.
+ */
+export function balanceMove(
+  mode: AutoBalance,
+  input: {
+    sizeBytes: number; replicas: { name: string; nodeId: string; diskId: string }[]; nodes: SchedulerNode[]; disks: SchedulerDisk[];
+    policy: SchedulerPolicy; counts: ReadonlyMap<string, number>; image?: ImageRules;
+  },
+): BalanceMove | null {
+  if (mode === 'disabled' || input.replicas.length === 0) return null;
+  const nodes = new Map(input.nodes.map((n) => [n.name, n]));
+  const usedDisks = new Set(input.replicas.map((r) => r.diskId));
+  const perNode = new Map<string, number>();
+  for (const r of input.replicas) perNode.set(r.nodeId, (perNode.get(r.nodeId) ?? 0) + 1);
+  const fits = (d: SchedulerDisk): boolean => !usedDisks.has(d.name)
+    && (input.image?.refusal(d.name, d.nodeId) ?? diskRefusal(d, nodes.get(d.nodeId), input.sizeBytes, input.policy)) === null;
+  const candidates = input.disks.filter(fits);
+  const diskCount = (name: string): number => input.counts.get(name) ?? 0;
+  const nodeCount = new Map<string, number>();
+  for (const d of input.disks) nodeCount.set(d.nodeId, (nodeCount.get(d.nodeId) ?? 0) + diskCount(d.name));
+  const byName = (a: { name: string }, b: { name: string }): number => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0);
+  const emptiest = (list: SchedulerDisk[]): SchedulerDisk | null => [...list].sort((a, b) => diskCount(a.name) - diskCount(b.name) || byName(a, b))[0] ?? null;
+
+  // Replicas of the volume sharing a node, while a node without any of them can take one.
+  const crowded = input.replicas.filter((r) => (perNode.get(r.nodeId) ?? 0) > 1).sort(byName);
+  if (crowded.length > 0) {
+    const to = emptiest(candidates.filter((d) => !perNode.has(d.nodeId)));
+    if (to !== null) return { replica: crowded[0].name, diskId: to.name, why: `replicas of the volume share node ${crowded[0].nodeId}; node ${to.nodeId} holds none` };
+  }
+  if (mode !== 'best-effort') return null;
+
+  // Nodes: from the fullest node this volume is on to an emptier node it is not on.
+  const mine = [...input.replicas].sort((a, b) => (nodeCount.get(b.nodeId) ?? 0) - (nodeCount.get(a.nodeId) ?? 0) || byName(a, b));
+  for (const r of mine) {
+    const to = emptiest(candidates.filter((d) => !perNode.has(d.nodeId) && (nodeCount.get(r.nodeId) ?? 0) - (nodeCount.get(d.nodeId) ?? 0) >= 2));
+    if (to !== null) return { replica: r.name, diskId: to.name, why: `node ${r.nodeId} holds ${nodeCount.get(r.nodeId)} replicas, node ${to.nodeId} ${nodeCount.get(to.nodeId) ?? 0}` };
+  }
+  // Disks: from the fullest disk this volume is on to an emptier disk of the same node (nodes are
+  // evened out above; a move within a node leaves the nodes' counts as they are, so the two
+  // rules cannot undo each other).
+  const byDisk = [...input.replicas].sort((a, b) => diskCount(b.diskId) - diskCount(a.diskId) || byName(a, b));
+  for (const r of byDisk) {
+    const to = emptiest(candidates.filter((d) => d.nodeId === r.nodeId && diskCount(r.diskId) - diskCount(d.name) >= 2));
+    if (to !== null) return { replica: r.name, diskId: to.name, why: `disk ${r.diskId} holds ${diskCount(r.diskId)} replicas, disk ${to.name} ${diskCount(to.name)}` };
+  }
+  return null;
+}

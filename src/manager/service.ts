@@ -568,7 +568,7 @@ export class ManagerServiceImpl implements ManagerService {
     const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
     const move = r.value.spec.move ?? null;
     const leaving: ReplicaView['leaving'] = r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null ? null
-      : move !== null ? { reason: 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
+      : move !== null ? { reason: move.balance !== undefined ? `replica-auto-balance ${move.balance}` : 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
         : evicting.disks.has(r.value.spec.diskId) ? { reason: `disk ${r.value.spec.diskId} is being evicted`, diskId: null, nodeId: null, requestedAt: null }
           : evicting.nodes.has(r.value.spec.nodeId) ? { reason: `node ${r.value.spec.nodeId} is being evicted`, diskId: null, nodeId: null, requestedAt: null } : null;
     return {

@@ -32,7 +32,7 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, REPLICAS_DIR, imageFilePath, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from '../cluster/objects.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
-import { scheduleReplicas, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
+import { balanceMove, scheduleReplicas, type AutoBalance, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
 import { imagePlacement } from './backing-images.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
 
@@ -749,6 +749,9 @@ export class VolumeController {
         sizeBytes: e.status.sizeBytes, mayAdd: missing <= 0 && !rebuilding && returning.length === 0 && heldByJob === null && backoffMs <= 0 && e.status.sizeBytes === e.spec.sizeBytes,
       });
     }
+    if (message === null && leaving.size === 0 && robustness === 'healthy' && !rebuilding && missing <= 0 && heldByJob === null && active.length === wanted) {
+      await this.autoBalance(volume, active, e.status.sizeBytes);
+    }
     if (message === null && returning.length > 0 && robustness !== 'healthy') {
       message = `waiting for failed replica(s) ${returning.map((r) => r.name).join(', ')} to come back for a delta rebuild`;
     }
@@ -837,7 +840,8 @@ export class VolumeController {
       const move = r.value.spec.move ?? null;
       if (move !== null) {
         const to = move.diskId !== null ? ` to disk ${move.diskId}` : move.nodeId !== null ? ` to node ${move.nodeId}` : '';
-        out.set(r.name, { why: `moved${to} as asked at ${move.requestedAt}`, only: { diskId: move.diskId, nodeId: move.nodeId } });
+        const by = move.balance !== undefined ? `by replica-auto-balance: ${move.balance}` : `as asked at ${move.requestedAt}`;
+        out.set(r.name, { why: `moved${to} ${by}`, only: { diskId: move.diskId, nodeId: move.nodeId } });
       } else if (evictedDisks.has(r.value.spec.diskId)) {
         out.set(r.name, { why: `disk ${r.value.spec.diskId} is being evicted`, only: null });
       } else if (evictedNodes.has(r.value.spec.nodeId)) {
@@ -845,6 +849,40 @@ export class VolumeController {
       }
     }
     return out;
+  }
+
+  /**
+   * replica-auto-balance: asks one replica of a healthy attached volume to move when that
+   * spreads replicas better (scheduler.ts, balanceMove); the move itself is a move as any other.
+   */
+  private async autoBalance(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], sizeBytes: number): Promise<void> {
+    const mode = (await this.settings.string('replica-auto-balance')) as AutoBalance;
+    // A volume on a backing image is left where it is: its replicas need a file of the image.
+    if (mode === 'disabled' || volume.value.spec.backingImage != null) return;
+    const view = await clusterView(this.objects);
+    const counts = new Map<string, number>();
+    for (const r of await this.objects.list(Kind.Replica)) {
+      if (r.value.deletionRequestedAt !== null) continue;
+      counts.set(r.value.spec.diskId, (counts.get(r.value.spec.diskId) ?? 0) + 1);
+    }
+    const move = balanceMove(mode, {
+      sizeBytes,
+      replicas: active.map((r) => ({ name: r.name, nodeId: r.value.spec.nodeId, diskId: r.value.spec.diskId })),
+      nodes: view.nodes,
+      disks: view.disks,
+      counts,
+      policy: {
+        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
+        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
+        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
+      },
+    });
+    if (move === null) return;
+    await this.objects.mutate(Kind.Replica, move.replica, (x) => {
+      if ((x.spec.move ?? null) !== null || x.deletionRequestedAt !== null) return false;
+      x.spec.move = { requestedAt: new Date().toISOString(), diskId: move.diskId, nodeId: null, balance: `${mode}: ${move.why}` };
+    });
+    await this.event(volume.name, 'Normal', 'ReplicaAutoBalance', `replica ${move.replica} moves to disk ${move.diskId} (replica-auto-balance ${mode}: ${move.why})`, Kind.Replica, move.replica);
   }
 
   /**

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { scheduleReplicas, type SchedulerDisk, type SchedulerNode, type SchedulerPolicy } from '../../src/manager/scheduler.ts';
+import { balanceMove, scheduleReplicas, type SchedulerDisk, type SchedulerNode, type SchedulerPolicy } from '../../src/manager/scheduler.ts';
 
 const GiB = 1024 ** 3;
 const policy: SchedulerPolicy = { softAntiAffinity: true, overProvisioningPercentage: 100, minimalAvailablePercentage: 10 };
@@ -114,4 +114,54 @@ test('a volume on a backing image: disks its selectors refuse are skipped, disks
   const three = scheduleReplicas(3, { sizeBytes: GiB, existing: [], policy, nodes: [node('a'), node('b'), node('c')], disks: [disk('a1', 'a'), disk('b1', 'b'), disk('c1', 'c')], image });
   assert.equal(three.placements.length, 2);
   assert.ok(three.reasons.some((r) => /c1 is not in backing image base's disk selector/.test(r)), three.reasons.join('; '));
+});
+
+test('placement for a move: only the disk or node asked for; an evicted disk or node takes nothing', () => {
+  const nodes = [node('a'), node('b', { evicting: true })];
+  const disks = [disk('a1', 'a'), disk('a2', 'a', { evicting: true }), disk('a3', 'a'), disk('b1', 'b')];
+  const onDisk = scheduleReplicas(1, { sizeBytes: GiB, existing: [], policy, nodes, disks, only: { diskId: 'a3', nodeId: null } });
+  assert.deepEqual(onDisk.placements, [{ nodeId: 'a', diskId: 'a3' }]);
+  const evictedDisk = scheduleReplicas(1, { sizeBytes: GiB, existing: [], policy, nodes, disks, only: { diskId: 'a2', nodeId: null } });
+  assert.deepEqual(evictedDisk.placements, []);
+  assert.match(evictedDisk.reasons.join(';'), /disk a2 is being evicted/);
+  const evictedNode = scheduleReplicas(1, { sizeBytes: GiB, existing: [], policy, nodes, disks, only: { diskId: null, nodeId: 'b' } });
+  assert.match(evictedNode.reasons.join(';'), /node b is being evicted/);
+  const unknown = scheduleReplicas(1, { sizeBytes: GiB, existing: [], policy, nodes, disks, only: { diskId: 'zz', nodeId: null } });
+  assert.match(unknown.reasons.join(';'), /disk zz is not registered/);
+});
+
+test('auto-balance: least-effort separates replicas sharing a node; best-effort evens out nodes, then disks of a node; disabled does nothing', () => {
+  const nodes = [node('a'), node('b')];
+  const disks = [disk('a1', 'a'), disk('a2', 'a'), disk('b1', 'b'), disk('b2', 'b')];
+  const sharing = [{ name: 'r1', nodeId: 'a', diskId: 'a1' }, { name: 'r2', nodeId: 'a', diskId: 'a2' }];
+  const counts = new Map([['a1', 1], ['a2', 1]]);
+  assert.equal(balanceMove('disabled', { sizeBytes: GiB, replicas: sharing, nodes, disks, policy, counts }), null);
+  const least = balanceMove('least-effort', { sizeBytes: GiB, replicas: sharing, nodes, disks, policy, counts });
+  assert.deepEqual({ replica: least!.replica, diskId: least!.diskId }, { replica: 'r1', diskId: 'b1' });
+  assert.match(least!.why, /share node a/);
+  // No other node can take it: nothing to do.
+  assert.equal(balanceMove('least-effort', { sizeBytes: GiB, replicas: sharing, nodes: [node('a'), node('b', { allowScheduling: false })], disks, policy, counts }), null);
+
+  // One replica on a crowded node (4 replicas of other volumes there, none on b): best-effort moves it, least-effort does not.
+  const alone = [{ name: 'r1', nodeId: 'a', diskId: 'a1' }];
+  const crowded = new Map([['a1', 3], ['a2', 2]]);
+  assert.equal(balanceMove('least-effort', { sizeBytes: GiB, replicas: alone, nodes, disks, policy, counts: crowded }), null);
+  const best = balanceMove('best-effort', { sizeBytes: GiB, replicas: alone, nodes, disks, policy, counts: crowded });
+  assert.deepEqual({ replica: best!.replica, diskId: best!.diskId }, { replica: 'r1', diskId: 'b1' });
+  // Balanced within one: stays.
+  assert.equal(balanceMove('best-effort', { sizeBytes: GiB, replicas: alone, nodes, disks, policy, counts: new Map([['a1', 1], ['b1', 1]]) }), null);
+  // One node: disks of the node are evened out.
+  const oneNode = balanceMove('best-effort', { sizeBytes: GiB, replicas: alone, nodes: [node('a')], disks: [disk('a1', 'a'), disk('a2', 'a')], policy, counts: new Map([['a1', 3]]) });
+  assert.deepEqual({ replica: oneNode!.replica, diskId: oneNode!.diskId }, { replica: 'r1', diskId: 'a2' });
+  // Repeating the moves ends: each lowers the spread.
+  let at = 'a1';
+  const load = new Map([['a1', 6], ['a2', 0]]);
+  for (let i = 0; i < 10; i++) {
+    const m = balanceMove('best-effort', { sizeBytes: GiB, replicas: [{ name: 'r', nodeId: 'a', diskId: at }], nodes: [node('a')], disks: [disk('a1', 'a'), disk('a2', 'a')], policy, counts: load });
+    if (m === null) break;
+    load.set(at, load.get(at)! - 1);
+    load.set(m.diskId, (load.get(m.diskId) ?? 0) + 1);
+    at = m.diskId;
+    assert.ok(i < 5, 'balancing ends');
+  }
 });

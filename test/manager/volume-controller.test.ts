@@ -704,3 +704,68 @@ test('disk eviction: every replica leaves the disk, which then says it is empty 
   const reasons = (await service.listEvents({})).map((e) => e.reason);
   assert.ok(reasons.includes('DiskEvicting'));
 });
+
+test('replica-auto-balance least-effort: replicas sharing a node spread to a new node once it joins; a bad value is refused', async (t) => {
+  const { service, objects, store } = await setup(t, 2);
+  await service.createVolume({ name: 'b', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('b')).state === 'detached');
+  await service.attachVolume('b', {});
+  await until('healthy', async () => (await service.getVolume('b')).robustness === 'healthy');
+  assert.deepEqual(new Set((await service.listReplicas({ volume: 'b' })).map((r) => r.nodeId)), new Set(['n1']));
+  await assert.rejects(service.setSetting('replica-auto-balance', 'always'), /must be "disabled", "least-effort" or "best-effort"/);
+
+  // A second node joins; nothing moves while the setting is disabled.
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  await objects.create(Kind.Disk, 'n2-d0', {
+    spec: { nodeId: 'n2', path: '/disks/n2d0', allowScheduling: true, storageReservedBytes: 0 },
+    status: { diskUuid: 'v0', storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+  });
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok((await liveReplicas(objects, 'b')).every((r) => r.diskId.startsWith('n1-')));
+
+  await service.setSetting('replica-auto-balance', 'least-effort');
+  const spread = await until('a replica on n2', async () => {
+    const live = await liveReplicas(objects, 'b');
+    return live.length === 2 && live.some((r) => r.diskId === 'n2-d0' && r.mode === 'RW') && live.some((r) => r.diskId.startsWith('n1-')) ? live : undefined;
+  });
+  assert.equal(spread.length, 2);
+  await until('healthy', async () => (await service.getVolume('b')).robustness === 'healthy');
+  const reasons = (await service.listEvents({ volume: 'b' })).map((e) => e.reason);
+  for (const r of ['ReplicaAutoBalance', 'ReplicaMoving', 'ReplicaMoved']) assert.ok(reasons.includes(r), r);
+  // Balanced now: no more moves.
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok((await service.listReplicas({ volume: 'b' })).every((r) => r.leaving === null));
+});
+
+test('node eviction: the node is flagged, its replicas leave for other nodes, it ends empty; bad values refused', async (t) => {
+  const { service, objects, store } = await setup(t, 2);
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  for (const d of ['n2-d0', 'n2-d1']) {
+    await objects.create(Kind.Disk, d, {
+      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
+      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+    });
+  }
+  await service.createVolume({ name: 'n', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('n')).state === 'detached');
+  await service.attachVolume('n', {});
+  await until('healthy', async () => (await service.getVolume('n')).robustness === 'healthy');
+  await assert.rejects(service.updateNode('n2', { evict: 1 as unknown as boolean }), /evict must be true or false/);
+  const flagged = await service.updateNode('n1', { evict: true });
+  assert.equal(flagged.evict, true);
+  const empty = await until('n1 empty', async () => {
+    const n = await service.getNode('n1');
+    return n.replicaCount === 0 ? n : undefined;
+  });
+  assert.equal(empty.evict, true);
+  await until('healthy on n2', async () => {
+    const v = await service.getVolume('n');
+    return v.robustness === 'healthy' && v.replicas.length === 2 && v.replicas.every((r) => r.nodeId === 'n2');
+  });
+  const reasons = (await service.listEvents({})).map((e) => e.reason);
+  assert.ok(reasons.includes('NodeEvicting'));
+});
