@@ -154,6 +154,13 @@ export class Replica {
   private journalSeq = 0;
   private previousCleanShutdown = false;
   private writeEpoch = 0;
+  /**
+   * The epoch in which the newest write not yet flushed was applied. A flush records it as
+   * writeEpoch — not the epoch current at the flush: writes of an older engine flushed under a
+   * newer one (an expansion at start-up flushes) were not taken in the newer epoch, and claiming
+   * so would make a replica that missed writes look newest (found by the simulator).
+   */
+  private unflushedEpoch = 0;
   /** null: opened with intentLog false (benchmark baseline). */
   private intent: IntentLog | null = null;
 
@@ -311,6 +318,7 @@ export class Replica {
     this.flushedRevision = best.flushedRevision;
     this.previousCleanShutdown = best.clean;
     this.writeEpoch = best.writeEpoch;
+    this.unflushedEpoch = best.writeEpoch;
     // From here on the replica may hold unflushed state: record that it is not clean.
     await this.writeJournal([], false);
     await this.removeGarbage();
@@ -604,6 +612,8 @@ export class Replica {
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
     const intent = this.intent;
+    // The epoch the write arrived in (a newer engine may open the replica while it is applied).
+    const epoch = this.meta.epoch;
     // Regions already active (the common case) cost no promise here.
     const activation = intent === null ? null : intent.enter(offset, length);
     let ok = false;
@@ -614,6 +624,7 @@ export class Replica {
       this.checkUsable();
       await this.writeLocked(offset, data, dataOffset, length);
       this.revision++;
+      this.unflushedEpoch = Math.max(this.unflushedEpoch, epoch);
       ok = true;
     } catch (err) {
       throw toZebuError(err);
@@ -663,6 +674,7 @@ export class Replica {
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
     const intent = this.intent;
+    const epoch = this.meta.epoch;
     const activation = intent === null ? null : intent.enter(offset, length);
     let ok = false;
     let entry: RangeLockEntry | null = null;
@@ -685,6 +697,7 @@ export class Replica {
         }
       }
       this.revision++;
+      this.unflushedEpoch = Math.max(this.unflushedEpoch, epoch);
       ok = true;
     } catch (err) {
       throw toZebuError(err);
@@ -792,7 +805,7 @@ export class Replica {
     for (const file of this.unsyncedMapFiles) await file.datasync();
     this.unsyncedMapFiles.clear();
     const seq = this.journalSeq + 1;
-    const writeEpoch = epochInSync ?? (flushedRevision !== this.flushedRevision ? this.meta.epoch : this.writeEpoch);
+    const writeEpoch = epochInSync ?? (flushedRevision !== this.flushedRevision ? this.unflushedEpoch : this.writeEpoch);
     const record = encodeRecord({ seq, revision: flushedRevision, flushedRevision, clean, writeEpoch, pages });
     const slotPath = path.join(this.dir, JOURNAL_SLOTS[seq % 2]);
     const slot = await this.disk.open(slotPath, (await this.disk.exists(slotPath)) ? 'readwrite' : 'create');
@@ -805,6 +818,7 @@ export class Replica {
     this.journalSeq = seq;
     this.flushedRevision = flushedRevision;
     this.writeEpoch = writeEpoch;
+    this.unflushedEpoch = Math.max(this.unflushedEpoch, writeEpoch);
   }
 
   // ---- layer tree ---------------------------------------------------------------------------
@@ -1047,6 +1061,7 @@ export class Replica {
         this.rebuildChain();
         await this.dropLayerFiles(oldHead);
         this.revision++;
+        this.unflushedEpoch = this.meta.epoch;
         await this.flush();
       });
     });

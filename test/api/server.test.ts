@@ -74,7 +74,7 @@ const ROUTES = [
   'POST /v1/volumes/{name}/salvage', 'POST /v1/volumes/{name}/verify',
   'GET /v1/volumes/{name}/snapshots', 'POST /v1/volumes/{name}/snapshots', 'DELETE /v1/volumes/{name}/snapshots/{snapshot}',
   'POST /v1/volumes/{name}/snapshots/{snapshot}/revert',
-  'GET /v1/replicas', 'GET /v1/replicas/{name}',
+  'GET /v1/replicas', 'GET /v1/replicas/{name}', 'POST /v1/replicas/{name}/move',
   'GET /v1/nodes', 'GET /v1/nodes/{name}', 'PATCH /v1/nodes/{name}',
   'GET /v1/disks', 'GET /v1/disks/{name}', 'PATCH /v1/disks/{name}',
   'GET /v1/settings', 'GET /v1/settings/{name}', 'PUT /v1/settings/{name}',
@@ -591,4 +591,19 @@ test('the engine link (OPEN / CLOSE / REOPENING and its counters) in GET /v1/vol
     'zebu_volume_engine_link_held_requests{volume="v1"} 7',
     'zebu_volume_engine_link_longest_hold_seconds{volume="v1"} 2.5',
   ]) assert.ok(lines.has(line), `missing ${line} in:\n${m.text}`);
+});
+
+test('replica move and eviction over the API: bad bodies get 400 with the field, unknown names 404; a good one answers the replica leaving', async (t) => {
+  const { app } = await server(t);
+  await call(app, 'POST', '/v1/volumes', { body: { name: 'mv', sizeBytes: GiB, numberOfReplicas: 2 } });
+  const replica = (await call(app, 'GET', '/v1/replicas?volume=mv')).body[0].name as string;
+  assertError(await call(app, 'POST', `/v1/replicas/${replica}/move`, { body: { diskId: 5 } }), 400, 'EINVAL', 'diskId');
+  assertError(await call(app, 'POST', `/v1/replicas/${replica}/move`, { body: { disk: 'disk-1' } }), 400, 'EINVAL', 'disk');
+  assertError(await call(app, 'POST', `/v1/replicas/${replica}/move`, { body: { diskId: 'nope' } }), 404, 'NOT_FOUND');
+  assertError(await call(app, 'POST', '/v1/replicas/no-such/move', { body: {} }), 404, 'NOT_FOUND');
+  const moved = await call(app, 'POST', `/v1/replicas/${replica}/move`, { body: { diskId: 'disk-2' } });
+  assert.equal(moved.status, 200, JSON.stringify(moved.body));
+  assert.equal(moved.body.leaving.diskId, 'disk-2');
+  assertError(await call(app, 'PATCH', '/v1/disks/disk-0', { body: { evict: 'yes' } }), 400, 'EINVAL', 'evict');
+  assertError(await call(app, 'PATCH', '/v1/nodes/node-1', { body: { evict: 1 } }), 400, 'EINVAL', 'evict');
 });
