@@ -146,6 +146,10 @@ const DEFAULT_REPLICA_WAIT_MS = 30_000;
 /** Well under the replica request timeout: a revoke is a request to the target too. */
 export const DEFAULT_LEASE_RECALL_TIMEOUT_MS = 4000;
 export const DEFAULT_MAX_REGION_RETRIES = 5;
+/** Regions a rebuild copies at once while clients use the volume (client I/O comes first). */
+const BUSY_COPY_TURNS = 2;
+/** Clients count as busy until this long after their last answer. */
+const CLIENT_QUIET_MS = 50;
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -216,10 +220,17 @@ export class Engine implements BlockBackend {
   /** Ranges being copied or compared (rebuild, verify): writes to them wait. Null: none. */
   private claims: RangeClaims | null = null;
   private claimUsers = 0;
+  /** Claim (and lease) ids are never handed out twice by one engine, whatever claims object holds them. */
+  private nextClaimId = 1;
   /** Rebuild leases a client write recalled: the timer that revokes each one. */
   private readonly leaseTimers = new Map<number, ClockTimer>();
   readonly leaseCounters: LeaseCounters = emptyLeaseCounters();
   private readonly leaseRecallTimeoutMs: number;
+  /** Chunk copies under way, and copies waiting for a turn (see copyTurn). */
+  private copyTurnsUsed = 0;
+  private copyTurnWaiters: (() => void)[] = [];
+  /** When the last client request was answered (clock.nowMs()). */
+  private lastClientDoneMs = -Infinity;
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
   private verifying = false;
@@ -351,6 +362,8 @@ export class Engine implements BlockBackend {
       acquireLease: (target, start, end) => engine.acquireLease(target, start, end),
       leaseWanted: (id) => engine.claims === null || !engine.claims.holds(id) || engine.claims.recalled(id),
       releaseLease: (id) => engine.releaseLease(id),
+      copyTurn: () => engine.copyTurn(),
+      clientsBusy: () => engine.clientsBusy(),
       leaseCounters: engine.leaseCounters,
       maxRegionRetries: engine.maxRegionRetries,
       copyChunkBytes: engine.copyChunkBytes,
@@ -606,6 +619,7 @@ export class Engine implements BlockBackend {
   }
 
   private finished(): void {
+    this.lastClientDoneMs = this.clock.nowMs();
     this.inflight--;
     assert(this.inflight >= 0, 'engine in-flight count');
     if (this.inflight === 0 && this.drainWaiters.length > 0) {
@@ -646,6 +660,42 @@ export class Engine implements BlockBackend {
     });
   }
 
+  /**
+   * A turn to copy a region under a lease (leased-copy.ts). Client I/O comes first: while clients
+   * have requests in flight (or had some within CLIENT_QUIET_MS) at most BUSY_COPY_TURNS regions
+   * are copied at once, else as many as the copiers ask for. Resolves with the function that ends
+   * the turn.
+   */
+  private copyTurn(): Promise<() => void> {
+    const take = (): (() => void) => {
+      this.copyTurnsUsed++;
+      let ended = false;
+      return () => {
+        if (ended) return;
+        ended = true;
+        this.copyTurnsUsed--;
+        this.wakeCopyTurns();
+      };
+    };
+    if (this.copyTurnsUsed < this.copyTurnLimit()) return Promise.resolve(take());
+    return new Promise((resolve) => this.copyTurnWaiters.push(() => resolve(take())));
+  }
+
+  private copyTurnLimit(): number {
+    return this.clientsBusy() ? BUSY_COPY_TURNS : Number.POSITIVE_INFINITY;
+  }
+
+  /** Whether clients are using the volume now: a copy then takes less of the replicas. */
+  private clientsBusy(): boolean {
+    return this.inflight > 0 || this.clock.nowMs() - this.lastClientDoneMs < CLIENT_QUIET_MS;
+  }
+
+  private wakeCopyTurns(): void {
+    while (this.copyTurnWaiters.length > 0 && this.copyTurnsUsed < this.copyTurnLimit()) this.copyTurnWaiters.shift()!();
+    // Nobody copies but someone waits (clients busy): let one go, or it would wait for ever.
+    if (this.copyTurnsUsed === 0 && this.copyTurnWaiters.length > 0) this.copyTurnWaiters.shift()!();
+  }
+
   private releaseLease(id: number): void {
     this.clock.clear(this.leaseTimers.get(id) ?? null);
     this.leaseTimers.delete(id);
@@ -676,7 +726,7 @@ export class Engine implements BlockBackend {
 
   /** Range claims for a copy or a compare; call with I/O paused and drained, so every write from now on is tracked. */
   private useClaims(): RangeClaims {
-    this.claims ??= new RangeClaims();
+    this.claims ??= new RangeClaims(this.nextClaimId);
     this.claimUsers++;
     return this.claims;
   }
@@ -687,6 +737,7 @@ export class Engine implements BlockBackend {
     if (this.claimUsers > 0 || this.claims === null) return;
     const claims = this.claims;
     this.claims = null;
+    this.nextClaimId = claims.nextId;
     for (const timer of this.leaseTimers.values()) this.clock.clear(timer);
     this.leaseTimers.clear();
     claims.releaseAll();

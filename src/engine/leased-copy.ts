@@ -48,6 +48,10 @@ export interface CopierHost {
   /** Whether a client write waits for lease `id` (or it was revoked: it is no longer held). */
   leaseWanted(id: number): boolean;
   releaseLease(id: number): void;
+  /** A turn to copy a region (fewer at once while clients are busy); resolves with the function that ends it. */
+  copyTurn(): Promise<() => void>;
+  /** Whether clients use the volume now (no read-ahead then: it would take a turn's worth more). */
+  clientsBusy(): boolean;
   /** Where the source's view may hold data in the range (`how` says against what). */
   sourceExtents(how: RegionCopy, offset: number, length: number): Promise<WireExtent[]>;
   readSource(offset: number, length: number): Promise<Buffer>;
@@ -69,49 +73,57 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
   let revokes = 0;
   while (committed < end) {
     host.check();
-    const lease = await host.acquireLease(committed, end);
-    host.counters.grants++;
+    // Client I/O comes first: while clients are busy, few regions are copied at once. The turn is
+    // taken before the lease, so that no lease is held while its copy waits for a turn.
+    const endTurn = await host.copyTurn();
+    let lease = 0;
     let progressed = false;
     try {
+      host.check();
+      lease = await host.acquireLease(committed, end);
+      host.counters.grants++;
       host.check();
       const extents = await host.sourceExtents(how, committed, end - committed);
       const needsData = (at: number, to: number): boolean =>
         (how.kind === 'image' && how.zeroIfEmpty) || extents.some((e) => e.data && e.offset < to && at < e.offset + e.length);
-      // The next chunk's source read goes out while this chunk is written: under the lease no
-      // client write changes the region, so what it returns is still right when it is used. A
-      // read not used (recalled, failed) is dropped.
+      // While clients are quiet, the next chunk's source read goes out with this chunk's: under
+      // the lease no client write changes the region, so what it returns is still right when it
+      // is used. A read not used (recalled, failed) is dropped.
       const ahead: { at: number; data: Promise<Buffer> | null } = { at: -1, data: null };
+      const sourceRead = (at: number, to: number): Promise<Buffer> | null => {
+        if (ahead.at === at && ahead.data !== null) return ahead.data;
+        if (!needsData(at, to)) return null;
+        const data = host.readSource(at, to - at);
+        data.catch(() => {});
+        return data;
+      };
       const readAhead = (at: number): void => {
         ahead.at = at;
         ahead.data = null;
-        if (at >= end) return;
-        const to = Math.min(end, at + host.chunkBytes);
-        if (!needsData(at, to)) return;
-        ahead.data = host.readSource(at, to - at);
-        ahead.data.catch(() => {});
+        if (at >= end || host.clientsBusy()) return;
+        ahead.data = sourceRead(at, Math.min(end, at + host.chunkBytes));
       };
-      readAhead(committed);
+      const copyChunk = async (at: number, to: number): Promise<void> => {
+        const read = sourceRead(at, to);
+        readAhead(to);
+        if (read !== null) {
+          const data = await read;
+          assert(data.length === to - at, 'copier: the source returned a short read');
+          host.check();
+          // Zeros over an image, or zeroed since the snapshot, are marked, not written.
+          const zeros = how.kind !== 'status' && isAllZero(data);
+          await host.writeTarget(lease, at, zeros ? null : data, to - at);
+          written += to - at;
+        } else if (how.kind === 'status' && how.zeroIfEmpty) {
+          await host.writeTarget(lease, at, null, to - at);
+          written += to - at;
+        }
+      };
       while (committed < end) {
         // Recalled: give the region back after one chunk (progress is guaranteed per grant).
         if (progressed && host.leaseWanted(lease)) break;
         const chunkEnd = Math.min(end, committed + host.chunkBytes);
-        const chunkLength = chunkEnd - committed;
-        if (ahead.data !== null && ahead.at === committed) {
-          const data = await ahead.data;
-          assert(data.length === chunkLength, 'copier: the source returned a short read');
-          readAhead(chunkEnd);
-          host.check();
-          // Zeros over an image, or zeroed since the snapshot, are marked, not written.
-          const zeros = how.kind !== 'status' && isAllZero(data);
-          await host.writeTarget(lease, committed, zeros ? null : data, chunkLength);
-          written += chunkLength;
-        } else {
-          readAhead(chunkEnd);
-          if (how.kind === 'status' && how.zeroIfEmpty) {
-            await host.writeTarget(lease, committed, null, chunkLength);
-            written += chunkLength;
-          }
-        }
+        await copyChunk(committed, chunkEnd);
         committed = chunkEnd;
         progressed = true;
       }
@@ -124,7 +136,8 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
         throw new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): its lease was revoked ${revokes} times (the copy did not give it back within the recall timeout); gave up after ${host.maxRetries} retries`);
       }
     } finally {
-      host.releaseLease(lease);
+      if (lease !== 0) host.releaseLease(lease);
+      endTurn();
     }
   }
   return written;

@@ -39,6 +39,9 @@ export interface RebuildHost {
   acquireLease(target: EngineReplica, start: number, end: number): Promise<number>;
   leaseWanted(id: number): boolean;
   releaseLease(id: number): void;
+  /** A turn to copy a region under a lease (fewer at once while clients are busy); resolves with its end. */
+  copyTurn(): Promise<() => void>;
+  clientsBusy(): boolean;
   readonly leaseCounters: LeaseCounters;
   /** Revokes one region may take before the rebuild fails. */
   readonly maxRegionRetries: number;
@@ -122,6 +125,8 @@ function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void,
     acquireLease: (start, end) => host.acquireLease(target, start, end),
     leaseWanted: (id) => host.leaseWanted(id),
     releaseLease: (id) => host.releaseLease(id),
+    copyTurn: () => host.copyTurn(),
+    clientsBusy: () => host.clientsBusy(),
     sourceExtents: (kind, at, bytes) => kind.kind === 'status'
       ? readSource(host, target, check, (c) => c.request(Op.BLOCK_STATUS, 0, at, bytes)).then(decodeExtents)
       : readSource(host, target, check, (c) => c.snapshotChanges(null, kind.kind === 'since' ? kind.snapshot : null, at, bytes, kind.kind === 'image')),

@@ -51,10 +51,24 @@ export interface RebuildProgress {
 export class RangeClaims {
   private readonly claims = new Map<number, Claim>();
   private readonly writes = new Map<number, InFlightWrite>();
-  private nextToken = 1;
+  private nextToken: number;
   private waiting: { start: number; end: number; fn: () => void }[] = [];
   /** Claims waiting for an overlapping claim (or waiting write) to end, in arrival order. */
   private waitingClaims: { start: number; end: number; grant: () => void }[] = [];
+
+  /**
+   * `firstId`: where ids start. Lease ids go to the target replica, which keeps the revoked ones
+   * for the whole epoch: an engine that uses claims again must not hand out an id again.
+   */
+  constructor(firstId = 1) {
+    assert(Number.isSafeInteger(firstId) && firstId >= 1, 'range claims: first id');
+    this.nextToken = firstId;
+  }
+
+  /** The next id this object would hand out. */
+  get nextId(): number {
+    return this.nextToken;
+  }
 
   private overlappingClaims(start: number, end: number): Claim[] {
     const out: Claim[] = [];

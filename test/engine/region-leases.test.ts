@@ -71,6 +71,8 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
     },
     leaseWanted: () => writeCount >= wantedFrom,
     releaseLease: (id) => released.push(id),
+    copyTurn: async () => () => {},
+    clientsBusy: () => false,
     sourceExtents: async (_how, offset, length) => [{ offset, length, data: options.extentsData ?? true }],
     readSource: async (_offset, length) => Buffer.alloc(length, 7),
     writeTarget: async (lease, offset, data) => {
@@ -151,4 +153,14 @@ test('a lease revoked while it still waited for client writes in flight reaches 
   assert.equal(claims.holds(id), false);
   assert.equal(later, true, 'the waiting write went');
   claims.writeDone(token);
+});
+
+test('ids go on from where the last claims object stopped: a lease id is never handed out twice (the target keeps revoked ids for the epoch)', async () => {
+  const first = new RangeClaims();
+  const a = await first.claim(0, 10);
+  const b = await first.claim(20, 30);
+  first.releaseAll();
+  const second = new RangeClaims(first.nextId);
+  const c = await second.claim(0, 10);
+  assert.ok(c > a && c > b, `${c} after ${a}, ${b}`);
 });
