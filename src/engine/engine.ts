@@ -229,8 +229,9 @@ export class Engine implements BlockBackend {
   /** Chunk copies under way, and copies waiting for a turn (see copyTurn). */
   private copyTurnsUsed = 0;
   private copyTurnWaiters: (() => void)[] = [];
-  /** When the last client request was answered (clock.nowMs()). */
+  /** When the last client request was answered (clock.nowMs()), and the engine's own flushes in `inflight`. */
   private lastClientDoneMs = -Infinity;
+  private internalInflight = 0;
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
   private verifying = false;
@@ -618,8 +619,10 @@ export class Engine implements BlockBackend {
     });
   }
 
-  private finished(): void {
-    this.lastClientDoneMs = this.clock.nowMs();
+  /** A request counted in `inflight` is done; `internal`: one of the engine's own flushes. */
+  private finished(internal = false): void {
+    if (internal) this.internalInflight--;
+    else this.lastClientDoneMs = this.clock.nowMs();
     this.inflight--;
     assert(this.inflight >= 0, 'engine in-flight count');
     if (this.inflight === 0 && this.drainWaiters.length > 0) {
@@ -687,7 +690,7 @@ export class Engine implements BlockBackend {
 
   /** Whether clients are using the volume now: a copy then takes less of the replicas. */
   private clientsBusy(): boolean {
-    return this.inflight > 0 || this.clock.nowMs() - this.lastClientDoneMs < CLIENT_QUIET_MS;
+    return this.inflight > this.internalInflight || this.clock.nowMs() - this.lastClientDoneMs < CLIENT_QUIET_MS;
   }
 
   private wakeCopyTurns(): void {
@@ -771,12 +774,13 @@ export class Engine implements BlockBackend {
     if (this.boundFlushRunning || this.held.length === 0) return;
     this.boundFlushRunning = true;
     this.inflight++;
+    this.internalInflight++;
     this.stats.boundFlushes++;
     this.fanOutFlush((err) => {
       this.boundFlushRunning = false;
       // Faulted: the held writes fail at once in fanOut.
       if (err !== null) this.admitHeld(true);
-      this.finished();
+      this.finished(true);
       this.pumpFlushes();
     });
   }
@@ -804,8 +808,9 @@ export class Engine implements BlockBackend {
     const now = this.clock.nowMs();
     if (now - this.lastFlushSentMs < IDLE_FLUSH_MS || now - this.lastWriteDoneMs < IDLE_FLUSH_MS) return;
     this.inflight++;
+    this.internalInflight++;
     this.stats.idleFlushes++;
-    this.fanOutFlush(() => this.finished());
+    this.fanOutFlush(() => this.finished(true));
   }
 
   /** fanOutFlush as a promise, for control paths that hold I/O themselves. */
