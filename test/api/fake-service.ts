@@ -345,6 +345,7 @@ export class FakeManagerService implements ManagerService {
     const node = this.nodes.find((n) => n.name === name);
     if (node === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `node ${name} not found`);
     if (input.allowScheduling !== undefined) node.allowScheduling = input.allowScheduling;
+    if (input.evict !== undefined) node.evict = input.evict;
     return structuredClone(node);
   }
 
@@ -369,6 +370,7 @@ export class FakeManagerService implements ManagerService {
     }
     if (input.allowScheduling !== undefined) disk.allowScheduling = input.allowScheduling;
     if (input.storageReservedBytes !== undefined) disk.storageReservedBytes = input.storageReservedBytes;
+    if (input.evict !== undefined) disk.evict = input.evict;
     return structuredClone(disk);
   }
 

@@ -201,15 +201,26 @@ test('snapshots, replicas, nodes, disks, settings and events: tables and --json'
   assert.equal(typeof replicas[0].dataPath, 'string');
   assert.deepEqual(await okJson(api, ['replica', 'list']), await apiGet(api, '/v1/replicas'));
   assert.deepEqual(await okJson(api, ['replica', 'get', replicas[0].name]), await apiGet(api, `/v1/replicas/${replicas[0].name}`));
-  assert.match(await ok(api, ['replica', 'list']), /^NAME\s+VOLUME\s+NODE\s+DISK\s+STATE\s+MODE\s+ADDRESS\s+PID\s+RESTARTS\s+REBUILD\nv1-r-0\s+v1\s+node-1\s+disk-0\s+running\s+RW\s+127\.0\.0\.1:20000/);
+  assert.match(await ok(api, ['replica', 'list']), /^NAME\s+VOLUME\s+NODE\s+DISK\s+STATE\s+MODE\s+ADDRESS\s+PID\s+RESTARTS\s+REBUILD\s+LEAVING\nv1-r-0\s+v1\s+node-1\s+disk-0\s+running\s+RW\s+127\.0\.0\.1:20000/);
+  assert.match(await ok(api, ['replica', 'move', 'v1-r-0', '--disk', 'disk-2']), /^replica v1-r-0 moves from disk disk-0 to disk disk-2: a new replica is rebuilt while it serves, then it is removed/);
+  assert.equal((await okJson(api, ['replica', 'move', 'v1-r-0', '--disk', 'disk-2'])).leaving.diskId, 'disk-2');
+  await fails(api, ['replica', 'move', 'v1-r-0', '--disk', 'nope'], /^zebu: disk nope not found$/);
+  await fails(api, ['replica', 'move', 'v1-r-0', '--disk', 'disk-2', '--node', 'node-1'], /give --disk or --node, not both/);
+  await fails(api, ['replica', 'move', 'nope'], /^zebu: replica nope not found$/);
   assert.match(await ok(api, ['replica', 'get', 'v1-r-1']), /^path:\s+\/data\/disks\/disk-1\/replicas\/v1-r-1$/m);
   await fails(api, ['replica', 'get', 'nope'], /^zebu: replica nope not found$/);
   await fails(api, ['replica', 'list', '--volume', 'nope'], /^zebu: volume nope not found$/);
 
   assert.deepEqual(await okJson(api, ['node', 'list']), await apiGet(api, '/v1/nodes'));
-  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+SCHEDULING\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+on\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
+  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+SCHEDULING\s+REPLICAS\s+EVICTION\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+on\s+0\s+-\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
   assert.deepEqual(await okJson(api, ['disk', 'list']), await apiGet(api, '/v1/disks'));
-  assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+\/data\/disks\/disk-0$/m);
+  assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+0\s+-\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+\/data\/disks\/disk-0$/m);
+  // Eviction: on, shown as done once the disk holds nothing, and off again.
+  assert.equal((await ok(api, ['disk', 'update', 'disk-2', '--evict'])).trim(), 'disk disk-2: scheduling on, reserved 0 B, being evicted (0 replica(s) left)');
+  assert.match(await ok(api, ['disk', 'list']), /^disk-2\s+node-1\s+yes\s+on\s+0\s+done \(empty\)\s/m);
+  assert.equal((await okJson(api, ['disk', 'update', 'disk-2', '--no-evict'])).evict, false);
+  assert.equal((await okJson(api, ['node', 'update', 'node-1', '--evict'])).evict, true);
+  assert.equal((await ok(api, ['node', 'update', 'node-1', '--no-evict'])).trim(), 'node node-1: scheduling on');
   // Scheduling switches and reserved space.
   assert.equal((await ok(api, ['node', 'update', 'node-1', '--scheduling', 'off'])).trim(), 'node node-1: scheduling off');
   assert.equal((await apiGet(api, '/v1/nodes/node-1')).allowScheduling, false);
