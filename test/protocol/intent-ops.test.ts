@@ -19,19 +19,11 @@ import { INTENT_REGION_BYTES } from '../../src/replica/intent-log.ts';
 import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { MemoryBackend } from '../frontend/memory-backend.ts';
 import { pattern } from '../support/tmp.ts';
+import { rejectsWith } from '../support/assertions.ts';
 
 const R = INTENT_REGION_BYTES;
 const SIZE = 16 * R;
 const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
-
-function rejectsWith(code: ErrorCode, match?: RegExp): (err: unknown) => boolean {
-  return (err) => {
-    assert.ok(err instanceof ZebuError, String(err));
-    assert.equal(err.code, code, err.message);
-    if (match) assert.match(err.message, match);
-    return true;
-  };
-}
 
 /** A replica served on 127.0.0.1 in this process; closed and removed when the test ends. */
 async function servedReplica(t: { after: (fn: () => Promise<void>) => void }): Promise<{ replica: Replica; port: number; dir: string }> {

@@ -13,22 +13,14 @@ import { Replica } from '../../src/replica/replica.ts';
 import { DataServer } from '../../src/protocol/server.ts';
 import { DataClient } from '../../src/protocol/client.ts';
 import { Op } from '../../src/protocol/frames.ts';
-import { ErrorCode, ZebuError, onAssertionFailure } from '../../src/errors.ts';
+import { ErrorCode } from '../../src/errors.ts';
 import { CopyLeases } from '../../src/replica/copy-leases.ts';
 import { MemoryBackend } from '../frontend/memory-backend.ts';
 import { pattern } from '../support/tmp.ts';
+import { assertInvariantFails, rejectsWith } from '../support/assertions.ts';
 
 const SIZE = 8 * 1024 * 1024;
 const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
-
-function rejectsWith(code: ErrorCode, match?: RegExp): (err: unknown) => boolean {
-  return (err) => {
-    assert.ok(err instanceof ZebuError, String(err));
-    assert.equal(err.code, code, err.message);
-    if (match) assert.match(err.message, match);
-    return true;
-  };
-}
 
 async function served(t: { after: (fn: () => Promise<void>) => void }): Promise<{ replica: Replica; port: number }> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-lease-ops-'));
@@ -140,10 +132,5 @@ test('CopyLeases: revoke waits for every copy write of its lease; an older epoch
   assert.throws(() => leases.begin(1, 3), rejectsWith(ErrorCode.LEASE_REVOKED));
   leases.begin(2, 3);
   leases.end(3);
-  const previous = onAssertionFailure(() => {});
-  try {
-    assert.throws(() => leases.begin(1, 4), /epochs only go up/);
-  } finally {
-    onAssertionFailure(previous);
-  }
+  assertInvariantFails(() => leases.begin(1, 4), /epochs only go up/);
 });

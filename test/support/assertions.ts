@@ -3,7 +3,7 @@
  * (src/errors.ts); here the failure is caught instead, to be checked.
  */
 import assert from 'node:assert/strict';
-import { onAssertionFailure, type AssertionFailure } from '../../src/errors.ts';
+import { onAssertionFailure, ZebuError, type AssertionFailure, type ErrorCode } from '../../src/errors.ts';
 
 export function assertInvariantFails(fn: () => unknown, message: RegExp): void {
   const failures: AssertionFailure[] = [];
@@ -26,4 +26,14 @@ export async function assertInvariantRejects(run: () => Promise<unknown>, messag
     onAssertionFailure(previous);
   }
   assert.equal(failures.length, 1, 'reported as an assertion failure (the process would stop)');
+}
+
+/** For assert.rejects/throws: a ZebuError with this code (and a message matching `match`). */
+export function rejectsWith(code: ErrorCode, match?: RegExp): (err: unknown) => boolean {
+  return (err) => {
+    assert.ok(err instanceof ZebuError, String(err));
+    assert.equal(err.code, code, err.message);
+    if (match) assert.match(err.message, match);
+    return true;
+  };
 }
