@@ -57,7 +57,7 @@ interface EngineInfo {
   faultedReason: string | null;
   rebuilding?: boolean;
   /** `address` is HOST:PORT, or KEY=HOST:PORT; `key` is the replica's key when the engine reports it apart. */
-  replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null }[];
+  replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null; resumable?: boolean }[];
   stats: EngineIoStats;
   recovery?: unknown;
   lastVerify?: unknown;
@@ -775,7 +775,7 @@ export class Agent {
       if (!(name in spec.replicas)) continue;
       // An entry at the address the replica is at wins over a stale one of the same replica.
       if (replicas[name] !== undefined && !wantedAt(name, address)) continue;
-      replicas[name] = { address, mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null };
+      replicas[name] = { address, mode: r.mode, reason: r.reason, rebuild: r.rebuild ?? null, ...(r.resumable === true ? { resumable: true } : {}) };
     }
     const recovery = recoveryFromEngine(info.recovery ?? null, spec.replicas);
     const lastVerify = verifyFromEngine(info.lastVerify ?? null, spec.replicas, null);

@@ -176,6 +176,8 @@ export interface EngineReplicaStatus {
   mode: ReplicaModeName;
   reason: string | null;
   rebuild: { copiedBytes: number; totalBytes: number } | null;
+  /** A rebuild of it stopped (or runs) past the point where it can go on as a delta (absent in older objects). */
+  resumable?: boolean;
 }
 
 export interface EngineIoStats {

@@ -107,6 +107,8 @@ export interface EngineReplicaStatus {
   revision: number | null;
   /** While this replica is being rebuilt (WO). */
   rebuild: RebuildProgress | null;
+  /** Its rebuild stopped (or is under way) past the point where it can go on by a delta: worth waiting for when it fails. */
+  resumable: boolean;
 }
 
 export interface EngineStats {
@@ -542,6 +544,7 @@ export class Engine implements BlockBackend {
       reason: r.reason,
       revision: r.info?.revision ?? null,
       rebuild: r.rebuild === null ? null : { ...r.rebuild },
+      resumable: r.info !== null && r.info.rebuilding && r.info.rebuildKind === 'delta',
     }));
   }
 

@@ -15,8 +15,10 @@
  *   that chunk was read before the client write. The copier replays from `committed`. A region
  *   revoked more than `maxRetries` times fails the rebuild, naming the region and the cause.
  *
- * `committed` is kept here, in memory: a rebuild stopped midway starts over (resuming from a
- * committed offset kept durably on the target is the next step).
+ * Progress that survives restarts is kept per region, not per chunk: the RW replicas hold a
+ * missed-write map for the target naming the regions still to copy (rebuild-sequence.ts), and a
+ * region copied whole leaves it (regionCopied). A rebuild that stops midway goes on as a delta
+ * rebuild from those maps; the region under way is copied again.
  */
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { WireExtent } from '../protocol/frames.ts';
@@ -59,6 +61,11 @@ export interface CopierHost {
   writeTarget(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void>;
   /** Throws when the rebuild must stop (target failed, rebuild cancelled, volume faulted). */
   check(): void;
+  /**
+   * The whole region is on the target: once durable there it leaves the target's missed-write
+   * maps, so that a rebuild that stops later goes on without it. Not waited for.
+   */
+  regionCopied(offset: number, length: number): void;
   readonly counters: LeaseCounters;
   readonly maxRetries: number;
   /** Bytes per chunk, a multiple of 4 KiB (a whole region: the region is held as one lock, the old way). */
@@ -126,6 +133,11 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
         await copyChunk(committed, chunkEnd);
         committed = chunkEnd;
         progressed = true;
+      }
+      if (committed === end) {
+        // Every client write to the region since the copy began reached the target too.
+        host.check();
+        host.regionCopied(offset, length);
       }
     } catch (err) {
       const e = toZebuError(err);

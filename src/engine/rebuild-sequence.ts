@@ -24,6 +24,68 @@ type EngineReplica = SetMember<DataClient>;
  */
 const LEASED_COPIERS = 8;
 
+/**
+ * Makes the regions a rebuild copied durable on the target, then takes them out of the target's
+ * missed-write maps on the RW replicas — so that a rebuild that stops later does not copy them
+ * again. Copy writes are not in the target's write-intent log (replica.ts copyWrite): until a
+ * region leaves the maps, the maps are what says it is still to copy. One target flush at a
+ * time; regions copied meanwhile wait for the next, so the flushes batch themselves.
+ *
+ * Sending a clear while the copy is durable is safe at any later moment the target is still
+ * healthy: a holder keeps every region it holds active (a write to it in flight or not yet
+ * confirmed by a flush on every replica, the target among them), and a write sent after the
+ * clear reaches the holder after it and puts the region back (IntentLog.missedClear).
+ */
+class CopyFlusher {
+  private readonly host: RebuildHost;
+  private readonly target: EngineReplica;
+  private readonly check: () => void;
+  private running: Promise<void> | null = null;
+  private pending: number[] = [];
+
+  constructor(host: RebuildHost, target: EngineReplica, check: () => void) {
+    this.host = host;
+    this.target = target;
+    this.check = check;
+  }
+
+  regionCopied(region: number): void {
+    this.pending.push(region);
+    this.kick();
+  }
+
+  private kick(): void {
+    if (this.running !== null || this.pending.length === 0) return;
+    const regions = this.pending;
+    this.pending = [];
+    this.running = this.flushThenClear(regions).finally(() => {
+      this.running = null;
+      this.kick();
+    });
+  }
+
+  private async flushThenClear(regions: number[]): Promise<void> {
+    const client = this.target.client;
+    if (client === null) return;
+    try {
+      await client.flush();
+      this.check();
+    } catch {
+      // The target failed, or the rebuild stops: the regions stay in the maps (copied again).
+      return;
+    }
+    const target = this.target;
+    for (const r of this.host.replicas) {
+      if (r !== target && r.mode === ReplicaMode.RW && r.client !== null) void this.host.controlOn(r, (c) => c.missedClear(target.key, regions));
+    }
+  }
+
+  /** Waits for the flushes under way and due (the rebuild's end makes everything durable itself). */
+  async settle(): Promise<void> {
+    while (this.running !== null) await this.running;
+  }
+}
+
 /** What a rebuild uses of its engine. */
 export interface RebuildHost {
   readonly sizeBytes: number;
@@ -120,7 +182,7 @@ async function joinWriteSet(host: RebuildHost, target: EngineReplica, check: () 
  * - `since`: the target reads as snapshot `snapshot` of the source, and a range the live
  *   volume has not changed since that snapshot is skipped.
  */
-function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, offset: number, length: number, how: RegionCopy): Promise<number> {
+function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, flusher: CopyFlusher, offset: number, length: number, how: RegionCopy): Promise<number> {
   const copier: CopierHost = {
     acquireLease: (start, end) => host.acquireLease(target, start, end),
     leaseWanted: (id) => host.leaseWanted(id),
@@ -136,6 +198,10 @@ function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void,
       return target.client!.copyWrite(lease, at, data, bytes);
     },
     check,
+    regionCopied: (at, bytes) => {
+      assert(at % REGION_BYTES === 0 && (bytes === REGION_BYTES || at + bytes === host.sizeBytes), 'copier: only whole regions leave a missed-write map');
+      flusher.regionCopied(at / REGION_BYTES);
+    },
     counters: host.leaseCounters,
     maxRetries: host.maxRegionRetries,
     chunkBytes: host.copyChunkBytes,
@@ -245,22 +311,56 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     await host.controlOn(target, (c) => c.missedPrune([]));
     check();
 
-    // 2. Join the write set, then copy the live volume: what changed since its parent snapshot
+    // 2. From here on a stop is resumed, as a delta rebuild: every RW replica starts a
+    //    missed-write map for the target naming every region, a region copied whole leaves the
+    //    maps (regionCopied), and any write the target misses later adds its region again. Then
+    //    the mark says "delta": the next engine, or this one when the target comes back, copies
+    //    what the maps name (and the active regions) instead of starting over. The snapshots
+    //    made above stay: the target's chain is the volume's from now on.
+    await resumableFromHere(host, target, check);
+
+    // 3. Join the write set, then copy the live volume: what changed since its parent snapshot
     //    (the target's head sits on it), or, without one, everything (over the image).
     await joinWriteSet(host, target, check);
     joined = true;
+    const flusher = new CopyFlusher(host, target, check);
     await forEachRegion(host, regionBytes, LEASED_COPIERS, async (offset, length) => {
       const zeroIfEmpty = differ.has(offset / regionBytes);
-      await copyRegion(host, target, check, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
+      await copyRegion(host, target, check, flusher, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
       progress.copiedBytes += length;
-    });
+    }).finally(() => flusher.settle());
 
-    // 3. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
+    // 4. Quiesce, make the copy durable with the source's write counter, and serve reads from it.
     await finishRebuild(host, target, check);
   } finally {
     if (host.rebuilding === rebuild) host.rebuilding = null;
     if (joined) host.dropClaims();
   }
+}
+
+/**
+ * A full rebuild whose snapshots are in place becomes resumable: maps on every RW replica name
+ * every region for the target (durably), then the target's mark says "delta". A replica that
+ * cannot keep a map (an older one) is skipped: the union of the others' maps still names every
+ * region not copied. With no map anywhere the mark stays "full" (a stop starts over).
+ */
+async function resumableFromHere(host: RebuildHost, target: EngineReplica, check: () => void): Promise<void> {
+  const every = Array.from({ length: host.regionCount }, (_, i) => i);
+  let held = 0;
+  await Promise.all(host.replicas.filter((r) => r !== target && r.mode === ReplicaMode.RW && r.client !== null).map(async (r) => {
+    const client = r.client!;
+    try {
+      // A map left from an earlier life of this key (invalid, or stale) gives way to the new one.
+      await client.missedDrop(target.key);
+      await client.missedMerge(target.key, every, false);
+      held++;
+    } catch (err) {
+      const e = toZebuError(err);
+      if (!isUnsupported(e) && r.client === client) host.setErr(r, e);
+    }
+  }));
+  check();
+  if (held > 0) host.set.noteInfo(target, await target.client!.setRebuilding('delta'));
 }
 
 /**
@@ -295,13 +395,14 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
     const regions = deltaRegions(missed, targetActive, holderIntent.active, host.regionCount);
     for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, host.sizeBytes).length;
     host.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
+    const flusher = new CopyFlusher(host, target, check);
     await forEachIndex(regions.length, LEASED_COPIERS, async (i) => {
       const { offset, length } = regionRange(regions[i], REGION_BYTES, host.sizeBytes);
       // The target may hold anything there: a region the source holds nothing of is zeroed
       // (or, on a backing image, given the image's bytes).
-      await copyRegion(host, target, check, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
+      await copyRegion(host, target, check, flusher, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
       progress.copiedBytes += length;
-    });
+    }).finally(() => flusher.settle());
     await finishRebuild(host, target, check);
   } finally {
     if (host.rebuilding === rebuild) host.rebuilding = null;

@@ -128,7 +128,7 @@ export class VolumeController {
    * them at, attempts so far, and whether the engine refused (then a new replica replaces it).
    * In memory: after a manager restart a returning replica simply gets its attempts afresh.
    */
-  private readonly deltaState = new Map<string, { address: string | null; attempts: number; refused: boolean; givenUp: boolean }>();
+  private readonly deltaState = new Map<string, { address: string | null; attempts: number; refused: boolean; givenUp: boolean; resumable: boolean }>();
 
   constructor(objects: Objects, settings: Settings, events: EventRecorder, log: (event: Record<string, unknown>) => void = () => {}) {
     this.objects = objects;
@@ -591,8 +591,8 @@ export class VolumeController {
    * 0) its process keeps running — restarted by its agent when it died — so that it can come back
    * by a delta rebuild; else it stops and will be replaced.
    */
-  private async failReplica(volume: string, r: Obj<ReplicaValue>, reason: string, mayReturn: boolean): Promise<void> {
-    const waitS = mayReturn && r.value.spec.healthyAt !== null ? await this.settings.int('replica-replenishment-wait-seconds') : 0;
+  private async failReplica(volume: string, r: Obj<ReplicaValue>, reason: string, mayReturn: boolean, resumable = false): Promise<void> {
+    const waitS = mayReturn && (r.value.spec.healthyAt !== null || resumable) ? await this.settings.int('replica-replenishment-wait-seconds') : 0;
     let marked = false;
     await this.objects.mutate(Kind.Replica, r.name, (x) => {
       if (x.spec.failedAt !== null) return false;
@@ -601,9 +601,10 @@ export class VolumeController {
       marked = true;
     });
     if (!marked) return;
-    if (waitS === 0) this.deltaState.set(r.name, { address: null, attempts: 0, refused: false, givenUp: true });
-    else this.deltaState.delete(r.name);
-    const next = waitS === 0 ? 'a new replica replaces it' : `waiting up to ${waitS} s for it to come back (delta rebuild), else a new replica replaces it`;
+    if (waitS === 0) this.deltaState.set(r.name, { address: null, attempts: 0, refused: false, givenUp: true, resumable });
+    else this.deltaState.set(r.name, { address: null, attempts: 0, refused: false, givenUp: false, resumable });
+    const next = waitS === 0 ? 'a new replica replaces it'
+      : `waiting up to ${waitS} s for it to come back (${resumable && r.value.spec.healthyAt === null ? 'its rebuild goes on where it stopped' : 'delta rebuild'}), else a new replica replaces it`;
     await this.event(volume, 'Warning', 'ReplicaFailed', `replica ${r.name} failed: ${reason}; ${next}`, Kind.Replica, r.name);
   }
 
@@ -651,7 +652,7 @@ export class VolumeController {
       } else if (said.mode === 'ERR' && r.value.spec.failedAt === null && anyInService) {
         // Only next to a replica still in service: when every replica is ERR the volume is
         // faulted and they are kept as they are, for a restart or salvage to bring them back.
-        await this.failReplica(volume.name, r, said.reason ?? 'engine reported ERR', true);
+        await this.failReplica(volume.name, r, said.reason ?? 'engine reported ERR', true, said.resumable === true);
       }
     }
     // The engine refused to take a returning replica back (no delta possible): a new one replaces it.
@@ -746,7 +747,7 @@ export class VolumeController {
     }
     if (message === null && leaving.size > 0 && robustness !== 'faulted') {
       message = await this.moveReplicas(volume, active, leaving, new Set(modes.filter(([, x]) => x.mode === 'RW').map(([name]) => name)), {
-        sizeBytes: e.status.sizeBytes, mayAdd: missing <= 0 && !rebuilding && returning.length === 0 && heldByJob === null && backoffMs <= 0 && e.status.sizeBytes === e.spec.sizeBytes,
+        sizeBytes: e.status.sizeBytes, returning: returning.map((r) => r.name), mayAdd: missing <= 0 && !rebuilding && returning.length === 0 && heldByJob === null && backoffMs <= 0 && e.status.sizeBytes === e.spec.sizeBytes,
       });
     }
     if (message === null && leaving.size === 0 && robustness === 'healthy' && !rebuilding && missing <= 0 && heldByJob === null && active.length === wanted) {
@@ -763,10 +764,13 @@ export class VolumeController {
       }
       if (r.value.status.state === 'error' && !(r.name in desired)) message = `replica ${r.name}: ${r.value.status.message}`;
     }
-    // A failed replica that never served holds nothing worth keeping (a partial copy): it goes
-    // now, so that failing rebuilds do not pile up; its failure delays the next replacement.
+    // A failed replica that never served holds nothing worth keeping (a partial copy it cannot
+    // go on with): it goes now, so that failing rebuilds do not pile up; its failure delays the
+    // next replacement. (One whose rebuild can go on where it stopped is waited for, above.)
+    const removedNow = new Set<string>();
     for (const r of failed) {
-      if (r.value.spec.healthyAt !== null) continue;
+      if (r.value.spec.healthyAt !== null || returning.includes(r)) continue;
+      removedNow.add(r.name);
       await this.requestReplicaDeletion(r.name);
       this.deltaState.delete(r.name);
       const prev = this.replacementBackoff.get(volume.name)?.failures ?? 0;
@@ -779,7 +783,9 @@ export class VolumeController {
     // The failed replicas go once the volume is whole again.
     if (robustness === 'healthy') {
       for (const r of failed) {
-        if (r.value.spec.healthyAt === null) continue; // removed above
+        if (removedNow.has(r.name)) continue;
+        // A move waits for the new replica it is bringing back (its rebuild goes on): kept.
+        if (leaving.size > 0 && returning.includes(r)) continue;
         await this.requestReplicaDeletion(r.name);
         this.deltaState.delete(r.name);
         await this.event(volume.name, 'Normal', 'ReplicaRemoved', `failed replica ${r.name} removed`, Kind.Replica, r.name);
@@ -891,7 +897,7 @@ export class VolumeController {
    * still serves; once the replicas in service without the leaving ones are enough, those go.
    * Returns what the volume waits for, or null.
    */
-  private async moveReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], leaving: Map<string, Leaving>, rwNames: Set<string>, options: { sizeBytes: number; mayAdd: boolean }): Promise<string | null> {
+  private async moveReplicas(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], leaving: Map<string, Leaving>, rwNames: Set<string>, options: { sizeBytes: number; mayAdd: boolean; returning: string[] }): Promise<string | null> {
     const wanted = volume.value.spec.numberOfReplicas;
     const staying = active.filter((r) => !leaving.has(r.name));
     if (staying.filter((r) => rwNames.has(r.name)).length >= wanted) {
@@ -905,9 +911,11 @@ export class VolumeController {
     }
     const first = active.find((r) => leaving.has(r.name))!;
     const l = leaving.get(first.name)!;
-    const pending = staying.filter((r) => !rwNames.has(r.name));
-    if (staying.length >= wanted) {
-      return `replica ${first.name} is moving (${l.why}): waiting for ${pending.map((r) => r.name).join(', ')} to be rebuilt`;
+    // Failed replicas that may still come back (a new replica whose rebuild goes on where it
+    // stopped) count as on their way.
+    const pending = [...staying.filter((r) => !rwNames.has(r.name)).map((r) => r.name), ...options.returning];
+    if (staying.length + options.returning.length >= wanted) {
+      return `replica ${first.name} is moving (${l.why}): waiting for ${pending.join(', ')} to be rebuilt`;
     }
     if (!options.mayAdd) return `replica ${first.name} is to move (${l.why}): waiting for the volume to be whole and not rebuilding`;
     const added = await this.addReplicas(volume, active, 1, options.sizeBytes, 'running', l.only ?? undefined);
@@ -925,10 +933,12 @@ export class VolumeController {
    * it again (a delta rebuild); or give it up (then a new replica replaces it).
    */
   private deltaDecision(r: Obj<ReplicaValue>, e: EngineValue, waitMs: number, nowMs: number): DeltaDecision {
-    const st = this.deltaState.get(r.name) ?? { address: null, attempts: 0, refused: false, givenUp: false };
+    const st = this.deltaState.get(r.name) ?? { address: null, attempts: 0, refused: false, givenUp: false, resumable: false };
     this.deltaState.set(r.name, st);
+    if (e.status.replicas[r.name]?.resumable === true) st.resumable = true;
     const none: DeltaDecision = { holds: false, engineAt: null, attempt: false, wakeInMs: null, gaveUp: null };
-    if (r.value.spec.healthyAt === null || st.givenUp) return none;
+    // Worth waiting for: a replica that served, or one whose rebuild can go on where it stopped.
+    if ((r.value.spec.healthyAt === null && !st.resumable) || st.givenUp) return none;
     if (waitMs === 0 && st.attempts === 0) {
       // No waiting for failed replicas: replaced at once (ReplicaFailed said so).
       st.givenUp = true;

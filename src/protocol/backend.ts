@@ -51,6 +51,8 @@ export interface BlockBackend {
   missedDrop?(key: string): Promise<void>;
   /** Adds regions to key's map, or marks it invalid (a rebuild hands the source's maps over). */
   missedMerge?(key: string, regions: number[], invalid: boolean): Promise<void>;
+  /** Takes copied regions out of key's map (not the active ones); in memory at the call, durable when it resolves. */
+  missedClear?(key: string, regions: number[]): Promise<void>;
   missedPrune?(keep: string[]): Promise<void>;
   /** Regions known the same and durable everywhere leave the write-intent log (no write in flight, not pinned). */
   intentRelease?(regions: number[]): Promise<void>;

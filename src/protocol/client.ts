@@ -275,6 +275,10 @@ export class DataClient {
   async missedMerge(key: string, regions: number[], invalid = false): Promise<void> {
     await this.request(Op.MISSED_MERGE, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions, invalid })));
   }
+  /** A rebuild copied these regions to replica `key`: they leave its map (see Op.MISSED_CLEAR). */
+  async missedClear(key: string, regions: number[]): Promise<void> {
+    await this.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions })));
+  }
   async missedDrop(key: string): Promise<void> {
     await this.request(Op.MISSED_DROP, 0, 0, 0, Buffer.from(key));
   }

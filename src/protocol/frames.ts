@@ -79,6 +79,13 @@ export const Op = {
   COPY_ZERO: 28,
   /** The engine revokes lease `offset` on the target; answered once its copy writes in flight landed. */
   LEASE_REVOKE: 29,
+  /**
+   * Payload JSON {key, regions: number[]}: a rebuild copied these regions to replica key; they
+   * leave key's missed-write map, except those the write-intent log holds active (written here
+   * since, or still in flight: the copy may not have them). Applied at arrival, ordered with the
+   * writes of the connection.
+   */
+  MISSED_CLEAR: 30,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

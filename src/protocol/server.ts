@@ -408,6 +408,15 @@ class Connection {
         await replica.missedMerge(checkMissedKey(arg.key), regions as number[], arg.invalid === true);
         return EMPTY;
       }
+      case Op.MISSED_CLEAR: {
+        if (replica.missedClear === undefined) throw unsupported(h.op);
+        const arg = jsonArg(payload) as { key?: unknown; regions?: unknown };
+        if (typeof arg !== 'object' || arg === null) throw invalid('MISSED_CLEAR takes a JSON object {key, regions}');
+        const regions = arg.regions;
+        if (!Array.isArray(regions) || !regions.every((r) => Number.isSafeInteger(r) && r >= 0)) throw invalid('MISSED_CLEAR regions must be whole numbers >= 0');
+        await replica.missedClear(checkMissedKey(arg.key), regions as number[]);
+        return EMPTY;
+      }
       case Op.MISSED_PRUNE: {
         if (replica.missedPrune === undefined) throw unsupported(h.op);
         const keep = jsonArg(payload);

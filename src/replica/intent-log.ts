@@ -374,6 +374,25 @@ export class IntentLog {
     return this.requestRecord();
   }
 
+  /**
+   * A rebuild copied `regions` to replica `key` (the copy is in the target's own log until it is
+   * durable there): they leave key's map. A region active here stays: a write to it is in flight
+   * or not yet confirmed everywhere, and the target may miss it. (One only in the persisted set
+   * left: its writes completed on every replica of the write set, the target's copy among them.
+   * A record being written may still hold it in the map; the next one drops it.) No map (or an
+   * invalid one): nothing.
+   */
+  missedClear(key: string, regions: number[]): Promise<void> {
+    const map = this.missed.get(key);
+    if (map === undefined) return Promise.resolve();
+    let changed = false;
+    for (const r of regions) {
+      if (this.active.has(r)) continue;
+      changed = map.delete(r) || changed;
+    }
+    return changed ? this.requestRecord() : Promise.resolve();
+  }
+
   missedGet(key: string): number[] {
     if (this.invalidMissed.has(key)) {
       throw new ZebuError(ErrorCode.CONFLICT, `the missed-write map of ${key} was invalidated by a snapshot create, delete or revert: only a full rebuild brings it back`);

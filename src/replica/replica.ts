@@ -604,14 +604,18 @@ export class Replica {
   }
 
   /** Writes `length` bytes of `data` from `dataOffset` at volume `offset`. */
-  async write(offset: number, data: Buffer, dataOffset = 0, length = data.length - dataOffset): Promise<void> {
+  write(offset: number, data: Buffer, dataOffset = 0, length = data.length - dataOffset): Promise<void> {
+    return this.writeData(offset, data, dataOffset, length, this.intent);
+  }
+
+  /** A write, in the write-intent log `intent` (null: not logged: a rebuild's copy). */
+  private async writeData(offset: number, data: Buffer, dataOffset: number, length: number, intent: IntentLog | null): Promise<void> {
     this.checkUsable();
     this.checkRange(offset, length);
     assert(data.length >= dataOffset + length, 'write buffer too small');
     if (length === 0) return;
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
-    const intent = this.intent;
     // The epoch the write arrived in (a newer engine may open the replica while it is applied).
     const epoch = this.meta.epoch;
     // Regions already active (the common case) cost no promise here.
@@ -667,13 +671,17 @@ export class Replica {
   }
 
   /** TRIM and WRITE_ZEROES: the range reads back as zeros, whatever older layers hold. */
-  async zero(offset: number, length: number): Promise<void> {
+  zero(offset: number, length: number): Promise<void> {
+    return this.zeroData(offset, length, this.intent);
+  }
+
+  /** Zeros, in the write-intent log `intent` (null: not logged: a rebuild's copy). */
+  private async zeroData(offset: number, length: number, intent: IntentLog | null): Promise<void> {
     this.checkUsable();
     this.checkRange(offset, length);
     if (length === 0) return;
     const first = Math.floor(offset / BLOCK_SIZE);
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
-    const intent = this.intent;
     const epoch = this.meta.epoch;
     const activation = intent === null ? null : intent.enter(offset, length);
     let ok = false;
@@ -1077,8 +1085,12 @@ export class Replica {
   async copyWrite(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void> {
     this.copyLeases.begin(this.meta.epoch, leaseId);
     try {
-      if (data === null) await this.zero(offset, length);
-      else await this.write(offset, data);
+      // Not in the write-intent log: the engine keeps what is left to copy in missed-write maps
+      // on the other replicas, and takes a region out of them only once the copy is durable here
+      // (rebuild-sequence.ts). Logged, every region copied since the last confirmed flush would
+      // be copied again by a rebuild that goes on after a stop.
+      if (data === null) await this.zeroData(offset, length, null);
+      else await this.writeData(offset, data, 0, data.length, null);
     } finally {
       this.copyLeases.end(leaseId);
     }
@@ -1149,6 +1161,16 @@ export class Replica {
       if (!Number.isSafeInteger(r) || r < 0 || r >= regionCount) throw invalid(`region ${r} is outside the volume (${regionCount} regions)`);
     }
     await this.intent?.missedMerge(key, regions, invalidated);
+  }
+
+  /** A rebuild copied these regions to replica `key`: see IntentLog.missedClear. */
+  async missedClear(key: string, regions: number[]): Promise<void> {
+    this.checkUsable();
+    const regionCount = Math.ceil(this.meta.sizeBytes / INTENT_REGION_BYTES);
+    for (const r of regions) {
+      if (!Number.isSafeInteger(r) || r < 0 || r >= regionCount) throw invalid(`region ${r} is outside the volume (${regionCount} regions)`);
+    }
+    await this.intent?.missedClear(key, regions);
   }
 
   missedGet(key: string): number[] {

@@ -56,10 +56,19 @@ interface FakeTarget {
   revokedLeases: Set<number>;
 }
 
-function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[] } {
+interface CopiedRegion {
+  offset: number;
+  length: number;
+  /** Leases released when it was reported (the last one must still be held). */
+  releasedBefore: number;
+  acquiredBefore: number;
+}
+
+function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[]; copied: CopiedRegion[] } {
   const target: FakeTarget = { writes: [], revokedLeases: new Set() };
   const acquired: [number, number][] = [];
   const released: number[] = [];
+  const copied: CopiedRegion[] = [];
   let nextLease = 1;
   let writeCount = 0;
   let wantedFrom = Infinity;
@@ -83,15 +92,16 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
       target.writes.push({ lease, offset, zero: data === null });
     },
     check: () => {},
+    regionCopied: (offset, length) => copied.push({ offset, length, releasedBefore: released.length, acquiredBefore: acquired.length }),
     counters: emptyLeaseCounters(),
     maxRetries: options.maxRetries ?? 5,
     chunkBytes: COPY_CHUNK_BYTES,
   };
-  return { host, target, acquired, released };
+  return { host, target, acquired, released, copied };
 }
 
 test('the copier copies a region chunk by chunk under one lease when nobody recalls it', async () => {
-  const { host, target, acquired, released } = fakeHost({});
+  const { host, target, acquired, released, copied } = fakeHost({});
   const region = 4 * 1024 * 1024;
   const written = await copyRegionLeased(host, 0, region, { kind: 'status', zeroIfEmpty: false });
   assert.equal(written, region);
@@ -99,15 +109,19 @@ test('the copier copies a region chunk by chunk under one lease when nobody reca
   assert.deepEqual(released, [1]);
   assert.equal(target.writes.length, region / COPY_CHUNK_BYTES);
   assert.deepEqual(target.writes.map((w) => w.offset), Array.from({ length: region / COPY_CHUNK_BYTES }, (_, i) => i * COPY_CHUNK_BYTES));
+  // Reported copied once, with its lease still held (no client write to it in between).
+  assert.deepEqual(copied, [{ offset: 0, length: region, releasedBefore: 0, acquiredBefore: 1 }]);
 });
 
 test('recalled: the copier gives the lease back after a chunk and continues from where it got', async () => {
-  const { host, target, acquired, released } = fakeHost({ recallAfterWrites: 1 });
+  const { host, target, acquired, released, copied } = fakeHost({ recallAfterWrites: 1 });
   const region = 4 * COPY_CHUNK_BYTES;
   await copyRegionLeased(host, 0, region, { kind: 'status', zeroIfEmpty: false });
   // One chunk per grant; every lease covers only what is left.
   assert.deepEqual(acquired, [[0, region], [COPY_CHUNK_BYTES, region], [2 * COPY_CHUNK_BYTES, region], [3 * COPY_CHUNK_BYTES, region]]);
   assert.deepEqual(released, [1, 2, 3, 4]);
+  // Reported under the last lease, not before the region is all there.
+  assert.deepEqual(copied, [{ offset: 0, length: region, releasedBefore: 3, acquiredBefore: 4 }]);
   assert.deepEqual(target.writes.map((w) => [w.lease, w.offset]), [[1, 0], [2, COPY_CHUNK_BYTES], [3, 2 * COPY_CHUNK_BYTES], [4, 3 * COPY_CHUNK_BYTES]]);
   assert.equal(host.counters.grants, 4);
 });
@@ -119,6 +133,7 @@ test('revoked: the copier replays from the committed offset; a region revoked to
   assert.deepEqual(replay.acquired, [[region, 2 * region], [region + 2 * COPY_CHUNK_BYTES, 2 * region]]);
   assert.deepEqual(replay.target.writes.map((w) => w.offset - region), [0, COPY_CHUNK_BYTES, 2 * COPY_CHUNK_BYTES, 3 * COPY_CHUNK_BYTES]);
   assert.equal(replay.host.counters.replays, 1);
+  assert.deepEqual(replay.copied.map((c) => [c.offset, c.length]), [[region, region]]);
 
   const hopeless = fakeHost({ revokeOnWrite: () => true, maxRetries: 2 });
   await assert.rejects(copyRegionLeased(hopeless.host, 0, region, { kind: 'status', zeroIfEmpty: false }), (err: unknown) => {
@@ -127,6 +142,7 @@ test('revoked: the copier replays from the committed offset; a region revoked to
     return true;
   });
   assert.equal(hopeless.released.length, 3, 'every lease is given back');
+  assert.deepEqual(hopeless.copied, [], 'a region that failed is not reported copied');
 });
 
 test('a range the source holds nothing of is skipped, or zeroed when the target may hold something there', async () => {

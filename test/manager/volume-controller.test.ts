@@ -20,6 +20,8 @@ class FakeAgent {
   readonly forced = new Map<string, 'RW' | 'WO' | 'ERR'>();
   /** When set, every replica that joins a running engine fails its rebuild. */
   failRebuilds = false;
+  /** With failRebuilds: the failed rebuilds got past their snapshots (the engine says they can go on). */
+  resumableFailures = false;
   /** When set, the engine refuses a replica that comes back (no delta possible: EINVAL). */
   refuseDelta = false;
   /** Engines whose process is "killed" at the next step (volume names). */
@@ -103,8 +105,12 @@ class FakeAgent {
           }
           mode = this.forced.get(name) ?? mode;
           if (faulted) mode = 'ERR';
-          if (this.failRebuilds && (mode === 'WO' || this.rebuilding.has(name))) mode = 'ERR';
-          replicas[name] = { address, mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null };
+          let resumable = false;
+          if (this.failRebuilds && (mode === 'WO' || this.rebuilding.has(name))) {
+            mode = 'ERR';
+            resumable = this.resumableFailures;
+          }
+          replicas[name] = { address, mode, reason: mode === 'ERR' ? 'killed by the test' : null, rebuild: mode === 'WO' ? { copiedBytes: 1, totalBytes: 2 } : null, ...(resumable ? { resumable } : {}) };
         }
         x.status = {
           ...x.status, state: 'running', pid: 4242, epoch: x.spec.epoch, sizeBytes: x.spec.sizeBytes, replicas, addErrors, exitReason: null,
@@ -667,6 +673,43 @@ test('replica move: a new replica on the asked disk is rebuilt while the old one
   await until('healthy', async () => (await service.getVolume('m')).robustness === 'healthy');
   const reasons = (await service.listEvents({ volume: 'm' })).map((e) => e.reason);
   for (const r of ['ReplicaMoveRequested', 'ReplicaMoving', 'ReplicaMoved']) assert.ok(reasons.includes(r), r);
+});
+
+test('a new replica whose rebuild can go on where it stopped is waited for and taken back, not replaced', async (t) => {
+  const { service, objects, agent } = await setup(t, 4);
+  await service.createVolume({ name: 'g', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('g')).state === 'detached');
+  await service.attachVolume('g', {});
+  await until('healthy', async () => (await service.getVolume('g')).robustness === 'healthy');
+  const before = await liveReplicas(objects, 'g');
+  const used = new Set(before.map((r) => r.diskId));
+  const disk = ['n1-d0', 'n1-d1', 'n1-d2', 'n1-d3'].find((d) => !used.has(d))!;
+  // The move's new replica dies mid-rebuild, past the point where its rebuild can go on.
+  agent.failRebuilds = true;
+  agent.resumableFailures = true;
+  await service.moveReplica(before[0].name, { diskId: disk });
+  const newcomer = await until('the new replica failed and kept', async () => {
+    const r = (await objects.list(Kind.Replica)).find((x) => x.value.spec.volumeName === 'g' && x.value.spec.diskId === disk);
+    return r !== undefined && r.value.spec.failedAt !== null ? r : undefined;
+  });
+  assert.equal(newcomer.value.spec.healthyAt, null, 'it never served');
+  const failed = (await service.listEvents({ volume: 'g' })).find((e) => e.reason === 'ReplicaFailed' && e.object === newcomer.name);
+  assert.match(failed?.message ?? '', /its rebuild goes on where it stopped/);
+  // Not removed at once as a replacement that failed before it served would be.
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal((await objects.must(Kind.Replica, newcomer.name)).value.deletionRequestedAt, null);
+  assert.equal((await objects.must(Kind.Replica, newcomer.name)).value.spec.desireState, 'running');
+  // Its process comes back: the engine is asked to take it again, and the move ends with it.
+  agent.failRebuilds = false;
+  await agent.restartReplica(newcomer.name);
+  const moved = await until('moved onto the same new replica', async () => {
+    const live = await liveReplicas(objects, 'g');
+    return !live.some((r) => r.name === before[0].name) && live.some((r) => r.name === newcomer.name && r.mode === 'RW') ? live : undefined;
+  }, 20_000);
+  assert.deepEqual(moved.map((r) => r.name).sort(), [before[1].name, newcomer.name].sort(), 'no other replica was made');
+  const events = await service.listEvents({ volume: 'g' });
+  assert.ok(events.some((e) => e.reason === 'ReplicaReturning' && e.object === newcomer.name));
+  assert.ok(!events.some((e) => e.reason === 'ReplicaRemoved' && e.object === newcomer.name));
 });
 
 test('disk eviction: every replica leaves the disk, which then says it is empty and takes no new one; a detached volume waits', async (t) => {

@@ -188,6 +188,12 @@ test('REGION_HASH: SHA-256 of the live bytes; bad arguments are EINVAL on a conn
   await assert.rejects(client.missedGet('ü'), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from('{"a":1}')), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.MISSED_PRUNE, 0, 0, 0, Buffer.from('["ok", "not ok"]')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from('[1]')), rejectsWith(ErrorCode.EINVAL, /MISSED_CLEAR/));
+  await assert.rejects(client.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from('{"key":"a","regions":[-1]}')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from('{"key":"a b","regions":[1]}')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from('not json')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(client.missedClear('a', [SIZE / R]), rejectsWith(ErrorCode.EINVAL, /outside the volume/));
+  await client.missedClear('nobody', [1]);
   await assert.rejects(client.request(Op.FLUSH, 0, 1, 0, Buffer.from([1, 2, 3])), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from('{"regions":[1]}')), rejectsWith(ErrorCode.EINVAL, /INTENT_RELEASE/));
   await assert.rejects(client.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from('[1, -2]')), rejectsWith(ErrorCode.EINVAL));

@@ -327,6 +327,32 @@ test('missedMerge hands a map over: regions added to the active set, or the map 
   assert.throws(() => replica.missedGet('d'), (err: ZebuError) => err.code === ErrorCode.NOT_FOUND);
 });
 
+test('missedClear: copied regions leave a map, durably; one active here stays; copy writes stay out of the log', async (t) => {
+  const { dir, closeAtEnd } = scratch(t);
+  let replica = await Replica.create(dir, { sizeBytes: SIZE, disk: new NodeDisk() });
+  await replica.missedMerge('b', [1, 2, 3, 4], false);
+  // Region 3 is written here and not yet confirmed: the target may miss that write.
+  await replica.write(3 * R, pattern(1, 4096));
+  await replica.missedClear('b', [1, 3, 4]);
+  assert.deepEqual(replica.missedGet('b'), [2, 3]);
+  // No map, an unknown key, or a region outside the volume.
+  await replica.missedClear('nobody', [1]);
+  await assert.rejects(replica.missedClear('b', [SIZE / R]), (err: ZebuError) => err.code === ErrorCode.EINVAL);
+  // A rebuild's copy write is not logged (the maps say what is left to copy).
+  await replica.copyWrite(1, 6 * R, pattern(2, 4096), 4096);
+  await replica.copyWrite(2, 7 * R, null, R);
+  assert.deepEqual(replica.intentGet().active, [3]);
+  // The rebuild flushes the target before it clears a region from the maps.
+  await replica.flush();
+  await replica.abandon();
+  replica = await Replica.open(dir);
+  closeAtEnd(replica);
+  assert.deepEqual(replica.missedGet('b'), [2, 3]);
+  const back = Buffer.alloc(4096);
+  await replica.read(6 * R, 4096, back);
+  assert.deepEqual(back, pattern(2, 4096));
+});
+
 test('concurrent activations share record writes', async (t) => {
   const { dir, closeAtEnd } = scratch(t);
   const disk = new LoggingDisk(new NodeDisk());

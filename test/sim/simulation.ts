@@ -166,7 +166,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, moves: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -647,6 +647,9 @@ export class Simulation {
         const delta = s?.rebuild?.delta ?? false;
         if (delta) this.stats.rebuildsDelta++;
         else this.stats.rebuildsFull++;
+        // A replica that never served, back by a delta: its full rebuild stopped past its
+        // snapshots and goes on from the maps (what it copied is not copied again).
+        if (delta && !out.servedBefore) this.stats.rebuildsResumed++;
         this.note(`${out.key} rebuild started (${delta ? 'delta' : 'full'})`);
         if (!delta && out.servedBefore && !out.treeChangedWhileOut) {
           this.problem(`${out.key} came back with a full rebuild where its missed-write map should have allowed a delta`);
@@ -913,6 +916,19 @@ export class Simulation {
         this.specSizeBytes = to;
         await this.expandTo(engine, to);
       } };
+    }
+    if (roll < 0.92) {
+      // A move (or an eviction): a replica in service gives way to a new one, which gets a full
+      // rebuild — the faults that come while it runs stop it midway, and it must go on from there.
+      const status = engine.replicaStatus();
+      const healthy = this.replicas.filter((r) => r.up && !r.struck && status.find((x) => x.key === r.key)?.mode === ReplicaMode.RW);
+      if (healthy.length === this.replicas.length && healthy.length >= 2) {
+        const old = this.random.pick(healthy);
+        return { name: `manager moves ${old.key} to a new replica`, run: async () => {
+          this.stats.moves++;
+          await this.replace(engine, old);
+        } };
+      }
     }
     return { name: 'verify', run: () => this.verifyNow(engine) };
   }
