@@ -371,6 +371,7 @@ export class Engine implements BlockBackend {
       maxRegionRetries: engine.maxRegionRetries,
       copyChunkBytes: engine.copyChunkBytes,
       nowMs: () => engine.clock.nowMs(),
+      sleep: (ms) => engine.clock.sleep(ms),
       log: (event) => engine.log(event),
     };
   }

@@ -29,19 +29,24 @@ const LEASED_COPIERS = 8;
  * missed-write maps on the RW replicas — so that a rebuild that stops later does not copy them
  * again. Copy writes are not in the target's write-intent log (replica.ts copyWrite): until a
  * region leaves the maps, the maps are what says it is still to copy. One target flush at a
- * time; regions copied meanwhile wait for the next, so the flushes batch themselves.
+ * time, at most every COPY_FLUSH_MS (COPY_FLUSH_BUSY_MS while clients use the volume: a fsync
+ * on the target competes with their writes); regions copied meanwhile wait for the next.
  *
  * Sending a clear while the copy is durable is safe at any later moment the target is still
  * healthy: a holder keeps every region it holds active (a write to it in flight or not yet
  * confirmed by a flush on every replica, the target among them), and a write sent after the
  * clear reaches the holder after it and puts the region back (IntentLog.missedClear).
  */
+const COPY_FLUSH_MS = 50;
+const COPY_FLUSH_BUSY_MS = 500;
+
 class CopyFlusher {
   private readonly host: RebuildHost;
   private readonly target: EngineReplica;
   private readonly check: () => void;
   private running: Promise<void> | null = null;
   private pending: number[] = [];
+  private lastStartMs = -Infinity;
 
   constructor(host: RebuildHost, target: EngineReplica, check: () => void) {
     this.host = host;
@@ -56,15 +61,18 @@ class CopyFlusher {
 
   private kick(): void {
     if (this.running !== null || this.pending.length === 0) return;
-    const regions = this.pending;
-    this.pending = [];
-    this.running = this.flushThenClear(regions).finally(() => {
+    this.running = this.flushThenClear().finally(() => {
       this.running = null;
       this.kick();
     });
   }
 
-  private async flushThenClear(regions: number[]): Promise<void> {
+  private async flushThenClear(): Promise<void> {
+    const waitMs = this.lastStartMs + (this.host.clientsBusy() ? COPY_FLUSH_BUSY_MS : COPY_FLUSH_MS) - this.host.nowMs();
+    if (waitMs > 0) await this.host.sleep(waitMs);
+    this.lastStartMs = this.host.nowMs();
+    const regions = this.pending;
+    this.pending = [];
     const client = this.target.client;
     if (client === null) return;
     try {
@@ -129,6 +137,7 @@ export interface RebuildHost {
   regionsStarted(offset: number, length: number): void;
   regionsWritten(offset: number, length: number): void;
   nowMs(): number;
+  sleep(ms: number): Promise<void>;
   log(event: Record<string, unknown>): void;
 }
 
