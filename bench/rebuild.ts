@@ -2,7 +2,9 @@
  * Rebuild (self-healing) cost, in one run on this machine:
  *   - baseline: `cp` of a file holding as many bytes as the volume, then sync (what copying the
  *     bytes costs on this disk);
- *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O;
+ *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O, the new replica
+ *     pulling each chunk from a source replica (the default), and with the data passing through
+ *     the engine (`--no-copy-pull`);
  *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
  *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
  *     rebuild, and against a rebuild that holds each 4 MiB region whole while it copies it (the
@@ -179,6 +181,13 @@ async function main(): Promise<void> {
     mustSpawn('nbdcopy', [src, v.uri]);
     const idleSeconds = await rebuild(v, 'idle');
     rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-', heldMiB(path.join(v.dir, 'idle'))]);
+
+    // The same, with the data passing through the engine (the target does not pull).
+    const e = await volume(path.join(root, 'e'), [], ['--no-copy-pull']);
+    mustSpawn('nbdcopy', [src, e.uri]);
+    const throughSeconds = await rebuild(e, 'idle');
+    rows.push(['zebu rebuild, no client I/O, through the engine', throughSeconds.toFixed(2), (SIZE_MIB / throughSeconds).toFixed(0), '-', heldMiB(path.join(e.dir, 'idle'))]);
+    stopVolume(e);
 
     // The data in a snapshot, 10% written since (every tenth 4 MiB region).
     const s = await volume(path.join(root, 's'));

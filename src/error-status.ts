@@ -40,6 +40,7 @@ const TABLE: Record<ErrorCode, Mapping> = {
   ZEBU_ERR_PROTOCOL: { http: 502, errno: Errno.EIO },
   ZEBU_ERR_AUTH: { http: 502, errno: Errno.EIO },
   ZEBU_ERR_WRONG_REPLICA: { http: 502, errno: Errno.EIO },
+  ZEBU_ERR_SOURCE_FAILED: { http: 502, errno: Errno.EIO },
   // Unavailable for now: worth a retry.
   ZEBU_ERR_TIMEOUT: { http: 503, errno: Errno.EIO },
   ZEBU_ERR_DISCONNECTED: { http: 503, errno: Errno.EIO },

@@ -26,6 +26,8 @@ export const ErrorCode = {
   UNAUTHORIZED: 'ZEBU_ERR_UNAUTHORIZED',
   /** The process at an address is not the replica asked for (a stale address, a reused port). */
   WRONG_REPLICA: 'ZEBU_ERR_WRONG_REPLICA',
+  /** A rebuild target could not read the source replica it was told to copy from (COPY_FROM). */
+  SOURCE_FAILED: 'ZEBU_ERR_SOURCE_FAILED',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -49,6 +51,7 @@ const wireByCode: Record<ErrorCode, number> = {
   ZEBU_ERR_COMPACTED: 16,
   ZEBU_ERR_UNAUTHORIZED: 17,
   ZEBU_ERR_WRONG_REPLICA: 18,
+  ZEBU_ERR_SOURCE_FAILED: 19,
 };
 const codeByWire = new Map<number, ErrorCode>(
   Object.entries(wireByCode).map(([code, wire]) => [wire, code as ErrorCode]),

@@ -79,15 +79,7 @@ export function sha256(data: Buffer): string {
 }
 
 
-export function isAllZero(data: Buffer): boolean {
-  // Compare against a shared zero buffer in slices: fast, no allocation per call.
-  for (let i = 0; i < data.length; i += ZEROS.length) {
-    const n = Math.min(ZEROS.length, data.length - i);
-    if (data.compare(ZEROS, 0, n, i, i + n) !== 0) return false;
-  }
-  return true;
-}
-const ZEROS = Buffer.alloc(64 * 1024);
+export { isAllZero } from '../os/zeros.ts';
 
 const SAMPLE_BYTES = 16 * 1024;
 const SAMPLE_WINDOW_LOG = 14;

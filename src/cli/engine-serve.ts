@@ -22,6 +22,8 @@ export interface EngineServeArgs {
   leaseRecallTimeoutMs?: string;
   maxRegionRetries?: string;
   copyChunkBytes?: string;
+  /** commander's --no-copy-pull: false means the rebuild's data passes through the engine. */
+  copyPull?: boolean;
   /** Keys of replicas known to be out: start-up does not wait for them. */
   replicaOut?: string[];
 }
@@ -41,6 +43,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     leaseRecallTimeoutMs: args.leaseRecallTimeoutMs !== undefined ? parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms') : undefined,
     maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
     copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
+    copyPull: args.copyPull,
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });

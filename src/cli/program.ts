@@ -52,6 +52,7 @@ engine
   .option('--lease-recall-timeout-ms <MS>', 'how long a rebuild copy may keep a region lease a client write recalled before it is revoked; 0: wait for ever (default 4000)')
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
+  .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 
@@ -129,6 +130,7 @@ volume
   .option('--lease-recall-timeout-ms <MS>', 'how long a rebuild copy may keep a region lease a client write recalled before it is revoked; 0: wait for ever (default 4000)')
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
+  .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
   .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
   .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
   .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')

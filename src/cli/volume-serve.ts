@@ -44,6 +44,8 @@ export interface VolumeServeArgs {
   leaseRecallTimeoutMs?: string;
   maxRegionRetries?: string;
   copyChunkBytes?: string;
+  /** commander's --no-copy-pull. */
+  copyPull?: boolean;
   holdTimeoutMs?: string;
   hangTimeoutMs?: string;
   stallTimeoutMs?: string;
@@ -104,6 +106,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       ...(args.leaseRecallTimeoutMs !== undefined ? ['--lease-recall-timeout-ms', args.leaseRecallTimeoutMs] : []),
       ...(args.maxRegionRetries !== undefined ? ['--max-region-retries', args.maxRegionRetries] : []),
       ...(args.copyChunkBytes !== undefined ? ['--copy-chunk-bytes', args.copyChunkBytes] : []),
+      ...(args.copyPull === false ? ['--no-copy-pull'] : []),
     ],
     // Its start-up may wait for replicas (--replica-wait-ms) and then resync regions.
     fds: [], readyTimeoutMs: (args.replicaWaitMs !== undefined ? parsePositiveInt(args.replicaWaitMs, '--replica-wait-ms') : 30_000) + 120_000,

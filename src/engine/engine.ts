@@ -88,6 +88,11 @@ export interface EngineOptions {
    * whole region is copied as one, as before leases).
    */
   copyChunkBytes?: number;
+  /**
+   * The rebuild target pulls each chunk from a source replica itself (COPY_FROM), so the data does
+   * not pass through the engine (default true; false: the engine reads and writes every chunk).
+   */
+  copyPull?: boolean;
   log?: (event: Record<string, unknown>) => void;
   /** How replicas are reached, and time (defaults: the network and the system clock; the simulator's otherwise). */
   transport?: Transport;
@@ -196,7 +201,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -236,6 +241,7 @@ export class Engine implements BlockBackend {
   private internalInflight = 0;
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
+  private readonly pullCopies: boolean;
   private verifying = false;
   /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
   private readonly pendingDeltas: EngineReplica[] = [];
@@ -288,6 +294,7 @@ export class Engine implements BlockBackend {
       throw new ZebuError(ErrorCode.EINVAL, `leaseRecallTimeoutMs must be a whole number of milliseconds >= 0, got ${this.leaseRecallTimeoutMs}`);
     }
     this.copyChunkBytes = options.copyChunkBytes ?? COPY_CHUNK_BYTES;
+    this.pullCopies = options.copyPull ?? true;
     if (!Number.isSafeInteger(this.copyChunkBytes) || this.copyChunkBytes < 4096 || this.copyChunkBytes % 4096 !== 0 || this.copyChunkBytes > REGION_BYTES) {
       throw new ZebuError(ErrorCode.EINVAL, `copyChunkBytes must be a multiple of 4096 between 4096 and ${REGION_BYTES}, got ${this.copyChunkBytes}`);
     }
@@ -370,6 +377,7 @@ export class Engine implements BlockBackend {
       leaseCounters: engine.leaseCounters,
       maxRegionRetries: engine.maxRegionRetries,
       copyChunkBytes: engine.copyChunkBytes,
+      copyPull: engine.pullCopies,
       nowMs: () => engine.clock.nowMs(),
       sleep: (ms) => engine.clock.sleep(ms),
       log: (event) => engine.log(event),

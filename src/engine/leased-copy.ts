@@ -22,7 +22,8 @@
  */
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { WireExtent } from '../protocol/frames.ts';
-import { isAllZero, type RegionCopy } from './rebuild-plan.ts';
+import type { RegionCopy } from './rebuild-plan.ts';
+import { isAllZero } from '../os/zeros.ts';
 
 /** Bytes copied per chunk (default): what a client write to a leased region waits for at most. */
 export const COPY_CHUNK_BYTES = 256 * 1024;
@@ -59,6 +60,12 @@ export interface CopierHost {
   readSource(offset: number, length: number): Promise<Buffer>;
   /** A copy write to the target under the lease (data null: zeros). */
   writeTarget(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void>;
+  /**
+   * The target pulls the chunk from a source replica itself under the lease (COPY_FROM; `zeros`:
+   * a chunk of zeros is marked zero). False: not done — the target cannot pull, or the source
+   * failed — and the copier reads and writes the chunk itself. Null: never pull.
+   */
+  pullChunk: ((leaseId: number, offset: number, length: number, zeros: boolean) => Promise<boolean>) | null;
   /** Throws when the rebuild must stop (target failed, rebuild cancelled, volume faulted). */
   check(): void;
   /**
@@ -111,8 +118,13 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
         ahead.data = sourceRead(at, Math.min(end, at + host.chunkBytes));
       };
       const copyChunk = async (at: number, to: number): Promise<void> => {
+        // Replica to replica: the data does not pass through here.
+        if (host.pullChunk !== null && needsData(at, to) && await host.pullChunk(lease, at, to - at, how.kind !== 'status')) {
+          written += to - at;
+          return;
+        }
         const read = sourceRead(at, to);
-        readAhead(to);
+        if (host.pullChunk === null) readAhead(to);
         if (read !== null) {
           const data = await read;
           assert(data.length === to - at, 'copier: the source returned a short read');

@@ -113,10 +113,3 @@ export function snapshotCopyPlan(snapshots: SnapshotInfo[]): SnapshotCopyPlan {
   return { order, headParent };
 }
 
-/** Whether a buffer holds only zero bytes (a region of zeros is marked, not written). */
-export function isAllZero(data: Buffer): boolean {
-  for (let at = 0; at < data.length; at += 8) {
-    if (at + 8 <= data.length ? data.readBigUInt64LE(at) !== 0n : data.subarray(at).some((b) => b !== 0)) return false;
-  }
-  return true;
-}

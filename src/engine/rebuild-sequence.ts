@@ -9,7 +9,8 @@
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { DataClient } from '../protocol/client.ts';
 import { Op, decodeExtents } from '../protocol/frames.ts';
-import { deltaRegions, isAllZero, liveRegionCopy, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { deltaRegions, liveRegionCopy, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { isAllZero } from '../os/zeros.ts';
 import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
 import type { Rebuild, RangeClaims } from './rebuild.ts';
 import { copyRegionLeased, type CopierHost, type LeaseCounters } from './leased-copy.ts';
@@ -94,6 +95,9 @@ class CopyFlusher {
   }
 }
 
+/** Targets that answered COPY_FROM with UNSUPPORTED (an older replica): copied through the engine. */
+const cannotPull = new WeakSet<EngineReplica>();
+
 /** What a rebuild uses of its engine. */
 export interface RebuildHost {
   readonly sizeBytes: number;
@@ -117,6 +121,8 @@ export interface RebuildHost {
   readonly maxRegionRetries: number;
   /** Bytes a rebuild copies per chunk under a lease. */
   readonly copyChunkBytes: number;
+  /** The target pulls each chunk from a source replica itself (COPY_FROM), not through the engine. */
+  readonly copyPull: boolean;
   /** Client requests in flight. */
   readonly inflight: number;
   readonly faultedReason: string | null;
@@ -205,6 +211,27 @@ function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void,
     writeTarget: (lease, at, data, bytes) => {
       check();
       return target.client!.copyWrite(lease, at, data, bytes);
+    },
+    pullChunk: !host.copyPull ? null : async (lease, at, bytes, zeros) => {
+      if (cannotPull.has(target)) return false;
+      check();
+      const source = host.pickReader(new Set([target]));
+      if (source === null) throw host.faultError();
+      try {
+        await target.client!.copyFrom(lease, `${source.host}:${source.port}`, source.named ? source.key : null, at, bytes, zeros);
+        return true;
+      } catch (err) {
+        const e = toZebuError(err);
+        if (isUnsupported(e)) {
+          // An older replica: the engine copies through itself.
+          cannotPull.add(target);
+          return false;
+        }
+        // The target could not read the source: this chunk goes through the engine, which reads
+        // from the source itself (and takes it out if it fails, then reads from another).
+        if (e.code === ErrorCode.SOURCE_FAILED) return false;
+        throw e;
+      }
     },
     check,
     regionCopied: (at, bytes) => {

@@ -58,6 +58,12 @@ export interface BlockBackend {
   intentRelease?(regions: number[]): Promise<void>;
   /** A rebuild's copy write under a lease (data null: zeros); LEASE_REVOKED once the lease is revoked. */
   copyWrite?(leaseId: number, offset: number, data: Buffer | null, length: number): Promise<void>;
+  /**
+   * A copy pulled from the source (COPY_FROM): under the lease (refused as copyWrite is once it
+   * is revoked, held by a revoke while under way), `read` fetches the chunk, which is then
+   * written as copyWrite does — or, with `zeros` and a chunk that reads as zeros, marked zero.
+   */
+  copyPull?(leaseId: number, offset: number, length: number, zeros: boolean, read: () => Promise<Buffer>): Promise<void>;
   /** Revokes a lease; resolves once its copy writes in flight landed. */
   leaseRevoke?(leaseId: number): Promise<void>;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */

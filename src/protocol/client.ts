@@ -275,6 +275,18 @@ export class DataClient {
   async missedMerge(key: string, regions: number[], invalid = false): Promise<void> {
     await this.request(Op.MISSED_MERGE, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions, invalid })));
   }
+  /**
+   * COPY_FROM: the target (this replica) reads [offset, offset+length) from the source replica at
+   * `source` (named `name`, when known) and writes it under lease `leaseId`; with `zeros`, a
+   * chunk of zeros is marked zero. SOURCE_FAILED when the source could not be read.
+   */
+  async copyFrom(leaseId: number, source: string, name: string | null, offset: number, length: number, zeros: boolean): Promise<void> {
+    const spec = Buffer.from(JSON.stringify({ source, name, zeros }));
+    const payload = Buffer.allocUnsafe(LEASE_ID_BYTES + spec.length);
+    writeU64(payload, leaseId, 0);
+    spec.copy(payload, LEASE_ID_BYTES);
+    await this.request(Op.COPY_FROM, 0, offset, length, payload);
+  }
   /** A rebuild copied these regions to replica `key`: they leave its map (see Op.MISSED_CLEAR). */
   async missedClear(key: string, regions: number[]): Promise<void> {
     await this.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions })));

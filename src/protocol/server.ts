@@ -11,7 +11,8 @@ import { FrameReader } from './frame-reader.ts';
 import { ioBuffers } from './buffer-pool.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { listenOnUnixSocket } from './unix-socket.ts';
-import type { StreamSocket } from './transport.ts';
+import type { StreamSocket, Transport } from './transport.ts';
+import { CopySources, parseSourceAddress } from './copy-sources.ts';
 import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import {
   Op,
@@ -57,6 +58,8 @@ export interface DataServerOptions {
   log?: (event: Record<string, unknown>) => void;
   /** Default: the system clock (the simulator passes its own). */
   clock?: Clock;
+  /** How a rebuild target reaches its source replicas (COPY_FROM); default: the real network. */
+  transport?: Transport;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -65,7 +68,9 @@ const MAX_RELEASE_REGIONS = 4096;
 
 export class DataServer {
   private readonly backend: BlockBackend;
-  private readonly options: Required<Omit<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity'>> & Pick<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity'>;
+  private readonly options: Required<Omit<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity' | 'transport'>> & Pick<DataServerOptions, 'faultDisk' | 'powerLoss' | 'identity' | 'transport'>;
+  /** Connections to the replicas this one pulls rebuild copies from (made on first COPY_FROM). */
+  private sources: CopySources | null = null;
   private readonly server: net.Server;
   private readonly connections = new Set<Connection>();
   private inflight = 0;
@@ -133,6 +138,12 @@ export class DataServer {
       });
     }
     for (const conn of this.connections) conn.socket.destroy();
+    this.sources?.close();
+  }
+
+  get copySources(): CopySources {
+    this.sources ??= new CopySources({ secret: this.options.secret, transport: this.options.transport, clock: this.options.clock });
+    return this.sources;
   }
 
   get backendRef(): BlockBackend {
@@ -361,6 +372,24 @@ class Connection {
           if (h.length !== payload.length - LEASE_ID_BYTES) throw invalid(`copy write length ${h.length} differs from its data length ${payload.length - LEASE_ID_BYTES}`);
           await replica.copyWrite(leaseId, h.offset, payload.subarray(LEASE_ID_BYTES), h.length);
         }
+        return EMPTY;
+      }
+      case Op.COPY_FROM: {
+        if (replica.copyPull === undefined) throw unsupported(h.op);
+        if (payload.length < LEASE_ID_BYTES) throw invalid(`the payload must start with an ${LEASE_ID_BYTES}-byte lease id`);
+        const leaseId = readU64(payload, 0);
+        if (!Number.isSafeInteger(leaseId) || leaseId === 0) throw invalid(`bad lease id ${leaseId}`);
+        if (h.length > MAX_IO_BYTES) throw invalid(`copy of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
+        const arg = jsonArg(payload.subarray(LEASE_ID_BYTES)) as { source?: unknown; name?: unknown; zeros?: unknown };
+        if (typeof arg !== 'object' || arg === null || typeof arg.source !== 'string') throw invalid('COPY_FROM takes the lease id, then a JSON object {source: "HOST:PORT", name?, zeros?}');
+        if (arg.name !== undefined && arg.name !== null && typeof arg.name !== 'string') throw invalid('COPY_FROM name must be a string');
+        if (arg.zeros !== undefined && typeof arg.zeros !== 'boolean') throw invalid('COPY_FROM zeros must be a boolean');
+        const source = arg.source;
+        parseSourceAddress(source);
+        const name = typeof arg.name === 'string' ? arg.name : null;
+        const epoch = h.epoch;
+        const sources = this.owner.copySources;
+        await replica.copyPull(leaseId, h.offset, h.length, arg.zeros === true, () => sources.read(source, name, epoch, h.offset, h.length));
         return EMPTY;
       }
       case Op.LEASE_REVOKE:

@@ -17,6 +17,7 @@
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { ZebuError, ErrorCode, invalid, assert, toZebuError } from '../errors.ts';
+import { isAllZero } from '../os/zeros.ts';
 import { BlockMap, BlockState, BLOCK_SIZE, BLOCK_SHIFT, MAP_PAGE_BYTES } from './block-map.ts';
 import type { Disk, DiskFile } from './disk.ts';
 import { NodeDisk } from './disk.ts';
@@ -1091,6 +1092,22 @@ export class Replica {
       // be copied again by a rebuild that goes on after a stop.
       if (data === null) await this.zeroData(offset, length, null);
       else await this.writeData(offset, data, 0, data.length, null);
+    } finally {
+      this.copyLeases.end(leaseId);
+    }
+  }
+
+  /** See BlockBackend.copyPull: the lease covers the source read too, so a revoke waits for the whole pull. */
+  async copyPull(leaseId: number, offset: number, length: number, zeros: boolean, read: () => Promise<Buffer>): Promise<void> {
+    this.checkUsable();
+    this.checkRange(offset, length);
+    this.copyLeases.begin(this.meta.epoch, leaseId);
+    try {
+      const data = await read();
+      assert(data.length === length, 'copy pull: the source returned a short read');
+      // Not in the write-intent log (see copyWrite).
+      if (zeros && isAllZero(data)) await this.zeroData(offset, length, null);
+      else await this.writeData(offset, data, 0, length, null);
     } finally {
       this.copyLeases.end(leaseId);
     }

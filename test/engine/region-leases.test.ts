@@ -92,6 +92,7 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
       target.writes.push({ lease, offset, zero: data === null });
     },
     check: () => {},
+    pullChunk: null,
     regionCopied: (offset, length) => copied.push({ offset, length, releasedBefore: released.length, acquiredBefore: acquired.length }),
     counters: emptyLeaseCounters(),
     maxRetries: options.maxRetries ?? 5,

@@ -134,3 +134,64 @@ test('CopyLeases: revoke waits for every copy write of its lease; an older epoch
   leases.end(3);
   assertInvariantFails(() => leases.begin(1, 4), /epochs only go up/);
 });
+
+async function servedNamed(t: { after: (fn: () => Promise<void>) => void }, name: string): Promise<{ replica: Replica; port: number }> {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-copy-from-'));
+  const replica = await Replica.create(path.join(root, 'r'), { sizeBytes: SIZE });
+  const server = new DataServer(replica, { secret, identity: { name } });
+  const { port } = await server.listen('127.0.0.1', 0);
+  t.after(async () => {
+    await server.close();
+    await replica.close().catch(() => {});
+    fs.rmSync(root, { recursive: true, force: true });
+  });
+  return { replica, port };
+}
+
+test('COPY_FROM: the target pulls a chunk from the source replica itself, under the lease; zeros marked; a revoked lease, a wrong or dead source, bad arguments refused', async (t) => {
+  const source = await servedNamed(t, 'src');
+  const target = await servedNamed(t, 'dst');
+  const toSource = await connect(t, source.port, 4);
+  await toSource.open();
+  const engine = await connect(t, target.port, 4);
+  await engine.open();
+  const data = pattern(3, 256 * 1024);
+  await toSource.write(512 * 1024, data);
+  const at = `127.0.0.1:${source.port}`;
+
+  // Pulled: the target holds the source's bytes; nothing passed through this client.
+  await engine.copyFrom(11, at, 'src', 512 * 1024, data.length, false);
+  assert.deepEqual(await engine.read(512 * 1024, data.length), data);
+  // A chunk of zeros over data on the target: with `zeros` it is marked zero.
+  await engine.write(0, pattern(8, 65536));
+  await engine.copyFrom(11, at, null, 0, 65536, true);
+  assert.deepEqual(await engine.read(0, 65536), Buffer.alloc(65536));
+  // Not in the target's write-intent log: the maps say what is left to copy.
+  assert.deepEqual(target.replica.intentGet().active, [0], 'only the client write of region 0 is active');
+
+  // A revoked lease: refused, nothing written.
+  await engine.leaseRevoke(11);
+  await toSource.write(512 * 1024, pattern(4, 4096));
+  await assert.rejects(engine.copyFrom(11, at, 'src', 512 * 1024, 4096, false), rejectsWith(ErrorCode.LEASE_REVOKED));
+  assert.deepEqual(await engine.read(512 * 1024, 4096), data.subarray(0, 4096));
+
+  // The wrong replica at the address, or none: SOURCE_FAILED (the target itself is fine).
+  await assert.rejects(engine.copyFrom(12, at, 'someone-else', 0, 4096, false), rejectsWith(ErrorCode.SOURCE_FAILED, /is replica src, not someone-else/));
+  await assert.rejects(engine.copyFrom(12, '127.0.0.1:1', null, 0, 4096, false), rejectsWith(ErrorCode.SOURCE_FAILED, /rebuild source 127\.0\.0\.1:1/));
+  // Bad arguments: EINVAL, and the connection goes on.
+  const lease = Buffer.alloc(8);
+  lease.writeUInt32BE(12, 4);
+  const bad = (json: string) => Buffer.concat([lease, Buffer.from(json)]);
+  await assert.rejects(engine.request(Op.COPY_FROM, 0, 0, 4096, bad('{}')), rejectsWith(ErrorCode.EINVAL, /COPY_FROM takes/));
+  await assert.rejects(engine.request(Op.COPY_FROM, 0, 0, 4096, bad('{"source":"no port"}')), rejectsWith(ErrorCode.EINVAL, /bad source address/));
+  await assert.rejects(engine.request(Op.COPY_FROM, 0, 0, 4096, bad('{"source":"h:1","zeros":"yes"}')), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(engine.request(Op.COPY_FROM, 0, 0, 4096, Buffer.from([1, 2])), rejectsWith(ErrorCode.EINVAL));
+  await assert.rejects(engine.copyFrom(12, at, null, SIZE, 4096, false), rejectsWith(ErrorCode.EINVAL));
+  // A backend that takes no copies.
+  const plain = new DataServer(new MemoryBackend(SIZE), { secret });
+  const { port } = await plain.listen('127.0.0.1', 0);
+  t.after(() => plain.close());
+  const toPlain = await connect(t, port, 0);
+  await assert.rejects(toPlain.copyFrom(1, at, null, 0, 4096, false), rejectsWith(ErrorCode.UNSUPPORTED));
+  await engine.ping();
+});

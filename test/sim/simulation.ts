@@ -218,7 +218,7 @@ export class Simulation {
     const replica = exists
       ? await Replica.open(DIR, { disk: faulty, clock: proc.clock })
       : await Replica.create(DIR, { sizeBytes: this.specSizeBytes, disk: faulty, clock: proc.clock });
-    const server = new DataServer(replica, { secret: SECRET, identity: { name: r.key }, clock: proc.clock });
+    const server = new DataServer(replica, { secret: SECRET, identity: { name: r.key }, clock: proc.clock, transport: this.net.transport(proc) });
     this.net.listen(r.address, proc, server);
     Object.assign(r, { proc, power, latency, faulty, replica, up: true });
     this.note(`${r.key} started (${exists ? 'reopened' : 'created'})`);
