@@ -5,7 +5,7 @@
  * target directly; the engine only sends small requests and keeps the leases.
  */
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
-import type { Clock } from '../os/clock.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { DataClient } from './client.ts';
 import type { Transport } from './transport.ts';
 
@@ -16,6 +16,12 @@ export interface CopySourceOptions {
   /** Per-request deadline on the source (a read of one chunk). */
   requestTimeoutMs?: number;
 }
+
+const SOURCE_CONNECT_TIMEOUT_MS = 1500;
+const SOURCE_REQUEST_TIMEOUT_MS = 2500;
+
+/** A connection to a source not used this long is closed. */
+const IDLE_CLOSE_MS = 60_000;
 
 /** `HOST:PORT`, or `[IPV6]:PORT`. */
 const SOURCE_ADDRESS = /^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
@@ -32,10 +38,15 @@ export class CopySources {
   private readonly options: CopySourceOptions;
   /** By address and epoch: the connection, and the name the source answered with (null: none). */
   private readonly clients = new Map<string, Promise<{ client: DataClient; name: string | null }>>();
+  /** When each connection was last used: one idle for IDLE_CLOSE_MS is closed (the rebuild ended). */
+  private readonly lastUsedMs = new Map<string, number>();
+  private readonly clock: Clock;
+  private sweeper: ClockTimer | null = null;
   private closed = false;
 
   constructor(options: CopySourceOptions) {
     this.options = options;
+    this.clock = options.clock ?? systemClock;
   }
 
   /**
@@ -45,6 +56,8 @@ export class CopySources {
    */
   async read(address: string, name: string | null, epoch: number, offset: number, length: number): Promise<Buffer> {
     const key = `${address}@${epoch}`;
+    this.lastUsedMs.set(key, this.clock.nowMs());
+    this.sweeper ??= this.clock.setInterval(() => this.closeIdle(), IDLE_CLOSE_MS / 2).unref();
     let client: DataClient;
     try {
       const source = await this.client(key, address, epoch);
@@ -74,9 +87,12 @@ export class CopySources {
     if (known !== undefined) return known;
     const { host, port } = parseSourceAddress(address);
     const opening = (async () => {
+      // Well within the engine's own deadline on COPY_FROM: a source that cannot be reached is
+      // reported as SOURCE_FAILED (the chunk then goes through the engine), not as a target that
+      // timed out.
       const client = await DataClient.connect({
-        host, port, secret: this.options.secret, epoch, peerLabel: 'rebuild source',
-        requestTimeoutMs: this.options.requestTimeoutMs ?? 8000, transport: this.options.transport, clock: this.options.clock,
+        host, port, secret: this.options.secret, epoch, peerLabel: 'rebuild source', connectTimeoutMs: SOURCE_CONNECT_TIMEOUT_MS,
+        requestTimeoutMs: this.options.requestTimeoutMs ?? SOURCE_REQUEST_TIMEOUT_MS, transport: this.options.transport, clock: this.options.clock,
       });
       let name: string | null;
       try {
@@ -105,8 +121,19 @@ export class CopySources {
     return opening;
   }
 
+  private closeIdle(): void {
+    const now = this.clock.nowMs();
+    for (const [key, c] of this.clients) {
+      if (now - (this.lastUsedMs.get(key) ?? 0) < IDLE_CLOSE_MS) continue;
+      this.clients.delete(key);
+      this.lastUsedMs.delete(key);
+      c.then((x) => x.client.close(), () => {});
+    }
+  }
+
   close(): void {
     this.closed = true;
+    this.clock.clear(this.sweeper);
     for (const c of this.clients.values()) c.then((x) => x.client.close(), () => {});
     this.clients.clear();
   }

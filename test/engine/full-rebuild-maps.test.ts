@@ -38,7 +38,7 @@ test('a full rebuild drops the maps its target kept from an earlier life; the re
     m.replica = exists
       ? await Replica.open(DIR, { disk: m.disk, clock: m.proc.clock })
       : await Replica.create(DIR, { sizeBytes: SIZE, disk: m.disk, clock: m.proc.clock });
-    net.listen(m.address, m.proc, new DataServer(m.replica, { secret: SECRET, identity: { name: m.key }, clock: m.proc.clock }));
+    net.listen(m.address, m.proc, new DataServer(m.replica, { secret: SECRET, identity: { name: m.key }, clock: m.proc.clock, transport: net.transport(m.proc) }));
   };
   for (const m of members) await start(m);
   const engineProc = world.process('engine');
