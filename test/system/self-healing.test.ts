@@ -64,11 +64,12 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
   const up = await startZebuUp({ dataDir });
   t.after(() => stopZebuUp(up));
   mustZebu(up, ['setting', 'set', 'replica-replenishment-wait-seconds', '0']);
-  const size = 512 * MiB;
+  // Large enough that the copy (some 200 MiB/s here) is still under way when the test sees it.
+  const size = 1024 * MiB;
   mustZebu(up, ['volume', 'create', 'mid', '--size', String(size), '--replicas', '3']);
   const uri = mustZebu(up, ['volume', 'attach', 'mid']).trim();
   // Few client writes, much data: the copy writes outnumber them (the revision trap).
-  const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 448M', '-c', 'flush', uri], { timeout: 120_000 });
+  const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 960M', '-c', 'flush', uri], { timeout: 120_000 });
   assert.equal(fill.status, 0, String(fill.stderr));
   const before = mustZebuJson(up, ['replica', 'list', '--volume', 'mid']);
   process.kill(before[0].pid, 'SIGKILL');
@@ -89,10 +90,15 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
     return v.robustness === 'healthy' && v.replicas.every((r: { mode: string }) => r.mode === 'RW') && v.replicas.some((r: { name: string }) => r.name === rebuilding.name) ? v : undefined;
   }, 180_000, 250);
   assert.equal(healthy.replicas.length, 3);
-  const recovery = healthy.lastRecovery as { source: string | null; deltaReplicas: string[] };
-  assert.notEqual(recovery.source, rebuilding.name, 'the half-copied replica is not the source');
-  assert.ok(recovery.deltaReplicas.includes(rebuilding.name), `its copy went on as a delta: ${JSON.stringify(recovery)}`);
-  const check = spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 448M', uri], { timeout: 120_000 });
+  // Its copy went on as a delta: planned by the next engine's start-up (a Recovery event), or
+  // asked for when it came back (ReplicaReturning) — never was it the source.
+  const events = mustZebuJson(up, ['events', '--volume', 'mid']) as { reason: string; message: string; object: string }[];
+  const resumed = events.filter((e) => (e.reason === 'Recovery' && e.message.includes(`delta rebuild of`) && e.message.includes(rebuilding.name))
+    || (e.reason === 'ReplicaReturning' && e.object === rebuilding.name));
+  assert.ok(resumed.length > 0, `its copy went on as a delta: ${JSON.stringify(events.map((e) => `${e.reason}: ${e.message}`))}`);
+  for (const e of events.filter((x) => x.reason === 'Recovery')) assert.doesNotMatch(e.message, new RegExp(`resynced from ${rebuilding.name}`), 'the half-copied replica is not the source');
+  assert.notEqual(healthy.lastRecovery?.source, rebuilding.name);
+  const check = spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x3d 0 960M', uri], { timeout: 120_000 });
   assert.equal(check.status, 0, String(check.stderr));
   assert.doesNotMatch(String(check.stdout), /verification failed/);
   const secret = readSecretFile(path.join(dataDir, 'secret'));
