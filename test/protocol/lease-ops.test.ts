@@ -22,10 +22,11 @@ import { assertInvariantFails, rejectsWith } from '../support/assertions.ts';
 const SIZE = 8 * 1024 * 1024;
 const secret = Buffer.from('zebu-test-secret-0123456789abcdef');
 
-async function served(t: { after: (fn: () => Promise<void>) => void }): Promise<{ replica: Replica; port: number }> {
+/** A replica served on a free port (answering INFO with `name`, when given). */
+async function served(t: { after: (fn: () => Promise<void>) => void }, name?: string): Promise<{ replica: Replica; port: number }> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-lease-ops-'));
   const replica = await Replica.create(path.join(root, 'r'), { sizeBytes: SIZE });
-  const server = new DataServer(replica, { secret });
+  const server = new DataServer(replica, { secret, ...(name !== undefined ? { identity: { name } } : {}) });
   const { port } = await server.listen('127.0.0.1', 0);
   t.after(async () => {
     await server.close();
@@ -135,22 +136,9 @@ test('CopyLeases: revoke waits for every copy write of its lease; an older epoch
   assertInvariantFails(() => leases.begin(1, 4), /epochs only go up/);
 });
 
-async function servedNamed(t: { after: (fn: () => Promise<void>) => void }, name: string): Promise<{ replica: Replica; port: number }> {
-  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-copy-from-'));
-  const replica = await Replica.create(path.join(root, 'r'), { sizeBytes: SIZE });
-  const server = new DataServer(replica, { secret, identity: { name } });
-  const { port } = await server.listen('127.0.0.1', 0);
-  t.after(async () => {
-    await server.close();
-    await replica.close().catch(() => {});
-    fs.rmSync(root, { recursive: true, force: true });
-  });
-  return { replica, port };
-}
-
 test('COPY_FROM: the target pulls a chunk from the source replica itself, under the lease; zeros marked; a revoked lease, a wrong or dead source, bad arguments refused', async (t) => {
-  const source = await servedNamed(t, 'src');
-  const target = await servedNamed(t, 'dst');
+  const source = await served(t, 'src');
+  const target = await served(t, 'dst');
   const toSource = await connect(t, source.port, 4);
   await toSource.open();
   const engine = await connect(t, target.port, 4);
