@@ -57,7 +57,7 @@ interface EngineInfo {
   faultedReason: string | null;
   rebuilding?: boolean;
   /** `address` is HOST:PORT, or KEY=HOST:PORT; `key` is the replica's key when the engine reports it apart. */
-  replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number } | null; resumable?: boolean }[];
+  replicas: { address: string; key?: string; mode: 'RW' | 'WO' | 'ERR'; reason: string | null; rebuild?: { copiedBytes: number; totalBytes: number; delta?: boolean } | null; resumable?: boolean }[];
   stats: EngineIoStats;
   recovery?: unknown;
   lastVerify?: unknown;

@@ -321,7 +321,7 @@ export const views: Record<string, JsonSchema> = {
     name: str, volumeName: str, nodeId: str, diskId: str, dataPath: str, sizeBytes: int,
     desireState: { type: 'string', enum: ['running', 'stopped'] }, state: processState, mode: nullable(replicaMode),
     address: nullable(str), pid: nullable(int), restarts: int,
-    rebuild: nullable(view({ copiedBytes: int, totalBytes: int })),
+    rebuild: nullable(view({ copiedBytes: int, totalBytes: int, delta: bool })),
     healthyAt: nullable(time), failedAt: nullable(time), message: nullable(str),
     leaving: nullable({
       ...view({ reason: str, diskId: nullable(str), nodeId: nullable(str), requestedAt: nullable(time) }),

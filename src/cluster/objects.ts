@@ -175,7 +175,8 @@ export interface EngineReplicaStatus {
   address?: string;
   mode: ReplicaModeName;
   reason: string | null;
-  rebuild: { copiedBytes: number; totalBytes: number } | null;
+  /** Delta: only what it missed is copied (absent in older objects: unknown). */
+  rebuild: { copiedBytes: number; totalBytes: number; delta?: boolean } | null;
   /** A rebuild of it stopped (or runs) past the point where it can go on as a delta (absent in older objects). */
   resumable?: boolean;
 }

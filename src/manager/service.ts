@@ -584,7 +584,10 @@ export class ManagerServiceImpl implements ManagerService {
       address: r.value.status.address,
       pid: r.value.status.pid,
       restarts: r.value.status.restarts,
-      rebuild: said?.mode === 'WO' ? said.rebuild : null,
+      // The engine's word is about the replica at the address it has: a replica restarted on
+      // another port is not (yet) the one that rebuild was copying to.
+      rebuild: said?.mode === 'WO' && said.rebuild !== null && (said.address === undefined || said.address === r.value.status.address)
+        ? { copiedBytes: said.rebuild.copiedBytes, totalBytes: said.rebuild.totalBytes, delta: said.rebuild.delta === true } : null,
       healthyAt: r.value.spec.healthyAt,
       failedAt: r.value.spec.failedAt,
       message: r.value.status.message,

@@ -137,7 +137,8 @@ export interface ReplicaView {
   address: string | null;
   pid: number | null;
   restarts: number;
-  rebuild: { copiedBytes: number; totalBytes: number } | null;
+  /** Its rebuild under way: delta when only the regions it missed are copied. */
+  rebuild: { copiedBytes: number; totalBytes: number; delta: boolean } | null;
   healthyAt: string | null;
   failedAt: string | null;
   message: string | null;

@@ -26,7 +26,7 @@ interface ReplicaRow {
   mode: string | null;
   pid: number;
   address: string;
-  rebuild: { copiedBytes: number; totalBytes: number } | null;
+  rebuild: { copiedBytes: number; totalBytes: number; delta: boolean } | null;
 }
 
 test('a moved replica\'s new replica SIGKILLed mid-rebuild: waited for, taken back by a delta of what was left; fio 0 errors; replicas identical', async (t) => {
@@ -55,10 +55,14 @@ test('a moved replica\'s new replica SIGKILLed mid-rebuild: waited for, taken ba
 
   // Back (restarted by the agent), and taken back: its rebuild has less than the volume to copy.
   let resumedTotal = 0;
+  let fullAgain: string | null = null;
   const rows = await waitFor('the move done with the same new replica', () => {
     const now = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'rs']);
     const again = now.find((r) => r.name === newcomer.name);
-    if (again?.mode === 'WO' && again.rebuild !== null && again.pid !== newcomer.pid) resumedTotal = Math.max(resumedTotal, again.rebuild.totalBytes);
+    if (again?.mode === 'WO' && again.rebuild !== null && again.pid !== newcomer.pid) {
+      if (!again.rebuild.delta) fullAgain = JSON.stringify(again);
+      resumedTotal = Math.max(resumedTotal, again.rebuild.totalBytes);
+    }
     return !now.some((r) => r.name === before[0].name) && again?.mode === 'RW' ? now : undefined;
   }, 240_000, 100);
   assert.deepEqual(rows.map((r) => r.name).sort(), [before[1].name, newcomer.name].sort(), 'no other replica was made');
@@ -69,6 +73,7 @@ test('a moved replica\'s new replica SIGKILLed mid-rebuild: waited for, taken ba
   // What was copied before the kill is not copied again — but for the regions fio keeps writing,
   // the regions under way and those not yet flushed on the target.
   assert.ok(resumedTotal > 0, 'the resumed rebuild was seen');
+  assert.equal(fullAgain, null, 'the new process is rebuilt by a delta, not again in full');
   assert.ok(resumedTotal <= SIZE - copiedAtKill + (FIO_MIB + 64) * MiB, `resumed with ${resumedTotal / MiB} MiB to copy after ${copiedAtKill / MiB} MiB were copied`);
 
   const result = await fio.exit;

@@ -160,7 +160,7 @@ function replicaRows(replicas: ReplicaView[]): string {
     ['NAME', 'VOLUME', 'NODE', 'DISK', 'STATE', 'MODE', 'ADDRESS', 'PID', 'RESTARTS', 'REBUILD', 'LEAVING'],
     replicas.map((r) => [
       r.name, r.volumeName, r.nodeId, r.diskId, r.state, r.mode, r.address, r.pid, r.restarts,
-      r.rebuild === null ? null : `${formatPercent(r.rebuild.totalBytes > 0 ? r.rebuild.copiedBytes / r.rebuild.totalBytes : 0)} of ${formatBytes(r.rebuild.totalBytes)}`,
+      r.rebuild === null ? null : `${formatPercent(r.rebuild.totalBytes > 0 ? r.rebuild.copiedBytes / r.rebuild.totalBytes : 0)} of ${formatBytes(r.rebuild.totalBytes)}${r.rebuild.delta ? ' (delta)' : ''}`,
       r.leaving === null ? null : leavingText(r.leaving),
     ]),
   );
@@ -180,7 +180,7 @@ function replicaDetails(r: ReplicaView): string {
     ['address', r.address],
     ['pid', r.pid],
     ['restarts', r.restarts],
-    ['rebuild', r.rebuild === null ? null : `${formatBytes(r.rebuild.copiedBytes)} of ${formatBytes(r.rebuild.totalBytes)}`],
+    ['rebuild', r.rebuild === null ? null : `${formatBytes(r.rebuild.copiedBytes)} of ${formatBytes(r.rebuild.totalBytes)}${r.rebuild.delta ? ', a delta of the regions it missed' : ', the whole volume'}`],
     ['healthy at', r.healthyAt],
     ['failed at', r.failedAt],
     ['leaving', r.leaving === null ? null : leavingText(r.leaving)],
