@@ -69,7 +69,13 @@ export interface VolumeValue {
      * it when done. While set, no replica is added or moved. Absent: null.
      */
     jobAttachment?: JobAttachment | null;
-    /** A workload attach that arrived while a job held the volume: applied once the job has detached it. */
+    /**
+     * The manager attached this detached volume (frontend disabled) so that replicas leaving
+     * their disk or node can be rebuilt elsewhere: detached again once they have moved, or at
+     * once when a workload asks to attach it. Absent: null.
+     */
+    moveAttachment?: MoveAttachment | null;
+    /** A workload attach that arrived while a job (or replica moves) held the volume: applied once it is detached. */
     pendingAttach?: { nodeId: string; maintenance: boolean; requestedAt: string } | null;
     /**
      * The backing image the volume is on (every replica reads its file on its own disk as the
@@ -119,6 +125,13 @@ export interface JobAttachment {
   task: RecurringTask;
   node: string;
   startedAt: string;
+}
+
+export interface MoveAttachment {
+  node: string;
+  startedAt: string;
+  /** The replicas that were to leave, and why (for the user). */
+  why: string;
 }
 
 export interface RestoreSpec {

@@ -30,6 +30,7 @@ import {
   type BackupFacts, type SnapshotNode,
 } from './recurring-jobs.ts';
 import { isBackupTask } from './protection.ts';
+import { nodeWithHealthyReplica } from './attach-node.ts';
 
 /** The label a job puts on the backups it makes: its retention counts only those. */
 export const JOB_LABEL = 'recurring-job';
@@ -105,18 +106,6 @@ export class JobTasks {
 
   // ---- attachment ---------------------------------------------------------------------------
 
-  /** A node that is up and holds a healthy replica of the volume (the manager's own first), or null. */
-  private async nodeForJob(volume: string): Promise<string | null> {
-    const [replicas, leases] = await Promise.all([this.o.objects.list(Kind.Replica), this.o.objects.list(Kind.NodeLease)]);
-    const up = new Set(leases.map((l) => l.name));
-    const nodes = replicas
-      .filter((r) => r.value.spec.volumeName === volume && r.value.deletionRequestedAt === null && r.value.spec.failedAt === null && r.value.spec.healthyAt !== null && up.has(r.value.spec.nodeId))
-      .map((r) => r.value.spec.nodeId)
-      .sort();
-    if (nodes.includes(this.o.defaultNodeId)) return this.o.defaultNodeId;
-    return nodes[0] ?? null;
-  }
-
   /**
    * Attaches a detached volume for the job: 'ours'; 'theirs' when a workload attached it
    * meanwhile (the job runs on that attachment and leaves it); else the outcome saying why not.
@@ -135,7 +124,7 @@ export class JobTasks {
       if (Date.now() > deadline) throw new ZebuError(ErrorCode.TIMEOUT, `volume ${volume} is still ${v.value.status.state}`);
       await sleep(POLL_MS, signal);
     }
-    const node = await this.nodeForJob(volume);
+    const node = await nodeWithHealthyReplica(this.o.objects, volume, this.o.defaultNodeId);
     if (node === null) return { result: 'error', message: `volume ${volume} is detached and no node that is up holds a healthy replica of it: the job does not attach it where a rebuild would be needed` };
     let attached = false;
     const startedAt = new Date().toISOString();

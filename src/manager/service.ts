@@ -139,12 +139,13 @@ export class ManagerServiceImpl implements ManagerService {
   private volumeView(volume: StoreObject<VolumeValue>, engine: StoreObject<EngineValue> | null, replicas: StoreObject<ReplicaValue>[], protection: VolumeProtection): VolumeView {
     const v = volume.value;
     const held = v.spec.jobAttachment ?? null;
+    const moving = v.spec.moveAttachment ?? null;
     const pending = v.spec.pendingAttach ?? null;
     const summaries: VolumeReplicaSummary[] = replicas
       .filter((r) => r.value.deletionRequestedAt === null)
       .map((r) => {
         const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
-        const rebuild = said?.mode === 'WO' ? said.rebuild : null;
+        const rebuild = said?.mode === 'WO' && (said.address === undefined || said.address === r.value.status.address) ? said.rebuild : null;
         return {
           name: r.name,
           nodeId: r.value.spec.nodeId,
@@ -171,7 +172,9 @@ export class ManagerServiceImpl implements ManagerService {
       rebuildLeases: leaseCounters(engine?.value.status.state === 'running' ? engine.value.status.stats : null),
       message: pending !== null && held !== null
         ? `attach to node ${pending.nodeId} (asked at ${pending.requestedAt}) waits for recurring job ${held.job} (${held.task}) to finish`
-        : held !== null && v.status.message === null ? `attached by recurring job ${held.job} (${held.task}) without an NBD export; detached when it is done` : v.status.message,
+        : pending !== null && moving !== null ? `attach to node ${pending.nodeId} (asked at ${pending.requestedAt}) waits for the volume to be detached from its replica moves`
+          : held !== null && v.status.message === null ? `attached by recurring job ${held.job} (${held.task}) without an NBD export; detached when it is done`
+            : moving !== null ? `attached by the manager without an NBD export to move replica(s) ${moving.why}; detached when they have moved${v.status.message !== null ? `; ${v.status.message}` : ''}` : v.status.message,
       createdAt: v.createdAt,
       lastRecovery: v.status.lastRecovery ?? null,
       lastVerify: v.status.lastVerify ?? null,
@@ -316,7 +319,7 @@ export class ManagerServiceImpl implements ManagerService {
     if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
     const refusal = restoreAttachRefusal(name, v);
     if (refusal !== null) throw stateConflict(refusal);
-    if ((v.spec.jobAttachment ?? null) !== null) return this.attachAfterJob(name, nodeId, maintenance);
+    if ((v.spec.jobAttachment ?? null) !== null || (v.spec.moveAttachment ?? null) !== null) return this.attachAfterHolder(name, nodeId, maintenance);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
@@ -332,29 +335,33 @@ export class ManagerServiceImpl implements ManagerService {
   }
 
   /**
-   * A workload attach while a recurring job holds the volume: recorded, and applied by the volume
-   * controller once the job has detached it. The caller polls the volume as for any attach.
+   * A workload attach while a recurring job (or replica moves) holds the volume: recorded, and
+   * applied by the volume controller once the volume is detached (a job detaches it when done;
+   * moves give it up at once). The caller polls the volume as for any attach.
    */
-  private async attachAfterJob(name: string, nodeId: string, maintenance: boolean): Promise<VolumeView> {
+  private async attachAfterHolder(name: string, nodeId: string, maintenance: boolean): Promise<VolumeView> {
     let clash: string | null = null;
     const after = await this.objects.mutate(Kind.Volume, name, (x) => {
       const pending = x.spec.pendingAttach ?? null;
       if (pending !== null) {
-        if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for its recurring job`;
+        if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for ${(x.spec.jobAttachment ?? null) !== null ? 'its recurring job' : 'the manager to detach it from its replica moves'}`;
         return false;
       }
-      if ((x.spec.jobAttachment ?? null) === null) return false;
+      if ((x.spec.jobAttachment ?? null) === null && (x.spec.moveAttachment ?? null) === null) return false;
       x.spec.pendingAttach = { nodeId, maintenance, requestedAt: new Date().toISOString() };
     });
     if (clash !== null) throw stateConflict(clash);
     const held = after?.value.spec.jobAttachment ?? null;
-    if (held === null) {
-      // The job let go meanwhile: an ordinary attach.
+    const moving = after?.value.spec.moveAttachment ?? null;
+    if (held === null && moving === null) {
+      // It was let go meanwhile: an ordinary attach.
       return this.attachVolume(name, { nodeId, maintenance });
     }
     await this.events.record({
       type: 'Normal', reason: 'AttachWaiting', kind: Kind.Volume, object: name, volume: name,
-      message: `attach of volume ${name} to node ${nodeId} waits for recurring job ${held.job} (${held.task}), which attached it at ${held.startedAt}`,
+      message: held !== null
+        ? `attach of volume ${name} to node ${nodeId} waits for recurring job ${held.job} (${held.task}), which attached it at ${held.startedAt}`
+        : `attach of volume ${name} to node ${nodeId} waits for the volume to be detached from node ${moving!.node}, where it was attached for replica moves`,
     });
     this.kick(name);
     return this.view(name);
@@ -363,8 +370,9 @@ export class ManagerServiceImpl implements ManagerService {
   async detachVolume(name: string): Promise<VolumeView> {
     await this.mustVolume(name);
     await this.objects.mutate(Kind.Volume, name, (x) => {
-      // While a job holds the volume, a detach withdraws a waiting attach; the job detaches it itself.
-      if ((x.spec.jobAttachment ?? null) !== null) {
+      // While a job (or replica moves) holds the volume, a detach withdraws a waiting attach; the
+      // holder detaches it itself.
+      if ((x.spec.jobAttachment ?? null) !== null || (x.spec.moveAttachment ?? null) !== null) {
         if ((x.spec.pendingAttach ?? null) === null) return false;
         x.spec.pendingAttach = null;
         return;
@@ -382,7 +390,8 @@ export class ManagerServiceImpl implements ManagerService {
     // A volume attached by its restore (not by a user) may be deleted: the restore stops.
     const byRestore = volume.value.status.restore?.attachedForRestore === true;
     // Likewise one a recurring job attached for its run: the job's task ends in error.
-    const byJob = (volume.value.spec.jobAttachment ?? null) !== null;
+    // Or one attached for replica moves.
+    const byJob = (volume.value.spec.jobAttachment ?? null) !== null || (volume.value.spec.moveAttachment ?? null) !== null;
     if (volume.value.spec.nodeId !== null && !byRestore && !byJob) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.deletionRequestedAt !== null) return false;
@@ -390,6 +399,7 @@ export class ManagerServiceImpl implements ManagerService {
       if (byRestore || byJob) {
         x.spec.nodeId = null;
         x.spec.jobAttachment = null;
+        x.spec.moveAttachment = null;
         x.spec.pendingAttach = null;
       }
     });
@@ -604,7 +614,7 @@ export class ManagerServiceImpl implements ManagerService {
   /**
    * Moves a replica to another disk (or node, or anywhere else placement allows) with no
    * downtime: a new replica is built while this one serves, then this one is removed (the volume
-   * controller does it while the volume is attached; a detached volume's replica waits).
+   * controller does it while the volume is attached, and attaches a detached one for it).
    */
   async moveReplica(name: string, input: ReplicaMoveInput): Promise<ReplicaView> {
     if (typeof input !== 'object' || input === null) throw invalid('the body must be a JSON object {diskId?, nodeId?}');

@@ -34,6 +34,7 @@ import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { balanceMove, scheduleReplicas, type AutoBalance, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
 import { imagePlacement } from './backing-images.ts';
+import { nodeWithHealthyReplica } from './attach-node.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
 
 
@@ -339,20 +340,31 @@ export class VolumeController {
       }
     }
     const pending = v.spec.pendingAttach ?? null;
-    if (pending !== null && (v.spec.jobAttachment ?? null) === null && v.deletionRequestedAt === null) {
-      // A workload attach waited for a recurring job: the job has detached the volume, now it attaches.
+    if (pending !== null && (v.spec.jobAttachment ?? null) === null && (v.spec.moveAttachment ?? null) === null && v.deletionRequestedAt === null) {
+      // A workload attach waited for a recurring job (or replica moves): the volume is detached,
+      // now it attaches — as a new attachment (a new epoch), even on the same node.
+      await this.setStatus(volume.name, (s) => {
+        s.state = 'detached';
+        s.currentNodeId = null;
+        s.attachStartedAt = null;
+        s.endpoint = null;
+      });
       await this.objects.mutate(Kind.Volume, volume.name, (x) => {
-        if (x.spec.nodeId !== null || (x.spec.jobAttachment ?? null) !== null || (x.spec.pendingAttach ?? null) === null) return false;
+        if (x.spec.nodeId !== null || (x.spec.jobAttachment ?? null) !== null || (x.spec.moveAttachment ?? null) !== null || (x.spec.pendingAttach ?? null) === null) return false;
         x.spec.nodeId = x.spec.pendingAttach!.nodeId;
         x.spec.maintenance = x.spec.pendingAttach!.maintenance;
         x.spec.pendingAttach = null;
       });
-      await this.event(volume.name, 'Normal', 'AttachResumed', `the recurring job is done: attaching volume ${volume.name} to node ${pending.nodeId} as asked at ${pending.requestedAt}`);
+      await this.event(volume.name, 'Normal', 'AttachResumed', `attaching volume ${volume.name} to node ${pending.nodeId} as asked at ${pending.requestedAt}`);
       return 0;
     }
-    const leaving = await this.leavingReplicas(replicas.filter((r) => r.value.deletionRequestedAt === null && r.value.spec.failedAt === null));
-    const waitingMove = leaving.size === 0 ? null
-      : `replica(s) ${[...leaving].map(([name, l]) => `${name} (${l.why})`).join(', ')} will move once the volume is attached: a replica moves by a rebuild, which needs a running engine`;
+    const inPlace = replicas.filter((r) => r.value.deletionRequestedAt === null && r.value.spec.failedAt === null);
+    const leaving = await this.leavingReplicas(inPlace);
+    let waitingMove: string | null = null;
+    if (leaving.size > 0 && v.deletionRequestedAt === null) {
+      waitingMove = await this.moveWhileDetached(volume, inPlace, leaving);
+      if (waitingMove === null) return 0;
+    }
     if (v.status.state !== 'detached' || v.status.message !== waitingMove) {
       const was = v.status.state;
       await this.setStatus(volume.name, (s) => {
@@ -373,6 +385,11 @@ export class VolumeController {
   private async reconcileAttached(volume: Obj<VolumeValue>, engine: Obj<EngineValue> | null, replicas: Obj<ReplicaValue>[]): Promise<number | null> {
     const v = volume.value;
     const nodeId = v.spec.nodeId!;
+    if ((v.spec.moveAttachment ?? null) !== null && (v.spec.pendingAttach ?? null) !== null) {
+      // A workload wants the volume: it comes first; the moves go on under its attachment.
+      await this.releaseMoveAttachment(volume.name, 'a workload asked to attach the volume; the replica moves go on once it is attached');
+      return 0;
+    }
 
     if (v.status.currentNodeId !== nodeId) {
       // A new attachment. An engine left from an earlier one must stop first.
@@ -827,9 +844,67 @@ export class VolumeController {
         `volume ${volume.name} is ${robustness} (${rw} of ${wanted} replicas in service${rebuilding ? ', rebuilding' : ''})`);
     }
     if (salvageStarted) return 0;
+    if ((v.spec.moveAttachment ?? null) !== null && robustness === 'healthy' && leaving.size === 0 && !rebuilding && missing <= 0 && active.length === wanted) {
+      await this.releaseMoveAttachment(volume.name, 'the replicas have moved');
+      return 0;
+    }
     if (e.spec.frontend && e.status.endpoint === null) return WAIT_MS;
     const baseMs = robustness === 'healthy' ? RESYNC_MS : 1000;
     return againMs === null ? baseMs : Math.max(50, Math.min(baseMs, againMs));
+  }
+
+  /**
+   * Replicas of a detached volume that are to leave their disk or node. A volume never attached
+   * holds no data: a new empty replica takes the place of a leaving one at once. Otherwise the
+   * volume is attached (no NBD export) on a node that holds a healthy replica, the moves run as
+   * for any attached volume, and it is detached again when they are done. Returns null when it
+   * did something (look again), else what the volume waits for.
+   */
+  private async moveWhileDetached(volume: Obj<VolumeValue>, inPlace: Obj<ReplicaValue>[], leaving: Map<string, Leaving>): Promise<string | null> {
+    const v = volume.value;
+    const listed = [...leaving].map(([name, l]) => `${name} (${l.why})`).join(', ');
+    if (v.status.epoch === 0) {
+      const first = inPlace.find((r) => leaving.has(r.name))!;
+      const l = leaving.get(first.name)!;
+      const added = await this.addReplicas(volume, inPlace, 1, v.spec.sizeBytes, 'stopped', l.only ?? undefined);
+      if (added === 0) return `replica ${first.name} cannot move (${l.why}): ${this.lastPlacementProblem.get(volume.name) ?? 'no disk can take it'}`;
+      await this.requestReplicaDeletion(first.name);
+      await this.event(volume.name, 'Normal', 'ReplicaMoved', `replica ${first.name} left disk ${first.value.spec.diskId} of node ${first.value.spec.nodeId} (${l.why}); the volume was never attached, so an empty replica took its place`, Kind.Replica, first.name);
+      return null;
+    }
+    const restore = v.spec.restore ?? null;
+    // A restore attaches the volume itself (the moves run then); a DR standby is applied the same way.
+    if (restore !== null && (restore.standby || v.status.restore?.state !== 'completed')) return `replica(s) ${listed} will move while the restore has the volume attached`;
+    if ((v.spec.jobAttachment ?? null) !== null) return `replica(s) ${listed} will move once the recurring job is done with the volume`;
+    const node = await nodeWithHealthyReplica(this.objects, volume.name, null);
+    if (node === null) return `replica(s) ${listed} will move once a node that is up holds a healthy replica to attach the volume on (a replica moves by a rebuild, which needs a running engine)`;
+    let attached = false;
+    await this.objects.mutate(Kind.Volume, volume.name, (x) => {
+      attached = false;
+      if (x.spec.nodeId !== null || x.deletionRequestedAt !== null || (x.spec.jobAttachment ?? null) !== null || (x.spec.pendingAttach ?? null) !== null) return false;
+      x.spec.nodeId = node;
+      x.spec.maintenance = true;
+      x.spec.moveAttachment = { node, startedAt: new Date().toISOString(), why: listed };
+      attached = true;
+    });
+    if (attached) await this.event(volume.name, 'Normal', 'MoveAttached', `volume ${volume.name} attached on node ${node} without an NBD export to move replica(s) ${listed}; detached when they have moved`);
+    return null;
+  }
+
+  /** Detaches a volume attached for replica moves (a workload attach that waited follows). */
+  private async releaseMoveAttachment(volume: string, why: string): Promise<void> {
+    let released = false;
+    const after = await this.objects.mutate(Kind.Volume, volume, (x) => {
+      released = false;
+      if ((x.spec.moveAttachment ?? null) === null) return false;
+      x.spec.moveAttachment = null;
+      x.spec.nodeId = null;
+      x.spec.maintenance = false;
+      released = true;
+    });
+    if (!released) return;
+    const waiting = after?.value.spec.pendingAttach ?? null;
+    await this.event(volume, 'Normal', 'MoveDetached', `${why}: detaching volume ${volume}${waiting !== null ? `; then it attaches to node ${waiting.nodeId} as asked` : ''}`);
   }
 
   /**

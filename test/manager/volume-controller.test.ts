@@ -712,33 +712,49 @@ test('a new replica whose rebuild can go on where it stopped is waited for and t
   assert.ok(!events.some((e) => e.reason === 'ReplicaRemoved' && e.object === newcomer.name));
 });
 
-test('disk eviction: every replica leaves the disk, which then says it is empty and takes no new one; a detached volume waits', async (t) => {
+test('disk eviction: every replica leaves the disk, which then says it is empty and takes no new one; detached volumes are attached for it, then detached', async (t) => {
   const { service, objects } = await setup(t, 4);
   await service.createVolume({ name: 'e', sizeBytes: GiB, numberOfReplicas: 3 });
   await service.createVolume({ name: 'idle', sizeBytes: GiB, numberOfReplicas: 3 });
-  await until('detached', async () => (await service.getVolume('e')).state === 'detached' && (await service.getVolume('idle')).state === 'detached');
+  await service.createVolume({ name: 'used', sizeBytes: GiB, numberOfReplicas: 3 });
+  await until('detached', async () => (await Promise.all(['e', 'idle', 'used'].map((n) => service.getVolume(n)))).every((v) => v.state === 'detached'));
+  // 'used' held data once: attached, healthy, detached.
+  await service.attachVolume('used', {});
+  await until('used healthy', async () => (await service.getVolume('used')).robustness === 'healthy');
+  await service.detachVolume('used');
+  await until('used detached', async () => (await service.getVolume('used')).state === 'detached');
   await service.attachVolume('e', {});
   await until('healthy', async () => (await service.getVolume('e')).robustness === 'healthy');
-  const evicted = (await liveReplicas(objects, 'e'))[0].diskId;
+  // 4 disks, 3 replicas each: a disk that holds a replica of all three volumes.
+  const onDisk = async (d: string) => (await Promise.all(['e', 'idle', 'used'].map((n) => liveReplicas(objects, n)))).every((rs) => rs.some((r) => r.diskId === d));
+  let evicted: string | null = null;
+  for (const d of (await liveReplicas(objects, 'e')).map((r) => r.diskId)) if (evicted === null && await onDisk(d)) evicted = d;
+  assert.ok(evicted !== null, 'a disk with a replica of every volume');
+  const usedBefore = (await liveReplicas(objects, 'used')).find((r) => r.diskId === evicted)!;
   await assert.rejects(service.updateDisk(evicted, { evict: 'yes' as unknown as boolean }), /evict must be true or false/);
   const disk = await service.updateDisk(evicted, { evict: true });
   assert.equal(disk.evict, true);
   await until('e left the disk', async () => !(await liveReplicas(objects, 'e')).some((r) => r.diskId === evicted));
   await until('healthy', async () => (await service.getVolume('e')).robustness === 'healthy');
-  // The detached volume's replica on that disk waits for an attach, and says so.
-  const idleOnDisk = (await liveReplicas(objects, 'idle')).some((r) => r.diskId === evicted);
-  if (idleOnDisk) {
-    const idle = await until('a waiting message', async () => {
-      const v = await service.getVolume('idle');
-      return v.message !== null ? v : undefined;
-    });
-    assert.match(idle.message!, /will move once the volume is attached/);
-    assert.match((await service.listReplicas({ volume: 'idle' })).find((r) => r.diskId === evicted)!.leaving!.reason, /being evicted/);
-    await service.attachVolume('idle', {});
-    await until('idle left the disk', async () => !(await liveReplicas(objects, 'idle')).some((r) => r.diskId === evicted));
-  }
+  // Never attached: an empty replica takes the place at once, with no attach.
+  await until('idle left the disk', async () => !(await liveReplicas(objects, 'idle')).some((r) => r.diskId === evicted));
+  assert.equal((await liveReplicas(objects, 'idle')).length, 3);
+  assert.equal((await objects.must(Kind.Volume, 'idle')).value.status.epoch, 0, 'idle was never attached');
+  // Held data: attached without an NBD export, its replica rebuilt elsewhere, detached again.
+  await until('used left the disk', async () => !(await liveReplicas(objects, 'used')).some((r) => r.diskId === evicted));
+  const used = await until('used detached again', async () => {
+    const v = await service.getVolume('used');
+    return v.state === 'detached' && (await objects.must(Kind.Volume, 'used')).value.spec.moveAttachment == null ? v : undefined;
+  });
+  assert.equal(used.replicas.length, 3);
+  assert.ok(!used.replicas.some((r) => r.name === usedBefore.name));
+  const usedEvents = (await service.listEvents({ volume: 'used' })).map((e) => `${e.reason}: ${e.message}`);
+  assert.ok(usedEvents.some((e) => /^MoveAttached: .*without an NBD export to move replica/.test(e)), usedEvents.join('\n'));
+  assert.ok(usedEvents.some((e) => /^ReplicaMoved: /.test(e)), usedEvents.join('\n'));
+  assert.ok(usedEvents.some((e) => /^MoveDetached: the replicas have moved/.test(e)), usedEvents.join('\n'));
+  assert.equal((await objects.must(Kind.Volume, 'used')).value.spec.maintenance, false);
   const empty = await until('the disk is empty', async () => {
-    const d = await service.getDisk(evicted);
+    const d = await service.getDisk(evicted!);
     return d.replicaCount === 0 ? d : undefined;
   });
   assert.equal(empty.evict, true);
@@ -746,6 +762,52 @@ test('disk eviction: every replica leaves the disk, which then says it is empty 
   await assert.rejects(service.createVolume({ name: 'big', sizeBytes: GiB, numberOfReplicas: 4 }), /being evicted/);
   const reasons = (await service.listEvents({})).map((e) => e.reason);
   assert.ok(reasons.includes('DiskEvicting'));
+});
+
+test('a detached volume attached for a replica move gives way to a workload attach at once; the move goes on under it', async (t) => {
+  const { service, objects } = await setup(t, 3);
+  await service.createVolume({ name: 'w', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('w')).state === 'detached');
+  await service.attachVolume('w', {});
+  await until('healthy', async () => (await service.getVolume('w')).robustness === 'healthy');
+  await service.detachVolume('w');
+  await until('detached', async () => (await service.getVolume('w')).state === 'detached');
+  const before = await liveReplicas(objects, 'w');
+  const free = ['n1-d0', 'n1-d1', 'n1-d2'].find((d) => !before.some((r) => r.diskId === d))!;
+  // The disk asked for takes nothing for now: the move cannot end while the manager holds the volume.
+  await service.updateDisk(free, { allowScheduling: false });
+  await service.moveReplica(before[0].name, { diskId: free });
+  const held = await until('attached for the move', async () => {
+    const v = await service.getVolume('w');
+    return v.state === 'attached' && (await objects.must(Kind.Volume, 'w')).value.spec.moveAttachment != null ? v : undefined;
+  });
+  assert.equal(held.frontend, false, 'no NBD export');
+  assert.match(held.message ?? '', /attached by the manager without an NBD export to move replica/);
+  await until('the move says why it waits', async () => /cannot move/.test((await service.getVolume('w')).message ?? ''));
+  // A detach by the user while the manager holds it changes nothing (the manager detaches it itself).
+  await service.detachVolume('w');
+  assert.ok((await objects.must(Kind.Volume, 'w')).value.spec.moveAttachment != null);
+  // A workload attach: recorded, then the manager lets go and the attach follows, with an export.
+  const asked = await service.attachVolume('w', {});
+  assert.ok(asked.state === 'attached' || asked.state === 'detaching' || asked.state === 'detached' || asked.state === 'attaching');
+  const epochHeld = held.epoch;
+  const attached = await until('attached for the workload', async () => {
+    const v = await service.getVolume('w');
+    return v.state === 'attached' && v.frontend && v.epoch > epochHeld && v.endpoint !== null ? v : undefined;
+  });
+  assert.equal((await objects.must(Kind.Volume, 'w')).value.spec.moveAttachment ?? null, null);
+  await service.updateDisk(free, { allowScheduling: true });
+  // The move goes on under the workload's attachment, which stays when it is done.
+  await until('moved', async () => {
+    const live = await liveReplicas(objects, 'w');
+    return live.length === 2 && live.some((r) => r.diskId === free) && !live.some((r) => r.name === before[0].name) && (await service.getVolume('w')).robustness === 'healthy';
+  });
+  const after = await service.getVolume('w');
+  assert.equal(after.state, 'attached');
+  assert.equal(after.epoch, attached.epoch);
+  const reasons = (await service.listEvents({ volume: 'w' })).map((e) => `${e.reason}: ${e.message}`);
+  assert.ok(reasons.some((e) => /^AttachWaiting: .*attached for replica moves/.test(e)), reasons.join('\n'));
+  assert.ok(reasons.some((e) => /^MoveDetached: a workload asked to attach the volume/.test(e)), reasons.join('\n'));
 });
 
 test('replica-auto-balance least-effort: replicas sharing a node spread to a new node once it joins; a bad value is refused', async (t) => {

@@ -104,3 +104,53 @@ test('replica move and disk eviction under fio verify: rebuilt first, then remov
   const digests = await Promise.all(replicas.map((r) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, SIZE)));
   assert.equal(new Set(digests).size, 1, `replica digests: ${digests.join(' ')}`);
 });
+
+test('disk eviction with detached volumes: one that holds data is attached without an export, moved and detached again, its data intact; one never attached gets an empty replica', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  const size = 64 * MiB;
+  mustZebu(up, ['volume', 'create', 'kept', '--size', String(size), '--replicas', '2']);
+  mustZebu(up, ['volume', 'create', 'blank', '--size', String(size), '--replicas', '2']);
+  const uri = mustZebu(up, ['volume', 'attach', 'kept']).trim();
+  const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x6b 0 64M', '-c', 'flush', uri], { timeout: 120_000 });
+  assert.equal(fill.status, 0, String(fill.stderr));
+  mustZebu(up, ['volume', 'detach', 'kept']);
+  await waitFor('kept detached', () => mustZebuJson(up, ['volume', 'get', 'kept']).state === 'detached', 60_000, 200);
+
+  // A disk that holds a replica of both (3 disks, 2 replicas each: one always does).
+  const rows = (v: string) => mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', v]);
+  const keptBefore = rows('kept');
+  const evicted = keptBefore.map((r) => r.diskId).find((d) => rows('blank').some((r) => r.diskId === d))!;
+  assert.ok(evicted !== undefined, 'a disk with a replica of both volumes');
+  mustZebu(up, ['disk', 'update', evicted, '--evict']);
+  const empty = await waitFor('the evicted disk empty', () => {
+    const d = mustZebuJson(up, ['disk', 'list']).find((x: { name: string }) => x.name === evicted);
+    return d.replicaCount === 0 ? d : undefined;
+  }, 180_000, 200);
+  assert.equal(empty.evict, true);
+  const kept = await waitFor('kept detached again', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'kept']);
+    return v.state === 'detached' && v.replicas.length === 2 ? v : undefined;
+  }, 60_000, 200);
+  assert.ok(!kept.replicas.some((r: { diskId: string }) => r.diskId === evicted));
+  const events = mustZebuJson(up, ['events', '--volume', 'kept']).map((e: { reason: string }) => e.reason);
+  for (const r of ['MoveAttached', 'ReplicaMoving', 'ReplicaMoved', 'MoveDetached']) assert.ok(events.includes(r), `event ${r}`);
+  const blank = mustZebuJson(up, ['volume', 'get', 'blank']);
+  assert.equal(blank.epoch, 0, 'the volume never attached was not attached for its move');
+  assert.equal(blank.replicas.length, 2);
+  assert.ok(!blank.replicas.some((r: { diskId: string }) => r.diskId === evicted));
+
+  // The data moved with it: attached again, every byte reads back, and the replicas agree.
+  const again = mustZebu(up, ['volume', 'attach', 'kept']).trim();
+  const read = spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x6b 0 64M', again], { timeout: 120_000 });
+  assert.equal(read.status, 0, String(read.stderr));
+  assert.doesNotMatch(String(read.stdout), /Pattern verification failed/);
+  const healthy = await waitFor('healthy', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'kept']);
+    return v.robustness === 'healthy' ? v : undefined;
+  }, 60_000, 200);
+  const secret = readSecretFile(path.join(dataDir, 'secret'));
+  const digests = await Promise.all(rows('kept').map((r) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, size)));
+  assert.equal(new Set(digests).size, 1, `replica digests: ${digests.join(' ')}`);
+});
