@@ -41,11 +41,11 @@ import { INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
 import { ActiveRegions, FlushSequence } from './active-regions.ts';
 import { WriteAck } from './write-ack.ts';
 import { runVerify } from './verify-sequence.ts';
-import { deltaRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
+import { deltaRefusal, fullResumeRefusal, imageMismatch, joinKind, snapshotCopyPlan, unfinishedFullRebuild } from './rebuild-plan.ts';
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
 import { COPY_CHUNK_BYTES, emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
-import { runDeltaRebuild, runFullRebuild, type RebuildHost } from './rebuild-sequence.ts';
+import { runDeltaRebuild, runFullRebuild, type FullResume, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
@@ -249,7 +249,15 @@ export class Engine implements BlockBackend {
   private lastVerify: VerifyReport | null = null;
   private readonly rebuildHost: RebuildHost;
   private readonly startupHost: StartupHost;
-  private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null } | null = null;
+  /**
+   * The last rebuild's outcome. `keptSnapshots`: a full rebuild that went on over what its target
+   * completed before it stopped, and the snapshots it found whole there.
+   */
+  private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null; keptSnapshots?: string[] } | null = null;
+  /** Replicas (by key) whose full rebuild began in this engine: one that stops may go on. */
+  private readonly fullRebuildsHere = new Set<string>();
+  /** Replicas (by key) whose full rebuild cannot go on, and why (a snapshot differed). */
+  private readonly resumeRefused = new Map<string, string>();
 
   /** Flush numbers: the last sent, and `confirmed` (every flush up to it completed everywhere). */
   private readonly flushes = new FlushSequence();
@@ -553,7 +561,10 @@ export class Engine implements BlockBackend {
       reason: r.reason,
       revision: r.info?.revision ?? null,
       rebuild: r.rebuild === null ? null : { ...r.rebuild },
-      resumable: r.info !== null && r.info.rebuilding && r.info.rebuildKind === 'delta',
+      // Worth waiting for when it fails: a delta goes on from the maps; a full rebuild begun here
+      // goes on over the snapshots it completed (one found at start-up is not known to be ours).
+      resumable: r.info !== null && r.info.rebuilding
+        && (r.info.rebuildKind === 'delta' || (r.info.rebuildKind === 'full' && this.fullRebuildsHere.has(r.key) && !this.resumeRefused.has(r.key))),
     }));
   }
 
@@ -1163,6 +1174,7 @@ export class Engine implements BlockBackend {
     let info: ReplicaInfo;
     let snapshots: SnapshotInfo[] = [];
     let mapHolder: EngineReplica | null = null;
+    let resume: FullResume | null = null;
     try {
       info = await this.openChecked(client, key, named);
       // A replica on a backing image must have the volume's image: a rebuild copies only what
@@ -1173,12 +1185,19 @@ export class Engine implements BlockBackend {
       if (!empty || served) {
         const delta = await this.deltaSource(key, info, client);
         if (typeof delta === 'string') {
-          if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
+          // A full rebuild of it that stopped midway goes on over the snapshots it completed.
+          if (!empty && info.rebuilding && info.rebuildKind === 'full') {
+            const theirs = await client.snapshotList();
+            snapshots = await this.snapshotList();
+            const refusal = this.resumeRefused.get(key) ?? fullResumeRefusal(info, theirs, snapshots);
+            if (refusal !== null) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty and its full rebuild cannot go on: ${refusal}`);
+            resume = { snapshots: theirs, kept: [], refuse: (why) => this.resumeRefused.set(key, why) };
+          } else if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
         } else mapHolder = delta;
       }
       if (info.sizeBytes < this.sizeBytes) info = await client.expand(this.sizeBytes);
       if (info.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} has ${info.sizeBytes} bytes, the volume ${this.sizeBytes}`);
-      if (mapHolder === null) snapshots = await this.snapshotList();
+      if (mapHolder === null && resume === null) snapshots = await this.snapshotList();
       // Checked again, with no await until the rebuild is registered: the awaits above let other
       // control requests in (an expansion or a snapshot would leave the new replica behind).
       if (this.rebuilding !== null || this.paused || !replaceable(previous()) || this.closed || this.faultedReason !== null) {
@@ -1199,7 +1218,11 @@ export class Engine implements BlockBackend {
     client.onClose((err) => {
       if (target.client === client) this.setErr(target, err);
     });
-    if (mapHolder === null) this.beginRebuild(target, (rebuild) => runFullRebuild(this.rebuildHost, rebuild, target, snapshotCopyPlan(snapshots)), { snapshots: snapshots.map((x) => x.name) });
+    if (mapHolder === null) {
+      this.fullRebuildsHere.add(key);
+      const details = { snapshots: snapshots.map((x) => x.name), ...(resume !== null ? { goesOnOver: resume.snapshots.map((x) => x.name) } : {}) };
+      this.beginRebuild(target, (rebuild) => runFullRebuild(this.rebuildHost, rebuild, target, snapshotCopyPlan(snapshots), resume), details, resume);
+    }
     else this.beginRebuild(target, (rebuild) => runDeltaRebuild(this.rebuildHost, rebuild, target, mapHolder), { delta: true, mapHolder: mapHolder.address });
     return this.replicaStatus();
   }
@@ -1210,14 +1233,17 @@ export class Engine implements BlockBackend {
   }
 
   /** Registers the rebuild of `target` (already in the list, WO) and runs it in the background. */
-  private beginRebuild(target: EngineReplica, run: (rebuild: Rebuild<EngineReplica>) => Promise<void>, details: Record<string, unknown>): void {
+  private beginRebuild(target: EngineReplica, run: (rebuild: Rebuild<EngineReplica>) => Promise<void>, details: Record<string, unknown>, resume: FullResume | null = null): void {
     // Not in the write set until it joins: `inWriteSet` says when it does.
     const rebuild = new Rebuild(target, target.rebuild!);
     this.rebuilding = rebuild;
     const started = this.clock.nowMs();
     const progress = target.rebuild!;
     const record = (error: string | null): void => {
-      this.lastRebuild = { at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: this.clock.nowMs() - started, error };
+      this.lastRebuild = {
+        at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: this.clock.nowMs() - started, error,
+        ...(resume !== null ? { keptSnapshots: [...resume.kept] } : {}),
+      };
     };
     this.log({ event: 'rebuild-started', replica: target.address, ...details });
     this.rebuildRun = run(rebuild).then(

@@ -51,7 +51,6 @@ export function deltaRefusal(info: ReplicaInfo, ours: string[], theirs: string[]
   const unfinished = unfinishedFullRebuild(info);
   if (unfinished !== null) return unfinished;
   if (ours.length !== theirs.length || ours.some((name, i) => name !== theirs[i])) return `its snapshot chain [${theirs.join(', ')}] is not the volume's [${ours.join(', ')}]`;
-  if (info.hasBase !== volumeHasBase) return 'its backing image differs';
   return null;
 }
 
@@ -79,6 +78,25 @@ export function deltaRegions(missed: number[], targetActive: number[], holderAct
   const all = new Set<number>();
   for (const list of [missed, targetActive, holderActive]) for (const region of list) if (region >= 0 && region < regionCount) all.add(region);
   return [...all].sort((a, b) => a - b);
+}
+
+/**
+ * Why a replica whose full rebuild stopped midway cannot go on with it over the snapshots it
+ * completed, or null when it can: each of its snapshots must be one of the volume's, on the same
+ * parent (their bytes are compared by hash during the rebuild). `theirs`: the target's.
+ */
+export function fullResumeRefusal(info: ReplicaInfo, theirs: SnapshotInfo[], ours: SnapshotInfo[]): string | null {
+  if (!info.rebuilding || info.rebuildKind !== 'full') return 'it holds data and no full rebuild of it stopped midway';
+  const parentNames = (list: SnapshotInfo[]): Map<string, string | null> => {
+    const byId = new Map(list.map((x) => [x.id, x.name]));
+    return new Map(list.map((x) => [x.name, x.parent !== null ? byId.get(x.parent) ?? null : null]));
+  };
+  const volume = parentNames(ours);
+  for (const [name, parent] of parentNames(theirs)) {
+    if (!volume.has(name)) return `its snapshot ${name} is not in the volume`;
+    if (volume.get(name) !== parent) return `its snapshot ${name} sits on ${parent ?? 'nothing'}, the volume's on ${volume.get(name) ?? 'nothing'}`;
+  }
+  return null;
 }
 
 /** How the live volume is copied over a target whose head sits on `tip` (a snapshot) or on nothing. */

@@ -6,10 +6,12 @@
  * the steps, the requests to the replicas, and when client I/O is paused. The engine hands in
  * what a rebuild needs of it (`RebuildHost`), and starts, tracks and reports the run itself.
  */
+import { createHash } from 'node:crypto';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { DataClient } from '../protocol/client.ts';
 import { Op, decodeExtents } from '../protocol/frames.ts';
-import { deltaRegions, liveRegionCopy, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { deltaRegions, liveRegionCopy, snapshotCopyPlan, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import type { SnapshotInfo } from '../replica/replica.ts';
 import { isAllZero } from '../os/zeros.ts';
 import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
 import type { Rebuild, RangeClaims } from './rebuild.ts';
@@ -276,17 +278,55 @@ async function finishRebuild(host: RebuildHost, target: EngineReplica, check: ()
   }
 }
 
-export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan): Promise<void> {
+/**
+ * A full rebuild that goes on over what its target completed before it stopped (its snapshots;
+ * the engine checked that each is the volume's, on the same parent: fullResumeRefusal).
+ */
+export interface FullResume {
+  /** The target's snapshots when it was added again. */
+  snapshots: SnapshotInfo[];
+  /** Snapshots found whole (every region hashing as the source's) and not copied again. */
+  kept: string[];
+  /** A snapshot of the target differs from the source's: it cannot go on (a new replica will). */
+  refuse(why: string): void;
+}
+
+/** SHA-256 of `length` zero bytes, by length (a region's, the last one's). */
+const zeroHashes = new Map<number, Buffer>();
+function zeroHash(length: number): Buffer {
+  let h = zeroHashes.get(length);
+  if (h === undefined) {
+    h = createHash('sha256').update(Buffer.alloc(length)).digest();
+    zeroHashes.set(length, h);
+  }
+  return h;
+}
+
+export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineReplica>, target: EngineReplica, plan: SnapshotCopyPlan, resume: FullResume | null = null): Promise<void> {
   const progress = target.rebuild!;
   const regionBytes = REGION_BYTES;
   const check = rebuildCheck(host, rebuild, target);
   const fromSource = <T>(fn: (client: DataClient) => Promise<T>): Promise<T> => readSource(host, target, check, fn);
   // On a backing image (the target has it too: addReplica checked): "empty" is the image's bytes.
   const aboveImage = target.info?.hasBase === true;
+  const everyRegion = new Set<number>(Array.from({ length: Math.ceil(host.sizeBytes / regionBytes) }, (_, i) => i));
   let joined = false;
   try {
     // 0. From now until the end the copy is incomplete, and says so durably.
-    await target.client!.setRebuilding('full');
+    host.set.noteInfo(target, await target.client!.setRebuilding('full'));
+    // A target that goes on: its head holds part of a copy that stopped; it goes (the head is
+    // put back onto its snapshot), and where it sits on none, the first copy over it writes the
+    // zeros too (it may hold anything below).
+    const have = new Set(resume?.snapshots.map((x) => x.name) ?? []);
+    let tip: string | null = null;
+    let headUnknown = false;
+    if (resume !== null) {
+      const head = snapshotCopyPlan(resume.snapshots).headParent;
+      if (head !== null) {
+        await target.client!.snapshotRevert(head);
+        tip = head;
+      } else headUnknown = true;
+    }
     // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
     //    snapshot's parent, what the snapshot changed since that parent is written over it, and
     //    the head is snapshotted under the snapshot's name. A snapshot without a parent is
@@ -296,14 +336,35 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     //    the live volume's parent snapshot.
     //    `mayDiffer`: by snapshot (null: none yet), the regions where the target's view may
     //    differ from an empty volume (zeros, or the image).
-    const mayDiffer = new Map<string | null, Set<number>>([[null, new Set()]]);
-    let tip: string | null = null;
+    //    A snapshot the target completed before it stopped is kept when every region of it
+    //    hashes as the source's (checked where both are, only hashes travel).
+    const mayDiffer = new Map<string | null, Set<number>>([[null, headUnknown ? everyRegion : new Set()]]);
     for (const { name, parent } of plan.order) {
+      if (have.has(name)) {
+        const differ = new Set<number>();
+        let mismatch: number | null = null;
+        await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
+          const [theirs, ours] = await Promise.all([target.client!.regionHash(offset, length, name), fromSource((c) => c.regionHash(offset, length, name))]);
+          check();
+          if (!theirs.equals(ours)) mismatch ??= offset / regionBytes;
+          if (aboveImage || !theirs.equals(zeroHash(length))) differ.add(offset / regionBytes);
+          progress.copiedBytes += length;
+        });
+        check();
+        if (mismatch !== null) {
+          const why = `its snapshot ${name} differs from the source's in region ${mismatch}`;
+          resume!.refuse(why);
+          throw new ZebuError(ErrorCode.EINVAL, `replica ${target.address}: ${why}; it cannot go on with its rebuild`);
+        }
+        mayDiffer.set(name, differ);
+        resume!.kept.push(name);
+        continue;
+      }
       if (parent !== null && parent !== tip) {
         await target.client!.snapshotRevert(parent);
         tip = parent;
       }
-      const below = mayDiffer.get(tip)!;
+      const below = mayDiffer.get(tip) ?? everyRegion;
       const differ = new Set<number>(parent !== null ? below : []);
       await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
         const region = offset / regionBytes;
@@ -339,7 +400,8 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
       await target.client!.snapshotRevert(plan.headParent);
       tip = plan.headParent;
     }
-    const differ = mayDiffer.get(tip)!;
+    const differ = mayDiffer.get(tip) ?? everyRegion;
+    if (resume !== null) host.log({ event: 'rebuild-snapshots-kept', replica: target.address, kept: resume.kept });
 
     // Maps the target kept from an earlier life name replicas as out that may be in the volume
     // now (and the snapshots just recreated made them invalid): left there, one would later

@@ -67,7 +67,7 @@ export interface BlockBackend {
   /** Revokes a lease; resolves once its copy writes in flight landed. */
   leaseRevoke?(leaseId: number): Promise<void>;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */
-  regionHash?(offset: number, length: number): Promise<Buffer>;
+  regionHash?(offset: number, length: number, snapshot?: string | null): Promise<Buffer>;
 }
 
 /** INTENT_GET's reply (JSON): the replica's write-intent summary, as the replica defines it. */

@@ -302,9 +302,9 @@ export class DataClient {
   async intentRelease(regions: number[]): Promise<void> {
     await this.request(Op.INTENT_RELEASE, 0, 0, 0, Buffer.from(JSON.stringify(regions)));
   }
-  /** SHA-256 of the live volume's bytes in the range (at most MAX_IO_BYTES). */
-  async regionHash(offset: number, length: number): Promise<Buffer> {
-    return this.request(Op.REGION_HASH, 0, offset, length);
+  /** SHA-256 of the live volume's (or snapshot `snapshot`'s) bytes in the range (at most MAX_IO_BYTES). */
+  async regionHash(offset: number, length: number, snapshot: string | null = null): Promise<Buffer> {
+    return this.request(Op.REGION_HASH, 0, offset, length, snapshot === null ? undefined : Buffer.from(snapshot));
   }
   /**
    * Tests only, replica started with `--disk-mode power-loss`: loses a seeded part of the

@@ -53,7 +53,7 @@ export const Op = {
   MISSED_DROP: 21,
   /** Payload JSON string[]: drop every missed-write map whose key is not listed. */
   MISSED_PRUNE: 22,
-  /** SHA-256 (32 bytes) of the live volume's bytes at offset/length (length <= MAX_IO_BYTES). */
+  /** SHA-256 (32 bytes) of the live volume's bytes at offset/length (length <= MAX_IO_BYTES); payload: a snapshot's name to hash its bytes instead. */
   REGION_HASH: 23,
   /** Payload JSON {key, regions: number[], invalid?: boolean}: add to (or invalidate) a missed-write map. */
   MISSED_MERGE: 24,

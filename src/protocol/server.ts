@@ -465,7 +465,7 @@ class Connection {
       case Op.REGION_HASH:
         if (replica.regionHash === undefined) throw unsupported(h.op);
         if (h.length > MAX_IO_BYTES) throw invalid(`REGION_HASH of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
-        return replica.regionHash(h.offset, h.length);
+        return replica.regionHash(h.offset, h.length, payload.length > 0 ? textArg(payload) : null);
       case Op.BLOCK_STATUS:
         return encodeExtents(await replica.blockStatus(h.offset, h.length));
       case Op.SNAPSHOT_CHANGES: {

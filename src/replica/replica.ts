@@ -1212,15 +1212,18 @@ export class Replica {
     this.intent?.release(regions);
   }
 
-  /** SHA-256 of the live volume's bytes in the range, read through the chain (holes as zeros). */
-  async regionHash(offset: number, length: number): Promise<Buffer> {
+  /**
+   * SHA-256 of the bytes in the range as the live volume (snapshot null) or snapshot `snapshot`
+   * reads them, through the chain (holes as zeros).
+   */
+  async regionHash(offset: number, length: number, snapshot: string | null = null): Promise<Buffer> {
     this.checkUsable();
     this.checkRange(offset, length);
     const hash = createHash('sha256');
     const chunk = Buffer.allocUnsafe(Math.min(length, INTENT_REGION_BYTES));
     for (let at = offset; at < offset + length; ) {
       const n = Math.min(chunk.length, offset + length - at);
-      await this.read(at, n, chunk, 0);
+      await this.readChain(snapshot, at, n, chunk, 0);
       hash.update(chunk.subarray(0, n));
       at += n;
     }

@@ -9,6 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { controlRequest } from '../../src/protocol/control-channel.ts';
 import { FrontendControlClient } from '../../src/frontend/control-client.ts';
@@ -262,6 +263,106 @@ test('a rebuild target SIGKILLed midway resumes: added again, and again after an
   const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 3, size)));
   assert.equal(digests[2], digests[0]);
   assert.equal(digests[1], digests[0]);
+});
+
+test('a rebuild target SIGKILLed while snapshots are copied goes on over the snapshots it completed, checked by hash; every snapshot identical', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const size = 128 * MiB;
+  const replicas: ReplicaProcess[] = [];
+  for (const i of [0, 1]) {
+    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
+    t.after(() => r.child.kill('SIGKILL'));
+    replicas.push(r);
+  }
+  const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
+  const engine = await startEngine(t, dir, { sizeBytes: size, replicas: addresses, epoch: 1, secretFile });
+  const names = ['s1', 's2', 's3', 's4'];
+  for (const [i, name] of names.entries()) {
+    await fillThroughEngine(engine, secret, size, 10 + i);
+    await controlRequest(engine.control, 'POST', '/v1/snapshots', { name });
+  }
+  await fillThroughEngine(engine, secret, size / 2, 20);
+
+  let victim = await startReplica({ dir: path.join(dir, 'victim'), sizeBytes: size, secretFile });
+  t.after(() => victim.child.kill('SIGKILL'));
+  const victimAddress = `127.0.0.1:${victim.port}`;
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
+  // Killed while the third snapshot is copied: the first two are complete on it.
+  await waitFor('two snapshots copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 2.25 * size, 60_000, 2);
+  victim.child.kill('SIGKILL');
+  await victim.exited;
+  const failed = await waitFor('target ERR', async () => {
+    const row = (await replicasOf(engine.control))[2] as ReplicaRow & { resumable?: boolean };
+    return row.mode === 'ERR' ? row : undefined;
+  }, 30_000, 50);
+  assert.equal(failed.resumable, true, 'a full rebuild begun here may go on');
+
+  victim = await startReplica({ dir: path.join(dir, 'victim'), sizeBytes: size, secretFile, port: victim.port });
+  t.after(() => victim.child.kill('SIGKILL'));
+  const again = (await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress })) as ReplicaRow[];
+  assert.equal(again[2].mode, 'WO', 'taken back (before, a half-copied replica was refused as not empty)');
+  await waitFor('the victim RW', async () => (await replicasOf(engine.control))[2].mode === 'RW', 120_000, 50);
+  const last = (await info(engine.control) as unknown as { lastRebuild: { delta: boolean; error: string | null; keptSnapshots?: string[] } | null }).lastRebuild;
+  assert.ok(last !== null && last.error === null && !last.delta, JSON.stringify(last));
+  assert.ok(last.keptSnapshots !== undefined && ['s1', 's2'].every((n) => last.keptSnapshots!.includes(n)), `the snapshots completed before the kill were kept: ${JSON.stringify(last)}`);
+  assert.ok(!last.keptSnapshots.includes('s4'), 'the snapshot under way was not complete');
+
+  await stopEngine(engine);
+  for (const snapshot of [...names, undefined]) {
+    const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 1, size, snapshot)));
+    assert.equal(new Set(digests).size, 1, `${snapshot ?? 'the live volume'}: ${digests.join(' ')}`);
+  }
+});
+
+test('a half-rebuilt target whose completed snapshot was damaged on disk is found out by hash, not taken back, and said why', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const size = 64 * MiB;
+  const replicas: ReplicaProcess[] = [];
+  for (const i of [0, 1]) {
+    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
+    t.after(() => r.child.kill('SIGKILL'));
+    replicas.push(r);
+  }
+  const engine = await startEngine(t, dir, { sizeBytes: size, replicas: replicas.map((r) => `127.0.0.1:${r.port}`), epoch: 1, secretFile });
+  for (const [i, name] of ['s1', 's2', 's3', 's4'].entries()) {
+    await fillThroughEngine(engine, secret, size, 30 + i);
+    await controlRequest(engine.control, 'POST', '/v1/snapshots', { name });
+  }
+  const victimDir = path.join(dir, 'victim');
+  let victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile });
+  t.after(() => victim.child.kill('SIGKILL'));
+  const victimAddress = `127.0.0.1:${victim.port}`;
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
+  await waitFor('two snapshots copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 2.25 * size, 60_000, 2);
+  victim.child.kill('SIGKILL');
+  await victim.exited;
+  await waitFor('target ERR', async () => (await replicasOf(engine.control))[2].mode === 'ERR', 30_000, 50);
+  // Bit rot in the oldest layer (snapshot s1) while the process is down.
+  const oldest = fs.readdirSync(victimDir).filter((n) => /^L\d+\.data$/.test(n)).sort()[0];
+  const file = path.join(victimDir, oldest);
+  const fd = fs.openSync(file, 'r+');
+  const byte = Buffer.alloc(1);
+  fs.readSync(fd, byte, 0, 1, 4096);
+  byte[0] ^= 0xff;
+  fs.writeSync(fd, byte, 0, 1, 4096);
+  fs.closeSync(fd);
+
+  victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile, port: victim.port });
+  t.after(() => victim.child.kill('SIGKILL'));
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
+  const failed = await waitFor('the rebuild failed on the hash', async () => {
+    const row = (await replicasOf(engine.control))[2] as ReplicaRow & { resumable?: boolean };
+    return row.mode === 'ERR' ? row : undefined;
+  }, 60_000, 20);
+  assert.match(failed.reason ?? '', /snapshot s1 differs from the source's/);
+  assert.equal(failed.resumable, false, 'not worth waiting for: a new replica must take its place');
+  // Asked again, it is refused with the reason (the manager then makes a new replica).
+  await expectError(controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress }), /its full rebuild cannot go on: its snapshot s1 differs from the source's/);
+  const now = await info(engine.control);
+  assert.equal(now.faulted, false);
+  assert.equal(now.stats.errors, 0);
 });
 
 test('a rebuild source SIGKILLed midway: the copy goes on from the other RW replica; fio verify sees no error', async (t) => {
