@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { snapshotCopyPlan } from '../../src/engine/rebuild-plan.ts';
-import type { SnapshotInfo } from '../../src/replica/replica.ts';
+import { fullResumeRefusal, snapshotCopyPlan } from '../../src/engine/rebuild-plan.ts';
+import type { ReplicaInfo, SnapshotInfo } from '../../src/replica/replica.ts';
 
 function snap(name: string, id: string, parent: string | null, createdAt: string, inChain: boolean): SnapshotInfo {
   return { name, id, parent, createdAt, sizeBytesUsed: 0, inChain };
@@ -27,4 +27,16 @@ test('two roots (a root snapshot was deleted) and no snapshot at all', () => {
   assert.deepEqual(plan.order, [{ name: 'x', parent: null }, { name: 'y', parent: null }]);
   assert.equal(plan.headParent, 'y');
   assert.deepEqual(snapshotCopyPlan([]), { order: [], headParent: null });
+});
+
+test('a stopped full rebuild goes on only over snapshots that are the volume\'s, on the same parents', () => {
+  const volume = [snap('a', 'L1', null, '1', true), snap('b', 'L2', 'L1', '2', true), snap('c', 'L4', 'L2', '3', true)];
+  const marked = { rebuilding: true, rebuildKind: 'full' } as ReplicaInfo;
+  // The target's layer ids are its own; names and parents count.
+  assert.equal(fullResumeRefusal(marked, [], volume), null);
+  assert.equal(fullResumeRefusal(marked, [snap('a', 'L7', null, '9', true), snap('b', 'L9', 'L7', '9', true)], volume), null);
+  assert.match(fullResumeRefusal(marked, [snap('z', 'L7', null, '9', true)], volume)!, /its snapshot z is not in the volume/);
+  assert.match(fullResumeRefusal(marked, [snap('a', 'L7', null, '9', true), snap('c', 'L9', 'L7', '9', true)], volume)!, /its snapshot c sits on a, the volume's on b/);
+  assert.match(fullResumeRefusal({ rebuilding: true, rebuildKind: 'delta' } as ReplicaInfo, [], volume)!, /no full rebuild of it stopped midway/);
+  assert.match(fullResumeRefusal({ rebuilding: false } as ReplicaInfo, [], volume)!, /no full rebuild of it stopped midway/);
 });

@@ -171,7 +171,7 @@ test('missed-write maps over the wire, durable across a crash; tree ops drop the
   assert.equal(replica.info().activeRegions, 2);
 });
 
-test('REGION_HASH: SHA-256 of the live bytes; bad arguments are EINVAL on a connection that keeps working', async (t) => {
+test('REGION_HASH: SHA-256 of the live bytes or of a snapshot\'s; bad arguments are EINVAL on a connection that keeps working', async (t) => {
   const { port } = await servedReplica(t);
   const client = await connect(t, port);
   await client.open();
@@ -179,6 +179,12 @@ test('REGION_HASH: SHA-256 of the live bytes; bad arguments are EINVAL on a conn
   const bytes = await client.read(R, R);
   assert.deepEqual(await client.regionHash(R, R), createHash('sha256').update(bytes).digest());
   assert.deepEqual(await client.regionHash(0, R), createHash('sha256').update(Buffer.alloc(R)).digest());
+  // A snapshot's bytes by name: the live volume moves on, the snapshot's hash does not.
+  await client.snapshotCreate('before');
+  await client.write(R + 12288, pattern(5, 4096));
+  assert.deepEqual(await client.regionHash(R, R, 'before'), createHash('sha256').update(bytes).digest());
+  assert.notDeepEqual(await client.regionHash(R, R), await client.regionHash(R, R, 'before'));
+  await assert.rejects(client.regionHash(R, R, 'no-such-snapshot'), rejectsWith(ErrorCode.NOT_FOUND));
 
   await assert.rejects(client.regionHash(0, 32 * 1024 * 1024 + 4096), rejectsWith(ErrorCode.EINVAL));
   await assert.rejects(client.regionHash(SIZE, 4096), rejectsWith(ErrorCode.EINVAL));

@@ -4,10 +4,13 @@
  * writing and verifying the first part of the volume meanwhile). The agent restarts the process,
  * the manager waits for it rather than making another replica, the engine takes it back by a
  * delta of what was left (not the whole volume), and the move ends with that same replica; fio
- * sees no error and the replicas hold the same bytes.
+ * sees no error and the replicas hold the same bytes. The same when the kill lands while the
+ * volume's snapshots are copied: the new replica is taken back over the snapshots it completed
+ * (each checked by hash against the source's), and every snapshot ends the same everywhere.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { replicaDigest } from '../support/volume-cluster.ts';
@@ -89,4 +92,52 @@ test('a moved replica\'s new replica SIGKILLed mid-rebuild: waited for, taken ba
   const replicas = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'rs']);
   const digests = await Promise.all(replicas.map((r) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, SIZE)));
   assert.equal(new Set(digests).size, 1, `replica digests: ${digests.join(' ')}`);
+});
+
+test('a moved replica\'s new replica SIGKILLed while the snapshots are copied: taken back over the snapshots it completed (checked by hash), not replaced; snapshots identical', async (t) => {
+  const dataDir = zebuDataDir(t);
+  const up = await startZebuUp({ dataDir });
+  t.after(() => stopZebuUp(up));
+  const size = 128 * MiB;
+  mustZebu(up, ['volume', 'create', 'ss', '--size', String(size), '--replicas', '2']);
+  const uri = mustZebu(up, ['volume', 'attach', 'ss']).trim();
+  const names = ['s1', 's2', 's3', 's4'];
+  for (const [i, name] of names.entries()) {
+    const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', `write -P ${0x41 + i} 0 ${size / MiB}M`, '-c', 'flush', uri], { timeout: 120_000 });
+    assert.equal(fill.status, 0, String(fill.stderr));
+    mustZebu(up, ['snapshot', 'create', 'ss', name]);
+  }
+  const disks = mustZebuJson(up, ['disk', 'list']).map((d: { name: string }) => d.name) as string[];
+  const before = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']);
+  const free = disks.find((d) => !before.some((r) => r.diskId === d))!;
+  mustZebu(up, ['replica', 'move', before[0].name, '--disk', free]);
+  // Four snapshots and the live volume: the third snapshot is under way past 2.25 volumes.
+  const newcomer = await waitFor('two snapshots copied', () => {
+    const row = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']).find((r) => r.diskId === free);
+    return row !== undefined && row.mode === 'WO' && row.rebuild !== null && row.rebuild.copiedBytes >= 2.25 * size ? row : undefined;
+  }, 180_000, 20);
+  assert.ok(newcomer.rebuild!.copiedBytes < 4 * size, 'killed before the snapshots were all copied');
+  process.kill(newcomer.pid, 'SIGKILL');
+
+  const rows = await waitFor('the move done with the same new replica', () => {
+    const now = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']);
+    return !now.some((r) => r.name === before[0].name) && now.find((r) => r.name === newcomer.name)?.mode === 'RW' ? now : undefined;
+  }, 240_000, 200);
+  assert.deepEqual(rows.map((r) => r.name).sort(), [before[1].name, newcomer.name].sort(), 'no other replica was made');
+  const events = mustZebuJson(up, ['events', '--volume', 'ss']) as { reason: string; object: string; message: string }[];
+  assert.match(events.find((e) => e.reason === 'ReplicaFailed' && e.object === newcomer.name)?.message ?? '', /its rebuild goes on where it stopped/);
+  // The engine's log names the snapshots found whole on it and not copied again.
+  const engineLog = fs.readFileSync(path.join(dataDir, 'logs', 'e.ss.log'), 'utf8').split('\n').filter((l) => l.includes('"rebuild-snapshots-kept"')).map((l) => JSON.parse(l) as { kept: string[] });
+  assert.ok(engineLog.some((e) => ['s1', 's2'].every((n) => e.kept.includes(n))), `kept: ${JSON.stringify(engineLog)}`);
+
+  const healthy = await waitFor('healthy', () => {
+    const v = mustZebuJson(up, ['volume', 'get', 'ss']);
+    return v.robustness === 'healthy' ? v : undefined;
+  }, 60_000, 200);
+  const secret = readSecretFile(path.join(dataDir, 'secret'));
+  const replicas = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']);
+  for (const snapshot of [...names, undefined]) {
+    const digests = await Promise.all(replicas.map((r) => replicaDigest(Number(r.address.split(':')[1]), secret, healthy.epoch, size, snapshot)));
+    assert.equal(new Set(digests).size, 1, `${snapshot ?? 'the live volume'}: ${digests.join(' ')}`);
+  }
 });
