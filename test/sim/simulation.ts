@@ -650,6 +650,9 @@ export class Simulation {
         // A replica that never served, back by a delta: its full rebuild stopped past its
         // snapshots and goes on from the maps (what it copied is not copied again).
         if (delta && !out.servedBefore) this.stats.rebuildsResumed++;
+        // Back by a full rebuild, never having served: its full rebuild stopped while the
+        // snapshots were copied and goes on over those it completed (or it was still empty).
+        if (!delta && !out.servedBefore) this.stats.rebuildsResumed++;
         this.note(`${out.key} rebuild started (${delta ? 'delta' : 'full'})`);
         if (!delta && out.servedBefore && !out.treeChangedWhileOut) {
           this.problem(`${out.key} came back with a full rebuild where its missed-write map should have allowed a delta`);
