@@ -254,8 +254,6 @@ export class Engine implements BlockBackend {
    * completed before it stopped, and the snapshots it found whole there.
    */
   private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null; keptSnapshots?: string[] } | null = null;
-  /** Replicas (by key) whose full rebuild began in this engine: one that stops may go on. */
-  private readonly fullRebuildsHere = new Set<string>();
   /** Replicas (by key) whose full rebuild cannot go on, and why (a snapshot differed). */
   private readonly resumeRefused = new Map<string, string>();
 
@@ -418,7 +416,11 @@ export class Engine implements BlockBackend {
     this.phase = 'serving';
     this.pingTimer = this.clock.setInterval(() => this.pingAll(), this.options.pingIntervalMs).unref();
     this.idleFlushTimer = this.clock.setInterval(() => this.idleFlush(), Math.ceil(IDLE_FLUSH_MS / 2)).unref();
-    if (this.pendingDeltas.length > 0) void this.runPendingDeltas();
+    // A replica whose full rebuild stopped while its snapshots were copied (this engine's
+    // predecessor was killed) is out of the start-up; it is added again once the deltas are
+    // done, and goes on over the snapshots it completed.
+    const halfCopied = this.replicas.filter((r) => r.mode === ReplicaMode.ERR && r.info !== null && r.info.rebuilding && r.info.rebuildKind === 'full');
+    if (this.pendingDeltas.length > 0 || halfCopied.length > 0) void this.runPendingRebuilds(halfCopied);
   }
 
   get currentPhase(): EnginePhase {
@@ -561,10 +563,9 @@ export class Engine implements BlockBackend {
       reason: r.reason,
       revision: r.info?.revision ?? null,
       rebuild: r.rebuild === null ? null : { ...r.rebuild },
-      // Worth waiting for when it fails: a delta goes on from the maps; a full rebuild begun here
-      // goes on over the snapshots it completed (one found at start-up is not known to be ours).
-      resumable: r.info !== null && r.info.rebuilding
-        && (r.info.rebuildKind === 'delta' || (r.info.rebuildKind === 'full' && this.fullRebuildsHere.has(r.key) && !this.resumeRefused.has(r.key))),
+      // Worth waiting for when it fails: a delta goes on from the maps, a full rebuild over the
+      // snapshots it completed (added again; at start-up the engine does it itself).
+      resumable: r.info !== null && r.info.rebuilding && (r.info.rebuildKind === 'delta' || (r.info.rebuildKind === 'full' && !this.resumeRefused.has(r.key))),
     }));
   }
 
@@ -1219,7 +1220,6 @@ export class Engine implements BlockBackend {
       if (target.client === client) this.setErr(target, err);
     });
     if (mapHolder === null) {
-      this.fullRebuildsHere.add(key);
       const details = { snapshots: snapshots.map((x) => x.name), ...(resume !== null ? { goesOnOver: resume.snapshots.map((x) => x.name) } : {}) };
       this.beginRebuild(target, (rebuild) => runFullRebuild(this.rebuildHost, rebuild, target, snapshotCopyPlan(snapshots), resume), details, resume);
     }
@@ -1285,6 +1285,24 @@ export class Engine implements BlockBackend {
   }
 
   /** The delta rebuilds start-up decided, one after another, in the background. */
+  private async runPendingRebuilds(halfCopied: EngineReplica[]): Promise<void> {
+    await this.runPendingDeltas();
+    for (const r of halfCopied) {
+      try {
+        await this.rebuildRun;
+        if (this.closed || this.faultedReason !== null) return;
+        await this.addReplica(r.named ? `${r.key}=${r.address}` : r.address);
+        await this.rebuildRun;
+      } catch (err) {
+        // Not taken back (its snapshots are not the volume's, it is gone, the volume is busy):
+        // not worth waiting for, a new replica will take its place.
+        const why = (err as Error).message;
+        if (!this.resumeRefused.has(r.key)) this.resumeRefused.set(r.key, why);
+        this.log({ event: 'rebuild-failed', replica: r.address, reason: `its full rebuild did not go on: ${why}` });
+      }
+    }
+  }
+
   private async runPendingDeltas(): Promise<void> {
     while (this.pendingDeltas.length > 0) {
       const r = this.pendingDeltas.shift()!;

@@ -51,6 +51,7 @@ export function deltaRefusal(info: ReplicaInfo, ours: string[], theirs: string[]
   const unfinished = unfinishedFullRebuild(info);
   if (unfinished !== null) return unfinished;
   if (ours.length !== theirs.length || ours.some((name, i) => name !== theirs[i])) return `its snapshot chain [${theirs.join(', ')}] is not the volume's [${ours.join(', ')}]`;
+  if (info.hasBase !== volumeHasBase) return 'its backing image differs';
   return null;
 }
 

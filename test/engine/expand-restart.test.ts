@@ -265,7 +265,7 @@ test('a rebuild target SIGKILLed midway resumes: added again, and again after an
   assert.equal(digests[1], digests[0]);
 });
 
-test('a rebuild target SIGKILLed while snapshots are copied goes on over the snapshots it completed, checked by hash; every snapshot identical', async (t) => {
+test('a rebuild target, then its engine, SIGKILLed while snapshots are copied: it goes on over the snapshots it completed, checked by hash; every snapshot identical', async (t) => {
   const dir = tempDir(t);
   const { file: secretFile, secret } = writeSecret(dir);
   const size = 128 * MiB;
@@ -302,15 +302,21 @@ test('a rebuild target SIGKILLed while snapshots are copied goes on over the sna
   t.after(() => victim.child.kill('SIGKILL'));
   const again = (await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress })) as ReplicaRow[];
   assert.equal(again[2].mode, 'WO', 'taken back (before, a half-copied replica was refused as not empty)');
-  await waitFor('the victim RW', async () => (await replicasOf(engine.control))[2].mode === 'RW', 120_000, 50);
-  const last = (await info(engine.control) as unknown as { lastRebuild: { delta: boolean; error: string | null; keptSnapshots?: string[] } | null }).lastRebuild;
+  // This time the engine is killed, while the last snapshot is copied; the next engine takes the
+  // victim back by itself, over the three snapshots it has.
+  await waitFor('three snapshots copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 3.25 * size, 60_000, 2);
+  engine.child.kill('SIGKILL');
+  await engine.exited;
+  const next = await startEngine(t, dir, { sizeBytes: size, replicas: [...addresses, victimAddress], epoch: 2, secretFile });
+  await waitFor('the victim RW', async () => (await replicasOf(next.control))[2].mode === 'RW', 120_000, 50);
+  const last = (await info(next.control) as unknown as { lastRebuild: { delta: boolean; error: string | null; keptSnapshots?: string[] } | null }).lastRebuild;
   assert.ok(last !== null && last.error === null && !last.delta, JSON.stringify(last));
-  assert.ok(last.keptSnapshots !== undefined && ['s1', 's2'].every((n) => last.keptSnapshots!.includes(n)), `the snapshots completed before the kill were kept: ${JSON.stringify(last)}`);
+  assert.ok(last.keptSnapshots !== undefined && ['s1', 's2', 's3'].every((n) => last.keptSnapshots!.includes(n)), `the snapshots completed before the kills were kept: ${JSON.stringify(last)}`);
   assert.ok(!last.keptSnapshots.includes('s4'), 'the snapshot under way was not complete');
 
-  await stopEngine(engine);
+  await stopEngine(next);
   for (const snapshot of [...names, undefined]) {
-    const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 1, size, snapshot)));
+    const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 2, size, snapshot)));
     assert.equal(new Set(digests).size, 1, `${snapshot ?? 'the live volume'}: ${digests.join(' ')}`);
   }
 });
