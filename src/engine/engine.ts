@@ -1191,6 +1191,8 @@ export class Engine implements BlockBackend {
             const theirs = await client.snapshotList();
             snapshots = await this.snapshotList();
             const refusal = this.resumeRefused.get(key) ?? fullResumeRefusal(info, theirs, snapshots);
+            // Said in its status from now on: not worth waiting for (a new replica will come).
+            if (refusal !== null) this.resumeRefused.set(key, refusal);
             if (refusal !== null) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty and its full rebuild cannot go on: ${refusal}`);
             resume = { snapshots: theirs, kept: [], refuse: (why) => this.resumeRefused.set(key, why) };
           } else if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
@@ -1294,11 +1296,9 @@ export class Engine implements BlockBackend {
         await this.addReplica(r.named ? `${r.key}=${r.address}` : r.address);
         await this.rebuildRun;
       } catch (err) {
-        // Not taken back (its snapshots are not the volume's, it is gone, the volume is busy):
-        // not worth waiting for, a new replica will take its place.
-        const why = (err as Error).message;
-        if (!this.resumeRefused.has(r.key)) this.resumeRefused.set(r.key, why);
-        this.log({ event: 'rebuild-failed', replica: r.address, reason: `its full rebuild did not go on: ${why}` });
+        // Not taken back: refused (its snapshots are not the volume's: addReplica noted it, a
+        // new replica will take its place), or gone, or added meanwhile by the manager.
+        this.log({ event: 'rebuild-failed', replica: r.address, reason: `its full rebuild did not go on: ${(err as Error).message}` });
       }
     }
   }
