@@ -88,6 +88,11 @@ export class JobTasks {
       if (held !== null) {
         // This job attached it before the manager stopped: the run goes on where it was.
         attachedByJob = true;
+      } else if ((v.value.spec.moveAttachment ?? null) !== null) {
+        // The manager attached it (no export) to move replicas: the job takes that attachment
+        // over, so that the moves' end does not detach it under the job; the moves wait, and
+        // attach it again once the job has detached it.
+        attachedByJob = await this.takeOverMoveAttachment(job, volume);
       } else if (v.value.spec.nodeId === null) {
         if (v.value.status.epoch === 0) return { result: 'skipped', message: `volume ${volume} has never been attached: it holds no data yet` };
         const attach = await this.attachForJob(job, volume, signal);
@@ -143,6 +148,25 @@ export class JobTasks {
       message: `recurring job ${job.name} (${job.value.spec.task}) attached detached volume ${volume} on node ${node} without an NBD export; it detaches it when done`,
     });
     return 'ours';
+  }
+
+  /** Turns the manager's attachment for replica moves into this job's; false when it is gone. */
+  private async takeOverMoveAttachment(job: StoreObject<RecurringJobValue>, volume: string): Promise<boolean> {
+    let taken: string | null = null;
+    await this.o.objects.mutate(Kind.Volume, volume, (x) => {
+      taken = null;
+      const moving = x.spec.moveAttachment ?? null;
+      if (moving === null || x.spec.nodeId === null || (x.spec.jobAttachment ?? null) !== null) return false;
+      x.spec.moveAttachment = null;
+      x.spec.jobAttachment = { job: job.name, task: job.value.spec.task, node: x.spec.nodeId, startedAt: new Date().toISOString() };
+      taken = x.spec.nodeId;
+    });
+    if (taken === null) return false;
+    await this.o.events.record({
+      type: 'Normal', reason: 'JobAttached', kind: Kind.Volume, object: volume, volume,
+      message: `recurring job ${job.name} (${job.value.spec.task}) took over the attachment of volume ${volume} on node ${taken} made for replica moves; the moves go on after it`,
+    });
+    return true;
   }
 
   /** Waits until the volume is attached and its engine serves (the job's attachment or a workload's). */

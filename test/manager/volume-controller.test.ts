@@ -7,7 +7,9 @@ import assert from 'node:assert/strict';
 import { SqliteStore } from '../../src/store/sqlite-store.ts';
 import { Manager } from '../../src/manager/manager.ts';
 import { Kind, Objects, type EngineValue, type ReplicaValue } from '../../src/cluster/objects.ts';
-import type { Store } from '../../src/store/store.ts';
+import type { Store, StoreObject } from '../../src/store/store.ts';
+import { JobTasks } from '../../src/manager/recurring-job-tasks.ts';
+import type { RecurringJobValue } from '../../src/cluster/objects.ts';
 
 const GiB = 1024 ** 3;
 
@@ -873,4 +875,40 @@ test('node eviction: the node is flagged, its replicas leave for other nodes, it
   });
   const reasons = (await service.listEvents({})).map((e) => e.reason);
   assert.ok(reasons.includes('NodeEvicting'));
+});
+
+test('a recurring job finds a volume attached for replica moves: it takes the attachment over, the moves wait, then attach it again and end', async (t) => {
+  const { service, objects, manager } = await setup(t, 3);
+  await service.createVolume({ name: 'jm', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('jm')).state === 'detached');
+  await service.attachVolume('jm', {});
+  await until('healthy', async () => (await service.getVolume('jm')).robustness === 'healthy');
+  await service.detachVolume('jm');
+  await until('detached', async () => (await service.getVolume('jm')).state === 'detached');
+  const before = await liveReplicas(objects, 'jm');
+  const free = ['n1-d0', 'n1-d1', 'n1-d2'].find((d) => !before.some((r) => r.diskId === d))!;
+  await service.updateDisk(free, { allowScheduling: false });
+  await service.moveReplica(before[0].name, { diskId: free });
+  await until('attached for the move', async () => (await objects.must(Kind.Volume, 'jm')).value.spec.moveAttachment != null && (await service.getVolume('jm')).state === 'attached');
+
+  const tasks = new JobTasks({
+    objects, settings: manager.settings, events: manager.events, volumes: service,
+    backups: { createJobBackup: () => Promise.reject(new Error('no backups here')), deleteBackup: () => Promise.reject(new Error('no backups here')), getBackup: () => Promise.reject(new Error('no backups here')) } as unknown as ConstructorParameters<typeof JobTasks>[0]['backups'],
+    checkTarget: async () => {}, defaultNodeId: 'n1', log: () => {},
+  });
+  const job = { name: 'snaps', revision: 1, value: { spec: { task: 'snapshot', cron: '* * * * *', timezone: 'UTC', retain: 3, concurrency: 1, groups: [], labels: {} }, status: { volumes: {} } } } as unknown as StoreObject<RecurringJobValue>;
+  const outcome = await tasks.run(job, 'jm', new AbortController().signal);
+  assert.notEqual(outcome.message, 'volume jm was detached before the job could run', JSON.stringify(outcome));
+  const events = (await service.listEvents({ volume: 'jm' })).map((e) => `${e.reason}: ${e.message}`);
+  assert.ok(events.some((e) => /^JobAttached: .*took over the attachment of volume jm .* made for replica moves/.test(e)), events.join('\n'));
+  assert.ok(events.some((e) => /^JobDetached: /.test(e)), events.join('\n'));
+
+  // The moves attach it again, and end once the disk takes replicas.
+  await until('attached again for the move', async () => (await objects.must(Kind.Volume, 'jm')).value.spec.moveAttachment != null);
+  await service.updateDisk(free, { allowScheduling: true });
+  await until('moved and detached', async () => {
+    const v = await objects.must(Kind.Volume, 'jm');
+    const live = await liveReplicas(objects, 'jm');
+    return v.value.spec.moveAttachment == null && v.value.spec.jobAttachment == null && v.value.status.state === 'detached' && live.some((r) => r.diskId === free) && !live.some((r) => r.name === before[0].name);
+  });
 });
