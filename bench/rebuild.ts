@@ -12,7 +12,11 @@
  *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
  *     copied, then only what the live volume changed since it;
  *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
- *     what differs from the image is copied (the new replica has its own copy of the image).
+ *     what differs from the image is copied (the new replica has its own copy of the image);
+ *   - resumed rebuilds: the new replica SIGKILLed midway, restarted and added again — with no
+ *     snapshot (the rest is a delta of what was not copied) and while the second of two
+ *     snapshots is copied (the rest goes on over the first, kept after a hash check), against a
+ *     fresh rebuild of the same volume.
  * "MiB held" is what the new replica's files take on disk afterwards.
  * Run on demand: `npm run bench:rebuild`.  BENCH_SIZE_MIB (default 1024), BENCH_SECONDS (8).
  */
@@ -142,6 +146,56 @@ async function rebuild(v: Volume, name: string, replicaArgs: string[] = []): Pro
   }
 }
 
+interface ReplicaRow {
+  address: string;
+  mode: string;
+  reason: string | null;
+  rebuild: { copiedBytes: number; totalBytes: number } | null;
+}
+
+/** Starts a replica for a rebuild (on `port`, when it comes back); its process too, to kill it. */
+async function startTarget(v: Volume, name: string, port = 0): Promise<{ address: string; child: ChildProcess }> {
+  const at = children.length;
+  const ready = await startReady(['replica', 'serve', '--dir', path.join(v.dir, name), '--size', String(SIZE), '--listen', `127.0.0.1:${port}`, '--secret-file', v.secretFile]);
+  return { address: `127.0.0.1:${ready.port}`, child: children[at] };
+}
+
+async function replicaRow(v: Volume, address: string): Promise<ReplicaRow> {
+  return ((await controlRequest(v.control, 'GET', '/v1/replicas')) as ReplicaRow[]).find((x) => x.address === address)!;
+}
+
+/**
+ * A rebuild whose target is SIGKILLed once `killAt` of its copy is done, then restarted and
+ * added again: seconds before the kill, seconds of the rest, and what the rest copied (a delta's
+ * regions; or, over kept snapshots, what the engine's last rebuild says).
+ */
+async function resumedRebuild(v: Volume, name: string, killAt: number): Promise<{ address: string; firstSeconds: number; restSeconds: number; restMiB: number; kept: string[] }> {
+  const target = await startTarget(v, name);
+  const started = performance.now();
+  await controlRequest(v.control, 'POST', '/v1/replicas', { address: target.address });
+  for (;;) {
+    const r = await replicaRow(v, target.address);
+    if (r.mode !== 'WO') throw new Error(`the rebuild ended before the kill: ${r.mode} ${r.reason ?? ''}`);
+    if (r.rebuild !== null && r.rebuild.copiedBytes >= killAt * r.rebuild.totalBytes) break;
+    await new Promise((resolve) => setTimeout(resolve, 2));
+  }
+  target.child.kill('SIGKILL');
+  const firstSeconds = (performance.now() - started) / 1000;
+  while ((await replicaRow(v, target.address)).mode !== 'ERR') await new Promise((resolve) => setTimeout(resolve, 20));
+  await startTarget(v, name, Number(target.address.split(':')[1]));
+  const restStarted = performance.now();
+  await controlRequest(v.control, 'POST', '/v1/replicas', { address: target.address });
+  for (;;) {
+    const r = await replicaRow(v, target.address);
+    if (r.mode === 'RW') break;
+    if (r.mode === 'ERR') throw new Error(`the resumed rebuild failed: ${r.reason}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  const restSeconds = (performance.now() - restStarted) / 1000;
+  const last = ((await controlRequest(v.control, 'GET', '/v1/info')) as { lastRebuild: { delta: boolean; copiedBytes: number; totalBytes: number; keptSnapshots?: string[] } }).lastRebuild;
+  return { address: target.address, firstSeconds, restSeconds, restMiB: last.totalBytes / 1024 / 1024, kept: last.keptSnapshots ?? [] };
+}
+
 /** MiB a directory's files take on disk. */
 function heldMiB(dir: string): string {
   let bytes = 0;
@@ -165,6 +219,7 @@ async function main(): Promise<void> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zebu-bench-rebuild-'));
   const rows: string[][] = [];
   const latencyRows: string[][] = [];
+  const resumedRows: string[][] = [];
   try {
     // Baseline: copy SIZE bytes of incompressible data on the same file system.
     const src = path.join(root, 'src.img');
@@ -211,6 +266,25 @@ async function main(): Promise<void> {
     }
     rows.push(imageRow);
 
+    // Resumes: the target SIGKILLed at half its copy, restarted and added again. Past the
+    // snapshots (none here) the rest is a delta of the regions not yet copied.
+    const live = await resumedRebuild(v, 'resumed', 0.5);
+    resumedRows.push(['no snapshot, killed at half the copy', idleSeconds.toFixed(2), live.firstSeconds.toFixed(2), live.restSeconds.toFixed(2), live.restMiB.toFixed(0), '-']);
+    // Out again, so that the fio rows below run on 3 replicas as before.
+    await controlRequest(v.control, 'DELETE', `/v1/replicas/${encodeURIComponent(live.address)}`);
+    // Two snapshots (the data, then 10% written), 10% written since: killed while the second
+    // snapshot is copied, the rest goes on over the first, kept after a hash check.
+    const two = await volume(path.join(root, 'two'));
+    mustSpawn('nbdcopy', [src, two.uri]);
+    await controlRequest(two.control, 'POST', '/v1/snapshots', { name: 'one' });
+    writeTenth(two.uri);
+    await controlRequest(two.control, 'POST', '/v1/snapshots', { name: 'two' });
+    writeTenth(two.uri);
+    const twoFresh = await rebuild(two, 'fresh');
+    const overSnapshots = await resumedRebuild(two, 'resumed', 0.4);
+    resumedRows.push(['two snapshots, killed in the second', twoFresh.toFixed(2), overSnapshots.firstSeconds.toFixed(2), overSnapshots.restSeconds.toFixed(2), '-', overSnapshots.kept.join(' ') || 'none']);
+    stopVolume(two);
+
     const alone = fioResult(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
     latencyRows.push(['fio 4k randwrite, no rebuild', ...latencyCells(alone), '-', '-']);
 
@@ -237,6 +311,9 @@ async function main(): Promise<void> {
   console.log('');
   console.log('client 4k random writes (fio, iodepth 16) with and without a rebuild; latencies in ms');
   printTable(['what', 'IOPS', 'p50', 'p99', 'max', 'rebuild s', 'rebuild MiB/s'], latencyRows);
+  console.log('');
+  console.log('resumed rebuilds: the new replica SIGKILLed midway, restarted and added again, against a fresh rebuild of the same volume');
+  printTable(['what', 'fresh s', 'until the kill s', 'the rest s', 'rest delta MiB', 'snapshots kept'], resumedRows);
 }
 
 function printTable(header: string[], rows: string[][]): void {
