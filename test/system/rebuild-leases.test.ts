@@ -49,11 +49,19 @@ test('revoked leases are replayed: the rebuild completes under fio verify; fio 0
   assert.equal(figures.error, 0, 'fio saw no error');
   assert.ok(figures.readBytes > 0, 'fio verified');
 
-  // The engine's counters reach the volume with its stats, a few seconds apart.
+  // The engine's counters reach the volume with its stats, a few seconds apart. (On a timeout the
+  // message says what was seen: the counters, the epoch and the volume's events.)
+  let seen = '';
   const leases = await waitFor('recalls, revokes and replays counted', () => {
-    const got = mustZebuJson(up, ['volume', 'get', 'lease']).rebuildLeases;
-    return got !== null && got.recalls > 0 && got.revokes > 0 && got.replays > 0 ? got : undefined;
-  }, 30_000, 200);
+    const v = mustZebuJson(up, ['volume', 'get', 'lease']);
+    const got = v.rebuildLeases;
+    seen = `counters ${JSON.stringify(got)}, epoch ${v.epoch} (healthy at epoch ${healthy.epoch})`;
+    if (got !== null && got.recalls > 0 && got.revokes > 0 && got.replays > 0) return got;
+    throw new Error(seen);
+  }, 30_000, 200).catch((err: Error) => {
+    const events = (mustZebuJson(up, ['events', '--volume', 'lease']) as { reason: string; message: string }[]).map((e) => `${e.reason}: ${e.message}`);
+    throw new Error(`${err.message}; ${seen}; events:\n${events.join('\n')}`);
+  });
   assert.ok(leases.grants > 0, JSON.stringify(leases));
   const metrics = await fetch(`${up.api}/metrics`, { headers: { authorization: `Bearer ${up.token}` } }).then((r) => r.text());
   assert.match(metrics, /zebu_volume_rebuild_lease_revokes_total\{volume="lease"\} [1-9]/);
