@@ -30,7 +30,9 @@ async function volumeUnderFio(t: { after: (fn: () => unknown) => void }, maxRetr
   const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x2b 0 256M', '-c', 'flush', uri], { timeout: 120_000 });
   assert.equal(fill.status, 0, String(fill.stderr));
   const before = mustZebuJson(up, ['replica', 'list', '--volume', 'lease']);
-  const fio = startFio(t, fioVerifyArgs(uri, { sizeMiB: 224, iodepth: 16, blockSizes: '4k-16k' }));
+  // Writes go on for a while (768 MiB over 224 MiB): the replacement's copy, which starts a few
+  // seconds after the kill, must meet client writes (on a busy machine a single pass ended first).
+  const fio = startFio(t, [...fioVerifyArgs(uri, { sizeMiB: 224, iodepth: 16, blockSizes: '4k-16k' }), '--io_size=768M']);
   await new Promise((r) => setTimeout(r, 1500));
   // The replacement is a full rebuild under fio.
   process.kill(before[1].pid, 'SIGKILL');
