@@ -1191,9 +1191,11 @@ export class Engine implements BlockBackend {
             const theirs = await client.snapshotList();
             snapshots = await this.snapshotList();
             const refusal = this.resumeRefused.get(key) ?? fullResumeRefusal(info, theirs, snapshots);
-            // Said in its status from now on: not worth waiting for (a new replica will come).
-            if (refusal !== null) this.resumeRefused.set(key, refusal);
-            if (refusal !== null) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty and its full rebuild cannot go on: ${refusal}`);
+            if (refusal !== null) {
+              // Said in its status from now on: not worth waiting for (a new replica will come).
+              this.resumeRefused.set(key, refusal);
+              throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty and its full rebuild cannot go on: ${refusal}`);
+            }
             resume = { snapshots: theirs, kept: [], refuse: (why) => this.resumeRefused.set(key, why) };
           } else if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
         } else mapHolder = delta;
@@ -1286,7 +1288,7 @@ export class Engine implements BlockBackend {
     return `no RW replica holds a missed-write map for ${key}`;
   }
 
-  /** The delta rebuilds start-up decided, one after another, in the background. */
+  /** What start-up left to rebuild, one after another, in the background: the deltas, then the half-copied. */
   private async runPendingRebuilds(halfCopied: EngineReplica[]): Promise<void> {
     await this.runPendingDeltas();
     for (const r of halfCopied) {
@@ -1303,6 +1305,7 @@ export class Engine implements BlockBackend {
     }
   }
 
+  /** The delta rebuilds start-up decided. */
   private async runPendingDeltas(): Promise<void> {
     while (this.pendingDeltas.length > 0) {
       const r = this.pendingDeltas.shift()!;

@@ -5,7 +5,7 @@
  */
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
-import { Kind, type EngineValue, type EngineIoStats, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
+import { Kind, type EngineValue, type EngineIoStats, type EngineReplicaStatus, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
@@ -98,6 +98,20 @@ function restoreRobustness(v: VolumeValue): VolumeValue['status']['robustness'] 
 }
 
 /** Why a user may not attach a volume being restored, or a DR standby; null when it may. */
+/** A recurring job or replica moves attached the volume (not a user): it is detached by them. */
+function heldByManager(v: VolumeValue): boolean {
+  return (v.spec.jobAttachment ?? null) !== null || (v.spec.moveAttachment ?? null) !== null;
+}
+
+/**
+ * The engine's rebuild progress for replica `r` while it is WO — only when the engine has it at
+ * the replica's current address (a replica restarted on another port is not the one it copies to).
+ */
+function rebuildOf(said: EngineReplicaStatus | undefined, r: StoreObject<ReplicaValue>): EngineReplicaStatus['rebuild'] {
+  if (said?.mode !== 'WO' || said.rebuild === null) return null;
+  return said.address === undefined || said.address === r.value.status.address ? said.rebuild : null;
+}
+
 function restoreAttachRefusal(name: string, v: VolumeValue): string | null {
   const spec = v.spec.restore ?? null;
   if (spec === null) return null;
@@ -145,7 +159,7 @@ export class ManagerServiceImpl implements ManagerService {
       .filter((r) => r.value.deletionRequestedAt === null)
       .map((r) => {
         const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
-        const rebuild = said?.mode === 'WO' && (said.address === undefined || said.address === r.value.status.address) ? said.rebuild : null;
+        const rebuild = rebuildOf(said, r);
         return {
           name: r.name,
           nodeId: r.value.spec.nodeId,
@@ -319,7 +333,7 @@ export class ManagerServiceImpl implements ManagerService {
     if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
     const refusal = restoreAttachRefusal(name, v);
     if (refusal !== null) throw stateConflict(refusal);
-    if ((v.spec.jobAttachment ?? null) !== null || (v.spec.moveAttachment ?? null) !== null) return this.attachAfterHolder(name, nodeId, maintenance);
+    if (heldByManager(v)) return this.attachAfterHolder(name, nodeId, maintenance);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
@@ -347,7 +361,7 @@ export class ManagerServiceImpl implements ManagerService {
         if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for ${(x.spec.jobAttachment ?? null) !== null ? 'its recurring job' : 'the manager to detach it from its replica moves'}`;
         return false;
       }
-      if ((x.spec.jobAttachment ?? null) === null && (x.spec.moveAttachment ?? null) === null) return false;
+      if (!heldByManager(x)) return false;
       x.spec.pendingAttach = { nodeId, maintenance, requestedAt: new Date().toISOString() };
     });
     if (clash !== null) throw stateConflict(clash);
@@ -372,7 +386,7 @@ export class ManagerServiceImpl implements ManagerService {
     await this.objects.mutate(Kind.Volume, name, (x) => {
       // While a job (or replica moves) holds the volume, a detach withdraws a waiting attach; the
       // holder detaches it itself.
-      if ((x.spec.jobAttachment ?? null) !== null || (x.spec.moveAttachment ?? null) !== null) {
+      if (heldByManager(x)) {
         if ((x.spec.pendingAttach ?? null) === null) return false;
         x.spec.pendingAttach = null;
         return;
@@ -389,14 +403,14 @@ export class ManagerServiceImpl implements ManagerService {
     const volume = await this.mustVolume(name);
     // A volume attached by its restore (not by a user) may be deleted: the restore stops.
     const byRestore = volume.value.status.restore?.attachedForRestore === true;
-    // Likewise one a recurring job attached for its run: the job's task ends in error.
-    // Or one attached for replica moves.
-    const byJob = (volume.value.spec.jobAttachment ?? null) !== null || (volume.value.spec.moveAttachment ?? null) !== null;
-    if (volume.value.spec.nodeId !== null && !byRestore && !byJob) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
+    // Likewise one a recurring job attached for its run (the job's task ends in error), or one
+    // attached for replica moves.
+    const byManager = heldByManager(volume.value);
+    if (volume.value.spec.nodeId !== null && !byRestore && !byManager) throw stateConflict(`volume ${name} is attached to node ${volume.value.spec.nodeId}; detach it first`);
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.deletionRequestedAt !== null) return false;
       x.deletionRequestedAt = new Date().toISOString();
-      if (byRestore || byJob) {
+      if (byRestore || byManager) {
         x.spec.nodeId = null;
         x.spec.jobAttachment = null;
         x.spec.moveAttachment = null;
@@ -576,6 +590,7 @@ export class ManagerServiceImpl implements ManagerService {
 
   private replicaView(r: StoreObject<ReplicaValue>, engine: StoreObject<EngineValue> | null, evicting: { disks: Set<string>; nodes: Set<string> }): ReplicaView {
     const said = engine !== null && r.name in engine.value.spec.replicas ? engine.value.status.replicas[r.name] : undefined;
+    const rebuild = rebuildOf(said, r);
     const move = r.value.spec.move ?? null;
     const leaving: ReplicaView['leaving'] = r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null ? null
       : move !== null ? { reason: move.balance !== undefined ? `replica-auto-balance ${move.balance}` : 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
@@ -594,10 +609,7 @@ export class ManagerServiceImpl implements ManagerService {
       address: r.value.status.address,
       pid: r.value.status.pid,
       restarts: r.value.status.restarts,
-      // The engine's word is about the replica at the address it has: a replica restarted on
-      // another port is not (yet) the one that rebuild was copying to.
-      rebuild: said?.mode === 'WO' && said.rebuild !== null && (said.address === undefined || said.address === r.value.status.address)
-        ? { copiedBytes: said.rebuild.copiedBytes, totalBytes: said.rebuild.totalBytes, delta: said.rebuild.delta === true } : null,
+      rebuild: rebuild === null ? null : { copiedBytes: rebuild.copiedBytes, totalBytes: rebuild.totalBytes, delta: rebuild.delta === true },
       healthyAt: r.value.spec.healthyAt,
       failedAt: r.value.spec.failedAt,
       message: r.value.status.message,
