@@ -2,6 +2,7 @@
 import pino from 'pino';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { Engine } from '../engine/engine.ts';
+import { CopierProcess } from '../engine/copier-process.ts';
 import { EngineControlServer } from '../engine/control-server.ts';
 import { DataServer } from '../protocol/server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
@@ -24,6 +25,8 @@ export interface EngineServeArgs {
   copyChunkBytes?: string;
   /** commander's --no-copy-pull: false means the rebuild's data passes through the engine. */
   copyPull?: boolean;
+  /** commander's --no-copier-process: false means the rebuild's copy loop runs in the engine. */
+  copierProcess?: boolean;
   /** Keys of replicas known to be out: start-up does not wait for them. */
   replicaOut?: string[];
 }
@@ -31,19 +34,21 @@ export interface EngineServeArgs {
 export async function engineServe(args: EngineServeArgs): Promise<void> {
   const log = pino({ name: 'zebu-engine', base: { pid: process.pid, volume: args.name } }, pino.destination(2));
   const secret = readSecretFile(args.secretFile);
+  const requestTimeoutMs = args.requestTimeoutMs !== undefined ? parsePositiveInt(args.requestTimeoutMs, '--request-timeout-ms') : undefined;
   const engine = Engine.create({
     name: args.name,
     sizeBytes: parseBytes(args.size),
     replicas: args.replica,
     secret,
     epoch: parsePositiveInt(args.epoch, '--epoch'),
-    requestTimeoutMs: args.requestTimeoutMs !== undefined ? parsePositiveInt(args.requestTimeoutMs, '--request-timeout-ms') : undefined,
+    requestTimeoutMs,
     maxActiveRegions: args.maxActiveRegions !== undefined ? parsePositiveInt(args.maxActiveRegions, '--max-active-regions') : undefined,
     replicaWaitMs: args.replicaWaitMs !== undefined ? parseNonNegativeInt(args.replicaWaitMs, '--replica-wait-ms') : undefined,
     leaseRecallTimeoutMs: args.leaseRecallTimeoutMs !== undefined ? parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms') : undefined,
     maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
     copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
     copyPull: args.copyPull,
+    copier: args.copierProcess === false ? null : new CopierProcess({ secret, requestTimeoutMs, args: ['--volume', args.name, '--engine-control-socket', args.controlSocket], log: (event) => log.info(event, String(event.event)) }),
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });

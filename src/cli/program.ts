@@ -53,6 +53,7 @@ engine
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
+  .option('--no-copier-process', 'a rebuild runs its copy loop in the engine (by default in a copier process of its own)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 
@@ -131,6 +132,7 @@ volume
   .option('--max-region-retries <N>', 'revokes one region of a rebuild may take before the rebuild fails (default 5)')
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
+  .option('--no-copier-process', 'a rebuild runs its copy loop in the engine (by default in a copier process of its own)')
   .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
   .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
   .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')

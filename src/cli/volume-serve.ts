@@ -46,6 +46,8 @@ export interface VolumeServeArgs {
   copyChunkBytes?: string;
   /** commander's --no-copy-pull. */
   copyPull?: boolean;
+  /** commander's --no-copier-process. */
+  copierProcess?: boolean;
   holdTimeoutMs?: string;
   hangTimeoutMs?: string;
   stallTimeoutMs?: string;
@@ -107,6 +109,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       ...(args.maxRegionRetries !== undefined ? ['--max-region-retries', args.maxRegionRetries] : []),
       ...(args.copyChunkBytes !== undefined ? ['--copy-chunk-bytes', args.copyChunkBytes] : []),
       ...(args.copyPull === false ? ['--no-copy-pull'] : []),
+      ...(args.copierProcess === false ? ['--no-copier-process'] : []),
     ],
     // Its start-up may wait for replicas (--replica-wait-ms) and then resync regions.
     fds: [], readyTimeoutMs: (args.replicaWaitMs !== undefined ? parsePositiveInt(args.replicaWaitMs, '--replica-wait-ms') : 30_000) + 120_000,

@@ -45,6 +45,7 @@ import { deltaRefusal, fullResumeRefusal, imageMismatch, joinKind, snapshotCopyP
 import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './replica-set.ts';
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
 import { COPY_CHUNK_BYTES, emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
+import type { RegionCopier } from './copier-process.ts';
 import { runDeltaRebuild, runFullRebuild, type FullResume, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
@@ -93,6 +94,11 @@ export interface EngineOptions {
    * not pass through the engine (default true; false: the engine reads and writes every chunk).
    */
   copyPull?: boolean;
+  /**
+   * Where a rebuild copies the live volume's regions: a copier process (copier-process.ts), so
+   * the copy costs the engine a few messages per lease. Null (default): on the engine's event loop.
+   */
+  copier?: RegionCopier | null;
   log?: (event: Record<string, unknown>) => void;
   /** How replicas are reached, and time (defaults: the network and the system clock; the simulator's otherwise). */
   transport?: Transport;
@@ -201,7 +207,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull' | 'copier'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -242,6 +248,7 @@ export class Engine implements BlockBackend {
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
   private readonly pullCopies: boolean;
+  private readonly copier: RegionCopier | null;
   private verifying = false;
   /** Replicas behind the source at start-up that wait for their delta rebuild (with their client). */
   private readonly pendingDeltas: EngineReplica[] = [];
@@ -301,6 +308,7 @@ export class Engine implements BlockBackend {
     }
     this.copyChunkBytes = options.copyChunkBytes ?? COPY_CHUNK_BYTES;
     this.pullCopies = options.copyPull ?? true;
+    this.copier = options.copier ?? null;
     if (!Number.isSafeInteger(this.copyChunkBytes) || this.copyChunkBytes < 4096 || this.copyChunkBytes % 4096 !== 0 || this.copyChunkBytes > REGION_BYTES) {
       throw new ZebuError(ErrorCode.EINVAL, `copyChunkBytes must be a multiple of 4096 between 4096 and ${REGION_BYTES}, got ${this.copyChunkBytes}`);
     }
@@ -375,9 +383,15 @@ export class Engine implements BlockBackend {
       alignCounters: () => engine.alignCounters(),
       regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
       regionsWritten: (offset, length) => engine.regionsWritten(offset, length),
-      acquireLease: (target, start, end) => engine.acquireLease(target, start, end),
+      acquireLease: (target, start, end, onRecall) => engine.acquireLease(target, start, end, onRecall),
       leaseWanted: (id) => engine.claims === null || !engine.claims.holds(id) || engine.claims.recalled(id),
       releaseLease: (id) => engine.releaseLease(id),
+      revokeLease: (target, id) => {
+        engine.clock.clear(engine.leaseTimers.get(id) ?? null);
+        engine.revokeLease(target, id);
+      },
+      copier: engine.copier,
+      epoch: engine.epoch,
       copyTurn: () => engine.copyTurn(),
       clientsBusy: () => engine.clientsBusy(),
       leaseCounters: engine.leaseCounters,
@@ -677,11 +691,12 @@ export class Engine implements BlockBackend {
   // ---- rebuild leases (leased-copy.ts is the copier's side) ----------------------------------
 
   /** A lease on [start, end) for a copy to `target`: a client write recalls it; past the recall timeout it is revoked. */
-  private acquireLease(target: EngineReplica, start: number, end: number): Promise<number> {
+  private acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void): Promise<number> {
     const claims = this.claims;
     assert(claims !== null, 'a lease is asked for with no claims in use');
     return claims.claim(start, end, (id) => {
       this.leaseCounters.recalls++;
+      onRecall?.(id);
       if (this.leaseRecallTimeoutMs === 0 || this.closed) return;
       this.leaseTimers.set(id, this.clock.setTimeout(() => this.revokeLease(target, id), this.leaseRecallTimeoutMs));
     });
@@ -1416,6 +1431,7 @@ export class Engine implements BlockBackend {
     if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
     this.clock.clear(this.pingTimer);
     this.clock.clear(this.idleFlushTimer);
+    this.copier?.close();
     // Two flushes: the second confirms the first, so the replicas' active regions leave and the
     // next start has (almost) nothing to resync.
     if (this.faultedReason === null) await this.flush().then(() => this.flush()).catch(() => {});

@@ -79,6 +79,13 @@ export interface CopierHost {
   readonly chunkBytes: number;
 }
 
+/** Errors of regions given up after too many revokes: the rebuild fails with them (nothing retries them). */
+const givenUp = new WeakSet<object>();
+
+export function regionGivenUp(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && givenUp.has(err);
+}
+
 /** Copies [offset, offset+length) of the live volume to the target; returns the bytes written to it. */
 export async function copyRegionLeased(host: CopierHost, offset: number, length: number, how: RegionCopy): Promise<number> {
   const end = offset + length;
@@ -157,7 +164,9 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
       revokes++;
       host.counters.replays++;
       if (revokes > host.maxRetries) {
-        throw new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): its lease was revoked ${revokes} times (the copy did not give it back within the recall timeout); gave up after ${host.maxRetries} retries`);
+        const gaveUp = new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): its lease was revoked ${revokes} times (the copy did not give it back within the recall timeout); gave up after ${host.maxRetries} retries`);
+        givenUp.add(gaveUp);
+        throw gaveUp;
       }
     } finally {
       if (lease !== 0) host.releaseLease(lease);

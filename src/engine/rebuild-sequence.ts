@@ -16,6 +16,7 @@ import { isAllZero } from '../os/zeros.ts';
 import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
 import type { Rebuild, RangeClaims } from './rebuild.ts';
 import { copyRegionLeased, type CopierHost, type LeaseCounters } from './leased-copy.ts';
+import { CopierGaveUp, CopierLost, type CopyEndpoint, type RegionCopier, type RegionCopyHooks } from './copier-process.ts';
 import { COPIERS, REGION_BYTES, forEachIndex, isUnsupported, regionRange } from './recovery.ts';
 
 type EngineReplica = SetMember<DataClient>;
@@ -114,9 +115,14 @@ export interface RebuildHost {
   /** Range claims, while a rebuild or verify uses them. */
   readonly claims: RangeClaims | null;
   /** A lease on [start, end) of the live volume for a copy to `target` (recalled by client writes, revoked after the recall timeout). */
-  acquireLease(target: EngineReplica, start: number, end: number): Promise<number>;
+  acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void): Promise<number>;
   leaseWanted(id: number): boolean;
   releaseLease(id: number): void;
+  /** Revokes a lease now (its copier is gone): the target refuses copy writes with it before the waiting client writes go on. */
+  revokeLease(target: EngineReplica, id: number): void;
+  /** Where regions are copied: a copier process (null: here, on the engine's event loop). */
+  readonly copier: RegionCopier | null;
+  readonly epoch: number;
   /** A turn to copy a region under a lease (fewer at once while clients are busy); resolves with its end. */
   copyTurn(): Promise<() => void>;
   clientsBusy(): boolean;
@@ -201,7 +207,11 @@ async function joinWriteSet(host: RebuildHost, target: EngineReplica, check: () 
  * - `since`: the target reads as snapshot `snapshot` of the source, and a range the live
  *   volume has not changed since that snapshot is skipped.
  */
-function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, flusher: CopyFlusher, offset: number, length: number, how: RegionCopy): Promise<number> {
+async function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void, flusher: CopyFlusher, offset: number, length: number, how: RegionCopy): Promise<number> {
+  if (host.copier !== null) {
+    const copied = await copyRegionInCopier(host, host.copier, target, check, flusher, offset, length, how);
+    if (copied !== null) return copied;
+  }
   const copier: CopierHost = {
     acquireLease: (start, end) => host.acquireLease(target, start, end),
     leaseWanted: (id) => host.leaseWanted(id),
@@ -247,6 +257,65 @@ function copyRegion(host: RebuildHost, target: EngineReplica, check: () => void,
     chunkBytes: host.copyChunkBytes,
   };
   return copyRegionLeased(copier, offset, length, how);
+}
+
+function endpoint(r: EngineReplica): CopyEndpoint {
+  return { address: r.address, host: r.host, port: r.port, key: r.key, named: r.named };
+}
+
+/**
+ * Copies the region in the copier process (copier-process.ts). A copier that died (or was
+ * killed) costs a retry of the region, from its start, with a new one; past the retry limit the
+ * rebuild fails. Null: the copier could not copy it for another reason (it could read no source,
+ * could not reach the target): the region is copied here, where a failing replica is taken out.
+ */
+async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, target: EngineReplica, check: () => void, flusher: CopyFlusher, offset: number, length: number, how: RegionCopy): Promise<number | null> {
+  const hooks: RegionCopyHooks = {
+    acquireLease: async (start, end, onRecall) => {
+      const id = await host.acquireLease(target, start, end, onRecall);
+      host.leaseCounters.grants++;
+      return id;
+    },
+    releaseLease: (id) => host.releaseLease(id),
+    revokeLease: (id) => host.revokeLease(target, id),
+    copyTurn: () => host.copyTurn(),
+    clientsBusy: () => host.clientsBusy(),
+    check,
+    regionCopied: (at, bytes) => {
+      assert(at % REGION_BYTES === 0 && (bytes === REGION_BYTES || at + bytes === host.sizeBytes), 'copier: only whole regions leave a missed-write map');
+      flusher.regionCopied(at / REGION_BYTES);
+    },
+    replayed: () => {
+      host.leaseCounters.replays++;
+    },
+  };
+  for (let lost = 0; ;) {
+    check();
+    const first = host.pickReader(new Set([target]));
+    if (first === null) throw host.faultError();
+    const sources = [first, ...host.replicas.filter((r) => r !== first && r !== target && r.mode === ReplicaMode.RW && r.client !== null)];
+    try {
+      return await copier.copy({
+        epoch: host.epoch, target: endpoint(target), sources: sources.map(endpoint), offset, length, how,
+        chunkBytes: host.copyChunkBytes, maxRetries: host.maxRegionRetries, pull: host.copyPull && !cannotPull.has(target),
+      }, hooks);
+    } catch (err) {
+      if (err instanceof CopierGaveUp) throw err;
+      check();
+      const e = toZebuError(err);
+      if (err instanceof CopierLost) {
+        lost++;
+        host.leaseCounters.replays++;
+        host.log({ event: 'rebuild-copier-lost', replica: target.address, offset, tries: lost, reason: e.message });
+        if (lost > host.maxRegionRetries) {
+          throw new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): the copier process was lost ${lost} times while it copied it (${e.message}); gave up after ${host.maxRegionRetries} retries`);
+        }
+        continue;
+      }
+      host.log({ event: 'rebuild-copier-fallback', replica: target.address, offset, reason: e.message });
+      return null;
+    }
+  }
 }
 
 /** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */

@@ -73,7 +73,7 @@ export function mustZebuJson<T = any>(up: { api: string; token: string }, args: 
 
 export interface ProcessInfo {
   pid: number;
-  role: 'replica' | 'engine' | 'frontend' | 'up' | 'other';
+  role: 'replica' | 'engine' | 'frontend' | 'up' | 'copier' | 'other';
   cmdline: string[];
 }
 
@@ -95,7 +95,8 @@ export function processesUnder(dir: string): ProcessInfo[] {
     if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
     if (!cmdline.some((a) => a.includes(dir))) continue;
     const sub = cmdline.slice(cmdline.findIndex((a) => a.endsWith('main.ts')) + 1);
-    const role = sub[0] === 'up' ? 'up' : sub[0] === 'replica' ? 'replica' : sub[0] === 'engine' ? 'engine' : sub[0] === 'frontend' ? 'frontend' : 'other';
+    const role = cmdline.some((a) => a.endsWith('copier-main.ts')) ? 'copier'
+      : sub[0] === 'up' ? 'up' : sub[0] === 'replica' ? 'replica' : sub[0] === 'engine' ? 'engine' : sub[0] === 'frontend' ? 'frontend' : 'other';
     out.push({ pid, role, cmdline });
   }
   return out;

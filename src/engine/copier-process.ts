@@ -1,0 +1,294 @@
+/**
+ * The rebuild copier as a process of its own, the engine's side. The engine stays the lease
+ * authority; the copier process (copier-main.ts) runs each region's chunk loop
+ * (leased-copy.ts) over its own connections to the source and target replicas, so a rebuild's
+ * reads, writes and pulls cost the engine only a few messages per lease, and a copier that
+ * hangs or dies is a fault the engine survives:
+ *
+ * - stopped (SIGSTOP, stuck): a client write recalls its lease, the recall times out, the
+ *   engine revokes the lease and the write goes on; the copier, going on later, gets
+ *   LEASE_REVOKED from the target and replays from its committed offset.
+ * - dead (SIGKILL, crash): every lease it held is revoked (a pull it started may still land
+ *   on the target: the revoke makes the target refuse it, or land it, before the client writes
+ *   that wait go on), its copies fail with CopierLost, and the next copy starts a new copier.
+ *
+ * Messages go over the IPC channel of a forked child (JSON). The engine → copier ones: init,
+ * copy, answer (to an ask), recall, cancel. The copier → engine ones: ask (a turn or a lease),
+ * endTurn, release, copied (a whole region is on the target), replayed, done, failed.
+ */
+import { fork, type ChildProcess } from 'node:child_process';
+import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
+import type { RegionCopy } from './rebuild-plan.ts';
+
+/** A replica as the copier reaches it (named: the replica must report `key` as its name). */
+export interface CopyEndpoint {
+  address: string;
+  host: string;
+  port: number;
+  key: string;
+  named: boolean;
+}
+
+/** One region to copy from a source to the target. */
+export interface RegionCopyRequest {
+  epoch: number;
+  target: CopyEndpoint;
+  /** RW replicas to read from, best first (the copier takes the next when one fails). */
+  sources: CopyEndpoint[];
+  offset: number;
+  length: number;
+  how: RegionCopy;
+  chunkBytes: number;
+  maxRetries: number;
+  /** The target pulls each chunk from a source itself (else the copier reads and writes it). */
+  pull: boolean;
+}
+
+/** What a copy uses of the engine, the lease authority. */
+export interface RegionCopyHooks {
+  /** A lease on [start, end) of the target; `onRecall` when a client write waits for it. */
+  acquireLease(start: number, end: number, onRecall: (id: number) => void): Promise<number>;
+  releaseLease(id: number): void;
+  /** Revokes a lease now (the copier is gone): the target refuses its copy writes from now on. */
+  revokeLease(id: number): void;
+  copyTurn(): Promise<() => void>;
+  clientsBusy(): boolean;
+  /** Throws when the rebuild must stop. */
+  check(): void;
+  /** The whole region [at, at+bytes) is on the target. */
+  regionCopied(at: number, bytes: number): void;
+  /** The copier copied from its committed offset again after a revoke. */
+  replayed(): void;
+}
+
+/** Copies regions somewhere other than the engine's event loop. */
+export interface RegionCopier {
+  copy(request: RegionCopyRequest, hooks: RegionCopyHooks): Promise<number>;
+  /** The copier process's pid (null: none running). */
+  readonly pid: number | null;
+  close(): void;
+}
+
+/** The copier process died or its channel closed while it copied: the region is copied again. */
+export class CopierLost extends ZebuError {
+  constructor(message: string) {
+    super(ErrorCode.DISCONNECTED, message);
+  }
+}
+
+/** The copier gave the region up (revoked past the retry limit): the rebuild fails with it. */
+export class CopierGaveUp extends ZebuError {}
+
+export type EngineToCopier =
+  | { t: 'init'; secret: string; requestTimeoutMs: number | null }
+  | { t: 'copy'; copy: number; request: RegionCopyRequest }
+  | { t: 'answer'; ask: number; value?: unknown; error?: { code: ErrorCode; message: string } }
+  | { t: 'recall'; lease: number }
+  | { t: 'cancel'; copy: number; code: ErrorCode; message: string };
+
+export type CopierToEngine =
+  | { t: 'ask'; ask: number; copy: number; what: 'turn' }
+  | { t: 'ask'; ask: number; copy: number; what: 'lease'; start: number; end: number }
+  | { t: 'endTurn'; copy: number; turn: number }
+  | { t: 'release'; copy: number; lease: number }
+  | { t: 'copied'; copy: number; at: number; bytes: number }
+  | { t: 'replayed'; copy: number }
+  | { t: 'done'; copy: number; written: number }
+  | { t: 'failed'; copy: number; code: ErrorCode; message: string; gaveUp: boolean };
+
+/** While a copy runs, how often the engine checks that its rebuild still goes on (a stopped copier cannot). */
+const CHECK_INTERVAL_MS = 500;
+
+interface RunningCopy {
+  hooks: RegionCopyHooks;
+  leases: Set<number>;
+  turns: Map<number, () => void>;
+  resolve: (written: number) => void;
+  reject: (err: Error) => void;
+  timer: NodeJS.Timeout;
+}
+
+export interface CopierProcessOptions {
+  secret: Buffer;
+  requestTimeoutMs?: number;
+  log: (event: Record<string, unknown>) => void;
+  /** Arguments that tell the copier process apart in a process list (its engine's volume and sockets). */
+  args?: string[];
+}
+
+/** Starts the copier process on the first copy and again after it died. */
+export class CopierProcess implements RegionCopier {
+  private readonly options: CopierProcessOptions;
+  private child: ChildProcess | null = null;
+  private readonly copies = new Map<number, RunningCopy>();
+  private nextCopy = 1;
+  private nextTurn = 1;
+  private closed = false;
+  /** Copier processes started (the first one included). */
+  starts = 0;
+
+  constructor(options: CopierProcessOptions) {
+    this.options = options;
+  }
+
+  get pid(): number | null {
+    return this.child?.pid ?? null;
+  }
+
+  copy(request: RegionCopyRequest, hooks: RegionCopyHooks): Promise<number> {
+    if (this.closed) return Promise.reject(new ZebuError(ErrorCode.CLOSED, 'the copier is closed'));
+    const child = this.running();
+    const copy = this.nextCopy++;
+    return new Promise<number>((resolve, reject) => {
+      const timer = setInterval(() => {
+        try {
+          hooks.check();
+        } catch (err) {
+          // The rebuild stops: no need to wait for the copier (it may be stopped) to notice.
+          const e = toZebuError(err);
+          this.send(child, { t: 'cancel', copy, code: e.code, message: e.message });
+          this.end(copy, e);
+        }
+      }, CHECK_INTERVAL_MS);
+      timer.unref();
+      this.copies.set(copy, { hooks, leases: new Set(), turns: new Map(), resolve, reject, timer });
+      this.send(child, { t: 'copy', copy, request });
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    const child = this.child;
+    if (child !== null) {
+      this.child = null;
+      child.kill('SIGKILL');
+      this.lost(`the engine closed`);
+    }
+  }
+
+  private running(): ChildProcess {
+    if (this.child !== null) return this.child;
+    const child = fork(new URL('./copier-main.ts', import.meta.url), this.options.args ?? [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+    this.starts++;
+    this.child = child;
+    child.on('message', (message) => this.onMessage(child, message as CopierToEngine));
+    const gone = (why: string): void => {
+      if (this.child !== child) return;
+      this.child = null;
+      this.options.log({ event: 'rebuild-copier-exited', pid: child.pid, why, copies: this.copies.size });
+      this.lost(`the copier process (pid ${child.pid}) ${why}`);
+    };
+    child.on('exit', (code, signal) => gone(signal !== null ? `was killed by ${signal}` : `exited with code ${code}`));
+    child.on('error', (err) => {
+      gone(`failed: ${err.message}`);
+      child.kill('SIGKILL');
+    });
+    child.on('disconnect', () => {
+      gone('closed its channel');
+      child.kill('SIGKILL');
+    });
+    this.send(child, { t: 'init', secret: this.options.secret.toString('base64'), requestTimeoutMs: this.options.requestTimeoutMs ?? null });
+    this.options.log({ event: 'rebuild-copier-started', pid: child.pid });
+    return child;
+  }
+
+  private send(child: ChildProcess, message: EngineToCopier): void {
+    if (!child.connected) return;
+    try {
+      child.send(message);
+    } catch {
+      // The channel closed: 'disconnect' ends the copies.
+    }
+  }
+
+  /** Every copy of the copier that is gone fails; the leases it held are revoked first. */
+  private lost(why: string): void {
+    for (const copy of [...this.copies.keys()]) this.end(copy, new CopierLost(`${why} while it copied`));
+  }
+
+  /** Ends a copy that did not finish: its leases revoked, its turns ended. */
+  private end(copy: number, err: Error): void {
+    const running = this.copies.get(copy);
+    if (running === undefined) return;
+    this.copies.delete(copy);
+    clearInterval(running.timer);
+    for (const lease of running.leases) running.hooks.revokeLease(lease);
+    for (const endTurn of running.turns.values()) endTurn();
+    running.reject(err);
+  }
+
+  private onMessage(child: ChildProcess, m: CopierToEngine): void {
+    if (child !== this.child) return;
+    const running = this.copies.get(m.copy);
+    switch (m.t) {
+      case 'ask': {
+        const answer = (value: unknown): void => this.send(child, { t: 'answer', ask: m.ask, value });
+        const refuse = (err: unknown): void => {
+          const e = toZebuError(err);
+          this.send(child, { t: 'answer', ask: m.ask, error: { code: e.code, message: e.message } });
+        };
+        if (running === undefined) return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));
+        try {
+          running.hooks.check();
+        } catch (err) {
+          return refuse(err);
+        }
+        if (m.what === 'turn') {
+          running.hooks.copyTurn().then((endTurn) => {
+            if (this.copies.get(m.copy) !== running) return endTurn();
+            const turn = this.nextTurn++;
+            running.turns.set(turn, endTurn);
+            answer({ turn, busy: running.hooks.clientsBusy() });
+          }, refuse);
+        } else {
+          // A recall may come before the grant: the copier keeps it until it has the lease.
+          running.hooks.acquireLease(m.start, m.end, (lease) => this.send(child, { t: 'recall', lease })).then((id) => {
+            if (this.copies.get(m.copy) !== running) {
+              running.hooks.releaseLease(id);
+              return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));
+            }
+            running.leases.add(id);
+            answer(id);
+          }, refuse);
+        }
+        return;
+      }
+      case 'endTurn': {
+        const endTurn = running?.turns.get(m.turn);
+        if (endTurn === undefined) return;
+        running!.turns.delete(m.turn);
+        endTurn();
+        return;
+      }
+      case 'release':
+        if (running === undefined || !running.leases.delete(m.lease)) return;
+        running.hooks.releaseLease(m.lease);
+        return;
+      case 'copied':
+        if (running === undefined) return;
+        try {
+          running.hooks.check();
+          running.hooks.regionCopied(m.at, m.bytes);
+        } catch (err) {
+          this.send(child, { t: 'cancel', copy: m.copy, code: toZebuError(err).code, message: toZebuError(err).message });
+          this.end(m.copy, toZebuError(err));
+        }
+        return;
+      case 'replayed':
+        running?.hooks.replayed();
+        return;
+      case 'done':
+      case 'failed': {
+        if (running === undefined) return;
+        this.copies.delete(m.copy);
+        clearInterval(running.timer);
+        // The copier gives its leases back before it answers; any still held is revoked.
+        for (const lease of running.leases) running.hooks.revokeLease(lease);
+        for (const endTurn of running.turns.values()) endTurn();
+        if (m.t === 'done') running.resolve(m.written);
+        else running.reject(m.gaveUp ? new CopierGaveUp(m.code, m.message) : new ZebuError(m.code, m.message));
+        return;
+      }
+    }
+  }
+}
