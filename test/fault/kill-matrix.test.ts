@@ -1,7 +1,9 @@
 /**
  * SIGKILL matrix on one volume's data path (3 replica processes, engine, frontend — real
  * processes, no manager): under a writer that records every acknowledged write and flush, kill
- * at a random moment a replica, the engine, the frontend, or all of them at once; bring back what
+ * at a random moment a replica, the engine, the frontend, the rebuild copier while a replica killed
+ * a moment before is rebuilt (its regions are copied again by a new copier; the rebuild goes on),
+ * or all of them at once; bring back what
  * was killed (the harness does the manager's part: a new epoch per engine, a failed replica added
  * back); then check:
  *   - every block holds a write allowed by the ledger: no acknowledged write lost at all where
@@ -20,12 +22,13 @@ import assert from 'node:assert/strict';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
 import { FaultCluster, faultRoot } from '../support/fault-cluster.ts';
 import { FaultRounds, sleep } from '../support/fault-rounds.ts';
+import { processesUnder } from '../support/zebu-up.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
-const KINDS = ['replica', 'engine', 'frontend', 'all data-path processes'] as const;
+const KINDS = ['replica', 'engine', 'frontend', 'copier during a rebuild', 'all data-path processes'] as const;
 
-test('SIGKILL matrix: a replica, the engine, the frontend, all data-path processes', { timeout: 30 * 60_000 }, async (t) => {
+test('SIGKILL matrix: a replica, the engine, the frontend, the copier during a rebuild, all data-path processes', { timeout: 30 * 60_000 }, async (t) => {
   const seed = faultSeed();
   t.diagnostic(`ZEBU_FAULT_SEED=${seed}`);
   const kills = envCount('ZEBU_FAULT_KILLS', faultFull() ? 208 : 16);
@@ -54,6 +57,23 @@ test('SIGKILL matrix: a replica, the engine, the frontend, all data-path process
         await sleep(random.range(0, 200));
         await cluster.startEngine();
         return { engineStarted: true, rebuilds: await cluster.healAll() };
+      }
+      if (kind === 'copier during a rebuild') {
+        const i = random.int(cluster.replicaDirs.length);
+        await cluster.killReplica(i);
+        await sleep(random.range(0, 300));
+        await cluster.startReplica(i);
+        const rebuilt = cluster.readd(i);
+        await sleep(random.range(0, 100));
+        // Idle (the rebuild over already) it dies too: the next rebuild starts another.
+        for (const p of processesUnder(root).filter((p) => p.role === 'copier')) {
+          try {
+            process.kill(p.pid, 'SIGKILL');
+          } catch {
+            // gone already
+          }
+        }
+        return { rebuilds: [await rebuilt] };
       }
       if (kind === 'frontend') {
         await cluster.killFrontend();
