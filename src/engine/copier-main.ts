@@ -129,6 +129,7 @@ async function runCopy(copy: number, request: RegionCopyRequest): Promise<number
     },
     check,
     regionCopied: (at, bytes) => send({ t: 'copied', copy, at, bytes }),
+    chunkCopied: (end) => send({ t: 'chunk', copy, end }),
     counters: replayReporter(copy),
     maxRetries: request.maxRetries,
     chunkBytes: request.chunkBytes,

@@ -14,7 +14,8 @@
  *
  * Messages go over the IPC channel of a forked child (JSON). The engine → copier ones: init,
  * copy, answer (to an ask), recall, cancel. The copier → engine ones: ask (a turn or a lease),
- * endTurn, release, copied (a whole region is on the target), replayed, done, failed.
+ * endTurn, release, chunk (the copy got this far), copied (the region is on the target to its
+ * end), replayed, done, failed.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
@@ -55,8 +56,10 @@ export interface RegionCopyHooks {
   clientsBusy(): boolean;
   /** Throws when the rebuild must stop. */
   check(): void;
-  /** The whole region [at, at+bytes) is on the target. */
+  /** The region is on the target from `at` to its end (at + bytes). */
   regionCopied(at: number, bytes: number): void;
+  /** The region's copy reached `end`. */
+  chunkCopied(end: number): void;
   /** The copier copied from its committed offset again after a revoke. */
   replayed(): void;
 }
@@ -92,6 +95,7 @@ export type CopierToEngine =
   | { t: 'endTurn'; copy: number; turn: number }
   | { t: 'release'; copy: number; lease: number }
   | { t: 'copied'; copy: number; at: number; bytes: number }
+  | { t: 'chunk'; copy: number; end: number }
   | { t: 'replayed'; copy: number }
   | { t: 'done'; copy: number; written: number }
   | { t: 'failed'; copy: number; code: ErrorCode; message: string; gaveUp: boolean };
@@ -273,6 +277,9 @@ export class CopierProcess implements RegionCopier {
           this.send(child, { t: 'cancel', copy: m.copy, code: toZebuError(err).code, message: toZebuError(err).message });
           this.end(m.copy, toZebuError(err));
         }
+        return;
+      case 'chunk':
+        running?.hooks.chunkCopied(m.end);
         return;
       case 'replayed':
         running?.hooks.replayed();

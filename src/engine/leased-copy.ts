@@ -15,10 +15,11 @@
  *   that chunk was read before the client write. The copier replays from `committed`. A region
  *   revoked more than `maxRetries` times fails the rebuild, naming the region and the cause.
  *
- * Progress that survives restarts is kept per region, not per chunk: the RW replicas hold a
- * missed-write map for the target naming the regions still to copy (rebuild-sequence.ts), and a
- * region copied whole leaves it (regionCopied). A rebuild that stops midway goes on as a delta
- * rebuild from those maps; the region under way is copied again.
+ * Progress that survives restarts is kept by the RW replicas for the target (rebuild-sequence.ts):
+ * a missed-write map naming the regions still to copy, which a region copied to its end leaves
+ * (regionCopied), and for a region under way how far its copy got (chunkCopied, once durable on
+ * the target). A rebuild that stops midway goes on as a delta rebuild from those: a region under
+ * way from the last chunk noted, unless it was written since.
  */
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { WireExtent } from '../protocol/frames.ts';
@@ -73,6 +74,8 @@ export interface CopierHost {
    * maps, so that a rebuild that stops later goes on without it. Not waited for.
    */
   regionCopied(offset: number, length: number): void;
+  /** The copy reached `end` (every chunk before it is on the target); not waited for. */
+  chunkCopied(end: number): void;
   readonly counters: LeaseCounters;
   readonly maxRetries: number;
   /** Bytes per chunk, a multiple of 4 KiB (a whole region: the region is held as one lock, the old way). */
@@ -152,6 +155,7 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
         await copyChunk(committed, chunkEnd);
         committed = chunkEnd;
         progressed = true;
+        if (committed < end) host.chunkCopied(committed);
       }
       if (committed === end) {
         // Every client write to the region since the copy began reached the target too.

@@ -82,6 +82,22 @@ export function deltaRegions(missed: number[], targetActive: number[], holderAct
 }
 
 /**
+ * Where a delta goes on in regions a stopped copy got partway through (the map holder's notes:
+ * region -> bytes copied from its start, durable on the target): not in a region active on the
+ * target or the holder (a write to it may be missing from the copied front), nor a note that is
+ * not whole 4 KiB blocks inside the region.
+ */
+export function copiedFronts(partial: [number, number][], targetActive: number[], holderActive: number[], regionBytes: number): Map<number, number> {
+  const whole = new Set([...targetActive, ...holderActive]);
+  const out = new Map<number, number>();
+  for (const [region, upTo] of partial) {
+    if (whole.has(region) || !Number.isSafeInteger(upTo) || upTo <= 0 || upTo % 4096 !== 0 || upTo >= regionBytes) continue;
+    out.set(region, upTo);
+  }
+  return out;
+}
+
+/**
  * Why a replica whose full rebuild stopped midway cannot go on with it over the snapshots it
  * completed, or null when it can: each of its snapshots must be one of the volume's, on the same
  * parent (their bytes are compared by hash during the rebuild). `theirs`: the target's.

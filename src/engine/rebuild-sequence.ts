@@ -10,7 +10,7 @@ import { createHash } from 'node:crypto';
 import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { DataClient } from '../protocol/client.ts';
 import { Op, decodeExtents } from '../protocol/frames.ts';
-import { deltaRegions, liveRegionCopy, snapshotCopyPlan, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
+import { copiedFronts, deltaRegions, liveRegionCopy, snapshotCopyPlan, type RegionCopy, type SnapshotCopyPlan } from './rebuild-plan.ts';
 import type { SnapshotInfo } from '../replica/replica.ts';
 import { isAllZero } from '../os/zeros.ts';
 import { ReplicaMode, type ReplicaSet, type EngineReplica as SetMember } from './replica-set.ts';
@@ -52,6 +52,8 @@ class CopyFlusher {
   private readonly check: () => void;
   private running: Promise<void> | null = null;
   private pending: number[] = [];
+  /** Regions copied in part since the last flush: region -> bytes copied from its start. */
+  private pendingProgress = new Map<number, number>();
   private lastStartMs = -Infinity;
 
   constructor(host: RebuildHost, target: EngineReplica, check: () => void) {
@@ -62,11 +64,25 @@ class CopyFlusher {
 
   regionCopied(region: number): void {
     this.pending.push(region);
+    this.pendingProgress.delete(region);
+    this.kick();
+  }
+
+  /**
+   * The copy of a region reached `end` (its chunks before `end` are on the target): once durable
+   * there, the maps note the region copied up to it, so that a rebuild that stops midway copies
+   * the region from there, not from its start (unless it is written meanwhile).
+   */
+  chunkCopied(end: number): void {
+    const region = Math.floor((end - 1) / REGION_BYTES);
+    const upTo = end - region * REGION_BYTES;
+    if (upTo >= REGION_BYTES || end >= this.host.sizeBytes) return; // whole: regionCopied follows
+    if ((this.pendingProgress.get(region) ?? 0) < upTo) this.pendingProgress.set(region, upTo);
     this.kick();
   }
 
   private kick(): void {
-    if (this.running !== null || this.pending.length === 0) return;
+    if (this.running !== null || (this.pending.length === 0 && this.pendingProgress.size === 0)) return;
     this.running = this.flushThenClear().finally(() => {
       this.running = null;
       this.kick();
@@ -79,6 +95,8 @@ class CopyFlusher {
     this.lastStartMs = this.host.nowMs();
     const regions = this.pending;
     this.pending = [];
+    const progress = [...this.pendingProgress];
+    this.pendingProgress = new Map();
     const client = this.target.client;
     if (client === null) return;
     try {
@@ -90,7 +108,7 @@ class CopyFlusher {
     }
     const target = this.target;
     for (const r of this.host.replicas) {
-      if (r !== target && r.mode === ReplicaMode.RW && r.client !== null) void this.host.controlOn(r, (c) => c.missedClear(target.key, regions));
+      if (r !== target && r.mode === ReplicaMode.RW && r.client !== null) void this.host.controlOn(r, (c) => c.missedClear(target.key, regions, progress));
     }
   }
 
@@ -248,15 +266,21 @@ async function copyRegion(host: RebuildHost, target: EngineReplica, check: () =>
       }
     },
     check,
-    regionCopied: (at, bytes) => {
-      assert(at % REGION_BYTES === 0 && (bytes === REGION_BYTES || at + bytes === host.sizeBytes), 'copier: only whole regions leave a missed-write map');
-      flusher.regionCopied(at / REGION_BYTES);
-    },
+    regionCopied: (at, bytes) => regionCopied(host, flusher, at, bytes),
+    chunkCopied: (end) => flusher.chunkCopied(end),
     counters: host.leaseCounters,
     maxRetries: host.maxRegionRetries,
     chunkBytes: host.copyChunkBytes,
   };
   return copyRegionLeased(copier, offset, length, how);
+}
+
+/** The rest of a region, from where its copy began (its start, or where a stopped one got) to its end, is on the target. */
+function regionCopied(host: RebuildHost, flusher: CopyFlusher, at: number, bytes: number): void {
+  const region = Math.floor(at / REGION_BYTES);
+  const end = Math.min(host.sizeBytes, (region + 1) * REGION_BYTES);
+  assert(at + bytes === end, 'copier: only a region copied to its end leaves a missed-write map');
+  flusher.regionCopied(region);
 }
 
 function endpoint(r: EngineReplica): CopyEndpoint {
@@ -281,10 +305,8 @@ async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, targe
     copyTurn: () => host.copyTurn(),
     clientsBusy: () => host.clientsBusy(),
     check,
-    regionCopied: (at, bytes) => {
-      assert(at % REGION_BYTES === 0 && (bytes === REGION_BYTES || at + bytes === host.sizeBytes), 'copier: only whole regions leave a missed-write map');
-      flusher.regionCopied(at / REGION_BYTES);
-    },
+    regionCopied: (at, bytes) => regionCopied(host, flusher, at, bytes),
+    chunkCopied: (end) => flusher.chunkCopied(end),
     replayed: () => {
       host.leaseCounters.replays++;
     },
@@ -560,17 +582,26 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
     joined = true;
     check();
     if (mapHolder.mode !== ReplicaMode.RW || mapHolder.client === null) throw new ZebuError(ErrorCode.EIO, `replica ${mapHolder.address} holding the missed-write map failed`);
-    const [missed, holderIntent] = await Promise.all([mapHolder.client.missedGet(target.key), mapHolder.client.intentGet()]);
-    const regions = deltaRegions(missed, targetActive, holderIntent.active, host.regionCount);
-    for (const region of regions) progress.totalBytes += regionRange(region, REGION_BYTES, host.sizeBytes).length;
-    host.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes });
+    const [missed, holderIntent] = await Promise.all([mapHolder.client.missedMap(target.key), mapHolder.client.intentGet()]);
+    const regions = deltaRegions(missed.regions, targetActive, holderIntent.active, host.regionCount);
+    // Where a stopped copy of a region got (durably on the target, the region not written since):
+    // it goes on from there. A region either side holds active is copied whole.
+    const from = copiedFronts(missed.partial, targetActive, holderIntent.active, REGION_BYTES);
+    let resumedBytes = 0;
+    for (const region of regions) {
+      progress.totalBytes += regionRange(region, REGION_BYTES, host.sizeBytes).length - (from.get(region) ?? 0);
+      resumedBytes += from.get(region) ?? 0;
+    }
+    host.log({ event: 'delta-rebuild-regions', replica: target.address, regions: regions.length, bytes: progress.totalBytes, partlyCopied: from.size, bytesNotCopiedAgain: resumedBytes });
     const flusher = new CopyFlusher(host, target, check);
     await forEachIndex(regions.length, LEASED_COPIERS, async (i) => {
-      const { offset, length } = regionRange(regions[i], REGION_BYTES, host.sizeBytes);
+      const range = regionRange(regions[i], REGION_BYTES, host.sizeBytes);
+      const noted = from.get(regions[i]) ?? 0;
+      const skip = noted < range.length ? noted : 0;
       // The target may hold anything there: a region the source holds nothing of is zeroed
       // (or, on a backing image, given the image's bytes).
-      await copyRegion(host, target, check, flusher, offset, length, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
-      progress.copiedBytes += length;
+      await copyRegion(host, target, check, flusher, range.offset + skip, range.length - skip, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
+      progress.copiedBytes += range.length - skip;
     }).finally(() => flusher.settle());
     await finishRebuild(host, target, check);
   } finally {

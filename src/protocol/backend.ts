@@ -48,11 +48,13 @@ export interface BlockBackend {
   missedStart?(key: string): Promise<void>;
   /** The regions of key's missed-write map; throws NOT_FOUND when there is none. */
   missedGet?(key: string): number[];
+  /** Regions of key's map a rebuild copied in part: [region, bytes copied from its start]. */
+  missedPartial?(key: string): [number, number][];
   missedDrop?(key: string): Promise<void>;
   /** Adds regions to key's map, or marks it invalid (a rebuild hands the source's maps over). */
   missedMerge?(key: string, regions: number[], invalid: boolean): Promise<void>;
   /** Takes copied regions out of key's map (not the active ones); in memory at the call, durable when it resolves. */
-  missedClear?(key: string, regions: number[]): Promise<void>;
+  missedClear?(key: string, regions: number[], progress?: [number, number][]): Promise<void>;
   missedPrune?(keep: string[]): Promise<void>;
   /** Regions known the same and durable everywhere leave the write-intent log (no write in flight, not pinned). */
   intentRelease?(regions: number[]): Promise<void>;

@@ -269,7 +269,12 @@ export class DataClient {
   }
   /** The regions written since MISSED_START(key); NOT_FOUND when there is no such map. */
   async missedGet(key: string): Promise<number[]> {
-    return (JSON.parse((await this.request(Op.MISSED_GET, 0, 0, 0, Buffer.from(key))).toString('utf8')) as { regions: number[] }).regions;
+    return (await this.missedMap(key)).regions;
+  }
+  /** The regions of key's map, and those a rebuild copied in part (an older replica: none). */
+  async missedMap(key: string): Promise<{ regions: number[]; partial: [number, number][] }> {
+    const map = JSON.parse((await this.request(Op.MISSED_GET, 0, 0, 0, Buffer.from(key))).toString('utf8')) as { regions: number[]; partial?: [number, number][] };
+    return { regions: map.regions, partial: map.partial ?? [] };
   }
   /** Adds regions to key's missed-write map, or (invalid) marks it invalid. */
   async missedMerge(key: string, regions: number[], invalid = false): Promise<void> {
@@ -287,9 +292,12 @@ export class DataClient {
     spec.copy(payload, LEASE_ID_BYTES);
     await this.request(Op.COPY_FROM, 0, offset, length, payload);
   }
-  /** A rebuild copied these regions to replica `key`: they leave its map (see Op.MISSED_CLEAR). */
-  async missedClear(key: string, regions: number[]): Promise<void> {
-    await this.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from(JSON.stringify({ key, regions })));
+  /**
+   * A rebuild copied these regions to replica `key`, and the first bytes of those in `progress`
+   * ([region, bytes from its start]): see Op.MISSED_CLEAR.
+   */
+  async missedClear(key: string, regions: number[], progress: [number, number][] = []): Promise<void> {
+    await this.request(Op.MISSED_CLEAR, 0, 0, 0, Buffer.from(JSON.stringify(progress.length > 0 ? { key, regions, progress } : { key, regions })));
   }
   async missedDrop(key: string): Promise<void> {
     await this.request(Op.MISSED_DROP, 0, 0, 0, Buffer.from(key));

@@ -47,7 +47,7 @@ export const Op = {
   INTENT_GET: 18,
   /** Start (or extend) the missed-write map of replica key = payload (utf8). */
   MISSED_START: 19,
-  /** Payload key -> JSON {regions: number[]}, or NOT_FOUND. */
+  /** Payload key -> JSON {regions: number[], partial: [region, bytes copied][]}, or NOT_FOUND. */
   MISSED_GET: 20,
   /** Drop the missed-write map of key = payload. */
   MISSED_DROP: 21,
@@ -80,9 +80,11 @@ export const Op = {
   /** The engine revokes lease `offset` on the target; answered once its copy writes in flight landed. */
   LEASE_REVOKE: 29,
   /**
-   * Payload JSON {key, regions: number[]}: a rebuild copied these regions to replica key; they
-   * leave key's missed-write map, except those the write-intent log holds active (written here
-   * since, or still in flight: the copy may not have them). Applied at arrival, ordered with the
+   * Payload JSON {key, regions: number[], progress?: [region, bytes][]}: a rebuild copied these
+   * regions to replica key; they leave key's missed-write map, except those the write-intent log
+   * holds active (written here since, or still in flight: the copy may not have them). `progress`:
+   * regions whose first `bytes` were copied (the same rule): MISSED_GET then lists them in
+   * `partial`, until a write to one makes it whole again. Applied at arrival, ordered with the
    * writes of the connection.
    */
   MISSED_CLEAR: 30,

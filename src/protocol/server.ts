@@ -420,9 +420,11 @@ class Connection {
         if (replica.missedStart === undefined) throw unsupported(h.op);
         await replica.missedStart(missedKey(payload));
         return EMPTY;
-      case Op.MISSED_GET:
+      case Op.MISSED_GET: {
         if (replica.missedGet === undefined) throw unsupported(h.op);
-        return json({ regions: replica.missedGet(missedKey(payload)) });
+        const key = missedKey(payload);
+        return json({ regions: replica.missedGet(key), partial: replica.missedPartial?.(key) ?? [] });
+      }
       case Op.MISSED_DROP:
         if (replica.missedDrop === undefined) throw unsupported(h.op);
         await replica.missedDrop(missedKey(payload));
@@ -439,11 +441,15 @@ class Connection {
       }
       case Op.MISSED_CLEAR: {
         if (replica.missedClear === undefined) throw unsupported(h.op);
-        const arg = jsonArg(payload) as { key?: unknown; regions?: unknown };
-        if (typeof arg !== 'object' || arg === null) throw invalid('MISSED_CLEAR takes a JSON object {key, regions}');
+        const arg = jsonArg(payload) as { key?: unknown; regions?: unknown; progress?: unknown };
+        if (typeof arg !== 'object' || arg === null) throw invalid('MISSED_CLEAR takes a JSON object {key, regions, progress?}');
         const regions = arg.regions;
         if (!Array.isArray(regions) || !regions.every((r) => Number.isSafeInteger(r) && r >= 0)) throw invalid('MISSED_CLEAR regions must be whole numbers >= 0');
-        await replica.missedClear(checkMissedKey(arg.key), regions as number[]);
+        const progress = arg.progress ?? [];
+        if (!Array.isArray(progress) || !progress.every((p) => Array.isArray(p) && p.length === 2 && p.every((n) => Number.isSafeInteger(n) && n >= 0))) {
+          throw invalid('MISSED_CLEAR progress must be [region, bytes] pairs of whole numbers >= 0');
+        }
+        await replica.missedClear(checkMissedKey(arg.key), regions as number[], progress as [number, number][]);
         return EMPTY;
       }
       case Op.MISSED_PRUNE: {

@@ -25,6 +25,10 @@
  * A layer-tree change (snapshot create, delete, revert) makes every map *invalid* rather than
  * removing it: "no map" means the replica never left, "invalid map" means it left and no delta
  * can bring it back (after a revert its chain may still look the same).
+ * A region of a map may be *partly copied*: a rebuild copied its first `upTo` bytes to the
+ * replica (durably) and the rest is still to copy. The note holds only while no write to the
+ * region may have been missed: a region that becomes active here, or is merged into the map,
+ * is whole again (missedClear says why that is enough).
  */
 import path from 'node:path';
 import { crc32 } from 'node:zlib';
@@ -88,6 +92,8 @@ export interface IntentRecord {
   regionBytes: number;
   active: number[];
   missed: Map<string, number[]>;
+  /** Per map, regions of it copied in part: region -> bytes copied from its start (0 < upTo < regionBytes). */
+  partial: Map<string, Map<number, number>>;
   /** Keys whose maps a layer-tree change invalidated. */
   invalid: string[];
 }
@@ -142,7 +148,9 @@ function sorted(set: Iterable<number>): number[] {
 export function encodeIntentRecord(record: IntentRecord): Buffer {
   const missed: Record<string, Runs> = {};
   for (const [key, regions] of record.missed) missed[key] = toRuns(regions);
-  const body = Buffer.from(JSON.stringify({ regionBytes: record.regionBytes, active: toRuns(record.active), missed, invalid: record.invalid }));
+  const partial: Record<string, [number, number][]> = {};
+  for (const [key, notes] of record.partial) if (notes.size > 0) partial[key] = [...notes].sort((a, b) => a[0] - b[0]);
+  const body = Buffer.from(JSON.stringify({ regionBytes: record.regionBytes, active: toRuns(record.active), missed, invalid: record.invalid, partial }));
   const buf = Buffer.allocUnsafe(HEADER_BYTES + body.length);
   buf.writeUInt32BE(MAGIC, 0);
   buf.writeUInt32BE(Math.floor(record.seq / 2 ** 32), 4);
@@ -162,7 +170,7 @@ export function decodeIntentRecord(buf: Buffer): IntentRecord | null {
   if (buf.length < HEADER_BYTES + bodyBytes) return null;
   const body = buf.subarray(HEADER_BYTES, HEADER_BYTES + bodyBytes);
   if (crc32(body) !== buf.readUInt32BE(16)) return null;
-  let parsed: { regionBytes: number; active: Runs; missed: Record<string, Runs>; invalid?: string[] };
+  let parsed: { regionBytes: number; active: Runs; missed: Record<string, Runs>; invalid?: string[]; partial?: Record<string, unknown> };
   try {
     parsed = JSON.parse(body.toString('utf8'));
   } catch {
@@ -171,13 +179,37 @@ export function decodeIntentRecord(buf: Buffer): IntentRecord | null {
   if (!Number.isSafeInteger(parsed.regionBytes) || parsed.regionBytes <= 0) return null;
   const missed = new Map<string, number[]>();
   for (const [key, runs] of Object.entries(parsed.missed ?? {})) missed.set(key, fromRuns(runs, parsed.regionBytes));
+  // Notes of partly copied regions hold only in the region size they were made with; anything
+  // malformed is dropped (the region is then copied whole: never less than needed).
+  const partial = new Map<string, Map<number, number>>();
+  if (parsed.regionBytes === INTENT_REGION_BYTES && typeof parsed.partial === 'object' && parsed.partial !== null) {
+    for (const [key, notes] of Object.entries(parsed.partial)) {
+      const regions = missed.get(key);
+      if (regions === undefined || !Array.isArray(notes)) continue;
+      const inMap = new Set(regions);
+      const kept = new Map<number, number>();
+      for (const note of notes) {
+        if (!Array.isArray(note) || note.length !== 2) continue;
+        const [region, upTo] = note as unknown[];
+        if (typeof region !== 'number' || typeof upTo !== 'number' || !inMap.has(region) || !validUpTo(upTo)) continue;
+        kept.set(region, upTo);
+      }
+      if (kept.size > 0) partial.set(key, kept);
+    }
+  }
   return {
     seq: buf.readUInt32BE(4) * 2 ** 32 + buf.readUInt32BE(8),
     regionBytes: INTENT_REGION_BYTES,
     active: fromRuns(parsed.active, parsed.regionBytes),
     missed,
+    partial,
     invalid: Array.isArray(parsed.invalid) ? parsed.invalid.filter((k) => typeof k === 'string') : [],
   };
+}
+
+/** A partly-copied note's offset: whole 4 KiB blocks, inside the region. */
+function validUpTo(upTo: number): boolean {
+  return Number.isSafeInteger(upTo) && upTo > 0 && upTo < INTENT_REGION_BYTES && upTo % 4096 === 0;
 }
 
 export class IntentLog {
@@ -193,6 +225,8 @@ export class IntentLog {
   /** The active set of the record being written, if any. */
   private recordInFlight: Set<number> | null = null;
   private readonly missed = new Map<string, Set<number>>();
+  /** Regions of a map copied in part (see the header comment); keys and regions are in `missed`. */
+  private readonly partial = new Map<string, Map<number, number>>();
   /** Keys whose maps were invalidated by a layer-tree change (see the header comment). */
   private readonly invalidMissed = new Set<string>();
   /** Numbered FLUSHes arrived since the log was opened. */
@@ -221,8 +255,13 @@ export class IntentLog {
     this.persisted = new Set(active);
     for (const r of active) this.active.set(r, { inflight: 0, pinned: false, target: 0, needArrival: 1, doneAt: 0 });
     for (const [key, regions] of record?.missed ?? []) this.missed.set(key, new Set(regions));
+    for (const [key, notes] of record?.partial ?? []) {
+      const kept = new Map([...notes].filter(([r]) => this.missed.get(key)?.has(r) === true && !this.active.has(r)));
+      if (kept.size > 0) this.partial.set(key, kept);
+    }
     for (const key of record?.invalid ?? []) {
       this.missed.delete(key);
+      this.partial.delete(key);
       this.invalidMissed.add(key);
     }
   }
@@ -269,6 +308,8 @@ export class IntentLog {
     const first = Math.floor(offset / INTENT_REGION_BYTES);
     const last = Math.floor((offset + length - 1) / INTENT_REGION_BYTES);
     let needRecord = false;
+    // A write the copied part of a region may now miss: the whole region is to copy again.
+    if (this.partial.size > 0) this.forgetPartial(first, last);
     for (let r = first; r <= last; r++) {
       let state = this.active.get(r);
       if (state === undefined) {
@@ -361,17 +402,39 @@ export class IntentLog {
   missedMerge(key: string, regions: number[], invalid: boolean): Promise<void> {
     if (invalid) {
       this.missed.delete(key);
+      this.partial.delete(key);
       this.invalidMissed.add(key);
       return this.requestRecord();
     }
     if (this.invalidMissed.has(key)) return Promise.resolve();
     let map = this.missed.get(key);
     if (map === undefined) this.missed.set(key, (map = new Set()));
-    for (const r of regions) map.add(r);
-    for (const r of this.persisted) map.add(r);
-    for (const r of this.active.keys()) map.add(r);
-    for (const r of this.recordInFlight ?? []) map.add(r);
+    const notes = this.partial.get(key);
+    const add = (r: number): void => {
+      map.add(r);
+      notes?.delete(r);
+    };
+    for (const r of regions) add(r);
+    for (const r of this.persisted) add(r);
+    for (const r of this.active.keys()) add(r);
+    for (const r of this.recordInFlight ?? []) add(r);
+    if (notes !== undefined && notes.size === 0) this.partial.delete(key);
     return this.requestRecord();
+  }
+
+  /** Regions first..last are written: every note that they were copied in part goes. */
+  private forgetPartial(first: number, last: number): void {
+    for (const [key, notes] of this.partial) {
+      let changed = false;
+      for (let r = first; r <= last; r++) changed = notes.delete(r) || changed;
+      if (changed) {
+        if (notes.size === 0) this.partial.delete(key);
+        // A note is made only for a region not active, and its record leaves the region out of
+        // the persisted set: so this write asks for a record (enter), which drops the note on
+        // disk before the write is done.
+        this.markStale();
+      }
+    }
   }
 
   /**
@@ -382,15 +445,32 @@ export class IntentLog {
    * A record being written may still hold it in the map; the next one drops it.) No map (or an
    * invalid one): nothing.
    */
-  missedClear(key: string, regions: number[]): Promise<void> {
+  missedClear(key: string, regions: number[], progress: [number, number][] = []): Promise<void> {
     const map = this.missed.get(key);
     if (map === undefined) return Promise.resolve();
     let changed = false;
+    let notes = this.partial.get(key);
     for (const r of regions) {
       if (this.active.has(r)) continue;
       changed = map.delete(r) || changed;
+      if (notes?.delete(r) === true) changed = true;
     }
+    // Copied in part (`progress`: region, bytes from its start): the same rule, for the front of
+    // the region. A note only grows while the region is not written (a write drops it).
+    for (const [r, upTo] of progress) {
+      if (this.active.has(r) || !map.has(r) || !validUpTo(upTo)) continue;
+      if (notes === undefined) this.partial.set(key, (notes = new Map()));
+      if ((notes.get(r) ?? 0) >= upTo) continue;
+      notes.set(r, upTo);
+      changed = true;
+    }
+    if (notes !== undefined && notes.size === 0) this.partial.delete(key);
     return changed ? this.requestRecord() : Promise.resolve();
+  }
+
+  /** Regions of key's map copied in part, with the bytes copied from each one's start. */
+  missedPartial(key: string): [number, number][] {
+    return [...(this.partial.get(key) ?? [])].sort((a, b) => a[0] - b[0]);
   }
 
   missedGet(key: string): number[] {
@@ -403,6 +483,7 @@ export class IntentLog {
   }
 
   missedDrop(key: string): Promise<void> {
+    this.partial.delete(key);
     const had = this.missed.delete(key);
     if (!this.invalidMissed.delete(key) && !had) return Promise.resolve();
     return this.requestRecord();
@@ -414,6 +495,7 @@ export class IntentLog {
     for (const key of [...this.missed.keys()]) {
       if (!kept.has(key)) {
         this.missed.delete(key);
+        this.partial.delete(key);
         changed = true;
       }
     }
@@ -431,6 +513,7 @@ export class IntentLog {
     if (this.missed.size === 0) return Promise.resolve();
     for (const key of this.missed.keys()) this.invalidMissed.add(key);
     this.missed.clear();
+    this.partial.clear();
     return this.requestRecord();
   }
 
@@ -518,10 +601,13 @@ export class IntentLog {
     this.stale = false;
     const activeSet = sorted(this.active.keys());
     for (const map of this.missed.values()) for (const r of activeSet) map.add(r);
+    for (const notes of this.partial.values()) for (const r of activeSet) notes.delete(r);
     const missed = new Map<string, number[]>();
     for (const [key, map] of this.missed) missed.set(key, sorted(map));
+    const partial = new Map<string, Map<number, number>>();
+    for (const [key, notes] of this.partial) if (notes.size > 0) partial.set(key, new Map(notes));
     const seq = this.seq + 1;
-    const bytes = encodeIntentRecord({ seq, regionBytes: INTENT_REGION_BYTES, active: activeSet, missed, invalid: [...this.invalidMissed] });
+    const bytes = encodeIntentRecord({ seq, regionBytes: INTENT_REGION_BYTES, active: activeSet, missed, partial, invalid: [...this.invalidMissed] });
     const inRecord = new Set(activeSet);
     const kept = new Set<number>();
     for (const r of this.persisted) if (inRecord.has(r)) kept.add(r);

@@ -1180,20 +1180,28 @@ export class Replica {
     await this.intent?.missedMerge(key, regions, invalidated);
   }
 
-  /** A rebuild copied these regions to replica `key`: see IntentLog.missedClear. */
-  async missedClear(key: string, regions: number[]): Promise<void> {
+  /** A rebuild copied these regions (and the front of those in `progress`) to replica `key`: see IntentLog.missedClear. */
+  async missedClear(key: string, regions: number[], progress: [number, number][] = []): Promise<void> {
     this.checkUsable();
     const regionCount = Math.ceil(this.meta.sizeBytes / INTENT_REGION_BYTES);
-    for (const r of regions) {
+    for (const r of [...regions, ...progress.map(([region]) => region)]) {
       if (!Number.isSafeInteger(r) || r < 0 || r >= regionCount) throw invalid(`region ${r} is outside the volume (${regionCount} regions)`);
     }
-    await this.intent?.missedClear(key, regions);
+    for (const [, upTo] of progress) {
+      if (!Number.isSafeInteger(upTo) || upTo <= 0 || upTo >= INTENT_REGION_BYTES || upTo % 4096 !== 0) throw invalid(`a region copied up to ${upTo} bytes: not whole 4 KiB blocks inside a region`);
+    }
+    await this.intent?.missedClear(key, regions, progress);
   }
 
   missedGet(key: string): number[] {
     this.checkUsable();
     if (this.intent === null) throw new ZebuError(ErrorCode.NOT_FOUND, `no missed-write map for ${key} (no write-intent log)`);
     return this.intent.missedGet(key);
+  }
+
+  /** Regions of key's map a rebuild copied in part: [region, bytes copied from its start]. */
+  missedPartial(key: string): [number, number][] {
+    return this.intent?.missedPartial(key) ?? [];
   }
 
   async missedDrop(key: string): Promise<void> {

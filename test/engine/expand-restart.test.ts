@@ -226,9 +226,22 @@ test('a rebuild target SIGKILLed midway resumes: added again, and again after an
   assert.equal(during.faulted, false);
   assert.equal(during.stats.errors, 0);
 
+  // What the map holders say is left: whole regions, and regions copied in part up to a chunk
+  // the target had made durable (no client writes here: every note stands).
+  const maps = await Promise.all(replicas.map(async (r) => {
+    const c = await DataClient.connect({ port: r.port, secret, epoch: 1 });
+    try {
+      return await c.missedMap(victimAddress);
+    } finally {
+      c.close();
+    }
+  }));
+  assert.deepEqual(maps[1], maps[0]);
+  const partBytes = maps[0].partial.reduce((sum, [, upTo]) => sum + upTo, 0);
+  assert.ok(maps[0].partial.length > 0, `the regions under way when the target died were noted in part: ${JSON.stringify(maps[0])}`);
   // Back, and added again: a delta rebuild of what was not copied. Copied twice at most: the
-  // regions under way when it died (sixteen at once) and those copied whole whose flush on the
-  // target had not yet come back (they leave the maps only once durable there).
+  // chunks under way when it died (sixteen regions at once) and those whose flush on the target
+  // had not yet come back (they leave the maps only once durable there).
   const left = (copied: number): number => size - copied + 24 * region;
   victim = await startReplica({ dir: path.join(dir, 'victim'), sizeBytes: size, secretFile, port: victim.port });
   t.after(() => victim.child.kill('SIGKILL'));
@@ -240,6 +253,7 @@ test('a rebuild target SIGKILLed midway resumes: added again, and again after an
     return row.rebuild !== null && row.rebuild.totalBytes > 0 ? row.rebuild : undefined;
   }, 30_000, 2);
   assert.ok(second.totalBytes <= left(copiedFirst), `resumed: ${second.totalBytes} bytes to copy after ${copiedFirst} were copied`);
+  assert.equal(second.totalBytes, maps[0].regions.length * region - partBytes, 'what the maps name, less the fronts copied already');
   // Killed again midway through the delta; this time the engine restarts too (a new attachment).
   await waitFor('a part of the delta copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= second.totalBytes / 2, 60_000, 2);
   victim.child.kill('SIGKILL');

@@ -64,11 +64,12 @@ interface CopiedRegion {
   acquiredBefore: number;
 }
 
-function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[]; copied: CopiedRegion[] } {
+function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[]; copied: CopiedRegion[]; chunks: number[] } {
   const target: FakeTarget = { writes: [], revokedLeases: new Set() };
   const acquired: [number, number][] = [];
   const released: number[] = [];
   const copied: CopiedRegion[] = [];
+  const chunks: number[] = [];
   let nextLease = 1;
   let writeCount = 0;
   let wantedFrom = Infinity;
@@ -94,11 +95,12 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
     check: () => {},
     pullChunk: null,
     regionCopied: (offset, length) => copied.push({ offset, length, releasedBefore: released.length, acquiredBefore: acquired.length }),
+    chunkCopied: (end) => chunks.push(end),
     counters: emptyLeaseCounters(),
     maxRetries: options.maxRetries ?? 5,
     chunkBytes: COPY_CHUNK_BYTES,
   };
-  return { host, target, acquired, released, copied };
+  return { host, target, acquired, released, copied, chunks };
 }
 
 test('the copier copies a region chunk by chunk under one lease when nobody recalls it', async () => {
@@ -135,6 +137,8 @@ test('revoked: the copier replays from the committed offset; a region revoked to
   assert.deepEqual(replay.target.writes.map((w) => w.offset - region), [0, COPY_CHUNK_BYTES, 2 * COPY_CHUNK_BYTES, 3 * COPY_CHUNK_BYTES]);
   assert.equal(replay.host.counters.replays, 1);
   assert.deepEqual(replay.copied.map((c) => [c.offset, c.length]), [[region, region]]);
+  // Progress is reported chunk by chunk, only for chunks on the target: the revoked write is not.
+  assert.deepEqual(replay.chunks.map((end) => end - region), [COPY_CHUNK_BYTES, 2 * COPY_CHUNK_BYTES, 3 * COPY_CHUNK_BYTES]);
 
   const hopeless = fakeHost({ revokeOnWrite: () => true, maxRetries: 2 });
   await assert.rejects(copyRegionLeased(hopeless.host, 0, region, { kind: 'status', zeroIfEmpty: false }), (err: unknown) => {

@@ -154,6 +154,7 @@ export class Simulation {
   private readonly engines: Engine[] = [];
   /** Per seed: how long a recalled rebuild lease may be kept (0: for ever), and how many revokes a region may take. */
   private readonly leaseRecallTimeoutMs: number;
+  private readonly copyChunkBytes: number;
   private readonly maxRegionRetries: number;
   /** The frontend's last stall. */
   private frontendStall: { fromMs: number; untilMs: number } | null = null;
@@ -184,6 +185,8 @@ export class Simulation {
     const leaseRandom = new Random(options.seed * 7919 + 17);
     this.leaseRecallTimeoutMs = leaseRandom.pick([0, 20, 200, 4000]);
     this.maxRegionRetries = leaseRandom.pick([1, 5, 1000]);
+    // Small chunks make more of a region's copy progress (notes of regions copied in part).
+    this.copyChunkBytes = new Random(options.seed * 104729 + 3).pick([16 * 1024, 256 * 1024, INTENT_REGION_BYTES]);
     this.workingSet = this.random.chance(0.5);
     this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => (hi - FAULT_BANDS[i]) * this.random.pick(FAULT_CLASS_FACTORS));
     if (this.faultWeights.every((w) => w === 0)) this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => hi - FAULT_BANDS[i]);
@@ -276,7 +279,7 @@ export class Simulation {
     const engine = Engine.create({
       name: 'sim', sizeBytes: this.specSizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
-      leaseRecallTimeoutMs: this.leaseRecallTimeoutMs, maxRegionRetries: this.maxRegionRetries,
+      leaseRecallTimeoutMs: this.leaseRecallTimeoutMs, maxRegionRetries: this.maxRegionRetries, copyChunkBytes: this.copyChunkBytes,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
       log: LIVE_TRACE ? (event) => this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`) : undefined,
