@@ -102,6 +102,8 @@ export type CopierToEngine =
 
 /** While a copy runs, how often the engine checks that its rebuild still goes on (a stopped copier cannot). */
 const CHECK_INTERVAL_MS = 500;
+/** A copier with nothing to copy this long exits (a process costs memory; the next rebuild starts one). */
+const IDLE_EXIT_MS = 10_000;
 
 interface RunningCopy {
   hooks: RegionCopyHooks;
@@ -128,6 +130,7 @@ export class CopierProcess implements RegionCopier {
   private nextCopy = 1;
   private nextTurn = 1;
   private closed = false;
+  private idleTimer: NodeJS.Timeout | null = null;
   /** Copier processes started (the first one included). */
   starts = 0;
 
@@ -142,6 +145,8 @@ export class CopierProcess implements RegionCopier {
   copy(request: RegionCopyRequest, hooks: RegionCopyHooks): Promise<number> {
     if (this.closed) return Promise.reject(new ZebuError(ErrorCode.CLOSED, 'the copier is closed'));
     const child = this.running();
+    if (this.idleTimer !== null) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
     const copy = this.nextCopy++;
     return new Promise<number>((resolve, reject) => {
       const timer = setInterval(() => {
@@ -162,6 +167,7 @@ export class CopierProcess implements RegionCopier {
 
   close(): void {
     this.closed = true;
+    if (this.idleTimer !== null) clearTimeout(this.idleTimer);
     const child = this.child;
     if (child !== null) {
       this.child = null;
@@ -188,6 +194,7 @@ export class CopierProcess implements RegionCopier {
       child.kill('SIGKILL');
     });
     child.on('disconnect', () => {
+      if (this.child !== child) return; // let go while idle: it exits by itself
       gone('closed its channel');
       child.kill('SIGKILL');
     });
@@ -210,11 +217,26 @@ export class CopierProcess implements RegionCopier {
     for (const copy of [...this.copies.keys()]) this.end(copy, new CopierLost(`${why} while it copied`));
   }
 
+  /** Nothing left to copy: the copier exits after a while unless a copy comes. */
+  private idle(): void {
+    if (this.copies.size > 0 || this.child === null || this.idleTimer !== null) return;
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = null;
+      const child = this.child;
+      if (this.copies.size > 0 || child === null) return;
+      this.child = null;
+      // It exits when its channel closes.
+      child.disconnect();
+    }, IDLE_EXIT_MS);
+    this.idleTimer.unref();
+  }
+
   /** Ends a copy that did not finish: its leases revoked, its turns ended. */
   private end(copy: number, err: Error): void {
     const running = this.copies.get(copy);
     if (running === undefined) return;
     this.copies.delete(copy);
+    this.idle();
     clearInterval(running.timer);
     for (const lease of running.leases) running.hooks.revokeLease(lease);
     for (const endTurn of running.turns.values()) endTurn();
@@ -288,6 +310,7 @@ export class CopierProcess implements RegionCopier {
       case 'failed': {
         if (running === undefined) return;
         this.copies.delete(m.copy);
+        this.idle();
         clearInterval(running.timer);
         // The copier gives its leases back before it answers; any still held is revoked.
         for (const lease of running.leases) running.hooks.revokeLease(lease);

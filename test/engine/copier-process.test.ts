@@ -3,7 +3,7 @@
  * `--verify` writing across the regions being copied: SIGKILLed midway (a new copier takes the
  * region over, the rebuild completes), and SIGSTOPped past the recall timeout (its leases are
  * revoked, client writes go on; after SIGCONT it meets the revoked lease and replays). After
- * each: fio saw no error and every replica is identical.
+ * each: fio saw no error and every replica is identical; an idle copier exits.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -92,6 +92,8 @@ test('the copier SIGKILLed mid-rebuild: its leases are revoked, a new copier cop
   const after = await finish(vol, address, port, fio);
   assert.equal(after.lastRebuild?.error ?? null, null, JSON.stringify(after.lastRebuild));
   assert.match(vol.stderr(), /rebuild-copier-lost/);
+  // With nothing left to copy, the copier exits (the next rebuild starts one).
+  await waitFor('the idle copier gone', async () => (copierPids(dir).length === 0 ? true : undefined), 30_000, 200);
 });
 
 test('the copier SIGSTOPped past the recall timeout: its lease is revoked and client writes go on; after SIGCONT it gets the revoked-lease error and replays', async (t) => {
