@@ -2,7 +2,7 @@
 import pino from 'pino';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { Engine } from '../engine/engine.ts';
-import { CopierProcess } from '../engine/copier-process.ts';
+import { RemoteCopier, forkCopier } from '../engine/copier-process.ts';
 import { EngineControlServer } from '../engine/control-server.ts';
 import { DataServer } from '../protocol/server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
@@ -48,7 +48,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
     copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
     copyPull: args.copyPull,
-    copier: args.copierProcess === false ? null : new CopierProcess({ secret, requestTimeoutMs, args: ['--volume', args.name, '--engine-control-socket', args.controlSocket], log: (event) => log.info(event, String(event.event)) }),
+    copier: args.copierProcess === false ? null : new RemoteCopier({ start: forkCopier(['--volume', args.name, '--engine-control-socket', args.controlSocket]), secret, requestTimeoutMs, log: (event) => log.info(event, String(event.event)) }),
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),
   });

@@ -12,14 +12,16 @@
  *   on the target: the revoke makes the target refuse it, or land it, before the client writes
  *   that wait go on), its copies fail with CopierLost, and the next copy starts a new copier.
  *
- * Messages go over the IPC channel of a forked child (JSON). The engine → copier ones: init,
+ * Messages go over the IPC channel of a forked child (JSON; forkCopier), or whatever channel a
+ * CopierStarter gives (the simulator's). The engine → copier ones: init,
  * copy, answer (to an ask), recall, cancel. The copier → engine ones: ask (a turn or a lease),
  * endTurn, release, chunk (the copy got this far), copied (the region is on the target to its
  * end), replayed, done, failed.
  */
-import { fork, type ChildProcess } from 'node:child_process';
+import { fork } from 'node:child_process';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { RegionCopy } from './rebuild-plan.ts';
+import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 
 /** A replica as the copier reaches it (named: the replica must report `key` as its name). */
 export interface CopyEndpoint {
@@ -105,111 +107,158 @@ const CHECK_INTERVAL_MS = 500;
 /** A copier with nothing to copy this long exits (a process costs memory; the next rebuild starts one). */
 const IDLE_EXIT_MS = 10_000;
 
-interface RunningCopy {
-  hooks: RegionCopyHooks;
-  leases: Set<number>;
-  turns: Map<number, () => void>;
-  resolve: (written: number) => void;
-  reject: (err: Error) => void;
-  timer: NodeJS.Timeout;
+/** The engine's end of a running copier. */
+export interface CopierChannel {
+  send(message: EngineToCopier): void;
+  /** Lets it go while idle: it exits by itself. */
+  release(): void;
+  kill(): void;
+  readonly pid: number | null;
 }
 
-export interface CopierProcessOptions {
-  secret: Buffer;
-  requestTimeoutMs?: number;
-  log: (event: Record<string, unknown>) => void;
-  /** Arguments that tell the copier process apart in a process list (its engine's volume and sockets). */
-  args?: string[];
-}
+/**
+ * Starts a copier: `onMessage` gets its messages in order, `onGone` is called once when it died
+ * or its channel closed (not after release() or kill()).
+ */
+export type CopierStarter = (onMessage: (message: CopierToEngine) => void, onGone: (why: string) => void) => CopierChannel;
 
-/** Starts the copier process on the first copy and again after it died. */
-export class CopierProcess implements RegionCopier {
-  private readonly options: CopierProcessOptions;
-  private child: ChildProcess | null = null;
-  private readonly copies = new Map<number, RunningCopy>();
-  private nextCopy = 1;
-  private nextTurn = 1;
-  private closed = false;
-  private idleTimer: NodeJS.Timeout | null = null;
-  /** Copier processes started (the first one included). */
-  starts = 0;
-
-  constructor(options: CopierProcessOptions) {
-    this.options = options;
-  }
-
-  get pid(): number | null {
-    return this.child?.pid ?? null;
-  }
-
-  copy(request: RegionCopyRequest, hooks: RegionCopyHooks): Promise<number> {
-    if (this.closed) return Promise.reject(new ZebuError(ErrorCode.CLOSED, 'the copier is closed'));
-    const child = this.running();
-    if (this.idleTimer !== null) clearTimeout(this.idleTimer);
-    this.idleTimer = null;
-    const copy = this.nextCopy++;
-    return new Promise<number>((resolve, reject) => {
-      const timer = setInterval(() => {
-        try {
-          hooks.check();
-        } catch (err) {
-          // The rebuild stops: no need to wait for the copier (it may be stopped) to notice.
-          const e = toZebuError(err);
-          this.send(child, { t: 'cancel', copy, code: e.code, message: e.message });
-          this.end(copy, e);
-        }
-      }, CHECK_INTERVAL_MS);
-      timer.unref();
-      this.copies.set(copy, { hooks, leases: new Set(), turns: new Map(), resolve, reject, timer });
-      this.send(child, { t: 'copy', copy, request });
-    });
-  }
-
-  close(): void {
-    this.closed = true;
-    if (this.idleTimer !== null) clearTimeout(this.idleTimer);
-    const child = this.child;
-    if (child !== null) {
-      this.child = null;
-      child.kill('SIGKILL');
-      this.lost(`the engine closed`);
-    }
-  }
-
-  private running(): ChildProcess {
-    if (this.child !== null) return this.child;
-    const child = fork(new URL('./copier-main.ts', import.meta.url), this.options.args ?? [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
-    this.starts++;
-    this.child = child;
-    child.on('message', (message) => this.onMessage(child, message as CopierToEngine));
+/** A copier process forked from this one, over the IPC channel; `args` tell it apart in a process list. */
+export function forkCopier(args: string[]): CopierStarter {
+  return (onMessage, onGone) => {
+    const child = fork(new URL('./copier-main.ts', import.meta.url), args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+    let current = true;
     const gone = (why: string): void => {
-      if (this.child !== child) return;
-      this.child = null;
-      this.options.log({ event: 'rebuild-copier-exited', pid: child.pid, why, copies: this.copies.size });
-      this.lost(`the copier process (pid ${child.pid}) ${why}`);
+      if (!current) return;
+      current = false;
+      onGone(why);
     };
+    child.on('message', (message) => {
+      if (current) onMessage(message as CopierToEngine);
+    });
     child.on('exit', (code, signal) => gone(signal !== null ? `was killed by ${signal}` : `exited with code ${code}`));
     child.on('error', (err) => {
       gone(`failed: ${err.message}`);
       child.kill('SIGKILL');
     });
     child.on('disconnect', () => {
-      if (this.child !== child) return; // let go while idle: it exits by itself
+      if (!current) return; // let go while idle: it exits by itself
       gone('closed its channel');
       child.kill('SIGKILL');
     });
-    this.send(child, { t: 'init', secret: this.options.secret.toString('base64'), requestTimeoutMs: this.options.requestTimeoutMs ?? null });
-    this.options.log({ event: 'rebuild-copier-started', pid: child.pid });
-    return child;
+    return {
+      send: (message) => {
+        if (!child.connected) return;
+        try {
+          child.send(message);
+        } catch {
+          // The channel closed: 'disconnect' ends the copies.
+        }
+      },
+      release: () => {
+        current = false;
+        if (child.connected) child.disconnect();
+      },
+      kill: () => {
+        current = false;
+        child.kill('SIGKILL');
+      },
+      get pid() {
+        return child.pid ?? null;
+      },
+    };
+  };
+}
+
+interface RunningCopy {
+  hooks: RegionCopyHooks;
+  leases: Set<number>;
+  turns: Map<number, () => void>;
+  resolve: (written: number) => void;
+  reject: (err: Error) => void;
+  timer: ClockTimer;
+}
+
+export interface RemoteCopierOptions {
+  start: CopierStarter;
+  secret: Buffer;
+  requestTimeoutMs?: number;
+  log: (event: Record<string, unknown>) => void;
+  clock?: Clock;
+}
+
+/** Starts a copier on the first copy, again after one died, and lets an idle one go. */
+export class RemoteCopier implements RegionCopier {
+  private readonly options: RemoteCopierOptions;
+  private readonly clock: Clock;
+  private channel: CopierChannel | null = null;
+  private readonly copies = new Map<number, RunningCopy>();
+  private nextCopy = 1;
+  private nextTurn = 1;
+  private closed = false;
+  private idleTimer: ClockTimer | null = null;
+  /** Copiers started (the first one included). */
+  starts = 0;
+
+  constructor(options: RemoteCopierOptions) {
+    this.options = options;
+    this.clock = options.clock ?? systemClock;
   }
 
-  private send(child: ChildProcess, message: EngineToCopier): void {
-    if (!child.connected) return;
-    try {
-      child.send(message);
-    } catch {
-      // The channel closed: 'disconnect' ends the copies.
+  get pid(): number | null {
+    return this.channel?.pid ?? null;
+  }
+
+  copy(request: RegionCopyRequest, hooks: RegionCopyHooks): Promise<number> {
+    if (this.closed) return Promise.reject(new ZebuError(ErrorCode.CLOSED, 'the copier is closed'));
+    const channel = this.running();
+    this.clock.clear(this.idleTimer);
+    this.idleTimer = null;
+    const copy = this.nextCopy++;
+    return new Promise<number>((resolve, reject) => {
+      const timer = this.clock.setInterval(() => {
+        try {
+          hooks.check();
+        } catch (err) {
+          // The rebuild stops: no need to wait for the copier (it may be stopped) to notice.
+          const e = toZebuError(err);
+          channel.send({ t: 'cancel', copy, code: e.code, message: e.message });
+          this.end(copy, e);
+        }
+      }, CHECK_INTERVAL_MS).unref();
+      this.copies.set(copy, { hooks, leases: new Set(), turns: new Map(), resolve, reject, timer });
+      channel.send({ t: 'copy', copy, request });
+    });
+  }
+
+  close(): void {
+    this.closed = true;
+    this.clock.clear(this.idleTimer);
+    const channel = this.channel;
+    if (channel !== null) {
+      this.channel = null;
+      channel.kill();
+      this.lost('the engine closed');
     }
+  }
+
+  private running(): CopierChannel {
+    if (this.channel !== null) return this.channel;
+    let channel: CopierChannel | null = null;
+    const onMessage = (message: CopierToEngine): void => {
+      if (channel !== null && this.channel === channel) this.onMessage(channel, message);
+    };
+    const onGone = (why: string): void => {
+      if (channel === null || this.channel !== channel) return;
+      this.channel = null;
+      this.options.log({ event: 'rebuild-copier-exited', pid: channel.pid, why, copies: this.copies.size });
+      this.lost(`the copier (pid ${channel.pid}) ${why}`);
+    };
+    channel = this.options.start(onMessage, onGone);
+    this.channel = channel;
+    this.starts++;
+    channel.send({ t: 'init', secret: this.options.secret.toString('base64'), requestTimeoutMs: this.options.requestTimeoutMs ?? null });
+    this.options.log({ event: 'rebuild-copier-started', pid: channel.pid });
+    return channel;
   }
 
   /** Every copy of the copier that is gone fails; the leases it held are revoked first. */
@@ -219,39 +268,37 @@ export class CopierProcess implements RegionCopier {
 
   /** Nothing left to copy: the copier exits after a while unless a copy comes. */
   private idle(): void {
-    if (this.copies.size > 0 || this.child === null || this.idleTimer !== null) return;
-    this.idleTimer = setTimeout(() => {
+    if (this.copies.size > 0 || this.channel === null || this.idleTimer !== null) return;
+    this.idleTimer = this.clock.setTimeout(() => {
       this.idleTimer = null;
-      const child = this.child;
-      if (this.copies.size > 0 || child === null) return;
-      this.child = null;
-      // It exits when its channel closes.
-      child.disconnect();
-    }, IDLE_EXIT_MS);
-    this.idleTimer.unref();
+      const channel = this.channel;
+      if (this.copies.size > 0 || channel === null) return;
+      this.channel = null;
+      channel.release();
+    }, IDLE_EXIT_MS).unref();
   }
 
-  /** Ends a copy that did not finish: its leases revoked, its turns ended. */
-  private end(copy: number, err: Error): void {
+  /** Ends a copy: its leases still held revoked (a copier that is gone may have a pull under way), its turns ended. */
+  private end(copy: number, err: Error | null, written = 0): void {
     const running = this.copies.get(copy);
     if (running === undefined) return;
     this.copies.delete(copy);
-    this.idle();
-    clearInterval(running.timer);
+    this.clock.clear(running.timer);
     for (const lease of running.leases) running.hooks.revokeLease(lease);
     for (const endTurn of running.turns.values()) endTurn();
-    running.reject(err);
+    this.idle();
+    if (err === null) running.resolve(written);
+    else running.reject(err);
   }
 
-  private onMessage(child: ChildProcess, m: CopierToEngine): void {
-    if (child !== this.child) return;
+  private onMessage(channel: CopierChannel, m: CopierToEngine): void {
     const running = this.copies.get(m.copy);
     switch (m.t) {
       case 'ask': {
-        const answer = (value: unknown): void => this.send(child, { t: 'answer', ask: m.ask, value });
+        const answer = (value: unknown): void => channel.send({ t: 'answer', ask: m.ask, value });
         const refuse = (err: unknown): void => {
           const e = toZebuError(err);
-          this.send(child, { t: 'answer', ask: m.ask, error: { code: e.code, message: e.message } });
+          channel.send({ t: 'answer', ask: m.ask, error: { code: e.code, message: e.message } });
         };
         if (running === undefined) return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));
         try {
@@ -268,7 +315,7 @@ export class CopierProcess implements RegionCopier {
           }, refuse);
         } else {
           // A recall may come before the grant: the copier keeps it until it has the lease.
-          running.hooks.acquireLease(m.start, m.end, (lease) => this.send(child, { t: 'recall', lease })).then((id) => {
+          running.hooks.acquireLease(m.start, m.end, (lease) => channel.send({ t: 'recall', lease })).then((id) => {
             if (this.copies.get(m.copy) !== running) {
               running.hooks.releaseLease(id);
               return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));
@@ -296,8 +343,9 @@ export class CopierProcess implements RegionCopier {
           running.hooks.check();
           running.hooks.regionCopied(m.at, m.bytes);
         } catch (err) {
-          this.send(child, { t: 'cancel', copy: m.copy, code: toZebuError(err).code, message: toZebuError(err).message });
-          this.end(m.copy, toZebuError(err));
+          const e = toZebuError(err);
+          channel.send({ t: 'cancel', copy: m.copy, code: e.code, message: e.message });
+          this.end(m.copy, e);
         }
         return;
       case 'chunk':
@@ -307,18 +355,12 @@ export class CopierProcess implements RegionCopier {
         running?.hooks.replayed();
         return;
       case 'done':
-      case 'failed': {
-        if (running === undefined) return;
-        this.copies.delete(m.copy);
-        this.idle();
-        clearInterval(running.timer);
-        // The copier gives its leases back before it answers; any still held is revoked.
-        for (const lease of running.leases) running.hooks.revokeLease(lease);
-        for (const endTurn of running.turns.values()) endTurn();
-        if (m.t === 'done') running.resolve(m.written);
-        else running.reject(m.gaveUp ? new CopierGaveUp(m.code, m.message) : new ZebuError(m.code, m.message));
+        // The copier gives its leases back before it answers; one still held is revoked.
+        this.end(m.copy, null, m.written);
         return;
-      }
+      case 'failed':
+        this.end(m.copy, m.gaveUp ? new CopierGaveUp(m.code, m.message) : new ZebuError(m.code, m.message));
+        return;
     }
   }
 }

@@ -13,6 +13,8 @@
  * added back, which rebuilds it).
  */
 import { Engine, ReplicaMode } from '../../src/engine/engine.ts';
+import { RemoteCopier, type CopierStarter, type CopierToEngine, type EngineToCopier } from '../../src/engine/copier-process.ts';
+import { CopierWorker } from '../../src/engine/copier-worker.ts';
 import { Replica } from '../../src/replica/replica.ts';
 import { MemoryDisk } from '../../src/replica/memory-disk.ts';
 import { PowerLossDisk, type PowerLossMode } from '../../src/replica/power-loss-disk.ts';
@@ -155,6 +157,10 @@ export class Simulation {
   /** Per seed: how long a recalled rebuild lease may be kept (0: for ever), and how many revokes a region may take. */
   private readonly leaseRecallTimeoutMs: number;
   private readonly copyChunkBytes: number;
+  private readonly remoteCopier: boolean;
+  /** The copier process of the engine serving now, while one runs. */
+  private copierProc: SimProcess | null = null;
+  private copierStarts = 0;
   private readonly maxRegionRetries: number;
   /** The frontend's last stall. */
   private frontendStall: { fromMs: number; untilMs: number } | null = null;
@@ -166,7 +172,7 @@ export class Simulation {
   private failedAtStep = -1;
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
-    writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
+    writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, copierCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
     linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, moves: 0, reissued: 0,
   };
 
@@ -186,7 +192,10 @@ export class Simulation {
     this.leaseRecallTimeoutMs = leaseRandom.pick([0, 20, 200, 4000]);
     this.maxRegionRetries = leaseRandom.pick([1, 5, 1000]);
     // Small chunks make more of a region's copy progress (notes of regions copied in part).
-    this.copyChunkBytes = new Random(options.seed * 104729 + 3).pick([16 * 1024, 256 * 1024, INTENT_REGION_BYTES]);
+    const copyRandom = new Random(options.seed * 104729 + 3);
+    this.copyChunkBytes = copyRandom.pick([16 * 1024, 256 * 1024, INTENT_REGION_BYTES]);
+    // Most seeds copy in a copier process of its own (as `engine serve` does), which faults hit alone.
+    this.remoteCopier = copyRandom.chance(0.75);
     this.workingSet = this.random.chance(0.5);
     this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => (hi - FAULT_BANDS[i]) * this.random.pick(FAULT_CLASS_FACTORS));
     if (this.faultWeights.every((w) => w === 0)) this.faultWeights = FAULT_BANDS.slice(1).map((hi, i) => hi - FAULT_BANDS[i]);
@@ -280,6 +289,7 @@ export class Simulation {
       name: 'sim', sizeBytes: this.specSizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
       leaseRecallTimeoutMs: this.leaseRecallTimeoutMs, maxRegionRetries: this.maxRegionRetries, copyChunkBytes: this.copyChunkBytes,
+      copier: this.remoteCopier ? this.copierFor(proc) : null,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
       log: LIVE_TRACE ? (event) => this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`) : undefined,
@@ -679,6 +689,68 @@ export class Simulation {
   }
 
   /** The replica being rebuilt, if any. */
+  /**
+   * The engine's copier in a process of its own (copier-process.ts over the simulated network):
+   * messages go each way in order, a little later, and run only while their receiver lives (and
+   * is not hung); a killed copier's messages already sent still arrive, then the engine hears it
+   * is gone. It dies with its engine.
+   */
+  private copierFor(engineProc: SimProcess): RemoteCopier {
+    const world = this.world;
+    const start: CopierStarter = (onMessage, onGone) => {
+      const proc = world.process(`copier-${++this.copierStarts}`);
+      this.copierProc = proc;
+      let current = true;
+      const toEngine: (CopierToEngine | null)[] = [];
+      const toCopier: EngineToCopier[] = [];
+      const deliverToEngine = (m: CopierToEngine | null): void => {
+        toEngine.push(m);
+        world.schedule(0.02 + this.random.next() * 0.1, () => {
+          const next = toEngine.shift();
+          if (!current) return;
+          if (next === null) {
+            current = false;
+            onGone('was killed');
+          } else if (next !== undefined) onMessage(next);
+        }, engineProc);
+      };
+      const worker = new CopierWorker({
+        send: (m) => {
+          if (proc.alive) deliverToEngine(m);
+        },
+        transport: this.net.transport(proc), clock: proc.clock,
+      });
+      proc.onKill(() => {
+        if (this.copierProc === proc) this.copierProc = null;
+        deliverToEngine(null);
+      });
+      engineProc.onKill(() => proc.kill());
+      return {
+        send: (m) => {
+          if (!proc.alive) return;
+          toCopier.push(m);
+          world.schedule(0.02 + this.random.next() * 0.1, () => {
+            const next = toCopier.shift();
+            if (next !== undefined) worker.onMessage(next);
+          }, proc);
+        },
+        release: () => {
+          current = false;
+          proc.kill();
+        },
+        kill: () => {
+          current = false;
+          proc.kill();
+        },
+        pid: 2000 + this.copierStarts,
+      };
+    };
+    return new RemoteCopier({
+      start, secret: SECRET, requestTimeoutMs: REQUEST_TIMEOUT_MS, clock: engineProc.clock,
+      log: LIVE_TRACE ? (event) => this.note(`copier: ${JSON.stringify(event).slice(0, 300)}`) : () => {},
+    });
+  }
+
   private rebuildTarget(): SimReplica | null {
     const status = this.serving()?.replicaStatus() ?? [];
     const s = status.find((x) => x.rebuild !== null);
@@ -710,6 +782,22 @@ export class Simulation {
     const healthy = this.healthy();
     const target = this.rebuildTarget();
     const r = target !== null && this.random.chance(0.5) ? target : this.random.pick(this.replicas);
+    // While a rebuild copies, its copier process alone: killed, or hung past the recall timeout.
+  const copier = this.copierProc;
+  if (copier !== null && copier.alive && target !== null && this.random.chance(0.3)) {
+      if (this.random.chance(0.5)) {
+        return { name: 'the copier process crashes during a rebuild', run: async () => {
+          this.stats.copierCrashes++;
+          copier.kill();
+        } };
+      }
+      // SIGSTOP: past the recall timeout its leases are revoked and client writes go on.
+      const ms = 50 + this.random.int(Math.max(100, 3 * this.leaseRecallTimeoutMs));
+      return { name: `the copier process hangs for ${ms} ms during a rebuild`, run: async () => {
+        this.stats.hangs++;
+        copier.frozenUntilMs = Math.max(copier.frozenUntilMs, this.world.nowMs + ms);
+      } };
+    }
     const roll = this.faultRoll();
     if (roll < 0.08) {
       if (this.engine === null) return null;
