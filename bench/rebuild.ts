@@ -3,8 +3,9 @@
  *   - baseline: `cp` of a file holding as many bytes as the volume, then sync (what copying the
  *     bytes costs on this disk);
  *   - a Zebu rebuild of a full volume (2 replicas -> 3) with no client I/O, the new replica
- *     pulling each chunk from a source replica (the default), and with the data passing through
- *     the engine (`--no-copy-pull`);
+ *     pulling each chunk from a source replica, the copy loop in a copier process (the default);
+ *     the same with the copy loop in the engine (`--no-copier-process`); and with the data
+ *     passing through the engine (`--no-copier-process --no-copy-pull`, as before pulls);
  *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
  *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
  *     rebuild, and against a rebuild that holds each 4 MiB region whole while it copies it (the
@@ -237,8 +238,15 @@ async function main(): Promise<void> {
     const idleSeconds = await rebuild(v, 'idle');
     rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-', heldMiB(path.join(v.dir, 'idle'))]);
 
+    // The same, with the copy loop on the engine's event loop (no copier process).
+    const inEngine = await volume(path.join(root, 'i'), [], ['--no-copier-process']);
+    mustSpawn('nbdcopy', [src, inEngine.uri]);
+    const inEngineSeconds = await rebuild(inEngine, 'idle');
+    rows.push(['zebu rebuild, no client I/O, copy loop in the engine', inEngineSeconds.toFixed(2), (SIZE_MIB / inEngineSeconds).toFixed(0), '-', heldMiB(path.join(inEngine.dir, 'idle'))]);
+    stopVolume(inEngine);
+
     // The same, with the data passing through the engine (the target does not pull).
-    const e = await volume(path.join(root, 'e'), [], ['--no-copy-pull']);
+    const e = await volume(path.join(root, 'e'), [], ['--no-copy-pull', '--no-copier-process']);
     mustSpawn('nbdcopy', [src, e.uri]);
     const throughSeconds = await rebuild(e, 'idle');
     rows.push(['zebu rebuild, no client I/O, through the engine', throughSeconds.toFixed(2), (SIZE_MIB / throughSeconds).toFixed(0), '-', heldMiB(path.join(e.dir, 'idle'))]);
