@@ -58,6 +58,7 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
     ['rebuildLeaseRecalls', new Counter({ name: 'zebu_volume_rebuild_lease_recalls_total', help: 'Region leases of a rebuild\'s copy that a client write recalled.', labelNames: volumeLabel, registers })],
     ['rebuildLeaseRevokes', new Counter({ name: 'zebu_volume_rebuild_lease_revokes_total', help: 'Region leases revoked because the copy did not give them back within rebuild-lease-recall-timeout-ms.', labelNames: volumeLabel, registers })],
     ['rebuildLeaseReplays', new Counter({ name: 'zebu_volume_rebuild_lease_replays_total', help: 'Times a rebuild\'s copy started a region again from its committed offset after its lease was revoked.', labelNames: volumeLabel, registers })],
+    ['rebuildCopiersLost', new Counter({ name: 'zebu_volume_rebuild_copiers_lost_total', help: 'Rebuild copier processes that died while they copied (their regions were copied again by a new one).', labelNames: volumeLabel, registers })],
   ];
   const activeRegions = new Gauge({ name: 'zebu_volume_active_regions', help: 'Regions (4 MiB) in the engine\'s write-intent log: what a crash now would resync.', labelNames: volumeLabel, registers });
   const activeRegionsMax = new Gauge({ name: 'zebu_volume_active_regions_max', help: 'Bound on the active regions (write-intent-max-regions when the engine started).', labelNames: volumeLabel, registers });

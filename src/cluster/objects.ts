@@ -207,6 +207,8 @@ export interface EngineIoStats {
   rebuildLeaseRecalls?: number;
   rebuildLeaseRevokes?: number;
   rebuildLeaseReplays?: number;
+  /** Copier processes lost while they copied (absent from older engines). */
+  rebuildCopiersLost?: number;
 }
 
 /** One per attached volume, named after the volume. */

@@ -203,7 +203,7 @@ export class CopierWorker {
 function replayReporter(send: (message: CopierToEngine) => void, copy: number): LeaseCounters {
   let replays = 0;
   return {
-    grants: 0, recalls: 0, revokes: 0,
+    grants: 0, recalls: 0, revokes: 0, copiersLost: 0,
     get replays() { return replays; },
     set replays(n: number) {
       for (; replays < n; replays++) send({ t: 'replayed', copy });

@@ -1083,7 +1083,7 @@ export class Engine implements BlockBackend {
       lastVerify: this.lastVerify,
       lastRebuild: this.lastRebuild,
       replicas: this.replicaStatus(),
-      stats: { ...this.stats, rebuildLeaseGrants: this.leaseCounters.grants, rebuildLeaseRecalls: this.leaseCounters.recalls, rebuildLeaseRevokes: this.leaseCounters.revokes, rebuildLeaseReplays: this.leaseCounters.replays },
+      stats: { ...this.stats, rebuildLeaseGrants: this.leaseCounters.grants, rebuildLeaseRecalls: this.leaseCounters.recalls, rebuildLeaseRevokes: this.leaseCounters.revokes, rebuildLeaseReplays: this.leaseCounters.replays, rebuildCopiersLost: this.leaseCounters.copiersLost },
     };
   }
 

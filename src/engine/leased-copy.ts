@@ -39,10 +39,12 @@ export interface LeaseCounters {
   revokes: number;
   /** Chunks copied again from the committed offset after a revoke. */
   replays: number;
+  /** Copier processes that died (or were killed) while they copied: their regions were copied again. */
+  copiersLost: number;
 }
 
 export function emptyLeaseCounters(): LeaseCounters {
-  return { grants: 0, recalls: 0, revokes: 0, replays: 0 };
+  return { grants: 0, recalls: 0, revokes: 0, replays: 0, copiersLost: 0 };
 }
 
 /** What the copier uses of the engine: the lease authority, the source and the target. */

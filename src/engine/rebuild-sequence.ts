@@ -327,7 +327,7 @@ async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, targe
       const e = toZebuError(err);
       if (err instanceof CopierLost) {
         lost++;
-        host.leaseCounters.replays++;
+        host.leaseCounters.copiersLost++;
         host.log({ event: 'rebuild-copier-lost', replica: target.address, offset, tries: lost, reason: e.message });
         if (lost > host.maxRegionRetries) {
           throw new ZebuError(ErrorCode.EIO, `region at offset ${offset} (${length} bytes): the copier process was lost ${lost} times while it copied it (${e.message}); gave up after ${host.maxRegionRetries} retries`);

@@ -817,6 +817,7 @@ export class ManagerServiceImpl implements ManagerService {
           rebuildLeaseRecalls: stats.rebuildLeaseRecalls ?? 0,
           rebuildLeaseRevokes: stats.rebuildLeaseRevokes ?? 0,
           rebuildLeaseReplays: stats.rebuildLeaseReplays ?? 0,
+          rebuildCopiersLost: stats.rebuildCopiersLost ?? 0,
         },
         intent: activeRegions === null || maxActiveRegions === null ? null : { activeRegions, maxActiveRegions },
         superseded: running === null ? null : running.superseded === true,
@@ -833,5 +834,5 @@ export class ManagerServiceImpl implements ManagerService {
 /** The rebuild lease counters of a running engine's stats (zeros from an engine that does not count them). */
 function leaseCounters(stats: EngineIoStats | null | undefined): VolumeView['rebuildLeases'] {
   if (stats == null) return null;
-  return { grants: stats.rebuildLeaseGrants ?? 0, recalls: stats.rebuildLeaseRecalls ?? 0, revokes: stats.rebuildLeaseRevokes ?? 0, replays: stats.rebuildLeaseReplays ?? 0 };
+  return { grants: stats.rebuildLeaseGrants ?? 0, recalls: stats.rebuildLeaseRecalls ?? 0, revokes: stats.rebuildLeaseRevokes ?? 0, replays: stats.rebuildLeaseReplays ?? 0, copiersLost: stats.rebuildCopiersLost ?? 0 };
 }

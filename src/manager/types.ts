@@ -46,7 +46,7 @@ export interface VolumeView {
    * The running engine's rebuild region leases: recalled by client writes, revoked after
    * rebuild-lease-recall-timeout-ms, regions copied again after a revoke. Null while detached.
    */
-  rebuildLeases: { grants: number; recalls: number; revokes: number; replays: number } | null;
+  rebuildLeases: { grants: number; recalls: number; revokes: number; replays: number; copiersLost: number } | null;
   /** Why the volume is in its state, when it is not the obvious one. */
   message: string | null;
   createdAt: string;
@@ -231,6 +231,7 @@ export interface VolumeMetrics {
     rebuildLeaseRecalls: number;
     rebuildLeaseRevokes: number;
     rebuildLeaseReplays: number;
+    rebuildCopiersLost: number;
   } | null;
   /** The running engine's write-intent log: regions active now and its bound; null while detached (or not reported). */
   intent: { activeRegions: number; maxActiveRegions: number } | null;

@@ -92,6 +92,7 @@ test('the copier SIGKILLed mid-rebuild: its leases are revoked, a new copier cop
   const after = await finish(vol, address, port, fio);
   assert.equal(after.lastRebuild?.error ?? null, null, JSON.stringify(after.lastRebuild));
   assert.match(vol.stderr(), /rebuild-copier-lost/);
+  assert.ok(after.stats.rebuildCopiersLost >= 1, JSON.stringify(after.stats));
   // With nothing left to copy, the copier exits (the next rebuild starts one).
   await waitFor('the idle copier gone', async () => (copierPids(dir).length === 0 ? true : undefined), 30_000, 200);
 });
