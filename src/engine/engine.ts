@@ -392,6 +392,7 @@ export class Engine implements BlockBackend {
       },
       copier: engine.copier,
       epoch: engine.epoch,
+      unleasedCopyId: () => (engine.claims !== null ? engine.claims.takeId() : engine.nextClaimId++),
       copyTurn: () => engine.copyTurn(),
       clientsBusy: () => engine.clientsBusy(),
       leaseCounters: engine.leaseCounters,

@@ -141,6 +141,11 @@ export interface RebuildHost {
   /** Where regions are copied: a copier process (null: here, on the engine's event loop). */
   readonly copier: RegionCopier | null;
   readonly epoch: number;
+  /**
+   * A lease id no lease has, for pulls of snapshot layers: the target is out of the write set
+   * then (no client write to recall it for), and the id is never revoked.
+   */
+  unleasedCopyId(): number;
   /** A turn to copy a region under a lease (fewer at once while clients are busy); resolves with its end. */
   copyTurn(): Promise<() => void>;
   clientsBusy(): boolean;
@@ -282,6 +287,34 @@ function regionCopied(host: RebuildHost, flusher: CopyFlusher, at: number, bytes
   assert(at + bytes === end, 'copier: only a region copied to its end leaves a missed-write map');
   flusher.regionCopied(region);
 }
+
+/**
+ * The target pulls a region of snapshot `name` from a source replica itself (COPY_FROM with the
+ * snapshot's name, under an id no lease has: the target is out of the write set). False: not
+ * done — an older target, or it could not read the source — and the engine copies it itself.
+ */
+async function pullSnapshotRegion(host: RebuildHost, target: EngineReplica, check: () => void, name: string, offset: number, length: number): Promise<boolean> {
+  check();
+  const source = host.pickReader(new Set([target]));
+  if (source === null) throw host.faultError();
+  let id = snapshotCopyIds.get(target);
+  if (id === undefined) snapshotCopyIds.set(target, (id = host.unleasedCopyId()));
+  try {
+    await target.client!.copyFrom(id, `${source.host}:${source.port}`, source.named ? source.key : null, offset, length, true, name);
+    return true;
+  } catch (err) {
+    const e = toZebuError(err);
+    if (isUnsupported(e)) {
+      cannotPull.add(target);
+      return false;
+    }
+    if (e.code === ErrorCode.SOURCE_FAILED) return false;
+    throw e;
+  }
+}
+
+/** The id a target's snapshot pulls carry (one per target: never a lease, never revoked). */
+const snapshotCopyIds = new WeakMap<EngineReplica, number>();
 
 function endpoint(r: EngineReplica): CopyEndpoint {
   return { address: r.address, host: r.host, port: r.port, key: r.key, named: r.named };
@@ -460,6 +493,18 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
       await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
         const region = offset / regionBytes;
         progress.copiedBytes += length;
+        if (host.copyPull && !cannotPull.has(target)) {
+          // Only what changed since the parent (the target holds the parent's view), since the
+          // image, or (a root) from zeros; where the target's view may differ, zeros too. The
+          // target pulls the region from a source replica itself.
+          const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null && aboveImage));
+          const changed = changes.some((extent) => extent.data);
+          if (!changed && !(parent === null && below.has(region))) return;
+          if (await pullSnapshotRegion(host, target, check, name, offset, length)) {
+            if (changed) differ.add(region);
+            return;
+          }
+        }
         if (parent !== null || aboveImage) {
           // Only what changed since the parent (the target holds the parent's view), or since
           // the image.

@@ -104,6 +104,11 @@ export class RangeClaims {
     return this.claims.has(id);
   }
 
+  /** An id from the same counter that names no claim (never granted, never revoked). */
+  takeId(): number {
+    return this.nextToken++;
+  }
+
   writeStarted(offset: number, length: number): number {
     const token = this.nextToken++;
     this.writes.set(token, { start: offset, end: offset + length });

@@ -283,10 +283,11 @@ export class DataClient {
   /**
    * COPY_FROM: the target (this replica) reads [offset, offset+length) from the source replica at
    * `source` (named `name`, when known) and writes it under lease `leaseId`; with `zeros`, a
-   * chunk of zeros is marked zero. SOURCE_FAILED when the source could not be read.
+   * chunk of zeros is marked zero; with `snapshot`, the source's snapshot of that name is read
+   * instead of its live volume. SOURCE_FAILED when the source could not be read.
    */
-  async copyFrom(leaseId: number, source: string, name: string | null, offset: number, length: number, zeros: boolean): Promise<void> {
-    const spec = Buffer.from(JSON.stringify({ source, name, zeros }));
+  async copyFrom(leaseId: number, source: string, name: string | null, offset: number, length: number, zeros: boolean, snapshot: string | null = null): Promise<void> {
+    const spec = Buffer.from(JSON.stringify(snapshot === null ? { source, name, zeros } : { source, name, zeros, snapshot }));
     const payload = Buffer.allocUnsafe(LEASE_ID_BYTES + spec.length);
     writeU64(payload, leaseId, 0);
     spec.copy(payload, LEASE_ID_BYTES);

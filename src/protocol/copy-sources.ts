@@ -54,7 +54,7 @@ export class CopySources {
    * `name`, when given, must be the name the source replica answers with. Any failure on the
    * source's side is SOURCE_FAILED.
    */
-  async read(address: string, name: string | null, epoch: number, offset: number, length: number): Promise<Buffer> {
+  async read(address: string, name: string | null, epoch: number, offset: number, length: number, snapshot: string | null = null): Promise<Buffer> {
     const key = `${address}@${epoch}`;
     this.lastUsedMs.set(key, this.clock.nowMs());
     this.sweeper ??= this.clock.setInterval(() => this.closeIdle(), IDLE_CLOSE_MS / 2).unref();
@@ -70,7 +70,7 @@ export class CopySources {
       throw sourceFailed(address, err);
     }
     try {
-      return await client.read(offset, length);
+      return await (snapshot === null ? client.read(offset, length) : client.readSnapshot(snapshot, offset, length));
     } catch (err) {
       // Dropped: the next pull connects again (the source may have restarted).
       if (this.clients.get(key) !== undefined) {

@@ -92,8 +92,9 @@ export const Op = {
    * A rebuild's copy pulled by its target: the target reads [offset, offset+length) of the live
    * volume from the source replica itself (not through the engine) and writes it as COPY_WRITE
    * would, under the lease. Payload = lease id (u64), then JSON {source: "HOST:PORT", name?,
-   * zeros?}: `name` is the source's replica name (checked: a stale address is refused), `zeros`
-   * marks a chunk that reads as zeros instead of writing it. The request's epoch is used to read
+   * zeros?, snapshot?}: `name` is the source's replica name (checked: a stale address is refused),
+   * `zeros` marks a chunk that reads as zeros instead of writing it, `snapshot` reads that
+   * snapshot of the source instead of its live volume (a full rebuild's snapshot layers). The request's epoch is used to read
    * the source. A failure of the source is SOURCE_FAILED (the target is fine).
    */
   COPY_FROM: 31,

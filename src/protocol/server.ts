@@ -380,8 +380,9 @@ class Connection {
         const leaseId = readU64(payload, 0);
         if (!Number.isSafeInteger(leaseId) || leaseId === 0) throw invalid(`bad lease id ${leaseId}`);
         if (h.length > MAX_IO_BYTES) throw invalid(`copy of ${h.length} bytes exceeds ${MAX_IO_BYTES}`);
-        const arg = jsonArg(payload.subarray(LEASE_ID_BYTES)) as { source?: unknown; name?: unknown; zeros?: unknown };
-        if (typeof arg !== 'object' || arg === null || typeof arg.source !== 'string') throw invalid('COPY_FROM takes the lease id, then a JSON object {source: "HOST:PORT", name?, zeros?}');
+        const arg = jsonArg(payload.subarray(LEASE_ID_BYTES)) as { source?: unknown; name?: unknown; zeros?: unknown; snapshot?: unknown };
+        if (typeof arg !== 'object' || arg === null || typeof arg.source !== 'string') throw invalid('COPY_FROM takes the lease id, then a JSON object {source: "HOST:PORT", name?, zeros?, snapshot?}');
+        if (arg.snapshot !== undefined && (typeof arg.snapshot !== 'string' || arg.snapshot === '')) throw invalid('COPY_FROM snapshot must be a snapshot name');
         if (arg.name !== undefined && arg.name !== null && typeof arg.name !== 'string') throw invalid('COPY_FROM name must be a string');
         if (arg.zeros !== undefined && typeof arg.zeros !== 'boolean') throw invalid('COPY_FROM zeros must be a boolean');
         const source = arg.source;
@@ -389,7 +390,8 @@ class Connection {
         const name = typeof arg.name === 'string' ? arg.name : null;
         const epoch = h.epoch;
         const sources = this.owner.copySources;
-        await replica.copyPull(leaseId, h.offset, h.length, arg.zeros === true, () => sources.read(source, name, epoch, h.offset, h.length));
+        const snapshot = typeof arg.snapshot === 'string' ? arg.snapshot : null;
+        await replica.copyPull(leaseId, h.offset, h.length, arg.zeros === true, () => sources.read(source, name, epoch, h.offset, h.length, snapshot));
         return EMPTY;
       }
       case Op.LEASE_REVOKE:

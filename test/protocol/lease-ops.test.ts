@@ -157,6 +157,15 @@ test('COPY_FROM: the target pulls a chunk from the source replica itself, under 
   // Not in the target's write-intent log: the maps say what is left to copy.
   assert.deepEqual(target.replica.intentGet().active, [0], 'only the client write of region 0 is active');
 
+  // From a snapshot of the source (a full rebuild's snapshot layers): its bytes, not the live ones.
+  await toSource.snapshotCreate('s1');
+  await toSource.write(512 * 1024, pattern(9, 4096));
+  await engine.copyFrom(11, at, 'src', 512 * 1024, 8192, false, 's1');
+  assert.deepEqual(await engine.read(512 * 1024, 8192), data.subarray(0, 8192));
+  await assert.rejects(engine.copyFrom(11, at, 'src', 0, 4096, false, 'no-such'), rejectsWith(ErrorCode.SOURCE_FAILED));
+  await assert.rejects(engine.request(Op.COPY_FROM, 0, 0, 4096, Buffer.concat([Buffer.from([0, 0, 0, 0, 0, 0, 0, 11]), Buffer.from(JSON.stringify({ source: at, snapshot: 7 }))])), rejectsWith(ErrorCode.EINVAL, /snapshot must be/));
+  await toSource.write(512 * 1024, data.subarray(0, 4096));
+
   // A revoked lease: refused, nothing written.
   await engine.leaseRevoke(11);
   await toSource.write(512 * 1024, pattern(4, 4096));
