@@ -8,8 +8,8 @@
  *     passing through the engine (`--no-copier-process --no-copy-pull`, as before pulls);
  *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
  *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
- *     rebuild, and against a rebuild that holds each 4 MiB region whole while it copies it (the
- *     way before region leases: `--copy-chunk-bytes 4MiB`);
+ *     rebuild, with the copy loop in the engine, and against a rebuild that holds each 4 MiB
+ *     region whole while it copies it (the way before region leases: `--copy-chunk-bytes 4MiB`);
  *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
  *     copied, then only what the live volume changed since it;
  *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
@@ -243,7 +243,6 @@ async function main(): Promise<void> {
     mustSpawn('nbdcopy', [src, inEngine.uri]);
     const inEngineSeconds = await rebuild(inEngine, 'idle');
     rows.push(['zebu rebuild, no client I/O, copy loop in the engine', inEngineSeconds.toFixed(2), (SIZE_MIB / inEngineSeconds).toFixed(0), '-', heldMiB(path.join(inEngine.dir, 'idle'))]);
-    stopVolume(inEngine);
 
     // The same, with the data passing through the engine (the target does not pull).
     const e = await volume(path.join(root, 'e'), [], ['--no-copy-pull', '--no-copier-process']);
@@ -302,6 +301,11 @@ async function main(): Promise<void> {
     rows.push(['zebu rebuild under fio 4k randwrite', leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0), leased.fio.iops.toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
     latencyRows.push(['fio during a rebuild, 256 KiB chunks under leases', ...latencyCells(leased.fio), leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0)]);
     stopVolume(v);
+
+    // The same with the copy loop on the engine's event loop (no copier process).
+    const inEngineLeased = await rebuildUnderFio(inEngine, 'loaded', loadSeconds);
+    latencyRows.push(['fio during a rebuild, copy loop in the engine', ...latencyCells(inEngineLeased.fio), inEngineLeased.rebuildSeconds.toFixed(2), (SIZE_MIB / inEngineLeased.rebuildSeconds).toFixed(0)]);
+    stopVolume(inEngine);
 
     // The same on a volume whose rebuilds hold a whole region while they copy it.
     const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4MiB']);
