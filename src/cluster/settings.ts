@@ -78,7 +78,7 @@ export const SETTINGS = {
   },
   'replica-auto-balance': {
     type: 'string', default: 'disabled',
-    description: 'Whether the manager moves replicas of attached, healthy volumes to spread them (each move: a new replica rebuilt first, then the old one removed). "disabled"; "least-effort": replicas of a volume sharing a node move to a node that holds none of them, when one can take them; "best-effort": also even out how many replicas each node, then each disk of a node, holds.',
+    description: 'Whether the manager moves replicas of healthy volumes to spread them (each move: a new replica rebuilt first, then the old one removed; a detached volume is attached without an NBD export for it, then detached). "disabled"; "least-effort": replicas of a volume sharing a node move to a node that holds none of them, when one can take them; "best-effort": also even out how many replicas each node, then each disk of a node, holds.',
     check: (value) => {
       if (value !== 'disabled' && value !== 'least-effort' && value !== 'best-effort') throw new Error('must be "disabled", "least-effort" or "best-effort"');
     },

@@ -19,6 +19,7 @@
  * end), replayed, done, failed.
  */
 import { fork } from 'node:child_process';
+import os from 'node:os';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { RegionCopy } from './rebuild-plan.ts';
 import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
@@ -122,10 +123,23 @@ export interface CopierChannel {
  */
 export type CopierStarter = (onMessage: (message: CopierToEngine) => void, onGone: (why: string) => void) => CopierChannel;
 
+/**
+ * The copier's CPU priority (nice): below the data path's processes, so that on a busy machine
+ * client I/O comes first; with the CPU idle it makes no difference.
+ */
+const COPIER_NICE = 10;
+
 /** A copier process forked from this one, over the IPC channel; `args` tell it apart in a process list. */
 export function forkCopier(args: string[]): CopierStarter {
   return (onMessage, onGone) => {
     const child = fork(new URL('./copier-main.ts', import.meta.url), args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+    if (child.pid !== undefined) {
+      try {
+        os.setPriority(child.pid, Math.min(19, os.getPriority() + COPIER_NICE));
+      } catch {
+        // Not allowed here: it runs at the engine's priority.
+      }
+    }
     let current = true;
     const gone = (why: string): void => {
       if (!current) return;

@@ -364,6 +364,10 @@ export class VolumeController {
     if (leaving.size > 0 && v.deletionRequestedAt === null) {
       waitingMove = await this.moveWhileDetached(volume, inPlace, leaving);
       if (waitingMove === null) return 0;
+    } else if (v.deletionRequestedAt === null && v.status.state === 'detached' && inPlace.length === v.spec.numberOfReplicas && replicas.every((r) => r.value.spec.failedAt === null)) {
+      // replica-auto-balance covers detached volumes too: a move it asks for is made as any
+      // other move of a detached volume (attached without an export, then detached).
+      await this.autoBalance(volume, inPlace, v.spec.sizeBytes);
     }
     if (v.status.state !== 'detached' || v.status.message !== waitingMove) {
       const was = v.status.state;
@@ -933,8 +937,9 @@ export class VolumeController {
   }
 
   /**
-   * replica-auto-balance: asks one replica of a healthy attached volume to move when that
-   * spreads replicas better (scheduler.ts, balanceMove); the move itself is a move as any other.
+   * replica-auto-balance: asks one replica of a healthy attached volume, or of a detached one
+   * with all its replicas, to move when that spreads replicas better (scheduler.ts,
+   * balanceMove); the move itself is a move as any other.
    */
   private async autoBalance(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], sizeBytes: number): Promise<void> {
     const mode = (await this.settings.string('replica-auto-balance')) as AutoBalance;

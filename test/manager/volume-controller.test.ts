@@ -812,9 +812,16 @@ test('a detached volume attached for a replica move gives way to a workload atta
   assert.ok(reasons.some((e) => /^MoveDetached: a workload asked to attach the volume/.test(e)), reasons.join('\n'));
 });
 
-test('replica-auto-balance least-effort: replicas sharing a node spread to a new node once it joins; a bad value is refused', async (t) => {
+test('replica-auto-balance least-effort: replicas sharing a node spread to a new node once it joins, of attached and of detached volumes; a bad value is refused', async (t) => {
   const { service, objects, store } = await setup(t, 2);
   await service.createVolume({ name: 'b', sizeBytes: GiB, numberOfReplicas: 2 });
+  // 'd' held data once and is detached.
+  await service.createVolume({ name: 'd', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('d detached', async () => (await service.getVolume('d')).state === 'detached');
+  await service.attachVolume('d', {});
+  await until('d healthy', async () => (await service.getVolume('d')).robustness === 'healthy');
+  await service.detachVolume('d');
+  await until('d detached again', async () => (await service.getVolume('d')).state === 'detached');
   await until('detached', async () => (await service.getVolume('b')).state === 'detached');
   await service.attachVolume('b', {});
   await until('healthy', async () => (await service.getVolume('b')).robustness === 'healthy');
@@ -844,6 +851,14 @@ test('replica-auto-balance least-effort: replicas sharing a node spread to a new
   // Balanced now: no more moves.
   await new Promise((r) => setTimeout(r, 500));
   assert.ok((await service.listReplicas({ volume: 'b' })).every((r) => r.leaving === null));
+  // The detached volume too: attached without an export for the move, then detached again.
+  await until('d spread over n1 and n2, detached again', async () => {
+    const live = await liveReplicas(objects, 'd');
+    const v = await objects.must(Kind.Volume, 'd');
+    return live.length === 2 && live.some((r) => r.diskId === 'n2-d0') && live.some((r) => r.diskId.startsWith('n1-')) && v.value.status.state === 'detached' && v.value.spec.moveAttachment == null ? live : undefined;
+  });
+  const dEvents = (await service.listEvents({ volume: 'd' })).map((e) => `${e.reason}: ${e.message}`);
+  for (const r of [/^ReplicaAutoBalance: /, /^MoveAttached: /, /^ReplicaMoved: /, /^MoveDetached: /]) assert.ok(dEvents.some((e) => r.test(e)), `${r}\n${dEvents.join('\n')}`);
 });
 
 test('node eviction: the node is flagged, its replicas leave for other nodes, it ends empty; bad values refused', async (t) => {
