@@ -249,27 +249,7 @@ async function copyRegion(host: RebuildHost, target: EngineReplica, check: () =>
       check();
       return target.client!.copyWrite(lease, at, data, bytes);
     },
-    pullChunk: !host.copyPull ? null : async (lease, at, bytes, zeros) => {
-      if (cannotPull.has(target)) return false;
-      check();
-      const source = host.pickReader(new Set([target]));
-      if (source === null) throw host.faultError();
-      try {
-        await target.client!.copyFrom(lease, `${source.host}:${source.port}`, source.named ? source.key : null, at, bytes, zeros);
-        return true;
-      } catch (err) {
-        const e = toZebuError(err);
-        if (isUnsupported(e)) {
-          // An older replica: the engine copies through itself.
-          cannotPull.add(target);
-          return false;
-        }
-        // The target could not read the source: this chunk goes through the engine, which reads
-        // from the source itself (and takes it out if it fails, then reads from another).
-        if (e.code === ErrorCode.SOURCE_FAILED) return false;
-        throw e;
-      }
-    },
+    pullChunk: !host.copyPull ? null : (lease, at, bytes, zeros) => pullFrom(host, target, check, lease, at, bytes, zeros, null),
     check,
     regionCopied: (at, bytes) => regionCopied(host, flusher, at, bytes),
     chunkCopied: (end) => flusher.chunkCopied(end),
@@ -289,18 +269,18 @@ function regionCopied(host: RebuildHost, flusher: CopyFlusher, at: number, bytes
 }
 
 /**
- * The target pulls a region of snapshot `name` from a source replica itself (COPY_FROM with the
- * snapshot's name, under an id no lease has: the target is out of the write set). False: not
- * done — an older target, or it could not read the source — and the engine copies it itself.
+ * The target pulls [offset, offset+length) from a source replica itself (COPY_FROM under
+ * `leaseId`; with `snapshot`, that snapshot of the source). False: not done — an older target
+ * (the engine copies through itself from then on), or the target could not read the source (the
+ * engine reads it itself, and takes the source out if it fails, then reads from another).
  */
-async function pullSnapshotRegion(host: RebuildHost, target: EngineReplica, check: () => void, name: string, offset: number, length: number): Promise<boolean> {
+async function pullFrom(host: RebuildHost, target: EngineReplica, check: () => void, leaseId: number, offset: number, length: number, zeros: boolean, snapshot: string | null): Promise<boolean> {
+  if (cannotPull.has(target)) return false;
   check();
   const source = host.pickReader(new Set([target]));
   if (source === null) throw host.faultError();
-  let id = snapshotCopyIds.get(target);
-  if (id === undefined) snapshotCopyIds.set(target, (id = host.unleasedCopyId()));
   try {
-    await target.client!.copyFrom(id, `${source.host}:${source.port}`, source.named ? source.key : null, offset, length, true, name);
+    await target.client!.copyFrom(leaseId, `${source.host}:${source.port}`, source.named ? source.key : null, offset, length, zeros, snapshot);
     return true;
   } catch (err) {
     const e = toZebuError(err);
@@ -311,6 +291,16 @@ async function pullSnapshotRegion(host: RebuildHost, target: EngineReplica, chec
     if (e.code === ErrorCode.SOURCE_FAILED) return false;
     throw e;
   }
+}
+
+/**
+ * A snapshot's region pulled by the target (pullFrom), under an id no lease has: the target is
+ * out of the write set while snapshots are copied.
+ */
+function pullSnapshotRegion(host: RebuildHost, target: EngineReplica, check: () => void, name: string, offset: number, length: number): Promise<boolean> {
+  let id = snapshotCopyIds.get(target);
+  if (id === undefined) snapshotCopyIds.set(target, (id = host.unleasedCopyId()));
+  return pullFrom(host, target, check, id, offset, length, true, name);
 }
 
 /** The id a target's snapshot pulls carry (one per target: never a lease, never revoked). */

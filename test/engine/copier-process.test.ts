@@ -14,27 +14,12 @@ import { startVolume, replicaDigest, mustRun, type VolumeCluster } from '../supp
 import { startFio, fioFigures } from '../support/fio.ts';
 import { tempDir } from '../support/tmp.ts';
 import { waitFor, processesUnder } from '../support/zebu-up.ts';
+import { engineInfo as info, type EngineInfo, type ReplicaRow } from './engine-process.ts';
 
 const MiB = 1024 * 1024;
 
-interface ReplicaRow {
-  address: string;
-  mode: 'RW' | 'WO' | 'ERR';
-  reason: string | null;
-  rebuild: { copiedBytes: number; totalBytes: number } | null;
-}
-
-interface EngineInfo {
-  stats: Record<string, number>;
-  lastRebuild: { replica: string; error: string | null; copiedBytes: number; totalBytes: number } | null;
-}
-
 function replicasOf(control: string): Promise<ReplicaRow[]> {
   return controlRequest(control, 'GET', '/v1/replicas') as Promise<ReplicaRow[]>;
-}
-
-function info(control: string): Promise<EngineInfo> {
-  return controlRequest(control, 'GET', '/v1/info') as Promise<EngineInfo>;
 }
 
 function copierPids(dir: string): number[] {
