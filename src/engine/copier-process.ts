@@ -14,7 +14,7 @@
  *
  * Messages go over the IPC channel of a forked child (JSON; forkCopier), or whatever channel a
  * CopierStarter gives (the simulator's). The engine → copier ones: init,
- * copy, answer (to an ask), recall, cancel. The copier → engine ones: ask (a turn or a lease),
+ * copy, answer (to an ask), recall, revoked, cancel. The copier → engine ones: ask (a turn or a lease),
  * endTurn, release, chunk (the copy got this far), copied (the region is on the target to its
  * end), replayed, done, failed.
  */
@@ -50,8 +50,8 @@ export interface RegionCopyRequest {
 
 /** What a copy uses of the engine, the lease authority. */
 export interface RegionCopyHooks {
-  /** A lease on [start, end) of the target; `onRecall` when a client write waits for it. */
-  acquireLease(start: number, end: number, onRecall: (id: number) => void): Promise<number>;
+  /** A lease on [start, end) of the target; `onRecall` when a client write waits for it, `onRevoke` when it was revoked after the recall timeout. */
+  acquireLease(start: number, end: number, onRecall: (id: number) => void, onRevoke: (id: number) => void): Promise<number>;
   releaseLease(id: number): void;
   /** Revokes a lease now (the copier is gone): the target refuses its copy writes from now on. */
   revokeLease(id: number): void;
@@ -90,6 +90,7 @@ export type EngineToCopier =
   | { t: 'copy'; copy: number; request: RegionCopyRequest }
   | { t: 'answer'; ask: number; value?: unknown; error?: { code: ErrorCode; message: string } }
   | { t: 'recall'; lease: number }
+  | { t: 'revoked'; lease: number }
   | { t: 'cancel'; copy: number; code: ErrorCode; message: string };
 
 export type CopierToEngine =
@@ -329,7 +330,7 @@ export class RemoteCopier implements RegionCopier {
           }, refuse);
         } else {
           // A recall may come before the grant: the copier keeps it until it has the lease.
-          running.hooks.acquireLease(m.start, m.end, (lease) => channel.send({ t: 'recall', lease })).then((id) => {
+          running.hooks.acquireLease(m.start, m.end, (lease) => channel.send({ t: 'recall', lease }), (lease) => channel.send({ t: 'revoked', lease })).then((id) => {
             if (this.copies.get(m.copy) !== running) {
               running.hooks.releaseLease(id);
               return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));

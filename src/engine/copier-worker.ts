@@ -27,6 +27,12 @@ export class CopierWorker {
   private readonly asks = new Map<number, { resolve: (value: unknown) => void; reject: (err: Error) => void }>();
   /** Leases a client write recalled (kept until released: a recall can come before the grant). */
   private readonly recalled = new Set<number>();
+  /**
+   * Leases the engine revoked (the copier did not give them back in time: it was stopped, or
+   * slow). The next copy write with one fails here with LEASE_REVOKED, as the target would
+   * refuse it, and the copy replays from its committed offset.
+   */
+  private readonly revoked = new Set<number>();
   /** Copies under way, and those the engine cancelled with why. */
   private readonly active = new Set<number>();
   private readonly cancelled = new Map<number, ZebuError>();
@@ -65,6 +71,9 @@ export class CopierWorker {
       case 'recall':
         this.recalled.add(m.lease);
         return;
+      case 'revoked':
+        this.revoked.add(m.lease);
+        return;
       case 'cancel':
         if (this.active.has(m.copy)) this.cancelled.set(m.copy, new ZebuError(m.code, m.message));
         return;
@@ -75,6 +84,10 @@ export class CopierWorker {
   close(): void {
     for (const client of this.clients.values()) client.then((c) => c.close(), () => {});
     this.clients.clear();
+  }
+
+  private checkLease(lease: number): void {
+    if (this.revoked.has(lease)) throw new ZebuError(ErrorCode.LEASE_REVOKED, `lease ${lease} was revoked: copy again from the last committed offset`);
   }
 
   private ask(message: { copy: number; what: 'turn' } | { copy: number; what: 'lease'; start: number; end: number }): Promise<unknown> {
@@ -144,9 +157,11 @@ export class CopierWorker {
     const target = (): Promise<DataClient> => this.connection(request.target, request.epoch);
     const host: CopierHost = {
       acquireLease: async (start, end) => (await this.ask({ copy, what: 'lease', start, end })) as number,
-      leaseWanted: (id) => this.recalled.has(id),
+      // A revoked lease is not given back after the chunk: the next write meets the revoke.
+      leaseWanted: (id) => this.recalled.has(id) && !this.revoked.has(id),
       releaseLease: (id) => {
         this.recalled.delete(id);
+        this.revoked.delete(id);
         send({ t: 'release', copy, lease: id });
       },
       copyTurn: async () => {
@@ -161,6 +176,7 @@ export class CopierWorker {
       readSource: (at, bytes) => this.fromSource(request, (c) => c.read(at, bytes)),
       writeTarget: async (lease, at, data, bytes) => {
         check();
+        this.checkLease(lease);
         await (await target()).copyWrite(lease, at, data, bytes);
       },
       pullChunk: !request.pull ? null : async (lease, at, bytes, zeros) => {
@@ -168,6 +184,7 @@ export class CopierWorker {
         const source = request.sources[0];
         if (source === undefined) throw new ZebuError(ErrorCode.SOURCE_FAILED, 'the copier was given no source');
         check();
+        this.checkLease(lease);
         try {
           await (await target()).copyFrom(lease, `${source.host}:${source.port}`, source.named ? source.key : null, at, bytes, zeros);
           return true;

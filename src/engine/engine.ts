@@ -383,7 +383,7 @@ export class Engine implements BlockBackend {
       alignCounters: () => engine.alignCounters(),
       regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
       regionsWritten: (offset, length) => engine.regionsWritten(offset, length),
-      acquireLease: (target, start, end, onRecall) => engine.acquireLease(target, start, end, onRecall),
+      acquireLease: (target, start, end, onRecall, onRevoke) => engine.acquireLease(target, start, end, onRecall, onRevoke),
       leaseWanted: (id) => engine.claims === null || !engine.claims.holds(id) || engine.claims.recalled(id),
       releaseLease: (id) => engine.releaseLease(id),
       revokeLease: (target, id) => {
@@ -692,14 +692,16 @@ export class Engine implements BlockBackend {
   // ---- rebuild leases (leased-copy.ts is the copier's side) ----------------------------------
 
   /** A lease on [start, end) for a copy to `target`: a client write recalls it; past the recall timeout it is revoked. */
-  private acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void): Promise<number> {
+  private acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void, onRevoke?: (id: number) => void): Promise<number> {
     const claims = this.claims;
     assert(claims !== null, 'a lease is asked for with no claims in use');
     return claims.claim(start, end, (id) => {
       this.leaseCounters.recalls++;
       onRecall?.(id);
       if (this.leaseRecallTimeoutMs === 0 || this.closed) return;
-      this.leaseTimers.set(id, this.clock.setTimeout(() => this.revokeLease(target, id), this.leaseRecallTimeoutMs));
+      this.leaseTimers.set(id, this.clock.setTimeout(() => {
+        if (this.revokeLease(target, id)) onRevoke?.(id);
+      }, this.leaseRecallTimeoutMs));
     });
   }
 
@@ -750,14 +752,17 @@ export class Engine implements BlockBackend {
    * on (and has landed those under way) before the client writes waiting for it go on. A target
    * that cannot be told is out of the volume, and those writes no longer reach it.
    */
-  private revokeLease(target: EngineReplica, id: number): void {
+  private revokeLease(target: EngineReplica, id: number): boolean {
     this.leaseTimers.delete(id);
     const claims = this.claims;
-    if (claims === null || !claims.holds(id)) return;
+    if (claims === null || !claims.holds(id)) return false;
     this.leaseCounters.revokes++;
     this.log({ event: 'rebuild-lease-revoked', replica: target.address, lease: id, recallTimeoutMs: this.leaseRecallTimeoutMs });
     const client = target.client;
-    if (client === null || target.mode === ReplicaMode.ERR) return claims.release(id);
+    if (client === null || target.mode === ReplicaMode.ERR) {
+      claims.release(id);
+      return true;
+    }
     client.leaseRevoke(id).then(
       () => claims.release(id),
       (err) => {
@@ -765,6 +770,7 @@ export class Engine implements BlockBackend {
         claims.release(id);
       },
     );
+    return true;
   }
 
   /** Range claims for a copy or a compare; call with I/O paused and drained, so every write from now on is tracked. */

@@ -133,7 +133,7 @@ export interface RebuildHost {
   /** Range claims, while a rebuild or verify uses them. */
   readonly claims: RangeClaims | null;
   /** A lease on [start, end) of the live volume for a copy to `target` (recalled by client writes, revoked after the recall timeout). */
-  acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void): Promise<number>;
+  acquireLease(target: EngineReplica, start: number, end: number, onRecall?: (id: number) => void, onRevoke?: (id: number) => void): Promise<number>;
   leaseWanted(id: number): boolean;
   releaseLease(id: number): void;
   /** Revokes a lease now (its copier is gone): the target refuses copy writes with it before the waiting client writes go on. */
@@ -318,8 +318,8 @@ function endpoint(r: EngineReplica): CopyEndpoint {
  */
 async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, target: EngineReplica, check: () => void, flusher: CopyFlusher, offset: number, length: number, how: RegionCopy): Promise<number | null> {
   const hooks: RegionCopyHooks = {
-    acquireLease: async (start, end, onRecall) => {
-      const id = await host.acquireLease(target, start, end, onRecall);
+    acquireLease: async (start, end, onRecall, onRevoke) => {
+      const id = await host.acquireLease(target, start, end, onRecall, onRevoke);
       host.leaseCounters.grants++;
       return id;
     },

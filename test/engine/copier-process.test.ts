@@ -32,7 +32,7 @@ async function rebuildUnderFio(t: { after: (fn: () => unknown) => void }, dir: s
   const vol = await startVolume(t, { dir, replicas: 2, sizeBytes: size, extraArgs });
   mustRun('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5c 0 128M', '-c', 'flush', vol.nbd], { timeoutMs: 120_000 });
   const fio = startFio(t, [
-    '--name=verify', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bsrange=4k-64k', '--offset=64M', '--size=192M',
+    '--name=verify', '--ioengine=nbd', `--uri=${vol.nbd}`, '--rw=randwrite', '--bsrange=4k-64k', '--offset=128M', '--size=128M',
     '--io_size=1G', '--iodepth=8', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--verify_state_save=0', '--output-format=json', '--randseed=11',
   ]);
   await new Promise((r) => setTimeout(r, 300));
@@ -53,7 +53,7 @@ async function finish(vol: VolumeCluster, address: string, port: number, fio: Re
   const result = await fio.exit;
   assert.equal(result.code, 0, result.stderr);
   assert.equal(fioFigures(result.stdout).error, 0);
-  mustRun('qemu-io', ['-f', 'raw', '-c', 'flush', '-c', 'read -P 0x5c 0 64M', vol.nbd], { timeoutMs: 120_000 });
+  mustRun('qemu-io', ['-f', 'raw', '-c', 'flush', '-c', 'read -P 0x5c 0 128M', vol.nbd], { timeoutMs: 120_000 });
   const after = await info(vol.controlSocket);
   assert.equal(after.stats.errors, 0);
   const epoch = await vol.currentEpoch();
@@ -96,27 +96,30 @@ test('the copier SIGSTOPped past the recall timeout: its lease is revoked and cl
       // gone
     }
   });
-  // Stopped while it holds a lease a client write wants: the revoke counter says so. Between
-  // regions it may hold none; then it is let go a moment and stopped again.
-  let stopped: { revokes: number; writesDuring: number } | null = null;
-  for (let round = 0; round < 10 && stopped === null; round++) {
-    const before = (await info(vol.controlSocket)).stats;
+  // Stopped while it copies, then client writes to the regions it holds leases on: they recall
+  // the leases, the recall times out, the leases are revoked and the writes complete while the
+  // copier stands still. The copy goes in region order and fio writes above 128 MiB, so the
+  // regions under way are in the first 128 MiB: each gets a write of its own bytes (0x5c) at its
+  // last block, which every lease on what is left of a region covers. After SIGCONT the copier
+  // meets the revoke and replays. A copier stopped between regions holds no lease: again.
+  const REGION = 4 * MiB;
+  let replayed = false;
+  for (let round = 0; round < 5 && !replayed; round++) {
     process.kill(copier, 'SIGSTOP');
-    await new Promise((r) => setTimeout(r, 1500));
-    const during = (await info(vol.controlSocket)).stats;
-    const revoked = during.rebuildLeaseRevokes - before.rebuildLeaseRevokes;
-    if (revoked > 0) {
-      // Client writes went on while the copier stood still (a second after the revoke).
-      const writesAt = during.writes;
-      await new Promise((r) => setTimeout(r, 1000));
-      stopped = { revokes: revoked, writesDuring: (await info(vol.controlSocket)).stats.writes - writesAt };
-    }
+    const before = await info(vol.controlSocket);
+    const at = Math.floor(((await replicasOf(vol.controlSocket)).find((r) => r.address === address)?.rebuild?.copiedBytes ?? 0) / REGION);
+    const regions = Array.from({ length: 32 - Math.min(at, 32) }, (_, k) => at + k);
+    assert.ok(regions.length > 0, `the copy went past 128 MiB (${at} regions) before it could be stopped there`);
+    mustRun('qemu-io', ['-f', 'raw', ...regions.flatMap((r) => ['-c', `write -P 0x5c ${(r + 1) * REGION - 4096} 4096`]), vol.nbd], { timeoutMs: 60_000 });
+    const during = await info(vol.controlSocket);
+    assert.ok(during.stats.writes - before.stats.writes >= regions.length, 'client writes went on while the copier was stopped');
+    const revoked = during.stats.rebuildLeaseRevokes - before.stats.rebuildLeaseRevokes;
     process.kill(copier, 'SIGCONT');
-    if (stopped === null) await new Promise((r) => setTimeout(r, 300));
+    if (revoked === 0) continue;
+    replayed = await waitFor('the copier replays', async () => ((await info(vol.controlSocket)).stats.rebuildLeaseReplays > 0 ? true : undefined), 10_000, 50).catch(() => false);
   }
-  assert.ok(stopped !== null, 'no lease was revoked while the copier was stopped');
-  assert.ok(stopped.writesDuring > 0, 'client writes went on while the copier was stopped');
+  assert.ok(replayed, 'after a revoke, the copier replayed from its committed offset');
   const after = await finish(vol, address, port, fio);
-  assert.ok(after.stats.rebuildLeaseReplays > 0, JSON.stringify(after.stats));
+  assert.ok(after.stats.rebuildLeaseRevokes > 0 && after.stats.rebuildLeaseReplays > 0, JSON.stringify(after.stats));
   assert.deepEqual(copierPids(dir).filter((pid) => pid !== copier), [], 'the same copier went on');
 });
