@@ -116,7 +116,7 @@ export function apiRoutes(
     }),
     route({
       method: 'POST', url: '/v1/volumes/:name/attach', operationId: 'attachVolume', tag: 'volumes',
-      summary: 'Attach a volume (returns at once, state attaching: poll the volume). While a recurring job holds the volume the attach is recorded (pendingAttach) and made once the job has detached it',
+      summary: 'Attach a volume (returns at once, state attaching: poll the volume). While a recurring job or replica moves hold the volume, or it is still detaching, the attach is recorded (pendingAttach) and made once it is detached',
       params: params.volume, body: bodies.volumeAttach, bodyOptional: true, response: ref('Volume'),
       handler: ({ params: p, body }) => service.attachVolume(p.name, body as { nodeId?: string; maintenance?: boolean }),
     }),

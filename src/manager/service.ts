@@ -97,10 +97,14 @@ function restoreRobustness(v: VolumeValue): VolumeValue['status']['robustness'] 
   return v.status.robustness;
 }
 
-/** Why a user may not attach a volume being restored, or a DR standby; null when it may. */
 /** A recurring job or replica moves attached the volume (not a user): it is detached by them. */
 function heldByManager(v: VolumeValue): boolean {
   return (v.spec.jobAttachment ?? null) !== null || (v.spec.moveAttachment ?? null) !== null;
+}
+
+/** Let go (by a user or a job) but its engine and replicas are still stopping. */
+function stillDetaching(v: VolumeValue): boolean {
+  return v.spec.nodeId === null && v.status.state === 'detaching';
 }
 
 /**
@@ -112,6 +116,7 @@ function rebuildOf(said: EngineReplicaStatus | undefined, r: StoreObject<Replica
   return said.address === undefined || said.address === r.value.status.address ? said.rebuild : null;
 }
 
+/** Why a user may not attach a volume being restored, or a DR standby; null when it may. */
 function restoreAttachRefusal(name: string, v: VolumeValue): string | null {
   const spec = v.spec.restore ?? null;
   if (spec === null) return null;
@@ -333,11 +338,10 @@ export class ManagerServiceImpl implements ManagerService {
     if (v.deletionRequestedAt !== null) throw stateConflict(`volume ${name} is being deleted`);
     const refusal = restoreAttachRefusal(name, v);
     if (refusal !== null) throw stateConflict(refusal);
-    if (heldByManager(v)) return this.attachAfterHolder(name, nodeId, maintenance);
+    if (heldByManager(v) || stillDetaching(v)) return this.attachAfterHolder(name, nodeId, maintenance);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
-    if (v.spec.nodeId === null && v.status.state === 'detaching') throw stateConflict(`volume ${name} is still detaching; try again when it is detached`);
 
     await this.objects.mutate(Kind.Volume, name, (x) => {
       if (x.spec.nodeId !== null) return false;
@@ -349,25 +353,27 @@ export class ManagerServiceImpl implements ManagerService {
   }
 
   /**
-   * A workload attach while a recurring job (or replica moves) holds the volume: recorded, and
-   * applied by the volume controller once the volume is detached (a job detaches it when done;
-   * moves give it up at once). The caller polls the volume as for any attach.
+   * A workload attach while a recurring job (or replica moves) holds the volume, or while the
+   * volume is still detaching (a job or a user let it go a moment ago): recorded, and applied by
+   * the volume controller once the volume is detached (a job detaches it when done; moves give it
+   * up at once). The caller polls the volume as for any attach.
    */
   private async attachAfterHolder(name: string, nodeId: string, maintenance: boolean): Promise<VolumeView> {
     let clash: string | null = null;
     const after = await this.objects.mutate(Kind.Volume, name, (x) => {
       const pending = x.spec.pendingAttach ?? null;
       if (pending !== null) {
-        if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for ${(x.spec.jobAttachment ?? null) !== null ? 'its recurring job' : 'the manager to detach it from its replica moves'}`;
+        if (pending.nodeId !== nodeId || pending.maintenance !== maintenance) clash = `an attach of volume ${name} to node ${pending.nodeId}${pending.maintenance ? ' in maintenance mode' : ''} already waits for ${(x.spec.jobAttachment ?? null) !== null ? 'its recurring job' : (x.spec.moveAttachment ?? null) !== null ? 'the manager to detach it from its replica moves' : 'the volume to finish detaching'}`;
         return false;
       }
-      if (!heldByManager(x)) return false;
+      if (!heldByManager(x) && !stillDetaching(x)) return false;
       x.spec.pendingAttach = { nodeId, maintenance, requestedAt: new Date().toISOString() };
     });
     if (clash !== null) throw stateConflict(clash);
     const held = after?.value.spec.jobAttachment ?? null;
     const moving = after?.value.spec.moveAttachment ?? null;
-    if (held === null && moving === null) {
+    const waitsForDetach = after !== null && (after.value.spec.pendingAttach ?? null) !== null && stillDetaching(after.value);
+    if (held === null && moving === null && !waitsForDetach) {
       // It was let go meanwhile: an ordinary attach.
       return this.attachVolume(name, { nodeId, maintenance });
     }
@@ -375,7 +381,9 @@ export class ManagerServiceImpl implements ManagerService {
       type: 'Normal', reason: 'AttachWaiting', kind: Kind.Volume, object: name, volume: name,
       message: held !== null
         ? `attach of volume ${name} to node ${nodeId} waits for recurring job ${held.job} (${held.task}), which attached it at ${held.startedAt}`
-        : `attach of volume ${name} to node ${nodeId} waits for the volume to be detached from node ${moving!.node}, where it was attached for replica moves`,
+        : moving !== null
+          ? `attach of volume ${name} to node ${nodeId} waits for the volume to be detached from node ${moving.node}, where it was attached for replica moves`
+          : `attach of volume ${name} to node ${nodeId} waits for the volume to finish detaching`,
     });
     this.kick(name);
     return this.view(name);
@@ -391,8 +399,13 @@ export class ManagerServiceImpl implements ManagerService {
         x.spec.pendingAttach = null;
         return;
       }
+      if (x.spec.nodeId === null) {
+        // Still detaching, with an attach waiting for that: the attach is withdrawn.
+        if ((x.spec.pendingAttach ?? null) === null) return false;
+        x.spec.pendingAttach = null;
+        return;
+      }
       x.spec.pendingAttach = null;
-      if (x.spec.nodeId === null) return false;
       x.spec.nodeId = null;
     });
     this.kick(name);

@@ -26,6 +26,8 @@ class FakeAgent {
   resumableFailures = false;
   /** When set, the engine refuses a replica that comes back (no delta possible: EINVAL). */
   refuseDelta = false;
+  /** When set, engines asked to stop keep running (a detach stays in 'detaching'). */
+  holdStops = false;
   /** Engines whose process is "killed" at the next step (volume names). */
   readonly crash = new Set<string>();
   /** Engines that report every replica ERR and faulted, as long as they run with this epoch or below. */
@@ -66,6 +68,7 @@ class FakeAgent {
     for (const e of await this.objects.list(Kind.Engine)) {
       await this.objects.mutate(Kind.Engine, e.name, (x) => {
         if (x.spec.desireState === 'stopped') {
+          if (this.holdStops) return false;
           x.status = { ...x.status, state: 'stopped', pid: null, replicas: {}, endpoint: null };
           return;
         }
@@ -223,6 +226,41 @@ test('create -> detached -> attach (epoch 1) -> attached healthy -> detach -> at
     return v.state === 'attached' ? v : undefined;
   });
   assert.equal(again.epoch, 2);
+});
+
+test('an attach while the volume is still detaching waits for the detach, then attaches with a new epoch; a detach withdraws it', async (t) => {
+  const { service, agent } = await setup(t);
+  await attachedHealthy(service, 'v', 2);
+
+  agent.holdStops = true;
+  await service.detachVolume('v');
+  await until('detaching', async () => (await service.getVolume('v')).state === 'detaching');
+  const waiting = await service.attachVolume('v', {});
+  assert.equal(waiting.pendingAttach?.nodeId, 'n1');
+  assert.ok((await service.listEvents({ volume: 'v' })).some((e) => e.reason === 'AttachWaiting' && /finish detaching/.test(e.message)));
+  // Asked again the same way: the same waiting attach; another node or mode: a clear refusal.
+  assert.equal((await service.attachVolume('v', {})).pendingAttach?.requestedAt, waiting.pendingAttach?.requestedAt);
+  await assert.rejects(service.attachVolume('v', { maintenance: true }), /already waits for the volume to finish detaching/);
+  agent.holdStops = false;
+  const attached = await until('attached', async () => {
+    const v = await service.getVolume('v');
+    return v.state === 'attached' && v.endpoint !== null ? v : undefined;
+  });
+  assert.equal(attached.epoch, 2);
+  assert.equal(attached.pendingAttach, null);
+
+  // A detach while the attach waits withdraws it: the volume ends detached.
+  agent.holdStops = true;
+  await service.detachVolume('v');
+  await until('detaching', async () => (await service.getVolume('v')).state === 'detaching');
+  assert.notEqual((await service.attachVolume('v', {})).pendingAttach, null);
+  assert.equal((await service.detachVolume('v')).pendingAttach, null);
+  agent.holdStops = false;
+  await until('detached', async () => (await service.getVolume('v')).state === 'detached');
+  await new Promise((r) => setTimeout(r, 300));
+  const after = await service.getVolume('v');
+  assert.equal(after.state, 'detached');
+  assert.equal(after.nodeId, null);
 });
 
 test('a replica ERR is replaced: failed, new one scheduled, added to the engine, rebuilt, failed one deleted', async (t) => {

@@ -231,8 +231,10 @@ export async function volumeAttach(name: string, options: WaitingOptions & { nod
   if (options.node !== undefined) body.nodeId = options.node;
   if (options.maintenance === true) body.maintenance = true;
   let volume: VolumeView | null = await client.post<VolumeView>(`/v1/volumes/${enc(name)}/attach`, body);
-  if (volume.pendingAttach !== null && volume.heldByJob !== null && options.wait !== false) {
-    process.stderr.write(`zebu: volume ${name} is held by recurring job ${volume.heldByJob.job} (${volume.heldByJob.task}); the attach waits until it is done\n`);
+  if (volume.pendingAttach !== null && options.wait !== false) {
+    process.stderr.write(volume.heldByJob !== null
+      ? `zebu: volume ${name} is held by recurring job ${volume.heldByJob.job} (${volume.heldByJob.task}); the attach waits until it is done\n`
+      : `zebu: volume ${name} is still being detached; the attach waits until it is\n`);
   }
   if (options.wait !== false) {
     try {
@@ -243,9 +245,9 @@ export async function volumeAttach(name: string, options: WaitingOptions & { nod
         progress: attachProgress,
       });
     } catch (err) {
-      // Still queued behind a job: withdrawn, so that it does not happen later unasked.
+      // Still queued behind a job or a detach: withdrawn, so that it does not happen later unasked.
       const now = await client.get<VolumeView>(`/v1/volumes/${enc(name)}`).catch(() => null);
-      if (now?.pendingAttach != null && now.heldByJob !== null) {
+      if (now?.pendingAttach != null) {
         await client.post(`/v1/volumes/${enc(name)}/detach`, {}).catch(() => {});
         throw new ZebuError(ErrorCode.TIMEOUT, `${(err as Error).message}; the waiting attach was withdrawn`);
       }
