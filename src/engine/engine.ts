@@ -1046,9 +1046,10 @@ export class Engine implements BlockBackend {
     this.stats.writeLatencyMsTotal += this.clock.nowMs() - started;
   }
 
-  async zero(offset: number, length: number, options: { fua?: boolean; trim?: boolean } = {}): Promise<void> {
+  async zero(offset: number, length: number, options: { fua?: boolean; trim?: boolean; noHole?: boolean } = {}): Promise<void> {
     this.checkRange(offset, length);
-    await this.fanOutPromise(options.trim ? Op.TRIM : Op.WRITE_ZEROES, options.fua ? RequestFlag.FUA : 0, offset, length, EMPTY);
+    const flags = (options.fua ? RequestFlag.FUA : 0) | (options.noHole ? RequestFlag.NO_HOLE : 0);
+    await this.fanOutPromise(options.trim ? Op.TRIM : Op.WRITE_ZEROES, flags, offset, length, EMPTY);
     this.stats.zeroes++;
   }
 

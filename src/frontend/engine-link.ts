@@ -579,8 +579,8 @@ export class EngineLink implements NbdExport {
   write(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void {
     this.forward(Op.WRITE, fua ? RequestFlag.FUA : 0, offset, data.length, data, cb);
   }
-  zero(offset: number, length: number, trim: boolean, fua: boolean, cb: (err: ZebuError | null) => void): void {
-    this.forward(trim ? Op.TRIM : Op.WRITE_ZEROES, fua ? RequestFlag.FUA : 0, offset, length, EMPTY, cb);
+  zero(offset: number, length: number, trim: boolean, fua: boolean, noHole: boolean, cb: (err: ZebuError | null) => void): void {
+    this.forward(trim ? Op.TRIM : Op.WRITE_ZEROES, (fua ? RequestFlag.FUA : 0) | (noHole ? RequestFlag.NO_HOLE : 0), offset, length, EMPTY, cb);
   }
   flush(cb: (err: ZebuError | null) => void): void {
     this.forward(Op.FLUSH, 0, 0, 0, EMPTY, cb);

@@ -35,7 +35,8 @@ export interface NbdExport {
   readonly description: string;
   read(offset: number, length: number, cb: (err: ZebuError | null, data: Buffer) => void): void;
   write(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void;
-  zero(offset: number, length: number, trim: boolean, fua: boolean, cb: (err: ZebuError | null) => void): void;
+  /** TRIM, or WRITE_ZEROES (`noHole`: the client wants the range to stay allocated). */
+  zero(offset: number, length: number, trim: boolean, fua: boolean, noHole: boolean, cb: (err: ZebuError | null) => void): void;
   flush(cb: (err: ZebuError | null) => void): void;
   blockStatus(offset: number, length: number, cb: (err: ZebuError | null, extents: NbdExtent[]) => void): void;
 }
@@ -555,7 +556,7 @@ class NbdConnection {
         if (length === 0) return this.replyOk(cookie);
         // FAST_ZERO: zeroing is a presence-map change here, always faster than writing zeros.
         this.begin();
-        target.zero(offset, length, type === Cmd.TRIM, fua, (err) => {
+        target.zero(offset, length, type === Cmd.TRIM, fua, type === Cmd.WRITE_ZEROES && (flags & CmdFlag.NO_HOLE) !== 0, (err) => {
           if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyOk(cookie);
           this.end();

@@ -18,8 +18,8 @@ export interface BlockBackend {
   /** Reads the volume as it was at snapshot `name`. */
   readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset: number): Promise<void>;
   write(offset: number, data: Buffer): Promise<void>;
-  /** TRIM and WRITE_ZEROES: the range reads back as zeros. */
-  zero(offset: number, length: number): Promise<void>;
+  /** TRIM and WRITE_ZEROES: the range reads back as zeros (`noHole`: its space is not given back). */
+  zero(offset: number, length: number, options?: { noHole?: boolean }): Promise<void>;
   flush(): Promise<void>;
   blockStatus(offset: number, length: number): Promise<BackendExtent[]>;
   info(): unknown;

@@ -128,6 +128,11 @@ export const RequestFlag = {
    * been idle for INTENT_IDLE_MS, so a hot region is not activated again and again.
    */
   EVICT: 2,
+  /**
+   * WRITE_ZEROES: the client asked the range to stay allocated (NBD's NO_HOLE): zeros are marked,
+   * no hole is punched. Without it TRIM and WRITE_ZEROES give the data file's blocks back.
+   */
+  NO_HOLE: 4,
 } as const;
 
 export interface RequestHeader {

@@ -402,7 +402,7 @@ class Connection {
       case Op.TRIM:
       case Op.WRITE_ZEROES:
         if (h.length > MAX_RANGE_BYTES) throw invalid(`range of ${h.length} bytes exceeds ${MAX_RANGE_BYTES}`);
-        await replica.zero(h.offset, h.length);
+        await replica.zero(h.offset, h.length, { noHole: (h.flags & RequestFlag.NO_HOLE) !== 0 });
         if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
         return EMPTY;
       case Op.FLUSH: {

@@ -4,6 +4,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { punchHole } from './hole-punch.ts';
 
 export interface DiskFile {
   readonly path: string;
@@ -12,6 +13,12 @@ export interface DiskFile {
   /** Writes all `length` bytes or throws. */
   write(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void>;
   datasync(): Promise<void>;
+  /**
+   * Gives the blocks of the range back to the file system (it reads as zeros; the size stays).
+   * Resolves false when this file system or machine cannot (nothing changed): callers keep their
+   * own record that the range is zeros. Rejects when the disk fails.
+   */
+  punchHole(offset: number, length: number): Promise<boolean>;
   truncate(sizeBytes: number): Promise<void>;
   sizeBytes(): Promise<number>;
   close(): Promise<void>;
@@ -87,6 +94,10 @@ class NodeDiskFile implements DiskFile {
 
   datasync(): Promise<void> {
     return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  punchHole(offset: number, length: number): Promise<boolean> {
+    return punchHole(this.fd, this.path, offset, length);
   }
 
   truncate(sizeBytes: number): Promise<void> {

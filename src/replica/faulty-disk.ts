@@ -113,6 +113,10 @@ class FaultyDiskFile implements DiskFile {
     this.disk.check('sync', this.path);
     return this.inner.datasync();
   }
+  async punchHole(offset: number, length: number): Promise<boolean> {
+    this.disk.check('write', this.path);
+    return this.inner.punchHole(offset, length);
+  }
   async truncate(sizeBytes: number): Promise<void> {
     this.disk.check('write', this.path);
     return this.inner.truncate(sizeBytes);

@@ -50,6 +50,18 @@ class MemoryFile {
     }
   }
 
+  /** Zeros the range; chunks it covers whole are freed. The size stays. */
+  punch(position: number, length: number): void {
+    const end = Math.min(position + length, this.sizeBytes);
+    if (end <= position) return;
+    this.eachChunk(position, end - position, (index, within, _done, n) => {
+      const chunk = this.chunks.get(index);
+      if (chunk === undefined) return;
+      if (n === CHUNK_BYTES) this.chunks.delete(index);
+      else chunk.fill(0, within, within + n);
+    });
+  }
+
   truncate(sizeBytes: number): void {
     if (sizeBytes < this.sizeBytes) {
       for (const index of [...this.chunks.keys()]) {
@@ -142,6 +154,10 @@ export class MemoryDisk implements Disk {
     this.place(this.file(filePath), buf, bufOffset, length, position, filePath);
   }
 
+  punch(filePath: string, position: number, length: number): void {
+    this.file(filePath).punch(position, length);
+  }
+
   truncate(filePath: string, sizeBytes: number): void {
     this.file(filePath).truncate(sizeBytes);
   }
@@ -223,6 +239,12 @@ class MemoryDiskFile implements DiskFile {
 
   async datasync(): Promise<void> {
     this.check(false);
+  }
+
+  async punchHole(offset: number, length: number): Promise<boolean> {
+    this.check(true);
+    this.disk.punch(this.path, offset, length);
+    return true;
   }
 
   async truncate(sizeBytes: number): Promise<void> {

@@ -280,6 +280,16 @@ class PowerLossFile implements DiskFile {
     return run;
   }
 
+  async punchHole(offset: number, length: number): Promise<boolean> {
+    this.disk.checkAlive(`punch ${this.path}`);
+    // Unsynced like a write of zeros: a crash before the next sync may lose it. (The size stays:
+    // zeros past the end would grow the file, so the range is cut at the size the file has.)
+    const size = await this.sizeBytes();
+    const end = Math.min(offset + length, size);
+    if (end > offset) this.disk.cache(this.path).pending.push({ position: offset, data: Buffer.alloc(end - offset) });
+    return true;
+  }
+
   async truncate(sizeBytes: number): Promise<void> {
     this.disk.checkAlive(`truncate ${this.path}`);
     // Writes beyond the new end would be cut off by it: hand everything over first.

@@ -40,6 +40,7 @@ import {
 import { CopyLeases } from './copy-leases.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
+import { holePunchUnavailable } from './hole-punch.ts';
 import { systemClock, type Clock } from '../os/clock.ts';
 import type { IntentSummary } from './intent-log.ts';
 
@@ -108,6 +109,10 @@ export interface ReplicaInfo {
    * replica in sync (SET_REVISION): 0 for never, or an old replica. Start-up compares it first.
    */
   writeEpoch: number;
+  /** Bytes of data files given back to the file system by TRIM and WRITE_ZEROES since start. */
+  punchedBytes?: number;
+  /** Why TRIM and WRITE_ZEROES give no space back here (no addon, file system); null when they do. */
+  holePunchUnavailable?: string | null;
 }
 
 interface Layer {
@@ -162,6 +167,9 @@ export class Replica {
    * so would make a replica that missed writes look newest (found by the simulator).
    */
   private unflushedEpoch = 0;
+  /** Bytes given back by punched holes (TRIM, WRITE_ZEROES), and why none are when they are not. */
+  private punchedBytes = 0;
+  private holePunchUnavailable: string | null = null;
   /** null: opened with intentLog false (benchmark baseline). */
   private intent: IntentLog | null = null;
 
@@ -672,12 +680,15 @@ export class Replica {
   }
 
   /** TRIM and WRITE_ZEROES: the range reads back as zeros, whatever older layers hold. */
-  zero(offset: number, length: number): Promise<void> {
-    return this.zeroData(offset, length, this.intent);
+  zero(offset: number, length: number, options?: { noHole?: boolean }): Promise<void> {
+    return this.zeroData(offset, length, this.intent, options?.noHole !== true);
   }
 
-  /** Zeros, in the write-intent log `intent` (null: not logged: a rebuild's copy). */
-  private async zeroData(offset: number, length: number, intent: IntentLog | null): Promise<void> {
+  /**
+   * Zeros, in the write-intent log `intent` (null: not logged: a rebuild's copy); `punch`: the
+   * head's file gives the whole blocks back (a hole), else their space stays allocated.
+   */
+  private async zeroData(offset: number, length: number, intent: IntentLog | null, punch = true): Promise<void> {
     this.checkUsable();
     this.checkRange(offset, length);
     if (length === 0) return;
@@ -703,6 +714,11 @@ export class Replica {
           // With nothing below the head, "absent" already reads as zeros and costs no map pages.
           const state = this.chain.length === 1 ? BlockState.ABSENT : BlockState.ZERO;
           this.markRange(this.head, fullFirst, fullEnd - fullFirst, state);
+          // The map now says the blocks read as zeros, so their bytes in the head's file are
+          // garbage: give them back. (Before the map is flushed a crash may leave the old map
+          // over a hole: the range then reads zeros, which the unacknowledged-until-flush zero
+          // allows, and the write-intent log has the region resynced anyway.)
+          if (punch && this.holePunchUnavailable === null) await this.punchHead(fullFirst * BLOCK_SIZE, (fullEnd - fullFirst) * BLOCK_SIZE);
         }
       }
       this.revision++;
@@ -713,6 +729,15 @@ export class Replica {
     } finally {
       if (entry !== null) this.lock.release(entry);
       intent?.exit(offset, length, ok);
+    }
+  }
+
+  private async punchHead(offset: number, length: number): Promise<void> {
+    if (await this.head.file.punchHole(offset, length)) {
+      this.punchedBytes += length;
+    } else {
+      // Found once, then not tried again: the blocks still read as zeros through the map.
+      this.holePunchUnavailable = holePunchUnavailable() ?? `the file system of ${this.dir} cannot punch holes`;
     }
   }
 
@@ -1139,6 +1164,8 @@ export class Replica {
       activeRegions: this.intent?.activeCount ?? 0,
       intentRegionBytes: INTENT_REGION_BYTES,
       writeEpoch: this.writeEpoch,
+      punchedBytes: this.punchedBytes,
+      holePunchUnavailable: this.holePunchUnavailable,
     };
   }
 

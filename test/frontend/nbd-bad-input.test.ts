@@ -317,7 +317,7 @@ class MemoryExport implements NbdExport {
     this.writes++;
     setImmediate(() => cb(null));
   }
-  zero(offset: number, length: number, _trim: boolean, _fua: boolean, cb: (err: ZebuError | null) => void): void {
+  zero(offset: number, length: number, _trim: boolean, _fua: boolean, _noHole: boolean, cb: (err: ZebuError | null) => void): void {
     assert.ok(offset >= 0 && offset + length <= SIZE, `export zero ${offset}+${length} in range`);
     this.data.fill(0, offset, offset + length);
     setImmediate(() => cb(null));

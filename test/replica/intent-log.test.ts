@@ -42,6 +42,7 @@ class LoggingDisk implements Disk {
     return {
       path: file.path,
       read: (b, o, l, p) => file.read(b, o, l, p),
+      punchHole: (o, l) => file.punchHole(o, l),
       async write(b, o, l, p) {
         if (name.endsWith('.data') && self.dataGate !== null) await self.dataGate;
         events.push(`write ${name}`);

@@ -71,6 +71,9 @@ class LatencyFile implements DiskFile {
     await this.inner.datasync();
     this.disk.onSynced?.(this.path);
   }
+  punchHole(offset: number, length: number): Promise<boolean> {
+    return this.inner.punchHole(offset, length);
+  }
   truncate(sizeBytes: number): Promise<void> {
     return this.inner.truncate(sizeBytes);
   }

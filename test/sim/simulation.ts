@@ -484,7 +484,8 @@ export class Simulation {
         link.write(op.offset, writePayload(op.id, op.offset, op.length), op.fua, done);
         break;
       case 'zero':
-        link.zero(op.offset, op.length, op.trim, false, done);
+        // Every other WRITE_ZEROES asks to stay allocated (NO_HOLE): no hole is punched for it.
+        link.zero(op.offset, op.length, op.trim, false, !op.trim && op.id % 2 === 0, done);
         break;
       case 'read':
         link.read(op.offset, op.length, (err, data) => done(err, err === null ? data : undefined));
