@@ -40,7 +40,7 @@ import {
 import { CopyLeases } from './copy-leases.ts';
 import { RangeLock, type RangeLockEntry } from './range-lock.ts';
 import { IntentLog, INTENT_REGION_BYTES, INTENT_SLOTS } from './intent-log.ts';
-import { holePunchUnavailable } from './hole-punch.ts';
+import { holePunchUnavailable } from './native-file-ops.ts';
 import { systemClock, type Clock } from '../os/clock.ts';
 import type { IntentSummary } from './intent-log.ts';
 

@@ -11,7 +11,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readSecretFile } from '../../src/protocol/auth.ts';
-import { holePunchUnavailable } from '../../src/replica/hole-punch.ts';
+import { holePunchUnavailable } from '../../src/replica/native-file-ops.ts';
 import { replicaDigest, run, mustRun } from '../support/volume-cluster.ts';
 import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
 

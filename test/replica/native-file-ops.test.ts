@@ -1,14 +1,16 @@
 /**
- * TRIM and WRITE_ZEROES give space back: the addon punches holes in a real file; a replica's
- * zero punches its head's data file (du drops), unless asked not to (NO_HOLE); what it punched
- * reads zeros after a reopen; snapshots keep their data; a disk that fails the punch fails the
- * zero (EIO), never silently.
+ * The native file operations. TRIM and WRITE_ZEROES give space back: the addon punches holes in a
+ * real file; a replica's zero punches its head's data file (du drops), unless asked not to
+ * (NO_HOLE); what it punched reads zeros after a reopen; snapshots keep their data; a disk that
+ * fails the punch fails the zero (EIO), never silently. Reads from the page cache: served on the
+ * loop when cached, nothing (not an error) when not, and the disk read then gives the same bytes.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { punchHole, holePunchUnavailable } from '../../src/replica/hole-punch.ts';
+import { spawnSync } from 'node:child_process';
+import { punchHole, readCached, holePunchUnavailable } from '../../src/replica/native-file-ops.ts';
 import { Replica } from '../../src/replica/replica.ts';
 import { NodeDisk } from '../../src/replica/disk.ts';
 import { FaultyDisk } from '../../src/replica/faulty-disk.ts';
@@ -121,4 +123,38 @@ test('a punch the disk fails (EIO) fails the zero; in memory a punch frees the c
   await inMemory.zero(0, 2 * MiB);
   assert.ok(held - memory.usedBytes >= 2 * MiB, `${held} -> ${memory.usedBytes}`);
   assert.ok(isZero(await read(inMemory, 0, 2 * MiB)));
+});
+
+test('reads from the page cache: all of a cached range, none of one evicted (the disk file read still gives it), a short read at the end, EBADF for a closed file', async (t) => {
+  const file = path.join(tempDir(t), 'f');
+  const data = pattern(9, 256 * KiB);
+  fs.writeFileSync(file, data);
+  const fd = fs.openSync(file, 'r+');
+  const out = Buffer.alloc(64 * KiB);
+  try {
+    assert.equal(readCached(fd, file, out, 0, 64 * KiB, 64 * KiB), 64 * KiB);
+    assert.deepEqual(out, data.subarray(64 * KiB, 128 * KiB));
+    assert.equal(readCached(fd, file, out, 4096, 8192, 256 * KiB - 4096), 4096, 'short at the end of the file');
+    assert.equal(readCached(fd, file, out, 0, 4096, 300 * KiB), 0, 'nothing beyond the end');
+    assert.throws(() => readCached(fd, file, out, 60 * KiB, 8 * KiB, 0), /within the buffer/);
+
+    // Evicted (written back, then dropped from the cache by dd's nocache): nothing from the cache,
+    // and the DiskFile read (which falls back to the thread pool) returns the bytes.
+    fs.fsyncSync(fd);
+    const dd = spawnSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+    assert.equal(dd.status, 0, dd.stderr?.toString());
+    const got = readCached(fd, file, out, 0, 64 * KiB, 0);
+    assert.ok(got < 64 * KiB, `evicted, yet ${got} bytes came from the cache`);
+    const disk = await new NodeDisk().open(file, 'read');
+    const back = Buffer.alloc(256 * KiB);
+    assert.equal(await disk.read(back, 0, 256 * KiB, 0), 256 * KiB);
+    assert.deepEqual(back, data);
+    const small = Buffer.alloc(4096);
+    assert.equal(await disk.read(small, 0, 4096, 200 * KiB), 4096);
+    assert.deepEqual(small, data.subarray(200 * KiB, 200 * KiB + 4096));
+    await disk.close();
+  } finally {
+    fs.closeSync(fd);
+  }
+  assert.throws(() => readCached(fd, file, out, 0, 4096, 0), (err: NodeJS.ErrnoException) => err.code === 'EBADF');
 });
