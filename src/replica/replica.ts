@@ -555,9 +555,27 @@ export class Replica {
   private async readResolved(offset: number, length: number, out: Buffer, outOffset: number, chain = this.chain): Promise<void> {
     const endByte = offset + length;
     const endBlock = Math.ceil(endByte / BLOCK_SIZE);
-    const runs: { layer: Layer | null; start: number; end: number }[] = [];
-    let dataRuns = 0;
-    for (let block = Math.floor(offset / BLOCK_SIZE); block < endBlock; ) {
+    const firstBlock = Math.floor(offset / BLOCK_SIZE);
+    const [firstLayer, firstRun] = this.resolveRun(firstBlock, endBlock - firstBlock, chain);
+    if (firstBlock + firstRun >= endBlock) {
+      // One layer supplies the whole range (most reads): one file read, no bookkeeping.
+      if (firstLayer === null) {
+        out.fill(0, outOffset, outOffset + length);
+        return;
+      }
+      const got = await firstLayer.file.read(out, outOffset, length, offset);
+      if (got < length) {
+        // Only a base image shorter than the volume reads short; beyond its end is zeros.
+        assert(firstLayer.meta.kind === 'base', `short read from layer ${firstLayer.meta.id}`);
+        out.fill(0, outOffset + got, outOffset + length);
+      }
+      return;
+    }
+    const runs: { layer: Layer | null; start: number; end: number }[] = [
+      { layer: firstLayer, start: offset, end: (firstBlock + firstRun) * BLOCK_SIZE },
+    ];
+    let dataRuns = firstLayer === null ? 0 : 1;
+    for (let block = firstBlock + firstRun; block < endBlock; ) {
       const [layer, runBlocks] = this.resolveRun(block, endBlock - block, chain);
       runs.push({ layer, start: Math.max(offset, block * BLOCK_SIZE), end: Math.min(endByte, (block + runBlocks) * BLOCK_SIZE) });
       if (layer !== null) dataRuns++;
