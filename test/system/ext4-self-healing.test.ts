@@ -5,13 +5,13 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import { replicaDigest, run, mustRun } from '../support/volume-cluster.ts';
 import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
+import { loopOnVolume } from '../support/loop-device.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -28,16 +28,8 @@ test('ext4 on a zebu up volume: a replica SIGKILLed while files are written; hea
   t.after(() => stopZebuUp(up));
   mustZebu(up, ['volume', 'create', 'fs', '--size', String(SIZE), '--replicas', '3']);
   const uri = mustZebu(up, ['volume', 'attach', 'fs']).trim();
-  const work = path.dirname(dataDir);
-  const fuseDir = path.join(work, 'fuse');
-  const mnt = path.join(work, 'mnt');
-  fs.mkdirSync(fuseDir);
-  fs.mkdirSync(mnt);
-  const fuse = spawn('nbdfuse', [path.join(fuseDir, 'disk'), uri], { stdio: 'ignore' });
-  let loop = '';
+  const { loop, mnt, close } = await loopOnVolume(uri, path.dirname(dataDir));
   try {
-    await waitFor('the nbdfuse file', () => fs.existsSync(path.join(fuseDir, 'disk')), 10_000, 50);
-    loop = mustRun('losetup', ['-f', '--show', path.join(fuseDir, 'disk')]).trim();
     mustRun('mkfs.ext4', ['-q', '-F', loop]);
     mustRun('mount', [loop, mnt]);
 
@@ -71,11 +63,7 @@ test('ext4 on a zebu up volume: a replica SIGKILLed while files are written; hea
     for (const [file, sum] of sums) assert.equal(sha256(fs.readFileSync(file)), sum, file);
     mustRun('umount', [mnt]);
   } finally {
-    run('umount', [mnt]);
-    if (loop !== '') run('losetup', ['-d', loop]);
-    run('fusermount3', ['-u', path.join(fuseDir, 'disk')]);
-    run('fusermount3', ['-u', fuseDir]);
-    fuse.kill('SIGTERM');
+    close();
   }
   const secret = readSecretFile(path.join(dataDir, 'secret'));
   const epoch = mustZebuJson(up, ['volume', 'get', 'fs']).epoch;

@@ -6,14 +6,14 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import { holePunchUnavailable } from '../../src/replica/native-file-ops.ts';
 import { replicaDigest, run, mustRun } from '../support/volume-cluster.ts';
-import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
+import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir } from '../support/zebu-up.ts';
+import { loopOnVolume } from '../support/loop-device.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 256 * MiB;
@@ -38,17 +38,9 @@ test('fstrim on ext4 in a volume gives the replicas\' disk space back; files lef
   const uri = mustZebu(up, ['volume', 'attach', 'fs']).trim();
   const replicas = mustZebuJson<{ name: string; dataPath: string; address: string }[]>(up, ['replica', 'list', '--volume', 'fs']);
   assert.equal(replicas.length, 2);
-  const work = path.dirname(dataDir);
-  const fuseDir = path.join(work, 'fuse');
-  const mnt = path.join(work, 'mnt');
-  fs.mkdirSync(fuseDir);
-  fs.mkdirSync(mnt);
-  const fuse = spawn('nbdfuse', [path.join(fuseDir, 'disk'), uri], { stdio: 'ignore' });
-  let loop = '';
+  const { loop, mnt, close } = await loopOnVolume(uri, path.dirname(dataDir));
   const keep = crypto.randomBytes(3 * MiB + 12345);
   try {
-    await waitFor('the nbdfuse file', () => fs.existsSync(path.join(fuseDir, 'disk')), 10_000, 50);
-    loop = mustRun('losetup', ['-f', '--show', path.join(fuseDir, 'disk')]).trim();
     mustRun('mkfs.ext4', ['-q', '-F', '-E', 'nodiscard', loop]);
     mustRun('mount', [loop, mnt]);
     fs.writeFileSync(path.join(mnt, 'keep'), keep);
@@ -71,11 +63,7 @@ test('fstrim on ext4 in a volume gives the replicas\' disk space back; files lef
     const fsck = run('fsck.ext4', ['-n', '-f', loop]);
     assert.equal(fsck.status, 0, fsck.stdout + fsck.stderr);
   } finally {
-    run('umount', [mnt]);
-    if (loop !== '') run('losetup', ['-d', loop]);
-    run('fusermount3', ['-u', path.join(fuseDir, 'disk')]);
-    run('fusermount3', ['-u', fuseDir]);
-    fuse.kill('SIGTERM');
+    close();
   }
 
   // WRITE_ZEROES (qemu-io `write -z`): QEMU asks for NO_HOLE unless told it may unmap (-u).

@@ -20,6 +20,7 @@ import path from 'node:path';
 import { readSecretFile } from '../../src/protocol/auth.ts';
 import { replicaDigest, run, mustRun } from '../support/volume-cluster.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
+import { loopOnVolume } from '../support/loop-device.ts';
 
 const MiB = 1024 * 1024;
 const IMAGE_BYTES = 64 * MiB;
@@ -106,16 +107,9 @@ test('a volume on a backing image: the template read and mounted, replicas kille
   fs.rmSync(whole);
   mustRun('qemu-io', ['-f', 'raw', '-c', 'read -P 0 60M 4M', uri]);
 
-  const fuseDir = path.join(work, 'fuse');
-  const mnt = path.join(work, 'mnt');
-  fs.mkdirSync(fuseDir);
-  fs.mkdirSync(mnt);
-  const fuse = spawn('nbdfuse', [path.join(fuseDir, 'disk'), uri], { stdio: 'ignore' });
-  let loop = '';
+  const { loop, mnt, close } = await loopOnVolume(uri, work);
   const sums = new Map<string, string>();
   try {
-    await waitFor('the nbdfuse file', () => fs.existsSync(path.join(fuseDir, 'disk')), 10_000, 50);
-    loop = mustRun('losetup', ['-f', '--show', path.join(fuseDir, 'disk')]).trim();
     mustRun('mount', [loop, mnt]);
     assert.equal(fs.readFileSync(path.join(mnt, 'etc', 'hostname'), 'utf8'), 'template\n');
     assert.equal(sha(fs.readFileSync(path.join(mnt, 'payload.bin'))), sha(payload));
@@ -166,11 +160,7 @@ test('a volume on a backing image: the template read and mounted, replicas kille
     assert.equal(fs.readFileSync(path.join(mnt, 'etc', 'hostname'), 'utf8'), 'v1\n');
     mustRun('umount', [mnt]);
   } finally {
-    run('umount', [mnt]);
-    if (loop !== '') run('losetup', ['-d', loop]);
-    run('fusermount3', ['-u', path.join(fuseDir, 'disk')]);
-    run('fusermount3', ['-u', fuseDir]);
-    fuse.kill('SIGTERM');
+    close();
   }
 
   // The new replica holds what differs from the image, not a copy of it; all replicas identical.
