@@ -24,6 +24,7 @@ import { Agent } from '../agent/agent.ts';
 import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
+import { holePunchUnavailable } from '../replica/native-file-ops.ts';
 
 export interface UpArgs {
   dataDir: string;
@@ -175,6 +176,10 @@ export async function up(args: UpArgs): Promise<void> {
     await store.close();
     fs.rmSync(lockFile, { force: true });
     throw err;
+  }
+  const nativeMissing = holePunchUnavailable();
+  if (nativeMissing !== null) {
+    log.warn({ reason: nativeMissing }, 'TRIM and WRITE_ZEROES will not give disk space back, and replica reads all take the thread pool: the native addon is missing (run scripts/build-native.sh, which needs gcc)');
   }
   const bound = api.server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;
