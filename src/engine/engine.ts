@@ -1105,6 +1105,7 @@ export class Engine implements BlockBackend {
   async snapshotCreate(name: string): Promise<SnapshotInfo> {
     if (this.faultedReason !== null) throw this.faultError();
     this.refuseDuringRebuild('create a snapshot');
+    await this.refuseOverLayerLimit();
     await this.pauseAndDrain();
     try {
       await this.flushNumbered();
@@ -1112,6 +1113,21 @@ export class Engine implements BlockBackend {
       return results[0];
     } finally {
       this.resume();
+    }
+  }
+
+  /**
+   * A snapshot adds a layer to every replica: refused up front, with nothing paused or changed,
+   * when a replica is at its maximum (a replica that cannot answer is left to the snapshot itself).
+   */
+  private async refuseOverLayerLimit(): Promise<void> {
+    const infos = await Promise.allSettled(this.set.active().map((r) => r.client!.info()));
+    for (const s of infos) {
+      if (s.status !== 'fulfilled') continue;
+      const { layerCount, maxLayers } = s.value;
+      if (layerCount >= maxLayers) {
+        throw new ZebuError(ErrorCode.EINVAL, `volume ${this.name}: its replicas hold ${layerCount} layers (snapshots, the live head and any backing image), the maximum is ${maxLayers}; delete snapshots first`);
+      }
     }
   }
 

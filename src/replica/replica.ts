@@ -955,7 +955,8 @@ export class Replica {
       validateSnapshotName(name);
       if (this.meta.layers.some((l) => l.name === name)) throw new ZebuError(ErrorCode.EXISTS, `snapshot ${name} exists`);
       if (this.meta.layers.length >= this.meta.maxLayers) {
-        throw new ZebuError(ErrorCode.ENOSPC, `replica has ${this.meta.layers.length} layers, the maximum is ${this.meta.maxLayers}; delete snapshots first`);
+        // A refused request (EINVAL), not a failing disk: the engine must not take the replica out.
+        throw new ZebuError(ErrorCode.EINVAL, `replica has ${this.meta.layers.length} layers, the maximum is ${this.meta.maxLayers}; delete snapshots first`);
       }
       // Maps go (durably) before the tree changes: a crash between leaves no map for a changed chain.
       await this.intent?.invalidateAllMissed();
