@@ -10,7 +10,7 @@ import { BLOCK_SIZE } from './block-map.ts';
 export const META_FILE = 'replica.json';
 export const META_FORMAT = 1;
 export const MAX_VOLUME_BYTES = 2 ** 44; // 16 TiB: block numbers stay below 2^32
-export const DEFAULT_MAX_LAYERS = 250;
+export const DEFAULT_MAX_LAYERS = 256;
 export const MAX_LAYERS_LIMIT = 1000;
 const SNAPSHOT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
 
