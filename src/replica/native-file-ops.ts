@@ -85,7 +85,7 @@ const EAGAIN = os.constants.errno.EAGAIN;
  * no addon. An error other than "not cached" is thrown as a Node-style error.
  */
 export function readCached(fd: number, filePath: string, buf: Buffer, bufOffset: number, length: number, position: number): number {
-  const native = addon === undefined ? load() : addon;
+  const native = load();
   if (native === null || !cachedReadsWork) return -1;
   const n = native.readCached(fd, buf, bufOffset, length, position);
   if (n >= 0) return n;
