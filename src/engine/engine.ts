@@ -1090,6 +1090,7 @@ export class Engine implements BlockBackend {
       recovery: this.recoveryReport,
       lastVerify: this.lastVerify,
       lastRebuild: this.lastRebuild,
+      rebuildLeases: this.claims?.leases() ?? [],
       replicas: this.replicaStatus(),
       stats: { ...this.stats, rebuildLeaseGrants: this.leaseCounters.grants, rebuildLeaseRecalls: this.leaseCounters.recalls, rebuildLeaseRevokes: this.leaseCounters.revokes, rebuildLeaseReplays: this.leaseCounters.replays, rebuildCopiersLost: this.leaseCounters.copiersLost },
     };

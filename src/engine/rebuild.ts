@@ -104,6 +104,13 @@ export class RangeClaims {
     return this.claims.has(id);
   }
 
+  /** The leases held now (a rebuild's copies), for the engine's INFO. */
+  leases(): { id: number; start: number; end: number; recalled: boolean }[] {
+    const out: { id: number; start: number; end: number; recalled: boolean }[] = [];
+    for (const c of this.claims.values()) if (c.onRecall !== null) out.push({ id: c.id, start: c.start, end: c.end, recalled: c.recalled });
+    return out;
+  }
+
   /** An id from the same counter that names no claim (never granted, never revoked). */
   takeId(): number {
     return this.nextToken++;

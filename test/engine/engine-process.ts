@@ -40,6 +40,8 @@ export interface EngineInfo {
   recovery: RecoveryReport | null;
   lastVerify: VerifyReport | null;
   lastRebuild: { replica: string; delta: boolean; copiedBytes: number; totalBytes: number; error: string | null } | null;
+  /** The rebuild leases held now. */
+  rebuildLeases: { id: number; start: number; end: number; recalled: boolean }[];
   replicas: ReplicaRow[];
   stats: Record<string, number>;
 }
