@@ -1,9 +1,10 @@
 /**
  * Memory and scale on one node, through a real `zebu up` (issue 17, items 5 and 6). Run on demand:
  * `npm run bench:scale`. Prints:
- *   1. memory of the data-path processes with two attached 3-replica volumes, at rest and after
- *      256 MiB written to each: RSS, PSS (shared pages split between the processes that map them:
- *      the Node binary is shared by all) and private memory, per role, and per attached volume;
+ *   1. memory of the data-path processes with two attached 3-replica volumes, at rest, after
+ *      256 MiB written to each and 20 s later: RSS, PSS (shared pages split between the processes
+ *      that map them: the Node binary is shared by all) and private memory, per role, and per
+ *      attached volume; then the same with the native addons off (no memory given back);
  *   2. BENCH_VOLUMES (default 100; 0 skips it) attached volumes of BENCH_REPLICAS (default 1)
  *      replicas: processes, memory, and CPU at rest over 10 s;
  *   3. a 1 TiB sparse volume: create, attach, first 4k write, disk space used;
@@ -119,9 +120,9 @@ function duBytes(dir: string): number {
   return Number(spawnSync('du', ['-s', '--block-size=1', dir], { encoding: 'utf8' }).stdout.split(/\s+/)[0]);
 }
 
-async function withUp<T>(label: string, fn: (up: ZebuUp, root: string) => Promise<T>): Promise<T> {
+async function withUp<T>(label: string, fn: (up: ZebuUp, root: string) => Promise<T>, env: Record<string, string> = {}): Promise<T> {
   const root = fs.mkdtempSync(path.join(os.tmpdir(), 'zb-'));
-  const up = await startZebuUp({ dataDir: path.join(root, 'data') });
+  const up = await startZebuUp({ dataDir: path.join(root, 'data'), env });
   try {
     return await fn(up, root);
   } catch (err) {
@@ -147,33 +148,39 @@ async function main(): Promise<void> {
   const bareMemory = memoryOf(bare.pid!)!;
   bare.kill('SIGKILL');
 
-  // 1. Two attached 3-replica volumes: memory at rest and after 256 MiB written to each.
+  // 1. Two attached 3-replica volumes: memory at rest, right after 256 MiB written to each, and
+  // once the processes have given back what the load took (they trim malloc's heap after a quiet
+  // interval). The same with the native addons off (ZEBU_NO_NATIVE=1): nothing given back.
   const memoryRows: string[][] = [];
   const perVolume: string[][] = [];
-  await withUp('memory', async (up, root) => {
-    const uris = [await createAttached(up, 'm1', GiB, 3), await createAttached(up, 'm2', GiB, 3)];
-    const measure = (when: string): void => {
-      const procs = processesUnder(root).filter((p) => p.role !== 'up' && p.role !== 'other');
-      const roles = byRole(procs);
-      for (const [role, m] of [...roles].sort()) {
-        memoryRows.push([when, role, String(m.count), mib(m.rss / m.count), mib(m.pss / m.count), mib(m.priv / m.count), mib(m.pss)]);
-      }
-      const total = [...roles.values()].reduce((a, m) => a + m.pss, 0);
-      // The frontend serves every volume of the node: each volume carries its share.
-      perVolume.push([when, mib(total / 2), mib([...roles.values()].reduce((a, m) => a + m.rss, 0) / 2)]);
-    };
-    await new Promise((r) => setTimeout(r, 5000));
-    measure('at rest');
-    for (const uri of uris) qemuIo(uri, `write -P 0x5a 0 ${256 * MiB}`, 'flush');
-    await new Promise((r) => setTimeout(r, 2000));
-    measure('after 256 MiB');
-  });
+  for (const addons of ['on', 'off'] as const) {
+    await withUp(`memory, addons ${addons}`, async (up, root) => {
+      const uris = [await createAttached(up, 'm1', GiB, 3), await createAttached(up, 'm2', GiB, 3)];
+      const measure = (when: string): void => {
+        const procs = processesUnder(root).filter((p) => p.role !== 'up' && p.role !== 'other');
+        const roles = byRole(procs);
+        for (const [role, m] of [...roles].sort()) {
+          memoryRows.push([addons, when, role, String(m.count), mib(m.rss / m.count), mib(m.pss / m.count), mib(m.priv / m.count), mib(m.pss)]);
+        }
+        const total = [...roles.values()].reduce((a, m) => a + m.pss, 0);
+        // The frontend serves every volume of the node: each volume carries its share.
+        perVolume.push([addons, when, mib(total / 2), mib([...roles.values()].reduce((a, m) => a + m.rss, 0) / 2)]);
+      };
+      await new Promise((r) => setTimeout(r, 5000));
+      measure('at rest');
+      for (const uri of uris) qemuIo(uri, `write -P 0x5a 0 ${256 * MiB}`, 'flush');
+      await new Promise((r) => setTimeout(r, 2000));
+      measure('after 256 MiB');
+      await new Promise((r) => setTimeout(r, 20_000));
+      measure('20 s later');
+    }, addons === 'off' ? { ZEBU_NO_NATIVE: '1' } : {});
+  }
   say('memory of the data-path processes, two attached 3-replica volumes (MiB; PSS splits shared pages between the processes mapping them)');
-  say(renderTable(['when', 'role', 'processes', 'RSS each', 'PSS each', 'private each', 'PSS all'], [
-    ['baseline', 'bare node', '1', mib(bareMemory.rss), mib(bareMemory.pss), mib(bareMemory.priv), mib(bareMemory.pss)],
+  say(renderTable(['addons', 'when', 'role', 'processes', 'RSS each', 'PSS each', 'private each', 'PSS all'], [
+    ['-', 'baseline', 'bare node', '1', mib(bareMemory.rss), mib(bareMemory.pss), mib(bareMemory.priv), mib(bareMemory.pss)],
     ...memoryRows,
   ]));
-  say(renderTable(['when', 'PSS per attached volume', 'RSS per attached volume (double-counts shared)'], perVolume));
+  say(renderTable(['addons', 'when', 'PSS per attached volume', 'RSS per attached volume (double-counts shared)'], perVolume));
   say('');
 
   // 2. Many attached volumes.

@@ -8,6 +8,7 @@ import { DataServer } from '../protocol/server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parseNonNegativeInt, parsePositiveInt } from './units.ts';
 import { selfIdentity } from '../os/process-identity.ts';
+import { releaseMemoryAfterLoad } from '../os/memory-release.ts';
 
 export interface EngineServeArgs {
   name: string;
@@ -90,6 +91,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     throw new ZebuError(ErrorCode.EINVAL, `cannot listen: ${(err as Error).message}`);
   }
   process.stdout.write(JSON.stringify({ ready: true, socket: args.socket, controlSocket: args.controlSocket, replicas: engine.replicaStatus(), recovery: (engine.info() as { recovery: unknown }).recovery, pid: process.pid }) + '\n');
+  releaseMemoryAfterLoad();
 
   const stop = async (signal: string): Promise<void> => {
     if (stopping) return;

@@ -13,6 +13,7 @@ import { FaultyDisk } from '../replica/faulty-disk.ts';
 import { PowerLossDisk } from '../replica/power-loss-disk.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { MISSED_KEY } from '../protocol/frames.ts';
+import { releaseMemoryAfterLoad } from '../os/memory-release.ts';
 import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
 
 export interface ReplicaServeArgs {
@@ -108,6 +109,8 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
       pid: process.pid,
     }) + '\n',
   );
+
+  releaseMemoryAfterLoad();
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

@@ -25,6 +25,7 @@ import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
 import { holePunchUnavailable } from '../replica/native-file-ops.ts';
+import { memoryReleaseUnavailable } from '../os/memory-release.ts';
 
 export interface UpArgs {
   dataDir: string;
@@ -180,6 +181,10 @@ export async function up(args: UpArgs): Promise<void> {
   const nativeMissing = holePunchUnavailable();
   if (nativeMissing !== null) {
     log.warn({ reason: nativeMissing }, 'TRIM and WRITE_ZEROES will not give disk space back, and replica reads all take the thread pool: the native addon is missing (run scripts/build-native.sh, which needs gcc)');
+  }
+  const memoryAddonMissing = memoryReleaseUnavailable();
+  if (memoryAddonMissing !== null) {
+    log.warn({ reason: memoryAddonMissing }, 'data-path processes will keep the memory a load made them take: the native memory addon is missing (run scripts/build-native.sh, which needs gcc)');
   }
   const bound = api.server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;

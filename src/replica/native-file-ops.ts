@@ -7,37 +7,19 @@
  * - reads served from the page cache on the event loop (preadv2 RWF_NOWAIT), falling back to the
  *   thread pool when the data is not cached. Without the addon every read takes the pool.
  */
-import fs from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
-import { createRequire } from 'node:module';
+import { loadAddon } from '../os/native-addon.ts';
 
 interface FileOpsAddon {
   punchHole(fd: number, offset: number, length: number, callback: (errno: number) => void): void;
   readCached(fd: number, buffer: Buffer, offset: number, length: number, position: number): number;
 }
 
-const ADDON_PATH = path.resolve(import.meta.dirname, '..', '..', 'build', 'file-ops.node');
-
 let addon: FileOpsAddon | null | undefined;
 let unavailableReason: string | null = null;
 
 function load(): FileOpsAddon | null {
-  if (addon !== undefined) return addon;
-  if (process.env.ZEBU_NO_NATIVE === '1') {
-    unavailableReason = 'turned off by ZEBU_NO_NATIVE=1';
-    addon = null;
-  } else if (!fs.existsSync(ADDON_PATH)) {
-    unavailableReason = `${ADDON_PATH} is not built (scripts/build-native.sh needs a C compiler)`;
-    addon = null;
-  } else {
-    try {
-      addon = createRequire(import.meta.url)(ADDON_PATH) as FileOpsAddon;
-    } catch (err) {
-      unavailableReason = `${ADDON_PATH} does not load: ${(err as Error).message}`;
-      addon = null;
-    }
-  }
+  if (addon === undefined) ({ addon, reason: unavailableReason } = loadAddon<FileOpsAddon>('file-ops'));
   return addon;
 }
 
