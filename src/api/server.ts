@@ -11,12 +11,14 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { ErrorCode, ZebuError } from '../errors.ts';
 import type { ManagerService } from '../manager/types.ts';
 import type { BackupService } from '../manager/backup-types.ts';
 import { errorBody, statusForCode, validationError, type SchemaError } from './http-errors.ts';
 import { createMetricsExporter } from './metrics.ts';
+import { PROJECT_ROOT } from '../os/js-build.ts';
 import { openapiDocument } from './openapi.ts';
 import { apiRoutes, type BackingImageService, type RecurringJobService, type RouteSpec } from './routes.ts';
 
@@ -39,7 +41,7 @@ const BODY_LIMIT_BYTES = 64 * 1024;
 
 function packageVersion(): string {
   try {
-    const pkg = JSON.parse(fs.readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: unknown };
+    const pkg = JSON.parse(fs.readFileSync(path.join(PROJECT_ROOT, 'package.json'), 'utf8')) as { version?: unknown };
     return typeof pkg.version === 'string' ? pkg.version : '0.0.0';
   } catch {
     return '0.0.0';

@@ -15,7 +15,6 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import pino from 'pino';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import { SqliteStore } from '../store/sqlite-store.ts';
@@ -26,6 +25,7 @@ import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
 import { holePunchUnavailable } from '../replica/native-file-ops.ts';
 import { memoryReleaseUnavailable } from '../os/memory-release.ts';
+import { dataPathMain } from '../os/js-build.ts';
 
 export interface UpArgs {
   dataDir: string;
@@ -36,7 +36,6 @@ export interface UpArgs {
   address?: string;
 }
 
-const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 /** Room left in a UNIX socket path (107 bytes) for "engines/<63-char volume>.sock". */
 const RUN_DIR_MAX_BYTES = 107 - '/engines/'.length - 63 - '.sock'.length;
 
@@ -101,6 +100,8 @@ export async function up(args: UpArgs): Promise<void> {
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const disks = Array.from({ length: diskCount }, (_, i) => path.join(dataDir, 'disks', `disk-${i}`));
 
+  const { main, compiledUnavailable } = dataPathMain();
+  if (compiledUnavailable !== null) log.info({ reason: compiledUnavailable }, 'data-path processes run from the TypeScript sources (about 10 MiB more memory each)');
   const store = SqliteStore.open(path.join(dataDir, 'store.db'));
   const agent = new Agent({
     store,
@@ -112,7 +113,7 @@ export async function up(args: UpArgs): Promise<void> {
     stateDir: dataDir,
     runDir,
     secretFile,
-    main: MAIN,
+    main,
     // Tests only: e.g. "--disk-mode power-loss", to simulate a power loss of the whole machine.
     replicaArgs: (process.env.ZEBU_TEST_REPLICA_ARGS ?? '').split(' ').filter((a) => a !== ''),
     log: (event) => log.info(event, String(event.event)),

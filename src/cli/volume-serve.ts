@@ -14,14 +14,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import pino from 'pino';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parseHostPort, parseNonNegativeInt, parsePositiveInt } from './units.ts';
+import { dataPathMain } from '../os/js-build.ts';
 import { keepTcpListener, keepUnixListener, type KeptListener } from '../frontend/kept-listener.ts';
 
-const MAIN = fileURLToPath(new URL('./main.ts', import.meta.url));
 /**
  * Restart backoff: 100 ms, doubling per failed start in a row (reset once ready), at most 1 s.
  * Short on purpose: while the engine or frontend is down, clients wait; a start that keeps
@@ -149,10 +148,11 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
     proc: null, ready: null, restarts: 0,
   };
   let stopping = false;
+  const { main } = dataPathMain();
 
   const start = (child: Child): Promise<Record<string, unknown>> =>
     new Promise((resolve, reject) => {
-      const proc = spawn(process.execPath, [MAIN, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
+      const proc = spawn(process.execPath, [main, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
       child.proc = proc;
       let settled = false;
       const readyTimer = setTimeout(() => {

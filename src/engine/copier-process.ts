@@ -133,7 +133,7 @@ const COPIER_NICE = 10;
 /** A copier process forked from this one, over the IPC channel; `args` tell it apart in a process list. */
 export function forkCopier(args: string[]): CopierStarter {
   return (onMessage, onGone) => {
-    const child = fork(new URL('./copier-main.ts', import.meta.url), args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+    const child = fork(new URL(import.meta.url.endsWith('.js') ? './copier-main.js' : './copier-main.ts', import.meta.url), args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
     if (child.pid !== undefined) {
       try {
         os.setPriority(child.pid, Math.min(19, os.getPriority() + COPIER_NICE));

@@ -7,8 +7,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
+import { PROJECT_ROOT } from './js-build.ts';
 
-const BUILD_DIR = path.resolve(import.meta.dirname, '..', '..', 'build');
+const BUILD_DIR = path.join(PROJECT_ROOT, 'build');
 
 export type AddonLoad<T> = { addon: T; reason: null } | { addon: null; reason: string };
 

@@ -42,6 +42,7 @@ export interface EngineInfo {
   lastRebuild: { replica: string; delta: boolean; copiedBytes: number; totalBytes: number; error: string | null } | null;
   /** The rebuild leases held now. */
   rebuildLeases: { id: number; start: number; end: number; recalled: boolean }[];
+  rebuilding: boolean;
   replicas: ReplicaRow[];
   stats: Record<string, number>;
 }

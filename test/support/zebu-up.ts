@@ -94,8 +94,9 @@ export function processesUnder(dir: string): ProcessInfo[] {
     }
     if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
     if (!cmdline.some((a) => a.includes(dir))) continue;
-    const sub = cmdline.slice(cmdline.findIndex((a) => a.endsWith('main.ts')) + 1);
-    const role = cmdline.some((a) => a.endsWith('copier-main.ts')) ? 'copier'
+    // From the sources (main.ts) or from the compiled build (build/js: main.js).
+    const sub = cmdline.slice(cmdline.findIndex((a) => /main\.[tj]s$/.test(a)) + 1);
+    const role = cmdline.some((a) => /copier-main\.[tj]s$/.test(a)) ? 'copier'
       : sub[0] === 'up' ? 'up' : sub[0] === 'replica' ? 'replica' : sub[0] === 'engine' ? 'engine' : sub[0] === 'frontend' ? 'frontend' : 'other';
     out.push({ pid, role, cmdline });
   }
