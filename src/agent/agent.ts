@@ -94,6 +94,13 @@ const DATA_PATH_BACKOFF_MS_MAX = 2000;
 /** Bound on an engine's start-up past its wait for replicas (recovery, maps): longer means hung. */
 const ENGINE_START_MS_MAX = 120_000;
 const STATS_WRITE_MS = 5000;
+/**
+ * An engine whose state stays the same from pass to pass is asked less often: the wait doubles up
+ * to this (its counters are written every STATS_WRITE_MS anyway). Any change, a rebuild's progress
+ * included, and any change of its object or process brings it back to every pollMs: an idle node
+ * with many volumes does not spend a request per volume per second.
+ */
+const STEADY_ENGINE_POLL_MS_MAX = STATS_WRITE_MS;
 
 function replicaProcessId(name: string): string {
   return `r.${name}`;
@@ -116,6 +123,8 @@ export class Agent {
   private lease: Lease | null = null;
   private timers: NodeJS.Timeout[] = [];
   private readonly statsWrittenAt = new Map<string, number>();
+  /** Per engine: what its last pass saw (stats apart), and the wait before the next pass. */
+  private readonly engineSteady = new Map<string, { key: string; waitMs: number }>();
   private stopping = false;
   private boundNbdAddress: string | null = null;
   /**
@@ -127,6 +136,11 @@ export class Agent {
   private nbdListenerError: string | null = null;
   /** The last engine-link views written per volume (JSON), so that unchanged ones are not written again. */
   private readonly linkWritten = new Map<string, string>();
+  /**
+   * The export put per volume (frontend pid, engine socket, timeouts), so that an engine pass puts
+   * it again only when something changed; forgotten when the export is removed or missing.
+   */
+  private readonly exportPut = new Map<string, string>();
 
   constructor(options: AgentOptions) {
     this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], log: () => {}, ...options };
@@ -451,6 +465,9 @@ export class Agent {
   private async pollEngineLinks(): Promise<void> {
     if (!this.frontendRunning() || this.stopping) return;
     const views = (await controlRequest(this.frontendControlSocket, 'GET', '/v1/exports', undefined, { timeoutMs: 5000 })) as { name: string; link?: EngineLinkView & { engine?: unknown } }[];
+    // An export the frontend does not have (any more) is put again at its engine's next pass.
+    const present = new Set(views.map((v) => v.name));
+    for (const volume of this.exportPut.keys()) if (!present.has(volume)) this.exportPut.delete(volume);
     for (const view of views) {
       // An export no engine of this node wants (restored by a restarted frontend after its volume
       // was detached or moved meanwhile) goes.
@@ -478,6 +495,7 @@ export class Agent {
   }
 
   private async removeExport(volume: string): Promise<void> {
+    this.exportPut.delete(volume);
     if (!this.frontendRunning()) return;
     try {
       await controlRequest(this.frontendControlSocket, 'DELETE', `/v1/exports/${encodeURIComponent(volume)}`);
@@ -625,7 +643,9 @@ export class Agent {
     if (!mine || obj.value.spec.desireState === 'stopped') {
       await this.stopEngine(volume);
       this.statsWrittenAt.delete(volume);
+      this.engineSteady.delete(volume);
       this.linkWritten.delete(volume);
+      this.exportPut.delete(volume);
       if (mine) {
         await this.objects.mutate(Kind.Engine, volume, (e) => {
           e.status = { ...e.status, state: 'stopped', pid: null, endpoint: null, replicas: {}, rebuilding: false, stats: null, message: null, activeRegions: null, superseded: false, exitReason: null, frontendLink: null };
@@ -758,8 +778,14 @@ export class Agent {
     let endpoint: string | null = null;
     if (spec.frontend) {
       if (this.frontendRunning()) {
+        const body = { engineSocket: this.engineSocket(volume), ...(await this.linkTimeouts()) };
+        const key = JSON.stringify([this.supervisor.get(FRONTEND_ID)?.pid ?? null, body]);
         try {
-          await controlRequest(this.frontendControlSocket, 'PUT', `/v1/exports/${encodeURIComponent(volume)}`, { engineSocket: this.engineSocket(volume), ...(await this.linkTimeouts()) });
+          if (this.exportPut.get(volume) !== key) {
+            this.exportPut.delete(volume);
+            await controlRequest(this.frontendControlSocket, 'PUT', `/v1/exports/${encodeURIComponent(volume)}`, body);
+            this.exportPut.set(volume, key);
+          }
           endpoint = `nbd://${this.nbdAddress}/${encodeURIComponent(volume)}`;
         } catch (err) {
           message = `NBD export: ${(err as Error).message}`;
@@ -811,7 +837,11 @@ export class Agent {
       e.status = next;
     });
     if (updated !== null && writeStats) this.statsWrittenAt.set(volume, now);
-    return this.options.pollMs;
+    const seen = JSON.stringify([view.pid, processEpoch, info.sizeBytes, endpoint, info.faulted, info.faultedReason, replicas, info.rebuilding, message, info.superseded, addErrors, recovery, lastVerify]);
+    const steady = this.engineSteady.get(volume);
+    const waitMs = steady?.key === seen ? Math.min(steady.waitMs * 2, STEADY_ENGINE_POLL_MS_MAX) : this.options.pollMs;
+    this.engineSteady.set(volume, { key: seen, waitMs });
+    return waitMs;
   }
 }
 

@@ -230,7 +230,8 @@ export class EngineLink implements NbdExport {
   }
 
   /** Changes the deadlines (undefined fields keep theirs). */
-  setTimeouts(timeouts: Partial<LinkTimeouts>): void {
+  /** Sets the deadlines given; whether any changed. */
+  setTimeouts(timeouts: Partial<LinkTimeouts>): boolean {
     const next = { ...this.timeouts };
     for (const key of Object.keys(DEFAULT_LINK_TIMEOUTS) as (keyof LinkTimeouts)[]) {
       const value = timeouts[key];
@@ -238,7 +239,9 @@ export class EngineLink implements NbdExport {
       if (!Number.isSafeInteger(value) || value < 1) throw new ZebuError(ErrorCode.EINVAL, `${key} must be a positive number of milliseconds, got ${value}`);
       next[key] = value;
     }
+    const changed = (Object.keys(next) as (keyof LinkTimeouts)[]).some((key) => next[key] !== this.timeouts[key]);
     this.timeouts = next;
+    return changed;
   }
 
   get linkTimeouts(): LinkTimeouts {

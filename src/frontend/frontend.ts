@@ -189,10 +189,8 @@ export class Frontend {
     return this.serialize(name, async () => {
       const old = this.links.get(name);
       if (old !== undefined && old.socketPath === engineSocket) {
-        if (options.timeouts !== undefined) {
-          old.setTimeouts(options.timeouts);
-          this.saveState();
-        }
+        // The agent puts every export again at each of its passes: the table is rewritten only on a change.
+        if (options.timeouts !== undefined && old.setTimeouts(options.timeouts)) this.saveState();
         return this.viewOf(old);
       }
       if (old === undefined && this.links.size >= MAX_EXPORTS) throw new ZebuError(ErrorCode.BUSY, `this frontend already serves ${MAX_EXPORTS} exports`);
