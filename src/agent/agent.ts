@@ -42,6 +42,8 @@ export interface AgentOptions {
   secretFile: string;
   /** The zebu CLI entry (src/cli/main.ts). */
   main: string;
+  /** Node.js flags of the data-path processes. */
+  nodeFlags?: string[];
   /** Tests only: added to every replica process's arguments (e.g. --disk-mode power-loss). */
   replicaArgs?: string[];
   pollMs?: number;
@@ -143,7 +145,7 @@ export class Agent {
   private readonly exportPut = new Map<string, string>();
 
   constructor(options: AgentOptions) {
-    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], log: () => {}, ...options };
+    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], nodeFlags: [], log: () => {}, ...options };
     this.nodeId = options.nodeId;
     this.objects = new Objects(options.store);
     this.settings = new Settings(this.objects);
@@ -152,6 +154,7 @@ export class Agent {
       recordDir: path.join(options.stateDir, 'procs'),
       logDir: path.join(options.stateDir, 'logs'),
       main: options.main,
+      nodeFlags: this.options.nodeFlags,
       log: this.options.log,
       onChange: (id) => this.onProcessChange(id),
     });

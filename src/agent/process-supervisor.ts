@@ -39,6 +39,8 @@ export interface ProcessSupervisorOptions {
   logDir: string;
   /** The zebu CLI entry (src/cli/main.ts). */
   main: string;
+  /** Node.js flags the processes start with (before the entry). */
+  nodeFlags?: string[];
   execPath?: string;
   readyTimeoutMs?: number;
   stopTimeoutMs?: number;
@@ -101,6 +103,7 @@ export class ProcessSupervisor {
   constructor(options: ProcessSupervisorOptions) {
     this.options = {
       execPath: process.execPath,
+      nodeFlags: [],
       readyTimeoutMs: 60_000,
       stopTimeoutMs: 30_000,
       pollMs: 250,
@@ -207,7 +210,7 @@ export class ProcessSupervisor {
     const logFd = fs.openSync(logFile, 'a', 0o600);
     let child: ChildProcess;
     try {
-      child = spawn(this.options.execPath, [this.options.main, ...m.args], { detached: true, stdio: ['ignore', outFd, logFd, ...m.fds] });
+      child = spawn(this.options.execPath, [...this.options.nodeFlags, this.options.main, ...m.args], { detached: true, stdio: ['ignore', outFd, logFd, ...m.fds] });
     } finally {
       // The child has its own copies; keeping ours would leak a descriptor per start.
       fs.closeSync(outFd);

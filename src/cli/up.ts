@@ -25,7 +25,7 @@ import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
 import { holePunchUnavailable } from '../replica/native-file-ops.ts';
 import { memoryReleaseUnavailable } from '../os/memory-release.ts';
-import { dataPathMain } from '../os/js-build.ts';
+import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../os/js-build.ts';
 
 export interface UpArgs {
   dataDir: string;
@@ -114,6 +114,7 @@ export async function up(args: UpArgs): Promise<void> {
     runDir,
     secretFile,
     main,
+    nodeFlags: [...DATA_PATH_NODE_FLAGS],
     // Tests only: e.g. "--disk-mode power-loss", to simulate a power loss of the whole machine.
     replicaArgs: (process.env.ZEBU_TEST_REPLICA_ARGS ?? '').split(' ').filter((a) => a !== ''),
     log: (event) => log.info(event, String(event.event)),

@@ -18,7 +18,7 @@ import pino from 'pino';
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parseHostPort, parseNonNegativeInt, parsePositiveInt } from './units.ts';
-import { dataPathMain } from '../os/js-build.ts';
+import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../os/js-build.ts';
 import { keepTcpListener, keepUnixListener, type KeptListener } from '../frontend/kept-listener.ts';
 
 /**
@@ -152,7 +152,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
 
   const start = (child: Child): Promise<Record<string, unknown>> =>
     new Promise((resolve, reject) => {
-      const proc = spawn(process.execPath, [main, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
+      const proc = spawn(process.execPath, [...DATA_PATH_NODE_FLAGS, main, ...child.args()], { stdio: ['ignore', 'pipe', 'inherit', ...child.fds] });
       child.proc = proc;
       let settled = false;
       const readyTimer = setTimeout(() => {
