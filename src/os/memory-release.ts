@@ -4,9 +4,11 @@
  * Node keeps Buffer payloads in malloc's heap. After a burst of I/O the freed chunks stay there
  * (glibc returns only the top of its heap by itself), so a replica, engine or frontend that served
  * 256 MiB of writes kept 40-60 MiB it no longer used, for ever. Each process runs this: a timer
- * samples the process's CPU time; after an interval with work followed by a quiet one, it calls
- * malloc_trim (build/memory.node), which hands every free page back to the kernel. An idle process
- * does nothing more than the sample; a busy one is never interrupted by a trim.
+ * samples the process's CPU time; after an interval with work followed by a quiet one, it runs a
+ * full garbage collection where the process was started with --expose-gc (the load's Buffers are
+ * freed only once V8 collects them, and an idle process may not collect for a long time), then
+ * calls malloc_trim (build/memory.node), which hands every free page back to the kernel. An idle
+ * process does nothing more than the sample; a busy one is never interrupted by a trim.
  */
 import { loadAddon } from './native-addon.ts';
 
@@ -44,7 +46,15 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
   let trim = options.trim;
   if (trim === undefined) {
     const { addon } = loadAddon<MemoryAddon>('memory');
-    if (addon !== null) trim = () => addon.trimMalloc();
+    // The Buffers of the load are freed only once V8 collects them, and an idle process may not
+    // collect for a long time: a full collection first, where the process allows it (--expose-gc).
+    const gc = (globalThis as { gc?: () => void }).gc;
+    if (addon !== null) {
+      trim = () => {
+        gc?.();
+        return addon.trimMalloc();
+      };
+    }
   }
   const cpuMicros = options.cpuMicros ?? (() => {
     const used = process.cpuUsage();
