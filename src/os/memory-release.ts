@@ -21,9 +21,15 @@ export interface MemoryReleaseOptions {
   intervalMs?: number;
   /** CPU time in one interval (ms) from which the process counts as having worked. */
   busyCpuMs?: number;
-  /** Stand-ins for tests: the trim, and the process's CPU time in µs. */
+  /**
+   * Growth of the resident memory since the last trim (bytes) below which there is nothing worth
+   * giving back: a light steady load, busy and quiet in turns, is not interrupted for nothing.
+   */
+  minGrowthBytes?: number;
+  /** Stand-ins for tests: the trim, the process's CPU time in µs, its resident bytes. */
   trim?: () => boolean;
   cpuMicros?: () => number;
+  residentBytes?: () => number;
   setInterval?: (fn: () => void, ms: number) => { unref?: () => void };
   clearInterval?: (timer: unknown) => void;
 }
@@ -60,11 +66,14 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
     const used = process.cpuUsage();
     return used.user + used.system;
   });
+  const residentBytes = options.residentBytes ?? (() => process.memoryUsage.rss());
+  const minGrowthBytes = options.minGrowthBytes ?? 16 * 1024 * 1024;
   const state = { trims: 0, stop: () => {} };
   if (trim === undefined) return state;
   const doTrim = trim;
   let last = cpuMicros();
   let workedSinceTrim = false;
+  let residentAfterTrim = residentBytes();
   const timer = (options.setInterval ?? setInterval)(() => {
     const now = cpuMicros();
     const used = now - last;
@@ -73,8 +82,10 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
       workedSinceTrim = true;
     } else if (workedSinceTrim) {
       workedSinceTrim = false;
+      if (residentBytes() - residentAfterTrim < minGrowthBytes) return;
       doTrim();
       state.trims++;
+      residentAfterTrim = residentBytes();
     }
   }, intervalMs);
   timer.unref?.();

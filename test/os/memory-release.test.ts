@@ -19,27 +19,40 @@ function fakeTimer(): { tick: () => void; options: { setInterval: (fn: () => voi
   };
 }
 
-test('a trim after work followed by a quiet interval; none while busy or idle', () => {
+test('a trim after work followed by a quiet interval, when memory grew; none while busy or idle', () => {
   let cpu = 0;
+  let resident = 100;
   let trims = 0;
   const timer = fakeTimer();
-  const release = releaseMemoryAfterLoad({ intervalMs: 1000, busyCpuMs: 50, trim: () => (trims++, true), cpuMicros: () => cpu, ...timer.options });
-  const interval = (cpuMs: number): void => {
+  const release = releaseMemoryAfterLoad({
+    intervalMs: 1000, busyCpuMs: 50, minGrowthBytes: 10, cpuMicros: () => cpu, residentBytes: () => resident,
+    trim: () => {
+      trims++;
+      resident = 105;
+      return true;
+    },
+    ...timer.options,
+  });
+  const interval = (cpuMs: number, grownTo = resident): void => {
     cpu += cpuMs * 1000;
+    resident = grownTo;
     timer.tick();
   };
   interval(1);
   interval(2);
   assert.equal(trims, 0, 'idle from the start: nothing to give back');
-  interval(300);
+  interval(300, 150);
   interval(400);
   assert.equal(trims, 0, 'busy: no trim');
   interval(10);
-  assert.equal(trims, 1, 'quiet after work: one trim');
+  assert.equal(trims, 1, 'quiet after work, memory grew: one trim');
   interval(0);
   interval(5);
   assert.equal(trims, 1, 'still idle: no second trim');
-  interval(60);
+  interval(60, 108);
+  interval(0);
+  assert.equal(trims, 1, 'a light load that took little memory: nothing worth a trim');
+  interval(60, 140);
   interval(0);
   assert.equal(trims, 2);
   assert.equal(release.trims, 2);
