@@ -76,6 +76,8 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
 
   const server = new DataServer(replica, {
     secret,
+    // A Replica holds no write payload once it answered: large ones are reused (server.ts).
+    reusesWritePayloads: true,
     identity: args.name !== undefined ? { name: args.name } : undefined,
     faultDisk,
     powerLoss:

@@ -8,7 +8,9 @@
 import net from 'node:net';
 import { ZebuError, ErrorCode, AssertionFailure, errorToWire, toZebuError, invalid } from '../errors.ts';
 import { FrameReader } from './frame-reader.ts';
-import { ioBuffers } from './buffer-pool.ts';
+import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
+import { SocketReceiver } from './socket-receiver.ts';
+import { adoptAccepted } from './accepted-socket.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { listenOnUnixSocket } from './unix-socket.ts';
 import type { StreamSocket, Transport } from './transport.ts';
@@ -56,6 +58,13 @@ export interface DataServerOptions {
   handshakeTimeoutMs?: number;
   maxInflightPerConnection?: number;
   log?: (event: Record<string, unknown>) => void;
+  /**
+   * The backend holds no reference to a WRITE's payload once the write has answered (a Replica:
+   * its disk writes are done, and a disk that keeps unsynced data keeps a copy), so a large
+   * payload's buffer is reused for the next one instead of being left to the garbage collector.
+   * Not for an engine: a replica it gave up may still be sending the payload after the answer.
+   */
+  reusesWritePayloads?: boolean;
   /** Default: the system clock (the simulator passes its own). */
   clock?: Clock;
   /** How a rebuild target reaches its source replicas (COPY_FROM); default: the real network. */
@@ -83,9 +92,21 @@ export class DataServer {
       maxInflightPerConnection: 256,
       log: () => {},
       clock: systemClock,
+      reusesWritePayloads: false,
       ...options,
     };
-    this.server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    // Paused on connect: the handle moves to a socket that reads through a SocketReceiver
+    // (accepted-socket.ts) before a byte is read.
+    this.server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => {
+      const receiver = new SocketReceiver();
+      const adopted = adoptAccepted(socket, receiver.onread);
+      if (adopted === null) {
+        this.accept(socket);
+        socket.resume();
+      } else {
+        this.accept(adopted, receiver);
+      }
+    });
     this.server.on('error', (err) => this.options.log({ event: 'server-error', error: err.message }));
   }
 
@@ -103,9 +124,12 @@ export class DataServer {
     }
   }
 
-  /** Serves one connected socket (the listener's, or one the simulator hands over). */
-  accept(socket: StreamSocket): void {
-    const conn = new Connection(this, socket);
+  /**
+   * Serves one connected socket (the listener's, or one the simulator hands over); `receiver`:
+   * the socket reads through it (else through 'data' events).
+   */
+  accept(socket: StreamSocket, receiver: SocketReceiver | null = null): void {
+    const conn = new Connection(this, socket, receiver);
     this.connections.add(conn);
     socket.once('close', () => this.connections.delete(conn));
   }
@@ -172,7 +196,11 @@ class Connection {
   openedEpoch: number | null = null;
   private readonly out: TickBatcher;
   private readonly owner: DataServer;
-  private readonly reader = new FrameReader();
+  private readonly reader: FrameReader;
+  /** Reads into buffers it chooses (null: the socket's 'data' events are pushed to `reader`). */
+  private readonly receiver: SocketReceiver | null;
+  /** A large payload is being read straight into its buffer. */
+  private receiving = false;
   private readonly serverNonce = newNonce();
   private authenticated = false;
   private header: RequestHeader | null = null;
@@ -183,11 +211,18 @@ class Connection {
   private closing = false;
   private readonly handshakeTimer: ClockTimer;
 
-  constructor(owner: DataServer, socket: StreamSocket) {
+  constructor(owner: DataServer, socket: StreamSocket, receiver: SocketReceiver | null) {
     this.owner = owner;
     this.socket = socket;
+    this.receiver = receiver;
     this.out = new TickBatcher(socket);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (receiver !== null) {
+      this.reader = receiver.reader;
+      receiver.onStaged = () => this.onData(null);
+    } else {
+      this.reader = new FrameReader();
+      socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    }
     socket.on('error', () => {});
     socket.on('close', () => {
       this.closing = true;
@@ -214,9 +249,10 @@ class Connection {
     this.socket.destroy();
   }
 
-  private onData(chunk: Buffer): void {
+  /** `chunk`: bytes from a 'data' event; null: the receiver staged bytes in `reader` itself. */
+  private onData(chunk: Buffer | null): void {
     if (this.closing) return;
-    this.reader.push(chunk);
+    if (chunk !== null) this.reader.push(chunk);
     if (!this.authenticated) {
       const auth = this.reader.take(AUTH_BYTES);
       if (auth === null) return;
@@ -235,7 +271,7 @@ class Connection {
   }
 
   private parse(): void {
-    while (!this.closing && !this.paused) {
+    while (!this.closing && !this.paused && !this.receiving) {
       if (this.discard > 0) {
         this.discard -= this.reader.skip(this.discard);
         if (this.discard > 0) return;
@@ -250,11 +286,31 @@ class Connection {
         }
       }
       const header = this.header;
+      if (this.receiver !== null && header.payloadLength >= POOLED_MIN_BYTES && this.reader.available < header.payloadLength) {
+        this.receivePayload(this.receiver, header);
+        continue;
+      }
       const payload = this.reader.take(header.payloadLength);
       if (payload === null) return;
       this.header = null;
       this.dispatch(header, payload);
     }
+  }
+
+  /** A large payload not all here yet: the kernel reads the rest straight into its own buffer. */
+  private receivePayload(receiver: SocketReceiver, header: RequestHeader): void {
+    const reused = header.op === Op.WRITE && this.owner.opts.reusesWritePayloads;
+    const payload = reused ? ioBuffers.acquire(header.payloadLength) : Buffer.allocUnsafeSlow(header.payloadLength);
+    this.receiving = true;
+    let inside = true;
+    receiver.receiveInto(payload, 0, payload.length, () => {
+      this.receiving = false;
+      this.header = null;
+      if (this.closing) return;
+      this.dispatch(header, payload);
+      if (!inside) this.parse(); // else the loop that called us goes on
+    });
+    inside = false;
   }
 
   /** The stream cannot be trusted any more: say why, then close this connection only. */
@@ -274,13 +330,15 @@ class Connection {
       this.socket.pause();
     }
     this.execute(h, payload).then(
-      (result) => this.finish(h, null, result),
-      (err) => this.finish(h, err, EMPTY),
+      (result) => this.finish(h, null, result, payload),
+      (err) => this.finish(h, err, EMPTY, payload),
     );
   }
 
-  private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply): void {
+  private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply, payload: Buffer): void {
     this.inflight--;
+    // The backend is done with it (reusesWritePayloads); a buffer the pool did not lend is ignored.
+    if (h.op === Op.WRITE && this.owner.opts.reusesWritePayloads) ioBuffers.release(payload);
     this.owner.requestFinished();
     if (err instanceof AssertionFailure) {
       // A bug, not an I/O error: no reply (the client would take it for a failed disk and go
