@@ -11,6 +11,9 @@
 import net from 'node:net';
 import { assert, type ZebuError } from '../errors.ts';
 import { FrameReader } from '../protocol/frame-reader.ts';
+import { SocketReceiver } from '../protocol/socket-receiver.ts';
+import { adoptAccepted } from '../protocol/accepted-socket.ts';
+import { POOLED_MIN_BYTES } from '../protocol/buffer-pool.ts';
 import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { TickBatcher } from '../protocol/tick-batcher.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
@@ -95,10 +98,16 @@ export class NbdServer {
   }
 
   private newServer(): net.Server {
-    const server = net.createServer({ noDelay: true }, (socket) => {
-      const conn = new NbdConnection(this, socket);
+    // Paused on connect: the handle moves to a socket that reads through a SocketReceiver
+    // (accepted-socket.ts), so a large WRITE is read straight into its own buffer.
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (accepted) => {
+      const receiver = new SocketReceiver();
+      const adopted = adoptAccepted(accepted, receiver.onread);
+      const socket = adopted ?? accepted;
+      const conn = new NbdConnection(this, socket, adopted === null ? null : receiver);
       this.connections.add(conn);
       socket.once('close', () => this.connections.delete(conn));
+      if (adopted === null) accepted.resume();
     });
     server.on('error', (err) => this.options.log({ event: 'nbd-server-error', error: err.message }));
     this.servers.push(server);
@@ -182,7 +191,11 @@ class NbdConnection {
   /** Transmission-phase replies, batched per tick. */
   private readonly out: TickBatcher;
   private readonly owner: NbdServer;
-  private readonly reader = new FrameReader();
+  private readonly reader: FrameReader;
+  /** Reads into buffers it chooses (null: 'data' events are pushed to `reader`). */
+  private readonly receiver: SocketReceiver | null;
+  /** A large WRITE payload is being read straight into its buffer. */
+  private receiving = false;
   private phase: Phase = 'greeting';
   private noZeroes = false;
   private structured = false;
@@ -201,11 +214,18 @@ class NbdConnection {
   private discard = 0;
   private readonly handshakeTimer: NodeJS.Timeout;
 
-  constructor(owner: NbdServer, socket: net.Socket) {
+  constructor(owner: NbdServer, socket: net.Socket, receiver: SocketReceiver | null) {
     this.owner = owner;
     this.socket = socket;
+    this.receiver = receiver;
     this.out = new TickBatcher(socket);
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    if (receiver !== null) {
+      this.reader = receiver.reader;
+      receiver.onStaged = () => this.onData(null);
+    } else {
+      this.reader = new FrameReader();
+      socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    }
     socket.on('error', () => {});
     this.closedPromise = new Promise((resolve) =>
       socket.on('close', () => {
@@ -261,9 +281,10 @@ class NbdConnection {
     setTimeout(() => this.socket.destroy(), 1000).unref();
   }
 
-  private onData(chunk: Buffer): void {
+  /** `chunk`: bytes from a 'data' event; null: the receiver staged bytes in `reader` itself. */
+  private onData(chunk: Buffer | null): void {
     if (this.phase === 'closed') return;
-    this.reader.push(chunk);
+    if (chunk !== null) this.reader.push(chunk);
     try {
       this.pump();
     } catch (err) {
@@ -274,7 +295,7 @@ class NbdConnection {
   }
 
   private pump(): void {
-    while (this.phase !== 'closed' && !this.paused) {
+    while (this.phase !== 'closed' && !this.paused && !this.receiving) {
       if (this.discard > 0) {
         this.discard -= this.reader.skip(this.discard);
         if (this.discard > 0) return;
@@ -488,6 +509,24 @@ class NbdConnection {
         this.discard = h.length;
         this.replyError(h.cookie, NbdErrno.EOVERFLOW, `write of ${h.length} bytes exceeds the maximum block size ${MAX_BLOCK_BYTES}`);
         return true;
+      }
+      if (this.receiver !== null && h.length >= POOLED_MIN_BYTES && this.reader.available < h.length) {
+        // Not all here yet: the kernel reads the rest straight into the payload's own buffer.
+        const payload = Buffer.allocUnsafeSlow(h.length);
+        this.receiving = true;
+        this.receiver.receiveInto(payload, 0, h.length, () => {
+          this.receiving = false;
+          this.requestHeader = null;
+          if (this.phase === 'closed') return;
+          try {
+            this.execute(h.flags, h.type, h.cookie, h.offset, h.length, payload);
+            this.pump();
+          } catch (err) {
+            this.log({ event: 'nbd-internal-error', error: (err as Error).stack });
+            this.drop('internal error');
+          }
+        });
+        return false;
       }
       const payload = this.reader.take(h.length);
       if (payload === null) return false;
