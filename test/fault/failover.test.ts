@@ -42,6 +42,8 @@ interface LinkView {
   reissued: number;
   hangs: number;
   longestHoldMs: number;
+  /** The engine process the link is connected to. */
+  engine: { pid: number } | null;
 }
 
 interface PhaseRow {
@@ -181,8 +183,16 @@ test('cachefiles failover: the engine killed or hung every 0.2-2 s under ext4, n
     while (!done()) {
       await sleep(random.range(200, 2000));
       if (done()) break;
-      if (signal === 'SIGSTOP' && (await link(vol).catch(() => null))?.state !== 'OPEN') continue; // a hang of a serving engine
-      for (const pid of enginePids(vol, dir)) {
+      // A hang of the serving engine, the one the link watches: a pid looked up by name could be a
+      // new engine the supervisor just started (the link found the last one hung meanwhile), and
+      // one stopped before it is ready is left to the supervisor's ready timeout (minutes).
+      let pids = enginePids(vol, dir);
+      if (signal === 'SIGSTOP') {
+        const view = await link(vol).catch(() => null);
+        if (view?.state !== 'OPEN' || view.engine === null) continue;
+        pids = [view.engine.pid];
+      }
+      for (const pid of pids) {
         try {
           process.kill(pid, signal);
           count++;
