@@ -72,16 +72,28 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
   const fill = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3d 0 960M', '-c', 'flush', uri], { timeout: 120_000 });
   assert.equal(fill.status, 0, String(fill.stderr));
   const before = mustZebuJson(up, ['replica', 'list', '--volume', 'mid']);
+  // The engine serves on through the replica's failure: its pid is known before, and the watch
+  // below asks the API itself (a CLI process per look took most of a second on a busy machine,
+  // long enough for a fast copy to end before the kill).
+  const engine = processesUnder(dataDir).find((p) => p.role === 'engine')!;
+  const api = async (method: string, pathName: string, body?: unknown): Promise<any> => {
+    const response = await fetch(`${up.api}${pathName}`, {
+      method, headers: { authorization: `Bearer ${up.token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    assert.ok(response.ok, `${method} ${pathName}: ${response.status} ${await response.clone().text()}`);
+    return response.json();
+  };
   process.kill(before[0].pid, 'SIGKILL');
 
-  const rebuilding = await waitFor('a replacement being rebuilt', () => {
-    const v = mustZebuJson(up, ['volume', 'get', 'mid']);
+  const rebuilding = await waitFor('a replacement being rebuilt', async () => {
+    const v = await api('GET', '/v1/volumes/mid');
     return v.replicas.find((r: { mode: string; rebuildProgress: number | null }) => r.mode === 'WO' && (r.rebuildProgress ?? 0) > 0);
   }, 60_000, 20);
   // From now on a failed replica is waited for: the half-copied one is worth it.
-  mustZebu(up, ['setting', 'set', 'replica-replenishment-wait-seconds', '120']);
-  const engine = processesUnder(dataDir).find((p) => p.role === 'engine')!;
+  await api('PUT', '/v1/settings/replica-replenishment-wait-seconds', { value: '120' });
   process.kill(engine.pid, 'SIGKILL');
+  assert.ok(rebuilding.rebuildProgress < 1, `the copy was under way when the engine was killed (${rebuilding.rebuildProgress})`);
 
   // The next engine (a new epoch) finds it marked: never a source, its copy goes on as a delta
   // from the maps the others kept, and it serves (no other replacement is made).
