@@ -10,8 +10,8 @@
  */
 import net from 'node:net';
 import { assert, type ZebuError } from '../errors.ts';
-import { FrameReader } from '../protocol/frame-reader.ts';
-import { SocketReceiver } from '../protocol/socket-receiver.ts';
+import type { FrameReader } from '../protocol/frame-reader.ts';
+import { SocketReceiver, connectionReader } from '../protocol/socket-receiver.ts';
 import { adoptAccepted } from '../protocol/accepted-socket.ts';
 import { POOLED_MIN_BYTES } from '../protocol/buffer-pool.ts';
 import { ioBuffers } from '../protocol/buffer-pool.ts';
@@ -219,13 +219,7 @@ class NbdConnection {
     this.socket = socket;
     this.receiver = receiver;
     this.out = new TickBatcher(socket);
-    if (receiver !== null) {
-      this.reader = receiver.reader;
-      receiver.onStaged = () => this.onData(null);
-    } else {
-      this.reader = new FrameReader();
-      socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    }
+    this.reader = connectionReader(socket, receiver, () => this.onData());
     socket.on('error', () => {});
     this.closedPromise = new Promise((resolve) =>
       socket.on('close', () => {
@@ -281,10 +275,9 @@ class NbdConnection {
     setTimeout(() => this.socket.destroy(), 1000).unref();
   }
 
-  /** `chunk`: bytes from a 'data' event; null: the receiver staged bytes in `reader` itself. */
-  private onData(chunk: Buffer | null): void {
+  /** Bytes were added to `reader`. */
+  private onData(): void {
     if (this.phase === 'closed') return;
-    if (chunk !== null) this.reader.push(chunk);
     try {
       this.pump();
     } catch (err) {

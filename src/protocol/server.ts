@@ -7,9 +7,9 @@
  */
 import net from 'node:net';
 import { ZebuError, ErrorCode, AssertionFailure, errorToWire, toZebuError, invalid } from '../errors.ts';
-import { FrameReader } from './frame-reader.ts';
+import type { FrameReader } from './frame-reader.ts';
 import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
-import { SocketReceiver } from './socket-receiver.ts';
+import { SocketReceiver, connectionReader } from './socket-receiver.ts';
 import { adoptAccepted } from './accepted-socket.ts';
 import { TickBatcher } from './tick-batcher.ts';
 import { listenOnUnixSocket } from './unix-socket.ts';
@@ -216,13 +216,7 @@ class Connection {
     this.socket = socket;
     this.receiver = receiver;
     this.out = new TickBatcher(socket);
-    if (receiver !== null) {
-      this.reader = receiver.reader;
-      receiver.onStaged = () => this.onData(null);
-    } else {
-      this.reader = new FrameReader();
-      socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    }
+    this.reader = connectionReader(socket, receiver, () => this.onData());
     socket.on('error', () => {});
     socket.on('close', () => {
       this.closing = true;
@@ -249,10 +243,9 @@ class Connection {
     this.socket.destroy();
   }
 
-  /** `chunk`: bytes from a 'data' event; null: the receiver staged bytes in `reader` itself. */
-  private onData(chunk: Buffer | null): void {
+  /** Bytes were added to `reader`. */
+  private onData(): void {
     if (this.closing) return;
-    if (chunk !== null) this.reader.push(chunk);
     if (!this.authenticated) {
       const auth = this.reader.take(AUTH_BYTES);
       if (auth === null) return;
@@ -302,15 +295,13 @@ class Connection {
     const reused = header.op === Op.WRITE && this.owner.opts.reusesWritePayloads;
     const payload = reused ? ioBuffers.acquire(header.payloadLength) : Buffer.allocUnsafeSlow(header.payloadLength);
     this.receiving = true;
-    let inside = true;
     receiver.receiveInto(payload, 0, payload.length, () => {
       this.receiving = false;
       this.header = null;
       if (this.closing) return;
       this.dispatch(header, payload);
-      if (!inside) this.parse(); // else the loop that called us goes on
+      this.parse();
     });
-    inside = false;
   }
 
   /** The stream cannot be trusted any more: say why, then close this connection only. */

@@ -23,6 +23,24 @@ interface DirectReceive {
   done: () => void;
 }
 
+/**
+ * The reader a server connection parses from, and `arrived` called after bytes were added to it:
+ * the receiver's when the socket reads through it (accepted-socket.ts), else a reader fed by the
+ * socket's 'data' events.
+ */
+export function connectionReader(socket: { on(event: 'data', listener: (chunk: Buffer) => void): unknown }, receiver: SocketReceiver | null, arrived: () => void): FrameReader {
+  if (receiver !== null) {
+    receiver.onStaged = arrived;
+    return receiver.reader;
+  }
+  const reader = new FrameReader();
+  socket.on('data', (chunk: Buffer) => {
+    reader.push(chunk);
+    arrived();
+  });
+  return reader;
+}
+
 export class SocketReceiver {
   /** Bytes staged and not yet taken. Parse from it in `onStaged`. */
   readonly reader = new FrameReader();
