@@ -83,7 +83,8 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
   process.off('SIGINT', stopDuringStartUp);
   if (stopping) return;
   // Its identity lets the frontend kill this process should it hang (see frontend/engine-link.ts).
-  const data = new DataServer(engine, { secret, identity: { process: selfIdentity() }, log: (event) => log.warn(event, String(event.event)) });
+  // Large write payloads are reused once the replicas' connections let go of them (Engine.writeLent).
+  const data = new DataServer(engine, { secret, identity: { process: selfIdentity() }, lendsWritePayloads: true, log: (event) => log.warn(event, String(event.event)) });
   try {
     await data.listenPath(args.socket);
   } catch (err) {

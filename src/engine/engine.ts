@@ -868,13 +868,39 @@ export class Engine implements BlockBackend {
   // ---- fan-out -------------------------------------------------------------------------------
 
   /** Sends one request to every RW and WO replica; `done` once all have answered (write-ack.ts). */
-  private fanOut(op: number, flags: number, offset: number, length: number, payload: Buffer, done: Done): void {
-    if (this.faultedReason !== null) return done(this.faultError());
+  /**
+   * `lent`: the payload is an ioBuffers buffer this engine gives back once the request is answered
+   * and no replica connection holds it (client.send's payloadDone): the next large write reuses it
+   * instead of leaving garbage (writeLent).
+   */
+  private fanOut(op: number, flags: number, offset: number, length: number, payload: Buffer, done: Done, lent = false): void {
+    if (this.faultedReason !== null) {
+      if (lent) ioBuffers.release(payload);
+      return done(this.faultError());
+    }
     const targets = this.set.writeTargets();
-    if (targets.length === 0) return done(this.faultError());
+    if (targets.length === 0) {
+      if (lent) ioBuffers.release(payload);
+      return done(this.faultError());
+    }
+    // Holders of a lent payload: each connection it was given to, and this request until answered.
+    let holders = 1;
+    const letGo = lent
+      ? (): void => {
+          holders--;
+          assert(holders >= 0, 'a lent write payload was let go more often than it was held');
+          if (holders === 0) ioBuffers.release(payload);
+        }
+      : null;
+    const answered = done;
+    done = letGo === null ? answered : (err) => {
+      letGo();
+      answered(err);
+    };
     const ack = new WriteAck<EngineReplica>(targets.length);
     for (const r of targets) {
       const client = r.client!;
+      if (letGo !== null) holders++;
       client.send(op, flags, offset, length, payload, (err) => {
         let last: boolean;
         if (err === null) {
@@ -900,7 +926,7 @@ export class Engine implements BlockBackend {
         } else {
           done(this.faultedReason !== null ? this.faultError() : new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica accepted the request`));
         }
-      });
+      }, null, letGo);
     }
   }
 
@@ -996,7 +1022,7 @@ export class Engine implements BlockBackend {
     }
   }
 
-  private fanOutPromise(op: number, flags: number, offset: number, length: number, payload: Buffer): Promise<void> {
+  private fanOutPromise(op: number, flags: number, offset: number, length: number, payload: Buffer, lent = false): Promise<void> {
     return new Promise((resolve, reject) => {
       // Zero-length requests touch no region; flushes none either.
       const tracked = op !== Op.FLUSH && length > 0;
@@ -1014,35 +1040,41 @@ export class Engine implements BlockBackend {
         if (tracked && (this.held.length > 0 || !this.regions.fits(offset, length))) {
           // Over the bound (or behind a held write: writes keep their order): wait for regions to leave.
           this.stats.heldWrites++;
-          this.held.push({ offset, length, send: () => this.sendWrite(op, flags, offset, length, payload, tracked, done) });
+          this.held.push({ offset, length, send: () => this.sendWrite(op, flags, offset, length, payload, tracked, done, lent) });
           this.pumpFlushes();
           return;
         }
-        this.sendWrite(op, flags, offset, length, payload, tracked, done);
+        this.sendWrite(op, flags, offset, length, payload, tracked, done, lent);
       });
     });
   }
 
-  private sendWrite(op: number, flags: number, offset: number, length: number, payload: Buffer, tracked: boolean, done: Done): void {
+  private sendWrite(op: number, flags: number, offset: number, length: number, payload: Buffer, tracked: boolean, done: Done, lent: boolean): void {
     if (tracked) this.regionsStarted(offset, length);
     const claims = this.claims;
-    if (claims === null) return this.fanOut(op, flags, offset, length, payload, done);
+    if (claims === null) return this.fanOut(op, flags, offset, length, payload, done, lent);
     // A rebuild or verify works on ranges: a write must not fall between a copy's read and its write.
     claims.whenRangeFree(offset, length, () => {
       const token = claims.writeStarted(offset, length);
       this.fanOut(op, flags, offset, length, payload, (err) => {
         claims.writeDone(token);
         done(err);
-      });
+      }, lent);
     });
   }
 
-  async write(offset: number, data: Buffer, options: { fua?: boolean } = {}): Promise<void> {
+  /** A client's write whose payload is an ioBuffers buffer: given back once no replica connection holds it. */
+  writeLent(offset: number, data: Buffer): Promise<void> {
+    return this.write(offset, data, { lent: true });
+  }
+
+  async write(offset: number, data: Buffer, options: { fua?: boolean; lent?: boolean } = {}): Promise<void> {
     this.checkRange(offset, data.length);
     const started = this.clock.nowMs();
-    await this.fanOutPromise(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, data.length, data);
+    const length = data.length;
+    await this.fanOutPromise(Op.WRITE, options.fua ? RequestFlag.FUA : 0, offset, length, data, options.lent === true);
     this.stats.writes++;
-    this.stats.writeBytes += data.length;
+    this.stats.writeBytes += length;
     this.stats.writeLatencyMsTotal += this.clock.nowMs() - started;
   }
 

@@ -30,6 +30,7 @@
  */
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
 import { STALL_MS, systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
@@ -102,6 +103,12 @@ interface Forwarded {
   sinceMs: number;
   /** Re-issued at least once (its answer counts towards longestHoldMs). */
   reissued: boolean;
+  /**
+   * A payload lent from ioBuffers (writeLent): who still holds it — the request until its answer,
+   * and every engine connection it was given to until that lets go (client.send's payloadDone).
+   * Given back at 0. Always 0 for a payload not lent.
+   */
+  holders: number;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -511,12 +518,31 @@ export class EngineLink implements NbdExport {
 
   // ---- requests ------------------------------------------------------------------------------
 
-  private forward(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: Forwarded['callback']): void {
-    if (this.closed) return callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
-    if (this.table.size >= MAX_TABLE) return callback(new ZebuError(ErrorCode.BUSY, 'too many requests outstanding'), EMPTY);
-    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: this.clock.nowMs(), reissued: false };
+  private forward(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: Forwarded['callback'], lent = false): void {
+    const refused = this.closed ? new ZebuError(ErrorCode.CLOSED, 'frontend is stopping') : this.table.size >= MAX_TABLE ? new ZebuError(ErrorCode.BUSY, 'too many requests outstanding') : null;
+    if (refused !== null) {
+      if (lent) ioBuffers.release(payload);
+      return callback(refused, EMPTY);
+    }
+    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: this.clock.nowMs(), reissued: false, holders: lent ? 1 : 0 };
+    if (lent) {
+      let answered = false;
+      f.callback = (err, data) => {
+        assert(!answered, 'a forwarded request was answered twice');
+        answered = true;
+        callback(err, data);
+        this.letGo(f);
+      };
+    }
     this.table.add(f);
     this.sendNow(f);
+  }
+
+  /** One holder of a lent payload is done with it; the last gives it back for reuse. */
+  private letGo(f: Forwarded): void {
+    f.holders--;
+    assert(f.holders >= 0, 'a lent write payload was let go more often than it was held');
+    if (f.holders === 0) ioBuffers.release(f.payload);
   }
 
   /**
@@ -537,6 +563,11 @@ export class EngineLink implements NbdExport {
       this.held.push(f);
       this.holdTimer ??= this.clock.setInterval(() => this.expireHeld(), 1000);
       return;
+    }
+    let payloadDone: (() => void) | null = null;
+    if (f.holders > 0) {
+      f.holders++;
+      payloadDone = () => this.letGo(f);
     }
     client.send(f.op, f.flags, f.offset, f.length, f.payload, (err, data) => {
       if (err !== null && !this.closed) {
@@ -573,7 +604,7 @@ export class EngineLink implements NbdExport {
         }
       }
       f.callback(err, data);
-    });
+    }, null, payloadDone);
   }
 
   read(offset: number, length: number, cb: (err: ZebuError | null, data: Buffer) => void): void {
@@ -581,6 +612,9 @@ export class EngineLink implements NbdExport {
   }
   write(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void {
     this.forward(Op.WRITE, fua ? RequestFlag.FUA : 0, offset, data.length, data, cb);
+  }
+  writeLent(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void {
+    this.forward(Op.WRITE, fua ? RequestFlag.FUA : 0, offset, data.length, data, cb, true);
   }
   zero(offset: number, length: number, trim: boolean, fua: boolean, noHole: boolean, cb: (err: ZebuError | null) => void): void {
     this.forward(trim ? Op.TRIM : Op.WRITE_ZEROES, (fua ? RequestFlag.FUA : 0) | (noHole ? RequestFlag.NO_HOLE : 0), offset, length, EMPTY, cb);

@@ -38,6 +38,8 @@ export interface NbdExport {
   readonly description: string;
   read(offset: number, length: number, cb: (err: ZebuError | null, data: Buffer) => void): void;
   write(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void;
+  /** As write, with `data` lent from ioBuffers: the export gives it back once nothing holds it. */
+  writeLent?(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void;
   /** TRIM, or WRITE_ZEROES (`noHole`: the client wants the range to stay allocated). */
   zero(offset: number, length: number, trim: boolean, fua: boolean, noHole: boolean, cb: (err: ZebuError | null) => void): void;
   flush(cb: (err: ZebuError | null) => void): void;
@@ -504,8 +506,9 @@ class NbdConnection {
         return true;
       }
       if (this.receiver !== null && h.length >= POOLED_MIN_BYTES && this.reader.available < h.length) {
-        // Not all here yet: the kernel reads the rest straight into the payload's own buffer.
-        const payload = Buffer.allocUnsafeSlow(h.length);
+        // Not all here yet: the kernel reads the rest straight into the payload's own buffer, one
+        // the export gives back for reuse when it can (writeLent).
+        const payload = ioBuffers.acquire(h.length);
         this.receiving = true;
         this.receiver.receiveInto(payload, 0, h.length, () => {
           this.receiving = false;
@@ -575,11 +578,13 @@ class NbdConnection {
         if (!inRange) return this.replyError(cookie, NbdErrno.EINVAL, `write ${offset}+${length} beyond the end of the export (${sizeBytes})`);
         if (length === 0) return this.replyOk(cookie);
         this.begin();
-        target.write(offset, payload!, fua, (err) => {
+        const written = (err: ZebuError | null): void => {
           if (err !== null) this.replyError(cookie, errnoFor(err.code), err.message);
           else this.replyOk(cookie);
           this.end();
-        });
+        };
+        if (target.writeLent !== undefined && ioBuffers.lends(payload!)) target.writeLent(offset, payload!, fua, written);
+        else target.write(offset, payload!, fua, written);
         return;
       }
       case Cmd.TRIM:

@@ -18,6 +18,12 @@ export interface BlockBackend {
   /** Reads the volume as it was at snapshot `name`. */
   readSnapshot(name: string, offset: number, length: number, out: Buffer, outOffset: number): Promise<void>;
   write(offset: number, data: Buffer): Promise<void>;
+  /**
+   * As write, with `data` lent from ioBuffers: the backend gives it back (release) once nothing
+   * holds it, which may be after the answer (an engine's replica connections). Used by a server
+   * with `lendsWritePayloads`.
+   */
+  writeLent?(offset: number, data: Buffer): Promise<void>;
   /** TRIM and WRITE_ZEROES: the range reads back as zeros (`noHole`: its space is not given back). */
   zero(offset: number, length: number, options?: { noHole?: boolean }): Promise<void>;
   flush(): Promise<void>;

@@ -45,6 +45,11 @@ export class BufferPool {
     return buf;
   }
 
+  /** Whether `buf` was handed out by acquire() and not released yet. */
+  lends(buf: Buffer): boolean {
+    return this.out.has(buf);
+  }
+
   /** Gives a buffer from acquire() back; the caller must not touch it afterwards. */
   release(buf: Buffer): void {
     if (!this.out.has(buf)) {
@@ -78,3 +83,4 @@ export class BufferPool {
 
 /** The process's pool for data-path buffers (the server's READ replies, the client's READ data). */
 export const ioBuffers = new BufferPool(64 * 1024 * 1024);
+

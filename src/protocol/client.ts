@@ -159,11 +159,17 @@ export class DataClient {
   /**
    * Sends one request; `callback` runs exactly once. The hot path: no promise. `prefix`, when
    * given, is sent before `payload` as part of it (no copy of the payload to join them).
+   * `payloadDone`, when given, runs once this connection holds no reference to `payload` any
+   * more: its bytes are in the kernel, or the socket was destroyed with them unsent, or (closed
+   * already) they were never taken. Usually that is before `callback` (a peer answers after
+   * reading the whole payload), but a request that timed out may still sit in a stalled
+   * socket's queue: a payload reused afterwards waits for both.
    */
-  send(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: ResponseCallback, prefix: Buffer | null = null): void {
+  send(op: number, flags: number, offset: number, length: number, payload: Buffer, callback: ResponseCallback, prefix: Buffer | null = null, payloadDone: (() => void) | null = null): void {
     if (this.closedError !== null) {
       const err = this.closedError;
       process.nextTick(() => callback(err, EMPTY));
+      payloadDone?.();
       return;
     }
     const requestId = this.nextId;
@@ -174,7 +180,8 @@ export class DataClient {
     encodeRequestHeader(header, { op, flags, requestId, epoch: this.epoch, offset, length, payloadLength: payload.length + (prefix?.length ?? 0) });
     this.out.write(header);
     if (prefix !== null) this.out.write(prefix);
-    if (payload.length > 0) this.out.write(payload);
+    if (payload.length > 0) this.out.write(payload, payloadDone ?? undefined);
+    else payloadDone?.();
   }
 
   request(op: number, flags: number, offset: number, length: number, payload: Buffer = EMPTY): Promise<Buffer> {

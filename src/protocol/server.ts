@@ -62,9 +62,16 @@ export interface DataServerOptions {
    * The backend holds no reference to a WRITE's payload once the write has answered (a Replica:
    * its disk writes are done, and a disk that keeps unsynced data keeps a copy), so a large
    * payload's buffer is reused for the next one instead of being left to the garbage collector.
-   * Not for an engine: a replica it gave up may still be sending the payload after the answer.
+   * Not for an engine: a replica connection may still hold the payload after the answer (one
+   * that timed out with it queued); an engine uses lendsWritePayloads.
    */
   reusesWritePayloads?: boolean;
+  /**
+   * Large WRITE payloads are received into ioBuffers buffers and lent to the backend's writeLent,
+   * which gives each back once nothing holds it (an engine: after the answer and after every
+   * replica connection let go of it).
+   */
+  lendsWritePayloads?: boolean;
   /** Default: the system clock (the simulator passes its own). */
   clock?: Clock;
   /** How a rebuild target reaches its source replicas (COPY_FROM); default: the real network. */
@@ -93,6 +100,7 @@ export class DataServer {
       log: () => {},
       clock: systemClock,
       reusesWritePayloads: false,
+      lendsWritePayloads: false,
       ...options,
     };
     // Paused on connect: the handle moves to a socket that reads through a SocketReceiver
@@ -292,8 +300,8 @@ class Connection {
 
   /** A large payload not all here yet: the kernel reads the rest straight into its own buffer. */
   private receivePayload(receiver: SocketReceiver, header: RequestHeader): void {
-    const reused = header.op === Op.WRITE && this.owner.opts.reusesWritePayloads;
-    const payload = reused ? ioBuffers.acquire(header.payloadLength) : Buffer.allocUnsafeSlow(header.payloadLength);
+    const pooled = header.op === Op.WRITE && (this.owner.opts.reusesWritePayloads || this.owner.opts.lendsWritePayloads);
+    const payload = pooled ? ioBuffers.acquire(header.payloadLength) : Buffer.allocUnsafeSlow(header.payloadLength);
     this.receiving = true;
     receiver.receiveInto(payload, 0, payload.length, () => {
       this.receiving = false;
@@ -404,7 +412,8 @@ class Connection {
       }
       case Op.WRITE:
         if (h.length !== payload.length) throw invalid(`write length ${h.length} differs from payload length ${payload.length}`);
-        await replica.write(h.offset, payload);
+        if (this.owner.opts.lendsWritePayloads && replica.writeLent !== undefined && ioBuffers.lends(payload)) await replica.writeLent(h.offset, payload);
+        else await replica.write(h.offset, payload);
         if ((h.flags & RequestFlag.FUA) !== 0) await replica.flush();
         return EMPTY;
       case Op.COPY_WRITE:

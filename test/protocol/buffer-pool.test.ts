@@ -22,6 +22,8 @@ test('buffer pool: released buffers are reused by size, kept up to the cap, a do
   assertInvariantFails(() => pool.release(a), /released twice/);
   const c = pool.acquire(size);
   assert.equal(c, a, 'a kept buffer of the same size is handed out again');
+  assert.ok(pool.lends(c) && pool.lends(b), 'handed out and not released: lent');
+  assert.ok(!pool.lends(Buffer.alloc(size)), 'a buffer the pool never handed out is not lent');
   assert.equal(pool.keptBytes, 0);
   // Another size is a new buffer; small ones are not kept at all.
   const d = pool.acquire(size + 16);

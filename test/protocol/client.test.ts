@@ -347,3 +347,40 @@ test('a client whose own process stalled past the timeout reads the replies wait
   t.after(() => child.kill('SIGCONT'));
   await assert.rejects(client.read(0, 4096), hasCode(ErrorCode.TIMEOUT));
 });
+
+test('payloadDone: once per send — when the bytes left, when a stalled peer\'s connection is destroyed with them queued, at once on a closed client', async (t) => {
+  const { port } = await fakeServer(t, {
+    onRequest(conn, h) {
+      // The first request is answered; after it the server stops reading (a stalled peer).
+      if (h.requestId === 1) {
+        conn.reply(h.requestId, 0);
+        conn.socket.pause();
+      }
+    },
+  });
+  const client = await DataClient.connect({ port, secret: SECRET, requestTimeoutMs: 300 });
+  t.after(() => client.close());
+  const send = (payload: Buffer): { answered: Promise<string>; let: { done: number } } => {
+    const state = { done: 0 };
+    const answered = new Promise<string>((resolve) => {
+      client.send(Op.WRITE, 0, 0, payload.length, payload, (err) => resolve(err === null ? 'ok' : err.code), null, () => state.done++);
+    });
+    return { answered, let: state };
+  };
+  // Answered: the peer read the whole payload first, so the connection let go of it by then.
+  const first = send(pattern(1, 256 * 1024));
+  assert.equal(await first.answered, 'ok');
+  assert.equal(first.let.done, 1);
+  // Unanswered and stuck in the socket (more than the kernel's buffers hold): the request times
+  // out but the connection still holds the payload — until the connection is destroyed.
+  const stuck = send(Buffer.alloc(64 * 1024 * 1024, 7));
+  assert.equal(await stuck.answered, ErrorCode.TIMEOUT);
+  assert.equal(stuck.let.done, 0, 'a queued payload is still held after its request timed out');
+  client.close();
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  assert.equal(stuck.let.done, 1, 'destroying the connection lets the payload go');
+  // A closed client never takes the payload.
+  const late = send(pattern(2, 4096));
+  assert.equal(late.let.done, 1);
+  assert.equal(await late.answered, ErrorCode.CLOSED);
+});
