@@ -50,7 +50,7 @@ import { runDeltaRebuild, runFullRebuild, type FullResume, type RebuildHost } fr
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
-import { ioBuffers } from '../protocol/buffer-pool.ts';
+import { ioBuffers, LentBuffer } from '../protocol/buffer-pool.ts';
 import { REGION_BYTES, chainNames, isUnsupported, type RecoveryReport, type VerifyReport } from './recovery.ts';
 
 export { ReplicaMode };
@@ -867,40 +867,28 @@ export class Engine implements BlockBackend {
 
   // ---- fan-out -------------------------------------------------------------------------------
 
-  /** Sends one request to every RW and WO replica; `done` once all have answered (write-ack.ts). */
   /**
-   * `lent`: the payload is an ioBuffers buffer this engine gives back once the request is answered
-   * and no replica connection holds it (client.send's payloadDone): the next large write reuses it
-   * instead of leaving garbage (writeLent).
+   * Sends one request to every RW and WO replica; `done` once all have answered (write-ack.ts).
+   * `lent`: the payload is an ioBuffers buffer given back once the request is answered and no
+   * replica connection holds it any more (LentBuffer): the next large write reuses it (writeLent).
    */
   private fanOut(op: number, flags: number, offset: number, length: number, payload: Buffer, done: Done, lent = false): void {
-    if (this.faultedReason !== null) {
-      if (lent) ioBuffers.release(payload);
-      return done(this.faultError());
-    }
-    const targets = this.set.writeTargets();
+    const targets = this.faultedReason === null ? this.set.writeTargets() : [];
     if (targets.length === 0) {
       if (lent) ioBuffers.release(payload);
       return done(this.faultError());
     }
-    // Holders of a lent payload: each connection it was given to, and this request until answered.
-    let holders = 1;
-    const letGo = lent
-      ? (): void => {
-          holders--;
-          assert(holders >= 0, 'a lent write payload was let go more often than it was held');
-          if (holders === 0) ioBuffers.release(payload);
-        }
-      : null;
-    const answered = done;
-    done = letGo === null ? answered : (err) => {
-      letGo();
-      answered(err);
-    };
+    const loan = lent ? new LentBuffer(ioBuffers, payload) : null;
+    if (loan !== null) {
+      const answered = done;
+      done = (err) => {
+        loan.letGo();
+        answered(err);
+      };
+    }
     const ack = new WriteAck<EngineReplica>(targets.length);
     for (const r of targets) {
       const client = r.client!;
-      if (letGo !== null) holders++;
       client.send(op, flags, offset, length, payload, (err) => {
         let last: boolean;
         if (err === null) {
@@ -926,7 +914,7 @@ export class Engine implements BlockBackend {
         } else {
           done(this.faultedReason !== null ? this.faultError() : new ZebuError(ErrorCode.EIO, `volume ${this.name}: no RW replica accepted the request`));
         }
-      }, null, letGo);
+      }, null, loan?.hold() ?? null);
     }
   }
 

@@ -30,7 +30,7 @@
  */
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
-import { ioBuffers } from '../protocol/buffer-pool.ts';
+import { ioBuffers, LentBuffer } from '../protocol/buffer-pool.ts';
 import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
 import { STALL_MS, systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
@@ -104,11 +104,10 @@ interface Forwarded {
   /** Re-issued at least once (its answer counts towards longestHoldMs). */
   reissued: boolean;
   /**
-   * A payload lent from ioBuffers (writeLent): who still holds it — the request until its answer,
-   * and every engine connection it was given to until that lets go (client.send's payloadDone).
-   * Given back at 0. Always 0 for a payload not lent.
+   * A payload lent from ioBuffers (writeLent), held by the request until its answer and by every
+   * engine connection it was sent on until that lets go of it; null for a payload not lent.
    */
-  holders: number;
+  loan: LentBuffer | null;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -524,25 +523,19 @@ export class EngineLink implements NbdExport {
       if (lent) ioBuffers.release(payload);
       return callback(refused, EMPTY);
     }
-    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: this.clock.nowMs(), reissued: false, holders: lent ? 1 : 0 };
-    if (lent) {
+    const loan = lent ? new LentBuffer(ioBuffers, payload) : null;
+    const f: Forwarded = { op, flags, offset, length, payload, callback, sinceMs: this.clock.nowMs(), reissued: false, loan };
+    if (loan !== null) {
       let answered = false;
       f.callback = (err, data) => {
         assert(!answered, 'a forwarded request was answered twice');
         answered = true;
         callback(err, data);
-        this.letGo(f);
+        loan.letGo();
       };
     }
     this.table.add(f);
     this.sendNow(f);
-  }
-
-  /** One holder of a lent payload is done with it; the last gives it back for reuse. */
-  private letGo(f: Forwarded): void {
-    f.holders--;
-    assert(f.holders >= 0, 'a lent write payload was let go more often than it was held');
-    if (f.holders === 0) ioBuffers.release(f.payload);
   }
 
   /**
@@ -563,11 +556,6 @@ export class EngineLink implements NbdExport {
       this.held.push(f);
       this.holdTimer ??= this.clock.setInterval(() => this.expireHeld(), 1000);
       return;
-    }
-    let payloadDone: (() => void) | null = null;
-    if (f.holders > 0) {
-      f.holders++;
-      payloadDone = () => this.letGo(f);
     }
     client.send(f.op, f.flags, f.offset, f.length, f.payload, (err, data) => {
       if (err !== null && !this.closed) {
@@ -604,7 +592,7 @@ export class EngineLink implements NbdExport {
         }
       }
       f.callback(err, data);
-    }, null, payloadDone);
+    }, null, f.loan?.hold() ?? null);
   }
 
   read(offset: number, length: number, cb: (err: ZebuError | null, data: Buffer) => void): void {

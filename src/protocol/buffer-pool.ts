@@ -84,3 +84,31 @@ export class BufferPool {
 /** The process's pool for data-path buffers (the server's READ replies, the client's READ data). */
 export const ioBuffers = new BufferPool(64 * 1024 * 1024);
 
+/**
+ * A buffer lent from a pool whose holders may let go in any order: the request that owns it
+ * (until its answer) and every connection it was sent on (until client.send's payloadDone). The
+ * last to let go gives it back; one that never does only costs the reuse.
+ */
+export class LentBuffer {
+  private holders = 1; // the owner, until letGo()
+  private readonly pool: BufferPool;
+  private readonly buf: Buffer;
+
+  constructor(pool: BufferPool, buf: Buffer) {
+    this.pool = pool;
+    this.buf = buf;
+  }
+
+  /** Counts one more holder; the callback returned is its letting go (call it once). */
+  hold(): () => void {
+    assert(this.holders > 0, 'a lent buffer was held after its release');
+    this.holders++;
+    return () => this.letGo();
+  }
+
+  letGo(): void {
+    this.holders--;
+    assert(this.holders >= 0, 'a lent buffer was let go more often than it was held');
+    if (this.holders === 0) this.pool.release(this.buf);
+  }
+}

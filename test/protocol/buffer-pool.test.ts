@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { BufferPool, POOLED_MIN_BYTES } from '../../src/protocol/buffer-pool.ts';
+import { BufferPool, LentBuffer, POOLED_MIN_BYTES } from '../../src/protocol/buffer-pool.ts';
 import { SocketReceiver } from '../../src/protocol/socket-receiver.ts';
 import { assertInvariantFails } from '../support/assertions.ts';
 
@@ -88,4 +88,21 @@ test('socket receiver: a large payload arrives intact through staged bytes and d
   });
   assert.ok(got.body.equals(payload), 'payload bytes differ');
   assert.equal(got.tail.toString(), 'next-frame');
+});
+
+test('lent buffer: given back only when the owner and every holder let go, in any order; letting go once too often fails loudly', () => {
+  const size = POOLED_MIN_BYTES;
+  const pool = new BufferPool(4 * size);
+  const buf = pool.acquire(size);
+  const loan = new LentBuffer(pool, buf);
+  const first = loan.hold();
+  const second = loan.hold();
+  loan.letGo(); // the owner (its answer) goes first
+  first();
+  assert.ok(pool.lends(buf), 'still held by a connection');
+  assert.equal(pool.keptBytes, 0);
+  second();
+  assert.ok(!pool.lends(buf));
+  assert.equal(pool.keptBytes, size, 'given back once the last holder let go');
+  assertInvariantFails(() => second(), /let go more often/);
 });
