@@ -9,6 +9,7 @@ import { readSecretFile } from '../protocol/auth.ts';
 import { parseBytes, parseNonNegativeInt, parsePositiveInt } from './units.ts';
 import { selfIdentity } from '../os/process-identity.ts';
 import { releaseMemoryAfterLoad } from '../os/memory-release.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 
 export interface EngineServeArgs {
   name: string;
@@ -92,7 +93,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     throw new ZebuError(ErrorCode.EINVAL, `cannot listen: ${(err as Error).message}`);
   }
   process.stdout.write(JSON.stringify({ ready: true, socket: args.socket, controlSocket: args.controlSocket, replicas: engine.replicaStatus(), recovery: (engine.info() as { recovery: unknown }).recovery, pid: process.pid }) + '\n');
-  releaseMemoryAfterLoad();
+  releaseMemoryAfterLoad({ emptyCaches: () => ioBuffers.clear() });
 
   const stop = async (signal: string): Promise<void> => {
     if (stopping) return;

@@ -12,6 +12,7 @@ import { FrontendControlServer } from '../frontend/control-server.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
 import { releaseMemoryAfterLoad } from '../os/memory-release.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 
 export interface FrontendServeArgs {
   secretFile: string;
@@ -65,7 +66,7 @@ export async function frontendServe(args: FrontendServeArgs): Promise<void> {
   const frontend = new Frontend({ secret, linkTimeouts, stateFile: args.stateFile !== undefined ? path.resolve(args.stateFile) : undefined, log: (event) => log.info(event, String(event.event)) });
   // After a restart: the exports it served, at once (requests wait for their engines).
   frontend.restore();
-  releaseMemoryAfterLoad();
+  releaseMemoryAfterLoad({ emptyCaches: () => ioBuffers.clear() });
   const ready: Record<string, unknown> = { ready: true, pid: process.pid, controlSocket: args.controlSocket ?? null, nbdAddress: null };
   if (args.name !== undefined && args.engineSocket !== undefined) {
     const engineSocket = path.resolve(args.engineSocket);

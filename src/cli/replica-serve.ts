@@ -14,6 +14,7 @@ import { PowerLossDisk } from '../replica/power-loss-disk.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 import { MISSED_KEY } from '../protocol/frames.ts';
 import { releaseMemoryAfterLoad } from '../os/memory-release.ts';
+import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { parseBytes, parseHostPort, parsePositiveInt } from './units.ts';
 
 export interface ReplicaServeArgs {
@@ -112,7 +113,7 @@ export async function replicaServe(args: ReplicaServeArgs): Promise<void> {
     }) + '\n',
   );
 
-  releaseMemoryAfterLoad();
+  releaseMemoryAfterLoad({ emptyCaches: () => ioBuffers.clear() });
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {

@@ -4,10 +4,11 @@
  * Node keeps Buffer payloads in malloc's heap. After a burst of I/O the freed chunks stay there
  * (glibc returns only the top of its heap by itself), so a replica, engine or frontend that served
  * 256 MiB of writes kept 40-60 MiB it no longer used, for ever. Each process runs this: a timer
- * samples the process's CPU time; after an interval with work followed by a quiet one, it runs a
- * full garbage collection where the process was started with --expose-gc (the load's Buffers are
- * freed only once V8 collects them, and an idle process may not collect for a long time), then
- * calls malloc_trim (build/memory.node), which hands every free page back to the kernel. An idle
+ * samples the process's CPU time; after an interval with work followed by a quiet one, it lets go
+ * of the buffers the process kept for reuse (emptyCaches), runs a full garbage collection where
+ * the process was started with --expose-gc (the load's Buffers are freed only once V8 collects
+ * them, and an idle process may not collect for a long time), then calls malloc_trim
+ * (build/memory.node), which hands every free page back to the kernel. An idle
  * process does nothing more than the sample; a busy one is never interrupted by a trim.
  */
 import { loadAddon } from './native-addon.ts';
@@ -26,6 +27,11 @@ export interface MemoryReleaseOptions {
    * giving back: a light steady load, busy and quiet in turns, is not interrupted for nothing.
    */
   minGrowthBytes?: number;
+  /**
+   * Lets go of what the process keeps for reuse (its I/O buffer pool), before the collection and
+   * the trim: kept buffers would otherwise stay resident after every load, however long it is over.
+   */
+  emptyCaches?: () => void;
   /** Stand-ins for tests: the trim, the process's CPU time in µs, its resident bytes. */
   trim?: () => boolean;
   cpuMicros?: () => number;
@@ -71,6 +77,7 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
   const state = { trims: 0, stop: () => {} };
   if (trim === undefined) return state;
   const doTrim = trim;
+  const emptyCaches = options.emptyCaches ?? (() => {});
   let last = cpuMicros();
   let workedSinceTrim = false;
   let residentAfterTrim = residentBytes();
@@ -83,6 +90,7 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
     } else if (workedSinceTrim) {
       workedSinceTrim = false;
       if (residentBytes() - residentAfterTrim < minGrowthBytes) return;
+      emptyCaches();
       doTrim();
       state.trims++;
       residentAfterTrim = residentBytes();

@@ -75,6 +75,17 @@ export class BufferPool {
     this.freeBytes += buf.length;
   }
 
+  /**
+   * Lets every kept buffer go (the garbage collector frees it); buffers handed out are not
+   * touched and may still be released afterwards. For a process giving its memory back after a
+   * load: a kept buffer is as large as the largest requests of that load (32 MiB for QEMU's).
+   */
+  clear(): void {
+    for (const list of this.free.values()) for (const buf of list) this.kept.delete(buf);
+    this.free.clear();
+    this.freeBytes = 0;
+  }
+
   /** Bytes kept for reuse (tests). */
   get keptBytes(): number {
     return this.freeBytes;

@@ -27,14 +27,17 @@ function fullCollection(): void {
   (vm.runInNewContext('gc') as () => void)();
 }
 
-test('a trim after work followed by a quiet interval, when memory grew; none while busy or idle', () => {
+test('a trim (caches emptied first) after work followed by a quiet interval, when memory grew; none while busy or idle', () => {
   let cpu = 0;
   let resident = 100;
   let trims = 0;
+  let emptied = 0;
   const timer = fakeTimer();
   const release = releaseMemoryAfterLoad({
     intervalMs: 1000, busyCpuMs: 50, minGrowthBytes: 10, cpuMicros: () => cpu, residentBytes: () => resident,
+    emptyCaches: () => void emptied++,
     trim: () => {
+      assert.equal(emptied, trims + 1, 'the caches are emptied before every trim');
       trims++;
       resident = 105;
       return true;
@@ -63,6 +66,7 @@ test('a trim after work followed by a quiet interval, when memory grew; none whi
   interval(60, 140);
   interval(0);
   assert.equal(trims, 2);
+  assert.equal(emptied, 2, 'the caches are emptied with every trim, never otherwise');
   assert.equal(release.trims, 2);
   release.stop();
   assert.ok(timer.stopped());

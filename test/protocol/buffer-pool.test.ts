@@ -106,3 +106,22 @@ test('lent buffer: given back only when the owner and every holder let go, in an
   assert.equal(pool.keptBytes, size, 'given back once the last holder let go');
   assertInvariantFails(() => second(), /let go more often/);
 });
+
+test('buffer pool clear: kept buffers are let go, buffers handed out can still be released and kept again', () => {
+  const size = POOLED_MIN_BYTES;
+  const pool = new BufferPool(8 * size);
+  const kept = [pool.acquire(size), pool.acquire(2 * size)];
+  const out = pool.acquire(size);
+  for (const buf of kept) pool.release(buf);
+  assert.equal(pool.keptBytes, 3 * size);
+  pool.clear();
+  assert.equal(pool.keptBytes, 0);
+  const fresh = pool.acquire(size);
+  assert.ok(!kept.includes(fresh), 'a cleared buffer is never handed out again');
+  pool.release(kept[0]); // a cleared buffer is no longer the pool's: ignored, not a double release
+  assert.equal(pool.keptBytes, 0);
+  pool.release(out);
+  assert.equal(pool.keptBytes, size, 'a buffer handed out before the clear is kept when released');
+  pool.release(fresh);
+  assert.equal(pool.keptBytes, 2 * size);
+});
