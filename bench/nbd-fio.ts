@@ -7,15 +7,16 @@
  * runs. Run on demand: `npm run bench:nbd`.
  *   BENCH_SECONDS (default 10), BENCH_SIZE_MIB (default 1024)
  */
+import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../src/os/js-build.ts';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 
-const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+// Started as `zebu up` starts the data path: the compiled build when current, with its Node flags.
+const MAIN = dataPathMain().main;
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 10);
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
 const SIZE = SIZE_MIB * 1024 * 1024;
@@ -49,7 +50,7 @@ function freePort(): Promise<number> {
 }
 
 function startReady(args: string[]): Promise<Record<string, unknown>> {
-  const child = spawn(process.execPath, [MAIN, ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const child = spawn(process.execPath, [...DATA_PATH_NODE_FLAGS, MAIN, ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
   children.push(child);
   return new Promise((resolve, reject) => {
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
