@@ -7,13 +7,13 @@
  * runs. Run on demand: `npm run bench:nbd`.
  *   BENCH_SECONDS (default 10), BENCH_SIZE_MIB (default 1024)
  */
-import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../src/os/js-build.ts';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
+import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../src/os/js-build.ts';
 
 // Started as `zebu up` starts the data path: the compiled build when current, with its Node flags.
 const MAIN = dataPathMain().main;

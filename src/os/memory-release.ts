@@ -8,8 +8,8 @@
  * of the buffers the process kept for reuse (emptyCaches), runs a full garbage collection where
  * the process was started with --expose-gc (the load's Buffers are freed only once V8 collects
  * them, and an idle process may not collect for a long time), then calls malloc_trim
- * (build/memory.node), which hands every free page back to the kernel. An idle
- * process does nothing more than the sample; a busy one is never interrupted by a trim.
+ * (build/memory.node), which hands every free page back to the kernel. An idle process does
+ * nothing more than the sample; a busy one is never interrupted by a trim.
  */
 import { loadAddon } from './native-addon.ts';
 
