@@ -68,6 +68,16 @@ function enginePids(vol: VolumeCluster, dir: string): number[] {
   return spawnSync('pgrep', ['-f', `engine serve --name ${vol.name} .*${dir}`]).stdout.toString().split('\n').filter((x) => x !== '').map(Number);
 }
 
+/** Whether a process is stopped (SIGSTOP): state T in /proc/PID/stat; false when it is gone. */
+function processStopped(pid: number): boolean {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('T');
+  } catch {
+    return false;
+  }
+}
+
 async function link(vol: VolumeCluster): Promise<LinkView> {
   return ((await controlRequest(vol.frontendControlSocket, 'GET', `/v1/exports/${vol.name}`)) as { link: LinkView }).link;
 }
@@ -216,8 +226,13 @@ test('cachefiles failover: the engine killed or hung every 0.2-2 s under ext4, n
     const injected = { count: 0 };
     const done = (): boolean => Date.now() >= hardDeadline || (Date.now() >= deadline && injected.count >= MIN_PHASE_FAULTS);
     const [faults] = await Promise.all([faultLoop(signal, done, injected), work(done, row)]);
-    // The last engine must be serving again before the counters are read.
-    await waitFor('the link OPEN', async () => (await link(vol)).state === 'OPEN', 60_000, 50);
+    // The last engine must be serving again before the counters are read, and not be one stopped
+    // by the last fault: the link finds that one hung only after its heartbeat deadline, and a
+    // control call made to it meanwhile is cut off when the supervisor kills it.
+    await waitFor('the link OPEN on a running engine', async () => {
+      const view = await link(vol);
+      return view.state === 'OPEN' && view.engine !== null && !processStopped(view.engine.pid);
+    }, 60_000, 50);
     const after = await link(vol);
     row.faults = faults;
     row.reissued = after.reissued - before.reissued;
