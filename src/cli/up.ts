@@ -186,7 +186,7 @@ export async function up(args: UpArgs): Promise<void> {
   }
   const memoryAddonMissing = memoryReleaseUnavailable();
   if (memoryAddonMissing !== null) {
-    log.warn({ reason: memoryAddonMissing }, 'data-path processes will keep the memory a load made them take: the native memory addon is missing (run scripts/build-native.sh, which needs gcc)');
+    log.warn({ reason: memoryAddonMissing }, 'data-path processes will give back only the large buffers a load made them take, not malloc\'s freed small chunks: the native memory addon is missing (run scripts/build-native.sh, which needs gcc)');
   }
   const bound = api.server.address();
   const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;

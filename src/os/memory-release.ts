@@ -10,6 +10,10 @@
  * them, and an idle process may not collect for a long time), then calls malloc_trim
  * (build/memory.node), which hands every free page back to the kernel. An idle process does
  * nothing more than the sample; a busy one is never interrupted by a trim.
+ *
+ * Without the addon the caches are still emptied and the collection still runs: large Buffers
+ * (malloc maps each on its own) then go back to the kernel when they are freed; only the small
+ * chunks left in malloc's heap stay.
  */
 import { loadAddon } from './native-addon.ts';
 
@@ -51,7 +55,7 @@ export function memoryReleaseUnavailable(): string | null {
   return loadAddon<MemoryAddon>('memory').reason;
 }
 
-/** Starts the sampling; without the addon (and no stand-in) it does nothing and says so by `trims` staying 0. */
+/** Starts the sampling; without the addon (and no stand-in) a "trim" empties the caches and collects only. */
 export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): MemoryRelease {
   const intervalMs = options.intervalMs ?? 5000;
   const busyMicros = (options.busyCpuMs ?? 50) * 1000;
@@ -61,12 +65,10 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
     // The Buffers of the load are freed only once V8 collects them, and an idle process may not
     // collect for a long time: a full collection first, where the process allows it (--expose-gc).
     const gc = (globalThis as { gc?: () => void }).gc;
-    if (addon !== null) {
-      trim = () => {
-        gc?.();
-        return addon.trimMalloc();
-      };
-    }
+    trim = () => {
+      gc?.();
+      return addon !== null && addon.trimMalloc();
+    };
   }
   const cpuMicros = options.cpuMicros ?? (() => {
     const used = process.cpuUsage();
@@ -75,7 +77,6 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
   const residentBytes = options.residentBytes ?? (() => process.memoryUsage.rss());
   const minGrowthBytes = options.minGrowthBytes ?? 16 * 1024 * 1024;
   const state = { trims: 0, stop: () => {} };
-  if (trim === undefined) return state;
   const doTrim = trim;
   const emptyCaches = options.emptyCaches ?? (() => {});
   let last = cpuMicros();
