@@ -55,21 +55,25 @@ export function memoryReleaseUnavailable(): string | null {
   return loadAddon<MemoryAddon>('memory').reason;
 }
 
+/**
+ * The Buffers of the load are freed only once V8 collects them, and an idle process may not
+ * collect for a long time: a full collection first, where the process allows it (--expose-gc),
+ * then malloc_trim where the addon is built.
+ */
+function collectAndTrim(): () => boolean {
+  const { addon } = loadAddon<MemoryAddon>('memory');
+  const gc = (globalThis as { gc?: () => void }).gc;
+  return () => {
+    gc?.();
+    return addon !== null && addon.trimMalloc();
+  };
+}
+
 /** Starts the sampling; without the addon (and no stand-in) a "trim" empties the caches and collects only. */
 export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): MemoryRelease {
   const intervalMs = options.intervalMs ?? 5000;
   const busyMicros = (options.busyCpuMs ?? 50) * 1000;
-  let trim = options.trim;
-  if (trim === undefined) {
-    const { addon } = loadAddon<MemoryAddon>('memory');
-    // The Buffers of the load are freed only once V8 collects them, and an idle process may not
-    // collect for a long time: a full collection first, where the process allows it (--expose-gc).
-    const gc = (globalThis as { gc?: () => void }).gc;
-    trim = () => {
-      gc?.();
-      return addon !== null && addon.trimMalloc();
-    };
-  }
+  const doTrim = options.trim ?? collectAndTrim();
   const cpuMicros = options.cpuMicros ?? (() => {
     const used = process.cpuUsage();
     return used.user + used.system;
@@ -77,7 +81,6 @@ export function releaseMemoryAfterLoad(options: MemoryReleaseOptions = {}): Memo
   const residentBytes = options.residentBytes ?? (() => process.memoryUsage.rss());
   const minGrowthBytes = options.minGrowthBytes ?? 16 * 1024 * 1024;
   const state = { trims: 0, stop: () => {} };
-  const doTrim = trim;
   const emptyCaches = options.emptyCaches ?? (() => {});
   let last = cpuMicros();
   let workedSinceTrim = false;

@@ -27,6 +27,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { controlRequest } from '../../src/protocol/control-channel.ts';
+import { procStat } from '../../src/os/process-identity.ts';
 import { Prng, faultSeed, faultFull, envCount } from '../support/fault-prng.ts';
 import { renderTable } from '../support/fault-table.ts';
 import { startVolume, run, mustRun, type VolumeCluster } from '../support/volume-cluster.ts';
@@ -66,16 +67,6 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 function enginePids(vol: VolumeCluster, dir: string): number[] {
   return spawnSync('pgrep', ['-f', `engine serve --name ${vol.name} .*${dir}`]).stdout.toString().split('\n').filter((x) => x !== '').map(Number);
-}
-
-/** Whether a process is stopped (SIGSTOP): state T in /proc/PID/stat; false when it is gone. */
-function processStopped(pid: number): boolean {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2).startsWith('T');
-  } catch {
-    return false;
-  }
 }
 
 async function link(vol: VolumeCluster): Promise<LinkView> {
@@ -231,7 +222,7 @@ test('cachefiles failover: the engine killed or hung every 0.2-2 s under ext4, n
     // control call made to it meanwhile is cut off when the supervisor kills it.
     await waitFor('the link OPEN on a running engine', async () => {
       const view = await link(vol);
-      return view.state === 'OPEN' && view.engine !== null && !processStopped(view.engine.pid);
+      return view.state === 'OPEN' && view.engine !== null && procStat(view.engine.pid)?.state !== 'T';
     }, 60_000, 50);
     const after = await link(vol);
     row.faults = faults;
