@@ -7,7 +7,7 @@
  *   - for reference, the block files alone: one file per 2 MiB block written and synced as a
  *     backup writes them, from the page cache, nothing read from the volume and nothing hashed
  *     (the floor the target's format sets on this disk); and nbdcopy reading the volume (the
- *     engine's read path, which backups use);
+ *     engine's read path; a backup reads its blocks straight from the replicas instead);
  *   - a full backup of the volume holding those bytes, to a file target;
  *   - an incremental backup after 1% of the volume changed: bytes read and uploaded;
  *   - a restore of the full backup into a new volume.
@@ -187,7 +187,7 @@ async function main(): Promise<void> {
       if (done.state !== 'completed') throw new Error(`backup failed: ${done.message}`);
       return { seconds: (performance.now() - started) / 1000, readBytes: done.readBytes, uploadedBytes: done.uploadedBytes };
     };
-    // What reading the volume through its engine costs (the path a backup reads by).
+    // What reading the volume through its engine costs (a client's read path; backups skip the engine).
     const nbdReadSeconds = timed(() => mustSpawn('nbdcopy', [uri, 'null:']));
     process.stderr.write('full backup...\n');
     const cpuBefore = processCpu(root);
@@ -223,7 +223,7 @@ async function main(): Promise<void> {
       ['baseline: zstd -1 -T0, then sync', zstdSyncSeconds.toFixed(2), mbps(SIZE, zstdSyncSeconds), 'output durable, as a backup\'s is'],
       ['reference: SHA-256 of the bytes, one core', hashSeconds.toFixed(2), mbps(SIZE, hashSeconds), 'every block is named by it'],
       ['reference: the block files alone', filesSeconds.toFixed(2), mbps(SIZE, filesSeconds), 'written and synced as a backup\'s, no read or hash'],
-      ['reference: nbdcopy of the volume to null:', nbdReadSeconds.toFixed(2), mbps(SIZE, nbdReadSeconds), 'the read path a backup uses'],
+      ['reference: nbdcopy of the volume to null', nbdReadSeconds.toFixed(2), mbps(SIZE, nbdReadSeconds), 'through NBD and the engine'],
       ['zebu full backup', full.seconds.toFixed(2), mbps(SIZE, full.seconds), `read ${pct(full.readBytes)}, uploaded ${pct(full.uploadedBytes)}`],
       [`zebu incremental backup (${changed} x 2 MiB changed)`, incremental.seconds.toFixed(2), '-', `read ${pct(incremental.readBytes)}, uploaded ${pct(incremental.uploadedBytes)}`],
       ['zebu restore of the full backup', restoreSeconds.toFixed(2), mbps(SIZE, restoreSeconds), '-'],

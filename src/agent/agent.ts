@@ -23,6 +23,7 @@ import { BackingImageFiles } from './backing-image-files.ts';
 import { keepTcpListener, type KeptListener } from '../frontend/kept-listener.ts';
 import type { EngineLinkView } from '../cluster/object-types.ts';
 import { DataClient } from '../protocol/client.ts';
+import { parseSourceAddress } from '../protocol/copy-sources.ts';
 import { readSecretFile } from '../protocol/auth.ts';
 
 export interface AgentOptions {
@@ -87,6 +88,9 @@ const FRONTEND_ID = 'frontend';
 /** Bounds on the manager's requests to an engine: a verify, anything else (snapshots). */
 const VERIFY_TIMEOUT_MS = 6 * 3600_000;
 const ENGINE_REQUEST_TIMEOUT_MS = 120_000;
+/** A direct replica read that takes longer goes through the engine instead. */
+const REPLICA_CONNECT_TIMEOUT_MS = 3000;
+const REPLICA_READ_TIMEOUT_MS = 15_000;
 /**
  * The engine's and the frontend's restart backoff is short: clients wait while they are down (a
  * start that keeps failing costs one attempt every 2 s). Replicas back off up to the supervisor's
@@ -612,6 +616,25 @@ export class Agent {
       return Promise.reject(new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`));
     }
     return DataClient.connect({ path: this.engineSocket(volume), secret: readSecretFile(this.options.secretFile), peerLabel: `engine of ${volume}`, requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS });
+  }
+
+  /**
+   * A data-protocol connection to a replica (HOST:PORT) at `epoch`, for reads that need not go
+   * through its engine (a backup reads a snapshot straight from the engine's RW replicas). The
+   * caller closes it.
+   */
+  openReplicaData(address: string, epoch: number): Promise<DataClient> {
+    let host: string;
+    let port: number;
+    try {
+      ({ host, port } = parseSourceAddress(address));
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return DataClient.connect({
+      host, port, epoch, secret: readSecretFile(this.options.secretFile), peerLabel: `replica ${address}`,
+      connectTimeoutMs: REPLICA_CONNECT_TIMEOUT_MS, requestTimeoutMs: REPLICA_READ_TIMEOUT_MS,
+    });
   }
 
   /**

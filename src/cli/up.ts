@@ -131,6 +131,7 @@ export async function up(args: UpArgs): Promise<void> {
     engineData: {
       openEngineData: (node, volume) =>
         node === agent.nodeId ? agent.openEngineData(volume) : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+      openReplicaData: (address, epoch) => agent.openReplicaData(address, epoch),
     },
     log: (event) => log.info(event, String(event.event)),
   });

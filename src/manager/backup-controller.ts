@@ -22,7 +22,8 @@ import type { EventRecorder } from './events.ts';
 import { openTarget, checkTarget, type TargetOptions } from '../backup/target.ts';
 import { BackupRepository } from '../backup/repository.ts';
 import { ioBuffers } from '../protocol/buffer-pool.ts';
-import { runBackup, type SnapshotReader } from '../backup/backup-job.ts';
+import { runBackup } from '../backup/backup-job.ts';
+import { ReplicaSnapshotReader, engineSnapshotReader, type ReplicaOpener } from './snapshot-reader.ts';
 import { runRestore, type BlockWriter } from '../backup/restore-job.ts';
 import { runGc, type GcResult } from '../backup/gc.ts';
 import { Op } from '../protocol/frames.ts';
@@ -34,6 +35,11 @@ export const CREDENTIALS_SECRET = 'backup-target-credentials';
 /** How the controller reaches a volume's engine on a node (its agent). */
 export interface EngineData {
   openEngineData(nodeId: string, volume: string): Promise<DataClient>;
+  /**
+   * A data connection to a replica (HOST:PORT) at an epoch: backups read snapshots straight from
+   * the engine's RW replicas (snapshot-reader.ts). Absent: every read goes through the engine.
+   */
+  openReplicaData?: ReplicaOpener;
 }
 
 /** Deletes a snapshot of an attached volume (the manager service). */
@@ -346,8 +352,11 @@ export class BackupController {
     await this.setBackupStatus(name, { state: 'in-progress', startedAt, message: null });
     const started = Date.now();
     let client: DataClient | null = null;
+    let direct: ReplicaSnapshotReader | null = null;
     try {
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volumeName);
+      const openReplica = this.o.engines.openReplicaData;
+      if (openReplica !== undefined) direct = await ReplicaSnapshotReader.create(client, openReplica, (e) => this.o.log({ ...e, backup: name, volume: volumeName }));
       const progress = new JobProgress({
         events: this.o.events, reason: 'BackupProgress', kind: Kind.Backup, object: name, volume: volumeName, started,
         say: (text) => `backup ${name} of volume ${volumeName}: ${text}`,
@@ -355,7 +364,7 @@ export class BackupController {
       });
       const manifest = await runBackup({
         repo,
-        source: snapshotReader(client),
+        source: direct ?? engineSnapshotReader(client),
         volume: volumeName,
         name,
         snapshot: b.value.spec.snapshot,
@@ -380,13 +389,14 @@ export class BackupController {
         x.status.doneBytes = x.status.totalBytes;
       });
       this.notBefore.delete(name);
+      if (direct !== null) this.o.log({ event: 'backup-read-sources', backup: name, volume: volumeName, ...direct.counts });
       // The backup's own time (deleting older snapshots below merges layers, which can take longer).
       const seconds = (Date.now() - started) / 1000;
       await this.dropOlderSnapshots(name, volumeName);
       const s = manifest.stats;
       await this.o.events.record({
         type: 'Normal', reason: 'BackupCompleted', kind: Kind.Backup, object: name, volume: volumeName,
-        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${seconds.toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
+        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${seconds.toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read${direct !== null ? ` (${direct.counts.directBytes} straight from the replicas)` : ''}${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
       });
     } catch (err) {
       const e = toZebuError(err);
@@ -404,6 +414,7 @@ export class BackupController {
       await this.setBackupStatus(name, { attempts });
       await this.failBackup(name, e.message);
     } finally {
+      direct?.close();
       client?.close();
     }
   }
@@ -774,14 +785,6 @@ export function backupFromManifest(m: Manifest, url: string): BackupValue {
       state: 'completed', doneBytes: m.stats.readBytes, totalBytes: m.stats.readBytes, bytesPerSecond: 0, startedAt: m.createdAt, completedAt: m.completedAt,
       message: null, attempts: 0, sizeBytes: m.sizeBytes, base: m.base, stats: m.stats, backingImage: m.backingImage ?? null,
     },
-  };
-}
-
-function snapshotReader(client: DataClient): SnapshotReader {
-  return {
-    readSnapshot: (name, offset, length) => client.readSnapshot(name, offset, length),
-    snapshotChanges: (name, base, offset, length) => client.snapshotChanges(name, base, offset, length),
-    release: (data) => ioBuffers.release(data),
   };
 }
 

@@ -93,6 +93,9 @@ test('file target: incremental backups restore byte for byte; verify, corruption
   // Progress in events too, for the backup and for the restore.
   const reasons = (volume: string): string[] => mustZebuJson(up, ['events', '--volume', volume, '--limit', '1000']).map((e: { reason: string }) => e.reason);
   assert.ok(reasons('src').includes('BackupProgress') && reasons('src').includes('BackupCompleted'), reasons('src').join(' '));
+  // The full backup read its blocks straight from the replicas, not through the engine.
+  const completed = mustZebuJson(up, ['events', '--volume', 'src', '--limit', '1000']).find((e: { reason: string; message: string }) => e.reason === 'BackupCompleted' && e.message.includes(`backup ${b1.name} `));
+  assert.match(completed?.message ?? '', new RegExp(`${b1.readBytes} bytes read \\(${b1.readBytes} straight from the replicas\\)`), completed?.message);
   assert.ok(reasons('r1').includes('RestoreProgress') && reasons('r1').includes('RestoreCompleted'), reasons('r1').join(' '));
   assert.ok((await restored(up, work, 'r2')).equals(expected2), 'restore of the second backup equals the volume then');
   const r2view = mustZebuJson(up, ['volume', 'get', 'r2']);
