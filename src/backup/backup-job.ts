@@ -22,13 +22,13 @@ import { ZebuError, ErrorCode, assert, toZebuError } from '../errors.ts';
 import type { BackendExtent } from '../protocol/backend.ts';
 import type { BackupRepository } from './repository.ts';
 import type { StagedObject } from './target.ts';
+import { BlockHasher } from './block-hasher.ts';
 import {
   BACKUP_BLOCK_BYTES,
   COMPRESSION_BY_NAME,
   FORMAT,
   encodeBlockParts,
   isAllZero,
-  sha256,
   type CompressionName,
   type Manifest,
 } from './format.ts';
@@ -97,6 +97,7 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
 
   const map = new Map<number, string>();
   const claimed: string[] = [];
+  const hasher = new BlockHasher(o.concurrency, BACKUP_BLOCK_BYTES);
   const claim = async (hash: string): Promise<void> => {
     claimed.push(hash);
     await repo.index.claim(hash);
@@ -173,9 +174,8 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
         map.delete(index);
         return;
       }
-      // On the event loop: WebCrypto's digest would run on the thread pool but copies the
-      // block first, and a fresh 2 MiB buffer costs more than the hash (page faults).
-      const hash = sha256(data);
+      // Off the event loop, which meanwhile reads the next blocks (block-hasher.ts).
+      const hash = await hasher.hash(data);
       await claim(hash);
       map.set(index, hash);
       // Stored already, or being stored by another block of this backup.
@@ -258,6 +258,7 @@ export async function runBackup(o: BackupJobOptions): Promise<Manifest> {
     return manifest;
   } finally {
     for (const hash of claimed) repo.index.release(hash);
+    await hasher.close();
   }
 }
 
