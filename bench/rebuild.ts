@@ -27,10 +27,11 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { controlRequest } from '../src/protocol/control-channel.ts';
+import { dataPathMain, DATA_PATH_NODE_FLAGS } from '../src/os/js-build.ts';
 
-const MAIN = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
+// Started as `zebu up` starts the data path: the compiled build when current, with its Node flags.
+const MAIN = dataPathMain().main;
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
 const SIZE = SIZE_MIB * 1024 * 1024;
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
@@ -41,7 +42,7 @@ process.on('exit', () => {
 });
 
 function startReady(args: string[]): Promise<Record<string, unknown>> {
-  const child = spawn(process.execPath, [MAIN, ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const child = spawn(process.execPath, [...DATA_PATH_NODE_FLAGS, MAIN, ...args], { stdio: ['ignore', 'pipe', 'ignore'] });
   children.push(child);
   return new Promise((resolve, reject) => {
     readline.createInterface({ input: child.stdout! }).on('line', (line) => {
