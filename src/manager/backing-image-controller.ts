@@ -18,6 +18,7 @@ import type { BackupRepository } from '../backup/repository.ts';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { backupImage, restoreImage, restoreManifestInto } from './backing-image-backup.ts';
 import { TARGET_NAME } from './backup-controller.ts';
+import { ReplicaSnapshotReader, engineSnapshotReader } from './snapshot-reader.ts';
 
 /** An export reads the snapshot in pieces of this size. */
 const EXPORT_CHUNK_BYTES = 4 * 1024 * 1024;
@@ -285,7 +286,7 @@ export class BackingImageController {
       };
     }
     if (source.type === 'export-from-volume') {
-      // Read through the volume's engine: the volume must be attached.
+      // Read from the replicas its engine has in sync: the volume must be attached.
       const { volume, snapshot } = source;
       const [vol, engine] = await Promise.all([this.o.objects.get(Kind.Volume, volume), this.o.objects.get(Kind.Engine, volume)]);
       if (vol === null) return { waiting: `volume ${volume} is gone: the image cannot be exported` };
@@ -298,16 +299,26 @@ export class BackingImageController {
         waiting: null, what: `exporting snapshot ${snapshot} of volume ${volume}`, doneReason: 'BackingImageExported',
         fill: async (file, progress) => {
           const client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
+          let direct: ReplicaSnapshotReader | null = null;
           try {
+            // Straight from the engine's RW replicas, as a backup reads (snapshot-reader.ts).
+            const openReplica = this.o.engines.openReplicaData;
+            if (openReplica !== undefined) direct = await ReplicaSnapshotReader.create(client, openReplica, (e) => this.log({ ...e, image: image.name, volume }));
+            const reader = direct ?? engineSnapshotReader(client);
             await file.truncate(sizeBytes);
             for (let offset = 0; offset < sizeBytes; offset += EXPORT_CHUNK_BYTES) {
               const length = Math.min(EXPORT_CHUNK_BYTES, sizeBytes - offset);
-              const data = await client.readSnapshot(snapshot, offset, length);
-              // Zeros stay holes: the file is as sparse as the snapshot.
-              if (!isAllZero(data)) await file.write(data, 0, length, offset);
+              const data = await reader.readSnapshot(snapshot, offset, length);
+              try {
+                // Zeros stay holes: the file is as sparse as the snapshot.
+                if (!isAllZero(data)) await file.write(data, 0, length, offset);
+              } finally {
+                reader.release?.(data);
+              }
               progress(offset + length, sizeBytes);
             }
           } finally {
+            direct?.close();
             client.close();
           }
         },
