@@ -17,6 +17,7 @@
 import { toZebuError } from '../errors.ts';
 import { ioBuffers } from '../protocol/buffer-pool.ts';
 import type { DataClient } from '../protocol/client.ts';
+import type { ReplicaInfo } from '../replica/replica.ts';
 import type { SnapshotReader } from '../backup/backup-job.ts';
 
 /** Opens a data connection to a replica at `address` (HOST:PORT) with `epoch`. */
@@ -89,12 +90,16 @@ export class ReplicaSnapshotReader implements SnapshotReader {
       try {
         const client = await this.connect(replica);
         const data = await client.readSnapshot(name, offset, length);
-        if (data.length === length) {
+        // Asked after the read: a replica being rebuilt in place (its layers incomplete, or
+        // taken over by a newer engine) since the engine named it is not to be trusted, and a
+        // rebuild cannot start and finish between the read and this answer.
+        const problem = data.length !== length ? `answered ${data.length} bytes for a ${length}-byte read` : stateProblem(await client.info(), this.epoch);
+        if (problem === null) {
           this.counts.directBytes += length;
           return data;
         }
         ioBuffers.release(data);
-        this.drop(replica, `answered ${data.length} bytes for a ${length}-byte read`);
+        this.drop(replica, problem);
       } catch (err) {
         this.drop(replica, toZebuError(err).message);
       } finally {
@@ -134,10 +139,12 @@ export class ReplicaSnapshotReader implements SnapshotReader {
       const client = await this.open(replica.address, this.epoch);
       try {
         // The engine may know the replica by name: the address must still be that replica.
-        const info = (await client.info()) as { name?: unknown };
+        const info = (await client.info()) as ReplicaInfo & { name?: unknown };
         if (replica.key !== replica.address && typeof info.name === 'string' && info.name !== replica.key) {
           throw new Error(`${replica.address} is replica ${info.name}, not ${replica.key}`);
         }
+        const problem = stateProblem(info, this.epoch);
+        if (problem !== null) throw new Error(problem);
       } catch (err) {
         client.close();
         throw err;
@@ -163,4 +170,11 @@ export class ReplicaSnapshotReader implements SnapshotReader {
     replica.client = null;
     client?.then((c) => c.close(), () => {});
   }
+}
+
+/** Why a replica's own state rules it out as a snapshot source (null: it does not). */
+function stateProblem(info: ReplicaInfo, epoch: number): string | null {
+  if (info.rebuilding) return 'it is being rebuilt';
+  if (info.epoch !== epoch) return `its epoch is ${info.epoch}, not the engine's ${epoch}`;
+  return null;
 }

@@ -106,3 +106,19 @@ test('a replica at the address that is another replica is not read from', async 
   assert.ok(reader.counts.directBytes > 0, 'r1 itself was read');
   assert.equal(reader.counts.directBytes + reader.counts.engineBytes, SIZE);
 });
+
+test('a replica that starts being rebuilt mid-job is no longer read from', async (t) => {
+  const { replicas, client, snapshot, opener } = await setUp(t);
+  const reader = await ReplicaSnapshotReader.create(client, opener);
+  t.after(() => reader.close());
+  await readAll(reader, 0, 4 * MiB, snapshot);
+  assert.equal(reader.counts.directBytes, 4 * MiB);
+  // As a full rebuild onto it in place would begin: its layers are not to be trusted from now on.
+  const r0 = await opener(`127.0.0.1:${replicas[0].port}`, 1);
+  t.after(() => r0.close());
+  await r0.setRebuilding('full');
+  await readAll(reader, 4 * MiB, SIZE, snapshot);
+  assert.deepEqual(reader.counts.dropped.map((d) => d.reason), ['it is being rebuilt']);
+  assert.equal(reader.usableReplicas, 1);
+  assert.equal(reader.counts.directBytes + reader.counts.engineBytes, SIZE);
+});
