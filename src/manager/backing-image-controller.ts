@@ -18,7 +18,7 @@ import type { BackupRepository } from '../backup/repository.ts';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { backupImage, restoreImage, restoreManifestInto } from './backing-image-backup.ts';
 import { TARGET_NAME } from './backup-controller.ts';
-import { ReplicaSnapshotReader, engineSnapshotReader } from './snapshot-reader.ts';
+import { ReplicaSnapshotReader } from './snapshot-reader.ts';
 
 /** An export reads the snapshot in pieces of this size. */
 const EXPORT_CHUNK_BYTES = 4 * 1024 * 1024;
@@ -299,12 +299,10 @@ export class BackingImageController {
         waiting: null, what: `exporting snapshot ${snapshot} of volume ${volume}`, doneReason: 'BackingImageExported',
         fill: async (file, progress) => {
           const client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volume);
-          let direct: ReplicaSnapshotReader | null = null;
+          let reader: ReplicaSnapshotReader | null = null;
           try {
             // Straight from the engine's RW replicas, as a backup reads (snapshot-reader.ts).
-            const openReplica = this.o.engines.openReplicaData;
-            if (openReplica !== undefined) direct = await ReplicaSnapshotReader.create(client, openReplica, (e) => this.log({ ...e, image: image.name, volume }));
-            const reader = direct ?? engineSnapshotReader(client);
+            reader = await ReplicaSnapshotReader.create(client, this.o.engines.openReplicaData, (e) => this.log({ ...e, image: image.name, volume }));
             await file.truncate(sizeBytes);
             for (let offset = 0; offset < sizeBytes; offset += EXPORT_CHUNK_BYTES) {
               const length = Math.min(EXPORT_CHUNK_BYTES, sizeBytes - offset);
@@ -313,12 +311,12 @@ export class BackingImageController {
                 // Zeros stay holes: the file is as sparse as the snapshot.
                 if (!isAllZero(data)) await file.write(data, 0, length, offset);
               } finally {
-                reader.release?.(data);
+                reader.release(data);
               }
               progress(offset + length, sizeBytes);
             }
           } finally {
-            direct?.close();
+            reader?.close();
             client.close();
           }
         },

@@ -21,9 +21,8 @@ import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { openTarget, checkTarget, type TargetOptions } from '../backup/target.ts';
 import { BackupRepository } from '../backup/repository.ts';
-import { ioBuffers } from '../protocol/buffer-pool.ts';
 import { runBackup } from '../backup/backup-job.ts';
-import { ReplicaSnapshotReader, engineSnapshotReader, type ReplicaOpener } from './snapshot-reader.ts';
+import { ReplicaSnapshotReader, type ReplicaOpener } from './snapshot-reader.ts';
 import { runRestore, type BlockWriter } from '../backup/restore-job.ts';
 import { runGc, type GcResult } from '../backup/gc.ts';
 import { Op } from '../protocol/frames.ts';
@@ -352,11 +351,10 @@ export class BackupController {
     await this.setBackupStatus(name, { state: 'in-progress', startedAt, message: null });
     const started = Date.now();
     let client: DataClient | null = null;
-    let direct: ReplicaSnapshotReader | null = null;
+    let source: ReplicaSnapshotReader | null = null;
     try {
       client = await this.o.engines.openEngineData(engine.value.spec.nodeId, volumeName);
-      const openReplica = this.o.engines.openReplicaData;
-      if (openReplica !== undefined) direct = await ReplicaSnapshotReader.create(client, openReplica, (e) => this.o.log({ ...e, backup: name, volume: volumeName }));
+      source = await ReplicaSnapshotReader.create(client, this.o.engines.openReplicaData, (e) => this.o.log({ ...e, backup: name, volume: volumeName }));
       const progress = new JobProgress({
         events: this.o.events, reason: 'BackupProgress', kind: Kind.Backup, object: name, volume: volumeName, started,
         say: (text) => `backup ${name} of volume ${volumeName}: ${text}`,
@@ -364,7 +362,7 @@ export class BackupController {
       });
       const manifest = await runBackup({
         repo,
-        source: direct ?? engineSnapshotReader(client),
+        source,
         volume: volumeName,
         name,
         snapshot: b.value.spec.snapshot,
@@ -389,14 +387,14 @@ export class BackupController {
         x.status.doneBytes = x.status.totalBytes;
       });
       this.notBefore.delete(name);
-      if (direct !== null) this.o.log({ event: 'backup-read-sources', backup: name, volume: volumeName, ...direct.counts });
+      this.o.log({ event: 'backup-read-sources', backup: name, volume: volumeName, ...source.counts });
       // The backup's own time (deleting older snapshots below merges layers, which can take longer).
       const seconds = (Date.now() - started) / 1000;
       await this.dropOlderSnapshots(name, volumeName);
       const s = manifest.stats;
       await this.o.events.record({
         type: 'Normal', reason: 'BackupCompleted', kind: Kind.Backup, object: name, volume: volumeName,
-        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${seconds.toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read${direct !== null ? ` (${direct.counts.directBytes} straight from the replicas)` : ''}${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
+        message: `backup ${name} of volume ${volumeName} (snapshot ${manifest.snapshot}) completed in ${seconds.toFixed(1)} s: ${s.blocks} block(s), ${s.uploadedBlocks} uploaded (${s.uploadedBytes} bytes), ${s.readBytes} bytes read (${source.counts.directBytes} straight from the replicas)${manifest.base !== null ? `, incremental from ${manifest.base}` : ''}`,
       });
     } catch (err) {
       const e = toZebuError(err);
@@ -414,7 +412,7 @@ export class BackupController {
       await this.setBackupStatus(name, { attempts });
       await this.failBackup(name, e.message);
     } finally {
-      direct?.close();
+      source?.close();
       client?.close();
     }
   }

@@ -9,8 +9,8 @@
  * RW and at which epoch, and blocks are read from those replicas over their data protocol.
  *
  * Nothing here decides correctness: a replica that fails a read, cannot be reached, answers with
- * another name than the engine knows it by, or was fenced by a newer engine is dropped for the
- * rest of the job, and its reads (and every later one, when no replica is left) go through the
+ * another name than the engine knows it by, or says after a read that it is being rebuilt or at
+ * another epoch (a newer engine) is dropped for the rest of the job, and its reads (and every later one, when no replica is left) go through the
  * engine, which answers as it always did. Change lists (SNAPSHOT_CHANGES) always come from the
  * engine: they are small, and the engine is where they are decided.
  */
@@ -41,25 +41,16 @@ export interface SnapshotReadCounts {
   dropped: { address: string; reason: string }[];
 }
 
-/** Reads only through the engine (no replica opener, or the engine named no RW replica). */
-export function engineSnapshotReader(engine: DataClient): SnapshotReader {
-  return {
-    readSnapshot: (name, offset, length) => engine.readSnapshot(name, offset, length),
-    snapshotChanges: (name, base, offset, length) => engine.snapshotChanges(name, base, offset, length),
-    release: (data) => ioBuffers.release(data),
-  };
-}
-
 export class ReplicaSnapshotReader implements SnapshotReader {
   readonly counts: SnapshotReadCounts = { directBytes: 0, engineBytes: 0, dropped: [] };
   private readonly engine: DataClient;
-  private readonly open: ReplicaOpener;
+  private readonly open: ReplicaOpener | undefined;
   private readonly epoch: number;
   private readonly replicas: DirectReplica[];
   private readonly log: (event: Record<string, unknown>) => void;
   private closed = false;
 
-  private constructor(engine: DataClient, open: ReplicaOpener, epoch: number, replicas: { address: string; key: string }[], log: (event: Record<string, unknown>) => void) {
+  private constructor(engine: DataClient, open: ReplicaOpener | undefined, epoch: number, replicas: { address: string; key: string }[], log: (event: Record<string, unknown>) => void) {
     this.engine = engine;
     this.open = open;
     this.epoch = epoch;
@@ -67,8 +58,12 @@ export class ReplicaSnapshotReader implements SnapshotReader {
     this.log = log;
   }
 
-  /** Asks the engine for its epoch and RW replicas. */
-  static async create(engine: DataClient, open: ReplicaOpener, log: (event: Record<string, unknown>) => void = () => {}): Promise<ReplicaSnapshotReader> {
+  /**
+   * Asks the engine for its epoch and RW replicas. Without `open` (a manager that cannot reach
+   * replicas), every read goes through the engine.
+   */
+  static async create(engine: DataClient, open: ReplicaOpener | undefined, log: (event: Record<string, unknown>) => void = () => {}): Promise<ReplicaSnapshotReader> {
+    if (open === undefined) return new ReplicaSnapshotReader(engine, open, 0, [], log);
     const info = (await engine.info()) as { epoch?: unknown; replicas?: unknown };
     const epoch = typeof info.epoch === 'number' && Number.isSafeInteger(info.epoch) && info.epoch >= 0 ? info.epoch : null;
     const rows = Array.isArray(info.replicas) ? (info.replicas as { address?: unknown; key?: unknown; mode?: unknown }[]) : [];
@@ -136,7 +131,7 @@ export class ReplicaSnapshotReader implements SnapshotReader {
 
   private connect(replica: DirectReplica): Promise<DataClient> {
     replica.client ??= (async () => {
-      const client = await this.open(replica.address, this.epoch);
+      const client = await this.open!(replica.address, this.epoch);
       try {
         // The engine may know the replica by name: the address must still be that replica.
         const info = (await client.info()) as ReplicaInfo & { name?: unknown };
