@@ -205,6 +205,16 @@ function heldMiB(dir: string): string {
   return (bytes / 1024 / 1024).toFixed(0);
 }
 
+/**
+ * Fills the volume with `src`, durably, and lets the kernel write back what it holds dirty: the
+ * rebuild timed next must not share the disk with the fill's writeback (the baseline's `cp`
+ * starts from a synced file too).
+ */
+function fill(src: string, uri: string): void {
+  mustSpawn('nbdcopy', ['--flush', src, uri]);
+  mustSpawn('sync', []);
+}
+
 /** Writes every tenth 4 MiB region of the volume (10% of it) with one qemu-io. */
 function writeTenth(uri: string): void {
   const commands: string[] = [];
@@ -235,26 +245,26 @@ async function main(): Promise<void> {
     fs.rmSync(path.join(root, 'copy.img'));
 
     const v = await volume(path.join(root, 'v'));
-    mustSpawn('nbdcopy', [src, v.uri]);
+    fill(src, v.uri);
     const idleSeconds = await rebuild(v, 'idle');
     rows.push(['zebu rebuild, no client I/O', idleSeconds.toFixed(2), (SIZE_MIB / idleSeconds).toFixed(0), '-', heldMiB(path.join(v.dir, 'idle'))]);
 
     // The same, with the copy loop on the engine's event loop (no copier process).
     const inEngine = await volume(path.join(root, 'i'), [], ['--no-copier-process']);
-    mustSpawn('nbdcopy', [src, inEngine.uri]);
+    fill(src, inEngine.uri);
     const inEngineSeconds = await rebuild(inEngine, 'idle');
     rows.push(['zebu rebuild, no client I/O, copy loop in the engine', inEngineSeconds.toFixed(2), (SIZE_MIB / inEngineSeconds).toFixed(0), '-', heldMiB(path.join(inEngine.dir, 'idle'))]);
 
     // The same, with the data passing through the engine (the target does not pull).
     const e = await volume(path.join(root, 'e'), [], ['--no-copy-pull', '--no-copier-process']);
-    mustSpawn('nbdcopy', [src, e.uri]);
+    fill(src, e.uri);
     const throughSeconds = await rebuild(e, 'idle');
     rows.push(['zebu rebuild, no client I/O, through the engine', throughSeconds.toFixed(2), (SIZE_MIB / throughSeconds).toFixed(0), '-', heldMiB(path.join(e.dir, 'idle'))]);
     stopVolume(e);
 
     // The data in a snapshot, 10% written since (every tenth 4 MiB region).
     const s = await volume(path.join(root, 's'));
-    mustSpawn('nbdcopy', [src, s.uri]);
+    fill(src, s.uri);
     await controlRequest(s.control, 'POST', '/v1/snapshots', { name: 'base' });
     writeTenth(s.uri);
     const snapSeconds = await rebuild(s, 'new');
@@ -283,7 +293,7 @@ async function main(): Promise<void> {
     // Two snapshots (the data, then 10% written), 10% written since: killed while the second
     // snapshot is copied, the rest goes on over the first, kept after a hash check.
     const two = await volume(path.join(root, 'two'));
-    mustSpawn('nbdcopy', [src, two.uri]);
+    fill(src, two.uri);
     await controlRequest(two.control, 'POST', '/v1/snapshots', { name: 'one' });
     writeTenth(two.uri);
     await controlRequest(two.control, 'POST', '/v1/snapshots', { name: 'two' });
@@ -310,7 +320,7 @@ async function main(): Promise<void> {
 
     // The same on a volume whose rebuilds hold a whole region while they copy it.
     const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4MiB']);
-    mustSpawn('nbdcopy', [src, w.uri]);
+    fill(src, w.uri);
     const whole = await rebuildUnderFio(w, 'loaded', loadSeconds);
     latencyRows.push(['fio during a rebuild, whole 4 MiB regions held', ...latencyCells(whole.fio), whole.rebuildSeconds.toFixed(2), (SIZE_MIB / whole.rebuildSeconds).toFixed(0)]);
     stopVolume(w);

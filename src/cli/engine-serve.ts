@@ -25,6 +25,7 @@ export interface EngineServeArgs {
   leaseRecallTimeoutMs?: string;
   maxRegionRetries?: string;
   copyChunkBytes?: string;
+  snapshotCopyFlushMs?: string;
   /** commander's --no-copy-pull: false means the rebuild's data passes through the engine. */
   copyPull?: boolean;
   /** commander's --no-copier-process: false means the rebuild's copy loop runs in the engine. */
@@ -50,6 +51,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     maxRegionRetries: args.maxRegionRetries !== undefined ? parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries') : undefined,
     copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
     copyPull: args.copyPull,
+    snapshotCopyFlushMs: args.snapshotCopyFlushMs !== undefined ? parseNonNegativeInt(args.snapshotCopyFlushMs, '--snapshot-copy-flush-ms') : undefined,
     copier: args.copierProcess === false ? null : new RemoteCopier({ start: forkCopier(['--volume', args.name, '--engine-control-socket', args.controlSocket]), secret, requestTimeoutMs, log: (event) => log.info(event, String(event.event)) }),
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),

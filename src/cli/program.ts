@@ -54,6 +54,7 @@ engine
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
   .option('--no-copier-process', 'a rebuild runs its copy loop in the engine (by default in a copier process of its own)')
+  .option('--snapshot-copy-flush-ms <MS>', 'while a rebuild copies snapshots, how often at most its target is flushed, so that a stopped copy goes on over what it holds (default 1000)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 

@@ -46,7 +46,7 @@ import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './repl
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
 import { COPY_CHUNK_BYTES, emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
 import type { RegionCopier } from './copier-process.ts';
-import { runDeltaRebuild, runFullRebuild, type FullResume, type RebuildHost } from './rebuild-sequence.ts';
+import { runDeltaRebuild, runFullRebuild, DEFAULT_SNAPSHOT_COPY_FLUSH_MS, type FullResume, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
 export type { RebuildProgress };
@@ -94,6 +94,12 @@ export interface EngineOptions {
    * not pass through the engine (default true; false: the engine reads and writes every chunk).
    */
   copyPull?: boolean;
+  /**
+   * While a full rebuild copies snapshots, the target is flushed at most this often (default
+   * 1000 ms), so that what it holds of the snapshot under way survives a stop and is not copied
+   * again (rebuild-sequence.ts). The simulator varies it.
+   */
+  snapshotCopyFlushMs?: number;
   /**
    * Where a rebuild copies the live volume's regions: a copier process (copier-process.ts), so
    * the copy costs the engine a few messages per lease. Null (default): on the engine's event loop.
@@ -207,7 +213,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull' | 'copier'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull' | 'copier' | 'snapshotCopyFlushMs'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -247,6 +253,7 @@ export class Engine implements BlockBackend {
   private internalInflight = 0;
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
+  private readonly snapshotCopyFlushMs: number;
   private readonly pullCopies: boolean;
   private readonly copier: RegionCopier | null;
   private verifying = false;
@@ -258,9 +265,10 @@ export class Engine implements BlockBackend {
   private readonly startupHost: StartupHost;
   /**
    * The last rebuild's outcome. `keptSnapshots`: a full rebuild that went on over what its target
-   * completed before it stopped, and the snapshots it found whole there.
+   * completed before it stopped, and the snapshots it found whole there; `wentOnWithin`: the
+   * snapshot whose copy the stop cut short, and how many of its regions were kept.
    */
-  private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null; keptSnapshots?: string[] } | null = null;
+  private lastRebuild: { at: string; replica: string; delta: boolean; copiedBytes: number; totalBytes: number; durationMs: number; error: string | null; keptSnapshots?: string[]; wentOnWithin?: FullResume['within'] } | null = null;
   /** Replicas (by key) whose full rebuild cannot go on, and why (a snapshot differed). */
   private readonly resumeRefused = new Map<string, string>();
 
@@ -308,6 +316,10 @@ export class Engine implements BlockBackend {
     }
     this.copyChunkBytes = options.copyChunkBytes ?? COPY_CHUNK_BYTES;
     this.pullCopies = options.copyPull ?? true;
+    this.snapshotCopyFlushMs = options.snapshotCopyFlushMs ?? DEFAULT_SNAPSHOT_COPY_FLUSH_MS;
+    if (!Number.isSafeInteger(this.snapshotCopyFlushMs) || this.snapshotCopyFlushMs < 0) {
+      throw new ZebuError(ErrorCode.EINVAL, `snapshotCopyFlushMs must be a whole number of milliseconds >= 0, got ${this.snapshotCopyFlushMs}`);
+    }
     this.copier = options.copier ?? null;
     if (!Number.isSafeInteger(this.copyChunkBytes) || this.copyChunkBytes < 4096 || this.copyChunkBytes % 4096 !== 0 || this.copyChunkBytes > REGION_BYTES) {
       throw new ZebuError(ErrorCode.EINVAL, `copyChunkBytes must be a multiple of 4096 between 4096 and ${REGION_BYTES}, got ${this.copyChunkBytes}`);
@@ -399,6 +411,7 @@ export class Engine implements BlockBackend {
       maxRegionRetries: engine.maxRegionRetries,
       copyChunkBytes: engine.copyChunkBytes,
       copyPull: engine.pullCopies,
+      snapshotCopyFlushMs: engine.snapshotCopyFlushMs,
       nowMs: () => engine.clock.nowMs(),
       sleep: (ms) => engine.clock.sleep(ms),
       log: (event) => engine.log(event),
@@ -1256,7 +1269,7 @@ export class Engine implements BlockBackend {
               this.resumeRefused.set(key, refusal);
               throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty and its full rebuild cannot go on: ${refusal}`);
             }
-            resume = { snapshots: theirs, kept: [], refuse: (why) => this.resumeRefused.set(key, why) };
+            resume = { snapshots: theirs, kept: [], within: null, refuse: (why) => this.resumeRefused.set(key, why) };
           } else if (!empty) throw new ZebuError(ErrorCode.EINVAL, `replica ${address} is not empty (revision ${info.revision}, ${info.layerCount} layer(s)) and no delta rebuild is possible: ${delta}`);
         } else mapHolder = delta;
       }
@@ -1306,7 +1319,7 @@ export class Engine implements BlockBackend {
     const record = (error: string | null): void => {
       this.lastRebuild = {
         at: new Date().toISOString(), replica: target.address, delta: progress.delta, copiedBytes: progress.copiedBytes, totalBytes: progress.totalBytes, durationMs: this.clock.nowMs() - started, error,
-        ...(resume !== null ? { keptSnapshots: [...resume.kept] } : {}),
+        ...(resume !== null ? { keptSnapshots: [...resume.kept], wentOnWithin: resume.within } : {}),
       };
     };
     this.log({ event: 'rebuild-started', replica: target.address, ...details });

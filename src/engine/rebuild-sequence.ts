@@ -45,6 +45,13 @@ const LEASED_COPIERS = 16;
  */
 const COPY_FLUSH_MS = 50;
 const COPY_FLUSH_BUSY_MS = 500;
+/**
+ * While snapshots are copied the target is flushed at most this often (RebuildHost's
+ * snapshotCopyFlushMs), so that what it holds of the snapshot under way survives a stop: the
+ * copy then goes on over it (runFullRebuild) instead of starting the snapshot over. Without a
+ * flush, a restarted target knows none of it.
+ */
+export const DEFAULT_SNAPSHOT_COPY_FLUSH_MS = 1000;
 
 class CopyFlusher {
   private readonly host: RebuildHost;
@@ -156,6 +163,8 @@ export interface RebuildHost {
   readonly copyChunkBytes: number;
   /** The target pulls each chunk from a source replica itself (COPY_FROM), not through the engine. */
   readonly copyPull: boolean;
+  /** How often the target is flushed at most while snapshots are copied. */
+  readonly snapshotCopyFlushMs: number;
   /** Client requests in flight. */
   readonly inflight: number;
   readonly faultedReason: string | null;
@@ -401,6 +410,11 @@ export interface FullResume {
   snapshots: SnapshotInfo[];
   /** Snapshots found whole (every region hashing as the source's) and not copied again. */
   kept: string[];
+  /**
+   * The snapshot whose copy the stop cut short, gone on over what the target's head held of it:
+   * its regions that hash as the source's were not copied again.
+   */
+  within: { snapshot: string; regionsKept: number; regionsCopied: number } | null;
   /** A snapshot of the target differs from the source's: it cannot go on (a new replica will). */
   refuse(why: string): void;
 }
@@ -431,15 +445,20 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     // A target that goes on: its head holds part of a copy that stopped; it goes (the head is
     // put back onto its snapshot), and where it sits on none, the first copy over it writes the
     // zeros too (it may hold anything below).
+    // The head is kept instead when the next snapshot to copy sits on it: it is most likely
+    // the one whose copy stopped, and its regions the head already holds as the source has
+    // them (hashed, below) are not copied again.
     const have = new Set(resume?.snapshots.map((x) => x.name) ?? []);
     let tip: string | null = null;
     let headUnknown = false;
+    let underWay: string | null = null;
     if (resume !== null) {
       const head = snapshotCopyPlan(resume.snapshots).headParent;
-      if (head !== null) {
-        await target.client!.snapshotRevert(head);
-        tip = head;
-      } else headUnknown = true;
+      const next = plan.order.find((x) => !have.has(x.name));
+      if (next !== undefined && next.parent === head) underWay = next.name;
+      else if (head !== null) await target.client!.snapshotRevert(head);
+      tip = head;
+      headUnknown = head === null;
     }
     // 1. Every snapshot, parents before children: the target's head is moved (revert) onto the
     //    snapshot's parent, what the snapshot changed since that parent is written over it, and
@@ -453,6 +472,7 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     //    A snapshot the target completed before it stopped is kept when every region of it
     //    hashes as the source's (checked where both are, only hashes travel).
     const mayDiffer = new Map<string | null, Set<number>>([[null, headUnknown ? everyRegion : new Set()]]);
+    let lastFlushMs = host.nowMs();
     for (const { name, parent } of plan.order) {
       if (have.has(name)) {
         const differ = new Set<number>();
@@ -480,16 +500,48 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
       }
       const below = mayDiffer.get(tip) ?? everyRegion;
       const differ = new Set<number>(parent !== null ? below : []);
+      const within = name === underWay ? { snapshot: name, regionsKept: 0, regionsCopied: 0 } : null;
       await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
         const region = offset / regionBytes;
         progress.copiedBytes += length;
+        if (host.nowMs() - lastFlushMs >= host.snapshotCopyFlushMs) {
+          // One region's copy waits for it; the others go on meanwhile.
+          lastFlushMs = host.nowMs();
+          await target.client!.flush();
+          check();
+        }
+        // `force`: the head holds other bytes in the region than the snapshot (a part copied
+        // when the stop came, or something else): the region is written whole.
+        let force = false;
+        if (within !== null) {
+          // Where neither the head holds anything (it reads as the parent) nor the snapshot
+          // changed anything since the parent, there is nothing to compare or copy.
+          const [held, changes] = await Promise.all([
+            target.client!.snapshotChanges(null, tip, offset, length, false),
+            fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null && aboveImage)),
+          ]);
+          check();
+          const holds = held.some((extent) => extent.data);
+          if (!holds && !changes.some((extent) => extent.data)) return;
+          if (holds) {
+            const [theirs, ours] = await Promise.all([target.client!.regionHash(offset, length, null), fromSource((c) => c.regionHash(offset, length, name))]);
+            check();
+            if (theirs.equals(ours)) {
+              within.regionsKept++;
+              if (aboveImage || !theirs.equals(zeroHash(length))) differ.add(region);
+              return;
+            }
+            force = true;
+            within.regionsCopied++;
+          }
+        }
         if (host.copyPull && !cannotPull.has(target)) {
           // Only what changed since the parent (the target holds the parent's view), since the
           // image, or (a root) from zeros; where the target's view may differ, zeros too. The
           // target pulls the region from a source replica itself.
           const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null && aboveImage));
           const changed = changes.some((extent) => extent.data);
-          if (!changed && !(parent === null && below.has(region))) return;
+          if (!changed && !force && !(parent === null && below.has(region))) return;
           if (await pullSnapshotRegion(host, target, check, name, offset, length)) {
             if (changed) differ.add(region);
             return;
@@ -500,7 +552,7 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
           // the image.
           const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null));
           const changed = changes.some((extent) => extent.data);
-          if (!changed && !(parent === null && below.has(region))) return;
+          if (!changed && !force && !(parent === null && below.has(region))) return;
           const data = await fromSource((c) => c.readSnapshot(name, offset, length));
           check();
           if (isAllZero(data)) await target.client!.writeZeroes(offset, length);
@@ -513,11 +565,15 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
         if (!isAllZero(data)) {
           await target.client!.write(offset, data);
           differ.add(region);
-        } else if (below.has(region)) {
+        } else if (below.has(region) || force) {
           await target.client!.writeZeroes(offset, length);
         }
       });
       check();
+      if (within !== null) {
+        resume!.within = within;
+        host.log({ event: 'rebuild-snapshot-went-on', replica: target.address, ...within });
+      }
       await target.client!.snapshotCreate(name);
       mayDiffer.set(name, differ);
       tip = name;

@@ -70,6 +70,7 @@ export interface BlockBackend {
    * A copy pulled from the source (COPY_FROM): under the lease (refused as copyWrite is once it
    * is revoked, held by a revoke while under way), `read` fetches the chunk, which is then
    * written as copyWrite does — or, with `zeros` and a chunk that reads as zeros, marked zero.
+   * Once it settles the backend holds no reference to the chunk: the server reuses its buffer.
    */
   copyPull?(leaseId: number, offset: number, length: number, zeros: boolean, read: () => Promise<Buffer>): Promise<void>;
   /** Revokes a lease; resolves once its copy writes in flight landed. */

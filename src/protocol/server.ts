@@ -59,7 +59,7 @@ export interface DataServerOptions {
   maxInflightPerConnection?: number;
   log?: (event: Record<string, unknown>) => void;
   /**
-   * The backend holds no reference to a WRITE's payload once the write has answered (a Replica:
+   * The backend holds no reference to a WRITE's (or COPY_WRITE's) payload once the write has answered (a Replica:
    * its disk writes are done, and a disk that keeps unsynced data keeps a copy), so a large
    * payload's buffer is reused for the next one instead of being left to the garbage collector.
    * Not for an engine: a replica connection may still hold the payload after the answer (one
@@ -300,7 +300,8 @@ class Connection {
 
   /** A large payload not all here yet: the kernel reads the rest straight into its own buffer. */
   private receivePayload(receiver: SocketReceiver, header: RequestHeader): void {
-    const pooled = header.op === Op.WRITE && (this.owner.opts.reusesWritePayloads || this.owner.opts.lendsWritePayloads);
+    const pooled = (header.op === Op.WRITE && (this.owner.opts.reusesWritePayloads || this.owner.opts.lendsWritePayloads))
+      || (header.op === Op.COPY_WRITE && this.owner.opts.reusesWritePayloads);
     const payload = pooled ? ioBuffers.acquire(header.payloadLength) : Buffer.allocUnsafeSlow(header.payloadLength);
     this.receiving = true;
     receiver.receiveInto(payload, 0, payload.length, () => {
@@ -337,7 +338,7 @@ class Connection {
   private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply, payload: Buffer): void {
     this.inflight--;
     // The backend is done with it (reusesWritePayloads); a buffer the pool did not lend is ignored.
-    if (h.op === Op.WRITE && this.owner.opts.reusesWritePayloads) ioBuffers.release(payload);
+    if ((h.op === Op.WRITE || h.op === Op.COPY_WRITE) && this.owner.opts.reusesWritePayloads) ioBuffers.release(payload);
     this.owner.requestFinished();
     if (err instanceof AssertionFailure) {
       // A bug, not an I/O error: no reply (the client would take it for a failed disk and go
@@ -449,7 +450,14 @@ class Connection {
         const epoch = h.epoch;
         const sources = this.owner.copySources;
         const snapshot = typeof arg.snapshot === 'string' ? arg.snapshot : null;
-        await replica.copyPull(leaseId, h.offset, h.length, arg.zeros === true, () => sources.read(source, name, epoch, h.offset, h.length, snapshot));
+        // The source's reply lands in a pooled buffer (client.ts); once the pull resolved the
+        // backend is done with it, and the next pull reuses it instead of faulting in fresh memory.
+        let pulled: Buffer | null = null;
+        try {
+          await replica.copyPull(leaseId, h.offset, h.length, arg.zeros === true, async () => (pulled = await sources.read(source, name, epoch, h.offset, h.length, snapshot)));
+        } finally {
+          if (pulled !== null) ioBuffers.release(pulled);
+        }
         return EMPTY;
       }
       case Op.LEASE_REVOKE:

@@ -135,6 +135,8 @@ interface PendingChange {
 const WHOLE = Number.MAX_SAFE_INTEGER;
 const MERGE_CHUNK_BLOCKS = 256;
 const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+/** Region-hash buffers kept for reuse (a rebuild hashes a few regions at once). */
+const HASH_BUFFERS_KEPT = 4;
 
 function dataPath(dir: string, id: string): string {
   return path.join(dir, `${id}.data`);
@@ -154,6 +156,8 @@ export class Replica {
   private readonly lock = new RangeLock();
   /** Rebuild leases: copy writes carry a lease id the engine may revoke (copy-leases.ts). */
   private readonly copyLeases = new CopyLeases();
+  /** Buffers regionHash reads into, kept for the next region (see there). */
+  private readonly hashBuffers: Buffer[] = [];
 
   private revision = 0;
   private flushedRevision = 0;
@@ -1274,13 +1278,17 @@ export class Replica {
     this.checkUsable();
     this.checkRange(offset, length);
     const hash = createHash('sha256');
-    const chunk = Buffer.allocUnsafe(Math.min(length, INTENT_REGION_BYTES));
+    // A reused buffer: a fresh 4 MiB one per region faults in (and zeroes) every page, which cost
+    // more than reading and hashing the region (a resumed rebuild hashes whole snapshots).
+    // Not given back after a failed read: a read of it still in flight could land in it later.
+    const chunk = this.hashBuffers.pop() ?? Buffer.allocUnsafeSlow(INTENT_REGION_BYTES);
     for (let at = offset; at < offset + length; ) {
       const n = Math.min(chunk.length, offset + length - at);
       await this.readChain(snapshot, at, n, chunk, 0);
       hash.update(chunk.subarray(0, n));
       at += n;
     }
+    if (this.hashBuffers.length < HASH_BUFFERS_KEPT) this.hashBuffers.push(chunk);
     return hash.digest();
   }
 

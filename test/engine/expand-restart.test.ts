@@ -62,13 +62,13 @@ interface EngineProcess extends Spawned {
   control: string;
 }
 
-function startEngine(t: After, dir: string, options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string }): Promise<EngineProcess> {
+function startEngine(t: After, dir: string, options: { sizeBytes: number; replicas: string[]; epoch: number; secretFile: string; extra?: string[] }): Promise<EngineProcess> {
   const socket = path.join(dir, `engine-${options.epoch}.sock`);
   const control = path.join(dir, `control-${options.epoch}.sock`);
   return spawnReady(t, [
     'engine', 'serve', '--name', 'vol', '--size', String(options.sizeBytes), ...options.replicas.flatMap((r) => ['--replica', r]),
     '--socket', socket, '--control-socket', control, '--secret-file', options.secretFile, '--epoch', String(options.epoch),
-    '--request-timeout-ms', '3000',
+    '--request-timeout-ms', '3000', ...(options.extra ?? []),
   ]).then((s) => ({ ...s, socket, control }));
 }
 
@@ -331,6 +331,62 @@ test('a rebuild target, then its engine, SIGKILLed while snapshots are copied: i
   await stopEngine(next);
   for (const snapshot of [...names, undefined]) {
     const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 2, size, snapshot)));
+    assert.equal(new Set(digests).size, 1, `${snapshot ?? 'the live volume'}: ${digests.join(' ')}`);
+  }
+});
+
+test('a rebuild target SIGKILLed halfway through a snapshot\'s copy goes on within it: what it holds that hashes as the source\'s is kept, a damaged region copied again; every snapshot identical', async (t) => {
+  const dir = tempDir(t);
+  const { file: secretFile, secret } = writeSecret(dir);
+  const size = 128 * MiB;
+  const replicas: ReplicaProcess[] = [];
+  for (const i of [0, 1]) {
+    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
+    t.after(() => r.child.kill('SIGKILL'));
+    replicas.push(r);
+  }
+  // The target is flushed before every region it copies of a snapshot: what it copied is durable at the kill.
+  const engine = await startEngine(t, dir, { sizeBytes: size, replicas: replicas.map((r) => `127.0.0.1:${r.port}`), epoch: 1, secretFile, extra: ['--snapshot-copy-flush-ms', '0'] });
+  const names = ['s1', 's2'];
+  for (const [i, name] of names.entries()) {
+    await fillThroughEngine(engine, secret, size, 40 + i);
+    await controlRequest(engine.control, 'POST', '/v1/snapshots', { name });
+  }
+  await fillThroughEngine(engine, secret, size / 4, 50);
+  const victimDir = path.join(dir, 'victim');
+  let victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile });
+  t.after(() => victim.child.kill('SIGKILL'));
+  const victimAddress = `127.0.0.1:${victim.port}`;
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
+  // s1 copied, s2 more than half.
+  await waitFor('s2 half copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 1.6 * size, 60_000, 2);
+  victim.child.kill('SIGKILL');
+  await victim.exited;
+  await waitFor('target ERR', async () => (await replicasOf(engine.control))[2].mode === 'ERR', 30_000, 50);
+  // One byte of the first region of the head (what it holds of s2) changed while it is down.
+  const head = fs.readdirSync(victimDir).filter((n) => /^L\d+\.data$/.test(n)).map((n) => path.join(victimDir, n))
+    .sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0];
+  const fd = fs.openSync(head, 'r+');
+  const byte = Buffer.alloc(1);
+  fs.readSync(fd, byte, 0, 1, 4096);
+  byte[0] ^= 0xff;
+  fs.writeSync(fd, byte, 0, 1, 4096);
+  fs.closeSync(fd);
+
+  victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile, port: victim.port });
+  t.after(() => victim.child.kill('SIGKILL'));
+  await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
+  await waitFor('the victim RW', async () => (await replicasOf(engine.control))[2].mode === 'RW', 120_000, 50);
+  const last = (await info(engine.control) as unknown as { lastRebuild: { error: string | null; keptSnapshots?: string[]; wentOnWithin?: { snapshot: string; regionsKept: number; regionsCopied: number } | null } }).lastRebuild;
+  assert.equal(last.error, null);
+  assert.deepEqual(last.keptSnapshots, ['s1']);
+  assert.equal(last.wentOnWithin?.snapshot, 's2', JSON.stringify(last));
+  assert.ok(last.wentOnWithin.regionsKept >= 8, `more than half of s2's 32 regions were on the target, less the damaged one: ${JSON.stringify(last)}`);
+  assert.equal(last.wentOnWithin.regionsCopied, 1, `the damaged region was copied again: ${JSON.stringify(last)}`);
+
+  await stopEngine(engine);
+  for (const snapshot of [...names, undefined]) {
+    const digests = await Promise.all([...replicas, victim].map((r) => replicaDigest(r.port, secret, 1, size, snapshot)));
     assert.equal(new Set(digests).size, 1, `${snapshot ?? 'the live volume'}: ${digests.join(' ')}`);
   }
 });

@@ -157,6 +157,7 @@ export class Simulation {
   /** Per seed: how long a recalled rebuild lease may be kept (0: for ever), and how many revokes a region may take. */
   private readonly leaseRecallTimeoutMs: number;
   private readonly copyChunkBytes: number;
+  private readonly snapshotCopyFlushMs: number;
   private readonly remoteCopier: boolean;
   /** The copier process of the engine serving now, while one runs. */
   private copierProc: SimProcess | null = null;
@@ -173,7 +174,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, copierCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, moves: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, snapshotCopiesWentOn: 0, moves: 0, reissued: 0,
   };
 
   constructor(options: SimOptions) {
@@ -194,6 +195,8 @@ export class Simulation {
     // Small chunks make more of a region's copy progress (notes of regions copied in part).
     const copyRandom = new Random(options.seed * 104729 + 3);
     this.copyChunkBytes = copyRandom.pick([16 * 1024, 256 * 1024, INTENT_REGION_BYTES]);
+    // Frequent target flushes while snapshots are copied leave a stopped copy something to go on over.
+    this.snapshotCopyFlushMs = new Random(options.seed * 6007 + 11).pick([0, 5, 50, 1000]);
     // Most seeds copy in a copier process of its own (as `engine serve` does), which faults hit alone.
     this.remoteCopier = copyRandom.chance(0.75);
     this.workingSet = this.random.chance(0.5);
@@ -289,10 +292,14 @@ export class Simulation {
       name: 'sim', sizeBytes: this.specSizeBytes, replicas: this.replicas.map((r) => r.entry), secret: SECRET, epoch: this.epoch,
       requestTimeoutMs: REQUEST_TIMEOUT_MS, pingIntervalMs: 1000, replicaWaitMs: 3000,
       leaseRecallTimeoutMs: this.leaseRecallTimeoutMs, maxRegionRetries: this.maxRegionRetries, copyChunkBytes: this.copyChunkBytes,
+      snapshotCopyFlushMs: this.snapshotCopyFlushMs,
       copier: this.remoteCopier ? this.copierFor(proc) : null,
       outReplicas: this.replicas.filter((r) => r.out).map((r) => r.key),
       transport: this.net.transport(proc), clock: proc.clock,
-      log: LIVE_TRACE ? (event) => this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`) : undefined,
+      log: (event) => {
+        if (event.event === 'rebuild-snapshot-went-on' && (event.regionsKept as number) > 0) this.stats.snapshotCopiesWentOn++;
+        if (LIVE_TRACE) this.note(`engine ${this.epoch}: ${JSON.stringify(event).slice(0, 400)}`);
+      },
     });
     this.engineProc = proc;
     this.engine = engine;
