@@ -37,7 +37,10 @@ export interface CopyEndpoint {
 export interface RegionCopyRequest {
   epoch: number;
   target: CopyEndpoint;
-  /** RW replicas to read from, best first (the copier takes the next when one fails). */
+  /**
+   * RW replicas to read from, best first (the copier takes the next when one fails), when the copy
+   * was asked for; each lease grant replaces them with those of its moment.
+   */
   sources: CopyEndpoint[];
   offset: number;
   length: number;
@@ -50,8 +53,14 @@ export interface RegionCopyRequest {
 
 /** What a copy uses of the engine, the lease authority. */
 export interface RegionCopyHooks {
-  /** A lease on [start, end) of the target; `onRecall` when a client write waits for it, `onRevoke` when it was revoked after the recall timeout. */
-  acquireLease(start: number, end: number, onRecall: (id: number) => void, onRevoke: (id: number) => void): Promise<number>;
+  /**
+   * A lease on [start, end) of the target; `onRecall` when a client write waits for it, `onRevoke`
+   * when it was revoked after the recall timeout. With it, the RW replicas to read from at the
+   * grant (best first): a replica that left RW since the copy was asked for (it may have missed
+   * writes since) is no source any more. Chunks copied under the lease may read the sources of its
+   * grant: a write to the region that a source left out of waits for the lease.
+   */
+  acquireLease(start: number, end: number, onRecall: (id: number) => void, onRevoke: (id: number) => void): Promise<{ id: number; sources: CopyEndpoint[] }>;
   releaseLease(id: number): void;
   /** Revokes a lease now (the copier is gone): the target refuses its copy writes from now on. */
   revokeLease(id: number): void;
@@ -84,6 +93,12 @@ export class CopierLost extends ZebuError {
 
 /** The copier gave the region up (revoked past the retry limit): the rebuild fails with it. */
 export class CopierGaveUp extends ZebuError {}
+
+/** The answer to a lease ask: the lease, and the sources to read from under it. */
+export interface LeaseGrant {
+  lease: number;
+  sources: CopyEndpoint[];
+}
 
 export type EngineToCopier =
   | { t: 'init'; secret: string; requestTimeoutMs: number | null }
@@ -330,13 +345,13 @@ export class RemoteCopier implements RegionCopier {
           }, refuse);
         } else {
           // A recall may come before the grant: the copier keeps it until it has the lease.
-          running.hooks.acquireLease(m.start, m.end, (lease) => channel.send({ t: 'recall', lease }), (lease) => channel.send({ t: 'revoked', lease })).then((id) => {
+          running.hooks.acquireLease(m.start, m.end, (lease) => channel.send({ t: 'recall', lease }), (lease) => channel.send({ t: 'revoked', lease })).then(({ id, sources }) => {
             if (this.copies.get(m.copy) !== running) {
               running.hooks.releaseLease(id);
               return refuse(new ZebuError(ErrorCode.CLOSED, 'the copy ended'));
             }
             running.leases.add(id);
-            answer(id);
+            answer({ lease: id, sources } satisfies LeaseGrant);
           }, refuse);
         }
         return;

@@ -8,7 +8,7 @@ import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
 import { Op, decodeExtents, type WireExtent } from '../protocol/frames.ts';
 import { copyRegionLeased, regionGivenUp, type CopierHost, type LeaseCounters } from './leased-copy.ts';
-import type { CopierToEngine, CopyEndpoint, EngineToCopier, RegionCopyRequest } from './copier-process.ts';
+import type { CopierToEngine, CopyEndpoint, EngineToCopier, LeaseGrant, RegionCopyRequest } from './copier-process.ts';
 import type { Transport } from '../protocol/transport.ts';
 import type { Clock } from '../os/clock.ts';
 
@@ -156,7 +156,12 @@ export class CopierWorker {
     let busy = true;
     const target = (): Promise<DataClient> => this.connection(request.target, request.epoch);
     const host: CopierHost = {
-      acquireLease: async (start, end) => (await this.ask({ copy, what: 'lease', start, end })) as number,
+      acquireLease: async (start, end) => {
+        const grant = (await this.ask({ copy, what: 'lease', start, end })) as LeaseGrant;
+        // Read from the sources of the grant: one that left RW since may have missed writes.
+        request.sources = grant.sources;
+        return grant.lease;
+      },
       // A revoked lease is not given back after the chunk: the next write meets the revoke.
       leaseWanted: (id) => this.recalled.has(id) && !this.revoked.has(id),
       releaseLease: (id) => {

@@ -315,6 +315,13 @@ function pullSnapshotRegion(host: RebuildHost, target: EngineReplica, check: () 
 /** The id a target's snapshot pulls carry (one per target: never a lease, never revoked). */
 const snapshotCopyIds = new WeakMap<EngineReplica, number>();
 
+/** The RW replicas a copy to `target` reads from now, best first; the volume's fault when none. */
+function copySources(host: RebuildHost, target: EngineReplica): EngineReplica[] {
+  const first = host.pickReader(new Set([target]));
+  if (first === null) throw host.faultError();
+  return [first, ...host.replicas.filter((r) => r !== first && r !== target && r.mode === ReplicaMode.RW && r.client !== null)];
+}
+
 function endpoint(r: EngineReplica): CopyEndpoint {
   return { address: r.address, host: r.host, port: r.port, key: r.key, named: r.named };
 }
@@ -330,7 +337,14 @@ async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, targe
     acquireLease: async (start, end, onRecall, onRevoke) => {
       const id = await host.acquireLease(target, start, end, onRecall, onRevoke);
       host.leaseCounters.grants++;
-      return id;
+      let sources: CopyEndpoint[];
+      try {
+        sources = copySources(host, target).map(endpoint);
+      } catch (err) {
+        host.releaseLease(id);
+        throw err;
+      }
+      return { id, sources };
     },
     releaseLease: (id) => host.releaseLease(id),
     revokeLease: (id) => host.revokeLease(target, id),
@@ -345,9 +359,7 @@ async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, targe
   };
   for (let lost = 0; ;) {
     check();
-    const first = host.pickReader(new Set([target]));
-    if (first === null) throw host.faultError();
-    const sources = [first, ...host.replicas.filter((r) => r !== first && r !== target && r.mode === ReplicaMode.RW && r.client !== null)];
+    const sources = copySources(host, target);
     try {
       return await copier.copy({
         epoch: host.epoch, target: endpoint(target), sources: sources.map(endpoint), offset, length, how,
