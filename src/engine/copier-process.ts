@@ -131,6 +131,11 @@ export interface CopierChannel {
   release(): void;
   kill(): void;
   readonly pid: number | null;
+  /**
+   * Whether clients use the volume: the copier then yields the CPU to the data path (optional;
+   * called on every copy turn, so it must be cheap when nothing changes).
+   */
+  clientsBusy?(busy: boolean): void;
 }
 
 /**
@@ -140,22 +145,31 @@ export interface CopierChannel {
 export type CopierStarter = (onMessage: (message: CopierToEngine) => void, onGone: (why: string) => void) => CopierChannel;
 
 /**
- * The copier's CPU priority (nice): below the data path's processes, so that on a busy machine
- * client I/O comes first; with the CPU idle it makes no difference.
+ * The copier's CPU priority (nice) while clients use the volume: below the data path's
+ * processes, so that on a busy machine client I/O comes first (measured: fio's 4k write p99
+ * during a rebuild 30.5 ms at the same priority, 15.3 without a rebuild). With no client I/O it
+ * runs at the engine's priority: niced, it starved behind the replicas doing its pulls (idle
+ * rebuild 228-282 MiB/s against 277-286).
  */
-const COPIER_NICE = 10;
+const COPIER_BUSY_NICE = 10;
 
 /** A copier process forked from this one, over the IPC channel; `args` tell it apart in a process list. */
 export function forkCopier(args: string[]): CopierStarter {
   return (onMessage, onGone) => {
     const child = fork(new URL(import.meta.url.endsWith('.js') ? './copier-main.js' : './copier-main.ts', import.meta.url), args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
-    if (child.pid !== undefined) {
+    const basePriority = os.getPriority();
+    let niced: boolean | null = null;
+    const nice = (busy: boolean): void => {
+      if (busy === niced || child.pid === undefined || child.exitCode !== null) return;
+      niced = busy;
       try {
-        os.setPriority(child.pid, Math.min(19, os.getPriority() + COPIER_NICE));
+        os.setPriority(child.pid, busy ? Math.min(19, basePriority + COPIER_BUSY_NICE) : basePriority);
       } catch {
-        // Not allowed here: it runs at the engine's priority.
+        // Not allowed here (a priority raised back needs the privilege to): it stays as it is.
       }
-    }
+    };
+    // Niced from the start: a rebuild usually starts while clients use the volume.
+    nice(true);
     let current = true;
     const gone = (why: string): void => {
       if (!current) return;
@@ -192,6 +206,7 @@ export function forkCopier(args: string[]): CopierStarter {
         current = false;
         child.kill('SIGKILL');
       },
+      clientsBusy: nice,
       get pid() {
         return child.pid ?? null;
       },
@@ -341,7 +356,9 @@ export class RemoteCopier implements RegionCopier {
             if (this.copies.get(m.copy) !== running) return endTurn();
             const turn = this.nextTurn++;
             running.turns.set(turn, endTurn);
-            answer({ turn, busy: running.hooks.clientsBusy() });
+            const busy = running.hooks.clientsBusy();
+            channel.clientsBusy?.(busy);
+            answer({ turn, busy });
           }, refuse);
         } else {
           // A recall may come before the grant: the copier keeps it until it has the lease.
