@@ -454,12 +454,11 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
   try {
     // 0. From now until the end the copy is incomplete, and says so durably.
     host.set.noteInfo(target, await target.client!.setRebuilding('full'));
-    // A target that goes on: its head holds part of a copy that stopped; it goes (the head is
-    // put back onto its snapshot), and where it sits on none, the first copy over it writes the
-    // zeros too (it may hold anything below).
-    // The head is kept instead when the next snapshot to copy sits on it: it is most likely
-    // the one whose copy stopped, and its regions the head already holds as the source has
-    // them (hashed, below) are not copied again.
+    // A target that goes on: its head holds part of a copy that stopped. When the next snapshot
+    // to copy sits on the head's parent (most likely the one whose copy stopped), the head is
+    // kept, and the regions it holds as the source has them (hashed, below) are not copied
+    // again. Else it goes (the head is put back onto its snapshot), and where it sits on none,
+    // the first copy over it writes the zeros too (it may hold anything below).
     const have = new Set(resume?.snapshots.map((x) => x.name) ?? []);
     let tip: string | null = null;
     let headUnknown = false;
