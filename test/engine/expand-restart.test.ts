@@ -20,6 +20,7 @@ import { startFio, fioFigures } from '../support/fio.ts';
 import { tempDir, pattern } from '../support/tmp.ts';
 import { waitFor } from '../support/zebu-up.ts';
 import { watchChildStart } from '../support/child-ready.ts';
+import { startReplicas } from './engine-process.ts';
 
 const MiB = 1024 * 1024;
 
@@ -102,6 +103,24 @@ async function expectError(promise: Promise<unknown>, pattern: RegExp): Promise<
   });
 }
 
+/** SIGKILLs the rebuild target (the third replica) once its copy reached `bytes`; resolves when the engine has it ERR. */
+async function killTargetWhenCopied(engine: EngineProcess, target: ReplicaProcess, bytes: number, what: string): Promise<void> {
+  await waitFor(what, async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= bytes, 60_000, 2);
+  target.child.kill('SIGKILL');
+  await target.exited;
+  await waitFor('target ERR', async () => (await replicasOf(engine.control))[2].mode === 'ERR', 30_000, 50);
+}
+
+/** Inverts one byte of a file (bit rot while its replica is down). */
+function flipByte(file: string, position: number): void {
+  const fd = fs.openSync(file, 'r+');
+  const byte = Buffer.alloc(1);
+  fs.readSync(fd, byte, 0, 1, position);
+  byte[0] ^= 0xff;
+  fs.writeSync(fd, byte, 0, 1, position);
+  fs.closeSync(fd);
+}
+
 /** Writes `pattern(seed)` over [0, bytes) through the engine's own data socket. */
 async function fillThroughEngine(engine: EngineProcess, secret: Buffer, bytes: number, seed: number): Promise<void> {
   const client = await DataClient.connect({ path: engine.socket, secret, peerLabel: 'engine', requestTimeoutMs: 60_000 });
@@ -121,12 +140,7 @@ test('online expansion: a new NBD connection sees the new size; an engine start 
   const { file: secretFile, secret } = writeSecret(dir);
   const OLD = 64 * MiB;
   const NEW = 128 * MiB;
-  const replicas: ReplicaProcess[] = [];
-  for (const i of [0, 1]) {
-    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: OLD, secretFile });
-    t.after(() => r.child.kill('SIGKILL'));
-    replicas.push(r);
-  }
+  const replicas = await startReplicas(t, dir, 2, OLD, secretFile);
   const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
   let engine = await startEngine(t, dir, { sizeBytes: OLD, replicas: addresses, epoch: 1, secretFile });
   const nbdSocket = path.join(dir, 'nbd.sock');
@@ -189,12 +203,7 @@ test('a rebuild target SIGKILLed midway resumes: added again, and again after an
   const { file: secretFile, secret } = writeSecret(dir);
   const size = 256 * MiB;
   const region = 4 * MiB;
-  const replicas: ReplicaProcess[] = [];
-  for (const i of [0, 1]) {
-    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
-    t.after(() => r.child.kill('SIGKILL'));
-    replicas.push(r);
-  }
+  const replicas = await startReplicas(t, dir, 2, size, secretFile);
   const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
   let engine = await startEngine(t, dir, { sizeBytes: size, replicas: addresses, epoch: 1, secretFile });
   await fillThroughEngine(engine, secret, 192 * MiB, 5);
@@ -283,12 +292,7 @@ test('a rebuild target, then its engine, SIGKILLed while snapshots are copied: i
   const dir = tempDir(t);
   const { file: secretFile, secret } = writeSecret(dir);
   const size = 128 * MiB;
-  const replicas: ReplicaProcess[] = [];
-  for (const i of [0, 1]) {
-    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
-    t.after(() => r.child.kill('SIGKILL'));
-    replicas.push(r);
-  }
+  const replicas = await startReplicas(t, dir, 2, size, secretFile);
   const addresses = replicas.map((r) => `127.0.0.1:${r.port}`);
   const engine = await startEngine(t, dir, { sizeBytes: size, replicas: addresses, epoch: 1, secretFile });
   const names = ['s1', 's2', 's3', 's4'];
@@ -339,12 +343,7 @@ test('a rebuild target SIGKILLed halfway through a snapshot\'s copy goes on with
   const dir = tempDir(t);
   const { file: secretFile, secret } = writeSecret(dir);
   const size = 128 * MiB;
-  const replicas: ReplicaProcess[] = [];
-  for (const i of [0, 1]) {
-    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
-    t.after(() => r.child.kill('SIGKILL'));
-    replicas.push(r);
-  }
+  const replicas = await startReplicas(t, dir, 2, size, secretFile);
   // The target is flushed before every region it copies of a snapshot: what it copied is durable at the kill.
   const engine = await startEngine(t, dir, { sizeBytes: size, replicas: replicas.map((r) => `127.0.0.1:${r.port}`), epoch: 1, secretFile, extra: ['--snapshot-copy-flush-ms', '0'] });
   const names = ['s1', 's2'];
@@ -359,19 +358,11 @@ test('a rebuild target SIGKILLed halfway through a snapshot\'s copy goes on with
   const victimAddress = `127.0.0.1:${victim.port}`;
   await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
   // s1 copied, s2 more than half.
-  await waitFor('s2 half copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 1.6 * size, 60_000, 2);
-  victim.child.kill('SIGKILL');
-  await victim.exited;
-  await waitFor('target ERR', async () => (await replicasOf(engine.control))[2].mode === 'ERR', 30_000, 50);
+  await killTargetWhenCopied(engine, victim, 1.6 * size, 's2 half copied');
   // One byte of the first region of the head (what it holds of s2) changed while it is down.
   const head = fs.readdirSync(victimDir).filter((n) => /^L\d+\.data$/.test(n)).map((n) => path.join(victimDir, n))
     .sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs)[0];
-  const fd = fs.openSync(head, 'r+');
-  const byte = Buffer.alloc(1);
-  fs.readSync(fd, byte, 0, 1, 4096);
-  byte[0] ^= 0xff;
-  fs.writeSync(fd, byte, 0, 1, 4096);
-  fs.closeSync(fd);
+  flipByte(head, 4096);
 
   victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile, port: victim.port });
   t.after(() => victim.child.kill('SIGKILL'));
@@ -395,12 +386,7 @@ test('a half-rebuilt target whose completed snapshot was damaged on disk is foun
   const dir = tempDir(t);
   const { file: secretFile, secret } = writeSecret(dir);
   const size = 64 * MiB;
-  const replicas: ReplicaProcess[] = [];
-  for (const i of [0, 1]) {
-    const r = await startReplica({ dir: path.join(dir, `replica-${i}`), sizeBytes: size, secretFile });
-    t.after(() => r.child.kill('SIGKILL'));
-    replicas.push(r);
-  }
+  const replicas = await startReplicas(t, dir, 2, size, secretFile);
   const engine = await startEngine(t, dir, { sizeBytes: size, replicas: replicas.map((r) => `127.0.0.1:${r.port}`), epoch: 1, secretFile });
   for (const [i, name] of ['s1', 's2', 's3', 's4'].entries()) {
     await fillThroughEngine(engine, secret, size, 30 + i);
@@ -411,19 +397,10 @@ test('a half-rebuilt target whose completed snapshot was damaged on disk is foun
   t.after(() => victim.child.kill('SIGKILL'));
   const victimAddress = `127.0.0.1:${victim.port}`;
   await controlRequest(engine.control, 'POST', '/v1/replicas', { address: victimAddress });
-  await waitFor('two snapshots copied', async () => ((await replicasOf(engine.control))[2].rebuild?.copiedBytes ?? 0) >= 2.25 * size, 60_000, 2);
-  victim.child.kill('SIGKILL');
-  await victim.exited;
-  await waitFor('target ERR', async () => (await replicasOf(engine.control))[2].mode === 'ERR', 30_000, 50);
+  await killTargetWhenCopied(engine, victim, 2.25 * size, 'two snapshots copied');
   // Bit rot in the oldest layer (snapshot s1) while the process is down.
   const oldest = fs.readdirSync(victimDir).filter((n) => /^L\d+\.data$/.test(n)).sort()[0];
-  const file = path.join(victimDir, oldest);
-  const fd = fs.openSync(file, 'r+');
-  const byte = Buffer.alloc(1);
-  fs.readSync(fd, byte, 0, 1, 4096);
-  byte[0] ^= 0xff;
-  fs.writeSync(fd, byte, 0, 1, 4096);
-  fs.closeSync(fd);
+  flipByte(path.join(victimDir, oldest), 4096);
 
   victim = await startReplica({ dir: victimDir, sizeBytes: size, secretFile, port: victim.port });
   t.after(() => victim.child.kill('SIGKILL'));
