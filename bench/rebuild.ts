@@ -9,7 +9,9 @@
  *   - the same rebuild while fio writes 4k at random (iodepth 16): fio's IOPS and write latency
  *     (p50, p99, max) while the rebuild runs, against the same fio on the same volume without a
  *     rebuild, with the copy loop in the engine, and against a rebuild that holds each 4 MiB
- *     region whole while it copies it (the way before region leases: `--copy-chunk-bytes 4MiB`);
+ *     region whole while it copies it (the way before region leases: `--copy-chunk-bytes 4MiB`),
+ *     and against a rebuild held to a bandwidth limit (BENCH_REBUILD_LIMIT_MIB, default 64 MiB/s:
+ *     the setting rebuild-max-mib-per-second);
  *   - a rebuild of a volume whose data is in a snapshot, 10% of it written since: the snapshot is
  *     copied, then only what the live volume changed since it;
  *   - a rebuild of a volume on a backing image (the same data as the image), 10% written: only
@@ -35,6 +37,7 @@ const MAIN = dataPathMain().main;
 const SIZE_MIB = Number(process.env.BENCH_SIZE_MIB ?? 1024);
 const SIZE = SIZE_MIB * 1024 * 1024;
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 8);
+const LIMIT_MIB = Number(process.env.BENCH_REBUILD_LIMIT_MIB ?? 64);
 
 const children: ChildProcess[] = [];
 process.on('exit', () => {
@@ -133,10 +136,14 @@ async function volume(dir: string, replicaArgs: string[] = [], volumeArgs: strin
   return { uri: `nbd://127.0.0.1:${port}/bench`, control: String(ready.controlSocket), secretFile, dir };
 }
 
+/** The address of the replica the last rebuild() added. */
+let lastRebuilt = '';
+
 /** Adds a fresh replica and waits until it is RW; returns the seconds it took. */
 async function rebuild(v: Volume, name: string, replicaArgs: string[] = []): Promise<number> {
   const ready = await startReady(['replica', 'serve', '--dir', path.join(v.dir, name), '--size', String(SIZE), '--listen', '127.0.0.1:0', '--secret-file', v.secretFile, ...replicaArgs]);
   const address = `127.0.0.1:${ready.port}`;
+  lastRebuilt = address;
   const started = performance.now();
   await controlRequest(v.control, 'POST', '/v1/replicas', { address });
   for (;;) {
@@ -311,6 +318,11 @@ async function main(): Promise<void> {
     const leased = await rebuildUnderFio(v, 'loaded', loadSeconds);
     rows.push(['zebu rebuild under fio 4k randwrite', leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0), leased.fio.iops.toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
     latencyRows.push(['fio during a rebuild, 256 KiB chunks under leases', ...latencyCells(leased.fio), leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0)]);
+    // The same under a bandwidth limit, on 3 replicas again (the one just rebuilt goes).
+    await controlRequest(v.control, 'DELETE', `/v1/replicas/${encodeURIComponent(lastRebuilt)}`);
+    await controlRequest(v.control, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: LIMIT_MIB * 1024 * 1024 });
+    const limited = await rebuildUnderFio(v, 'limited', loadSeconds);
+    latencyRows.push([`fio during a rebuild limited to ${LIMIT_MIB} MiB/s`, ...latencyCells(limited.fio), limited.rebuildSeconds.toFixed(2), (SIZE_MIB / limited.rebuildSeconds).toFixed(0)]);
     stopVolume(v);
 
     // The same with the copy loop on the engine's event loop (no copier process).

@@ -69,6 +69,8 @@ interface EngineInfo {
   /** Write-intent log: regions active now, and the bound. */
   activeRegions?: number;
   maxActiveRegions?: number;
+  /** Its rebuilds' bandwidth limit (0: none); absent from an engine of an older version. */
+  rebuildMaxBytesPerSecond?: number;
 }
 
 /** A count the engine reports; null when it does not (an engine of another version). */
@@ -713,6 +715,7 @@ export class Agent {
     const replicaWaitMs = (await this.settings.int('engine-replica-wait-seconds')) * 1000;
     const leaseRecallTimeoutMs = await this.settings.int('rebuild-lease-recall-timeout-ms');
     const maxRegionRetries = await this.settings.int('rebuild-max-region-retries');
+    const rebuildMaxMiBPerSecond = await this.settings.int('rebuild-max-mib-per-second');
     const view = this.supervisor.ensure(id, [
       'engine', 'serve', '--name', volume, '--size', String(spec.sizeBytes),
       ...Object.entries(replicasNow.addresses).flatMap(([name, address]) => ['--replica', `${name}=${address}`]),
@@ -721,6 +724,7 @@ export class Agent {
       '--secret-file', this.options.secretFile, '--epoch', String(spec.epoch), '--request-timeout-ms', String(timeoutMs),
       '--max-active-regions', String(maxActiveRegions), '--replica-wait-ms', String(replicaWaitMs),
       '--lease-recall-timeout-ms', String(leaseRecallTimeoutMs), '--max-region-retries', String(maxRegionRetries),
+      '--rebuild-max-mib-per-second', String(rebuildMaxMiBPerSecond),
       // Its start-up may wait for replicas, then resync regions: only past that is it hung.
     ], { autoRestart: false, readyTimeoutMs: replicaWaitMs + ENGINE_START_MS_MAX, backoffMsMax: DATA_PATH_BACKOFF_MS_MAX });
     const processEpoch = view.pid !== null ? epochOf(view.args) : 0;
@@ -750,6 +754,17 @@ export class Agent {
       return this.options.pollMs;
     }
     let message: string | null = null;
+
+    // The rebuild bandwidth limit applies to running engines too (a user slows a rebuild down).
+    const rebuildMaxBytesPerSecond = rebuildMaxMiBPerSecond * 1024 * 1024;
+    if (info.rebuildMaxBytesPerSecond !== undefined && info.rebuildMaxBytesPerSecond !== rebuildMaxBytesPerSecond) {
+      try {
+        await controlRequest(control, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: rebuildMaxBytesPerSecond });
+        info.rebuildMaxBytesPerSecond = rebuildMaxBytesPerSecond;
+      } catch (err) {
+        message = `setting the rebuild bandwidth limit: ${(err as Error).message}`;
+      }
+    }
 
     // The replica set the manager wants, by name. A wanted replica at another address (its process
     // restarted on a new port) is added again by name: the engine rebuilds it by delta when it can,

@@ -26,6 +26,7 @@ export interface EngineServeArgs {
   maxRegionRetries?: string;
   copyChunkBytes?: string;
   snapshotCopyFlushMs?: string;
+  rebuildMaxMibPerSecond?: string;
   /** commander's --no-copy-pull: false means the rebuild's data passes through the engine. */
   copyPull?: boolean;
   /** commander's --no-copier-process: false means the rebuild's copy loop runs in the engine. */
@@ -52,6 +53,7 @@ export async function engineServe(args: EngineServeArgs): Promise<void> {
     copyChunkBytes: args.copyChunkBytes !== undefined ? parseBytes(args.copyChunkBytes) : undefined,
     copyPull: args.copyPull,
     snapshotCopyFlushMs: args.snapshotCopyFlushMs !== undefined ? parseNonNegativeInt(args.snapshotCopyFlushMs, '--snapshot-copy-flush-ms') : undefined,
+    rebuildMaxBytesPerSecond: args.rebuildMaxMibPerSecond !== undefined ? parseNonNegativeInt(args.rebuildMaxMibPerSecond, '--rebuild-max-mib-per-second') * 1024 * 1024 : undefined,
     copier: args.copierProcess === false ? null : new RemoteCopier({ start: forkCopier(['--volume', args.name, '--engine-control-socket', args.controlSocket]), secret, requestTimeoutMs, log: (event) => log.info(event, String(event.event)) }),
     outReplicas: args.replicaOut,
     log: (event) => log.info(event, String(event.event)),

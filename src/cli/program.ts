@@ -55,6 +55,7 @@ engine
   .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
   .option('--no-copier-process', 'a rebuild runs its copy loop in the engine (by default in a copier process of its own)')
   .option('--snapshot-copy-flush-ms <MS>', 'while a rebuild copies snapshots, how often at most its target is flushed, so that a stopped copy goes on over what it holds (default 1000)')
+  .option('--rebuild-max-mib-per-second <N>', 'what a rebuild may write to its target per second, in MiB; 0: no limit (default 0)')
   .option('--replica-out <KEY>', 'a replica known to be out: start-up does not wait for it (repeat)', collect)
   .action((opts) => engineServe(opts).catch(fail));
 
@@ -134,6 +135,7 @@ volume
   .option('--copy-chunk-bytes <BYTES>', 'what a rebuild copies at a time under a region lease: a multiple of 4KiB up to 4MiB (default 256KiB)')
   .option('--no-copy-pull', 'a rebuild copies through the engine (by default its target pulls each chunk from a source replica itself)')
   .option('--no-copier-process', 'a rebuild runs its copy loop in the engine (by default in a copier process of its own)')
+  .option('--rebuild-max-mib-per-second <N>', 'what a rebuild may write to its target per second, in MiB; 0: no limit (default 0)')
   .option('--hold-timeout-ms <MS>', 'client requests held with no engine fail after this long (default 300000)')
   .option('--hang-timeout-ms <MS>', 'an engine that does not answer a heartbeat this long is killed and replaced (default 10000)')
   .option('--stall-timeout-ms <MS>', 'an engine that leaves a request unanswered this long is killed and replaced (default 60000)')

@@ -43,6 +43,7 @@ export interface VolumeServeArgs {
   leaseRecallTimeoutMs?: string;
   maxRegionRetries?: string;
   copyChunkBytes?: string;
+  rebuildMaxMibPerSecond?: string;
   /** commander's --no-copy-pull. */
   copyPull?: boolean;
   /** commander's --no-copier-process. */
@@ -79,6 +80,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
   }
   if (args.leaseRecallTimeoutMs !== undefined) parseNonNegativeInt(args.leaseRecallTimeoutMs, '--lease-recall-timeout-ms');
   if (args.maxRegionRetries !== undefined) parseNonNegativeInt(args.maxRegionRetries, '--max-region-retries');
+  if (args.rebuildMaxMibPerSecond !== undefined) parseNonNegativeInt(args.rebuildMaxMibPerSecond, '--rebuild-max-mib-per-second');
   if (args.copyChunkBytes !== undefined) {
     const chunk = parseBytes(args.copyChunkBytes);
     if (chunk < 4096 || chunk % 4096 !== 0 || chunk > 4 * 1024 * 1024) throw invalid(`--copy-chunk-bytes must be a multiple of 4KiB between 4KiB and 4MiB, got ${JSON.stringify(args.copyChunkBytes)}`);
@@ -107,6 +109,7 @@ export async function volumeServe(args: VolumeServeArgs): Promise<void> {
       ...(args.leaseRecallTimeoutMs !== undefined ? ['--lease-recall-timeout-ms', args.leaseRecallTimeoutMs] : []),
       ...(args.maxRegionRetries !== undefined ? ['--max-region-retries', args.maxRegionRetries] : []),
       ...(args.copyChunkBytes !== undefined ? ['--copy-chunk-bytes', args.copyChunkBytes] : []),
+      ...(args.rebuildMaxMibPerSecond !== undefined ? ['--rebuild-max-mib-per-second', args.rebuildMaxMibPerSecond] : []),
       ...(args.copyPull === false ? ['--no-copy-pull'] : []),
       ...(args.copierProcess === false ? ['--no-copier-process'] : []),
     ],

@@ -76,6 +76,10 @@ export const SETTINGS = {
     type: 'int', default: '5', min: 0, max: 1000,
     description: 'How many times one region of a rebuild may lose its lease (see rebuild-lease-recall-timeout-ms) before the rebuild fails, naming the region and why (applies to engines started afterwards).',
   },
+  'rebuild-max-mib-per-second': {
+    type: 'int', default: '0', min: 0, max: 1048576,
+    description: 'What a rebuild may write to its new replica per second, in MiB (per volume, averaged over a few 4 MiB regions), so that rebuilds leave the disks and the network to clients; 0: no limit. Applies at once, also to rebuilds under way.',
+  },
   'replica-auto-balance': {
     type: 'string', default: 'disabled',
     description: 'Whether the manager moves replicas of healthy volumes to spread them (each move: a new replica rebuilt first, then the old one removed; a detached volume is attached without an NBD export for it, then detached). "disabled"; "least-effort": replicas of a volume sharing a node move to a node that holds none of them, when one can take them; "best-effort": also even out how many replicas each node, then each disk of a node, holds.',

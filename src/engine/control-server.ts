@@ -38,6 +38,9 @@
  *                                  from the source into the replicas that differ. 409 BUSY: a verify
  *                                  runs already; 500 FENCED/EIO when faulted
  *   GET    /v1/stats              the stats object of /v1/info
+ *   PUT    /v1/rebuild-limit      {"bytesPerSecond": N} -> {rebuildMaxBytesPerSecond}: what a rebuild may
+ *                                 write to its target per second (0: no limit); a rebuild under way
+ *                                 takes it from its next region. Shown in /v1/info as rebuildMaxBytesPerSecond
  *   GET    /v1/snapshots          [SnapshotInfo] of a RW replica
  *   POST   /v1/snapshots          {"name": "..."} -> SnapshotInfo: drains, flushes, snapshots every replica
  *   DELETE /v1/snapshots/NAME     -> {"deleted": NAME}
@@ -111,6 +114,13 @@ export class EngineControlServer {
         throw new ZebuError(ErrorCode.EINVAL, 'body field "addresses" must be an object of replica key -> "HOST:PORT"');
       }
       return this.engine.setStartupAddresses(addresses as Record<string, string>);
+    }
+    if (route === 'PUT /v1/rebuild-limit') {
+      // Also while starting: a start-up recovery may copy regions too.
+      const body = (await readBody(req)) as { bytesPerSecond?: unknown };
+      const rate = body.bytesPerSecond;
+      if (typeof rate !== 'number' || !Number.isSafeInteger(rate) || rate < 0) throw new ZebuError(ErrorCode.EINVAL, 'body field "bytesPerSecond" must be a whole number >= 0 (0: no limit)');
+      return this.engine.setRebuildLimit(rate);
     }
     if (this.engine.currentPhase !== 'serving') throw new ZebuError(ErrorCode.BUSY, `volume ${this.engine.name}: the engine is starting (${route} is served once it runs)`);
     if (route === 'GET /v1/replicas') return this.engine.replicaStatus();

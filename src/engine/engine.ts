@@ -46,6 +46,7 @@ import { ReplicaSet, ReplicaMode, type EngineReplica as SetMember } from './repl
 import { Rebuild, RangeClaims, type RebuildProgress } from './rebuild.ts';
 import { COPY_CHUNK_BYTES, emptyLeaseCounters, type LeaseCounters } from './leased-copy.ts';
 import type { RegionCopier } from './copier-process.ts';
+import { RebuildPacer } from './rebuild-pacer.ts';
 import { runDeltaRebuild, runFullRebuild, DEFAULT_SNAPSHOT_COPY_FLUSH_MS, type FullResume, type RebuildHost } from './rebuild-sequence.ts';
 import { runStartup, type StartupHost } from './startup-sequence.ts';
 
@@ -100,6 +101,12 @@ export interface EngineOptions {
    * again (rebuild-sequence.ts). The simulator varies it.
    */
   snapshotCopyFlushMs?: number;
+  /**
+   * What a rebuild may write to its target per second at most (default 0: no limit), so that a
+   * rebuild leaves the disks and the network to clients; setRebuildLimit changes it while the
+   * engine runs.
+   */
+  rebuildMaxBytesPerSecond?: number;
   /**
    * Where a rebuild copies the live volume's regions: a copier process (copier-process.ts), so
    * the copy costs the engine a few messages per lease. Null (default): on the engine's event loop.
@@ -213,7 +220,7 @@ export class Engine implements BlockBackend {
   private readonly replicas: EngineReplica[];
   /** Modes, the write set, readers, faulted (replica-set.ts); `replicas` is its member list. */
   private readonly set: ReplicaSet<DataClient>;
-  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull' | 'copier' | 'snapshotCopyFlushMs'>>;
+  private readonly options: Required<Omit<EngineOptions, 'replicas' | 'leaseRecallTimeoutMs' | 'maxRegionRetries' | 'copyChunkBytes' | 'copyPull' | 'copier' | 'snapshotCopyFlushMs' | 'rebuildMaxBytesPerSecond'>>;
   private phase: EnginePhase = 'starting';
   /** While start-up waits: the keys of the replicas it waits for, and since when. */
   private waitingFor: string[] = [];
@@ -254,6 +261,7 @@ export class Engine implements BlockBackend {
   private readonly maxRegionRetries: number;
   private readonly copyChunkBytes: number;
   private readonly snapshotCopyFlushMs: number;
+  private readonly rebuildPacer: RebuildPacer;
   private readonly pullCopies: boolean;
   private readonly copier: RegionCopier | null;
   private verifying = false;
@@ -320,6 +328,7 @@ export class Engine implements BlockBackend {
     if (!Number.isSafeInteger(this.snapshotCopyFlushMs) || this.snapshotCopyFlushMs < 0) {
       throw new ZebuError(ErrorCode.EINVAL, `snapshotCopyFlushMs must be a whole number of milliseconds >= 0, got ${this.snapshotCopyFlushMs}`);
     }
+    this.rebuildPacer = new RebuildPacer(options.rebuildMaxBytesPerSecond ?? 0, REGION_BYTES, () => this.clock.nowMs(), (ms) => this.clock.sleep(ms));
     this.copier = options.copier ?? null;
     if (!Number.isSafeInteger(this.copyChunkBytes) || this.copyChunkBytes < 4096 || this.copyChunkBytes % 4096 !== 0 || this.copyChunkBytes > REGION_BYTES) {
       throw new ZebuError(ErrorCode.EINVAL, `copyChunkBytes must be a multiple of 4096 between 4096 and ${REGION_BYTES}, got ${this.copyChunkBytes}`);
@@ -412,6 +421,7 @@ export class Engine implements BlockBackend {
       copyChunkBytes: engine.copyChunkBytes,
       copyPull: engine.pullCopies,
       snapshotCopyFlushMs: engine.snapshotCopyFlushMs,
+      pacedCopy: (copy) => engine.rebuildPacer.paced(copy),
       nowMs: () => engine.clock.nowMs(),
       sleep: (ms) => engine.clock.sleep(ms),
       log: (event) => engine.log(event),
@@ -1123,10 +1133,18 @@ export class Engine implements BlockBackend {
       recovery: this.recoveryReport,
       lastVerify: this.lastVerify,
       lastRebuild: this.lastRebuild,
+      rebuildMaxBytesPerSecond: this.rebuildPacer.limit,
       rebuildLeases: this.claims?.leases() ?? [],
       replicas: this.replicaStatus(),
       stats: { ...this.stats, rebuildLeaseGrants: this.leaseCounters.grants, rebuildLeaseRecalls: this.leaseCounters.recalls, rebuildLeaseRevokes: this.leaseCounters.revokes, rebuildLeaseReplays: this.leaseCounters.replays, rebuildCopiersLost: this.leaseCounters.copiersLost },
     };
+  }
+
+  /** A new bandwidth limit for rebuilds (0: none); a rebuild under way takes it from its next region. */
+  setRebuildLimit(bytesPerSecond: number): { rebuildMaxBytesPerSecond: number } {
+    this.rebuildPacer.setLimit(bytesPerSecond);
+    this.log({ event: 'rebuild-limit', bytesPerSecond });
+    return { rebuildMaxBytesPerSecond: this.rebuildPacer.limit };
   }
 
   private refuseDuringRebuild(what: string): void {

@@ -184,6 +184,11 @@ export interface RebuildHost {
   /** A region is being written (as client writes count it: it stays in the write-intent logs); a verify's repair uses these. */
   regionsStarted(offset: number, length: number): void;
   regionsWritten(offset: number, length: number): void;
+  /**
+   * Runs one region's copy (resolving with the bytes it wrote to the target) under the rebuild's
+   * bandwidth limit (rebuild-pacer.ts): without one, at once.
+   */
+  pacedCopy(copy: () => Promise<number>): Promise<number>;
   nowMs(): number;
   sleep(ms: number): Promise<void>;
   log(event: Record<string, unknown>): void;
@@ -512,7 +517,8 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
       const below = mayDiffer.get(tip) ?? everyRegion;
       const differ = new Set<number>(parent !== null ? below : []);
       const within = name === underWay ? { snapshot: name, regionsKept: 0, regionsCopied: 0 } : null;
-      await forEachRegion(host, regionBytes, COPIERS, async (offset, length) => {
+      // Each region's copy resolves with the bytes it wrote to the target (the bandwidth limit's charge).
+      await forEachRegion(host, regionBytes, COPIERS, (offset, length) => host.pacedCopy(async () => {
         const region = offset / regionBytes;
         progress.copiedBytes += length;
         if (host.nowMs() - lastFlushMs >= host.snapshotCopyFlushMs) {
@@ -533,14 +539,14 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
           ]);
           check();
           const holds = held.some((extent) => extent.data);
-          if (!holds && !changes.some((extent) => extent.data)) return;
+          if (!holds && !changes.some((extent) => extent.data)) return 0;
           if (holds) {
             const [theirs, ours] = await Promise.all([target.client!.regionHash(offset, length, null), fromSource((c) => c.regionHash(offset, length, name))]);
             check();
             if (theirs.equals(ours)) {
               within.regionsKept++;
               if (aboveImage || !theirs.equals(zeroHash(length))) differ.add(region);
-              return;
+              return 0;
             }
             force = true;
             within.regionsCopied++;
@@ -552,10 +558,10 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
           // target pulls the region from a source replica itself.
           const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null && aboveImage));
           const changed = changes.some((extent) => extent.data);
-          if (!changed && !force && !(parent === null && below.has(region))) return;
+          if (!changed && !force && !(parent === null && below.has(region))) return 0;
           if (await pullSnapshotRegion(host, target, check, name, offset, length)) {
             if (changed) differ.add(region);
-            return;
+            return length;
           }
         }
         if (parent !== null || aboveImage) {
@@ -563,23 +569,27 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
           // the image.
           const changes = await fromSource((c) => c.snapshotChanges(name, parent, offset, length, parent === null));
           const changed = changes.some((extent) => extent.data);
-          if (!changed && !force && !(parent === null && below.has(region))) return;
+          if (!changed && !force && !(parent === null && below.has(region))) return 0;
           const data = await fromSource((c) => c.readSnapshot(name, offset, length));
           check();
-          if (isAllZero(data)) await target.client!.writeZeroes(offset, length);
-          else await target.client!.write(offset, data);
+          if (isAllZero(data)) {
+            await target.client!.writeZeroes(offset, length);
+            return 0;
+          }
+          await target.client!.write(offset, data);
           if (changed) differ.add(region);
-          return;
+          return length;
         }
         const data = await fromSource((c) => c.readSnapshot(name, offset, length));
         check();
         if (!isAllZero(data)) {
           await target.client!.write(offset, data);
           differ.add(region);
-        } else if (below.has(region) || force) {
-          await target.client!.writeZeroes(offset, length);
+          return length;
         }
-      });
+        if (below.has(region) || force) await target.client!.writeZeroes(offset, length);
+        return 0;
+      }));
       check();
       if (within !== null) {
         resume!.within = within;
@@ -619,7 +629,7 @@ export async function runFullRebuild(host: RebuildHost, rebuild: Rebuild<EngineR
     const flusher = new CopyFlusher(host, target, check);
     await forEachRegion(host, regionBytes, LEASED_COPIERS, async (offset, length) => {
       const zeroIfEmpty = differ.has(offset / regionBytes);
-      await copyRegion(host, target, check, flusher, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty));
+      await host.pacedCopy(() => copyRegion(host, target, check, flusher, offset, length, liveRegionCopy(tip, aboveImage, zeroIfEmpty)));
       progress.copiedBytes += length;
     }).finally(() => flusher.settle());
 
@@ -702,7 +712,7 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
       const skip = noted < range.length ? noted : 0;
       // The target may hold anything there: a region the source holds nothing of is zeroed
       // (or, on a backing image, given the image's bytes).
-      await copyRegion(host, target, check, flusher, range.offset + skip, range.length - skip, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true });
+      await host.pacedCopy(() => copyRegion(host, target, check, flusher, range.offset + skip, range.length - skip, target.info?.hasBase === true ? { kind: 'image', zeroIfEmpty: true } : { kind: 'status', zeroIfEmpty: true }));
       progress.copiedBytes += range.length - skip;
     }).finally(() => flusher.settle());
     await finishRebuild(host, target, check);
@@ -716,7 +726,7 @@ export async function runDeltaRebuild(host: RebuildHost, rebuild: Rebuild<Engine
  * Runs `fn` over the volume in regions, `parallel` at a time (a copy is round trips to two
  * replicas: several in flight keep both busy). The first failure stops the others.
  */
-async function forEachRegion(host: RebuildHost, regionBytes: number, parallel: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+async function forEachRegion(host: RebuildHost, regionBytes: number, parallel: number, fn: (offset: number, length: number) => Promise<unknown>): Promise<void> {
   const count = Math.ceil(host.sizeBytes / regionBytes);
   await forEachIndex(count, parallel, (i) => {
     const { offset, length } = regionRange(i, regionBytes, host.sizeBytes);

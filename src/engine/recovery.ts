@@ -79,7 +79,7 @@ export function chainNames(snapshots: SnapshotInfo[]): string[] {
  * Runs fn(0) … fn(count-1), `concurrency` at a time (each is round trips to replicas: several in
  * flight keep them busy). The first failure stops the rest and is thrown.
  */
-export async function forEachIndex(count: number, concurrency: number, fn: (i: number) => Promise<void>): Promise<void> {
+export async function forEachIndex(count: number, concurrency: number, fn: (i: number) => Promise<unknown>): Promise<void> {
   let next = 0;
   let failure: unknown = null;
   const worker = async (): Promise<void> => {

@@ -268,3 +268,38 @@ test('a snapshot tree with a branch left by a revert is rebuilt whole: same snap
   assert.deepEqual(expected, ['s1<-- chain', 's2<-s1 branch', 's3<-s1 chain']);
   assert.deepEqual(await shape(fresh.port), expected);
 });
+
+test('a rebuild bandwidth limit holds the copy of snapshots and live data to it; changed while it runs; bad values refused', async (t) => {
+  const dir = tempDir(t);
+  const size = 128 * MiB;
+  const vol = await startVolume(t, { dir, replicas: 1, sizeBytes: size, extraArgs: ['--rebuild-max-mib-per-second', '16'] });
+  qemuIo(vol.nbd, 'write -P 0x31 0 48M', 'flush');
+  await controlRequest(vol.controlSocket, 'POST', '/v1/snapshots', { name: 's1' });
+  qemuIo(vol.nbd, 'write -P 0x32 64M 48M', 'flush');
+  const before = (await controlRequest(vol.controlSocket, 'GET', '/v1/info')) as { rebuildMaxBytesPerSecond: number };
+  assert.equal(before.rebuildMaxBytesPerSecond, 16 * MiB);
+  await expectError(controlRequest(vol.controlSocket, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: -1 }), /whole number >= 0/);
+  await expectError(controlRequest(vol.controlSocket, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: '9' }), /whole number >= 0/);
+
+  const fresh = await newReplica(t, dir, 'replica-new', size);
+  const address = `127.0.0.1:${fresh.port}`;
+  const started = performance.now();
+  await controlRequest(vol.controlSocket, 'POST', '/v1/replicas', { address });
+  // Progress counts every region passed: past the snapshot (48 MiB of data) and 96 MiB of the
+  // live volume (32 MiB of the 48 written since s1), 80 MiB were written at 16 MiB/s: 5 s at
+  // least (a region, 4 MiB, may run ahead of the limit).
+  const copied = async (): Promise<number> => (await replicasOf(vol)).find((r) => r.address === address)?.rebuild?.copiedBytes ?? size * 2;
+  await waitFor('the live data partly copied', async () => (await copied()) >= size + 96 * MiB, 60_000, 20);
+  const atLimitMs = performance.now() - started;
+  assert.ok(atLimitMs >= 4500, `80 MiB copied in ${Math.round(atLimitMs)} ms under a 16 MiB/s limit`);
+  // Lifted while it runs: the rest goes at once.
+  assert.deepEqual(await controlRequest(vol.controlSocket, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: 0 }), { rebuildMaxBytesPerSecond: 0 });
+  const lifted = performance.now();
+  await waitFor('the new replica RW', async () => (await replicasOf(vol)).find((r) => r.address === address)?.mode === 'RW', 60_000, 20);
+  assert.ok(performance.now() - lifted < 4000, `the rest took ${Math.round(performance.now() - lifted)} ms without a limit`);
+  qemuIo(vol.nbd, 'flush');
+  for (const snapshot of [undefined, 's1']) {
+    const digests = await Promise.all([vol.replicas[0].port, fresh.port].map((p) => replicaDigest(p, vol.secret, vol.epoch, size, snapshot)));
+    assert.equal(new Set(digests).size, 1, `${snapshot ?? 'head'}: ${digests.join(' ')}`);
+  }
+});

@@ -57,6 +57,8 @@ export class VolumeModel {
   private readonly busy: Uint8Array[] = [];
   /** Reads in flight, by sector (a write waits for them: what they may see stays one value). */
   private readonly reading: Uint16Array[] = [];
+  /** Sectors whose write in flight was so at a whole-volume power loss (see powerLost). */
+  private readonly inFlightAtPowerLoss = new Set<number>();
   private ackSeq = 0;
   private durableAckSeq = 0;
 
@@ -116,7 +118,9 @@ export class VolumeModel {
       busy[s] = 0;
       const entries = this.after[s];
       const i = entries.findLastIndex((e) => e.id === id);
-      if (ok) {
+      // In flight at a power loss and acknowledged without FUA: it may be lost whatever the flushes say.
+      const unsure = this.inFlightAtPowerLoss.delete(s) && !fua;
+      if (ok && !unsure) {
         this.cands[s] = [id];
         if (fua) {
           this.durable[s] = [id];
@@ -151,8 +155,17 @@ export class VolumeModel {
     }
   }
 
-  /** Every replica lost power at once: unflushed writes may or may not have survived. */
+  /**
+   * Every replica lost power at once: unflushed writes may or may not have survived, even when a
+   * flush is acknowledged afterwards (the client is not told of the power loss; NBD promises
+   * durability only from a flush on, and the flush after the loss covers what the new engine
+   * holds). A write in flight at that moment is as unsure, whenever its acknowledgement comes: a
+   * dead engine may have sent it just before (the frontend still delivers it), and what it
+   * acknowledged was lost with the rest.
+   */
   powerLost(): void {
+    const busy = this.busy[0];
+    for (let s = 0; s < busy.length; s++) if (busy[s] !== 0) this.inFlightAtPowerLoss.add(s);
     for (const s of this.dirty) {
       const values = new Set(this.durable[s]);
       for (const e of this.after[s]) values.add(e.id);

@@ -49,6 +49,8 @@ test('a moved replica\'s new replica SIGKILLed mid-rebuild: waited for, taken ba
 
   const fio = startFio(t, [...fioVerifyArgs(uri, { sizeMiB: FIO_MIB, blockSizes: '4k-16k' }), '--io_size=384M']);
   await new Promise((r) => setTimeout(r, 500));
+  // Slow enough that the copy is seen midway (each look is a CLI process): 8 s for the volume.
+  mustZebu(up, ['setting', 'set', 'rebuild-max-mib-per-second', '64']);
   mustZebu(up, ['replica', 'move', before[0].name, '--disk', free]);
   const newcomer = await waitFor('the new replica a quarter copied', () => {
     const row = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'rs']).find((r) => r.diskId === free);
@@ -111,6 +113,8 @@ test('a moved replica\'s new replica SIGKILLed while the snapshots are copied: t
   const disks = mustZebuJson(up, ['disk', 'list']).map((d: { name: string }) => d.name) as string[];
   const before = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']);
   const free = disks.find((d) => !before.some((r) => r.diskId === d))!;
+  // The kill must land while the snapshots are copied: 2.25 s at least to the moment below.
+  mustZebu(up, ['setting', 'set', 'rebuild-max-mib-per-second', '128']);
   mustZebu(up, ['replica', 'move', before[0].name, '--disk', free]);
   const newcomer = await waitFor('the new replica started', () => {
     const row = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']).find((r) => r.diskId === free);
@@ -128,6 +132,7 @@ test('a moved replica\'s new replica SIGKILLed while the snapshots are copied: t
     return row.rebuild.copiedBytes;
   }, 180_000, 5);
   assert.ok(copiedAtKill < 4 * size, `killed before the snapshots were all copied (${copiedAtKill / MiB} MiB copied)`);
+  mustZebu(up, ['setting', 'set', 'rebuild-max-mib-per-second', '0']);
 
   const rows = await waitFor('the move done with the same new replica', () => {
     const now = mustZebuJson<ReplicaRow[]>(up, ['replica', 'list', '--volume', 'ss']);

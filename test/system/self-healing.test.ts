@@ -64,7 +64,8 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
   const up = await startZebuUp({ dataDir });
   t.after(() => stopZebuUp(up));
   mustZebu(up, ['setting', 'set', 'replica-replenishment-wait-seconds', '0']);
-  // Large enough that the copy (some 200 MiB/s here) is still under way when the test sees it.
+  // The copy must still be under way when the test sees it: 10 s for the volume's data.
+  mustZebu(up, ['setting', 'set', 'rebuild-max-mib-per-second', '96']);
   const size = 1024 * MiB;
   mustZebu(up, ['volume', 'create', 'mid', '--size', String(size), '--replicas', '3']);
   const uri = mustZebu(up, ['volume', 'attach', 'mid']).trim();
@@ -93,6 +94,7 @@ test('the engine SIGKILLed in the middle of a rebuild: the half-copied replica i
   // From now on a failed replica is waited for: the half-copied one is worth it.
   await api('PUT', '/v1/settings/replica-replenishment-wait-seconds', { value: '120' });
   process.kill(engine.pid, 'SIGKILL');
+  await api('PUT', '/v1/settings/rebuild-max-mib-per-second', { value: '0' });
   assert.ok(rebuilding.rebuildProgress < 1, `the copy was under way when the engine was killed (${rebuilding.rebuildProgress})`);
 
   // The next engine (a new epoch) finds it marked: never a source, its copy goes on as a delta
