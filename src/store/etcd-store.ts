@@ -1,0 +1,408 @@
+/**
+ * The cluster state store on etcd (the `etcd3` client), for Zebu on several machines. Semantics:
+ * store.ts — the same contract as the embedded store, mapped onto etcd's own model:
+ *
+ * - An object is one key, `<prefix>o/<kind>/<name>`, whose value is the object's JSON. Its
+ *   resourceVersion is the key's mod_revision and its createdRevision the key's create_revision;
+ *   the store revision is etcd's (it counts every write to the etcd cluster, this prefix's or not:
+ *   it only grows, as the contract asks).
+ * - create, update and delete are single transactions that compare the key's revisions first, so
+ *   optimistic concurrency is etcd's own; an update keeps the key's lease (ignore_lease).
+ * - Leases are etcd leases (TTL in whole seconds, rounded up; etcd may raise a very short one to
+ *   its minimum); an object put with a lease is deleted by etcd when it expires, with a delete event.
+ * - A watch is an etcd watch on the prefix from afterRevision + 1, with the previous value for
+ *   deletes. The client resumes a watch whose connection dropped from the last revision it saw;
+ *   history etcd compacted away ends the watch with COMPACTED. A watch without afterRevision starts
+ *   after the last revision this store has seen in an answer (it may so deliver a change made by
+ *   another client just before; never does it miss one made after the call).
+ * - Durability is etcd's: a write is answered once the cluster has committed it.
+ *
+ * The client does not retry calls by itself (a retried create could answer EXISTS for its own
+ * write): a call that fails for want of etcd fails with DISCONNECTED or TIMEOUT, and the caller
+ * decides, as the controllers do with any failed reconcile.
+ */
+import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError, GRPCUnauthenticatedError, EtcdAuthenticationFailedError, EtcdPermissionDeniedError, type IKeyValue, type IOptions, type Watcher as EtcdWatcher } from 'etcd3';
+import { noop } from 'cockatiel';
+import { ErrorCode, ZebuError, invalid } from '../errors.ts';
+import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions } from './store.ts';
+import { checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, serializeValue } from './validate.ts';
+
+export interface EtcdStoreOptions {
+  /** Client URLs of the etcd members: http://HOST:PORT (https:// with `tls`). */
+  endpoints: string[];
+  /** Keys of this store start with it (several Zebu clusters may share one etcd); default "zebu/". */
+  prefix?: string;
+  /** etcd authentication (a user with read and write on the prefix). */
+  auth?: { username: string; password: string };
+  /** Client TLS: the CA that signed the members' certificates, and a client certificate if etcd asks for one. */
+  tls?: { ca: Buffer; cert?: Buffer; key?: Buffer };
+  /** Deadline of each call (default 10 s): with etcd unreachable, calls fail after it. */
+  callTimeoutMs?: number;
+}
+
+const DEFAULT_PREFIX = 'zebu/';
+const DEFAULT_CALL_TIMEOUT_MS = 10_000;
+/** A lease id as etcd gives it: a positive 64-bit integer, in decimal. */
+const LEASE_ID = /^[1-9][0-9]{0,18}$/;
+
+export class EtcdStore implements Store {
+  private readonly client: Etcd3;
+  private readonly objectsPrefix: string;
+  private readonly watches = new Set<EtcdWatch>();
+  /** The highest store revision seen in an answer (where a watch without afterRevision starts). */
+  private seenRevision = 0;
+  private closed = false;
+
+  /** Connects, and checks that etcd answers (DISCONNECTED, TIMEOUT or AUTH when it does not). */
+  static async open(options: EtcdStoreOptions): Promise<EtcdStore> {
+    if (!Array.isArray(options.endpoints) || options.endpoints.length === 0 || options.endpoints.some((e) => typeof e !== 'string' || !/^https?:\/\/[^/\s]+$/.test(e))) {
+      throw invalid(`endpoints ${JSON.stringify(options.endpoints)}: one or more http://HOST:PORT (https:// with TLS)`, 'endpoints');
+    }
+    const prefix = options.prefix ?? DEFAULT_PREFIX;
+    if (typeof prefix !== 'string' || !/^[A-Za-z0-9._/-]{0,100}$/.test(prefix)) throw invalid(`prefix ${JSON.stringify(prefix)}: up to 100 of [A-Za-z0-9._/-]`, 'prefix');
+    const callTimeoutMs = options.callTimeoutMs ?? DEFAULT_CALL_TIMEOUT_MS;
+    if (!Number.isSafeInteger(callTimeoutMs) || callTimeoutMs < 1) throw invalid(`callTimeoutMs ${callTimeoutMs}: an integer >= 1`, 'callTimeoutMs');
+    const clientOptions: IOptions = {
+      hosts: options.endpoints,
+      dialTimeout: callTimeoutMs,
+      // Streams (watch, keep-alive) live on; single calls have a deadline.
+      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
+      faultHandling: { global: noop },
+    };
+    if (options.auth !== undefined) clientOptions.auth = { username: options.auth.username, password: options.auth.password };
+    if (options.tls !== undefined) clientOptions.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
+    const store = new EtcdStore(new Etcd3(clientOptions), prefix);
+    try {
+      await store.revision();
+    } catch (err) {
+      store.client.close();
+      throw err;
+    }
+    return store;
+  }
+
+  private constructor(client: Etcd3, prefix: string) {
+    this.client = client;
+    this.objectsPrefix = `${prefix}o/`;
+  }
+
+  async get<T = unknown>(kind: string, name: string): Promise<StoreObject<T> | null> {
+    this.enter();
+    checkKeyPart(kind, 'kind');
+    checkKeyPart(name, 'name');
+    const res = await this.call(() => this.client.kv.range({ key: this.key(kind, name) }));
+    this.saw(res.header.revision);
+    return res.kvs.length === 0 ? null : this.toObject<T>(res.kvs[0]);
+  }
+
+  async list<T = unknown>(kind: string): Promise<ListResult<T>> {
+    this.enter();
+    checkKeyPart(kind, 'kind');
+    const from = this.kindPrefix(kind);
+    // Keys sort by byte, as names do in the embedded store.
+    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(from), range_end: prefixEnd(from) }));
+    const revision = this.saw(res.header.revision);
+    return { items: res.kvs.map((kv) => this.toObject<T>(kv)), revision };
+  }
+
+  async create<T = unknown>(kind: string, name: string, value: T, options: { leaseId?: string } = {}): Promise<StoreObject<T>> {
+    this.enter();
+    checkKeyPart(kind, 'kind');
+    checkKeyPart(name, 'name');
+    const text = serializeValue(value);
+    const leaseId = options.leaseId === undefined ? null : this.leaseNumber(options.leaseId);
+    const key = this.key(kind, name);
+    const res = await this.call(() => this.client.kv.txn({
+      compare: [{ key, target: 'Create', result: 'Equal', create_revision: 0 }],
+      success: [{ request_put: { key, value: Buffer.from(text), lease: leaseId ?? 0 } }],
+      failure: [],
+    }), `lease ${options.leaseId}`);
+    const revision = this.saw(res.header.revision);
+    if (!res.succeeded) throw new ZebuError(ErrorCode.EXISTS, `${kind} ${name} already exists`);
+    return { kind, name, resourceVersion: revision, createdRevision: revision, value: JSON.parse(text) as T, leaseId: leaseId === null ? null : options.leaseId! };
+  }
+
+  async update<T = unknown>(kind: string, name: string, value: T, options: { resourceVersion?: number } = {}): Promise<StoreObject<T>> {
+    this.enter();
+    checkKeyPart(kind, 'kind');
+    checkKeyPart(name, 'name');
+    const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const text = serializeValue(value);
+    const key = this.key(kind, name);
+    const res = await this.call(() => this.client.kv.txn({
+      compare: [expected === null
+        ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
+        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }],
+      success: [{ request_put: { key, value: Buffer.from(text), ignore_lease: true, prev_kv: true } }],
+      failure: [{ request_range: { key } }],
+    }));
+    const revision = this.saw(res.header.revision);
+    if (!res.succeeded) throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+    const prev = res.responses[0].response_put.prev_kv;
+    return {
+      kind, name, resourceVersion: revision, createdRevision: Number(prev.create_revision), value: JSON.parse(text) as T,
+      leaseId: prev.lease === '0' || prev.lease === undefined ? null : String(prev.lease),
+    };
+  }
+
+  async delete(kind: string, name: string, options: { resourceVersion?: number } = {}): Promise<void> {
+    this.enter();
+    checkKeyPart(kind, 'kind');
+    checkKeyPart(name, 'name');
+    const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const key = this.key(kind, name);
+    const res = await this.call(() => this.client.kv.txn({
+      compare: [expected === null
+        ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
+        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }],
+      success: [{ request_delete_range: { key } }],
+      failure: [{ request_range: { key } }],
+    }));
+    this.saw(res.header.revision);
+    if (!res.succeeded) throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+  }
+
+  watch<T = unknown>(options: WatchOptions, handlers: WatchHandlers<T>): Watch {
+    this.enter();
+    const kind = options?.kind === undefined ? null : checkKeyPart(options.kind, 'kind');
+    const after = options?.afterRevision === undefined ? this.seenRevision : checkRevision(options.afterRevision, 'afterRevision', 0);
+    if (typeof handlers?.onEvent !== 'function') throw invalid('handlers.onEvent must be a function', 'onEvent');
+    const watch = new EtcdWatch(this, kind === null ? this.objectsPrefix : this.kindPrefix(kind), after, handlers as WatchHandlers);
+    this.watches.add(watch);
+    void watch.start();
+    return { close: () => watch.close(null) };
+  }
+
+  async revision(): Promise<number> {
+    this.enter();
+    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true }));
+    return this.saw(res.header.revision);
+  }
+
+  async grantLease(ttlMs: number): Promise<Lease> {
+    this.enter();
+    checkLeaseTtl(ttlMs);
+    const res = await this.call(() => this.client.leaseClient.leaseGrant({ TTL: Math.ceil(ttlMs / 1000), ID: 0 }));
+    return { id: String(res.ID), ttlMs: Number(res.TTL) * 1000 };
+  }
+
+  async keepAlive(leaseId: string): Promise<void> {
+    this.enter();
+    checkLeaseId(leaseId);
+    const id = this.leaseNumber(leaseId);
+    const ttl = await this.call(async () => {
+      const stream = await this.client.leaseClient.leaseKeepAlive();
+      try {
+        return await new Promise<string>((resolve, reject) => {
+          stream.on('data', (res: { TTL: string }) => resolve(String(res.TTL)));
+          stream.on('error', reject);
+          stream.on('end', () => reject(new ZebuError(ErrorCode.DISCONNECTED, 'etcd ended the keep-alive stream')));
+          stream.write({ ID: id });
+        });
+      } finally {
+        stream.end();
+      }
+    });
+    if (Number(ttl) <= 0) throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
+  }
+
+  async revokeLease(leaseId: string): Promise<void> {
+    this.enter();
+    checkLeaseId(leaseId);
+    if (!LEASE_ID.test(leaseId)) return; // never an etcd lease: nothing to end
+    try {
+      await this.call(() => this.client.leaseClient.leaseRevoke({ ID: leaseId }));
+    } catch (err) {
+      if (err instanceof ZebuError && err.code === ErrorCode.NOT_FOUND) return;
+      throw err;
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const watch of [...this.watches]) watch.close(new ZebuError(ErrorCode.CLOSED, 'the store is closed'));
+    this.client.close();
+  }
+
+  // --- for EtcdWatch ---
+
+  /** An etcd watcher on keys under `prefix` from `fromRevision`, with previous values. */
+  watcher(prefix: string, fromRevision: number): Promise<EtcdWatcher> {
+    return this.client.watch().prefix(prefix).startRevision(String(fromRevision)).withPreviousKV().create();
+  }
+
+  /** Whether history after `afterRevision` is still kept (COMPACTED when it is not). */
+  async checkHistory(afterRevision: number): Promise<void> {
+    const current = await this.revision();
+    if (afterRevision >= current) return;
+    await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true, revision: afterRevision + 1 }));
+  }
+
+  forget(watch: EtcdWatch): void {
+    this.watches.delete(watch);
+  }
+
+  toEvent(type: 'Put' | 'Delete', kv: IKeyValue, prev: IKeyValue | undefined): WatchEvent {
+    const revision = Number(kv.mod_revision);
+    this.saw(kv.mod_revision);
+    if (type === 'Put') {
+      const object = this.toObject(kv);
+      return { type: 'put', kind: object.kind, name: object.name, revision, object };
+    }
+    const object = prev !== undefined && prev !== null ? this.toObject(prev) : { ...this.toObject({ ...kv, value: Buffer.from('null') }), resourceVersion: revision };
+    return { type: 'delete', kind: object.kind, name: object.name, revision, object };
+  }
+
+  // --- inside ---
+
+  private enter(): void {
+    if (this.closed) throw new ZebuError(ErrorCode.CLOSED, 'the store is closed');
+  }
+
+  private key(kind: string, name: string): Buffer {
+    return Buffer.from(`${this.kindPrefix(kind)}${name}`);
+  }
+
+  private kindPrefix(kind: string): string {
+    return `${this.objectsPrefix}${kind}/`;
+  }
+
+  private toObject<T>(kv: IKeyValue): StoreObject<T> {
+    const key = kv.key.toString();
+    const rest = key.slice(this.objectsPrefix.length);
+    const slash = rest.indexOf('/');
+    let value: T;
+    try {
+      value = JSON.parse(kv.value.toString()) as T;
+    } catch {
+      throw new ZebuError(ErrorCode.EIO, `the value of ${key} in etcd is not JSON (written by something else than Zebu?)`);
+    }
+    return {
+      kind: rest.slice(0, slash), name: rest.slice(slash + 1), value,
+      resourceVersion: Number(kv.mod_revision), createdRevision: Number(kv.create_revision),
+      leaseId: kv.lease === undefined || String(kv.lease) === '0' ? null : String(kv.lease),
+    };
+  }
+
+  /** NOT_FOUND when the object is gone, CONFLICT when it changed since `expected`. */
+  private refusal(kind: string, name: string, kvs: IKeyValue[], expected: number | null): ZebuError {
+    if (kvs.length === 0) return new ZebuError(ErrorCode.NOT_FOUND, `${kind} ${name} not found`);
+    return new ZebuError(ErrorCode.CONFLICT, `${kind} ${name} changed since it was read (resourceVersion ${Number(kvs[0].mod_revision)}, not ${expected})`);
+  }
+
+  /** A lease id of ours as etcd's number; one etcd never gave is NOT_FOUND. */
+  private leaseNumber(leaseId: string): string {
+    checkLeaseId(leaseId);
+    if (!LEASE_ID.test(leaseId)) throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
+    return leaseId;
+  }
+
+  private saw(revision: string | number): number {
+    const n = Number(revision);
+    if (n > this.seenRevision) this.seenRevision = n;
+    return n;
+  }
+
+  /** Runs an etcd call, its failures as ZebuErrors (`lease` names the lease a NOT_FOUND is about). */
+  private async call<R>(fn: () => Promise<R>, lease?: string): Promise<R> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw etcdError(err, lease);
+    }
+  }
+}
+
+/** One watch: catches up from its revision, then follows; ends on close, on error, or when a handler throws. */
+class EtcdWatch {
+  private readonly store: EtcdStore;
+  private readonly prefix: string;
+  private readonly after: number;
+  private readonly handlers: WatchHandlers;
+  private watcher: EtcdWatcher | null = null;
+  private ended = false;
+
+  constructor(store: EtcdStore, prefix: string, after: number, handlers: WatchHandlers) {
+    this.store = store;
+    this.prefix = prefix;
+    this.after = after;
+    this.handlers = handlers;
+  }
+
+  async start(): Promise<void> {
+    try {
+      await this.store.checkHistory(this.after);
+      if (this.ended) return;
+      const watcher = await this.store.watcher(this.prefix, this.after + 1);
+      if (this.ended) {
+        void watcher.cancel().catch(() => {});
+        return;
+      }
+      this.watcher = watcher;
+      watcher.on('data', (res: { events: { type: 'Put' | 'Delete'; kv: IKeyValue; prev_kv?: IKeyValue }[] }) => {
+        for (const e of res.events) {
+          if (this.ended) return;
+          let event: WatchEvent;
+          try {
+            event = this.store.toEvent(e.type, e.kv, e.prev_kv);
+          } catch (err) {
+            this.close(err as Error);
+            return;
+          }
+          try {
+            this.handlers.onEvent(event);
+          } catch (err) {
+            this.close(err instanceof Error ? err : new Error(String(err)));
+            return;
+          }
+        }
+      });
+      watcher.on('error', (err: Error) => this.close(etcdError(err)));
+    } catch (err) {
+      this.close(etcdError(err));
+    }
+  }
+
+  /** Ends the watch; with an error, the handler hears of it (once). */
+  close(err: Error | null): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.store.forget(this);
+    if (this.watcher !== null) void this.watcher.cancel().catch(() => {});
+    if (err !== null) {
+      try {
+        this.handlers.onError?.(err);
+      } catch {
+        // the handler's own failure has nowhere to go
+      }
+    }
+  }
+}
+
+/** The first key after every key that starts with `prefix`. */
+function prefixEnd(prefix: string): Buffer {
+  const end = Buffer.from(prefix);
+  for (let i = end.length - 1; i >= 0; i--) {
+    if (end[i] < 0xff) {
+      end[i]++;
+      return end.subarray(0, i + 1);
+    }
+  }
+  return Buffer.from([0]);
+}
+
+function etcdError(err: unknown, lease?: string): ZebuError {
+  if (err instanceof ZebuError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  if (err instanceof EtcdLeaseInvalidError || /requested lease not found/.test(message)) {
+    return new ZebuError(ErrorCode.NOT_FOUND, `${lease ?? 'the lease'} has expired or was never granted`);
+  }
+  if (/compacted/.test(message)) return new ZebuError(ErrorCode.COMPACTED, `etcd no longer keeps that history (${message}): list again, then watch`);
+  if (err instanceof GRPCDeadlineExceededError) return new ZebuError(ErrorCode.TIMEOUT, `etcd did not answer in time: ${message}`);
+  if (err instanceof GRPCUnavailableError) return new ZebuError(ErrorCode.DISCONNECTED, `etcd is unreachable: ${message}`);
+  if (err instanceof GRPCUnauthenticatedError || err instanceof EtcdAuthenticationFailedError || err instanceof EtcdPermissionDeniedError) {
+    return new ZebuError(ErrorCode.AUTH, `etcd refused the credentials: ${message}`);
+  }
+  return new ZebuError(ErrorCode.EIO, `etcd: ${message}`);
+}
