@@ -143,13 +143,18 @@ volume
 
 program
   .command('up')
-  .description('run Zebu on this machine: manager, REST API, node agent and embedded store')
+  .description('run Zebu on this machine: node agent, and (while this node leads) manager and REST API; over the embedded store, or etcd shared by every node')
   .option('--data-dir <DIR>', 'where Zebu keeps its state, disks and logs', 'zebu-data')
   .option('--api <HOST:PORT>', 'REST API address', '127.0.0.1:9500')
   .option('--nbd <HOST:PORT>', 'NBD address shared by all attached volumes', '127.0.0.1:10809')
   .option('--disks <N>', 'disks to create as directories under the data dir', '3')
   .option('--node <NAME>', 'this node\'s name (default: the host name)')
   .option('--address <HOST>', 'address replicas listen on', '127.0.0.1')
+  .option('--store <URL>', 'etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS): the cluster store every node shares (default: an embedded store in the data dir; credentials from ZEBU_ETCD_USERNAME and ZEBU_ETCD_PASSWORD)')
+  .option('--store-prefix <PREFIX>', 'key prefix of this cluster in etcd (default zebu/)')
+  .option('--store-ca <FILE>', 'etcds://: the CA certificate (PEM) of the etcd members')
+  .option('--store-cert <FILE>', 'etcds://: a client certificate (PEM), when etcd asks for one')
+  .option('--store-key <FILE>', 'etcds://: the client certificate\'s key (PEM)')
   // Loaded on demand: data-path processes (replica, engine, frontend) need none of it.
   .action(async (opts) => (await import('./up.ts')).up(opts).catch(fail));
 

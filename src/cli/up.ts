@@ -1,15 +1,19 @@
 /**
- * `zebu up`: Zebu on one machine. The manager (controllers + REST API) and the node agent run in
- * this process over the embedded store (node:sqlite); the agent runs the data-path processes
- * (replicas, engines, the NBD frontend) as separate processes that outlive this one: if `zebu up`
- * dies, attached volumes keep serving, and the next `zebu up` on the same data directory
+ * `zebu up`: Zebu on a machine. The node agent runs in this process, and the manager (controllers
+ * + REST API) while this node leads (leader-election.ts): over the embedded store (node:sqlite) on
+ * one machine, where it always leads, or over etcd (`--store etcd://...`) shared by several
+ * nodes, where one leads and the others take over when it goes. The agent runs the data-path
+ * processes (replicas, engines, the NBD frontend) as separate processes that outlive this one: if
+ * `zebu up` dies, attached volumes keep serving, and the next `zebu up` on the same data directory
  * re-adopts them. SIGINT/SIGTERM stop everything cleanly (the volumes stay attached in the
  * store and come back at the next start).
  *
  * Data directory:
  *   token            API bearer token (0600)      secret     data-protocol secret (0600)
- *   store.db         the state store              disks/     disk-0 .. disk-N-1
+ *   store.db         the embedded store           disks/     disk-0 .. disk-N-1
  *   procs/ logs/     process records and logs     run/       UNIX sockets
+ * With etcd, the token and the secret are the cluster's, kept in the store (the first node makes
+ * them) and copied into these files for the CLI and the data-path processes.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -17,8 +21,11 @@ import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import { ZebuError, ErrorCode } from '../errors.ts';
-import { SqliteStore } from '../store/sqlite-store.ts';
+import { openStore, type StoreChoice } from '../store/open-store.ts';
+import type { Store } from '../store/store.ts';
+import { Kind, Objects } from '../cluster/objects.ts';
 import { Manager } from '../manager/manager.ts';
+import { LeaderElection } from '../manager/leader-election.ts';
 import { Agent } from '../agent/agent.ts';
 import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
@@ -34,7 +41,15 @@ export interface UpArgs {
   disks: string;
   node?: string;
   address?: string;
+  store?: string;
+  storePrefix?: string;
+  storeCa?: string;
+  storeCert?: string;
+  storeKey?: string;
 }
+
+/** The Secret holding the cluster's API token and data-protocol secret (etcd only). */
+const CLUSTER_SECRET = 'cluster';
 
 /** Room left in a UNIX socket path (107 bytes) for "engines/<63-char volume>.sock". */
 const RUN_DIR_MAX_BYTES = 107 - '/engines/'.length - 63 - '.sock'.length;
@@ -49,6 +64,45 @@ function ensureSecretFile(file: string, bytes: number): void {
   const tmp = `${file}.tmp`;
   fs.writeFileSync(tmp, crypto.randomBytes(bytes).toString('hex') + '\n', { mode: 0o600 });
   fs.renameSync(tmp, file);
+}
+
+/** Writes `text` to a 0600 file unless it holds it already. */
+function writeSecretFile(file: string, text: string): void {
+  try {
+    if (fs.readFileSync(file, 'utf8').trim() === text) return;
+  } catch {
+    // not there yet
+  }
+  const tmp = `${file}.tmp`;
+  fs.writeFileSync(tmp, text + '\n', { mode: 0o600 });
+  fs.renameSync(tmp, file);
+}
+
+/**
+ * A shared store: the cluster's token and secret come from it; the first node to start puts its
+ * own (or new ones) there. The local files then hold the cluster's.
+ */
+async function clusterSecrets(store: Store, tokenFile: string, secretFile: string, log: pino.Logger): Promise<void> {
+  const objects = new Objects(store);
+  let held = await objects.get(Kind.Secret, CLUSTER_SECRET);
+  if (held === null) {
+    ensureSecretFile(tokenFile, 32);
+    ensureSecretFile(secretFile, 32);
+    const data = { apiToken: fs.readFileSync(tokenFile, 'utf8').trim(), dataSecret: fs.readFileSync(secretFile, 'utf8').trim() };
+    try {
+      held = await objects.create(Kind.Secret, CLUSTER_SECRET, { data });
+    } catch (err) {
+      if ((err as ZebuError).code !== ErrorCode.EXISTS) throw err;
+      held = await objects.get(Kind.Secret, CLUSTER_SECRET);
+    }
+  }
+  const apiToken = held?.value.data.apiToken;
+  const dataSecret = held?.value.data.dataSecret;
+  if (typeof apiToken !== 'string' || typeof dataSecret !== 'string') throw new ZebuError(ErrorCode.EIO, `the store's Secret ${CLUSTER_SECRET} lacks the API token or the data secret`);
+  const before = fs.existsSync(secretFile) ? fs.readFileSync(secretFile, 'utf8').trim() : null;
+  if (before !== null && before !== dataSecret) log.warn('this node had another data-protocol secret than the cluster: it takes the cluster\'s (processes it runs from before cannot be reached with it)');
+  writeSecretFile(tokenFile, apiToken);
+  writeSecretFile(secretFile, dataSecret);
 }
 
 /** One `zebu up` per data directory: a lock file naming the running one. */
@@ -89,10 +143,22 @@ export async function up(args: UpArgs): Promise<void> {
   const nodeId = args.node ?? defaultNodeName();
   if (!/^[a-z0-9][a-z0-9._-]{0,62}$/.test(nodeId)) throw new ZebuError(ErrorCode.EINVAL, `node name ${JSON.stringify(nodeId)} must be 1-63 of [a-z0-9._-]`);
 
+  const storeChoice: StoreChoice = { spec: args.store, prefix: args.storePrefix, caFile: args.storeCa, certFile: args.storeCert, keyFile: args.storeKey };
+
   fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
   const lockFile = takeLock(dataDir);
   const tokenFile = path.join(dataDir, 'token');
   const secretFile = path.join(dataDir, 'secret');
+  let opened;
+  try {
+    opened = await openStore(storeChoice, dataDir);
+    if (opened.shared) await clusterSecrets(opened.store, tokenFile, secretFile, log);
+  } catch (err) {
+    await opened?.store.close().catch(() => {});
+    fs.rmSync(lockFile, { force: true });
+    throw err;
+  }
+  const store = opened.store;
   ensureSecretFile(tokenFile, 32);
   ensureSecretFile(secretFile, 32);
   const token = fs.readFileSync(tokenFile, 'utf8').trim();
@@ -102,7 +168,6 @@ export async function up(args: UpArgs): Promise<void> {
 
   const { main, compiledUnavailable } = dataPathMain();
   if (compiledUnavailable !== null) log.info({ reason: compiledUnavailable }, 'data-path processes run from the TypeScript sources (about 10 MiB more memory each)');
-  const store = SqliteStore.open(path.join(dataDir, 'store.db'));
   const agent = new Agent({
     store,
     nodeId,
@@ -119,23 +184,57 @@ export async function up(args: UpArgs): Promise<void> {
     replicaArgs: (process.env.ZEBU_TEST_REPLICA_ARGS ?? '').split(' ').filter((a) => a !== ''),
     log: (event) => log.info(event, String(event.event)),
   });
-  const manager = new Manager({
-    store,
-    defaultNodeId: nodeId,
-    agents: {
-      engineRequest: (node, volume, method, pathName, body) =>
-        node === agent.nodeId
-          ? agent.engineRequest(volume, method, pathName, body)
-          : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
-    },
-    engineData: {
-      openEngineData: (node, volume) =>
-        node === agent.nodeId ? agent.openEngineData(volume) : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
-      openReplicaData: (address, epoch) => agent.openReplicaData(address, epoch),
-    },
-    log: (event) => log.info(event, String(event.event)),
+  // The manager and the API run while this node leads: a new pair each term.
+  let term: { manager: Manager; api: Awaited<ReturnType<typeof buildApiServer>>; started: boolean } | null = null;
+  let agentStarted = false;
+  const shownHost = apiAddress.host.includes(':') ? `[${apiAddress.host}]` : apiAddress.host;
+  let apiUrl: string | null = null;
+  const beginTerm = async (): Promise<void> => {
+    const manager = new Manager({
+      store,
+      defaultNodeId: nodeId,
+      agents: {
+        engineRequest: (node, volume, method, pathName, body) =>
+          node === agent.nodeId
+            ? agent.engineRequest(volume, method, pathName, body)
+            : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+      },
+      engineData: {
+        openEngineData: (node, volume) =>
+          node === agent.nodeId ? agent.openEngineData(volume) : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+        openReplicaData: (address, epoch) => agent.openReplicaData(address, epoch),
+      },
+      log: (event) => log.info(event, String(event.event)),
+    });
+    const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, backingImages: manager.backingImages, token });
+    try {
+      await api.listen({ host: apiAddress.host, port: apiAddress.port });
+    } catch (err) {
+      await api.close().catch(() => {});
+      throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
+    }
+    const bound = api.server.address();
+    apiUrl = `http://${shownHost}:${typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port}`;
+    term = { manager, api, started: false };
+    await manager.events.record({ type: 'Normal', reason: 'LeaderElected', message: `node ${nodeId} runs the cluster's controllers and serves the API at ${apiUrl}`, kind: Kind.Node, object: nodeId, volume: null });
+    if (agentStarted) {
+      term.started = true;
+      await manager.start();
+      // A node that took over: say so where `zebu up` said it was ready.
+      process.stdout.write(JSON.stringify({ leader: true, api: apiUrl, node: nodeId }) + '\n');
+    }
+  };
+  const endTerm = async (): Promise<void> => {
+    const ending = term;
+    term = null;
+    apiUrl = null;
+    if (ending === null) return;
+    await ending.api.close().catch(() => {});
+    await ending.manager.stop();
+  };
+  const election = new LeaderElection({
+    store, nodeId, onElected: beginTerm, onDeposed: endTerm, log: (event) => log.info(event, String(event.event)),
   });
-  const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, backingImages: manager.backingImages, token });
 
   let stopping = false;
   const stop = async (signal: string): Promise<void> => {
@@ -143,8 +242,7 @@ export async function up(args: UpArgs): Promise<void> {
     stopping = true;
     log.info({ signal }, 'stopping: API, controllers, then the data path');
     try {
-      await api.close();
-      await manager.stop();
+      await election.stop();
       await agent.stop({ stopProcesses: true });
       await store.close();
     } catch (err) {
@@ -158,24 +256,28 @@ export async function up(args: UpArgs): Promise<void> {
   process.on('SIGTERM', () => void stop('SIGTERM'));
   process.on('SIGINT', () => void stop('SIGINT'));
 
-  // The API address first: a taken port must fail before any process is started or adopted.
-  try {
-    await api.listen({ host: apiAddress.host, port: apiAddress.port });
-  } catch (err) {
-    await api.close().catch(() => {});
+  // Leading (always, on the embedded store), the API address first: a taken port must fail
+  // before any process is started or adopted.
+  const leading = await election.start();
+  if (!leading && !opened.shared) {
+    await election.stop();
     await store.close();
     fs.rmSync(lockFile, { force: true });
-    throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
+    throw election.lastStartError ?? new ZebuError(ErrorCode.BUSY, 'this node could not take the lead of its own store');
   }
   await agent.start();
-  await manager.start();
+  agentStarted = true;
+  const current = term as { manager: Manager; started: boolean } | null;
+  if (current !== null && !current.started) {
+    current.started = true;
+    await current.manager.start();
+  }
   try {
     await agent.frontendReady(30_000);
   } catch (err) {
     // Without its NBD listener the node serves nothing: stop what was started, leave nothing behind.
     log.error({ err: (err as Error).message }, 'the NBD frontend does not start: stopping');
-    await api.close().catch(() => {});
-    await manager.stop();
+    await election.stop();
     await agent.stop({ stopProcesses: true });
     await store.close();
     fs.rmSync(lockFile, { force: true });
@@ -189,13 +291,12 @@ export async function up(args: UpArgs): Promise<void> {
   if (memoryAddonMissing !== null) {
     log.warn({ reason: memoryAddonMissing }, 'data-path processes will give back only the large buffers a load made them take, not malloc\'s freed small chunks: the native memory addon is missing (run scripts/build-native.sh, which needs gcc)');
   }
-  const bound = api.server.address();
-  const port = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;
-  const shownHost = apiAddress.host.includes(':') ? `[${apiAddress.host}]` : apiAddress.host;
   process.stdout.write(
     JSON.stringify({
       ready: true,
-      api: `http://${shownHost}:${port}`,
+      api: apiUrl,
+      leader: election.isLeader,
+      store: opened.describe,
       tokenFile,
       dataDir,
       node: nodeId,

@@ -43,6 +43,8 @@ export const Kind = {
   RecurringJob: 'RecurringJob',
   /** A base image kept as files on disks (docs/backing-images.md). */
   BackingImage: 'BackingImage',
+  /** The node whose manager runs the cluster's controllers (one, "manager"), attached to its store lease. */
+  Leader: 'Leader',
 } as const;
 export type Kind = (typeof Kind)[keyof typeof Kind];
 
@@ -325,6 +327,12 @@ export interface NodeLeaseValue {
   startedAt: string;
 }
 
+export interface LeaderValue {
+  nodeId: string;
+  /** When this node's term began. */
+  since: string;
+}
+
 export interface DiskValue {
   spec: {
     nodeId: string;
@@ -478,6 +486,7 @@ export interface KindValues {
   Secret: SecretValue;
   RecurringJob: RecurringJobValue;
   BackingImage: BackingImageValue;
+  Leader: LeaderValue;
 }
 
 const MAX_MUTATE_ATTEMPTS = 20;

@@ -9,10 +9,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { ZEBU_MAIN } from './replica-process.ts';
 import { watchChildStart } from './child-ready.ts';
+import { startEtcd } from './etcd-server.ts';
 
 export interface ZebuUp {
   dataDir: string;
+  /** The API's URL; '' on a node that does not lead (its manager and API wait for a term). */
   api: string;
+  leader: boolean;
+  node: string;
   token: string;
   nbd: string;
   child: ChildProcess;
@@ -28,19 +32,42 @@ export interface ZebuUpOptions {
   apiPort?: number;
   /** Extra environment (e.g. ZEBU_TEST_REPLICA_ARGS). */
   env?: Record<string, string>;
+  /** --store (default: the embedded store; ZEBU_TEST_STORE=etcd runs every test on an etcd of its own). */
+  store?: string;
+  node?: string;
+}
+
+/** etcd client URLs of the etcds started for ZEBU_TEST_STORE=etcd, by data directory. */
+const testEtcds = new Map<string, string>();
+
+/**
+ * ZEBU_TEST_STORE=etcd: every `zebu up` of the tests on etcd instead of the embedded store, an
+ * etcd per data directory (in it: zebuDataDir's clean-up kills it with the rest).
+ */
+async function testStore(dataDir: string): Promise<string | undefined> {
+  if (process.env.ZEBU_TEST_STORE !== 'etcd') return undefined;
+  let endpoint = testEtcds.get(dataDir);
+  if (endpoint === undefined) {
+    const dir = path.join(path.dirname(dataDir), 'etcd');
+    fs.mkdirSync(dir, { recursive: true });
+    endpoint = (await startEtcd({ after: () => {} }, dir)).endpoint;
+    testEtcds.set(dataDir, endpoint);
+  }
+  return `etcd://${new URL(endpoint).host}`;
 }
 
 export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
+  const store = options.store ?? await testStore(options.dataDir);
   const args = [
     ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `127.0.0.1:${options.apiPort ?? 0}`, '--nbd', `127.0.0.1:${options.nbdPort ?? 0}`,
-    '--disks', String(options.disks ?? 3), '--node', 'node-1',
+    '--disks', String(options.disks ?? 3), '--node', options.node ?? 'node-1', ...(store !== undefined ? ['--store', store] : []),
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
   const start = watchChildStart(child, 'zebu up', 60_000, 400_000);
   const { exited, stderr } = start;
   const ready = await start.ready;
   const token = fs.readFileSync(String(ready.tokenFile), 'utf8').trim();
-  return { dataDir: options.dataDir, api: String(ready.api), token, nbd: String(ready.nbd), child, exited, stderr };
+  return { dataDir: options.dataDir, api: typeof ready.api === 'string' ? ready.api : '', leader: ready.leader === true, node: String(ready.node), token, nbd: String(ready.nbd), child, exited, stderr };
 }
 
 /** Stops `zebu up` with SIGTERM (a clean stop of everything) and waits. */

@@ -1,0 +1,81 @@
+/**
+ * Two nodes on one etcd (issue: a real cluster, first steps): each runs `zebu up --store etcd://`
+ * with its own data directory; one leads (runs the controllers and the API), the other waits. The
+ * cluster's API token and data secret come from the store, so both nodes hold the same ones; a
+ * volume's replicas go to both nodes (the engine reaches the other node's replica over TCP). The
+ * leader's `zebu up` SIGKILLed: the other node takes over the controllers and the API within the
+ * leader lease's TTL while the data path serves on; the old leader started again waits as a
+ * follower, re-adopts its processes, and the volume is healthy with its data.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { run, freePort } from '../support/volume-cluster.ts';
+import { startEtcd } from '../support/etcd-server.ts';
+import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder } from '../support/zebu-up.ts';
+
+function qemuIo(uri: string, ...commands: string[]): void {
+  const r = run('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { timeoutMs: 120_000 });
+  assert.equal(r.status, 0, r.stdout + r.stderr);
+  assert.doesNotMatch(r.stdout + r.stderr, /verification failed|error/i);
+}
+
+test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader killed, the other takes over; the old one comes back as a follower', async (t) => {
+  const dir1 = zebuDataDir(t);
+  const dir2 = zebuDataDir(t);
+  const etcdDir = path.join(path.dirname(dir1), 'etcd');
+  fs.mkdirSync(etcdDir);
+  const etcd = await startEtcd(t, etcdDir);
+  const store = `etcd://${new URL(etcd.endpoint).host}`;
+  const nbd1 = await freePort();
+  const api2 = await freePort();
+
+  const one = await startZebuUp({ dataDir: dir1, store, node: 'node-1', nbdPort: nbd1 });
+  assert.equal(one.leader, true);
+  const two = await startZebuUp({ dataDir: dir2, store, node: 'node-2', apiPort: api2 });
+  t.after(() => stopZebuUp(two));
+  assert.equal(two.leader, false, 'the second node waits');
+  assert.equal(two.api, '');
+  assert.equal(two.token, one.token, 'the API token is the cluster\'s');
+  assert.equal(fs.readFileSync(path.join(dir2, 'secret'), 'utf8'), fs.readFileSync(path.join(dir1, 'secret'), 'utf8'), 'so is the data secret');
+  const nodes = await waitFor('both nodes up', () => {
+    const list = mustZebuJson(one, ['node', 'list']) as { name: string; ready?: boolean; state?: string }[];
+    return list.length === 2 ? list : undefined;
+  }, 30_000);
+  assert.deepEqual(nodes.map((n) => n.name).sort(), ['node-1', 'node-2']);
+
+  mustZebu(one, ['volume', 'create', 'cv', '--size', '64MiB', '--replicas', '2']);
+  const uri = mustZebu(one, ['volume', 'attach', 'cv']).trim();
+  qemuIo(uri, 'write -P 0x4c 0 16M', 'flush');
+  const replicas = mustZebuJson(one, ['replica', 'list', '--volume', 'cv']) as { name: string; nodeId: string; mode: string }[];
+  assert.deepEqual(replicas.map((r) => r.nodeId).sort(), ['node-1', 'node-2'], 'a replica on each node');
+  assert.ok(replicas.every((r) => r.mode === 'RW'), JSON.stringify(replicas));
+
+  // The leader's `zebu up` dies; its data path does not.
+  one.child.kill('SIGKILL');
+  await one.exited;
+  const killedAt = Date.now();
+  qemuIo(uri, 'read -P 0x4c 0 16M', 'write -P 0x5d 16M 8M', 'flush');
+  const takeover = { api: `http://127.0.0.1:${api2}`, token: two.token };
+  await waitFor('node-2 serving the API', async () => (await fetch(`${takeover.api}/v1/volumes`, { headers: { authorization: `Bearer ${two.token}` } }).then((r) => r.ok, () => false)) || undefined, 40_000, 200);
+  const tookMs = Date.now() - killedAt;
+  assert.ok(tookMs < 30_000, `took over in ${tookMs} ms`);
+  const volume = mustZebuJson(takeover, ['volume', 'get', 'cv']) as { state: string; replicas: unknown[] };
+  assert.equal(volume.replicas.length, 2);
+  const events = mustZebuJson(takeover, ['events']) as { reason: string; object: string }[];
+  assert.ok(events.some((e) => e.reason === 'LeaderElected' && e.object === 'node-2'), JSON.stringify(events.map((e) => e.reason)));
+
+  // node-1 again: a follower now, with the processes it had.
+  const enginesBefore = processesUnder(dir1).filter((p) => p.role === 'engine').map((p) => p.pid);
+  const again = await startZebuUp({ dataDir: dir1, store, node: 'node-1', nbdPort: nbd1 });
+  t.after(() => stopZebuUp(again));
+  assert.equal(again.leader, false);
+  assert.equal(again.nbd, one.nbd);
+  await waitFor('the volume healthy', () => {
+    const v = mustZebuJson(takeover, ['volume', 'get', 'cv']);
+    return v.state === 'attached' && v.robustness === 'healthy' ? v : undefined;
+  }, 60_000);
+  assert.deepEqual(processesUnder(dir1).filter((p) => p.role === 'engine').map((p) => p.pid), enginesBefore, 'its engine re-adopted, not restarted');
+  qemuIo(uri, 'read -P 0x4c 0 16M', 'read -P 0x5d 16M 8M');
+});
