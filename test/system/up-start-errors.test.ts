@@ -1,6 +1,7 @@
 /**
  * `zebu up` that cannot start says why in one line, exits 1 and leaves no process behind:
- * the data directory in use, the API address taken, the NBD address taken.
+ * the data directory in use, the API address taken, the NBD address taken, a bad or unreachable
+ * --store.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,8 +10,8 @@ import path from 'node:path';
 import { ZEBU_MAIN } from '../support/replica-process.ts';
 import { startZebuUp, stopZebuUp, zebuDataDir, processesUnder } from '../support/zebu-up.ts';
 
-function up(dataDir: string, api: string, nbd: string): { status: number | null; stderr: string } {
-  const r = spawnSync(process.execPath, [ZEBU_MAIN, 'up', '--data-dir', dataDir, '--api', api, '--nbd', nbd, '--node', 'node-2'], { timeout: 120_000 });
+function up(dataDir: string, api: string, nbd: string, extra: string[] = []): { status: number | null; stderr: string } {
+  const r = spawnSync(process.execPath, [ZEBU_MAIN, 'up', '--data-dir', dataDir, '--api', api, '--nbd', nbd, '--node', 'node-2', ...extra], { timeout: 120_000 });
   return { status: r.status, stderr: r.stderr.toString() };
 }
 
@@ -38,6 +39,20 @@ test('zebu up that cannot start: one clear line, exit 1, nothing left running', 
   assert.equal(nbdTaken.status, 1);
   assert.match(lastLine(nbdTaken.stderr), /^zebu: the NBD frontend on .* does not start: .*EADDRINUSE/);
   assert.deepEqual(processesUnder(other), []);
+
+  for (const [extra, message] of [
+    [['--store', 'postgres://x:1'], /^zebu: --store "postgres:\/\/x:1": etcd:\/\/HOST:PORT/],
+    [['--store', 'etcd://nohostport'], /^zebu: --store: "nohostport" is not HOST:PORT/],
+    [['--store', 'etcds://127.0.0.1:2379'], /^zebu: etcds:\/\/ needs --store-ca FILE/],
+    [['--store-prefix', 'x/'], /^zebu: --store-prefix is for an etcd store/],
+    // Nothing listens there: refused at once, or after the call deadline.
+    [['--store', 'etcd://127.0.0.1:1'], /^zebu: etcd (is unreachable|did not answer in time)/],
+  ] as const) {
+    const bad = up(other, '127.0.0.1:0', '127.0.0.1:0', [...extra]);
+    assert.equal(bad.status, 1, bad.stderr);
+    assert.match(lastLine(bad.stderr), message);
+    assert.deepEqual(processesUnder(other), []);
+  }
 
   // The first one is unaffected.
   const health = await fetch(`${first.api}/healthz`);
