@@ -331,6 +331,7 @@ export const views: Record<string, JsonSchema> = {
   Node: view({
     name: str, address: str, allowScheduling: bool, ready: bool, lastHeartbeatAt: nullable(time),
     nbdAddress: nullable(str), disks: { type: 'array', items: str }, evict: bool, replicaCount: int,
+    leader: { type: 'boolean', description: 'its manager runs the cluster\'s controllers and serves the API now' },
   }),
   Disk: view({
     name: str, nodeId: str, path: str, allowScheduling: bool, storageReservedBytes: int, storageMaximumBytes: int,

@@ -6,6 +6,7 @@
 import { ZebuError, ErrorCode, invalid } from '../errors.ts';
 import type { StoreObject } from '../store/store.ts';
 import { Kind, type EngineValue, type EngineIoStats, type EngineReplicaStatus, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
+import { LEADER_NAME } from './leader-election.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
@@ -688,7 +689,9 @@ export class ManagerServiceImpl implements ManagerService {
   // ---- nodes and disks -------------------------------------------------------------------------
 
   async listNodes(): Promise<NodeView[]> {
-    const [nodes, leases, disks, replicas] = await Promise.all([this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease), this.objects.list(Kind.Disk), this.objects.list(Kind.Replica)]);
+    const [nodes, leases, disks, replicas, leader] = await Promise.all([
+      this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease), this.objects.list(Kind.Disk), this.objects.list(Kind.Replica), this.objects.get(Kind.Leader, LEADER_NAME),
+    ]);
     const up = new Set(leases.map((l) => l.name));
     return nodes.map((n) => ({
       name: n.name,
@@ -700,6 +703,7 @@ export class ManagerServiceImpl implements ManagerService {
       disks: disks.filter((d) => d.value.spec.nodeId === n.name).map((d) => d.name),
       evict: n.value.spec.evict === true,
       replicaCount: replicas.filter((r) => r.value.spec.nodeId === n.name && r.value.deletionRequestedAt === null).length,
+      leader: leader?.value.nodeId === n.name,
     }));
   }
 

@@ -168,6 +168,8 @@ export interface NodeView {
   evict: boolean;
   /** Replicas on the node now (not being deleted): 0 once an eviction is done. */
   replicaCount: number;
+  /** Its manager runs the cluster's controllers and serves the API now. */
+  leader: boolean;
 }
 
 export interface NodeUpdateInput {

@@ -212,7 +212,7 @@ test('snapshots, replicas, nodes, disks, settings and events: tables and --json'
   await fails(api, ['replica', 'list', '--volume', 'nope'], /^zebu: volume nope not found$/);
 
   assert.deepEqual(await okJson(api, ['node', 'list']), await apiGet(api, '/v1/nodes'));
-  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+SCHEDULING\s+REPLICAS\s+EVICTION\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+on\s+0\s+-\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
+  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+LEADER\s+SCHEDULING\s+REPLICAS\s+EVICTION\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+yes\s+on\s+0\s+-\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
   assert.deepEqual(await okJson(api, ['disk', 'list']), await apiGet(api, '/v1/disks'));
   assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+0\s+-\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+\/data\/disks\/disk-0$/m);
   // Eviction: on, shown as done once the disk holds nothing, and off again.

@@ -40,10 +40,10 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   assert.equal(two.token, one.token, 'the API token is the cluster\'s');
   assert.equal(fs.readFileSync(path.join(dir2, 'secret'), 'utf8'), fs.readFileSync(path.join(dir1, 'secret'), 'utf8'), 'so is the data secret');
   const nodes = await waitFor('both nodes up', () => {
-    const list = mustZebuJson(one, ['node', 'list']) as { name: string; ready?: boolean; state?: string }[];
-    return list.length === 2 ? list : undefined;
+    const list = mustZebuJson(one, ['node', 'list']) as { name: string; ready: boolean; leader: boolean }[];
+    return list.length === 2 && list.every((n) => n.ready) ? list : undefined;
   }, 30_000);
-  assert.deepEqual(nodes.map((n) => n.name).sort(), ['node-1', 'node-2']);
+  assert.deepEqual(nodes.map((n) => `${n.name}${n.leader ? ' (leader)' : ''}`).sort(), ['node-1 (leader)', 'node-2']);
 
   mustZebu(one, ['volume', 'create', 'cv', '--size', '64MiB', '--replicas', '2']);
   const uri = mustZebu(one, ['volume', 'attach', 'cv']).trim();
@@ -63,6 +63,7 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   assert.ok(tookMs < 30_000, `took over in ${tookMs} ms`);
   const volume = mustZebuJson(takeover, ['volume', 'get', 'cv']) as { state: string; replicas: unknown[] };
   assert.equal(volume.replicas.length, 2);
+  assert.deepEqual((mustZebuJson(takeover, ['node', 'list']) as { name: string; leader: boolean }[]).filter((n) => n.leader).map((n) => n.name), ['node-2']);
   const events = mustZebuJson(takeover, ['events']) as { reason: string; object: string }[];
   assert.ok(events.some((e) => e.reason === 'LeaderElected' && e.object === 'node-2'), JSON.stringify(events.map((e) => e.reason)));
 

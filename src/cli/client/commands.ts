@@ -418,8 +418,8 @@ export async function nodeList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<NodeView[]>('/v1/nodes');
   if (options.json) return printJson(list);
   out(table(
-    ['NAME', 'ADDRESS', 'READY', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'NBD', 'DISKS', 'HEARTBEAT'],
-    list.map((n) => [n.name, n.address, n.ready, n.allowScheduling ? 'on' : 'off', n.replicaCount, evictionCell(n.evict, n.replicaCount), n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
+    ['NAME', 'ADDRESS', 'READY', 'LEADER', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'NBD', 'DISKS', 'HEARTBEAT'],
+    list.map((n) => [n.name, n.address, n.ready, n.leader ? 'yes' : '', n.allowScheduling ? 'on' : 'off', n.replicaCount, evictionCell(n.evict, n.replicaCount), n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
   ));
 }
 
