@@ -31,6 +31,8 @@ export interface AgentOptions {
   nodeId: string;
   /** Host this node's replicas listen on (and other nodes reach them at). */
   address: string;
+  /** Where the leader's manager on another node reaches this agent (agent-server.ts), HOST:PORT; null: nowhere (one machine). */
+  agentEndpoint?: string | null;
   /** Where the node's NBD frontend listens. */
   nbdHost: string;
   nbdPort: number;
@@ -88,8 +90,8 @@ function engineRow(row: EngineInfo['replicas'][number], wanted: Record<string, s
 
 const FRONTEND_ID = 'frontend';
 /** Bounds on the manager's requests to an engine: a verify, anything else (snapshots). */
-const VERIFY_TIMEOUT_MS = 6 * 3600_000;
-const ENGINE_REQUEST_TIMEOUT_MS = 120_000;
+export const VERIFY_TIMEOUT_MS = 6 * 3600_000;
+export const ENGINE_REQUEST_TIMEOUT_MS = 120_000;
 /** A direct replica read that takes longer goes through the engine instead. */
 const REPLICA_CONNECT_TIMEOUT_MS = 3000;
 const REPLICA_READ_TIMEOUT_MS = 15_000;
@@ -151,7 +153,7 @@ export class Agent {
   private readonly exportPut = new Map<string, string>();
 
   constructor(options: AgentOptions) {
-    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], nodeFlags: [], log: () => {}, ...options };
+    this.options = { pollMs: 1000, leaseTtlMs: 15_000, diskProbeMs: 30_000, replicaArgs: [], nodeFlags: [], log: () => {}, ...options, agentEndpoint: options.agentEndpoint ?? null };
     this.nodeId = options.nodeId;
     this.objects = new Objects(options.store);
     this.settings = new Settings(this.objects);
@@ -277,7 +279,7 @@ export class Agent {
   // ---- node, disks, liveness -------------------------------------------------------------------
 
   private async registerNode(): Promise<void> {
-    const status = { address: this.options.address, nbdAddress: this.nbdAddress, lastHeartbeatAt: new Date().toISOString() };
+    const status = { address: this.options.address, nbdAddress: this.nbdAddress, agentEndpoint: this.options.agentEndpoint ?? null, lastHeartbeatAt: new Date().toISOString() };
     const updated = await this.objects.mutate(Kind.Node, this.nodeId, (n) => {
       n.status = status;
     });

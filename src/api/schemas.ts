@@ -332,6 +332,7 @@ export const views: Record<string, JsonSchema> = {
     name: str, address: str, allowScheduling: bool, ready: bool, lastHeartbeatAt: nullable(time),
     nbdAddress: nullable(str), disks: { type: 'array', items: str }, evict: bool, replicaCount: int,
     leader: { type: 'boolean', description: 'its manager runs the cluster\'s controllers and serves the API now' },
+    agentEndpoint: { ...nullable(str), description: 'HOST:PORT where the leader reaches its agent (a cluster store); null on one machine' },
   }),
   Disk: view({
     name: str, nodeId: str, path: str, allowScheduling: bool, storageReservedBytes: int, storageMaximumBytes: int,

@@ -151,6 +151,7 @@ program
   .option('--node <NAME>', 'this node\'s name (default: the host name)')
   .option('--address <HOST>', 'address replicas listen on', '127.0.0.1')
   .option('--store <URL>', 'etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS): the cluster store every node shares (default: an embedded store in the data dir; credentials from ZEBU_ETCD_USERNAME and ZEBU_ETCD_PASSWORD)')
+  .option('--agent-port <PORT>', 'with --store: where the leader on another node reaches this node\'s agent, on --address (default 9502; 0: any)')
   .option('--store-prefix <PREFIX>', 'key prefix of this cluster in etcd (default zebu/)')
   .option('--store-ca <FILE>', 'etcds://: the CA certificate (PEM) of the etcd members')
   .option('--store-cert <FILE>', 'etcds://: a client certificate (PEM), when etcd asks for one')

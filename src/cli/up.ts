@@ -26,7 +26,8 @@ import type { Store } from '../store/store.ts';
 import { Kind, Objects } from '../cluster/objects.ts';
 import { Manager } from '../manager/manager.ts';
 import { LeaderElection } from '../manager/leader-election.ts';
-import { Agent } from '../agent/agent.ts';
+import { Agent, ENGINE_REQUEST_TIMEOUT_MS, VERIFY_TIMEOUT_MS } from '../agent/agent.ts';
+import { AgentServer, remoteEngineRequest } from '../agent/agent-server.ts';
 import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
@@ -42,6 +43,7 @@ export interface UpArgs {
   node?: string;
   address?: string;
   store?: string;
+  agentPort?: string;
   storePrefix?: string;
   storeCa?: string;
   storeCert?: string;
@@ -50,6 +52,14 @@ export interface UpArgs {
 
 /** The Secret holding the cluster's API token and data-protocol secret (etcd only). */
 const CLUSTER_SECRET = 'cluster';
+
+/** Where other nodes reach this node's agent, on a shared store (--agent-port). */
+const DEFAULT_AGENT_PORT = 9502;
+
+function parsePort(text: string): number {
+  if (!/^\d{1,5}$/.test(text) || Number(text) > 65535) throw new ZebuError(ErrorCode.EINVAL, `--agent-port must be a port number (0: any), got ${JSON.stringify(text)}`);
+  return Number(text);
+}
 
 /** Room left in a UNIX socket path (107 bytes) for "engines/<63-char volume>.sock". */
 const RUN_DIR_MAX_BYTES = 107 - '/engines/'.length - 63 - '.sock'.length;
@@ -143,6 +153,7 @@ export async function up(args: UpArgs): Promise<void> {
   const nodeId = args.node ?? defaultNodeName();
   if (!/^[a-z0-9][a-z0-9._-]{0,62}$/.test(nodeId)) throw new ZebuError(ErrorCode.EINVAL, `node name ${JSON.stringify(nodeId)} must be 1-63 of [a-z0-9._-]`);
 
+  if (args.agentPort !== undefined && (args.store === undefined || args.store === '')) throw new ZebuError(ErrorCode.EINVAL, '--agent-port is for a cluster store (--store etcd://...)');
   const storeChoice: StoreChoice = { spec: args.store, prefix: args.storePrefix, caFile: args.storeCa, certFile: args.storeCert, keyFile: args.storeKey };
 
   fs.mkdirSync(dataDir, { recursive: true, mode: 0o700 });
@@ -166,12 +177,36 @@ export async function up(args: UpArgs): Promise<void> {
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const disks = Array.from({ length: diskCount }, (_, i) => path.join(dataDir, 'disks', `disk-${i}`));
 
+  // On a shared store, the leader on another node reaches this node's engines through its agent.
+  const address = args.address ?? '127.0.0.1';
+  let agentServer: AgentServer | null = null;
+  let agentEndpoint: string | null = null;
+  let agentRef: Agent | null = null;
+  if (opened.shared) {
+    const port = args.agentPort !== undefined ? parsePort(args.agentPort) : DEFAULT_AGENT_PORT;
+    agentServer = new AgentServer({
+      nodeId, token,
+      engineRequest: (volume, method, pathName, body) => agentRef === null
+        ? Promise.reject(new ZebuError(ErrorCode.BUSY, `the agent of node ${nodeId} is starting`))
+        : agentRef.engineRequest(volume, method, pathName, body),
+    });
+    try {
+      const bound = await agentServer.listen(address, port);
+      agentEndpoint = `${address.includes(':') ? `[${address}]` : address}:${bound}`;
+    } catch (err) {
+      await store.close();
+      fs.rmSync(lockFile, { force: true });
+      throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${address}:${port} for the agent: ${(err as Error).message}`);
+    }
+  }
+
   const { main, compiledUnavailable } = dataPathMain();
   if (compiledUnavailable !== null) log.info({ reason: compiledUnavailable }, 'data-path processes run from the TypeScript sources (about 10 MiB more memory each)');
   const agent = new Agent({
     store,
     nodeId,
-    address: args.address ?? '127.0.0.1',
+    address,
+    agentEndpoint,
     nbdHost: nbdAddress.host,
     nbdPort: nbdAddress.port,
     disks,
@@ -184,6 +219,15 @@ export async function up(args: UpArgs): Promise<void> {
     replicaArgs: (process.env.ZEBU_TEST_REPLICA_ARGS ?? '').split(' ').filter((a) => a !== ''),
     log: (event) => log.info(event, String(event.event)),
   });
+  agentRef = agent;
+  const objects = new Objects(store);
+  /** An engine request to another node's agent (a volume attached there). */
+  const engineElsewhere = async (node: string, volume: string, method: string, pathName: string, body: unknown): Promise<unknown> => {
+    const endpoint = (await objects.get(Kind.Node, node))?.value.status.agentEndpoint ?? null;
+    if (endpoint === null) throw new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} has no agent endpoint this manager can reach (is it on the same store?)`);
+    const timeoutMs = (pathName === '/v1/verify' ? VERIFY_TIMEOUT_MS : ENGINE_REQUEST_TIMEOUT_MS) + 10_000;
+    return remoteEngineRequest(endpoint, token, node, volume, method, pathName, body, timeoutMs);
+  };
   // The manager and the API run while this node leads: a new pair each term.
   let term: { manager: Manager; api: Awaited<ReturnType<typeof buildApiServer>>; started: boolean } | null = null;
   let agentStarted = false;
@@ -195,9 +239,7 @@ export async function up(args: UpArgs): Promise<void> {
       defaultNodeId: nodeId,
       agents: {
         engineRequest: (node, volume, method, pathName, body) =>
-          node === agent.nodeId
-            ? agent.engineRequest(volume, method, pathName, body)
-            : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+          node === agent.nodeId ? agent.engineRequest(volume, method, pathName, body) : engineElsewhere(node, volume, method, pathName, body),
       },
       engineData: {
         openEngineData: (node, volume) =>
@@ -243,6 +285,7 @@ export async function up(args: UpArgs): Promise<void> {
     log.info({ signal }, 'stopping: API, controllers, then the data path');
     try {
       await election.stop();
+      await agentServer?.close();
       await agent.stop({ stopProcesses: true });
       await store.close();
     } catch (err) {
@@ -261,6 +304,7 @@ export async function up(args: UpArgs): Promise<void> {
   const leading = await election.start();
   if (!leading && !opened.shared) {
     await election.stop();
+    await agentServer?.close();
     await store.close();
     fs.rmSync(lockFile, { force: true });
     throw election.lastStartError ?? new ZebuError(ErrorCode.BUSY, 'this node could not take the lead of its own store');
@@ -278,6 +322,7 @@ export async function up(args: UpArgs): Promise<void> {
     // Without its NBD listener the node serves nothing: stop what was started, leave nothing behind.
     log.error({ err: (err as Error).message }, 'the NBD frontend does not start: stopping');
     await election.stop();
+    await agentServer?.close();
     await agent.stop({ stopProcesses: true });
     await store.close();
     fs.rmSync(lockFile, { force: true });

@@ -319,6 +319,8 @@ export interface NodeValue {
     /** Host the node's replicas and NBD frontend listen on. */
     address: string;
     nbdAddress: string | null;
+    /** Where the leader reaches the node's agent for its engines (HOST:PORT); absent or null: only from its own node. */
+    agentEndpoint?: string | null;
     lastHeartbeatAt: string | null;
   };
 }

@@ -704,6 +704,7 @@ export class ManagerServiceImpl implements ManagerService {
       evict: n.value.spec.evict === true,
       replicaCount: replicas.filter((r) => r.value.spec.nodeId === n.name && r.value.deletionRequestedAt === null).length,
       leader: leader?.value.nodeId === n.name,
+      agentEndpoint: n.value.status.agentEndpoint ?? null,
     }));
   }
 

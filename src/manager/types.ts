@@ -170,6 +170,8 @@ export interface NodeView {
   replicaCount: number;
   /** Its manager runs the cluster's controllers and serves the API now. */
   leader: boolean;
+  /** Where the leader reaches its agent (HOST:PORT) on a cluster store; null on one machine. */
+  agentEndpoint: string | null;
 }
 
 export interface NodeUpdateInput {

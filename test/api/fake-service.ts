@@ -36,7 +36,7 @@ export class FakeManagerService implements ManagerService {
   readonly events: EventView[] = [];
   readonly nodes: NodeView[] = [{
     name: 'node-1', address: '127.0.0.1', allowScheduling: true, ready: true, lastHeartbeatAt: '2024-01-01T00:00:00.000Z', nbdAddress: '127.0.0.1:10809',
-    disks: ['disk-0', 'disk-1', 'disk-2'], evict: false, replicaCount: 0, leader: true,
+    disks: ['disk-0', 'disk-1', 'disk-2'], evict: false, replicaCount: 0, leader: true, agentEndpoint: null,
   }];
   readonly disks: DiskView[] = [0, 1, 2].map((i) => ({
     name: `disk-${i}`, nodeId: 'node-1', path: `/data/disks/disk-${i}`, allowScheduling: true, storageReservedBytes: 0,

@@ -60,7 +60,7 @@ export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
   const store = options.store ?? await testStore(options.dataDir);
   const args = [
     ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `127.0.0.1:${options.apiPort ?? 0}`, '--nbd', `127.0.0.1:${options.nbdPort ?? 0}`,
-    '--disks', String(options.disks ?? 3), '--node', options.node ?? 'node-1', ...(store !== undefined ? ['--store', store] : []),
+    '--disks', String(options.disks ?? 3), '--node', options.node ?? 'node-1', ...(store !== undefined ? ['--store', store, '--agent-port', '0'] : []),
   ];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
   const start = watchChildStart(child, 'zebu up', 60_000, 400_000);

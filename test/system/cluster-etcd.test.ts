@@ -5,7 +5,8 @@
  * volume's replicas go to both nodes (the engine reaches the other node's replica over TCP). The
  * leader's `zebu up` SIGKILLed: the other node takes over the controllers and the API within the
  * leader lease's TTL while the data path serves on; the old leader started again waits as a
- * follower, re-adopts its processes, and the volume is healthy with its data.
+ * follower, re-adopts its processes, and the volume is healthy with its data. Snapshots of a volume
+ * attached on the node that does not lead go through that node's agent (the cluster token guards it).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -13,7 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { run, freePort } from '../support/volume-cluster.ts';
 import { startEtcd } from '../support/etcd-server.ts';
-import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder } from '../support/zebu-up.ts';
+import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder } from '../support/zebu-up.ts';
 
 function qemuIo(uri: string, ...commands: string[]): void {
   const r = run('qemu-io', ['-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { timeoutMs: 120_000 });
@@ -52,6 +53,26 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   assert.deepEqual(replicas.map((r) => r.nodeId).sort(), ['node-1', 'node-2'], 'a replica on each node');
   assert.ok(replicas.every((r) => r.mode === 'RW'), JSON.stringify(replicas));
 
+  // A volume attached on the node that does not lead: the leader reaches its engine through node-2's agent.
+  mustZebu(one, ['volume', 'create', 'far', '--size', '32MiB', '--replicas', '1']);
+  const farUri = mustZebu(one, ['volume', 'attach', 'far', '--node', 'node-2']).trim();
+  assert.match(farUri, new RegExp(`^nbd://${two.nbd.replace(/\./g, '\\.')}/far$`), 'served by node-2\'s frontend');
+  qemuIo(farUri, 'write -P 0x6e 0 4M', 'flush');
+  mustZebu(one, ['snapshot', 'create', 'far', 'from-the-leader']);
+  assert.deepEqual((mustZebuJson(one, ['snapshot', 'list', 'far']) as { name: string }[]).map((s) => s.name), ['from-the-leader']);
+  // The agent's endpoint serves only the cluster: no token or a wrong one is refused, bad requests too.
+  const endpoint = (mustZebuJson(one, ['node', 'list']) as { name: string; agentEndpoint: string | null }[]).find((n) => n.name === 'node-2')?.agentEndpoint ?? null;
+  assert.ok(endpoint !== null, 'node-2 says where its agent is');
+  const ask = (token: string | null, body: unknown): Promise<Response> => fetch(`http://${endpoint}/v1/engines/far/request`, {
+    method: 'POST', headers: token === null ? {} : { authorization: `Bearer ${token}` }, body: JSON.stringify(body),
+  });
+  assert.equal((await ask(null, { method: 'GET', path: '/v1/snapshots' })).status, 401);
+  assert.equal((await ask('wrong', { method: 'GET', path: '/v1/snapshots' })).status, 401);
+  assert.equal((await ask(two.token, { method: 'GET', path: '../etc/passwd' })).status, 400);
+  assert.equal((await ask(two.token, { method: 'PATCH', path: '/v1/snapshots' })).status, 400);
+  const listed = await ask(two.token, { method: 'GET', path: '/v1/snapshots' });
+  assert.equal(listed.status, 200);
+
   // The leader's `zebu up` dies; its data path does not.
   one.child.kill('SIGKILL');
   await one.exited;
@@ -67,6 +88,11 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   const events = mustZebuJson(takeover, ['events']) as { reason: string; object: string }[];
   assert.ok(events.some((e) => e.reason === 'LeaderElected' && e.object === 'node-2'), JSON.stringify(events.map((e) => e.reason)));
 
+  // The new leader cannot reach node-1's engine while node-1's agent is down.
+  const away = zebu(takeover, ['snapshot', 'create', 'cv', 'while-away']);
+  assert.notEqual(away.status, 0);
+  assert.match(away.stderr, /agent of node node-1 .*cannot be reached|did not answer/);
+
   // node-1 again: a follower now, with the processes it had.
   const enginesBefore = processesUnder(dir1).filter((p) => p.role === 'engine').map((p) => p.pid);
   const again = await startZebuUp({ dataDir: dir1, store, node: 'node-1', nbdPort: nbd1 });
@@ -79,4 +105,7 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   }, 60_000);
   assert.deepEqual(processesUnder(dir1).filter((p) => p.role === 'engine').map((p) => p.pid), enginesBefore, 'its engine re-adopted, not restarted');
   qemuIo(uri, 'read -P 0x4c 0 16M', 'read -P 0x5d 16M 8M');
+  // Its agent is back (at a new port): the leader on node-2 reaches its engine again.
+  await waitFor('a snapshot of a volume on node-1 taken from node-2', () => zebu(takeover, ['snapshot', 'create', 'cv', 'from-node-2']).status === 0, 30_000, 500);
+  assert.deepEqual((mustZebuJson(takeover, ['snapshot', 'list', 'cv']) as { name: string }[]).map((s) => s.name), ['from-node-2']);
 });
