@@ -48,7 +48,8 @@ async function testStore(dataDir: string): Promise<string | undefined> {
   if (process.env.ZEBU_TEST_STORE !== 'etcd') return undefined;
   let endpoint = testEtcds.get(dataDir);
   if (endpoint === undefined) {
-    const dir = path.join(path.dirname(dataDir), 'etcd');
+    // Beside the data directory (a second cluster in the same test has its own).
+    const dir = `${dataDir}-etcd`;
     fs.mkdirSync(dir, { recursive: true });
     endpoint = (await startEtcd({ after: () => {} }, dir)).endpoint;
     testEtcds.set(dataDir, endpoint);
