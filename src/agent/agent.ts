@@ -611,6 +611,14 @@ export class Agent {
     return controlRequest(this.engineControlSocket(volume), method, pathName, body, { timeoutMs });
   }
 
+  /** The UNIX socket of a volume's engine running on this node (for the agent's data tunnel). */
+  engineDataSocket(volume: string): string {
+    if (this.supervisor.get(engineProcessId(volume))?.state !== 'running') {
+      throw new ZebuError(ErrorCode.BUSY, `the engine of volume ${volume} is not running on node ${this.nodeId}`);
+    }
+    return this.engineSocket(volume);
+  }
+
   /**
    * A data-protocol connection to a volume's engine on this node, for work that reads or writes
    * the volume itself (backups read its snapshots, restores write it). The caller closes it.

@@ -27,7 +27,9 @@ import { Kind, Objects } from '../cluster/objects.ts';
 import { Manager } from '../manager/manager.ts';
 import { LeaderElection } from '../manager/leader-election.ts';
 import { Agent, ENGINE_REQUEST_TIMEOUT_MS, VERIFY_TIMEOUT_MS } from '../agent/agent.ts';
-import { AgentServer, remoteEngineRequest } from '../agent/agent-server.ts';
+import { AgentServer, engineTunnelTransport, remoteEngineRequest, splitEndpoint } from '../agent/agent-server.ts';
+import { DataClient } from '../protocol/client.ts';
+import { readSecretFile } from '../protocol/auth.ts';
 import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
@@ -189,6 +191,10 @@ export async function up(args: UpArgs): Promise<void> {
       engineRequest: (volume, method, pathName, body) => agentRef === null
         ? Promise.reject(new ZebuError(ErrorCode.BUSY, `the agent of node ${nodeId} is starting`))
         : agentRef.engineRequest(volume, method, pathName, body),
+      engineDataSocket: (volume) => {
+        if (agentRef === null) throw new ZebuError(ErrorCode.BUSY, `the agent of node ${nodeId} is starting`);
+        return agentRef.engineDataSocket(volume);
+      },
     });
     try {
       const bound = await agentServer.listen(address, port);
@@ -228,6 +234,16 @@ export async function up(args: UpArgs): Promise<void> {
     const timeoutMs = (pathName === '/v1/verify' ? VERIFY_TIMEOUT_MS : ENGINE_REQUEST_TIMEOUT_MS) + 10_000;
     return remoteEngineRequest(endpoint, token, node, volume, method, pathName, body, timeoutMs);
   };
+  /** A data connection to an engine on another node, through that node's agent. */
+  const engineDataElsewhere = async (node: string, volume: string): Promise<DataClient> => {
+    const endpoint = (await objects.get(Kind.Node, node))?.value.status.agentEndpoint ?? null;
+    if (endpoint === null) throw new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} has no agent endpoint this manager can reach (is it on the same store?)`);
+    const at = splitEndpoint(endpoint);
+    return DataClient.connect({
+      host: at.host, port: at.port, secret: readSecretFile(secretFile), peerLabel: `engine of ${volume} on node ${node} (through its agent)`,
+      requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS, transport: engineTunnelTransport(at, token, volume, node),
+    });
+  };
   // The manager and the API run while this node leads: a new pair each term.
   let term: { manager: Manager; api: Awaited<ReturnType<typeof buildApiServer>>; started: boolean } | null = null;
   let agentStarted = false;
@@ -242,8 +258,7 @@ export async function up(args: UpArgs): Promise<void> {
           node === agent.nodeId ? agent.engineRequest(volume, method, pathName, body) : engineElsewhere(node, volume, method, pathName, body),
       },
       engineData: {
-        openEngineData: (node, volume) =>
-          node === agent.nodeId ? agent.openEngineData(volume) : Promise.reject(new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} is not served by this manager`)),
+        openEngineData: (node, volume) => (node === agent.nodeId ? agent.openEngineData(volume) : engineDataElsewhere(node, volume)),
         openReplicaData: (address, epoch) => agent.openReplicaData(address, epoch),
       },
       log: (event) => log.info(event, String(event.event)),

@@ -6,11 +6,13 @@
  * leader's `zebu up` SIGKILLed: the other node takes over the controllers and the API within the
  * leader lease's TTL while the data path serves on; the old leader started again waits as a
  * follower, re-adopts its processes, and the volume is healthy with its data. Snapshots of a volume
- * attached on the node that does not lead go through that node's agent (the cluster token guards it).
+ * attached on the node that does not lead go through that node's agent (the cluster token guards it), and
+ * so do its backups (a data tunnel to its engine).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { run, freePort } from '../support/volume-cluster.ts';
 import { startEtcd } from '../support/etcd-server.ts';
@@ -60,6 +62,14 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   qemuIo(farUri, 'write -P 0x6e 0 4M', 'flush');
   mustZebu(one, ['snapshot', 'create', 'far', 'from-the-leader']);
   assert.deepEqual((mustZebuJson(one, ['snapshot', 'list', 'far']) as { name: string }[]).map((s) => s.name), ['from-the-leader']);
+  // Backed up by the leader through node-2's agent (a data tunnel to the engine), restored: the same bytes.
+  mustZebu(one, ['backup-target', 'set', `file://${path.join(path.dirname(dir1), 'backups')}`]);
+  const backup = mustZebuJson(one, ['backup', 'create', 'far']);
+  assert.equal(backup.state, 'completed', JSON.stringify(backup));
+  const restored = mustZebuJson(one, ['backup', 'restore', backup.name, '--to', 'far-copy', '--replicas', '1']);
+  assert.equal(restored.restore.state, 'completed', JSON.stringify(restored));
+  qemuIo(mustZebu(one, ['volume', 'attach', 'far-copy']).trim(), 'read -P 0x6e 0 4M', 'read -P 0 4M 28M');
+
   // The agent's endpoint serves only the cluster: no token or a wrong one is refused, bad requests too.
   const endpoint = (mustZebuJson(one, ['node', 'list']) as { name: string; agentEndpoint: string | null }[]).find((n) => n.name === 'node-2')?.agentEndpoint ?? null;
   assert.ok(endpoint !== null, 'node-2 says where its agent is');
@@ -70,6 +80,15 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   assert.equal((await ask('wrong', { method: 'GET', path: '/v1/snapshots' })).status, 401);
   assert.equal((await ask(two.token, { method: 'GET', path: '../etc/passwd' })).status, 400);
   assert.equal((await ask(two.token, { method: 'PATCH', path: '/v1/snapshots' })).status, 400);
+  // A data tunnel with a wrong token is refused before it reaches the engine.
+  const tunnel = await new Promise<string>((resolve) => {
+    const socket = net.createConnection(Number(endpoint!.split(':')[1]), '127.0.0.1', () => socket.write('GET /v1/engines/far/data HTTP/1.1\r\nhost: x\r\nauthorization: Bearer wrong\r\nupgrade: zebu-data\r\nconnection: upgrade\r\n\r\n'));
+    let got = '';
+    socket.on('data', (d) => (got += d.toString()));
+    socket.on('close', () => resolve(got));
+    socket.on('error', () => resolve(got));
+  });
+  assert.match(tunnel, /^HTTP\/1\.1 401/);
   const listed = await ask(two.token, { method: 'GET', path: '/v1/snapshots' });
   assert.equal(listed.status, 200);
 
