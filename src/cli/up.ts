@@ -25,7 +25,8 @@ import { openStore, type StoreChoice } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Kind, Objects } from '../cluster/objects.ts';
 import { Manager } from '../manager/manager.ts';
-import { LeaderElection } from '../manager/leader-election.ts';
+import { LeaderElection, LEADER_NAME } from '../manager/leader-election.ts';
+import { ApiForwarder } from '../api/forwarder.ts';
 import { Agent, ENGINE_REQUEST_TIMEOUT_MS, VERIFY_TIMEOUT_MS } from '../agent/agent.ts';
 import { AgentServer, engineTunnelTransport, remoteEngineRequest, splitEndpoint } from '../agent/agent-server.ts';
 import { DataClient } from '../protocol/client.ts';
@@ -249,7 +250,36 @@ export async function up(args: UpArgs): Promise<void> {
   let agentStarted = false;
   const shownHost = apiAddress.host.includes(':') ? `[${apiAddress.host}]` : apiAddress.host;
   let apiUrl: string | null = null;
+  /** How other nodes reach an API bound to every address: at this node's --address. */
+  const advertised = (port: number): string => {
+    const host = apiAddress.host === '0.0.0.0' || apiAddress.host === '::' ? address : apiAddress.host;
+    return `http://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  };
+  // On a shared store, a node that does not lead passes API requests on to the leader's API.
+  let forwarder: ApiForwarder | null = null;
+  const startForwarder = async (): Promise<void> => {
+    const f = new ApiForwarder({
+      nodeId,
+      leaderApi: async () => {
+        const leader = await objects.get(Kind.Leader, LEADER_NAME);
+        return leader === null || leader.value.nodeId === nodeId ? null : leader.value.api ?? null;
+      },
+    });
+    try {
+      const port = await f.listen(apiAddress.host, apiAddress.port);
+      apiUrl = `http://${shownHost}:${port}`;
+    } catch (err) {
+      throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
+    }
+    forwarder = f;
+  };
+  const stopForwarder = async (): Promise<void> => {
+    const f = forwarder;
+    forwarder = null;
+    await f?.close();
+  };
   const beginTerm = async (): Promise<void> => {
+    await stopForwarder();
     const manager = new Manager({
       store,
       defaultNodeId: nodeId,
@@ -271,8 +301,10 @@ export async function up(args: UpArgs): Promise<void> {
       throw new ZebuError(ErrorCode.EINVAL, `cannot listen on ${args.api} for the API: ${(err as Error).message}`);
     }
     const bound = api.server.address();
-    apiUrl = `http://${shownHost}:${typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port}`;
+    const boundPort = typeof bound === 'object' && bound !== null ? bound.port : apiAddress.port;
+    apiUrl = `http://${shownHost}:${boundPort}`;
     term = { manager, api, started: false };
+    if (opened.shared) await election.announce(advertised(boundPort));
     await manager.events.record({ type: 'Normal', reason: 'LeaderElected', message: `node ${nodeId} runs the cluster's controllers and serves the API at ${apiUrl}`, kind: Kind.Node, object: nodeId, volume: null });
     if (agentStarted) {
       term.started = true;
@@ -288,6 +320,7 @@ export async function up(args: UpArgs): Promise<void> {
     if (ending === null) return;
     await ending.api.close().catch(() => {});
     await ending.manager.stop();
+    if (opened.shared && !stopping) await startForwarder().catch((err) => log.error({ err: (err as Error).message }, 'the API address cannot be served while this node does not lead'));
   };
   const election = new LeaderElection({
     store, nodeId, onElected: beginTerm, onDeposed: endTerm, log: (event) => log.info(event, String(event.event)),
@@ -300,6 +333,7 @@ export async function up(args: UpArgs): Promise<void> {
     log.info({ signal }, 'stopping: API, controllers, then the data path');
     try {
       await election.stop();
+      await stopForwarder();
       await agentServer?.close();
       await agent.stop({ stopProcesses: true });
       await store.close();
@@ -316,6 +350,17 @@ export async function up(args: UpArgs): Promise<void> {
 
   // Leading (always, on the embedded store), the API address first: a taken port must fail
   // before any process is started or adopted.
+  if (opened.shared) {
+    // Any node's API address answers (passed on to the leader) until this node leads itself.
+    try {
+      await startForwarder();
+    } catch (err) {
+      await agentServer?.close();
+      await store.close();
+      fs.rmSync(lockFile, { force: true });
+      throw err;
+    }
+  }
   const leading = await election.start();
   if (!leading && !opened.shared) {
     await election.stop();

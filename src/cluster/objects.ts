@@ -333,6 +333,8 @@ export interface LeaderValue {
   nodeId: string;
   /** When this node's term began. */
   since: string;
+  /** Where its API serves (other nodes pass their API requests on to it); null until it listens. */
+  api?: string | null;
 }
 
 export interface DiskValue {

@@ -68,6 +68,22 @@ export class LeaderElection {
     return this.leading;
   }
 
+  /** Says where the leader's API serves, in the Leader object (while this node leads). */
+  async announce(api: string): Promise<void> {
+    if (!this.leading) return;
+    const store = this.options.store;
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const current = await store.get<LeaderValue>(Kind.Leader, LEADER_NAME);
+      if (current === null || current.value.nodeId !== this.options.nodeId) return;
+      try {
+        await store.update<LeaderValue>(Kind.Leader, LEADER_NAME, { ...current.value, api }, { resourceVersion: current.resourceVersion });
+        return;
+      } catch (err) {
+        if ((err as ZebuError).code !== ErrorCode.CONFLICT) throw err;
+      }
+    }
+  }
+
   /** Ends the term (if any) and the campaign; the Leader object goes with the lease. */
   async stop(): Promise<void> {
     this.stopped = true;

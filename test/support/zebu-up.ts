@@ -13,7 +13,7 @@ import { startEtcd } from './etcd-server.ts';
 
 export interface ZebuUp {
   dataDir: string;
-  /** The API's URL; '' on a node that does not lead (its manager and API wait for a term). */
+  /** The API's URL (on a node that does not lead, requests there are passed on to the leader). */
   api: string;
   leader: boolean;
   node: string;

@@ -39,7 +39,7 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   const two = await startZebuUp({ dataDir: dir2, store, node: 'node-2', apiPort: api2 });
   t.after(() => stopZebuUp(two));
   assert.equal(two.leader, false, 'the second node waits');
-  assert.equal(two.api, '');
+  assert.equal(two.api, `http://127.0.0.1:${api2}`, 'its API address passes requests on to the leader');
   assert.equal(two.token, one.token, 'the API token is the cluster\'s');
   assert.equal(fs.readFileSync(path.join(dir2, 'secret'), 'utf8'), fs.readFileSync(path.join(dir1, 'secret'), 'utf8'), 'so is the data secret');
   const nodes = await waitFor('both nodes up', () => {
@@ -54,6 +54,9 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   const replicas = mustZebuJson(one, ['replica', 'list', '--volume', 'cv']) as { name: string; nodeId: string; mode: string }[];
   assert.deepEqual(replicas.map((r) => r.nodeId).sort(), ['node-1', 'node-2'], 'a replica on each node');
   assert.ok(replicas.every((r) => r.mode === 'RW'), JSON.stringify(replicas));
+  assert.deepEqual(mustZebuJson(two, ['replica', 'list', '--volume', 'cv']), replicas, 'asked on node-2: the leader answers');
+  const wrong = await fetch(`${two.api}/v1/volumes`, { headers: { authorization: 'Bearer wrong' } });
+  assert.equal(wrong.status, 401, 'the leader checks the token of a passed-on request');
 
   // A volume attached on the node that does not lead: the leader reaches its engine through node-2's agent.
   mustZebu(one, ['volume', 'create', 'far', '--size', '32MiB', '--replicas', '1']);
@@ -118,6 +121,7 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   t.after(() => stopZebuUp(again));
   assert.equal(again.leader, false);
   assert.equal(again.nbd, one.nbd);
+  assert.equal((mustZebuJson(again, ['volume', 'get', 'cv']) as { name: string }).name, 'cv', 'node-1\'s API address now passes requests on to node-2');
   await waitFor('the volume healthy', () => {
     const v = mustZebuJson(takeover, ['volume', 'get', 'cv']);
     return v.state === 'attached' && v.robustness === 'healthy' ? v : undefined;

@@ -1,0 +1,103 @@
+/**
+ * The API on a node that does not lead (a cluster on etcd): every request is passed on to the
+ * leader's API as it came (method, path, token, body) and its answer passed back, so that the CLI
+ * and scripts on any node work against their own node's address. With no leader (an election
+ * under way) or a leader that cannot be reached, the answer is 503 with the reason, in the API's
+ * error shape. The leader's address comes from the store (`leaderApi`), looked up per request.
+ */
+import http from 'node:http';
+import { ErrorCode } from '../errors.ts';
+import { errorBody } from './http-errors.ts';
+
+const MAX_BODY_BYTES = 64 * 1024 * 1024;
+const FORWARD_TIMEOUT_MS = 6 * 3600_000; // a verify through the API answers after minutes
+/** Request headers passed on; the rest (host, connection, ...) are the forwarder's own. */
+const PASSED_HEADERS = ['authorization', 'content-type', 'accept'];
+
+export interface ApiForwarderOptions {
+  nodeId: string;
+  /** The leader's API URL, or null when no node leads now. */
+  leaderApi: () => Promise<string | null>;
+}
+
+export class ApiForwarder {
+  private readonly server: http.Server;
+  private readonly options: ApiForwarderOptions;
+
+  constructor(options: ApiForwarderOptions) {
+    this.options = options;
+    this.server = http.createServer((req, res) => {
+      this.forward(req, res).catch((err) => {
+        if (!res.headersSent) unavailable(res, `node ${options.nodeId} could not pass the request on to the leader: ${(err as Error).message}`);
+        else res.destroy();
+      });
+    });
+    this.server.requestTimeout = 0;
+  }
+
+  listen(host: string, port: number): Promise<number> {
+    return new Promise((resolve, reject) => {
+      this.server.once('error', reject);
+      this.server.listen(port, host, () => {
+        this.server.off('error', reject);
+        resolve((this.server.address() as { port: number }).port);
+      });
+    });
+  }
+
+  close(): Promise<void> {
+    return new Promise((resolve) => {
+      this.server.close(() => resolve());
+      this.server.closeAllConnections();
+    });
+  }
+
+  private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const chunk of req) {
+      size += (chunk as Buffer).length;
+      if (size > MAX_BODY_BYTES) {
+        send(res, 413, errorBody(ErrorCode.EINVAL, `request body over ${MAX_BODY_BYTES} bytes`));
+        return;
+      }
+      chunks.push(chunk as Buffer);
+    }
+    const leader = await this.options.leaderApi();
+    if (leader === null) {
+      unavailable(res, `node ${this.options.nodeId} does not lead, and no node leads right now (an election is under way): try again in a few seconds`);
+      return;
+    }
+    const headers: Record<string, string> = {};
+    for (const name of PASSED_HEADERS) {
+      const value = req.headers[name];
+      if (typeof value === 'string') headers[name] = value;
+    }
+    let answer: Response;
+    try {
+      answer = await fetch(`${leader}${req.url ?? '/'}`, {
+        method: req.method, headers, body: size > 0 ? Buffer.concat(chunks) : undefined, redirect: 'manual', signal: AbortSignal.timeout(FORWARD_TIMEOUT_MS),
+      });
+    } catch (err) {
+      const e = err as Error;
+      unavailable(res, `node ${this.options.nodeId} does not lead, and the leader's API at ${leader} cannot be reached: ${(e.cause as Error | undefined)?.message ?? e.message}`);
+      return;
+    }
+    const body = Buffer.from(await answer.arrayBuffer());
+    const out: Record<string, string> = { 'content-length': String(body.length), 'x-zebu-leader': leader };
+    const type = answer.headers.get('content-type');
+    if (type !== null) out['content-type'] = type;
+    res.writeHead(answer.status, out);
+    res.end(body);
+  }
+}
+
+function send(res: http.ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+function unavailable(res: http.ServerResponse, message: string): void {
+  send(res, 503, errorBody(ErrorCode.BUSY, message));
+}
