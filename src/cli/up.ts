@@ -27,10 +27,9 @@ import { Kind, Objects } from '../cluster/objects.ts';
 import { Manager } from '../manager/manager.ts';
 import { LeaderElection, LEADER_NAME } from '../manager/leader-election.ts';
 import { ApiForwarder } from '../api/forwarder.ts';
-import { Agent, ENGINE_REQUEST_TIMEOUT_MS, VERIFY_TIMEOUT_MS } from '../agent/agent.ts';
-import { AgentServer, engineTunnelTransport, remoteEngineRequest, splitEndpoint } from '../agent/agent-server.ts';
-import { DataClient } from '../protocol/client.ts';
-import { readSecretFile } from '../protocol/auth.ts';
+import { Agent } from '../agent/agent.ts';
+import { AgentServer } from '../agent/agent-server.ts';
+import { RemoteEngines } from '../agent/remote-engines.ts';
 import { procStat } from '../os/process-identity.ts';
 import { buildApiServer } from '../api/server.ts';
 import { parseHostPort, parsePositiveInt } from './units.ts';
@@ -228,23 +227,8 @@ export async function up(args: UpArgs): Promise<void> {
   });
   agentRef = agent;
   const objects = new Objects(store);
-  /** An engine request to another node's agent (a volume attached there). */
-  const engineElsewhere = async (node: string, volume: string, method: string, pathName: string, body: unknown): Promise<unknown> => {
-    const endpoint = (await objects.get(Kind.Node, node))?.value.status.agentEndpoint ?? null;
-    if (endpoint === null) throw new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} has no agent endpoint this manager can reach (is it on the same store?)`);
-    const timeoutMs = (pathName === '/v1/verify' ? VERIFY_TIMEOUT_MS : ENGINE_REQUEST_TIMEOUT_MS) + 10_000;
-    return remoteEngineRequest(endpoint, token, node, volume, method, pathName, body, timeoutMs);
-  };
-  /** A data connection to an engine on another node, through that node's agent. */
-  const engineDataElsewhere = async (node: string, volume: string): Promise<DataClient> => {
-    const endpoint = (await objects.get(Kind.Node, node))?.value.status.agentEndpoint ?? null;
-    if (endpoint === null) throw new ZebuError(ErrorCode.UNSUPPORTED, `node ${node} has no agent endpoint this manager can reach (is it on the same store?)`);
-    const at = splitEndpoint(endpoint);
-    return DataClient.connect({
-      host: at.host, port: at.port, secret: readSecretFile(secretFile), peerLabel: `engine of ${volume} on node ${node} (through its agent)`,
-      requestTimeoutMs: ENGINE_REQUEST_TIMEOUT_MS, transport: engineTunnelTransport(at, token, volume, node),
-    });
-  };
+  // Volumes attached on other nodes: their engines through those nodes' agents.
+  const remote = new RemoteEngines(objects, token, secretFile);
   // The manager and the API run while this node leads: a new pair each term.
   let term: { manager: Manager; api: Awaited<ReturnType<typeof buildApiServer>>; started: boolean } | null = null;
   let agentStarted = false;
@@ -285,10 +269,10 @@ export async function up(args: UpArgs): Promise<void> {
       defaultNodeId: nodeId,
       agents: {
         engineRequest: (node, volume, method, pathName, body) =>
-          node === agent.nodeId ? agent.engineRequest(volume, method, pathName, body) : engineElsewhere(node, volume, method, pathName, body),
+          node === agent.nodeId ? agent.engineRequest(volume, method, pathName, body) : remote.request(node, volume, method, pathName, body),
       },
       engineData: {
-        openEngineData: (node, volume) => (node === agent.nodeId ? agent.openEngineData(volume) : engineDataElsewhere(node, volume)),
+        openEngineData: (node, volume) => (node === agent.nodeId ? agent.openEngineData(volume) : remote.openData(node, volume)),
         openReplicaData: (address, epoch) => agent.openReplicaData(address, epoch),
       },
       log: (event) => log.info(event, String(event.event)),
