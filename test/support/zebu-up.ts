@@ -48,8 +48,9 @@ async function testStore(dataDir: string): Promise<string | undefined> {
   if (process.env.ZEBU_TEST_STORE !== 'etcd') return undefined;
   let endpoint = testEtcds.get(dataDir);
   if (endpoint === undefined) {
-    // Beside the data directory (a second cluster in the same test has its own).
-    const dir = `${dataDir}-etcd`;
+    // Beside the data directory (a second cluster in the same test has its own), named so that
+    // processesUnder(dataDir) does not count it.
+    const dir = path.join(path.dirname(dataDir), `etcd-of-${path.basename(dataDir)}`);
     fs.mkdirSync(dir, { recursive: true });
     endpoint = (await startEtcd({ after: () => {} }, dir)).endpoint;
     testEtcds.set(dataDir, endpoint);
