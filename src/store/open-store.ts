@@ -9,7 +9,7 @@ import path from 'node:path';
 import { invalid } from '../errors.ts';
 import type { Store } from './store.ts';
 import { SqliteStore } from './sqlite-store.ts';
-import { EtcdStore, type EtcdStoreOptions } from './etcd-store.ts';
+import type { EtcdStoreOptions } from './etcd-store.ts';
 
 export interface StoreChoice {
   /** --store: absent for the embedded store. */
@@ -76,5 +76,7 @@ export async function openStore(choice: StoreChoice, dataDir: string): Promise<O
   const password = process.env.ZEBU_ETCD_PASSWORD;
   if ((username === undefined) !== (password === undefined)) throw invalid('set both ZEBU_ETCD_USERNAME and ZEBU_ETCD_PASSWORD, or neither', 'store');
   if (username !== undefined) options.auth = { username, password: password! };
+  // Loaded only here: the etcd client (gRPC) costs the embedded store's users nothing.
+  const { EtcdStore } = await import('./etcd-store.ts');
   return { store: await EtcdStore.open(options), describe: endpoints.join(','), shared: true };
 }
