@@ -651,11 +651,14 @@ export class Replica {
     const epoch = this.meta.epoch;
     // Regions already active (the common case) cost no promise here.
     const activation = intent === null ? null : intent.enter(offset, length);
+    // The lock is asked for at arrival, before the activation is waited for: overlapping writes
+    // apply in arrival order even when a later one finds its region already recorded (it does
+    // not wait) while an earlier one still waits for the record that names it.
+    const granted = this.lock.acquireAsync(first, end, false);
     let ok = false;
     let entry: RangeLockEntry | null = null;
     try {
-      if (activation !== null) await activation;
-      entry = await this.lock.acquireAsync(first, end, false);
+      entry = await this.lockedAfter(activation, granted);
       this.checkUsable();
       await this.writeLocked(offset, data, dataOffset, length);
       this.revision++;
@@ -667,6 +670,23 @@ export class Replica {
       if (entry !== null) this.lock.release(entry);
       intent?.exit(offset, length, ok);
     }
+  }
+
+  /**
+   * The range lock `granted` (asked for at arrival), once the write-intent `activation` (if any)
+   * is durable. An activation that fails still waits for its place in the lock's order and gives
+   * it back at once: no entry is left behind to block later requests.
+   */
+  private async lockedAfter(activation: Promise<void> | null, granted: Promise<RangeLockEntry>): Promise<RangeLockEntry> {
+    if (activation !== null) {
+      try {
+        await activation;
+      } catch (err) {
+        void granted.then((entry) => this.lock.release(entry));
+        throw err;
+      }
+    }
+    return granted;
   }
 
   private async writeLocked(offset: number, data: Buffer, dataOffset: number, length: number): Promise<void> {
@@ -718,11 +738,12 @@ export class Replica {
     const end = Math.ceil((offset + length) / BLOCK_SIZE);
     const epoch = this.meta.epoch;
     const activation = intent === null ? null : intent.enter(offset, length);
+    // Asked for at arrival: see writeData.
+    const granted = this.lock.acquireAsync(first, end, false);
     let ok = false;
     let entry: RangeLockEntry | null = null;
     try {
-      if (activation !== null) await activation;
-      entry = await this.lock.acquireAsync(first, end, false);
+      entry = await this.lockedAfter(activation, granted);
       this.checkUsable();
       const fullFirst = Math.ceil(offset / BLOCK_SIZE);
       const fullEnd = Math.floor((offset + length) / BLOCK_SIZE);

@@ -31,6 +31,8 @@ class LoggingDisk implements Disk {
   private readonly inner: Disk;
   /** While set, data-file writes wait for it. */
   dataGate: Promise<void> | null = null;
+  /** While set, syncs of the write-intent log wait for it (taken when the sync begins). */
+  intentGate: Promise<void> | null = null;
   constructor(inner: Disk) {
     this.inner = inner;
   }
@@ -49,6 +51,8 @@ class LoggingDisk implements Disk {
         return file.write(b, o, l, p);
       },
       async datasync() {
+        const gate = name.startsWith('intent.') ? self.intentGate : null;
+        if (gate !== null) await gate;
         await file.datasync();
         events.push(`sync ${name}`);
       },
@@ -140,6 +144,33 @@ test('activation is durable before the data write; a crash in between leaves the
   const reopened = await Replica.open(dir);
   closeAtEnd(reopened);
   assert.deepEqual(reopened.intentGet().active, [3, 9]);
+});
+
+test('overlapping writes apply in arrival order when a later one finds its region recorded while an earlier one waits for the record', async (t) => {
+  const { dir, closeAtEnd } = scratch(t);
+  const disk = new LoggingDisk(new NodeDisk());
+  const replica = await Replica.create(dir, { sizeBytes: SIZE, disk });
+  closeAtEnd(replica);
+  let openFirst!: () => void;
+  disk.intentGate = new Promise<void>((resolve) => (openFirst = resolve));
+  // A record naming region 5 is being written (held at its sync)...
+  const first = replica.write(5 * R, pattern(10, 4096));
+  for (let i = 0; i < 100 && !disk.events.some((e) => e.startsWith('write intent.')); i++) await new Promise((resolve) => setTimeout(resolve, 5));
+  // ...when a write to the region arrives: it waits for the next record.
+  const earlier = replica.write(5 * R + 8192, pattern(18, 4096));
+  let openSecond!: () => void;
+  disk.intentGate = new Promise<void>((resolve) => (openSecond = resolve));
+  openFirst();
+  await first;
+  // The region is recorded now (the next record is held): a later write to the same block needs
+  // no record, but must not overtake the earlier one.
+  const later = replica.write(5 * R + 8192, pattern(32, 4096));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  openSecond();
+  await Promise.all([earlier, later]);
+  const back = Buffer.alloc(4096);
+  await replica.read(5 * R + 8192, 4096, back);
+  assert.ok(back.equals(pattern(32, 4096)), 'the later write is what the block holds');
 });
 
 test('activation survives a power failure right after the write is acknowledged (unflushed)', async (t) => {
