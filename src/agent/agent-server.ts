@@ -22,6 +22,7 @@ import crypto from 'node:crypto';
 import type { Duplex } from 'node:stream';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import { httpStatusFor } from '../error-status.ts';
+import { readJsonBody, sendJson, listenTcp, closeHttp } from '../protocol/http-json.ts';
 
 const MAX_BODY_BYTES = 1024 * 1024;
 const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -52,10 +53,10 @@ export class AgentServer {
     this.tokenHash = crypto.createHash('sha256').update(options.token).digest();
     this.server = http.createServer((req, res) => {
       this.handle(req).then(
-        (body) => send(res, 200, body),
+        (body) => sendJson(res, 200, body),
         (err) => {
           const e = toZebuError(err);
-          send(res, e.code === ErrorCode.UNAUTHORIZED ? 401 : httpStatusFor(e.code), { error: e.message, code: e.code });
+          sendJson(res, e.code === ErrorCode.UNAUTHORIZED ? 401 : httpStatusFor(e.code), { error: e.message, code: e.code });
         },
       );
     });
@@ -108,20 +109,11 @@ export class AgentServer {
 
   /** Listens on HOST:PORT (port 0: any); resolves with the port. */
   listen(host: string, port: number): Promise<number> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve((this.server.address() as { port: number }).port);
-      });
-    });
+    return listenTcp(this.server, host, port);
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => {
-      this.server.close(() => resolve());
-      this.server.closeAllConnections();
-    });
+    return closeHttp(this.server);
   }
 
   private async handle(req: http.IncomingMessage): Promise<unknown> {
@@ -145,30 +137,9 @@ export class AgentServer {
       throw new ZebuError(ErrorCode.EINVAL, 'bad escape in the volume name');
     }
     if (!VOLUME_NAME.test(volume)) throw new ZebuError(ErrorCode.EINVAL, `volume name ${JSON.stringify(volume)} is not valid`);
-    const body = (await readBody(req)) as { method?: unknown; path?: unknown; body?: unknown };
+    const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { method?: unknown; path?: unknown; body?: unknown };
     if (typeof body.method !== 'string' || !METHODS.has(body.method)) throw new ZebuError(ErrorCode.EINVAL, 'body field "method" must be GET, POST, PUT or DELETE');
     if (typeof body.path !== 'string' || !/^\/v1\/[A-Za-z0-9._~%/-]*$/.test(body.path)) throw new ZebuError(ErrorCode.EINVAL, 'body field "path" must be a path of the engine\'s control interface (/v1/...)');
     return this.options.engineRequest(volume, body.method, body.path, body.body);
-  }
-}
-
-function send(res: http.ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body ?? {});
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-  res.end(text);
-}
-
-async function readBody(req: http.IncomingMessage): Promise<unknown> {
-  let size = 0;
-  const chunks: Buffer[] = [];
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new ZebuError(ErrorCode.EINVAL, `request body over ${MAX_BODY_BYTES} bytes`);
-    chunks.push(chunk as Buffer);
-  }
-  try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
-  } catch {
-    throw new ZebuError(ErrorCode.EINVAL, 'request body is not JSON');
   }
 }

@@ -8,6 +8,7 @@
 import http from 'node:http';
 import { ErrorCode } from '../errors.ts';
 import { errorBody } from './http-errors.ts';
+import { sendJson, listenTcp, closeHttp } from '../protocol/http-json.ts';
 
 const MAX_BODY_BYTES = 64 * 1024 * 1024;
 const FORWARD_TIMEOUT_MS = 6 * 3600_000; // a verify through the API answers after minutes
@@ -36,20 +37,11 @@ export class ApiForwarder {
   }
 
   listen(host: string, port: number): Promise<number> {
-    return new Promise((resolve, reject) => {
-      this.server.once('error', reject);
-      this.server.listen(port, host, () => {
-        this.server.off('error', reject);
-        resolve((this.server.address() as { port: number }).port);
-      });
-    });
+    return listenTcp(this.server, host, port);
   }
 
   close(): Promise<void> {
-    return new Promise((resolve) => {
-      this.server.close(() => resolve());
-      this.server.closeAllConnections();
-    });
+    return closeHttp(this.server);
   }
 
   private async forward(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
@@ -58,7 +50,7 @@ export class ApiForwarder {
     for await (const chunk of req) {
       size += (chunk as Buffer).length;
       if (size > MAX_BODY_BYTES) {
-        send(res, 413, errorBody(ErrorCode.EINVAL, `request body over ${MAX_BODY_BYTES} bytes`));
+        sendJson(res, 413, errorBody(ErrorCode.EINVAL, `request body over ${MAX_BODY_BYTES} bytes`));
         return;
       }
       chunks.push(chunk as Buffer);
@@ -92,12 +84,6 @@ export class ApiForwarder {
   }
 }
 
-function send(res: http.ServerResponse, status: number, body: unknown): void {
-  const text = JSON.stringify(body);
-  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-  res.end(text);
-}
-
 function unavailable(res: http.ServerResponse, message: string): void {
-  send(res, 503, errorBody(ErrorCode.BUSY, message));
+  sendJson(res, 503, errorBody(ErrorCode.BUSY, message));
 }

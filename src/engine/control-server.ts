@@ -52,6 +52,7 @@ import { httpStatusFor } from '../error-status.ts';
 import { ZebuError, ErrorCode, toZebuError } from '../errors.ts';
 import type { Engine } from './engine.ts';
 import { listenOnUnixSocket } from '../protocol/unix-socket.ts';
+import { readJsonBody, sendJson } from '../protocol/http-json.ts';
 
 const MAX_BODY_BYTES = 64 * 1024;
 
@@ -64,22 +65,6 @@ function pathArg(segment: string): string {
   }
 }
 
-async function readBody(req: http.IncomingMessage): Promise<unknown> {
-  let size = 0;
-  const chunks: Buffer[] = [];
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY_BYTES) throw new ZebuError(ErrorCode.EINVAL, `request body over ${MAX_BODY_BYTES} bytes`);
-    chunks.push(chunk as Buffer);
-  }
-  if (size === 0) return {};
-  try {
-    return JSON.parse(Buffer.concat(chunks).toString('utf8'));
-  } catch {
-    throw new ZebuError(ErrorCode.EINVAL, 'request body is not JSON');
-  }
-}
-
 export class EngineControlServer {
   private readonly server: http.Server;
   private readonly engine: Engine;
@@ -88,19 +73,13 @@ export class EngineControlServer {
     this.engine = engine;
     this.server = http.createServer((req, res) => {
       this.handle(req).then(
-        (body) => this.send(res, 200, body),
+        (body) => sendJson(res, 200, body),
         (err) => {
           const e = toZebuError(err);
-          this.send(res, httpStatusFor(e.code), { error: e.message, code: e.code });
+          sendJson(res, httpStatusFor(e.code), { error: e.message, code: e.code });
         },
       );
     });
-  }
-
-  private send(res: http.ServerResponse, status: number, body: unknown): void {
-    const text = JSON.stringify(body ?? {});
-    res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
-    res.end(text);
   }
 
   private async handle(req: http.IncomingMessage): Promise<unknown> {
@@ -108,7 +87,7 @@ export class EngineControlServer {
     const route = `${req.method} ${url.pathname}`;
     if (route === 'GET /v1/info') return this.engine.info();
     if (route === 'POST /v1/startup/addresses') {
-      const body = (await readBody(req)) as { addresses?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { addresses?: unknown };
       const addresses = body.addresses;
       if (addresses === null || typeof addresses !== 'object' || Array.isArray(addresses) || Object.values(addresses).some((a) => typeof a !== 'string')) {
         throw new ZebuError(ErrorCode.EINVAL, 'body field "addresses" must be an object of replica key -> "HOST:PORT"');
@@ -117,7 +96,7 @@ export class EngineControlServer {
     }
     if (route === 'PUT /v1/rebuild-limit') {
       // Also while starting: a start-up recovery may copy regions too.
-      const body = (await readBody(req)) as { bytesPerSecond?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { bytesPerSecond?: unknown };
       const rate = body.bytesPerSecond;
       if (typeof rate !== 'number' || !Number.isSafeInteger(rate) || rate < 0) throw new ZebuError(ErrorCode.EINVAL, 'body field "bytesPerSecond" must be a whole number >= 0 (0: no limit)');
       return this.engine.setRebuildLimit(rate);
@@ -127,25 +106,25 @@ export class EngineControlServer {
     if (route === 'GET /v1/stats') return (this.engine.info() as { stats: unknown }).stats;
     if (route === 'GET /v1/snapshots') return this.engine.snapshotList();
     if (route === 'POST /v1/snapshots') {
-      const body = (await readBody(req)) as { name?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { name?: unknown };
       if (typeof body.name !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "name" must be a string');
       return this.engine.snapshotCreate(body.name);
     }
     if (route === 'POST /v1/replicas') {
-      const body = (await readBody(req)) as { address?: unknown; key?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { address?: unknown; key?: unknown };
       if (typeof body.address !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "address" must be a string HOST:PORT or KEY=HOST:PORT');
       if (body.key !== undefined && typeof body.key !== 'string') throw new ZebuError(ErrorCode.EINVAL, 'body field "key" must be a string');
       return this.engine.addReplica(body.key !== undefined ? `${body.key}=${body.address}` : body.address);
     }
     if (route === 'POST /v1/verify') {
-      const body = (await readBody(req)) as { repair?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { repair?: unknown };
       if (body.repair !== undefined && typeof body.repair !== 'boolean') throw new ZebuError(ErrorCode.EINVAL, 'body field "repair" must be a boolean');
       return this.engine.verify({ repair: body.repair === true });
     }
     const removeReplica = /^DELETE \/v1\/replicas\/([^/]+)$/.exec(route);
     if (removeReplica) return this.engine.removeReplica(pathArg(removeReplica[1]));
     if (route === 'POST /v1/expand') {
-      const body = (await readBody(req)) as { sizeBytes?: unknown };
+      const body = (await readJsonBody(req, MAX_BODY_BYTES)) as { sizeBytes?: unknown };
       if (typeof body.sizeBytes !== 'number') throw new ZebuError(ErrorCode.EINVAL, 'body field "sizeBytes" must be a number');
       return this.engine.expand(body.sizeBytes);
     }
