@@ -24,6 +24,7 @@ import { ZebuError, ErrorCode } from '../errors.ts';
 import { openStore, type StoreChoice } from '../store/open-store.ts';
 import type { Store } from '../store/store.ts';
 import { Kind, Objects } from '../cluster/objects.ts';
+import { GuardedStore } from '../store/guarded-store.ts';
 import { Manager } from '../manager/manager.ts';
 import { LeaderElection, LEADER_NAME } from '../manager/leader-election.ts';
 import { ApiForwarder } from '../api/forwarder.ts';
@@ -265,7 +266,9 @@ export async function up(args: UpArgs): Promise<void> {
   const beginTerm = async (): Promise<void> => {
     await stopForwarder();
     const manager = new Manager({
-      store,
+      // Every write of this term checks that the term still stands (its Leader object): a write
+      // that reaches the store after another node took over is refused, not applied.
+      store: new GuardedStore(store, election.guard),
       defaultNodeId: nodeId,
       agents: {
         engineRequest: (node, volume, method, pathName, body) =>

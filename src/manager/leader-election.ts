@@ -17,7 +17,7 @@
  */
 import { ErrorCode, ZebuError } from '../errors.ts';
 import { Kind, type LeaderValue } from '../cluster/objects.ts';
-import type { Lease, Store } from '../store/store.ts';
+import type { Lease, Store, WriteGuard } from '../store/store.ts';
 
 export const LEADER_NAME = 'manager';
 const DEFAULT_TTL_MS = 10_000;
@@ -49,6 +49,17 @@ export class LeaderElection {
 
   get isLeader(): boolean {
     return this.leading;
+  }
+
+  private termGuard: WriteGuard | null = null;
+
+  /**
+   * The guard of this node's term: the Leader object as this node created it. Writes of the
+   * term's manager and API carry it, so that none of them lands after another node took over.
+   */
+  get guard(): WriteGuard {
+    if (this.termGuard === null) throw new ZebuError(ErrorCode.EINVAL, 'no term has started: there is no guard yet');
+    return this.termGuard;
   }
 
   /** Why the last term could not start (onElected failed), if it could not. */
@@ -103,13 +114,19 @@ export class LeaderElection {
       await this.sleep(this.leading ? Math.max(100, Math.floor(this.ttlMs / 3)) : Math.max(200, Math.floor(this.ttlMs / 5)));
       if (this.stopped) break;
       if (this.leading) {
-        try {
-          await this.options.store.keepAlive(this.lease!.id);
+        // A renewal that hangs (a dead network) must not keep this node leading: past half the
+        // TTL without one, it steps down whether or not the renewal has answered.
+        const leftMs = Math.max(0, lastRenewedMs + this.ttlMs / 2 - Date.now());
+        const renewal = this.options.store.keepAlive(this.lease!.id).then(() => null, (err: unknown) => err as ZebuError);
+        const outcome = await Promise.race([renewal, this.delay(leftMs).then(() => 'late' as const)]);
+        if (outcome === null) {
           lastRenewedMs = Date.now();
-        } catch (err) {
-          const e = err as ZebuError;
-          if (e.code === ErrorCode.NOT_FOUND) await this.deposed('the leader lease expired (this node was cut off from the store)');
-          else if (Date.now() - lastRenewedMs > this.ttlMs / 2) await this.deposed(`the leader lease could not be renewed for ${Date.now() - lastRenewedMs} ms: ${e.message}`);
+        } else if (outcome === 'late') {
+          await this.deposed(`the leader lease was not renewed for ${Date.now() - lastRenewedMs} ms (the store does not answer)`);
+        } else if (outcome.code === ErrorCode.NOT_FOUND) {
+          await this.deposed('the leader lease expired (this node was cut off from the store)');
+        } else if (Date.now() - lastRenewedMs > this.ttlMs / 2) {
+          await this.deposed(`the leader lease could not be renewed for ${Date.now() - lastRenewedMs} ms: ${outcome.message}`);
         }
         continue;
       }
@@ -138,7 +155,8 @@ export class LeaderElection {
     }
     if (this.lease === null) this.lease = await store.grantLease(this.ttlMs);
     try {
-      await store.create<LeaderValue>(Kind.Leader, LEADER_NAME, { nodeId: this.options.nodeId, since: new Date().toISOString() }, { leaseId: this.lease.id });
+      const created = await store.create<LeaderValue>(Kind.Leader, LEADER_NAME, { nodeId: this.options.nodeId, since: new Date().toISOString() }, { leaseId: this.lease.id });
+      this.termGuard = { kind: Kind.Leader, name: LEADER_NAME, createdRevision: created.createdRevision };
       return true;
     } catch (err) {
       const code = (err as ZebuError).code;
@@ -171,6 +189,11 @@ export class LeaderElection {
     this.log({ event: 'leader-deposed', node: this.options.nodeId, why });
     this.lease = null;
     await this.options.onDeposed(why).catch((err) => this.log({ event: 'leader-stop-failed', error: (err as Error).message }));
+  }
+
+  /** A plain timer (not woken by stop(): a renewal's wait ends on its own). */
+  private delay(ms: number): Promise<void> {
+    return new Promise((resolve) => setTimeout(resolve, ms).unref());
   }
 
   private sleep(ms: number): Promise<void> {

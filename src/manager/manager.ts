@@ -168,6 +168,9 @@ export class Manager {
         this.queue.add((event.object.value as ReplicaValue).spec.volumeName);
         break;
       case Kind.NodeLease:
+        void this.noteNodeLiveness(event).catch(() => {});
+        void this.resync().catch(() => {});
+        break;
       case Kind.Disk:
       case Kind.Setting:
         // Placement may be possible now.
@@ -191,6 +194,19 @@ export class Manager {
     if (event.kind === Kind.Disk || event.kind === Kind.NodeLease || event.kind === Kind.Replica) void this.backingImageController.kick();
     // A volume being restored moves on as it attaches and detaches.
     if (event.kind === Kind.Volume || event.kind === Kind.Engine) this.backupController.kick();
+  }
+
+  /**
+   * A node's lease is its liveness: gone (expired: the node died or is cut off; or its agent
+   * stopped or restarted) is down, granted again is up. Both are events.
+   */
+  private async noteNodeLiveness(event: WatchEvent): Promise<void> {
+    const node = event.name;
+    if (event.type === 'delete') {
+      await this.events.record({ type: 'Warning', reason: 'NodeDown', kind: Kind.Node, object: node, volume: null, message: `node ${node} is down: its agent's lease ended (the node died, is cut off from the store, or its agent stopped)` });
+    } else if (event.object.createdRevision === event.revision) {
+      await this.events.record({ type: 'Normal', reason: 'NodeUp', kind: Kind.Node, object: node, volume: null, message: `node ${node} is up: its agent holds a lease` });
+    }
   }
 
   /** Resolves when no reconcile is running or queued (tests). */

@@ -341,6 +341,7 @@ export class ManagerServiceImpl implements ManagerService {
     if (refusal !== null) throw stateConflict(refusal);
     if (heldByManager(v) || stillDetaching(v)) return this.attachAfterHolder(name, nodeId, maintenance);
     if (v.spec.nodeId !== null && (v.spec.nodeId !== nodeId || v.spec.maintenance !== maintenance)) {
+      if (v.spec.nodeId !== nodeId && (await this.objects.get(Kind.NodeLease, v.spec.nodeId)) === null) return this.attachAwayFromDownNode(name, v.spec.nodeId, nodeId, maintenance);
       throw stateConflict(`volume ${name} is already attached to node ${v.spec.nodeId}${v.spec.maintenance ? ' in maintenance mode' : ''}; detach it first`);
     }
 
@@ -348,6 +349,32 @@ export class ManagerServiceImpl implements ManagerService {
       if (x.spec.nodeId !== null) return false;
       x.spec.nodeId = nodeId;
       x.spec.maintenance = maintenance;
+    });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  /**
+   * The volume is attached on a node that is down, and asked for on another one (its workload
+   * moved there): the attachment moves. The engine on the down node is let go without its answer
+   * and fenced by the new attachment's higher epoch, should it still run cut off from the store.
+   */
+  private async attachAwayFromDownNode(name: string, downNode: string, nodeId: string, maintenance: boolean): Promise<VolumeView> {
+    let moved = false;
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      if (x.spec.nodeId !== downNode) return false;
+      x.spec.nodeId = nodeId;
+      x.spec.maintenance = maintenance;
+      x.spec.pendingAttach = null;
+      // Attaching from now on: nobody waiting for the new attachment takes the old node's endpoint.
+      x.status.state = 'attaching';
+      x.status.endpoint = null;
+      moved = true;
+    });
+    if (!moved) throw stateConflict(`volume ${name} changed while it was being attached to node ${nodeId}; look at it again and retry`);
+    await this.events.record({
+      type: 'Warning', reason: 'AttachMoved', kind: Kind.Volume, object: name, volume: name,
+      message: `volume ${name} was attached on node ${downNode}, which is down: attaching it on node ${nodeId} instead; the engine on ${downNode} is fenced by the new epoch`,
     });
     this.kick(name);
     return this.view(name);

@@ -39,6 +39,8 @@ import type { RecoveryView, VolumeRobustness } from './types.ts';
 
 
 const WAIT_MS = 500;
+/** How often a volume waiting only on nodes that are down looks again. */
+const DOWN_NODE_WAIT_MS = 10_000;
 const RESYNC_MS = 5000;
 const REPLACEMENT_BACKOFF_MIN_MS = 1000;
 const REPLACEMENT_BACKOFF_MAX_MS = 5 * 60_000;
@@ -106,6 +108,20 @@ export async function clusterView(objects: Objects): Promise<ClusterView> {
   };
 }
 
+/** A replica whose node is down, as the controller sees it (a copy; the stored object is unchanged). */
+function onDownNode(r: Obj<ReplicaValue>): Obj<ReplicaValue> {
+  const seen = { ...r, value: { ...r.value, status: { ...r.value.status, state: 'error' as const, address: null, pid: null, message: `node ${r.value.spec.nodeId} is down` } } };
+  seenOnDownNode.add(seen);
+  return seen;
+}
+
+const seenOnDownNode = new WeakSet<Obj<ReplicaValue>>();
+
+/** Whether `r` is on a node that is down (as read by `replicasOf`). */
+function isOnDownNode(r: Obj<ReplicaValue>): boolean {
+  return seenOnDownNode.has(r);
+}
+
 export function newReplicaName(volume: string): string {
   return `${volume}-r-${crypto.randomBytes(4).toString('hex')}`;
 }
@@ -140,7 +156,7 @@ export class VolumeController {
 
   async reconcile(name: string): Promise<number | null> {
     const volume = await this.objects.get(Kind.Volume, name);
-    const replicas = (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === name);
+    const replicas = await this.replicasOf(name);
     const engine = await this.objects.get(Kind.Engine, name);
     if (volume === null) return this.removeOrphans(engine, replicas);
     const v = volume.value;
@@ -149,6 +165,23 @@ export class VolumeController {
     if (v.status.state === 'creating') return this.reconcileCreating(volume, replicas);
     if (v.spec.nodeId === null) return this.reconcileDetached(volume, engine, replicas);
     return this.reconcileAttached(volume, engine, replicas);
+  }
+
+  /**
+   * The volume's replicas as this controller may trust them: the status of a replica whose node
+   * is down (its lease expired) is whatever its agent wrote last, so it reads as an error saying
+   * so — never as a running process at an address (an engine would be started on it, or a detach
+   * would wait for it to stop).
+   */
+  private async replicasOf(volume: string): Promise<Obj<ReplicaValue>[]> {
+    const [all, leases] = await Promise.all([this.objects.list(Kind.Replica), this.objects.list(Kind.NodeLease)]);
+    const up = new Set(leases.map((l) => l.name));
+    return all.filter((r) => r.value.spec.volumeName === volume).map((r) => up.has(r.value.spec.nodeId) ? r : onDownNode(r));
+  }
+
+  /** Whether the node's agent holds its lease (it reports what runs there). */
+  private async nodeUp(nodeId: string): Promise<boolean> {
+    return (await this.objects.get(Kind.NodeLease, nodeId)) !== null;
   }
 
   /**
@@ -184,11 +217,26 @@ export class VolumeController {
       waiting = true;
       if (r.value.deletionRequestedAt === null) await this.requestReplicaDeletion(r.name);
     }
+    // Replicas left only on nodes that are down: their agents delete them when back (a node's
+    // lease coming back wakes this anyway).
+    if (waiting && replicas.every(isOnDownNode) && engine === null) return DOWN_NODE_WAIT_MS;
     return waiting ? WAIT_MS : null;
   }
 
-  /** Asks for the engine to stop; removes its object once stopped. True when gone. */
+  /**
+   * Asks for the engine to stop; removes its object once stopped. True when gone. An engine on a
+   * node that is down cannot be asked: its object goes at once. Should that engine still run (the
+   * node cut off, not dead), it is fenced: every attachment after it writes with a higher epoch,
+   * which the replicas hold it to, and its agent stops it once it sees the object gone.
+   */
   private async stopAndRemoveEngine(engine: Obj<EngineValue>): Promise<boolean> {
+    if (engine.value.status.state !== 'stopped' && !(await this.nodeUp(engine.value.spec.nodeId))) {
+      await this.objects.remove(Kind.Engine, engine.name);
+      await this.event(engine.value.spec.volumeName, 'Warning', 'EngineAbandoned',
+        `the engine of volume ${engine.value.spec.volumeName} (epoch ${engine.value.spec.epoch}) is on node ${engine.value.spec.nodeId}, which is down: let go without its answer; the next attachment fences it with a higher epoch`,
+        Kind.Engine, engine.name);
+      return true;
+    }
     if (engine.value.spec.desireState !== 'stopped') {
       await this.objects.mutate(Kind.Engine, engine.name, (e) => {
         e.spec.desireState = 'stopped';
@@ -215,10 +263,14 @@ export class VolumeController {
     });
     if (engine !== null && !(await this.stopAndRemoveEngine(engine))) return WAIT_MS;
     for (const r of replicas) if (r.value.deletionRequestedAt === null) await this.requestReplicaDeletion(r.name);
-    if (replicas.length > 0) return WAIT_MS;
+    // A replica on a node that is down is deleted by its agent when the node is back (its object
+    // stays, marked for deletion): the volume does not wait for that.
+    const elsewhere = replicas.filter(isOnDownNode);
+    if (replicas.length > elsewhere.length) return WAIT_MS;
     await this.objects.remove(Kind.Volume, volume.name);
     this.lastPlacementProblem.delete(volume.name);
-    await this.event(volume.name, 'Normal', 'Deleted', `volume ${volume.name} deleted`);
+    const later = elsewhere.length === 0 ? '' : `; replica(s) ${elsewhere.map((r) => `${r.name} (node ${r.value.spec.nodeId})`).join(', ')} on node(s) that are down are removed when their node is back`;
+    await this.event(volume.name, 'Normal', 'Deleted', `volume ${volume.name} deleted${later}`);
     return null;
   }
 
@@ -415,6 +467,7 @@ export class VolumeController {
     if (salvage !== null) return this.beginSalvage(volume, engine, replicas, salvage);
 
     if (engine === null) return this.startEngine(volume, replicas);
+    if (engine.value.spec.nodeId === nodeId && !(await this.nodeUp(nodeId))) return this.attachedOnDownNode(volume, engine);
     await this.noteEngineLink(volume, engine);
 
     const e = engine.value;
@@ -433,6 +486,24 @@ export class VolumeController {
       return WAIT_MS;
     }
     return this.reconcileRunning(volume, engine, replicas);
+  }
+
+  /**
+   * The node the volume is attached on is down: nothing is known of its engine (it may be dead,
+   * or serving on, cut off from the store). Its clients are on that node and wait for it; the
+   * volume is served elsewhere only when a user (or an orchestrator) attaches it on another node.
+   */
+  private async attachedOnDownNode(volume: Obj<VolumeValue>, engine: Obj<EngineValue>): Promise<number> {
+    const nodeId = engine.value.spec.nodeId;
+    const message = `node ${nodeId} is down: its engine (epoch ${engine.value.spec.epoch}) cannot be reached; clients there wait for the node. To serve the volume from another node: zebu volume attach ${volume.name} --node NODE`;
+    if (volume.value.status.robustness !== 'unknown' || volume.value.status.message !== message) {
+      await this.setStatus(volume.name, (s) => {
+        s.robustness = 'unknown';
+        s.message = message;
+      });
+      await this.event(volume.name, 'Warning', 'AttachedNodeDown', message);
+    }
+    return DOWN_NODE_WAIT_MS;
   }
 
   /**
@@ -550,7 +621,14 @@ export class VolumeController {
     // A replica that never served holds nothing: it may start only with others like it (a new
     // volume). Next to replicas that have served it must be rebuilt, which needs a running engine.
     const everHealthy = usable.some((r) => r.value.spec.healthyAt !== null);
-    const startSet = everHealthy ? usable.filter((r) => r.value.spec.healthyAt !== null) : usable;
+    let startSet = everHealthy ? usable.filter((r) => r.value.spec.healthyAt !== null) : usable;
+    // Replicas on nodes that are down stay out of the engine while others can serve (every
+    // replica in service took every write, so any of them will do); they may come back by delta.
+    const unreachable = startSet.filter(isOnDownNode);
+    if (unreachable.length > 0 && unreachable.length < startSet.length) {
+      for (const r of unreachable) await this.failReplica(volume.name, r, `its node ${r.value.spec.nodeId} is down at attach`, true);
+      startSet = startSet.filter((r) => !isOnDownNode(r));
+    }
     if (startSet.length === 0) {
       const auto = await this.autoSalvage(volume);
       await this.setStatus(volume.name, (s) => {
@@ -684,7 +762,7 @@ export class VolumeController {
       await this.event(volume.name, 'Warning', 'DeltaRefused', `the engine cannot rebuild replica ${name} by delta (${err.message}): a new replica replaces it`, Kind.Replica, name);
     }
 
-    const fresh = (await this.objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === volume.name);
+    const fresh = await this.replicasOf(volume.name);
     const failed = fresh.filter((r) => r.value.spec.failedAt !== null && r.value.deletionRequestedAt === null);
     const active = fresh.filter((r) => r.value.spec.failedAt === null && r.value.deletionRequestedAt === null);
 

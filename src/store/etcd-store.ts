@@ -24,8 +24,8 @@
 import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError, GRPCUnauthenticatedError, EtcdAuthenticationFailedError, EtcdPermissionDeniedError, type IKeyValue, type IOptions, type Watcher as EtcdWatcher } from 'etcd3';
 import { noop } from 'cockatiel';
 import { ErrorCode, ZebuError, invalid } from '../errors.ts';
-import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions } from './store.ts';
-import { checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, serializeValue } from './validate.ts';
+import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions, WriteGuard } from './store.ts';
+import { checkGuard, checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, fencedBy, serializeValue } from './validate.ts';
 
 export interface EtcdStoreOptions {
   /** Client URLs of the etcd members: http://HOST:PORT (https:// with `tls`). */
@@ -48,6 +48,7 @@ const LEASE_ID = /^[1-9][0-9]{0,18}$/;
 export class EtcdStore implements Store {
   private readonly client: Etcd3;
   private readonly objectsPrefix: string;
+  private readonly callTimeoutMs: number;
   private readonly watches = new Set<EtcdWatch>();
   /** The highest store revision seen in an answer (where a watch without afterRevision starts). */
   private seenRevision = 0;
@@ -71,7 +72,7 @@ export class EtcdStore implements Store {
     };
     if (options.auth !== undefined) clientOptions.auth = { username: options.auth.username, password: options.auth.password };
     if (options.tls !== undefined) clientOptions.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
-    const store = new EtcdStore(new Etcd3(clientOptions), prefix);
+    const store = new EtcdStore(new Etcd3(clientOptions), prefix, callTimeoutMs);
     try {
       await store.revision();
     } catch (err) {
@@ -81,8 +82,9 @@ export class EtcdStore implements Store {
     return store;
   }
 
-  private constructor(client: Etcd3, prefix: string) {
+  private constructor(client: Etcd3, prefix: string, callTimeoutMs: number) {
     this.client = client;
+    this.callTimeoutMs = callTimeoutMs;
     this.objectsPrefix = `${prefix}o/`;
   }
 
@@ -105,39 +107,47 @@ export class EtcdStore implements Store {
     return { items: res.kvs.map((kv) => this.toObject<T>(kv)), revision };
   }
 
-  async create<T = unknown>(kind: string, name: string, value: T, options: { leaseId?: string } = {}): Promise<StoreObject<T>> {
+  async create<T = unknown>(kind: string, name: string, value: T, options: { leaseId?: string; guard?: WriteGuard } = {}): Promise<StoreObject<T>> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
     const text = serializeValue(value);
     const leaseId = options.leaseId === undefined ? null : this.leaseNumber(options.leaseId);
+    const guard = checkGuard(options.guard);
     const key = this.key(kind, name);
     const res = await this.call(() => this.client.kv.txn({
-      compare: [{ key, target: 'Create', result: 'Equal', create_revision: 0 }],
+      compare: [{ key, target: 'Create', result: 'Equal', create_revision: 0 }, ...this.guardCompare(guard)],
       success: [{ request_put: { key, value: Buffer.from(text), lease: leaseId ?? 0 } }],
-      failure: [],
+      failure: this.guardRange(guard),
     }), `lease ${options.leaseId}`);
     const revision = this.saw(res.header.revision);
-    if (!res.succeeded) throw new ZebuError(ErrorCode.EXISTS, `${kind} ${name} already exists`);
+    if (!res.succeeded) {
+      this.checkGuardHeld(guard, res.responses[0]);
+      throw new ZebuError(ErrorCode.EXISTS, `${kind} ${name} already exists`);
+    }
     return { kind, name, resourceVersion: revision, createdRevision: revision, value: JSON.parse(text) as T, leaseId: leaseId === null ? null : options.leaseId! };
   }
 
-  async update<T = unknown>(kind: string, name: string, value: T, options: { resourceVersion?: number } = {}): Promise<StoreObject<T>> {
+  async update<T = unknown>(kind: string, name: string, value: T, options: { resourceVersion?: number; guard?: WriteGuard } = {}): Promise<StoreObject<T>> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
     const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const guard = checkGuard(options.guard);
     const text = serializeValue(value);
     const key = this.key(kind, name);
     const res = await this.call(() => this.client.kv.txn({
       compare: [expected === null
         ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
-        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }],
+        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }, ...this.guardCompare(guard)],
       success: [{ request_put: { key, value: Buffer.from(text), ignore_lease: true, prev_kv: true } }],
-      failure: [{ request_range: { key } }],
+      failure: [{ request_range: { key } }, ...this.guardRange(guard)],
     }));
     const revision = this.saw(res.header.revision);
-    if (!res.succeeded) throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+    if (!res.succeeded) {
+      this.checkGuardHeld(guard, res.responses[1]);
+      throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+    }
     const prev = res.responses[0].response_put.prev_kv;
     return {
       kind, name, resourceVersion: revision, createdRevision: Number(prev.create_revision), value: JSON.parse(text) as T,
@@ -145,21 +155,41 @@ export class EtcdStore implements Store {
     };
   }
 
-  async delete(kind: string, name: string, options: { resourceVersion?: number } = {}): Promise<void> {
+  async delete(kind: string, name: string, options: { resourceVersion?: number; guard?: WriteGuard } = {}): Promise<void> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
     const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const guard = checkGuard(options.guard);
     const key = this.key(kind, name);
     const res = await this.call(() => this.client.kv.txn({
       compare: [expected === null
         ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
-        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }],
+        : { key, target: 'Mod', result: 'Equal', mod_revision: expected }, ...this.guardCompare(guard)],
       success: [{ request_delete_range: { key } }],
-      failure: [{ request_range: { key } }],
+      failure: [{ request_range: { key } }, ...this.guardRange(guard)],
     }));
     this.saw(res.header.revision);
-    if (!res.succeeded) throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+    if (!res.succeeded) {
+      this.checkGuardHeld(guard, res.responses[1]);
+      throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+    }
+  }
+
+  /** The compare that makes a write hold only while its guard object is the one created at its revision. */
+  private guardCompare(guard: WriteGuard | null): { key: Buffer; target: 'Create'; result: 'Equal'; create_revision: number }[] {
+    return guard === null ? [] : [{ key: this.key(guard.kind, guard.name), target: 'Create', result: 'Equal', create_revision: guard.createdRevision }];
+  }
+
+  /** Reads the guard object when a write failed, to tell a guard that no longer holds from another refusal. */
+  private guardRange(guard: WriteGuard | null): { request_range: { key: Buffer } }[] {
+    return guard === null ? [] : [{ request_range: { key: this.key(guard.kind, guard.name) } }];
+  }
+
+  private checkGuardHeld(guard: WriteGuard | null, response: { response_range?: { kvs: IKeyValue[] } } | undefined): void {
+    if (guard === null) return;
+    const kv = response?.response_range?.kvs?.[0];
+    if (kv === undefined || Number(kv.create_revision) !== guard.createdRevision) throw fencedBy(guard);
   }
 
   watch<T = unknown>(options: WatchOptions, handlers: WatchHandlers<T>): Watch {
@@ -190,19 +220,40 @@ export class EtcdStore implements Store {
     this.enter();
     checkLeaseId(leaseId);
     const id = this.leaseNumber(leaseId);
-    const ttl = await this.call(async () => {
+    // A stream has no call deadline: without one of its own, a renewal over a dead network would
+    // wait forever, and a leader would never learn that its term may be over.
+    let timer: NodeJS.Timeout | undefined;
+    let timedOut = false;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        timedOut = true;
+        reject(new ZebuError(ErrorCode.TIMEOUT, `etcd did not renew lease ${leaseId} within ${this.callTimeoutMs} ms`));
+      }, this.callTimeoutMs);
+    });
+    const renewal = this.call(async () => {
       const stream = await this.client.leaseClient.leaseKeepAlive();
+      if (timedOut) {
+        stream.end();
+        return '';
+      }
       try {
-        return await new Promise<string>((resolve, reject) => {
+        return await Promise.race([deadline, new Promise<string>((resolve, reject) => {
           stream.on('data', (res: { TTL: string }) => resolve(String(res.TTL)));
           stream.on('error', reject);
           stream.on('end', () => reject(new ZebuError(ErrorCode.DISCONNECTED, 'etcd ended the keep-alive stream')));
           stream.write({ ID: id });
-        });
+        })]);
       } finally {
         stream.end();
       }
     });
+    renewal.catch(() => {});
+    let ttl: string;
+    try {
+      ttl = await Promise.race([renewal, deadline]);
+    } finally {
+      clearTimeout(timer);
+    }
     if (Number(ttl) <= 0) throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
   }
 

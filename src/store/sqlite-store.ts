@@ -17,8 +17,8 @@
 import { randomBytes } from 'node:crypto';
 import { DatabaseSync, type StatementSync } from 'node:sqlite';
 import { ErrorCode, ZebuError, assert, invalid } from '../errors.ts';
-import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions } from './store.ts';
-import { checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, serializeValue } from './validate.ts';
+import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions, WriteGuard } from './store.ts';
+import { checkGuard, checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, fencedBy, serializeValue } from './validate.ts';
 
 export interface SqliteStoreOptions {
   /** Clock for lease expiry, in ms; monotonic by default. Tests inject a fake one. */
@@ -195,7 +195,7 @@ export class SqliteStore implements Store {
     return { items: rows.map((row) => toObject<T>(row)), revision: this.revisionNow };
   }
 
-  async create<T = unknown>(kind: string, name: string, value: T, options: { leaseId?: string } = {}): Promise<StoreObject<T>> {
+  async create<T = unknown>(kind: string, name: string, value: T, options: { leaseId?: string; guard?: WriteGuard } = {}): Promise<StoreObject<T>> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
@@ -204,7 +204,9 @@ export class SqliteStore implements Store {
     if (leaseId !== null && !this.leases.has(leaseId)) {
       throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
     }
+    const guard = checkGuard(options.guard);
     return this.write(() => {
+      this.holds(guard);
       if (this.sql.getObject.get(kind, name) !== undefined) throw new ZebuError(ErrorCode.EXISTS, `${kind} ${name} already exists`);
       const revision = ++this.txRevision;
       const row: ObjectRow = { kind, name, value: text, resource_version: revision, created_revision: revision, lease_id: leaseId };
@@ -214,13 +216,15 @@ export class SqliteStore implements Store {
     });
   }
 
-  async update<T = unknown>(kind: string, name: string, value: T, options: { resourceVersion?: number } = {}): Promise<StoreObject<T>> {
+  async update<T = unknown>(kind: string, name: string, value: T, options: { resourceVersion?: number; guard?: WriteGuard } = {}): Promise<StoreObject<T>> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
     const text = serializeValue(value);
     const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const guard = checkGuard(options.guard);
     return this.write(() => {
+      this.holds(guard);
       const current = this.currentObject(kind, name, expected);
       const revision = ++this.txRevision;
       const row: ObjectRow = { ...current, value: text, resource_version: revision };
@@ -230,12 +234,14 @@ export class SqliteStore implements Store {
     });
   }
 
-  async delete(kind: string, name: string, options: { resourceVersion?: number } = {}): Promise<void> {
+  async delete(kind: string, name: string, options: { resourceVersion?: number; guard?: WriteGuard } = {}): Promise<void> {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
     const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
+    const guard = checkGuard(options.guard);
     this.write(() => {
+      this.holds(guard);
       const current = this.currentObject(kind, name, expected);
       this.sql.deleteObject.run(kind, name);
       this.recordEvent('delete', ++this.txRevision, current);
@@ -327,6 +333,13 @@ export class SqliteStore implements Store {
   }
 
   /** The object a write applies to: NOT_FOUND when absent, CONFLICT when it is not at `expected`. */
+  /** Inside a write: FENCED unless the guard object is there, created at the guard's revision. */
+  private holds(guard: WriteGuard | null): void {
+    if (guard === null) return;
+    const row = this.sql.getObject.get(guard.kind, guard.name) as ObjectRow | undefined;
+    if (row === undefined || row.created_revision !== guard.createdRevision) throw fencedBy(guard);
+  }
+
   private currentObject(kind: string, name: string, expected: number | null): ObjectRow {
     const row = this.sql.getObject.get(kind, name) as ObjectRow | undefined;
     if (row === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `${kind} ${name} does not exist`);

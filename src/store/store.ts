@@ -19,7 +19,7 @@
  * - Durability: a write's promise resolves only once the write is durable.
  *
  * Errors are ZebuErrors: EXISTS (create of an existing name), NOT_FOUND, CONFLICT, COMPACTED,
- * EINVAL (bad kind/name/value), CLOSED (store closed).
+ * FENCED (a write's guard does not hold), EINVAL (bad kind/name/value), CLOSED (store closed).
  */
 
 /** Kinds and names: 1-253 characters of [A-Za-z0-9._-], first a letter or digit. */
@@ -71,6 +71,18 @@ export interface WatchHandlers<T = unknown> {
   onError?: (err: Error) => void;
 }
 
+/**
+ * A condition a write checks in its own transaction: the object `kind`/`name` still exists with
+ * this createdRevision. A leader's writes carry its Leader object as guard, so that a leader that
+ * lost its term — cut off while a write was on its way, say — can change nothing once another
+ * node leads (FENCED), however late that write arrives.
+ */
+export interface WriteGuard {
+  kind: string;
+  name: string;
+  createdRevision: number;
+}
+
 export interface Lease {
   id: string;
   ttlMs: number;
@@ -80,16 +92,16 @@ export interface Store {
   get<T = unknown>(kind: string, name: string): Promise<StoreObject<T> | null>;
   /** All objects of a kind, ordered by name. */
   list<T = unknown>(kind: string): Promise<ListResult<T>>;
-  /** Fails with EXISTS when the name is taken. */
-  create<T = unknown>(kind: string, name: string, value: T, options?: { leaseId?: string }): Promise<StoreObject<T>>;
+  /** Fails with EXISTS when the name is taken. Writes with a `guard` fail with FENCED when it does not hold. */
+  create<T = unknown>(kind: string, name: string, value: T, options?: { leaseId?: string; guard?: WriteGuard }): Promise<StoreObject<T>>;
   /**
    * Replaces the value. With `resourceVersion`, fails with CONFLICT unless the object's current
    * resourceVersion equals it. Fails with NOT_FOUND when there is no such object. The lease
    * attachment is kept.
    */
-  update<T = unknown>(kind: string, name: string, value: T, options?: { resourceVersion?: number }): Promise<StoreObject<T>>;
+  update<T = unknown>(kind: string, name: string, value: T, options?: { resourceVersion?: number; guard?: WriteGuard }): Promise<StoreObject<T>>;
   /** Fails with NOT_FOUND when absent, CONFLICT when `resourceVersion` is given and differs. */
-  delete(kind: string, name: string, options?: { resourceVersion?: number }): Promise<void>;
+  delete(kind: string, name: string, options?: { resourceVersion?: number; guard?: WriteGuard }): Promise<void>;
   watch<T = unknown>(options: WatchOptions, handlers: WatchHandlers<T>): Watch;
   /** The current store revision. */
   revision(): Promise<number>;

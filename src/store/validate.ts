@@ -2,8 +2,8 @@
  * Input checks shared by every Store implementation, so that the embedded store and etcd accept
  * and refuse exactly the same things, with the same messages.
  */
-import { invalid } from '../errors.ts';
-import { STORE_KEY_PART } from './store.ts';
+import { ErrorCode, ZebuError, invalid } from '../errors.ts';
+import { STORE_KEY_PART, type WriteGuard } from './store.ts';
 
 /** Largest value a store accepts, measured as UTF-8 JSON text. */
 export const MAX_VALUE_BYTES = 1024 * 1024;
@@ -106,4 +106,18 @@ function describe(value: unknown): string {
   if (typeof value === 'string') return JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value);
   if (typeof value === 'number' || typeof value === 'boolean' || value == null) return String(value);
   return `(a ${typeof value})`;
+}
+
+/** A write's guard, checked (null when there is none). */
+export function checkGuard(guard: WriteGuard | undefined): WriteGuard | null {
+  if (guard === undefined) return null;
+  checkKeyPart(guard?.kind, 'kind');
+  checkKeyPart(guard.name, 'name');
+  checkRevision(guard.createdRevision, 'guard.createdRevision', 1);
+  return guard;
+}
+
+/** The error of a write whose guard does not hold. */
+export function fencedBy(guard: WriteGuard): ZebuError {
+  return new ZebuError(ErrorCode.FENCED, `refused: ${guard.kind} ${guard.name} of revision ${guard.createdRevision} is gone (the writer's term is over)`);
 }

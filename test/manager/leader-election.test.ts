@@ -1,7 +1,8 @@
 /**
  * Leader election over the store (leader-election.ts), on the embedded store with a fake lease
  * clock: one leader at a time, takeover when the leader resigns or its lease expires, a restarted
- * node taking its own term back at once, and a term that cannot start given up.
+ * node taking its own term back at once, a term that cannot start given up, and a leader whose
+ * renewals hang stepping down, the writes of its term fenced.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,8 @@ import { SqliteStore } from '../../src/store/sqlite-store.ts';
 import { LeaderElection, LEADER_NAME } from '../../src/manager/leader-election.ts';
 import { Kind } from '../../src/cluster/objects.ts';
 import type { Store } from '../../src/store/store.ts';
+import { GuardedStore } from '../../src/store/guarded-store.ts';
+import { ErrorCode, type ZebuError } from '../../src/errors.ts';
 
 const TTL_MS = 1000;
 
@@ -106,4 +109,36 @@ test('a term that cannot start is given up: the node does not lead, and another 
   assert.equal(await leaderOf(store), null, 'the Leader object went with the lease');
   const b = node(t, store, 'b');
   assert.equal(await b.election.start(), true);
+});
+
+test('a leader whose renewals hang (a dead network) steps down within half the TTL; the writes of its term are refused once another leads', async (t) => {
+  const { store } = fakeStore(t);
+  // The store as node a sees it: renewals stop answering once the network "dies".
+  let dead = false;
+  const seenByA = new Proxy(store, {
+    get(target, prop) {
+      if (prop === 'keepAlive') return (id: string) => (dead ? new Promise<void>(() => {}) : target.keepAlive(id));
+      const value = Reflect.get(target, prop) as unknown;
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  const a = node(t, seenByA, 'a');
+  assert.equal(await a.election.start(), true);
+  const term = new GuardedStore(store, a.election.guard);
+  await term.create('Volume', 'v', { n: 1 });
+  dead = true;
+  const cutAt = Date.now();
+  await until('a deposed', () => !a.election.isLeader, 3000);
+  const tookMs = Date.now() - cutAt;
+  assert.ok(tookMs <= TTL_MS, `stepped down after ${tookMs} ms`);
+  assert.match(a.terms.at(-1) ?? '', /deposed: the leader lease was not renewed for \d+ ms \(the store does not answer\)/);
+  // Its lease expires in the store; b takes over. A write of a's term arriving now changes nothing.
+  await store.delete(Kind.Leader, LEADER_NAME);
+  const b = node(t, store, 'b');
+  assert.equal(await b.election.start(), true);
+  await assert.rejects(term.update('Volume', 'v', { n: 2 }), (err: ZebuError) => err.code === ErrorCode.FENCED);
+  await assert.rejects(term.create('Volume', 'w', {}), (err: ZebuError) => err.code === ErrorCode.FENCED);
+  assert.deepEqual((await store.get('Volume', 'v'))?.value, { n: 1 });
+  await new GuardedStore(store, b.election.guard).update('Volume', 'v', { n: 3 });
+  assert.deepEqual((await store.get('Volume', 'v'))?.value, { n: 3 });
 });

@@ -26,6 +26,8 @@ class FakeAgent {
   resumableFailures = false;
   /** When set, the engine refuses a replica that comes back (no delta possible: EINVAL). */
   refuseDelta = false;
+  /** Nodes that are down: nothing on them reports any more. */
+  readonly down = new Set<string>();
   /** When set, engines asked to stop keep running (a detach stays in 'detaching'). */
   holdStops = false;
   /** Engines whose process is "killed" at the next step (volume names). */
@@ -55,6 +57,7 @@ class FakeAgent {
 
   private async step(): Promise<void> {
     for (const r of await this.objects.list(Kind.Replica)) {
+      if (this.down.has(r.value.spec.nodeId)) continue;
       if (r.value.deletionRequestedAt !== null) {
         await this.objects.remove(Kind.Replica, r.name);
         continue;
@@ -66,6 +69,7 @@ class FakeAgent {
       });
     }
     for (const e of await this.objects.list(Kind.Engine)) {
+      if (this.down.has(e.value.spec.nodeId)) continue;
       await this.objects.mutate(Kind.Engine, e.name, (x) => {
         if (x.spec.desireState === 'stopped') {
           if (this.holdStops) return false;
@@ -964,4 +968,75 @@ test('a recurring job finds a volume attached for replica moves: it takes the at
     const live = await liveReplicas(objects, 'jm');
     return v.value.spec.moveAttachment == null && v.value.spec.jobAttachment == null && v.value.status.state === 'detached' && live.some((r) => r.diskId === free) && !live.some((r) => r.name === before[0].name);
   });
+});
+
+test('node down: the volume attached there says so and moves when attached on another node (a new epoch fences the old engine); replicas there are replaced; deletion does not wait for it; back up: events, leftovers deleted', async (t) => {
+  const { service, objects, store, agent } = await setup(t, 2);
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: '127.0.0.2:10809', lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  for (const d of ['n2-d0', 'n2-d1']) {
+    await objects.create(Kind.Disk, d, {
+      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
+      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+    });
+  }
+  await service.setSetting('replica-replenishment-wait-seconds', '1');
+  await service.createVolume({ name: 'far', sizeBytes: GiB, numberOfReplicas: 2 });
+  await service.createVolume({ name: 'gone', sizeBytes: GiB, numberOfReplicas: 2 });
+  await until('detached', async () => (await service.getVolume('far')).state === 'detached' && (await service.getVolume('gone')).state === 'detached');
+  assert.deepEqual((await service.listReplicas({ volume: 'far' })).map((r) => r.nodeId).sort(), ['n1', 'n2'], 'one replica per node');
+  await service.attachVolume('far', { nodeId: 'n2' });
+  await until('healthy on n2', async () => {
+    const v = await service.getVolume('far');
+    return v.state === 'attached' && v.robustness === 'healthy' && v.epoch === 1;
+  });
+  const onN2 = (await service.listReplicas({ volume: 'far' })).find((r) => r.nodeId === 'n2')!.name;
+
+  // n2 dies: nothing there reports; its lease ends.
+  agent.down.add('n2');
+  await store.revokeLease(lease.id);
+  const unknown = await until('unknown', async () => {
+    const v = await service.getVolume('far');
+    return v.robustness === 'unknown' ? v : undefined;
+  });
+  assert.match(unknown.message ?? '', /^node n2 is down: its engine \(epoch 1\) cannot be reached; .* zebu volume attach far --node NODE$/);
+  await assert.rejects(service.attachVolume('far', { nodeId: 'n2', maintenance: true }), /already attached to node n2/, 'the same node: no move');
+  // Its workload moved to n1: so does the volume, under a new epoch, without the replica on n2.
+  await service.attachVolume('far', { nodeId: 'n1' });
+  const moved = await until('attached on n1', async () => {
+    const v = await service.getVolume('far');
+    return v.state === 'attached' && v.epoch === 2 && v.nodeId === 'n1' ? v : undefined;
+  });
+  const engine = await objects.must(Kind.Engine, 'far');
+  assert.equal(engine.value.spec.nodeId, 'n1');
+  assert.equal(engine.value.spec.epoch, 2);
+  assert.ok(!(onN2 in engine.value.spec.replicas), 'the replica on the down node is not waited for');
+  assert.ok(moved.robustness === 'degraded' || moved.robustness === 'healthy');
+  // After the replenishment wait it is replaced on a node that is up (n1's other disk: soft anti-affinity).
+  await until('healthy again on n1', async () => {
+    const v = await service.getVolume('far');
+    const live = (await service.listReplicas({ volume: 'far' })).filter((r) => r.failedAt === null);
+    return v.robustness === 'healthy' && live.length === 2 && live.every((r) => r.nodeId === 'n1' && r.mode === 'RW');
+  });
+  const reasons = (await service.listEvents({ volume: 'far' })).map((e) => e.reason);
+  for (const r of ['AttachedNodeDown', 'AttachMoved', 'EngineAbandoned', 'ReplicaFailed']) assert.ok(reasons.includes(r), `${r} in ${reasons.join(', ')}`);
+  const nodeEvents = (await service.listEvents({})).filter((e) => e.object === 'n2').map((e) => e.reason);
+  assert.ok(nodeEvents.includes('NodeDown'), nodeEvents.join(', '));
+
+  // Deleting a volume with a replica on the down node does not wait for the node.
+  await service.deleteVolume('gone');
+  await until('gone', async () => (await objects.get(Kind.Volume, 'gone')) === null);
+  const leftover = (await objects.list(Kind.Replica)).filter((r) => r.value.spec.volumeName === 'gone');
+  assert.equal(leftover.length, 1, 'the replica on n2 stays, marked, until its node is back');
+  assert.notEqual(leftover[0].value.deletionRequestedAt, null);
+  assert.equal(leftover[0].value.spec.nodeId, 'n2');
+
+  // n2 is back: its agent takes a lease again and deletes what is marked (the old replica of far too).
+  agent.down.delete('n2');
+  const again = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: again.id });
+  await until('n2 leftovers deleted', async () => (await objects.list(Kind.Replica)).every((r) => r.value.spec.nodeId !== 'n2'));
+  assert.ok((await service.listEvents({})).some((e) => e.object === 'n2' && e.reason === 'NodeUp'));
+  assert.equal((await service.getVolume('far')).robustness, 'healthy');
 });

@@ -99,6 +99,31 @@ export function storeContract(name: string, factory: StoreFactory): void {
     assert.ok(again.createdRevision > v3.resourceVersion);
   });
 
+  test(`${name}: a guarded write lands only while its guard object is the one it names (a leader's term)`, async (t) => {
+    const store = await factory.open(t);
+    const term = await store.create('Leader', 'manager', { nodeId: 'a' });
+    const guard = { kind: 'Leader', name: 'manager', createdRevision: term.createdRevision };
+    const v = await store.create('Volume', 'g', { n: 1 }, { guard });
+    const v2 = await store.update('Volume', 'g', { n: 2 }, { resourceVersion: v.resourceVersion, guard });
+    // The guard holds, the object's own check does not: the object's error, not FENCED.
+    await rejectsWith(store.update('Volume', 'g', { n: 9 }, { resourceVersion: v.resourceVersion, guard }), ErrorCode.CONFLICT);
+    await rejectsWith(store.create('Volume', 'g', {}, { guard }), ErrorCode.EXISTS);
+    await rejectsWith(store.delete('Volume', 'nope', { guard }), ErrorCode.NOT_FOUND);
+    // The term ends (another leader's object in its place): every guarded write is refused and changes nothing.
+    await store.delete('Leader', 'manager');
+    await rejectsWith(store.update('Volume', 'g', { n: 3 }, { guard }), ErrorCode.FENCED);
+    await store.create('Leader', 'manager', { nodeId: 'b' });
+    await rejectsWith(store.update('Volume', 'g', { n: 3 }, { guard }), ErrorCode.FENCED);
+    await rejectsWith(store.update('Volume', 'g', { n: 3 }, { resourceVersion: v2.resourceVersion, guard }), ErrorCode.FENCED);
+    await rejectsWith(store.create('Volume', 'h', { n: 1 }, { guard }), ErrorCode.FENCED);
+    await rejectsWith(store.delete('Volume', 'g', { guard }), ErrorCode.FENCED);
+    assert.deepEqual((await store.get('Volume', 'g'))?.value, { n: 2 });
+    assert.equal(await store.get('Volume', 'h'), null);
+    // Unguarded writes (an agent's) are not affected; a bad guard is bad input.
+    await store.update('Volume', 'g', { n: 4 });
+    await rejectsWith(store.update('Volume', 'g', { n: 5 }, { guard: { kind: 'Leader', name: 'manager', createdRevision: 0 } }), ErrorCode.EINVAL);
+  });
+
   test(`${name}: values come back as written and callers cannot change stored ones`, async (t) => {
     const store = await factory.open(t);
     const value = { s: 'ünïcode ✓', n: 16 * 2 ** 40, f: 0.5, b: false, nil: null, list: [1, [2, { x: 'y' }]] };

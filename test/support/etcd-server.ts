@@ -1,13 +1,14 @@
 /**
- * A real etcd (Debian's etcd-server) for tests: one member on loopback ports of its own, its data
- * in a directory of the test, killed when the test ends.
+ * A real etcd (Debian's etcd-server) for tests: one member on ports of its own (on loopback, or
+ * on the address a multi-node test gives), its data in a directory of the test, killed when the
+ * test ends.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { freePort } from './volume-cluster.ts';
 
 export interface EtcdServer {
-  /** Its client URL, http://127.0.0.1:PORT. */
+  /** Its client URL, http://HOST:PORT. */
   endpoint: string;
   /** Its ports: start it again on the same ones (and the same directory) to restart it. */
   ports: { client: number; peer: number };
@@ -18,11 +19,11 @@ export interface EtcdServer {
 
 const START_TIMEOUT_MS = 30_000;
 
-export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: string, name = 'etcd-test', ports?: { client: number; peer: number }): Promise<EtcdServer> {
+export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: string, name = 'etcd-test', ports?: { client: number; peer: number }, host = '127.0.0.1'): Promise<EtcdServer> {
   const clientPort = ports?.client ?? await freePort();
   const peerPort = ports?.peer ?? await freePort();
-  const endpoint = `http://127.0.0.1:${clientPort}`;
-  const peer = `http://127.0.0.1:${peerPort}`;
+  const endpoint = `http://${host}:${clientPort}`;
+  const peer = `http://${host}:${peerPort}`;
   const child = spawn('etcd', [
     '--name', name, '--data-dir', path.join(dir, `${name}.etcd`),
     '--listen-client-urls', endpoint, '--advertise-client-urls', endpoint,

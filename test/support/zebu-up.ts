@@ -35,6 +35,10 @@ export interface ZebuUpOptions {
   /** --store (default: the embedded store; ZEBU_TEST_STORE=etcd runs every test on an etcd of its own). */
   store?: string;
   node?: string;
+  /** Run inside this network namespace (`ip netns exec`): a node of a multi-node test. */
+  netns?: string;
+  /** The node's address: its API, NBD and agent listen there, replicas too (default 127.0.0.1). */
+  address?: string;
 }
 
 /** etcd client URLs of the etcds started for ZEBU_TEST_STORE=etcd, by data directory. */
@@ -60,11 +64,17 @@ async function testStore(dataDir: string): Promise<string | undefined> {
 
 export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
   const store = options.store ?? await testStore(options.dataDir);
+  const host = options.address ?? '127.0.0.1';
   const args = [
-    ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `127.0.0.1:${options.apiPort ?? 0}`, '--nbd', `127.0.0.1:${options.nbdPort ?? 0}`,
+    ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `${host}:${options.apiPort ?? 0}`, '--nbd', `${host}:${options.nbdPort ?? 0}`,
     '--disks', String(options.disks ?? 3), '--node', options.node ?? 'node-1', ...(store !== undefined ? ['--store', store, '--agent-port', '0'] : []),
+    ...(options.address !== undefined ? ['--address', options.address] : []),
   ];
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
+  const env = { ...process.env, ...options.env };
+  // `ip netns exec` execs the command: the child's pid is zebu up's own.
+  const child = options.netns !== undefined
+    ? spawn('ip', ['netns', 'exec', options.netns, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env })
+    : spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   const start = watchChildStart(child, 'zebu up', 60_000, 400_000);
   const { exited, stderr } = start;
   const ready = await start.ready;
