@@ -94,6 +94,10 @@ export function validationError(errors: SchemaError[], part: string): ZebuError 
     case 'minItems':
     case 'maxItems':
       return invalidField(`${subject} must be ${description ?? e.message ?? 'valid'}, got ${shown(e.data)}`, field);
+    case 'minProperties': {
+      const allowed = Object.keys((schema.properties as Record<string, unknown> | undefined) ?? {});
+      return invalidField(`nothing to change: the ${subject} names none of ${allowed.join(', ')}`, field);
+    }
     case 'enum':
       return invalidField(`${subject} must be one of ${(e.params.allowedValues as unknown[]).map((v) => JSON.stringify(v)).join(', ')}, got ${shown(e.data)}`, field);
     default:

@@ -3,7 +3,7 @@
  * handler. server.ts registers the table with fastify and openapi.ts describes the same table,
  * so the document cannot drift from what the server accepts.
  */
-import type { ManagerService } from '../manager/types.ts';
+import type { ManagerService, VolumeCreateInput, VolumeUpdateInput } from '../manager/types.ts';
 import type { BackupService, BackupTargetSetInput } from '../manager/backup-types.ts';
 import type { RecurringJobServiceImpl } from '../manager/recurring-job-service.ts';
 import type { RecurringJobInput } from '../manager/recurring-jobs.ts';
@@ -95,7 +95,7 @@ export function apiRoutes(
     route({
       method: 'POST', url: '/v1/volumes', operationId: 'createVolume', tag: 'volumes', summary: 'Create a volume (its replicas are placed now)',
       body: bodies.volumeCreate, status: 201, response: ref('Volume'),
-      handler: ({ body }) => service.createVolume(body as { name: string; sizeBytes?: number; numberOfReplicas?: number; fromBackup?: string; standby?: boolean; backingImage?: string }),
+      handler: ({ body }) => service.createVolume(body as unknown as VolumeCreateInput),
     }),
     route({
       method: 'POST', url: '/v1/volumes/:name/activate', operationId: 'activateVolume', tag: 'volumes',
@@ -131,6 +131,12 @@ export function apiRoutes(
       summary: 'Grow a volume (online when attached, else at the next attach); never shrinks',
       params: params.volume, body: bodies.volumeExpand, response: ref('Volume'),
       handler: ({ params: p, body }) => service.expandVolume(p.name, body.sizeBytes as number),
+    }),
+    route({
+      method: 'PATCH', url: '/v1/volumes/:name', operationId: 'updateVolume', tag: 'volumes',
+      summary: 'Change a volume\'s settings (data locality)',
+      params: params.volume, body: bodies.volumeUpdate, response: ref('Volume'),
+      handler: ({ params: p, body }) => service.updateVolume(p.name, body as VolumeUpdateInput),
     }),
     route({
       method: 'POST', url: '/v1/volumes/:name/salvage', operationId: 'salvageVolume', tag: 'volumes',

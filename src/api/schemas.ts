@@ -94,6 +94,11 @@ export const params = {
   object: object({ name: objectName }, ['name']),
 };
 
+const dataLocality = {
+  type: 'string', enum: ['disabled', 'best-effort'],
+  description: 'best-effort: keep a replica on the node the volume is attached on (one is moved there when that node can take it); default: the default-data-locality setting',
+};
+
 export const bodies = {
   backingImageCreate: object({
     name: backingImageName,
@@ -122,6 +127,7 @@ export const bodies = {
         fromBackup: { ...backupName, description: 'a completed backup to restore into the new volume (sizeBytes then defaults to its size)' },
         standby: { type: 'boolean', description: 'with fromBackup: a DR standby that keeps applying newer backups until activated' },
         backingImage: { ...backingImageName, description: 'a backing image with a ready file: every replica reads it as its base layer (sizeBytes then defaults to its size)' },
+        dataLocality,
       },
       ['name'],
     ),
@@ -169,6 +175,7 @@ export const bodies = {
     maintenance: { type: 'boolean', description: 'attach without an NBD export (needed for snapshot revert)' },
   }),
   volumeExpand: object({ sizeBytes }, ['sizeBytes']),
+  volumeUpdate: { ...object({ dataLocality }), minProperties: 1 },
   snapshotCreate: object({ name: snapshotName }),
   nodeUpdate: object({
     allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the node' },
@@ -240,6 +247,7 @@ export const views: Record<string, JsonSchema> = {
       progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
     })),
     backingImage: nullable(view({ name: str, checksum: str })),
+    dataLocality,
     heldByJob: nullable(view({ job: str, task: str, node: str, since: time })),
     pendingAttach: nullable(view({ nodeId: str, maintenance: bool, requestedAt: time })),
     lastBackup: nullable(str), lastBackupAt: nullable(time), recoveryPointAt: nullable(time), recoveryPointAgeSeconds: nullable(int),

@@ -13,6 +13,9 @@ export type VolumeRobustness = 'healthy' | 'degraded' | 'faulted' | 'unknown';
 export type ReplicaModeName = 'RW' | 'WO' | 'ERR';
 
 /** A process the agent runs: where it is in its life. */
+/** Whether a volume keeps a replica on the node it is attached on. */
+export type DataLocality = 'disabled' | 'best-effort';
+
 export type ProcessState = 'stopped' | 'starting' | 'running' | 'error';
 
 /**

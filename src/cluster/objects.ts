@@ -11,7 +11,7 @@ import path from 'node:path';
 import { ZebuError, ErrorCode } from '../errors.ts';
 import type { Store, StoreObject } from '../store/store.ts';
 import type {
-  BackingImageFile, BackingImageSpec, EngineLinkView, ProcessState, RecoveryView, RecurringJobSpec, RecurringTask, RefetchStatus,
+  BackingImageFile, BackingImageSpec, DataLocality, EngineLinkView, ProcessState, RecoveryView, RecurringJobSpec, RecurringTask, RefetchStatus,
   ReplicaModeName, SnapshotView, VerifyView, VolumeRobustness, VolumeState,
 } from './object-types.ts';
 
@@ -84,6 +84,11 @@ export interface VolumeValue {
      * base layer), with the image's SHA-512 when the volume was created. Absent: none.
      */
     backingImage?: { name: string; checksum: string } | null;
+    /**
+     * `best-effort`: keep a replica on the node the volume is attached on (a replica is moved
+     * there: built first, then a remote one removed), so that reads stay local. Absent: disabled.
+     */
+    dataLocality?: DataLocality;
   };
   status: {
     state: VolumeState;
@@ -310,6 +315,8 @@ export interface ReplicaMove {
   nodeId: string | null;
   /** Set when the manager asked for it (replica-auto-balance), with why; absent: a user did. */
   balance?: string;
+  /** Set when the manager asked for it for the volume's data locality, with why. */
+  locality?: string;
 }
 
 export interface NodeValue {

@@ -87,6 +87,13 @@ export const SETTINGS = {
       if (value !== 'disabled' && value !== 'least-effort' && value !== 'best-effort') throw new Error('must be "disabled", "least-effort" or "best-effort"');
     },
   },
+  'default-data-locality': {
+    type: 'string', default: 'disabled',
+    description: 'Data locality of a new volume when the request does not say. "disabled"; "best-effort": a volume attached on a node that holds none of its replicas gets one there (built first, then a remote one removed), when that node can take it, so that reads stay on the node. A recurring job\'s own attachment never moves a replica.',
+    check: (value) => {
+      if (value !== 'disabled' && value !== 'best-effort') throw new Error('must be "disabled" or "best-effort"');
+    },
+  },
   'replica-start-timeout-ms': {
     type: 'int', default: '30000', min: 1000, max: 600000,
     description: 'At attach, replicas not running after this long are left out (and replaced) if the others can serve.',

@@ -8,13 +8,14 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, type EngineValue, type EngineIoStats, type EngineReplicaStatus, type Objects, type ReplicaValue, type RestoreSpec, type VolumeValue } from '../cluster/objects.ts';
 import { LEADER_NAME } from './leader-election.ts';
 import type { Settings } from '../cluster/settings.ts';
+import type { DataLocality } from '../cluster/object-types.ts';
 import type { EventRecorder } from './events.ts';
 import { clusterView } from './volume-controller.ts';
 import { scheduleReplicas, diskRefusal, type ImageRules } from './scheduler.ts';
 import { checkBackingImageName, imagePlacement } from './backing-images.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaMoveInput, ReplicaView, SettingView, SnapshotView,
-  VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
+  VerifyView, VolumeAttachInput, VolumeRestoreView, VolumeCreateInput, VolumeUpdateInput, VolumeMetrics, VolumeReplicaSummary, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
 } from './types.ts';
 import { unrepairedRegions, verifyFromEngine } from '../cluster/engine-reports.ts';
 import { volumeProtection, type VolumeProtection } from './protection.ts';
@@ -131,6 +132,11 @@ function restoreAttachRefusal(name: string, v: VolumeValue): string | null {
   return null;
 }
 
+function checkDataLocality(value: unknown): DataLocality {
+  if (value !== 'disabled' && value !== 'best-effort') throw invalid(`dataLocality must be "disabled" or "best-effort", got ${JSON.stringify(value)}`, 'dataLocality');
+  return value;
+}
+
 export class ManagerServiceImpl implements ManagerService {
   private readonly objects: Objects;
   private readonly settings: Settings;
@@ -184,6 +190,7 @@ export class ManagerServiceImpl implements ManagerService {
       state: v.status.state,
       robustness: restoreRobustness(v),
       nodeId: v.spec.nodeId ?? v.status.currentNodeId,
+      dataLocality: v.spec.dataLocality ?? 'disabled',
       frontend: !v.spec.maintenance,
       endpoint: v.status.state === 'attached' ? v.status.endpoint : null,
       epoch: v.status.epoch,
@@ -274,6 +281,7 @@ export class ManagerServiceImpl implements ManagerService {
       if (input.standby === true) throw invalid('a standby volume is created from a backup (fromBackup)', 'standby');
       sizeBytes = validateSize(input.sizeBytes);
     }
+    const dataLocality = input.dataLocality === undefined ? (await this.settings.string('default-data-locality')) as DataLocality : checkDataLocality(input.dataLocality);
     const count = input.numberOfReplicas ?? (await this.settings.int('default-replica-count'));
     if (!Number.isSafeInteger(count) || count < 1 || count > MAX_REPLICAS) throw invalid(`numberOfReplicas must be between 1 and ${MAX_REPLICAS}, got ${JSON.stringify(count)}`, 'numberOfReplicas');
     if ((await this.objects.get(Kind.Volume, name)) !== null) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
@@ -295,7 +303,7 @@ export class ManagerServiceImpl implements ManagerService {
     }
     try {
       await this.objects.create(Kind.Volume, name, {
-        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore, backingImage: image === null ? null : { name: image.name, checksum: image.checksum } },
+        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore, backingImage: image === null ? null : { name: image.name, checksum: image.checksum }, dataLocality },
         status: {
           state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [], restore: null,
         },
@@ -460,6 +468,23 @@ export class ManagerServiceImpl implements ManagerService {
     });
     this.backupKick();
     await this.events.record({ type: 'Normal', reason: 'Deleting', message: `deleting volume ${name}`, kind: Kind.Volume, object: name, volume: name });
+    this.kick(name);
+    return this.view(name);
+  }
+
+  async updateVolume(name: string, input: VolumeUpdateInput): Promise<VolumeView> {
+    await this.mustVolume(name);
+    if (input === null || typeof input !== 'object' || input.dataLocality === undefined) throw invalid('nothing to change: give dataLocality', 'dataLocality');
+    const dataLocality = checkDataLocality(input.dataLocality);
+    let was: DataLocality = 'disabled';
+    await this.objects.mutate(Kind.Volume, name, (x) => {
+      was = x.spec.dataLocality ?? 'disabled';
+      if (was === dataLocality) return false;
+      x.spec.dataLocality = dataLocality;
+    });
+    if (was !== dataLocality) {
+      await this.events.record({ type: 'Normal', reason: 'VolumeUpdated', kind: Kind.Volume, object: name, volume: name, message: `volume ${name}: data locality ${was} -> ${dataLocality}` });
+    }
     this.kick(name);
     return this.view(name);
   }
@@ -634,7 +659,7 @@ export class ManagerServiceImpl implements ManagerService {
     const rebuild = rebuildOf(said, r);
     const move = r.value.spec.move ?? null;
     const leaving: ReplicaView['leaving'] = r.value.deletionRequestedAt !== null || r.value.spec.failedAt !== null ? null
-      : move !== null ? { reason: move.balance !== undefined ? `replica-auto-balance ${move.balance}` : 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
+      : move !== null ? { reason: move.balance !== undefined ? `replica-auto-balance ${move.balance}` : move.locality ?? 'moved by a user', diskId: move.diskId, nodeId: move.nodeId, requestedAt: move.requestedAt }
         : evicting.disks.has(r.value.spec.diskId) ? { reason: `disk ${r.value.spec.diskId} is being evicted`, diskId: null, nodeId: null, requestedAt: null }
           : evicting.nodes.has(r.value.spec.nodeId) ? { reason: `node ${r.value.spec.nodeId} is being evicted`, diskId: null, nodeId: null, requestedAt: null } : null;
     return {

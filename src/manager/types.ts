@@ -8,7 +8,7 @@
  * Sizes are whole bytes (numbers: 16 TiB fits a JavaScript number exactly).
  */
 import type { VolumeJobView } from './protection.ts';
-import type { VolumeState, VolumeRobustness, ReplicaModeName, ProcessState, EngineLinkView, RecoveryView, VerifyDifference, VerifyView, SnapshotView, SettingView } from '../cluster/object-types.ts';
+import type { DataLocality, VolumeState, VolumeRobustness, ReplicaModeName, ProcessState, EngineLinkView, RecoveryView, VerifyDifference, VerifyView, SnapshotView, SettingView } from '../cluster/object-types.ts';
 export type { VolumeState, VolumeRobustness, ReplicaModeName, ProcessState, EngineLinkView, RecoveryView, VerifyDifference, VerifyView, SnapshotView, SettingView };
 
 export interface VolumeReplicaSummary {
@@ -33,6 +33,8 @@ export interface VolumeView {
   robustness: VolumeRobustness;
   /** Node the volume is attached to (or attaching to); null when detached. */
   nodeId: string | null;
+  /** best-effort: a replica is kept on the node the volume is attached on. */
+  dataLocality: DataLocality;
   /** false: attached without an NBD export (maintenance: revert, jobs). */
   frontend: boolean;
   /** nbd://HOST:PORT/NAME while attached with a frontend. */
@@ -113,6 +115,12 @@ export interface VolumeCreateInput {
   numberOfReplicas?: number;
   /** Create the volume on this backing image (sizeBytes then defaults to the image's size). */
   backingImage?: string;
+  /** Absent: the `default-data-locality` setting. */
+  dataLocality?: DataLocality;
+}
+
+export interface VolumeUpdateInput {
+  dataLocality?: DataLocality;
 }
 
 export interface VolumeAttachInput {
@@ -263,6 +271,7 @@ export interface ManagerService {
   deleteVolume(name: string): Promise<VolumeView>;
   /** Grows the volume (attached: online; detached: at the next attach). Never shrinks. */
   expandVolume(name: string, sizeBytes: number): Promise<VolumeView>;
+  updateVolume(name: string, input: VolumeUpdateInput): Promise<VolumeView>;
   /**
    * Brings a faulted volume back: the chosen replicas are taken out of failure and a new engine
    * (new epoch) starts on them; its start-up rule picks the source. Returns at once.

@@ -850,7 +850,7 @@ export class VolumeController {
       });
     }
     if (message === null && leaving.size === 0 && robustness === 'healthy' && !rebuilding && missing <= 0 && heldByJob === null && active.length === wanted) {
-      await this.autoBalance(volume, active, e.status.sizeBytes);
+      if (!(await this.keepLocal(volume, active, e.status.sizeBytes))) await this.autoBalance(volume, active, e.status.sizeBytes);
     }
     if (message === null && returning.length > 0 && robustness !== 'healthy') {
       message = `waiting for failed replica(s) ${returning.map((r) => r.name).join(', ')} to come back for a delta rebuild`;
@@ -1003,7 +1003,7 @@ export class VolumeController {
       const move = r.value.spec.move ?? null;
       if (move !== null) {
         const to = move.diskId !== null ? ` to disk ${move.diskId}` : move.nodeId !== null ? ` to node ${move.nodeId}` : '';
-        const by = move.balance !== undefined ? `by replica-auto-balance: ${move.balance}` : `as asked at ${move.requestedAt}`;
+        const by = move.balance !== undefined ? `by replica-auto-balance: ${move.balance}` : move.locality !== undefined ? `for ${move.locality}` : `as asked at ${move.requestedAt}`;
         out.set(r.name, { why: `moved${to} ${by}`, only: { diskId: move.diskId, nodeId: move.nodeId } });
       } else if (evictedDisks.has(r.value.spec.diskId)) {
         out.set(r.name, { why: `disk ${r.value.spec.diskId} is being evicted`, only: null });
@@ -1047,6 +1047,60 @@ export class VolumeController {
       x.spec.move = { requestedAt: new Date().toISOString(), diskId: move.diskId, nodeId: null, balance: `${mode}: ${move.why}` };
     });
     await this.event(volume.name, 'Normal', 'ReplicaAutoBalance', `replica ${move.replica} moves to disk ${move.diskId} (replica-auto-balance ${mode}: ${move.why})`, Kind.Replica, move.replica);
+  }
+
+  /**
+   * Data locality `best-effort`: a healthy volume attached (by a workload) on a node that holds
+   * none of its replicas gets one there — a replica elsewhere is asked to move to that node
+   * (built there first, then the remote one removed) — when the node can take it. Never for the
+   * manager's own attachments (a recurring job's, replica moves'): they leave as soon as done.
+   * True when a move was asked for.
+   */
+  private async keepLocal(volume: Obj<VolumeValue>, active: Obj<ReplicaValue>[], sizeBytes: number): Promise<boolean> {
+    const v = volume.value;
+    const node = v.spec.nodeId;
+    if ((v.spec.dataLocality ?? 'disabled') !== 'best-effort' || node === null) return false;
+    if ((v.spec.jobAttachment ?? null) !== null || (v.spec.moveAttachment ?? null) !== null) return false;
+    if (active.some((r) => r.value.spec.nodeId === node)) return false;
+    const view = await clusterView(this.objects);
+    const probe = scheduleReplicas(1, {
+      sizeBytes,
+      existing: active.map((r) => ({ nodeId: r.value.spec.nodeId, diskId: r.value.spec.diskId })),
+      nodes: view.nodes,
+      disks: view.disks,
+      only: { diskId: null, nodeId: node },
+      image: await this.imageRules(volume),
+      policy: {
+        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
+        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
+        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
+      },
+    });
+    if (probe.placements.length === 0) {
+      await this.placementProblem(volume.name, `data locality: node ${node} cannot take a replica of volume ${volume.name} (${probe.reasons.join('; ') || 'no disk there'}); the replicas stay where they are`);
+      return false;
+    }
+    // The replica to move: one from the node that holds the most of them (spread stays best).
+    const perNode = new Map<string, number>();
+    for (const r of active) perNode.set(r.value.spec.nodeId, (perNode.get(r.value.spec.nodeId) ?? 0) + 1);
+    const from = [...active].sort((a, b) => (perNode.get(b.value.spec.nodeId)! - perNode.get(a.value.spec.nodeId)!) || a.name.localeCompare(b.name))[0];
+    const why = `data locality best-effort: volume ${volume.name} is attached on node ${node}, which holds none of its replicas`;
+    let asked = false;
+    await this.objects.mutate(Kind.Replica, from.name, (x) => {
+      if ((x.spec.move ?? null) !== null || x.deletionRequestedAt !== null) return false;
+      x.spec.move = { requestedAt: new Date().toISOString(), diskId: null, nodeId: node, locality: why };
+      asked = true;
+    });
+    if (asked) await this.event(volume.name, 'Normal', 'DataLocality', `replica ${from.name} moves from node ${from.value.spec.nodeId} to node ${node} (${why})`, Kind.Replica, from.name);
+    return asked;
+  }
+
+  /** Where the volume's backing image lets a replica go (undefined: no image, anywhere). */
+  private async imageRules(volume: Obj<VolumeValue>): Promise<ImageRules | undefined> {
+    const name = volume.value.spec.backingImage?.name ?? null;
+    if (name === null) return undefined;
+    const obj = await this.objects.get(Kind.BackingImage, name);
+    return obj === null ? undefined : imagePlacement(name, obj.value.spec, Object.values(obj.value.status.files));
   }
 
   /**

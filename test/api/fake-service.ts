@@ -8,7 +8,7 @@
 import { ZebuError, ErrorCode, invalid } from '../../src/errors.ts';
 import type {
   DiskUpdateInput, DiskView, EventView, ManagerService, NodeUpdateInput, NodeView, ReplicaMoveInput, ReplicaView, SettingView, SnapshotView,
-  VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeSalvageInput, VolumeVerifyInput, VolumeView,
+  VerifyView, VolumeAttachInput, VolumeCreateInput, VolumeMetrics, VolumeSalvageInput, VolumeUpdateInput, VolumeVerifyInput, VolumeView,
 } from '../../src/manager/types.ts';
 
 const VOLUME_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
@@ -129,7 +129,7 @@ export class FakeManagerService implements ManagerService {
     if (count > this.disks.length) throw invalid(`only ${this.disks.length} of ${count} replicas can be placed: no more disks`, 'numberOfReplicas');
     if (this.volumes.has(name)) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
     const view: VolumeView = {
-      name, sizeBytes, currentSizeBytes: null, numberOfReplicas: count, state: 'detached', robustness: 'unknown', nodeId: null, frontend: true, endpoint: null, epoch: 0,
+      name, sizeBytes, currentSizeBytes: null, numberOfReplicas: count, state: 'detached', robustness: 'unknown', nodeId: null, dataLocality: input.dataLocality ?? 'disabled', frontend: true, endpoint: null, epoch: 0,
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
@@ -212,6 +212,13 @@ export class FakeManagerService implements ManagerService {
     v.view.sizeBytes = sizeBytes;
     if (v.view.state === 'attached') v.view.currentSizeBytes = sizeBytes;
     this.event(name, 'Expanding', `expanding volume ${name} to ${sizeBytes} bytes`);
+    return structuredClone(v.view);
+  }
+
+  async updateVolume(name: string, input: VolumeUpdateInput): Promise<VolumeView> {
+    this.enter('updateVolume');
+    const v = this.must(name);
+    if (input.dataLocality !== undefined) v.view.dataLocality = input.dataLocality;
     return structuredClone(v.view);
   }
 

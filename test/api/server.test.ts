@@ -68,7 +68,7 @@ async function pollVolume(app: FastifyInstance, name: string, done: (a: Answer) 
 /** Every route the API must serve (the brief's list), as "METHOD path" in OpenAPI syntax. */
 const ROUTES = [
   'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json',
-  'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}',
+  'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}', 'PATCH /v1/volumes/{name}',
   'POST /v1/volumes/{name}/activate',
   'POST /v1/volumes/{name}/attach', 'POST /v1/volumes/{name}/detach', 'POST /v1/volumes/{name}/expand',
   'POST /v1/volumes/{name}/salvage', 'POST /v1/volumes/{name}/verify',
@@ -227,6 +227,10 @@ test('bad input: 400 naming the field, from the schema and from the service; not
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, numberOfReplicas: 21 }, 'numberOfReplicas', /between 1 and 20/],
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, numberOfReplicas: 4 }, 'numberOfReplicas', /only 3 of 4 replicas/], // the service
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, size: 1 }, 'size', /unknown field size/],
+    ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, dataLocality: 'strict' }, 'dataLocality', /must be one of "disabled", "best-effort", got "strict"/],
+    ['PATCH', '/v1/volumes/ok', {}, undefined, /^nothing to change: the request body names none of dataLocality$/],
+    ['PATCH', '/v1/volumes/ok', { dataLocality: 'local' }, 'dataLocality', /^dataLocality must be one of "disabled", "best-effort", got "local"$/],
+    ['PATCH', '/v1/volumes/ok', { dataLocality: 'best-effort', size: 3 }, 'size', /unknown field size/],
     ['POST', '/v1/volumes', [1, 2], undefined, /request body must be a JSON object/],
     ['POST', '/v1/volumes', 'v3', undefined, /request body must be a JSON object/],
     ['POST', '/v1/volumes', null, undefined, /request body must be a JSON object/],

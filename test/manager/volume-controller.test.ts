@@ -1040,3 +1040,52 @@ test('node down: the volume attached there says so and moves when attached on an
   assert.ok((await service.listEvents({})).some((e) => e.object === 'n2' && e.reason === 'NodeUp'));
   assert.equal((await service.getVolume('far')).robustness, 'healthy');
 });
+
+test('data locality best-effort: attached on a node without a replica, one moves there (built first, then the remote one goes); disabled, or a node that cannot take one: nothing moves; bad values refused', async (t) => {
+  const { service, objects, store } = await setup(t, 2);
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: '127.0.0.2:10809', lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  await objects.create(Kind.Disk, 'n2-d0', {
+    spec: { nodeId: 'n2', path: '/disks/n2d0', allowScheduling: true, storageReservedBytes: 0 },
+    status: { diskUuid: 'w0', storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+  });
+  await assert.rejects(service.createVolume({ name: 'bad', sizeBytes: GiB, numberOfReplicas: 1, dataLocality: 'strict' as never }), /dataLocality must be "disabled" or "best-effort", got "strict"/);
+  await assert.rejects(service.setSetting('default-data-locality', 'always'), /must be "disabled" or "best-effort"/);
+  // Both volumes' replicas on n1 (n2 takes none while they are placed).
+  await service.updateNode('n2', { allowScheduling: false });
+  await service.createVolume({ name: 'loc', sizeBytes: GiB, numberOfReplicas: 1, dataLocality: 'best-effort' });
+  await service.createVolume({ name: 'off', sizeBytes: GiB, numberOfReplicas: 1 });
+  await until('detached', async () => (await service.getVolume('loc')).state === 'detached' && (await service.getVolume('off')).state === 'detached');
+  assert.equal((await service.getVolume('loc')).dataLocality, 'best-effort');
+  assert.equal((await service.getVolume('off')).dataLocality, 'disabled', 'the setting\'s default');
+
+  // n2 cannot take a replica yet: attached there, loc says why and keeps its replica.
+  await service.attachVolume('loc', { nodeId: 'n2' });
+  await until('loc healthy on n2', async () => (await service.getVolume('loc')).robustness === 'healthy');
+  await until('the reason given', async () => (await service.listEvents({ volume: 'loc' })).some((e) => /^data locality: node n2 cannot take a replica of volume loc \(.*scheduling.*\)/.test(e.message)));
+  assert.ok((await liveReplicas(objects, 'loc')).every((r) => r.diskId.startsWith('n1-')));
+
+  // It can now: the replica moves to n2, never leaving the volume without one in service.
+  await service.updateNode('n2', { allowScheduling: true });
+  const moved = await until('loc\'s replica on n2', async () => {
+    const live = await liveReplicas(objects, 'loc');
+    return live.length === 1 && live[0].diskId === 'n2-d0' && live[0].mode === 'RW' ? live : undefined;
+  });
+  assert.equal(moved.length, 1);
+  const events = (await service.listEvents({ volume: 'loc' })).map((e) => `${e.reason}: ${e.message}`);
+  assert.ok(events.some((e) => /^DataLocality: replica loc-r-\w+ moves from node n1 to node n2 \(data locality best-effort: /.test(e)), events.join('\n'));
+  assert.ok(events.some((e) => /^ReplicaMoved: /.test(e)), events.join('\n'));
+
+  // Disabled: attached on n2, its replica stays on n1. Turned on later: it moves.
+  await service.attachVolume('off', { nodeId: 'n2' });
+  await until('off healthy', async () => (await service.getVolume('off')).robustness === 'healthy');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok((await liveReplicas(objects, 'off')).every((r) => r.diskId.startsWith('n1-')));
+  await assert.rejects(service.updateVolume('off', {}), /nothing to change/);
+  assert.equal((await service.updateVolume('off', { dataLocality: 'best-effort' })).dataLocality, 'best-effort');
+  await until('off\'s replica on n2', async () => {
+    const live = await liveReplicas(objects, 'off');
+    return live.length === 1 && live[0].diskId === 'n2-d0' && live[0].mode === 'RW';
+  });
+});

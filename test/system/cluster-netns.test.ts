@@ -8,7 +8,9 @@
  *   engine serves: another node takes the lead, the volume shows the node down and is attached
  *   on another node under a new epoch with every acknowledged write; a write the cut-off client
  *   issued after the cut never lands (the old engine is fenced), and when the link is back the
- *   old engine is stopped by its agent and the replicas end identical (verify).
+ *   old engine is stopped by its agent and the replicas end identical (verify);
+ * - data locality: a volume with best-effort locality attached on a node without a replica gets
+ *   one there (the remote one removed after), its data intact.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -130,4 +132,18 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   const reasons = (mustZebuJson(cli, ['events']) as { reason: string; object: string }[]).map((e) => `${e.reason}:${e.object}`);
   for (const r of ['NodeDown:node-3', 'NodeDown:node-1', 'NodeUp:node-1', 'AttachMoved:nv', 'EngineAbandoned:nv']) assert.ok(reasons.includes(r), `${r} in ${reasons.join(', ')}`);
   void three;
+
+  // Data locality: a volume whose replica is on node-2, attached on node-1, gets its replica on node-1.
+  mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'off']);
+  mustZebu(cli, ['volume', 'create', 'loc', '--size', '32MiB', '--replicas', '1', '--data-locality', 'best-effort']);
+  mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'on']);
+  assert.deepEqual((mustZebuJson(cli, ['replica', 'list', '--volume', 'loc']) as ReplicaRow[]).map((r) => r.nodeId), ['node-2']);
+  const locUri = mustZebu(cli, ['volume', 'attach', 'loc', '--node', 'node-1']).trim();
+  qemuIo(h1, locUri, 'write -P 0x66 0 32M', 'flush');
+  await waitFor('loc\'s replica on node-1', () => {
+    const all = (mustZebuJson(cli, ['replica', 'list', '--volume', 'loc']) as ReplicaRow[]);
+    return all.length === 1 && all[0].nodeId === 'node-1' && all[0].mode === 'RW' || undefined;
+  }, 120_000, 500);
+  qemuIo(h1, locUri, 'read -P 0x66 0 32M');
+  assert.ok((mustZebuJson(cli, ['events']) as { reason: string }[]).some((e) => e.reason === 'DataLocality'));
 });

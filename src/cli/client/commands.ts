@@ -73,6 +73,7 @@ function volumeDetails(v: VolumeView): string {
     ['state', v.state],
     ['robustness', v.robustness],
     ['node', v.nodeId],
+    ['data locality', v.dataLocality],
     ['backing image', v.backingImage === null ? null : `${v.backingImage.name} (sha512 ${v.backingImage.checksum.slice(0, 16)}…)`],
     ['frontend', v.frontend ? 'nbd' : 'none (maintenance)'],
     ['endpoint', v.endpoint],
@@ -195,8 +196,9 @@ function leavingText(l: NonNullable<ReplicaView['leaving']>): string {
 
 // ---- volumes ----------------------------------------------------------------------------------
 
-export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string; backingImage?: string }): Promise<void> {
-  const body: { name: string; sizeBytes?: number; numberOfReplicas?: number; backingImage?: string } = { name };
+export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string; backingImage?: string; dataLocality?: string }): Promise<void> {
+  const body: { name: string; sizeBytes?: number; numberOfReplicas?: number; backingImage?: string; dataLocality?: string } = { name };
+  if (options.dataLocality !== undefined) body.dataLocality = dataLocalityOption(options.dataLocality);
   // On a backing image the size defaults to the image's.
   if (options.backingImage !== undefined) body.backingImage = options.backingImage;
   if (options.backingImage === undefined || options.size !== undefined) body.sizeBytes = sizeOption(options.size, ' (or --from-backup BACKUP, or --backing-image IMAGE)');
@@ -287,6 +289,18 @@ export async function volumeDelete(name: string, options: WaitingOptions): Promi
     progress: (v) => ({ fraction: 0.5, label: v.state }),
   });
   out(`volume ${name} deleted`);
+}
+
+function dataLocalityOption(value: string): string {
+  if (value !== 'disabled' && value !== 'best-effort') throw invalid(`--data-locality must be disabled or best-effort, got ${JSON.stringify(value)}`, 'dataLocality');
+  return value;
+}
+
+export async function volumeUpdate(name: string, options: CommonOptions & { dataLocality?: string }): Promise<void> {
+  if (options.dataLocality === undefined) throw invalid('nothing to change: give --data-locality', 'dataLocality');
+  const volume = await new ApiClient(options).patch<VolumeView>(`/v1/volumes/${enc(name)}`, { dataLocality: dataLocalityOption(options.dataLocality) });
+  if (options.json) return printJson(volume);
+  out(`volume ${volume.name}: data locality ${volume.dataLocality}`);
 }
 
 export async function volumeExpand(name: string, options: WaitingOptions & { size?: string }): Promise<void> {

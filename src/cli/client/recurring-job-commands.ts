@@ -104,7 +104,7 @@ export async function volumeUpdateJobs(volume: string, options: CommonOptions & 
   }
   if (options.recurringJob !== undefined) body.recurringJobs = options.recurringJob;
   if (options.recurringJobGroup !== undefined) body.recurringJobGroups = options.recurringJobGroup;
-  if (Object.keys(body).length === 0) throw invalid('nothing to change: give --recurring-job, --recurring-job-group or --clear-recurring-jobs');
+  if (Object.keys(body).length === 0) throw invalid('nothing to change: give --data-locality, --recurring-job, --recurring-job-group or --clear-recurring-jobs');
   const result = await new ApiClient(options).put<{ volume: string; recurringJobs: string[]; recurringJobGroups: string[]; jobs: string[] }>(`/v1/volumes/${enc(volume)}/recurringjobs`, body);
   if (options.json) return printJson(result);
   out(keyValues([

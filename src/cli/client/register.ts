@@ -82,6 +82,7 @@ export function registerClientCommands(program: Command): void {
     .option('--from-backup <BACKUP>', 'restore this backup into the new volume')
     .option('--standby', 'with --from-backup: a DR standby that keeps applying newer backups of the same volume until activated')
     .option('--backing-image <IMAGE>', 'create the volume on this backing image (its base; --size then defaults to the image\'s size)')
+    .option('--data-locality <MODE>', 'disabled or best-effort: keep a replica on the node the volume is attached on (default: the default-data-locality setting)')
     .action((name: string, opts) => (opts.fromBackup !== undefined ? runBackup((c) => c.volumeCreateFromBackup(name, opts)) : run((c) => c.volumeCreate(name, opts))));
   waiting(clientCommand(volume, 'activate <NAME>', 'activate a DR standby volume: apply the newest backup, then allow attaching it'), 'until it is activated')
     .action((name: string, opts) => runBackup((c) => c.volumeActivate(name, opts)));
@@ -113,11 +114,19 @@ export function registerClientCommands(program: Command): void {
     .action((name: string, opts) => run((c) => c.volumeWait(name, opts)));
 
   const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
-  clientCommand(volume, 'update <NAME>', 'change which recurring jobs cover a volume (by name and by group; with neither, the group default)')
+  clientCommand(volume, 'update <NAME>', 'change a volume: its data locality, which recurring jobs cover it (by name and by group; with neither, the group default)')
+    .option('--data-locality <MODE>', 'disabled or best-effort: keep a replica on the node the volume is attached on')
     .option('--recurring-job <JOB>', 'a job the volume joins by name (repeat for more; replaces the list)', collect)
     .option('--recurring-job-group <GROUP>', 'a group the volume joins (repeat for more; replaces the list)', collect)
     .option('--clear-recurring-jobs', 'name no job and no group (the volume is then in the group default)')
-    .action((name: string, opts) => runRecurringJob((c) => c.volumeUpdateJobs(name, opts)));
+    .action((name: string, opts) => {
+      const jobs = opts.recurringJob !== undefined || opts.recurringJobGroup !== undefined || opts.clearRecurringJobs === true;
+      if (opts.dataLocality === undefined) return runRecurringJob((c) => c.volumeUpdateJobs(name, opts));
+      return run(async (c) => {
+        await c.volumeUpdate(name, opts);
+        if (jobs) await (await import('./recurring-job-commands.ts')).volumeUpdateJobs(name, opts);
+      });
+    });
 
   const images = group(program, 'backing-image', 'base images kept as files on disks, for volumes to start from');
   waiting(clientCommand(images, 'create <NAME>', 'create a backing image: downloaded from a URL, uploaded from a file, or exported from a volume\'s snapshot'), 'until its first file is ready')
