@@ -17,12 +17,14 @@
  *   another client just before; never does it miss one made after the call).
  * - Durability is etcd's: a write is answered once the cluster has committed it.
  *
- * The client does not retry calls by itself (a retried create could answer EXISTS for its own
- * write): a call that fails for want of etcd fails with DISCONNECTED or TIMEOUT, and the caller
- * decides, as the controllers do with any failed reconcile.
+ * The client retries a call only when it never reached a member (no connection to the one it
+ * picked: a member is down): then another member is tried, so losing one member of three stops
+ * nothing. A call that may have reached etcd is never retried (a retried create could answer
+ * EXISTS for its own write): it fails with DISCONNECTED or TIMEOUT, and the caller decides, as
+ * the controllers do with any failed reconcile.
  */
 import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError, GRPCUnauthenticatedError, EtcdAuthenticationFailedError, EtcdPermissionDeniedError, type IKeyValue, type IOptions, type Watcher as EtcdWatcher } from 'etcd3';
-import { noop } from 'cockatiel';
+import { ConstantBackoff, handleWhen, retry } from 'cockatiel';
 import { ErrorCode, ZebuError, invalid } from '../errors.ts';
 import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions, WriteGuard } from './store.ts';
 import { checkGuard, checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, fencedBy, serializeValue } from './validate.ts';
@@ -49,6 +51,8 @@ export class EtcdStore implements Store {
   private readonly client: Etcd3;
   private readonly objectsPrefix: string;
   private readonly callTimeoutMs: number;
+  /** How many members the client knows (how often a call that could not be sent is tried). */
+  private readonly members: number;
   private readonly watches = new Set<EtcdWatch>();
   /** The highest store revision seen in an answer (where a watch without afterRevision starts). */
   private seenRevision = 0;
@@ -68,11 +72,12 @@ export class EtcdStore implements Store {
       dialTimeout: callTimeoutMs,
       // Streams (watch, keep-alive) live on; single calls have a deadline.
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
-      faultHandling: { global: noop },
+      // Another member for a call that could not be sent; nothing else is retried.
+      faultHandling: { global: retry(handleWhen(neverSent), { maxAttempts: options.endpoints.length, backoff: new ConstantBackoff(20) }) },
     };
     if (options.auth !== undefined) clientOptions.auth = { username: options.auth.username, password: options.auth.password };
     if (options.tls !== undefined) clientOptions.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
-    const store = new EtcdStore(new Etcd3(clientOptions), prefix, callTimeoutMs);
+    const store = new EtcdStore(new Etcd3(clientOptions), prefix, callTimeoutMs, options.endpoints.length);
     try {
       await store.revision();
     } catch (err) {
@@ -82,9 +87,10 @@ export class EtcdStore implements Store {
     return store;
   }
 
-  private constructor(client: Etcd3, prefix: string, callTimeoutMs: number) {
+  private constructor(client: Etcd3, prefix: string, callTimeoutMs: number, members: number) {
     this.client = client;
     this.callTimeoutMs = callTimeoutMs;
+    this.members = members;
     this.objectsPrefix = `${prefix}o/`;
   }
 
@@ -230,7 +236,7 @@ export class EtcdStore implements Store {
         reject(new ZebuError(ErrorCode.TIMEOUT, `etcd did not renew lease ${leaseId} within ${this.callTimeoutMs} ms`));
       }, this.callTimeoutMs);
     });
-    const renewal = this.call(async () => {
+    const once = async (): Promise<string> => {
       const stream = await this.client.leaseClient.leaseKeepAlive();
       if (timedOut) {
         stream.end();
@@ -245,6 +251,16 @@ export class EtcdStore implements Store {
         })]);
       } finally {
         stream.end();
+      }
+    };
+    // The client retries no stream: one to a member that is down is opened again (another member).
+    const renewal = this.call(async () => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await once();
+        } catch (err) {
+          if (timedOut || attempt >= this.members || !(err instanceof Error) || !neverSent(err)) throw err;
+        }
       }
     });
     renewal.catch(() => {});
@@ -441,6 +457,12 @@ function prefixEnd(prefix: string): Buffer {
     }
   }
   return Buffer.from([0]);
+}
+
+/** Whether a call failed before any member had it: no connection to the member it picked. */
+function neverSent(err: Error): boolean {
+  const unavailable = err instanceof GRPCUnavailableError || /\bUNAVAILABLE\b/.test(err.message);
+  return unavailable && /No connection established|ECONNREFUSED|ENETUNREACH|EHOSTUNREACH/.test(err.message);
 }
 
 function etcdError(err: unknown, lease?: string): ZebuError {

@@ -20,15 +20,71 @@ export interface EtcdServer {
 const START_TIMEOUT_MS = 30_000;
 
 export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: string, name = 'etcd-test', ports?: { client: number; peer: number }, host = '127.0.0.1'): Promise<EtcdServer> {
-  const clientPort = ports?.client ?? await freePort();
-  const peerPort = ports?.peer ?? await freePort();
-  const endpoint = `http://${host}:${clientPort}`;
-  const peer = `http://${host}:${peerPort}`;
+  const member = { name, host, client: ports?.client ?? await freePort(), peer: ports?.peer ?? await freePort() };
+  const started = spawnMember(t, dir, member, `${name}=${peerUrl(member)}`);
+  await started.healthy();
+  return started.server;
+}
+
+export interface EtcdCluster {
+  members: EtcdServer[];
+  /** The client URLs of every member. */
+  endpoints: string[];
+  /** SIGKILLs member `i` and waits until it is gone. */
+  kill(i: number): Promise<void>;
+  /** Starts the stopped members again (same names, ports and data), and waits until each is healthy. */
+  restart(which: number[]): Promise<void>;
+}
+
+/** A cluster of `size` etcd members on loopback, each with its own ports and data under `dir`. */
+export async function startEtcdCluster(t: { after: (fn: () => unknown) => void }, dir: string, size = 3): Promise<EtcdCluster> {
+  const specs: MemberSpec[] = [];
+  for (let i = 1; i <= size; i++) specs.push({ name: `member-${i}`, host: '127.0.0.1', client: await freePort(), peer: await freePort() });
+  const initial = specs.map((m) => `${m.name}=${peerUrl(m)}`).join(',');
+  const start = async (which: number[]): Promise<void> => {
+    // All first: a member is healthy only once a quorum elected a leader.
+    const started = which.map((i) => ({ i, started: spawnMember(t, dir, specs[i], initial) }));
+    for (const { i, started: s } of started) {
+      await s.healthy();
+      cluster.members[i] = s.server;
+    }
+  };
+  const cluster: EtcdCluster = {
+    members: [],
+    endpoints: specs.map((m) => `http://${m.host}:${m.client}`),
+    kill: async (i) => {
+      const child = cluster.members[i].child;
+      if (child.exitCode === null && child.signalCode === null) {
+        const gone = new Promise((resolve) => child.once('exit', resolve));
+        child.kill('SIGKILL');
+        await gone;
+      }
+    },
+    restart: start,
+  };
+  await start(specs.map((_, i) => i));
+  return cluster;
+}
+
+interface MemberSpec {
+  name: string;
+  host: string;
+  client: number;
+  peer: number;
+}
+
+function peerUrl(m: MemberSpec): string {
+  return `http://${m.host}:${m.peer}`;
+}
+
+function spawnMember(t: { after: (fn: () => unknown) => void }, dir: string, m: MemberSpec, initialCluster: string): { server: EtcdServer; healthy: () => Promise<void> } {
+  const endpoint = `http://${m.host}:${m.client}`;
+  const peer = peerUrl(m);
   const child = spawn('etcd', [
-    '--name', name, '--data-dir', path.join(dir, `${name}.etcd`),
+    '--name', m.name, '--data-dir', path.join(dir, `${m.name}.etcd`),
     '--listen-client-urls', endpoint, '--advertise-client-urls', endpoint,
     '--listen-peer-urls', peer, '--initial-advertise-peer-urls', peer,
-    '--initial-cluster', `${name}=${peer}`, '--initial-cluster-state', 'new',
+    '--initial-cluster', initialCluster, '--initial-cluster-state', 'new',
   ], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.after(() => child.kill('SIGKILL'));
   let log = '';
@@ -37,17 +93,19 @@ export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: 
   };
   child.stdout!.on('data', keep);
   child.stderr!.on('data', keep);
-  const exited = new Promise<never>((_, reject) => child.once('exit', (code, signal) => reject(new Error(`etcd exited (${code ?? signal}) before it served: ${log.slice(-2000)}`))));
+  const exited = new Promise<never>((_, reject) => child.once('exit', (code, signal) => reject(new Error(`etcd ${m.name} exited (${code ?? signal}) before it served: ${log.slice(-2000)}`))));
   exited.catch(() => {});
-  const deadline = Date.now() + START_TIMEOUT_MS;
-  for (;;) {
-    const healthy = await Promise.race([
-      fetch(`${endpoint}/health`).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false),
-      exited,
-    ]);
-    if (healthy) break;
-    if (Date.now() > deadline) throw new Error(`etcd not healthy after ${START_TIMEOUT_MS} ms: ${log.slice(-2000)}`);
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-  return { endpoint, ports: { client: clientPort, peer: peerPort }, child, output: () => log };
+  const healthy = async (): Promise<void> => {
+    const deadline = Date.now() + START_TIMEOUT_MS;
+    for (;;) {
+      const ok = await Promise.race([
+        fetch(`${endpoint}/health`).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false),
+        exited,
+      ]);
+      if (ok) return;
+      if (Date.now() > deadline) throw new Error(`etcd ${m.name} not healthy after ${START_TIMEOUT_MS} ms: ${log.slice(-2000)}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  };
+  return { server: { endpoint, ports: { client: m.client, peer: m.peer }, child, output: () => log }, healthy };
 }
