@@ -73,7 +73,7 @@ export class EtcdStore implements Store {
       // Streams (watch, keep-alive) live on; single calls have a deadline.
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
       // Another member for a call that could not be sent; nothing else is retried.
-      faultHandling: { global: retry(handleWhen(neverSent), { maxAttempts: options.endpoints.length, backoff: new ConstantBackoff(20) }) },
+      faultHandling: { global: retry(handleWhen(neverSent), { maxAttempts: options.endpoints.length - 1, backoff: new ConstantBackoff(20) }) },
     };
     if (options.auth !== undefined) clientOptions.auth = { username: options.auth.username, password: options.auth.password };
     if (options.tls !== undefined) clientOptions.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
