@@ -94,6 +94,11 @@ export const params = {
   object: object({ name: objectName }, ['name']),
 };
 
+const tags = {
+  type: 'array', maxItems: 32,
+  items: { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$', description: 'a tag: 1-63 characters of [A-Za-z0-9._-], first a letter or digit' },
+};
+
 const dataLocality = {
   type: 'string', enum: ['disabled', 'best-effort'],
   description: 'best-effort: keep a replica on the node the volume is attached on (one is moved there when that node can take it); default: the default-data-locality setting',
@@ -128,6 +133,8 @@ export const bodies = {
         standby: { type: 'boolean', description: 'with fromBackup: a DR standby that keeps applying newer backups until activated' },
         backingImage: { ...backingImageName, description: 'a backing image with a ready file: every replica reads it as its base layer (sizeBytes then defaults to its size)' },
         dataLocality,
+        nodeSelector: { ...tags, description: 'tags every node holding a replica must carry' },
+        diskSelector: { ...tags, description: 'tags every disk holding a replica must carry' },
       },
       ['name'],
     ),
@@ -175,16 +182,25 @@ export const bodies = {
     maintenance: { type: 'boolean', description: 'attach without an NBD export (needed for snapshot revert)' },
   }),
   volumeExpand: object({ sizeBytes }, ['sizeBytes']),
-  volumeUpdate: { ...object({ dataLocality }), minProperties: 1 },
+  volumeUpdate: {
+    ...object({
+      dataLocality,
+      nodeSelector: { ...tags, description: 'tags every node of a new replica must carry (replicas in place stay)' },
+      diskSelector: { ...tags, description: 'tags every disk of a new replica must carry (replicas in place stay)' },
+    }),
+    minProperties: 1,
+  },
   snapshotCreate: object({ name: snapshotName }),
   nodeUpdate: object({
     allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the node' },
     evict: { type: 'boolean', description: 'true: every replica leaves the node (each rebuilt on another node first); false: stop evicting' },
+    tags: { ...tags, description: 'the node\'s tags (replaces them), which volumes select nodes by' },
   }),
   diskUpdate: object({
     allowScheduling: { type: 'boolean', description: 'whether new replicas may be placed on the disk' },
     evict: { type: 'boolean', description: 'true: every replica leaves the disk (each rebuilt on another disk first); false: stop evicting' },
     storageReservedBytes: { type: 'integer', minimum: 0, maximum: Number.MAX_SAFE_INTEGER, description: 'bytes of the disk kept free of replicas' },
+    tags: { ...tags, description: 'the disk\'s tags (replaces them), which volumes select disks by' },
   }),
   replicaMove: object({
     diskId: { ...objectName, description: 'the disk to move to' },
@@ -247,7 +263,7 @@ export const views: Record<string, JsonSchema> = {
       progress: { type: 'number', minimum: 0, maximum: 1 }, doneBytes: int, totalBytes: int, bytesPerSecond: num, message: nullable(str), completedAt: nullable(time),
     })),
     backingImage: nullable(view({ name: str, checksum: str })),
-    dataLocality,
+    dataLocality, nodeSelector: { type: 'array', items: str }, diskSelector: { type: 'array', items: str },
     heldByJob: nullable(view({ job: str, task: str, node: str, since: time })),
     pendingAttach: nullable(view({ nodeId: str, maintenance: bool, requestedAt: time })),
     lastBackup: nullable(str), lastBackupAt: nullable(time), recoveryPointAt: nullable(time), recoveryPointAgeSeconds: nullable(int),
@@ -341,10 +357,12 @@ export const views: Record<string, JsonSchema> = {
     nbdAddress: nullable(str), disks: { type: 'array', items: str }, evict: bool, replicaCount: int,
     leader: { type: 'boolean', description: 'its manager runs the cluster\'s controllers and serves the API now' },
     agentEndpoint: { ...nullable(str), description: 'HOST:PORT where the leader reaches its agent (a cluster store); null on one machine' },
+    tags: { type: 'array', items: str },
   }),
   Disk: view({
     name: str, nodeId: str, path: str, allowScheduling: bool, storageReservedBytes: int, storageMaximumBytes: int,
     storageAvailableBytes: int, storageScheduledBytes: int, ready: bool, message: nullable(str), evict: bool, replicaCount: int,
+    tags: { type: 'array', items: str },
   }),
   Setting: view({ name: str, value: str, default: str, type: { type: 'string', enum: ['int', 'bool', 'string'] }, description: str }),
   Event: view({

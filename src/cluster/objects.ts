@@ -89,6 +89,9 @@ export interface VolumeValue {
      * there: built first, then a remote one removed), so that reads stay local. Absent: disabled.
      */
     dataLocality?: DataLocality;
+    /** Tags every node, and every disk, holding a replica must carry. Absent: none. */
+    nodeSelector?: string[];
+    diskSelector?: string[];
   };
   status: {
     state: VolumeState;
@@ -321,7 +324,7 @@ export interface ReplicaMove {
 
 export interface NodeValue {
   /** `evict`: every replica leaves the node (each rebuilt elsewhere first); nothing new is placed there. Absent: false. */
-  spec: { allowScheduling: boolean; evict?: boolean };
+  spec: { allowScheduling: boolean; evict?: boolean; /** Labels volumes select nodes by (a volume's node selector). Absent: none. */ tags?: string[] };
   status: {
     /** Host the node's replicas and NBD frontend listen on. */
     address: string;
@@ -350,6 +353,8 @@ export interface DiskValue {
     path: string;
     allowScheduling: boolean;
     storageReservedBytes: number;
+    /** Labels volumes select disks by (a volume's disk selector). Absent: none. */
+    tags?: string[];
     /** Every replica leaves the disk (each rebuilt elsewhere first); nothing new is placed there. Absent: false. */
     evict?: boolean;
   };

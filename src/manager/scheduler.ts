@@ -11,6 +11,8 @@
  *    whose free space is below `minimalAvailablePercentage` of its size takes nothing new.
  * 5. A volume on a backing image: only disks the image's selectors allow, and those that hold a
  *    ready file of it first (else the replica waits for a copy).
+ * 6. Tags: a volume's node selector and disk selector (tags) allow only nodes and disks that
+ *    carry every one of them.
  * Among the disks left, the one with the most schedulable room wins (ties: by name), which
  * spreads volumes over disks.
  */
@@ -21,6 +23,7 @@ export interface SchedulerNode {
   allowScheduling: boolean;
   /** Its replicas are leaving it: it takes none. */
   evicting?: boolean;
+  tags?: readonly string[];
 }
 
 export interface SchedulerDisk {
@@ -35,6 +38,25 @@ export interface SchedulerDisk {
   storageScheduledBytes: number;
   /** Its replicas are leaving it: it takes none. */
   evicting?: boolean;
+  tags?: readonly string[];
+}
+
+/** Tags a volume's replicas need: on their node, and on their disk (every one listed). */
+export interface TagSelector {
+  node: readonly string[];
+  disk: readonly string[];
+}
+
+/** Why the volume's tag selector refuses this disk, or null. */
+export function tagRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined, selector: TagSelector | undefined): string | null {
+  if (selector === undefined) return null;
+  const nodeTags = node?.tags ?? [];
+  const lackNode = selector.node.filter((t) => !nodeTags.includes(t));
+  if (lackNode.length > 0) return `disk ${disk.name}: node ${disk.nodeId} lacks tag(s) ${lackNode.join(', ')} of the volume's node selector`;
+  const diskTags = disk.tags ?? [];
+  const lackDisk = selector.disk.filter((t) => !diskTags.includes(t));
+  if (lackDisk.length > 0) return `disk ${disk.name} lacks tag(s) ${lackDisk.join(', ')} of the volume's disk selector`;
+  return null;
 }
 
 export interface SchedulerPolicy {
@@ -88,7 +110,7 @@ export function diskRefusal(disk: SchedulerDisk, node: SchedulerNode | undefined
 export function scheduleReplicas(
   count: number,
   input: {
-    sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy; image?: ImageRules;
+    sizeBytes: number; existing: Placement[]; nodes: SchedulerNode[]; disks: SchedulerDisk[]; policy: SchedulerPolicy; image?: ImageRules; selector?: TagSelector;
     /** Only this disk, or only disks of this node (a replica moved there by a user). */
     only?: { diskId: string | null; nodeId: string | null };
   },
@@ -111,7 +133,7 @@ export function scheduleReplicas(
         refusals.push(`disk ${disk.name} already holds a replica of this volume`);
         continue;
       }
-      const why = input.image?.refusal(disk.name, disk.nodeId)
+      const why = tagRefusal(disk, nodes.get(disk.nodeId), input.selector) ?? input.image?.refusal(disk.name, disk.nodeId)
         ?? diskRefusal({ ...disk, storageScheduledBytes: scheduled.get(disk.name)! }, nodes.get(disk.nodeId), input.sizeBytes, input.policy);
       if (why !== null) refusals.push(why);
       else fit.push(disk);
@@ -164,7 +186,7 @@ export function balanceMove(
   mode: AutoBalance,
   input: {
     sizeBytes: number; replicas: { name: string; nodeId: string; diskId: string }[]; nodes: SchedulerNode[]; disks: SchedulerDisk[];
-    policy: SchedulerPolicy; counts: ReadonlyMap<string, number>; image?: ImageRules;
+    policy: SchedulerPolicy; counts: ReadonlyMap<string, number>; image?: ImageRules; selector?: TagSelector;
   },
 ): BalanceMove | null {
   if (mode === 'disabled' || input.replicas.length === 0) return null;
@@ -173,7 +195,7 @@ export function balanceMove(
   const perNode = new Map<string, number>();
   for (const r of input.replicas) perNode.set(r.nodeId, (perNode.get(r.nodeId) ?? 0) + 1);
   const fits = (d: SchedulerDisk): boolean => !usedDisks.has(d.name)
-    && (input.image?.refusal(d.name, d.nodeId) ?? diskRefusal(d, nodes.get(d.nodeId), input.sizeBytes, input.policy)) === null;
+    && (tagRefusal(d, nodes.get(d.nodeId), input.selector) ?? input.image?.refusal(d.name, d.nodeId) ?? diskRefusal(d, nodes.get(d.nodeId), input.sizeBytes, input.policy)) === null;
   const candidates = input.disks.filter(fits);
   const diskCount = (name: string): number => input.counts.get(name) ?? 0;
   const nodeCount = new Map<string, number>();

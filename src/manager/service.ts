@@ -132,6 +132,16 @@ function restoreAttachRefusal(name: string, v: VolumeValue): string | null {
   return null;
 }
 
+/** Tags: up to 32 distinct names, sorted. */
+function checkTags(value: unknown, field: string): string[] {
+  if (!Array.isArray(value) || value.length > 32 || value.some((t) => typeof t !== 'string' || !TAG.test(t))) {
+    throw invalid(`${field} must be a list of up to 32 tags, each 1-63 characters of [A-Za-z0-9._-] starting with a letter or digit, got ${JSON.stringify(value)}`, field);
+  }
+  return [...new Set(value as string[])].sort();
+}
+
+const TAG = /^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/;
+
 function checkDataLocality(value: unknown): DataLocality {
   if (value !== 'disabled' && value !== 'best-effort') throw invalid(`dataLocality must be "disabled" or "best-effort", got ${JSON.stringify(value)}`, 'dataLocality');
   return value;
@@ -191,6 +201,8 @@ export class ManagerServiceImpl implements ManagerService {
       robustness: restoreRobustness(v),
       nodeId: v.spec.nodeId ?? v.status.currentNodeId,
       dataLocality: v.spec.dataLocality ?? 'disabled',
+      nodeSelector: v.spec.nodeSelector ?? [],
+      diskSelector: v.spec.diskSelector ?? [],
       frontend: !v.spec.maintenance,
       endpoint: v.status.state === 'attached' ? v.status.endpoint : null,
       epoch: v.status.epoch,
@@ -281,6 +293,8 @@ export class ManagerServiceImpl implements ManagerService {
       if (input.standby === true) throw invalid('a standby volume is created from a backup (fromBackup)', 'standby');
       sizeBytes = validateSize(input.sizeBytes);
     }
+    const nodeSelector = checkTags(input.nodeSelector ?? [], 'nodeSelector');
+    const diskSelector = checkTags(input.diskSelector ?? [], 'diskSelector');
     const dataLocality = input.dataLocality === undefined ? (await this.settings.string('default-data-locality')) as DataLocality : checkDataLocality(input.dataLocality);
     const count = input.numberOfReplicas ?? (await this.settings.int('default-replica-count'));
     if (!Number.isSafeInteger(count) || count < 1 || count > MAX_REPLICAS) throw invalid(`numberOfReplicas must be between 1 and ${MAX_REPLICAS}, got ${JSON.stringify(count)}`, 'numberOfReplicas');
@@ -292,6 +306,7 @@ export class ManagerServiceImpl implements ManagerService {
       nodes: view.nodes,
       disks: view.disks,
       image: image?.rules,
+      selector: { node: nodeSelector, disk: diskSelector },
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -303,7 +318,7 @@ export class ManagerServiceImpl implements ManagerService {
     }
     try {
       await this.objects.create(Kind.Volume, name, {
-        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore, backingImage: image === null ? null : { name: image.name, checksum: image.checksum }, dataLocality },
+        spec: { sizeBytes, numberOfReplicas: count, nodeId: null, maintenance: false, restore, backingImage: image === null ? null : { name: image.name, checksum: image.checksum }, dataLocality, nodeSelector, diskSelector },
         status: {
           state: 'creating', robustness: 'unknown', epoch: 0, currentNodeId: null, attachStartedAt: null, endpoint: null, message: null, snapshots: [], restore: null,
         },
@@ -474,16 +489,32 @@ export class ManagerServiceImpl implements ManagerService {
 
   async updateVolume(name: string, input: VolumeUpdateInput): Promise<VolumeView> {
     await this.mustVolume(name);
-    if (input === null || typeof input !== 'object' || input.dataLocality === undefined) throw invalid('nothing to change: give dataLocality', 'dataLocality');
-    const dataLocality = checkDataLocality(input.dataLocality);
-    let was: DataLocality = 'disabled';
+    if (input === null || typeof input !== 'object' || (input.dataLocality === undefined && input.nodeSelector === undefined && input.diskSelector === undefined)) {
+      throw invalid('nothing to change: give dataLocality, nodeSelector or diskSelector', 'dataLocality');
+    }
+    const dataLocality = input.dataLocality === undefined ? undefined : checkDataLocality(input.dataLocality);
+    const nodeSelector = input.nodeSelector === undefined ? undefined : checkTags(input.nodeSelector, 'nodeSelector');
+    const diskSelector = input.diskSelector === undefined ? undefined : checkTags(input.diskSelector, 'diskSelector');
+    const changes: string[] = [];
     await this.objects.mutate(Kind.Volume, name, (x) => {
-      was = x.spec.dataLocality ?? 'disabled';
-      if (was === dataLocality) return false;
-      x.spec.dataLocality = dataLocality;
+      changes.length = 0;
+      const was = x.spec.dataLocality ?? 'disabled';
+      if (dataLocality !== undefined && was !== dataLocality) {
+        changes.push(`data locality ${was} -> ${dataLocality}`);
+        x.spec.dataLocality = dataLocality;
+      }
+      if (nodeSelector !== undefined && (x.spec.nodeSelector ?? []).join(',') !== nodeSelector.join(',')) {
+        changes.push(`node selector [${(x.spec.nodeSelector ?? []).join(', ')}] -> [${nodeSelector.join(', ')}]`);
+        x.spec.nodeSelector = nodeSelector;
+      }
+      if (diskSelector !== undefined && (x.spec.diskSelector ?? []).join(',') !== diskSelector.join(',')) {
+        changes.push(`disk selector [${(x.spec.diskSelector ?? []).join(', ')}] -> [${diskSelector.join(', ')}]`);
+        x.spec.diskSelector = diskSelector;
+      }
+      if (changes.length === 0) return false;
     });
-    if (was !== dataLocality) {
-      await this.events.record({ type: 'Normal', reason: 'VolumeUpdated', kind: Kind.Volume, object: name, volume: name, message: `volume ${name}: data locality ${was} -> ${dataLocality}` });
+    if (changes.length > 0) {
+      await this.events.record({ type: 'Normal', reason: 'VolumeUpdated', kind: Kind.Volume, object: name, volume: name, message: `volume ${name}: ${changes.join('; ')}` });
     }
     this.kick(name);
     return this.view(name);
@@ -756,6 +787,7 @@ export class ManagerServiceImpl implements ManagerService {
       evict: n.value.spec.evict === true,
       replicaCount: replicas.filter((r) => r.value.spec.nodeId === n.name && r.value.deletionRequestedAt === null).length,
       leader: leader?.value.nodeId === n.name,
+      tags: n.value.spec.tags ?? [],
       agentEndpoint: n.value.status.agentEndpoint ?? null,
     }));
   }
@@ -770,10 +802,12 @@ export class ManagerServiceImpl implements ManagerService {
     await this.getNode(name);
     if (input.allowScheduling !== undefined && typeof input.allowScheduling !== 'boolean') throw invalid('allowScheduling must be true or false', 'allowScheduling');
     if (input.evict !== undefined && typeof input.evict !== 'boolean') throw invalid('evict must be true or false', 'evict');
+    const tags = input.tags === undefined ? undefined : checkTags(input.tags, 'tags');
     const before = await this.objects.must(Kind.Node, name);
     await this.objects.mutate(Kind.Node, name, (n) => {
       if (input.allowScheduling !== undefined) n.spec.allowScheduling = input.allowScheduling;
       if (input.evict !== undefined) n.spec.evict = input.evict;
+      if (tags !== undefined) n.spec.tags = tags;
     });
     if (input.evict !== undefined && input.evict !== (before.value.spec.evict === true)) {
       await this.events.record({ type: 'Normal', reason: input.evict ? 'NodeEvicting' : 'NodeEvictionCancelled', message: input.evict ? `node ${name} is being evicted: its replicas move to other nodes` : `node ${name} is no longer evicted`, kind: Kind.Node, object: name, volume: null });
@@ -796,6 +830,7 @@ export class ManagerServiceImpl implements ManagerService {
       ready: d.value.status.ready,
       message: d.value.status.message,
       evict: d.value.spec.evict === true,
+      tags: d.value.spec.tags ?? [],
       replicaCount: replicas.filter((r) => r.value.spec.diskId === d.name && r.value.deletionRequestedAt === null).length,
     }));
   }
@@ -815,7 +850,9 @@ export class ManagerServiceImpl implements ManagerService {
       if (disk.storageMaximumBytes > 0 && r > disk.storageMaximumBytes) throw invalid(`storageReservedBytes ${r} exceeds the disk's size ${disk.storageMaximumBytes}`, 'storageReservedBytes');
     }
     if (input.evict !== undefined && typeof input.evict !== 'boolean') throw invalid('evict must be true or false', 'evict');
+    const tags = input.tags === undefined ? undefined : checkTags(input.tags, 'tags');
     await this.objects.mutate(Kind.Disk, name, (d) => {
+      if (tags !== undefined) d.spec.tags = tags;
       if (input.allowScheduling !== undefined) d.spec.allowScheduling = input.allowScheduling;
       if (input.storageReservedBytes !== undefined) d.spec.storageReservedBytes = input.storageReservedBytes;
       if (input.evict !== undefined) d.spec.evict = input.evict;

@@ -35,6 +35,9 @@ export interface VolumeView {
   nodeId: string | null;
   /** best-effort: a replica is kept on the node the volume is attached on. */
   dataLocality: DataLocality;
+  /** Tags the nodes and disks of its replicas carry. */
+  nodeSelector: string[];
+  diskSelector: string[];
   /** false: attached without an NBD export (maintenance: revert, jobs). */
   frontend: boolean;
   /** nbd://HOST:PORT/NAME while attached with a frontend. */
@@ -117,10 +120,16 @@ export interface VolumeCreateInput {
   backingImage?: string;
   /** Absent: the `default-data-locality` setting. */
   dataLocality?: DataLocality;
+  /** Tags the nodes and disks of its replicas must carry (every one). */
+  nodeSelector?: string[];
+  diskSelector?: string[];
 }
 
 export interface VolumeUpdateInput {
   dataLocality?: DataLocality;
+  /** New replicas go only where these tags are (those in place stay). */
+  nodeSelector?: string[];
+  diskSelector?: string[];
 }
 
 export interface VolumeAttachInput {
@@ -178,6 +187,7 @@ export interface NodeView {
   replicaCount: number;
   /** Its manager runs the cluster's controllers and serves the API now. */
   leader: boolean;
+  tags: string[];
   /** Where the leader reaches its agent (HOST:PORT) on a cluster store; null on one machine. */
   agentEndpoint: string | null;
 }
@@ -185,6 +195,8 @@ export interface NodeView {
 export interface NodeUpdateInput {
   allowScheduling?: boolean;
   evict?: boolean;
+  /** Replaces the node's tags. */
+  tags?: string[];
 }
 
 export interface DiskView {
@@ -201,6 +213,7 @@ export interface DiskView {
   message: string | null;
   /** Its replicas are leaving it (each is rebuilt elsewhere first); it takes no new one. */
   evict: boolean;
+  tags: string[];
   /** Replicas on the disk now (not being deleted): 0 once an eviction is done. */
   replicaCount: number;
 }
@@ -209,6 +222,8 @@ export interface DiskUpdateInput {
   allowScheduling?: boolean;
   storageReservedBytes?: number;
   evict?: boolean;
+  /** Replaces the disk's tags. */
+  tags?: string[];
 }
 
 export interface EventView {

@@ -32,7 +32,7 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, REPLICAS_DIR, imageFilePath, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from '../cluster/objects.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
-import { balanceMove, scheduleReplicas, type AutoBalance, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
+import { balanceMove, scheduleReplicas, type AutoBalance, type TagSelector, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
 import { imagePlacement } from './backing-images.ts';
 import { nodeWithHealthyReplica } from './attach-node.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
@@ -92,7 +92,7 @@ export async function clusterView(objects: Objects): Promise<ClusterView> {
     scheduledByDisk.set(r.value.spec.diskId, (scheduledByDisk.get(r.value.spec.diskId) ?? 0) + r.value.spec.sizeBytes);
   }
   return {
-    nodes: nodes.map((n) => ({ name: n.name, ready: up.has(n.name), allowScheduling: n.value.spec.allowScheduling, evicting: n.value.spec.evict === true })),
+    nodes: nodes.map((n) => ({ name: n.name, ready: up.has(n.name), allowScheduling: n.value.spec.allowScheduling, evicting: n.value.spec.evict === true, tags: n.value.spec.tags ?? [] })),
     disks: disks.map((d) => ({
       name: d.name,
       nodeId: d.value.spec.nodeId,
@@ -103,6 +103,7 @@ export async function clusterView(objects: Objects): Promise<ClusterView> {
       storageReservedBytes: d.value.spec.storageReservedBytes,
       storageScheduledBytes: scheduledByDisk.get(d.name) ?? 0,
       evicting: d.value.spec.evict === true,
+      tags: d.value.spec.tags ?? [],
     })),
     diskPaths: new Map(disks.map((d) => [d.name, d.value.spec.path])),
   };
@@ -120,6 +121,11 @@ const seenOnDownNode = new WeakSet<Obj<ReplicaValue>>();
 /** Whether `r` is on a node that is down (as read by `replicasOf`). */
 function isOnDownNode(r: Obj<ReplicaValue>): boolean {
   return seenOnDownNode.has(r);
+}
+
+/** The tags a volume's replicas need on their node and disk. */
+export function selectorOf(v: VolumeValue): TagSelector {
+  return { node: v.spec.nodeSelector ?? [], disk: v.spec.diskSelector ?? [] };
 }
 
 export function newReplicaName(volume: string): string {
@@ -305,6 +311,7 @@ export class VolumeController {
       disks: view.disks,
       image,
       only,
+      selector: selectorOf(volume.value),
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -1035,6 +1042,7 @@ export class VolumeController {
       nodes: view.nodes,
       disks: view.disks,
       counts,
+      selector: selectorOf(volume.value),
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
@@ -1070,6 +1078,7 @@ export class VolumeController {
       disks: view.disks,
       only: { diskId: null, nodeId: node },
       image: await this.imageRules(volume),
+      selector: selectorOf(v),
       policy: {
         softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
         overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),

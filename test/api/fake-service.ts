@@ -36,11 +36,11 @@ export class FakeManagerService implements ManagerService {
   readonly events: EventView[] = [];
   readonly nodes: NodeView[] = [{
     name: 'node-1', address: '127.0.0.1', allowScheduling: true, ready: true, lastHeartbeatAt: '2024-01-01T00:00:00.000Z', nbdAddress: '127.0.0.1:10809',
-    disks: ['disk-0', 'disk-1', 'disk-2'], evict: false, replicaCount: 0, leader: true, agentEndpoint: null,
+    disks: ['disk-0', 'disk-1', 'disk-2'], evict: false, replicaCount: 0, leader: true, agentEndpoint: null, tags: [],
   }];
   readonly disks: DiskView[] = [0, 1, 2].map((i) => ({
     name: `disk-${i}`, nodeId: 'node-1', path: `/data/disks/disk-${i}`, allowScheduling: true, storageReservedBytes: 0,
-    storageMaximumBytes: 100 * 2 ** 30, storageAvailableBytes: 90 * 2 ** 30, storageScheduledBytes: 0, ready: true, message: null, evict: false, replicaCount: 0,
+    storageMaximumBytes: 100 * 2 ** 30, storageAvailableBytes: 90 * 2 ** 30, storageScheduledBytes: 0, ready: true, message: null, evict: false, replicaCount: 0, tags: [],
   }));
   readonly settings: SettingView[] = [
     { name: 'default-replica-count', value: '3', default: '3', type: 'int', description: 'Replicas of a new volume when the request does not say.' },
@@ -129,7 +129,7 @@ export class FakeManagerService implements ManagerService {
     if (count > this.disks.length) throw invalid(`only ${this.disks.length} of ${count} replicas can be placed: no more disks`, 'numberOfReplicas');
     if (this.volumes.has(name)) throw new ZebuError(ErrorCode.EXISTS, `volume ${name} already exists`);
     const view: VolumeView = {
-      name, sizeBytes, currentSizeBytes: null, numberOfReplicas: count, state: 'detached', robustness: 'unknown', nodeId: null, dataLocality: input.dataLocality ?? 'disabled', frontend: true, endpoint: null, epoch: 0,
+      name, sizeBytes, currentSizeBytes: null, numberOfReplicas: count, state: 'detached', robustness: 'unknown', nodeId: null, dataLocality: input.dataLocality ?? 'disabled', nodeSelector: input.nodeSelector ?? [], diskSelector: input.diskSelector ?? [], frontend: true, endpoint: null, epoch: 0,
       replicas: Array.from({ length: count }, (_, i) => ({
         name: `${name}-r-${i}`, nodeId: 'node-1', diskId: `disk-${i}`, mode: null, state: 'stopped' as const, rebuildProgress: null, failedAt: null,
       })),
@@ -219,6 +219,8 @@ export class FakeManagerService implements ManagerService {
     this.enter('updateVolume');
     const v = this.must(name);
     if (input.dataLocality !== undefined) v.view.dataLocality = input.dataLocality;
+    if (input.nodeSelector !== undefined) v.view.nodeSelector = input.nodeSelector;
+    if (input.diskSelector !== undefined) v.view.diskSelector = input.diskSelector;
     return structuredClone(v.view);
   }
 
@@ -353,6 +355,7 @@ export class FakeManagerService implements ManagerService {
     if (node === undefined) throw new ZebuError(ErrorCode.NOT_FOUND, `node ${name} not found`);
     if (input.allowScheduling !== undefined) node.allowScheduling = input.allowScheduling;
     if (input.evict !== undefined) node.evict = input.evict;
+    if (input.tags !== undefined) node.tags = [...new Set(input.tags)].sort();
     return structuredClone(node);
   }
 
@@ -378,6 +381,7 @@ export class FakeManagerService implements ManagerService {
     if (input.allowScheduling !== undefined) disk.allowScheduling = input.allowScheduling;
     if (input.storageReservedBytes !== undefined) disk.storageReservedBytes = input.storageReservedBytes;
     if (input.evict !== undefined) disk.evict = input.evict;
+    if (input.tags !== undefined) disk.tags = [...new Set(input.tags)].sort();
     return structuredClone(disk);
   }
 

@@ -228,7 +228,10 @@ test('bad input: 400 naming the field, from the schema and from the service; not
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, numberOfReplicas: 4 }, 'numberOfReplicas', /only 3 of 4 replicas/], // the service
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, size: 1 }, 'size', /unknown field size/],
     ['POST', '/v1/volumes', { name: 'v3', sizeBytes: 4096, dataLocality: 'strict' }, 'dataLocality', /must be one of "disabled", "best-effort", got "strict"/],
-    ['PATCH', '/v1/volumes/ok', {}, undefined, /^nothing to change: the request body names none of dataLocality$/],
+    ['PATCH', '/v1/volumes/ok', {}, undefined, /^nothing to change: the request body names none of dataLocality, nodeSelector, diskSelector$/],
+    ['PATCH', '/v1/volumes/ok', { nodeSelector: ['ssd', 'bad tag'] }, 'nodeSelector.1', /nodeSelector\.1 must be a tag: 1-63 characters/],
+    ['PATCH', '/v1/nodes/node-1', { tags: 'ssd' }, 'tags', /tags must be an array/],
+    ['PATCH', '/v1/disks/disk-0', { tags: ['-x'] }, 'tags.0', /tags\.0 must be a tag/],
     ['PATCH', '/v1/volumes/ok', { dataLocality: 'local' }, 'dataLocality', /^dataLocality must be one of "disabled", "best-effort", got "local"$/],
     ['PATCH', '/v1/volumes/ok', { dataLocality: 'best-effort', size: 3 }, 'size', /unknown field size/],
     ['POST', '/v1/volumes', [1, 2], undefined, /request body must be a JSON object/],

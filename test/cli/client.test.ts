@@ -212,20 +212,29 @@ test('snapshots, replicas, nodes, disks, settings and events: tables and --json'
   await fails(api, ['replica', 'list', '--volume', 'nope'], /^zebu: volume nope not found$/);
 
   assert.deepEqual(await okJson(api, ['node', 'list']), await apiGet(api, '/v1/nodes'));
-  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+LEADER\s+SCHEDULING\s+REPLICAS\s+EVICTION\s+NBD\s+DISKS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+yes\s+on\s+0\s+-\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s/);
+  assert.match(await ok(api, ['node', 'list']), /^NAME\s+ADDRESS\s+READY\s+LEADER\s+SCHEDULING\s+REPLICAS\s+EVICTION\s+NBD\s+DISKS\s+TAGS\s+HEARTBEAT\nnode-1\s+127\.0\.0\.1\s+yes\s+yes\s+on\s+0\s+-\s+127\.0\.0\.1:10809\s+disk-0,disk-1,disk-2\s+-\s/);
   assert.deepEqual(await okJson(api, ['disk', 'list']), await apiGet(api, '/v1/disks'));
-  assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+0\s+-\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+\/data\/disks\/disk-0$/m);
+  assert.match(await ok(api, ['disk', 'list']), /^disk-0\s+node-1\s+yes\s+on\s+0\s+-\s+100 GiB\s+90 GiB\s+0 B\s+0 B\s+-\s+\/data\/disks\/disk-0$/m);
   // Eviction: on, shown as done once the disk holds nothing, and off again.
-  assert.equal((await ok(api, ['disk', 'update', 'disk-2', '--evict'])).trim(), 'disk disk-2: scheduling on, reserved 0 B, being evicted (0 replica(s) left)');
+  assert.equal((await ok(api, ['disk', 'update', 'disk-2', '--evict'])).trim(), 'disk disk-2: scheduling on, reserved 0 B, tags -, being evicted (0 replica(s) left)');
   assert.match(await ok(api, ['disk', 'list']), /^disk-2\s+node-1\s+yes\s+on\s+0\s+done \(empty\)\s/m);
   assert.equal((await okJson(api, ['disk', 'update', 'disk-2', '--no-evict'])).evict, false);
   assert.equal((await okJson(api, ['node', 'update', 'node-1', '--evict'])).evict, true);
-  assert.equal((await ok(api, ['node', 'update', 'node-1', '--no-evict'])).trim(), 'node node-1: scheduling on');
+  assert.equal((await ok(api, ['node', 'update', 'node-1', '--no-evict'])).trim(), 'node node-1: scheduling on, tags -');
   // Scheduling switches and reserved space.
-  assert.equal((await ok(api, ['node', 'update', 'node-1', '--scheduling', 'off'])).trim(), 'node node-1: scheduling off');
+  assert.equal((await ok(api, ['node', 'update', 'node-1', '--scheduling', 'off'])).trim(), 'node node-1: scheduling off, tags -');
   assert.equal((await apiGet(api, '/v1/nodes/node-1')).allowScheduling, false);
   assert.equal((await okJson(api, ['node', 'update', 'node-1', '--scheduling', 'on'])).allowScheduling, true);
-  assert.equal((await ok(api, ['disk', 'update', 'disk-1', '--scheduling', 'off', '--reserved', '10GiB'])).trim(), 'disk disk-1: scheduling off, reserved 10 GiB');
+  assert.equal((await ok(api, ['disk', 'update', 'disk-1', '--scheduling', 'off', '--reserved', '10GiB'])).trim(), 'disk disk-1: scheduling off, reserved 10 GiB, tags -');
+  // Tags: replaced by --tag (repeated), sorted and without repeats; --clear-tags removes them.
+  assert.equal((await ok(api, ['node', 'update', 'node-1', '--tag', 'ssd', '--tag', 'rack-a', '--tag', 'ssd'])).trim(), 'node node-1: scheduling on, tags rack-a,ssd');
+  assert.deepEqual((await apiGet(api, '/v1/nodes/node-1')).tags, ['rack-a', 'ssd']);
+  assert.deepEqual((await okJson(api, ['disk', 'update', 'disk-0', '--tag', 'nvme'])).tags, ['nvme']);
+  assert.match(await ok(api, ['disk', 'list']), /^disk-0\s.*\snvme\s+\/data\/disks\/disk-0$/m);
+  await fails(api, ['disk', 'update', 'disk-0', '--tag', 'bad tag'], /tags\.0 must be a tag/);
+  await fails(api, ['node', 'update', 'node-1', '--tag', 'x', '--clear-tags'], /--clear-tags and --tag do not go together/);
+  assert.deepEqual((await okJson(api, ['node', 'update', 'node-1', '--clear-tags'])).tags, []);
+  assert.deepEqual((await okJson(api, ['disk', 'update', 'disk-0', '--clear-tags'])).tags, []);
   const disk1 = await apiGet(api, '/v1/disks/disk-1');
   assert.equal(disk1.allowScheduling, false);
   assert.equal(disk1.storageReservedBytes, 10 * 1024 ** 3);

@@ -1089,3 +1089,42 @@ test('data locality best-effort: attached on a node without a replica, one moves
     return live.length === 1 && live[0].diskId === 'n2-d0' && live[0].mode === 'RW';
   });
 });
+
+test('node and disk tags: a volume\'s selectors allow only nodes and disks with every tag, at create and for replacements; clear refusals', async (t) => {
+  const { service, objects, store } = await setup(t, 2);
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  for (const d of ['n2-d0', 'n2-d1']) {
+    await objects.create(Kind.Disk, d, {
+      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
+      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+    });
+  }
+  await assert.rejects(service.createVolume({ name: 'fast', sizeBytes: GiB, numberOfReplicas: 2, nodeSelector: ['ssd'] }), /only 0 of 2 replicas can be placed: .*node n1 lacks tag\(s\) ssd of the volume's node selector/);
+  await assert.rejects(service.createVolume({ name: 'fast', sizeBytes: GiB, numberOfReplicas: 2, nodeSelector: ['bad tag'] }), /nodeSelector must be a list of up to 32 tags/);
+  await assert.rejects(service.updateNode('n2', { tags: ['ok', ''] }), /tags must be a list of up to 32 tags/);
+  assert.deepEqual((await service.updateNode('n2', { tags: ['ssd', 'rack-b', 'ssd'] })).tags, ['rack-b', 'ssd']);
+  assert.deepEqual((await service.updateDisk('n2-d1', { tags: ['nvme'] })).tags, ['nvme']);
+  // Only n2 has ssd: both replicas there (soft anti-affinity), one per disk.
+  await service.createVolume({ name: 'fast', sizeBytes: GiB, numberOfReplicas: 2, nodeSelector: ['ssd'] });
+  await until('placed', async () => (await service.getVolume('fast')).state === 'detached');
+  assert.deepEqual((await service.listReplicas({ volume: 'fast' })).map((r) => r.diskId).sort(), ['n2-d0', 'n2-d1']);
+  // A disk selector too: only n2-d1 has nvme.
+  await service.createVolume({ name: 'nv', sizeBytes: GiB, numberOfReplicas: 1, nodeSelector: ['ssd'], diskSelector: ['nvme'] });
+  await until('nv placed', async () => (await service.getVolume('nv')).state === 'detached');
+  assert.deepEqual((await service.listReplicas({ volume: 'nv' })).map((r) => r.diskId), ['n2-d1']);
+  const nv = await service.getVolume('nv');
+  assert.deepEqual([nv.nodeSelector, nv.diskSelector], [['ssd'], ['nvme']]);
+  // A replacement honours the selectors: with no other nvme disk it cannot be placed, and says why.
+  await service.setSetting('replica-replenishment-wait-seconds', '0');
+  await service.createVolume({ name: 'two', sizeBytes: GiB, numberOfReplicas: 2, diskSelector: ['nvme'] }).then(() => assert.fail('one nvme disk cannot take two'), (err: Error) => assert.match(err.message, /only 1 of 2 replicas can be placed: .*lacks tag\(s\) nvme of the volume's disk selector/));
+  await service.updateDisk('n1-d0', { tags: ['nvme'] });
+  await service.createVolume({ name: 'two', sizeBytes: GiB, numberOfReplicas: 2, diskSelector: ['nvme'] });
+  await until('two placed', async () => (await service.getVolume('two')).state === 'detached');
+  assert.deepEqual((await service.listReplicas({ volume: 'two' })).map((r) => r.diskId).sort(), ['n1-d0', 'n2-d1']);
+  // Changed later: new replicas follow, those in place stay; an event says so.
+  const updated = await service.updateVolume('two', { diskSelector: [], nodeSelector: ['rack-b'] });
+  assert.deepEqual([updated.nodeSelector, updated.diskSelector], [['rack-b'], []]);
+  assert.ok((await service.listEvents({ volume: 'two' })).some((e) => e.reason === 'VolumeUpdated' && /node selector \[\] -> \[rack-b\]; disk selector \[nvme\] -> \[\]/.test(e.message)));
+});

@@ -74,6 +74,8 @@ function volumeDetails(v: VolumeView): string {
     ['robustness', v.robustness],
     ['node', v.nodeId],
     ['data locality', v.dataLocality],
+    ['node selector', v.nodeSelector.length === 0 ? null : v.nodeSelector.join(', ')],
+    ['disk selector', v.diskSelector.length === 0 ? null : v.diskSelector.join(', ')],
     ['backing image', v.backingImage === null ? null : `${v.backingImage.name} (sha512 ${v.backingImage.checksum.slice(0, 16)}…)`],
     ['frontend', v.frontend ? 'nbd' : 'none (maintenance)'],
     ['endpoint', v.endpoint],
@@ -196,9 +198,11 @@ function leavingText(l: NonNullable<ReplicaView['leaving']>): string {
 
 // ---- volumes ----------------------------------------------------------------------------------
 
-export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string; backingImage?: string; dataLocality?: string }): Promise<void> {
-  const body: { name: string; sizeBytes?: number; numberOfReplicas?: number; backingImage?: string; dataLocality?: string } = { name };
+export async function volumeCreate(name: string, options: CommonOptions & { size?: string; replicas?: string; backingImage?: string; dataLocality?: string; nodeSelector?: string[]; diskSelector?: string[] }): Promise<void> {
+  const body: { name: string; sizeBytes?: number; numberOfReplicas?: number; backingImage?: string; dataLocality?: string; nodeSelector?: string[]; diskSelector?: string[] } = { name };
   if (options.dataLocality !== undefined) body.dataLocality = dataLocalityOption(options.dataLocality);
+  if (options.nodeSelector !== undefined) body.nodeSelector = options.nodeSelector;
+  if (options.diskSelector !== undefined) body.diskSelector = options.diskSelector;
   // On a backing image the size defaults to the image's.
   if (options.backingImage !== undefined) body.backingImage = options.backingImage;
   if (options.backingImage === undefined || options.size !== undefined) body.sizeBytes = sizeOption(options.size, ' (or --from-backup BACKUP, or --backing-image IMAGE)');
@@ -296,11 +300,20 @@ function dataLocalityOption(value: string): string {
   return value;
 }
 
-export async function volumeUpdate(name: string, options: CommonOptions & { dataLocality?: string }): Promise<void> {
-  if (options.dataLocality === undefined) throw invalid('nothing to change: give --data-locality', 'dataLocality');
-  const volume = await new ApiClient(options).patch<VolumeView>(`/v1/volumes/${enc(name)}`, { dataLocality: dataLocalityOption(options.dataLocality) });
+export async function volumeUpdate(name: string, options: CommonOptions & { dataLocality?: string; nodeSelector?: string[]; diskSelector?: string[]; clearSelectors?: boolean }): Promise<void> {
+  const body: { dataLocality?: string; nodeSelector?: string[]; diskSelector?: string[] } = {};
+  if (options.dataLocality !== undefined) body.dataLocality = dataLocalityOption(options.dataLocality);
+  if (options.clearSelectors === true) {
+    if (options.nodeSelector !== undefined || options.diskSelector !== undefined) throw invalid('--clear-selectors and --node-selector/--disk-selector do not go together', 'nodeSelector');
+    body.nodeSelector = [];
+    body.diskSelector = [];
+  }
+  if (options.nodeSelector !== undefined) body.nodeSelector = options.nodeSelector;
+  if (options.diskSelector !== undefined) body.diskSelector = options.diskSelector;
+  if (Object.keys(body).length === 0) throw invalid('nothing to change: give --data-locality, --node-selector, --disk-selector or --clear-selectors', 'dataLocality');
+  const volume = await new ApiClient(options).patch<VolumeView>(`/v1/volumes/${enc(name)}`, body);
   if (options.json) return printJson(volume);
-  out(`volume ${volume.name}: data locality ${volume.dataLocality}`);
+  out(`volume ${volume.name}: data locality ${volume.dataLocality}, node selector ${tagsCell(volume.nodeSelector)}, disk selector ${tagsCell(volume.diskSelector)}`);
 }
 
 export async function volumeExpand(name: string, options: WaitingOptions & { size?: string }): Promise<void> {
@@ -432,8 +445,8 @@ export async function nodeList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<NodeView[]>('/v1/nodes');
   if (options.json) return printJson(list);
   out(table(
-    ['NAME', 'ADDRESS', 'READY', 'LEADER', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'NBD', 'DISKS', 'HEARTBEAT'],
-    list.map((n) => [n.name, n.address, n.ready, n.leader ? 'yes' : '', n.allowScheduling ? 'on' : 'off', n.replicaCount, evictionCell(n.evict, n.replicaCount), n.nbdAddress, n.disks.join(','), n.lastHeartbeatAt]),
+    ['NAME', 'ADDRESS', 'READY', 'LEADER', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'NBD', 'DISKS', 'TAGS', 'HEARTBEAT'],
+    list.map((n) => [n.name, n.address, n.ready, n.leader ? 'yes' : '', n.allowScheduling ? 'on' : 'off', n.replicaCount, evictionCell(n.evict, n.replicaCount), n.nbdAddress, n.disks.join(','), tagsCell(n.tags), n.lastHeartbeatAt]),
   ));
 }
 
@@ -443,37 +456,51 @@ function schedulingOption(text: string | undefined): boolean | undefined {
   throw invalid(`--scheduling must be on or off, got ${JSON.stringify(text)}`, 'scheduling');
 }
 
-export async function nodeUpdate(name: string, options: CommonOptions & { scheduling?: string; evict?: boolean }): Promise<void> {
-  const body: { allowScheduling?: boolean; evict?: boolean } = {};
+function tagsCell(tags: string[]): string {
+  return tags.length === 0 ? '-' : tags.join(',');
+}
+
+/** --tag T (repeated) or --clear-tags: the new tag list, or undefined when neither was given. */
+function tagsOption(options: { tag?: string[]; clearTags?: boolean }): string[] | undefined {
+  if (options.clearTags === true && options.tag !== undefined) throw invalid('--clear-tags and --tag do not go together', 'tags');
+  return options.clearTags === true ? [] : options.tag;
+}
+
+export async function nodeUpdate(name: string, options: CommonOptions & { scheduling?: string; evict?: boolean; tag?: string[]; clearTags?: boolean }): Promise<void> {
+  const body: { allowScheduling?: boolean; evict?: boolean; tags?: string[] } = {};
   const allowScheduling = schedulingOption(options.scheduling);
   if (allowScheduling !== undefined) body.allowScheduling = allowScheduling;
   if (options.evict !== undefined) body.evict = options.evict;
-  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off and/or --evict / --no-evict', 'scheduling');
+  const tags = tagsOption(options);
+  if (tags !== undefined) body.tags = tags;
+  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off, --evict / --no-evict, --tag TAG / --clear-tags', 'scheduling');
   const node = await new ApiClient(options).patch<NodeView>(`/v1/nodes/${enc(name)}`, body);
   if (options.json) return printJson(node);
-  out(`node ${node.name}: scheduling ${node.allowScheduling ? 'on' : 'off'}${node.evict ? `, being evicted (${node.replicaCount} replica(s) left)` : ''}`);
+  out(`node ${node.name}: scheduling ${node.allowScheduling ? 'on' : 'off'}, tags ${tagsCell(node.tags)}${node.evict ? `, being evicted (${node.replicaCount} replica(s) left)` : ''}`);
 }
 
-export async function diskUpdate(name: string, options: CommonOptions & { scheduling?: string; reserved?: string; evict?: boolean }): Promise<void> {
-  const body: { allowScheduling?: boolean; storageReservedBytes?: number; evict?: boolean } = {};
+export async function diskUpdate(name: string, options: CommonOptions & { scheduling?: string; reserved?: string; evict?: boolean; tag?: string[]; clearTags?: boolean }): Promise<void> {
+  const body: { allowScheduling?: boolean; storageReservedBytes?: number; evict?: boolean; tags?: string[] } = {};
+  const tags = tagsOption(options);
+  if (tags !== undefined) body.tags = tags;
   const allowScheduling = schedulingOption(options.scheduling);
   if (allowScheduling !== undefined) body.allowScheduling = allowScheduling;
   if (options.reserved !== undefined) body.storageReservedBytes = parseBytes(options.reserved);
   if (options.evict !== undefined) body.evict = options.evict;
-  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off, --reserved SIZE and/or --evict / --no-evict', 'scheduling');
+  if (Object.keys(body).length === 0) throw invalid('say what to change: --scheduling on|off, --reserved SIZE, --evict / --no-evict, --tag TAG / --clear-tags', 'scheduling');
   const disk = await new ApiClient(options).patch<DiskView>(`/v1/disks/${enc(name)}`, body);
   if (options.json) return printJson(disk);
-  out(`disk ${disk.name}: scheduling ${disk.allowScheduling ? 'on' : 'off'}, reserved ${formatBytes(disk.storageReservedBytes)}${disk.evict ? `, being evicted (${disk.replicaCount} replica(s) left)` : ''}`);
+  out(`disk ${disk.name}: scheduling ${disk.allowScheduling ? 'on' : 'off'}, reserved ${formatBytes(disk.storageReservedBytes)}, tags ${tagsCell(disk.tags)}${disk.evict ? `, being evicted (${disk.replicaCount} replica(s) left)` : ''}`);
 }
 
 export async function diskList(options: CommonOptions): Promise<void> {
   const list = await new ApiClient(options).get<DiskView[]>('/v1/disks');
   if (options.json) return printJson(list);
   out(table(
-    ['NAME', 'NODE', 'READY', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'SIZE', 'AVAILABLE', 'SCHEDULED', 'RESERVED', 'PATH'],
+    ['NAME', 'NODE', 'READY', 'SCHEDULING', 'REPLICAS', 'EVICTION', 'SIZE', 'AVAILABLE', 'SCHEDULED', 'RESERVED', 'TAGS', 'PATH'],
     list.map((d) => [
       d.name, d.nodeId, d.ready, d.allowScheduling ? 'on' : 'off', d.replicaCount, evictionCell(d.evict, d.replicaCount), formatBytes(d.storageMaximumBytes), formatBytes(d.storageAvailableBytes),
-      formatBytes(d.storageScheduledBytes), formatBytes(d.storageReservedBytes), d.path,
+      formatBytes(d.storageScheduledBytes), formatBytes(d.storageReservedBytes), tagsCell(d.tags), d.path,
     ]),
   ));
 }

@@ -75,6 +75,7 @@ function group(program: Command, name: string, description: string): Command {
 }
 
 export function registerClientCommands(program: Command): void {
+  const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
   const volume = group(program, 'volume', 'volumes');
   waiting(clientCommand(volume, 'create <NAME>', 'create a volume (replicas are placed now; it starts detached), or restore a backup into it'), 'for a restore to finish')
     .option('--size <SIZE>', 'size: bytes or with a unit (1GiB, 512MiB); a multiple of 4096 (with --from-backup: default the backup\'s size)')
@@ -83,6 +84,8 @@ export function registerClientCommands(program: Command): void {
     .option('--standby', 'with --from-backup: a DR standby that keeps applying newer backups of the same volume until activated')
     .option('--backing-image <IMAGE>', 'create the volume on this backing image (its base; --size then defaults to the image\'s size)')
     .option('--data-locality <MODE>', 'disabled or best-effort: keep a replica on the node the volume is attached on (default: the default-data-locality setting)')
+    .option('--node-selector <TAG>', 'a tag every node holding a replica must carry (repeat for more)', collect)
+    .option('--disk-selector <TAG>', 'a tag every disk holding a replica must carry (repeat for more)', collect)
     .action((name: string, opts) => (opts.fromBackup !== undefined ? runBackup((c) => c.volumeCreateFromBackup(name, opts)) : run((c) => c.volumeCreate(name, opts))));
   waiting(clientCommand(volume, 'activate <NAME>', 'activate a DR standby volume: apply the newest backup, then allow attaching it'), 'until it is activated')
     .action((name: string, opts) => runBackup((c) => c.volumeActivate(name, opts)));
@@ -113,15 +116,19 @@ export function registerClientCommands(program: Command): void {
     .option('--timeout <SECONDS>', 'how long to wait (default 300)')
     .action((name: string, opts) => run((c) => c.volumeWait(name, opts)));
 
-  const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
   clientCommand(volume, 'update <NAME>', 'change a volume: its data locality, which recurring jobs cover it (by name and by group; with neither, the group default)')
     .option('--data-locality <MODE>', 'disabled or best-effort: keep a replica on the node the volume is attached on')
+    .option('--node-selector <TAG>', 'a tag every node of a new replica must carry (repeat; replaces the list; replicas in place stay)', collect)
+    .option('--disk-selector <TAG>', 'a tag every disk of a new replica must carry (repeat; replaces the list; replicas in place stay)', collect)
+    .option('--clear-selectors', 'no node or disk selector')
     .option('--recurring-job <JOB>', 'a job the volume joins by name (repeat for more; replaces the list)', collect)
     .option('--recurring-job-group <GROUP>', 'a group the volume joins (repeat for more; replaces the list)', collect)
     .option('--clear-recurring-jobs', 'name no job and no group (the volume is then in the group default)')
     .action((name: string, opts) => {
       const jobs = opts.recurringJob !== undefined || opts.recurringJobGroup !== undefined || opts.clearRecurringJobs === true;
-      if (opts.dataLocality === undefined) return runRecurringJob((c) => c.volumeUpdateJobs(name, opts));
+      if (opts.dataLocality === undefined && opts.nodeSelector === undefined && opts.diskSelector === undefined && opts.clearSelectors !== true) {
+        return runRecurringJob((c) => c.volumeUpdateJobs(name, opts));
+      }
       return run(async (c) => {
         await c.volumeUpdate(name, opts);
         if (jobs) await (await import('./recurring-job-commands.ts')).volumeUpdateJobs(name, opts);
@@ -200,6 +207,8 @@ export function registerClientCommands(program: Command): void {
   clientCommand(node, 'update <NAME>', 'change a node: whether new replicas may be placed on it, eviction')
     .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the node')
     .option('--evict', 'move every replica off the node (each is rebuilt on another node first)')
+    .option('--tag <TAG>', 'a tag of the node, which volumes select nodes by (repeat for more; replaces its tags)', collect)
+    .option('--clear-tags', 'remove every tag of the node')
     .option('--no-evict', 'stop evicting the node')
     .action((name: string, opts) => run((c) => c.nodeUpdate(name, opts)));
 
@@ -209,6 +218,8 @@ export function registerClientCommands(program: Command): void {
   clientCommand(disk, 'update <NAME>', 'change a disk: scheduling on/off, space kept free, eviction')
     .option('--scheduling <on|off>', 'allow (on) or stop (off) placing new replicas on the disk')
     .option('--evict', 'move every replica off the disk (each is rebuilt on another disk first)')
+    .option('--tag <TAG>', 'a tag of the disk, which volumes select disks by (repeat for more; replaces its tags)', collect)
+    .option('--clear-tags', 'remove every tag of the disk')
     .option('--no-evict', 'stop evicting the disk')
     .option('--reserved <SIZE>', 'space the scheduler keeps free on the disk, e.g. 10GiB')
     .action((name: string, opts) => run((c) => c.diskUpdate(name, opts)));
