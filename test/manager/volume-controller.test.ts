@@ -1128,3 +1128,27 @@ test('node and disk tags: a volume\'s selectors allow only nodes and disks with 
   assert.deepEqual([updated.nodeSelector, updated.diskSelector], [['rack-b'], []]);
   assert.ok((await service.listEvents({ volume: 'two' })).some((e) => e.reason === 'VolumeUpdated' && /node selector \[\] -> \[rack-b\]; disk selector \[nvme\] -> \[\]/.test(e.message)));
 });
+
+test('data locality never acts on a recurring job\'s attachment: attached for the job on a node without a replica, no replica is built there', async (t) => {
+  const { service, objects, store } = await setup(t, 2);
+  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: false }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  await objects.create(Kind.Disk, 'n2-d0', {
+    spec: { nodeId: 'n2', path: '/disks/n2d0', allowScheduling: true, storageReservedBytes: 0 },
+    status: { diskUuid: 'w0', storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+  });
+  await service.createVolume({ name: 'jl', sizeBytes: GiB, numberOfReplicas: 1, dataLocality: 'best-effort' });
+  await until('detached', async () => (await service.getVolume('jl')).state === 'detached');
+  await service.updateNode('n2', { allowScheduling: true });
+  // What a job does: attach without export, marked as the job's — here on n2, which holds no replica.
+  await objects.mutate(Kind.Volume, 'jl', (v) => {
+    v.spec.nodeId = 'n2';
+    v.spec.maintenance = true;
+    v.spec.jobAttachment = { job: 'bk', task: 'backup', node: 'n2', startedAt: new Date().toISOString() };
+  });
+  await until('attached for the job', async () => (await service.getVolume('jl')).robustness === 'healthy');
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok((await liveReplicas(objects, 'jl')).every((r) => r.diskId.startsWith('n1-')), 'no replica moved for the job');
+  assert.ok(!(await service.listEvents({ volume: 'jl' })).some((e) => e.reason === 'DataLocality'));
+});
