@@ -769,7 +769,16 @@ export class VolumeController {
       await this.event(volume.name, 'Warning', 'DeltaRefused', `the engine cannot rebuild replica ${name} by delta (${err.message}): a new replica replaces it`, Kind.Replica, name);
     }
 
-    const fresh = await this.replicasOf(volume.name);
+    let fresh = await this.replicasOf(volume.name);
+    // A replica not yet in the engine whose node went down (placed there just before its lease
+    // ran out, say) would never start: it is failed now, so that one is placed elsewhere.
+    let strandedNow = false;
+    for (const r of fresh) {
+      if (r.value.spec.failedAt !== null || r.value.deletionRequestedAt !== null || !isOnDownNode(r) || r.name in e.spec.replicas) continue;
+      await this.failReplica(volume.name, r, `its node ${r.value.spec.nodeId} is down before it joined the engine`, true);
+      strandedNow = true;
+    }
+    if (strandedNow) fresh = await this.replicasOf(volume.name);
     const failed = fresh.filter((r) => r.value.spec.failedAt !== null && r.value.deletionRequestedAt === null);
     const active = fresh.filter((r) => r.value.spec.failedAt === null && r.value.deletionRequestedAt === null);
 

@@ -24,7 +24,7 @@
  * the controllers do with any failed reconcile.
  */
 import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError, GRPCUnauthenticatedError, EtcdAuthenticationFailedError, EtcdPermissionDeniedError, type IKeyValue, type IOptions, type Watcher as EtcdWatcher } from 'etcd3';
-import { ConstantBackoff, handleWhen, retry } from 'cockatiel';
+import { ConstantBackoff, handleWhen, isBrokenCircuitError, retry } from 'cockatiel';
 import { ErrorCode, ZebuError, invalid } from '../errors.ts';
 import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions, WriteGuard } from './store.ts';
 import { checkGuard, checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, fencedBy, serializeValue } from './validate.ts';
@@ -474,6 +474,8 @@ function etcdError(err: unknown, lease?: string): ZebuError {
   if (/compacted/.test(message)) return new ZebuError(ErrorCode.COMPACTED, `etcd no longer keeps that history (${message}): list again, then watch`);
   if (err instanceof GRPCDeadlineExceededError) return new ZebuError(ErrorCode.TIMEOUT, `etcd did not answer in time: ${message}`);
   if (err instanceof GRPCUnavailableError) return new ZebuError(ErrorCode.DISCONNECTED, `etcd is unreachable: ${message}`);
+  // The client stops calling a member for a while after calls to it kept failing.
+  if (err instanceof Error && isBrokenCircuitError(err)) return new ZebuError(ErrorCode.DISCONNECTED, 'etcd is unreachable: every member failed the last calls; trying again shortly');
   if (err instanceof GRPCUnauthenticatedError || err instanceof EtcdAuthenticationFailedError || err instanceof EtcdPermissionDeniedError) {
     return new ZebuError(ErrorCode.AUTH, `etcd refused the credentials: ${message}`);
   }

@@ -14,8 +14,11 @@ export interface FioRun {
   exit: Promise<{ code: number | null; stdout: string; stderr: string }>;
 }
 
-export function startFio(t: { after: (fn: () => void) => void }, args: string[]): FioRun {
-  const fio = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+/** fio in the background; `netns`: inside that network namespace (a node of a multi-node test). */
+export function startFio(t: { after: (fn: () => void) => void }, args: string[], netns?: string): FioRun {
+  const fio = netns === undefined
+    ? spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    : spawn('ip', ['netns', 'exec', netns, 'fio', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   fio.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

@@ -1,9 +1,11 @@
 /**
  * Three nodes, each a network namespace with its own address, each running `zebu up --store
  * etcd://` against one etcd on the bridge between them (issue: a real cluster). A volume with
- * replicas on two nodes is attached on the third and used by qemu-io there. Then:
+ * replicas on two nodes is attached on the third and used by qemu-io there; two more with a
+ * replica on every node carry ext4 (nbdfuse + loop device) and fio --verify. Then:
  * - a node holding a replica dies with its whole process tree (SIGKILL): I/O goes on from the
- *   other replica, the node shows down, and the replica is replaced on a node that has room;
+ *   other replicas (ext4 writes, fio verifies every block, no client error), the node shows
+ *   down, and the replicas are replaced on nodes that have room; fsck is clean;
  * - the node the volume is attached on — the leader too — is cut off (its link down) while its
  *   engine serves: another node takes the lead, the volume shows the node down and is attached
  *   on another node under a new epoch with every acknowledged write; a write the cut-off client
@@ -16,8 +18,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { run } from '../support/volume-cluster.ts';
+import crypto from 'node:crypto';
+import { run, mustRun } from '../support/volume-cluster.ts';
+import { loopOnVolume, type VolumeLoop } from '../support/loop-device.ts';
+import { fioFigures, fioVerifyArgs, startFio } from '../support/fio.ts';
 import { startEtcd } from '../support/etcd-server.ts';
 import { makeNetwork, netnsUnavailable, type TestHost } from '../support/netns.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder, killAllUnder, type ZebuUp } from '../support/zebu-up.ts';
@@ -35,6 +41,14 @@ interface NodeRow { name: string; ready: boolean; leader: boolean }
 interface ReplicaRow { name: string; nodeId: string; mode: string | null; failedAt: string | null }
 
 test('three nodes in network namespaces: a node killed, the attach node (and leader) cut off; I/O goes on, the volume moves, the old engine is fenced', { skip: unavailable ?? false, timeout: 600_000 }, async (t) => {
+  // Clean-ups run in the order they are registered: the file system goes first, while the
+  // volume under it is still served (a loop device over a dead export would hang its umount).
+  let ext4: VolumeLoop | null = null;
+  const ext4Dir = fs.mkdtempSync(path.join(os.tmpdir(), 'zx-'));
+  t.after(() => {
+    ext4?.close();
+    fs.rmSync(ext4Dir, { recursive: true, force: true });
+  });
   const network = makeNetwork(t, 3);
   const dirs = [zebuDataDir(t), zebuDataDir(t), zebuDataDir(t)];
   const etcdDir = path.join(path.dirname(dirs[0]), 'etcd');
@@ -67,9 +81,36 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   qemuIo(h1, uri1, 'write -P 0x11 0 16M', 'flush');
   const placed = mustZebuJson(one, ['replica', 'list', '--volume', 'nv']) as ReplicaRow[];
   assert.deepEqual(placed.map((r) => r.nodeId).sort(), ['node-2', 'node-3']);
+  // Two volumes with a replica on each node, attached on node-1: ext4 (through nbdfuse and a loop
+  // device here) and fio --verify (on node-1), both busy while node-3 dies.
+  for (const v of ['fx', 'fv']) mustZebu(one, ['volume', 'create', v, '--size', '64MiB', '--replicas', '3']);
+  assert.deepEqual((mustZebuJson(one, ['replica', 'list', '--volume', 'fx']) as ReplicaRow[]).map((r) => r.nodeId).sort(), ['node-1', 'node-2', 'node-3']);
+  const fxUri = mustZebu(one, ['volume', 'attach', 'fx', '--node', 'node-1']).trim();
+  const fvUri = mustZebu(one, ['volume', 'attach', 'fv', '--node', 'node-1']).trim();
+  // Its mount lives outside every node's directory: a node's clean-up must not reach into it.
+  const fsLoop = await loopOnVolume(fxUri, ext4Dir);
+  ext4 = fsLoop;
+  mustRun('mkfs.ext4', ['-q', '-F', fsLoop.loop]);
+  mustRun('mount', [fsLoop.loop, fsLoop.mnt]);
+  const sums = new Map<string, string>();
+  const writeFiles = (from: number, to: number): void => {
+    for (let i = from; i < to; i++) {
+      const body = crypto.randomBytes(128 * 1024 + i * 4099);
+      fs.writeFileSync(path.join(fsLoop.mnt, `f${i}`), body);
+      sums.set(`f${i}`, crypto.createHash('sha256').update(body).digest('hex'));
+    }
+    mustRun('sync', []);
+  };
+  writeFiles(0, 15);
+  const verifier = startFio(t, fioVerifyArgs(fvUri, { sizeMiB: 48, seed: 7 }), h1.netns);
 
   // node-3 dies with everything it ran.
+  await new Promise((resolve) => setTimeout(resolve, 1000));
   await killAllUnder(path.dirname(dirs[2]));
+  writeFiles(15, 30);
+  const fioDone = await verifier.exit;
+  assert.equal(fioDone.code, 0, fioDone.stderr);
+  assert.equal(fioFigures(fioDone.stdout).error, 0, 'fio --verify: no I/O error, every block as written');
   qemuIo(h1, uri1, 'read -P 0x11 0 16M', 'write -P 0x22 16M 16M', 'flush');
   await waitFor('node-3 down', () => (mustZebuJson(one, ['node', 'list']) as NodeRow[]).find((n) => n.name === 'node-3')?.ready === false || undefined, 40_000);
   const healed = await waitFor('its replica replaced on node-1', () => {
@@ -79,6 +120,27 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   }, 120_000, 500);
   assert.deepEqual(healed.map((r) => r.nodeId).sort(), ['node-1', 'node-2'], 'the node with room took it');
   qemuIo(h1, uri1, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'write -P 0x33 32M 8M', 'flush');
+  for (const v of ['fx', 'fv']) {
+    let last = '';
+    await waitFor(`${v} healthy again`, () => {
+      const x = mustZebuJson(one, ['volume', 'get', v]);
+      last = JSON.stringify({ robustness: x.robustness, message: x.message, replicas: x.replicas });
+      return x.robustness === 'healthy' && x.replicas.filter((r: ReplicaRow) => r.failedAt === null).length === 3 || undefined;
+    }, 120_000, 500).catch((e: Error) => {
+      const why = `${e.message}: ${last}\n${JSON.stringify((mustZebuJson(one, ['events', '--volume', v]) as unknown[]).slice(0, 20))}`;
+      process.stderr.write(`${why}\n`);
+      throw new Error(why);
+    });
+  }
+  // The file system: clean, every file as written; then both volumes let go before node-1 is cut off.
+  mustRun('umount', [fsLoop.mnt]);
+  const fsck = run('fsck.ext4', ['-n', '-f', fsLoop.loop]);
+  assert.equal(fsck.status, 0, fsck.stdout + fsck.stderr);
+  mustRun('mount', [fsLoop.loop, fsLoop.mnt]);
+  for (const [file, sum] of sums) assert.equal(crypto.createHash('sha256').update(fs.readFileSync(path.join(fsLoop.mnt, file))).digest('hex'), sum, file);
+  fsLoop.close();
+  ext4 = null;
+  for (const v of ['fx', 'fv']) mustZebu(one, ['volume', 'detach', v]);
 
   // node-1 — the attach node, and the leader — is cut off while its engine serves. Its client
   // writes on: that write is never acknowledged, and must never land.
