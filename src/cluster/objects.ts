@@ -333,6 +333,12 @@ export interface NodeValue {
     agentEndpoint?: string | null;
     lastHeartbeatAt: string | null;
   };
+  /**
+   * Up or down as the manager last noted it (from the node's lease), and since when: so that a
+   * NodeDown or NodeUp event is recorded once per change, whichever leader saw it. Written by the
+   * manager only (the agent writes `status`). Absent: not noted yet.
+   */
+  liveness?: { up: boolean; since: string };
 }
 
 export interface NodeLeaseValue {

@@ -130,6 +130,7 @@ export class Manager {
   /** Enqueues every volume (and every volume named by an engine or replica: orphans too). */
   private async resync(): Promise<number> {
     const revision = await this.options.store.revision();
+    await this.noteNodeLiveness().catch((e) => this.log({ event: 'node-liveness-failed', error: (e as Error).message }));
     const names = new Set<string>();
     for (const v of await this.objects.list(Kind.Volume)) names.add(v.name);
     for (const e of await this.objects.list(Kind.Engine)) names.add(e.value.spec.volumeName);
@@ -168,7 +169,7 @@ export class Manager {
         this.queue.add((event.object.value as ReplicaValue).spec.volumeName);
         break;
       case Kind.NodeLease:
-        void this.noteNodeLiveness(event).catch(() => {});
+        void this.noteNodeLiveness().catch((e) => this.log({ event: 'node-liveness-failed', error: (e as Error).message }));
         void this.resync().catch(() => {});
         break;
       case Kind.Disk:
@@ -198,14 +199,25 @@ export class Manager {
 
   /**
    * A node's lease is its liveness: gone (expired: the node died or is cut off; or its agent
-   * stopped or restarted) is down, granted again is up. Both are events.
+   * stopped) is down, held is up. Each change is noted in the Node object and is an event, once —
+   * also when it happened while no manager ran (a leader cut off, the next one not yet elected).
    */
-  private async noteNodeLiveness(event: WatchEvent): Promise<void> {
-    const node = event.name;
-    if (event.type === 'delete') {
-      await this.events.record({ type: 'Warning', reason: 'NodeDown', kind: Kind.Node, object: node, volume: null, message: `node ${node} is down: its agent's lease ended (the node died, is cut off from the store, or its agent stopped)` });
-    } else if (event.object.createdRevision === event.revision) {
-      await this.events.record({ type: 'Normal', reason: 'NodeUp', kind: Kind.Node, object: node, volume: null, message: `node ${node} is up: its agent holds a lease` });
+  private async noteNodeLiveness(): Promise<void> {
+    const [nodes, leases] = await Promise.all([this.objects.list(Kind.Node), this.objects.list(Kind.NodeLease)]);
+    const up = new Set(leases.map((l) => l.name));
+    for (const n of nodes) {
+      const isUp = up.has(n.name);
+      if (n.value.liveness?.up === isUp) continue;
+      let changed = false;
+      await this.objects.mutate(Kind.Node, n.name, (x) => {
+        if (x.liveness?.up === isUp) return false;
+        x.liveness = { up: isUp, since: new Date().toISOString() };
+        changed = true;
+      });
+      if (!changed) continue;
+      await this.events.record(isUp
+        ? { type: 'Normal', reason: 'NodeUp', kind: Kind.Node, object: n.name, volume: null, message: `node ${n.name} is up: its agent holds a lease` }
+        : { type: 'Warning', reason: 'NodeDown', kind: Kind.Node, object: n.name, volume: null, message: `node ${n.name} is down: its agent's lease ended (the node died, is cut off from the store, or its agent stopped)` });
     }
   }
 
