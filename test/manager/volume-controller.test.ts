@@ -186,6 +186,20 @@ async function setup(t: { after: (fn: () => unknown) => void }, disks = 3) {
   return { store, objects, manager, service: manager.service, agent };
 }
 
+/** Node `name`, up (its lease held for a minute), with these disks; returns its lease. */
+async function addNode(objects: Objects, store: Store, name: string, disks: string[], allowScheduling = true): Promise<{ id: string }> {
+  await objects.create(Kind.Node, name, { spec: { allowScheduling }, status: { address: '127.0.0.2', nbdAddress: '127.0.0.2:10809', lastHeartbeatAt: null } });
+  const lease = await store.grantLease(60_000);
+  await objects.create(Kind.NodeLease, name, { startedAt: new Date().toISOString() }, { leaseId: lease.id });
+  for (const d of disks) {
+    await objects.create(Kind.Disk, d, {
+      spec: { nodeId: name, path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
+      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
+    });
+  }
+  return lease;
+}
+
 async function until<T>(what: string, fn: () => Promise<T | undefined | false>, timeoutMs = 10_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -905,15 +919,7 @@ test('replica-auto-balance least-effort: replicas sharing a node spread to a new
 
 test('node eviction: the node is flagged, its replicas leave for other nodes, it ends empty; bad values refused', async (t) => {
   const { service, objects, store } = await setup(t, 2);
-  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
-  const lease = await store.grantLease(60_000);
-  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
-  for (const d of ['n2-d0', 'n2-d1']) {
-    await objects.create(Kind.Disk, d, {
-      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
-      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
-    });
-  }
+  await addNode(objects, store, 'n2', ['n2-d0', 'n2-d1']);
   await service.createVolume({ name: 'n', sizeBytes: GiB, numberOfReplicas: 2 });
   await until('detached', async () => (await service.getVolume('n')).state === 'detached');
   await service.attachVolume('n', {});
@@ -972,15 +978,7 @@ test('a recurring job finds a volume attached for replica moves: it takes the at
 
 test('node down: the volume attached there says so and moves when attached on another node (a new epoch fences the old engine); replicas there are replaced; deletion does not wait for it; back up: events, leftovers deleted', async (t) => {
   const { service, objects, store, agent } = await setup(t, 2);
-  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: '127.0.0.2:10809', lastHeartbeatAt: null } });
-  const lease = await store.grantLease(60_000);
-  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
-  for (const d of ['n2-d0', 'n2-d1']) {
-    await objects.create(Kind.Disk, d, {
-      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
-      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
-    });
-  }
+  const lease = await addNode(objects, store, 'n2', ['n2-d0', 'n2-d1']);
   await service.setSetting('replica-replenishment-wait-seconds', '1');
   await service.createVolume({ name: 'far', sizeBytes: GiB, numberOfReplicas: 2 });
   await service.createVolume({ name: 'gone', sizeBytes: GiB, numberOfReplicas: 2 });
@@ -1043,13 +1041,7 @@ test('node down: the volume attached there says so and moves when attached on an
 
 test('data locality best-effort: attached on a node without a replica, one moves there (built first, then the remote one goes); disabled, or a node that cannot take one: nothing moves; bad values refused', async (t) => {
   const { service, objects, store } = await setup(t, 2);
-  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: '127.0.0.2:10809', lastHeartbeatAt: null } });
-  const lease = await store.grantLease(60_000);
-  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
-  await objects.create(Kind.Disk, 'n2-d0', {
-    spec: { nodeId: 'n2', path: '/disks/n2d0', allowScheduling: true, storageReservedBytes: 0 },
-    status: { diskUuid: 'w0', storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
-  });
+  await addNode(objects, store, 'n2', ['n2-d0']);
   await assert.rejects(service.createVolume({ name: 'bad', sizeBytes: GiB, numberOfReplicas: 1, dataLocality: 'strict' as never }), /dataLocality must be "disabled" or "best-effort", got "strict"/);
   await assert.rejects(service.setSetting('default-data-locality', 'always'), /must be "disabled" or "best-effort"/);
   // Both volumes' replicas on n1 (n2 takes none while they are placed).
@@ -1092,15 +1084,7 @@ test('data locality best-effort: attached on a node without a replica, one moves
 
 test('node and disk tags: a volume\'s selectors allow only nodes and disks with every tag, at create and for replacements; clear refusals', async (t) => {
   const { service, objects, store } = await setup(t, 2);
-  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: true }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
-  const lease = await store.grantLease(60_000);
-  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
-  for (const d of ['n2-d0', 'n2-d1']) {
-    await objects.create(Kind.Disk, d, {
-      spec: { nodeId: 'n2', path: `/disks/${d}`, allowScheduling: true, storageReservedBytes: 0 },
-      status: { diskUuid: d, storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
-    });
-  }
+  await addNode(objects, store, 'n2', ['n2-d0', 'n2-d1']);
   await assert.rejects(service.createVolume({ name: 'fast', sizeBytes: GiB, numberOfReplicas: 2, nodeSelector: ['ssd'] }), /only 0 of 2 replicas can be placed: .*node n1 lacks tag\(s\) ssd of the volume's node selector/);
   await assert.rejects(service.createVolume({ name: 'fast', sizeBytes: GiB, numberOfReplicas: 2, nodeSelector: ['bad tag'] }), /nodeSelector must be a list of up to 32 tags/);
   await assert.rejects(service.updateNode('n2', { tags: ['ok', ''] }), /tags must be a list of up to 32 tags/);
@@ -1131,13 +1115,7 @@ test('node and disk tags: a volume\'s selectors allow only nodes and disks with 
 
 test('data locality never acts on a recurring job\'s attachment: attached for the job on a node without a replica, no replica is built there', async (t) => {
   const { service, objects, store } = await setup(t, 2);
-  await objects.create(Kind.Node, 'n2', { spec: { allowScheduling: false }, status: { address: '127.0.0.2', nbdAddress: null, lastHeartbeatAt: null } });
-  const lease = await store.grantLease(60_000);
-  await objects.create(Kind.NodeLease, 'n2', { startedAt: new Date().toISOString() }, { leaseId: lease.id });
-  await objects.create(Kind.Disk, 'n2-d0', {
-    spec: { nodeId: 'n2', path: '/disks/n2d0', allowScheduling: true, storageReservedBytes: 0 },
-    status: { diskUuid: 'w0', storageMaximumBytes: 100 * GiB, storageAvailableBytes: 90 * GiB, ready: true, message: null },
-  });
+  await addNode(objects, store, 'n2', ['n2-d0'], false);
   await service.createVolume({ name: 'jl', sizeBytes: GiB, numberOfReplicas: 1, dataLocality: 'best-effort' });
   await until('detached', async () => (await service.getVolume('jl')).state === 'detached');
   await service.updateNode('n2', { allowScheduling: true });
