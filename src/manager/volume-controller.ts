@@ -32,7 +32,7 @@ import type { StoreObject } from '../store/store.ts';
 import { Kind, REPLICAS_DIR, imageFilePath, type EngineValue, type Objects, type ReplicaValue, type SalvageRequest, type VolumeValue } from '../cluster/objects.ts';
 import type { Settings } from '../cluster/settings.ts';
 import type { EventRecorder } from './events.ts';
-import { balanceMove, scheduleReplicas, type AutoBalance, type TagSelector, type ImageRules, type SchedulerDisk, type SchedulerNode, type Placement } from './scheduler.ts';
+import { balanceMove, scheduleReplicas, type AutoBalance, type TagSelector, type ImageRules, type SchedulerDisk, type SchedulerNode, type SchedulerPolicy, type Placement } from './scheduler.ts';
 import { imagePlacement } from './backing-images.ts';
 import { nodeWithHealthyReplica } from './attach-node.ts';
 import type { RecoveryView, VolumeRobustness } from './types.ts';
@@ -185,6 +185,15 @@ export class VolumeController {
     return all.filter((r) => r.value.spec.volumeName === volume).map((r) => up.has(r.value.spec.nodeId) ? r : onDownNode(r));
   }
 
+  /** The settings every placement follows. */
+  private async placementPolicy(): Promise<SchedulerPolicy> {
+    return {
+      softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
+      overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
+      minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
+    };
+  }
+
   /** Whether the node's agent holds its lease (it reports what runs there). */
   private async nodeUp(nodeId: string): Promise<boolean> {
     return (await this.objects.get(Kind.NodeLease, nodeId)) !== null;
@@ -312,11 +321,7 @@ export class VolumeController {
       image,
       only,
       selector: selectorOf(volume.value),
-      policy: {
-        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
-        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
-        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
-      },
+      policy: await this.placementPolicy(),
     });
     for (const p of result.placements) {
       const name = newReplicaName(volume.name);
@@ -1052,11 +1057,7 @@ export class VolumeController {
       disks: view.disks,
       counts,
       selector: selectorOf(volume.value),
-      policy: {
-        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
-        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
-        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
-      },
+      policy: await this.placementPolicy(),
     });
     if (move === null) return;
     await this.objects.mutate(Kind.Replica, move.replica, (x) => {
@@ -1088,11 +1089,7 @@ export class VolumeController {
       only: { diskId: null, nodeId: node },
       image: await this.imageRules(volume),
       selector: selectorOf(v),
-      policy: {
-        softAntiAffinity: await this.settings.bool('replica-soft-anti-affinity'),
-        overProvisioningPercentage: await this.settings.int('storage-over-provisioning-percentage'),
-        minimalAvailablePercentage: await this.settings.int('storage-minimal-available-percentage'),
-      },
+      policy: await this.placementPolicy(),
     });
     if (probe.placements.length === 0) {
       await this.placementProblem(volume.name, `data locality: node ${node} cannot take a replica of volume ${volume.name} (${probe.reasons.join('; ') || 'no disk there'}); the replicas stay where they are`);
