@@ -165,7 +165,7 @@ export async function up(args: UpArgs): Promise<void> {
   const secretFile = path.join(dataDir, 'secret');
   let opened;
   try {
-    opened = await openStore(storeChoice, dataDir);
+    opened = await openStore(storeChoice, dataDir, (message) => log.warn(message));
     if (opened.shared) await clusterSecrets(opened.store, tokenFile, secretFile, log);
   } catch (err) {
     await opened?.store.close().catch(() => {});

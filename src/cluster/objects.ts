@@ -77,6 +77,11 @@ export interface VolumeValue {
      * once when a workload asks to attach it. Absent: null.
      */
     moveAttachment?: MoveAttachment | null;
+    /**
+     * The node a workload last attached the volume on (kept after it detaches): a recurring job
+     * attaches the detached volume there when it is up. Absent: never attached by a workload.
+     */
+    lastWorkloadNodeId?: string | null;
     /** A workload attach that arrived while a job (or replica moves) held the volume: applied once it is detached. */
     pendingAttach?: { nodeId: string; maintenance: boolean; requestedAt: string } | null;
     /**

@@ -1,7 +1,8 @@
 /**
  * Where the manager itself attaches a detached volume for a while (a recurring job's run, replica
- * moves): a node that is up and already holds a healthy replica, so that the engine starts
- * without a rebuild.
+ * moves). Only while a node that is up holds a healthy replica (the engine starts from it, without
+ * a rebuild); replica moves attach there, a job where a workload last attached the volume when
+ * that node is up (the engine reaches remote replicas over the network; nothing is built there).
  */
 import { Kind, type Objects } from '../cluster/objects.ts';
 
@@ -15,4 +16,15 @@ export async function nodeWithHealthyReplica(objects: Objects, volume: string, p
     .sort();
   if (prefer !== null && nodes.includes(prefer)) return prefer;
   return nodes[0] ?? null;
+}
+
+/**
+ * Where a recurring job attaches a detached volume: the node a workload last attached it on when
+ * that node is up, else a node that is up with a healthy replica (`prefer` first). Null when no
+ * node that is up holds a healthy replica (the engine would have nothing to start from).
+ */
+export async function nodeForJob(objects: Objects, volume: string, lastWorkloadNode: string | null, prefer: string | null): Promise<string | null> {
+  const withReplica = await nodeWithHealthyReplica(objects, volume, lastWorkloadNode ?? prefer);
+  if (withReplica === null || lastWorkloadNode === null || withReplica === lastWorkloadNode) return withReplica;
+  return (await objects.get(Kind.NodeLease, lastWorkloadNode)) !== null ? lastWorkloadNode : await nodeWithHealthyReplica(objects, volume, prefer);
 }

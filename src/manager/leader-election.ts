@@ -4,7 +4,8 @@
  * others wait until the object is gone (its holder resigned, or stopped renewing and its lease
  * expired) and campaign again. On one machine the only node wins at once.
  *
- * - Elected: the lease is renewed every ttl/3. A renewal refused (the lease expired: this node was
+ * - Elected: the lease is renewed every ttl/4 (counted from when a renewal was sent: the lease
+ *   runs at least the TTL from then). A renewal refused (the lease expired: this node was
  *   cut off from the store for longer than the TTL) ends the term at once. Renewals that fail for
  *   other reasons (the store unreachable) end it once half the TTL has passed since the last good
  *   one: the node can no longer be sure it leads, and steps down before another node can have
@@ -111,16 +112,20 @@ export class LeaderElection {
   private async loop(): Promise<void> {
     let lastRenewedMs = Date.now();
     while (!this.stopped) {
-      await this.sleep(this.leading ? Math.max(100, Math.floor(this.ttlMs / 3)) : Math.max(200, Math.floor(this.ttlMs / 5)));
+      // Leading: a renewal a quarter of the TTL after the last one began, so that one that must go
+      // to another etcd member (the first did not answer) still lands before half the TTL.
+      await this.sleep(this.leading ? Math.max(100, Math.floor(lastRenewedMs + this.ttlMs / 4 - Date.now())) : Math.max(200, Math.floor(this.ttlMs / 5)));
       if (this.stopped) break;
       if (this.leading) {
         // A renewal that hangs (a dead network) must not keep this node leading: past half the
         // TTL without one, it steps down whether or not the renewal has answered.
         const leftMs = Math.max(0, lastRenewedMs + this.ttlMs / 2 - Date.now());
+        // Counted from when it was sent: the lease runs at least the TTL from then.
+        const sentMs = Date.now();
         const renewal = this.options.store.keepAlive(this.lease!.id).then(() => null, (err: unknown) => err as ZebuError);
         const outcome = await Promise.race([renewal, this.delay(leftMs).then(() => 'late' as const)]);
         if (outcome === null) {
-          lastRenewedMs = Date.now();
+          lastRenewedMs = sentMs;
         } else if (outcome === 'late') {
           await this.deposed(`the leader lease was not renewed for ${Date.now() - lastRenewedMs} ms (the store does not answer)`);
         } else if (outcome.code === ErrorCode.NOT_FOUND) {

@@ -4,9 +4,11 @@
  * job's retention to what it made, and detach what it attached.
  *
  * Rules kept here (see docs/recurring-jobs.md):
- * - A job attaches a detached volume without an NBD export, on a node that already holds a
- *   healthy replica (the manager's node when it does), and marks it (`spec.jobAttachment`): the
- *   volume controller then adds no replica, and a workload attach waits for the job.
+ * - A job attaches a detached volume without an NBD export — on the node a workload last attached
+ *   it on when that node is up, else on a node that holds a healthy replica (the manager's node
+ *   when it does); never while no node that is up holds one — and marks it (`spec.jobAttachment`):
+ *   the volume controller then adds no replica (nor moves one there for data locality), and a
+ *   workload attach waits for the job.
  * - `backup` makes no backup identical to the last one: a probe snapshot is taken and, when no
  *   block was written between the last backup's snapshot and it, it is deleted again, the result
  *   is `skipped: unchanged since backup B` and the volume's recovery point moves to now.
@@ -30,7 +32,7 @@ import {
   type BackupFacts, type SnapshotNode,
 } from './recurring-jobs.ts';
 import { isBackupTask } from './protection.ts';
-import { nodeWithHealthyReplica } from './attach-node.ts';
+import { nodeForJob } from './attach-node.ts';
 
 /** The label a job puts on the backups it makes: its retention counts only those. */
 export const JOB_LABEL = 'recurring-job';
@@ -129,7 +131,8 @@ export class JobTasks {
       if (Date.now() > deadline) throw new ZebuError(ErrorCode.TIMEOUT, `volume ${volume} is still ${v.value.status.state}`);
       await sleep(POLL_MS, signal);
     }
-    const node = await nodeWithHealthyReplica(this.o.objects, volume, this.o.defaultNodeId);
+    const detached = await this.o.objects.get(Kind.Volume, volume);
+    const node = await nodeForJob(this.o.objects, volume, detached?.value.spec.lastWorkloadNodeId ?? null, this.o.defaultNodeId);
     if (node === null) return { result: 'error', message: `volume ${volume} is detached and no node that is up holds a healthy replica of it: the job does not attach it where a rebuild would be needed` };
     let attached = false;
     const startedAt = new Date().toISOString();

@@ -372,6 +372,7 @@ export class ManagerServiceImpl implements ManagerService {
       if (x.spec.nodeId !== null) return false;
       x.spec.nodeId = nodeId;
       x.spec.maintenance = maintenance;
+      x.spec.lastWorkloadNodeId = nodeId;
     });
     this.kick(name);
     return this.view(name);
@@ -388,6 +389,7 @@ export class ManagerServiceImpl implements ManagerService {
       if (x.spec.nodeId !== downNode) return false;
       x.spec.nodeId = nodeId;
       x.spec.maintenance = maintenance;
+      x.spec.lastWorkloadNodeId = nodeId;
       x.spec.pendingAttach = null;
       // Attaching from now on: nobody waiting for the new attachment takes the old node's endpoint.
       x.status.state = 'attaching';

@@ -417,6 +417,7 @@ export class VolumeController {
         if (x.spec.nodeId !== null || (x.spec.jobAttachment ?? null) !== null || (x.spec.moveAttachment ?? null) !== null || (x.spec.pendingAttach ?? null) === null) return false;
         x.spec.nodeId = x.spec.pendingAttach!.nodeId;
         x.spec.maintenance = x.spec.pendingAttach!.maintenance;
+        x.spec.lastWorkloadNodeId = x.spec.nodeId;
         x.spec.pendingAttach = null;
       });
       await this.event(volume.name, 'Normal', 'AttachResumed', `attaching volume ${volume.name} to node ${pending.nodeId} as asked at ${pending.requestedAt}`);

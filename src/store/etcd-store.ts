@@ -17,16 +17,24 @@
  *   another client just before; never does it miss one made after the call).
  * - Durability is etcd's: a write is answered once the cluster has committed it.
  *
- * The client retries a call only when it never reached a member (no connection to the one it
- * picked: a member is down): then another member is tried, so losing one member of three stops
- * nothing. A call that may have reached etcd is never retried (a retried create could answer
- * EXISTS for its own write): it fails with DISCONNECTED or TIMEOUT, and the caller decides, as
- * the controllers do with any failed reconcile.
+ * Several members: losing one of three stops nothing. A call that could not be sent (the member
+ * refuses connections) is tried on another member at once. A member that does not answer (its
+ * machine gone: nothing refuses, calls wait) gets each call for ATTEMPT_MS only, then the call is
+ * tried on another member, and the silent member is skipped until it answers again
+ * (etcd-members.ts). Writes are tried again only when they compare revisions (a create; an
+ * update or delete with the resourceVersion read), so at most one try applies; the first may
+ * have been applied though its answer was lost: when the later try finds its compare
+ * failed and the object holding exactly what it wrote (a create or an update) or gone (a delete),
+ * the write is answered as done. The last try gets what is left of the call's deadline, so a
+ * slow but working etcd is waited for as with one member. Failures left over are DISCONNECTED or
+ * TIMEOUT, and the caller decides, as the controllers do with any failed reconcile.
  */
 import { Etcd3, EtcdLeaseInvalidError, GRPCDeadlineExceededError, GRPCUnavailableError, GRPCUnauthenticatedError, EtcdAuthenticationFailedError, EtcdPermissionDeniedError, type IKeyValue, type IOptions, type Watcher as EtcdWatcher } from 'etcd3';
-import { ConstantBackoff, handleWhen, isBrokenCircuitError, retry } from 'cockatiel';
+import { AsyncLocalStorage } from 'node:async_hooks';
+import { ConstantBackoff, handleWhen, isBrokenCircuitError, noop, retry } from 'cockatiel';
 import { ErrorCode, ZebuError, invalid } from '../errors.ts';
 import type { Lease, ListResult, Store, StoreObject, Watch, WatchEvent, WatchHandlers, WatchOptions, WriteGuard } from './store.ts';
+import { EtcdMembers, memberFailure } from './etcd-members.ts';
 import { checkGuard, checkKeyPart, checkLeaseId, checkLeaseTtl, checkRevision, fencedBy, serializeValue } from './validate.ts';
 
 export interface EtcdStoreOptions {
@@ -40,10 +48,31 @@ export interface EtcdStoreOptions {
   tls?: { ca: Buffer; cert?: Buffer; key?: Buffer };
   /** Deadline of each call (default 10 s): with etcd unreachable, calls fail after it. */
   callTimeoutMs?: number;
+  /** Members found not answering, and back (several members only). */
+  log?: (message: string) => void;
 }
 
 const DEFAULT_PREFIX = 'zebu/';
 const DEFAULT_CALL_TIMEOUT_MS = 10_000;
+/**
+ * With several members, how long one try of a call waits for its member before another member is
+ * tried. A working member answers in milliseconds (a write: one quorum round and an fsync).
+ */
+const ATTEMPT_MS = 2000;
+/**
+ * The same for a lease renewal, shorter: a leader steps down when half its lease's TTL passed
+ * without one, and a renewal is one message its member forwards to etcd's leader (no disk write).
+ */
+const RENEWAL_ATTEMPT_MS = 1000;
+/**
+ * gRPC pings on a connection with calls open (a watch): a member gone silent fails its streams
+ * instead of holding them forever. etcd accepts pings no more often than every 5 s by default.
+ */
+const KEEPALIVE_PING_MS = 10_000;
+const KEEPALIVE_TIMEOUT_MS = 5_000;
+
+/** The deadline of the try under way (several members): set per try, read by the client's call options. */
+const attemptDeadline = new AsyncLocalStorage<number>();
 /** A lease id as etcd gives it: a positive 64-bit integer, in decimal. */
 const LEASE_ID = /^[1-9][0-9]{0,18}$/;
 
@@ -53,6 +82,8 @@ export class EtcdStore implements Store {
   private readonly callTimeoutMs: number;
   /** How many members the client knows (how often a call that could not be sent is tried). */
   private readonly members: number;
+  /** Which members answer (several members only). */
+  private readonly health: EtcdMembers | null;
   private readonly watches = new Set<EtcdWatch>();
   /** The highest store revision seen in an answer (where a watch without afterRevision starts). */
   private seenRevision = 0;
@@ -67,17 +98,38 @@ export class EtcdStore implements Store {
     if (typeof prefix !== 'string' || !/^[A-Za-z0-9._/-]{0,100}$/.test(prefix)) throw invalid(`prefix ${JSON.stringify(prefix)}: up to 100 of [A-Za-z0-9._/-]`, 'prefix');
     const callTimeoutMs = options.callTimeoutMs ?? DEFAULT_CALL_TIMEOUT_MS;
     if (!Number.isSafeInteger(callTimeoutMs) || callTimeoutMs < 1) throw invalid(`callTimeoutMs ${callTimeoutMs}: an integer >= 1`, 'callTimeoutMs');
-    const clientOptions: IOptions = {
-      hosts: options.endpoints,
+    const connection: Omit<IOptions, 'hosts'> = {
       dialTimeout: callTimeoutMs,
-      // Streams (watch, keep-alive) live on; single calls have a deadline.
-      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + callTimeoutMs }),
-      // Another member for a call that could not be sent; nothing else is retried.
-      faultHandling: { global: retry(handleWhen(neverSent), { maxAttempts: options.endpoints.length - 1, backoff: new ConstantBackoff(20) }) },
+      grpcOptions: { 'grpc.keepalive_time_ms': KEEPALIVE_PING_MS, 'grpc.keepalive_timeout_ms': KEEPALIVE_TIMEOUT_MS },
     };
-    if (options.auth !== undefined) clientOptions.auth = { username: options.auth.username, password: options.auth.password };
-    if (options.tls !== undefined) clientOptions.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
-    const store = new EtcdStore(new Etcd3(clientOptions), prefix, callTimeoutMs, options.endpoints.length);
+    if (options.auth !== undefined) connection.auth = { username: options.auth.username, password: options.auth.password };
+    if (options.tls !== undefined) connection.credentials = { rootCertificate: options.tls.ca, certChain: options.tls.cert, privateKey: options.tls.key };
+    // A probe of a silent member: a read that needs a quorum, on a new connection to that member
+    // alone (nothing left over from the one that went silent: no broken stream, no backoff).
+    const members = options.endpoints.length < 2 ? null : new EtcdMembers({
+      endpoints: options.endpoints,
+      log: options.log,
+      probe: async (endpoint) => {
+        const probe = new Etcd3({ ...connection, hosts: [endpoint], faultHandling: { host: () => noop, global: noop }, defaultCallOptions: () => ({ deadline: Date.now() + ATTEMPT_MS }) });
+        try {
+          await probe.kv.range({ key: Buffer.from(prefix), count_only: true });
+        } finally {
+          probe.close();
+        }
+      },
+    });
+    const clientOptions: IOptions = {
+      ...connection,
+      hosts: options.endpoints,
+      // Streams (watch, keep-alive) live on; single calls have a deadline: the try's, else the call's.
+      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: attemptDeadline.getStore() ?? Date.now() + callTimeoutMs }),
+      faultHandling: {
+        // Another member at once for a call that could not be sent (see call() for the others).
+        global: retry(handleWhen(neverSent), { maxAttempts: options.endpoints.length - 1, backoff: new ConstantBackoff(20) }),
+        ...(members === null ? {} : { host: (endpoint: string) => members.policyFor(endpoint) }),
+      },
+    };
+    const store = new EtcdStore(new Etcd3(clientOptions), prefix, callTimeoutMs, options.endpoints.length, members);
     try {
       await store.revision();
     } catch (err) {
@@ -87,10 +139,11 @@ export class EtcdStore implements Store {
     return store;
   }
 
-  private constructor(client: Etcd3, prefix: string, callTimeoutMs: number, members: number) {
+  private constructor(client: Etcd3, prefix: string, callTimeoutMs: number, members: number, health: EtcdMembers | null) {
     this.client = client;
     this.callTimeoutMs = callTimeoutMs;
     this.members = members;
+    this.health = health;
     this.objectsPrefix = `${prefix}o/`;
   }
 
@@ -98,7 +151,7 @@ export class EtcdStore implements Store {
     this.enter();
     checkKeyPart(kind, 'kind');
     checkKeyPart(name, 'name');
-    const res = await this.call(() => this.client.kv.range({ key: this.key(kind, name) }));
+    const res = await this.call(() => this.client.kv.range({ key: this.key(kind, name) }), { again: true });
     this.saw(res.header.revision);
     return res.kvs.length === 0 ? null : this.toObject<T>(res.kvs[0]);
   }
@@ -108,7 +161,7 @@ export class EtcdStore implements Store {
     checkKeyPart(kind, 'kind');
     const from = this.kindPrefix(kind);
     // Keys sort by byte, as names do in the embedded store.
-    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(from), range_end: prefixEnd(from) }));
+    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(from), range_end: prefixEnd(from) }), { again: true });
     const revision = this.saw(res.header.revision);
     return { items: res.kvs.map((kv) => this.toObject<T>(kv)), revision };
   }
@@ -121,14 +174,18 @@ export class EtcdStore implements Store {
     const leaseId = options.leaseId === undefined ? null : this.leaseNumber(options.leaseId);
     const guard = checkGuard(options.guard);
     const key = this.key(kind, name);
+    const tries = { count: 0 };
     const res = await this.call(() => this.client.kv.txn({
       compare: [{ key, target: 'Create', result: 'Equal', create_revision: 0 }, ...this.guardCompare(guard)],
       success: [{ request_put: { key, value: Buffer.from(text), lease: leaseId ?? 0 } }],
-      failure: this.guardRange(guard),
-    }), `lease ${options.leaseId}`);
+      failure: [{ request_range: { key } }, ...this.guardRange(guard)],
+    }), { lease: `lease ${options.leaseId}`, again: true, tries });
     const revision = this.saw(res.header.revision);
     if (!res.succeeded) {
-      this.checkGuardHeld(guard, res.responses[0]);
+      this.checkGuardHeld(guard, res.responses[1]);
+      const kv = res.responses[0]?.response_range?.kvs?.[0];
+      // An earlier try of this create was applied (its answer lost): done.
+      if (tries.count > 1 && kv !== undefined && kv.value.toString() === text && String(kv.lease ?? '0') === String(leaseId ?? '0')) return this.toObject<T>(kv);
       throw new ZebuError(ErrorCode.EXISTS, `${kind} ${name} already exists`);
     }
     return { kind, name, resourceVersion: revision, createdRevision: revision, value: JSON.parse(text) as T, leaseId: leaseId === null ? null : options.leaseId! };
@@ -142,17 +199,22 @@ export class EtcdStore implements Store {
     const guard = checkGuard(options.guard);
     const text = serializeValue(value);
     const key = this.key(kind, name);
+    const tries = { count: 0 };
     const res = await this.call(() => this.client.kv.txn({
       compare: [expected === null
         ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
         : { key, target: 'Mod', result: 'Equal', mod_revision: expected }, ...this.guardCompare(guard)],
       success: [{ request_put: { key, value: Buffer.from(text), ignore_lease: true, prev_kv: true } }],
       failure: [{ request_range: { key } }, ...this.guardRange(guard)],
-    }));
+      // Tried again only when it compares the revision it read: a try applied late then cannot undo a newer write.
+    }), { again: expected !== null, tries });
     const revision = this.saw(res.header.revision);
     if (!res.succeeded) {
       this.checkGuardHeld(guard, res.responses[1]);
-      throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+      const kvs = res.responses[0]?.response_range?.kvs ?? [];
+      // An earlier try of this update was applied (its answer lost): the object holds what it wrote.
+      if (tries.count > 1 && kvs.length === 1 && kvs[0].value.toString() === text && (expected === null || Number(kvs[0].mod_revision) > expected)) return this.toObject<T>(kvs[0]);
+      throw this.refusal(kind, name, kvs, expected);
     }
     const prev = res.responses[0].response_put.prev_kv;
     return {
@@ -168,17 +230,22 @@ export class EtcdStore implements Store {
     const expected = options.resourceVersion === undefined ? null : checkRevision(options.resourceVersion, 'resourceVersion', 1);
     const guard = checkGuard(options.guard);
     const key = this.key(kind, name);
+    const tries = { count: 0 };
     const res = await this.call(() => this.client.kv.txn({
       compare: [expected === null
         ? { key, target: 'Create', result: 'Greater', create_revision: 0 }
         : { key, target: 'Mod', result: 'Equal', mod_revision: expected }, ...this.guardCompare(guard)],
       success: [{ request_delete_range: { key } }],
       failure: [{ request_range: { key } }, ...this.guardRange(guard)],
-    }));
+      // Tried again only when it compares the revision it read: a try applied late then cannot undo a newer write.
+    }), { again: expected !== null, tries });
     this.saw(res.header.revision);
     if (!res.succeeded) {
       this.checkGuardHeld(guard, res.responses[1]);
-      throw this.refusal(kind, name, res.responses[0]?.response_range?.kvs ?? [], expected);
+      const kvs = res.responses[0]?.response_range?.kvs ?? [];
+      // An earlier try of this delete was applied (its answer lost): gone, as asked.
+      if (tries.count > 1 && kvs.length === 0) return;
+      throw this.refusal(kind, name, kvs, expected);
     }
   }
 
@@ -211,14 +278,15 @@ export class EtcdStore implements Store {
 
   async revision(): Promise<number> {
     this.enter();
-    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true }));
+    const res = await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true }), { again: true });
     return this.saw(res.header.revision);
   }
 
   async grantLease(ttlMs: number): Promise<Lease> {
     this.enter();
     checkLeaseTtl(ttlMs);
-    const res = await this.call(() => this.client.leaseClient.leaseGrant({ TTL: Math.ceil(ttlMs / 1000), ID: 0 }));
+    // A lease granted by a try whose answer was lost is never renewed: it expires on its own.
+    const res = await this.call(() => this.client.leaseClient.leaseGrant({ TTL: Math.ceil(ttlMs / 1000), ID: 0 }), { again: true });
     return { id: String(res.ID), ttlMs: Number(res.TTL) * 1000 };
   }
 
@@ -226,51 +294,67 @@ export class EtcdStore implements Store {
     this.enter();
     checkLeaseId(leaseId);
     const id = this.leaseNumber(leaseId);
-    // A stream has no call deadline: without one of its own, a renewal over a dead network would
-    // wait forever, and a leader would never learn that its term may be over.
+    const end = Date.now() + this.callTimeoutMs;
+    let ttl: string;
+    for (let attempt = 1; ; attempt++) {
+      // Renewing twice is harmless: a try that failed or got no answer soon goes to another member.
+      const last = this.members < 2 || attempt >= this.members || end - Date.now() < 2 * RENEWAL_ATTEMPT_MS;
+      try {
+        ttl = await this.renewOnce(id, leaseId, last ? end : Date.now() + RENEWAL_ATTEMPT_MS);
+        break;
+      } catch (err) {
+        const failure = etcdError(err, `lease ${leaseId}`);
+        if (last || (failure.code !== ErrorCode.TIMEOUT && failure.code !== ErrorCode.DISCONNECTED)) throw failure;
+      }
+    }
+    if (Number(ttl) <= 0) throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
+  }
+
+  /**
+   * One renewal on a keep-alive stream, answered by `until`. A stream has no call deadline: without
+   * one of its own, a renewal over a dead network would wait forever, and a leader would never
+   * learn that its term may be over.
+   */
+  private async renewOnce(id: string, leaseId: string, until: number): Promise<string> {
     let timer: NodeJS.Timeout | undefined;
+    let stream: Awaited<ReturnType<Etcd3['leaseClient']['leaseKeepAlive']>> | null = null;
     let timedOut = false;
+    const giveUp = (): void => {
+      if (stream === null) return;
+      this.health?.streamTimedOut(stream);
+      stream.cancel();
+    };
     const deadline = new Promise<never>((_, reject) => {
       timer = setTimeout(() => {
         timedOut = true;
-        reject(new ZebuError(ErrorCode.TIMEOUT, `etcd did not renew lease ${leaseId} within ${this.callTimeoutMs} ms`));
-      }, this.callTimeoutMs);
+        giveUp();
+        reject(new ZebuError(ErrorCode.TIMEOUT, `etcd did not renew lease ${leaseId} in time`));
+      }, Math.max(0, until - Date.now()));
     });
-    const once = async (): Promise<string> => {
-      const stream = await this.client.leaseClient.leaseKeepAlive();
+    const renewal = (async (): Promise<string> => {
+      stream = await this.client.leaseClient.leaseKeepAlive();
       if (timedOut) {
-        stream.end();
+        giveUp();
         return '';
       }
+      const open = stream;
       try {
-        return await Promise.race([deadline, new Promise<string>((resolve, reject) => {
-          stream.on('data', (res: { TTL: string }) => resolve(String(res.TTL)));
-          stream.on('error', reject);
-          stream.on('end', () => reject(new ZebuError(ErrorCode.DISCONNECTED, 'etcd ended the keep-alive stream')));
-          stream.write({ ID: id });
-        })]);
+        return await new Promise<string>((resolve, reject) => {
+          open.on('data', (res: { TTL: string }) => resolve(String(res.TTL)));
+          open.on('error', reject);
+          open.on('end', () => reject(new ZebuError(ErrorCode.DISCONNECTED, 'etcd ended the keep-alive stream')));
+          open.write({ ID: id });
+        });
       } finally {
-        stream.end();
+        open.end();
       }
-    };
-    // The client retries no stream: one to a member that is down is opened again (another member).
-    const renewal = this.call(async () => {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          return await once();
-        } catch (err) {
-          if (timedOut || attempt >= this.members || !(err instanceof Error) || !neverSent(err)) throw err;
-        }
-      }
-    });
+    })();
     renewal.catch(() => {});
-    let ttl: string;
     try {
-      ttl = await Promise.race([renewal, deadline]);
+      return await Promise.race([renewal, deadline]);
     } finally {
       clearTimeout(timer);
     }
-    if (Number(ttl) <= 0) throw new ZebuError(ErrorCode.NOT_FOUND, `lease ${leaseId} has expired or was never granted`);
   }
 
   async revokeLease(leaseId: string): Promise<void> {
@@ -278,7 +362,7 @@ export class EtcdStore implements Store {
     checkLeaseId(leaseId);
     if (!LEASE_ID.test(leaseId)) return; // never an etcd lease: nothing to end
     try {
-      await this.call(() => this.client.leaseClient.leaseRevoke({ ID: leaseId }));
+      await this.call(() => this.client.leaseClient.leaseRevoke({ ID: leaseId }), { again: true });
     } catch (err) {
       if (err instanceof ZebuError && err.code === ErrorCode.NOT_FOUND) return;
       throw err;
@@ -289,6 +373,7 @@ export class EtcdStore implements Store {
     if (this.closed) return;
     this.closed = true;
     for (const watch of [...this.watches]) watch.close(new ZebuError(ErrorCode.CLOSED, 'the store is closed'));
+    this.health?.close();
     this.client.close();
   }
 
@@ -303,7 +388,7 @@ export class EtcdStore implements Store {
   async checkHistory(afterRevision: number): Promise<void> {
     const current = await this.revision();
     if (afterRevision >= current) return;
-    await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true, revision: afterRevision + 1 }));
+    await this.call(() => this.client.kv.range({ key: Buffer.from(this.objectsPrefix), count_only: true, revision: afterRevision + 1 }), { again: true });
   }
 
   forget(watch: EtcdWatch): void {
@@ -372,13 +457,29 @@ export class EtcdStore implements Store {
   }
 
   /** Runs an etcd call, its failures as ZebuErrors (`lease` names the lease a NOT_FOUND is about). */
-  private async call<R>(fn: () => Promise<R>, lease?: string): Promise<R> {
-    try {
-      return await fn();
-    } catch (err) {
-      throw etcdError(err, lease);
+  private async call<R>(fn: () => Promise<R>, options: CallOptions = {}): Promise<R> {
+    const end = Date.now() + this.callTimeoutMs;
+    for (let attempt = 1; ; attempt++) {
+      // With several members, a try that gets no answer soon goes to another member; the last
+      // try has what is left of the deadline.
+      const last = options.again !== true || this.members < 2 || attempt >= this.members || end - Date.now() < 2 * ATTEMPT_MS;
+      if (options.tries !== undefined) options.tries.count = attempt;
+      try {
+        return last ? await attemptDeadline.run(end, fn) : await attemptDeadline.run(Date.now() + ATTEMPT_MS, fn);
+      } catch (err) {
+        if (last || !memberFailure(err)) throw etcdError(err, options.lease);
+      }
     }
   }
+}
+
+interface CallOptions {
+  /** The lease a NOT_FOUND is about. */
+  lease?: string;
+  /** The call may be tried again on another member (a read, or a write that compares revisions). */
+  again?: boolean;
+  /** Counts the tries made (a write tells its own earlier try from another writer by it). */
+  tries?: { count: number };
 }
 
 /** One watch: catches up from its revision, then follows; ends on close, on error, or when a handler throws. */

@@ -45,7 +45,7 @@ export function parseEtcdSpec(spec: string): { endpoints: string[]; tls: boolean
   return { endpoints, tls };
 }
 
-export async function openStore(choice: StoreChoice, dataDir: string): Promise<OpenedStore> {
+export async function openStore(choice: StoreChoice, dataDir: string, log?: (message: string) => void): Promise<OpenedStore> {
   if (choice.spec === undefined || choice.spec === '') {
     for (const [flag, value] of [['--store-prefix', choice.prefix], ['--store-ca', choice.caFile], ['--store-cert', choice.certFile], ['--store-key', choice.keyFile]] as const) {
       if (value !== undefined) throw invalid(`${flag} is for an etcd store (--store etcd://...)`, 'store');
@@ -53,7 +53,7 @@ export async function openStore(choice: StoreChoice, dataDir: string): Promise<O
     return { store: SqliteStore.open(path.join(dataDir, 'store.db')), describe: 'embedded', shared: false };
   }
   const { endpoints, tls } = parseEtcdSpec(choice.spec);
-  const options: EtcdStoreOptions = { endpoints, prefix: choice.prefix };
+  const options: EtcdStoreOptions = { endpoints, prefix: choice.prefix, log };
   const read = (file: string, flag: string): Buffer => {
     try {
       return fs.readFileSync(file);

@@ -2,7 +2,7 @@
  * The etcd store against a real etcd (Debian's etcd-server, started here): the same contract as
  * the embedded store (store-contract.ts), then what only a store over the network has — etcd
  * going away and coming back, several stores sharing one etcd under their own prefixes, history
- * etcd compacted away.
+ * etcd compacted away, a member whose answers are lost.
  */
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,6 +10,7 @@ import { ErrorCode, ZebuError } from '../../src/errors.ts';
 import { EtcdStore } from '../../src/store/etcd-store.ts';
 import type { Store, WatchEvent } from '../../src/store/store.ts';
 import { startEtcd, type EtcdServer } from '../support/etcd-server.ts';
+import { BlackholeProxy } from '../support/fault-proxy.ts';
 import { tempDir } from '../support/tmp.ts';
 import { storeContract } from './store-contract.ts';
 
@@ -144,4 +145,51 @@ test('etcd stopped and started again: calls fail with a clear error meanwhile, a
   for (let i = 0; i < 250 && events.length < 2; i++) await new Promise((resolve) => setTimeout(resolve, 20));
   assert.deepEqual(events.map((e) => e.name), ['before', 'after'], `errors: ${errors.join('; ')}`);
   assert.deepEqual((await store.list('Volume')).items.map((o) => o.name), ['after', 'before']);
+});
+
+test('etcd with two members, one whose answers are lost (each request applied, its reply never arrives): creates, updates and deletes tried again on the other are answered as done, applied once; the silent member is skipped until it answers again', async (t) => {
+  const etcd = await sharedEtcd();
+  const proxy = await BlackholeProxy.start(Number(new URL(etcd.endpoint).port));
+  t.after(() => proxy.close());
+  const lines: string[] = [];
+  const store = await EtcdStore.open({ endpoints: [`http://${proxy.address}`, etcd.endpoint], prefix: `lost-answers-${process.pid}/`, log: (m) => lines.push(m) });
+  t.after(() => store.close());
+  const count = (what: string): number => lines.filter((l) => l.includes(`${proxy.address} ${what}`)).length;
+  const ops = ['create', 'update', 'delete'] as const;
+  for (const [phase, op] of ops.entries()) {
+    // Objects to update or delete, made while both members answer.
+    const names = Array.from({ length: 40 }, (_, i) => `${op}-${i}`);
+    const made = new Map<string, number>();
+    if (op !== 'create') for (const name of names) made.set(name, (await store.create('Thing', name, { n: 0 })).resourceVersion);
+    proxy.blackhole('replies');
+    const done: string[] = [];
+    for (const name of names) {
+      // Each call may go to either member: one to the silent one is applied there, its answer lost.
+      if (op === 'create') assert.deepEqual((await store.create('Thing', name, { n: 1 })).value, { n: 1 });
+      if (op === 'update') {
+        const updated = await store.update('Thing', name, { n: 2 }, { resourceVersion: made.get(name)! });
+        assert.deepEqual(updated.value, { n: 2 });
+        assert.ok(updated.resourceVersion > made.get(name)!);
+      }
+      if (op === 'delete') await store.delete('Thing', name, { resourceVersion: made.get(name)! });
+      done.push(name);
+      if (count('is not answering') > phase) break;
+    }
+    assert.equal(count('is not answering'), phase + 1, `a ${op} went to the silent member: ${lines.join('\n')}`);
+    assert.ok(proxy.droppedReplyBytes > 0);
+    // Each applied once, as answered (an update applied twice would have a second revision).
+    for (const name of done) {
+      const got = await store.get('Thing', name);
+      if (op === 'delete') assert.equal(got, null, name);
+      else assert.deepEqual(got?.value, { n: op === 'create' ? 1 : 2 }, name);
+    }
+    // The member answers again (its broken connections gone): the probe finds it, calls use it again.
+    proxy.dropConnections();
+    proxy.restore();
+    const deadline = Date.now() + 10_000;
+    while (count('answers again') < phase + 1) {
+      assert.ok(Date.now() < deadline, `the member not found answering again: ${lines.join('\n')}`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
 });

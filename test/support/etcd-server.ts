@@ -36,10 +36,20 @@ export interface EtcdCluster {
   restart(which: number[]): Promise<void>;
 }
 
-/** A cluster of `size` etcd members on loopback, each with its own ports and data under `dir`. */
-export async function startEtcdCluster(t: { after: (fn: () => unknown) => void }, dir: string, size = 3): Promise<EtcdCluster> {
+/**
+ * A cluster of `size` etcd members, each with its own ports and data under `dir`: on loopback, or
+ * member i on `hosts[i]` (its address, inside its network namespace: a member on each node of a
+ * multi-node test, cut off with it).
+ */
+export async function startEtcdCluster(t: { after: (fn: () => unknown) => void }, dir: string, size = 3, hosts?: { address: string; netns: string }[]): Promise<EtcdCluster> {
   const specs: MemberSpec[] = [];
-  for (let i = 1; i <= size; i++) specs.push({ name: `member-${i}`, host: '127.0.0.1', client: await freePort(), peer: await freePort() });
+  for (let i = 0; i < size; i++) {
+    const host = hosts?.[i];
+    // A member alone in its namespace has every port to itself.
+    specs.push(host === undefined
+      ? { name: `member-${i + 1}`, host: '127.0.0.1', client: await freePort(), peer: await freePort() }
+      : { name: `member-${i + 1}`, host: host.address, client: 2379, peer: 2380, netns: host.netns });
+  }
   const initial = specs.map((m) => `${m.name}=${peerUrl(m)}`).join(',');
   const start = async (which: number[]): Promise<void> => {
     // All first: a member is healthy only once a quorum elected a leader.
@@ -71,6 +81,7 @@ interface MemberSpec {
   host: string;
   client: number;
   peer: number;
+  netns?: string;
 }
 
 function peerUrl(m: MemberSpec): string {
@@ -80,12 +91,16 @@ function peerUrl(m: MemberSpec): string {
 function spawnMember(t: { after: (fn: () => unknown) => void }, dir: string, m: MemberSpec, initialCluster: string): { server: EtcdServer; healthy: () => Promise<void> } {
   const endpoint = `http://${m.host}:${m.client}`;
   const peer = peerUrl(m);
-  const child = spawn('etcd', [
+  const args = [
     '--name', m.name, '--data-dir', path.join(dir, `${m.name}.etcd`),
     '--listen-client-urls', endpoint, '--advertise-client-urls', endpoint,
     '--listen-peer-urls', peer, '--initial-advertise-peer-urls', peer,
     '--initial-cluster', initialCluster, '--initial-cluster-state', 'new',
-  ], { stdio: ['ignore', 'pipe', 'pipe'] });
+  ];
+  // `ip netns exec` execs etcd in place: the child's pid is etcd's own (a SIGKILL reaches it).
+  const child = m.netns === undefined
+    ? spawn('etcd', args, { stdio: ['ignore', 'pipe', 'pipe'] })
+    : spawn('ip', ['netns', 'exec', m.netns, 'etcd', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.after(() => child.kill('SIGKILL'));
   let log = '';
   const keep = (d: Buffer): void => {
@@ -99,7 +114,7 @@ function spawnMember(t: { after: (fn: () => unknown) => void }, dir: string, m: 
     const deadline = Date.now() + START_TIMEOUT_MS;
     for (;;) {
       const ok = await Promise.race([
-        fetch(`${endpoint}/health`).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false),
+        fetch(`${endpoint}/health`, { signal: AbortSignal.timeout(2000) }).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false),
         exited,
       ]);
       if (ok) return;

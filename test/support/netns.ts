@@ -38,7 +38,10 @@ export function netnsUnavailable(): string | null {
 export function makeNetwork(t: { after: (fn: () => unknown) => void }, count: number): TestNetwork {
   // Interface names are at most 15 characters; a random tag and subnet keep concurrent runs apart.
   const tag = crypto.randomBytes(3).toString('hex');
-  const subnet = `10.213.${crypto.randomInt(1, 255)}`;
+  // Not one a concurrent test's bridge already has.
+  const taken = spawnSync('ip', ['-o', '-4', 'addr', 'show'], { encoding: 'utf8' }).stdout ?? '';
+  let subnet = `10.213.${crypto.randomInt(1, 255)}`;
+  while (taken.includes(` ${subnet}.`)) subnet = `10.213.${crypto.randomInt(1, 255)}`;
   const bridge = `zb${tag}`;
   const made: string[] = [];
   t.after(() => {

@@ -12,7 +12,9 @@
  *   issued after the cut never lands (the old engine is fenced), and when the link is back the
  *   old engine is stopped by its agent and the replicas end identical (verify);
  * - data locality: a volume with best-effort locality attached on a node without a replica gets
- *   one there (the remote one removed after), its data intact.
+ *   one there (the remote one removed after), its data intact;
+ * - the recurring backup of a detached volume with data locality, last attached on a node without
+ *   a replica: the job backs it up there and no replica is built there; the backup restores.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -208,4 +210,35 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   }, 120_000, 500);
   qemuIo(h1, locUri, 'read -P 0x66 0 32M');
   assert.ok((mustZebuJson(cli, ['events']) as { reason: string }[]).some((e) => e.reason === 'DataLocality'));
+
+  // The recurring backup of a detached volume with data locality: last attached by its workload
+  // on node-1, which could take no replica then, the volume is backed up there by the job (its
+  // engine reads the replicas on node-2 over the network), and no replica is built on node-1 for
+  // the job, though node-1 could take one by then.
+  mustZebu(cli, ['backup-target', 'set', `file://${path.join(ext4Dir, 'backups')}`]);
+  mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'off']);
+  mustZebu(cli, ['volume', 'create', 'bl', '--size', '32MiB', '--replicas', '2', '--data-locality', 'best-effort']);
+  const blUri = mustZebu(cli, ['volume', 'attach', 'bl', '--node', 'node-1']).trim();
+  qemuIo(h1, blUri, 'write -P 0x77 0 24M', 'flush');
+  await waitFor('locality saying node-1 can take none', () => (mustZebuJson(cli, ['events', '--volume', 'bl']) as { message: string }[]).some((e) => /^data locality: node node-1 cannot take a replica of volume bl/.test(e.message)) || undefined, 30_000, 500);
+  mustZebu(cli, ['volume', 'detach', 'bl']);
+  await waitFor('bl detached', () => mustZebuJson(cli, ['volume', 'get', 'bl']).state === 'detached' || undefined, 60_000, 200);
+  mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'on']);
+  const blReplicas = (mustZebuJson(cli, ['replica', 'list', '--volume', 'bl']) as ReplicaRow[]).map((r) => `${r.name}@${r.nodeId}`).sort();
+  // node-3 is dead by now: both on node-2 (soft anti-affinity), none on node-1.
+  assert.deepEqual(blReplicas.map((r) => r.split('@')[1]), ['node-2', 'node-2']);
+  mustZebu(cli, ['setting', 'set', 'allow-recurring-job-while-volume-detached', 'true']);
+  mustZebu(cli, ['recurring-job', 'create', 'bk', '--task', 'backup', '--cron', '*/2 * * * * *', '--retain', '1']);
+  mustZebu(cli, ['volume', 'update', 'bl', '--recurring-job', 'bk']);
+  const backup = await waitFor('a backup of bl', () => (mustZebuJson(cli, ['backup', 'list', '--volume', 'bl']) as { name: string; state: string }[]).find((b) => b.state === 'completed'), 120_000, 500);
+  mustZebu(cli, ['recurring-job', 'delete', 'bk']);
+  await waitFor('bl detached after its job', () => mustZebuJson(cli, ['volume', 'get', 'bl']).state === 'detached' || undefined, 60_000, 200);
+  const blEvents = mustZebuJson(cli, ['events', '--volume', 'bl']) as { reason: string; message: string }[];
+  assert.ok(blEvents.some((e) => e.reason === 'JobAttached' && / on node node-1 /.test(e.message)), `the job attached bl on node-1: ${JSON.stringify(blEvents.filter((e) => e.reason === 'JobAttached'))}`);
+  assert.ok(!blEvents.some((e) => e.reason === 'DataLocality'), 'no replica moved for the job');
+  assert.deepEqual((mustZebuJson(cli, ['replica', 'list', '--volume', 'bl']) as ReplicaRow[]).map((r) => `${r.name}@${r.nodeId}`).sort(), blReplicas, 'the same replicas, none on node-1');
+  mustZebu(cli, ['volume', 'create', 'blr', '--from-backup', backup.name, '--replicas', '1']);
+  await waitFor('the restore of bl', () => mustZebuJson(cli, ['volume', 'get', 'blr']).restore?.state === 'completed' || undefined, 120_000, 500);
+  await waitFor('blr detached', () => mustZebuJson(cli, ['volume', 'get', 'blr']).state === 'detached' || undefined, 60_000, 200);
+  qemuIo(h1, mustZebu(cli, ['volume', 'attach', 'blr', '--node', 'node-1']).trim(), 'read -P 0x77 0 24M', 'read -P 0 24M 8M');
 });
