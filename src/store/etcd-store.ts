@@ -574,6 +574,13 @@ function etcdError(err: unknown, lease?: string): ZebuError {
   }
   if (/compacted/.test(message)) return new ZebuError(ErrorCode.COMPACTED, `etcd no longer keeps that history (${message}): list again, then watch`);
   if (err instanceof GRPCDeadlineExceededError) return new ZebuError(ErrorCode.TIMEOUT, `etcd did not answer in time: ${message}`);
+  // TLS handshakes that failed on a certificate: no retry helps, the configuration must change.
+  if (/alert (bad certificate|certificate required|unknown ca|certificate unknown)/i.test(message)) {
+    return new ZebuError(ErrorCode.AUTH, `etcd refused this node's TLS client certificate (none given, or not signed by a CA etcd trusts: see --store-cert and --store-key): ${message}`);
+  }
+  if (/certificate verify failed|self[- ]signed certificate|unable to (get local issuer|verify)|Hostname\/IP does not match|ERR_TLS_CERT_ALTNAME_INVALID/i.test(message)) {
+    return new ZebuError(ErrorCode.AUTH, `etcd's TLS certificate is not trusted (not signed by the CA given with --store-ca, or not for this address): ${message}`);
+  }
   if (err instanceof GRPCUnavailableError) return new ZebuError(ErrorCode.DISCONNECTED, `etcd is unreachable: ${message}`);
   // The client stops calling a member for a while after calls to it kept failing.
   if (err instanceof Error && isBrokenCircuitError(err)) return new ZebuError(ErrorCode.DISCONNECTED, 'etcd is unreachable: every member failed the last calls; trying again shortly');

@@ -4,6 +4,7 @@
  * test ends.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
 import path from 'node:path';
 import { freePort } from './volume-cluster.ts';
 
@@ -19,8 +20,15 @@ export interface EtcdServer {
 
 const START_TIMEOUT_MS = 30_000;
 
-export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: string, name = 'etcd-test', ports?: { client: number; peer: number }, host = '127.0.0.1'): Promise<EtcdServer> {
-  const member = { name, host, client: ports?.client ?? await freePort(), peer: ports?.peer ?? await freePort() };
+/** Client TLS for a member: its certificate and key (PEM files), and the CA its clients' certificates must be signed by. */
+export interface EtcdTls {
+  certFile: string;
+  keyFile: string;
+  caFile: string;
+}
+
+export async function startEtcd(t: { after: (fn: () => unknown) => void }, dir: string, name = 'etcd-test', ports?: { client: number; peer: number }, host = '127.0.0.1', tls?: EtcdTls): Promise<EtcdServer> {
+  const member = { name, host, client: ports?.client ?? await freePort(), peer: ports?.peer ?? await freePort(), tls };
   const started = spawnMember(t, dir, member, `${name}=${peerUrl(member)}`);
   await started.healthy();
   return started.server;
@@ -82,6 +90,8 @@ interface MemberSpec {
   client: number;
   peer: number;
   netns?: string;
+  /** Clients speak TLS and must show a certificate signed by the CA. */
+  tls?: EtcdTls;
 }
 
 function peerUrl(m: MemberSpec): string {
@@ -89,13 +99,14 @@ function peerUrl(m: MemberSpec): string {
 }
 
 function spawnMember(t: { after: (fn: () => unknown) => void }, dir: string, m: MemberSpec, initialCluster: string): { server: EtcdServer; healthy: () => Promise<void> } {
-  const endpoint = `http://${m.host}:${m.client}`;
+  const endpoint = `${m.tls === undefined ? 'http' : 'https'}://${m.host}:${m.client}`;
   const peer = peerUrl(m);
   const args = [
     '--name', m.name, '--data-dir', path.join(dir, `${m.name}.etcd`),
     '--listen-client-urls', endpoint, '--advertise-client-urls', endpoint,
     '--listen-peer-urls', peer, '--initial-advertise-peer-urls', peer,
     '--initial-cluster', initialCluster, '--initial-cluster-state', 'new',
+    ...(m.tls === undefined ? [] : ['--cert-file', m.tls.certFile, '--key-file', m.tls.keyFile, '--trusted-ca-file', m.tls.caFile, '--client-cert-auth']),
   ];
   // `ip netns exec` execs etcd in place: the child's pid is etcd's own (a SIGKILL reaches it).
   const child = m.netns === undefined
@@ -113,14 +124,30 @@ function spawnMember(t: { after: (fn: () => unknown) => void }, dir: string, m: 
   const healthy = async (): Promise<void> => {
     const deadline = Date.now() + START_TIMEOUT_MS;
     for (;;) {
-      const ok = await Promise.race([
-        fetch(`${endpoint}/health`, { signal: AbortSignal.timeout(2000) }).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false),
-        exited,
-      ]);
+      const ok = await Promise.race([m.tls === undefined
+        ? fetch(`${endpoint}/health`, { signal: AbortSignal.timeout(2000) }).then(async (r) => r.ok && ((await r.json()) as { health?: string }).health === 'true', () => false)
+        : listening(m.host, m.client), exited]);
       if (ok) return;
       if (Date.now() > deadline) throw new Error(`etcd ${m.name} not healthy after ${START_TIMEOUT_MS} ms: ${log.slice(-2000)}`);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
   };
   return { server: { endpoint, ports: { client: m.client, peer: m.peer }, child, output: () => log }, healthy };
+}
+
+/** Whether a TCP port accepts connections (a TLS member's health needs a client certificate to ask). */
+function listening(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port });
+    socket.setTimeout(2000);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => resolve(false));
+    socket.once('timeout', () => {
+      socket.destroy();
+      resolve(false);
+    });
+  });
 }

@@ -39,6 +39,8 @@ export interface ZebuUpOptions {
   netns?: string;
   /** The node's address: its API, NBD and agent listen there, replicas too (default 127.0.0.1). */
   address?: string;
+  /** More flags for `zebu up` (e.g. --store-ca FILE). */
+  extraArgs?: string[];
 }
 
 /** etcd client URLs of the etcds started for ZEBU_TEST_STORE=etcd, by data directory. */
@@ -69,6 +71,7 @@ export async function startZebuUp(options: ZebuUpOptions): Promise<ZebuUp> {
     ZEBU_MAIN, 'up', '--data-dir', options.dataDir, '--api', `${host}:${options.apiPort ?? 0}`, '--nbd', `${host}:${options.nbdPort ?? 0}`,
     '--disks', String(options.disks ?? 3), '--node', options.node ?? 'node-1', ...(store !== undefined ? ['--store', store, '--agent-port', '0'] : []),
     ...(options.address !== undefined ? ['--address', options.address] : []),
+    ...(options.extraArgs ?? []),
   ];
   const env = { ...process.env, ...options.env };
   // `ip netns exec` execs the command: the child's pid is zebu up's own.
