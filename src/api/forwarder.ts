@@ -6,6 +6,7 @@
  * error shape. The leader's address comes from the store (`leaderApi`), looked up per request.
  */
 import http from 'node:http';
+import { once } from 'node:events';
 import { ErrorCode } from '../errors.ts';
 import { errorBody } from './http-errors.ts';
 import { sendJson, listenTcp, closeHttp } from '../protocol/http-json.ts';
@@ -65,22 +66,39 @@ export class ApiForwarder {
       const value = req.headers[name];
       if (typeof value === 'string') headers[name] = value;
     }
+    // The answer is passed on as it comes (a followed stream never ends); a caller that goes away ends it.
+    const callerGone = new AbortController();
+    res.once('close', () => callerGone.abort());
     let answer: Response;
     try {
       answer = await fetch(`${leader}${req.url ?? '/'}`, {
-        method: req.method, headers, body: size > 0 ? Buffer.concat(chunks) : undefined, redirect: 'manual', signal: AbortSignal.timeout(FORWARD_TIMEOUT_MS),
+        method: req.method, headers, body: size > 0 ? Buffer.concat(chunks) : undefined, redirect: 'manual',
+        signal: AbortSignal.any([AbortSignal.timeout(FORWARD_TIMEOUT_MS), callerGone.signal]),
       });
     } catch (err) {
       const e = err as Error;
       unavailable(res, `node ${this.options.nodeId} does not lead, and the leader's API at ${leader} cannot be reached: ${(e.cause as Error | undefined)?.message ?? e.message}`);
       return;
     }
-    const body = Buffer.from(await answer.arrayBuffer());
-    const out: Record<string, string> = { 'content-length': String(body.length), 'x-zebu-leader': leader };
-    const type = answer.headers.get('content-type');
-    if (type !== null) out['content-type'] = type;
+    const out: Record<string, string> = { 'x-zebu-leader': leader };
+    for (const name of ['content-type', 'content-length', 'cache-control']) {
+      const value = answer.headers.get(name);
+      if (value !== null) out[name] = value;
+    }
     res.writeHead(answer.status, out);
-    res.end(body);
+    if (answer.body === null) {
+      res.end();
+      return;
+    }
+    try {
+      for await (const chunk of answer.body) {
+        if (!res.write(chunk)) await once(res, 'drain', { signal: callerGone.signal });
+      }
+      res.end();
+    } catch {
+      // The leader went away mid-answer, or the caller did: the caller sees the answer cut short.
+      res.destroy();
+    }
   }
 }
 

@@ -2,7 +2,8 @@
  * The REST API (fastify): HTTP onto ManagerService. Routes are in routes.ts, their schemas in
  * schemas.ts, the OpenAPI document is generated from the same table (openapi.ts).
  *
- * - Every route but GET /healthz needs `Authorization: Bearer <token>` (compared in constant time).
+ * - Every route but GET /healthz and the web UI's files (web-ui.ts) needs `Authorization: Bearer
+ *   <token>` (compared in constant time).
  * - Inputs are checked by JSON schema before the service sees them; a failure is a 400 naming the
  *   field. The service checks again (state-dependent rules) and its ZebuErrors map onto statuses:
  *   EINVAL 400, UNAUTHORIZED 401, NOT_FOUND 404, EXISTS/CONFLICT/BUSY 409, ENOSPC 507, else 500.
@@ -20,6 +21,7 @@ import { errorBody, statusForCode, validationError, type SchemaError } from './h
 import { createMetricsExporter } from './metrics.ts';
 import { PROJECT_ROOT } from '../os/js-build.ts';
 import { openapiDocument } from './openapi.ts';
+import { registerWebUi, WEB_UI_OPEN_ROUTES } from './web-ui.ts';
 import { apiRoutes, type BackingImageService, type RecurringJobService, type RouteSpec } from './routes.ts';
 
 export interface ApiServerOptions {
@@ -100,7 +102,7 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
     metricsContentType: metrics.contentType,
     openapi: () => (document ??= openapiDocument(routes, { version: packageVersion() })),
   }, options.recurringJobs ?? null, options.backingImages ?? null);
-  const open = new Set(routes.filter((r) => !r.auth).map((r) => `${r.method} ${r.url}`));
+  const open = new Set([...routes.filter((r) => !r.auth).map((r) => `${r.method} ${r.url}`), ...WEB_UI_OPEN_ROUTES]);
 
   app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
     const routeUrl = request.routeOptions.url;
@@ -168,6 +170,9 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
       },
     });
   }
+  const webUi = registerWebUi(app, () => options.service.listVolumes());
+  // Before the server closes: a followed stream would keep it open.
+  app.addHook('preClose', async () => webUi.close());
   await app.ready();
   return app;
 }

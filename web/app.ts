@@ -1,0 +1,330 @@
+/**
+ * Zebu's web UI: sign-in with the API token, then views routed by the URL's hash —
+ * `#/` dashboard, `#/volumes?robustness=degraded&q=text` volumes, `#/volumes/NAME` one volume,
+ * `#/nodes`, `#/events`. Volumes arrive live from the manager's stream (a snapshot, then one
+ * object at a time as it changes); the rest is read from the REST API when a view opens.
+ * Every element is built with textContent (never HTML from data).
+ */
+import { ApiError, call, follow, saveToken, savedToken } from './api.js';
+
+interface ReplicaSummary { name: string; nodeId: string; mode: string | null; failedAt: string | null; rebuildProgress?: number | null }
+interface Volume {
+  name: string; sizeBytes: number; currentSizeBytes: number | null; numberOfReplicas: number; state: string; robustness: string;
+  nodeId: string | null; endpoint: string | null; replicas: ReplicaSummary[]; rebuilding: boolean; message: string | null;
+  lastBackup: string | null; recoveryPointAt: string | null; createdAt: string;
+}
+interface NodeRow { name: string; address: string; ready: boolean; leader: boolean; allowScheduling: boolean; replicaCount: number; disks: string[]; tags: string[] }
+interface Disk { name: string; nodeId: string; storageMaximumBytes: number; storageAvailableBytes: number; storageReservedBytes: number; storageScheduledBytes: number; ready: boolean }
+interface EventRow { time: string; type: string; reason: string; message: string; kind: string; object: string; volume: string | null }
+
+const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'] as const;
+
+/** The volumes as the stream last said, by name. */
+const volumes = new Map<string, Volume>();
+let volumesKnown = false;
+let stopFollowing: (() => void) | null = null;
+/** Redraws the open view when volumes change (set by views that show volumes). */
+let onVolumesChanged: (() => void) | null = null;
+
+const main = (): HTMLElement => document.getElementById('main')!;
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, attrs: Record<string, string> = {}, ...children: (Node | string | null)[]): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  for (const child of children) if (child !== null) node.append(typeof child === 'string' ? document.createTextNode(child) : child);
+  return node;
+}
+
+function showProblem(message: string | null): void {
+  document.getElementById('problem')!.textContent = message ?? '';
+}
+
+function showStatus(message: string): void {
+  document.getElementById('status')!.textContent = message;
+}
+
+/** An API failure in words; a refused token sends the user back to sign in. */
+function failed(err: unknown): void {
+  if (err instanceof ApiError && err.status === 401) {
+    saveToken(null);
+    route();
+    showProblem('The token was refused: sign in again.');
+    return;
+  }
+  showProblem(err instanceof Error ? err.message : String(err));
+}
+
+export function bytes(n: number | null): string {
+  if (n === null) return '—';
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v >= 10 || i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
+}
+
+export function age(seconds: number | null): string {
+  if (seconds === null) return 'never';
+  if (seconds < 90) return `${Math.round(seconds)} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  if (seconds < 172800) return `${Math.round(seconds / 3600)} h`;
+  return `${Math.round(seconds / 86400)} d`;
+}
+
+// ---- sign-in ---------------------------------------------------------------------------------
+
+function signInView(): void {
+  document.getElementById('nav')!.hidden = true;
+  const input = el('input', { id: 'token', name: 'token', type: 'password', autocomplete: 'current-password', required: '' });
+  const form = el('form', { class: 'sign-in', 'aria-labelledby': 'sign-in-title' },
+    el('h1', { id: 'sign-in-title' }, 'Sign in'),
+    el('label', { for: 'token' }, 'API token (the file "token" in the data directory of zebu up)'),
+    input,
+    el('button', { type: 'submit' }, 'Sign in'));
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = input.value.trim();
+    if (token === '') {
+      showProblem('Enter the API token.');
+      return;
+    }
+    call('GET', '/v1/nodes', undefined, token).then(() => {
+      saveToken(token);
+      showProblem(null);
+      route();
+    }, (err: unknown) => showProblem(err instanceof ApiError && err.status === 401 ? 'That token was refused: check it and try again.' : (err as Error).message));
+  });
+  main().replaceChildren(form);
+  input.focus();
+}
+
+// ---- live volumes ----------------------------------------------------------------------------
+
+function startFollowing(): void {
+  if (stopFollowing !== null) return;
+  stopFollowing = follow<Volume>('volumes', {
+    onSnapshot: (items) => {
+      volumes.clear();
+      for (const v of items) volumes.set(v.name, v);
+      volumesKnown = true;
+      showStatus('');
+      onVolumesChanged?.();
+    },
+    onPut: (v) => {
+      volumes.set(v.name, v);
+      onVolumesChanged?.();
+    },
+    onDelete: (name) => {
+      volumes.delete(name);
+      onVolumesChanged?.();
+    },
+    onBroken: (why) => showStatus(`Live updates interrupted (${why}); reconnecting…`),
+  });
+}
+
+// ---- dashboard -------------------------------------------------------------------------------
+
+async function dashboardView(): Promise<void> {
+  const counts = el('div', { class: 'cards', 'aria-label': 'Volumes by robustness' });
+  const capacity = el('div', { class: 'cards', 'aria-label': 'Capacity and nodes' });
+  const warnings = el('section', { 'aria-label': 'Recovery point warnings' });
+  const events = el('section', {});
+  main().replaceChildren(el('h1', {}, 'Dashboard'), counts, capacity, warnings, events);
+  const drawVolumes = (): void => {
+    const by = new Map<string, number>(ROBUSTNESS.map((r) => [r, 0]));
+    for (const v of volumes.values()) by.set(v.robustness, (by.get(v.robustness) ?? 0) + 1);
+    counts.replaceChildren(...[['all', volumes.size] as const, ...ROBUSTNESS.map((r) => [r, by.get(r) ?? 0] as const)].map(([r, n]) =>
+      el('div', { class: `card ${r}` }, el('a', { href: r === 'all' ? '#/volumes' : `#/volumes?robustness=${r}`, 'data-count': r },
+        el('span', { class: 'value' }, volumesKnown ? String(n) : '…'), `${r === 'all' ? 'volumes' : r}`))));
+    const stale = [...volumes.values()].filter((v) => v.lastBackup !== null && (recoveryPointAge(v) ?? 0) > 86400);
+    warnings.replaceChildren(...(stale.length === 0 ? [] : [el('h2', {}, 'Recovery points older than a day'),
+      el('ul', {}, ...stale.map((v) => el('li', {}, el('a', { href: `#/volumes/${encodeURIComponent(v.name)}` }, v.name), ` — recovery point ${age(recoveryPointAge(v))} old`)))]));
+  };
+  onVolumesChanged = drawVolumes;
+  drawVolumes();
+  const [nodes, disks, recent] = await Promise.all([
+    call<NodeRow[]>('GET', '/v1/nodes'), call<Disk[]>('GET', '/v1/disks'), call<EventRow[]>('GET', '/v1/events?limit=10'),
+  ]);
+  const total = disks.reduce((s, d) => s + d.storageMaximumBytes, 0);
+  const available = disks.reduce((s, d) => s + d.storageAvailableBytes, 0);
+  const reserved = disks.reduce((s, d) => s + d.storageReservedBytes, 0);
+  const scheduled = disks.reduce((s, d) => s + d.storageScheduledBytes, 0);
+  const up = nodes.filter((n) => n.ready).length;
+  capacity.replaceChildren(
+    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(total - available)), `used of ${bytes(total)}`),
+    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(scheduled)), 'scheduled to replicas'),
+    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(reserved)), 'reserved'),
+    el('div', { class: `card ${up === nodes.length ? 'healthy' : 'degraded'}` }, el('a', { href: '#/nodes' }, el('span', { class: 'value' }, `${up} / ${nodes.length}`), 'nodes up')));
+  events.replaceChildren(el('h2', {}, 'Recent events'), eventsTable(recent));
+}
+
+// ---- volumes ---------------------------------------------------------------------------------
+
+type VolumeColumn = 'name' | 'sizeBytes' | 'currentSizeBytes' | 'state' | 'robustness' | 'replicas' | 'nodeId' | 'lastBackup' | 'recoveryPointAge';
+const VOLUME_COLUMNS: [VolumeColumn, string][] = [
+  ['name', 'Name'], ['sizeBytes', 'Size'], ['currentSizeBytes', 'Actual size'], ['state', 'State'], ['robustness', 'Robustness'],
+  ['replicas', 'Replicas'], ['nodeId', 'Attached on'], ['lastBackup', 'Last backup'], ['recoveryPointAge', 'Recovery point age'],
+];
+
+/** Seconds since the volume's recovery point (its last backup, or when a job found it unchanged since). */
+function recoveryPointAge(v: Volume): number | null {
+  return v.recoveryPointAt === null ? null : Math.max(0, (Date.now() - Date.parse(v.recoveryPointAt)) / 1000);
+}
+
+function sortKey(v: Volume, column: VolumeColumn): string | number {
+  if (column === 'replicas') return v.replicas.filter((r) => r.failedAt === null).length;
+  if (column === 'recoveryPointAge') return recoveryPointAge(v) ?? Infinity;
+  const value = v[column];
+  return value === null ? '' : value;
+}
+
+function volumesView(query: URLSearchParams): void {
+  let sortBy: VolumeColumn = 'name';
+  let descending = false;
+  const text = el('input', { id: 'filter', type: 'search', value: query.get('q') ?? '' });
+  const robustness = el('select', { id: 'robustness' }, el('option', { value: '' }, 'any'), ...ROBUSTNESS.map((r) => el('option', { value: r }, r)));
+  robustness.value = query.get('robustness') ?? '';
+  const count = el('p', { class: 'count', 'aria-live': 'polite' });
+  const table = el('table', {});
+  main().replaceChildren(el('h1', {}, 'Volumes'),
+    el('div', { class: 'filters' }, el('label', { for: 'filter' }, 'Name contains', text), el('label', { for: 'robustness' }, 'Robustness', robustness)),
+    count, table);
+  const draw = (): void => {
+    const q = text.value.trim().toLowerCase();
+    const shown = [...volumes.values()]
+      .filter((v) => (q === '' || v.name.toLowerCase().includes(q)) && (robustness.value === '' || v.robustness === robustness.value))
+      .sort((a, b) => {
+        const x = sortKey(a, sortBy);
+        const y = sortKey(b, sortBy);
+        const order = x < y ? -1 : x > y ? 1 : a.name < b.name ? -1 : 1;
+        return descending ? -order : order;
+      });
+    count.textContent = volumesKnown ? `${shown.length} of ${volumes.size} volumes` : 'Loading…';
+    const head = el('tr', {}, ...VOLUME_COLUMNS.map(([key, label]) => {
+      const button = el('button', { type: 'button' }, label + (sortBy === key ? (descending ? ' ▼' : ' ▲') : ''));
+      button.addEventListener('click', () => {
+        descending = sortBy === key ? !descending : false;
+        sortBy = key;
+        draw();
+      });
+      return el('th', { scope: 'col', 'aria-sort': sortBy === key ? (descending ? 'descending' : 'ascending') : 'none' }, button);
+    }));
+    table.replaceChildren(el('caption', {}, 'Volumes'), el('thead', {}, head), el('tbody', {}, ...shown.map((v) => el('tr', { 'data-volume': v.name },
+      el('td', {}, el('a', { href: `#/volumes/${encodeURIComponent(v.name)}` }, v.name)),
+      el('td', {}, bytes(v.sizeBytes)), el('td', {}, bytes(v.currentSizeBytes)), el('td', {}, v.state),
+      el('td', { class: v.robustness }, v.robustness + (v.rebuilding ? ' (rebuilding)' : '')),
+      el('td', {}, `${v.replicas.filter((r) => r.failedAt === null).length} / ${v.numberOfReplicas}`),
+      el('td', {}, v.nodeId ?? '—'), el('td', {}, v.lastBackup ?? '—'), el('td', {}, v.lastBackup === null ? '—' : age(recoveryPointAge(v)))))));
+  };
+  const remember = (): void => {
+    const params = new URLSearchParams();
+    if (text.value !== '') params.set('q', text.value);
+    if (robustness.value !== '') params.set('robustness', robustness.value);
+    history.replaceState(null, '', `#/volumes${params.size > 0 ? `?${params}` : ''}`);
+    draw();
+  };
+  text.addEventListener('input', remember);
+  robustness.addEventListener('change', remember);
+  onVolumesChanged = draw;
+  draw();
+}
+
+function volumeView(name: string): void {
+  const body = el('div', {});
+  main().replaceChildren(el('h1', {}, `Volume ${name}`), body);
+  const draw = (): void => {
+    const v = volumes.get(name);
+    if (v === undefined) {
+      body.replaceChildren(el('p', {}, volumesKnown ? `There is no volume ${name}.` : 'Loading…'));
+      return;
+    }
+    body.replaceChildren(
+      el('dl', {},
+        el('dt', {}, 'State'), el('dd', { 'data-field': 'state' }, v.state),
+        el('dt', {}, 'Robustness'), el('dd', { class: v.robustness, 'data-field': 'robustness' }, v.robustness + (v.rebuilding ? ' (rebuilding)' : '')),
+        el('dt', {}, 'Size'), el('dd', {}, bytes(v.sizeBytes)),
+        el('dt', {}, 'Attached on'), el('dd', {}, v.nodeId ?? 'detached'),
+        el('dt', {}, 'Export'), el('dd', {}, v.endpoint ?? '—'),
+        el('dt', {}, 'Message'), el('dd', { 'data-field': 'message' }, v.message ?? '—')),
+      el('table', {}, el('caption', {}, 'Replicas'),
+        el('thead', {}, el('tr', {}, ...['Name', 'Node', 'Mode', 'Rebuild'].map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, ...v.replicas.filter((r) => r.failedAt === null).map((r) => el('tr', { 'data-replica': r.name },
+          el('td', {}, r.name), el('td', {}, r.nodeId), el('td', { 'data-field': 'mode' }, r.mode ?? '—'),
+          el('td', {}, typeof r.rebuildProgress === 'number' && r.mode === 'WO'
+            ? el('progress', { max: '100', value: String(Math.round(r.rebuildProgress * 100)), 'aria-label': `rebuild of ${r.name}` }, `${Math.round(r.rebuildProgress * 100)}%`)
+            : '—'))))));
+  };
+  onVolumesChanged = draw;
+  draw();
+}
+
+// ---- nodes and events ------------------------------------------------------------------------
+
+async function nodesView(): Promise<void> {
+  main().replaceChildren(el('h1', {}, 'Nodes'), el('p', {}, 'Loading…'));
+  const nodes = await call<NodeRow[]>('GET', '/v1/nodes');
+  main().replaceChildren(el('h1', {}, 'Nodes'), el('table', {}, el('caption', {}, 'Nodes'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Address', 'State', 'Leader', 'Scheduling', 'Replicas', 'Disks', 'Tags'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...nodes.map((n) => el('tr', {},
+      el('td', {}, n.name), el('td', {}, n.address), el('td', { class: n.ready ? 'healthy' : 'faulted' }, n.ready ? 'up' : 'down'),
+      el('td', {}, n.leader ? 'leader' : ''), el('td', {}, n.allowScheduling ? 'on' : 'off'), el('td', {}, String(n.replicaCount)),
+      el('td', {}, String(n.disks.length)), el('td', {}, n.tags.join(', ')))))));
+}
+
+function eventsTable(events: EventRow[]): HTMLTableElement {
+  return el('table', {}, el('caption', {}, 'Events, newest first'),
+    el('thead', {}, el('tr', {}, ...['Time', 'Type', 'Reason', 'Object', 'Message'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...events.map((e) => el('tr', {},
+      el('td', {}, new Date(e.time).toLocaleString()), el('td', { class: e.type === 'Warning' ? 'degraded' : '' }, e.type), el('td', {}, e.reason),
+      el('td', {}, `${e.kind} ${e.object}`), el('td', { style: 'white-space: normal' }, e.message)))));
+}
+
+async function eventsView(): Promise<void> {
+  const events = await call<EventRow[]>('GET', '/v1/events?limit=200');
+  main().replaceChildren(el('h1', {}, 'Events'), eventsTable(events));
+}
+
+// ---- routing ---------------------------------------------------------------------------------
+
+function route(): void {
+  onVolumesChanged = null;
+  if (savedToken() === null) {
+    stopFollowing?.();
+    stopFollowing = null;
+    volumesKnown = false;
+    signInView();
+    return;
+  }
+  document.getElementById('nav')!.hidden = false;
+  startFollowing();
+  const [path, search] = (location.hash.replace(/^#/, '') || '/').split('?');
+  const query = new URLSearchParams(search ?? '');
+  for (const a of document.querySelectorAll('nav a')) {
+    const href = a.getAttribute('href')!.slice(1);
+    if (href === path || (href !== '/' && path.startsWith(href))) a.setAttribute('aria-current', 'page');
+    else a.removeAttribute('aria-current');
+  }
+  const parts = path.split('/').filter((p) => p !== '');
+  let view: Promise<void> | void = undefined;
+  if (parts.length === 0) view = dashboardView();
+  else if (parts[0] === 'volumes' && parts.length === 1) view = volumesView(query);
+  else if (parts[0] === 'volumes' && parts.length === 2) view = volumeView(decodeURIComponent(parts[1]));
+  else if (parts[0] === 'nodes') view = nodesView();
+  else if (parts[0] === 'events') view = eventsView();
+  else main().replaceChildren(el('h1', {}, 'Not found'), el('p', {}, `There is no view ${path}.`));
+  if (view instanceof Promise) view.catch(failed);
+}
+
+window.addEventListener('hashchange', () => {
+  showProblem(null);
+  route();
+});
+document.getElementById('sign-out')!.addEventListener('click', () => {
+  saveToken(null);
+  location.hash = '#/';
+  route();
+});
+route();
