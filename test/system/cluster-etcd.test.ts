@@ -57,6 +57,20 @@ test('two nodes on etcd: one leads, secrets shared, replicas on both; the leader
   assert.deepEqual(mustZebuJson(two, ['replica', 'list', '--volume', 'cv']), replicas, 'asked on node-2: the leader answers');
   const wrong = await fetch(`${two.api}/v1/volumes`, { headers: { authorization: 'Bearer wrong' } });
   assert.equal(wrong.status, 401, 'the leader checks the token of a passed-on request');
+  // The web UI and its live feed through node-2 too: the stream is passed on as it comes.
+  assert.match(await (await fetch(`${two.api}/`)).text(), /<script type="module" src="\/ui\/app.js">/);
+  const following = new AbortController();
+  const stream = await fetch(`${two.api}/v1/stream/volumes`, { headers: { authorization: `Bearer ${two.token}` }, signal: following.signal });
+  assert.equal(stream.status, 200);
+  const reader = stream.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let received = '';
+  while (!received.includes('\n\n')) {
+    const chunk = await reader.read();
+    assert.ok(!chunk.done, `the stream ended early: ${received}`);
+    received += chunk.value;
+  }
+  assert.match(received, /^event: snapshot\ndata: \[.*"name":"cv"/);
+  following.abort();
 
   // A volume attached on the node that does not lead: the leader reaches its engine through node-2's agent.
   mustZebu(one, ['volume', 'create', 'far', '--size', '32MiB', '--replicas', '1']);
