@@ -74,6 +74,40 @@ export function age(seconds: number | null): string {
   return `${Math.round(seconds / 86400)} d`;
 }
 
+/** "64MiB", "1 GiB", "4096": bytes; null when it is not a size. */
+export function parseSize(text: string): number | null {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB)?\s*$/i.exec(text);
+  if (m === null) return null;
+  const unit = (m[2] ?? 'B').toLowerCase();
+  const factor = { b: 1, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 }[unit]!;
+  return Math.round(Number(m[1]) * factor);
+}
+
+/**
+ * Runs an action the user asked for: its button waits meanwhile, success is said in the status
+ * line, a failure in the alert line (the API's words).
+ */
+async function act(button: HTMLButtonElement | null, done: string, action: () => Promise<unknown>): Promise<boolean> {
+  showProblem(null);
+  if (button !== null) button.disabled = true;
+  try {
+    await action();
+    showStatus(done);
+    return true;
+  } catch (err) {
+    failed(err);
+    return false;
+  } finally {
+    if (button !== null) button.disabled = false;
+  }
+}
+
+/** A labelled input. */
+function field(id: string, label: string, attrs: Record<string, string> = {}): { label: HTMLLabelElement; input: HTMLInputElement } {
+  const input = el('input', { id, name: id, ...attrs });
+  return { label: el('label', { for: id }, label, input), input };
+}
+
 // ---- sign-in ---------------------------------------------------------------------------------
 
 function signInView(): void {
@@ -189,7 +223,26 @@ function volumesView(query: URLSearchParams): void {
   robustness.value = query.get('robustness') ?? '';
   const count = el('p', { class: 'count', 'aria-live': 'polite' });
   const table = el('table', {});
-  main().replaceChildren(el('h1', {}, 'Volumes'),
+  const name = field('new-name', 'Name', { required: '', autocomplete: 'off' });
+  const size = field('new-size', 'Size (e.g. 10GiB)', { required: '', value: '1GiB' });
+  const replicas = field('new-replicas', 'Replicas', { type: 'number', min: '1', max: '16', value: '3' });
+  const create = el('button', { type: 'submit' }, 'Create volume');
+  const form = el('form', { class: 'filters', 'aria-label': 'Create a volume' }, name.label, size.label, replicas.label, create);
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const sizeBytes = parseSize(size.input.value);
+    if (sizeBytes === null) {
+      showProblem(`"${size.input.value}" is not a size: write a number with a unit, like 512MiB or 10GiB.`);
+      size.input.focus();
+      return;
+    }
+    const volume = name.input.value.trim();
+    void act(create, `Volume ${volume} created.`, () => call('POST', '/v1/volumes', { name: volume, sizeBytes, numberOfReplicas: Number(replicas.input.value) }))
+      .then((ok) => {
+        if (ok) name.input.value = '';
+      });
+  });
+  main().replaceChildren(el('h1', {}, 'Volumes'), form,
     el('div', { class: 'filters' }, el('label', { for: 'filter' }, 'Name contains', text), el('label', { for: 'robustness' }, 'Robustness', robustness)),
     count, table);
   const draw = (): void => {
@@ -232,9 +285,58 @@ function volumesView(query: URLSearchParams): void {
   draw();
 }
 
+interface Snapshot { name: string; createdAt: string; parent: string | null; sizeBytesUsed: number; inChain: boolean }
+
+function volumeActions(name: string): HTMLElement {
+  const path = `/v1/volumes/${encodeURIComponent(name)}`;
+  const node = el('select', { id: 'attach-node' });
+  void call<NodeRow[]>('GET', '/v1/nodes').then((nodes) => node.replaceChildren(...nodes.map((n) => el('option', { value: n.name }, `${n.name}${n.ready ? '' : ' (down)'}`))), failed);
+  const attach = el('button', { type: 'button' }, 'Attach');
+  attach.addEventListener('click', () => void act(attach, `Attaching ${name} on ${node.value}.`, () => call('POST', `${path}/attach`, { nodeId: node.value })));
+  const detach = el('button', { type: 'button' }, 'Detach');
+  detach.addEventListener('click', () => void act(detach, `Detaching ${name}.`, () => call('POST', `${path}/detach`)));
+  const snapshotName = field('snapshot-name', 'Snapshot name (optional)', { autocomplete: 'off' });
+  const snapshot = el('button', { type: 'button' }, 'Take snapshot');
+  snapshot.addEventListener('click', () => {
+    const body = snapshotName.input.value.trim() === '' ? {} : { name: snapshotName.input.value.trim() };
+    void act(snapshot, `Snapshot of ${name} taken.`, async () => {
+      await call('POST', `${path}/snapshots`, body);
+      snapshotName.input.value = '';
+      await drawSnapshots(name);
+    });
+  });
+  const backup = el('button', { type: 'button' }, 'Back up');
+  backup.addEventListener('click', () => void act(backup, `Backup of ${name} started: see Backups.`, () => call('POST', '/v1/backups', { volume: name })));
+  const remove = el('button', { type: 'button', class: 'danger' }, 'Delete volume');
+  remove.addEventListener('click', () => {
+    if (!confirm(`Delete volume ${name} and all its data? This cannot be undone.`)) {
+      showStatus(`Volume ${name} was not deleted.`);
+      return;
+    }
+    void act(remove, `Deleting volume ${name}.`, async () => {
+      await call('DELETE', path);
+      location.hash = '#/volumes';
+    });
+  });
+  return el('section', { 'aria-label': 'Actions' },
+    el('div', { class: 'filters' }, el('label', { for: 'attach-node' }, 'Node', node), attach, detach),
+    el('div', { class: 'filters' }, snapshotName.label, snapshot, backup, remove));
+}
+
+async function drawSnapshots(name: string): Promise<void> {
+  const table = document.getElementById('snapshots');
+  if (table === null) return;
+  const snapshots = await call<Snapshot[]>('GET', `/v1/volumes/${encodeURIComponent(name)}/snapshots`);
+  table.replaceChildren(el('caption', {}, 'Snapshots'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Taken', 'Parent', 'Size'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...snapshots.map((x) => el('tr', { 'data-snapshot': x.name },
+      el('td', {}, x.name), el('td', {}, new Date(x.createdAt).toLocaleString()), el('td', {}, x.parent ?? '—'), el('td', {}, bytes(x.sizeBytesUsed))))));
+}
+
 function volumeView(name: string): void {
   const body = el('div', {});
-  main().replaceChildren(el('h1', {}, `Volume ${name}`), body);
+  main().replaceChildren(el('h1', {}, `Volume ${name}`), volumeActions(name), body, el('table', { id: 'snapshots' }));
+  void drawSnapshots(name).catch(failed);
   const draw = (): void => {
     const v = volumes.get(name);
     if (v === undefined) {
@@ -287,6 +389,62 @@ async function eventsView(): Promise<void> {
   main().replaceChildren(el('h1', {}, 'Events'), eventsTable(events));
 }
 
+interface SettingRow { name: string; value: string; default: string; type: string; description: string }
+
+async function settingsView(): Promise<void> {
+  const settings = await call<SettingRow[]>('GET', '/v1/settings');
+  main().replaceChildren(el('h1', {}, 'Settings'), el('table', {}, el('caption', {}, 'Settings'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Value', 'Default', 'What it does'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...settings.map((x) => {
+      const id = `setting-${x.name}`;
+      const input = el('input', { id, value: x.value, 'aria-describedby': `${id}-about` });
+      const save = el('button', { type: 'button', 'aria-label': `Save ${x.name}` }, 'Save');
+      save.addEventListener('click', () => void act(save, `Setting ${x.name} is now ${input.value}.`, () => call('PUT', `/v1/settings/${x.name}`, { value: input.value })));
+      return el('tr', { 'data-setting': x.name },
+        el('td', {}, el('label', { for: id }, x.name)), el('td', {}, input, save), el('td', {}, x.default),
+        el('td', { id: `${id}-about`, style: 'white-space: normal' }, x.description));
+    }))));
+}
+
+interface BackupRow { name: string; volume: string; state: string; progress: number; message: string | null; requestedAt: string; sizeBytes: number }
+
+async function backupsView(): Promise<void> {
+  const [target, backups] = await Promise.all([
+    call<{ url: string | null; available?: boolean; message?: string | null }>('GET', '/v1/backuptargets/default').catch(() => ({ url: null })),
+    call<BackupRow[]>('GET', '/v1/backups'),
+  ]);
+  const url = field('target-url', 'Backup target (file:///DIR or s3://BUCKET/PREFIX)', { value: target.url ?? '', size: '50' });
+  const setTarget = el('button', { type: 'submit' }, 'Set target');
+  const form = el('form', { class: 'filters', 'aria-label': 'Backup target' }, url.label, setTarget);
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    void act(setTarget, `The backup target is now ${url.input.value}.`, async () => {
+      await call('PUT', '/v1/backuptargets/default', { url: url.input.value.trim() });
+      await backupsView();
+    });
+  });
+  main().replaceChildren(el('h1', {}, 'Backups'), form, el('table', {}, el('caption', {}, 'Backups, newest first'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Volume', 'State', 'Size', 'Requested', 'Restore'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...backups.sort((a, b) => (a.requestedAt < b.requestedAt ? 1 : -1)).map((b) => {
+      const to = el('input', { id: `restore-${b.name}`, 'aria-label': `name of the volume to restore ${b.name} into`, placeholder: 'new volume name' });
+      const restore = el('button', { type: 'button' }, 'Restore');
+      restore.addEventListener('click', () => {
+        const name = to.value.trim();
+        if (name === '') {
+          showProblem('Name the new volume to restore into.');
+          to.focus();
+          return;
+        }
+        void act(restore, `Restoring ${b.name} into volume ${name}.`, () => call('POST', `/v1/backups/${encodeURIComponent(b.name)}/restore`, { name }));
+      });
+      return el('tr', { 'data-backup': b.name },
+        el('td', {}, b.name), el('td', {}, b.volume),
+        el('td', { 'data-field': 'state', class: b.state === 'error' ? 'faulted' : '' }, b.state === 'in-progress' ? `in progress (${Math.round(b.progress * 100)}%)` : b.state + (b.message !== null ? `: ${b.message}` : '')),
+        el('td', {}, bytes(b.sizeBytes)), el('td', {}, new Date(b.requestedAt).toLocaleString()),
+        el('td', {}, b.state === 'completed' ? el('span', {}, to, restore) : '—'));
+    }))));
+}
+
 // ---- routing ---------------------------------------------------------------------------------
 
 function route(): void {
@@ -314,6 +472,8 @@ function route(): void {
   else if (parts[0] === 'volumes' && parts.length === 2) view = volumeView(decodeURIComponent(parts[1]));
   else if (parts[0] === 'nodes') view = nodesView();
   else if (parts[0] === 'events') view = eventsView();
+  else if (parts[0] === 'settings') view = settingsView();
+  else if (parts[0] === 'backups') view = backupsView();
   else main().replaceChildren(el('h1', {}, 'Not found'), el('p', {}, `There is no view ${path}.`));
   if (view instanceof Promise) view.catch(failed);
 }

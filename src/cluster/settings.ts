@@ -128,7 +128,7 @@ export const SETTINGS = {
   },
   'allow-recurring-job-while-volume-detached': {
     type: 'bool', default: 'false',
-    description: 'Whether recurring jobs run on detached volumes: the job attaches the volume without an NBD export on a node that holds a healthy replica, does its task and detaches it (a workload attach waits meanwhile). false: the jobs of a detached volume are suspended, and say so.',
+    description: 'Whether recurring jobs run on detached volumes: the job attaches the volume without an NBD export on the node a workload last attached it on when that node is up (else on a node that holds a healthy replica), does its task and detaches it (a workload attach waits meanwhile). false: the jobs of a detached volume are suspended, and say so.',
   },
   'recurring-job-attach-timeout-seconds': {
     type: 'int', default: '300', min: 10, max: 86400,

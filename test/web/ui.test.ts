@@ -3,8 +3,10 @@
  * browser) against a real `zebu up`: sign in (a wrong token refused in words), the dashboard's
  * counts follow volumes created and attached meanwhile without a reload, a replica process
  * SIGKILLed shows as degraded, then rebuilding, then healthy on the volume's page without a
- * reload, the volumes list filters and sorts, with 200 volumes too. Screenshots of every view go
- * to build/screenshots/ for a person to look at.
+ * reload, the volumes list filters and sorts, with 200 volumes too; a setting with a bad value
+ * refused in words; a volume created from the form (bad size and name refused), attached,
+ * snapshotted, backed up and restored from the UI (the data read back), deleted only after a
+ * confirmation. Screenshots of every view go to build/screenshots/ for a person to look at.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -116,6 +118,78 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   await seeText(page, '.count', /^1 of 202 volumes$/);
   assert.match(page.url(), /#\/volumes\?robustness=healthy$/, 'the filter is in the URL (a link to it works)');
   await shot(page, 'volumes');
+
+  // Actions, each with the API's answer in words. Settings: a bad value refused, a good one kept.
+  await page.goto(`${up.api}/#/settings`);
+  await page.getByLabel('replica-replenishment-wait-seconds', { exact: true }).fill('soon');
+  await page.getByRole('button', { name: 'Save replica-replenishment-wait-seconds' }).click();
+  await seeText(page, '#problem', /replica-replenishment-wait-seconds.*(integer|whole number)/i);
+  await shot(page, 'settings-error');
+  await page.getByLabel('replica-replenishment-wait-seconds', { exact: true }).fill('7');
+  await page.getByRole('button', { name: 'Save replica-replenishment-wait-seconds' }).click();
+  await seeText(page, '#status', /replica-replenishment-wait-seconds is now 7/);
+  assert.equal(mustZebuJson<{ value: string }>(up, ['setting', 'get', 'replica-replenishment-wait-seconds']).value, '7');
+
+  // A volume made from the form: a bad size and a bad name said in words, then made.
+  await page.goto(`${up.api}/#/volumes`);
+  await page.getByLabel('Name', { exact: true }).fill('from-ui');
+  await page.getByLabel('Size (e.g. 10GiB)').fill('lots');
+  await page.getByRole('button', { name: 'Create volume' }).click();
+  await seeText(page, '#problem', /"lots" is not a size/);
+  await page.getByLabel('Size (e.g. 10GiB)').fill('32MiB');
+  await page.getByLabel('Replicas').fill('2');
+  await page.getByLabel('Name', { exact: true }).fill('Bad Name!');
+  await page.getByRole('button', { name: 'Create volume' }).click();
+  await seeText(page, '#problem', /name/i);
+  await page.getByLabel('Name', { exact: true }).fill('from-ui');
+  await page.getByRole('button', { name: 'Create volume' }).click();
+  await seeText(page, '#status', /Volume from-ui created/);
+  await seeText(page, '.count', /of 203 volumes$/);
+
+  // Its page: attach, write, snapshot, back up (to a target set in the Backups view), restore.
+  const backups = path.join(dataDir, '..', 'ui-backups');
+  await page.goto(`${up.api}/#/backups`);
+  await page.getByRole('textbox', { name: /^Backup target/ }).fill(`file://${backups}`);
+  await page.getByRole('button', { name: 'Set target' }).click();
+  await seeText(page, '#status', /backup target is now/);
+  await page.goto(`${up.api}/#/volumes/from-ui`);
+  await page.getByRole('button', { name: 'Attach' }).click();
+  await seeText(page, '[data-field="state"]', /^attached$/);
+  const fromUi = mustZebuJson<{ endpoint: string }>(up, ['volume', 'get', 'from-ui']).endpoint;
+  const wrote = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7e 0 4M', '-c', 'flush', fromUi], { encoding: 'utf8' });
+  assert.equal(wrote.status, 0, wrote.stderr);
+  await page.getByLabel('Snapshot name (optional)').fill('ui-snap');
+  await page.getByRole('button', { name: 'Take snapshot' }).click();
+  await seeText(page, '#snapshots', /ui-snap/);
+  await page.getByRole('button', { name: 'Back up' }).click();
+  await seeText(page, '#status', /Backup of from-ui started/);
+  const backup = await waitFor('the backup completed', () => mustZebuJson<{ name: string; state: string }[]>(up, ['backup', 'list', '--volume', 'from-ui']).find((b) => b.state === 'completed'), 60_000, 500);
+  await page.goto(`${up.api}/#/backups`);
+  await seeText(page, `[data-backup="${backup.name}"] [data-field="state"]`, /^completed$/);
+  await page.getByLabel(`name of the volume to restore ${backup.name} into`).fill('ui-restored');
+  await page.getByRole('button', { name: 'Restore' }).click();
+  await seeText(page, '#status', /Restoring .* into volume ui-restored/);
+  await shot(page, 'backups');
+  await waitFor('the restore done', () => mustZebuJson(up, ['volume', 'get', 'ui-restored']).restore?.state === 'completed' || undefined, 60_000, 500);
+  await waitFor('ui-restored detached', () => mustZebuJson(up, ['volume', 'get', 'ui-restored']).state === 'detached' || undefined, 60_000, 200);
+  const restoredUri = mustZebu(up, ['volume', 'attach', 'ui-restored']).trim();
+  const readBack = spawnSync('qemu-io', ['-f', 'raw', '-c', 'read -P 0x7e 0 4M', restoredUri], { encoding: 'utf8' });
+  assert.equal(readBack.status, 0, readBack.stderr);
+  assert.doesNotMatch(readBack.stdout, /verification failed/);
+
+  // Delete asks first: dismissed, nothing happens; accepted, the volume goes (it must be detached).
+  await page.goto(`${up.api}/#/volumes/from-ui`);
+  page.once('dialog', (d) => void d.dismiss());
+  await page.getByRole('button', { name: 'Delete volume' }).click();
+  await seeText(page, '#status', /was not deleted/);
+  page.once('dialog', (d) => void d.accept());
+  await page.getByRole('button', { name: 'Delete volume' }).click();
+  await seeText(page, '#problem', /attached.*detach it first/);
+  await page.getByRole('button', { name: 'Detach' }).click();
+  await seeText(page, '[data-field="state"]', /^detached$/, 60_000);
+  page.once('dialog', (d) => void d.accept());
+  await page.getByRole('button', { name: 'Delete volume' }).click();
+  await waitFor('from-ui gone', () => !mustZebuJson<{ name: string }[]>(up, ['volume', 'list']).some((v) => v.name === 'from-ui') || undefined, 60_000, 500);
 
   await page.goto(`${up.api}/#/nodes`);
   await seeText(page, 'tbody', /leader/);
