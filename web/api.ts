@@ -41,6 +41,8 @@ export async function call<T>(method: string, path: string, body?: unknown, toke
   }
   if (answer.status === 204) return null as T;
   const text = await answer.text();
+  // Prometheus text (/metrics) is handed over as it is.
+  if (answer.ok && (answer.headers.get('content-type') ?? '').startsWith('text/plain')) return text as T;
   let parsed: unknown;
   try {
     parsed = text === '' ? null : JSON.parse(text);

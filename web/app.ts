@@ -333,10 +333,96 @@ async function drawSnapshots(name: string): Promise<void> {
       el('td', {}, x.name), el('td', {}, new Date(x.createdAt).toLocaleString()), el('td', {}, x.parent ?? '—'), el('td', {}, bytes(x.sizeBytesUsed))))));
 }
 
+// ---- a volume's I/O, from the engine's counters in /metrics -----------------------------------
+
+const IO_COUNTERS = ['reads', 'writes', 'read_bytes', 'write_bytes', 'read_latency_seconds', 'write_latency_seconds'] as const;
+type IoSample = Record<(typeof IO_COUNTERS)[number], number> & { at: number };
+const IO_SAMPLE_MS = 2000;
+const IO_KEEP = 60;
+
+/** The volume's I/O counters in a Prometheus text exposition, or null when it has none (detached). */
+export function ioCounters(metricsText: string, volume: string): IoSample | null {
+  const out: Partial<IoSample> = { at: Date.now() };
+  for (const line of metricsText.split('\n')) {
+    const m = /^zebu_volume_(\w+)_total\{volume="((?:[^"\\]|\\.)*)"\} (\S+)$/.exec(line);
+    if (m === null || m[2] !== volume) continue;
+    const key = m[1] as (typeof IO_COUNTERS)[number];
+    if ((IO_COUNTERS as readonly string[]).includes(key)) out[key] = Number(m[3]);
+  }
+  return IO_COUNTERS.every((k) => typeof out[k] === 'number') ? out as IoSample : null;
+}
+
+interface IoRates { iops: number; mibPerSecond: number; latencyMs: number }
+
+function rates(a: IoSample, b: IoSample): IoRates {
+  const seconds = Math.max(0.001, (b.at - a.at) / 1000);
+  const ops = b.reads - a.reads + (b.writes - a.writes);
+  const latency = b.read_latency_seconds - a.read_latency_seconds + (b.write_latency_seconds - a.write_latency_seconds);
+  return {
+    iops: ops / seconds,
+    mibPerSecond: (b.read_bytes - a.read_bytes + (b.write_bytes - a.write_bytes)) / seconds / 2 ** 20,
+    latencyMs: ops > 0 ? (latency / ops) * 1000 : 0,
+  };
+}
+
+/** A small line chart of `values` (newest last), labelled for screen readers with the latest. */
+function chart(title: string, values: number[], unit: string): HTMLElement {
+  const width = 240;
+  const height = 60;
+  const max = Math.max(1e-9, ...values);
+  const points = values.map((v, i) => `${(i / Math.max(1, IO_KEEP - 1)) * width},${height - (v / max) * (height - 4) - 2}`).join(' ');
+  const latest = values.at(-1) ?? 0;
+  const text = `${latest >= 100 ? Math.round(latest) : latest.toFixed(1)} ${unit}`;
+  const svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+  svg.setAttribute('viewBox', `0 0 ${width} ${height}`);
+  svg.setAttribute('width', String(width));
+  svg.setAttribute('height', String(height));
+  svg.setAttribute('aria-hidden', 'true');
+  const line = document.createElementNS('http://www.w3.org/2000/svg', 'polyline');
+  line.setAttribute('points', points);
+  line.setAttribute('fill', 'none');
+  line.setAttribute('stroke', '#2f6fdf');
+  line.setAttribute('stroke-width', '2');
+  svg.append(line);
+  return el('figure', { class: 'card', 'aria-label': `${title}: ${text}` }, el('figcaption', {}, `${title}: `, el('strong', { 'data-io': title }, text)), svg);
+}
+
+/** Samples the volume's counters every 2 s while its page is open; draws IOPS, MiB/s and latency. */
+function followIo(name: string, into: HTMLElement): void {
+  const history: IoRates[] = [];
+  let last: IoSample | null = null;
+  const tick = async (): Promise<void> => {
+    if (!into.isConnected) return;
+    try {
+      const sample = ioCounters(await call<string>('GET', '/metrics'), name);
+      if (sample === null) {
+        into.replaceChildren(el('p', {}, 'No I/O figures: the volume is not attached.'));
+        last = null;
+      } else {
+        if (last !== null && sample.reads >= last.reads && sample.writes >= last.writes) {
+          history.push(rates(last, sample));
+          if (history.length > IO_KEEP) history.shift();
+        }
+        last = sample;
+        into.replaceChildren(
+          chart('IOPS', history.map((r) => r.iops), 'ops/s'),
+          chart('Throughput', history.map((r) => r.mibPerSecond), 'MiB/s'),
+          chart('Mean latency', history.map((r) => r.latencyMs), 'ms'));
+      }
+    } catch (err) {
+      failed(err);
+    }
+    if (into.isConnected) setTimeout(() => void tick(), IO_SAMPLE_MS);
+  };
+  void tick();
+}
+
 function volumeView(name: string): void {
   const body = el('div', {});
-  main().replaceChildren(el('h1', {}, `Volume ${name}`), volumeActions(name), body, el('table', { id: 'snapshots' }));
+  const io = el('section', { class: 'cards', 'aria-label': 'I/O' });
+  main().replaceChildren(el('h1', {}, `Volume ${name}`), volumeActions(name), io, body, el('table', { id: 'snapshots' }));
   void drawSnapshots(name).catch(failed);
+  followIo(name, io);
   const draw = (): void => {
     const v = volumes.get(name);
     if (v === undefined) {

@@ -5,7 +5,8 @@
  * SIGKILLed shows as degraded, then rebuilding, then healthy on the volume's page without a
  * reload, the volumes list filters and sorts, with 200 volumes too; a setting with a bad value
  * refused in words; a volume created from the form (bad size and name refused), attached,
- * snapshotted, backed up and restored from the UI (the data read back), deleted only after a
+ * its I/O charted live while fio writes, snapshotted, backed up and restored from the UI (the
+ * data read back), deleted only after a
  * confirmation. Screenshots of every view go to build/screenshots/ for a person to look at.
  */
 import { test } from 'node:test';
@@ -15,6 +16,7 @@ import path from 'node:path';
 import { chromium, type Page } from 'playwright-core';
 import { PROJECT_ROOT } from '../../src/os/js-build.ts';
 import { spawnSync } from 'node:child_process';
+import { startFio } from '../support/fio.ts';
 import { startZebuUp, stopZebuUp, mustZebu, mustZebuJson, zebuDataDir, waitFor } from '../support/zebu-up.ts';
 
 const CHROMIUM = '/usr/bin/chromium';
@@ -158,6 +160,13 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   const fromUi = mustZebuJson<{ endpoint: string }>(up, ['volume', 'get', 'from-ui']).endpoint;
   const wrote = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7e 0 4M', '-c', 'flush', fromUi], { encoding: 'utf8' });
   assert.equal(wrote.status, 0, wrote.stderr);
+  // Its I/O, live: fio writing for a while shows in the charts.
+  const load = startFio(t, ['--name=load', '--ioengine=nbd', `--uri=${fromUi}`, '--rw=randwrite', '--bs=4k', '--iodepth=4', '--size=8M', '--time_based', '--runtime=8', '--offset=8M']);
+  const busy = await seeText(page, '[data-io="IOPS"]', /^[1-9][\d.]* ops\/s$/, 30_000);
+  await seeText(page, '[data-io="Mean latency"]', /^\d[\d.]* ms$/);
+  await shot(page, 'volume-io');
+  assert.equal((await load.exit).code, 0);
+  process.stderr.write(`the UI showed ${busy} while fio wrote\n`);
   await page.getByLabel('Snapshot name (optional)').fill('ui-snap');
   await page.getByRole('button', { name: 'Take snapshot' }).click();
   await seeText(page, '#snapshots', /ui-snap/);
