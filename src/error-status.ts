@@ -48,6 +48,7 @@ const TABLE: Record<ErrorCode, Mapping> = {
   ZEBU_ERR_CONFLICT: { http: 409, errno: Errno.EIO },
   ZEBU_ERR_COMPACTED: { http: 410, errno: Errno.EIO },
   ZEBU_ERR_UNAUTHORIZED: { http: 401, errno: Errno.EPERM },
+  ZEBU_ERR_FORBIDDEN: { http: 403, errno: Errno.EPERM },
 };
 
 export function httpStatusFor(code: ErrorCode): number {

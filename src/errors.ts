@@ -28,6 +28,8 @@ export const ErrorCode = {
   WRONG_REPLICA: 'ZEBU_ERR_WRONG_REPLICA',
   /** A rebuild target could not read the source replica it was told to copy from (COPY_FROM). */
   SOURCE_FAILED: 'ZEBU_ERR_SOURCE_FAILED',
+  /** A valid credential that does not allow this (the read-only API token asking for a change). */
+  FORBIDDEN: 'ZEBU_ERR_FORBIDDEN',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
@@ -52,6 +54,7 @@ const wireByCode: Record<ErrorCode, number> = {
   ZEBU_ERR_UNAUTHORIZED: 17,
   ZEBU_ERR_WRONG_REPLICA: 18,
   ZEBU_ERR_SOURCE_FAILED: 19,
+  ZEBU_ERR_FORBIDDEN: 20,
 };
 const codeByWire = new Map<number, ErrorCode>(
   Object.entries(wireByCode).map(([code, wire]) => [wire, code as ErrorCode]),

@@ -24,8 +24,12 @@ export function savedToken(): string | null {
 }
 
 export function saveToken(token: string | null): void {
-  if (token === null) sessionStorage.removeItem(TOKEN_KEY);
-  else sessionStorage.setItem(TOKEN_KEY, token);
+  if (token === null) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem('zebu-access');
+  } else {
+    sessionStorage.setItem(TOKEN_KEY, token);
+  }
 }
 
 /** Calls the API; resolves with the parsed answer (null for 204), rejects with an ApiError. */

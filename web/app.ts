@@ -19,6 +19,9 @@ interface EventRow { time: string; type: string; reason: string; message: string
 
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'] as const;
 
+/** Signed in with the read-only token: controls that change things are hidden (the API refuses them anyway). */
+let readOnly = false;
+
 /** The volumes as the stream last said, by name. */
 const volumes = new Map<string, Volume>();
 let volumesKnown = false;
@@ -115,7 +118,7 @@ function signInView(): void {
   const input = el('input', { id: 'token', name: 'token', type: 'password', autocomplete: 'current-password', required: '' });
   const form = el('form', { class: 'sign-in', 'aria-labelledby': 'sign-in-title' },
     el('h1', { id: 'sign-in-title' }, 'Sign in'),
-    el('label', { for: 'token' }, 'API token (the file "token" in the data directory of zebu up)'),
+    el('label', { for: 'token' }, 'API token (the file "token" in the data directory of zebu up; "token-readonly" to only look)'),
     input,
     el('button', { type: 'submit' }, 'Sign in'));
   form.addEventListener('submit', (e) => {
@@ -125,8 +128,9 @@ function signInView(): void {
       showProblem('Enter the API token.');
       return;
     }
-    call('GET', '/v1/nodes', undefined, token).then(() => {
+    call<{ access: string }>('GET', '/v1/access', undefined, token).then((answer) => {
       saveToken(token);
+      sessionStorage.setItem('zebu-access', answer.access);
       showProblem(null);
       route();
     }, (err: unknown) => showProblem(err instanceof ApiError && err.status === 401 ? 'That token was refused: check it and try again.' : (err as Error).message));
@@ -227,7 +231,7 @@ function volumesView(query: URLSearchParams): void {
   const size = field('new-size', 'Size (e.g. 10GiB)', { required: '', value: '1GiB' });
   const replicas = field('new-replicas', 'Replicas', { type: 'number', min: '1', max: '16', value: '3' });
   const create = el('button', { type: 'submit' }, 'Create volume');
-  const form = el('form', { class: 'filters', 'aria-label': 'Create a volume' }, name.label, size.label, replicas.label, create);
+  const form = el('form', { class: 'filters writes', 'aria-label': 'Create a volume' }, name.label, size.label, replicas.label, create);
   form.addEventListener('submit', (e) => {
     e.preventDefault();
     const sizeBytes = parseSize(size.input.value);
@@ -318,7 +322,7 @@ function volumeActions(name: string): HTMLElement {
       location.hash = '#/volumes';
     });
   });
-  return el('section', { 'aria-label': 'Actions' },
+  return el('section', { 'aria-label': 'Actions', class: 'writes' },
     el('div', { class: 'filters' }, el('label', { for: 'attach-node' }, 'Node', node), attach, detach),
     el('div', { class: 'filters' }, snapshotName.label, snapshot, backup, remove));
 }
@@ -484,7 +488,8 @@ async function settingsView(): Promise<void> {
     el('tbody', {}, ...settings.map((x) => {
       const id = `setting-${x.name}`;
       const input = el('input', { id, value: x.value, 'aria-describedby': `${id}-about` });
-      const save = el('button', { type: 'button', 'aria-label': `Save ${x.name}` }, 'Save');
+      const save = el('button', { type: 'button', class: 'writes', 'aria-label': `Save ${x.name}` }, 'Save');
+      if (readOnly) input.readOnly = true;
       save.addEventListener('click', () => void act(save, `Setting ${x.name} is now ${input.value}.`, () => call('PUT', `/v1/settings/${x.name}`, { value: input.value })));
       return el('tr', { 'data-setting': x.name },
         el('td', {}, el('label', { for: id }, x.name)), el('td', {}, input, save), el('td', {}, x.default),
@@ -501,7 +506,7 @@ async function backupsView(): Promise<void> {
   ]);
   const url = field('target-url', 'Backup target (file:///DIR or s3://BUCKET/PREFIX)', { value: target.url ?? '', size: '50' });
   const setTarget = el('button', { type: 'submit' }, 'Set target');
-  const form = el('form', { class: 'filters', 'aria-label': 'Backup target' }, url.label, setTarget);
+  const form = el('form', { class: 'filters writes', 'aria-label': 'Backup target' }, url.label, setTarget);
   form.addEventListener('submit', (e) => {
     e.preventDefault();
     void act(setTarget, `The backup target is now ${url.input.value}.`, async () => {
@@ -527,7 +532,7 @@ async function backupsView(): Promise<void> {
         el('td', {}, b.name), el('td', {}, b.volume),
         el('td', { 'data-field': 'state', class: b.state === 'error' ? 'faulted' : '' }, b.state === 'in-progress' ? `in progress (${Math.round(b.progress * 100)}%)` : b.state + (b.message !== null ? `: ${b.message}` : '')),
         el('td', {}, bytes(b.sizeBytes)), el('td', {}, new Date(b.requestedAt).toLocaleString()),
-        el('td', {}, b.state === 'completed' ? el('span', {}, to, restore) : '—'));
+        el('td', {}, b.state === 'completed' ? el('span', { class: 'writes' }, to, restore) : '—'));
     }))));
 }
 
@@ -543,6 +548,9 @@ function route(): void {
     return;
   }
   document.getElementById('nav')!.hidden = false;
+  readOnly = sessionStorage.getItem('zebu-access') === 'read-only';
+  document.body.classList.toggle('read-only', readOnly);
+  document.getElementById('access')!.textContent = readOnly ? 'read-only' : '';
   startFollowing();
   const [path, search] = (location.hash.replace(/^#/, '') || '/').split('?');
   const query = new URLSearchParams(search ?? '');

@@ -21,7 +21,12 @@ export interface RouteInput {
   /** Routes that take raw bytes (`consumes`): the request body, streamed, and its declared length. */
   stream?: AsyncIterable<Buffer>;
   contentLength?: number | null;
+  /** What the caller's token allows (routes that need a token). */
+  access?: TokenAccess;
 }
+
+/** The API token may change things; the read-only token may only look (GET). */
+export type TokenAccess = 'read-write' | 'read-only';
 
 export interface RouteSpec {
   method: HttpMethod;
@@ -71,6 +76,12 @@ export function apiRoutes(
       summary: 'Liveness of the API server (no token needed)',
       response: ref('Health'),
       handler: async () => ({ ok: true }),
+    }),
+    route({
+      method: 'GET', url: '/v1/access', operationId: 'access', tag: 'system',
+      summary: 'What the token presented allows (the web UI hides what a read-only token may not do)',
+      response: ref('Access'),
+      handler: async ({ access }) => ({ access: access ?? 'read-write' }),
     }),
     route({
       method: 'GET', url: '/metrics', operationId: 'metrics', tag: 'system',

@@ -380,6 +380,7 @@ export const views: Record<string, JsonSchema> = {
     },
   }),
   Health: view({ ok: { const: true } }),
+  Access: view({ access: { enum: ['read-write', 'read-only'], description: 'what the token presented allows: read-only may only look (GET)' } }),
 };
 
 export const ref = (name: keyof typeof views & string): JsonSchema => ({ $ref: `#/components/schemas/${name}` });

@@ -3,7 +3,8 @@
  * schemas.ts, the OpenAPI document is generated from the same table (openapi.ts).
  *
  * - Every route but GET /healthz and the web UI's files (web-ui.ts) needs `Authorization: Bearer
- *   <token>` (compared in constant time).
+ *   <token>` (compared in constant time): the API token, or the read-only token, which may only
+ *   look (GET, HEAD; anything else is 403 FORBIDDEN).
  * - Inputs are checked by JSON schema before the service sees them; a failure is a 400 naming the
  *   field. The service checks again (state-dependent rules) and its ZebuErrors map onto statuses:
  *   EINVAL 400, UNAUTHORIZED 401, NOT_FOUND 404, EXISTS/CONFLICT/BUSY 409, ENOSPC 507, else 500.
@@ -22,7 +23,7 @@ import { createMetricsExporter } from './metrics.ts';
 import { PROJECT_ROOT } from '../os/js-build.ts';
 import { openapiDocument } from './openapi.ts';
 import { registerWebUi, WEB_UI_OPEN_ROUTES } from './web-ui.ts';
-import { apiRoutes, type BackingImageService, type RecurringJobService, type RouteSpec } from './routes.ts';
+import { apiRoutes, type BackingImageService, type RecurringJobService, type RouteSpec, type TokenAccess } from './routes.ts';
 
 export interface ApiServerOptions {
   service: ManagerService;
@@ -34,6 +35,8 @@ export interface ApiServerOptions {
   backingImages?: BackingImageService;
   /** The bearer token every request but /healthz must present. */
   token: string;
+  /** A second token that may only look: GET and HEAD requests (absent: none). */
+  readOnlyToken?: string;
   /** fastify's request log (pino, to stdout). Off by default. */
   logger?: boolean;
 }
@@ -54,14 +57,21 @@ function digest(text: string): Buffer {
   return crypto.createHash('sha256').update(text).digest();
 }
 
-/** Checks the Authorization header; the comparison time does not depend on the token's bytes. */
-function authorizationError(header: string | undefined, tokenDigest: Buffer): ZebuError | null {
+/**
+ * What the Authorization header's token allows, or why it is refused; the comparison time does not
+ * depend on the token's bytes.
+ */
+function tokenAccess(header: string | undefined, tokenDigest: Buffer, readOnlyDigest: Buffer | null): TokenAccess | ZebuError {
   const missing = 'missing API token: send "Authorization: Bearer <token>" (zebu up writes the token to the token file of its data directory)';
   if (header === undefined || header === '') return new ZebuError(ErrorCode.UNAUTHORIZED, missing);
   const m = /^Bearer[ \t]+(\S+)[ \t]*$/i.exec(header);
   if (m === null) return new ZebuError(ErrorCode.UNAUTHORIZED, `malformed Authorization header: ${missing.replace('missing API token: ', '')}`);
-  if (!crypto.timingSafeEqual(digest(m[1]), tokenDigest)) return new ZebuError(ErrorCode.UNAUTHORIZED, 'invalid API token');
-  return null;
+  const presented = digest(m[1]);
+  const full = crypto.timingSafeEqual(presented, tokenDigest);
+  const readOnly = readOnlyDigest !== null && crypto.timingSafeEqual(presented, readOnlyDigest);
+  if (full) return 'read-write';
+  if (readOnly) return 'read-only';
+  return new ZebuError(ErrorCode.UNAUTHORIZED, 'invalid API token');
 }
 
 /** fastify's own client errors (bad JSON, body too large, wrong content type) keep their status. */
@@ -80,6 +90,10 @@ function sendError(reply: FastifyReply, err: ZebuError, status = statusForCode(e
 export async function buildApiServer(options: ApiServerOptions): Promise<FastifyInstance> {
   if (typeof options.token !== 'string' || options.token.trim() === '') throw new ZebuError(ErrorCode.EINVAL, 'the API token must not be empty');
   const tokenDigest = digest(options.token);
+  if (options.readOnlyToken !== undefined && (options.readOnlyToken.trim() === '' || options.readOnlyToken === options.token)) {
+    throw new ZebuError(ErrorCode.EINVAL, 'the read-only token must not be empty, nor the API token');
+  }
+  const readOnlyDigest = options.readOnlyToken === undefined ? null : digest(options.readOnlyToken);
   const app = Fastify({
     logger: options.logger ?? false,
     bodyLimit: BODY_LIMIT_BYTES,
@@ -104,12 +118,17 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
   }, options.recurringJobs ?? null, options.backingImages ?? null);
   const open = new Set([...routes.filter((r) => !r.auth).map((r) => `${r.method} ${r.url}`), ...WEB_UI_OPEN_ROUTES]);
 
+  const accessOf = new WeakMap<FastifyRequest, TokenAccess>();
   app.addHook('onRequest', async (request: FastifyRequest, reply: FastifyReply) => {
     const routeUrl = request.routeOptions.url;
     if (routeUrl !== undefined && open.has(`${request.method} ${routeUrl}`)) return;
     if (request.method === 'HEAD' && routeUrl !== undefined && open.has(`GET ${routeUrl}`)) return;
-    const err = authorizationError(request.headers.authorization, tokenDigest);
-    if (err !== null) return sendError(reply, err);
+    const access = tokenAccess(request.headers.authorization, tokenDigest, readOnlyDigest);
+    if (access instanceof ZebuError) return sendError(reply, access);
+    if (access === 'read-only' && request.method !== 'GET' && request.method !== 'HEAD') {
+      return sendError(reply, new ZebuError(ErrorCode.FORBIDDEN, `this token is read-only: it may look (GET) but not ${request.method} ${request.url.split('?')[0]}; use the API token (the file "token" of zebu up's data directory)`));
+    }
+    accessOf.set(request, access);
   });
 
   app.setErrorHandler((error: FastifyError | ZebuError | Error, request, reply) => {
@@ -158,6 +177,7 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
           throw new ZebuError(ErrorCode.EINVAL, `send the body as ${r.consumes}`);
         }
         const result = await r.handler({
+          access: accessOf.get(request),
           params: (request.params ?? {}) as Record<string, string>,
           query: (request.query ?? {}) as Record<string, string | undefined>,
           body: raw ? {} : (request.body ?? {}) as Record<string, unknown>,

@@ -10,9 +10,10 @@
  *
  * Data directory:
  *   token            API bearer token (0600)      secret     data-protocol secret (0600)
+ *   token-readonly   API token that may only look (GET; the web UI's read-only sign-in) (0600)
  *   store.db         the embedded store           disks/     disk-0 .. disk-N-1
  *   procs/ logs/     process records and logs     run/       UNIX sockets
- * With etcd, the token and the secret are the cluster's, kept in the store (the first node makes
+ * With etcd, the tokens and the secret are the cluster's, kept in the store (the first node makes
  * them) and copied into these files for the CLI and the data-path processes.
  */
 import crypto from 'node:crypto';
@@ -95,13 +96,17 @@ function writeSecretFile(file: string, text: string): void {
  * A shared store: the cluster's token and secret come from it; the first node to start puts its
  * own (or new ones) there. The local files then hold the cluster's.
  */
-async function clusterSecrets(store: Store, tokenFile: string, secretFile: string, log: pino.Logger): Promise<void> {
+async function clusterSecrets(store: Store, tokenFile: string, secretFile: string, readOnlyTokenFile: string, log: pino.Logger): Promise<void> {
   const objects = new Objects(store);
   let held = await objects.get(Kind.Secret, CLUSTER_SECRET);
   if (held === null) {
     ensureSecretFile(tokenFile, 32);
     ensureSecretFile(secretFile, 32);
-    const data = { apiToken: fs.readFileSync(tokenFile, 'utf8').trim(), dataSecret: fs.readFileSync(secretFile, 'utf8').trim() };
+    ensureSecretFile(readOnlyTokenFile, 32);
+    const data = {
+      apiToken: fs.readFileSync(tokenFile, 'utf8').trim(), dataSecret: fs.readFileSync(secretFile, 'utf8').trim(),
+      readOnlyToken: fs.readFileSync(readOnlyTokenFile, 'utf8').trim(),
+    };
     try {
       held = await objects.create(Kind.Secret, CLUSTER_SECRET, { data });
     } catch (err) {
@@ -112,6 +117,16 @@ async function clusterSecrets(store: Store, tokenFile: string, secretFile: strin
   const apiToken = held?.value.data.apiToken;
   const dataSecret = held?.value.data.dataSecret;
   if (typeof apiToken !== 'string' || typeof dataSecret !== 'string') throw new ZebuError(ErrorCode.EIO, `the store's Secret ${CLUSTER_SECRET} lacks the API token or the data secret`);
+  // A cluster made before read-only tokens existed gets one now (the first node to start adds it).
+  if (typeof held!.value.data.readOnlyToken !== 'string') {
+    const made = crypto.randomBytes(32).toString('hex');
+    held = await objects.mutate(Kind.Secret, CLUSTER_SECRET, (x) => {
+      if (typeof x.data.readOnlyToken === 'string') return false;
+      x.data.readOnlyToken = made;
+    }) ?? held;
+  }
+  const readOnlyToken = held!.value.data.readOnlyToken;
+  if (typeof readOnlyToken === 'string') writeSecretFile(readOnlyTokenFile, readOnlyToken);
   const before = fs.existsSync(secretFile) ? fs.readFileSync(secretFile, 'utf8').trim() : null;
   if (before !== null && before !== dataSecret) log.warn('this node had another data-protocol secret than the cluster: it takes the cluster\'s (processes it runs from before cannot be reached with it)');
   writeSecretFile(tokenFile, apiToken);
@@ -163,10 +178,11 @@ export async function up(args: UpArgs): Promise<void> {
   const lockFile = takeLock(dataDir);
   const tokenFile = path.join(dataDir, 'token');
   const secretFile = path.join(dataDir, 'secret');
+  const readOnlyTokenFile = path.join(dataDir, 'token-readonly');
   let opened;
   try {
     opened = await openStore(storeChoice, dataDir, (message) => log.warn(message));
-    if (opened.shared) await clusterSecrets(opened.store, tokenFile, secretFile, log);
+    if (opened.shared) await clusterSecrets(opened.store, tokenFile, secretFile, readOnlyTokenFile, log);
   } catch (err) {
     await opened?.store.close().catch(() => {});
     fs.rmSync(lockFile, { force: true });
@@ -175,7 +191,9 @@ export async function up(args: UpArgs): Promise<void> {
   const store = opened.store;
   ensureSecretFile(tokenFile, 32);
   ensureSecretFile(secretFile, 32);
+  ensureSecretFile(readOnlyTokenFile, 32);
   const token = fs.readFileSync(tokenFile, 'utf8').trim();
+  const readOnlyToken = fs.readFileSync(readOnlyTokenFile, 'utf8').trim();
   const runDir = runDirFor(dataDir);
   fs.mkdirSync(runDir, { recursive: true, mode: 0o700 });
   const disks = Array.from({ length: diskCount }, (_, i) => path.join(dataDir, 'disks', `disk-${i}`));
@@ -280,7 +298,7 @@ export async function up(args: UpArgs): Promise<void> {
       },
       log: (event) => log.info(event, String(event.event)),
     });
-    const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, backingImages: manager.backingImages, token });
+    const api = await buildApiServer({ service: manager.service, backups: manager.backups, recurringJobs: manager.recurringJobs, backingImages: manager.backingImages, token, readOnlyToken });
     try {
       await api.listen({ host: apiAddress.host, port: apiAddress.port });
     } catch (err) {
@@ -390,6 +408,7 @@ export async function up(args: UpArgs): Promise<void> {
       leader: election.isLeader,
       store: opened.describe,
       tokenFile,
+      readOnlyTokenFile,
       dataDir,
       node: nodeId,
       nbd: agent.nbdAddress,

@@ -67,7 +67,7 @@ async function pollVolume(app: FastifyInstance, name: string, done: (a: Answer) 
 
 /** Every route the API must serve (the brief's list), as "METHOD path" in OpenAPI syntax. */
 const ROUTES = [
-  'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json',
+  'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json', 'GET /v1/access',
   'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}', 'PATCH /v1/volumes/{name}',
   'POST /v1/volumes/{name}/activate',
   'POST /v1/volumes/{name}/attach', 'POST /v1/volumes/{name}/detach', 'POST /v1/volumes/{name}/expand',
@@ -613,4 +613,26 @@ test('replica move and eviction over the API: bad bodies get 400 with the field,
   assert.equal(moved.body.leaving.diskId, 'disk-2');
   assertError(await call(app, 'PATCH', '/v1/disks/disk-0', { body: { evict: 'yes' } }), 400, 'EINVAL', 'evict');
   assertError(await call(app, 'PATCH', '/v1/nodes/node-1', { body: { evict: 1 } }), 400, 'EINVAL', 'evict');
+});
+
+test('the read-only token: it may look (every GET, /metrics, the stream) but changes nothing (403 FORBIDDEN, in words); /v1/access tells which token it is', async (t) => {
+  const service = new FakeManagerService();
+  const READ_ONLY = 'read-only-token-0123456789abcdef';
+  await assert.rejects(buildApiServer({ service, token: TOKEN, readOnlyToken: TOKEN }), /read-only token/);
+  await assert.rejects(buildApiServer({ service, token: TOKEN, readOnlyToken: ' ' }), /read-only token/);
+  const app = await buildApiServer({ service, token: TOKEN, readOnlyToken: READ_ONLY });
+  t.after(() => app.close());
+  assert.equal((await call(app, 'POST', '/v1/volumes', { body: { name: 'v', sizeBytes: GiB, numberOfReplicas: 1 } })).status, 201);
+  for (const url of ['/v1/volumes', '/v1/volumes/v', '/v1/nodes', '/v1/settings', '/metrics', '/v1/events']) {
+    assert.equal((await call(app, 'GET', url, { token: READ_ONLY })).status, 200, url);
+  }
+  assert.deepEqual((await call(app, 'GET', '/v1/access', { token: READ_ONLY })).body, { access: 'read-only' });
+  assert.deepEqual((await call(app, 'GET', '/v1/access')).body, { access: 'read-write' });
+  for (const [method, url, body] of [['POST', '/v1/volumes/v/attach', {}], ['DELETE', '/v1/volumes/v', undefined], ['PUT', '/v1/settings/default-replica-count', { value: '2' }], ['PATCH', '/v1/nodes/node-1', { allowScheduling: false }]] as const) {
+    const r = await call(app, method, url, { token: READ_ONLY, body });
+    assertError(r, 403, 'FORBIDDEN');
+    assert.match(r.body.error.message, /read-only/, url);
+  }
+  assert.equal((await service.getVolume('v')).state, 'detached', 'nothing changed');
+  assertError(await call(app, 'GET', '/v1/volumes', { token: 'neither' }), 401, 'UNAUTHORIZED');
 });

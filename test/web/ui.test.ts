@@ -7,7 +7,8 @@
  * refused in words; a volume created from the form (bad size and name refused), attached,
  * its I/O charted live while fio writes, snapshotted, backed up and restored from the UI (the
  * data read back), deleted only after a
- * confirmation. Screenshots of every view go to build/screenshots/ for a person to look at.
+ * confirmation; the read-only token shows everything and offers no action (the API refuses
+ * them too). Screenshots of every view go to build/screenshots/ for a person to look at.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -207,7 +208,26 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   await seeText(page, 'tbody', /Created|Attached|Rebuild/i);
   await shot(page, 'events');
 
-  // Signing out forgets the token; the API's refusal of a stale one sends the user to sign in.
+  // Signing out forgets the token. The read-only token: everything to see, nothing to change.
+  await page.getByRole('button', { name: 'Sign out' }).click();
+  await seeText(page, 'h1', /Sign in/);
+  await page.getByLabel(/API token/).fill(fs.readFileSync(path.join(dataDir, 'token-readonly'), 'utf8').trim());
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  await seeText(page, '#access', /^read-only$/);
+  await page.goto(`${up.api}/#/volumes`);
+  await seeText(page, '.count', /of 203 volumes$/);
+  assert.equal(await page.getByRole('button', { name: 'Create volume' }).isVisible(), false);
+  await page.goto(`${up.api}/#/volumes/uv`);
+  await seeText(page, '[data-field="robustness"]', /^healthy$/);
+  assert.equal(await page.getByRole('button', { name: 'Delete volume' }).isVisible(), false);
+  await shot(page, 'read-only');
+  const refused = await page.evaluate(async () => {
+    const r = await fetch('/v1/volumes/uv/detach', { method: 'POST', headers: { authorization: `Bearer ${sessionStorage.getItem('zebu-token')}` } });
+    return { status: r.status, body: await r.json() as { error: { message: string } } };
+  });
+  assert.equal(refused.status, 403);
+  assert.match(refused.body.error.message, /read-only/);
+  assert.equal(mustZebuJson(up, ['volume', 'get', 'uv']).state, 'attached');
   await page.getByRole('button', { name: 'Sign out' }).click();
   await seeText(page, 'h1', /Sign in/);
   assert.deepEqual(pageErrors, [], 'no script error in the page');
