@@ -13,7 +13,7 @@ interface Volume {
   nodeId: string | null; endpoint: string | null; replicas: ReplicaSummary[]; rebuilding: boolean; message: string | null;
   lastBackup: string | null; recoveryPointAt: string | null; createdAt: string;
 }
-interface NodeRow { name: string; address: string; ready: boolean; leader: boolean; allowScheduling: boolean; replicaCount: number; disks: string[]; tags: string[] }
+interface NodeRow { name: string; address: string; ready: boolean; leader: boolean; allowScheduling: boolean; evict: boolean; replicaCount: number; disks: string[]; tags: string[] }
 interface Disk { name: string; nodeId: string; storageMaximumBytes: number; storageAvailableBytes: number; storageReservedBytes: number; storageScheduledBytes: number; ready: boolean }
 interface EventRow { time: string; type: string; reason: string; message: string; kind: string; object: string; volume: string | null }
 
@@ -90,12 +90,12 @@ export function parseSize(text: string): number | null {
  * Runs an action the user asked for: its button waits meanwhile, success is said in the status
  * line, a failure in the alert line (the API's words).
  */
-async function act(button: HTMLButtonElement | null, done: string, action: () => Promise<unknown>): Promise<boolean> {
+async function act<T>(button: HTMLButtonElement | null, done: string | ((result: T) => string), action: () => Promise<T>): Promise<boolean> {
   showProblem(null);
   if (button !== null) button.disabled = true;
   try {
-    await action();
-    showStatus(done);
+    const result = await action();
+    showStatus(typeof done === 'string' ? done : done(result));
     return true;
   } catch (err) {
     failed(err);
@@ -322,19 +322,76 @@ function volumeActions(name: string): HTMLElement {
       location.hash = '#/volumes';
     });
   });
+  const newSize = field('expand-size', 'New size (e.g. 20GiB)', { autocomplete: 'off' });
+  const expand = el('button', { type: 'button' }, 'Expand');
+  expand.addEventListener('click', () => {
+    const sizeBytes = parseSize(newSize.input.value);
+    if (sizeBytes === null) {
+      showProblem(`"${newSize.input.value}" is not a size: write a number with a unit, like 20GiB.`);
+      newSize.input.focus();
+      return;
+    }
+    void act(expand, `Volume ${name} is being expanded to ${bytes(sizeBytes)}.`, () => call('POST', `${path}/expand`, { sizeBytes }));
+  });
+  const verify = el('button', { type: 'button' }, 'Verify replicas');
+  verify.addEventListener('click', () => {
+    showStatus(`Verifying ${name}…`);
+    void act(verify,
+      (r) => `Verify of ${name}: ${r.regions} regions of ${r.replicas.length} replicas compared in ${r.durationMs} ms; ${r.differing.length === 0 ? 'all identical' : `${r.differing.length} differ`}.`,
+      () => call<{ regions: number; replicas: string[]; differing: unknown[]; durationMs: number }>('POST', `${path}/verify`, {}));
+  });
+  const salvage = el('button', { type: 'button' }, 'Salvage');
+  salvage.addEventListener('click', () => {
+    if (!confirm(`Salvage volume ${name}: restart its engine on every replica, taking the newest data among them?`)) return;
+    void act(salvage, `Salvaging ${name}.`, () => call('POST', `${path}/salvage`, {}));
+  });
   return el('section', { 'aria-label': 'Actions', class: 'writes' },
     el('div', { class: 'filters' }, el('label', { for: 'attach-node' }, 'Node', node), attach, detach),
-    el('div', { class: 'filters' }, snapshotName.label, snapshot, backup, remove));
+    el('div', { class: 'filters' }, snapshotName.label, snapshot, backup),
+    el('div', { class: 'filters' }, newSize.label, expand, verify, salvage, remove));
 }
 
 async function drawSnapshots(name: string): Promise<void> {
   const table = document.getElementById('snapshots');
   if (table === null) return;
   const snapshots = await call<Snapshot[]>('GET', `/v1/volumes/${encodeURIComponent(name)}/snapshots`);
-  table.replaceChildren(el('caption', {}, 'Snapshots'),
-    el('thead', {}, el('tr', {}, ...['Name', 'Taken', 'Parent', 'Size'].map((h) => el('th', { scope: 'col' }, h)))),
-    el('tbody', {}, ...snapshots.map((x) => el('tr', { 'data-snapshot': x.name },
-      el('td', {}, x.name), el('td', {}, new Date(x.createdAt).toLocaleString()), el('td', {}, x.parent ?? '—'), el('td', {}, bytes(x.sizeBytesUsed))))));
+  const path = `/v1/volumes/${encodeURIComponent(name)}/snapshots`;
+  // The tree: each snapshot under its parent, indented.
+  const children = new Map<string | null, Snapshot[]>();
+  for (const x of snapshots) children.set(x.parent, [...(children.get(x.parent) ?? []), x]);
+  const ordered: { snapshot: Snapshot; depth: number }[] = [];
+  const walk = (parent: string | null, depth: number): void => {
+    for (const x of (children.get(parent) ?? []).sort((a, b) => (a.createdAt < b.createdAt ? -1 : 1))) {
+      ordered.push({ snapshot: x, depth });
+      walk(x.name, depth + 1);
+    }
+  };
+  walk(null, 0);
+  for (const x of snapshots) if (!ordered.some((o) => o.snapshot === x)) ordered.push({ snapshot: x, depth: 0 });
+  table.replaceChildren(el('caption', {}, 'Snapshots (a tree: each under its parent)'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Taken', 'Size', 'In the current data', 'Actions'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...ordered.map(({ snapshot: x, depth }) => {
+      const revert = el('button', { type: 'button', 'aria-label': `Revert to ${x.name}` }, 'Revert');
+      revert.addEventListener('click', () => {
+        if (!confirm(`Revert volume ${name} to snapshot ${x.name}? Everything written since is lost. (The volume must be attached in maintenance mode.)`)) return;
+        void act(revert, `Volume ${name} reverted to ${x.name}.`, async () => {
+          await call('POST', `${path}/${encodeURIComponent(x.name)}/revert`);
+          await drawSnapshots(name);
+        });
+      });
+      const remove = el('button', { type: 'button', 'aria-label': `Delete snapshot ${x.name}` }, 'Delete');
+      remove.addEventListener('click', () => {
+        if (!confirm(`Delete snapshot ${x.name} of volume ${name}?`)) return;
+        void act(remove, `Snapshot ${x.name} deleted.`, async () => {
+          await call('DELETE', `${path}/${encodeURIComponent(x.name)}`);
+          await drawSnapshots(name);
+        });
+      });
+      return el('tr', { 'data-snapshot': x.name },
+        el('td', { style: `padding-left: ${0.6 + depth * 1.2}rem` }, depth > 0 ? `└ ${x.name}` : x.name),
+        el('td', {}, new Date(x.createdAt).toLocaleString()), el('td', {}, bytes(x.sizeBytesUsed)), el('td', {}, x.inChain ? 'yes' : 'no'),
+        el('td', {}, el('span', { class: 'writes' }, revert, remove)));
+    })));
 }
 
 // ---- a volume's I/O, from the engine's counters in /metrics -----------------------------------
@@ -455,15 +512,52 @@ function volumeView(name: string): void {
 
 // ---- nodes and events ------------------------------------------------------------------------
 
+interface DiskRow extends Disk { path: string; allowScheduling: boolean; evict: boolean; tags: string[]; replicaCount: number; message: string | null }
+
+/** Scheduling on/off, eviction on/off and tags of a node or a disk, each a PATCH of its own. */
+function placementControls(kind: 'nodes' | 'disks', name: string, current: { allowScheduling: boolean; evict: boolean; tags: string[] }, redraw: () => Promise<void>): HTMLElement {
+  const path = `/v1/${kind}/${encodeURIComponent(name)}`;
+  const scheduling = el('button', { type: 'button', 'aria-label': `${current.allowScheduling ? 'Stop' : 'Allow'} scheduling on ${name}` }, current.allowScheduling ? 'Stop scheduling' : 'Allow scheduling');
+  scheduling.addEventListener('click', () => void act(scheduling, `Scheduling on ${name} is ${current.allowScheduling ? 'off' : 'on'}.`, async () => {
+    await call('PATCH', path, { allowScheduling: !current.allowScheduling });
+    await redraw();
+  }));
+  const evict = el('button', { type: 'button', 'aria-label': `${current.evict ? 'Stop evicting' : 'Evict'} ${name}` }, current.evict ? 'Stop evicting' : 'Evict');
+  evict.addEventListener('click', () => {
+    if (!current.evict && !confirm(`Move every replica off ${name}? Each is rebuilt elsewhere first.`)) return;
+    void act(evict, current.evict ? `Eviction of ${name} stopped.` : `Evicting ${name}.`, async () => {
+      await call('PATCH', path, { evict: !current.evict });
+      await redraw();
+    });
+  });
+  const tags = el('input', { id: `tags-${kind}-${name}`, value: current.tags.join(', '), 'aria-label': `tags of ${name} (comma-separated)`, size: '16' });
+  const saveTags = el('button', { type: 'button', 'aria-label': `Save tags of ${name}` }, 'Save tags');
+  saveTags.addEventListener('click', () => void act(saveTags, `Tags of ${name} saved.`, async () => {
+    await call('PATCH', path, { tags: tags.value.split(',').map((x) => x.trim()).filter((x) => x !== '') });
+    await redraw();
+  }));
+  return el('span', { class: 'writes' }, scheduling, evict, tags, saveTags);
+}
+
 async function nodesView(): Promise<void> {
-  main().replaceChildren(el('h1', {}, 'Nodes'), el('p', {}, 'Loading…'));
-  const nodes = await call<NodeRow[]>('GET', '/v1/nodes');
-  main().replaceChildren(el('h1', {}, 'Nodes'), el('table', {}, el('caption', {}, 'Nodes'),
-    el('thead', {}, el('tr', {}, ...['Name', 'Address', 'State', 'Leader', 'Scheduling', 'Replicas', 'Disks', 'Tags'].map((h) => el('th', { scope: 'col' }, h)))),
-    el('tbody', {}, ...nodes.map((n) => el('tr', {},
+  const [nodes, disks] = await Promise.all([call<NodeRow[]>('GET', '/v1/nodes'), call<DiskRow[]>('GET', '/v1/disks')]);
+  const redraw = (): Promise<void> => nodesView();
+  main().replaceChildren(el('h1', {}, 'Nodes and disks'), el('table', {}, el('caption', {}, 'Nodes'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Address', 'State', 'Leader', 'Scheduling', 'Replicas', 'Disks', 'Tags', 'Change'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...nodes.map((n) => el('tr', { 'data-node': n.name },
       el('td', {}, n.name), el('td', {}, n.address), el('td', { class: n.ready ? 'healthy' : 'faulted' }, n.ready ? 'up' : 'down'),
       el('td', {}, n.leader ? 'leader' : ''), el('td', {}, n.allowScheduling ? 'on' : 'off'), el('td', {}, String(n.replicaCount)),
-      el('td', {}, String(n.disks.length)), el('td', {}, n.tags.join(', ')))))));
+      el('td', {}, String(n.disks.length)), el('td', { 'data-field': 'tags' }, n.tags.join(', ')),
+      el('td', {}, placementControls('nodes', n.name, n, redraw)))))),
+  el('table', {}, el('caption', {}, 'Disks'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Node', 'Path', 'State', 'Used', 'Scheduled', 'Reserved', 'Replicas', 'Scheduling', 'Tags', 'Change'].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...disks.map((d) => el('tr', { 'data-disk': d.name },
+      el('td', {}, d.name), el('td', {}, d.nodeId), el('td', {}, d.path),
+      el('td', { class: d.ready ? 'healthy' : 'faulted' }, d.ready ? (d.evict ? 'evicting' : 'ready') : `not ready${d.message !== null ? `: ${d.message}` : ''}`),
+      el('td', {}, `${bytes(d.storageMaximumBytes - d.storageAvailableBytes)} of ${bytes(d.storageMaximumBytes)}`),
+      el('td', {}, bytes(d.storageScheduledBytes)), el('td', {}, bytes(d.storageReservedBytes)), el('td', {}, String(d.replicaCount)),
+      el('td', {}, d.allowScheduling ? 'on' : 'off'), el('td', { 'data-field': 'tags' }, d.tags.join(', ')),
+      el('td', {}, placementControls('disks', d.name, d, redraw)))))));
 }
 
 function eventsTable(events: EventRow[]): HTMLTableElement {
@@ -477,6 +571,67 @@ function eventsTable(events: EventRow[]): HTMLTableElement {
 async function eventsView(): Promise<void> {
   const events = await call<EventRow[]>('GET', '/v1/events?limit=200');
   main().replaceChildren(el('h1', {}, 'Events'), eventsTable(events));
+}
+
+interface JobRow {
+  name: string; task: string; cron: string; retain: number; concurrency: number; groups: string[]; members: string[];
+  lastRunAt: string | null; nextRunAt: string | null; results: { volume: string; result: string; message: string | null; at: string }[];
+}
+
+async function jobsView(): Promise<void> {
+  const jobs = await call<JobRow[]>('GET', '/v1/recurringjobs');
+  const name = field('job-name', 'Name', { autocomplete: 'off' });
+  const task = el('select', { id: 'job-task' }, ...['snapshot', 'backup', 'snapshot-cleanup', 'snapshot-delete', 'backup-force-create'].map((x) => el('option', { value: x }, x)));
+  const cron = field('job-cron', 'Schedule (cron)', { value: '0 3 * * *' });
+  const retain = field('job-retain', 'Keep', { type: 'number', min: '1', max: '250', value: '7' });
+  const groups = field('job-groups', 'Groups (comma-separated)', { value: 'default' });
+  const create = el('button', { type: 'submit' }, 'Create job');
+  const form = el('form', { class: 'filters writes', 'aria-label': 'Create a recurring job' }, name.label, el('label', { for: 'job-task' }, 'Task', task), cron.label, retain.label, groups.label, create);
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const body = {
+      name: name.input.value.trim(), task: task.value, cron: cron.input.value.trim(), retain: Number(retain.input.value),
+      groups: groups.input.value.split(',').map((x) => x.trim()).filter((x) => x !== ''),
+    };
+    void act(create, `Recurring job ${body.name} created.`, async () => {
+      await call('POST', '/v1/recurringjobs', body);
+      await jobsView();
+    });
+  });
+  main().replaceChildren(el('h1', {}, 'Recurring jobs'), form, el('table', {}, el('caption', {}, 'Recurring jobs'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Task', 'Schedule', 'Keep', 'Volumes', 'Next run', 'Last result per volume', ''].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, ...jobs.map((j) => {
+      const remove = el('button', { type: 'button', class: 'writes', 'aria-label': `Delete job ${j.name}` }, 'Delete');
+      remove.addEventListener('click', () => {
+        if (!confirm(`Delete recurring job ${j.name}? What it made stays.`)) return;
+        void act(remove, `Recurring job ${j.name} deleted.`, async () => {
+          await call('DELETE', `/v1/recurringjobs/${encodeURIComponent(j.name)}`);
+          await jobsView();
+        });
+      });
+      return el('tr', { 'data-job': j.name },
+        el('td', {}, j.name), el('td', {}, j.task), el('td', {}, j.cron), el('td', {}, String(j.retain)), el('td', {}, j.members.join(', ') || '—'),
+        el('td', {}, j.nextRunAt === null ? '—' : new Date(j.nextRunAt).toLocaleString()),
+        el('td', { style: 'white-space: normal' }, ...(j.results.length === 0 ? ['—'] : j.results.map((r) => el('div', { class: r.result === 'error' ? 'faulted' : '' }, `${r.volume}: ${r.result}${r.message !== null ? ` (${r.message})` : ''}`)))),
+        el('td', {}, remove));
+    }))));
+}
+
+interface ImageRow {
+  name: string; state: string; sizeBytes: number; checksum: string | null; minCopies: number; readyCopies: number;
+  files: { disk: string; node: string; state: string; progress: number; message: string | null; from: string }[];
+}
+
+async function imagesView(): Promise<void> {
+  const images = await call<ImageRow[]>('GET', '/v1/backingimages');
+  main().replaceChildren(el('h1', {}, 'Backing images'), ...(images.length === 0 ? [el('p', {}, 'No backing images (zebu backing-image create NAME --url URL, or --upload FILE).')] : images.map((b) =>
+    el('section', { 'data-image': b.name }, el('h2', {}, `${b.name} — ${b.state}, ${bytes(b.sizeBytes)}, ${b.readyCopies} of ${b.minCopies} copies ready`),
+      el('table', {}, el('caption', {}, `Files of ${b.name}`),
+        el('thead', {}, el('tr', {}, ...['Disk', 'Node', 'State', 'Progress', 'From', 'Message'].map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, ...b.files.map((f) => el('tr', {},
+          el('td', {}, f.disk), el('td', {}, f.node), el('td', {}, f.state),
+          el('td', {}, el('progress', { max: '100', value: String(Math.round(f.progress * 100)), 'aria-label': `copy of ${b.name} on ${f.disk}` })),
+          el('td', {}, f.from), el('td', { style: 'white-space: normal' }, f.message ?? '—')))))))));
 }
 
 interface SettingRow { name: string; value: string; default: string; type: string; description: string }
@@ -567,6 +722,8 @@ function route(): void {
   else if (parts[0] === 'nodes') view = nodesView();
   else if (parts[0] === 'events') view = eventsView();
   else if (parts[0] === 'settings') view = settingsView();
+  else if (parts[0] === 'jobs') view = jobsView();
+  else if (parts[0] === 'images') view = imagesView();
   else if (parts[0] === 'backups') view = backupsView();
   else main().replaceChildren(el('h1', {}, 'Not found'), el('p', {}, `There is no view ${path}.`));
   if (view instanceof Promise) view.catch(failed);
