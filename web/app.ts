@@ -141,7 +141,51 @@ function signInView(): void {
 
 // ---- live volumes ----------------------------------------------------------------------------
 
+/** Nodes, disks and the newest events, as their streams last said (for the dashboard and the events view). */
+const lists = {
+  nodes: new Map<string, NodeRow>(),
+  disks: new Map<string, Disk>(),
+  events: new Map<string, EventRow>(),
+};
+let stopLists: (() => void)[] = [];
+/** Redraws the open view when nodes, disks or events change. */
+let onListsChanged: (() => void) | null = null;
+
+export function eventKey(e: EventRow): string {
+  return `${e.time}|${e.kind}|${e.object}|${e.reason}|${e.message}`;
+}
+
+function followLists(): void {
+  if (stopLists.length > 0) return;
+  const keyed = <T>(map: Map<string, T>, key: (item: T) => string) => ({
+    onSnapshot: (items: T[]) => {
+      map.clear();
+      for (const item of items) map.set(key(item), item);
+      onListsChanged?.();
+    },
+    onPut: (item: T) => {
+      map.set(key(item), item);
+      onListsChanged?.();
+    },
+    onDelete: (name: string) => {
+      map.delete(name);
+      onListsChanged?.();
+    },
+    onBroken: (why: string) => showStatus(`Live updates interrupted (${why}); reconnecting…`),
+  });
+  stopLists = [
+    follow<NodeRow>('nodes', keyed(lists.nodes, (n) => n.name)),
+    follow<Disk>('disks', keyed(lists.disks, (d) => d.name)),
+    follow<EventRow>('events', keyed(lists.events, eventKey)),
+  ];
+}
+
+function newestEvents(): EventRow[] {
+  return [...lists.events.values()].sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
+}
+
 function startFollowing(): void {
+  followLists();
   if (stopFollowing !== null) return;
   stopFollowing = follow<Volume>('volumes', {
     onSnapshot: (items) => {
@@ -183,20 +227,23 @@ async function dashboardView(): Promise<void> {
   };
   onVolumesChanged = drawVolumes;
   drawVolumes();
-  const [nodes, disks, recent] = await Promise.all([
-    call<NodeRow[]>('GET', '/v1/nodes'), call<Disk[]>('GET', '/v1/disks'), call<EventRow[]>('GET', '/v1/events?limit=10'),
-  ]);
-  const total = disks.reduce((s, d) => s + d.storageMaximumBytes, 0);
-  const available = disks.reduce((s, d) => s + d.storageAvailableBytes, 0);
-  const reserved = disks.reduce((s, d) => s + d.storageReservedBytes, 0);
-  const scheduled = disks.reduce((s, d) => s + d.storageScheduledBytes, 0);
-  const up = nodes.filter((n) => n.ready).length;
-  capacity.replaceChildren(
-    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(total - available)), `used of ${bytes(total)}`),
-    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(scheduled)), 'scheduled to replicas'),
-    el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(reserved)), 'reserved'),
-    el('div', { class: `card ${up === nodes.length ? 'healthy' : 'degraded'}` }, el('a', { href: '#/nodes' }, el('span', { class: 'value' }, `${up} / ${nodes.length}`), 'nodes up')));
-  events.replaceChildren(el('h2', {}, 'Recent events'), eventsTable(recent));
+  const drawLists = (): void => {
+    const disks = [...lists.disks.values()];
+    const nodes = [...lists.nodes.values()];
+    const total = disks.reduce((s, d) => s + d.storageMaximumBytes, 0);
+    const available = disks.reduce((s, d) => s + d.storageAvailableBytes, 0);
+    const reserved = disks.reduce((s, d) => s + d.storageReservedBytes, 0);
+    const scheduled = disks.reduce((s, d) => s + d.storageScheduledBytes, 0);
+    const up = nodes.filter((n) => n.ready).length;
+    capacity.replaceChildren(
+      el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(total - available)), `used of ${bytes(total)}`),
+      el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(scheduled)), 'scheduled to replicas'),
+      el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(reserved)), 'reserved'),
+      el('div', { class: `card ${up === nodes.length ? 'healthy' : 'degraded'}` }, el('a', { href: '#/nodes', 'data-count': 'nodes' }, el('span', { class: 'value' }, `${up} / ${nodes.length}`), 'nodes up')));
+    events.replaceChildren(el('h2', {}, 'Recent events'), eventsTable(newestEvents().slice(0, 10)));
+  };
+  onListsChanged = drawLists;
+  drawLists();
 }
 
 // ---- volumes ---------------------------------------------------------------------------------
@@ -569,8 +616,20 @@ function eventsTable(events: EventRow[]): HTMLTableElement {
 }
 
 async function eventsView(): Promise<void> {
-  const events = await call<EventRow[]>('GET', '/v1/events?limit=200');
-  main().replaceChildren(el('h1', {}, 'Events'), eventsTable(events));
+  // The older ones once; the newest follow live.
+  const older = await call<EventRow[]>('GET', '/v1/events?limit=200');
+  const draw = (): void => {
+    const seen = new Set<string>();
+    const all = [...newestEvents(), ...older].filter((e) => {
+      const key = eventKey(e);
+      if (seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    }).sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
+    main().replaceChildren(el('h1', {}, 'Events'), eventsTable(all.slice(0, 200)));
+  };
+  onListsChanged = draw;
+  draw();
 }
 
 interface JobRow {
@@ -695,9 +754,12 @@ async function backupsView(): Promise<void> {
 
 function route(): void {
   onVolumesChanged = null;
+  onListsChanged = null;
   if (savedToken() === null) {
     stopFollowing?.();
     stopFollowing = null;
+    for (const stop of stopLists) stop();
+    stopLists = [];
     volumesKnown = false;
     signInView();
     return;

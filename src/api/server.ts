@@ -190,7 +190,12 @@ export async function buildApiServer(options: ApiServerOptions): Promise<Fastify
       },
     });
   }
-  const webUi = registerWebUi(app, () => options.service.listVolumes());
+  const webUi = registerWebUi(app, {
+    volumes: () => options.service.listVolumes(),
+    nodes: () => options.service.listNodes(),
+    disks: () => options.service.listDisks(),
+    events: () => options.service.listEvents({ limit: 50 }),
+  });
   // Before the server closes: a followed stream would keep it open.
   app.addHook('preClose', async () => webUi.close());
   await app.ready();

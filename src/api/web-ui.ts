@@ -1,12 +1,13 @@
 /**
  * The web UI on the API's address: its files at `/` and `/ui/NAME` (built from web/ into
  * build/web/ at install; no token needed to load them — every call the UI then makes is an API
- * call with the user's token), and the live feed it follows, `GET /v1/stream/volumes`
- * (server-sent events, token required): `snapshot` with every volume as the API shows it (less
- * recoveryPointAgeSeconds, which grows by itself: the UI counts it from recoveryPointAt), then
- * `put` with one volume each time it changed and `delete` with the name of one that is gone.
- * Volumes are read once a second while someone follows (one reading shared by every follower), so
- * an object is sent at most once a second, and only when it changed.
+ * call with the user's token), and the live feeds it follows, `GET /v1/stream/KIND` for volumes,
+ * nodes, disks and events (server-sent events, token required): `snapshot` with every object as
+ * the API lists it (volumes less recoveryPointAgeSeconds, which grows by itself: the UI counts it
+ * from recoveryPointAt; the newest 50 events), then `put` with one object each time it changed (or
+ * a new event) and `delete` with the name of one that is gone (for events: one that is no longer
+ * among the newest). Each list is read once a second while someone follows it (one reading shared
+ * by every follower), so an object is sent at most once a second, and only when it changed.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -26,11 +27,33 @@ const KEEPALIVE_MS = 15_000;
 /** The routes that need no token (the UI's own files). */
 export const WEB_UI_OPEN_ROUTES = ['GET /', 'GET /ui/:file'];
 
-export function registerWebUi(app: FastifyInstance, listVolumes: () => Promise<VolumeView[]>): { close: () => void } {
-  const feed = new VolumeFeed(listVolumes);
+/** What the feeds read: each a list whose items have a key (a name, or for events their fields). */
+export interface FeedSources {
+  volumes: () => Promise<VolumeView[]>;
+  nodes: () => Promise<{ name: string }[]>;
+  disks: () => Promise<{ name: string }[]>;
+  /** The newest events (at most FEED_EVENTS). */
+  events: () => Promise<{ time: string; kind: string; object: string; reason: string; message: string }[]>;
+}
+
+/** How many of the newest events the event feed follows. */
+const FEED_EVENTS = 50;
+
+export function registerWebUi(app: FastifyInstance, sources: FeedSources): { close: () => void } {
+  // Ages that grow by themselves would send a volume every second for nothing: the UI counts them from the times.
+  const feeds = new Map<string, Feed>([
+    ['volumes', new Feed(async () => (await sources.volumes()).map((v) => ({ key: v.name, item: { ...v, recoveryPointAgeSeconds: undefined } })))],
+    ['nodes', new Feed(async () => (await sources.nodes()).map((n) => ({ key: n.name, item: n })))],
+    ['disks', new Feed(async () => (await sources.disks()).map((d) => ({ key: d.name, item: d })))],
+    ['events', new Feed(async () => (await sources.events()).slice(0, FEED_EVENTS).map((e) => ({ key: `${e.time}|${e.kind}|${e.object}|${e.reason}|${e.message}`, item: e })))],
+  ]);
   app.get('/', async (_request, reply) => sendFile(reply, 'index.html'));
   app.get<{ Params: { file: string } }>('/ui/:file', async (request, reply) => sendFile(reply, request.params.file));
-  app.get('/v1/stream/volumes', (request: FastifyRequest, reply: FastifyReply) => {
+  app.get<{ Params: { kind: string } }>('/v1/stream/:kind', (request, reply: FastifyReply) => {
+    const feed = feeds.get(request.params.kind);
+    if (feed === undefined) {
+      return reply.code(404).type('application/json').send(errorBody(ErrorCode.NOT_FOUND, `no stream of ${request.params.kind}: one of ${[...feeds.keys()].join(', ')}`));
+    }
     reply.hijack();
     const res = reply.raw;
     res.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-store', connection: 'keep-alive' });
@@ -40,8 +63,13 @@ export function registerWebUi(app: FastifyInstance, listVolumes: () => Promise<V
       clearInterval(keepalive);
       unsubscribe();
     });
+    return reply;
   });
-  return { close: () => feed.close() };
+  return {
+    close: () => {
+      for (const feed of feeds.values()) feed.close();
+    },
+  };
 }
 
 function sendFile(reply: FastifyReply, name: string): FastifyReply {
@@ -60,9 +88,9 @@ function sendFile(reply: FastifyReply, name: string): FastifyReply {
   return reply.code(200).type(type).header('cache-control', 'no-cache').send(body);
 }
 
-/** One reading of the volumes shared by every follower; each follower gets what changed. */
-class VolumeFeed {
-  private readonly listVolumes: () => Promise<VolumeView[]>;
+/** One reading of a list shared by every follower; each follower gets what changed. */
+class Feed {
+  private readonly source: () => Promise<{ key: string; item: unknown }[]>;
   private readonly followers = new Set<ServerResponse>();
   /** Each volume as last sent, as JSON. */
   private last = new Map<string, string>();
@@ -71,8 +99,8 @@ class VolumeFeed {
   private reading = false;
   private closed = false;
 
-  constructor(listVolumes: () => Promise<VolumeView[]>) {
-    this.listVolumes = listVolumes;
+  constructor(read: () => Promise<{ key: string; item: unknown }[]>) {
+    this.source = read;
   }
 
   subscribe(res: ServerResponse): () => void {
@@ -111,17 +139,15 @@ class VolumeFeed {
     if (this.reading) return;
     this.reading = true;
     try {
-      let volumes: VolumeView[];
+      let items: { key: string; item: unknown }[];
       try {
-        volumes = await this.listVolumes();
+        items = await this.source();
       } catch (err) {
         // The store is out for now (an election, etcd down): followers keep what they have.
-        this.broadcast(`: volumes could not be read: ${(err as Error).message.replace(/\n/g, ' ')}\n\n`);
+        this.broadcast(`: could not be read: ${(err as Error).message.replace(/\n/g, ' ')}\n\n`);
         return;
       }
-      // Without the ages that grow by themselves (a volume would be sent every second for
-      // nothing): the UI counts them from the times.
-      const now = new Map(volumes.map((v) => [v.name, JSON.stringify({ ...v, recoveryPointAgeSeconds: undefined })]));
+      const now = new Map(items.map((x) => [x.key, JSON.stringify(x.item)]));
       if (!this.known) {
         this.known = true;
         this.last = now;
@@ -130,7 +156,7 @@ class VolumeFeed {
       }
       let out = '';
       for (const [name, json] of now) if (this.last.get(name) !== json) out += `event: put\ndata: ${json}\n\n`;
-      for (const name of this.last.keys()) if (!now.has(name)) out += `event: delete\ndata: ${JSON.stringify({ name })}\n\n`;
+      for (const key of this.last.keys()) if (!now.has(key)) out += `event: delete\ndata: ${JSON.stringify({ name: key })}\n\n`;
       this.last = now;
       if (out !== '') this.broadcast(out);
     } finally {

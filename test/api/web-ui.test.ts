@@ -115,3 +115,30 @@ test('the live volume feed: token required; a snapshot, then one put per changed
   assert.ok(more.every((e) => e === 'put c' || e === 'put b' || e === 'delete b'), more.join(', '));
   controller.abort();
 });
+
+test('the other feeds: nodes, disks and the newest events (a new event arrives as a put); an unknown kind is a 404 naming the kinds', async (t) => {
+  const { service, base } = await started(t);
+  const headers = { authorization: `Bearer ${TOKEN}` };
+  const unknown = await fetch(`${base}/v1/stream/bogus`, { headers });
+  assert.equal(unknown.status, 404);
+  assert.match(((await unknown.json()) as { error: { message: string } }).error.message, /no stream of bogus: one of volumes, nodes, disks, events/);
+  const controller = new AbortController();
+  t.after(() => controller.abort());
+  for (const kind of ['nodes', 'disks']) {
+    const answer = await fetch(`${base}/v1/stream/${kind}`, { headers, signal: controller.signal });
+    const first = (await eventReader(answer.body!.pipeThrough(new TextDecoderStream()).getReader())())!;
+    assert.equal(first.event, 'snapshot', kind);
+    assert.deepEqual(first.data.map((x: { name: string }) => x.name).sort(), (kind === 'nodes' ? await service.listNodes() : await service.listDisks()).map((x) => x.name).sort(), kind);
+  }
+  await service.createVolume({ name: 'first', sizeBytes: 2 ** 30, numberOfReplicas: 1 });
+  const answer = await fetch(`${base}/v1/stream/events`, { headers, signal: controller.signal });
+  const next = eventReader(answer.body!.pipeThrough(new TextDecoderStream()).getReader());
+  const snapshot = (await next())!;
+  assert.equal(snapshot.event, 'snapshot');
+  assert.ok(snapshot.data.some((e: { object: string }) => e.object === 'first'), JSON.stringify(snapshot.data));
+  await service.createVolume({ name: 'second', sizeBytes: 2 ** 30, numberOfReplicas: 1 });
+  const put = (await next())!;
+  assert.equal(put.event, 'put');
+  assert.equal(put.data.object, 'second');
+  controller.abort();
+});

@@ -68,6 +68,9 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   const uri = mustZebu(up, ['volume', 'attach', 'uv']).trim();
   await seeText(page, '[data-count="all"]', /^2volumes$/);
   await seeText(page, '[data-count="healthy"]', /^1healthy$/);
+  // Its events too, and the nodes card, all without a reload.
+  await seeText(page, 'main', /Volume uv/);
+  await seeText(page, '[data-count="nodes"]', /^1 \/ 1nodes up$/);
   await shot(page, 'dashboard');
 
   // The volume's page, and a replica killed under it: degraded, rebuilding (a replacement, copied
