@@ -59,12 +59,23 @@ export function openapiDocument(routes: RouteSpec[], info: { version: string }):
     if (!r.auth) operation.security = [];
     (paths[openapiPath(r.url)] ??= {})[r.method.toLowerCase()] = operation;
   }
+  // The live feeds (web-ui.ts): served beside the route table, as they stream rather than answer once.
+  paths['/v1/stream/{kind}'] = {
+    get: {
+      operationId: 'stream', summary: 'Follow a list live (server-sent events): snapshot, then put/delete per changed object, at most once a second', tags: ['system'],
+      parameters: [{ name: 'kind', in: 'path', required: true, schema: { type: 'string', enum: ['volumes', 'nodes', 'disks', 'events'] } }],
+      responses: {
+        200: { description: 'The stream: `event: snapshot|put|delete` with `data:` a JSON list, object, or `{"name"}`', content: { 'text/event-stream': { schema: { type: 'string' } } } },
+        401: errorResponse(ERROR_STATUSES['401']), 404: errorResponse(ERROR_STATUSES['404']),
+      },
+    },
+  };
   return {
     openapi: '3.1.0',
     info: {
       title: 'Zebu API',
       version: info.version,
-      description: 'Control plane of Zebu, replicated block storage served over NBD. Every route but /healthz needs `Authorization: Bearer <token>` (the token file is in the data directory of `zebu up`).',
+      description: 'Control plane of Zebu, replicated block storage served over NBD. Every route but /healthz needs `Authorization: Bearer <token>` (the token file is in the data directory of `zebu up`; the read-only token, token-readonly, may only GET).',
     },
     paths,
     components: {

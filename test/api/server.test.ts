@@ -67,7 +67,7 @@ async function pollVolume(app: FastifyInstance, name: string, done: (a: Answer) 
 
 /** Every route the API must serve (the brief's list), as "METHOD path" in OpenAPI syntax. */
 const ROUTES = [
-  'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json', 'GET /v1/access',
+  'GET /healthz', 'GET /metrics', 'GET /v1/openapi.json', 'GET /v1/access', 'GET /v1/stream/{kind}',
   'GET /v1/volumes', 'POST /v1/volumes', 'GET /v1/volumes/{name}', 'DELETE /v1/volumes/{name}', 'PATCH /v1/volumes/{name}',
   'POST /v1/volumes/{name}/activate',
   'POST /v1/volumes/{name}/attach', 'POST /v1/volumes/{name}/detach', 'POST /v1/volumes/{name}/expand',
