@@ -12,6 +12,7 @@ interface Volume {
   name: string; sizeBytes: number; currentSizeBytes: number | null; numberOfReplicas: number; state: string; robustness: string;
   nodeId: string | null; endpoint: string | null; replicas: ReplicaSummary[]; rebuilding: boolean; message: string | null;
   lastBackup: string | null; recoveryPointAt: string | null; createdAt: string;
+  recurringJobs: { name: string; task: string; nextRunAt: string | null; result: string | null; message: string | null }[];
 }
 interface NodeRow { name: string; address: string; ready: boolean; leader: boolean; allowScheduling: boolean; evict: boolean; replicaCount: number; disks: string[]; tags: string[] }
 interface Disk { name: string; nodeId: string; storageMaximumBytes: number; storageAvailableBytes: number; storageReservedBytes: number; storageScheduledBytes: number; ready: boolean }
@@ -551,7 +552,13 @@ function volumeView(name: string): void {
           el('td', {}, r.name), el('td', {}, r.nodeId), el('td', { 'data-field': 'mode' }, r.mode ?? '—'),
           el('td', {}, typeof r.rebuildProgress === 'number' && r.mode === 'WO'
             ? el('progress', { max: '100', value: String(Math.round(r.rebuildProgress * 100)), 'aria-label': `rebuild of ${r.name}` }, `${Math.round(r.rebuildProgress * 100)}%`)
-            : '—'))))));
+            : '—'))))),
+      el('table', {}, el('caption', {}, 'Recurring jobs'),
+        el('thead', {}, el('tr', {}, ...['Job', 'Task', 'Next run', 'Last result'].map((h) => el('th', { scope: 'col' }, h)))),
+        el('tbody', {}, ...v.recurringJobs.map((j) => el('tr', { 'data-job': j.name },
+          el('td', {}, j.name), el('td', {}, j.task), el('td', {}, j.nextRunAt === null ? '—' : new Date(j.nextRunAt).toLocaleString()),
+          el('td', { class: j.result === 'error' ? 'faulted' : '', style: 'white-space: normal' }, j.result === null ? 'not run yet' : `${j.result}${j.message !== null ? `: ${j.message}` : ''}`))))),
+      el('p', {}, el('a', { href: `#/backups?volume=${encodeURIComponent(v.name)}` }, `Backups of ${v.name}`), v.lastBackup !== null ? ` (last: ${v.lastBackup}, recovery point ${age(recoveryPointAge(v))} old)` : ' (none yet)'));
   };
   onVolumesChanged = draw;
   draw();
@@ -713,10 +720,11 @@ async function settingsView(): Promise<void> {
 
 interface BackupRow { name: string; volume: string; state: string; progress: number; message: string | null; requestedAt: string; sizeBytes: number }
 
-async function backupsView(): Promise<void> {
+async function backupsView(query: URLSearchParams): Promise<void> {
+  const volume = query.get('volume');
   const [target, backups] = await Promise.all([
     call<{ url: string | null; available?: boolean; message?: string | null }>('GET', '/v1/backuptargets/default').catch(() => ({ url: null })),
-    call<BackupRow[]>('GET', '/v1/backups'),
+    call<BackupRow[]>('GET', volume === null ? '/v1/backups' : `/v1/backups?volume=${encodeURIComponent(volume)}`),
   ]);
   const url = field('target-url', 'Backup target (file:///DIR or s3://BUCKET/PREFIX)', { value: target.url ?? '', size: '50' });
   const setTarget = el('button', { type: 'submit' }, 'Set target');
@@ -725,13 +733,21 @@ async function backupsView(): Promise<void> {
     e.preventDefault();
     void act(setTarget, `The backup target is now ${url.input.value}.`, async () => {
       await call('PUT', '/v1/backuptargets/default', { url: url.input.value.trim() });
-      await backupsView();
+      await backupsView(query);
     });
   });
-  main().replaceChildren(el('h1', {}, 'Backups'), form, el('table', {}, el('caption', {}, 'Backups, newest first'),
-    el('thead', {}, el('tr', {}, ...['Name', 'Volume', 'State', 'Size', 'Requested', 'Restore'].map((h) => el('th', { scope: 'col' }, h)))),
+  main().replaceChildren(el('h1', {}, volume === null ? 'Backups' : `Backups of ${volume}`), form, el('table', {}, el('caption', {}, 'Backups, newest first'),
+    el('thead', {}, el('tr', {}, ...['Name', 'Volume', 'State', 'Size', 'Requested', 'Restore', ''].map((h) => el('th', { scope: 'col' }, h)))),
     el('tbody', {}, ...backups.sort((a, b) => (a.requestedAt < b.requestedAt ? 1 : -1)).map((b) => {
       const to = el('input', { id: `restore-${b.name}`, 'aria-label': `name of the volume to restore ${b.name} into`, placeholder: 'new volume name' });
+      const remove = el('button', { type: 'button', class: 'writes', 'aria-label': `Delete backup ${b.name}` }, 'Delete');
+      remove.addEventListener('click', () => {
+        if (!confirm(`Delete backup ${b.name} of ${b.volume} from the backup target? Its blocks that no other backup uses are removed.`)) return;
+        void act(remove, `Backup ${b.name} deleted.`, async () => {
+          await call('DELETE', `/v1/backups/${encodeURIComponent(b.name)}`);
+          await backupsView(query);
+        });
+      });
       const restore = el('button', { type: 'button' }, 'Restore');
       restore.addEventListener('click', () => {
         const name = to.value.trim();
@@ -746,7 +762,8 @@ async function backupsView(): Promise<void> {
         el('td', {}, b.name), el('td', {}, b.volume),
         el('td', { 'data-field': 'state', class: b.state === 'error' ? 'faulted' : '' }, b.state === 'in-progress' ? `in progress (${Math.round(b.progress * 100)}%)` : b.state + (b.message !== null ? `: ${b.message}` : '')),
         el('td', {}, bytes(b.sizeBytes)), el('td', {}, new Date(b.requestedAt).toLocaleString()),
-        el('td', {}, b.state === 'completed' ? el('span', { class: 'writes' }, to, restore) : '—'));
+        el('td', {}, b.state === 'completed' ? el('span', { class: 'writes' }, to, restore) : '—'),
+        el('td', {}, remove));
     }))));
 }
 
@@ -786,7 +803,7 @@ function route(): void {
   else if (parts[0] === 'settings') view = settingsView();
   else if (parts[0] === 'jobs') view = jobsView();
   else if (parts[0] === 'images') view = imagesView();
-  else if (parts[0] === 'backups') view = backupsView();
+  else if (parts[0] === 'backups') view = backupsView(query);
   else main().replaceChildren(el('h1', {}, 'Not found'), el('p', {}, `There is no view ${path}.`));
   if (view instanceof Promise) view.catch(failed);
 }

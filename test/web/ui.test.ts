@@ -190,6 +190,15 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   assert.equal(readBack.status, 0, readBack.stderr);
   assert.doesNotMatch(readBack.stdout, /verification failed/);
 
+  // The volume's own backups (linked from its page), and one deleted after a confirmation.
+  await page.goto(`${up.api}/#/volumes/from-ui`);
+  await page.getByRole('link', { name: 'Backups of from-ui' }).click();
+  await seeText(page, 'h1', /^Backups of from-ui$/);
+  page.once('dialog', (d) => void d.accept());
+  await page.getByRole('button', { name: `Delete backup ${backup.name}` }).click();
+  await seeText(page, '#status', new RegExp(`Backup ${backup.name} deleted`));
+  await waitFor('the backup gone', () => !mustZebuJson<{ name: string }[]>(up, ['backup', 'list', '--volume', 'from-ui']).some((b) => b.name === backup.name) || undefined, 60_000, 500);
+
   // More on its page: verify, expand (a bad size said in words), the snapshot tree and a delete.
   await page.goto(`${up.api}/#/volumes/from-ui`);
   await page.getByRole('button', { name: 'Verify replicas' }).click();
