@@ -529,9 +529,21 @@ function followIo(name: string, into: HTMLElement): void {
 function volumeView(name: string): void {
   const body = el('div', {});
   const io = el('section', { class: 'cards', 'aria-label': 'I/O' });
-  main().replaceChildren(el('h1', {}, `Volume ${name}`), volumeActions(name), io, body, el('table', { id: 'snapshots' }));
+  const events = el('section', { 'aria-label': `Events of ${name}` });
+  main().replaceChildren(el('h1', {}, `Volume ${name}`), volumeActions(name), io, body, el('table', { id: 'snapshots' }), events);
   void drawSnapshots(name).catch(failed);
   followIo(name, io);
+  // Its events: the older ones once, the newest as they come.
+  void call<EventRow[]>('GET', `/v1/events?volume=${encodeURIComponent(name)}&limit=50`).then((older) => {
+    const draw = (): void => {
+      const seen = new Set<string>();
+      const mine = [...newestEvents().filter((e) => e.volume === name), ...older].filter((e) => !seen.has(eventKey(e)) && seen.add(eventKey(e)) !== undefined)
+        .sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0)).slice(0, 50);
+      events.replaceChildren(el('h2', {}, 'Events'), eventsTable(mine));
+    };
+    onListsChanged = draw;
+    draw();
+  }, failed);
   const draw = (): void => {
     const v = volumes.get(name);
     if (v === undefined) {

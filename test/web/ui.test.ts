@@ -41,7 +41,7 @@ async function seeText(page: Page, selector: string, expected: RegExp, timeoutMs
   }
 }
 
-test('the web UI in chromium: sign in, live dashboard, a killed replica seen degraded → rebuilding → healthy without reloading, volumes filtered and sorted (200 of them)', { skip: unavailable ?? false, timeout: 300_000 }, async (t) => {
+test('the web UI in chromium: sign in (API and read-only tokens), live views, a killed replica seen degraded → rebuilding → healthy without reloading, every action with its bad input refused in words, 200 volumes filtered and sorted', { skip: unavailable ?? false, timeout: 300_000 }, async (t) => {
   const dataDir = zebuDataDir(t);
   const up = await startZebuUp({ dataDir, disks: 3 });
   t.after(() => stopZebuUp(up));
@@ -155,6 +155,9 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   // Its page: attach, write, snapshot, back up (to a target set in the Backups view), restore.
   const backups = path.join(dataDir, '..', 'ui-backups');
   await page.goto(`${up.api}/#/backups`);
+  await page.getByRole('textbox', { name: /^Backup target/ }).fill('ftp://nowhere/backups');
+  await page.getByRole('button', { name: 'Set target' }).click();
+  await seeText(page, '#problem', /unsupported scheme ftp/);
   await page.getByRole('textbox', { name: /^Backup target/ }).fill(`file://${backups}`);
   await page.getByRole('button', { name: 'Set target' }).click();
   await seeText(page, '#status', /backup target is now/);
@@ -179,6 +182,11 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
   const backup = await waitFor('the backup completed', () => mustZebuJson<{ name: string; state: string }[]>(up, ['backup', 'list', '--volume', 'from-ui']).find((b) => b.state === 'completed'), 60_000, 500);
   await page.goto(`${up.api}/#/backups`);
   await seeText(page, `[data-backup="${backup.name}"] [data-field="state"]`, /^completed$/);
+  await page.getByRole('button', { name: 'Restore' }).click();
+  await seeText(page, '#problem', /Name the new volume to restore into/);
+  await page.getByLabel(`name of the volume to restore ${backup.name} into`).fill('uv');
+  await page.getByRole('button', { name: 'Restore' }).click();
+  await seeText(page, '#problem', /uv.*exists/);
   await page.getByLabel(`name of the volume to restore ${backup.name} into`).fill('ui-restored');
   await page.getByRole('button', { name: 'Restore' }).click();
   await seeText(page, '#status', /Restoring .* into volume ui-restored/);
@@ -201,6 +209,7 @@ test('the web UI in chromium: sign in, live dashboard, a killed replica seen deg
 
   // More on its page: verify, expand (a bad size said in words), the snapshot tree and a delete.
   await page.goto(`${up.api}/#/volumes/from-ui`);
+  await seeText(page, `section[aria-label="Events of from-ui"]`, /Volume from-ui/);
   await page.getByRole('button', { name: 'Verify replicas' }).click();
   await seeText(page, '#status', /Verify of from-ui: \d+ regions of 2 replicas compared .*all identical/);
   await page.getByLabel('New size (e.g. 20GiB)').fill('big');
