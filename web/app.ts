@@ -15,7 +15,7 @@ interface Volume {
   recurringJobs: { name: string; task: string; nextRunAt: string | null; result: string | null; message: string | null }[];
 }
 interface NodeRow { name: string; address: string; ready: boolean; leader: boolean; allowScheduling: boolean; evict: boolean; replicaCount: number; disks: string[]; tags: string[] }
-interface Disk { name: string; nodeId: string; storageMaximumBytes: number; storageAvailableBytes: number; storageReservedBytes: number; storageScheduledBytes: number; ready: boolean }
+interface Disk { name: string; nodeId: string; storageMaximumBytes: number; storageAvailableBytes: number; storageReservedBytes: number; storageScheduledBytes: number; ready: boolean; allowScheduling: boolean }
 interface EventRow { time: string; type: string; reason: string; message: string; kind: string; object: string; volume: string | null }
 
 const ROBUSTNESS = ['healthy', 'degraded', 'faulted', 'unknown'] as const;
@@ -235,9 +235,13 @@ async function dashboardView(): Promise<void> {
     const available = disks.reduce((s, d) => s + d.storageAvailableBytes, 0);
     const reserved = disks.reduce((s, d) => s + d.storageReservedBytes, 0);
     const scheduled = disks.reduce((s, d) => s + d.storageScheduledBytes, 0);
+    // Room for new replicas: disks that are ready and take replicas, less what they reserve and what is placed there.
+    const schedulable = disks.filter((d) => d.ready && d.allowScheduling)
+      .reduce((s, d) => s + Math.max(0, d.storageMaximumBytes - d.storageReservedBytes - d.storageScheduledBytes), 0);
     const up = nodes.filter((n) => n.ready).length;
     capacity.replaceChildren(
       el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(total - available)), `used of ${bytes(total)}`),
+      el('div', { class: 'card' }, el('span', { class: 'value', 'data-count': 'schedulable' }, bytes(schedulable)), 'schedulable'),
       el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(scheduled)), 'scheduled to replicas'),
       el('div', { class: 'card' }, el('span', { class: 'value' }, bytes(reserved)), 'reserved'),
       el('div', { class: `card ${up === nodes.length ? 'healthy' : 'degraded'}` }, el('a', { href: '#/nodes', 'data-count': 'nodes' }, el('span', { class: 'value' }, `${up} / ${nodes.length}`), 'nodes up')));
@@ -578,7 +582,7 @@ function volumeView(name: string): void {
 
 // ---- nodes and events ------------------------------------------------------------------------
 
-interface DiskRow extends Disk { path: string; allowScheduling: boolean; evict: boolean; tags: string[]; replicaCount: number; message: string | null }
+interface DiskRow extends Disk { path: string; evict: boolean; tags: string[]; replicaCount: number; message: string | null }
 
 /** Scheduling on/off, eviction on/off and tags of a node or a disk, each a PATCH of its own. */
 function placementControls(kind: 'nodes' | 'disks', name: string, current: { allowScheduling: boolean; evict: boolean; tags: string[] }, redraw: () => Promise<void>): HTMLElement {

@@ -71,6 +71,7 @@ test('the web UI in chromium: sign in (API and read-only tokens), live views, a 
   // Its events too, and the nodes card, all without a reload.
   await seeText(page, 'main', /Volume uv/);
   await seeText(page, '[data-count="nodes"]', /^1 \/ 1nodes up$/);
+  await seeText(page, '[data-count="schedulable"]', /^\d[\d.]* [KMGT]iB$/);
   await shot(page, 'dashboard');
 
   // The volume's page, and a replica killed under it: degraded, rebuilding (a replacement, copied
