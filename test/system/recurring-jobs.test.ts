@@ -183,10 +183,16 @@ test('backups of a detached volume: suspended, then attached without export, ski
   mustZebu(up, ['volume', 'detach', 'v1']);
 
   // Written and detached again: the next run backs it up; retention keeps the job's newest 2.
+  // The job waits meanwhile: a run while the workload writes would back up half the write, the
+  // run after it the rest — two new backups, and retention would rightly let `second` go.
+  mustZebu(up, ['recurring-job', 'update', 'bk', '--cron', '0 0 1 1 *']);
+  await waitFor('no run of bk under way', () => mustZebuJson(up, ['volume', 'get', 'v1']).state === 'detached' || undefined, 60_000, 50);
   uri = mustZebu(up, ['volume', 'attach', 'v1']).trim();
   before = new Set(backupsOf(up, 'v1').map((b) => b.name));
   writeAt(work, uri, 16 * MiB, crypto.randomBytes(MiB));
   mustZebu(up, ['volume', 'detach', 'v1']);
+  await waitFor('v1 detached by its workload', () => mustZebuJson(up, ['volume', 'get', 'v1']).state === 'detached' || undefined, 60_000, 50);
+  mustZebu(up, ['recurring-job', 'update', 'bk', '--cron', '*/2 * * * * *']);
   const third = await nextResults(up, ['bk'], 'v1', new Date().toISOString(), 90_000);
   assert.ok(third.bk.result === 'completed' || third.bk.result === 'skipped', JSON.stringify(third));
   assert.ok(!before.has(newestCompleted(up, 'v1').name), 'the data written made a new backup');
