@@ -181,8 +181,19 @@ function followLists(): void {
   ];
 }
 
+function byTimeNewestFirst(a: EventRow, b: EventRow): number {
+  return a.time < b.time ? 1 : a.time > b.time ? -1 : 0;
+}
+
 function newestEvents(): EventRow[] {
-  return [...lists.events.values()].sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
+  return [...lists.events.values()].sort(byTimeNewestFirst);
+}
+
+/** The streamed newest events and `older` ones read once, each event once, newest first. */
+function mergedEvents(older: EventRow[], keep: (e: EventRow) => boolean = () => true): EventRow[] {
+  const byKey = new Map<string, EventRow>();
+  for (const e of [...newestEvents(), ...older]) if (keep(e)) byKey.set(eventKey(e), e);
+  return [...byKey.values()].sort(byTimeNewestFirst);
 }
 
 function startFollowing(): void {
@@ -540,10 +551,7 @@ function volumeView(name: string): void {
   // Its events: the older ones once, the newest as they come.
   void call<EventRow[]>('GET', `/v1/events?volume=${encodeURIComponent(name)}&limit=50`).then((older) => {
     const draw = (): void => {
-      const seen = new Set<string>();
-      const mine = [...newestEvents().filter((e) => e.volume === name), ...older].filter((e) => !seen.has(eventKey(e)) && seen.add(eventKey(e)) !== undefined)
-        .sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0)).slice(0, 50);
-      events.replaceChildren(el('h2', {}, 'Events'), eventsTable(mine));
+      events.replaceChildren(el('h2', {}, 'Events'), eventsTable(mergedEvents(older, (e) => e.volume === name).slice(0, 50)));
     };
     onListsChanged = draw;
     draw();
@@ -642,14 +650,7 @@ async function eventsView(): Promise<void> {
   // The older ones once; the newest follow live.
   const older = await call<EventRow[]>('GET', '/v1/events?limit=200');
   const draw = (): void => {
-    const seen = new Set<string>();
-    const all = [...newestEvents(), ...older].filter((e) => {
-      const key = eventKey(e);
-      if (seen.has(key)) return false;
-      seen.add(key);
-      return true;
-    }).sort((a, b) => (a.time < b.time ? 1 : a.time > b.time ? -1 : 0));
-    main().replaceChildren(el('h1', {}, 'Events'), eventsTable(all.slice(0, 200)));
+    main().replaceChildren(el('h1', {}, 'Events'), eventsTable(mergedEvents(older).slice(0, 200)));
   };
   onListsChanged = draw;
   draw();
