@@ -5,6 +5,7 @@
  * Needs root and iproute2; everything is removed when the test ends.
  */
 import { spawnSync } from 'node:child_process';
+import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 
 export interface TestHost {
@@ -69,4 +70,11 @@ export function makeNetwork(t: { after: (fn: () => unknown) => void }, count: nu
     hosts.push({ netns, address, cut: () => ip('link', 'set', outside, 'down'), join: () => ip('link', 'set', outside, 'up') });
   }
   return { hostAddress: `${subnet}.1`, hosts };
+}
+
+/** qemu-io on `host` (where a volume's client is), failing the test on any error or wrong byte. */
+export function qemuIoOn(host: TestHost, uri: string, ...commands: string[]): void {
+  const r = spawnSync('ip', ['netns', 'exec', host.netns, 'qemu-io', '-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { encoding: 'utf8', timeout: 120_000 });
+  assert.equal(r.status, 0, `${r.stdout}${r.stderr}${r.error?.message ?? ''}`);
+  assert.doesNotMatch(r.stdout + r.stderr, /verification failed|error/i);
 }

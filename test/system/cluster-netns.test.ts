@@ -27,18 +27,12 @@ import { run, mustRun } from '../support/volume-cluster.ts';
 import { loopOnVolume, type VolumeLoop } from '../support/loop-device.ts';
 import { fioFigures, fioVerifyArgs, startFio } from '../support/fio.ts';
 import { startEtcd } from '../support/etcd-server.ts';
-import { makeNetwork, netnsUnavailable, type TestHost } from '../support/netns.ts';
+import { makeNetwork, netnsUnavailable, qemuIoOn } from '../support/netns.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, processesUnder, killAllUnder, type ZebuUp } from '../support/zebu-up.ts';
 
 const unavailable = netnsUnavailable();
 
 /** qemu-io on `host` (where the volume's client is), failing the test on any error. */
-function qemuIo(host: TestHost, uri: string, ...commands: string[]): void {
-  const r = run('ip', ['netns', 'exec', host.netns, 'qemu-io', '-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { timeoutMs: 120_000 });
-  assert.equal(r.status, 0, r.stdout + r.stderr);
-  assert.doesNotMatch(r.stdout + r.stderr, /verification failed|error/i);
-}
-
 interface NodeRow { name: string; ready: boolean; leader: boolean }
 interface ReplicaRow { name: string; nodeId: string; mode: string | null; failedAt: string | null }
 
@@ -80,7 +74,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   mustZebu(one, ['node', 'update', 'node-1', '--scheduling', 'on']);
   const uri1 = mustZebu(one, ['volume', 'attach', 'nv', '--node', 'node-1']).trim();
   assert.ok(uri1.startsWith(`nbd://${h1.address}:`), uri1);
-  qemuIo(h1, uri1, 'write -P 0x11 0 16M', 'flush');
+  qemuIoOn(h1, uri1, 'write -P 0x11 0 16M', 'flush');
   const placed = mustZebuJson(one, ['replica', 'list', '--volume', 'nv']) as ReplicaRow[];
   assert.deepEqual(placed.map((r) => r.nodeId).sort(), ['node-2', 'node-3']);
   // Two volumes with a replica on each node, attached on node-1: ext4 (through nbdfuse and a loop
@@ -113,7 +107,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   const fioDone = await verifier.exit;
   assert.equal(fioDone.code, 0, fioDone.stderr);
   assert.equal(fioFigures(fioDone.stdout).error, 0, 'fio --verify: no I/O error, every block as written');
-  qemuIo(h1, uri1, 'read -P 0x11 0 16M', 'write -P 0x22 16M 16M', 'flush');
+  qemuIoOn(h1, uri1, 'read -P 0x11 0 16M', 'write -P 0x22 16M 16M', 'flush');
   await waitFor('node-3 down', () => (mustZebuJson(one, ['node', 'list']) as NodeRow[]).find((n) => n.name === 'node-3')?.ready === false || undefined, 40_000);
   const healed = await waitFor('its replica replaced on node-1', () => {
     const v = mustZebuJson(one, ['volume', 'get', 'nv']);
@@ -121,7 +115,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
     return v.robustness === 'healthy' && live.length === 2 && live.every((r) => r.mode === 'RW') ? live : undefined;
   }, 120_000, 500);
   assert.deepEqual(healed.map((r) => r.nodeId).sort(), ['node-1', 'node-2'], 'the node with room took it');
-  qemuIo(h1, uri1, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'write -P 0x33 32M 8M', 'flush');
+  qemuIoOn(h1, uri1, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'write -P 0x33 32M 8M', 'flush');
   for (const v of ['fx', 'fv']) {
     let last = '';
     await waitFor(`${v} healthy again`, () => {
@@ -173,7 +167,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   assert.ok(uri2.startsWith(`nbd://${h2.address}:`), uri2);
   const after = mustZebuJson(cli, ['volume', 'get', 'nv']);
   assert.ok(after.epoch > unknown.epoch, `a new epoch (${unknown.epoch} -> ${after.epoch})`);
-  qemuIo(h2, uri2, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'read -P 0x33 32M 8M', 'read -P 0 40M 4M', 'write -P 0x44 40M 4M', 'flush');
+  qemuIoOn(h2, uri2, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'read -P 0x33 32M 8M', 'read -P 0 40M 4M', 'write -P 0x44 40M 4M', 'flush');
 
   // The link is back: node-1's agent sees its engine let go and stops it; nothing it held lands.
   h1.join();
@@ -190,7 +184,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
     throw new Error(`${e.message}: ${seen}\n${JSON.stringify(mustZebuJson(cli, ['events']).slice(0, 30))}`);
   });
   stray.kill('SIGKILL');
-  qemuIo(h2, uri2, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'read -P 0x33 32M 8M', 'read -P 0x44 40M 4M');
+  qemuIoOn(h2, uri2, 'read -P 0x11 0 16M', 'read -P 0x22 16M 16M', 'read -P 0x33 32M 8M', 'read -P 0x44 40M 4M');
   const verify = zebu(cli, ['volume', 'verify', 'nv']);
   assert.equal(verify.status, 0, verify.stdout + verify.stderr);
   const reasons = (mustZebuJson(cli, ['events']) as { reason: string; object: string }[]).map((e) => `${e.reason}:${e.object}`);
@@ -203,12 +197,12 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'on']);
   assert.deepEqual((mustZebuJson(cli, ['replica', 'list', '--volume', 'loc']) as ReplicaRow[]).map((r) => r.nodeId), ['node-2']);
   const locUri = mustZebu(cli, ['volume', 'attach', 'loc', '--node', 'node-1']).trim();
-  qemuIo(h1, locUri, 'write -P 0x66 0 32M', 'flush');
+  qemuIoOn(h1, locUri, 'write -P 0x66 0 32M', 'flush');
   await waitFor('loc\'s replica on node-1', () => {
     const all = (mustZebuJson(cli, ['replica', 'list', '--volume', 'loc']) as ReplicaRow[]);
     return all.length === 1 && all[0].nodeId === 'node-1' && all[0].mode === 'RW' || undefined;
   }, 120_000, 500);
-  qemuIo(h1, locUri, 'read -P 0x66 0 32M');
+  qemuIoOn(h1, locUri, 'read -P 0x66 0 32M');
   assert.ok((mustZebuJson(cli, ['events']) as { reason: string }[]).some((e) => e.reason === 'DataLocality'));
 
   // The recurring backup of a detached volume with data locality: last attached by its workload
@@ -219,7 +213,7 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   mustZebu(cli, ['node', 'update', 'node-1', '--scheduling', 'off']);
   mustZebu(cli, ['volume', 'create', 'bl', '--size', '32MiB', '--replicas', '2', '--data-locality', 'best-effort']);
   const blUri = mustZebu(cli, ['volume', 'attach', 'bl', '--node', 'node-1']).trim();
-  qemuIo(h1, blUri, 'write -P 0x77 0 24M', 'flush');
+  qemuIoOn(h1, blUri, 'write -P 0x77 0 24M', 'flush');
   await waitFor('locality saying node-1 can take none', () => (mustZebuJson(cli, ['events', '--volume', 'bl']) as { message: string }[]).some((e) => /^data locality: node node-1 cannot take a replica of volume bl/.test(e.message)) || undefined, 30_000, 500);
   mustZebu(cli, ['volume', 'detach', 'bl']);
   await waitFor('bl detached', () => mustZebuJson(cli, ['volume', 'get', 'bl']).state === 'detached' || undefined, 60_000, 200);
@@ -240,5 +234,5 @@ test('three nodes in network namespaces: a node killed, the attach node (and lea
   mustZebu(cli, ['volume', 'create', 'blr', '--from-backup', backup.name, '--replicas', '1']);
   await waitFor('the restore of bl', () => mustZebuJson(cli, ['volume', 'get', 'blr']).restore?.state === 'completed' || undefined, 120_000, 500);
   await waitFor('blr detached', () => mustZebuJson(cli, ['volume', 'get', 'blr']).state === 'detached' || undefined, 60_000, 200);
-  qemuIo(h1, mustZebu(cli, ['volume', 'attach', 'blr', '--node', 'node-1']).trim(), 'read -P 0x77 0 24M', 'read -P 0 24M 8M');
+  qemuIoOn(h1, mustZebu(cli, ['volume', 'attach', 'blr', '--node', 'node-1']).trim(), 'read -P 0x77 0 24M', 'read -P 0 24M 8M');
 });

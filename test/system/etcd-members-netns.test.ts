@@ -14,18 +14,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { run } from '../support/volume-cluster.ts';
 import { startEtcdCluster } from '../support/etcd-server.ts';
-import { makeNetwork, netnsUnavailable, type TestHost } from '../support/netns.ts';
+import { makeNetwork, netnsUnavailable, qemuIoOn } from '../support/netns.ts';
 import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, waitFor, type ZebuUp } from '../support/zebu-up.ts';
 
 const unavailable = netnsUnavailable();
-
-function qemuIo(host: TestHost, uri: string, ...commands: string[]): void {
-  const r = run('ip', ['netns', 'exec', host.netns, 'qemu-io', '-f', 'raw', ...commands.flatMap((c) => ['-c', c]), uri], { timeoutMs: 120_000 });
-  assert.equal(r.status, 0, r.stdout + r.stderr);
-  assert.doesNotMatch(r.stdout + r.stderr, /verification failed|error/i);
-}
 
 interface NodeRow { name: string; ready: boolean; leader: boolean }
 interface ReplicaRow { name: string; nodeId: string; mode: string | null; failedAt: string | null }
@@ -74,7 +67,7 @@ test('an etcd member on each of three nodes: one member killed, then a node cut 
   mustZebu(one, ['volume', 'create', 'mv', '--size', '64MiB', '--replicas', '3']);
   assert.deepEqual((mustZebuJson(one, ['replica', 'list', '--volume', 'mv']) as ReplicaRow[]).map((r) => r.nodeId).sort(), ['node-1', 'node-2', 'node-3']);
   const uri = mustZebu(one, ['volume', 'attach', 'mv', '--node', 'node-1']).trim();
-  qemuIo(h1, uri, 'write -P 0x11 0 16M', 'flush');
+  qemuIoOn(h1, uri, 'write -P 0x11 0 16M', 'flush');
   const electedBefore = leaderElections(one);
 
   // node-2's member killed: its port refuses, every call goes to the two others.
@@ -85,7 +78,7 @@ test('an etcd member on each of three nodes: one member killed, then a node cut 
   for (let i = 0; i < 5; i++) {
     timedZebu(one, ['snapshot', 'create', 'mv', `member-down-${i}`]);
     slowest.listMemberKilled = Math.max(slowest.listMemberKilled, timedZebu(one, ['volume', 'list']));
-    qemuIo(h1, uri, `write -P ${0x20 + i} ${16 + i * 4}M 4M`, 'flush');
+    qemuIoOn(h1, uri, `write -P ${0x20 + i} ${16 + i * 4}M 4M`, 'flush');
   }
   await etcd.restart([1]);
 
@@ -97,7 +90,7 @@ test('an etcd member on each of three nodes: one member killed, then a node cut 
   while (Date.now() - cutAt < 30_000) {
     slowest.listNodeCut = Math.max(slowest.listNodeCut, timedZebu(one, ['volume', 'list']));
     slowest.snapshotNodeCut = Math.max(slowest.snapshotNodeCut, timedZebu(one, ['snapshot', 'create', 'mv', `node-cut-${round}`]));
-    qemuIo(h1, uri, `write -P ${0x40 + (round % 64)} ${36 + (round % 4) * 4}M 4M`, 'flush');
+    qemuIoOn(h1, uri, `write -P ${0x40 + (round % 64)} ${36 + (round % 4) * 4}M 4M`, 'flush');
     round++;
   }
   const lastRounds = new Map<number, number>();
@@ -126,7 +119,7 @@ test('an etcd member on each of three nodes: one member killed, then a node cut 
   }, 180_000, 500).catch((e: Error) => {
     throw new Error(`${e.message}: ${seen}`);
   });
-  qemuIo(h1, uri, 'read -P 0x11 0 16M', ...[0, 1, 2, 3, 4].map((i) => `read -P ${0x20 + i} ${16 + i * 4}M 4M`), ...[...lastRounds].map(([offset, p]) => `read -P ${p} ${offset}M 4M`));
+  qemuIoOn(h1, uri, 'read -P 0x11 0 16M', ...[0, 1, 2, 3, 4].map((i) => `read -P ${0x20 + i} ${16 + i * 4}M 4M`), ...[...lastRounds].map(([offset, p]) => `read -P ${p} ${offset}M 4M`));
   const verify = zebu(one, ['volume', 'verify', 'mv']);
   assert.equal(verify.status, 0, verify.stdout + verify.stderr);
   await waitFor('node-1 saying member 3 answers again', () => memberLines.includes(`${member3} answers again`) || undefined, 30_000, 200).catch((e: Error) => {
