@@ -164,7 +164,7 @@ test('the web UI in chromium: sign in (API and read-only tokens), live views, a 
   await seeText(page, '#status', /backup target is now/);
   await page.goto(`${up.api}/#/volumes/from-ui`);
   await page.getByRole('button', { name: 'Attach' }).click();
-  await seeText(page, '[data-field="state"]', /^attached$/);
+  await seeText(page, '[data-field="state"]', /^attached$/, 90_000); // a busy machine (other clusters of the suite beside it) takes a while
   const fromUi = mustZebuJson<{ endpoint: string }>(up, ['volume', 'get', 'from-ui']).endpoint;
   const wrote = spawnSync('qemu-io', ['-f', 'raw', '-c', 'write -P 0x7e 0 4M', '-c', 'flush', fromUi], { encoding: 'utf8' });
   assert.equal(wrote.status, 0, wrote.stderr);
@@ -271,7 +271,7 @@ test('the web UI in chromium: sign in (API and read-only tokens), live views, a 
   await page.getByRole('button', { name: 'Delete volume' }).click();
   await seeText(page, '#problem', /attached.*detach it first/);
   await page.getByRole('button', { name: 'Detach' }).click();
-  await seeText(page, '[data-field="state"]', /^detached$/, 60_000);
+  await seeText(page, '[data-field="state"]', /^detached$/, 90_000);
   page.once('dialog', (d) => void d.accept());
   await page.getByRole('button', { name: 'Delete volume' }).click();
   await waitFor('from-ui gone', () => !mustZebuJson<{ name: string }[]>(up, ['volume', 'list']).some((v) => v.name === 'from-ui') || undefined, 60_000, 500);
