@@ -174,6 +174,15 @@ export const DEFAULT_LEASE_RECALL_TIMEOUT_MS = 4000;
 export const DEFAULT_MAX_REGION_RETRIES = 5;
 /** Regions a rebuild copies at once while clients use the volume (client I/O comes first). */
 const BUSY_COPY_TURNS = 2;
+/**
+ * While clients use the volume, a copy turn's place rests this many times as long as the turn
+ * took before the next copy may take it: the rebuild then copies about a third of the time and
+ * leaves the rest of the machine to client I/O, however fast or slow the copy is here. Measured
+ * with fio 4k random writes (iodepth 16) on 2 cores: p99 during a rebuild 1.75-3.0x the p99
+ * without one with no rest, 1.6-1.9x with it; the rebuild goes on at full speed once clients
+ * are quiet (CLIENT_QUIET_MS).
+ */
+const BUSY_TURN_REST = 2;
 /** Clients count as busy until this long after their last answer. */
 const CLIENT_QUIET_MS = 50;
 /**
@@ -400,6 +409,7 @@ export class Engine implements BlockBackend {
       useClaims: () => engine.useClaims(),
       dropClaims: () => engine.dropClaims(),
       flushNumbered: () => engine.flushNumbered(),
+      flushUnheld: () => engine.flushUnheld(),
       handOverMissedMaps: (target) => engine.handOverMissedMaps(target),
       alignCounters: () => engine.alignCounters(),
       regionsStarted: (offset, length) => engine.regionsStarted(offset, length),
@@ -737,12 +747,19 @@ export class Engine implements BlockBackend {
   private copyTurn(): Promise<() => void> {
     const take = (): (() => void) => {
       this.copyTurnsUsed++;
+      const startedMs = this.clock.nowMs();
       let ended = false;
       return () => {
         if (ended) return;
         ended = true;
-        this.copyTurnsUsed--;
-        this.wakeCopyTurns();
+        const free = (): void => {
+          this.copyTurnsUsed--;
+          this.wakeCopyTurns();
+        };
+        // Clients busy: the turn's place rests before the next copy takes it (see BUSY_TURN_REST).
+        const restMs = this.clientsBusy() ? (this.clock.nowMs() - startedMs) * BUSY_TURN_REST : 0;
+        if (restMs >= 1) this.clock.setTimeout(free, restMs).unref();
+        else free();
       };
     };
     if (this.copyTurnsUsed < this.copyTurnLimit()) return Promise.resolve(take());
@@ -886,6 +903,23 @@ export class Engine implements BlockBackend {
   /** `evict`: confirmed regions leave at once, idle or not (no client writes them: start-up). */
   private flushNumbered(options: { evict?: boolean } = {}): Promise<void> {
     return new Promise<void>((resolve, reject) => this.fanOutFlush((err) => (err ? reject(err) : resolve()), options.evict === true));
+  }
+
+  /**
+   * A flush of every replica admitted like a client request (it waits behind a pause, and a pause
+   * waits for it) but counted as the engine's own: clients are not made to look busy by it.
+   */
+  private flushUnheld(): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      this.admit(() => {
+        this.internalInflight++;
+        this.fanOutFlush((err) => {
+          this.finished(true);
+          if (err !== null) reject(err);
+          else resolve();
+        });
+      });
+    });
   }
 
   // ---- fan-out -------------------------------------------------------------------------------
@@ -1158,6 +1192,9 @@ export class Engine implements BlockBackend {
     if (this.faultedReason !== null) throw this.faultError();
     this.refuseDuringRebuild('create a snapshot');
     await this.refuseOverLayerLimit();
+    // Written back first with I/O going on, so that the flush under the pause is short (as at a
+    // rebuild's end, rebuild-sequence.ts: what a busy volume holds unwritten took 300 ms there).
+    await this.flushUnheld();
     await this.pauseAndDrain();
     try {
       await this.flushNumbered();

@@ -179,6 +179,8 @@ export interface RebuildHost {
   useClaims(): void;
   dropClaims(): void;
   flushNumbered(): Promise<void>;
+  /** A flush of every replica with client I/O going on: nothing is held for it. */
+  flushUnheld(): Promise<void>;
   handOverMissedMaps(target: EngineReplica): Promise<void>;
   alignCounters(): Promise<void>;
   /** A region is being written (as client writes count it: it stays in the write-intent logs); a verify's repair uses these. */
@@ -391,6 +393,13 @@ async function copyRegionInCopier(host: RebuildHost, copier: RegionCopier, targe
 
 /** The end of a rebuild: quiesce, make the copy durable with the source's write counter, RW. */
 async function finishRebuild(host: RebuildHost, target: EngineReplica, check: () => void): Promise<void> {
+  // What is not yet on disk — the copy's last writes on the target, client writes on every
+  // replica — is written back first, with client I/O going on: the flush under the pause then
+  // has only the last few milliseconds' writes to make durable. (Measured under fio 4k random
+  // writes: the paused flush held client I/O 300-350 ms without this.)
+  check();
+  await host.flushUnheld();
+  check();
   await host.pauseAndDrain();
   try {
     check();
