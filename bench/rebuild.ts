@@ -95,15 +95,21 @@ function fioResult(stdout: string): FioResult {
 }
 
 /** IOPS, p50, p99 and max latency of a fio run, as table cells. */
-function latencyCells(r: FioResult): string[] {
-  return [r.iops.toFixed(0), r.p50Ms.toFixed(2), r.p99Ms.toFixed(2), r.maxMs.toFixed(1)];
+function latencyCells(r: FioResult, alone: FioResult | null = null): string[] {
+  return [r.iops.toFixed(0), r.p50Ms.toFixed(2), r.p99Ms.toFixed(2), alone === null ? '-' : (r.p99Ms / alone.p99Ms).toFixed(2), r.maxMs.toFixed(1)];
+}
+
+/** A loaded rebuild's row: fio's numbers against `alone`, the rebuild's, and the writes that waited for a lease. */
+function loadedRow(what: string, r: { fio: FioResult; rebuildSeconds: number; waits: ClaimWaits }, alone: FioResult): string[] {
+  return [what, ...latencyCells(r.fio, alone), r.rebuildSeconds.toFixed(2), (SIZE_MIB / r.rebuildSeconds).toFixed(0), String(r.waits.writes), r.waits.longest];
 }
 
 /**
  * Starts a rebuild of a new replica and, once it runs, fio for `seconds` (shorter than the
  * rebuild, so that every request is measured during it); returns fio's result and the rebuild's.
  */
-async function rebuildUnderFio(v: Volume, name: string, seconds: number): Promise<{ fio: FioResult; rebuildSeconds: number }> {
+async function rebuildUnderFio(v: Volume, name: string, seconds: number): Promise<{ fio: FioResult; rebuildSeconds: number; waits: ClaimWaits }> {
+  const before = await claimWaits(v);
   const rebuilt = rebuild(v, name);
   const fio = spawn('fio', fioArgs(v.uri, seconds), { stdio: ['ignore', 'pipe', 'ignore'] });
   children.push(fio);
@@ -111,7 +117,21 @@ async function rebuildUnderFio(v: Volume, name: string, seconds: number): Promis
   fio.stdout.on('data', (d: Buffer) => (out += d.toString()));
   await new Promise<void>((resolve) => fio.once('exit', () => resolve()));
   const rebuildSeconds = await rebuilt;
-  return { fio: fioResult(out), rebuildSeconds };
+  const after = await claimWaits(v);
+  // The engine keeps its longest wait since it started: unchanged, this rebuild's was no longer.
+  const longest = after.longestMs > before.longestMs ? after.longestMs.toFixed(1) : `<= ${after.longestMs.toFixed(1)}`;
+  return { fio: fioResult(out), rebuildSeconds, waits: { writes: after.writes - before.writes, longest } };
+}
+
+interface ClaimWaits {
+  writes: number;
+  longest: string;
+}
+
+/** The engine's count of client writes that waited for a lease, and the longest wait. */
+async function claimWaits(v: Volume): Promise<{ writes: number; longestMs: number }> {
+  const stats = ((await controlRequest(v.control, 'GET', '/v1/info')) as { stats: { claimWaits: number; claimWaitLongestMs: number } }).stats;
+  return { writes: stats.claimWaits, longestMs: stats.claimWaitLongestMs };
 }
 
 interface Volume {
@@ -311,30 +331,30 @@ async function main(): Promise<void> {
     stopVolume(two);
 
     const alone = fioResult(mustSpawn('fio', fioArgs(v.uri, SECONDS)));
-    latencyRows.push(['fio 4k randwrite, no rebuild', ...latencyCells(alone), '-', '-']);
+    latencyRows.push(['fio 4k randwrite, no rebuild', ...latencyCells(alone), '-', '-', '-', '-']);
 
     // fio runs while the rebuild does (a rebuild under load is slower than idle), for a bit less.
     const loadSeconds = Math.max(2, Math.floor(idleSeconds * 0.8));
     const leased = await rebuildUnderFio(v, 'loaded', loadSeconds);
     rows.push(['zebu rebuild under fio 4k randwrite', leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0), leased.fio.iops.toFixed(0), heldMiB(path.join(v.dir, 'loaded'))]);
-    latencyRows.push(['fio during a rebuild, 256 KiB chunks under leases', ...latencyCells(leased.fio), leased.rebuildSeconds.toFixed(2), (SIZE_MIB / leased.rebuildSeconds).toFixed(0)]);
+    latencyRows.push(loadedRow('fio during a rebuild, 256 KiB chunks under leases', leased, alone));
     // The same under a bandwidth limit, on 3 replicas again (the one just rebuilt goes).
     await controlRequest(v.control, 'DELETE', `/v1/replicas/${encodeURIComponent(lastRebuilt)}`);
     await controlRequest(v.control, 'PUT', '/v1/rebuild-limit', { bytesPerSecond: LIMIT_MIB * 1024 * 1024 });
     const limited = await rebuildUnderFio(v, 'limited', loadSeconds);
-    latencyRows.push([`fio during a rebuild limited to ${LIMIT_MIB} MiB/s`, ...latencyCells(limited.fio), limited.rebuildSeconds.toFixed(2), (SIZE_MIB / limited.rebuildSeconds).toFixed(0)]);
+    latencyRows.push(loadedRow(`fio during a rebuild limited to ${LIMIT_MIB} MiB/s`, limited, alone));
     stopVolume(v);
 
     // The same with the copy loop on the engine's event loop (no copier process).
     const inEngineLeased = await rebuildUnderFio(inEngine, 'loaded', loadSeconds);
-    latencyRows.push(['fio during a rebuild, copy loop in the engine', ...latencyCells(inEngineLeased.fio), inEngineLeased.rebuildSeconds.toFixed(2), (SIZE_MIB / inEngineLeased.rebuildSeconds).toFixed(0)]);
+    latencyRows.push(loadedRow('fio during a rebuild, copy loop in the engine', inEngineLeased, alone));
     stopVolume(inEngine);
 
     // The same on a volume whose rebuilds hold a whole region while they copy it.
     const w = await volume(path.join(root, 'w'), [], ['--copy-chunk-bytes', '4MiB']);
     fill(src, w.uri);
     const whole = await rebuildUnderFio(w, 'loaded', loadSeconds);
-    latencyRows.push(['fio during a rebuild, whole 4 MiB regions held', ...latencyCells(whole.fio), whole.rebuildSeconds.toFixed(2), (SIZE_MIB / whole.rebuildSeconds).toFixed(0)]);
+    latencyRows.push(loadedRow('fio during a rebuild, whole 4 MiB regions held', whole, alone));
     stopVolume(w);
   } finally {
     for (const c of children) c.kill('SIGTERM');
@@ -344,8 +364,9 @@ async function main(): Promise<void> {
   console.log(`${SIZE_MIB} MiB volume, full of data, 2 replicas -> 3, ${os.cpus().length} cores`);
   printTable(['what', 'seconds', 'MiB/s', 'fio IOPS', 'MiB held'], rows);
   console.log('');
-  console.log('client 4k random writes (fio, iodepth 16) with and without a rebuild; latencies in ms');
-  printTable(['what', 'IOPS', 'p50', 'p99', 'max', 'rebuild s', 'rebuild MiB/s'], latencyRows);
+  console.log('client 4k random writes (fio, iodepth 16) with and without a rebuild; latencies in ms; "waited": client writes');
+  console.log('that waited for a lease on their range (a whole region held, for the last row), and the longest such wait');
+  printTable(['what', 'IOPS', 'p50', 'p99', 'p99 x', 'max', 'rebuild s', 'rebuild MiB/s', 'waited', 'longest wait'], latencyRows);
   console.log('');
   console.log('resumed rebuilds: the new replica SIGKILLed midway, restarted and added again, against a fresh rebuild of the same volume');
   printTable(['what', 'fresh s', 'until the kill s', 'the rest s', 'rest delta MiB', 'snapshots kept'], resumedRows);

@@ -59,7 +59,9 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
     ['rebuildLeaseRevokes', new Counter({ name: 'zebu_volume_rebuild_lease_revokes_total', help: 'Region leases revoked because the copy did not give them back within rebuild-lease-recall-timeout-ms.', labelNames: volumeLabel, registers })],
     ['rebuildLeaseReplays', new Counter({ name: 'zebu_volume_rebuild_lease_replays_total', help: 'Times a rebuild\'s copy started a region again from its committed offset after its lease was revoked.', labelNames: volumeLabel, registers })],
     ['rebuildCopiersLost', new Counter({ name: 'zebu_volume_rebuild_copiers_lost_total', help: 'Rebuild copier processes that died while they copied (their regions were copied again by a new one).', labelNames: volumeLabel, registers })],
+    ['claimWaits', new Counter({ name: 'zebu_volume_claim_waits_total', help: 'Client writes that waited for a rebuild\'s region lease (recalled for them) or a verify\'s claim on their range.', labelNames: volumeLabel, registers })],
   ];
+  const claimWaitLongest = new Gauge({ name: 'zebu_volume_claim_wait_longest_seconds', help: 'The longest a client write waited for a rebuild\'s region lease or a verify\'s claim since the engine started.', labelNames: volumeLabel, registers });
   const activeRegions = new Gauge({ name: 'zebu_volume_active_regions', help: 'Regions (4 MiB) in the engine\'s write-intent log: what a crash now would resync.', labelNames: volumeLabel, registers });
   const activeRegionsMax = new Gauge({ name: 'zebu_volume_active_regions_max', help: 'Bound on the active regions (write-intent-max-regions when the engine started).', labelNames: volumeLabel, registers });
   const superseded = new Gauge({ name: 'zebu_volume_superseded', help: 'Whether a newer engine (epoch) fenced the running engine: 1 when it serves nothing.', labelNames: volumeLabel, registers });
@@ -109,6 +111,7 @@ export function createMetricsExporter(service: ManagerService, backupService?: B
       }
       if (v.io !== null) {
         for (const [field, counter] of io) counter.inc({ volume: v.name }, Math.max(0, v.io[field]));
+        claimWaitLongest.set({ volume: v.name }, v.io.claimWaitLongestSeconds);
       }
       const labels = { volume: v.name };
       if (v.intent !== null) {

@@ -255,7 +255,7 @@ export const views: Record<string, JsonSchema> = {
     frontend: bool, endpoint: nullable({ type: 'string', description: 'nbd://HOST:PORT/NAME while attached with a frontend' }),
     epoch: int, replicas: { type: 'array', items: { $ref: '#/components/schemas/VolumeReplicaSummary' } },
     rebuilding: bool, message: nullable(str), createdAt: time,
-    rebuildLeases: nullable({ ...view({ grants: int, recalls: int, revokes: int, replays: int, copiersLost: int }), description: 'the running engine\'s rebuild region leases: granted, recalled by client writes, revoked after rebuild-lease-recall-timeout-ms, regions replayed after a revoke, copier processes lost while they copied (their regions copied again)' }),
+    rebuildLeases: nullable({ ...view({ grants: int, recalls: int, revokes: int, replays: int, copiersLost: int, writesWaited: int, longestWaitMs: num }), description: 'the running engine\'s rebuild region leases: granted, recalled by client writes, revoked after rebuild-lease-recall-timeout-ms, regions replayed after a revoke, copier processes lost while they copied (their regions copied again), client writes that waited for a lease (or a verify\'s claim) on their range and the longest wait in ms' }),
     lastRecovery: nullable({ $ref: '#/components/schemas/Recovery' }), lastVerify: nullable({ $ref: '#/components/schemas/Verify' }),
     engineLink: nullable({ $ref: '#/components/schemas/EngineLink' }),
     restore: nullable(view({

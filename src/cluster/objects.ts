@@ -224,6 +224,9 @@ export interface EngineIoStats {
   rebuildLeaseReplays?: number;
   /** Copier processes lost while they copied (absent from older engines). */
   rebuildCopiersLost?: number;
+  /** Client writes that waited for a rebuild's lease or a verify's claim, and the longest wait in ms (absent from older engines). */
+  claimWaits?: number;
+  claimWaitLongestMs?: number;
 }
 
 /** One per attached volume, named after the volume. */

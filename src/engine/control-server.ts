@@ -7,8 +7,9 @@
  *                                  verifying, activeRegions, maxActiveRegions, recovery, lastVerify,
  *                                  replicas: [ReplicaRow], stats: {reads, writes, zeroes, flushes,
  *                                  readBytes, writeBytes, errors, readLatencyMsTotal, writeLatencyMsTotal,
- *                                  heldWrites, boundFlushes, idleFlushes, rebuildLeaseGrants,
- *                                  rebuildLeaseRecalls, rebuildLeaseRevokes, rebuildLeaseReplays}}
+ *                                  heldWrites, boundFlushes, idleFlushes, claimWaits, claimWaitLongestMs,
+ *                                  rebuildLeaseGrants, rebuildLeaseRecalls, rebuildLeaseRevokes,
+ *                                  rebuildLeaseReplays, rebuildCopiersLost}}
  *                                 superseded: a newer engine (epoch) fenced this one; it serves nothing.
  *                                 recovery (null before start-up ends): {at, clean, source, regions,
  *                                  bytes, durationMs, deltaReplicas: [address], erredReplicas:

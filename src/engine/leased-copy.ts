@@ -153,6 +153,9 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
       while (committed < end) {
         // Recalled: give the region back after one chunk (progress is guaranteed per grant).
         if (progressed && host.leaseWanted(lease)) break;
+        // Clients busy: one chunk per turn, so that the turn's rest (the engine's) comes between
+        // chunks and the copy's load on the replicas is spread out instead of in region-long bursts.
+        if (progressed && host.clientsBusy()) break;
         const chunkEnd = Math.min(end, committed + host.chunkBytes);
         await copyChunk(committed, chunkEnd);
         committed = chunkEnd;

@@ -927,6 +927,8 @@ export class ManagerServiceImpl implements ManagerService {
           rebuildLeaseRevokes: stats.rebuildLeaseRevokes ?? 0,
           rebuildLeaseReplays: stats.rebuildLeaseReplays ?? 0,
           rebuildCopiersLost: stats.rebuildCopiersLost ?? 0,
+          claimWaits: stats.claimWaits ?? 0,
+          claimWaitLongestSeconds: (stats.claimWaitLongestMs ?? 0) / 1000,
         },
         intent: activeRegions === null || maxActiveRegions === null ? null : { activeRegions, maxActiveRegions },
         superseded: running === null ? null : running.superseded === true,
@@ -943,5 +945,8 @@ export class ManagerServiceImpl implements ManagerService {
 /** The rebuild lease counters of a running engine's stats (zeros from an engine that does not count them). */
 function leaseCounters(stats: EngineIoStats | null | undefined): VolumeView['rebuildLeases'] {
   if (stats == null) return null;
-  return { grants: stats.rebuildLeaseGrants ?? 0, recalls: stats.rebuildLeaseRecalls ?? 0, revokes: stats.rebuildLeaseRevokes ?? 0, replays: stats.rebuildLeaseReplays ?? 0, copiersLost: stats.rebuildCopiersLost ?? 0 };
+  return {
+    grants: stats.rebuildLeaseGrants ?? 0, recalls: stats.rebuildLeaseRecalls ?? 0, revokes: stats.rebuildLeaseRevokes ?? 0, replays: stats.rebuildLeaseReplays ?? 0,
+    copiersLost: stats.rebuildCopiersLost ?? 0, writesWaited: stats.claimWaits ?? 0, longestWaitMs: stats.claimWaitLongestMs ?? 0,
+  };
 }

@@ -49,9 +49,11 @@ export interface VolumeView {
   rebuilding: boolean;
   /**
    * The running engine's rebuild region leases: recalled by client writes, revoked after
-   * rebuild-lease-recall-timeout-ms, regions copied again after a revoke. Null while detached.
+   * rebuild-lease-recall-timeout-ms, regions copied again after a revoke; client writes that
+   * waited for a lease (or a verify's claim) on their range, and the longest wait. Null while
+   * detached.
    */
-  rebuildLeases: { grants: number; recalls: number; revokes: number; replays: number; copiersLost: number } | null;
+  rebuildLeases: { grants: number; recalls: number; revokes: number; replays: number; copiersLost: number; writesWaited: number; longestWaitMs: number } | null;
   /** Why the volume is in its state, when it is not the obvious one. */
   message: string | null;
   createdAt: string;
@@ -259,6 +261,9 @@ export interface VolumeMetrics {
     rebuildLeaseRevokes: number;
     rebuildLeaseReplays: number;
     rebuildCopiersLost: number;
+    /** Client writes that waited for a rebuild's lease or a verify's claim on their range; the longest wait. */
+    claimWaits: number;
+    claimWaitLongestSeconds: number;
   } | null;
   /** The running engine's write-intent log: regions active now and its bound; null while detached (or not reported). */
   intent: { activeRegions: number; maxActiveRegions: number } | null;

@@ -139,7 +139,7 @@ export class FakeManagerService implements ManagerService {
     this.volumes.set(name, {
       view, pendingReads: null, maintenance: false, snapshots: [], differing: [],
       engine: { activeRegions: 0, maxActiveRegions: 256, superseded: false },
-      io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0, rebuildLeaseRecalls: 0, rebuildLeaseRevokes: 0, rebuildLeaseReplays: 0, rebuildCopiersLost: 0 },
+      io: { reads: 0, writes: 0, readBytes: 0, writeBytes: 0, readLatencySecondsTotal: 0, writeLatencySecondsTotal: 0, errors: 0, rebuildLeaseRecalls: 0, rebuildLeaseRevokes: 0, rebuildLeaseReplays: 0, rebuildCopiersLost: 0, claimWaits: 0, claimWaitLongestSeconds: 0 },
     });
     this.event(name, 'Created', `volume ${name} created with ${count} replica(s)`);
     return structuredClone(view);

@@ -81,8 +81,14 @@ test('revoked leases are replayed: the rebuild completes under fio verify; fio 0
   assert.ok(figures.readBytes > 0, 'fio verified');
 
   assert.ok(leases.grants > 0, JSON.stringify(leases));
+  // A recalled lease had a client write waiting for it: counted, with the longest wait.
+  const waited = mustZebuJson(up, ['volume', 'get', 'lease']).rebuildLeases;
+  assert.ok(waited.writesWaited > 0 && waited.longestWaitMs > 0, JSON.stringify(waited));
+  assert.match(mustZebu(up, ['volume', 'get', 'lease']), /rebuild leases:?\s+.*; \d+ client write\(s\) waited, longest \d+\.\d ms/);
   const metrics = await fetch(`${up.api}/metrics`, { headers: { authorization: `Bearer ${up.token}` } }).then((r) => r.text());
   assert.match(metrics, /zebu_volume_rebuild_lease_revokes_total\{volume="lease"\} [1-9]/);
+  assert.match(metrics, /zebu_volume_claim_waits_total\{volume="lease"\} [1-9]/);
+  assert.match(metrics, /zebu_volume_claim_wait_longest_seconds\{volume="lease"\} 0\.\d*[1-9]/);
 
   const secret = readSecretFile(path.join(dataDir, 'secret'));
   const replicas = mustZebuJson(up, ['replica', 'list', '--volume', 'lease']);

@@ -81,7 +81,7 @@ function volumeDetails(v: VolumeView): string {
     ['endpoint', v.endpoint],
     ['epoch', v.epoch],
     ['rebuilding', v.rebuilding],
-    ['rebuild leases', v.rebuildLeases === null ? null : `${v.rebuildLeases.grants} granted, ${v.rebuildLeases.recalls} recalled, ${v.rebuildLeases.revokes} revoked, ${v.rebuildLeases.replays} replayed, ${v.rebuildLeases.copiersLost} copier(s) lost`],
+    ['rebuild leases', v.rebuildLeases === null ? null : `${v.rebuildLeases.grants} granted, ${v.rebuildLeases.recalls} recalled, ${v.rebuildLeases.revokes} revoked, ${v.rebuildLeases.replays} replayed, ${v.rebuildLeases.copiersLost} copier(s) lost; ${v.rebuildLeases.writesWaited} client write(s) waited, longest ${v.rebuildLeases.longestWaitMs.toFixed(1)} ms`],
     ['message', v.message],
     ['created', v.createdAt],
     ['last recovery', v.lastRecovery === null ? null : recoveryLine(v.lastRecovery)],
