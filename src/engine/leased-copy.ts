@@ -150,14 +150,19 @@ export async function copyRegionLeased(host: CopierHost, offset: number, length:
           written += to - at;
         }
       };
+      let chunkWrote = false;
       while (committed < end) {
         // Recalled: give the region back after one chunk (progress is guaranteed per grant).
         if (progressed && host.leaseWanted(lease)) break;
-        // Clients busy: one chunk per turn, so that the turn's rest (the engine's) comes between
-        // chunks and the copy's load on the replicas is spread out instead of in region-long bursts.
-        if (progressed && host.clientsBusy()) break;
+        // Clients busy: one chunk that wrote something per turn, so that the turn's rest (the
+        // engine's) comes between chunks and the copy's load on the replicas is spread out
+        // instead of coming in region-long bursts. (Chunks with nothing to copy cost nothing: a
+        // sparse region is still gone through in one turn.)
+        if (chunkWrote && host.clientsBusy()) break;
         const chunkEnd = Math.min(end, committed + host.chunkBytes);
+        const writtenBefore = written;
         await copyChunk(committed, chunkEnd);
+        chunkWrote = written > writtenBefore;
         committed = chunkEnd;
         progressed = true;
         if (committed < end) host.chunkCopied(committed);
