@@ -64,13 +64,14 @@ interface CopiedRegion {
   acquiredBefore: number;
 }
 
-function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[]; copied: CopiedRegion[]; chunks: number[] } {
+function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: number) => boolean; maxRetries?: number; extentsData?: boolean; busy?: boolean; dataBelow?: number }): { host: CopierHost; target: FakeTarget; acquired: [number, number][]; released: number[]; copied: CopiedRegion[]; chunks: number[]; turns: () => number } {
   const target: FakeTarget = { writes: [], revokedLeases: new Set() };
   const acquired: [number, number][] = [];
   const released: number[] = [];
   const copied: CopiedRegion[] = [];
   const chunks: number[] = [];
   let nextLease = 1;
+  let turns = 0;
   let writeCount = 0;
   let wantedFrom = Infinity;
   const host: CopierHost = {
@@ -81,9 +82,15 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
     },
     leaseWanted: () => writeCount >= wantedFrom,
     releaseLease: (id) => released.push(id),
-    copyTurn: async () => () => {},
-    clientsBusy: () => false,
-    sourceExtents: async (_how, offset, length) => [{ offset, length, data: options.extentsData ?? true }],
+    copyTurn: async () => {
+      turns++;
+      return () => {};
+    },
+    clientsBusy: () => options.busy === true,
+    // Data where the source holds some: everywhere, or below `dataBelow` only.
+    sourceExtents: async (_how, offset, length) => options.dataBelow === undefined || offset + length <= options.dataBelow || offset >= options.dataBelow
+      ? [{ offset, length, data: (options.extentsData ?? true) && (options.dataBelow === undefined || offset < options.dataBelow) }]
+      : [{ offset, length: options.dataBelow - offset, data: options.extentsData ?? true }, { offset: options.dataBelow, length: offset + length - options.dataBelow, data: false }],
     readSource: async (_offset, length) => Buffer.alloc(length, 7),
     writeTarget: async (lease, offset, data) => {
       writeCount++;
@@ -100,7 +107,7 @@ function fakeHost(options: { recallAfterWrites?: number; revokeOnWrite?: (n: num
     maxRetries: options.maxRetries ?? 5,
     chunkBytes: COPY_CHUNK_BYTES,
   };
-  return { host, target, acquired, released, copied, chunks };
+  return { host, target, acquired, released, copied, chunks, turns: () => turns };
 }
 
 test('the copier copies a region chunk by chunk under one lease when nobody recalls it', async () => {
@@ -114,6 +121,28 @@ test('the copier copies a region chunk by chunk under one lease when nobody reca
   assert.deepEqual(target.writes.map((w) => w.offset), Array.from({ length: region / COPY_CHUNK_BYTES }, (_, i) => i * COPY_CHUNK_BYTES));
   // Reported copied once, with its lease still held (no client write to it in between).
   assert.deepEqual(copied, [{ offset: 0, length: region, releasedBefore: 0, acquiredBefore: 1 }]);
+});
+
+test('clients busy: one chunk that wrote something per turn and lease; chunks with nothing to copy do not end a turn', async () => {
+  const busy = fakeHost({ busy: true });
+  const region = 4 * COPY_CHUNK_BYTES;
+  assert.equal(await copyRegionLeased(busy.host, 0, region, { kind: 'status', zeroIfEmpty: false }), region);
+  assert.equal(busy.turns(), 4, 'a turn per chunk (the engine rests between turns)');
+  assert.deepEqual(busy.acquired, [[0, region], [COPY_CHUNK_BYTES, region], [2 * COPY_CHUNK_BYTES, region], [3 * COPY_CHUNK_BYTES, region]]);
+  assert.deepEqual(busy.target.writes.map((w) => w.offset), [0, COPY_CHUNK_BYTES, 2 * COPY_CHUNK_BYTES, 3 * COPY_CHUNK_BYTES]);
+  assert.deepEqual(busy.copied.map((c) => [c.offset, c.length]), [[0, region]]);
+
+  // Data in the first chunk only: that chunk ends its turn, the three empty ones go in the next.
+  const sparse = fakeHost({ busy: true, dataBelow: COPY_CHUNK_BYTES });
+  assert.equal(await copyRegionLeased(sparse.host, 0, region, { kind: 'status', zeroIfEmpty: false }), COPY_CHUNK_BYTES);
+  assert.equal(sparse.turns(), 2);
+  assert.deepEqual(sparse.acquired, [[0, region], [COPY_CHUNK_BYTES, region]]);
+  assert.deepEqual(sparse.copied.map((c) => [c.offset, c.length]), [[0, region]]);
+
+  // Quiet clients: the whole region in one turn.
+  const quiet = fakeHost({});
+  await copyRegionLeased(quiet.host, 0, region, { kind: 'status', zeroIfEmpty: false });
+  assert.equal(quiet.turns(), 1);
 });
 
 test('recalled: the copier gives the lease back after a chunk and continues from where it got', async () => {
