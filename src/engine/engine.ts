@@ -1105,9 +1105,10 @@ export class Engine implements BlockBackend {
     if (claims === null) return this.fanOut(op, flags, offset, length, payload, done, lent);
     // A rebuild or verify works on ranges: a write must not fall between a copy's read and its write.
     const askedMs = this.clock.nowMs();
-    let waited = false;
+    // whenRangeFree runs the write at once when nothing is in its way: only a later run waited.
+    let immediate = true;
     claims.whenRangeFree(offset, length, () => {
-      if (waited) {
+      if (!immediate) {
         this.stats.claimWaits++;
         this.stats.claimWaitLongestMs = Math.max(this.stats.claimWaitLongestMs, this.clock.nowMs() - askedMs);
       }
@@ -1117,7 +1118,7 @@ export class Engine implements BlockBackend {
         done(err);
       }, lent);
     });
-    waited = true; // (run by now unless it waits)
+    immediate = false;
   }
 
   /** A client's write whose payload is an ioBuffers buffer: given back once no replica connection holds it. */

@@ -32,7 +32,6 @@ import { startZebuUp, stopZebuUp, zebu, mustZebu, mustZebuJson, zebuDataDir, wai
 
 const unavailable = netnsUnavailable();
 
-/** qemu-io on `host` (where the volume's client is), failing the test on any error. */
 interface NodeRow { name: string; ready: boolean; leader: boolean }
 interface ReplicaRow { name: string; nodeId: string; mode: string | null; failedAt: string | null }
 
