@@ -489,7 +489,7 @@ export class Agent {
         continue;
       }
       if (view.link === undefined) continue;
-      const { engine: _process, ...link } = view.link;
+      const { engine: _process, directReads: _directReads, ...link } = view.link as EngineLinkView & { engine?: unknown; directReads?: unknown };
       // stateSince alone moves nothing; `held` is written with the rest.
       const key = JSON.stringify(link);
       if (this.linkWritten.get(view.name) === key) continue;

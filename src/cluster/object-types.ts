@@ -24,7 +24,8 @@ export type ProcessState = 'stopped' | 'starting' | 'running' | 'error';
  * Counters are the frontend's, since it started serving the volume. The engine process it names
  * is left out: the Engine object has its pid.
  */
-export type EngineLinkView = Omit<LinkView, 'engine'>;
+/** The link as stored (directReads moves with every read: it reaches the engine's counters instead). */
+export type EngineLinkView = Omit<LinkView, 'engine' | 'directReads'>;
 
 /**
  * What an engine did at start-up before serving: resynced the regions where replicas may

@@ -35,7 +35,7 @@ import { DataClient } from '../protocol/client.ts';
 import { netTransport, type Transport } from '../protocol/transport.ts';
 import { systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import { Op, RequestFlag, decodeExtents, encodeFlushConfirmed, MISSED_KEY } from '../protocol/frames.ts';
-import type { BlockBackend, BackendExtent } from '../protocol/backend.ts';
+import type { BlockBackend, BackendExtent, ReadView, ReadViewReplica } from '../protocol/backend.ts';
 import type { ReplicaInfo, SnapshotInfo } from '../replica/replica.ts';
 import { INTENT_IDLE_MS, leaveIdleBefore } from '../replica/intent-log.ts';
 import { ActiveRegions, FlushSequence } from './active-regions.ts';
@@ -190,6 +190,22 @@ const BUSY_COPY_TURNS = 2;
 const BUSY_TURN_REST = 2;
 /** Clients count as busy until this long after their last answer. */
 const CLIENT_QUIET_MS = 50;
+
+/** A replica request unanswered this long fails the replica (EngineOptions.requestTimeoutMs). */
+const DEFAULT_REQUEST_TIMEOUT_MS = 8000;
+
+/**
+ * A READ_REPORT of direct reads keeps clients counted busy this long: the frontend reports every
+ * READ_REPORT_MS while it reads (src/frontend/engine-link.ts), so a reading client is seen as one
+ * the engine serves itself is (a rebuild's copy then yields to it).
+ */
+const DIRECT_READS_BUSY_MS = 250 + CLIENT_QUIET_MS;
+
+/** A frontend waiting for its read view to change (READ_VIEW). */
+interface ViewWatcher {
+  answer: (view: ReadView) => void;
+  timer: ClockTimer;
+}
 /**
  * With regions active, no write and no flush for this long, the engine flushes by itself: the
  * regions of a volume gone quiet then leave the write-intent logs (one or two flushes after the
@@ -264,6 +280,12 @@ export class Engine implements BlockBackend {
   private nextClaimId = 1;
   /** Rebuild leases a client write recalled: the timer that revokes each one. */
   private readonly leaseTimers = new Map<number, ClockTimer>();
+  /** What the frontend may read from itself (READ_VIEW); `readViewKey` names its replicas. */
+  private readView: ReadView;
+  private readViewKey = '';
+  private readonly viewWatchers = new Set<ViewWatcher>();
+  /** Until when reports of direct reads count clients busy. */
+  private directReadsBusyUntilMs = 0;
   readonly leaseCounters: LeaseCounters = emptyLeaseCounters();
   private readonly leaseRecallTimeoutMs: number;
   /** Chunk copies under way, and copies waiting for a turn (see copyTurn). */
@@ -311,7 +333,7 @@ export class Engine implements BlockBackend {
     this.sizeBytes = options.sizeBytes;
     this.epoch = options.epoch;
     this.options = {
-      requestTimeoutMs: 8000, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, replicaWaitMs: DEFAULT_REPLICA_WAIT_MS, outReplicas: [],
+      requestTimeoutMs: DEFAULT_REQUEST_TIMEOUT_MS, pingIntervalMs: 2000, log: () => {}, maxActiveRegions: DEFAULT_MAX_ACTIVE_REGIONS, replicaWaitMs: DEFAULT_REPLICA_WAIT_MS, outReplicas: [],
       transport: netTransport, clock: systemClock,
       ...options,
     };
@@ -322,6 +344,8 @@ export class Engine implements BlockBackend {
     // Explicit `undefined`s (absent CLI flags) mean the defaults too.
     this.options.replicaWaitMs = options.replicaWaitMs ?? DEFAULT_REPLICA_WAIT_MS;
     this.options.outReplicas = options.outReplicas ?? [];
+    this.options.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS;
+    this.readView = { generation: 1, epoch: this.epoch, timeoutMs: this.options.requestTimeoutMs, replicas: [] };
     if (!Number.isSafeInteger(this.options.replicaWaitMs) || this.options.replicaWaitMs < 0) {
       throw new ZebuError(ErrorCode.EINVAL, `replicaWaitMs must be a whole number of milliseconds >= 0, got ${this.options.replicaWaitMs}`);
     }
@@ -467,6 +491,7 @@ export class Engine implements BlockBackend {
     await runStartup(this.startupHost);
     if (this.closed) throw new ZebuError(ErrorCode.CLOSED, `volume ${this.name}: the engine closed during its start-up`);
     this.phase = 'serving';
+    this.refreshReadView();
     this.pingTimer = this.clock.setInterval(() => this.pingAll(), this.options.pingIntervalMs).unref();
     this.idleFlushTimer = this.clock.setInterval(() => this.idleFlush(), Math.ceil(IDLE_FLUSH_MS / 2)).unref();
     // A replica whose full rebuild stopped while its snapshots were copied (this engine's
@@ -635,6 +660,8 @@ export class Engine implements BlockBackend {
   private setErr(r: EngineReplica, err: ZebuError, missed = true): void {
     const failure = this.set.fail(r, err, { missed, closing: this.closed });
     if (failure === null) return;
+    // Now, before any write acknowledged without it: the frontend stops reading from it first.
+    this.refreshReadView();
     failure.close?.close();
     if (this.rebuilding !== null && this.rebuilding.target === r) {
       // The copy stops at its next step; from now on nothing says it is under way.
@@ -665,6 +692,8 @@ export class Engine implements BlockBackend {
   }
 
   private pingAll(): void {
+    // A replica that became RW since (a rebuild's end) joins the view.
+    this.refreshReadView();
     for (const r of this.replicas) {
       if (r.client === null || r.mode === ReplicaMode.ERR) continue;
       const client = r.client;
@@ -672,6 +701,61 @@ export class Engine implements BlockBackend {
         if (err !== null && r.client === client) this.setErr(r, err);
       });
     }
+  }
+
+  // ---- read views ------------------------------------------------------------------------------
+
+  /**
+   * The replicas the frontend may read from itself: every RW replica, connected, whose server
+   * instance is known (each holds every acknowledged write, for as long as it stays RW). A change
+   * answers every waiting READ_VIEW at once. Called when a replica is set ERR (setErr: before the
+   * acknowledgement of any write that left it out, so the withdrawal's reply precedes that
+   * write's on the frontend's connection), at the start of serving, and with every ping round
+   * (replicas that became RW).
+   */
+  private refreshReadView(): void {
+    const replicas: ReadViewReplica[] = [];
+    if (this.phase === 'serving' && this.faultedReason === null && !this.closed) {
+      for (const r of this.set.healthy()) {
+        const instance = (r.info as { instance?: unknown } | null)?.instance;
+        if (typeof instance === 'string') replicas.push({ host: r.host, port: r.port, instance, local: r.local });
+      }
+    }
+    replicas.sort((a, b) => Number(b.local) - Number(a.local));
+    const key = replicas.map((r) => `${r.host}:${r.port}/${r.instance}`).join(',');
+    if (key === this.readViewKey) return;
+    this.readViewKey = key;
+    this.readView = { generation: this.readView.generation + 1, epoch: this.epoch, timeoutMs: this.options.requestTimeoutMs, replicas };
+    const watchers = [...this.viewWatchers];
+    this.viewWatchers.clear();
+    for (const w of watchers) {
+      this.clock.clear(w.timer);
+      w.answer(this.readView);
+    }
+  }
+
+  watchReadView(known: number, holdMs: number, answer: (view: ReadView) => void): () => void {
+    if (known !== this.readView.generation) {
+      answer(this.readView);
+      return () => {};
+    }
+    const watcher: ViewWatcher = {
+      answer,
+      timer: this.clock.setTimeout(() => {
+        if (this.viewWatchers.delete(watcher)) answer(this.readView);
+      }, holdMs),
+    };
+    this.viewWatchers.add(watcher);
+    return () => {
+      if (this.viewWatchers.delete(watcher)) this.clock.clear(watcher.timer);
+    };
+  }
+
+  reportReads(reads: number, bytes: number, micros: number): void {
+    this.stats.reads += reads;
+    this.stats.readBytes += bytes;
+    this.stats.readLatencyMsTotal += micros / 1000;
+    if (reads > 0) this.directReadsBusyUntilMs = this.clock.nowMs() + DIRECT_READS_BUSY_MS;
   }
 
   // ---- request admission (pause for snapshots) ---------------------------------------------
@@ -777,7 +861,8 @@ export class Engine implements BlockBackend {
 
   /** Whether clients are using the volume now: a copy then takes less of the replicas. */
   private clientsBusy(): boolean {
-    return this.inflight > this.internalInflight || this.clock.nowMs() - this.lastClientDoneMs < CLIENT_QUIET_MS;
+    const now = this.clock.nowMs();
+    return this.inflight > this.internalInflight || now - this.lastClientDoneMs < CLIENT_QUIET_MS || now < this.directReadsBusyUntilMs;
   }
 
   private wakeCopyTurns(): void {
@@ -1554,6 +1639,7 @@ export class Engine implements BlockBackend {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.refreshReadView();
     if (this.rebuilding !== null) this.rebuilding.cancelled = 'the engine is closing';
     this.clock.clear(this.pingTimer);
     this.clock.clear(this.idleFlushTimer);

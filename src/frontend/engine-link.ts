@@ -31,7 +31,8 @@
 import { ZebuError, ErrorCode, assert } from '../errors.ts';
 import { DataClient } from '../protocol/client.ts';
 import { ioBuffers, LentBuffer } from '../protocol/buffer-pool.ts';
-import { Op, OpName, RequestFlag, decodeExtents } from '../protocol/frames.ts';
+import { Op, OpName, RequestFlag, decodeExtents, READ_REPORT_BYTES, writeU64 } from '../protocol/frames.ts';
+import { DirectReads, parseReadView } from './read-view.ts';
 import { isAlive, parseIdentity, type ProcessIdentity } from '../os/process-identity.ts';
 import { STALL_MS, systemClock, type Clock, type ClockTimer } from '../os/clock.ts';
 import type { Transport } from '../protocol/transport.ts';
@@ -90,6 +91,8 @@ export interface LinkView {
   lastClose: { at: string; kind: CloseKind; cause: string; outstanding: number } | null;
   /** The engine process connected now (null while CLOSE, or when it does not say). */
   engine: ProcessIdentity | null;
+  /** Reads served from the replicas of the read view, not through the engine (read-view.ts). */
+  directReads: number;
 }
 
 interface Forwarded {
@@ -114,6 +117,10 @@ const EMPTY = Buffer.alloc(0);
 const MAX_TABLE = 65536;
 /** Reconnect attempts to a missing engine socket cost nothing: try often, the client is waiting. */
 const RECONNECT_DELAY_MS_MAX = 100;
+/** Direct reads are reported to the engine this often while there are some (its counters, its "clients busy"). */
+const READ_REPORT_MS = 250;
+/** A READ_VIEW that failed for a reason of its own is asked again after this long. */
+const VIEW_RETRY_MS = 1000;
 
 function sizeFromInfo(info: unknown, socketPath: string): number {
   const sizeBytes = (info as { sizeBytes?: unknown } | null)?.sizeBytes;
@@ -182,6 +189,11 @@ export class EngineLink implements NbdExport {
   private lastHeartbeatTickMs = 0;
   private readonly counters = { reopens: 0, reissued: 0, hangs: 0, longestHoldMs: 0 };
   private lastClose: LinkView['lastClose'] = null;
+  /** Reads served from the replicas themselves, under the engine's read view. */
+  private readonly direct: DirectReads;
+  private reportTimer: ClockTimer | null = null;
+  /** READ_VIEW failed last time (logged once until it works again). */
+  private viewFailing = false;
 
   private constructor(options: EngineLinkOptions) {
     const { transport, clock, ...rest } = options;
@@ -200,6 +212,7 @@ export class EngineLink implements NbdExport {
     this.setTimeouts(options);
     this.name = options.name;
     this.description = `Zebu volume ${options.name}`;
+    this.direct = new DirectReads({ name: options.name, secret: options.secret, transport, clock: this.clock, log: this.options.log });
   }
 
   /** A link with its first engine connection up (fails when the engine cannot be reached now). */
@@ -280,6 +293,7 @@ export class EngineLink implements NbdExport {
       held: this.held.length,
       lastClose: this.lastClose,
       engine: this.engine,
+      directReads: this.direct.total,
     };
   }
 
@@ -349,6 +363,56 @@ export class EngineLink implements NbdExport {
       if (this.client !== client) return; // already replaced or dropped (see lost())
       this.lost('engine-lost', `engine disconnected: ${err.message}`);
     });
+    this.watchView(client);
+  }
+
+  // ---- read view -----------------------------------------------------------------------------
+
+  /**
+   * Asks the engine for its read view, and again each time it answers: the answer comes when the
+   * view changes (a replica withdrawn: handled before any later reply on this connection, see
+   * read-view.ts) or after a hold of a quarter of the stall deadline, so it never counts as stalled.
+   */
+  private watchView(client: DataClient): void {
+    const holdMs = Math.max(1, Math.floor(this.timeouts.stallTimeoutMs / 4));
+    client.send(Op.READ_VIEW, 0, this.direct.heldGeneration, holdMs, EMPTY, (err, data) => {
+      if (this.client !== client || this.closed) return;
+      if (err === null) {
+        try {
+          this.direct.adopt(parseReadView(data));
+        } catch (e) {
+          err = e as ZebuError;
+        }
+      }
+      if (err === null) {
+        this.viewFailing = false;
+        return this.watchView(client);
+      }
+      // Without a view every read goes through the engine. An engine that has none to give
+      // (UNSUPPORTED) is not asked again; a connection that broke is handled by lost().
+      this.direct.drop();
+      if (err.code === ErrorCode.UNSUPPORTED || err.code === ErrorCode.DISCONNECTED || err.code === ErrorCode.CLOSED) return;
+      // Said once per run of failures: it is asked again every second.
+      if (!this.viewFailing) this.options.log({ event: 'read-view-failed', error: err.message });
+      this.viewFailing = true;
+      this.clock.setTimeout(() => {
+        if (this.client === client && !this.closed) this.watchView(client);
+      }, VIEW_RETRY_MS).unref();
+    });
+  }
+
+  /** Sends the engine what was read directly since the last report (its stats and "clients busy"). */
+  private reportReads(): void {
+    this.reportTimer = null;
+    const client = this.client;
+    const counts = this.direct.counts;
+    if (client === null || counts.reads === 0) return;
+    const payload = Buffer.allocUnsafe(READ_REPORT_BYTES);
+    writeU64(payload, counts.reads, 0);
+    writeU64(payload, counts.bytes, 8);
+    writeU64(payload, counts.micros, 16);
+    counts.reads = counts.bytes = counts.micros = 0;
+    client.send(Op.READ_REPORT, 0, 0, 0, payload, () => {});
   }
 
   /** The engine connection is gone (or given up as hung): hold what is in flight, reconnect. */
@@ -359,6 +423,8 @@ export class EngineLink implements NbdExport {
     this.engine = null;
     this.pingSentAtMs = 0;
     this.dropPinger();
+    // The view was this engine's: reads go through the next engine until it gives its own.
+    this.direct.drop();
     this.reissuedOutstanding = 0;
     this.lastClose = { at: new Date().toISOString(), kind, cause, outstanding: this.table.size };
     this.setState(LinkState.CLOSE, { cause, outstanding: this.table.size });
@@ -596,6 +662,13 @@ export class EngineLink implements NbdExport {
   }
 
   read(offset: number, length: number, cb: (err: ZebuError | null, data: Buffer) => void): void {
+    if (this.client !== null && !this.closed) {
+      const sent = this.direct.read(offset, length, (data) => {
+        this.reportTimer ??= this.clock.setTimeout(() => this.reportReads(), READ_REPORT_MS).unref();
+        cb(null, data);
+      }, () => this.forward(Op.READ, 0, offset, length, EMPTY, cb));
+      if (sent) return;
+    }
     this.forward(Op.READ, 0, offset, length, EMPTY, cb);
   }
   write(offset: number, data: Buffer, fua: boolean, cb: (err: ZebuError | null) => void): void {
@@ -626,6 +699,8 @@ export class EngineLink implements NbdExport {
     this.closed = true;
     this.clock.clear(this.holdTimer);
     this.clock.clear(this.heartbeatTimer);
+    this.clock.clear(this.reportTimer);
+    this.direct.close();
     for (const f of this.held) f.callback(new ZebuError(ErrorCode.CLOSED, 'frontend is stopping'), EMPTY);
     this.held = [];
     const client = this.client;

@@ -9,6 +9,29 @@ export interface BackendExtent {
   data: boolean;
 }
 
+/**
+ * The replicas a frontend may read from without passing through the engine (READ_VIEW): every
+ * RW replica at `generation`, each pinned to the server process the engine holds open
+ * (`instance`). Empty while the engine serves no reads itself (starting, faulted, superseded).
+ */
+export interface ReadView {
+  generation: number;
+  /** The engine's epoch: direct reads carry it, so a newer engine fences them. */
+  epoch: number;
+  /** The engine's replica request timeout: a direct read unanswered this long goes through the engine. */
+  timeoutMs: number;
+  replicas: ReadViewReplica[];
+}
+
+export interface ReadViewReplica {
+  host: string;
+  port: number;
+  /** The replica server's process instance (INFO `instance`): a restarted replica is another one. */
+  instance: string;
+  /** On the engine's node (read first). */
+  local: boolean;
+}
+
 export interface BlockBackend {
   readonly sizeBytes: number;
   readonly epoch: number;
@@ -75,6 +98,15 @@ export interface BlockBackend {
   copyPull?(leaseId: number, offset: number, length: number, zeros: boolean, read: () => Promise<Buffer>): Promise<void>;
   /** Revokes a lease; resolves once its copy writes in flight landed. */
   leaseRevoke?(leaseId: number): Promise<void>;
+  // ---- read views (the engine, for its frontend) ------------------------------------------------
+  /**
+   * Calls `answer` once, synchronously at the change (so its reply is written before the reply of
+   * any write acknowledged after it), when the view's generation is not `known`, or after
+   * `holdMs`. Returns a cancel function (the connection closed).
+   */
+  watchReadView?(known: number, holdMs: number, answer: (view: ReadView) => void): () => void;
+  /** Reads the frontend served from its read view, for the engine's counters. */
+  reportReads?(reads: number, bytes: number, micros: number): void;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */
   regionHash?(offset: number, length: number, snapshot?: string | null): Promise<Buffer>;
 }

@@ -98,6 +98,16 @@ export const Op = {
    * the source. A failure of the source is SOURCE_FAILED (the target is fine).
    */
   COPY_FROM: 31,
+  /**
+   * Frontend -> engine: the replicas the frontend may read from itself (its read view). `offset`
+   * = the generation the frontend holds, `length` = how long the engine may hold the request
+   * (ms). Answered (JSON ReadView) at once when the engine's generation differs, else when it
+   * changes or the hold ends. A view's replica that leaves RW is withdrawn by the answer, written
+   * before the answer of any write acknowledged without that replica (docs/architecture.md).
+   */
+  READ_VIEW: 32,
+  /** Frontend -> engine: payload 3 x u64 = reads served from the read view, their bytes and microseconds (for the engine's stats). */
+  READ_REPORT: 33,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 
@@ -194,6 +204,9 @@ export function maxPayloadFor(op: number): number {
   if (op === Op.COPY_WRITE) return LEASE_ID_BYTES + MAX_IO_BYTES;
   return MAX_CONTROL_BYTES;
 }
+
+/** READ_REPORT's payload: reads, bytes, microseconds (u64 each). */
+export const READ_REPORT_BYTES = 24;
 
 /** COPY_WRITE and COPY_ZERO start their payload with the lease id. */
 export const LEASE_ID_BYTES = 8;

@@ -6,7 +6,8 @@
  * from (bad magic, oversized payload) gets an error reply and that one connection is closed.
  */
 import net from 'node:net';
-import { ZebuError, ErrorCode, AssertionFailure, errorToWire, toZebuError, invalid } from '../errors.ts';
+import { randomBytes } from 'node:crypto';
+import { ZebuError, ErrorCode, AssertionFailure, errorToWire, toZebuError, invalid, assert } from '../errors.ts';
 import type { FrameReader } from './frame-reader.ts';
 import { ioBuffers, POOLED_MIN_BYTES } from './buffer-pool.ts';
 import { SocketReceiver, connectionReader } from './socket-receiver.ts';
@@ -33,6 +34,7 @@ import {
   FLUSH_CONFIRMED_BYTES,
   LEASE_ID_BYTES,
   MISSED_KEY,
+  READ_REPORT_BYTES,
   type RequestHeader,
 } from './frames.ts';
 import { encodeHello, checkAuth, newNonce, AUTH_BYTES } from './auth.ts';
@@ -81,6 +83,8 @@ export interface DataServerOptions {
 const EMPTY = Buffer.alloc(0);
 /** Regions one INTENT_RELEASE names at most (a start-up releases a few at a time). */
 const MAX_RELEASE_REGIONS = 4096;
+/** A READ_VIEW is answered after this long at most, changed or not. */
+const MAX_VIEW_HOLD_MS = 60_000;
 
 export class DataServer {
   private readonly backend: BlockBackend;
@@ -91,6 +95,11 @@ export class DataServer {
   private readonly connections = new Set<Connection>();
   private inflight = 0;
   private idleWaiters: (() => void)[] = [];
+  /**
+   * This server process's instance, in every INFO and OPEN reply: a frontend reading a replica
+   * directly checks it is the process its engine holds open, not one restarted at its address.
+   */
+  readonly instance = randomBytes(8).toString('hex');
 
   constructor(backend: BlockBackend, options: DataServerOptions) {
     this.backend = backend;
@@ -218,6 +227,8 @@ class Connection {
   private paused = false;
   private closing = false;
   private readonly handshakeTimer: ClockTimer;
+  /** The READ_VIEW this connection waits on (at most one), and how to stop waiting. */
+  private viewWatch: { requestId: number; cancel: () => void } | null = null;
 
   constructor(owner: DataServer, socket: StreamSocket, receiver: SocketReceiver | null) {
     this.owner = owner;
@@ -229,6 +240,8 @@ class Connection {
     socket.on('close', () => {
       this.closing = true;
       owner.opts.clock.clear(this.handshakeTimer);
+      this.viewWatch?.cancel();
+      this.viewWatch = null;
     });
     this.handshakeTimer = owner.opts.clock.setTimeout(() => {
       if (!this.authenticated) {
@@ -323,6 +336,7 @@ class Connection {
   }
 
   private dispatch(h: RequestHeader, payload: Buffer): void {
+    if (h.op === Op.READ_VIEW) return this.watchView(h);
     this.inflight++;
     this.owner.requestStarted();
     if (this.inflight >= this.owner.opts.maxInflightPerConnection && !this.paused) {
@@ -333,6 +347,34 @@ class Connection {
       (result) => this.finish(h, null, result, payload),
       (err) => this.finish(h, err, EMPTY, payload),
     );
+  }
+
+  /**
+   * READ_VIEW: waits outside the in-flight count (it holds no work: a drain does not wait for it),
+   * one per connection (an earlier one is answered BUSY). The answer is written the moment the
+   * backend gives it, so it precedes every reply the backend completes after the change.
+   */
+  private watchView(h: RequestHeader): void {
+    const backend = this.owner.backendRef;
+    if (backend.watchReadView === undefined) return this.reply(h.requestId, unsupported(h.op), EMPTY);
+    const earlier = this.viewWatch;
+    if (earlier !== null) {
+      this.viewWatch = null;
+      earlier.cancel();
+      this.reply(earlier.requestId, new ZebuError(ErrorCode.BUSY, 'READ_VIEW superseded by a newer one on this connection'), EMPTY);
+    }
+    const holdMs = Math.min(h.length, MAX_VIEW_HOLD_MS);
+    const watch = { requestId: h.requestId, cancel: () => {} };
+    let answered = false;
+    const cancel = backend.watchReadView(h.offset, holdMs, (view) => {
+      assert(!answered, 'a READ_VIEW was answered twice');
+      answered = true;
+      if (this.viewWatch === watch) this.viewWatch = null;
+      this.reply(h.requestId, null, json(view));
+    });
+    if (answered) return;
+    watch.cancel = cancel;
+    this.viewWatch = watch;
   }
 
   private finish(h: RequestHeader, err: unknown, result: Buffer | ReadReply, payload: Buffer): void {
@@ -378,10 +420,10 @@ class Connection {
     if (result.length > 0) this.out.write(result);
   }
 
-  /** An INFO/OPEN body with the server's identity fields added. */
+  /** A replica's state (INFO, OPEN, and the answers that report it) with the server's identity fields added. */
   private identified(info: unknown): unknown {
     const identity = this.owner.opts.identity;
-    return identity === undefined ? info : { ...(info as Record<string, unknown>), ...identity };
+    return { ...(info as Record<string, unknown>), ...identity, instance: this.owner.instance };
   }
 
   private async execute(h: RequestHeader, payload: Buffer): Promise<Buffer | ReadReply> {
@@ -563,14 +605,24 @@ class Connection {
         return EMPTY;
       case Op.EXPAND:
         if (replica.expand === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'EXPAND is not served here');
-        return json(await replica.expand(h.offset));
+        return json(this.identified(await replica.expand(h.offset)));
       case Op.SET_REVISION:
         if (replica.setRevision === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REVISION is not served here');
-        return json(await replica.setRevision(h.offset));
+        return json(this.identified(await replica.setRevision(h.offset)));
       case Op.SET_REBUILDING:
         if (replica.setRebuilding === undefined) throw new ZebuError(ErrorCode.UNSUPPORTED, 'SET_REBUILDING is not served here');
         if (h.offset !== 0 && h.offset !== 1 && h.offset !== 2) throw invalid(`SET_REBUILDING takes 0 (none), 1 (full) or 2 (delta), got ${h.offset}`);
-        return json(await replica.setRebuilding(h.offset === 0 ? null : h.offset === 1 ? 'full' : 'delta'));
+        return json(this.identified(await replica.setRebuilding(h.offset === 0 ? null : h.offset === 1 ? 'full' : 'delta')));
+      case Op.READ_REPORT: {
+        if (replica.reportReads === undefined) throw unsupported(h.op);
+        if (payload.length !== READ_REPORT_BYTES) throw invalid(`READ_REPORT takes ${READ_REPORT_BYTES} bytes, got ${payload.length}`);
+        const reads = readU64(payload, 0);
+        const bytes = readU64(payload, 8);
+        const micros = readU64(payload, 16);
+        if (!Number.isSafeInteger(reads) || !Number.isSafeInteger(bytes) || !Number.isSafeInteger(micros)) throw invalid('READ_REPORT counts out of range');
+        replica.reportReads(reads, bytes, micros);
+        return EMPTY;
+      }
       case Op.FAULT_INJECT: {
         const spec = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[]; powerLoss?: { seed?: unknown; mode?: unknown } };
         if (typeof spec !== 'object' || spec === null) throw invalid('FAULT_INJECT takes a JSON object');

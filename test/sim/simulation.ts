@@ -174,7 +174,7 @@ export class Simulation {
   private readonly trace: string[] = [];
   readonly stats: Record<string, number> = {
     writes: 0, reads: 0, flushes: 0, zeroes: 0, clientErrors: 0, replicaCrashes: 0, engineCrashes: 0, copierCrashes: 0, nodeCrashes: 0, volumeCrashes: 0,
-    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, snapshotCopiesWentOn: 0, moves: 0, reissued: 0,
+    linkCuts: 0, hangs: 0, replicaHangs: 0, engineHangs: 0, frontendHangs: 0, engineKills: 0, linkReopens: 0, linkHangs: 0, diskErrors: 0, snapshots: 0, expansions: 0, verifies: 0, rebuildsFull: 0, rebuildsDelta: 0, rebuildsResumed: 0, snapshotCopiesWentOn: 0, moves: 0, reissued: 0, directReads: 0,
   };
 
   constructor(options: SimOptions) {
@@ -1205,6 +1205,7 @@ export class Simulation {
     this.stats.reissued = view.reissued;
     this.stats.linkReopens = view.reopens;
     this.stats.linkHangs = view.hangs;
+    this.stats.directReads = view.directReads;
   }
 }
 
