@@ -751,6 +751,13 @@ export class Engine implements BlockBackend {
     };
   }
 
+  readFailed(replica: { host: string; port: number; instance: string }, error: string): void {
+    const r = this.set.healthy().find((x) => x.host === replica.host && x.port === replica.port && (x.info as { instance?: unknown } | null)?.instance === replica.instance);
+    // Gone from the view already (failed, or another process now): nothing to do.
+    if (r === undefined) return;
+    this.setErr(r, new ZebuError(ErrorCode.EIO, `a read the frontend sent it directly failed: ${error}`));
+  }
+
   reportReads(reads: number, bytes: number, micros: number): void {
     this.stats.reads += reads;
     this.stats.readBytes += bytes;

@@ -212,7 +212,11 @@ export class EngineLink implements NbdExport {
     this.setTimeouts(options);
     this.name = options.name;
     this.description = `Zebu volume ${options.name}`;
-    this.direct = new DirectReads({ name: options.name, secret: options.secret, transport, clock: this.clock, log: this.options.log });
+    this.direct = new DirectReads({
+      name: options.name, secret: options.secret, transport, clock: this.clock, log: this.options.log,
+      // Sent ahead of the read it failed, on the same connection: the engine has taken the replica out when the read arrives.
+      replicaFailed: (replica, err) => this.client?.send(Op.READ_FAILED, 0, 0, 0, Buffer.from(JSON.stringify({ ...replica, error: err.message })), () => {}),
+    });
   }
 
   /** A link with its first engine connection up (fails when the engine cannot be reached now). */

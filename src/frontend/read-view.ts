@@ -45,7 +45,15 @@ export interface ReadViewOptions {
   transport: Transport | undefined;
   clock: Clock;
   log: (event: Record<string, unknown>) => void;
+  /**
+   * A replica failed a read itself (its disk, or no answer in time), called before the read goes
+   * through the engine: the engine takes it out, as it would after failing that read itself.
+   */
+  replicaFailed: (replica: { host: string; port: number; instance: string }, err: ZebuError) => void;
 }
+
+/** Failures that are the replica's own; others (a closed or fenced connection, a bad request) the engine learns by itself or are not the replica's. */
+const REPLICA_FAULTS: ReadonlySet<string> = new Set([ErrorCode.EIO, ErrorCode.ENOSPC, ErrorCode.TIMEOUT, ErrorCode.PROTOCOL]);
 
 /** Reads served here since the last report to the engine (for its counters). */
 export interface DirectReadCounts {
@@ -102,7 +110,8 @@ export class DirectReads {
 
   /**
    * Takes the engine's view. Replicas no longer in it are closed at once (their reads in flight go
-   * through the engine); new ones are connected in the background.
+   * through the engine); new ones are connected at the first read (an export nobody reads from
+   * holds no connection to its replicas).
    */
   adopt(view: ReadView): void {
     if (this.closed || view.generation === this.generation) return;
@@ -125,7 +134,6 @@ export class DirectReads {
     this.generation = view.generation;
     this.epoch = view.epoch;
     this.timeoutMs = Math.max(1, view.timeoutMs);
-    for (const r of next) if (r.client === null && !r.connecting && r.retryTimer === null) this.connect(r);
     this.options.log({ event: 'read-view', generation: view.generation, replicas: view.replicas.map((r) => `${r.host}:${r.port}`) });
   }
 
@@ -149,13 +157,19 @@ export class DirectReads {
    */
   read(offset: number, length: number, done: (data: Buffer) => void, fallback: () => void): boolean {
     const reader = this.pick();
-    if (reader === null) return false;
+    if (reader === null) {
+      for (const r of this.readers) if (r.client === null && !r.connecting && r.retryTimer === null) this.connect(r);
+      return false;
+    }
     const client = reader.client!;
     const started = this.options.clock.nowMs();
     client.send(Op.READ, 0, offset, length, EMPTY, (err, data) => {
       if (err !== null) {
-        // Withdrawn (closed by adopt/drop) or failed: the engine serves it, and judges the replica.
-        if (reader.client === client) this.failed(reader, err);
+        // Withdrawn (closed by adopt/drop) or failed: the engine serves it.
+        if (reader.client === client) {
+          this.failed(reader, err);
+          if (REPLICA_FAULTS.has(err.code)) this.options.replicaFailed({ host: reader.host, port: reader.port, instance: reader.instance }, err);
+        }
         return fallback();
       }
       assert(data.length === length, `replica returned ${data.length} bytes for a ${length}-byte read`);

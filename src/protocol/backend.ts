@@ -105,6 +105,8 @@ export interface BlockBackend {
    * `holdMs`. Returns a cancel function (the connection closed).
    */
   watchReadView?(known: number, holdMs: number, answer: (view: ReadView) => void): () => void;
+  /** A replica of the read view failed a direct read (READ_FAILED): taken out when still the same RW replica. */
+  readFailed?(replica: { host: string; port: number; instance: string }, error: string): void;
   /** Reads the frontend served from its read view, for the engine's counters. */
   reportReads?(reads: number, bytes: number, micros: number): void;
   /** SHA-256 of the live volume's bytes in the range (holes hash as zeros). */

@@ -108,6 +108,12 @@ export const Op = {
   READ_VIEW: 32,
   /** Frontend -> engine: payload 3 x u64 = reads served from the read view, their bytes and microseconds (for the engine's stats). */
   READ_REPORT: 33,
+  /**
+   * Frontend -> engine: a replica of the read view failed a direct read itself (its disk, or no
+   * answer in time): payload JSON {host, port, instance, error}. The engine takes that replica out
+   * as it does one that fails a read of its own, when it is still the same RW replica.
+   */
+  READ_FAILED: 34,
 } as const;
 export type Op = (typeof Op)[keyof typeof Op];
 

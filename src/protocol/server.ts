@@ -623,6 +623,15 @@ class Connection {
         replica.reportReads(reads, bytes, micros);
         return EMPTY;
       }
+      case Op.READ_FAILED: {
+        if (replica.readFailed === undefined) throw unsupported(h.op);
+        const arg = jsonArg(payload) as { host?: unknown; port?: unknown; instance?: unknown; error?: unknown };
+        if (typeof arg !== 'object' || arg === null || typeof arg.host !== 'string' || !Number.isSafeInteger(arg.port) || typeof arg.instance !== 'string' || typeof arg.error !== 'string') {
+          throw invalid('READ_FAILED takes {host, port, instance, error}');
+        }
+        replica.readFailed({ host: arg.host, port: arg.port as number, instance: arg.instance }, arg.error.slice(0, 1000));
+        return EMPTY;
+      }
       case Op.FAULT_INJECT: {
         const spec = jsonArg(payload) as { clear?: boolean; rules?: FaultRule[]; powerLoss?: { seed?: unknown; mode?: unknown } };
         if (typeof spec !== 'object' || spec === null) throw invalid('FAULT_INJECT takes a JSON object');

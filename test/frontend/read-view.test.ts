@@ -136,17 +136,20 @@ test('direct reads: only from the server instance named; a withdrawn replica\'s 
     await send(c, Op.WRITE, 8192, 4096, Buffer.alloc(4096, 0x5a));
     c.close();
   })();
-  const direct = new DirectReads({ name: 'v', secret: SECRET, transport: undefined, clock: systemClock, log: () => {} });
+  const reported: string[] = [];
+  const direct = new DirectReads({ name: 'v', secret: SECRET, transport: undefined, clock: systemClock, log: () => {}, replicaFailed: (r, err) => reported.push(`${r.instance} ${err.code}`) });
   t.after(() => direct.close());
   const view = (generation: number, instance: string): ReadView => ({ generation, epoch: 0, timeoutMs: 2000, replicas: [{ host: '127.0.0.1', port, instance, local: true }] });
 
   // Another process at the address (restarted: another instance): never read from.
   direct.adopt(view(1, 'a-restarted-one'));
-  await new Promise((r) => setTimeout(r, 200));
   assert.equal(await readVia(direct, 8192, 4096), 'not sent');
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(await readVia(direct, 8192, 4096), 'not sent', 'connected, and refused: another instance');
 
   // The instance named: read from it.
   direct.adopt(view(2, server.instance));
+  assert.equal(await readVia(direct, 8192, 4096), 'not sent', 'connected at the first read, which goes through the engine');
   await until('connected', () => direct.connected === 1);
   const got = await readVia(direct, 8192, 4096);
   assert.ok(got !== 'not sent' && got.via === 'replica');
@@ -164,10 +167,28 @@ test('direct reads: only from the server instance named; a withdrawn replica\'s 
 
   // A replica that refuses (FENCED: a newer engine opened it) hands the read to the engine.
   direct.adopt(view(4, server.instance));
+  assert.equal(await readVia(direct, 0, 4096), 'not sent');
   await until('connected again', () => direct.connected === 1);
   replica.fence();
   assert.deepEqual(await readVia(direct, 0, 4096), { via: 'engine' });
+  assert.deepEqual(reported, [], 'a fenced or withdrawn read is not the replica\'s fault');
+
+  // A replica whose disk fails the read: reported (the engine takes it out), then the engine serves it.
+  const failing = new FailingBackend(1 << 20);
+  const second = await serveTcp(failing);
+  t.after(() => second.server.close());
+  direct.adopt({ generation: 5, epoch: 0, timeoutMs: 2000, replicas: [{ host: '127.0.0.1', port: second.port, instance: second.server.instance, local: true }] });
+  assert.equal(await readVia(direct, 0, 4096), 'not sent');
+  await until('connected to the failing one', () => direct.connected === 1);
+  assert.deepEqual(await readVia(direct, 0, 4096), { via: 'engine' });
+  assert.deepEqual(reported, [`${second.server.instance} ${ErrorCode.EIO}`]);
 });
+
+class FailingBackend extends MemoryBackend {
+  override async read(): Promise<void> {
+    throw new ZebuError(ErrorCode.EIO, 'read error on the data file');
+  }
+}
 
 test('a replica SIGKILLed under a read load on a real volume: every read right, no client error, reads served by the replicas and counted by the engine', async (t) => {
   const SIZE = 64 * 1024 * 1024;
@@ -202,5 +223,26 @@ test('a replica SIGKILLed under a read load on a real volume: every read right, 
   assert.deepEqual(replicas.map((r) => r.mode), ['ERR', 'RW', 'RW']);
   const digests = await Promise.all([1, 2].map((i) => replicaDigest(vol.replicas[i].port, vol.secret, vol.epoch, SIZE)));
   assert.equal(digests[0], digests[1]);
+  await vol.stop();
+});
+
+test('a replica whose disk fails direct reads is taken out by the engine; the client sees every read right', async (t) => {
+  const SIZE = 32 * 1024 * 1024;
+  const vol = await startVolume(t, { dir: tempDir(t), replicas: 3, sizeBytes: SIZE, replicaArgs: () => ['--fault-injection'] });
+  // Written and read once: the frontend connects to the replicas at its first read.
+  const w = run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 8M', '-c', 'read -P 0x3c 0 8M', '-c', 'read -P 0x3c 0 8M', vol.nbd], { timeoutMs: 60_000 });
+  assert.equal(w.status, 0, w.stderr);
+  const client = await DataClient.connect({ host: '127.0.0.1', port: vol.replicas[0].port, secret: vol.secret, epoch: vol.epoch });
+  t.after(() => client.close());
+  await client.injectFaults({ rules: [{ op: 'read', errno: 'EIO', pathIncludes: '.data', count: 1_000_000 }] });
+  const commands: string[] = [];
+  for (let i = 0; i < 200; i++) commands.push('-c', `read -P 0x3c ${(i * 37 % 2048) * 4096} 4k`);
+  const r = run('qemu-io', ['-f', 'raw', ...commands, vol.nbd], { timeoutMs: 60_000 });
+  assert.equal(r.status, 0, r.stderr);
+  assert.doesNotMatch(r.stdout + r.stderr, /error|verification failed/i);
+  const replicas = (await controlRequest(vol.controlSocket, 'GET', '/v1/replicas')) as { mode: string; reason: string | null }[];
+  assert.equal(replicas[0].mode, 'ERR', JSON.stringify(replicas));
+  assert.match(replicas[0].reason ?? '', /directly failed/);
+  assert.deepEqual(replicas.slice(1).map((x) => x.mode), ['RW', 'RW']);
   await vol.stop();
 });
