@@ -191,6 +191,9 @@ const BUSY_TURN_REST = 2;
 /** Clients count as busy until this long after their last answer. */
 const CLIENT_QUIET_MS = 50;
 
+/** A delta rebuild decided at start-up waits for a pause (expansion, snapshot) to end, looking this often. */
+const PAUSED_RETRY_MS = 20;
+
 /** A replica request unanswered this long fails the replica (EngineOptions.requestTimeoutMs). */
 const DEFAULT_REQUEST_TIMEOUT_MS = 8000;
 
@@ -1302,6 +1305,8 @@ export class Engine implements BlockBackend {
     await this.flushUnheld();
     await this.pauseAndDrain();
     try {
+      // Again: a rebuild may have started while this waited (a delta decided at start-up).
+      this.refuseDuringRebuild('create a snapshot');
       await this.flushNumbered();
       const results = await this.onEveryActive((client) => client.snapshotCreate(name), true);
       return results[0];
@@ -1343,6 +1348,7 @@ export class Engine implements BlockBackend {
     if (this.verifying) throw new ZebuError(ErrorCode.BUSY, `volume ${this.name}: cannot revert to a snapshot while a verify runs`);
     await this.pauseAndDrain();
     try {
+      this.refuseDuringRebuild('revert to a snapshot');
       await this.onEveryActive((client) => client.snapshotRevert(name), true);
     } finally {
       this.resume();
@@ -1546,11 +1552,21 @@ export class Engine implements BlockBackend {
       if (client === null || this.closed) continue;
       try {
         await this.rebuildRun;
-        if (this.closed || this.faultedReason !== null) throw new ZebuError(ErrorCode.CLOSED, 'the volume stopped serving');
-        if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'another rebuild started first');
-        const holder = await this.deltaSource(r.key, r.info!, client);
-        if (typeof holder === 'string') throw new ZebuError(ErrorCode.EINVAL, `no delta rebuild is possible: ${holder}`);
-        if (r.client !== client || this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'the replica or the volume changed');
+        let holder: EngineReplica | string;
+        for (;;) {
+          // Not under an expansion, a snapshot or a revert: each works on the replicas in use when
+          // it began, and this one would miss it. It starts once that is done.
+          while (this.paused && !this.closed) await this.clock.sleep(PAUSED_RETRY_MS);
+          if (this.closed || this.faultedReason !== null) throw new ZebuError(ErrorCode.CLOSED, 'the volume stopped serving');
+          if (this.rebuilding !== null) throw new ZebuError(ErrorCode.BUSY, 'another rebuild started first');
+          holder = await this.deltaSource(r.key, r.info!, client);
+          if (typeof holder === 'string') throw new ZebuError(ErrorCode.EINVAL, `no delta rebuild is possible: ${holder}`);
+          // The volume may have grown while it waited (an expansion grows only the replicas in
+          // use): it is grown first, or it would come back RW at its old size.
+          if (r.info!.sizeBytes < this.sizeBytes && r.client === client) this.set.noteInfo(r, await client.expand(this.sizeBytes));
+          if (!this.paused) break;
+        }
+        if (r.client !== client || this.rebuilding !== null || r.info!.sizeBytes !== this.sizeBytes) throw new ZebuError(ErrorCode.BUSY, 'the replica or the volume changed');
         this.set.beginDelta(r, { copiedBytes: 0, totalBytes: 0, delta: true });
         client.onClose((err) => {
           if (r.client === client) this.setErr(r, err);
@@ -1632,6 +1648,9 @@ export class Engine implements BlockBackend {
     if (this.faultedReason !== null) throw this.faultError();
     await this.pauseAndDrain();
     try {
+      // Again: a rebuild may have started while this waited (a delta decided at start-up), and
+      // its target would come back at the old size.
+      this.refuseDuringRebuild('expand');
       await this.onEveryActive((client) => client.expand(sizeBytes), true);
       this.sizeBytes = sizeBytes;
       this.regions.resize(sizeBytes);
