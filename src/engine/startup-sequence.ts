@@ -253,7 +253,10 @@ async function recover(host: StartupHost, plan: StartupPlan, started: number): P
   // come back by a delta rebuild.
   const keep = host.replicas.filter((r) => r.mode !== ReplicaMode.RW).map((r) => r.key);
   await Promise.all(healthy().map((r) => host.controlOn(r, (c) => c.missedPrune(keep))));
-  const out = host.replicas.filter((r) => r.mode !== ReplicaMode.RW);
+  // Not for one that only a full rebuild can bring back (a new replica whose first rebuild never
+  // finished, say): a map started now would hold only what it misses from now on, and at the
+  // next start-up would pass for a complete record of what it lacks.
+  const out = host.replicas.filter((r, i) => r.mode !== ReplicaMode.RW && plan.decisions[i].fullRebuildOnly !== true);
   for (const r of out) await Promise.all(healthy().map((x) => host.controlOn(x, (c) => c.missedStart(r.key))));
 
   host.phaseTimes.mapsStarted = host.clock.nowMs() - started;

@@ -44,6 +44,12 @@ export interface StartupDecision {
   reason: string;
   /** DELTA: the regions to copy from the source. */
   regions: number[];
+  /**
+   * ERR, and known to lack writes no map records (behind with no map, or an invalidated one, or
+   * another chain, or no log to bound it): only a full rebuild brings it back, so no map is
+   * started for it — one started now would later make a delta of it look possible.
+   */
+  fullRebuildOnly?: boolean;
 }
 
 /** What the other replicas hold for a replica's key. */
@@ -188,15 +194,15 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
     const behind = resuming
       ? 'incomplete delta rebuild'
       : `replica is behind (writeEpoch ${writeEpochOf(info)}, flushed revision ${info.flushedRevision}, revision ${info.revision}; source ${writeEpochOf(best)}, ${best.flushedRevision}, ${best.revision})`;
-    if (!chainMatches) return { mode: 'ERR', reason: `${equal && !resuming ? 'replica' : behind}: its snapshot chain differs from the source's`, regions: [] };
-    if (!bounded) return { mode: 'ERR', reason: `${behind}; no write-intent log to bound the difference`, regions: [] };
-    if (missed.invalid) return { mode: 'ERR', reason: `${behind}; its missed-write map was invalidated by a snapshot change while it was out`, regions: [] };
+    if (!chainMatches) return { mode: 'ERR', reason: `${equal && !resuming ? 'replica' : behind}: its snapshot chain differs from the source's`, regions: [], fullRebuildOnly: true };
+    if (!bounded) return { mode: 'ERR', reason: `${behind}; no write-intent log to bound the difference`, regions: [], fullRebuildOnly: true };
+    if (missed.invalid) return { mode: 'ERR', reason: `${behind}; its missed-write map was invalidated by a snapshot change while it was out`, regions: [], fullRebuildOnly: true };
     if (missed.regions === null) {
-      if (resuming) return { mode: 'ERR', reason: `${behind}; no replica holds its missed-write map any more`, regions: [] };
+      if (resuming) return { mode: 'ERR', reason: `${behind}; no replica holds its missed-write map any more`, regions: [], fullRebuildOnly: true };
       // Never out in its writeEpoch (it would have a map): only the unflushed tail differs, and
       // that is in the union of the active sets, resynced before serving.
       if (sameEpoch) return { mode: 'RW', reason: 'in the write set until the stop; resynced from the write-intent logs', regions: [] };
-      return { mode: 'ERR', reason: `${behind}; it missed epoch ${writeEpochOf(best)} and no replica kept a missed-write map for it`, regions: [] };
+      return { mode: 'ERR', reason: `${behind}; it missed epoch ${writeEpochOf(best)} and no replica kept a missed-write map for it`, regions: [], fullRebuildOnly: true };
     }
     const regions = new Set<number>();
     for (const list of [missed.regions, c.active!, src!.active!]) for (const region of list) if (region < regionCount) regions.add(region);

@@ -86,6 +86,9 @@ test('a replica behind the source: delta when a replica holds a map for it, ERR 
   assert.match(plan.decisions[4].reason, /resynced from the write-intent logs/, 'same epoch, no map: never left, only the unflushed tail differs');
   assert.match(plan.decisions[5].reason, /invalidated/);
   assert.equal(plan.clean, false);
+  // A map started at this start-up would hold only what they miss from now on: not for those
+  // only a full rebuild brings back (the next start-up would take it for a complete record).
+  assert.deepEqual(plan.decisions.map((x) => x.fullRebuildOnly === true), [false, false, true, true, false, true]);
 });
 
 test('equal counters but a map held for it (it went out after the last flush): delta, not RW', () => {
@@ -107,6 +110,7 @@ test('unreachable, wrong-size and half-rebuilt replicas start ERR and are never 
   assert.match(plan.decisions[0].reason, /ECONNREFUSED/);
   assert.match(plan.decisions[1].reason, /size/);
   assert.match(plan.decisions[2].reason, /incomplete rebuild/);
+  assert.equal(plan.decisions[0].fullRebuildOnly, undefined, 'one not reached gets a map: it may have been in sync when it went');
   const none = planStartup(SIZE, REGION, [c('a', null)], noMaps);
   assert.equal(none.source, null);
   assert.deepEqual(none.decisions.map((x) => x.mode), ['ERR']);

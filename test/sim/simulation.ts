@@ -1041,6 +1041,7 @@ export class Simulation {
     this.stats.verifies++;
     if (report.differing.length > 0) {
       this.problem(`verify: replicas differ: ${JSON.stringify(report.differing.slice(0, 3))}`);
+      for (const d of report.differing.slice(0, 3)) await this.whoHolds(d.offset, d.length);
     }
   }
 
