@@ -253,11 +253,16 @@ async function recover(host: StartupHost, plan: StartupPlan, started: number): P
   // come back by a delta rebuild.
   const keep = host.replicas.filter((r) => r.mode !== ReplicaMode.RW).map((r) => r.key);
   await Promise.all(healthy().map((r) => host.controlOn(r, (c) => c.missedPrune(keep))));
-  // Not for one that only a full rebuild can bring back (a new replica whose first rebuild never
-  // finished, say): a map started now would hold only what it misses from now on, and at the
-  // next start-up would pass for a complete record of what it lacks.
-  const out = host.replicas.filter((r, i) => r.mode !== ReplicaMode.RW && plan.decisions[i].fullRebuildOnly !== true);
-  for (const r of out) await Promise.all(healthy().map((x) => host.controlOn(x, (c) => c.missedStart(r.key))));
+  // One that only a full rebuild can bring back (a new replica whose first rebuild never began,
+  // say) gets an invalid mark instead: a map started now would hold only what it misses from now
+  // on, and would pass for a complete record at a later start-up — one it is not reached at
+  // included (a map is started for those: they may have been in sync when they went), which
+  // leaves an invalid mark as it is.
+  const out = host.replicas.filter((r) => r.mode !== ReplicaMode.RW);
+  for (const r of out) {
+    const fullRebuildOnly = plan.decisions[host.replicas.indexOf(r)].fullRebuildOnly === true;
+    await Promise.all(healthy().map((x) => host.controlOn(x, (c) => (fullRebuildOnly ? c.missedMerge(r.key, [], true) : c.missedStart(r.key)))));
+  }
 
   host.phaseTimes.mapsStarted = host.clock.nowMs() - started;
   let bytes = 0;

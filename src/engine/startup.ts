@@ -45,9 +45,9 @@ export interface StartupDecision {
   /** DELTA: the regions to copy from the source. */
   regions: number[];
   /**
-   * ERR, and known to lack writes no map records (behind with no map, or an invalidated one, or
-   * another chain, or no log to bound it): only a full rebuild brings it back, so no map is
-   * started for it — one started now would later make a delta of it look possible.
+   * ERR, and only a full rebuild can bring it back (it never held the volume's data, or its map
+   * was invalidated, or another chain, or no log to bound it): it gets an invalid mark, not a map
+   * — a map started now would later make a delta of it look possible.
    */
   fullRebuildOnly?: boolean;
 }
@@ -202,7 +202,10 @@ export function planStartup(sizeBytes: number, regionBytes: number, candidates: 
       // Never out in its writeEpoch (it would have a map): only the unflushed tail differs, and
       // that is in the union of the active sets, resynced before serving.
       if (sameEpoch) return { mode: 'RW', reason: 'in the write set until the stop; resynced from the write-intent logs', regions: [] };
-      return { mode: 'ERR', reason: `${behind}; it missed epoch ${writeEpochOf(best)} and no replica kept a missed-write map for it`, regions: [], fullRebuildOnly: true };
+      // One that never held the volume's data (written by no engine: a new replica whose first
+      // rebuild never began) lacks everything; one that did gets a map from this start-up on, as
+      // every replica that is out does, and the epochs it missed before are in no map.
+      return { mode: 'ERR', reason: `${behind}; it missed epoch ${writeEpochOf(best)} and no replica kept a missed-write map for it`, regions: [], fullRebuildOnly: writeEpochOf(info) === 0 };
     }
     const regions = new Set<number>();
     for (const list of [missed.regions, c.active!, src!.active!]) for (const region of list) if (region < regionCount) regions.add(region);

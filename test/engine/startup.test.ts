@@ -86,9 +86,17 @@ test('a replica behind the source: delta when a replica holds a map for it, ERR 
   assert.match(plan.decisions[4].reason, /resynced from the write-intent logs/, 'same epoch, no map: never left, only the unflushed tail differs');
   assert.match(plan.decisions[5].reason, /invalidated/);
   assert.equal(plan.clean, false);
-  // A map started at this start-up would hold only what they miss from now on: not for those
-  // only a full rebuild brings back (the next start-up would take it for a complete record).
-  assert.deepEqual(plan.decisions.map((x) => x.fullRebuildOnly === true), [false, false, true, true, false, true]);
+  // Only a full rebuild brings back those with another chain or an invalidated map: they get an
+  // invalid mark at this start-up, not a map (the next start-up would take it for a complete record).
+  assert.deepEqual(plan.decisions.map((x) => x.fullRebuildOnly === true), [false, false, false, true, false, true]);
+});
+
+test('a replica that never held the volume\'s data (writeEpoch 0: a new replica whose first rebuild never began) is for a full rebuild only', () => {
+  const candidates = [c('a', info(10, { writeEpoch: 3 }), { active: [2] }), c('b', info(0, { writeEpoch: 0 }), { active: [] }), c('c', info(4, { writeEpoch: 2 }), { active: [] })];
+  const plan = planStartup(SIZE, REGION, candidates, () => NO_MISSED);
+  assert.deepEqual(plan.decisions.map((x) => x.mode), ['RW', 'ERR', 'ERR']);
+  assert.equal(plan.decisions[1].fullRebuildOnly, true, 'a map started for it now would later pass for all it lacks');
+  assert.equal(plan.decisions[2].fullRebuildOnly, false, 'one that served gets a map from this start-up on');
 });
 
 test('equal counters but a map held for it (it went out after the last flush): delta, not RW', () => {
