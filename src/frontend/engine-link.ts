@@ -517,7 +517,11 @@ export class EngineLink implements NbdExport {
     if (client === null || this.closed) return;
     if (this.pingSentAtMs !== 0) {
       const waitedMs = now - this.pingSentAtMs - this.pingStalledMs;
-      if (waitedMs > this.timeouts.hangTimeoutMs) this.engineHung(`no answer to a heartbeat in ${waitedMs} ms`);
+      if (waitedMs > this.timeouts.hangTimeoutMs) return this.engineHung(`no answer to a heartbeat in ${waitedMs} ms`);
+      // The heartbeat connection failed while the PING waited (its handshake timed out while this
+      // process was stopped, say): a new one is tried, whose handshake answers that PING — else an
+      // engine that runs again could not be seen to, and would be killed at the deadline.
+      if ((this.pinger === null || this.pinger.closed) && this.pingerConnectingFor !== client) this.connectPinger(client, this.pingSentAtMs);
       return;
     }
     const sentAtMs = now;
