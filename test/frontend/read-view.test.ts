@@ -48,6 +48,12 @@ class ViewBackend extends MemoryBackend {
     };
   }
 
+  failedReads: string[] = [];
+
+  readFailed(replica: { host: string; port: number; instance: string }, error: string): void {
+    this.failedReads.push(`${replica.host}:${replica.port}/${replica.instance}: ${error}`);
+  }
+
   reportReads(reads: number, bytes: number, micros: number): void {
     this.reported = { reads: this.reported.reads + reads, bytes: this.reported.bytes + bytes, micros: this.reported.micros + micros };
   }
@@ -100,6 +106,12 @@ test('READ_VIEW: answered at once for another generation, held until a change â€
   await send(client, Op.READ_REPORT, 0, 0, report);
   assert.deepEqual(backend.reported, { reads: 3, bytes: 12288, micros: 900 });
   await assert.rejects(send(client, Op.READ_REPORT, 0, 0, Buffer.alloc(5)), (err: ZebuError) => err.code === ErrorCode.EINVAL);
+  // READ_FAILED: a well-formed one reaches the backend; malformed ones are refused, nothing else happens.
+  await send(client, Op.READ_FAILED, 0, 0, Buffer.from(JSON.stringify({ host: '10.0.0.9', port: 7000, instance: 'abc', error: 'EIO' })));
+  for (const bad of ['not json', '[]', '{"host":"h","port":"7000","instance":"i","error":"e"}', '{"host":"h","port":7000,"instance":1,"error":"e"}']) {
+    await assert.rejects(send(client, Op.READ_FAILED, 0, 0, Buffer.from(bad)), (err: ZebuError) => err.code === ErrorCode.EINVAL, bad);
+  }
+  assert.deepEqual(backend.failedReads, ['10.0.0.9:7000/abc: EIO']);
 });
 
 test('READ_VIEW to a server without views (a replica) is UNSUPPORTED; malformed views are refused', async (t) => {
