@@ -204,6 +204,12 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 8000;
  */
 const DIRECT_READS_BUSY_MS = 250 + CLIENT_QUIET_MS;
 
+/** The server process a replica's last report came from (its INFO `instance`), or null. */
+function serverInstance(r: SetMember<DataClient>): string | null {
+  const instance = (r.info as { instance?: unknown } | null)?.instance;
+  return typeof instance === 'string' ? instance : null;
+}
+
 /** A frontend waiting for its read view to change (READ_VIEW). */
 interface ViewWatcher {
   answer: (view: ReadView) => void;
@@ -663,8 +669,6 @@ export class Engine implements BlockBackend {
   private setErr(r: EngineReplica, err: ZebuError, missed = true): void {
     const failure = this.set.fail(r, err, { missed, closing: this.closed });
     if (failure === null) return;
-    // Now, before any write acknowledged without it: the frontend stops reading from it first.
-    this.refreshReadView();
     failure.close?.close();
     if (this.rebuilding !== null && this.rebuilding.target === r) {
       // The copy stops at its next step; from now on nothing says it is under way.
@@ -675,6 +679,9 @@ export class Engine implements BlockBackend {
     if (failure.startMapFor !== null) this.startMissedMaps(failure.startMapFor);
     if (failure.wasActive) this.log({ event: 'replica-error', replica: r.address, reason: err.message });
     if (failure.faulted !== null && !failure.superseded) this.log({ event: 'faulted', reason: failure.faulted });
+    // Before any write acknowledged without it (its caller acknowledges after this returns): the
+    // frontend stops reading from it first.
+    this.refreshReadView();
   }
 
   /** MISSED_START(key) to every RW/WO replica in the write set, sent now. */
@@ -720,8 +727,8 @@ export class Engine implements BlockBackend {
     const replicas: ReadViewReplica[] = [];
     if (this.phase === 'serving' && this.faultedReason === null && !this.closed) {
       for (const r of this.set.healthy()) {
-        const instance = (r.info as { instance?: unknown } | null)?.instance;
-        if (typeof instance === 'string') replicas.push({ host: r.host, port: r.port, instance, local: r.local });
+        const instance = serverInstance(r);
+        if (instance !== null) replicas.push({ host: r.host, port: r.port, instance, local: r.local });
       }
     }
     replicas.sort((a, b) => Number(b.local) - Number(a.local));
@@ -755,7 +762,7 @@ export class Engine implements BlockBackend {
   }
 
   readFailed(replica: { host: string; port: number; instance: string }, error: string): void {
-    const r = this.set.healthy().find((x) => x.host === replica.host && x.port === replica.port && (x.info as { instance?: unknown } | null)?.instance === replica.instance);
+    const r = this.set.healthy().find((x) => x.host === replica.host && x.port === replica.port && serverInstance(x) === replica.instance);
     // Gone from the view already (failed, or another process now): nothing to do.
     if (r === undefined) return;
     this.setErr(r, new ZebuError(ErrorCode.EIO, `a read the frontend sent it directly failed: ${error}`));
